@@ -1,0 +1,15 @@
+//! The contract between the XDP program and the daemon: map keys and values,
+//! verdicts and reasons, and the checksum arithmetic both sides rely on.
+//!
+//! Everything here is `no_std`, `#[repr(C)]` and `Pod`, with its size pinned
+//! by a compile-time assert, so a layout change cannot slip through silently.
+#![no_std]
+
+pub mod config;
+pub mod csum;
+pub mod flow;
+pub mod reason;
+
+pub use config::{MAX_FLOWS, RelayConfig};
+pub use flow::{BackendKey, ClientKey, FlowCounter, Rewrite};
+pub use reason::{REASON_COUNT, Reason, Verdict};
