@@ -1,3 +1,5 @@
-//! Load, attach and pin the XDP program; read and write its maps.
+//! The two ways packets move: the XDP program (load, attach, maps) and the
+//! daemon's own UDP sockets (first packets and fallbacks).
 
+pub mod socket;
 pub mod xdp;

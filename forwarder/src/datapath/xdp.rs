@@ -1,7 +1,275 @@
-//! The embedded XDP object and everything that touches its maps.
+//! The embedded XDP object: load it, attach it, and read and write its maps.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, bail};
+use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::{Xdp, XdpMode};
+use aya::util::nr_cpus;
+use aya::{Ebpf, EbpfLoader};
+use forwarder_common::config::FLOW_COUNTER_SLOTS;
+use forwarder_common::reason::ReasonCounter;
+use forwarder_common::{BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite};
+use tracing::{info, warn};
 
 /// The compiled XDP program (forwarder-ebpf), embedded by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
 
 /// Name of the XDP program inside [`EBPF_OBJECT`].
 pub const PROGRAM_NAME: &str = "forwarder";
+
+/// How the operator asked to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeChoice {
+    /// Native (driver) mode, falling back to generic with a warning.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower on real NICs.
+    Skb,
+}
+
+/// Both halves of one flow, built together and installed together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowEntries {
+    pub client_key: ClientKey,
+    pub client_rewrite: Rewrite,
+    pub backend_key: BackendKey,
+    pub backend_rewrite: Rewrite,
+}
+
+/// The loaded program, its attachments and its maps. Dropping it detaches
+/// the program from every interface.
+pub struct XdpDatapath {
+    /// Owns the program and its links; kept alive for as long as we forward.
+    _ebpf: Ebpf,
+    client_flows: HashMap<MapData, ClientKey, Rewrite>,
+    backend_flows: HashMap<MapData, BackendKey, Rewrite>,
+    flow_counters: PerCpuArray<MapData, FlowCounter>,
+    reason_counters: PerCpuArray<MapData, ReasonCounter>,
+    /// "native", "skb" or a mix, for `stats`.
+    pub mode: String,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .with_context(|| format!("the embedded XDP object has no map {name}: rebuild forwarder"))
+}
+
+impl XdpDatapath {
+    /// Loads the program, writes the relay's port ranges, and attaches it to
+    /// every interface in `interfaces`.
+    pub fn start(interfaces: &[String], choice: ModeChoice, config: RelayConfig) -> anyhow::Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this forwarder binary was built with AYA_BUILD_SKIP and holds no XDP program: rebuild without it");
+        }
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(|error| {
+            anyhow::anyhow!(
+                "loading the XDP program failed: {error}. The daemon needs root with BPF allowed \
+                 (CAP_BPF/CAP_SYS_ADMIN and CAP_NET_ADMIN, not in an unprivileged container); \
+                 or run with --datapath userspace when it exists"
+            )
+        })?;
+
+        let mut config_map: Array<_, RelayConfig> = Array::try_from(take_map(&mut ebpf, "CONFIG")?)?;
+        config_map.set(0, config, 0).context("writing the relay config map")?;
+
+        let mut egress: DevMapHash<_> = DevMapHash::try_from(take_map(&mut ebpf, "EGRESS")?)?;
+        let mut indices = Vec::new();
+        for name in interfaces {
+            let index = nix::net::if_::if_nametoindex(name.as_str()).map_err(|_| {
+                anyhow::anyhow!(
+                    "interface {name:?} does not exist in this network namespace: check `ip link` \
+                     (run the daemon in the namespace that owns it, e.g. with nsenter --net=...)"
+                )
+            })?;
+            egress
+                .insert(index, index, None, 0)
+                .with_context(|| format!("adding {name} to the redirect map"))?;
+            indices.push(index);
+        }
+
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("the embedded XDP object has no program `forwarder`: rebuild forwarder")?
+            .try_into()?;
+        program.load().map_err(|error| {
+            anyhow::anyhow!("the kernel verifier refused the XDP program: {error}")
+        })?;
+        let mut modes = Vec::new();
+        for (name, index) in interfaces.iter().zip(indices) {
+            modes.push(attach(program, name, index, choice)?);
+        }
+        modes.dedup();
+        let mode = modes.join("+");
+
+        let client_flows = HashMap::try_from(take_map(&mut ebpf, "CLIENT_FLOWS")?)?;
+        let backend_flows = HashMap::try_from(take_map(&mut ebpf, "BACKEND_FLOWS")?)?;
+        let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
+        let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            client_flows,
+            backend_flows,
+            flow_counters,
+            reason_counters,
+            mode,
+        })
+    }
+
+    /// Installs both halves of a flow, backend half first so a client packet
+    /// never finds a rewrite whose return path is missing. Either both are
+    /// in the maps afterwards or neither is.
+    pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
+        for slot in [entries.client_rewrite.counter_slot, entries.backend_rewrite.counter_slot] {
+            self.reset_counter(slot)?;
+        }
+        self.backend_flows
+            .insert(entries.backend_key, entries.backend_rewrite, 0)
+            .context("inserting the backend half of a flow (is the flow map full?)")?;
+        if let Err(error) = self.client_flows.insert(entries.client_key, entries.client_rewrite, 0) {
+            let _ = self.backend_flows.remove(&entries.backend_key);
+            return Err(error).context("inserting the client half of a flow (is the flow map full?)");
+        }
+        Ok(())
+    }
+
+    /// Removes both halves, client half first so no packet is rewritten
+    /// towards a server whose answers would have nowhere to go.
+    pub fn uninstall(&mut self, entries: &FlowEntries) {
+        if let Err(error) = self.client_flows.remove(&entries.client_key) {
+            warn!(%error, "removing the client half of a flow");
+        }
+        if let Err(error) = self.backend_flows.remove(&entries.backend_key) {
+            warn!(%error, "removing the backend half of a flow");
+        }
+    }
+
+    /// Last-seen timestamps the XDP program wrote: (client half, backend half).
+    pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
+        let client = self.client_flows.get(&entries.client_key, 0).map(|r| r.last_seen_ns);
+        let backend = self.backend_flows.get(&entries.backend_key, 0).map(|r| r.last_seen_ns);
+        (client.unwrap_or(0), backend.unwrap_or(0))
+    }
+
+    /// A flow direction's counter summed over CPUs.
+    pub fn flow_counter(&self, slot: u32) -> FlowCounter {
+        self.flow_counters
+            .get(&slot, 0)
+            .map(|per_cpu| {
+                per_cpu.iter().fold(FlowCounter::default(), |sum, c| FlowCounter {
+                    packets: sum.packets + c.packets,
+                    bytes: sum.bytes + c.bytes,
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    fn reset_counter(&mut self, slot: u32) -> anyhow::Result<()> {
+        if slot >= FLOW_COUNTER_SLOTS {
+            bail!("flow counter slot {slot} is out of range");
+        }
+        let cpus = nr_cpus().map_err(|(_, error)| error).context("counting CPUs")?;
+        let zeros = PerCpuValues::try_from(vec![FlowCounter::default(); cpus])?;
+        self.flow_counters.set(slot, zeros, 0).context("resetting a flow counter")?;
+        Ok(())
+    }
+
+    /// Every reason counter summed over CPUs, indexed by reason.
+    pub fn reason_counters(&self) -> Vec<ReasonCounter> {
+        (0..REASON_COUNT)
+            .map(|index| {
+                self.reason_counters
+                    .get(&index, 0)
+                    .map(|per_cpu| {
+                        per_cpu.iter().fold(ReasonCounter::default(), |sum, c| ReasonCounter {
+                            packets: sum.packets + c.packets,
+                            bytes: sum.bytes + c.bytes,
+                        })
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+fn attach(program: &mut Xdp, name: &str, index: u32, choice: ModeChoice) -> anyhow::Result<String> {
+    match choice {
+        ModeChoice::Native => {
+            program_attach(program, index, XdpMode::Driver).map_err(|error| {
+                anyhow::anyhow!(
+                    "the driver of {name} refused native XDP ({error}): use --xdp-mode skb (generic) or auto"
+                )
+            })?;
+            info!(interface = name, "XDP attached in native mode");
+            Ok("native".into())
+        }
+        ModeChoice::Skb => {
+            program_attach(program, index, XdpMode::Skb)
+                .map_err(|error| anyhow::anyhow!("attaching XDP to {name} in skb mode failed: {error}"))?;
+            info!(interface = name, "XDP attached in generic (skb) mode");
+            Ok("skb".into())
+        }
+        ModeChoice::Auto => match program_attach(program, index, XdpMode::Driver) {
+            Ok(()) => {
+                info!(interface = name, "XDP attached in native mode");
+                Ok("native".into())
+            }
+            Err(native_error) => {
+                warn!(
+                    interface = name,
+                    %native_error,
+                    "the driver refused native XDP; falling back to generic (skb) mode, which is slower"
+                );
+                program_attach(program, index, XdpMode::Skb).map_err(|error| {
+                    anyhow::anyhow!(
+                        "attaching XDP to {name} failed in native mode ({native_error}) and in skb mode ({error})"
+                    )
+                })?;
+                Ok("skb".into())
+            }
+        },
+    }
+}
+
+fn program_attach(program: &mut Xdp, index: u32, mode: XdpMode) -> anyhow::Result<()> {
+    program.attach_to_if_index(index, mode).map(drop).map_err(|error| {
+        // The top-level error hides the errno that says why; keep the chain.
+        anyhow::Error::from(error)
+    })
+}
+
+/// The relay's route towards a backend: which local address packets leave
+/// from and which interface the backend's answers must arrive on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendRoute {
+    pub source: Ipv4Addr,
+    pub ifindex: u32,
+}
+
+/// Asks the kernel (through iproute2's JSON output) how this namespace
+/// reaches `backend`.
+pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
+    let output = std::process::Command::new("ip")
+        .args(["-j", "-4", "route", "get", &backend.to_string()])
+        .output()
+        .context("running `ip route get` (is iproute2 installed?)")?;
+    if !output.status.success() {
+        bail!(
+            "the relay has no route to backend {backend}: {} (check `ip route` in the relay's namespace)",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let routes: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .context("parsing `ip -j route get` output")?;
+    let route = &routes[0];
+    let device = route["dev"].as_str().context("`ip route get` named no device")?;
+    let source: Ipv4Addr = route["prefsrc"]
+        .as_str()
+        .context("`ip route get` named no source address: give the relay an IPv4 address on the backend's side")?
+        .parse()
+        .context("`ip route get` gave a malformed source address")?;
+    let ifindex = nix::net::if_::if_nametoindex(device)
+        .with_context(|| format!("interface {device} from `ip route get` vanished"))?;
+    Ok(BackendRoute { source, ifindex })
+}

@@ -1,0 +1,13 @@
+//! The control API: one message set (`proto`), served by the daemon over a
+//! root-only Unix socket (`server`) and spoken by the CLI verbs (`client`).
+
+pub mod client;
+pub mod proto;
+pub mod server;
+
+use std::path::PathBuf;
+
+/// Where the control socket of `instance` lives.
+pub fn socket_path(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/run/forwarder/{instance}.sock"))
+}

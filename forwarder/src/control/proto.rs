@@ -1,0 +1,124 @@
+//! Requests and replies of the control socket: one JSON document per line.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest request line the daemon reads; anything longer is refused.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Add {
+        backend: String,
+        #[serde(default)]
+        port: Option<u16>,
+        #[serde(default)]
+        idle_timeout_secs: Option<u64>,
+    },
+    Remove {
+        /// A session id or its client-facing port.
+        target: String,
+    },
+    List {},
+    Stats {},
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Session(SessionInfo),
+    Sessions(Vec<SessionInfo>),
+    Removed(SessionInfo),
+    Stats(StatsInfo),
+    Error(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SessionInfo {
+    pub id: String,
+    /// The client-facing port: what mosh-client is given.
+    pub port: u16,
+    pub backend: String,
+    /// The relay's addresses on its interfaces, for the client's command line.
+    pub relay_addresses: Vec<String>,
+    pub idle_timeout_secs: u64,
+    pub idle_secs: f64,
+    pub flows: Vec<FlowInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct FlowInfo {
+    pub client: String,
+    /// The relay address the client sends to.
+    pub relay_addr: String,
+    /// The backend-facing port (Q) this flow's packets leave from.
+    pub upstream_port: u16,
+    pub packets_to_server: u64,
+    pub bytes_to_server: u64,
+    pub packets_to_client: u64,
+    pub bytes_to_client: u64,
+    /// Packets the XDP program forwarded (both directions).
+    pub fast_path_packets: u64,
+    /// Packets the daemon forwarded through its sockets (both directions).
+    pub slow_path_packets: u64,
+    pub idle_secs: f64,
+    /// Whether mosh-server currently sends to this flow (it answered it last).
+    pub server_current: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct PacketsBytes {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StatsInfo {
+    pub instance: String,
+    pub xdp_mode: String,
+    pub interfaces: Vec<String>,
+    pub sessions: usize,
+    pub flows: usize,
+    pub verdicts: BTreeMap<String, u64>,
+    pub reasons: BTreeMap<String, PacketsBytes>,
+    /// Packets the daemon handled itself: first packets and fib-miss fallbacks.
+    pub slow_path: SlowPathStats,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct SlowPathStats {
+    pub forwarded_to_server: u64,
+    pub forwarded_to_client: u64,
+    pub flows_created: u64,
+    pub refused_flow_limit: u64,
+    pub refused_rate_limit: u64,
+    pub dropped_not_from_server: u64,
+    pub dropped_no_session: u64,
+    pub flows_expired: u64,
+    pub sessions_expired: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_one_json_line() {
+        let request = Request::Add {
+            backend: "10.0.0.2:60001".into(),
+            port: Some(60000),
+            idle_timeout_secs: None,
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), request);
+    }
+
+    #[test]
+    fn unknown_fields_and_verbs_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"verb":"list","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"verb":"format_disk"}"#).is_err());
+    }
+}

@@ -1,0 +1,98 @@
+//! Which flows and sessions have gone idle. Pure decisions over timestamps
+//! (CLOCK_MONOTONIC nanoseconds, the clock `bpf_ktime_get_ns` reads), so they
+//! are unit-tested without a kernel.
+
+use std::time::Duration;
+
+/// Activity of one flow, newest of the XDP and the slow-path timestamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowActivity {
+    /// Last packet in either direction (or the flow's creation).
+    pub last_active_ns: u64,
+    /// Last packet from the server (0 if it never answered).
+    pub last_from_server_ns: u64,
+}
+
+/// Indices of the flows to expire. The flow the server last replied to goes
+/// last: it stays while any other flow of the session is still alive, since
+/// mosh-server keeps sending there until a newer client packet moves it.
+pub fn idle_flows(flows: &[FlowActivity], now_ns: u64, idle: Duration) -> Vec<usize> {
+    let idle_ns = idle.as_nanos() as u64;
+    let is_idle = |flow: &FlowActivity| now_ns.saturating_sub(flow.last_active_ns) >= idle_ns;
+    let server_current = server_current(flows);
+    let all_idle = flows.iter().all(is_idle);
+    flows
+        .iter()
+        .enumerate()
+        .filter(|(index, flow)| is_idle(flow) && (all_idle || Some(*index) != server_current))
+        .map(|(index, _)| index)
+        .collect()
+}
+
+/// The flow mosh-server currently sends to: the one it answered last.
+pub fn server_current(flows: &[FlowActivity]) -> Option<usize> {
+    flows
+        .iter()
+        .enumerate()
+        .filter(|(_, flow)| flow.last_from_server_ns > 0)
+        .max_by_key(|(_, flow)| flow.last_from_server_ns)
+        .map(|(index, _)| index)
+}
+
+/// Whether a session whose newest activity is `last_active_ns` has been idle
+/// for its whole timeout.
+pub fn session_idle(last_active_ns: u64, now_ns: u64, idle: Duration) -> bool {
+    now_ns.saturating_sub(last_active_ns) >= idle.as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn flow(last_active_s: u64, last_from_server_s: u64) -> FlowActivity {
+        FlowActivity {
+            last_active_ns: last_active_s * S,
+            last_from_server_ns: last_from_server_s * S,
+        }
+    }
+
+    #[test]
+    fn keeps_fresh_flows() {
+        let flows = [flow(95, 95), flow(99, 0)];
+        assert!(idle_flows(&flows, 100 * S, Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn expires_idle_flows() {
+        let flows = [flow(10, 0), flow(99, 99)];
+        assert_eq!(idle_flows(&flows, 100 * S, Duration::from_secs(10)), vec![0]);
+    }
+
+    #[test]
+    fn server_current_flow_goes_last() {
+        // Flow 0 is idle but the server still answers it: a roamed client's
+        // old flow 1 is fresh, so flow 0 must wait for flow 1.
+        let flows = [flow(10, 10), flow(99, 0), flow(5, 0)];
+        assert_eq!(idle_flows(&flows, 100 * S, Duration::from_secs(10)), vec![2]);
+    }
+
+    #[test]
+    fn everything_idle_expires_together() {
+        let flows = [flow(10, 10), flow(20, 0)];
+        assert_eq!(idle_flows(&flows, 100 * S, Duration::from_secs(10)), vec![0, 1]);
+    }
+
+    #[test]
+    fn server_current_is_the_newest_reply() {
+        assert_eq!(server_current(&[flow(1, 5), flow(1, 7), flow(1, 0)]), Some(1));
+        assert_eq!(server_current(&[flow(1, 0)]), None);
+    }
+
+    #[test]
+    fn session_idle_uses_its_own_timeout() {
+        assert!(!session_idle(50 * S, 100 * S, Duration::from_secs(60)));
+        assert!(session_idle(30 * S, 100 * S, Duration::from_secs(60)));
+    }
+}

@@ -1,0 +1,589 @@
+//! The session and flow table: what the relay forwards, kept consistent with
+//! the XDP maps and the daemon's sockets.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use forwarder_common::config::MAX_FLOWS;
+use forwarder_common::flow::Endpoints;
+use forwarder_common::{BackendKey, ClientKey, Rewrite};
+use tracing::{info, warn};
+
+use crate::control::proto::{FlowInfo, SessionInfo, SlowPathStats};
+use crate::datapath::xdp::{BackendRoute, FlowEntries, XdpDatapath};
+use crate::expiry::{self, FlowActivity};
+use crate::limits::TokenBucket;
+use crate::ports::{PortPool, PortRange};
+use crate::datapath::socket::RelaySocket;
+
+/// Settings that shape every session.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub flow_idle_timeout: Duration,
+    pub default_session_idle_timeout: Duration,
+    pub max_flows_per_session: usize,
+    pub new_flows_per_sec: u32,
+}
+
+pub struct Session {
+    pub id: String,
+    pub port: u16,
+    pub backend: SocketAddrV4,
+    pub route: BackendRoute,
+    pub idle_timeout: Duration,
+    pub socket: Arc<RelaySocket>,
+    /// Newest packet seen on any of its flows (or its creation).
+    last_active_ns: u64,
+    new_flows: TokenBucket,
+    /// Upstream ports of its flows, keyed by (relay address, client endpoint).
+    flows: HashMap<(Ipv4Addr, SocketAddrV4), u16>,
+}
+
+pub struct Flow {
+    pub session_port: u16,
+    pub client: SocketAddrV4,
+    pub relay_addr: Ipv4Addr,
+    pub upstream_port: u16,
+    pub socket: Arc<RelaySocket>,
+    entries: FlowEntries,
+    slot: u32,
+    created_ns: u64,
+    slow_to_server: (u64, u64),
+    slow_to_client: (u64, u64),
+    last_slow_to_server_ns: u64,
+    last_slow_from_server_ns: u64,
+}
+
+/// What the slow path should do with a packet that reached a session port.
+pub enum ClientVerdict {
+    /// Send it upstream through this flow socket to the backend.
+    Forward { socket: Arc<RelaySocket>, backend: SocketAddrV4, new_flow: bool },
+    Drop,
+}
+
+/// The whole relay state. Lives behind one mutex: every operation is short
+/// and never waits on the network.
+pub struct Relay {
+    pub instance: String,
+    pub limits: Limits,
+    pub interfaces: Vec<String>,
+    pub relay_addresses: Vec<Ipv4Addr>,
+    pub datapath: XdpDatapath,
+    session_ports: PortPool,
+    flow_ports: PortPool,
+    free_slots: VecDeque<u32>,
+    sessions: BTreeMap<u16, Session>,
+    flows: HashMap<u16, Flow>,
+    pub stats: SlowPathStats,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
+/// timestamps from the XDP program and from the daemon compare directly.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
+
+/// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
+/// and backend → relay:Q becomes relay:P → client.
+pub fn flow_entries(
+    relay_addr: Ipv4Addr,
+    session_port: u16,
+    client: SocketAddrV4,
+    route: BackendRoute,
+    upstream_port: u16,
+    backend: SocketAddrV4,
+    slot: u32,
+) -> FlowEntries {
+    let client_side = Endpoints {
+        saddr: client.ip().octets(),
+        daddr: relay_addr.octets(),
+        sport: client.port().to_be_bytes(),
+        dport: session_port.to_be_bytes(),
+    };
+    let backend_side = Endpoints {
+        saddr: route.source.octets(),
+        daddr: backend.ip().octets(),
+        sport: upstream_port.to_be_bytes(),
+        dport: backend.port().to_be_bytes(),
+    };
+    let swap = |e: Endpoints| Endpoints {
+        saddr: e.daddr,
+        daddr: e.saddr,
+        sport: e.dport,
+        dport: e.sport,
+    };
+    let client_rewrite = Rewrite::new(client_side, backend_side, slot * 2);
+    let mut backend_rewrite = Rewrite::new(swap(backend_side), swap(client_side), slot * 2 + 1);
+    backend_rewrite.allowed_saddr = backend.ip().octets();
+    backend_rewrite.allowed_sport = backend.port().to_be_bytes();
+    backend_rewrite.allowed_ifindex = route.ifindex;
+    FlowEntries {
+        client_key: ClientKey {
+            relay_addr: relay_addr.octets(),
+            client_addr: client.ip().octets(),
+            relay_port: session_port.to_be_bytes(),
+            client_port: client.port().to_be_bytes(),
+        },
+        client_rewrite,
+        backend_key: BackendKey {
+            relay_addr: route.source.octets(),
+            relay_port: upstream_port.to_be_bytes(),
+            _pad: [0; 2],
+        },
+        backend_rewrite,
+    }
+}
+
+impl Relay {
+    pub fn new(
+        instance: String,
+        limits: Limits,
+        interfaces: Vec<String>,
+        relay_addresses: Vec<Ipv4Addr>,
+        datapath: XdpDatapath,
+        session_ports: PortRange,
+        flow_ports: PortRange,
+    ) -> Self {
+        Self {
+            instance,
+            limits,
+            interfaces,
+            relay_addresses,
+            datapath,
+            session_ports: PortPool::new(session_ports),
+            flow_ports: PortPool::new(flow_ports),
+            free_slots: (0..MAX_FLOWS).collect(),
+            sessions: BTreeMap::new(),
+            flows: HashMap::new(),
+            stats: SlowPathStats::default(),
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Creates a session: reserves its client-facing port by binding it.
+    pub fn add_session(
+        &mut self,
+        backend: SocketAddrV4,
+        route: BackendRoute,
+        port: Option<u16>,
+        idle_timeout: Option<Duration>,
+    ) -> anyhow::Result<(SessionInfo, Arc<RelaySocket>)> {
+        if let Some(existing) = self.sessions.values().find(|s| s.backend == backend) {
+            bail!(
+                "session {} (port {}) already forwards to {backend}: use it, or `forwarder remove {}` first",
+                existing.id,
+                existing.port,
+                existing.id
+            );
+        }
+        let socket = match port {
+            Some(port) => {
+                self.session_ports.take(port)?;
+                match RelaySocket::bind(port) {
+                    Ok(socket) => socket,
+                    Err(error) => {
+                        self.session_ports.release(port);
+                        return Err(error);
+                    }
+                }
+            }
+            None => {
+                let mut bound = None;
+                let port = self.session_ports.allocate(|port| match RelaySocket::bind(port) {
+                    Ok(socket) => {
+                        bound = Some(socket);
+                        true
+                    }
+                    Err(_) => false,
+                });
+                match (port, bound) {
+                    (Some(_), Some(socket)) => socket,
+                    _ => bail!(
+                        "all client-facing ports in {} are in use: remove sessions or restart the daemon with a wider --ports",
+                        self.session_ports.range()
+                    ),
+                }
+            }
+        };
+        let socket = Arc::new(socket);
+        let port = socket.port;
+        let now = monotonic_ns();
+        let id = loop {
+            let candidate = format!("{:08x}", rand::random::<u32>());
+            if !self.sessions.values().any(|s| s.id == candidate) {
+                break candidate;
+            }
+        };
+        let session = Session {
+            id,
+            port,
+            backend,
+            route,
+            idle_timeout: idle_timeout.unwrap_or(self.limits.default_session_idle_timeout),
+            socket: socket.clone(),
+            last_active_ns: now,
+            new_flows: TokenBucket::new(
+                self.limits.new_flows_per_sec,
+                self.limits.new_flows_per_sec.saturating_mul(2).max(1),
+                now,
+            ),
+            flows: HashMap::new(),
+        };
+        info!(session = %session.id, port, %backend, "session added");
+        self.sessions.insert(port, session);
+        Ok((self.session_info(port, now).expect("just inserted"), socket))
+    }
+
+    /// Finds a session by id or by its client-facing port.
+    pub fn find_session(&self, target: &str) -> Option<u16> {
+        if let Some(session) = self.sessions.values().find(|s| s.id == target) {
+            return Some(session.port);
+        }
+        let port: u16 = target.parse().ok()?;
+        self.sessions.contains_key(&port).then_some(port)
+    }
+
+    /// Removes a session and every flow of it.
+    pub fn remove_session(&mut self, port: u16, why: &str) -> Option<SessionInfo> {
+        let info = self.session_info(port, monotonic_ns())?;
+        let session = self.sessions.remove(&port)?;
+        for upstream_port in session.flows.into_values() {
+            self.remove_flow(upstream_port, why);
+        }
+        session.socket.close();
+        self.session_ports.release(port);
+        info!(session = %session.id, port, reason = why, "session removed");
+        Some(info)
+    }
+
+    /// A packet from `client` to `relay_addr:session_port` reached the
+    /// daemon: either the first of a new flow, or one the XDP program could
+    /// not forward itself (no neighbour yet, ...).
+    pub fn on_client_packet(
+        &mut self,
+        session_port: u16,
+        client: SocketAddrV4,
+        relay_addr: Ipv4Addr,
+        len: usize,
+    ) -> anyhow::Result<ClientVerdict> {
+        let now = monotonic_ns();
+        let Some(session) = self.sessions.get_mut(&session_port) else {
+            self.stats.dropped_no_session += 1;
+            return Ok(ClientVerdict::Drop);
+        };
+        if let Some(&upstream_port) = session.flows.get(&(relay_addr, client)) {
+            session.last_active_ns = now;
+            let backend = session.backend;
+            let flow = self.flows.get_mut(&upstream_port).expect("session flows are in the flow table");
+            flow.slow_to_server.0 += 1;
+            flow.slow_to_server.1 += len as u64;
+            flow.last_slow_to_server_ns = now;
+            self.stats.forwarded_to_server += 1;
+            return Ok(ClientVerdict::Forward { socket: flow.socket.clone(), backend, new_flow: false });
+        }
+        // The server's own address never counts as a client: a forged
+        // "client" packet from it would otherwise loop the server to itself.
+        if *client.ip() == *session.backend.ip() {
+            self.stats.dropped_not_from_server += 1;
+            return Ok(ClientVerdict::Drop);
+        }
+        if session.flows.len() >= self.limits.max_flows_per_session {
+            self.stats.refused_flow_limit += 1;
+            warn!(session = %session.id, %client, limit = self.limits.max_flows_per_session, "new flow refused: session has its maximum of flows");
+            return Ok(ClientVerdict::Drop);
+        }
+        if !session.new_flows.try_take(now) {
+            self.stats.refused_rate_limit += 1;
+            return Ok(ClientVerdict::Drop);
+        }
+        let Some(slot) = self.free_slots.pop_front() else {
+            self.stats.refused_flow_limit += 1;
+            warn!(session = %session.id, %client, "new flow refused: the relay's flow table is full");
+            return Ok(ClientVerdict::Drop);
+        };
+        let mut bound = None;
+        let Some(upstream_port) = self.flow_ports.allocate(|port| match RelaySocket::bind(port) {
+            Ok(socket) => {
+                bound = Some(socket);
+                true
+            }
+            Err(_) => false,
+        }) else {
+            self.free_slots.push_front(slot);
+            self.stats.refused_flow_limit += 1;
+            warn!(session = %session.id, %client, range = %self.flow_ports.range(), "new flow refused: no free upstream port; widen --flow-ports");
+            return Ok(ClientVerdict::Drop);
+        };
+        let socket = Arc::new(bound.expect("allocate only succeeds after a bind"));
+        let entries = flow_entries(relay_addr, session_port, client, session.route, upstream_port, session.backend, slot);
+        if let Err(error) = self.datapath.install(&entries) {
+            socket.close();
+            self.flow_ports.release(upstream_port);
+            self.free_slots.push_front(slot);
+            return Err(error.context("installing a flow"));
+        }
+        session.flows.insert((relay_addr, client), upstream_port);
+        session.last_active_ns = now;
+        let backend = session.backend;
+        info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow learned");
+        self.flows.insert(
+            upstream_port,
+            Flow {
+                session_port,
+                client,
+                relay_addr,
+                upstream_port,
+                socket: socket.clone(),
+                entries,
+                slot,
+                created_ns: now,
+                slow_to_server: (1, len as u64),
+                slow_to_client: (0, 0),
+                last_slow_to_server_ns: now,
+                last_slow_from_server_ns: 0,
+            },
+        );
+        self.stats.flows_created += 1;
+        self.stats.forwarded_to_server += 1;
+        Ok(ClientVerdict::Forward { socket, backend, new_flow: true })
+    }
+
+    /// A packet reached a flow's upstream socket: forward it to the client
+    /// only when it comes from the session's backend. Returns the session
+    /// socket, the client and the relay address to send from.
+    pub fn on_server_packet(
+        &mut self,
+        upstream_port: u16,
+        from: SocketAddrV4,
+        len: usize,
+    ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
+        let now = monotonic_ns();
+        let Some(flow) = self.flows.get_mut(&upstream_port) else {
+            self.stats.dropped_no_session += 1;
+            return None;
+        };
+        let session = self.sessions.get_mut(&flow.session_port)?;
+        if from != session.backend {
+            self.stats.dropped_not_from_server += 1;
+            return None;
+        }
+        session.last_active_ns = now;
+        flow.slow_to_client.0 += 1;
+        flow.slow_to_client.1 += len as u64;
+        flow.last_slow_from_server_ns = now;
+        self.stats.forwarded_to_client += 1;
+        Some((session.socket.clone(), flow.client, flow.relay_addr))
+    }
+
+    fn remove_flow(&mut self, upstream_port: u16, why: &str) {
+        let Some(flow) = self.flows.remove(&upstream_port) else { return };
+        self.datapath.uninstall(&flow.entries);
+        flow.socket.close();
+        self.flow_ports.release(upstream_port);
+        self.free_slots.push_back(flow.slot);
+        if let Some(session) = self.sessions.get_mut(&flow.session_port) {
+            session.flows.remove(&(flow.relay_addr, flow.client));
+            info!(session = %session.id, client = %flow.client, upstream_port, reason = why, "flow removed");
+        }
+    }
+
+    fn activity(&self, flow: &Flow) -> FlowActivity {
+        flow_activity(&self.datapath, flow)
+    }
+
+    /// Drops idle flows, then idle sessions.
+    pub fn expire(&mut self, now_ns: u64) {
+        let mut idle_flow_ports = Vec::new();
+        let mut idle_sessions = Vec::new();
+        for session in self.sessions.values_mut() {
+            let ports: Vec<u16> = session.flows.values().copied().collect();
+            let activity: Vec<FlowActivity> = ports
+                .iter()
+                .map(|port| flow_activity(&self.datapath, &self.flows[port]))
+                .collect();
+            if let Some(newest) = activity.iter().map(|a| a.last_active_ns).max() {
+                session.last_active_ns = session.last_active_ns.max(newest);
+            }
+            for index in expiry::idle_flows(&activity, now_ns, self.limits.flow_idle_timeout) {
+                idle_flow_ports.push(ports[index]);
+            }
+            if expiry::session_idle(session.last_active_ns, now_ns, session.idle_timeout) {
+                idle_sessions.push(session.port);
+            }
+        }
+        for port in idle_flow_ports {
+            self.remove_flow(port, "idle");
+            self.stats.flows_expired += 1;
+        }
+        for port in idle_sessions {
+            self.remove_session(port, "idle");
+            self.stats.sessions_expired += 1;
+        }
+    }
+
+    pub fn session_info(&self, port: u16, now_ns: u64) -> Option<SessionInfo> {
+        let session = self.sessions.get(&port)?;
+        let flows: Vec<&Flow> = session.flows.values().map(|p| &self.flows[p]).collect();
+        let activity: Vec<FlowActivity> = flows.iter().map(|flow| self.activity(flow)).collect();
+        let current = expiry::server_current(&activity);
+        let last_active = activity
+            .iter()
+            .map(|a| a.last_active_ns)
+            .fold(session.last_active_ns, u64::max);
+        let seconds = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
+        let mut infos: Vec<FlowInfo> = flows
+            .iter()
+            .zip(&activity)
+            .enumerate()
+            .map(|(index, (flow, activity))| {
+                let to_server = self.datapath.flow_counter(flow.entries.client_rewrite.counter_slot);
+                let to_client = self.datapath.flow_counter(flow.entries.backend_rewrite.counter_slot);
+                FlowInfo {
+                    client: flow.client.to_string(),
+                    relay_addr: flow.relay_addr.to_string(),
+                    upstream_port: flow.upstream_port,
+                    packets_to_server: to_server.packets + flow.slow_to_server.0,
+                    bytes_to_server: to_server.bytes + flow.slow_to_server.1,
+                    packets_to_client: to_client.packets + flow.slow_to_client.0,
+                    bytes_to_client: to_client.bytes + flow.slow_to_client.1,
+                    fast_path_packets: to_server.packets + to_client.packets,
+                    slow_path_packets: flow.slow_to_server.0 + flow.slow_to_client.0,
+                    idle_secs: seconds(activity.last_active_ns),
+                    server_current: current == Some(index),
+                }
+            })
+            .collect();
+        infos.sort_by_key(|f| f.upstream_port);
+        Some(SessionInfo {
+            id: session.id.clone(),
+            port,
+            backend: session.backend.to_string(),
+            relay_addresses: self.relay_addresses.iter().map(ToString::to_string).collect(),
+            idle_timeout_secs: session.idle_timeout.as_secs(),
+            idle_secs: seconds(last_active),
+            flows: infos,
+        })
+    }
+
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let now = monotonic_ns();
+        self.sessions.keys().filter_map(|&port| self.session_info(port, now)).collect()
+    }
+
+    /// Removes everything (daemon shutdown): map entries and sockets.
+    pub fn clear(&mut self) {
+        let ports: Vec<u16> = self.sessions.keys().copied().collect();
+        for port in ports {
+            self.remove_session(port, "shutdown");
+        }
+    }
+}
+
+/// A flow's newest activity, from the XDP program's timestamps and the
+/// daemon's own.
+fn flow_activity(datapath: &XdpDatapath, flow: &Flow) -> FlowActivity {
+    let (client_seen, backend_seen) = datapath.last_seen(&flow.entries);
+    let from_server = backend_seen.max(flow.last_slow_from_server_ns);
+    FlowActivity {
+        last_active_ns: flow.created_ns.max(client_seen).max(flow.last_slow_to_server_ns).max(from_server),
+        last_from_server_ns: from_server,
+    }
+}
+
+/// Parses a backend given on the command line or the control socket.
+pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
+    let address: SocketAddrV4 = text.trim().parse().with_context(|| {
+        format!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001")
+    })?;
+    if address.port() == 0 {
+        bail!("backend {text:?} has port 0: give the port mosh-server listens on (MOSH CONNECT <port>)");
+    }
+    if address.ip().is_unspecified() || address.ip().is_broadcast() || address.ip().is_multicast() {
+        bail!("backend {text:?} is not a unicast address: give the mosh server's IPv4 address");
+    }
+    Ok(address)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forwarder_common::csum;
+
+    #[test]
+    fn parses_backends_and_explains_mistakes() {
+        assert_eq!(parse_backend("10.0.0.2:60001").unwrap(), "10.0.0.2:60001".parse().unwrap());
+        for bad in ["10.0.0.2", "host:1", "10.0.0.2:0", "0.0.0.0:5", "10.0.0.2:70000", "[::1]:5"] {
+            assert!(parse_backend(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Applies a rewrite to a header built from `ends` and returns the
+    /// resulting endpoints, checking the checksums match a full recomputation.
+    fn forward(ends: Endpoints, rewrite: &Rewrite) -> Endpoints {
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[3] = 28;
+        ip[12..16].copy_from_slice(&ends.saddr);
+        ip[16..20].copy_from_slice(&ends.daddr);
+        let c = csum::ipv4_header(&ip).to_ne_bytes();
+        ip[10..12].copy_from_slice(&c);
+        let mut udp = [0u8; 8];
+        udp[0..2].copy_from_slice(&ends.sport);
+        udp[2..4].copy_from_slice(&ends.dport);
+        udp[5] = 8;
+        let c = csum::udp_ipv4(ends.saddr, ends.daddr, &udp).to_ne_bytes();
+        udp[6..8].copy_from_slice(&c);
+        csum::rewrite_ipv4_udp(&mut ip, &mut udp, rewrite);
+        assert_eq!(csum::sum(0, &ip), 0xffff, "IPv4 checksum verifies");
+        let mut check = udp;
+        check[6..8].copy_from_slice(&[0, 0]);
+        assert_eq!(csum::udp_ipv4(ip[12..16].try_into().unwrap(), ip[16..20].try_into().unwrap(), &check).to_ne_bytes(), [udp[6], udp[7]]);
+        Endpoints {
+            saddr: ip[12..16].try_into().unwrap(),
+            daddr: ip[16..20].try_into().unwrap(),
+            sport: udp[0..2].try_into().unwrap(),
+            dport: udp[2..4].try_into().unwrap(),
+        }
+    }
+
+    #[test]
+    fn flow_entries_relay_both_ways() {
+        let client: SocketAddrV4 = "198.51.100.7:41000".parse().unwrap();
+        let backend: SocketAddrV4 = "10.0.2.2:60001".parse().unwrap();
+        let relay: Ipv4Addr = "203.0.113.1".parse().unwrap();
+        let route = BackendRoute { source: "10.0.2.1".parse().unwrap(), ifindex: 7 };
+        let entries = flow_entries(relay, 60000, client, route, 61000, backend, 3);
+
+        let upstream = forward(
+            Endpoints { saddr: client.ip().octets(), daddr: relay.octets(), sport: 41000u16.to_be_bytes(), dport: 60000u16.to_be_bytes() },
+            &entries.client_rewrite,
+        );
+        assert_eq!(upstream, Endpoints { saddr: [10, 0, 2, 1], daddr: [10, 0, 2, 2], sport: 61000u16.to_be_bytes(), dport: 60001u16.to_be_bytes() });
+        assert_eq!(entries.backend_key.relay_addr, upstream.saddr);
+        assert_eq!(entries.backend_key.relay_port, upstream.sport);
+
+        let reply = forward(
+            Endpoints { saddr: upstream.daddr, daddr: upstream.saddr, sport: upstream.dport, dport: upstream.sport },
+            &entries.backend_rewrite,
+        );
+        assert_eq!(reply, Endpoints { saddr: relay.octets(), daddr: client.ip().octets(), sport: 60000u16.to_be_bytes(), dport: 41000u16.to_be_bytes() });
+        assert_eq!(entries.backend_rewrite.allowed_saddr, backend.ip().octets());
+        assert_eq!(entries.backend_rewrite.allowed_sport, 60001u16.to_be_bytes());
+        assert_eq!(entries.backend_rewrite.allowed_ifindex, 7);
+        assert_eq!((entries.client_rewrite.counter_slot, entries.backend_rewrite.counter_slot), (6, 7));
+    }
+}
