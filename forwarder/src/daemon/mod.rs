@@ -44,7 +44,7 @@ fn interface_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
     let Ok(addresses) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
     addresses
         .filter(|a| interfaces.contains(&a.interface_name))
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| Ipv4Addr::from(s.ip())))
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
         .collect()
 }
 

@@ -124,7 +124,7 @@ fn recv_pktinfo(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Option<Re
     };
     Ok(Some(Received {
         len: message.bytes,
-        from: SocketAddrV4::new(Ipv4Addr::from(from.ip()), from.port()),
+        from: SocketAddrV4::new(from.ip(), from.port()),
         to,
     }))
 }
