@@ -1,0 +1,76 @@
+//! Flow lookup and the anti-spoofing check: which rewrite, if any, applies.
+
+use forwarder_common::{BackendKey, ClientKey, Reason, Rewrite};
+
+use crate::{
+    maps::{BACKEND_FLOWS, CLIENT_FLOWS, CONFIG},
+    parse::Packet,
+};
+
+/// Which half of a flow a relay port belongs to.
+#[derive(Clone, Copy)]
+pub enum Side {
+    /// Client-facing session port P.
+    Client,
+    /// Backend-facing per-flow port Q.
+    Backend,
+}
+
+/// Classifies the destination port against the relay's port ranges.
+#[inline(always)]
+pub fn relay_side(packet: &Packet) -> Result<Side, Reason> {
+    // A missing config slot cannot happen for an array map; treating it as
+    // "no relay ports" keeps the host working whatever happens.
+    let config = CONFIG.get(0).ok_or(Reason::PassNotRelayPort)?;
+    let port = u16::from_be_bytes(packet.udp().dst);
+    if config.is_session_port(port) {
+        Ok(Side::Client)
+    } else if config.is_flow_port(port) {
+        Ok(Side::Backend)
+    } else {
+        Err(Reason::PassNotRelayPort)
+    }
+}
+
+/// Finds the flow entry for the packet; a miss goes to the daemon's socket,
+/// which decides whether this is a new flow.
+#[inline(always)]
+pub fn lookup(packet: &Packet, side: Side) -> Result<*mut Rewrite, Reason> {
+    let (ip, udp) = (packet.ip(), packet.udp());
+    match side {
+        Side::Client => CLIENT_FLOWS.get_ptr_mut(ClientKey {
+            relay_addr: ip.dst_addr,
+            client_addr: ip.src_addr,
+            relay_port: udp.dst,
+            client_port: udp.src,
+        }),
+        Side::Backend => BACKEND_FLOWS.get_ptr_mut(BackendKey {
+            relay_addr: ip.dst_addr,
+            relay_port: udp.dst,
+            _pad: [0; 2],
+        }),
+    }
+    .ok_or(Reason::PassNoFlow)
+}
+
+/// Only the flow's backend, arriving where the route to it points, may use a
+/// backend entry: anything else would let a forger write to the client.
+#[inline(always)]
+pub fn check_source(
+    packet: &Packet,
+    side: Side,
+    rewrite: &Rewrite,
+    ingress_ifindex: u32,
+) -> Result<(), Reason> {
+    if let Side::Backend = side {
+        if packet.ip().src_addr != rewrite.allowed_saddr
+            || packet.udp().src != rewrite.allowed_sport
+        {
+            return Err(Reason::DropSpoofedServer);
+        }
+        if rewrite.allowed_ifindex != 0 && rewrite.allowed_ifindex != ingress_ifindex {
+            return Err(Reason::DropSpoofedServer);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! The maps shared with the daemon. Their names are part of the contract:
+//! the daemon finds, fills and pins them by these names.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+};
+use forwarder_common::{
+    BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, RelayConfig, Rewrite,
+    config::FLOW_COUNTER_SLOTS, reason::ReasonCounter,
+};
+
+/// Port ranges the relay owns; one slot, written by the daemon at start.
+#[map]
+pub static CONFIG: Array<RelayConfig> = Array::with_max_entries(1, 0);
+
+/// Client halves of flows; a plain hash so a live session is never evicted.
+#[map]
+pub static CLIENT_FLOWS: HashMap<ClientKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Backend halves of flows, one per backend-facing port; plain hash for the same reason.
+#[map]
+pub static BACKEND_FLOWS: HashMap<BackendKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Per-direction flow counters, per CPU so forwarding cores never share a cache line.
+#[map]
+pub static FLOW_COUNTERS: PerCpuArray<FlowCounter> =
+    PerCpuArray::with_max_entries(FLOW_COUNTER_SLOTS, 0);
+
+/// Packets and bytes per `Reason`, per CPU: every packet is counted exactly once here.
+#[map]
+pub static REASON_COUNTERS: PerCpuArray<ReasonCounter> =
+    PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+/// Interfaces the daemon allows redirects to (ifindex → ifindex); `bpf_redirect_map` needs a devmap.
+#[map]
+pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(64, 0);

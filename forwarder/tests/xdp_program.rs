@@ -1,0 +1,1032 @@
+//! The real XDP program run through `BPF_PROG_TEST_RUN` on crafted frames:
+//! for each one the verdict, the reason counter and the output bytes.
+//!
+//! Frames are built with etherparse and forwarded frames are checked with
+//! etherparse's own checksum code, never with the project's helpers.
+//!
+//! Forwarding cases need `bpf_fib_lookup`, which consults the network
+//! namespace of the ingress device. Each such test builds its own namespace
+//! holding a veth pair (both ends inside), enters it from a dedicated thread
+//! and passes the veth's ifindex as `xdp_md.ingress_ifindex` in `ctx_in`
+//! (the kernel then runs the program as if the frame arrived there). Without
+//! `ctx_in` the program sees the loopback device of the caller's namespace.
+//!
+//! Not covered: `truncated_eth`, because the kernel refuses test runs with
+//! fewer than 14 bytes of data (EINVAL) before the program ever runs.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN), `ip` and `ethtool`.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::AsRawFd as _,
+    process::Command,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use etherparse::{Ipv4Header, PacketBuilder, UdpHeader};
+use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
+use forwarder_common::{
+    BackendKey, ClientKey, FlowCounter, REASON_COUNT, Reason, RelayConfig, Rewrite,
+    flow::Endpoints, reason::ReasonCounter,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const SESSION_PORT: u16 = 60_001;
+const FLOW_PORT: u16 = 61_001;
+const CONFIG: RelayConfig = RelayConfig {
+    session_port_lo: 60_000,
+    session_port_hi: 60_099,
+    flow_port_lo: 61_000,
+    flow_port_hi: 61_999,
+};
+
+// Addresses of the namespace topology (and reused by the pure parse tests).
+const CLIENT: [u8; 4] = [10, 0, 1, 2];
+const CLIENT_PORT: u16 = 40_000;
+const RELAY_FRONT: [u8; 4] = [10, 0, 1, 1];
+const RELAY_BACK: [u8; 4] = [10, 0, 2, 1];
+const BACKEND: [u8; 4] = [10, 0, 2, 2];
+const BACKEND_PORT: u16 = 60_002;
+/// A second backend on the client's link: forwarding to it leaves by the
+/// ingress interface (XDP_TX).
+const NEAR_BACKEND: [u8; 4] = [10, 0, 1, 3];
+/// On the backend link but without a neighbour entry.
+const UNRESOLVED_BACKEND: [u8; 4] = [10, 0, 2, 9];
+/// No route at all in the namespace (TEST-NET-1).
+const UNROUTABLE_BACKEND: [u8; 4] = [192, 0, 2, 1];
+
+const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
+const NEAR_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 3];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 2];
+
+const PAYLOAD: &[u8] = b"\x80\x00\x00\x00\x00\x00\x00\x01mosh datagram payload, ocb";
+
+/// One loaded copy of the program with its own (unpinned) maps.
+struct Relay {
+    ebpf: Ebpf,
+}
+
+/// What one test run returned.
+struct Run {
+    retval: u32,
+    out: Vec<u8>,
+}
+
+impl Relay {
+    fn load() -> Self {
+        require_root();
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .expect("loading the embedded eBPF object (maps)");
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("program missing from the object")
+            .try_into()
+            .expect("program is not XDP");
+        if let Err(error) = program.load() {
+            panic!("the verifier rejected the program: {error:#?}");
+        }
+        let mut config: Array<_, RelayConfig> =
+            Array::try_from(ebpf.map_mut("CONFIG").expect("CONFIG map")).unwrap();
+        config.set(0, CONFIG, 0).unwrap();
+        Self { ebpf }
+    }
+
+    fn add_client_flow(&mut self, key: ClientKey, rewrite: Rewrite) {
+        let mut map: HashMap<_, ClientKey, Rewrite> =
+            HashMap::try_from(self.ebpf.map_mut("CLIENT_FLOWS").expect("CLIENT_FLOWS map"))
+                .unwrap();
+        map.insert(key, rewrite, 0).unwrap();
+    }
+
+    fn add_backend_flow(&mut self, key: BackendKey, rewrite: Rewrite) {
+        let mut map: HashMap<_, BackendKey, Rewrite> = HashMap::try_from(
+            self.ebpf
+                .map_mut("BACKEND_FLOWS")
+                .expect("BACKEND_FLOWS map"),
+        )
+        .unwrap();
+        map.insert(key, rewrite, 0).unwrap();
+    }
+
+    /// Must run in the namespace that owns `ifindex`: the kernel resolves it there.
+    fn add_egress(&mut self, ifindex: u32) {
+        let mut map =
+            DevMapHash::try_from(self.ebpf.map_mut("EGRESS").expect("EGRESS map")).unwrap();
+        map.insert(ifindex, ifindex, None, 0).unwrap();
+    }
+
+    fn client_flow(&self, key: &ClientKey) -> Rewrite {
+        let map: HashMap<_, ClientKey, Rewrite> =
+            HashMap::try_from(self.ebpf.map("CLIENT_FLOWS").unwrap()).unwrap();
+        map.get(key, 0).unwrap()
+    }
+
+    /// Runs the program once; `ingress` sets `xdp_md.ingress_ifindex`.
+    fn run(&self, frame: &[u8], ingress: Option<u32>) -> Run {
+        let program: &Xdp = self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        let ctx = ingress.map(|ifindex| xdp_md(frame.len(), ifindex));
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx.as_deref(),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN failed");
+        out.truncate(result.data_size_out as usize);
+        Run {
+            retval: result.return_value,
+            out,
+        }
+    }
+
+    /// Packets and bytes under `reason`, summed over CPUs.
+    fn reason_count(&self, reason: Reason) -> (u64, u64) {
+        let map: PerCpuArray<_, ReasonCounter> =
+            PerCpuArray::try_from(self.ebpf.map("REASON_COUNTERS").unwrap()).unwrap();
+        map.get(&(reason as u32), 0)
+            .unwrap()
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+    }
+
+    fn total_packets(&self) -> u64 {
+        (0..REASON_COUNT)
+            .map(|index| self.reason_count(Reason::ALL[index as usize]).0)
+            .sum()
+    }
+
+    fn flow_count(&self, slot: u32) -> (u64, u64) {
+        let map: PerCpuArray<_, FlowCounter> =
+            PerCpuArray::try_from(self.ebpf.map("FLOW_COUNTERS").unwrap()).unwrap();
+        map.get(&slot, 0)
+            .unwrap()
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+    }
+
+    /// Runs `frame` and checks it ends with `reason` (counted once, with the
+    /// frame's length, and under no other reason) and the verdict `retval`;
+    /// a passed or dropped frame must come out untouched.
+    fn expect(&self, frame: &[u8], ingress: Option<u32>, reason: Reason, retval: u32) -> Run {
+        let total_before = self.total_packets();
+        let (packets_before, bytes_before) = self.reason_count(reason);
+        let run = self.run(frame, ingress);
+        assert_eq!(
+            run.retval,
+            retval,
+            "verdict for {} (reason counters: {})",
+            reason.name(),
+            self.counters()
+        );
+        assert_eq!(
+            self.reason_count(reason),
+            (packets_before + 1, bytes_before + frame.len() as u64),
+            "expected reason {}, counters: {}",
+            reason.name(),
+            self.counters()
+        );
+        assert_eq!(
+            self.total_packets(),
+            total_before + 1,
+            "exactly one reason counted per packet"
+        );
+        if retval == XDP_PASS || retval == XDP_DROP {
+            assert_eq!(
+                run.out,
+                frame,
+                "{}: packet must be untouched",
+                reason.name()
+            );
+        }
+        run
+    }
+
+    fn counters(&self) -> String {
+        Reason::ALL
+            .iter()
+            .filter_map(|reason| {
+                let (packets, _) = self.reason_count(*reason);
+                (packets > 0).then(|| format!("{}={packets}", reason.name()))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// `struct xdp_md` for `ctx_in`: data at 0, data_end at the frame's end, no
+/// metadata, the given ingress device, queue 0, no egress.
+fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ingress_ifindex, 0, 0]
+        .iter()
+        .flat_map(|word: &u32| word.to_ne_bytes())
+        .collect()
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests load XDP programs and create network namespaces: run them as root \
+         (sudo -E cargo test -p forwarder --test xdp_program)"
+    );
+}
+
+/// An Ethernet/IPv4/UDP frame with valid checksums, TTL 64.
+fn udp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).unwrap();
+    frame
+}
+
+const IP: usize = 14;
+const UDP: usize = 34;
+
+/// Applies `edit` to the IPv4 header and recomputes its checksum with etherparse.
+fn edit_ip(frame: &mut [u8], edit: impl FnOnce(&mut Ipv4Header)) {
+    let (mut header, _) = Ipv4Header::from_slice(&frame[IP..]).unwrap();
+    edit(&mut header);
+    header.header_checksum = header.calc_header_checksum();
+    let bytes = header.to_bytes();
+    frame[IP..IP + bytes.len()].copy_from_slice(&bytes);
+}
+
+/// Sets raw header bytes and refreshes the IPv4 checksum (for values
+/// etherparse refuses to represent, such as an inconsistent total length).
+fn poke(frame: &mut [u8], offset: usize, bytes: &[u8]) {
+    frame[offset..offset + bytes.len()].copy_from_slice(bytes);
+    frame[IP + 10..IP + 12].fill(0);
+    let sum = !fold(&frame[IP..IP + usize::from(frame[IP] & 0x0f) * 4]);
+    frame[IP + 10..IP + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+fn fold(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn endpoints(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Endpoints {
+    Endpoints {
+        saddr: src.0,
+        daddr: dst.0,
+        sport: src.1.to_be_bytes(),
+        dport: dst.1.to_be_bytes(),
+    }
+}
+
+fn client_key(client: ([u8; 4], u16), relay: ([u8; 4], u16)) -> ClientKey {
+    ClientKey {
+        relay_addr: relay.0,
+        client_addr: client.0,
+        relay_port: relay.1.to_be_bytes(),
+        client_port: client.1.to_be_bytes(),
+    }
+}
+
+fn backend_key(relay: ([u8; 4], u16)) -> BackendKey {
+    BackendKey {
+        relay_addr: relay.0,
+        relay_port: relay.1.to_be_bytes(),
+        _pad: [0; 2],
+    }
+}
+
+/// Installs the client half `client → relay:P` rewritten to `relay_back:Q → backend`.
+fn install_client_flow(relay: &mut Relay, backend: ([u8; 4], u16), slot: u32) -> ClientKey {
+    let from = endpoints((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
+    let to_addr = if backend.0 == NEAR_BACKEND {
+        RELAY_FRONT
+    } else {
+        RELAY_BACK
+    };
+    let to = endpoints((to_addr, FLOW_PORT), backend);
+    let key = client_key((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
+    relay.add_client_flow(key, Rewrite::new(from, to, slot));
+    key
+}
+
+/// Installs the backend half `backend → relay_back:Q` rewritten to
+/// `relay:P → client`, accepted only from `backend` (and `ifindex` if set).
+fn install_backend_flow(relay: &mut Relay, allowed_ifindex: u32, slot: u32) {
+    let from = endpoints((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT));
+    let to = endpoints((RELAY_FRONT, SESSION_PORT), (CLIENT, CLIENT_PORT));
+    let mut rewrite = Rewrite::new(from, to, slot);
+    rewrite.allowed_saddr = BACKEND;
+    rewrite.allowed_sport = BACKEND_PORT.to_be_bytes();
+    rewrite.allowed_ifindex = allowed_ifindex;
+    relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
+}
+
+fn client_packet() -> Vec<u8> {
+    udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT), PAYLOAD)
+}
+
+fn backend_packet() -> Vec<u8> {
+    udp_frame((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT), PAYLOAD)
+}
+
+// ---------------------------------------------------------------------------
+// Not ours: passes untouched.
+
+#[test]
+fn arp_passes_as_not_ipv4() {
+    let relay = Relay::load();
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&CLIENT_MAC);
+    frame.extend_from_slice(&[0x08, 0x06]);
+    // Request: Ethernet/IPv4, who has 10.0.1.1 tell 10.0.1.2.
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&CLIENT_MAC);
+    frame.extend_from_slice(&CLIENT);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&RELAY_FRONT);
+    relay.expect(&frame, None, Reason::PassNotIpv4, XDP_PASS);
+}
+
+#[test]
+fn ipv6_passes_as_not_ipv4() {
+    let relay = Relay::load();
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+        .ipv6([0xfd; 16], [0xfe; 16], 64)
+        .udp(CLIENT_PORT, SESSION_PORT);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, PAYLOAD).unwrap();
+    relay.expect(&frame, None, Reason::PassNotIpv4, XDP_PASS);
+}
+
+#[test]
+fn vlan_tagged_passes_as_not_ipv4() {
+    let relay = Relay::load();
+    let plain = client_packet();
+    let mut frame = plain[..12].to_vec();
+    frame.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    frame.extend_from_slice(&plain[12..]);
+    relay.expect(&frame, None, Reason::PassNotIpv4, XDP_PASS);
+}
+
+#[test]
+fn tcp_passes_as_not_udp() {
+    let relay = Relay::load();
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+        .ipv4(CLIENT, RELAY_FRONT, 64)
+        .tcp(CLIENT_PORT, SESSION_PORT, 1, 1024);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, PAYLOAD).unwrap();
+    relay.expect(&frame, None, Reason::PassNotUdp, XDP_PASS);
+}
+
+#[test]
+fn udp_to_other_port_passes_as_not_relay_port() {
+    let relay = Relay::load();
+    for port in [53, 59_999, 60_100, 60_999, 62_000] {
+        let frame = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, port), PAYLOAD);
+        relay.expect(&frame, None, Reason::PassNotRelayPort, XDP_PASS);
+    }
+}
+
+#[test]
+fn truncated_ip_header_passes() {
+    let relay = Relay::load();
+    let frame = client_packet();
+    relay.expect(&frame[..IP + 19], None, Reason::PassTruncatedIp, XDP_PASS);
+
+    let mut short_ihl = client_packet();
+    poke(&mut short_ihl, IP, &[0x44]);
+    relay.expect(&short_ihl, None, Reason::PassTruncatedIp, XDP_PASS);
+
+    let mut not_v4 = client_packet();
+    poke(&mut not_v4, IP, &[0x65]);
+    relay.expect(&not_v4, None, Reason::PassTruncatedIp, XDP_PASS);
+}
+
+#[test]
+fn truncated_udp_header_passes() {
+    let relay = Relay::load();
+    let frame = client_packet();
+    relay.expect(&frame[..UDP + 7], None, Reason::PassTruncatedUdp, XDP_PASS);
+}
+
+// ---------------------------------------------------------------------------
+// Addressed to a relay port.
+
+#[test]
+fn relay_ports_without_flow_pass_as_no_flow() {
+    let relay = Relay::load();
+    relay.expect(&client_packet(), None, Reason::PassNoFlow, XDP_PASS);
+    relay.expect(&backend_packet(), None, Reason::PassNoFlow, XDP_PASS);
+}
+
+#[test]
+fn other_client_endpoint_of_a_session_is_no_flow() {
+    let mut relay = Relay::load();
+    install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+    let roamed = udp_frame(
+        (CLIENT, CLIENT_PORT + 1),
+        (RELAY_FRONT, SESSION_PORT),
+        PAYLOAD,
+    );
+    relay.expect(&roamed, None, Reason::PassNoFlow, XDP_PASS);
+}
+
+#[test]
+fn ip_options_pass() {
+    let mut relay = Relay::load();
+    install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+    let mut frame = client_packet();
+    edit_ip(&mut frame, |header| {
+        // Four NOPs: one option word.
+        header.options = [1u8, 1, 1, 1][..].try_into().unwrap();
+        header.total_len += 4;
+    });
+    frame.splice(UDP..UDP, [1, 1, 1, 1]);
+    edit_ip(&mut frame, |_| {});
+    relay.expect(&frame, None, Reason::PassIpOptions, XDP_PASS);
+}
+
+#[test]
+fn fragments_pass() {
+    let mut relay = Relay::load();
+    install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+    let mut first = client_packet();
+    edit_ip(&mut first, |header| {
+        header.dont_fragment = false;
+        header.more_fragments = true;
+    });
+    relay.expect(&first, None, Reason::PassFragment, XDP_PASS);
+
+    let mut later = client_packet();
+    edit_ip(&mut later, |header| {
+        header.dont_fragment = false;
+        header.fragment_offset = 185.try_into().unwrap();
+    });
+    relay.expect(&later, None, Reason::PassFragment, XDP_PASS);
+}
+
+#[test]
+fn ttl_one_passes_as_ttl_expiring() {
+    let mut relay = Relay::load();
+    install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+    for ttl in [1, 0] {
+        let mut frame = client_packet();
+        edit_ip(&mut frame, |header| header.time_to_live = ttl);
+        relay.expect(&frame, None, Reason::PassTtlExpiring, XDP_PASS);
+    }
+}
+
+#[test]
+fn total_length_beyond_frame_is_malformed() {
+    let relay = Relay::load();
+    let mut frame = client_packet();
+    let too_long = (frame.len() - IP + 1) as u16;
+    poke(&mut frame, IP + 2, &too_long.to_be_bytes());
+    relay.expect(&frame, None, Reason::DropMalformed, XDP_DROP);
+
+    let mut too_short = client_packet();
+    poke(&mut too_short, IP + 2, &27u16.to_be_bytes());
+    relay.expect(&too_short, None, Reason::DropMalformed, XDP_DROP);
+}
+
+#[test]
+fn udp_length_mismatch_is_malformed() {
+    let relay = Relay::load();
+    let udp_len = (8 + PAYLOAD.len()) as u16;
+    for wrong in [udp_len - 1, udp_len + 1, 7] {
+        let mut frame = client_packet();
+        frame[UDP + 4..UDP + 6].copy_from_slice(&wrong.to_be_bytes());
+        relay.expect(&frame, None, Reason::DropMalformed, XDP_DROP);
+    }
+}
+
+#[test]
+fn ethernet_padding_is_not_malformed() {
+    let relay = Relay::load();
+    let mut frame = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT), b"x");
+    frame.resize(60, 0);
+    relay.expect(&frame, None, Reason::PassNoFlow, XDP_PASS);
+}
+
+#[test]
+fn backend_half_from_wrong_source_is_spoofed() {
+    let mut relay = Relay::load();
+    install_backend_flow(&mut relay, 0, 1);
+    let wrong_addr = udp_frame(
+        ([10, 0, 2, 66], BACKEND_PORT),
+        (RELAY_BACK, FLOW_PORT),
+        PAYLOAD,
+    );
+    relay.expect(&wrong_addr, None, Reason::DropSpoofedServer, XDP_DROP);
+    let wrong_port = udp_frame(
+        (BACKEND, BACKEND_PORT + 1),
+        (RELAY_BACK, FLOW_PORT),
+        PAYLOAD,
+    );
+    relay.expect(&wrong_port, None, Reason::DropSpoofedServer, XDP_DROP);
+    let client_as_server = udp_frame((CLIENT, CLIENT_PORT), (RELAY_BACK, FLOW_PORT), PAYLOAD);
+    relay.expect(&client_as_server, None, Reason::DropSpoofedServer, XDP_DROP);
+}
+
+#[test]
+fn backend_half_on_wrong_interface_is_spoofed() {
+    let mut relay = Relay::load();
+    // Without ctx_in the program sees loopback (ifindex 1) as ingress.
+    install_backend_flow(&mut relay, 999, 1);
+    relay.expect(&backend_packet(), None, Reason::DropSpoofedServer, XDP_DROP);
+}
+
+#[test]
+fn counts_bytes_of_the_whole_frame() {
+    let relay = Relay::load();
+    let frame = client_packet();
+    relay.run(&frame, None);
+    relay.run(&frame, None);
+    assert_eq!(
+        relay.reason_count(Reason::PassNoFlow),
+        (2, 2 * frame.len() as u64)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding, inside a namespace with a veth pair:
+//
+//   front (10.0.1.1/24, FRONT_MAC) <== veth ==> back (10.0.2.1/24, BACK_MAC)
+//   neighbours: CLIENT and NEAR_BACKEND on front, BACKEND on back.
+
+/// A network namespace with the topology above, deleted on drop (also
+/// when the test panics).
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn create() -> Self {
+        require_root();
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "fwd-xdptest-{}-{:08x}",
+            std::process::id(),
+            nanos ^ rand::random::<u32>()
+        );
+        ip(&["netns", "add", &name]);
+        let namespace = Self { name };
+        let ns = namespace.name.as_str();
+        let front_mac = mac(FRONT_MAC);
+        let back_mac = mac(BACK_MAC);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", ns, "link", "add", "front", "address", &front_mac, "type", "veth", "peer",
+            "name", "back", "address", &back_mac,
+        ]);
+        ip(&["-n", ns, "addr", "add", "10.0.1.1/24", "dev", "front"]);
+        ip(&["-n", ns, "addr", "add", "10.0.2.1/24", "dev", "back"]);
+        ip(&["-n", ns, "link", "set", "front", "up"]);
+        ip(&["-n", ns, "link", "set", "back", "up"]);
+        for dev in ["front", "back"] {
+            run_checked(
+                Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"]),
+            );
+        }
+        run_checked(Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]));
+        for (addr, lladdr, dev) in [
+            (CLIENT, CLIENT_MAC, "front"),
+            (NEAR_BACKEND, NEAR_BACKEND_MAC, "front"),
+            (BACKEND, BACKEND_MAC, "back"),
+        ] {
+            ip(&[
+                "-n",
+                ns,
+                "neigh",
+                "replace",
+                &dotted(addr),
+                "lladdr",
+                &mac(lladdr),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        namespace
+    }
+
+    /// Runs `body` on a fresh thread that has entered the namespace, so
+    /// the test harness's own threads never change namespace.
+    fn enter<T: Send>(&self, body: impl FnOnce(Topology) -> T + Send) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::scope(|scope| {
+            let thread = scope.spawn(|| {
+                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+                // SAFETY: a valid namespace fd; only this thread moves.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+                body(Topology {
+                    front: ifindex("front"),
+                    back: ifindex("back"),
+                })
+            });
+            match thread.join() {
+                Ok(value) => value,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Interface indexes inside the namespace.
+#[derive(Clone, Copy)]
+struct Topology {
+    front: u32,
+    back: u32,
+}
+
+/// Index of `name` in the calling thread's namespace.
+fn ifindex(name: &str) -> u32 {
+    let name = CString::new(name).unwrap();
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name:?} in the namespace");
+    index
+}
+
+fn ip(args: &[&str]) {
+    run_checked(Command::new("ip").args(args));
+}
+
+fn run_checked(command: &mut Command) {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e} (install iproute2 and ethtool)"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn mac(bytes: [u8; 6]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn dotted(addr: [u8; 4]) -> String {
+    std::net::Ipv4Addr::from(addr).to_string()
+}
+
+/// The frame a correct router-like rewrite produces from `input`: new MACs,
+/// addresses and ports, TTL minus one, checksums recomputed by etherparse
+/// (a zero UDP checksum stays zero).
+fn expected_forward(
+    input: &[u8],
+    macs: ([u8; 6], [u8; 6]),
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+) -> Vec<u8> {
+    let mut frame = input.to_vec();
+    frame[0..6].copy_from_slice(&macs.1);
+    frame[6..12].copy_from_slice(&macs.0);
+    edit_ip(&mut frame, |header| {
+        header.time_to_live -= 1;
+        header.source = src.0;
+        header.destination = dst.0;
+    });
+    let had_udp_checksum = input[UDP + 6..UDP + 8] != [0, 0];
+    let (ip_header, _) = Ipv4Header::from_slice(&frame[IP..]).unwrap();
+    let (mut udp, payload) = UdpHeader::from_slice(&frame[UDP..]).unwrap();
+    udp.source_port = src.1;
+    udp.destination_port = dst.1;
+    let payload = payload[..usize::from(udp.length) - 8].to_vec();
+    udp.checksum = if had_udp_checksum {
+        udp.calc_checksum_ipv4(&ip_header, &payload).unwrap()
+    } else {
+        0
+    };
+    frame[UDP..UDP + 8].copy_from_slice(&udp.to_bytes());
+    frame
+}
+
+/// Independent check of a forwarded frame's checksums with etherparse.
+fn assert_checksums_valid(frame: &[u8]) {
+    let (ip_header, _) = Ipv4Header::from_slice(&frame[IP..]).unwrap();
+    assert_eq!(
+        ip_header.header_checksum,
+        ip_header.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    let (udp, payload) = UdpHeader::from_slice(&frame[UDP..]).unwrap();
+    let payload = &payload[..usize::from(udp.length) - 8];
+    if udp.checksum != 0 {
+        assert_eq!(
+            udp.checksum,
+            udp.calc_checksum_ipv4(&ip_header, payload).unwrap(),
+            "UDP checksum"
+        );
+    }
+}
+
+#[test]
+fn same_interface_is_forwarded_with_xdp_tx() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        let key = install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 7);
+        let mut input = client_packet();
+        // mosh's ECT(0) must survive the relay.
+        poke(&mut input, IP + 1, &[0x02]);
+        let run = relay.expect(&input, Some(topo.front), Reason::TxForwarded, XDP_TX);
+        let want = expected_forward(
+            &input,
+            (FRONT_MAC, NEAR_BACKEND_MAC),
+            (RELAY_FRONT, FLOW_PORT),
+            (NEAR_BACKEND, BACKEND_PORT),
+        );
+        assert_eq!(run.out, want);
+        assert_eq!(run.out[IP + 1], 0x02, "TOS/ECN kept");
+        assert_eq!(run.out[IP + 8], 63, "TTL decremented");
+        assert_checksums_valid(&run.out);
+
+        let tot_len = u64::from(u16::from_be_bytes([input[IP + 2], input[IP + 3]]));
+        assert_eq!(relay.flow_count(7), (1, tot_len));
+        assert!(
+            relay.client_flow(&key).last_seen_ns > 0,
+            "last_seen refreshed"
+        );
+        // A second packet within a second leaves last_seen alone.
+        let seen = relay.client_flow(&key).last_seen_ns;
+        relay.run(&input, Some(topo.front));
+        assert_eq!(relay.client_flow(&key).last_seen_ns, seen);
+        assert_eq!(relay.flow_count(7), (2, 2 * tot_len));
+    });
+}
+
+#[test]
+fn other_interface_is_redirected() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 3);
+        relay.add_egress(topo.back);
+        let input = client_packet();
+        let run = relay.expect(
+            &input,
+            Some(topo.front),
+            Reason::RedirectForwarded,
+            XDP_REDIRECT,
+        );
+        let want = expected_forward(
+            &input,
+            (BACK_MAC, BACKEND_MAC),
+            (RELAY_BACK, FLOW_PORT),
+            (BACKEND, BACKEND_PORT),
+        );
+        assert_eq!(run.out, want);
+        assert_checksums_valid(&run.out);
+    });
+}
+
+#[test]
+fn backend_reply_is_redirected_to_the_client() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_backend_flow(&mut relay, topo.back, 4);
+        relay.add_egress(topo.front);
+        let input = backend_packet();
+        let run = relay.expect(
+            &input,
+            Some(topo.back),
+            Reason::RedirectForwarded,
+            XDP_REDIRECT,
+        );
+        let want = expected_forward(
+            &input,
+            (FRONT_MAC, CLIENT_MAC),
+            (RELAY_FRONT, SESSION_PORT),
+            (CLIENT, CLIENT_PORT),
+        );
+        assert_eq!(run.out, want);
+        assert_checksums_valid(&run.out);
+    });
+}
+
+#[test]
+fn forged_server_packet_on_client_side_is_spoofed() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_backend_flow(&mut relay, topo.back, 4);
+        relay.add_egress(topo.front);
+        // Right source address and port, wrong interface.
+        relay.expect(
+            &backend_packet(),
+            Some(topo.front),
+            Reason::DropSpoofedServer,
+            XDP_DROP,
+        );
+    });
+}
+
+#[test]
+fn zero_udp_checksum_stays_zero() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 0);
+        let mut input = client_packet();
+        input[UDP + 6..UDP + 8].fill(0);
+        let run = relay.expect(&input, Some(topo.front), Reason::TxForwarded, XDP_TX);
+        assert_eq!(run.out[UDP + 6..UDP + 8], [0, 0]);
+        let want = expected_forward(
+            &input,
+            (FRONT_MAC, NEAR_BACKEND_MAC),
+            (RELAY_FRONT, FLOW_PORT),
+            (NEAR_BACKEND, BACKEND_PORT),
+        );
+        assert_eq!(run.out, want);
+        assert_checksums_valid(&run.out);
+    });
+}
+
+#[test]
+fn many_payloads_keep_valid_checksums() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 0);
+        for len in 0..64usize {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+            let input = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT), &payload);
+            let run = relay.run(&input, Some(topo.front));
+            assert_eq!(run.retval, XDP_TX, "payload length {len}");
+            let want = expected_forward(
+                &input,
+                (FRONT_MAC, NEAR_BACKEND_MAC),
+                (RELAY_FRONT, FLOW_PORT),
+                (NEAR_BACKEND, BACKEND_PORT),
+            );
+            assert_eq!(run.out, want, "payload length {len}");
+            assert_checksums_valid(&run.out);
+        }
+    });
+}
+
+#[test]
+fn computed_zero_udp_checksum_is_sent_as_all_ones() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 0);
+        // Find a payload whose rewritten datagram sums to zero: RFC 768
+        // sends that as 0xffff, since zero means "no checksum".
+        let (input, want) = (0..=u16::MAX)
+            .find_map(|word| {
+                let payload = [PAYLOAD, &word.to_be_bytes()].concat();
+                let input = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT), &payload);
+                let want = expected_forward(
+                    &input,
+                    (FRONT_MAC, NEAR_BACKEND_MAC),
+                    (RELAY_FRONT, FLOW_PORT),
+                    (NEAR_BACKEND, BACKEND_PORT),
+                );
+                (want[UDP + 6..UDP + 8] == [0xff, 0xff]).then_some((input, want))
+            })
+            .expect("some payload word makes the checksum 0xffff");
+        let run = relay.expect(&input, Some(topo.front), Reason::TxForwarded, XDP_TX);
+        assert_eq!(run.out, want);
+        assert_checksums_valid(&run.out);
+    });
+}
+
+#[test]
+fn egress_not_in_devmap_passes_untouched() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+        relay.expect(
+            &client_packet(),
+            Some(topo.front),
+            Reason::PassEgressNotAttached,
+            XDP_PASS,
+        );
+    });
+}
+
+#[test]
+fn missing_neighbour_passes_untouched() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (UNRESOLVED_BACKEND, BACKEND_PORT), 0);
+        relay.add_egress(topo.back);
+        relay.expect(
+            &client_packet(),
+            Some(topo.front),
+            Reason::PassFibNoNeigh,
+            XDP_PASS,
+        );
+    });
+}
+
+#[test]
+fn no_route_passes_untouched() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (UNROUTABLE_BACKEND, BACKEND_PORT), 0);
+        relay.add_egress(topo.back);
+        relay.expect(
+            &client_packet(),
+            Some(topo.front),
+            Reason::PassFibFailed,
+            XDP_PASS,
+        );
+    });
+}
+
+#[test]
+fn forwarding_disabled_passes_untouched() {
+    let ns = Namespace::create();
+    run_checked(Command::new("ip").args([
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.front.forwarding=0",
+    ]));
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 0);
+        relay.expect(
+            &client_packet(),
+            Some(topo.front),
+            Reason::PassFibFailed,
+            XDP_PASS,
+        );
+    });
+}
+
+#[test]
+fn attaches_in_native_and_skb_mode() {
+    let ns = Namespace::create();
+    ns.enter(|_| {
+        for mode in [XdpMode::Driver, XdpMode::Skb] {
+            let mut relay = Relay::load();
+            let program: &mut Xdp = relay
+                .ebpf
+                .program_mut(PROGRAM_NAME)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let link = program
+                .attach("front", mode)
+                .unwrap_or_else(|e| panic!("attaching in {mode:?} mode: {e:#?}"));
+            program.detach(link).unwrap();
+        }
+    });
+}
