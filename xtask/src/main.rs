@@ -1,1 +1,77 @@
-fn main(){}
+//! Developer and CI tasks: `cargo xtask prereq | demo | test`.
+//!
+//! Everything runs as root: the tasks install packages, create network
+//! namespaces and attach XDP programs.
+
+mod demo;
+mod prereq;
+mod test;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "forwarder developer and CI tasks"
+)]
+enum Task {
+    /// Install what building and testing need (idempotent; only what is missing).
+    Prereq,
+    /// Build forwarder and run a real mosh session through it in network namespaces.
+    Demo,
+    /// Prereq, release build, then every test in the workspace (as CI runs it).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter, or `-- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Task::parse() {
+        Task::Prereq => prereq::ensure(),
+        Task::Demo => demo::run(),
+        Task::Test { args } => test::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The cargo that runs us (so the same toolchain builds everything).
+fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(forwarder_testbed::workspace_root());
+    cmd
+}
+
+/// Runs a long command (install, build, test) with its output shown live.
+/// No time limit: CI bounds the whole run, and a slow build is not an error.
+fn run_visible(cmd: &mut Command) -> Result<()> {
+    let what = forwarder_testbed::cmd::describe(cmd);
+    println!("xtask: $ {what}");
+    let status = cmd
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot start `{what}`"))?;
+    if !status.success() {
+        bail!("`{what}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// `cargo build --release -p forwarder`; returns the binary's path.
+fn build_forwarder() -> Result<PathBuf> {
+    run_visible(cargo().args(["build", "--release", "-p", "forwarder"]))?;
+    forwarder_testbed::forwarder_bin()
+}

@@ -1,0 +1,246 @@
+//! Network namespaces and veth pairs that clean up after themselves.
+
+use std::fs::File;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::cmd::{self, SHORT};
+
+/// Every namespace this crate creates starts with this, so stale ones can be found.
+pub const PREFIX: &str = "fwd-";
+
+/// A random lowercase hex string, for unique names across runs and parallel tests.
+pub fn random_tag() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+/// A named network namespace (`/run/netns/NAME`), deleted on drop together with
+/// every process still running in it.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `fwd-<role>-<pid>-<random>`. The pid lets a later run tell that
+    /// the creator died without cleaning up (see [`sweep_stale`]).
+    pub fn new(role: &str) -> Result<Self> {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(|| {
+            if let Err(e) = sweep_stale() {
+                eprintln!("warning: sweeping stale namespaces failed: {e:#}");
+            }
+        });
+        assert!(
+            !role.contains('-'),
+            "role names must not contain '-': the stale sweep parses names from the end"
+        );
+        let name = format!("{PREFIX}{role}-{}-{}", std::process::id(), random_tag());
+        cmd::sh("ip", &["netns", "add", &name])
+            .with_context(|| format!("creating network namespace {name}"))?;
+        let ns = Self { name };
+        // Loopback is down in a fresh namespace; programs binding 127.0.0.1 would fail oddly.
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `/run/netns/NAME`, for `nsenter --net=` and `setns`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip netns exec NAME program`: a command to configure and spawn into.
+    pub fn exec(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// `nsenter --net=/run/netns/NAME -- program`. Unlike `ip netns exec` it
+    /// keeps the host's /sys, so bpffs pins made inside stay visible outside.
+    pub fn nsenter(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `program args...` inside the namespace; returns stdout, fails on non-zero exit.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<String> {
+        cmd::run_ok(self.exec(program).args(args), SHORT)
+    }
+
+    /// `ip -n NAME args...`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        cmd::run_ok(
+            Command::new("ip").arg("-n").arg(&self.name).args(args),
+            SHORT,
+        )
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.run("sysctl", &["-qw", &format!("{key}={value}")])?;
+        Ok(())
+    }
+
+    /// Pids of processes whose network namespace is this one.
+    pub fn pids(&self) -> Result<Vec<i32>> {
+        let out = cmd::sh("ip", &["netns", "pids", &self.name])?;
+        Ok(out
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
+    }
+
+    /// Runs `f` on a short-lived thread that has joined this namespace. Sockets
+    /// created there stay in this namespace after the thread ends, so the test
+    /// process can talk from inside without helper processes.
+    pub fn within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        std::thread::spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET).context("setns into the namespace")?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread inside namespace panicked"))?
+    }
+
+    /// A UDP socket bound to `addr` inside this namespace.
+    pub fn udp_bind(&self, addr: SocketAddr) -> Result<UdpSocket> {
+        self.within(move || UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}")))
+            .with_context(|| format!("in namespace {}", self.name))
+    }
+
+    /// Pings `ip` from inside this namespace, a few tries: the first packet may
+    /// be spent on neighbour resolution.
+    pub fn ping(&self, ip: &str) -> Result<()> {
+        let out = cmd::run(
+            self.exec("ping")
+                .args(["-c", "3", "-i", "0.2", "-W", "2", ip]),
+            SHORT,
+        )?;
+        if !out.success() {
+            bail!(
+                "ping {ip} from {} failed:\n{}{}",
+                self.name,
+                out.stdout,
+                out.stderr
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = destroy(&self.name) {
+            eprintln!("warning: removing namespace {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// Kills what still runs in `name` and deletes it. Daemonized helpers (mosh-server,
+/// tmux) would otherwise keep the namespace and its veths alive forever.
+fn destroy(name: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for round in 0.. {
+        let pids_out = cmd::sh("ip", &["netns", "pids", name]).unwrap_or_default();
+        let pids: Vec<i32> = pids_out
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if pids.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        let signal = if round == 0 {
+            Signal::SIGTERM
+        } else {
+            Signal::SIGKILL
+        };
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cmd::sh("ip", &["netns", "del", name])?;
+    Ok(())
+}
+
+/// Deletes `fwd-<role>-<pid>-<tag>` namespaces whose creating process is gone
+/// (a test run killed by SIGKILL cannot run its Drop guards).
+pub fn sweep_stale() -> Result<()> {
+    let list = cmd::sh("ip", &["netns", "list"])?;
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !name.starts_with(PREFIX) {
+            continue;
+        }
+        let mut parts = name.rsplit('-');
+        let _tag = parts.next();
+        let Some(pid) = parts.next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("removing stale namespace {name} (creator pid {pid} is gone)");
+            if let Err(e) = destroy(name) {
+                eprintln!("warning: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates a veth pair with one end in each namespace. It is created inside `a`
+/// directly so no end ever appears in the root namespace, and is configured the
+/// way XDP tests need: tx checksum offload off (locally generated packets carry
+/// partial checksums that a rewrite would corrupt) and GRO on (native XDP
+/// redirect into a veth needs it on the receiving side).
+pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    assert!(
+        a_if.len() <= 15 && b_if.len() <= 15,
+        "interface names are at most 15 bytes"
+    );
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])
+    .with_context(|| format!("creating veth {a_if}@{} <-> {b_if}@{}", a.name(), b.name()))?;
+    // Features first, links up after: veth decides whether a device accepts
+    // XDP redirects (ndo_xdp_xmit) from its peer's GRO setting when it comes
+    // up, so an end brought up before its peer enabled GRO drops every packet
+    // redirected into it.
+    for (ns, dev) in [(a, a_if), (b, b_if)] {
+        ns.run("ethtool", &["-K", dev, "tx", "off", "gro", "on"])?;
+    }
+    for (ns, dev) in [(a, a_if), (b, b_if)] {
+        ns.ip(&["link", "set", dev, "up"])?;
+    }
+    Ok(())
+}

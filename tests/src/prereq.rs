@@ -1,0 +1,37 @@
+//! Loud checks for what the integration tests need, naming the fix.
+
+use anyhow::{Result, bail};
+
+/// Programs the testbed runs, and the Debian package that provides each.
+pub const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("nsenter", "util-linux"),
+    ("ping", "iputils-ping"),
+    ("sysctl", "procps"),
+    ("tmux", "tmux"),
+    ("mosh-server", "mosh"),
+    ("mosh-client", "mosh"),
+];
+
+/// Fails unless we are root and every tool in [`TOOLS`] is on PATH.
+pub fn require() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the forwarder integration tests need root (network namespaces, XDP): \
+             run them as root, e.g. `sudo -E cargo xtask test`"
+        );
+    }
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|(tool, _)| which::which(tool).is_err())
+        .map(|(tool, pkg)| format!("{tool} not found: apt-get install {pkg}"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing test prerequisites:\n  {}\nor run `cargo xtask prereq`, which installs all of them",
+            missing.join("\n  ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Client — relay — server, each in its own namespace.
+//!
+//! ```text
+//!  client                relay                          server
+//!  veth-c 10.77.1.2 ── veth-rc 10.77.1.1 | veth-rs 10.77.2.1 ── veth-s 10.77.2.2
+//! ```
+//! Client and server route everything through the relay, which forwards as a
+//! plain router (ip_forward=1) unless a forwarder daemon takes over its ports.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+
+use crate::netns::{Netns, veth_pair};
+
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 2);
+/// A second client address, for roaming tests.
+pub const CLIENT_ROAM_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 3);
+pub const RELAY_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+pub const RELAY_SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
+pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 2);
+
+pub const CLIENT_IF: &str = "veth-c";
+pub const RELAY_CLIENT_IF: &str = "veth-rc";
+pub const RELAY_SERVER_IF: &str = "veth-rs";
+pub const SERVER_IF: &str = "veth-s";
+
+/// The three namespaces; dropping it removes them (after whatever guards were
+/// created later, since locals drop in reverse order).
+#[derive(Debug)]
+pub struct Topology {
+    pub client: Netns,
+    pub relay: Netns,
+    pub server: Netns,
+}
+
+impl Topology {
+    pub fn client_relay_server() -> Result<Self> {
+        let topo = Self {
+            client: Netns::new("client")?,
+            relay: Netns::new("relay")?,
+            server: Netns::new("server")?,
+        };
+        topo.wire()
+            .context("building the client-relay-server topology")?;
+        Ok(topo)
+    }
+
+    fn wire(&self) -> Result<()> {
+        veth_pair(&self.client, CLIENT_IF, &self.relay, RELAY_CLIENT_IF)?;
+        veth_pair(&self.relay, RELAY_SERVER_IF, &self.server, SERVER_IF)?;
+
+        self.client
+            .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", CLIENT_IF])?;
+        self.relay.ip(&[
+            "addr",
+            "add",
+            &format!("{RELAY_CLIENT_IP}/24"),
+            "dev",
+            RELAY_CLIENT_IF,
+        ])?;
+        self.relay.ip(&[
+            "addr",
+            "add",
+            &format!("{RELAY_SERVER_IP}/24"),
+            "dev",
+            RELAY_SERVER_IF,
+        ])?;
+        self.server
+            .ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SERVER_IF])?;
+
+        self.client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &RELAY_CLIENT_IP.to_string(),
+        ])?;
+        self.server.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &RELAY_SERVER_IP.to_string(),
+        ])?;
+        self.relay.sysctl("net.ipv4.ip_forward", "1")?;
+        Ok(())
+    }
+
+    /// The relay's interfaces, as `forwarder run --iface` takes them.
+    pub fn relay_ifaces(&self) -> [&'static str; 2] {
+        [RELAY_CLIENT_IF, RELAY_SERVER_IF]
+    }
+
+    /// Gives the client a second address and makes it the preferred source for
+    /// everything, as when a laptop changes networks: existing unconnected UDP
+    /// sockets (mosh-client's) start sending from the new address.
+    pub fn client_roam_to(&self, ip: Ipv4Addr) -> Result<()> {
+        let c = &self.client;
+        c.ip(&["addr", "add", &format!("{ip}/24"), "dev", CLIENT_IF])?;
+        let src = ip.to_string();
+        c.ip(&[
+            "route",
+            "replace",
+            "10.77.1.0/24",
+            "dev",
+            CLIENT_IF,
+            "src",
+            &src,
+        ])?;
+        c.ip(&[
+            "route",
+            "replace",
+            "default",
+            "via",
+            &RELAY_CLIENT_IP.to_string(),
+            "dev",
+            CLIENT_IF,
+            "src",
+            &src,
+        ])?;
+        Ok(())
+    }
+
+    /// Client and server reach each other through the relay (kernel forwarding).
+    pub fn check_connectivity(&self) -> Result<()> {
+        self.client.ping(&RELAY_CLIENT_IP.to_string())?;
+        self.server.ping(&RELAY_SERVER_IP.to_string())?;
+        self.client.ping(&SERVER_IP.to_string())?;
+        Ok(())
+    }
+}

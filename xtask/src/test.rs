@@ -1,0 +1,96 @@
+//! `cargo xtask test`: what CI runs.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{build_forwarder, cargo, prereq};
+
+pub fn run(extra: &[String]) -> Result<()> {
+    prereq::ensure()?;
+    let bin = build_forwarder()?;
+    // forwarder-ebpf only builds for the BPF target; forwarder's build.rs
+    // compiles it and forwarder's tests load it.
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "forwarder-ebpf",
+        "--release",
+    ])
+    .args(extra)
+    .env("FORWARDER_BIN", &bin)
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    let what = forwarder_testbed::cmd::describe(&cmd);
+    println!("xtask: $ {what}");
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{what}`"))?;
+
+    // Echo cargo's report while totalling it: its last line is the doc-tests'
+    // "0 passed", which reads as if nothing ran. CI wants the real total last.
+    let mut totals = Totals::default();
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut out = std::io::stdout().lock();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        totals.add(&line);
+        writeln!(out, "{line}")?;
+    }
+    let status = child.wait()?;
+    writeln!(
+        out,
+        "\nsummary: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    )?;
+    if !status.success() {
+        bail!("`{what}` failed ({status})");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds one `test result: ok. 3 passed; 0 failed; 1 ignored; ...` line.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn totals_cargo_test_result_lines() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 16 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        t.add("test result: FAILED. 0 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.23s");
+        t.add("test foo ... ok");
+        assert_eq!((t.passed, t.failed, t.ignored), (16, 1, 2));
+    }
+}
