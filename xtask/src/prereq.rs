@@ -68,7 +68,7 @@ fn apt() -> Result<()> {
     run_visible(Command::new("apt-get").args(["update", "-q"]))?;
     run_visible(
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(["install", "-y", "-q"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
