@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod expiry;
 pub mod limits;
+pub mod mosh;
 pub mod ports;
 pub mod sessions;
 pub mod slowpath;

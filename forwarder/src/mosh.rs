@@ -1,0 +1,209 @@
+//! Just enough of mosh's wire format to apply mosh-server's roaming rule in
+//! the relay: a datagram is `nonce[8] || AES-128-OCB3 ciphertext || tag[16]`,
+//! the OCB nonce is four zero bytes followed by those eight, and the session
+//! key is the 22-character base64 string of `MOSH CONNECT <port> <key>`.
+//!
+//! The relay never decrypts for its own sake: it only checks the tag, so a
+//! packet whose tag verifies was made by someone holding the key.
+
+use aes::Aes128;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use ocb3::aead::{AeadInPlace, KeyInit};
+use ocb3::Ocb3;
+
+/// Nonce (8) + tag (16): nothing shorter can be a mosh datagram.
+pub const MIN_DATAGRAM: usize = 24;
+const NONCE_LEN: usize = 8;
+const TAG_LEN: usize = 16;
+/// Top bit of the nonce: set on server-to-client datagrams.
+const DIRECTION_BIT: u64 = 1 << 63;
+
+/// Why a datagram may not move a session to its sender.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    #[error("shorter than a mosh datagram")]
+    TooShort,
+    #[error("the OCB tag does not verify with the session key")]
+    BadTag,
+    #[error("its direction bit says server-to-client")]
+    WrongDirection,
+    #[error("sequence number not newer than one already accepted")]
+    Replayed,
+}
+
+/// A mosh session key.
+#[derive(Clone)]
+pub struct MoshKey {
+    cipher: Ocb3<Aes128>,
+    raw: [u8; 16],
+}
+
+impl std::fmt::Debug for MoshKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MoshKey(..)")
+    }
+}
+
+impl MoshKey {
+    /// Parses the key as mosh-server prints it (22 base64 characters, no padding).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let text = text.trim().trim_end_matches('=');
+        let bytes = STANDARD_NO_PAD.decode(text).map_err(|error| {
+            anyhow::anyhow!("malformed mosh key ({error}): expected the 22 base64 characters of `MOSH CONNECT <port> <key>`")
+        })?;
+        let raw: [u8; 16] = bytes.try_into().map_err(|bytes: Vec<u8>| {
+            anyhow::anyhow!("a mosh key is 16 bytes, this one is {}: copy it whole from `MOSH CONNECT <port> <key>`", bytes.len())
+        })?;
+        Ok(Self::from_bytes(raw))
+    }
+
+    pub fn from_bytes(raw: [u8; 16]) -> Self {
+        Self { cipher: Ocb3::new(&raw.into()), raw }
+    }
+
+    pub fn bytes(&self) -> [u8; 16] {
+        self.raw
+    }
+
+    /// The key as mosh prints it.
+    pub fn to_base64(&self) -> String {
+        STANDARD_NO_PAD.encode(self.raw)
+    }
+
+    /// Checks that `datagram` was sealed with this key, and returns its
+    /// 64-bit nonce (direction bit and sequence number).
+    pub fn open_nonce(&self, datagram: &[u8]) -> Result<u64, Rejected> {
+        if datagram.len() < MIN_DATAGRAM {
+            return Err(Rejected::TooShort);
+        }
+        let (nonce, rest) = datagram.split_at(NONCE_LEN);
+        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut ocb_nonce = [0u8; 12];
+        ocb_nonce[4..].copy_from_slice(nonce);
+        let mut buffer = ciphertext.to_vec();
+        self.cipher
+            .decrypt_in_place_detached(&ocb_nonce.into(), &[], &mut buffer, tag.into())
+            .map_err(|_| Rejected::BadTag)?;
+        Ok(u64::from_be_bytes(nonce.try_into().expect("split at 8")))
+    }
+
+    /// Seals `plaintext` as mosh would, with the given 64-bit nonce. The
+    /// relay only uses it in tests; mosh peers do the real sealing.
+    pub fn seal(&self, nonce: u64, plaintext: &[u8]) -> Vec<u8> {
+        let mut ocb_nonce = [0u8; 12];
+        ocb_nonce[4..].copy_from_slice(&nonce.to_be_bytes());
+        let mut buffer = plaintext.to_vec();
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(&ocb_nonce.into(), &[], &mut buffer)
+            .expect("OCB seals any length mosh uses");
+        let mut datagram = nonce.to_be_bytes().to_vec();
+        datagram.extend_from_slice(&buffer);
+        datagram.extend_from_slice(&tag);
+        datagram
+    }
+}
+
+/// mosh-server's rule for following a client, kept per session: a datagram
+/// counts only if it verifies, goes client-to-server and is newer than every
+/// datagram accepted before.
+#[derive(Debug)]
+pub struct ClientFollower {
+    key: MoshKey,
+    newest: Option<u64>,
+}
+
+impl ClientFollower {
+    pub fn new(key: MoshKey) -> Self {
+        Self { key, newest: None }
+    }
+
+    /// Accepts the datagram (remembering its sequence number) or says why not.
+    pub fn accept(&mut self, datagram: &[u8]) -> Result<u64, Rejected> {
+        let nonce = self.key.open_nonce(datagram)?;
+        if nonce & DIRECTION_BIT != 0 {
+            return Err(Rejected::WrongDirection);
+        }
+        if self.newest.is_some_and(|newest| nonce <= newest) {
+            return Err(Rejected::Replayed);
+        }
+        self.newest = Some(nonce);
+        Ok(nonce)
+    }
+
+    /// Sequence number of the newest accepted datagram.
+    pub fn newest(&self) -> Option<u64> {
+        self.newest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packets of a real mosh 1.4.0 session, with its key (see the file's header).
+    fn capture() -> (MoshKey, Vec<(bool, Vec<u8>)>) {
+        let text = include_str!("testdata/mosh-capture.txt");
+        let mut lines = text.lines().filter(|l| !l.starts_with('#'));
+        let key = MoshKey::parse(lines.next().unwrap()).unwrap();
+        let packets = lines
+            .map(|line| {
+                let (direction, hex) = line.split_once(' ').unwrap();
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                (direction == "c2s", bytes)
+            })
+            .collect();
+        (key, packets)
+    }
+
+    #[test]
+    fn real_mosh_packets_verify_with_their_key() {
+        let (key, packets) = capture();
+        assert!(packets.len() >= 6);
+        assert_eq!(key.to_base64().len(), 22);
+        for (to_server, packet) in &packets {
+            let nonce = key.open_nonce(packet).unwrap();
+            assert_eq!(nonce & DIRECTION_BIT == 0, *to_server, "direction bit of {nonce:#x}");
+        }
+    }
+
+    #[test]
+    fn follower_applies_mosh_servers_rule() {
+        let (key, packets) = capture();
+        let client: Vec<&Vec<u8>> = packets.iter().filter(|(c, _)| *c).map(|(_, p)| p).collect();
+        let server = &packets.iter().find(|(c, _)| !c).unwrap().1;
+        let mut follower = ClientFollower::new(key.clone());
+        assert_eq!(follower.accept(server), Err(Rejected::WrongDirection));
+        assert_eq!(follower.accept(client[1]), Ok(1));
+        assert_eq!(follower.accept(client[0]), Err(Rejected::Replayed), "older than accepted");
+        assert_eq!(follower.accept(client[1]), Err(Rejected::Replayed), "replay of the same");
+        assert_eq!(follower.accept(client[2]), Ok(2));
+
+        let mut forged = client[3].clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(follower.accept(&forged), Err(Rejected::BadTag));
+        let mut renumbered = client[3].clone();
+        renumbered[7] = 0x40;
+        assert_eq!(follower.accept(&renumbered), Err(Rejected::BadTag), "the nonce is authenticated");
+        assert_eq!(follower.accept(&client[3][..20]), Err(Rejected::TooShort));
+        let other = MoshKey::from_bytes([7; 16]);
+        assert_eq!(ClientFollower::new(other).accept(client[3]), Err(Rejected::BadTag));
+        assert_eq!(follower.accept(client[3]), Ok(3), "rejections changed nothing");
+    }
+
+    #[test]
+    fn sealing_round_trips_and_keys_parse_strictly() {
+        let key = MoshKey::parse("6xoXFHJqYUQUE2f4Q202jg").unwrap();
+        let sealed = key.seal(42, b"hello");
+        assert_eq!(key.open_nonce(&sealed), Ok(42));
+        assert_eq!(MoshKey::parse(&key.to_base64()).unwrap().bytes(), key.bytes());
+        for bad in ["", "short", "6xoXFHJqYUQUE2f4Q202jg6xoX", "6xoXFHJqYUQUE2f4Q202j!"] {
+            assert!(MoshKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
