@@ -11,5 +11,6 @@ pub mod expiry;
 pub mod limits;
 pub mod mosh;
 pub mod ports;
+pub mod punch;
 pub mod sessions;
 pub mod slowpath;

@@ -1,0 +1,448 @@
+//! The punch handshake that lets a mosh server behind a NAT use the relay.
+//!
+//! Every message is one UDP datagram:
+//! `"FWDP" | version | kind | unix time (u64 BE) | nonce[16] | body | HMAC-SHA256[32]`,
+//! the HMAC keyed with the relay's shared secret and covering everything before it.
+//!
+//! ```text
+//! server:X ──Allocate──────────────► relay:PUNCH   (relay picks P and Q, a token)
+//! server:X ◄─Allocated(P,Q,token)── relay:PUNCH
+//! server:X ──Bind(token)───────────► relay:Q       (relay learns NAT endpoint for Q)
+//! server:X ◄─Bound───────────────── relay:Q       (proves the hole through Q)
+//!            mosh-server new -p X starts and prints its key
+//! server:Y ──Key(token,P,key)──────► relay:PUNCH
+//! server:Y ◄─KeyAccepted─────────── relay:PUNCH
+//! ```
+//!
+//! Why a second punch to Q: a NAT with endpoint-dependent mapping (Linux
+//! masquerade with `random`, most CGNATs) gives X a different external port
+//! for every destination, and one with endpoint-dependent filtering only
+//! lets in packets from the exact destination X sent to. The session's
+//! traffic leaves the relay from Q, so the server must open its hole towards
+//! Q, and the relay must learn the external endpoint that packets to Q get.
+//!
+//! Replies are authenticated too, so nobody can point a wrapper at another
+//! relay. A refusal echoes the request's nonce (unforgeable off-path) but
+//! carries no HMAC: a peer with a wrong secret could not check it anyway.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::limits::TokenBucket;
+
+const MAGIC: &[u8; 4] = b"FWDP";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 4 + 1 + 1 + 8 + 16;
+const MAC_LEN: usize = 32;
+pub const NONCE_LEN: usize = 16;
+pub const TOKEN_LEN: usize = 16;
+/// Requests older or newer than this (clock skew plus transit) are refused.
+pub const TIME_WINDOW: Duration = Duration::from_secs(30);
+/// Largest message: header, the biggest body (Allocated), MAC.
+pub const MAX_MESSAGE: usize = HEADER_LEN + 40 + MAC_LEN;
+
+pub type Nonce = [u8; NONCE_LEN];
+pub type Token = [u8; TOKEN_LEN];
+
+/// One handshake message, without its envelope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Server → relay punch port: "give me a session".
+    Allocate,
+    /// Relay → server: clients use `relay_addr:client_port`; punch again to `upstream_port`.
+    Allocated { request: Nonce, relay_addr: Ipv4Addr, client_port: u16, upstream_port: u16, token: Token },
+    /// Server mosh port → relay:Q: opens the NAT towards Q.
+    Bind { token: Token },
+    /// Relay:Q → server: the hole works; `seen` is the server's external endpoint.
+    Bound { request: Nonce, seen: SocketAddrV4 },
+    /// Server → relay punch port: the session key mosh-server printed.
+    Key { token: Token, client_port: u16, key: [u8; 16] },
+    KeyAccepted { request: Nonce },
+    /// Relay → sender: refused, and why (not authenticated).
+    Refused { request: Nonce, reason: RefusalReason },
+}
+
+/// Why the relay refused a request; sent back so the wrapper can say it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[repr(u8)]
+pub enum RefusalReason {
+    #[error("the HMAC does not verify: the secret differs from the relay's (check --secret-file)")]
+    BadSecret = 1,
+    #[error("the timestamp is outside ±30 s of the relay's clock: synchronise the clocks (NTP)")]
+    Stale = 2,
+    #[error("a replay of a request already seen")]
+    Replay = 3,
+    #[error("unknown or expired session token: run the handshake again")]
+    UnknownSession = 4,
+    #[error("the relay has no free port or flow slot for a new session")]
+    NoCapacity = 5,
+    #[error("malformed message")]
+    Malformed = 6,
+}
+
+impl RefusalReason {
+    fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::BadSecret,
+            2 => Self::Stale,
+            3 => Self::Replay,
+            4 => Self::UnknownSession,
+            5 => Self::NoCapacity,
+            6 => Self::Malformed,
+            _ => return None,
+        })
+    }
+}
+
+/// A message with its envelope, as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub timestamp: u64,
+    pub nonce: Nonce,
+    pub message: Message,
+}
+
+fn kind(message: &Message) -> u8 {
+    match message {
+        Message::Allocate => 1,
+        Message::Allocated { .. } => 2,
+        Message::Bind { .. } => 3,
+        Message::Bound { .. } => 4,
+        Message::Key { .. } => 5,
+        Message::KeyAccepted { .. } => 6,
+        Message::Refused { .. } => 7,
+    }
+}
+
+/// The relay's shared secret.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    pub fn new(bytes: &[u8]) -> anyhow::Result<Self> {
+        if bytes.len() < 16 {
+            anyhow::bail!(
+                "the punch secret is {} bytes; use at least 16 random bytes, e.g. `head -c 32 /dev/urandom | base64 > FILE`",
+                bytes.len()
+            );
+        }
+        Ok(Self(bytes.to_vec()))
+    }
+
+    /// Reads a secret file; surrounding whitespace (a trailing newline) is not part of it.
+    pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read(path).map_err(|error| {
+            anyhow::anyhow!("cannot read the punch secret file {}: {error}", path.display())
+        })?;
+        let trimmed = text.trim_ascii();
+        Self::new(trimmed).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Builds a datagram for `message`, timestamped now with a fresh nonce.
+pub fn seal(secret: &Secret, message: &Message) -> (Vec<u8>, Nonce) {
+    let nonce: Nonce = rand::random();
+    (seal_with(secret, message, unix_now(), nonce), nonce)
+}
+
+pub fn seal_with(secret: &Secret, message: &Message, timestamp: u64, nonce: Nonce) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAX_MESSAGE);
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    out.push(kind(message));
+    out.extend_from_slice(&timestamp.to_be_bytes());
+    out.extend_from_slice(&nonce);
+    match message {
+        Message::Allocate => {}
+        Message::Allocated { request, relay_addr, client_port, upstream_port, token } => {
+            out.extend_from_slice(request);
+            out.extend_from_slice(&relay_addr.octets());
+            out.extend_from_slice(&client_port.to_be_bytes());
+            out.extend_from_slice(&upstream_port.to_be_bytes());
+            out.extend_from_slice(token);
+        }
+        Message::Bind { token } => out.extend_from_slice(token),
+        Message::Bound { request, seen } => {
+            out.extend_from_slice(request);
+            out.extend_from_slice(&seen.ip().octets());
+            out.extend_from_slice(&seen.port().to_be_bytes());
+        }
+        Message::Key { token, client_port, key } => {
+            out.extend_from_slice(token);
+            out.extend_from_slice(&client_port.to_be_bytes());
+            out.extend_from_slice(key);
+        }
+        Message::KeyAccepted { request } => out.extend_from_slice(request),
+        Message::Refused { request, reason } => {
+            out.extend_from_slice(request);
+            out.push(*reason as u8);
+        }
+    }
+    if !matches!(message, Message::Refused { .. }) {
+        let mut mac = secret.mac();
+        mac.update(&out);
+        out.extend_from_slice(&mac.finalize().into_bytes());
+    }
+    out
+}
+
+/// Whether a datagram claims to be a handshake message at all (mosh
+/// datagrams on Q start with a nonce, never with this magic and version).
+pub fn looks_like_punch(datagram: &[u8]) -> bool {
+    datagram.len() >= HEADER_LEN && datagram.starts_with(MAGIC) && datagram[4] == VERSION
+}
+
+/// Why a datagram was not accepted as a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenError {
+    /// Not worth an answer (no magic, truncated).
+    Garbage,
+    /// Worth a refusal carrying the request nonce.
+    Refuse(Nonce, RefusalReason),
+}
+
+/// Checks the envelope (magic, length, HMAC) and decodes the message.
+/// Freshness and replays are the [`Authority`]'s business.
+pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
+    if !looks_like_punch(datagram) {
+        return Err(OpenError::Garbage);
+    }
+    let nonce: Nonce = datagram[14..30].try_into().expect("header length checked");
+    let timestamp = u64::from_be_bytes(datagram[6..14].try_into().expect("header length checked"));
+    let kind = datagram[5];
+    if kind == 7 {
+        let body = &datagram[HEADER_LEN..];
+        if body.len() != NONCE_LEN + 1 {
+            return Err(OpenError::Garbage);
+        }
+        let reason = RefusalReason::from_u8(body[NONCE_LEN]).ok_or(OpenError::Garbage)?;
+        let request = body[..NONCE_LEN].try_into().expect("length checked");
+        return Ok(Envelope { timestamp, nonce, message: Message::Refused { request, reason } });
+    }
+    if datagram.len() < HEADER_LEN + MAC_LEN {
+        return Err(OpenError::Refuse(nonce, RefusalReason::Malformed));
+    }
+    let (signed, tag) = datagram.split_at(datagram.len() - MAC_LEN);
+    let mut mac = secret.mac();
+    mac.update(signed);
+    if mac.verify_slice(tag).is_err() {
+        return Err(OpenError::Refuse(nonce, RefusalReason::BadSecret));
+    }
+    let body = &signed[HEADER_LEN..];
+    let malformed = OpenError::Refuse(nonce, RefusalReason::Malformed);
+    let array = |range: std::ops::Range<usize>| -> [u8; 16] { body[range].try_into().expect("length checked") };
+    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
+    let message = match (kind, body.len()) {
+        (1, 0) => Message::Allocate,
+        (2, 40) => Message::Allocated {
+            request: array(0..16),
+            relay_addr: Ipv4Addr::new(body[16], body[17], body[18], body[19]),
+            client_port: port(20),
+            upstream_port: port(22),
+            token: array(24..40),
+        },
+        (3, 16) => Message::Bind { token: array(0..16) },
+        (4, 22) => Message::Bound {
+            request: array(0..16),
+            seen: SocketAddrV4::new(Ipv4Addr::new(body[16], body[17], body[18], body[19]), port(20)),
+        },
+        (5, 34) => Message::Key { token: array(0..16), client_port: port(16), key: array(18..34) },
+        (6, 16) => Message::KeyAccepted { request: array(0..16) },
+        _ => return Err(malformed),
+    };
+    Ok(Envelope { timestamp, nonce, message })
+}
+
+/// Requests per second one source address may make (bursts of twice that).
+const REQUESTS_PER_SEC: u32 = 5;
+/// Sources tracked by the rate limiter before the oldest are forgotten.
+const MAX_TRACKED_SOURCES: usize = 4096;
+/// Nonces remembered: at the rate limit this covers the time window many times over.
+const MAX_REMEMBERED_NONCES: usize = 65_536;
+
+/// The relay's side of the handshake's security: authenticity, freshness,
+/// replays and rate. Holds no session state; a refused request changes nothing here.
+pub struct Authority {
+    secret: Secret,
+    /// Nonces of accepted requests within the time window, oldest first.
+    seen: VecDeque<(u64, Nonce)>,
+    seen_set: std::collections::HashSet<Nonce>,
+    per_source: HashMap<Ipv4Addr, TokenBucket>,
+}
+
+/// What the authority decided about a datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Authentic, fresh, first time seen.
+    Accept(Envelope),
+    /// Over the source's rate: dropped without an answer.
+    RateLimited,
+    /// Not a handshake message: dropped without an answer.
+    Garbage,
+    /// Answer with a refusal (logged by the caller).
+    Refuse(Nonce, RefusalReason),
+}
+
+impl Authority {
+    pub fn new(secret: Secret) -> Self {
+        Self {
+            secret,
+            seen: VecDeque::new(),
+            seen_set: Default::default(),
+            per_source: HashMap::new(),
+        }
+    }
+
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// Judges one request from `from`, received at `now` (unix seconds; `now_ns` monotonic).
+    pub fn check(&mut self, datagram: &[u8], from: Ipv4Addr, now: u64, now_ns: u64) -> Verdict {
+        if !looks_like_punch(datagram) {
+            return Verdict::Garbage;
+        }
+        if self.per_source.len() >= MAX_TRACKED_SOURCES && !self.per_source.contains_key(&from) {
+            self.per_source.clear();
+        }
+        let bucket = self
+            .per_source
+            .entry(from)
+            .or_insert_with(|| TokenBucket::new(REQUESTS_PER_SEC, REQUESTS_PER_SEC * 2, now_ns));
+        if !bucket.try_take(now_ns) {
+            return Verdict::RateLimited;
+        }
+        let envelope = match open(&self.secret, datagram) {
+            Ok(envelope) => envelope,
+            Err(OpenError::Garbage) => return Verdict::Garbage,
+            Err(OpenError::Refuse(nonce, reason)) => return Verdict::Refuse(nonce, reason),
+        };
+        if envelope.timestamp.abs_diff(now) > TIME_WINDOW.as_secs() {
+            return Verdict::Refuse(envelope.nonce, RefusalReason::Stale);
+        }
+        // Anything older than the window is refused as stale, so nonces only
+        // need remembering for that long.
+        while let Some(&(at, nonce)) = self.seen.front() {
+            if at + 2 * TIME_WINDOW.as_secs() < now || self.seen.len() >= MAX_REMEMBERED_NONCES {
+                self.seen.pop_front();
+                self.seen_set.remove(&nonce);
+            } else {
+                break;
+            }
+        }
+        if !self.seen_set.insert(envelope.nonce) {
+            return Verdict::Refuse(envelope.nonce, RefusalReason::Replay);
+        }
+        self.seen.push_back((now, envelope.nonce));
+        Verdict::Accept(envelope)
+    }
+
+    /// Seals a reply with the relay's secret.
+    pub fn reply(&self, message: &Message) -> Vec<u8> {
+        seal(&self.secret, message).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(byte: u8) -> Secret {
+        Secret::new(&[byte; 32]).unwrap()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let s = secret(1);
+        let token = [9; 16];
+        let messages = [
+            Message::Allocate,
+            Message::Allocated {
+                request: [1; 16],
+                relay_addr: Ipv4Addr::new(203, 0, 113, 1),
+                client_port: 60001,
+                upstream_port: 61001,
+                token,
+            },
+            Message::Bind { token },
+            Message::Bound { request: [2; 16], seen: "198.51.100.9:40000".parse().unwrap() },
+            Message::Key { token, client_port: 60001, key: [3; 16] },
+            Message::KeyAccepted { request: [4; 16] },
+            Message::Refused { request: [5; 16], reason: RefusalReason::Replay },
+        ];
+        for message in messages {
+            let (bytes, nonce) = seal(&s, &message);
+            assert!(bytes.len() <= MAX_MESSAGE, "{message:?}");
+            let envelope = open(&s, &bytes).unwrap();
+            assert_eq!((envelope.message, envelope.nonce), (message, nonce));
+        }
+    }
+
+    #[test]
+    fn authority_refuses_wrong_secret_stale_replay_and_tampering() {
+        let mut relay = Authority::new(secret(1));
+        let from = Ipv4Addr::new(198, 51, 100, 9);
+        let now = 1_700_000_000;
+        let good = seal_with(&secret(1), &Message::Allocate, now, [7; 16]);
+        assert!(matches!(relay.check(&good, from, now, 0), Verdict::Accept(_)));
+        assert_eq!(relay.check(&good, from, now + 1, 1), Verdict::Refuse([7; 16], RefusalReason::Replay));
+
+        let wrong = seal_with(&secret(2), &Message::Allocate, now, [8; 16]);
+        assert_eq!(relay.check(&wrong, from, now, 2), Verdict::Refuse([8; 16], RefusalReason::BadSecret));
+        // A refused request leaves no trace: the same nonce, correctly signed, is accepted.
+        let fixed = seal_with(&secret(1), &Message::Allocate, now, [8; 16]);
+        assert!(matches!(relay.check(&fixed, from, now, 3), Verdict::Accept(_)));
+
+        let stale = seal_with(&secret(1), &Message::Allocate, now - 31, [10; 16]);
+        assert_eq!(relay.check(&stale, from, now, 4), Verdict::Refuse([10; 16], RefusalReason::Stale));
+        let future = seal_with(&secret(1), &Message::Allocate, now + 31, [11; 16]);
+        assert_eq!(relay.check(&future, from, now, 5), Verdict::Refuse([11; 16], RefusalReason::Stale));
+
+        let mut tampered = seal_with(&secret(1), &Message::Bind { token: [1; 16] }, now, [12; 16]);
+        tampered[HEADER_LEN] ^= 1;
+        assert_eq!(relay.check(&tampered, from, now, 6), Verdict::Refuse([12; 16], RefusalReason::BadSecret));
+        assert_eq!(relay.check(b"mosh junk that is long enough to parse", from, now, 7), Verdict::Garbage);
+    }
+
+    #[test]
+    fn authority_rate_limits_per_source() {
+        let mut relay = Authority::new(secret(1));
+        let now = 1_700_000_000;
+        let mut accepted = 0;
+        for i in 0..50u8 {
+            let request = seal_with(&secret(1), &Message::Allocate, now, [i; 16]);
+            match relay.check(&request, Ipv4Addr::new(198, 51, 100, 9), now, 0) {
+                Verdict::Accept(_) => accepted += 1,
+                Verdict::RateLimited => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(accepted, REQUESTS_PER_SEC * 2, "a burst, then nothing within the same instant");
+        let other_source = seal_with(&secret(1), &Message::Allocate, now, [200; 16]);
+        assert!(matches!(relay.check(&other_source, Ipv4Addr::new(198, 51, 100, 10), now, 0), Verdict::Accept(_)));
+    }
+
+    #[test]
+    fn short_secrets_are_refused_with_the_fix() {
+        let error = Secret::new(b"hunter2").unwrap_err().to_string();
+        assert!(error.contains("/dev/urandom"), "{error}");
+    }
+}
