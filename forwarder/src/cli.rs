@@ -56,6 +56,10 @@ pub enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// On a mosh server behind NAT: open a path through a relay, start
+    /// mosh-server, and print MOSH IP / MOSH CONNECT for the relay.
+    #[command(long_about = crate::wrapper::LONG_HELP)]
+    MoshServer(crate::wrapper::WrapperArgs),
 }
 
 #[derive(Args, Debug)]
@@ -83,12 +87,36 @@ pub struct RunArgs {
     /// New client endpoints a session may gain per second (bursts of twice that).
     #[arg(long, default_value_t = 4)]
     pub new_flows_per_sec: u32,
+    /// UDP port for the punch handshake of servers behind NAT (`forwarder mosh-server --relay`).
+    /// Off unless given; must lie outside --ports and --flow-ports.
+    #[arg(long, requires = "punch_secret_file")]
+    pub punch_port: Option<u16>,
+    /// File holding the shared secret punch requests are authenticated with (16+ bytes).
+    #[arg(long, requires = "punch_port")]
+    pub punch_secret_file: Option<std::path::PathBuf>,
+    /// Address clients must use, when it is not the one servers send punch requests to
+    /// (clients arrive on another interface, or the relay sits behind a 1:1 NAT).
+    #[arg(long)]
+    pub public_addr: Option<std::net::Ipv4Addr>,
+    /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub punch_keepalive: Duration,
 }
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.verb {
         Verb::Run(args) => {
+            let punch = match (args.punch_port, &args.punch_secret_file) {
+                (Some(port), Some(file)) => Some(daemon::punch::PunchOptions {
+                    port,
+                    secret: crate::punch::Secret::read(file)?,
+                    public_addr: args.public_addr,
+                    keepalive: args.punch_keepalive,
+                }),
+                _ => None,
+            };
             let options = RunOptions {
+                punch,
                 instance: cli.instance,
                 interfaces: args.interfaces,
                 xdp_mode: args.xdp_mode,
@@ -150,6 +178,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Verb::MoshServer(args) => crate::wrapper::main(args),
         Verb::Stats { json } => {
             daemon::validate_instance(&cli.instance)?;
             let Reply::Stats(stats) = call(&cli.instance, &Request::Stats {})? else {
@@ -240,5 +269,12 @@ fn render_stats(stats: &StatsInfo) -> String {
         s.dropped_not_from_server,
         s.dropped_no_session
     );
+    if s.nat_client_moves > 0 || s.dropped_unverified_client > 0 {
+        let _ = writeln!(
+            out,
+            "NAT sessions: {} moves to a verified client endpoint, {} packets from unverified endpoints dropped",
+            s.nat_client_moves, s.dropped_unverified_client
+        );
+    }
     out
 }

@@ -13,4 +13,5 @@ pub mod mosh;
 pub mod ports;
 pub mod punch;
 pub mod sessions;
+pub mod wrapper;
 pub mod slowpath;

@@ -132,6 +132,10 @@ impl ClientFollower {
         Ok(nonce)
     }
 
+    pub fn key_bytes(&self) -> [u8; 16] {
+        self.key.bytes()
+    }
+
     /// Sequence number of the newest accepted datagram.
     pub fn newest(&self) -> Option<u64> {
         self.newest

@@ -163,7 +163,16 @@ pub fn seal(secret: &Secret, message: &Message) -> (Vec<u8>, Nonce) {
     (seal_with(secret, message, unix_now(), nonce), nonce)
 }
 
+/// A refusal: unauthenticated, see the module comment.
+pub fn refusal(request: Nonce, reason: RefusalReason) -> Vec<u8> {
+    encode(None, &Message::Refused { request, reason }, unix_now(), rand::random())
+}
+
 pub fn seal_with(secret: &Secret, message: &Message, timestamp: u64, nonce: Nonce) -> Vec<u8> {
+    encode(Some(secret), message, timestamp, nonce)
+}
+
+fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Nonce) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAX_MESSAGE);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
@@ -196,7 +205,7 @@ pub fn seal_with(secret: &Secret, message: &Message, timestamp: u64, nonce: Nonc
             out.push(*reason as u8);
         }
     }
-    if !matches!(message, Message::Refused { .. }) {
+    if let Some(secret) = secret.filter(|_| !matches!(message, Message::Refused { .. })) {
         let mut mac = secret.mac();
         mac.update(&out);
         out.extend_from_slice(&mac.finalize().into_bytes());

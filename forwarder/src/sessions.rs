@@ -19,6 +19,8 @@ use crate::limits::TokenBucket;
 use crate::ports::{PortPool, PortRange};
 use crate::datapath::socket::RelaySocket;
 
+pub mod nat;
+
 /// Settings that shape every session.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -40,6 +42,8 @@ pub struct Session {
     new_flows: TokenBucket,
     /// Upstream ports of its flows, keyed by (relay address, client endpoint).
     flows: HashMap<(Ipv4Addr, SocketAddrV4), u16>,
+    /// Set for a server behind a NAT that came through the punch handshake.
+    nat: Option<Box<nat::NatState>>,
 }
 
 pub struct Flow {
@@ -240,6 +244,7 @@ impl Relay {
                 now,
             ),
             flows: HashMap::new(),
+            nat: None,
         };
         info!(session = %session.id, port, %backend, "session added");
         self.sessions.insert(port, session);
@@ -261,6 +266,9 @@ impl Relay {
         let session = self.sessions.remove(&port)?;
         for upstream_port in session.flows.into_values() {
             self.remove_flow(upstream_port, why);
+        }
+        if let Some(nat) = session.nat {
+            self.release_nat(*nat);
         }
         session.socket.close();
         self.session_ports.release(port);
@@ -416,6 +424,9 @@ impl Relay {
             if let Some(newest) = activity.iter().map(|a| a.last_active_ns).max() {
                 session.last_active_ns = session.last_active_ns.max(newest);
             }
+            if let Some(nat) = &session.nat {
+                session.last_active_ns = session.last_active_ns.max(Self::nat_last_active(&self.datapath, nat));
+            }
             for index in expiry::idle_flows(&activity, now_ns, self.limits.flow_idle_timeout) {
                 idle_flow_ports.push(ports[index]);
             }
@@ -429,6 +440,10 @@ impl Relay {
         }
         for port in idle_sessions {
             self.remove_session(port, "idle");
+            self.stats.sessions_expired += 1;
+        }
+        for port in self.stalled_nat_handshakes(now_ns) {
+            self.remove_session(port, "punch handshake never delivered the key");
             self.stats.sessions_expired += 1;
         }
     }
@@ -465,6 +480,9 @@ impl Relay {
                 }
             })
             .collect();
+        if let Some(nat) = &session.nat {
+            infos.extend(self.nat_flow_info(nat, now_ns));
+        }
         infos.sort_by_key(|f| f.upstream_port);
         Some(SessionInfo {
             id: session.id.clone(),

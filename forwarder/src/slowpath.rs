@@ -28,10 +28,14 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
                     continue;
                 }
             };
-            let verdict = relay
-                .lock()
-                .expect("relay lock")
-                .on_client_packet(socket.port, received.from, received.to, received.len);
+            let verdict = {
+                let mut relay = relay.lock().expect("relay lock");
+                if relay.is_nat_session(socket.port) {
+                    Ok(relay.on_nat_client_packet(socket.port, received.from, received.to, &buf[..received.len]))
+                } else {
+                    relay.on_client_packet(socket.port, received.from, received.to, received.len)
+                }
+            };
             match verdict {
                 Ok(ClientVerdict::Forward { socket: upstream, backend, new_flow }) => {
                     if new_flow {

@@ -98,6 +98,13 @@ pub struct SlowPathStats {
     pub dropped_no_session: u64,
     pub flows_expired: u64,
     pub sessions_expired: u64,
+    /// NAT sessions: packets from new client endpoints that failed mosh's
+    /// rule (tag, direction, newer sequence number) and were dropped.
+    #[serde(default)]
+    pub dropped_unverified_client: u64,
+    /// NAT sessions: times the server's packets moved to a verified new client endpoint.
+    #[serde(default)]
+    pub nat_client_moves: u64,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use forwarder_common::{REASON_COUNT, Reason, RelayConfig};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::control::proto::{PacketsBytes, StatsInfo};
@@ -17,6 +18,8 @@ use crate::datapath::xdp::{ModeChoice, XdpDatapath};
 use crate::ports::PortRange;
 use crate::sessions::{Limits, Relay, monotonic_ns};
 use crate::slowpath::SharedRelay;
+
+pub mod punch;
 
 /// Everything `forwarder run` needs.
 #[derive(Clone, Debug)]
@@ -27,6 +30,8 @@ pub struct RunOptions {
     pub session_ports: PortRange,
     pub flow_ports: PortRange,
     pub limits: Limits,
+    /// The punch handshake for servers behind NAT, when enabled.
+    pub punch: Option<punch::PunchOptions>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -63,6 +68,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
+    if let Some(punch) = &options.punch
+        && (options.session_ports.contains(punch.port) || options.flow_ports.contains(punch.port))
+    {
+        bail!(
+            "--punch-port {} lies inside --ports {} or --flow-ports {}: give it a port outside both",
+            punch.port,
+            options.session_ports,
+            options.flow_ports
+        );
+    }
     let socket_path = control::socket_path(&options.instance);
     let listener = control::server::bind(&socket_path, &options.instance)?;
 
@@ -95,6 +110,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
     let server = tokio::spawn(control::server::serve(listener, relay.clone()));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
+    let punch_tasks = match options.punch.clone() {
+        Some(punch) => punch::start(relay.clone(), punch)?,
+        None => Vec::new(),
+    };
 
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -104,6 +123,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     server.abort();
     expiry.abort();
+    punch_tasks.iter().for_each(JoinHandle::abort);
     let _ = std::fs::remove_file(&socket_path);
     relay.lock().expect("relay lock").clear();
     info!("stopped; the XDP program is detached");

@@ -1,0 +1,211 @@
+//! The relay's end of the punch handshake: a socket on the punch port for
+//! Allocate and Key, readers on each NAT session's Q for Bind and the
+//! server's packets, and the keepalives that hold the NAT mappings open.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::datapath::socket::{Received, RelaySocket};
+use crate::datapath::xdp::{self, BackendRoute};
+use crate::mosh::MoshKey;
+use crate::punch::{self, Authority, Message, RefusalReason, Secret, Verdict};
+use crate::sessions::monotonic_ns;
+use crate::slowpath::{SharedRelay, spawn_session_reader};
+
+/// `forwarder run --punch-port ...`.
+#[derive(Clone, Debug)]
+pub struct PunchOptions {
+    pub port: u16,
+    pub secret: Secret,
+    /// The address clients must use, when not the one servers reach.
+    pub public_addr: Option<Ipv4Addr>,
+    /// Send a keepalive to a NAT'd server after this long without a packet from it.
+    pub keepalive: Duration,
+}
+
+type SharedAuthority = Arc<Mutex<Authority>>;
+
+const MAX_DATAGRAM: usize = 2048;
+
+/// Binds the punch port and starts the handshake and keepalive tasks.
+pub fn start(relay: SharedRelay, options: PunchOptions) -> anyhow::Result<Vec<JoinHandle<()>>> {
+    let socket = Arc::new(RelaySocket::bind(options.port)?);
+    let authority: SharedAuthority = Arc::new(Mutex::new(Authority::new(options.secret.clone())));
+    info!(port = options.port, public_addr = ?options.public_addr, keepalive = ?options.keepalive, "punch handshake enabled");
+    let serve = tokio::spawn(serve(relay.clone(), authority, socket, options.public_addr));
+    let keepalive = tokio::spawn(keepalive_forever(relay, options.keepalive));
+    Ok(vec![serve, keepalive])
+}
+
+async fn route(ip: Ipv4Addr) -> anyhow::Result<BackendRoute> {
+    tokio::task::spawn_blocking(move || xdp::route_to(ip)).await?
+}
+
+/// Judges a datagram; refusals are logged with their reason and answered.
+fn judge(authority: &SharedAuthority, socket: &RelaySocket, data: &[u8], received: &Received) -> Option<punch::Envelope> {
+    let verdict = authority.lock().expect("authority lock").check(data, *received.from.ip(), punch::unix_now(), monotonic_ns());
+    match verdict {
+        Verdict::Accept(envelope) => Some(envelope),
+        Verdict::Garbage => {
+            debug!(from = %received.from, port = socket.port, "not a punch message; dropped");
+            None
+        }
+        Verdict::RateLimited => {
+            debug!(from = %received.from, "punch request over the rate limit; dropped");
+            None
+        }
+        Verdict::Refuse(request, reason) => {
+            warn!(from = %received.from, port = socket.port, %reason, "punch request refused");
+            refuse(socket, received, request, reason);
+            None
+        }
+    }
+}
+
+fn refuse(socket: &RelaySocket, received: &Received, request: punch::Nonce, reason: RefusalReason) {
+    let _ = socket.send(&punch::refusal(request, reason), received.from, Some(received.to));
+}
+
+async fn serve(relay: SharedRelay, authority: SharedAuthority, socket: Arc<RelaySocket>, public_addr: Option<Ipv4Addr>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = match socket.recv(&mut buf).await {
+            Ok(received) => received,
+            Err(error) => {
+                warn!(%error, "reading the punch socket");
+                continue;
+            }
+        };
+        let Some(envelope) = judge(&authority, &socket, &buf[..received.len], &received) else { continue };
+        let reply = match envelope.message {
+            Message::Allocate => allocate(&relay, &authority, &received, public_addr, envelope.nonce).await,
+            Message::Key { token, client_port, key } => {
+                let accepted = relay.lock().expect("relay lock").set_nat_key(client_port, &token, MoshKey::from_bytes(key));
+                if accepted {
+                    Ok(Message::KeyAccepted { request: envelope.nonce })
+                } else {
+                    warn!(from = %received.from, client_port, "punch key refused: no NAT session with that port and token");
+                    Err(RefusalReason::UnknownSession)
+                }
+            }
+            other => {
+                debug!(from = %received.from, ?other, "unexpected message on the punch port");
+                Err(RefusalReason::Malformed)
+            }
+        };
+        match reply {
+            Ok(message) => {
+                let bytes = authority.lock().expect("authority lock").reply(&message);
+                if let Err(error) = socket.send(&bytes, received.from, Some(received.to)) {
+                    debug!(%error, to = %received.from, "answering a punch request");
+                }
+            }
+            Err(reason) => refuse(&socket, &received, envelope.nonce, reason),
+        }
+    }
+}
+
+async fn allocate(
+    relay: &SharedRelay,
+    authority: &SharedAuthority,
+    received: &Received,
+    public_addr: Option<Ipv4Addr>,
+    request: punch::Nonce,
+) -> Result<Message, RefusalReason> {
+    let route = route(*received.from.ip()).await.map_err(|error| {
+        warn!(from = %received.from, error = format!("{error:#}"), "punch request refused: no route back");
+        RefusalReason::NoCapacity
+    })?;
+    let allocation = relay.lock().expect("relay lock").allocate_nat_session(received.from, route).map_err(|error| {
+        warn!(from = %received.from, error = format!("{error:#}"), "punch request refused");
+        RefusalReason::NoCapacity
+    })?;
+    if let Some((session_socket, upstream)) = allocation.new_sockets {
+        spawn_session_reader(relay.clone(), session_socket);
+        spawn_upstream_reader(relay.clone(), authority.clone(), upstream);
+    }
+    Ok(Message::Allocated {
+        request,
+        relay_addr: public_addr.unwrap_or(received.to),
+        client_port: allocation.client_port,
+        upstream_port: allocation.upstream_port,
+        token: allocation.token,
+    })
+}
+
+/// Reads a NAT session's Q: Bind punches from the server, and the server's
+/// packets the XDP program left to the stack.
+fn spawn_upstream_reader(relay: SharedRelay, authority: SharedAuthority, socket: Arc<RelaySocket>) {
+    let reader_socket = socket.clone();
+    let task = tokio::spawn(async move {
+        let socket = reader_socket;
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let received = match socket.recv(&mut buf).await {
+                Ok(received) => received,
+                Err(error) => {
+                    warn!(port = socket.port, %error, "reading a NAT session's upstream socket");
+                    continue;
+                }
+            };
+            let data = &buf[..received.len];
+            if punch::looks_like_punch(data) {
+                bind(&relay, &authority, &socket, data, &received).await;
+                continue;
+            }
+            let target = relay.lock().expect("relay lock").on_nat_server_packet(socket.port, received.from, received.len);
+            if let Some((session_socket, client, relay_addr)) = target
+                && let Err(error) = session_socket.send(data, client, Some(relay_addr))
+            {
+                debug!(%error, %client, "sending to a client");
+            }
+        }
+    });
+    socket.set_reader(task.abort_handle());
+}
+
+async fn bind(relay: &SharedRelay, authority: &SharedAuthority, socket: &RelaySocket, data: &[u8], received: &Received) {
+    let Some(envelope) = judge(authority, socket, data, received) else { return };
+    let Message::Bind { token } = envelope.message else {
+        refuse(socket, received, envelope.nonce, RefusalReason::Malformed);
+        return;
+    };
+    let route = match route(*received.from.ip()).await {
+        Ok(route) => route,
+        Err(error) => {
+            warn!(from = %received.from, error = format!("{error:#}"), "punch bind refused: no route back");
+            return;
+        }
+    };
+    let bound = relay.lock().expect("relay lock").bind_nat_session(socket.port, &token, received.from, route);
+    if bound.is_none() {
+        warn!(from = %received.from, port = socket.port, "punch bind refused: wrong token for this port");
+        refuse(socket, received, envelope.nonce, RefusalReason::UnknownSession);
+        return;
+    }
+    let seen = SocketAddrV4::new(*received.from.ip(), received.from.port());
+    let bytes = authority.lock().expect("authority lock").reply(&Message::Bound { request: envelope.nonce, seen });
+    if let Err(error) = socket.send(&bytes, received.from, Some(received.to)) {
+        debug!(%error, to = %received.from, "answering a bind");
+    }
+}
+
+/// A keepalive: one byte, which mosh-server cannot decrypt and drops.
+const KEEPALIVE: &[u8] = &[0];
+
+async fn keepalive_forever(relay: SharedRelay, interval: Duration) {
+    let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(250)));
+    loop {
+        tick.tick().await;
+        let due = relay.lock().expect("relay lock").nat_keepalives_due(interval);
+        for (socket, server) in due {
+            if let Err(error) = socket.send(KEEPALIVE, server, None) {
+                debug!(%error, %server, "sending a NAT keepalive");
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! `forwarder mosh-server`: a drop-in for mosh-server on a host behind NAT.
+//! It opens the path through the relay with the punch handshake from the
+//! UDP port mosh-server will use, starts mosh-server on that port, hands the
+//! session key to the relay, and prints what the `mosh` wrapper and
+//! mosh-client need, pointing at the relay.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::mosh::MoshKey;
+use crate::punch::{self, Message, Nonce, Secret};
+
+pub const LONG_HELP: &str = "\
+On a mosh server behind NAT (no public address, or only outbound UDP allowed):
+open a path through a forwarder relay, start mosh-server, and print
+`MOSH IP <relay address>` and `MOSH CONNECT <relay port> <key>`.
+
+It picks a local UDP port, sends the authenticated punch handshake from it to
+the relay (`forwarder run --punch-port PORT --punch-secret-file FILE`), starts
+`mosh-server new -p PORT ...` on that port, and hands mosh-server's key to the
+relay so the relay can verify roaming clients.
+
+Use it with the stock mosh wrapper, which appends mosh-server's arguments
+(`new -c COLORS [-s] [-l NAME=VALUE ...] [-- command]`; -s and -i are dropped
+because mosh-server must answer from the address the NAT mapping was made
+for, and -p is set here):
+
+  mosh --experimental-remote-ip=remote \\
+       --server='forwarder mosh-server --relay RELAY:PORT --secret-file FILE' user@host
+
+Only --experimental-remote-ip=remote lets the `MOSH IP` line choose the
+address mosh-client connects to. The default (proxy) mode already learns an
+address from ssh and dies with \"detected attempt to redefine MOSH IP\"; the
+local mode ignores it and connects to the server's own address.
+
+Or by hand: run it, then `MOSH_KEY=<key> mosh-client <relay address> <relay port>`.";
+
+#[derive(Args, Debug)]
+pub struct WrapperArgs {
+    /// The relay's punch endpoint: HOST:PORT (the relay's --punch-port).
+    #[arg(long)]
+    pub relay: String,
+    /// File holding the relay's shared punch secret.
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    /// The mosh-server program to start.
+    #[arg(long, default_value = "mosh-server")]
+    pub mosh_server: String,
+    /// Give up if the handshake has not finished within this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// mosh-server's arguments, as the stock mosh wrapper appends them:
+    /// `new -c COLORS [-s] [-l NAME=VALUE ...] [-- command]`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub mosh_args: Vec<String>,
+}
+
+/// What the relay granted.
+#[derive(Debug)]
+pub struct Path {
+    pub local_port: u16,
+    pub relay_addr: Ipv4Addr,
+    pub client_port: u16,
+    pub upstream_port: u16,
+    pub token: punch::Token,
+    pub seen: SocketAddrV4,
+}
+
+/// mosh-server's arguments with `new` removed, `-p` replaced by `port`, and
+/// the address-binding options dropped (see [`LONG_HELP`]).
+pub fn mosh_server_args(args: &[String], port: u16) -> anyhow::Result<Vec<String>> {
+    let mut rest = args;
+    if rest.first().is_some_and(|a| a == "new") {
+        rest = &rest[1..];
+    }
+    let mut out = vec!["new".to_string(), "-p".to_string(), port.to_string()];
+    let mut words = rest.iter();
+    while let Some(word) = words.next() {
+        match word.as_str() {
+            "--" => {
+                out.push(word.clone());
+                out.extend(words.by_ref().cloned());
+            }
+            "-s" => {}
+            "-i" | "-p" => {
+                words.next().with_context(|| format!("mosh-server option {word} needs a value"))?;
+            }
+            w if (w.starts_with("-i") || w.starts_with("-p")) && w.len() > 2 => {}
+            _ => out.push(word.clone()),
+        }
+    }
+    Ok(out)
+}
+
+pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let deadline = started + args.timeout;
+    let secret = Secret::read(&args.secret_file)?;
+    let relay = resolve(&args.relay)?;
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding a local UDP port for mosh-server")?;
+    let path = open_path(&socket, relay, &secret, deadline)?;
+    // mosh-server must own the port the NAT mapping was made for.
+    drop(socket);
+    let mosh_args = mosh_server_args(&args.mosh_args, path.local_port)?;
+    let (port, key) = start_mosh_server(&args.mosh_server, &mosh_args, path.local_port)?;
+    let key_socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding a UDP socket")?;
+    let message = Message::Key { token: path.token, client_port: path.client_port, key: key.bytes() };
+    exchange(&key_socket, relay, &secret, &message, deadline.max(Instant::now() + Duration::from_secs(5)), "the session key")
+        .with_context(|| format!("mosh-server runs on port {port}, but the relay never confirmed its key"))?;
+    eprintln!(
+        "forwarder: mosh-server on UDP {port} is reachable through the relay at {}:{} (the relay sees this host as {}); ready after {} ms",
+        path.relay_addr,
+        path.client_port,
+        path.seen,
+        started.elapsed().as_millis()
+    );
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "\r\nMOSH IP {}\r\nMOSH CONNECT {} {}\r\n", path.relay_addr, path.client_port, key.to_base64())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+fn resolve(relay: &str) -> anyhow::Result<SocketAddrV4> {
+    let addresses = relay
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve the relay {relay:?}: give HOST:PORT, the port being the relay's --punch-port"))?;
+    addresses
+        .into_iter()
+        .find_map(|a| match a {
+            SocketAddr::V4(v4) => Some(v4),
+            SocketAddr::V6(_) => None,
+        })
+        .with_context(|| format!("the relay {relay:?} has no IPv4 address; the relay speaks IPv4 only"))
+}
+
+/// Allocate from `socket`'s port, then Bind from it to the session's Q.
+pub fn open_path(socket: &UdpSocket, relay: SocketAddrV4, secret: &Secret, deadline: Instant) -> anyhow::Result<Path> {
+    let local_port = socket.local_addr()?.port();
+    let Message::Allocated { relay_addr, client_port, upstream_port, token, .. } =
+        exchange(socket, relay, secret, &Message::Allocate, deadline, "the punch request").with_context(|| {
+            format!("no session from the relay {relay} (is it running with --punch-port {}? may this host send UDP to it?)", relay.port())
+        })?
+    else {
+        unreachable!("exchange checks the answer's kind")
+    };
+    let upstream = SocketAddrV4::new(*relay.ip(), upstream_port);
+    let Message::Bound { seen, .. } = exchange(socket, upstream, secret, &Message::Bind { token }, deadline, "the bind").with_context(|| {
+        format!(
+            "the relay answered on {relay} but nothing came back from {upstream}: the NAT or a firewall drops \
+             the relay's answers from that port (allow UDP to and from the relay's --flow-ports)"
+        )
+    })?
+    else {
+        unreachable!("exchange checks the answer's kind")
+    };
+    Ok(Path { local_port, relay_addr, client_port, upstream_port, token, seen })
+}
+
+/// Sends `message` to `to` until an authenticated answer to it arrives from
+/// there, resending (each time with a fresh nonce) after growing pauses.
+fn exchange(socket: &UdpSocket, to: SocketAddrV4, secret: &Secret, message: &Message, deadline: Instant, what: &str) -> anyhow::Result<Message> {
+    let mut sent: Vec<Nonce> = Vec::new();
+    let mut pause = Duration::from_millis(250);
+    let mut buf = [0u8; punch::MAX_MESSAGE + 64];
+    let started = Instant::now();
+    while Instant::now() < deadline {
+        let (bytes, nonce) = punch::seal(secret, message);
+        socket.send_to(&bytes, to).with_context(|| format!("sending {what} to {to}"))?;
+        sent.push(nonce);
+        let resend_at = (Instant::now() + pause).min(deadline);
+        pause = (pause * 2).min(Duration::from_secs(1));
+        while let Some(left) = resend_at.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            socket.set_read_timeout(Some(left))?;
+            let (len, from) = match socket.recv_from(&mut buf) {
+                Ok(received) => received,
+                // Timeouts, and ICMP port-unreachable from a relay without a punch port.
+                Err(_) => continue,
+            };
+            if from != SocketAddr::V4(to) {
+                continue;
+            }
+            let Ok(envelope) = punch::open(secret, &buf[..len]) else { continue };
+            match envelope.message {
+                Message::Refused { request, reason } if sent.contains(&request) => {
+                    bail!("the relay refused {what}: {reason}")
+                }
+                Message::Allocated { request, .. } | Message::Bound { request, .. } | Message::KeyAccepted { request }
+                    if sent.contains(&request) && answers(message, &envelope.message) =>
+                {
+                    return Ok(envelope.message);
+                }
+                _ => {}
+            }
+        }
+    }
+    bail!("no answer to {what} from {to} after {} tries in {:.1} s", sent.len(), started.elapsed().as_secs_f64())
+}
+
+fn answers(request: &Message, answer: &Message) -> bool {
+    matches!(
+        (request, answer),
+        (Message::Allocate, Message::Allocated { .. })
+            | (Message::Bind { .. }, Message::Bound { .. })
+            | (Message::Key { .. }, Message::KeyAccepted { .. })
+    )
+}
+
+/// Runs mosh-server and reads its `MOSH CONNECT <port> <key>`. mosh-server
+/// detaches a child that may keep stdout open, so read lines, not to EOF.
+fn start_mosh_server(program: &str, args: &[String], port: u16) -> anyhow::Result<(u16, MoshKey)> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {program:?} (is mosh installed? --mosh-server names another program)"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let (lines, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let connect = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match received.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(rest) = line.trim().strip_prefix("MOSH CONNECT ") {
+                    break rest.to_string();
+                }
+                if !line.trim().is_empty() {
+                    eprintln!("{}", line.trim_end());
+                }
+            }
+            Err(_) => {
+                let status = child.try_wait().ok().flatten();
+                bail!("{program} printed no `MOSH CONNECT` line (exit status {status:?}); its errors are above");
+            }
+        }
+    };
+    let _ = child.wait();
+    let mut words = connect.split_whitespace();
+    let printed_port: u16 = words.next().and_then(|p| p.parse().ok()).context("malformed MOSH CONNECT port")?;
+    if printed_port != port {
+        bail!("mosh-server took port {printed_port} instead of {port}: the NAT hole is on {port}; is this mosh-server ignoring -p?");
+    }
+    let key = MoshKey::parse(words.next().context("MOSH CONNECT without a key")?)?;
+    Ok((printed_port, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn passes_the_stock_wrappers_arguments_through() {
+        let stock = strings(&["new", "-c", "256", "-s", "-l", "LANG=C.UTF-8", "-l", "LC_ALL=C", "--", "tmux", "-s", "-p", "x"]);
+        assert_eq!(
+            mosh_server_args(&stock, 40000).unwrap(),
+            strings(&["new", "-p", "40000", "-c", "256", "-l", "LANG=C.UTF-8", "-l", "LC_ALL=C", "--", "tmux", "-s", "-p", "x"])
+        );
+        let bound = strings(&["new", "-i", "10.0.0.1", "-p", "60001", "-p60002", "-v"]);
+        assert_eq!(mosh_server_args(&bound, 1).unwrap(), strings(&["new", "-p", "1", "-v"]));
+        assert_eq!(mosh_server_args(&[], 7).unwrap(), strings(&["new", "-p", "7"]));
+        assert!(mosh_server_args(&strings(&["new", "-i"]), 7).is_err());
+    }
+
+    #[test]
+    fn clap_keeps_the_command_separator() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "forwarder", "mosh-server", "--relay", "r:1", "--secret-file", "f", "new", "-c", "8", "-s", "--", "sh", "-c", "x",
+        ])
+        .unwrap();
+        let crate::cli::Verb::MoshServer(args) = cli.verb else { panic!() };
+        assert_eq!(args.mosh_args, strings(&["new", "-c", "8", "-s", "--", "sh", "-c", "x"]));
+    }
+}
