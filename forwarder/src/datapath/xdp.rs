@@ -145,6 +145,21 @@ impl XdpDatapath {
         }
     }
 
+    /// Installs only the backend half of a flow. NAT sessions use it: the
+    /// daemon checks every client packet of theirs itself (sessions/nat.rs).
+    pub fn install_backend_half(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
+        self.reset_counter(entries.backend_rewrite.counter_slot)?;
+        self.backend_flows
+            .insert(entries.backend_key, entries.backend_rewrite, 0)
+            .context("inserting the backend half of a NAT session (is the flow map full?)")
+    }
+
+    pub fn uninstall_backend_half(&mut self, entries: &FlowEntries) {
+        if let Err(error) = self.backend_flows.remove(&entries.backend_key) {
+            warn!(%error, "removing the backend half of a NAT session");
+        }
+    }
+
     /// Last-seen timestamps the XDP program wrote: (client half, backend half).
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
         let client = self.client_flows.get(&entries.client_key, 0).map(|r| r.last_seen_ns);

@@ -10,10 +10,14 @@
 //! only if its OCB tag verifies with the session key, it goes client to
 //! server, and its sequence number is newer than any accepted before.
 //!
-//! Exactly one client endpoint is in the XDP maps at a time (both halves of
-//! it); every other endpoint's packets miss CLIENT_FLOWS and reach the daemon,
-//! which verifies them before anything moves. Unverified packets are dropped:
-//! they never reach the server nor move the server's replies.
+//! Server-to-client packets (the bulk of mosh's traffic: screen updates)
+//! stay in XDP: the backend half of the one flow points at the current
+//! client. Client-to-server packets (keystrokes, acks, heartbeats) have no
+//! client half in the maps, so they all reach the daemon, which verifies
+//! each: only that way does it know the newest sequence number the client
+//! sent, so a replay of any packet it captured, sent from elsewhere, cannot
+//! move the session. Unverified packets are dropped: they never reach the
+//! server nor move the server's replies.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
@@ -26,7 +30,7 @@ use super::{ClientVerdict, Relay, Session, flow_entries, monotonic_ns};
 use crate::control::proto::FlowInfo;
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp::{BackendRoute, FlowEntries, XdpDatapath};
-use crate::mosh::{ClientFollower, MoshKey};
+use crate::mosh::{ClientFollower, MoshKey, Rejected};
 use crate::punch::Token;
 
 /// A handshake must reach the key within this long, or the session goes
@@ -48,6 +52,7 @@ pub struct NatState {
     slot: u32,
     created_ns: u64,
     last_from_server_ns: u64,
+    last_from_client_ns: u64,
     last_keepalive_ns: u64,
     slow_to_server: (u64, u64),
     slow_to_client: (u64, u64),
@@ -134,6 +139,7 @@ impl Relay {
             slot,
             created_ns: now,
             last_from_server_ns: 0,
+            last_from_client_ns: 0,
             last_keepalive_ns: 0,
             slow_to_server: (0, 0),
             slow_to_client: (0, 0),
@@ -167,7 +173,7 @@ impl Relay {
         if let Some(current) = nat.current.take() {
             // The NAT mapping changed under a live session: re-point both halves.
             let (client, relay_addr) = (current.client, current.relay_addr);
-            self.datapath.uninstall(&current.entries);
+            self.datapath.uninstall_backend_half(&current.entries);
             if let Err(error) = self.nat_move(port, client, relay_addr) {
                 warn!(error = format!("{error:#}"), "re-installing a rebound NAT session");
             }
@@ -208,33 +214,38 @@ impl Relay {
         };
         let is_current = nat.current.as_ref().is_some_and(|c| c.client == client && c.relay_addr == relay_addr);
         let verdict = follower.accept(datagram);
-        if !is_current {
-            if let Err(reason) = verdict {
-                nat.rejected_packets += 1;
-                self.stats.dropped_unverified_client += 1;
-                debug!(session = %session.id, %client, %reason, "packet from a new client endpoint refused");
-                return ClientVerdict::Drop;
-            }
+        // From the current client, late (reordered) packets still go to the
+        // server, which sorts them out; a new endpoint must bring a newer one.
+        let acceptable = match verdict {
+            Ok(_) => true,
+            Err(Rejected::Replayed) => is_current,
+            Err(_) => false,
+        };
+        if let (false, Err(reason)) = (acceptable, verdict) {
+            nat.rejected_packets += 1;
+            self.stats.dropped_unverified_client += 1;
+            debug!(session = %session.id, %client, %reason, "packet from a new client endpoint refused");
+            return ClientVerdict::Drop;
         }
         nat.slow_to_server.0 += 1;
         nat.slow_to_server.1 += datagram.len() as u64;
+        nat.last_from_client_ns = now;
         session.last_active_ns = now;
         let upstream = nat.upstream.clone();
         self.stats.forwarded_to_server += 1;
         if !is_current {
-            if let Some(old) = nat.current.take() {
-                self.datapath.uninstall(&old.entries);
-            }
+            let had_client = nat.current.take().is_some();
             match self.nat_move(session_port, client, relay_addr) {
-                Ok(()) => self.stats.nat_client_moves += 1,
+                Ok(()) if had_client => self.stats.nat_client_moves += 1,
+                Ok(()) => {}
                 Err(error) => warn!(error = format!("{error:#}"), %client, "installing a NAT session's client"),
             }
         }
         ClientVerdict::Forward { socket: upstream, backend, new_flow: false }
     }
 
-    /// Points the session's single flow at `client`: its client half in, the
-    /// backend half rewritten to reach it.
+    /// Points the session's flow at `client`: the backend half rewritten to
+    /// reach it (replacing the previous client's, which has the same key).
     fn nat_move(&mut self, session_port: u16, client: SocketAddrV4, relay_addr: Ipv4Addr) -> anyhow::Result<()> {
         let session = self.sessions.get_mut(&session_port).expect("caller found it");
         let nat = session.nat.as_deref_mut().expect("caller checked");
@@ -244,7 +255,7 @@ impl Relay {
         nat.slow_to_server = (0, 0);
         nat.slow_to_client = (0, 0);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port = nat.upstream_port, "NAT session follows its client");
-        self.datapath.install(&entries)
+        self.datapath.install_backend_half(&entries)
     }
 
     /// A packet reached a NAT session's Q socket that is not a handshake
@@ -306,18 +317,17 @@ impl Relay {
             .collect()
     }
 
-    /// Newest traffic of a NAT session's current client, as XDP saw it.
+    /// Newest traffic of a NAT session: the client's (all through the
+    /// daemon) and the server's (mostly through XDP).
     pub(super) fn nat_last_active(datapath: &XdpDatapath, nat: &NatState) -> u64 {
-        nat.current.as_ref().map_or(0, |c| {
-            let (client_seen, server_seen) = datapath.last_seen(&c.entries);
-            client_seen.max(server_seen)
-        })
+        let server_seen = nat.current.as_ref().map_or(0, |c| datapath.last_seen(&c.entries).1);
+        server_seen.max(nat.last_from_client_ns)
     }
 
     /// Gives back what a removed NAT session held.
     pub(super) fn release_nat(&mut self, nat: NatState) {
         if let Some(current) = &nat.current {
-            self.datapath.uninstall(&current.entries);
+            self.datapath.uninstall_backend_half(&current.entries);
         }
         nat.upstream.close();
         self.flow_ports.release(nat.upstream_port);
@@ -327,18 +337,17 @@ impl Relay {
     /// The current client as a flow, for `list`.
     pub(super) fn nat_flow_info(&self, nat: &NatState, now_ns: u64) -> Option<FlowInfo> {
         let current = nat.current.as_ref()?;
-        let to_server = self.datapath.flow_counter(current.entries.client_rewrite.counter_slot);
         let to_client = self.datapath.flow_counter(current.entries.backend_rewrite.counter_slot);
         let last = Self::nat_last_active(&self.datapath, nat).max(current.since_ns);
         Some(FlowInfo {
             client: current.client.to_string(),
             relay_addr: current.relay_addr.to_string(),
             upstream_port: nat.upstream_port,
-            packets_to_server: to_server.packets + nat.slow_to_server.0,
-            bytes_to_server: to_server.bytes + nat.slow_to_server.1,
+            packets_to_server: nat.slow_to_server.0,
+            bytes_to_server: nat.slow_to_server.1,
             packets_to_client: to_client.packets + nat.slow_to_client.0,
             bytes_to_client: to_client.bytes + nat.slow_to_client.1,
-            fast_path_packets: to_server.packets + to_client.packets,
+            fast_path_packets: to_client.packets,
             slow_path_packets: nat.slow_to_server.0 + nat.slow_to_client.0,
             idle_secs: now_ns.saturating_sub(last) as f64 / 1e9,
             server_current: true,
