@@ -5,8 +5,10 @@
 //! Everything here runs as root and cleans up through Drop guards: namespaces
 //! (with every process left inside), the daemon, mosh-server, the tmux server.
 
+pub mod capture;
 pub mod cmd;
 pub mod mosh;
+pub mod nat;
 pub mod netns;
 pub mod prereq;
 pub mod relay;

@@ -54,6 +54,49 @@ impl MoshServer {
     }
 }
 
+/// What `forwarder mosh-server` printed besides the server itself.
+#[derive(Debug)]
+pub struct Wrapped {
+    /// The `MOSH IP` line: the relay address clients use.
+    pub ip: Ipv4Addr,
+    /// The wrapper's own messages (and mosh-server's stderr).
+    pub stderr: String,
+}
+
+impl MoshServer {
+    /// Runs `forwarder mosh-server WRAPPER_ARGS new -l LANG=C.UTF-8 -- /bin/sh`
+    /// in `ns`, as the stock `mosh` wrapper would through ssh.
+    pub fn start_wrapped(ns: &Netns, wrapper_args: &[&str]) -> Result<(Self, Wrapped)> {
+        let bin = crate::relay::forwarder_bin()?;
+        let mut cmd = ns.exec(bin.to_str().context("binary path is not UTF-8")?);
+        cmd.arg("mosh-server")
+            .args(wrapper_args)
+            .args(["new", "-c", "8", "-s", "-l", &format!("LANG={UTF8_LOCALE}"), "--", "/bin/sh"])
+            .env("LANG", UTF8_LOCALE)
+            .env("LC_ALL", UTF8_LOCALE)
+            .env("PS1", "$ ");
+        let out = cmd::run(&mut cmd, SHORT)?;
+        let found = parse_connect(&out.stdout).zip(parse_ip(&out.stdout));
+        let Some(((port, key), ip)) = found.filter(|_| out.success()) else {
+            bail!(
+                "`forwarder mosh-server` failed ({}):\n  stdout: {}\n  stderr: {}",
+                out.status,
+                out.stdout.trim(),
+                out.stderr.trim()
+            );
+        };
+        let server = Self { pid: parse_pid(&out.stderr), port, key };
+        Ok((server, Wrapped { ip, stderr: out.stderr }))
+    }
+}
+
+/// From `MOSH IP 10.0.0.1`.
+fn parse_ip(stdout: &str) -> Option<Ipv4Addr> {
+    stdout
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("MOSH IP ")?.trim().parse().ok())
+}
+
 fn parse_connect(stdout: &str) -> Option<(u16, String)> {
     stdout.lines().find_map(|line| {
         let mut words = line
@@ -214,5 +257,6 @@ mod tests {
                       [mosh-server detached, pid = 4242]\n";
         assert_eq!(parse_pid(stderr), Some(4242));
         assert_eq!(parse_connect("garbage"), None);
+        assert_eq!(parse_ip("\r\nMOSH IP 10.1.2.3\r\n"), Some(Ipv4Addr::new(10, 1, 2, 3)));
     }
 }

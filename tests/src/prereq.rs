@@ -12,6 +12,12 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("tmux", "tmux"),
     ("mosh-server", "mosh"),
     ("mosh-client", "mosh"),
+    ("mosh", "mosh"),
+    ("nft", "nftables"),
+    ("tcpdump", "tcpdump"),
+    ("sshd", "openssh-server"),
+    ("ssh", "openssh-client"),
+    ("ssh-keygen", "openssh-client"),
 ];
 
 /// Fails unless we are root and every tool in [`TOOLS`] is on PATH.

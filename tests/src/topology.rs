@@ -96,30 +96,7 @@ impl Topology {
     /// everything, as when a laptop changes networks: existing unconnected UDP
     /// sockets (mosh-client's) start sending from the new address.
     pub fn client_roam_to(&self, ip: Ipv4Addr) -> Result<()> {
-        let c = &self.client;
-        c.ip(&["addr", "add", &format!("{ip}/24"), "dev", CLIENT_IF])?;
-        let src = ip.to_string();
-        c.ip(&[
-            "route",
-            "replace",
-            "10.77.1.0/24",
-            "dev",
-            CLIENT_IF,
-            "src",
-            &src,
-        ])?;
-        c.ip(&[
-            "route",
-            "replace",
-            "default",
-            "via",
-            &RELAY_CLIENT_IP.to_string(),
-            "dev",
-            CLIENT_IF,
-            "src",
-            &src,
-        ])?;
-        Ok(())
+        client_roam(&self.client, ip)
     }
 
     /// Client and server reach each other through the relay (kernel forwarding).
@@ -129,4 +106,31 @@ impl Topology {
         self.client.ping(&SERVER_IP.to_string())?;
         Ok(())
     }
+}
+
+/// See [`Topology::client_roam_to`]; shared with the NAT topology.
+pub fn client_roam(c: &Netns, ip: Ipv4Addr) -> Result<()> {
+    c.ip(&["addr", "add", &format!("{ip}/24"), "dev", CLIENT_IF])?;
+    let src = ip.to_string();
+    c.ip(&[
+        "route",
+        "replace",
+        "10.77.1.0/24",
+        "dev",
+        CLIENT_IF,
+        "src",
+        &src,
+    ])?;
+    c.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        &RELAY_CLIENT_IP.to_string(),
+        "dev",
+        CLIENT_IF,
+        "src",
+        &src,
+    ])?;
+    Ok(())
 }
