@@ -13,6 +13,7 @@ pub mod netns;
 pub mod prereq;
 pub mod relay;
 pub mod scenario;
+pub mod sshd;
 pub mod topology;
 pub mod udp;
 

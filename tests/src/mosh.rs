@@ -152,6 +152,15 @@ impl MoshClient {
         {
             bail!("unexpected characters in mosh key {key:?}");
         }
+        Self::start_in_tmux(
+            ns,
+            &format!("env MOSH_KEY={key} LANG={UTF8_LOCALE} LC_ALL={UTF8_LOCALE} mosh-client {ip} {port}"),
+        )
+    }
+
+    /// Runs `shell_cmd` (mosh-client, or the `mosh` wrapper) in a detached
+    /// tmux session in `ns`.
+    pub fn start_in_tmux(ns: &Netns, shell_cmd: &str) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("fwd-tmux-").tempdir()?;
         let conf = dir.path().join("tmux.conf");
         std::fs::write(&conf, TMUX_CONF)?;
@@ -159,9 +168,6 @@ impl MoshClient {
             socket: format!("fwd-{}-{}", std::process::id(), random_tag()),
             dir,
         };
-        let shell_cmd = format!(
-            "env MOSH_KEY={key} LANG={UTF8_LOCALE} LC_ALL={UTF8_LOCALE} mosh-client {ip} {port}"
-        );
         let mut cmd = ns.exec("tmux");
         cmd.env("TMUX_TMPDIR", client.dir.path())
             .env_remove("TMUX")
@@ -176,7 +182,7 @@ impl MoshClient {
                 "120",
                 "-y",
                 "40",
-                &shell_cmd,
+                shell_cmd,
             ]);
         cmd::run_ok(&mut cmd, SHORT).context("starting tmux with mosh-client")?;
         Ok(client)
