@@ -321,20 +321,13 @@ impl Relay {
             warn!(session = %session.id, %client, "new flow refused: the relay's flow table is full");
             return Ok(ClientVerdict::Drop);
         };
-        let mut bound = None;
-        let Some(upstream_port) = self.flow_ports.allocate(|port| match RelaySocket::bind(port) {
-            Ok(socket) => {
-                bound = Some(socket);
-                true
-            }
-            Err(_) => false,
-        }) else {
+        let Some(socket) = bind_free_port(&mut self.flow_ports) else {
             self.free_slots.push_front(slot);
             self.stats.refused_flow_limit += 1;
             warn!(session = %session.id, %client, range = %self.flow_ports.range(), "new flow refused: no free upstream port; widen --flow-ports");
             return Ok(ClientVerdict::Drop);
         };
-        let socket = Arc::new(bound.expect("allocate only succeeds after a bind"));
+        let upstream_port = socket.port;
         let entries = flow_entries(relay_addr, session_port, client, session.route, upstream_port, session.backend, slot);
         if let Err(error) = self.datapath.install(&entries) {
             socket.close();
@@ -507,6 +500,19 @@ impl Relay {
             self.remove_session(port, "shutdown");
         }
     }
+}
+
+/// Takes the next port of `pool` that this host lets us bind, bound.
+fn bind_free_port(pool: &mut PortPool) -> Option<Arc<RelaySocket>> {
+    let mut bound = None;
+    pool.allocate(|port| match RelaySocket::bind(port) {
+        Ok(socket) => {
+            bound = Some(socket);
+            true
+        }
+        Err(_) => false,
+    })?;
+    bound.map(Arc::new)
 }
 
 /// A flow's newest activity, from the XDP program's timestamps and the

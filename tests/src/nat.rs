@@ -15,6 +15,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result};
 
 use crate::netns::{Netns, veth_pair};
+use crate::relay::Relay;
 use crate::topology::{CLIENT_IF, CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, client_roam};
 
 pub const RELAY_NAT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
@@ -22,6 +23,8 @@ pub const RELAY_NAT_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
 pub const NAT_PUBLIC_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 2);
 pub const NAT_INSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const NAT_SERVER_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+/// The relay's punch port (outside its default session and flow port ranges).
+pub const PUNCH_PORT: u16 = 7000;
 /// TCP port on the NAT's public address forwarded to the server's sshd.
 pub const NAT_SSH_PORT: u16 = 2222;
 
@@ -102,6 +105,29 @@ impl NatTopology {
         [RELAY_CLIENT_IF, RELAY_NAT_IF]
     }
 
+    /// Starts the daemon with the punch handshake on [`PUNCH_PORT`] and the
+    /// secret in `secret_file`, telling servers that clients use
+    /// RELAY_CLIENT_IP; `extra` goes to `forwarder run` as well.
+    pub fn start_relay(&self, secret_file: &std::path::Path, extra: &[&str]) -> Result<Relay> {
+        let port = PUNCH_PORT.to_string();
+        let public = RELAY_CLIENT_IP.to_string();
+        let mut args = vec![
+            "--punch-port",
+            &port,
+            "--punch-secret-file",
+            secret_file.to_str().context("secret path is not UTF-8")?,
+            "--public-addr",
+            &public,
+        ];
+        args.extend_from_slice(extra);
+        Relay::start(&self.relay, &self.relay_ifaces(), &args)
+    }
+
+    /// Where servers send punch requests: `--relay` of `forwarder mosh-server`.
+    pub fn punch_endpoint(&self) -> String {
+        format!("{RELAY_NAT_IP}:{PUNCH_PORT}")
+    }
+
     /// Makes the NAT forget idle UDP mappings after `seconds`, both before
     /// and after replies were seen, so a test can watch keepalives hold one.
     pub fn set_udp_mapping_timeout(&self, seconds: u32) -> Result<()> {
@@ -115,4 +141,9 @@ impl NatTopology {
     pub fn client_roam_to(&self, ip: Ipv4Addr) -> Result<()> {
         client_roam(&self.client, ip)
     }
+}
+
+/// A random punch secret, as an operator would make one.
+pub fn random_secret() -> String {
+    format!("{:032x}\n", rand::random::<u128>())
 }

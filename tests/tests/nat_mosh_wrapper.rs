@@ -3,13 +3,10 @@
 //! mosh-server` opens the UDP path through the relay, and mosh-client,
 //! told by `MOSH IP`, connects to the relay.
 
-use forwarder_testbed::nat::{NAT_PUBLIC_IP, NAT_SERVER_IP, NAT_SSH_PORT, NatTopology, RELAY_NAT_IP};
+use forwarder_testbed::nat::{NAT_PUBLIC_IP, NAT_SERVER_IP, NAT_SSH_PORT, NatTopology, random_secret};
 use forwarder_testbed::scenario::{MOSH_CONNECT_TIMEOUT, roundtrip};
 use forwarder_testbed::sshd::Sshd;
-use forwarder_testbed::topology::RELAY_CLIENT_IP;
-use forwarder_testbed::{MoshClient, Relay, forwarder_bin, prereq};
-
-const PUNCH_PORT: u16 = 7000;
+use forwarder_testbed::{MoshClient, forwarder_bin, prereq};
 
 #[test]
 fn stock_mosh_wrapper_reaches_a_server_behind_nat() {
@@ -17,24 +14,13 @@ fn stock_mosh_wrapper_reaches_a_server_behind_nat() {
     let topo = NatTopology::build().unwrap();
     let sshd = Sshd::start(&topo.server, NAT_SERVER_IP, 22).unwrap();
     let secret = sshd.dir().join("punch-secret");
-    std::fs::write(&secret, format!("{:032x}\n", rand::random::<u128>())).unwrap();
-    let relay = Relay::start(
-        &topo.relay,
-        &topo.relay_ifaces(),
-        &[
-            "--punch-port",
-            &PUNCH_PORT.to_string(),
-            "--punch-secret-file",
-            secret.to_str().unwrap(),
-            "--public-addr",
-            &RELAY_CLIENT_IP.to_string(),
-        ],
-    )
-    .unwrap();
+    std::fs::write(&secret, random_secret()).unwrap();
+    let relay = topo.start_relay(&secret, &[]).unwrap();
 
     let server_cmd = format!(
-        "{} mosh-server --relay {RELAY_NAT_IP}:{PUNCH_PORT} --secret-file {}",
+        "{} mosh-server --relay {} --secret-file {}",
         forwarder_bin().unwrap().display(),
+        topo.punch_endpoint(),
         secret.display()
     );
     let ssh_cmd = format!(

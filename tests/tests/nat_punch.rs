@@ -9,12 +9,10 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use forwarder_testbed::capture::Capture;
-use forwarder_testbed::nat::{NAT_PUBLIC_IP, NAT_SERVER_IP, NatTopology, RELAY_NAT_IP, SERVER_IF};
+use forwarder_testbed::nat::{NAT_PUBLIC_IP, NAT_SERVER_IP, NatTopology, PUNCH_PORT, SERVER_IF, random_secret};
 use forwarder_testbed::scenario::{roundtrip, wait_for_shell};
 use forwarder_testbed::topology::{CLIENT_IF, CLIENT_IP, CLIENT_ROAM_IP, RELAY_CLIENT_IP};
 use forwarder_testbed::{FlowInfo, MoshClient, MoshServer, Relay, prereq};
-
-const PUNCH_PORT: u16 = 7000;
 
 fn flow_from<'a>(flows: &'a [FlowInfo], ip: &str) -> Option<&'a FlowInfo> {
     flows.iter().find(|f| f.client.starts_with(&format!("{ip}:")))
@@ -37,24 +35,10 @@ fn mosh_behind_nat_roams_and_refuses_spoofs_and_replays() {
     // mosh-server sends nothing until a client comes: only the relay's
     // keepalives can hold the mapping open past this.
     topo.set_udp_mapping_timeout(3).unwrap();
-    let secret = secret_file(&format!("{:032x}\n", rand::random::<u128>()));
+    let secret = secret_file(&random_secret());
     let secret_path = secret.path().to_str().unwrap();
-    let relay = Relay::start(
-        &topo.relay,
-        &topo.relay_ifaces(),
-        &[
-            "--punch-port",
-            &PUNCH_PORT.to_string(),
-            "--punch-secret-file",
-            secret_path,
-            "--public-addr",
-            &RELAY_CLIENT_IP.to_string(),
-            "--punch-keepalive",
-            "1s",
-        ],
-    )
-    .unwrap();
-    let relay_punch = format!("{RELAY_NAT_IP}:{PUNCH_PORT}");
+    let relay = topo.start_relay(secret.path(), &["--punch-keepalive", "1s"]).unwrap();
+    let relay_punch = topo.punch_endpoint();
     let punches = Capture::start(&topo.server, SERVER_IF, &format!("udp dst port {PUNCH_PORT}")).unwrap();
     let (server, wrapped) =
         MoshServer::start_wrapped(&topo.server, &["--relay", &relay_punch, "--secret-file", secret_path]).unwrap();

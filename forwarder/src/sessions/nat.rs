@@ -26,7 +26,7 @@ use std::time::Duration;
 use anyhow::bail;
 use tracing::{debug, info, warn};
 
-use super::{ClientVerdict, Relay, Session, flow_entries, monotonic_ns};
+use super::{ClientVerdict, Relay, Session, bind_free_port, flow_entries, monotonic_ns};
 use crate::control::proto::FlowInfo;
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp::{BackendRoute, FlowEntries, XdpDatapath};
@@ -103,18 +103,11 @@ impl Relay {
         let Some(slot) = self.free_slots.pop_front() else {
             bail!("the relay's flow table is full");
         };
-        let mut bound = None;
-        let Some(upstream_port) = self.flow_ports.allocate(|port| match RelaySocket::bind(port) {
-            Ok(socket) => {
-                bound = Some(socket);
-                true
-            }
-            Err(_) => false,
-        }) else {
+        let Some(upstream) = bind_free_port(&mut self.flow_ports) else {
             self.free_slots.push_front(slot);
             bail!("no free upstream port in {}; widen --flow-ports", self.flow_ports.range());
         };
-        let upstream = Arc::new(bound.expect("allocate only succeeds after a bind"));
+        let upstream_port = upstream.port;
         // Until Bind says otherwise, the server is where the request came from.
         let (info, session_socket) = match self.add_session(punch_source, route, None, None) {
             Ok(added) => added,
