@@ -212,6 +212,16 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
             s.idle_secs,
             s.idle_timeout_secs
         );
+        if let Some(nat) = &s.nat {
+            let _ = writeln!(
+                out,
+                "  behind NAT (punched): upstream port {}, {}, {}; {} packets from unverified client endpoints dropped",
+                nat.upstream_port,
+                if nat.bound { "bound" } else { "waiting for the server's bind" },
+                if nat.key_received { "key received" } else { "waiting for the key" },
+                nat.rejected_packets
+            );
+        }
         for f in &s.flows {
             let _ = writeln!(
                 out,

@@ -485,6 +485,7 @@ impl Relay {
             idle_timeout_secs: session.idle_timeout.as_secs(),
             idle_secs: seconds(last_active),
             flows: infos,
+            nat: session.nat.as_deref().map(nat::NatState::info),
         })
     }
 

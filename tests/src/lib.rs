@@ -19,6 +19,6 @@ pub mod udp;
 
 pub use mosh::{MoshClient, MoshServer};
 pub use netns::{Netns, veth_pair};
-pub use relay::{FlowInfo, Relay, Session, SessionInfo, forwarder_bin, workspace_root};
+pub use relay::{FlowInfo, NatInfo, Relay, Session, SessionInfo, forwarder_bin, workspace_root};
 pub use topology::Topology;
 pub use udp::{UdpEcho, UdpPinger};

@@ -65,6 +65,18 @@ pub struct SessionInfo {
     pub port: u16,
     pub backend: String,
     pub flows: Vec<FlowInfo>,
+    /// Present for sessions made by the punch handshake.
+    #[serde(default)]
+    pub nat: Option<NatInfo>,
+}
+
+/// The NAT part of a session in `forwarder list --json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NatInfo {
+    pub upstream_port: u16,
+    pub bound: bool,
+    pub key_received: bool,
+    pub rejected_packets: u64,
 }
 
 /// One flow in `forwarder list --json`.

@@ -43,6 +43,7 @@ fn mosh_behind_nat_roams_and_refuses_spoofs_and_replays() {
     let (server, wrapped) =
         MoshServer::start_wrapped(&topo.server, &["--relay", &relay_punch, "--secret-file", secret_path]).unwrap();
     assert_eq!(wrapped.ip, RELAY_CLIENT_IP, "MOSH IP must be --public-addr");
+    eprintln!("wrapper said: {}", wrapped.stderr.trim());
 
     let sessions = relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
@@ -50,6 +51,8 @@ fn mosh_behind_nat_roams_and_refuses_spoofs_and_replays() {
     assert_eq!(session.port, server.port, "MOSH CONNECT names the relay's client-facing port");
     let backend: SocketAddrV4 = session.backend.parse().unwrap();
     assert_eq!(*backend.ip(), NAT_PUBLIC_IP, "the relay sees the server as the NAT");
+    let nat = session.nat.clone().expect("a punched session says so");
+    assert!(nat.bound && nat.key_received, "{nat:?}");
     let requests = punches.udp().unwrap();
     let local_port = requests.first().expect("the wrapper's punch request was captured").from.port();
     assert_eq!(*requests[0].from.ip(), NAT_SERVER_IP);
@@ -85,6 +88,8 @@ fn mosh_behind_nat_roams_and_refuses_spoofs_and_replays() {
     assert_eq!(sessions[0].flows.len(), 1, "{sessions:?}");
     assert_eq!(sessions[0].flows[0].client, first.client, "a spoof moved the session");
     assert!(slow_path(&relay, "dropped_unverified_client") >= captured.len() as u64 + 2);
+    let rejected = sessions[0].nat.as_ref().unwrap().rejected_packets;
+    assert!(rejected >= captured.len() as u64 + 2, "{rejected} rejected");
     attacker.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let mut buf = [0u8; 2048];
     assert!(attacker.recv_from(&mut buf).is_err(), "the spoofer received something from the relay");

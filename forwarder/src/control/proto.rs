@@ -46,6 +46,21 @@ pub struct SessionInfo {
     pub idle_timeout_secs: u64,
     pub idle_secs: f64,
     pub flows: Vec<FlowInfo>,
+    /// Set for a server behind NAT that came through the punch handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatInfo>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NatInfo {
+    /// The session's one backend-facing port, where the server punched to.
+    pub upstream_port: u16,
+    /// Whether the server's Bind arrived (the backend is its NAT's endpoint for Q).
+    pub bound: bool,
+    /// Whether the wrapper handed over the session key (clients are accepted only then).
+    pub key_received: bool,
+    /// Packets from other client endpoints that failed mosh's rule and were dropped.
+    pub rejected_packets: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -27,7 +27,7 @@ use anyhow::bail;
 use tracing::{debug, info, warn};
 
 use super::{ClientVerdict, Relay, Session, bind_free_port, flow_entries, monotonic_ns};
-use crate::control::proto::FlowInfo;
+use crate::control::proto::{FlowInfo, NatInfo};
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp::{BackendRoute, FlowEntries, XdpDatapath};
 use crate::mosh::{ClientFollower, MoshKey, Rejected};
@@ -74,6 +74,17 @@ pub struct Allocation {
     pub token: Token,
     /// Sockets whose readers must be started (None when renewed).
     pub new_sockets: Option<(Arc<RelaySocket>, Arc<RelaySocket>)>,
+}
+
+impl NatState {
+    pub fn info(&self) -> NatInfo {
+        NatInfo {
+            upstream_port: self.upstream_port,
+            bound: self.bound,
+            key_received: self.follower.is_some(),
+            rejected_packets: self.rejected_packets,
+        }
+    }
 }
 
 fn nat_of(session: &Session) -> Option<&NatState> {
