@@ -36,9 +36,9 @@ for, and -p is set here):
        --server='forwarder mosh-server --relay RELAY:PORT --secret-file FILE' user@host
 
 Only --experimental-remote-ip=remote lets the `MOSH IP` line choose the
-address mosh-client connects to. The default (proxy) mode already learns an
-address from ssh and dies with \"detected attempt to redefine MOSH IP\"; the
-local mode ignores it and connects to the server's own address.
+address mosh-client connects to. The default (proxy) mode learns an address
+from ssh's connection and the local mode resolves the host name itself; both
+then die with \"detected attempt to redefine MOSH IP\".
 
 Or by hand: run it, then `MOSH_KEY=<key> mosh-client <relay address> <relay port>`.";
 
