@@ -9,8 +9,8 @@
 use aes::Aes128;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
-use ocb3::aead::{AeadInPlace, KeyInit};
 use ocb3::Ocb3;
+use ocb3::aead::{AeadInPlace, KeyInit};
 
 /// Nonce (8) + tag (16): nothing shorter can be a mosh datagram.
 pub const MIN_DATAGRAM: usize = 24;
@@ -59,7 +59,10 @@ impl MoshKey {
     }
 
     pub fn from_bytes(raw: [u8; 16]) -> Self {
-        Self { cipher: Ocb3::new(&raw.into()), raw }
+        Self {
+            cipher: Ocb3::new(&raw.into()),
+            raw,
+        }
     }
 
     pub fn bytes(&self) -> [u8; 16] {
@@ -171,7 +174,11 @@ mod tests {
         assert_eq!(key.to_base64().len(), 22);
         for (to_server, packet) in &packets {
             let nonce = key.open_nonce(packet).unwrap();
-            assert_eq!(nonce & DIRECTION_BIT == 0, *to_server, "direction bit of {nonce:#x}");
+            assert_eq!(
+                nonce & DIRECTION_BIT == 0,
+                *to_server,
+                "direction bit of {nonce:#x}"
+            );
         }
     }
 
@@ -183,8 +190,16 @@ mod tests {
         let mut follower = ClientFollower::new(key.clone());
         assert_eq!(follower.accept(server), Err(Rejected::WrongDirection));
         assert_eq!(follower.accept(client[1]), Ok(1));
-        assert_eq!(follower.accept(client[0]), Err(Rejected::Replayed), "older than accepted");
-        assert_eq!(follower.accept(client[1]), Err(Rejected::Replayed), "replay of the same");
+        assert_eq!(
+            follower.accept(client[0]),
+            Err(Rejected::Replayed),
+            "older than accepted"
+        );
+        assert_eq!(
+            follower.accept(client[1]),
+            Err(Rejected::Replayed),
+            "replay of the same"
+        );
         assert_eq!(follower.accept(client[2]), Ok(2));
 
         let mut forged = client[3].clone();
@@ -193,11 +208,22 @@ mod tests {
         assert_eq!(follower.accept(&forged), Err(Rejected::BadTag));
         let mut renumbered = client[3].clone();
         renumbered[7] = 0x40;
-        assert_eq!(follower.accept(&renumbered), Err(Rejected::BadTag), "the nonce is authenticated");
+        assert_eq!(
+            follower.accept(&renumbered),
+            Err(Rejected::BadTag),
+            "the nonce is authenticated"
+        );
         assert_eq!(follower.accept(&client[3][..20]), Err(Rejected::TooShort));
         let other = MoshKey::from_bytes([7; 16]);
-        assert_eq!(ClientFollower::new(other).accept(client[3]), Err(Rejected::BadTag));
-        assert_eq!(follower.accept(client[3]), Ok(3), "rejections changed nothing");
+        assert_eq!(
+            ClientFollower::new(other).accept(client[3]),
+            Err(Rejected::BadTag)
+        );
+        assert_eq!(
+            follower.accept(client[3]),
+            Ok(3),
+            "rejections changed nothing"
+        );
     }
 
     #[test]
@@ -205,8 +231,16 @@ mod tests {
         let key = MoshKey::parse("6xoXFHJqYUQUE2f4Q202jg").unwrap();
         let sealed = key.seal(42, b"hello");
         assert_eq!(key.open_nonce(&sealed), Ok(42));
-        assert_eq!(MoshKey::parse(&key.to_base64()).unwrap().bytes(), key.bytes());
-        for bad in ["", "short", "6xoXFHJqYUQUE2f4Q202jg6xoX", "6xoXFHJqYUQUE2f4Q202j!"] {
+        assert_eq!(
+            MoshKey::parse(&key.to_base64()).unwrap().bytes(),
+            key.bytes()
+        );
+        for bad in [
+            "",
+            "short",
+            "6xoXFHJqYUQUE2f4Q202jg6xoX",
+            "6xoXFHJqYUQUE2f4Q202j!",
+        ] {
             assert!(MoshKey::parse(bad).is_err(), "{bad}");
         }
     }

@@ -54,16 +54,36 @@ pub enum Message {
     /// Server → relay punch port: "give me a session".
     Allocate,
     /// Relay → server: clients use `relay_addr:client_port`; punch again to `upstream_port`.
-    Allocated { request: Nonce, relay_addr: Ipv4Addr, client_port: u16, upstream_port: u16, token: Token },
+    Allocated {
+        request: Nonce,
+        relay_addr: Ipv4Addr,
+        client_port: u16,
+        upstream_port: u16,
+        token: Token,
+    },
     /// Server mosh port → relay:Q: opens the NAT towards Q.
-    Bind { token: Token },
+    Bind {
+        token: Token,
+    },
     /// Relay:Q → server: the hole works; `seen` is the server's external endpoint.
-    Bound { request: Nonce, seen: SocketAddrV4 },
+    Bound {
+        request: Nonce,
+        seen: SocketAddrV4,
+    },
     /// Server → relay punch port: the session key mosh-server printed.
-    Key { token: Token, client_port: u16, key: [u8; 16] },
-    KeyAccepted { request: Nonce },
+    Key {
+        token: Token,
+        client_port: u16,
+        key: [u8; 16],
+    },
+    KeyAccepted {
+        request: Nonce,
+    },
     /// Relay → sender: refused, and why (not authenticated).
-    Refused { request: Nonce, reason: RefusalReason },
+    Refused {
+        request: Nonce,
+        reason: RefusalReason,
+    },
 }
 
 /// Why the relay refused a request; sent back so the wrapper can say it.
@@ -142,7 +162,10 @@ impl Secret {
     /// Reads a secret file; surrounding whitespace (a trailing newline) is not part of it.
     pub fn read(path: &std::path::Path) -> anyhow::Result<Self> {
         let text = std::fs::read(path).map_err(|error| {
-            anyhow::anyhow!("cannot read the punch secret file {}: {error}", path.display())
+            anyhow::anyhow!(
+                "cannot read the punch secret file {}: {error}",
+                path.display()
+            )
         })?;
         let trimmed = text.trim_ascii();
         Self::new(trimmed).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))
@@ -154,7 +177,10 @@ impl Secret {
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Builds a datagram for `message`, timestamped now with a fresh nonce.
@@ -165,7 +191,12 @@ pub fn seal(secret: &Secret, message: &Message) -> (Vec<u8>, Nonce) {
 
 /// A refusal: unauthenticated, see the module comment.
 pub fn refusal(request: Nonce, reason: RefusalReason) -> Vec<u8> {
-    encode(None, &Message::Refused { request, reason }, unix_now(), rand::random())
+    encode(
+        None,
+        &Message::Refused { request, reason },
+        unix_now(),
+        rand::random(),
+    )
 }
 
 pub fn seal_with(secret: &Secret, message: &Message, timestamp: u64, nonce: Nonce) -> Vec<u8> {
@@ -181,7 +212,13 @@ fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Non
     out.extend_from_slice(&nonce);
     match message {
         Message::Allocate => {}
-        Message::Allocated { request, relay_addr, client_port, upstream_port, token } => {
+        Message::Allocated {
+            request,
+            relay_addr,
+            client_port,
+            upstream_port,
+            token,
+        } => {
             out.extend_from_slice(request);
             out.extend_from_slice(&relay_addr.octets());
             out.extend_from_slice(&client_port.to_be_bytes());
@@ -194,7 +231,11 @@ fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Non
             out.extend_from_slice(&seen.ip().octets());
             out.extend_from_slice(&seen.port().to_be_bytes());
         }
-        Message::Key { token, client_port, key } => {
+        Message::Key {
+            token,
+            client_port,
+            key,
+        } => {
             out.extend_from_slice(token);
             out.extend_from_slice(&client_port.to_be_bytes());
             out.extend_from_slice(key);
@@ -244,7 +285,11 @@ pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
         }
         let reason = RefusalReason::from_u8(body[NONCE_LEN]).ok_or(OpenError::Garbage)?;
         let request = body[..NONCE_LEN].try_into().expect("length checked");
-        return Ok(Envelope { timestamp, nonce, message: Message::Refused { request, reason } });
+        return Ok(Envelope {
+            timestamp,
+            nonce,
+            message: Message::Refused { request, reason },
+        });
     }
     if datagram.len() < HEADER_LEN + MAC_LEN {
         return Err(OpenError::Refuse(nonce, RefusalReason::Malformed));
@@ -257,7 +302,9 @@ pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
     }
     let body = &signed[HEADER_LEN..];
     let malformed = OpenError::Refuse(nonce, RefusalReason::Malformed);
-    let array = |range: std::ops::Range<usize>| -> [u8; 16] { body[range].try_into().expect("length checked") };
+    let array = |range: std::ops::Range<usize>| -> [u8; 16] {
+        body[range].try_into().expect("length checked")
+    };
     let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
     let message = match (kind, body.len()) {
         (1, 0) => Message::Allocate,
@@ -268,16 +315,31 @@ pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
             upstream_port: port(22),
             token: array(24..40),
         },
-        (3, 16) => Message::Bind { token: array(0..16) },
+        (3, 16) => Message::Bind {
+            token: array(0..16),
+        },
         (4, 22) => Message::Bound {
             request: array(0..16),
-            seen: SocketAddrV4::new(Ipv4Addr::new(body[16], body[17], body[18], body[19]), port(20)),
+            seen: SocketAddrV4::new(
+                Ipv4Addr::new(body[16], body[17], body[18], body[19]),
+                port(20),
+            ),
         },
-        (5, 34) => Message::Key { token: array(0..16), client_port: port(16), key: array(18..34) },
-        (6, 16) => Message::KeyAccepted { request: array(0..16) },
+        (5, 34) => Message::Key {
+            token: array(0..16),
+            client_port: port(16),
+            key: array(18..34),
+        },
+        (6, 16) => Message::KeyAccepted {
+            request: array(0..16),
+        },
         _ => return Err(malformed),
     };
-    Ok(Envelope { timestamp, nonce, message })
+    Ok(Envelope {
+        timestamp,
+        nonce,
+        message,
+    })
 }
 
 /// Requests per second one source address may make (bursts of twice that).
@@ -392,10 +454,20 @@ mod tests {
                 token,
             },
             Message::Bind { token },
-            Message::Bound { request: [2; 16], seen: "198.51.100.9:40000".parse().unwrap() },
-            Message::Key { token, client_port: 60001, key: [3; 16] },
+            Message::Bound {
+                request: [2; 16],
+                seen: "198.51.100.9:40000".parse().unwrap(),
+            },
+            Message::Key {
+                token,
+                client_port: 60001,
+                key: [3; 16],
+            },
             Message::KeyAccepted { request: [4; 16] },
-            Message::Refused { request: [5; 16], reason: RefusalReason::Replay },
+            Message::Refused {
+                request: [5; 16],
+                reason: RefusalReason::Replay,
+            },
         ];
         for message in messages {
             let (bytes, nonce) = seal(&s, &message);
@@ -411,24 +483,48 @@ mod tests {
         let from = Ipv4Addr::new(198, 51, 100, 9);
         let now = 1_700_000_000;
         let good = seal_with(&secret(1), &Message::Allocate, now, [7; 16]);
-        assert!(matches!(relay.check(&good, from, now, 0), Verdict::Accept(_)));
-        assert_eq!(relay.check(&good, from, now + 1, 1), Verdict::Refuse([7; 16], RefusalReason::Replay));
+        assert!(matches!(
+            relay.check(&good, from, now, 0),
+            Verdict::Accept(_)
+        ));
+        assert_eq!(
+            relay.check(&good, from, now + 1, 1),
+            Verdict::Refuse([7; 16], RefusalReason::Replay)
+        );
 
         let wrong = seal_with(&secret(2), &Message::Allocate, now, [8; 16]);
-        assert_eq!(relay.check(&wrong, from, now, 2), Verdict::Refuse([8; 16], RefusalReason::BadSecret));
+        assert_eq!(
+            relay.check(&wrong, from, now, 2),
+            Verdict::Refuse([8; 16], RefusalReason::BadSecret)
+        );
         // A refused request leaves no trace: the same nonce, correctly signed, is accepted.
         let fixed = seal_with(&secret(1), &Message::Allocate, now, [8; 16]);
-        assert!(matches!(relay.check(&fixed, from, now, 3), Verdict::Accept(_)));
+        assert!(matches!(
+            relay.check(&fixed, from, now, 3),
+            Verdict::Accept(_)
+        ));
 
         let stale = seal_with(&secret(1), &Message::Allocate, now - 31, [10; 16]);
-        assert_eq!(relay.check(&stale, from, now, 4), Verdict::Refuse([10; 16], RefusalReason::Stale));
+        assert_eq!(
+            relay.check(&stale, from, now, 4),
+            Verdict::Refuse([10; 16], RefusalReason::Stale)
+        );
         let future = seal_with(&secret(1), &Message::Allocate, now + 31, [11; 16]);
-        assert_eq!(relay.check(&future, from, now, 5), Verdict::Refuse([11; 16], RefusalReason::Stale));
+        assert_eq!(
+            relay.check(&future, from, now, 5),
+            Verdict::Refuse([11; 16], RefusalReason::Stale)
+        );
 
         let mut tampered = seal_with(&secret(1), &Message::Bind { token: [1; 16] }, now, [12; 16]);
         tampered[HEADER_LEN] ^= 1;
-        assert_eq!(relay.check(&tampered, from, now, 6), Verdict::Refuse([12; 16], RefusalReason::BadSecret));
-        assert_eq!(relay.check(b"mosh junk that is long enough to parse", from, now, 7), Verdict::Garbage);
+        assert_eq!(
+            relay.check(&tampered, from, now, 6),
+            Verdict::Refuse([12; 16], RefusalReason::BadSecret)
+        );
+        assert_eq!(
+            relay.check(b"mosh junk that is long enough to parse", from, now, 7),
+            Verdict::Garbage
+        );
     }
 
     #[test]
@@ -444,9 +540,16 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(accepted, REQUESTS_PER_SEC * 2, "a burst, then nothing within the same instant");
+        assert_eq!(
+            accepted,
+            REQUESTS_PER_SEC * 2,
+            "a burst, then nothing within the same instant"
+        );
         let other_source = seal_with(&secret(1), &Message::Allocate, now, [200; 16]);
-        assert!(matches!(relay.check(&other_source, Ipv4Addr::new(198, 51, 100, 10), now, 0), Verdict::Accept(_)));
+        assert!(matches!(
+            relay.check(&other_source, Ipv4Addr::new(198, 51, 100, 10), now, 0),
+            Verdict::Accept(_)
+        ));
     }
 
     #[test]

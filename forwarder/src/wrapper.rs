@@ -90,7 +90,9 @@ pub fn mosh_server_args(args: &[String], port: u16) -> anyhow::Result<Vec<String
             }
             "-s" => {}
             "-i" | "-p" => {
-                words.next().with_context(|| format!("mosh-server option {word} needs a value"))?;
+                words
+                    .next()
+                    .with_context(|| format!("mosh-server option {word} needs a value"))?;
             }
             w if (w.starts_with("-i") || w.starts_with("-p")) && w.len() > 2 => {}
             _ => out.push(word.clone()),
@@ -104,16 +106,30 @@ pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
     let deadline = started + args.timeout;
     let secret = Secret::read(&args.secret_file)?;
     let relay = resolve(&args.relay)?;
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding a local UDP port for mosh-server")?;
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .context("binding a local UDP port for mosh-server")?;
     let path = open_path(&socket, relay, &secret, deadline)?;
     // mosh-server must own the port the NAT mapping was made for.
     drop(socket);
     let mosh_args = mosh_server_args(&args.mosh_args, path.local_port)?;
     let (port, key) = start_mosh_server(&args.mosh_server, &mosh_args, path.local_port)?;
     let key_socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding a UDP socket")?;
-    let message = Message::Key { token: path.token, client_port: path.client_port, key: key.bytes() };
-    exchange(&key_socket, relay, &secret, &message, deadline.max(Instant::now() + Duration::from_secs(5)), "the session key")
-        .with_context(|| format!("mosh-server runs on port {port}, but the relay never confirmed its key"))?;
+    let message = Message::Key {
+        token: path.token,
+        client_port: path.client_port,
+        key: key.bytes(),
+    };
+    exchange(
+        &key_socket,
+        relay,
+        &secret,
+        &message,
+        deadline.max(Instant::now() + Duration::from_secs(5)),
+        "the session key",
+    )
+    .with_context(|| {
+        format!("mosh-server runs on port {port}, but the relay never confirmed its key")
+    })?;
     eprintln!(
         "forwarder: mosh-server on UDP {port} is reachable through the relay at {}:{} (the relay sees this host as {}); ready after {} ms",
         path.relay_addr,
@@ -122,7 +138,13 @@ pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
         started.elapsed().as_millis()
     );
     let mut stdout = std::io::stdout().lock();
-    write!(stdout, "\r\nMOSH IP {}\r\nMOSH CONNECT {} {}\r\n", path.relay_addr, path.client_port, key.to_base64())?;
+    write!(
+        stdout,
+        "\r\nMOSH IP {}\r\nMOSH CONNECT {} {}\r\n",
+        path.relay_addr,
+        path.client_port,
+        key.to_base64()
+    )?;
     stdout.flush()?;
     Ok(())
 }
@@ -137,11 +159,18 @@ fn resolve(relay: &str) -> anyhow::Result<SocketAddrV4> {
             SocketAddr::V4(v4) => Some(v4),
             SocketAddr::V6(_) => None,
         })
-        .with_context(|| format!("the relay {relay:?} has no IPv4 address; the relay speaks IPv4 only"))
+        .with_context(|| {
+            format!("the relay {relay:?} has no IPv4 address; the relay speaks IPv4 only")
+        })
 }
 
 /// Allocate from `socket`'s port, then Bind from it to the session's Q.
-pub fn open_path(socket: &UdpSocket, relay: SocketAddrV4, secret: &Secret, deadline: Instant) -> anyhow::Result<Path> {
+pub fn open_path(
+    socket: &UdpSocket,
+    relay: SocketAddrV4,
+    secret: &Secret,
+    deadline: Instant,
+) -> anyhow::Result<Path> {
     let local_port = socket.local_addr()?.port();
     let Message::Allocated { relay_addr, client_port, upstream_port, token, .. } =
         exchange(socket, relay, secret, &Message::Allocate, deadline, "the punch request").with_context(|| {
@@ -160,23 +189,42 @@ pub fn open_path(socket: &UdpSocket, relay: SocketAddrV4, secret: &Secret, deadl
     else {
         unreachable!("exchange checks the answer's kind")
     };
-    Ok(Path { local_port, relay_addr, client_port, upstream_port, token, seen })
+    Ok(Path {
+        local_port,
+        relay_addr,
+        client_port,
+        upstream_port,
+        token,
+        seen,
+    })
 }
 
 /// Sends `message` to `to` until an authenticated answer to it arrives from
 /// there, resending (each time with a fresh nonce) after growing pauses.
-fn exchange(socket: &UdpSocket, to: SocketAddrV4, secret: &Secret, message: &Message, deadline: Instant, what: &str) -> anyhow::Result<Message> {
+fn exchange(
+    socket: &UdpSocket,
+    to: SocketAddrV4,
+    secret: &Secret,
+    message: &Message,
+    deadline: Instant,
+    what: &str,
+) -> anyhow::Result<Message> {
     let mut sent: Vec<Nonce> = Vec::new();
     let mut pause = Duration::from_millis(250);
     let mut buf = [0u8; punch::MAX_MESSAGE + 64];
     let started = Instant::now();
     while Instant::now() < deadline {
         let (bytes, nonce) = punch::seal(secret, message);
-        socket.send_to(&bytes, to).with_context(|| format!("sending {what} to {to}"))?;
+        socket
+            .send_to(&bytes, to)
+            .with_context(|| format!("sending {what} to {to}"))?;
         sent.push(nonce);
         let resend_at = (Instant::now() + pause).min(deadline);
         pause = (pause * 2).min(Duration::from_secs(1));
-        while let Some(left) = resend_at.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        while let Some(left) = resend_at
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+        {
             socket.set_read_timeout(Some(left))?;
             let (len, from) = match socket.recv_from(&mut buf) {
                 Ok(received) => received,
@@ -186,12 +234,16 @@ fn exchange(socket: &UdpSocket, to: SocketAddrV4, secret: &Secret, message: &Mes
             if from != SocketAddr::V4(to) {
                 continue;
             }
-            let Ok(envelope) = punch::open(secret, &buf[..len]) else { continue };
+            let Ok(envelope) = punch::open(secret, &buf[..len]) else {
+                continue;
+            };
             match envelope.message {
                 Message::Refused { request, reason } if sent.contains(&request) => {
                     bail!("the relay refused {what}: {reason}")
                 }
-                Message::Allocated { request, .. } | Message::Bound { request, .. } | Message::KeyAccepted { request }
+                Message::Allocated { request, .. }
+                | Message::Bound { request, .. }
+                | Message::KeyAccepted { request }
                     if sent.contains(&request) && answers(message, &envelope.message) =>
                 {
                     return Ok(envelope.message);
@@ -200,7 +252,11 @@ fn exchange(socket: &UdpSocket, to: SocketAddrV4, secret: &Secret, message: &Mes
             }
         }
     }
-    bail!("no answer to {what} from {to} after {} tries in {:.1} s", sent.len(), started.elapsed().as_secs_f64())
+    bail!(
+        "no answer to {what} from {to} after {} tries in {:.1} s",
+        sent.len(),
+        started.elapsed().as_secs_f64()
+    )
 }
 
 fn answers(request: &Message, answer: &Message) -> bool {
@@ -221,7 +277,11 @@ fn start_mosh_server(program: &str, args: &[String], port: u16) -> anyhow::Resul
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .with_context(|| format!("cannot start {program:?} (is mosh installed? --mosh-server names another program)"))?;
+        .with_context(|| {
+            format!(
+                "cannot start {program:?} (is mosh installed? --mosh-server names another program)"
+            )
+        })?;
     let stdout = child.stdout.take().expect("piped");
     let (lines, received) = mpsc::channel();
     std::thread::spawn(move || {
@@ -246,15 +306,22 @@ fn start_mosh_server(program: &str, args: &[String], port: u16) -> anyhow::Resul
             }
             Err(_) => {
                 let status = child.try_wait().ok().flatten();
-                bail!("{program} printed no `MOSH CONNECT` line (exit status {status:?}); its errors are above");
+                bail!(
+                    "{program} printed no `MOSH CONNECT` line (exit status {status:?}); its errors are above"
+                );
             }
         }
     };
     let _ = child.wait();
     let mut words = connect.split_whitespace();
-    let printed_port: u16 = words.next().and_then(|p| p.parse().ok()).context("malformed MOSH CONNECT port")?;
+    let printed_port: u16 = words
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("malformed MOSH CONNECT port")?;
     if printed_port != port {
-        bail!("mosh-server took port {printed_port} instead of {port}: the NAT hole is on {port}; is this mosh-server ignoring -p?");
+        bail!(
+            "mosh-server took port {printed_port} instead of {port}: the NAT hole is on {port}; is this mosh-server ignoring -p?"
+        );
     }
     let key = MoshKey::parse(words.next().context("MOSH CONNECT without a key")?)?;
     Ok((printed_port, key))
@@ -270,14 +337,49 @@ mod tests {
 
     #[test]
     fn passes_the_stock_wrappers_arguments_through() {
-        let stock = strings(&["new", "-c", "256", "-s", "-l", "LANG=C.UTF-8", "-l", "LC_ALL=C", "--", "tmux", "-s", "-p", "x"]);
+        let stock = strings(&[
+            "new",
+            "-c",
+            "256",
+            "-s",
+            "-l",
+            "LANG=C.UTF-8",
+            "-l",
+            "LC_ALL=C",
+            "--",
+            "tmux",
+            "-s",
+            "-p",
+            "x",
+        ]);
         assert_eq!(
             mosh_server_args(&stock, 40000).unwrap(),
-            strings(&["new", "-p", "40000", "-c", "256", "-l", "LANG=C.UTF-8", "-l", "LC_ALL=C", "--", "tmux", "-s", "-p", "x"])
+            strings(&[
+                "new",
+                "-p",
+                "40000",
+                "-c",
+                "256",
+                "-l",
+                "LANG=C.UTF-8",
+                "-l",
+                "LC_ALL=C",
+                "--",
+                "tmux",
+                "-s",
+                "-p",
+                "x"
+            ])
         );
         let bound = strings(&["new", "-i", "10.0.0.1", "-p", "60001", "-p60002", "-v"]);
-        assert_eq!(mosh_server_args(&bound, 1).unwrap(), strings(&["new", "-p", "1", "-v"]));
-        assert_eq!(mosh_server_args(&[], 7).unwrap(), strings(&["new", "-p", "7"]));
+        assert_eq!(
+            mosh_server_args(&bound, 1).unwrap(),
+            strings(&["new", "-p", "1", "-v"])
+        );
+        assert_eq!(
+            mosh_server_args(&[], 7).unwrap(),
+            strings(&["new", "-p", "7"])
+        );
         assert!(mosh_server_args(&strings(&["new", "-i"]), 7).is_err());
     }
 
@@ -285,10 +387,28 @@ mod tests {
     fn clap_keeps_the_command_separator() {
         use clap::Parser;
         let cli = crate::cli::Cli::try_parse_from([
-            "forwarder", "mosh-server", "--relay", "r:1", "--secret-file", "f", "new", "-c", "8", "-s", "--", "sh", "-c", "x",
+            "forwarder",
+            "mosh-server",
+            "--relay",
+            "r:1",
+            "--secret-file",
+            "f",
+            "new",
+            "-c",
+            "8",
+            "-s",
+            "--",
+            "sh",
+            "-c",
+            "x",
         ])
         .unwrap();
-        let crate::cli::Verb::MoshServer(args) = cli.verb else { panic!() };
-        assert_eq!(args.mosh_args, strings(&["new", "-c", "8", "-s", "--", "sh", "-c", "x"]));
+        let crate::cli::Verb::MoshServer(args) = cli.verb else {
+            panic!()
+        };
+        assert_eq!(
+            args.mosh_args,
+            strings(&["new", "-c", "8", "-s", "--", "sh", "-c", "x"])
+        );
     }
 }

@@ -35,19 +35,41 @@ impl Capture {
         let mut cmd = ns.exec("tcpdump");
         // Immediate mode and -U hand over and write each packet at once (no
         // block timeout to wait for); -Z root keeps it able to write our temp dir.
-        cmd.args(["-i", iface, "-U", "--immediate-mode", "-n", "-Z", "root", "-w"])
-            .arg(&path)
-            .arg(filter)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().context("starting tcpdump (`cargo xtask prereq` installs it)")?;
-        let capture = Self { child, _dir: dir, path };
+        cmd.args([
+            "-i",
+            iface,
+            "-U",
+            "--immediate-mode",
+            "-n",
+            "-Z",
+            "root",
+            "-w",
+        ])
+        .arg(&path)
+        .arg(filter)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .context("starting tcpdump (`cargo xtask prereq` installs it)")?;
+        let capture = Self {
+            child,
+            _dir: dir,
+            path,
+        };
         // tcpdump writes the file header once it is capturing.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::metadata(&capture.path).map(|m| m.len()).unwrap_or(0) < 24 {
+        while std::fs::metadata(&capture.path)
+            .map(|m| m.len())
+            .unwrap_or(0)
+            < 24
+        {
             if Instant::now() >= deadline {
-                bail!("tcpdump on {iface} in {} did not start capturing within 5 s", ns.name());
+                bail!(
+                    "tcpdump on {iface} in {} did not start capturing within 5 s",
+                    ns.name()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -62,8 +84,12 @@ impl Capture {
         while let Some(packet) = reader.next_packet() {
             // The last record may still be being written.
             let Ok(packet) = packet else { break };
-            let Ok(sliced) = SlicedPacket::from_ethernet(&packet.data) else { continue };
-            let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (sliced.net, sliced.transport) else {
+            let Ok(sliced) = SlicedPacket::from_ethernet(&packet.data) else {
+                continue;
+            };
+            let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) =
+                (sliced.net, sliced.transport)
+            else {
                 continue;
             };
             let header = ip.header();

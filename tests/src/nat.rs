@@ -72,7 +72,8 @@ impl NatTopology {
             nat: Netns::new("nat")?,
             server: Netns::new("server")?,
         };
-        topo.wire().context("building the client-relay-nat-server topology")?;
+        topo.wire()
+            .context("building the client-relay-nat-server topology")?;
         Ok(topo)
     }
 
@@ -80,16 +81,26 @@ impl NatTopology {
         veth_pair(&self.client, CLIENT_IF, &self.relay, RELAY_CLIENT_IF)?;
         veth_pair(&self.relay, RELAY_NAT_IF, &self.nat, NAT_OUTSIDE_IF)?;
         veth_pair(&self.nat, NAT_INSIDE_IF, &self.server, SERVER_IF)?;
-        let addr = |ns: &Netns, ip: Ipv4Addr, dev: &str| ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev]);
+        let addr = |ns: &Netns, ip: Ipv4Addr, dev: &str| {
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev])
+        };
         addr(&self.client, CLIENT_IP, CLIENT_IF)?;
         addr(&self.relay, RELAY_CLIENT_IP, RELAY_CLIENT_IF)?;
         addr(&self.relay, RELAY_NAT_IP, RELAY_NAT_IF)?;
         addr(&self.nat, NAT_PUBLIC_IP, NAT_OUTSIDE_IF)?;
         addr(&self.nat, NAT_INSIDE_IP, NAT_INSIDE_IF)?;
         addr(&self.server, NAT_SERVER_IP, SERVER_IF)?;
-        self.client.ip(&["route", "add", "default", "via", &RELAY_CLIENT_IP.to_string()])?;
-        self.nat.ip(&["route", "add", "default", "via", &RELAY_NAT_IP.to_string()])?;
-        self.server.ip(&["route", "add", "default", "via", &NAT_INSIDE_IP.to_string()])?;
+        self.client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &RELAY_CLIENT_IP.to_string(),
+        ])?;
+        self.nat
+            .ip(&["route", "add", "default", "via", &RELAY_NAT_IP.to_string()])?;
+        self.server
+            .ip(&["route", "add", "default", "via", &NAT_INSIDE_IP.to_string()])?;
         self.relay.sysctl("net.ipv4.ip_forward", "1")?;
         self.nat.sysctl("net.ipv4.ip_forward", "1")?;
         let rules = tempfile::NamedTempFile::new()?;
@@ -131,7 +142,10 @@ impl NatTopology {
     /// Makes the NAT forget idle UDP mappings after `seconds`, both before
     /// and after replies were seen, so a test can watch keepalives hold one.
     pub fn set_udp_mapping_timeout(&self, seconds: u32) -> Result<()> {
-        for key in ["net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"] {
+        for key in [
+            "net.netfilter.nf_conntrack_udp_timeout",
+            "net.netfilter.nf_conntrack_udp_timeout_stream",
+        ] {
             self.nat.sysctl(key, &seconds.to_string())?;
         }
         Ok(())

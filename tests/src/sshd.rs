@@ -25,7 +25,20 @@ impl Sshd {
         let dir = tempfile::Builder::new().prefix("fwd-sshd-").tempdir()?;
         let path = |name: &str| dir.path().join(name);
         for key in ["host_key", "client_key"] {
-            cmd::sh("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-C", "forwarder-test", "-f", path(key).to_str().context("temp path")?])?;
+            cmd::sh(
+                "ssh-keygen",
+                &[
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    "forwarder-test",
+                    "-f",
+                    path(key).to_str().context("temp path")?,
+                ],
+            )?;
         }
         std::fs::copy(path("client_key.pub"), path("authorized_keys"))?;
         let config = format!(
@@ -45,7 +58,8 @@ impl Sshd {
         std::fs::write(path("sshd_config"), config)?;
         // sshd insists on its privilege-separation directory.
         std::fs::create_dir_all("/run/sshd")?;
-        let sshd = which::which("sshd").context("sshd not found: apt-get install openssh-server")?;
+        let sshd =
+            which::which("sshd").context("sshd not found: apt-get install openssh-server")?;
         let log = std::fs::File::create(path("sshd.log"))?;
         let child = ns
             .exec(sshd.to_str().context("sshd path")?)
@@ -64,12 +78,17 @@ impl Sshd {
     fn wait_listening(&self, ns: &Netns, addr: SocketAddr) -> Result<()> {
         let deadline = Instant::now() + SHORT;
         loop {
-            let connected = ns.within(move || Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()))?;
+            let connected = ns.within(move || {
+                Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())
+            })?;
             if connected {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("sshd did not listen on {addr} within {SHORT:?}; its log:\n{}", self.log());
+                bail!(
+                    "sshd did not listen on {addr} within {SHORT:?}; its log:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -94,7 +113,10 @@ impl Drop for Sshd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("----- sshd log -----\n{}----- end of sshd log -----", self.log());
+            eprintln!(
+                "----- sshd log -----\n{}----- end of sshd log -----",
+                self.log()
+            );
         }
     }
 }

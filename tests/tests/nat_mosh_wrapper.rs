@@ -3,7 +3,9 @@
 //! mosh-server` opens the UDP path through the relay, and mosh-client,
 //! told by `MOSH IP`, connects to the relay.
 
-use forwarder_testbed::nat::{NAT_PUBLIC_IP, NAT_SERVER_IP, NAT_SSH_PORT, NatTopology, random_secret};
+use forwarder_testbed::nat::{
+    NAT_PUBLIC_IP, NAT_SERVER_IP, NAT_SSH_PORT, NatTopology, random_secret,
+};
 use forwarder_testbed::scenario::{MOSH_CONNECT_TIMEOUT, roundtrip};
 use forwarder_testbed::sshd::Sshd;
 use forwarder_testbed::{MoshClient, forwarder_bin, prereq};
@@ -38,7 +40,10 @@ fn stock_mosh_wrapper_reaches_a_server_behind_nat() {
     let sessions = relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     assert!(
-        sessions[0].flows.iter().any(|f| f.server_current && f.fast_path_packets > 0),
+        sessions[0]
+            .flows
+            .iter()
+            .any(|f| f.server_current && f.fast_path_packets > 0),
         "{sessions:?}"
     );
 }

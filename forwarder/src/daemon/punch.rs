@@ -46,8 +46,18 @@ async fn route(ip: Ipv4Addr) -> anyhow::Result<BackendRoute> {
 }
 
 /// Judges a datagram; refusals are logged with their reason and answered.
-fn judge(authority: &SharedAuthority, socket: &RelaySocket, data: &[u8], received: &Received) -> Option<punch::Envelope> {
-    let verdict = authority.lock().expect("authority lock").check(data, *received.from.ip(), punch::unix_now(), monotonic_ns());
+fn judge(
+    authority: &SharedAuthority,
+    socket: &RelaySocket,
+    data: &[u8],
+    received: &Received,
+) -> Option<punch::Envelope> {
+    let verdict = authority.lock().expect("authority lock").check(
+        data,
+        *received.from.ip(),
+        punch::unix_now(),
+        monotonic_ns(),
+    );
     match verdict {
         Verdict::Accept(envelope) => Some(envelope),
         Verdict::Garbage => {
@@ -67,10 +77,19 @@ fn judge(authority: &SharedAuthority, socket: &RelaySocket, data: &[u8], receive
 }
 
 fn refuse(socket: &RelaySocket, received: &Received, request: punch::Nonce, reason: RefusalReason) {
-    let _ = socket.send(&punch::refusal(request, reason), received.from, Some(received.to));
+    let _ = socket.send(
+        &punch::refusal(request, reason),
+        received.from,
+        Some(received.to),
+    );
 }
 
-async fn serve(relay: SharedRelay, authority: SharedAuthority, socket: Arc<RelaySocket>, public_addr: Option<Ipv4Addr>) {
+async fn serve(
+    relay: SharedRelay,
+    authority: SharedAuthority,
+    socket: Arc<RelaySocket>,
+    public_addr: Option<Ipv4Addr>,
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let received = match socket.recv(&mut buf).await {
@@ -80,13 +99,27 @@ async fn serve(relay: SharedRelay, authority: SharedAuthority, socket: Arc<Relay
                 continue;
             }
         };
-        let Some(envelope) = judge(&authority, &socket, &buf[..received.len], &received) else { continue };
+        let Some(envelope) = judge(&authority, &socket, &buf[..received.len], &received) else {
+            continue;
+        };
         let reply = match envelope.message {
-            Message::Allocate => allocate(&relay, &authority, &received, public_addr, envelope.nonce).await,
-            Message::Key { token, client_port, key } => {
-                let accepted = relay.lock().expect("relay lock").set_nat_key(client_port, &token, MoshKey::from_bytes(key));
+            Message::Allocate => {
+                allocate(&relay, &authority, &received, public_addr, envelope.nonce).await
+            }
+            Message::Key {
+                token,
+                client_port,
+                key,
+            } => {
+                let accepted = relay.lock().expect("relay lock").set_nat_key(
+                    client_port,
+                    &token,
+                    MoshKey::from_bytes(key),
+                );
                 if accepted {
-                    Ok(Message::KeyAccepted { request: envelope.nonce })
+                    Ok(Message::KeyAccepted {
+                        request: envelope.nonce,
+                    })
                 } else {
                     warn!(from = %received.from, client_port, "punch key refused: no NAT session with that port and token");
                     Err(RefusalReason::UnknownSession)
@@ -120,10 +153,14 @@ async fn allocate(
         warn!(from = %received.from, error = format!("{error:#}"), "punch request refused: no route back");
         RefusalReason::NoCapacity
     })?;
-    let allocation = relay.lock().expect("relay lock").allocate_nat_session(received.from, route).map_err(|error| {
-        warn!(from = %received.from, error = format!("{error:#}"), "punch request refused");
-        RefusalReason::NoCapacity
-    })?;
+    let allocation = relay
+        .lock()
+        .expect("relay lock")
+        .allocate_nat_session(received.from, route)
+        .map_err(|error| {
+            warn!(from = %received.from, error = format!("{error:#}"), "punch request refused");
+            RefusalReason::NoCapacity
+        })?;
     if let Some((session_socket, upstream)) = allocation.new_sockets {
         spawn_session_reader(relay.clone(), session_socket);
         spawn_upstream_reader(relay.clone(), authority.clone(), upstream);
@@ -157,7 +194,11 @@ fn spawn_upstream_reader(relay: SharedRelay, authority: SharedAuthority, socket:
                 bind(&relay, &authority, &socket, data, &received).await;
                 continue;
             }
-            let target = relay.lock().expect("relay lock").on_nat_server_packet(socket.port, received.from, received.len);
+            let target = relay.lock().expect("relay lock").on_nat_server_packet(
+                socket.port,
+                received.from,
+                received.len,
+            );
             if let Some((session_socket, client, relay_addr)) = target
                 && let Err(error) = session_socket.send(data, client, Some(relay_addr))
             {
@@ -168,8 +209,16 @@ fn spawn_upstream_reader(relay: SharedRelay, authority: SharedAuthority, socket:
     socket.set_reader(task.abort_handle());
 }
 
-async fn bind(relay: &SharedRelay, authority: &SharedAuthority, socket: &RelaySocket, data: &[u8], received: &Received) {
-    let Some(envelope) = judge(authority, socket, data, received) else { return };
+async fn bind(
+    relay: &SharedRelay,
+    authority: &SharedAuthority,
+    socket: &RelaySocket,
+    data: &[u8],
+    received: &Received,
+) {
+    let Some(envelope) = judge(authority, socket, data, received) else {
+        return;
+    };
     let Message::Bind { token } = envelope.message else {
         refuse(socket, received, envelope.nonce, RefusalReason::Malformed);
         return;
@@ -181,14 +230,30 @@ async fn bind(relay: &SharedRelay, authority: &SharedAuthority, socket: &RelaySo
             return;
         }
     };
-    let bound = relay.lock().expect("relay lock").bind_nat_session(socket.port, &token, received.from, route);
+    let bound = relay.lock().expect("relay lock").bind_nat_session(
+        socket.port,
+        &token,
+        received.from,
+        route,
+    );
     if bound.is_none() {
         warn!(from = %received.from, port = socket.port, "punch bind refused: wrong token for this port");
-        refuse(socket, received, envelope.nonce, RefusalReason::UnknownSession);
+        refuse(
+            socket,
+            received,
+            envelope.nonce,
+            RefusalReason::UnknownSession,
+        );
         return;
     }
     let seen = SocketAddrV4::new(*received.from.ip(), received.from.port());
-    let bytes = authority.lock().expect("authority lock").reply(&Message::Bound { request: envelope.nonce, seen });
+    let bytes = authority
+        .lock()
+        .expect("authority lock")
+        .reply(&Message::Bound {
+            request: envelope.nonce,
+            seen,
+        });
     if let Err(error) = socket.send(&bytes, received.from, Some(received.to)) {
         debug!(%error, to = %received.from, "answering a bind");
     }
@@ -201,7 +266,10 @@ async fn keepalive_forever(relay: SharedRelay, interval: Duration) {
     let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(250)));
     loop {
         tick.tick().await;
-        let due = relay.lock().expect("relay lock").nat_keepalives_due(interval);
+        let due = relay
+            .lock()
+            .expect("relay lock")
+            .nat_keepalives_due(interval);
         for (socket, server) in due {
             if let Err(error) = socket.send(KEEPALIVE, server, None) {
                 debug!(%error, %server, "sending a NAT keepalive");

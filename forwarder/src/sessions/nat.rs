@@ -101,8 +101,16 @@ impl Relay {
 
     /// Creates a NAT session for a server whose Allocate came from
     /// `punch_source`, or returns the one it already has.
-    pub fn allocate_nat_session(&mut self, punch_source: SocketAddrV4, route: BackendRoute) -> anyhow::Result<Allocation> {
-        if let Some(session) = self.sessions.values().find(|s| nat_of(s).is_some_and(|n| n.punch_source == punch_source)) {
+    pub fn allocate_nat_session(
+        &mut self,
+        punch_source: SocketAddrV4,
+        route: BackendRoute,
+    ) -> anyhow::Result<Allocation> {
+        if let Some(session) = self
+            .sessions
+            .values()
+            .find(|s| nat_of(s).is_some_and(|n| n.punch_source == punch_source))
+        {
             let nat = nat_of(session).expect("found by its NAT state");
             return Ok(Allocation {
                 client_port: session.port,
@@ -116,7 +124,10 @@ impl Relay {
         };
         let Some(upstream) = bind_free_port(&mut self.flow_ports) else {
             self.free_slots.push_front(slot);
-            bail!("no free upstream port in {}; widen --flow-ports", self.flow_ports.range());
+            bail!(
+                "no free upstream port in {}; widen --flow-ports",
+                self.flow_ports.range()
+            );
         };
         let upstream_port = upstream.port;
         // Until Bind says otherwise, the server is where the request came from.
@@ -160,7 +171,13 @@ impl Relay {
 
     /// A Bind with `token` reached Q from `seen`: that is the server's
     /// external endpoint for Q. Returns the session's client-facing port.
-    pub fn bind_nat_session(&mut self, upstream_port: u16, token: &Token, seen: SocketAddrV4, route: BackendRoute) -> Option<u16> {
+    pub fn bind_nat_session(
+        &mut self,
+        upstream_port: u16,
+        token: &Token,
+        seen: SocketAddrV4,
+        route: BackendRoute,
+    ) -> Option<u16> {
         let port = self.nat_port_by_upstream(upstream_port)?;
         let session = self.sessions.get_mut(&port)?;
         let nat = session.nat.as_deref_mut()?;
@@ -179,7 +196,10 @@ impl Relay {
             let (client, relay_addr) = (current.client, current.relay_addr);
             self.datapath.uninstall_backend_half(&current.entries);
             if let Err(error) = self.nat_move(port, client, relay_addr) {
-                warn!(error = format!("{error:#}"), "re-installing a rebound NAT session");
+                warn!(
+                    error = format!("{error:#}"),
+                    "re-installing a rebound NAT session"
+                );
             }
         }
         Some(port)
@@ -187,13 +207,21 @@ impl Relay {
 
     /// The wrapper handed over mosh-server's key for the session on `client_port`.
     pub fn set_nat_key(&mut self, client_port: u16, token: &Token, key: MoshKey) -> bool {
-        let Some(session) = self.sessions.get_mut(&client_port) else { return false };
-        let Some(nat) = session.nat.as_deref_mut() else { return false };
+        let Some(session) = self.sessions.get_mut(&client_port) else {
+            return false;
+        };
+        let Some(nat) = session.nat.as_deref_mut() else {
+            return false;
+        };
         if nat.token != *token {
             return false;
         }
         // A repeated Key (its answer was lost) must not forget accepted sequence numbers.
-        if nat.follower.as_ref().is_none_or(|f| f.key_bytes() != key.bytes()) {
+        if nat
+            .follower
+            .as_ref()
+            .is_none_or(|f| f.key_bytes() != key.bytes())
+        {
             nat.follower = Some(ClientFollower::new(key));
             info!(session = %session.id, port = client_port, "NAT session has its key: clients may connect");
         }
@@ -203,20 +231,35 @@ impl Relay {
     /// Whether `session_port` is a NAT session: its client packets go to
     /// [`Relay::on_nat_client_packet`].
     pub fn is_nat_session(&self, session_port: u16) -> bool {
-        self.sessions.get(&session_port).is_some_and(|s| s.nat.is_some())
+        self.sessions
+            .get(&session_port)
+            .is_some_and(|s| s.nat.is_some())
     }
 
     /// A client packet reached the daemon on a NAT session's port.
-    pub fn on_nat_client_packet(&mut self, session_port: u16, client: SocketAddrV4, relay_addr: Ipv4Addr, datagram: &[u8]) -> ClientVerdict {
+    pub fn on_nat_client_packet(
+        &mut self,
+        session_port: u16,
+        client: SocketAddrV4,
+        relay_addr: Ipv4Addr,
+        datagram: &[u8],
+    ) -> ClientVerdict {
         let now = monotonic_ns();
-        let Some(session) = self.sessions.get_mut(&session_port) else { return ClientVerdict::Drop };
+        let Some(session) = self.sessions.get_mut(&session_port) else {
+            return ClientVerdict::Drop;
+        };
         let backend = session.backend;
-        let Some(nat) = session.nat.as_deref_mut() else { return ClientVerdict::Drop };
+        let Some(nat) = session.nat.as_deref_mut() else {
+            return ClientVerdict::Drop;
+        };
         let (Some(follower), true) = (nat.follower.as_mut(), nat.bound) else {
             self.stats.dropped_no_session += 1;
             return ClientVerdict::Drop;
         };
-        let is_current = nat.current.as_ref().is_some_and(|c| c.client == client && c.relay_addr == relay_addr);
+        let is_current = nat
+            .current
+            .as_ref()
+            .is_some_and(|c| c.client == client && c.relay_addr == relay_addr);
         let verdict = follower.accept(datagram);
         // From the current client, late (reordered) packets still go to the
         // server, which sorts them out; a new endpoint must bring a newer one.
@@ -242,20 +285,47 @@ impl Relay {
             match self.nat_move(session_port, client, relay_addr) {
                 Ok(()) if had_client => self.stats.nat_client_moves += 1,
                 Ok(()) => {}
-                Err(error) => warn!(error = format!("{error:#}"), %client, "installing a NAT session's client"),
+                Err(error) => {
+                    warn!(error = format!("{error:#}"), %client, "installing a NAT session's client")
+                }
             }
         }
-        ClientVerdict::Forward { socket: upstream, backend, new_flow: false }
+        ClientVerdict::Forward {
+            socket: upstream,
+            backend,
+            new_flow: false,
+        }
     }
 
     /// Points the session's flow at `client`: the backend half rewritten to
     /// reach it (replacing the previous client's, which has the same key).
-    fn nat_move(&mut self, session_port: u16, client: SocketAddrV4, relay_addr: Ipv4Addr) -> anyhow::Result<()> {
-        let session = self.sessions.get_mut(&session_port).expect("caller found it");
+    fn nat_move(
+        &mut self,
+        session_port: u16,
+        client: SocketAddrV4,
+        relay_addr: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let session = self
+            .sessions
+            .get_mut(&session_port)
+            .expect("caller found it");
         let nat = session.nat.as_deref_mut().expect("caller checked");
-        let entries = flow_entries(relay_addr, session_port, client, session.route, nat.upstream_port, session.backend, nat.slot);
+        let entries = flow_entries(
+            relay_addr,
+            session_port,
+            client,
+            session.route,
+            nat.upstream_port,
+            session.backend,
+            nat.slot,
+        );
         // The slow path follows `current` even if the maps refuse the entries.
-        nat.current = Some(NatClient { client, relay_addr, entries, since_ns: monotonic_ns() });
+        nat.current = Some(NatClient {
+            client,
+            relay_addr,
+            entries,
+            since_ns: monotonic_ns(),
+        });
         nat.slow_to_server = (0, 0);
         nat.slow_to_client = (0, 0);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port = nat.upstream_port, "NAT session follows its client");
@@ -264,7 +334,12 @@ impl Relay {
 
     /// A packet reached a NAT session's Q socket that is not a handshake
     /// message: forward it to the current client if it comes from the server.
-    pub fn on_nat_server_packet(&mut self, upstream_port: u16, from: SocketAddrV4, len: usize) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
+    pub fn on_nat_server_packet(
+        &mut self,
+        upstream_port: u16,
+        from: SocketAddrV4,
+        len: usize,
+    ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
         let port = self.nat_port_by_upstream(upstream_port)?;
         let session = self.sessions.get_mut(&port)?;
         if from != session.backend {
@@ -285,12 +360,17 @@ impl Relay {
     /// Sessions whose server has sent nothing for `interval`: send a
     /// keepalive from Q so the NAT keeps its mapping (mosh-server drops
     /// datagrams that do not decrypt, and goes silent 40 s after its client).
-    pub fn nat_keepalives_due(&mut self, interval: Duration) -> Vec<(Arc<RelaySocket>, SocketAddrV4)> {
+    pub fn nat_keepalives_due(
+        &mut self,
+        interval: Duration,
+    ) -> Vec<(Arc<RelaySocket>, SocketAddrV4)> {
         let now = monotonic_ns();
         let interval = interval.as_nanos() as u64;
         let mut due = Vec::new();
         for session in self.sessions.values_mut() {
-            let Some(nat) = session.nat.as_deref_mut() else { continue };
+            let Some(nat) = session.nat.as_deref_mut() else {
+                continue;
+            };
             if !nat.bound {
                 continue;
             }
@@ -314,7 +394,8 @@ impl Relay {
             .values()
             .filter(|s| {
                 nat_of(s).is_some_and(|n| {
-                    n.follower.is_none() && now_ns.saturating_sub(n.created_ns) > HANDSHAKE_TIMEOUT.as_nanos() as u64
+                    n.follower.is_none()
+                        && now_ns.saturating_sub(n.created_ns) > HANDSHAKE_TIMEOUT.as_nanos() as u64
                 })
             })
             .map(|s| s.port)
@@ -324,7 +405,10 @@ impl Relay {
     /// Newest traffic of a NAT session: the client's (all through the
     /// daemon) and the server's (mostly through XDP).
     pub(super) fn nat_last_active(datapath: &XdpDatapath, nat: &NatState) -> u64 {
-        let server_seen = nat.current.as_ref().map_or(0, |c| datapath.last_seen(&c.entries).1);
+        let server_seen = nat
+            .current
+            .as_ref()
+            .map_or(0, |c| datapath.last_seen(&c.entries).1);
         server_seen.max(nat.last_from_client_ns)
     }
 
@@ -341,7 +425,9 @@ impl Relay {
     /// The current client as a flow, for `list`.
     pub(super) fn nat_flow_info(&self, nat: &NatState, now_ns: u64) -> Option<FlowInfo> {
         let current = nat.current.as_ref()?;
-        let to_client = self.datapath.flow_counter(current.entries.backend_rewrite.counter_slot);
+        let to_client = self
+            .datapath
+            .flow_counter(current.entries.backend_rewrite.counter_slot);
         let last = Self::nat_last_active(&self.datapath, nat).max(current.since_ns);
         Some(FlowInfo {
             client: current.client.to_string(),
