@@ -33,9 +33,12 @@ fn stock_mosh_wrapper_reaches_a_server_behind_nat() {
     let mosh = format!(
         "env LANG=C.UTF-8 LC_ALL=C.UTF-8 mosh --experimental-remote-ip=remote --ssh='{ssh_cmd}' --server='{server_cmd}' root@{NAT_PUBLIC_IP} -- /bin/sh; sleep 60"
     );
+    let started = std::time::Instant::now();
     let client = MoshClient::start_in_tmux(&topo.client, &mosh).unwrap();
     client.wait_for_screen("#", MOSH_CONNECT_TIMEOUT).unwrap();
     roundtrip(&client, "wrapped").unwrap();
+    // Informational (no timing assertion): ssh + handshake + mosh + one command.
+    eprintln!("`mosh` to a command's output on screen: {:?}", started.elapsed());
 
     let sessions = relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
