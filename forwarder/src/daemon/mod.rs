@@ -63,6 +63,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
+    raise_fd_limit();
     let socket_path = control::socket_path(&options.instance);
     let listener = control::server::bind(&socket_path, &options.instance)?;
 
@@ -108,6 +109,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     relay.lock().expect("relay lock").clear();
     info!("stopped; the XDP program is detached");
     Ok(())
+}
+
+/// Every session port and every flow holds a socket: lift the soft limit on
+/// open files to the hard one so large relays do not run out at 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, "could not raise the open-file limit; large relays may run out of sockets");
+            }
+        }
+        _ => {}
+    }
 }
 
 async fn expire_forever(relay: SharedRelay) {

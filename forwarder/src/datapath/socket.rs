@@ -14,6 +14,16 @@ use nix::sys::socket::{
 use tokio::io::unix::AsyncFd;
 use tokio::task::AbortHandle;
 
+/// Largest datagram the relay carries (IPv4's limit: reassembled fragments included).
+const MAX_DATAGRAM: usize = 65_536;
+
+/// Datagrams read per wake-up before yielding to other sockets.
+const MAX_BATCH: usize = 64;
+
+thread_local! {
+    static RECV_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
 pub struct RelaySocket {
     pub port: u16,
     fd: AsyncFd<UdpSocket>,
@@ -71,18 +81,28 @@ impl RelaySocket {
         }
     }
 
-    /// Waits for the next datagram.
-    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<Received> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|socket| recv_pktinfo(socket.get_ref(), buf)) {
-                Ok(Ok(Some(received))) => return Ok(received),
-                // Not IPv4 or no address: nothing we can answer; keep reading.
-                Ok(Ok(None)) => continue,
-                Ok(Err(error)) => return Err(error),
-                Err(_would_block) => continue,
+    /// Waits until the socket is readable, then hands up to `MAX_BATCH`
+    /// queued datagrams to `handle`. The receive buffer is per thread, not
+    /// per socket: a relay with tens of thousands of flow sockets would
+    /// otherwise hold a 64 KiB buffer for each.
+    pub async fn recv_batch(&self, mut handle: impl FnMut(Received, &[u8])) -> std::io::Result<()> {
+        let mut guard = self.fd.readable().await?;
+        RECV_BUFFER.with_borrow_mut(|buf| {
+            for _ in 0..MAX_BATCH {
+                match guard.try_io(|socket| recv_pktinfo(socket.get_ref(), buf)) {
+                    Ok(Ok(Some(received))) => {
+                        let len = received.len.min(buf.len());
+                        handle(received, &buf[..len]);
+                    }
+                    // Not IPv4 or no address: nothing we can answer.
+                    Ok(Ok(None)) => {}
+                    Ok(Err(error)) => return Err(error),
+                    // Drained: readiness is cleared, wait for the next wake-up.
+                    Err(_would_block) => return Ok(()),
+                }
             }
-        }
+            Ok(())
+        })
     }
 
     /// Sends `data` to `to`, from the local address `from` (None: let the route choose).

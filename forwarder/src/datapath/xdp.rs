@@ -273,3 +273,8 @@ pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
         .with_context(|| format!("interface {device} from `ip route get` vanished"))?;
     Ok(BackendRoute { source, ifindex })
 }
+
+/// The benchmark's ceiling program (forwarder-ebpf's `forwarder-ceiling`):
+/// embedded so `forwarder-bench` can compare the relay against it.
+pub static CEILING_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ceiling"));
