@@ -234,10 +234,13 @@ fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
     bytes.try_into().map_err(|_| anyhow::anyhow!("MAC {text:?} does not have 6 bytes"))
 }
 
+/// The MAC of an interface in this network namespace (/sys may show
+/// another namespace's devices under nsenter, so ask the kernel directly).
 fn interface_mac(name: &str) -> anyhow::Result<[u8; 6]> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/address"))
-        .with_context(|| format!("reading the MAC of {name}"))?;
-    parse_mac(text.trim())
+    nix::ifaddrs::getifaddrs()?
+        .filter(|address| address.interface_name == name)
+        .find_map(|address| address.address?.as_link_addr()?.addr())
+        .with_context(|| format!("no link-layer address for {name}"))
 }
 
 #[expect(clippy::too_many_arguments, reason = "one flag each, straight from the CLI")]

@@ -13,7 +13,8 @@ use tracing::info;
 
 use crate::control::proto::{PacketsBytes, StatsInfo};
 use crate::control::{self};
-use crate::datapath::xdp::{ModeChoice, XdpDatapath};
+use crate::datapath::xdp::ModeChoice;
+use crate::datapath::{Datapath, DatapathChoice};
 use crate::ports::PortRange;
 use crate::sessions::{Limits, Relay, monotonic_ns};
 use crate::slowpath::SharedRelay;
@@ -23,6 +24,7 @@ use crate::slowpath::SharedRelay;
 pub struct RunOptions {
     pub instance: String,
     pub interfaces: Vec<String>,
+    pub datapath: DatapathChoice,
     pub xdp_mode: ModeChoice,
     pub session_ports: PortRange,
     pub flow_ports: PortRange,
@@ -73,12 +75,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_port_lo: options.flow_ports.lo,
         flow_port_hi: options.flow_ports.hi,
     };
-    let datapath = XdpDatapath::start(&options.interfaces, options.xdp_mode, config)?;
+    let datapath = Datapath::start(options.datapath, &options.interfaces, options.xdp_mode, config)?;
     let relay_addresses = interface_addresses(&options.interfaces);
     info!(
         instance = %options.instance,
         interfaces = ?options.interfaces,
-        mode = %datapath.mode,
+        datapath = %datapath.mode(),
         ports = %options.session_ports,
         flow_ports = %options.flow_ports,
         socket = %socket_path.display(),
@@ -150,7 +152,7 @@ pub fn stats(relay: &Relay) -> StatsInfo {
     }
     StatsInfo {
         instance: relay.instance.clone(),
-        xdp_mode: relay.datapath.mode.clone(),
+        xdp_mode: relay.datapath.mode(),
         interfaces: relay.interfaces.clone(),
         sessions: relay.session_count(),
         flows: relay.flow_count(),
