@@ -160,6 +160,7 @@ impl XdpDatapath {
                 per_cpu.iter().fold(FlowCounter::default(), |sum, c| FlowCounter {
                     packets: sum.packets + c.packets,
                     bytes: sum.bytes + c.bytes,
+                    ..FlowCounter::default()
                 })
             })
             .unwrap_or_default()
