@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{Reason, Verdict};
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 
 use crate::{
     forward::Sent,
@@ -61,8 +61,11 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     if packet.ip().ttl <= 1 {
         return Err(Reason::PassTtlExpiring);
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Timestamps only need second granularity (last-seen, route cache age):
+    // the coarse clock reads a jiffies-updated value instead of the TSC, and
+    // shares CLOCK_MONOTONIC's base, which the daemon compares against.
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
     let route = match forward::cached_route(state, now, packet.tot_len()) {
         Some(route) => route,

@@ -373,8 +373,9 @@ fn pingpong(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
     run_json(&mut cmd, Duration::from_secs(120))
 }
 
-fn bpf_stats(bench: &Path) -> Result<(u64, u64)> {
-    let value = run_json(Command::new(bench).args(["bpf-stats", "--name", "forwarder"]), SHORT)?;
+/// Total run time and run count of the loaded XDP programs called `name`.
+fn bpf_stats(bench: &Path, name: &str) -> Result<(u64, u64)> {
+    let value = run_json(Command::new(bench).args(["bpf-stats", "--name", name]), SHORT)?;
     let mut total = (0, 0);
     for program in value.as_array().into_iter().flatten() {
         total.0 += program["run_time_ns"].as_u64().unwrap_or(0);
@@ -433,7 +434,13 @@ pub fn run(plan: &Plan) -> Result<Value> {
             for &size in &plan.sizes {
                 let mut received = Vec::new();
                 let mut sent = Vec::new();
-                let stats_before = if matches!(kind, Kind::XdpNative | Kind::XdpGeneric) { Some(bpf_stats(&bench)?) } else { None };
+                let program = match kind {
+                    Kind::XdpNative | Kind::XdpGeneric => Some("forwarder"),
+                    // The kernel keeps 15 characters of a program's name.
+                    Kind::Ceiling => Some("forwarder_ceili"),
+                    _ => None,
+                };
+                let stats_before = program.map(|name| bpf_stats(&bench, name)).transpose()?;
                 for _ in 0..plan.reps {
                     let (rx, tx) = throughput(&s, &bench, plan.flows, size, plan.seconds)?;
                     received.push(rx / 1000.0);
@@ -447,8 +454,8 @@ pub fn run(plan: &Plan) -> Result<Value> {
                 ));
                 results["throughput"][format!("{}/layout{layout}/{size}", kind.key())] =
                     json!({"received_kpps": received, "mean": mean, "sd": sd, "sent_kpps_mean": sent_mean});
-                if let Some(before) = stats_before {
-                    let after = bpf_stats(&bench)?;
+                if let (Some(before), Some(name)) = (stats_before, program) {
+                    let after = bpf_stats(&bench, name)?;
                     let runs = after.1 - before.1;
                     if runs > 0 {
                         results["xdp_cost"][format!("{}/layout{layout}/{size}", kind.key())] =
@@ -488,9 +495,9 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
             (n >= flows).then_some(n)
         })?;
         let learn_secs = started.elapsed().as_secs_f64();
-        let before = bpf_stats(bench)?;
+        let before = bpf_stats(bench, "forwarder")?;
         let (rx, _) = throughput(&s, bench, flows, 64, plan.seconds)?;
-        let after = bpf_stats(bench)?;
+        let after = bpf_stats(bench, "forwarder")?;
         let runs = (after.1 - before.1).max(1);
         out[format!("flows_{flows}")] = json!({
             "established_flows": learned,
