@@ -124,8 +124,13 @@ fn loadgen(
         sockets.push(socket);
     }
     let warmup_started = Instant::now();
-    for socket in &sockets {
-        let _ = socket.send(&payload);
+    // Paced, and twice: a relay learns each flow from its first packet in
+    // userspace, and a burst of thousands would overflow its socket buffer.
+    for _ in 0..2 {
+        for socket in &sockets {
+            let _ = socket.send(&payload);
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
     std::thread::sleep(Duration::from_millis(warmup_ms));
     if warmup_only {
