@@ -4,9 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use tracing::{debug, warn};
+use tracing::warn;
 
-use crate::datapath::socket::RelaySocket;
+use crate::datapath::socket::{Outgoing, RelaySocket};
 use crate::sessions::{ClientVerdict, Relay};
 
 pub type SharedRelay = Arc<Mutex<Relay>>;
@@ -31,13 +31,12 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
                             if new_flow {
                                 spawn_flow_reader(relay.clone(), upstream.clone());
                             }
-                            if let Err(error) = upstream.send(datagram, backend, None) {
-                                debug!(%error, %backend, "sending upstream");
-                            }
+                            Some(Outgoing { socket: upstream, to: backend, from: None })
                         }
-                        Ok(ClientVerdict::Drop) => {}
+                        Ok(ClientVerdict::Drop) => None,
                         Err(error) => {
-                            warn!(port = socket.port, error = format!("{error:#}"), "handling a client packet")
+                            warn!(port = socket.port, error = format!("{error:#}"), "handling a client packet");
+                            None
                         }
                     }
                 })
@@ -59,16 +58,11 @@ fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
         loop {
             let result = socket
                 .recv_batch(|received, datagram| {
-                    let target = relay.lock().expect("relay lock").on_server_packet(
-                        socket.port,
-                        received.from,
-                        datagram.len(),
-                    );
-                    if let Some((session_socket, client, relay_addr)) = target
-                        && let Err(error) = session_socket.send(datagram, client, Some(relay_addr))
-                    {
-                        debug!(%error, %client, "sending to a client");
-                    }
+                    let (session_socket, client, relay_addr) = relay
+                        .lock()
+                        .expect("relay lock")
+                        .on_server_packet(socket.port, received.from, datagram.len())?;
+                    Some(Outgoing { socket: session_socket, to: client, from: Some(relay_addr) })
                 })
                 .await;
             if let Err(error) = result {
