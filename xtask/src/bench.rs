@@ -329,7 +329,41 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
             // The ceiling needs no echo path; latency is not measured for it.
         }
     }
+    if layout == 2 {
+        steer_to_relay_core(&relay_ns, RELAY_CLIENT_IF)?;
+    }
     Ok(Setup { relay, children, path, client, server, _relay_ns: Some(relay_ns) })
+}
+
+/// Layout 2: the relay's receive processing runs on core 1, away from the
+/// sender on core 0. Threaded NAPI (pinned) moves native XDP there; RPS moves
+/// the stack's processing (generic XDP, nftables, sockets).
+fn steer_to_relay_core(relay_ns: &Netns, dev: &str) -> Result<()> {
+    relay_ns.run("sh", &["-c", &format!("echo 2 > /sys/class/net/{dev}/queues/rx-0/rps_cpus && echo 1 > /sys/class/net/{dev}/threaded")])?;
+    let threads = cmd::sh("ps", &["-eo", "pid=,comm="])?;
+    let prefix = format!("napi/{dev}-");
+    for line in threads.lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(pid), Some(comm)) = (fields.next(), fields.next())
+            && comm.starts_with(&prefix)
+        {
+            cmd::sh("taskset", &["-p", "-c", "1", pid])?;
+        }
+    }
+    Ok(())
+}
+
+/// Busy and total jiffies of one CPU, from /proc/stat.
+fn cpu_jiffies(cpu: usize) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&format!("cpu{cpu} ")))
+        .with_context(|| format!("no cpu{cpu} in /proc/stat"))?;
+    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
 }
 
 fn run_json(cmd: &mut Command, timeout: Duration) -> Result<Value> {
@@ -356,15 +390,29 @@ fn loadgen(s: &Setup, bench: &Path, flows: usize, size: usize, seconds: f64, war
     run_json(&mut cmd, Duration::from_secs_f64(seconds + 60.0))
 }
 
-/// Received packets per second at the server during one load run.
-fn throughput(s: &Setup, bench: &Path, flows: usize, size: usize, seconds: f64) -> Result<(f64, f64)> {
+/// One load run: packets per second received at the server, sent by the
+/// client, and how busy core 1 (the relay's core in layout 2) was.
+struct Run {
+    received_pps: f64,
+    sent_pps: f64,
+    core1_busy: f64,
+}
+
+fn throughput(s: &Setup, bench: &Path, flows: usize, size: usize, seconds: f64) -> Result<Run> {
     let before = sink_count(&s.server)?;
+    let cpu_before = cpu_jiffies(1)?;
     let sent = loadgen(s, bench, flows, size, seconds, false)?;
+    let cpu_after = cpu_jiffies(1)?;
     // Packets in flight land within a few milliseconds.
     std::thread::sleep(Duration::from_millis(100));
     let after = sink_count(&s.server)?;
     let elapsed = sent["seconds"].as_f64().unwrap_or(seconds);
-    Ok(((after - before) as f64 / elapsed, sent["pps"].as_f64().unwrap_or(0.0)))
+    let total = (cpu_after.1 - cpu_before.1).max(1);
+    Ok(Run {
+        received_pps: (after - before) as f64 / elapsed,
+        sent_pps: sent["pps"].as_f64().unwrap_or(0.0),
+        core1_busy: (cpu_after.0 - cpu_before.0) as f64 / total as f64,
+    })
 }
 
 fn pingpong(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
@@ -424,7 +472,7 @@ pub fn run(plan: &Plan) -> Result<Value> {
     cmd::sh("sysctl", &["-qw", "kernel.bpf_stats_enabled=1"])?;
     let mut results = json!({"plan": format!("{plan:?}"), "throughput": {}, "latency": {}, "xdp_cost": {}, "scale": {}});
     let mut table = String::from(
-        "| relay | layout | payload | received kpps (mean ± sd) | sent kpps |\n|---|---|---|---|---|\n",
+        "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
     );
     for layout in [1, 2] {
         for kind in Kind::ALL {
@@ -434,6 +482,7 @@ pub fn run(plan: &Plan) -> Result<Value> {
             for &size in &plan.sizes {
                 let mut received = Vec::new();
                 let mut sent = Vec::new();
+                let mut busy = Vec::new();
                 let program = match kind {
                     Kind::XdpNative | Kind::XdpGeneric => Some("forwarder"),
                     // The kernel keeps 15 characters of a program's name.
@@ -442,18 +491,30 @@ pub fn run(plan: &Plan) -> Result<Value> {
                 };
                 let stats_before = program.map(|name| bpf_stats(&bench, name)).transpose()?;
                 for _ in 0..plan.reps {
-                    let (rx, tx) = throughput(&s, &bench, plan.flows, size, plan.seconds)?;
-                    received.push(rx / 1000.0);
-                    sent.push(tx / 1000.0);
+                    let run = throughput(&s, &bench, plan.flows, size, plan.seconds)?;
+                    received.push(run.received_pps / 1000.0);
+                    sent.push(run.sent_pps / 1000.0);
+                    busy.push(run.core1_busy);
                 }
                 let (mean, sd) = spread(&received);
                 let (sent_mean, _) = spread(&sent);
+                let (busy_mean, _) = spread(&busy);
+                // In layout 2 the relay has core 1 to itself: what it moved per
+                // fully busy core is its capacity, whatever the sender managed.
+                let per_core = if layout == 2 && kind != Kind::Direct && busy_mean > 0.01 {
+                    format!("{:.0}", mean / busy_mean)
+                } else {
+                    "-".into()
+                };
                 table.push_str(&format!(
-                    "| {} | {layout} | {size} B | {mean:.0} ± {sd:.0} | {sent_mean:.0} |\n",
-                    kind.name()
+                    "| {} | {layout} | {size} B | {mean:.0} ± {sd:.0} | {sent_mean:.0} | {:.0}% | {per_core} |\n",
+                    kind.name(),
+                    busy_mean * 100.0
                 ));
-                results["throughput"][format!("{}/layout{layout}/{size}", kind.key())] =
-                    json!({"received_kpps": received, "mean": mean, "sd": sd, "sent_kpps_mean": sent_mean});
+                results["throughput"][format!("{}/layout{layout}/{size}", kind.key())] = json!({
+                    "received_kpps": received, "mean": mean, "sd": sd, "sent_kpps_mean": sent_mean,
+                    "core1_busy": busy_mean, "kpps_per_relay_core": if per_core == "-" { Value::Null } else { json!(mean / busy_mean) },
+                });
                 if let (Some(before), Some(name)) = (stats_before, program) {
                     let after = bpf_stats(&bench, name)?;
                     let runs = after.1 - before.1;
@@ -496,7 +557,7 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
         })?;
         let learn_secs = started.elapsed().as_secs_f64();
         let before = bpf_stats(bench, "forwarder")?;
-        let (rx, _) = throughput(&s, bench, flows, 64, plan.seconds)?;
+        let rx = throughput(&s, bench, flows, 64, plan.seconds)?.received_pps;
         let after = bpf_stats(bench, "forwarder")?;
         let runs = (after.1 - before.1).max(1);
         out[format!("flows_{flows}")] = json!({
