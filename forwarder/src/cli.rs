@@ -1,5 +1,6 @@
 //! The command line: thin verbs over the library.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -11,6 +12,7 @@ use crate::daemon::{self, RunOptions};
 use crate::datapath::xdp::ModeChoice;
 use crate::ports::PortRange;
 use crate::sessions::Limits;
+use crate::store::default_state_dir;
 
 #[derive(Parser, Debug)]
 #[command(name = "forwarder", version, about = "XDP-accelerated UDP relay for mosh")]
@@ -56,6 +58,18 @@ pub enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the instance's pinned XDP program, links and maps (the daemon
+    /// must be stopped): forwarding of every flow ends.
+    Detach {
+        /// Also delete the session store, forgetting every session.
+        #[arg(long)]
+        purge: bool,
+        /// The session store's folder (default /var/lib/forwarder/<instance>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -83,12 +97,23 @@ pub struct RunArgs {
     /// New client endpoints a session may gain per second (bursts of twice that).
     #[arg(long, default_value_t = 4)]
     pub new_flows_per_sec: u32,
+    /// Most sessions at once; `add` beyond it is refused.
+    #[arg(long, default_value_t = 4096)]
+    pub max_sessions: usize,
+    /// Flows the kernel maps hold (set when the maps are first created; pinned maps keep their size).
+    #[arg(long, default_value_t = forwarder_common::MAX_FLOWS)]
+    pub max_flows: u32,
+    /// Folder of the session store (default /var/lib/forwarder/<instance>).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
     match cli.verb {
         Verb::Run(args) => {
             let options = RunOptions {
+                state_dir: args.state_dir.unwrap_or_else(|| default_state_dir(&cli.instance)),
+                max_flows: args.max_flows,
                 instance: cli.instance,
                 interfaces: args.interfaces,
                 xdp_mode: args.xdp_mode,
@@ -99,6 +124,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     default_session_idle_timeout: args.session_idle_timeout,
                     max_flows_per_session: args.max_flows_per_session,
                     new_flows_per_sec: args.new_flows_per_sec,
+                    max_sessions: args.max_sessions,
                 },
             };
             tokio::runtime::Builder::new_multi_thread()
@@ -106,6 +132,21 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(daemon::run(options))
+        }
+        Verb::Detach { purge, state_dir, json } => {
+            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&cli.instance));
+            let detached = daemon::detach(&cli.instance, &state_dir, purge)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detached)?);
+            } else {
+                println!(
+                    "instance {}: removed {} pins{}",
+                    detached.instance,
+                    detached.pins_removed,
+                    if detached.store_removed { " and the session store" } else { "" }
+                );
+            }
+            Ok(())
         }
         Verb::Add { backend, port, idle_timeout, json } => {
             daemon::validate_instance(&cli.instance)?;
@@ -226,6 +267,16 @@ fn render_stats(stats: &StatsInfo) -> String {
     let _ = writeln!(out, "XDP reasons (packets / bytes):");
     for (name, counter) in stats.reasons.iter().filter(|(_, c)| c.packets > 0) {
         let _ = writeln!(out, "  {name:<22} {:>10} / {}", counter.packets, counter.bytes);
+    }
+    let c = &stats.capacity;
+    let _ = writeln!(
+        out,
+        "capacity: {} of {} sessions, {} of {} flows ({} per session); kernel memory per flow {} B",
+        stats.sessions, c.max_sessions, stats.flows, c.max_flows, c.max_flows_per_session, c.kernel_bytes_per_flow
+    );
+    for map in &c.maps {
+        let fill = map.entries.map_or_else(|| "array".to_string(), |n| format!("{n}/{}", map.max_entries));
+        let _ = writeln!(out, "  map {:<16} {:>14}  {} B kernel memory", map.name, fill, map.memlock_bytes);
     }
     let s = &stats.slow_path;
     let _ = writeln!(

@@ -12,3 +12,4 @@ pub mod limits;
 pub mod ports;
 pub mod sessions;
 pub mod slowpath;
+pub mod store;

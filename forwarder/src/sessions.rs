@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use forwarder_common::config::MAX_FLOWS;
 use forwarder_common::flow::Endpoints;
 use forwarder_common::{BackendKey, ClientKey, Rewrite};
 use tracing::{info, warn};
@@ -18,6 +17,10 @@ use crate::expiry::{self, FlowActivity};
 use crate::limits::TokenBucket;
 use crate::ports::{PortPool, PortRange};
 use crate::datapath::socket::RelaySocket;
+use crate::store::{SessionRecord, Store};
+
+mod restore;
+pub use restore::Restored;
 
 /// Settings that shape every session.
 #[derive(Clone, Debug)]
@@ -26,6 +29,8 @@ pub struct Limits {
     pub default_session_idle_timeout: Duration,
     pub max_flows_per_session: usize,
     pub new_flows_per_sec: u32,
+    /// Most sessions the relay holds; `add` beyond it is refused.
+    pub max_sessions: usize,
 }
 
 pub struct Session {
@@ -40,6 +45,19 @@ pub struct Session {
     new_flows: TokenBucket,
     /// Upstream ports of its flows, keyed by (relay address, client endpoint).
     flows: HashMap<(Ipv4Addr, SocketAddrV4), u16>,
+}
+
+impl Session {
+    pub fn record(&self) -> SessionRecord {
+        SessionRecord {
+            id: self.id.clone(),
+            port: self.port,
+            backend: self.backend,
+            route_source: self.route.source,
+            route_ifindex: self.route.ifindex,
+            idle_timeout_secs: self.idle_timeout.as_secs(),
+        }
+    }
 }
 
 pub struct Flow {
@@ -78,6 +96,8 @@ pub struct Relay {
     sessions: BTreeMap<u16, Session>,
     flows: HashMap<u16, Flow>,
     pub stats: SlowPathStats,
+    /// Where sessions are persisted (None: they live only in memory).
+    pub store: Option<Store>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
@@ -149,6 +169,7 @@ impl Relay {
         session_ports: PortRange,
         flow_ports: PortRange,
     ) -> Self {
+        let max_flows = datapath.max_flows;
         Self {
             instance,
             limits,
@@ -157,10 +178,11 @@ impl Relay {
             datapath,
             session_ports: PortPool::new(session_ports),
             flow_ports: PortPool::new(flow_ports),
-            free_slots: (0..MAX_FLOWS).collect(),
+            free_slots: (0..max_flows).collect(),
             sessions: BTreeMap::new(),
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
+            store: None,
         }
     }
 
@@ -186,6 +208,13 @@ impl Relay {
                 existing.id,
                 existing.port,
                 existing.id
+            );
+        }
+        if self.sessions.len() >= self.limits.max_sessions {
+            bail!(
+                "the relay holds its maximum of {} sessions: remove unused ones (`forwarder list`) \
+                 or raise max_sessions in the config (--max-sessions)",
+                self.limits.max_sessions
             );
         }
         let socket = match port {
@@ -241,6 +270,15 @@ impl Relay {
             ),
             flows: HashMap::new(),
         };
+        // Durable before it is announced: a session the caller was told about
+        // survives a crash; one that never got committed never existed.
+        if let Some(store) = &self.store
+            && let Err(error) = store.put(&session.record())
+        {
+            socket.close();
+            self.session_ports.release(port);
+            return Err(error);
+        }
         info!(session = %session.id, port, %backend, "session added");
         self.sessions.insert(port, session);
         Ok((self.session_info(port, now).expect("just inserted"), socket))
@@ -258,6 +296,13 @@ impl Relay {
     /// Removes a session and every flow of it.
     pub fn remove_session(&mut self, port: u16, why: &str) -> Option<SessionInfo> {
         let info = self.session_info(port, monotonic_ns())?;
+        // Forgotten on disk first: a crash in between leaves flows without a
+        // session, which the next start removes.
+        if let Some(store) = &self.store
+            && let Err(error) = store.delete(port)
+        {
+            warn!(port, error = format!("{error:#}"), "removing a session from the store");
+        }
         let session = self.sessions.remove(&port)?;
         for upstream_port in session.flows.into_values() {
             self.remove_flow(upstream_port, why);
