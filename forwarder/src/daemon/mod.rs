@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub max_flows: u32,
     /// Where the session store lives.
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -134,6 +136,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         "forwarder ready"
     );
 
+    let metrics = match options.metrics {
+        Some(address) => {
+            let listener = crate::metrics::bind(address).await?;
+            info!(%address, "serving Prometheus metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(listener, relay.clone())))
+        }
+        None => None,
+    };
     let server = tokio::spawn(control::server::serve(listener, relay.clone()));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
 
@@ -144,6 +154,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
     }
     server.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     expiry.abort();
     let _ = std::fs::remove_file(&socket_path);
     info!(
