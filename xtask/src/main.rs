@@ -1,8 +1,9 @@
-//! Developer and CI tasks: `cargo xtask prereq | demo | test`.
+//! Developer and CI tasks: `cargo xtask prereq | demo | test | deb`.
 //!
 //! Everything runs as root: the tasks install packages, create network
 //! namespaces and attach XDP programs.
 
+mod deb;
 mod demo;
 mod prereq;
 mod test;
@@ -30,6 +31,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build target/deb/forwarder_<version>_<arch>.deb (binary, systemd unit, example config).
+    Deb,
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Task::Prereq => prereq::ensure(),
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
+        Task::Deb => deb::run().map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
