@@ -48,6 +48,32 @@ pub struct Session {
 }
 
 impl Session {
+    fn new(
+        id: String,
+        backend: SocketAddrV4,
+        route: BackendRoute,
+        idle_timeout: Duration,
+        socket: Arc<RelaySocket>,
+        limits: &Limits,
+        now: u64,
+    ) -> Self {
+        Self {
+            id,
+            port: socket.port,
+            backend,
+            route,
+            idle_timeout,
+            socket,
+            last_active_ns: now,
+            new_flows: TokenBucket::new(
+                limits.new_flows_per_sec,
+                limits.new_flows_per_sec.saturating_mul(2).max(1),
+                now,
+            ),
+            flows: HashMap::new(),
+        }
+    }
+
     pub fn record(&self) -> SessionRecord {
         SessionRecord {
             id: self.id.clone(),
@@ -73,6 +99,34 @@ pub struct Flow {
     slow_to_client: (u64, u64),
     last_slow_to_server_ns: u64,
     last_slow_from_server_ns: u64,
+}
+
+impl Flow {
+    /// A flow as the daemon starts tracking it: its upstream port is its socket's.
+    fn new(
+        session_port: u16,
+        client: SocketAddrV4,
+        relay_addr: Ipv4Addr,
+        socket: Arc<RelaySocket>,
+        entries: FlowEntries,
+        slot: u32,
+        now: u64,
+    ) -> Self {
+        Self {
+            session_port,
+            client,
+            relay_addr,
+            upstream_port: socket.port,
+            socket,
+            entries,
+            slot,
+            created_ns: now,
+            slow_to_server: (0, 0),
+            slow_to_client: (0, 0),
+            last_slow_to_server_ns: 0,
+            last_slow_from_server_ns: 0,
+        }
+    }
 }
 
 /// What the slow path should do with a packet that reached a session port.
@@ -255,21 +309,8 @@ impl Relay {
                 break candidate;
             }
         };
-        let session = Session {
-            id,
-            port,
-            backend,
-            route,
-            idle_timeout: idle_timeout.unwrap_or(self.limits.default_session_idle_timeout),
-            socket: socket.clone(),
-            last_active_ns: now,
-            new_flows: TokenBucket::new(
-                self.limits.new_flows_per_sec,
-                self.limits.new_flows_per_sec.saturating_mul(2).max(1),
-                now,
-            ),
-            flows: HashMap::new(),
-        };
+        let idle_timeout = idle_timeout.unwrap_or(self.limits.default_session_idle_timeout);
+        let session = Session::new(id, backend, route, idle_timeout, socket.clone(), &self.limits, now);
         // Durable before it is announced: a session the caller was told about
         // survives a crash; one that never got committed never existed.
         if let Some(store) = &self.store
@@ -383,23 +424,10 @@ impl Relay {
         session.last_active_ns = now;
         let backend = session.backend;
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow learned");
-        self.flows.insert(
-            upstream_port,
-            Flow {
-                session_port,
-                client,
-                relay_addr,
-                upstream_port,
-                socket: socket.clone(),
-                entries,
-                slot,
-                created_ns: now,
-                slow_to_server: (1, len as u64),
-                slow_to_client: (0, 0),
-                last_slow_to_server_ns: now,
-                last_slow_from_server_ns: 0,
-            },
-        );
+        let mut flow = Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now);
+        flow.slow_to_server = (1, len as u64);
+        flow.last_slow_to_server_ns = now;
+        self.flows.insert(upstream_port, flow);
         self.stats.flows_created += 1;
         self.stats.forwarded_to_server += 1;
         Ok(ClientVerdict::Forward { socket, backend, new_flow: true })

@@ -88,21 +88,15 @@ impl Relay {
                 return Err(error);
             }
         };
-        let session = Session {
-            id: record.id.clone(),
-            port: record.port,
-            backend: record.backend,
-            route: BackendRoute { source: record.route_source, ifindex: record.route_ifindex },
-            idle_timeout: Duration::from_secs(record.idle_timeout_secs),
-            socket: socket.clone(),
-            last_active_ns: now,
-            new_flows: TokenBucket::new(
-                self.limits.new_flows_per_sec,
-                self.limits.new_flows_per_sec.saturating_mul(2).max(1),
-                now,
-            ),
-            flows: HashMap::new(),
-        };
+        let session = Session::new(
+            record.id.clone(),
+            record.backend,
+            BackendRoute { source: record.route_source, ifindex: record.route_ifindex },
+            Duration::from_secs(record.idle_timeout_secs),
+            socket.clone(),
+            &self.limits,
+            now,
+        );
         info!(session = %session.id, port = session.port, backend = %session.backend, "session restored");
         self.sessions.insert(record.port, session);
         Ok(socket)
@@ -149,23 +143,7 @@ impl Relay {
         let session = self.sessions.get_mut(&session_port).expect("looked up above");
         session.flows.insert((relay_addr, client), upstream_port);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow restored");
-        self.flows.insert(
-            upstream_port,
-            Flow {
-                session_port,
-                client,
-                relay_addr,
-                upstream_port,
-                socket: socket.clone(),
-                entries,
-                slot,
-                created_ns: now,
-                slow_to_server: (0, 0),
-                slow_to_client: (0, 0),
-                last_slow_to_server_ns: 0,
-                last_slow_from_server_ns: 0,
-            },
-        );
+        self.flows.insert(upstream_port, Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now));
         Ok((entries.backend_key, socket))
     }
 }
