@@ -4,14 +4,17 @@
 //! Data flows one way: cli → control → sessions → datapath.
 
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod expiry;
 pub mod limits;
+pub mod metrics;
 pub mod mosh;
 pub mod ports;
 pub mod punch;
 pub mod sessions;
 pub mod wrapper;
 pub mod slowpath;
+pub mod store;

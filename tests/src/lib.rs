@@ -21,4 +21,4 @@ pub use mosh::{MoshClient, MoshServer};
 pub use netns::{Netns, veth_pair};
 pub use relay::{FlowInfo, NatInfo, Relay, Session, SessionInfo, forwarder_bin, workspace_root};
 pub use topology::Topology;
-pub use udp::{UdpEcho, UdpPinger};
+pub use udp::{StreamReport, UdpEcho, UdpPinger, UdpStream};

@@ -1,8 +1,10 @@
-//! Developer and CI tasks: `cargo xtask prereq | demo | test`.
+//! Developer and CI tasks: `cargo xtask prereq | demo | test | deb`.
 //!
 //! Everything runs as root: the tasks install packages, create network
 //! namespaces and attach XDP programs.
 
+mod bench;
+mod deb;
 mod demo;
 mod prereq;
 mod test;
@@ -24,19 +26,32 @@ enum Task {
     Prereq,
     /// Build forwarder and run a real mosh session through it in network namespaces.
     Demo,
+    /// Measure forwarder against nftables, socat, a raw XDP ceiling and the direct path.
+    Bench {
+        /// A tiny run of every relay and code path (what CI runs to keep the bench working).
+        #[arg(long)]
+        smoke: bool,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Prereq, release build, then every test in the workspace (as CI runs it).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter, or `-- --nocapture`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build target/deb/forwarder_<version>_<arch>.deb (binary, systemd unit, example config).
+    Deb,
 }
 
 fn main() -> ExitCode {
     let result = match Task::parse() {
         Task::Prereq => prereq::ensure(),
         Task::Demo => demo::run(),
+        Task::Bench { smoke, json } => run_bench(smoke, json),
         Task::Test { args } => test::run(&args),
+        Task::Deb => deb::run().map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -45,6 +60,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_bench(smoke: bool, json: Option<PathBuf>) -> Result<()> {
+    prereq::ensure()?;
+    build_forwarder()?;
+    let plan = if smoke { bench::Plan::smoke() } else { bench::Plan::full() };
+    let results = bench::run(&plan)?;
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("xtask: results written to {}", path.display());
+    }
+    Ok(())
 }
 
 /// The cargo that runs us (so the same toolchain builds everything).

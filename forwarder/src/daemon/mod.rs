@@ -1,8 +1,12 @@
-//! `forwarder run`: load and attach the XDP program, serve the control
-//! socket, expire idle flows and sessions, and clean up on SIGTERM/SIGINT.
+//! `forwarder run`: adopt (or load and pin) the XDP data plane, restore the
+//! stored sessions, serve the control socket and expire idle flows and
+//! sessions. Stopping leaves the pinned data plane forwarding; `forwarder
+//! detach` removes it.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Instant;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,12 +16,15 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::control::proto::{PacketsBytes, StatsInfo};
+use crate::control::proto::{CapacityInfo, MapFill, PacketsBytes, StatsInfo};
 use crate::control::{self};
-use crate::datapath::xdp::{ModeChoice, XdpDatapath};
+use crate::datapath::pins::PinDir;
+use crate::datapath::xdp::{self, Capacity, ModeChoice, XdpDatapath};
+use crate::datapath::{Datapath, DatapathChoice};
+use crate::store::Store;
 use crate::ports::PortRange;
 use crate::sessions::{Limits, Relay, monotonic_ns};
-use crate::slowpath::SharedRelay;
+use crate::slowpath::{SharedRelay, spawn_flow_reader, spawn_session_reader};
 
 pub mod punch;
 
@@ -26,10 +33,17 @@ pub mod punch;
 pub struct RunOptions {
     pub instance: String,
     pub interfaces: Vec<String>,
+    pub datapath: DatapathChoice,
     pub xdp_mode: ModeChoice,
     pub session_ports: PortRange,
     pub flow_ports: PortRange,
     pub limits: Limits,
+    /// Size of the flow maps when they are first created.
+    pub max_flows: u32,
+    /// Where the session store lives.
+    pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     /// The punch handshake for servers behind NAT, when enabled.
     pub punch: Option<punch::PunchOptions>,
 }
@@ -54,6 +68,7 @@ fn interface_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
     validate_instance(&options.instance)?;
     if !nix::unistd::geteuid().is_root() {
         bail!("forwarder run must run as root (it loads an XDP program and binds relay ports): use sudo");
@@ -68,6 +83,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
+    raise_fd_limit();
     if let Some(punch) = &options.punch
         && (options.session_ports.contains(punch.port) || options.flow_ports.contains(punch.port))
     {
@@ -87,17 +103,22 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_port_lo: options.flow_ports.lo,
         flow_port_hi: options.flow_ports.hi,
     };
-    let datapath = XdpDatapath::start(&options.interfaces, options.xdp_mode, config)?;
+    let pins = PinDir::new(&options.instance, xdp::layout()?);
+    let (datapath, adopting) = Datapath::start(options.datapath, options.max_flows, || {
+        let adopting = pins.prepare(&options.instance)?;
+        let xdp = XdpDatapath::start(
+            &options.interfaces,
+            options.xdp_mode,
+            config,
+            Capacity { max_flows: options.max_flows },
+            &pins,
+        )?;
+        Ok((xdp, adopting))
+    })?;
+    let store = Store::open(&options.state_dir)?;
+    let records = store.sessions()?;
     let relay_addresses = interface_addresses(&options.interfaces);
-    info!(
-        instance = %options.instance,
-        interfaces = ?options.interfaces,
-        mode = %datapath.mode,
-        ports = %options.session_ports,
-        flow_ports = %options.flow_ports,
-        socket = %socket_path.display(),
-        "forwarder ready"
-    );
+    let mode = datapath.mode();
     let relay: SharedRelay = Arc::new(Mutex::new(Relay::new(
         options.instance.clone(),
         options.limits.clone(),
@@ -107,7 +128,43 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.session_ports,
         options.flow_ports,
     )));
+    let restored = {
+        let mut relay = relay.lock().expect("relay lock");
+        relay.store = Some(store);
+        relay.restore(records)
+    };
+    let (sessions, flows) = (restored.session_sockets.len(), restored.flow_sockets.len());
+    for socket in restored.session_sockets {
+        spawn_session_reader(relay.clone(), socket);
+    }
+    for socket in restored.flow_sockets {
+        spawn_flow_reader(relay.clone(), socket);
+    }
+    info!(
+        instance = %options.instance,
+        interfaces = ?options.interfaces,
+        mode = %mode,
+        ports = %options.session_ports,
+        flow_ports = %options.flow_ports,
+        socket = %socket_path.display(),
+        pins = %pins.dir.display(),
+        adopted = adopting,
+        sessions_restored = sessions,
+        flows_restored = flows,
+        sessions_dropped = restored.dropped_sessions,
+        map_halves_dropped = restored.dropped_halves,
+        ready_ms = started.elapsed().as_millis() as u64,
+        "forwarder ready"
+    );
 
+    let metrics = match options.metrics {
+        Some(address) => {
+            let listener = crate::metrics::bind(address).await?;
+            info!(%address, "serving Prometheus metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(listener, relay.clone())))
+        }
+        None => None,
+    };
     let server = tokio::spawn(control::server::serve(listener, relay.clone()));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
     let punch_tasks = match options.punch.clone() {
@@ -122,12 +179,62 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
     }
     server.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     expiry.abort();
     punch_tasks.iter().for_each(JoinHandle::abort);
     let _ = std::fs::remove_file(&socket_path);
-    relay.lock().expect("relay lock").clear();
-    info!("stopped; the XDP program is detached");
+    info!(
+        pins = %pins.dir.display(),
+        "stopped; the pinned data plane keeps forwarding established flows (`forwarder detach` removes it)"
+    );
     Ok(())
+}
+
+/// Every session port and every flow holds a socket: lift the soft limit on
+/// open files to the hard one so large relays do not run out at 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, "could not raise the open-file limit; large relays may run out of sockets");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// What `forwarder detach` removed.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Detached {
+    pub instance: String,
+    pub pins_removed: usize,
+    pub store_removed: bool,
+}
+
+/// Removes an instance's pinned data plane (the XDP program leaves every
+/// interface; established flows stop) and, with `purge`, its session store.
+/// Refuses while the daemon runs: it would keep answering for a data plane
+/// that is gone.
+pub fn detach(instance: &str, state_dir: &std::path::Path, purge: bool) -> anyhow::Result<Detached> {
+    validate_instance(instance)?;
+    let socket = control::socket_path(instance);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "the daemon of instance {instance:?} is running ({} answers): stop it first \
+             (`systemctl stop forwarder` or SIGTERM), then detach",
+            socket.display()
+        );
+    }
+    let pins_removed = crate::datapath::pins::remove_instance(instance)?;
+    let store_removed = purge && state_dir.is_dir();
+    if store_removed {
+        std::fs::remove_dir_all(state_dir).with_context(|| format!("removing {}", state_dir.display()))?;
+    }
+    info!(instance, pins_removed, store_removed, "data plane detached");
+    Ok(Detached { instance: instance.to_string(), pins_removed, store_removed })
 }
 
 async fn expire_forever(relay: SharedRelay) {
@@ -135,6 +242,33 @@ async fn expire_forever(relay: SharedRelay) {
     loop {
         tick.tick().await;
         relay.lock().expect("relay lock").expire(monotonic_ns());
+    }
+}
+
+/// Limits, map fill and the kernel memory a flow costs.
+fn capacity(relay: &Relay) -> CapacityInfo {
+    let maps: Vec<MapFill> = relay
+        .datapath
+        .map_usage()
+        .into_iter()
+        .map(|usage| MapFill {
+            name: usage.name,
+            entries: usage.entries,
+            max_entries: usage.max_entries,
+            memlock_bytes: usage.memlock_bytes,
+        })
+        .collect();
+    let per_flow_maps: u64 = maps
+        .iter()
+        .filter(|m| ["CLIENT_FLOWS", "BACKEND_FLOWS", "FLOW_COUNTERS"].contains(&m.name.as_str()))
+        .map(|m| m.memlock_bytes)
+        .sum();
+    CapacityInfo {
+        max_sessions: relay.limits.max_sessions,
+        max_flows: relay.datapath.max_flows(),
+        max_flows_per_session: relay.limits.max_flows_per_session,
+        kernel_bytes_per_flow: per_flow_maps / u64::from(relay.datapath.max_flows().max(1)),
+        maps,
     }
 }
 
@@ -155,12 +289,13 @@ pub fn stats(relay: &Relay) -> StatsInfo {
     }
     StatsInfo {
         instance: relay.instance.clone(),
-        xdp_mode: relay.datapath.mode.clone(),
+        xdp_mode: relay.datapath.mode(),
         interfaces: relay.interfaces.clone(),
         sessions: relay.session_count(),
         flows: relay.flow_count(),
         verdicts,
         reasons,
         slow_path: relay.stats.clone(),
+        capacity: capacity(relay),
     }
 }

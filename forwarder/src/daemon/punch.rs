@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::datapath::socket::{Received, RelaySocket};
+use crate::datapath::socket::{Outgoing, Received, RelaySocket};
 use crate::datapath::xdp::{self, BackendRoute};
 use crate::mosh::MoshKey;
 use crate::punch::{self, Authority, Message, RefusalReason, Secret, Verdict};
@@ -28,8 +28,6 @@ pub struct PunchOptions {
 }
 
 type SharedAuthority = Arc<Mutex<Authority>>;
-
-const MAX_DATAGRAM: usize = 2048;
 
 /// Binds the punch port and starts the handshake and keepalive tasks.
 pub fn start(relay: SharedRelay, options: PunchOptions) -> anyhow::Result<Vec<JoinHandle<()>>> {
@@ -90,55 +88,92 @@ async fn serve(
     socket: Arc<RelaySocket>,
     public_addr: Option<Ipv4Addr>,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        let received = match socket.recv(&mut buf).await {
-            Ok(received) => received,
-            Err(error) => {
-                warn!(%error, "reading the punch socket");
-                continue;
-            }
-        };
-        let Some(envelope) = judge(&authority, &socket, &buf[..received.len], &received) else {
-            continue;
-        };
-        let reply = match envelope.message {
-            Message::Allocate => {
-                allocate(&relay, &authority, &received, public_addr, envelope.nonce).await
-            }
-            Message::Key {
-                token,
-                client_port,
-                key,
-            } => {
-                let accepted = relay.lock().expect("relay lock").set_nat_key(
-                    client_port,
-                    &token,
-                    MoshKey::from_bytes(key),
-                );
-                if accepted {
-                    Ok(Message::KeyAccepted {
-                        request: envelope.nonce,
-                    })
-                } else {
-                    warn!(from = %received.from, client_port, "punch key refused: no NAT session with that port and token");
-                    Err(RefusalReason::UnknownSession)
-                }
-            }
-            other => {
-                debug!(from = %received.from, ?other, "unexpected message on the punch port");
-                Err(RefusalReason::Malformed)
-            }
-        };
-        match reply {
-            Ok(message) => {
-                let bytes = authority.lock().expect("authority lock").reply(&message);
-                if let Err(error) = socket.send(&bytes, received.from, Some(received.to)) {
-                    debug!(%error, to = %received.from, "answering a punch request");
-                }
-            }
-            Err(reason) => refuse(&socket, &received, envelope.nonce, reason),
+        for (received, datagram) in receive(&socket, "the punch socket").await {
+            handle_request(
+                &relay,
+                &authority,
+                &socket,
+                public_addr,
+                &received,
+                &datagram,
+            )
+            .await;
         }
+    }
+}
+
+/// The datagrams of one batch, copied out: handling them may wait (route
+/// lookups), which the batch receiver's callback must not.
+async fn receive(socket: &RelaySocket, what: &str) -> Vec<(Received, Vec<u8>)> {
+    let mut datagrams = Vec::new();
+    let result = socket
+        .recv_batch(|received, datagram| {
+            datagrams.push((copy(received), datagram.to_vec()));
+            None
+        })
+        .await;
+    if let Err(error) = result {
+        warn!(port = socket.port, %error, "reading {what}");
+    }
+    datagrams
+}
+
+fn copy(received: &Received) -> Received {
+    Received {
+        len: received.len,
+        from: received.from,
+        to: received.to,
+    }
+}
+
+async fn handle_request(
+    relay: &SharedRelay,
+    authority: &SharedAuthority,
+    socket: &RelaySocket,
+    public_addr: Option<Ipv4Addr>,
+    received: &Received,
+    datagram: &[u8],
+) {
+    let Some(envelope) = judge(authority, socket, datagram, received) else {
+        return;
+    };
+    let reply = match envelope.message {
+        Message::Allocate => {
+            allocate(relay, authority, received, public_addr, envelope.nonce).await
+        }
+        Message::Key {
+            token,
+            client_port,
+            key,
+        } => {
+            let accepted = relay.lock().expect("relay lock").set_nat_key(
+                client_port,
+                &token,
+                MoshKey::from_bytes(key),
+            );
+            if accepted {
+                Ok(Message::KeyAccepted {
+                    request: envelope.nonce,
+                })
+            } else {
+                warn!(from = %received.from, client_port, "punch key refused: no NAT session with that port and token");
+                Err(RefusalReason::UnknownSession)
+            }
+        }
+        other => {
+            debug!(from = %received.from, ?other, "unexpected message on the punch port");
+            Err(RefusalReason::Malformed)
+        }
+    };
+    match reply {
+        Ok(message) => {
+            let bytes = authority.lock().expect("authority lock").reply(&message);
+            if let Err(error) = socket.send(&bytes, received.from, Some(received.to)) {
+                debug!(%error, to = %received.from, "answering a punch request");
+            }
+        }
+        Err(reason) => refuse(socket, received, envelope.nonce, reason),
     }
 }
 
@@ -180,29 +215,30 @@ fn spawn_upstream_reader(relay: SharedRelay, authority: SharedAuthority, socket:
     let reader_socket = socket.clone();
     let task = tokio::spawn(async move {
         let socket = reader_socket;
-        let mut buf = vec![0u8; 65_536];
         loop {
-            let received = match socket.recv(&mut buf).await {
-                Ok(received) => received,
-                Err(error) => {
-                    warn!(port = socket.port, %error, "reading a NAT session's upstream socket");
-                    continue;
-                }
-            };
-            let data = &buf[..received.len];
-            if punch::looks_like_punch(data) {
-                bind(&relay, &authority, &socket, data, &received).await;
-                continue;
+            let mut punches = Vec::new();
+            let result = socket
+                .recv_batch(|received, datagram| {
+                    if punch::looks_like_punch(datagram) {
+                        punches.push((copy(received), datagram.to_vec()));
+                        return None;
+                    }
+                    let (session_socket, client, relay_addr) = relay
+                        .lock()
+                        .expect("relay lock")
+                        .on_nat_server_packet(socket.port, received.from, datagram.len())?;
+                    Some(Outgoing {
+                        socket: session_socket,
+                        to: client,
+                        from: Some(relay_addr),
+                    })
+                })
+                .await;
+            if let Err(error) = result {
+                warn!(port = socket.port, %error, "reading a NAT session's upstream socket");
             }
-            let target = relay.lock().expect("relay lock").on_nat_server_packet(
-                socket.port,
-                received.from,
-                received.len,
-            );
-            if let Some((session_socket, client, relay_addr)) = target
-                && let Err(error) = session_socket.send(data, client, Some(relay_addr))
-            {
-                debug!(%error, %client, "sending to a client");
+            for (received, datagram) in punches {
+                bind(&relay, &authority, &socket, &datagram, &received).await;
             }
         }
     });

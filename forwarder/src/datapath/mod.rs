@@ -1,5 +1,157 @@
 //! The two ways packets move: the XDP program (load, attach, maps) and the
-//! daemon's own UDP sockets (first packets and fallbacks).
+//! daemon's own UDP sockets. With the userspace datapath the sockets carry
+//! every packet; with XDP they only see first packets and fallbacks.
 
+pub mod pins;
 pub mod socket;
 pub mod xdp;
+
+use forwarder_common::reason::ReasonCounter;
+use forwarder_common::{BackendKey, ClientKey, FlowCounter, REASON_COUNT, Rewrite};
+use tracing::warn;
+
+use self::xdp::{FlowEntries, MapUsage, XdpDatapath};
+
+/// Which datapath the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathChoice {
+    /// XDP, or the userspace datapath (with the reason) when XDP cannot load.
+    Auto,
+    /// XDP only: fail if it cannot load or attach.
+    Xdp,
+    /// The daemon's sockets only, for hosts without BPF (containers, odd drivers).
+    Userspace,
+}
+
+pub enum Datapath {
+    Xdp(Box<XdpDatapath>),
+    /// Every packet through the daemon's sockets; nothing to install.
+    Userspace { max_flows: u32 },
+}
+
+impl Datapath {
+    /// Starts the chosen datapath; `start_xdp` loads and attaches XDP (and
+    /// says whether it adopted a pinned data plane).
+    pub fn start(
+        choice: DatapathChoice,
+        max_flows: u32,
+        start_xdp: impl FnOnce() -> anyhow::Result<(XdpDatapath, bool)>,
+    ) -> anyhow::Result<(Self, bool)> {
+        match choice {
+            DatapathChoice::Xdp => start_xdp().map(|(xdp, adopted)| (Self::Xdp(Box::new(xdp)), adopted)),
+            DatapathChoice::Userspace => Ok((Self::Userspace { max_flows }, false)),
+            DatapathChoice::Auto => match start_xdp() {
+                Ok((xdp, adopted)) => Ok((Self::Xdp(Box::new(xdp)), adopted)),
+                Err(error) => {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "XDP is not available; falling back to the userspace datapath (every packet through the daemon). \
+                         Use --datapath xdp to make this an error"
+                    );
+                    Ok((Self::Userspace { max_flows }, false))
+                }
+            },
+        }
+    }
+
+    /// "native", "skb", "native+skb" or "userspace".
+    pub fn mode(&self) -> String {
+        match self {
+            Self::Xdp(xdp) => xdp.mode.clone(),
+            Self::Userspace { .. } => "userspace".into(),
+        }
+    }
+
+    pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.install(entries),
+            Self::Userspace { .. } => Ok(()),
+        }
+    }
+
+    pub fn uninstall(&mut self, entries: &FlowEntries) {
+        if let Self::Xdp(xdp) = self {
+            xdp.uninstall(entries);
+        }
+    }
+
+    /// NAT sessions: only the server-to-client half goes to the kernel.
+    pub fn install_backend_half(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.install_backend_half(entries),
+            Self::Userspace { .. } => Ok(()),
+        }
+    }
+
+    pub fn uninstall_backend_half(&mut self, entries: &FlowEntries) {
+        if let Self::Xdp(xdp) = self {
+            xdp.uninstall_backend_half(entries);
+        }
+    }
+
+    /// Last-seen timestamps the XDP program wrote (client half, backend half).
+    pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
+        match self {
+            Self::Xdp(xdp) => xdp.last_seen(entries),
+            Self::Userspace { .. } => (0, 0),
+        }
+    }
+
+    /// Packets the XDP program forwarded in one flow direction.
+    pub fn flow_counter(&self, slot: u32) -> FlowCounter {
+        match self {
+            Self::Xdp(xdp) => xdp.flow_counter(slot),
+            Self::Userspace { .. } => FlowCounter::default(),
+        }
+    }
+
+    /// How many flows the relay may hold (the XDP maps' size).
+    pub fn max_flows(&self) -> u32 {
+        match self {
+            Self::Xdp(xdp) => xdp.max_flows,
+            Self::Userspace { max_flows } => *max_flows,
+        }
+    }
+
+    /// Fill and kernel memory of the XDP maps (none in userspace).
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        match self {
+            Self::Xdp(xdp) => xdp.map_usage(),
+            Self::Userspace { .. } => Vec::new(),
+        }
+    }
+
+    /// The flow halves the kernel holds: what a restarted daemon adopts.
+    pub fn client_halves(&self) -> Vec<(ClientKey, Rewrite)> {
+        match self {
+            Self::Xdp(xdp) => xdp.client_halves(),
+            Self::Userspace { .. } => Vec::new(),
+        }
+    }
+
+    pub fn backend_halves(&self) -> Vec<(BackendKey, Rewrite)> {
+        match self {
+            Self::Xdp(xdp) => xdp.backend_halves(),
+            Self::Userspace { .. } => Vec::new(),
+        }
+    }
+
+    pub fn remove_client_half(&mut self, key: &ClientKey) {
+        if let Self::Xdp(xdp) = self {
+            xdp.remove_client_half(key);
+        }
+    }
+
+    pub fn remove_backend_half(&mut self, key: &BackendKey) {
+        if let Self::Xdp(xdp) = self {
+            xdp.remove_backend_half(key);
+        }
+    }
+
+    pub fn reason_counters(&self) -> Vec<ReasonCounter> {
+        match self {
+            Self::Xdp(xdp) => xdp.reason_counters(),
+            Self::Userspace { .. } => vec![ReasonCounter::default(); REASON_COUNT as usize],
+        }
+    }
+}

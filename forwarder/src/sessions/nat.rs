@@ -29,7 +29,8 @@ use tracing::{debug, info, warn};
 use super::{ClientVerdict, Relay, Session, bind_free_port, flow_entries, monotonic_ns};
 use crate::control::proto::{FlowInfo, NatInfo};
 use crate::datapath::socket::RelaySocket;
-use crate::datapath::xdp::{BackendRoute, FlowEntries, XdpDatapath};
+use crate::datapath::Datapath;
+use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::mosh::{ClientFollower, MoshKey, Rejected};
 use crate::punch::Token;
 
@@ -140,6 +141,13 @@ impl Relay {
                 return Err(error);
             }
         };
+        // A punched session lives as long as the daemon: its key never goes
+        // to disk, and after a restart the server side punches again.
+        if let Some(store) = &self.store
+            && let Err(error) = store.delete(info.port)
+        {
+            warn!(port = info.port, error = format!("{error:#}"), "keeping a punched session out of the store");
+        }
         let token: Token = rand::random();
         let now = monotonic_ns();
         let session = self.sessions.get_mut(&info.port).expect("just added");
@@ -404,7 +412,7 @@ impl Relay {
 
     /// Newest traffic of a NAT session: the client's (all through the
     /// daemon) and the server's (mostly through XDP).
-    pub(super) fn nat_last_active(datapath: &XdpDatapath, nat: &NatState) -> u64 {
+    pub(super) fn nat_last_active(datapath: &Datapath, nat: &NatState) -> u64 {
         let server_seen = nat
             .current
             .as_ref()
