@@ -254,3 +254,32 @@ fn wrapper_says_which_step_got_no_answer() {
         "mosh-server must not start without a working path: {nat:?}"
     );
 }
+
+#[test]
+fn punched_session_works_on_the_userspace_datapath() {
+    prereq::require().unwrap();
+    let topo = NatTopology::build().unwrap();
+    let secret = secret_file(&random_secret());
+    let relay = topo
+        .start_relay(secret.path(), &["--datapath", "userspace"])
+        .unwrap();
+    let (server, wrapped) = MoshServer::start_wrapped(
+        &topo.server,
+        &[
+            "--relay",
+            &topo.punch_endpoint(),
+            "--secret-file",
+            secret.path().to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let client = MoshClient::start(&topo.client, wrapped.ip, server.port, &server.key).unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "userspace").unwrap();
+    let sessions = relay.sessions().unwrap();
+    let flow = &sessions[0].flows[0];
+    assert!(
+        flow.slow_path_packets > 0 && flow.fast_path_packets == 0,
+        "{flow:?}"
+    );
+}
