@@ -331,84 +331,32 @@ fn start_mosh_server(program: &str, args: &[String], port: u16) -> anyhow::Resul
 mod tests {
     use super::*;
 
-    fn strings(words: &[&str]) -> Vec<String> {
-        words.iter().map(|w| w.to_string()).collect()
+    fn words(text: &str) -> Vec<String> {
+        text.split_whitespace().map(str::to_string).collect()
     }
 
     #[test]
     fn passes_the_stock_wrappers_arguments_through() {
-        let stock = strings(&[
-            "new",
-            "-c",
-            "256",
-            "-s",
-            "-l",
-            "LANG=C.UTF-8",
-            "-l",
-            "LC_ALL=C",
-            "--",
-            "tmux",
-            "-s",
-            "-p",
-            "x",
-        ]);
+        let stock = words("new -c 256 -s -l LANG=C.UTF-8 -l LC_ALL=C -- tmux -s -p x");
         assert_eq!(
             mosh_server_args(&stock, 40000).unwrap(),
-            strings(&[
-                "new",
-                "-p",
-                "40000",
-                "-c",
-                "256",
-                "-l",
-                "LANG=C.UTF-8",
-                "-l",
-                "LC_ALL=C",
-                "--",
-                "tmux",
-                "-s",
-                "-p",
-                "x"
-            ])
+            words("new -p 40000 -c 256 -l LANG=C.UTF-8 -l LC_ALL=C -- tmux -s -p x")
         );
-        let bound = strings(&["new", "-i", "10.0.0.1", "-p", "60001", "-p60002", "-v"]);
-        assert_eq!(
-            mosh_server_args(&bound, 1).unwrap(),
-            strings(&["new", "-p", "1", "-v"])
-        );
-        assert_eq!(
-            mosh_server_args(&[], 7).unwrap(),
-            strings(&["new", "-p", "7"])
-        );
-        assert!(mosh_server_args(&strings(&["new", "-i"]), 7).is_err());
+        let bound = words("new -i 10.0.0.1 -p 60001 -p60002 -v");
+        assert_eq!(mosh_server_args(&bound, 1).unwrap(), words("new -p 1 -v"));
+        assert_eq!(mosh_server_args(&[], 7).unwrap(), words("new -p 7"));
+        assert!(mosh_server_args(&words("new -i"), 7).is_err());
     }
 
     #[test]
     fn clap_keeps_the_command_separator() {
         use clap::Parser;
-        let cli = crate::cli::Cli::try_parse_from([
-            "forwarder",
-            "mosh-server",
-            "--relay",
-            "r:1",
-            "--secret-file",
-            "f",
-            "new",
-            "-c",
-            "8",
-            "-s",
-            "--",
-            "sh",
-            "-c",
-            "x",
-        ])
-        .unwrap();
+        let argv =
+            words("forwarder mosh-server --relay r:1 --secret-file f new -c 8 -s -- sh -c x");
+        let cli = crate::cli::Cli::try_parse_from(argv).unwrap();
         let crate::cli::Verb::MoshServer(args) = cli.verb else {
             panic!()
         };
-        assert_eq!(
-            args.mosh_args,
-            strings(&["new", "-c", "8", "-s", "--", "sh", "-c", "x"])
-        );
+        assert_eq!(args.mosh_args, words("new -c 8 -s -- sh -c x"));
     }
 }
