@@ -83,6 +83,15 @@ pub struct RunArgs {
     /// New client endpoints a session may gain per second (bursts of twice that).
     #[arg(long, default_value_t = 4)]
     pub new_flows_per_sec: u32,
+    /// Packets per second the XDP program hands to the daemon for one
+    /// session (new client endpoints, route misses); beyond it they are
+    /// dropped and counted. 0: unlimited.
+    #[arg(long, default_value_t = 1_000)]
+    pub slowpath_pps_per_session: u32,
+    /// Packets per second the XDP program hands to the daemon for all relay
+    /// ports together. 0: unlimited.
+    #[arg(long, default_value_t = 20_000)]
+    pub slowpath_pps: u32,
 }
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
@@ -100,6 +109,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     max_flows_per_session: args.max_flows_per_session,
                     new_flows_per_sec: args.new_flows_per_sec,
                 },
+                slowpath_pps_per_session: args.slowpath_pps_per_session,
+                slowpath_pps: args.slowpath_pps,
             };
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -219,6 +219,11 @@ impl Relay {
         };
         let socket = Arc::new(socket);
         let port = socket.port;
+        if let Err(error) = self.datapath.add_session_bucket(port) {
+            socket.close();
+            self.session_ports.release(port);
+            return Err(error);
+        }
         let now = monotonic_ns();
         let id = loop {
             let candidate = format!("{:08x}", rand::random::<u32>());
@@ -263,6 +268,7 @@ impl Relay {
             self.remove_flow(upstream_port, why);
         }
         session.socket.close();
+        self.datapath.remove_session_bucket(port);
         self.session_ports.release(port);
         info!(session = %session.id, port, reason = why, "session removed");
         Some(info)

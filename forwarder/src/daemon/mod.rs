@@ -27,6 +27,9 @@ pub struct RunOptions {
     pub session_ports: PortRange,
     pub flow_ports: PortRange,
     pub limits: Limits,
+    /// Rate limits on what the XDP program hands to the daemon (0: unlimited).
+    pub slowpath_pps_per_session: u32,
+    pub slowpath_pps: u32,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -72,7 +75,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_port_lo: options.flow_ports.lo,
         flow_port_hi: options.flow_ports.hi,
     };
-    let datapath = XdpDatapath::start(&options.interfaces, options.xdp_mode, config)?;
+    let mut datapath = XdpDatapath::start(&options.interfaces, options.xdp_mode, config)?;
+    datapath.limit_slowpath(options.slowpath_pps_per_session, options.slowpath_pps)?;
     let relay_addresses = interface_addresses(&options.interfaces);
     info!(
         instance = %options.instance,
