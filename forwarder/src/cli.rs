@@ -120,6 +120,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Verb::Add { backend, port, idle_timeout, json } => {
             daemon::validate_instance(&cli.instance)?;
+            if idle_timeout.is_some_and(|timeout| timeout.is_zero()) {
+                bail!("an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h");
+            }
             let request = Request::Add {
                 backend,
                 port,
