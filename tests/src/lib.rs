@@ -6,10 +6,12 @@
 //! (with every process left inside), the daemon, mosh-server, the tmux server.
 
 pub mod cmd;
+pub mod hostile;
 pub mod control;
 pub mod mosh;
 pub mod netns;
 pub mod prereq;
+pub mod raw;
 pub mod relay;
 pub mod scenario;
 pub mod topology;
