@@ -6,6 +6,7 @@
 //! (with every process left inside), the daemon, mosh-server, the tmux server.
 
 pub mod cmd;
+pub mod flood;
 pub mod hostile;
 pub mod control;
 pub mod mosh;
