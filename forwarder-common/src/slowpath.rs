@@ -35,10 +35,18 @@ impl SlowpathBucket {
     /// `packets_per_sec` with bursts of one second's worth; 0 means unlimited.
     pub const fn per_second(packets_per_sec: u32) -> Self {
         if packets_per_sec == 0 {
-            return Self { tat_ns: 0, interval_ns: 0, burst_ns: 0 };
+            return Self {
+                tat_ns: 0,
+                interval_ns: 0,
+                burst_ns: 0,
+            };
         }
         let interval_ns = 1_000_000_000 / packets_per_sec as u64;
-        Self { tat_ns: 0, interval_ns, burst_ns: interval_ns * packets_per_sec as u64 }
+        Self {
+            tat_ns: 0,
+            interval_ns,
+            burst_ns: interval_ns * packets_per_sec as u64,
+        }
     }
 
     pub const fn is_unlimited(&self) -> bool {
@@ -78,9 +86,17 @@ mod tests {
         let now = 5 * S;
         assert_eq!((0..1000).filter(|_| take(&mut bucket, now)).count(), 100);
         // Half a second later, half the bucket is back.
-        assert_eq!((0..1000).filter(|_| take(&mut bucket, now + S / 2)).count(), 50);
+        assert_eq!(
+            (0..1000).filter(|_| take(&mut bucket, now + S / 2)).count(),
+            50
+        );
         // Idle for long: never more than one burst.
-        assert_eq!((0..1000).filter(|_| take(&mut bucket, now + 100 * S)).count(), 100);
+        assert_eq!(
+            (0..1000)
+                .filter(|_| take(&mut bucket, now + 100 * S))
+                .count(),
+            100
+        );
     }
 
     #[test]

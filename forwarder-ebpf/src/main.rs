@@ -9,7 +9,10 @@
 // The atomic add of the slow-path buckets: core exposes no atomic
 // read-modify-write for the BPF target otherwise.
 #![feature(core_intrinsics)]
-#![expect(internal_features, reason = "core_intrinsics is the only way to an atomic add on bpfel")]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics is the only way to an atomic add on bpfel"
+)]
 
 mod flow;
 mod forward;

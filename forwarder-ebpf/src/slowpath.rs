@@ -86,10 +86,7 @@ fn take(bucket: *mut SlowpathBucket, now: u64) -> bool {
     // intrinsic with its result unused lowers to the BPF atomic add.
     // SAFETY: tat points into the live map value above.
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-            tat,
-            limits.interval_ns,
-        );
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(tat, limits.interval_ns);
     }
     true
 }

@@ -32,8 +32,8 @@ use aya::{
 use etherparse::{Ipv4Header, PacketBuilder, UdpHeader};
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, REASON_COUNT, Reason, RelayConfig, Rewrite,
-    SlowpathBucket, flow::Endpoints, reason::ReasonCounter,
+    BackendKey, ClientKey, FlowCounter, REASON_COUNT, Reason, RelayConfig, Rewrite, SlowpathBucket,
+    flow::Endpoints, reason::ReasonCounter,
 };
 
 const XDP_DROP: u32 = 1;
@@ -1206,14 +1206,26 @@ fn fixtures() -> Vec<Fixture> {
         .udp(CLIENT_PORT, SESSION_PORT)
         .write(&mut ipv6, PAYLOAD)
         .unwrap();
-    row("ipv6 udp to a session port", ipv6, NEAR_FLOW, PassNotIpv4, Untouched);
+    row(
+        "ipv6 udp to a session port",
+        ipv6,
+        NEAR_FLOW,
+        PassNotIpv4,
+        Untouched,
+    );
     for (tpid, name) in [(0x8100u16, "802.1Q"), (0x88a8, "802.1ad")] {
         let plain = client_packet();
         let mut tagged = plain[..12].to_vec();
         tagged.extend_from_slice(&tpid.to_be_bytes());
         tagged.extend_from_slice(&[0x00, 0x64]);
         tagged.extend_from_slice(&plain[12..]);
-        row(&format!("{name} tagged flow packet"), tagged, NEAR_FLOW, PassNotIpv4, Untouched);
+        row(
+            &format!("{name} tagged flow packet"),
+            tagged,
+            NEAR_FLOW,
+            PassNotIpv4,
+            Untouched,
+        );
     }
     let mut tcp = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
@@ -1221,7 +1233,13 @@ fn fixtures() -> Vec<Fixture> {
         .tcp(CLIENT_PORT, SESSION_PORT, 1, 1024)
         .write(&mut tcp, PAYLOAD)
         .unwrap();
-    row("tcp to a session port", tcp, NEAR_FLOW, PassNotUdp, Untouched);
+    row(
+        "tcp to a session port",
+        tcp,
+        NEAR_FLOW,
+        PassNotUdp,
+        Untouched,
+    );
     let mut icmp = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
         .ipv4(CLIENT, RELAY_FRONT, 64)
@@ -1231,20 +1249,50 @@ fn fixtures() -> Vec<Fixture> {
     row("icmp echo", icmp, NEAR_FLOW, PassNotUdp, Untouched);
     for port in [53, 59_999, 60_100, 60_999, 62_000] {
         let frame = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, port), PAYLOAD);
-        row(&format!("udp to non-relay port {port}"), frame, NEAR_FLOW, PassNotRelayPort, Untouched);
+        row(
+            &format!("udp to non-relay port {port}"),
+            frame,
+            NEAR_FLOW,
+            PassNotRelayPort,
+            Untouched,
+        );
     }
 
     // Headers the fast path leaves to the stack.
     let flow = client_packet();
-    row("ipv4 header cut at 19 bytes", flow[..IP + 19].to_vec(), NEAR_FLOW, PassTruncatedIp, Untouched);
+    row(
+        "ipv4 header cut at 19 bytes",
+        flow[..IP + 19].to_vec(),
+        NEAR_FLOW,
+        PassTruncatedIp,
+        Untouched,
+    );
     let mut ihl4 = client_packet();
     poke(&mut ihl4, IP, &[0x44]);
     row("ipv4 ihl 4", ihl4, NEAR_FLOW, PassTruncatedIp, Untouched);
     let mut version6 = client_packet();
     poke(&mut version6, IP, &[0x65]);
-    row("ipv4 header with version 6", version6, NEAR_FLOW, PassTruncatedIp, Untouched);
-    row("udp header cut at 7 bytes", flow[..UDP + 7].to_vec(), NEAR_FLOW, PassTruncatedUdp, Untouched);
-    row("udp header only, no ipv4 payload room", flow[..UDP].to_vec(), NEAR_FLOW, PassTruncatedUdp, Untouched);
+    row(
+        "ipv4 header with version 6",
+        version6,
+        NEAR_FLOW,
+        PassTruncatedIp,
+        Untouched,
+    );
+    row(
+        "udp header cut at 7 bytes",
+        flow[..UDP + 7].to_vec(),
+        NEAR_FLOW,
+        PassTruncatedUdp,
+        Untouched,
+    );
+    row(
+        "udp header only, no ipv4 payload room",
+        flow[..UDP].to_vec(),
+        NEAR_FLOW,
+        PassTruncatedUdp,
+        Untouched,
+    );
     let mut options = client_packet();
     edit_ip(&mut options, |header| {
         header.options = [1u8, 1, 1, 1][..].try_into().unwrap();
@@ -1252,7 +1300,13 @@ fn fixtures() -> Vec<Fixture> {
     });
     options.splice(UDP..UDP, [1, 1, 1, 1]);
     edit_ip(&mut options, |_| {});
-    row("ipv4 options (4 NOPs)", options, NEAR_FLOW, PassIpOptions, Untouched);
+    row(
+        "ipv4 options (4 NOPs)",
+        options,
+        NEAR_FLOW,
+        PassIpOptions,
+        Untouched,
+    );
     let mut first = client_packet();
     edit_ip(&mut first, |header| {
         header.dont_fragment = false;
@@ -1275,11 +1329,23 @@ fn fixtures() -> Vec<Fixture> {
     for ttl in [0, 1] {
         let mut frame = client_packet();
         edit_ip(&mut frame, |header| header.time_to_live = ttl);
-        row(&format!("ttl {ttl}"), frame, NEAR_FLOW, PassTtlExpiring, Untouched);
+        row(
+            &format!("ttl {ttl}"),
+            frame,
+            NEAR_FLOW,
+            PassTtlExpiring,
+            Untouched,
+        );
     }
     let mut ttl2 = client_packet();
     edit_ip(&mut ttl2, |header| header.time_to_live = 2);
-    row("ttl 2 is forwarded with ttl 1", ttl2, NEAR_FLOW, TxForwarded, TO_NEAR_BACKEND);
+    row(
+        "ttl 2 is forwarded with ttl 1",
+        ttl2,
+        NEAR_FLOW,
+        TxForwarded,
+        TO_NEAR_BACKEND,
+    );
 
     // Inconsistent lengths addressed to a relay port.
     let frame_ip_len = client_packet().len() - IP;
@@ -1298,22 +1364,70 @@ fn fixtures() -> Vec<Fixture> {
     for wrong in [udp_len - 1, udp_len + 1, 8, 7, 0, u16::MAX] {
         let mut frame = client_packet();
         frame[UDP + 4..UDP + 6].copy_from_slice(&wrong.to_be_bytes());
-        row(&format!("udp length {wrong} instead of {udp_len}"), frame, NEAR_FLOW, DropMalformed, Untouched);
+        row(
+            &format!("udp length {wrong} instead of {udp_len}"),
+            frame,
+            NEAR_FLOW,
+            DropMalformed,
+            Untouched,
+        );
     }
     let mut padded = client_with(b"x");
     padded.resize(60, 0);
-    row("minimum frame with ethernet padding", padded, NEAR_FLOW, TxForwarded, TO_NEAR_BACKEND);
+    row(
+        "minimum frame with ethernet padding",
+        padded,
+        NEAR_FLOW,
+        TxForwarded,
+        TO_NEAR_BACKEND,
+    );
     let mut trailer = client_packet();
     trailer.extend_from_slice(&[0xee; 9]);
-    row("ipv4 total length shorter than the frame (trailer kept)", trailer, NEAR_FLOW, TxForwarded, TO_NEAR_BACKEND);
+    row(
+        "ipv4 total length shorter than the frame (trailer kept)",
+        trailer,
+        NEAR_FLOW,
+        TxForwarded,
+        TO_NEAR_BACKEND,
+    );
 
     // Relay ports without a matching flow: the daemon decides.
-    row("unknown client on a session port", client_packet(), NO_FLOWS, PassNoFlow, Untouched);
-    let roamed = udp_frame((CLIENT, CLIENT_PORT + 1), (RELAY_FRONT, SESSION_PORT), PAYLOAD);
-    row("known client address from another port", roamed, NEAR_FLOW, PassNoFlow, Untouched);
-    let unallocated = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT + 5), PAYLOAD);
-    row("unallocated session port", unallocated, NEAR_FLOW, PassNoFlow, Untouched);
-    let wrong_upstream = udp_frame((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT + 1), PAYLOAD);
+    row(
+        "unknown client on a session port",
+        client_packet(),
+        NO_FLOWS,
+        PassNoFlow,
+        Untouched,
+    );
+    let roamed = udp_frame(
+        (CLIENT, CLIENT_PORT + 1),
+        (RELAY_FRONT, SESSION_PORT),
+        PAYLOAD,
+    );
+    row(
+        "known client address from another port",
+        roamed,
+        NEAR_FLOW,
+        PassNoFlow,
+        Untouched,
+    );
+    let unallocated = udp_frame(
+        (CLIENT, CLIENT_PORT),
+        (RELAY_FRONT, SESSION_PORT + 5),
+        PAYLOAD,
+    );
+    row(
+        "unallocated session port",
+        unallocated,
+        NEAR_FLOW,
+        PassNoFlow,
+        Untouched,
+    );
+    let wrong_upstream = udp_frame(
+        (BACKEND, BACKEND_PORT),
+        (RELAY_BACK, FLOW_PORT + 1),
+        PAYLOAD,
+    );
     rows.push(Fixture {
         name: "backend to an unallocated upstream port".into(),
         frame: wrong_upstream,
@@ -1322,32 +1436,111 @@ fn fixtures() -> Vec<Fixture> {
         reason: PassNoFlow,
         output: Untouched,
     });
-    let mut row = |name: &str, frame: Vec<u8>, maps: Maps, ingress, reason: Reason, output: Output| {
-        rows.push(Fixture { name: name.to_string(), frame, maps, ingress, reason, output });
-    };
+    let mut row =
+        |name: &str, frame: Vec<u8>, maps: Maps, ingress, reason: Reason, output: Output| {
+            rows.push(Fixture {
+                name: name.to_string(),
+                frame,
+                maps,
+                ingress,
+                reason,
+                output,
+            });
+        };
 
     // The backend half and its anti-spoofing rules.
-    row("backend reply", backend_packet(), BACKEND_FLOW, Ingress::Back, RedirectForwarded, TO_CLIENT);
-    row("backend reply arriving on the client side", backend_packet(), BACKEND_FLOW, Ingress::Front, DropSpoofedServer, Untouched);
-    let other_server = udp_frame(([10, 0, 2, 66], BACKEND_PORT), (RELAY_BACK, FLOW_PORT), PAYLOAD);
-    row("another host to a flow's upstream port", other_server, BACKEND_FLOW, Ingress::Back, DropSpoofedServer, Untouched);
-    let other_port = udp_frame((BACKEND, BACKEND_PORT + 1), (RELAY_BACK, FLOW_PORT), PAYLOAD);
-    row("backend from another port", other_port, BACKEND_FLOW, Ingress::Back, DropSpoofedServer, Untouched);
+    row(
+        "backend reply",
+        backend_packet(),
+        BACKEND_FLOW,
+        Ingress::Back,
+        RedirectForwarded,
+        TO_CLIENT,
+    );
+    row(
+        "backend reply arriving on the client side",
+        backend_packet(),
+        BACKEND_FLOW,
+        Ingress::Front,
+        DropSpoofedServer,
+        Untouched,
+    );
+    let other_server = udp_frame(
+        ([10, 0, 2, 66], BACKEND_PORT),
+        (RELAY_BACK, FLOW_PORT),
+        PAYLOAD,
+    );
+    row(
+        "another host to a flow's upstream port",
+        other_server,
+        BACKEND_FLOW,
+        Ingress::Back,
+        DropSpoofedServer,
+        Untouched,
+    );
+    let other_port = udp_frame(
+        (BACKEND, BACKEND_PORT + 1),
+        (RELAY_BACK, FLOW_PORT),
+        PAYLOAD,
+    );
+    row(
+        "backend from another port",
+        other_port,
+        BACKEND_FLOW,
+        Ingress::Back,
+        DropSpoofedServer,
+        Untouched,
+    );
     let client_as_server = udp_frame((CLIENT, CLIENT_PORT), (RELAY_BACK, FLOW_PORT), PAYLOAD);
-    row("client writing to an upstream port", client_as_server, BACKEND_FLOW, Ingress::Front, DropSpoofedServer, Untouched);
+    row(
+        "client writing to an upstream port",
+        client_as_server,
+        BACKEND_FLOW,
+        Ingress::Front,
+        DropSpoofedServer,
+        Untouched,
+    );
 
     // Forwarding: payload sizes and checksum corner cases.
     for len in [0usize, 1, 23, 24, 1252, 1472] {
         let payload: Vec<u8> = (0..len).map(|i| (i * 131 + 7) as u8).collect();
-        row(&format!("payload {len} bytes, same interface"), client_with(&payload), NEAR_FLOW, Ingress::Front, TxForwarded, TO_NEAR_BACKEND);
-        row(&format!("payload {len} bytes, other interface"), client_with(&payload), FAR_FLOW, Ingress::Front, RedirectForwarded, TO_BACKEND);
+        row(
+            &format!("payload {len} bytes, same interface"),
+            client_with(&payload),
+            NEAR_FLOW,
+            Ingress::Front,
+            TxForwarded,
+            TO_NEAR_BACKEND,
+        );
+        row(
+            &format!("payload {len} bytes, other interface"),
+            client_with(&payload),
+            FAR_FLOW,
+            Ingress::Front,
+            RedirectForwarded,
+            TO_BACKEND,
+        );
     }
     let mut ect = client_packet();
     poke(&mut ect, IP + 1, &[0x02]);
-    row("ECT(0) kept", ect, NEAR_FLOW, Ingress::Front, TxForwarded, TO_NEAR_BACKEND);
+    row(
+        "ECT(0) kept",
+        ect,
+        NEAR_FLOW,
+        Ingress::Front,
+        TxForwarded,
+        TO_NEAR_BACKEND,
+    );
     let mut no_csum = client_packet();
     no_csum[UDP + 6..UDP + 8].fill(0);
-    row("zero udp checksum stays zero", no_csum, NEAR_FLOW, Ingress::Front, TxForwarded, TO_NEAR_BACKEND);
+    row(
+        "zero udp checksum stays zero",
+        no_csum,
+        NEAR_FLOW,
+        Ingress::Front,
+        TxForwarded,
+        TO_NEAR_BACKEND,
+    );
     row(
         "udp checksum folding to zero is sent as 0xffff",
         client_packet_rewritten_to(UDP + 6, [0xff, 0xff]),
@@ -1361,7 +1554,14 @@ fn fixtures() -> Vec<Fixture> {
         .map(|word| client_with(&[PAYLOAD, &word.to_be_bytes()].concat()))
         .find(|frame| frame[UDP + 6..UDP + 8] == [0xff, 0xff])
         .expect("some payload word gives an input udp checksum of 0xffff");
-    row("input udp checksum 0xffff", all_ones_in, NEAR_FLOW, Ingress::Front, TxForwarded, TO_NEAR_BACKEND);
+    row(
+        "input udp checksum 0xffff",
+        all_ones_in,
+        NEAR_FLOW,
+        Ingress::Front,
+        TxForwarded,
+        TO_NEAR_BACKEND,
+    );
     row(
         "ipv4 header checksum folding to 0x0000",
         client_packet_rewritten_to(IP + 10, [0, 0]),
@@ -1382,19 +1582,66 @@ fn fixtures() -> Vec<Fixture> {
         })
         .find(|frame| frame[IP + 10..IP + 12] == [0, 0])
         .expect("some IPv4 id gives a header checksum of 0x0000");
-    row("input ipv4 header checksum 0x0000", zero_ip_csum_in, NEAR_FLOW, Ingress::Front, TxForwarded, TO_NEAR_BACKEND);
+    row(
+        "input ipv4 header checksum 0x0000",
+        zero_ip_csum_in,
+        NEAR_FLOW,
+        Ingress::Front,
+        TxForwarded,
+        TO_NEAR_BACKEND,
+    );
 
     // Route lookup failures go to the daemon, untouched.
-    let unresolved = Maps { client_flow_to: Some(UNRESOLVED_BACKEND), ..NO_FLOWS };
-    row("backend without a neighbour entry", client_packet(), unresolved, Ingress::Front, PassFibNoNeigh, Untouched);
-    let unroutable = Maps { client_flow_to: Some(UNROUTABLE_BACKEND), ..NO_FLOWS };
-    row("backend without a route", client_packet(), unroutable, Ingress::Front, PassFibFailed, Untouched);
+    let unresolved = Maps {
+        client_flow_to: Some(UNRESOLVED_BACKEND),
+        ..NO_FLOWS
+    };
+    row(
+        "backend without a neighbour entry",
+        client_packet(),
+        unresolved,
+        Ingress::Front,
+        PassFibNoNeigh,
+        Untouched,
+    );
+    let unroutable = Maps {
+        client_flow_to: Some(UNROUTABLE_BACKEND),
+        ..NO_FLOWS
+    };
+    row(
+        "backend without a route",
+        client_packet(),
+        unroutable,
+        Ingress::Front,
+        PassFibFailed,
+        Untouched,
+    );
 
     // Slow-path rate limits: a bucket of one packet a second holds one token.
-    let session_limited = Maps { session_bucket: Some((SESSION_PORT, 1)), ..NO_FLOWS };
-    row("new flow within the session's slow-path budget", client_packet(), session_limited, Ingress::Front, PassNoFlow, Untouched);
-    let other_session_limited = Maps { session_bucket: Some((SESSION_PORT + 1, 1)), ..NO_FLOWS };
-    row("another session's bucket does not apply", client_packet(), other_session_limited, Ingress::Front, PassNoFlow, Untouched);
+    let session_limited = Maps {
+        session_bucket: Some((SESSION_PORT, 1)),
+        ..NO_FLOWS
+    };
+    row(
+        "new flow within the session's slow-path budget",
+        client_packet(),
+        session_limited,
+        Ingress::Front,
+        PassNoFlow,
+        Untouched,
+    );
+    let other_session_limited = Maps {
+        session_bucket: Some((SESSION_PORT + 1, 1)),
+        ..NO_FLOWS
+    };
+    row(
+        "another session's bucket does not apply",
+        client_packet(),
+        other_session_limited,
+        Ingress::Front,
+        PassNoFlow,
+        Untouched,
+    );
     rows
 }
 
@@ -1404,12 +1651,18 @@ fn run_limit_sequences(topo: Topology) -> usize {
     let sequences: [(&str, Maps, Reason); 3] = [
         (
             "second new flow over the session's slow-path budget",
-            Maps { session_bucket: Some((SESSION_PORT, 1)), ..NO_FLOWS },
+            Maps {
+                session_bucket: Some((SESSION_PORT, 1)),
+                ..NO_FLOWS
+            },
             Reason::DropSlowpathSessionLimit,
         ),
         (
             "second new flow over the relay-wide slow-path budget",
-            Maps { global_bucket: Some(1), ..NO_FLOWS },
+            Maps {
+                global_bucket: Some(1),
+                ..NO_FLOWS
+            },
             Reason::DropSlowpathGlobalLimit,
         ),
         (
@@ -1551,7 +1804,12 @@ fn check_forwarded(input: &[u8], out: &[u8], ingress_is_back: bool, seed: u64) {
             head(out)
         )
     };
-    assert_eq!(out.len(), input.len(), "forwarding keeps the length: {}", context());
+    assert_eq!(
+        out.len(),
+        input.len(),
+        "forwarding keeps the length: {}",
+        context()
+    );
     let field = |frame: &[u8], at: usize, len: usize| frame[at..at + len].to_vec();
     let src = (
         <[u8; 4]>::try_from(&input[IP + 12..IP + 16]).unwrap(),
@@ -1593,11 +1851,26 @@ fn check_forwarded(input: &[u8], out: &[u8], ingress_is_back: bool, seed: u64) {
         assert!(ip_checksum_ok(out), "IPv4 checksum: {}", context());
     }
     match udp_checksum_ok(input) {
-        None => assert_eq!(field(out, UDP + 6, 2), [0, 0], "zero UDP checksum kept: {}", context()),
+        None => assert_eq!(
+            field(out, UDP + 6, 2),
+            [0, 0],
+            "zero UDP checksum kept: {}",
+            context()
+        ),
         Some(input_ok) => {
-            assert_ne!(field(out, UDP + 6, 2), [0, 0], "checksum never becomes 'none': {}", context());
+            assert_ne!(
+                field(out, UDP + 6, 2),
+                [0, 0],
+                "checksum never becomes 'none': {}",
+                context()
+            );
             if input_ok {
-                assert_eq!(udp_checksum_ok(out), Some(true), "UDP checksum: {}", context());
+                assert_eq!(
+                    udp_checksum_ok(out),
+                    Some(true),
+                    "UDP checksum: {}",
+                    context()
+                );
             }
         }
     }
@@ -1610,11 +1883,31 @@ fn fuzz_seeds(rng: &mut impl rand::Rng) -> Vec<(Vec<u8>, bool)> {
         let mut payload = vec![0u8; len];
         rng.fill(&mut payload[..]);
         for flow in &FUZZ_FLOWS {
-            seeds.push((udp_frame(flow.src, flow.dst, &payload), flow.ingress_is_back));
+            seeds.push((
+                udp_frame(flow.src, flow.dst, &payload),
+                flow.ingress_is_back,
+            ));
         }
-        seeds.push((udp_frame((CLIENT, CLIENT_PORT + 2), (RELAY_FRONT, SESSION_PORT), &payload), false));
-        seeds.push((udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT + 1), &payload), false));
-        seeds.push((udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, 53), &payload), false));
+        seeds.push((
+            udp_frame(
+                (CLIENT, CLIENT_PORT + 2),
+                (RELAY_FRONT, SESSION_PORT),
+                &payload,
+            ),
+            false,
+        ));
+        seeds.push((
+            udp_frame(
+                (CLIENT, CLIENT_PORT),
+                (RELAY_FRONT, SESSION_PORT + 1),
+                &payload,
+            ),
+            false,
+        ));
+        seeds.push((
+            udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, 53), &payload),
+            false,
+        ));
     }
     seeds
 }
@@ -1704,7 +1997,11 @@ fn fuzz_never_aborts_and_forwards_only_well_formed_frames() {
     use rand::{Rng as _, SeedableRng as _};
 
     let frames: u64 = std::env::var("FORWARDER_FUZZ_FRAMES")
-        .map(|value| value.parse().expect("FORWARDER_FUZZ_FRAMES must be a number"))
+        .map(|value| {
+            value
+                .parse()
+                .expect("FORWARDER_FUZZ_FRAMES must be a number")
+        })
         .unwrap_or(1_000_000);
     let seed: u64 = std::env::var("FORWARDER_FUZZ_SEED")
         .map(|value| value.parse().expect("FORWARDER_FUZZ_SEED must be a number"))

@@ -79,14 +79,23 @@ impl Flood {
                         break;
                     }
                 }
-                FloodReport { sent, refused_by_queue: refused, elapsed: started.elapsed() }
+                FloodReport {
+                    sent,
+                    refused_by_queue: refused,
+                    elapsed: started.elapsed(),
+                }
             })
         };
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|thread| !thread.is_finished())
+        self.thread
+            .as_ref()
+            .is_some_and(|thread| !thread.is_finished())
     }
 
     pub fn finish(mut self) -> FloodReport {

@@ -64,20 +64,47 @@ fn wire_segment(topo: &Topology, segment: &Segment) -> Result<()> {
     }
     switch.ip(&["link", "set", "br0", "up"])?;
 
-    topo.client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", CLIENT_IF])?;
-    segment
-        .attacker
-        .ip(&["addr", "add", &format!("{ATTACKER_IP}/24"), "dev", ATTACKER_IF])?;
-    topo.relay
-        .ip(&["addr", "add", &format!("{RELAY_CLIENT_IP}/24"), "dev", RELAY_CLIENT_IF])?;
-    topo.relay
-        .ip(&["addr", "add", &format!("{RELAY_SERVER_IP}/24"), "dev", RELAY_SERVER_IF])?;
-    topo.server.ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SERVER_IF])?;
-    for ns in [&topo.client, &segment.attacker] {
-        ns.ip(&["route", "add", "default", "via", &RELAY_CLIENT_IP.to_string()])?;
-    }
+    topo.client
+        .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", CLIENT_IF])?;
+    segment.attacker.ip(&[
+        "addr",
+        "add",
+        &format!("{ATTACKER_IP}/24"),
+        "dev",
+        ATTACKER_IF,
+    ])?;
+    topo.relay.ip(&[
+        "addr",
+        "add",
+        &format!("{RELAY_CLIENT_IP}/24"),
+        "dev",
+        RELAY_CLIENT_IF,
+    ])?;
+    topo.relay.ip(&[
+        "addr",
+        "add",
+        &format!("{RELAY_SERVER_IP}/24"),
+        "dev",
+        RELAY_SERVER_IF,
+    ])?;
     topo.server
-        .ip(&["route", "add", "default", "via", &RELAY_SERVER_IP.to_string()])?;
+        .ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SERVER_IF])?;
+    for ns in [&topo.client, &segment.attacker] {
+        ns.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &RELAY_CLIENT_IP.to_string(),
+        ])?;
+    }
+    topo.server.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &RELAY_SERVER_IP.to_string(),
+    ])?;
     topo.relay.sysctl("net.ipv4.ip_forward", "1")?;
     Ok(())
 }
@@ -87,9 +114,26 @@ fn wire_segment(topo: &Topology, segment: &Segment) -> Result<()> {
 pub fn attach_flooder(topo: &Topology) -> Result<Netns> {
     let flooder = Netns::new("flooder")?;
     veth_pair(&flooder, FLOODER_IF, &topo.relay, RELAY_FLOODER_IF)?;
-    flooder.ip(&["addr", "add", &format!("{FLOODER_IP}/24"), "dev", FLOODER_IF])?;
-    topo.relay
-        .ip(&["addr", "add", &format!("{RELAY_FLOODER_IP}/24"), "dev", RELAY_FLOODER_IF])?;
-    flooder.ip(&["route", "add", "default", "via", &RELAY_FLOODER_IP.to_string()])?;
+    flooder.ip(&[
+        "addr",
+        "add",
+        &format!("{FLOODER_IP}/24"),
+        "dev",
+        FLOODER_IF,
+    ])?;
+    topo.relay.ip(&[
+        "addr",
+        "add",
+        &format!("{RELAY_FLOODER_IP}/24"),
+        "dev",
+        RELAY_FLOODER_IF,
+    ])?;
+    flooder.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &RELAY_FLOODER_IP.to_string(),
+    ])?;
     Ok(flooder)
 }

@@ -60,7 +60,10 @@ impl PacketSocket {
         if rc < 0 {
             return Err(io::Error::last_os_error()).context("binding the packet socket");
         }
-        let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
         // SAFETY: SO_RCVTIMEO takes a timeval of exactly this size.
         let rc = unsafe {
             libc::setsockopt(
@@ -80,10 +83,13 @@ impl PacketSocket {
     /// Sends one frame; `Ok(false)` when the interface queue is full (ENOBUFS).
     pub fn send(&self, frame: &[u8]) -> io::Result<bool> {
         // SAFETY: the buffer is valid for its length; the socket is bound, so no address is needed.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         if sent < 0 {
             let error = io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::ENOBUFS) || error.kind() == io::ErrorKind::WouldBlock {
+            if error.raw_os_error() == Some(libc::ENOBUFS)
+                || error.kind() == io::ErrorKind::WouldBlock
+            {
                 return Ok(false);
             }
             return Err(error);
@@ -97,7 +103,9 @@ impl PacketSocket {
         let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::WouldBlock || error.kind() == io::ErrorKind::Interrupted {
+            if error.kind() == io::ErrorKind::WouldBlock
+                || error.kind() == io::ErrorKind::Interrupted
+            {
                 return Ok(None);
             }
             return Err(error);
@@ -135,7 +143,10 @@ impl Capture {
                 frames
             })
         };
-        Ok(Self { stop, thread: Some(thread) })
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops and returns the frames, in the order seen.
@@ -171,8 +182,12 @@ pub fn udp_datagrams(frames: &[Vec<u8>]) -> Vec<Datagram> {
         .iter()
         .filter_map(|frame| {
             let packet = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
-            let Some(etherparse::NetSlice::Ipv4(ip)) = packet.net else { return None };
-            let Some(etherparse::TransportSlice::Udp(udp)) = packet.transport else { return None };
+            let Some(etherparse::NetSlice::Ipv4(ip)) = packet.net else {
+                return None;
+            };
+            let Some(etherparse::TransportSlice::Udp(udp)) = packet.transport else {
+                return None;
+            };
             let header = ip.header();
             Some(Datagram {
                 src: std::net::SocketAddrV4::new(header.source_addr(), udp.source_port()),

@@ -12,7 +12,12 @@ use forwarder_testbed::{Relay, Topology};
 fn refused(relay: &Relay, args: &[&str], words: &[&str]) {
     let before = relay.state().unwrap();
     let out = relay.try_verb(args).unwrap();
-    assert!(!out.success(), "`forwarder {}` succeeded: {}", args.join(" "), out.stdout);
+    assert!(
+        !out.success(),
+        "`forwarder {}` succeeded: {}",
+        args.join(" "),
+        out.stdout
+    );
     let message = out.stderr.to_lowercase();
     for word in words {
         assert!(
@@ -22,8 +27,17 @@ fn refused(relay: &Relay, args: &[&str], words: &[&str]) {
             out.stderr.trim()
         );
     }
-    assert_eq!(relay.state().unwrap(), before, "`forwarder {}` changed state", args.join(" "));
-    println!("refused `forwarder {}`: {}", args.join(" "), out.stderr.trim());
+    assert_eq!(
+        relay.state().unwrap(),
+        before,
+        "`forwarder {}` changed state",
+        args.join(" ")
+    );
+    println!(
+        "refused `forwarder {}`: {}",
+        args.join(" "),
+        out.stderr.trim()
+    );
 }
 
 /// Same for raw bytes on the control socket: the reply must be one JSON
@@ -38,7 +52,10 @@ fn refused_raw(relay: &Relay, what: &str, request: &[u8], words: &[&str]) {
         .unwrap_or_else(|| panic!("{what}: expected an error reply, got {value}"))
         .to_lowercase();
     for word in words {
-        assert!(message.contains(&word.to_lowercase()), "{what}: expected {word:?} in {message:?}");
+        assert!(
+            message.contains(&word.to_lowercase()),
+            "{what}: expected {word:?} in {message:?}"
+        );
     }
     assert_eq!(relay.state().unwrap(), before, "{what} changed state");
     println!("refused {what}: {message}");
@@ -54,28 +71,92 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     assert_eq!(initial.len(), 1);
 
     // Malformed backend addresses.
-    for bad in ["not-an-address", "10.77.2.2", "10.77.2.2:", "300.1.2.3:60001", "[::1]:60001", "server:60001", ""] {
-        refused(&relay, &["add", "--backend", bad], &["malformed backend address", "IPV4:PORT"]);
+    for bad in [
+        "not-an-address",
+        "10.77.2.2",
+        "10.77.2.2:",
+        "300.1.2.3:60001",
+        "[::1]:60001",
+        "server:60001",
+        "",
+    ] {
+        refused(
+            &relay,
+            &["add", "--backend", bad],
+            &["malformed backend address", "IPV4:PORT"],
+        );
     }
-    refused(&relay, &["add", "--backend", "10.77.2.2:70000"], &["malformed backend address"]);
+    refused(
+        &relay,
+        &["add", "--backend", "10.77.2.2:70000"],
+        &["malformed backend address"],
+    );
     refused(&relay, &["add", "--backend", "10.77.2.2:0"], &["port 0"]);
     for not_unicast in ["0.0.0.0:60001", "255.255.255.255:60001", "224.0.0.1:60001"] {
-        refused(&relay, &["add", "--backend", not_unicast], &["not a unicast address"]);
+        refused(
+            &relay,
+            &["add", "--backend", not_unicast],
+            &["not a unicast address"],
+        );
     }
-    refused(&relay, &["add", "--backend", "192.0.2.1:60001"], &["no route to backend"]);
+    refused(
+        &relay,
+        &["add", "--backend", "192.0.2.1:60001"],
+        &["no route to backend"],
+    );
 
     // Ports out of range: not a u16, or outside the daemon's --ports.
-    refused(&relay, &["add", "--backend", "10.77.2.2:60002", "--port", "70000"], &["invalid value", "--port"]);
-    refused(&relay, &["add", "--backend", "10.77.2.2:60002", "--port=-1"], &["--port"]);
+    refused(
+        &relay,
+        &["add", "--backend", "10.77.2.2:60002", "--port", "70000"],
+        &["invalid value", "--port"],
+    );
+    refused(
+        &relay,
+        &["add", "--backend", "10.77.2.2:60002", "--port=-1"],
+        &["--port"],
+    );
     for outside in ["0", "59999", "61000", "65535"] {
-        refused(&relay, &["add", "--backend", "10.77.2.2:60002", "--port", outside], &[outside]);
+        refused(
+            &relay,
+            &["add", "--backend", "10.77.2.2:60002", "--port", outside],
+            &[outside],
+        );
     }
-    refused(&relay, &["add", "--backend", "10.77.2.2:60002", "--idle-timeout", "0s"], &["idle timeout of 0"]);
-    refused(&relay, &["add", "--backend", "10.77.2.2:60002", "--idle-timeout", "soon"], &["--idle-timeout"]);
+    refused(
+        &relay,
+        &[
+            "add",
+            "--backend",
+            "10.77.2.2:60002",
+            "--idle-timeout",
+            "0s",
+        ],
+        &["idle timeout of 0"],
+    );
+    refused(
+        &relay,
+        &[
+            "add",
+            "--backend",
+            "10.77.2.2:60002",
+            "--idle-timeout",
+            "soon",
+        ],
+        &["--idle-timeout"],
+    );
 
     // Duplicates: the same backend, or a port already in use.
-    refused(&relay, &["add", "--backend", &backend.to_string()], &["already forwards", &session.id]);
-    refused(&relay, &["add", "--backend", "10.77.2.2:60002", "--port", "60005"], &["60005"]);
+    refused(
+        &relay,
+        &["add", "--backend", &backend.to_string()],
+        &["already forwards", &session.id],
+    );
+    refused(
+        &relay,
+        &["add", "--backend", "10.77.2.2:60002", "--port", "60005"],
+        &["60005"],
+    );
 
     // Unknown ids and ports.
     for unknown in ["deadbeef", "60006", "65536", "../../etc/passwd", "", "0"] {
@@ -85,14 +166,22 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     // Instance names become paths: refused before any socket is touched.
     let out = relay.try_verb_unprivileged(&["list"]).unwrap();
     assert!(!out.success());
-    for (args, instance) in [(&["list"][..], "../etc"), (&["stats"][..], "a/b"), (&["remove", "x"][..], "")] {
+    for (args, instance) in [
+        (&["list"][..], "../etc"),
+        (&["stats"][..], "a/b"),
+        (&["remove", "x"][..], ""),
+    ] {
         let before = relay.state().unwrap();
         let out = forwarder_testbed::cmd::run(
             relay.cli().args(args).args(["--instance", instance]),
             forwarder_testbed::cmd::SHORT,
         )
         .unwrap();
-        assert!(!out.success() && out.stderr.contains("instance name"), "instance {instance:?}: {}", out.stderr);
+        assert!(
+            !out.success() && out.stderr.contains("instance name"),
+            "instance {instance:?}: {}",
+            out.stderr
+        );
         assert_eq!(relay.state().unwrap(), before);
     }
 
@@ -107,7 +196,12 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     for args in verbs {
         let before = relay.state().unwrap();
         let out = relay.try_verb_unprivileged(args).unwrap();
-        assert!(!out.success(), "`forwarder {}` as nobody succeeded: {}", args.join(" "), out.stdout);
+        assert!(
+            !out.success(),
+            "`forwarder {}` as nobody succeeded: {}",
+            args.join(" "),
+            out.stdout
+        );
         assert!(
             out.stderr.contains("permission denied") && out.stderr.contains("root-only"),
             "`forwarder {}` as nobody: {}",
@@ -115,7 +209,11 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
             out.stderr.trim()
         );
         assert_eq!(relay.state().unwrap(), before);
-        println!("refused `forwarder {}` as nobody: {}", args.join(" "), out.stderr.trim());
+        println!(
+            "refused `forwarder {}` as nobody: {}",
+            args.join(" "),
+            out.stderr.trim()
+        );
     }
     let mode = std::fs::metadata(relay.socket_path()).unwrap();
     assert_eq!(
@@ -128,22 +226,67 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     refused_raw(&relay, "junk", b"garbage\n", &["malformed request"]);
     refused_raw(&relay, "empty line", b"\n", &["malformed request"]);
     refused_raw(&relay, "nothing at all", b"", &["malformed request"]);
-    refused_raw(&relay, "invalid UTF-8", b"{\"verb\":\"list\xff\xfe\"}\n", &[]);
+    refused_raw(
+        &relay,
+        "invalid UTF-8",
+        b"{\"verb\":\"list\xff\xfe\"}\n",
+        &[],
+    );
     refused_raw(&relay, "no verb", b"{}\n", &["malformed request"]);
-    refused_raw(&relay, "unknown verb", b"{\"verb\":\"format_disk\"}\n", &["malformed request", "unknown variant"]);
-    refused_raw(&relay, "unknown field", b"{\"verb\":\"list\",\"all\":true}\n", &["unknown field"]);
+    refused_raw(
+        &relay,
+        "unknown verb",
+        b"{\"verb\":\"format_disk\"}\n",
+        &["malformed request", "unknown variant"],
+    );
+    refused_raw(
+        &relay,
+        "unknown field",
+        b"{\"verb\":\"list\",\"all\":true}\n",
+        &["unknown field"],
+    );
     refused_raw(
         &relay,
         "add with an extra field",
         b"{\"verb\":\"add\",\"backend\":\"10.77.2.2:60002\",\"evil\":1}\n",
         &["unknown field"],
     );
-    refused_raw(&relay, "port beyond u16", b"{\"verb\":\"add\",\"backend\":\"10.77.2.2:60002\",\"port\":70000}\n", &["malformed request"]);
-    refused_raw(&relay, "negative port", b"{\"verb\":\"add\",\"backend\":\"10.77.2.2:60002\",\"port\":-1}\n", &["malformed request"]);
-    refused_raw(&relay, "backend not a string", b"{\"verb\":\"add\",\"backend\":167641602}\n", &["malformed request"]);
-    refused_raw(&relay, "zero idle timeout", b"{\"verb\":\"add\",\"backend\":\"10.77.2.2:60002\",\"idle_timeout_secs\":0}\n", &["idle timeout of 0"]);
-    refused_raw(&relay, "remove without target", b"{\"verb\":\"remove\"}\n", &["missing field"]);
-    refused_raw(&relay, "remove unknown", b"{\"verb\":\"remove\",\"target\":\"cafe0000\"}\n", &["no session"]);
+    refused_raw(
+        &relay,
+        "port beyond u16",
+        b"{\"verb\":\"add\",\"backend\":\"10.77.2.2:60002\",\"port\":70000}\n",
+        &["malformed request"],
+    );
+    refused_raw(
+        &relay,
+        "negative port",
+        b"{\"verb\":\"add\",\"backend\":\"10.77.2.2:60002\",\"port\":-1}\n",
+        &["malformed request"],
+    );
+    refused_raw(
+        &relay,
+        "backend not a string",
+        b"{\"verb\":\"add\",\"backend\":167641602}\n",
+        &["malformed request"],
+    );
+    refused_raw(
+        &relay,
+        "zero idle timeout",
+        b"{\"verb\":\"add\",\"backend\":\"10.77.2.2:60002\",\"idle_timeout_secs\":0}\n",
+        &["idle timeout of 0"],
+    );
+    refused_raw(
+        &relay,
+        "remove without target",
+        b"{\"verb\":\"remove\"}\n",
+        &["missing field"],
+    );
+    refused_raw(
+        &relay,
+        "remove unknown",
+        b"{\"verb\":\"remove\",\"target\":\"cafe0000\"}\n",
+        &["no session"],
+    );
     let mut oversized = b"{\"verb\":\"add\",\"backend\":\"".to_vec();
     oversized.extend(std::iter::repeat_n(b'1', 100_000));
     oversized.extend_from_slice(b"\"}\n");
@@ -155,7 +298,10 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     // After all that, the daemon still works and holds exactly what it held.
     assert_eq!(relay.state().unwrap(), initial);
     let reply = relay.raw_request(b"{\"verb\":\"list\"}\n").unwrap();
-    assert!(reply.contains(&session.id), "a well-formed raw request still works: {reply}");
+    assert!(
+        reply.contains(&session.id),
+        "a well-formed raw request still works: {reply}"
+    );
     relay.remove(&session.id).unwrap();
     assert!(relay.state().unwrap().is_empty());
 }

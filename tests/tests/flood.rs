@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use forwarder_testbed::flood::{FLOOD_SOURCES, Flood};
 use forwarder_testbed::hostile::{FLOODER_IF, RELAY_FLOODER_IF, RELAY_FLOODER_IP, attach_flooder};
 use forwarder_testbed::scenario::MoshThroughRelay;
-use forwarder_testbed::topology::{CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP, Topology};
+use forwarder_testbed::topology::{
+    CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP, Topology,
+};
 use forwarder_testbed::{UdpEcho, UdpPinger};
 
 /// The flood's bounds: whichever comes first.
@@ -30,7 +32,12 @@ fn reason_packets(stats: &serde_json::Value, reason: &str) -> u64 {
 fn flood_at_one_session_leaves_the_others_working() {
     let topo = Topology::client_relay_server().unwrap();
     let flooder = attach_flooder(&topo).unwrap();
-    let m = MoshThroughRelay::start_on(topo, &[RELAY_CLIENT_IF, RELAY_SERVER_IF, RELAY_FLOODER_IF], &[]).unwrap();
+    let m = MoshThroughRelay::start_on(
+        topo,
+        &[RELAY_CLIENT_IF, RELAY_SERVER_IF, RELAY_FLOODER_IF],
+        &[],
+    )
+    .unwrap();
     m.roundtrip("calm").unwrap();
 
     let echo = UdpEcho::start(&m.topo.server, SocketAddr::from((SERVER_IP, 7_000))).unwrap();
@@ -41,7 +48,10 @@ fn flood_at_one_session_leaves_the_others_working() {
         SocketAddr::from((RELAY_CLIENT_IP, pinged.port)),
     )
     .unwrap();
-    assert!(pinger.ping_any(10, Duration::from_secs(1)).unwrap(), "ping-pong session never answered");
+    assert!(
+        pinger.ping_any(10, Duration::from_secs(1)).unwrap(),
+        "ping-pong session never answered"
+    );
 
     // The flooded session forwards to the discard port: nothing answers it.
     let flooded = m.relay.add(SocketAddr::from((SERVER_IP, 9)), &[]).unwrap();
@@ -62,11 +72,16 @@ fn flood_at_one_session_leaves_the_others_working() {
     let listed = m.relay.sessions().unwrap();
     let list_time = asked.elapsed();
     assert_eq!(listed.len(), 3, "{listed:?}");
-    assert!(list_time < LIST_BOUND, "`forwarder list` took {list_time:?} during the flood");
+    assert!(
+        list_time < LIST_BOUND,
+        "`forwarder list` took {list_time:?} during the flood"
+    );
 
     let (mut pings, mut pongs) = (0u32, 0u32);
     let flood_deadline = Instant::now() + FLOOD_TIME;
-    while (flood.is_running() || pings < 200) && Instant::now() < flood_deadline + Duration::from_secs(5) {
+    while (flood.is_running() || pings < 200)
+        && Instant::now() < flood_deadline + Duration::from_secs(5)
+    {
         pings += 1;
         if pinger.ping(Duration::from_secs(1)).unwrap() {
             pongs += 1;
@@ -78,8 +93,11 @@ fn flood_at_one_session_leaves_the_others_working() {
     let after = m.relay.stats().unwrap();
 
     let delta = |reason: &str| reason_packets(&after, reason) - reason_packets(&before, reason);
-    let (no_flow, session_limited, global_limited) =
-        (delta("no_flow"), delta("slowpath_session_limit"), delta("slowpath_global_limit"));
+    let (no_flow, session_limited, global_limited) = (
+        delta("no_flow"),
+        delta("slowpath_session_limit"),
+        delta("slowpath_global_limit"),
+    );
     let flooded_flows = m
         .relay
         .session(&flooded.id)
@@ -103,7 +121,13 @@ fn flood_at_one_session_leaves_the_others_working() {
     );
     assert!(pings >= 200, "only {pings} pings");
     assert!(delivery >= 99.0, "ping-pong delivery {delivery:.2}% < 99%");
-    assert!(session_limited > 0, "the flood never hit the session's slow-path bucket");
-    assert!(flooded_flows <= 32, "the flooded session exceeded max_flows_per_session: {flooded_flows}");
+    assert!(
+        session_limited > 0,
+        "the flood never hit the session's slow-path bucket"
+    );
+    assert!(
+        flooded_flows <= 32,
+        "the flooded session exceeded max_flows_per_session: {flooded_flows}"
+    );
     drop(echo);
 }

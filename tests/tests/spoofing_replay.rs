@@ -19,11 +19,14 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
-use forwarder_testbed::hostile::{ATTACKER_IF, ATTACKER_IP, SWITCH_CLIENT_PORT, client_segment_with_attacker};
+use forwarder_testbed::hostile::{
+    ATTACKER_IF, ATTACKER_IP, SWITCH_CLIENT_PORT, client_segment_with_attacker,
+};
 use forwarder_testbed::raw::{Capture, Datagram, PacketSocket, mac_of, udp_datagrams, udp_frame};
 use forwarder_testbed::scenario::MoshThroughRelay;
 use forwarder_testbed::topology::{
-    CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, RELAY_SERVER_IP, SERVER_IF, SERVER_IP,
+    CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, RELAY_SERVER_IP, SERVER_IF,
+    SERVER_IP,
 };
 use rand::Rng as _;
 
@@ -32,7 +35,9 @@ fn drain(sockets: &[UdpSocket]) -> Vec<(SocketAddr, usize)> {
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];
     for socket in sockets {
-        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         for _ in 0..10_000 {
             match socket.recv_from(&mut buf) {
                 Ok((n, from)) => got.push((from, n)),
@@ -60,7 +65,10 @@ fn attacker_on_the_client_segment_cannot_hijack_or_inject() {
         .into_iter()
         .filter(|d| *d.src.ip() == CLIENT_IP && d.dst == relay_port)
         .collect();
-    assert!(!recorded.is_empty(), "the recording holds no client datagrams");
+    assert!(
+        !recorded.is_empty(),
+        "the recording holds no client datagrams"
+    );
     let client_endpoint = recorded[0].src;
 
     // From here on, every datagram near the client, the server and the attacker is kept.
@@ -70,7 +78,12 @@ fn attacker_on_the_client_segment_cannot_hijack_or_inject() {
 
     let sockets: Vec<UdpSocket> = [40_000u16, 40_001]
         .iter()
-        .map(|&port| segment.attacker.udp_bind(SocketAddr::from((ATTACKER_IP, port))).unwrap())
+        .map(|&port| {
+            segment
+                .attacker
+                .udp_bind(SocketAddr::from((ATTACKER_IP, port)))
+                .unwrap()
+        })
         .collect();
     let raw = PacketSocket::open(&segment.attacker, ATTACKER_IF).unwrap();
     let macs = (
@@ -114,24 +127,39 @@ fn attacker_on_the_client_segment_cannot_hijack_or_inject() {
     for offset in 1..=5u16 {
         let spoofed = SocketAddrV4::new(CLIENT_IP, client_endpoint.port().wrapping_add(offset));
         for datagram in recorded.iter().take(20) {
-            raw.send(&udp_frame(macs, spoofed, relay_port, &datagram.payload)).unwrap();
+            raw.send(&udp_frame(macs, spoofed, relay_port, &datagram.payload))
+                .unwrap();
             sent[3] += 1;
         }
-        raw.send(&udp_frame(macs, spoofed, relay_port, b"junk")).unwrap();
+        raw.send(&udp_frame(macs, spoofed, relay_port, b"junk"))
+            .unwrap();
         sent[3] += 1;
     }
     // 5. The client's exact endpoint, replayed: the fast path carries it,
     //    the server must ignore it as old.
     for datagram in recorded.iter().take(50) {
-        raw.send(&udp_frame(macs, client_endpoint, relay_port, &datagram.payload)).unwrap();
+        raw.send(&udp_frame(
+            macs,
+            client_endpoint,
+            relay_port,
+            &datagram.payload,
+        ))
+        .unwrap();
         sent[4] += 1;
     }
     // 6. Forged as the server, into the flow's upstream port from the client side.
     let upstream = SocketAddrV4::new(RELAY_SERVER_IP, upstream_port);
     for _ in 0..50 {
         let junk: Vec<u8> = (0..64).map(|_| rng.random()).collect();
-        raw.send(&udp_frame(macs, server_endpoint, upstream, &junk)).unwrap();
-        raw.send(&udp_frame(macs, SocketAddrV4::new(ATTACKER_IP, 40_002), upstream, &junk)).unwrap();
+        raw.send(&udp_frame(macs, server_endpoint, upstream, &junk))
+            .unwrap();
+        raw.send(&udp_frame(
+            macs,
+            SocketAddrV4::new(ATTACKER_IP, 40_002),
+            upstream,
+            &junk,
+        ))
+        .unwrap();
         sent[5] += 2;
     }
     println!(
@@ -152,25 +180,49 @@ fn attacker_on_the_client_segment_cannot_hijack_or_inject() {
     let at_attacker = udp_datagrams(&at_attacker.finish());
     println!("captures closed in {:?}", started.elapsed());
 
-    assert!(attacker_received.is_empty(), "the attacker's sockets received {attacker_received:?}");
-    let to_attacker: Vec<&Datagram> = at_attacker.iter().filter(|d| *d.dst.ip() == ATTACKER_IP).collect();
-    assert!(to_attacker.is_empty(), "datagrams reached the attacker: {to_attacker:?}");
+    assert!(
+        attacker_received.is_empty(),
+        "the attacker's sockets received {attacker_received:?}"
+    );
+    let to_attacker: Vec<&Datagram> = at_attacker
+        .iter()
+        .filter(|d| *d.dst.ip() == ATTACKER_IP)
+        .collect();
+    assert!(
+        to_attacker.is_empty(),
+        "datagrams reached the attacker: {to_attacker:?}"
+    );
 
     let from_server: HashSet<&[u8]> = at_server
         .iter()
         .filter(|d| d.src == server_endpoint)
         .map(|d| d.payload.as_slice())
         .collect();
-    let to_client: Vec<&Datagram> = at_client.iter().filter(|d| *d.dst.ip() == CLIENT_IP).collect();
-    assert!(!to_client.is_empty(), "the client got nothing after the attack");
+    let to_client: Vec<&Datagram> = at_client
+        .iter()
+        .filter(|d| *d.dst.ip() == CLIENT_IP)
+        .collect();
+    assert!(
+        !to_client.is_empty(),
+        "the client got nothing after the attack"
+    );
     for datagram in &to_client {
-        assert_eq!(datagram.src, relay_port, "the client got a datagram not from its relay port: {datagram:?}");
-        assert_eq!(datagram.dst, client_endpoint, "a datagram went to another client port: {datagram:?}");
+        assert_eq!(
+            datagram.src, relay_port,
+            "the client got a datagram not from its relay port: {datagram:?}"
+        );
+        assert_eq!(
+            datagram.dst, client_endpoint,
+            "a datagram went to another client port: {datagram:?}"
+        );
         assert!(
             from_server.contains(datagram.payload.as_slice()),
             "the client got a payload the server never sent: {datagram:?}"
         );
-        assert!(datagram.payload.len() >= 24 && datagram.payload[0] & 0x80 != 0, "{datagram:?}");
+        assert!(
+            datagram.payload.len() >= 24 && datagram.payload[0] & 0x80 != 0,
+            "{datagram:?}"
+        );
     }
     println!(
         "client received {} datagrams, all sent by the server ({} server datagrams captured)",
@@ -180,9 +232,25 @@ fn attacker_on_the_client_segment_cannot_hijack_or_inject() {
 
     // The server still answers the client's own endpoint.
     let session = m.relay.session(&m.session.id).unwrap().unwrap();
-    let current: Vec<&str> = session.flows.iter().filter(|f| f.server_current).map(|f| f.client.as_str()).collect();
-    assert_eq!(current, [client_endpoint.to_string()], "flows: {:?}", session.flows);
+    let current: Vec<&str> = session
+        .flows
+        .iter()
+        .filter(|f| f.server_current)
+        .map(|f| f.client.as_str())
+        .collect();
+    assert_eq!(
+        current,
+        [client_endpoint.to_string()],
+        "flows: {:?}",
+        session.flows
+    );
     let stats = m.relay.stats().unwrap();
-    let spoofed = stats["reasons"]["spoofed_server"]["packets"].as_u64().unwrap();
-    assert!(spoofed >= u64::from(sent[5]), "forged server packets dropped in XDP: {spoofed} < {}", sent[5]);
+    let spoofed = stats["reasons"]["spoofed_server"]["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        spoofed >= u64::from(sent[5]),
+        "forged server packets dropped in XDP: {spoofed} < {}",
+        sent[5]
+    );
 }
