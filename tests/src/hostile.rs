@@ -14,8 +14,7 @@ use anyhow::{Context, Result};
 
 use crate::netns::{Netns, veth_pair};
 use crate::topology::{
-    CLIENT_IF, CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, RELAY_SERVER_IP,
-    SERVER_IF, SERVER_IP, Topology,
+    CLIENT_IF, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IF, Topology,
 };
 
 pub const ATTACKER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 66);
@@ -64,8 +63,7 @@ fn wire_segment(topo: &Topology, segment: &Segment) -> Result<()> {
     }
     switch.ip(&["link", "set", "br0", "up"])?;
 
-    topo.client
-        .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", CLIENT_IF])?;
+    topo.address()?;
     segment.attacker.ip(&[
         "addr",
         "add",
@@ -73,39 +71,13 @@ fn wire_segment(topo: &Topology, segment: &Segment) -> Result<()> {
         "dev",
         ATTACKER_IF,
     ])?;
-    topo.relay.ip(&[
-        "addr",
-        "add",
-        &format!("{RELAY_CLIENT_IP}/24"),
-        "dev",
-        RELAY_CLIENT_IF,
-    ])?;
-    topo.relay.ip(&[
-        "addr",
-        "add",
-        &format!("{RELAY_SERVER_IP}/24"),
-        "dev",
-        RELAY_SERVER_IF,
-    ])?;
-    topo.server
-        .ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SERVER_IF])?;
-    for ns in [&topo.client, &segment.attacker] {
-        ns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &RELAY_CLIENT_IP.to_string(),
-        ])?;
-    }
-    topo.server.ip(&[
+    segment.attacker.ip(&[
         "route",
         "add",
         "default",
         "via",
-        &RELAY_SERVER_IP.to_string(),
+        &RELAY_CLIENT_IP.to_string(),
     ])?;
-    topo.relay.sysctl("net.ipv4.ip_forward", "1")?;
     Ok(())
 }
 

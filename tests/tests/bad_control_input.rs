@@ -4,61 +4,65 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 
+use forwarder_testbed::cmd::{self, Output};
 use forwarder_testbed::topology::SERVER_IP;
 use forwarder_testbed::{Relay, Topology};
 
-/// Asserts the verb failed, said something containing every one of `words`
-/// (case-insensitive) on stderr, and left the relay's state alone.
-fn refused(relay: &Relay, args: &[&str], words: &[&str]) {
+/// Runs `attempt`, which yields `Err(message)` when the control plane
+/// refused and `Ok(output)` when it accepted; asserts a refusal that
+/// mentions every one of `words` (case-insensitive) and left the relay's
+/// state as it was.
+fn assert_refused(
+    relay: &Relay,
+    what: &str,
+    words: &[&str],
+    attempt: impl FnOnce() -> Result<String, String>,
+) {
     let before = relay.state().unwrap();
-    let out = relay.try_verb(args).unwrap();
-    assert!(
-        !out.success(),
-        "`forwarder {}` succeeded: {}",
-        args.join(" "),
-        out.stdout
-    );
-    let message = out.stderr.to_lowercase();
+    let message = match attempt() {
+        Ok(output) => panic!("{what} was accepted: {output}"),
+        Err(message) => message,
+    };
+    let lower = message.to_lowercase();
     for word in words {
         assert!(
-            message.contains(&word.to_lowercase()),
-            "`forwarder {}`: expected {word:?} in the error, got: {}",
-            args.join(" "),
-            out.stderr.trim()
-        );
-    }
-    assert_eq!(
-        relay.state().unwrap(),
-        before,
-        "`forwarder {}` changed state",
-        args.join(" ")
-    );
-    println!(
-        "refused `forwarder {}`: {}",
-        args.join(" "),
-        out.stderr.trim()
-    );
-}
-
-/// Same for raw bytes on the control socket: the reply must be one JSON
-/// error object containing `words`.
-fn refused_raw(relay: &Relay, what: &str, request: &[u8], words: &[&str]) {
-    let before = relay.state().unwrap();
-    let reply = relay.raw_request(request).unwrap();
-    let value: serde_json::Value = serde_json::from_str(reply.trim())
-        .unwrap_or_else(|e| panic!("{what}: the reply is not one JSON document ({e}): {reply:?}"));
-    let message = value["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: expected an error reply, got {value}"))
-        .to_lowercase();
-    for word in words {
-        assert!(
-            message.contains(&word.to_lowercase()),
-            "{what}: expected {word:?} in {message:?}"
+            lower.contains(&word.to_lowercase()),
+            "{what}: expected {word:?} in: {message}"
         );
     }
     assert_eq!(relay.state().unwrap(), before, "{what} changed state");
     println!("refused {what}: {message}");
+}
+
+/// How a CLI run ended, as [`assert_refused`] wants it.
+fn outcome(out: Output) -> Result<String, String> {
+    if out.success() {
+        Ok(out.stdout)
+    } else {
+        Err(out.stderr.trim().to_string())
+    }
+}
+
+/// A CLI verb (as root) must be refused.
+fn refused(relay: &Relay, args: &[&str], words: &[&str]) {
+    let what = format!("`forwarder {}`", args.join(" "));
+    assert_refused(relay, &what, words, || {
+        outcome(relay.try_verb(args).unwrap())
+    });
+}
+
+/// Raw bytes on the control socket must get one JSON error object.
+fn refused_raw(relay: &Relay, what: &str, request: &[u8], words: &[&str]) {
+    assert_refused(relay, what, words, || {
+        let reply = relay.raw_request(request).unwrap();
+        let value: serde_json::Value = serde_json::from_str(reply.trim()).unwrap_or_else(|e| {
+            panic!("{what}: the reply is not one JSON document ({e}): {reply:?}")
+        });
+        match value["error"].as_str() {
+            Some(message) => Err(message.to_string()),
+            None => Ok(value.to_string()),
+        }
+    });
 }
 
 #[test]
@@ -164,25 +168,17 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     }
 
     // Instance names become paths: refused before any socket is touched.
-    let out = relay.try_verb_unprivileged(&["list"]).unwrap();
-    assert!(!out.success());
     for (args, instance) in [
         (&["list"][..], "../etc"),
         (&["stats"][..], "a/b"),
         (&["remove", "x"][..], ""),
     ] {
-        let before = relay.state().unwrap();
-        let out = forwarder_testbed::cmd::run(
-            relay.cli().args(args).args(["--instance", instance]),
-            forwarder_testbed::cmd::SHORT,
-        )
-        .unwrap();
-        assert!(
-            !out.success() && out.stderr.contains("instance name"),
-            "instance {instance:?}: {}",
-            out.stderr
-        );
-        assert_eq!(relay.state().unwrap(), before);
+        let what = format!("`forwarder {}` for instance {instance:?}", args.join(" "));
+        assert_refused(&relay, &what, &["instance name"], || {
+            let mut command = relay.cli();
+            command.args(args).args(["--instance", instance]);
+            outcome(cmd::run(&mut command, cmd::SHORT).unwrap())
+        });
     }
 
     // Callers without permission: every verb, as nobody.
@@ -194,26 +190,10 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
         &["list", "--json"],
     ];
     for args in verbs {
-        let before = relay.state().unwrap();
-        let out = relay.try_verb_unprivileged(args).unwrap();
-        assert!(
-            !out.success(),
-            "`forwarder {}` as nobody succeeded: {}",
-            args.join(" "),
-            out.stdout
-        );
-        assert!(
-            out.stderr.contains("permission denied") && out.stderr.contains("root-only"),
-            "`forwarder {}` as nobody: {}",
-            args.join(" "),
-            out.stderr.trim()
-        );
-        assert_eq!(relay.state().unwrap(), before);
-        println!(
-            "refused `forwarder {}` as nobody: {}",
-            args.join(" "),
-            out.stderr.trim()
-        );
+        let what = format!("`forwarder {}` as nobody", args.join(" "));
+        assert_refused(&relay, &what, &["permission denied", "root-only"], || {
+            outcome(relay.try_verb_unprivileged(args).unwrap())
+        });
     }
     let mode = std::fs::metadata(relay.socket_path()).unwrap();
     assert_eq!(
