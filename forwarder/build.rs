@@ -27,9 +27,12 @@ fn main() -> anyhow::Result<()> {
     )?;
     // AYA_BUILD_SKIP (host-only checks such as clippy) builds no object; an
     // empty one lets the crate compile and the daemon refuses to start.
-    let object = std::path::Path::new(&std::env::var("OUT_DIR")?).join("forwarder");
-    if !object.exists() {
-        std::fs::write(&object, [])?;
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    for name in ["forwarder", "forwarder-ceiling"] {
+        let object = out_dir.join(name);
+        if !object.exists() {
+            std::fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

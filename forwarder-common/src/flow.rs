@@ -114,14 +114,29 @@ impl Rewrite {
     }
 }
 
-/// Packets and bytes of one flow direction (per CPU in the kernel).
+/// One flow direction's per-CPU state: its counters, and this CPU's cached
+/// route for it. The cache spares the XDP program a `bpf_fib_lookup` per
+/// packet; it is refreshed at most [`NEXT_HOP_TTL_NS`] after it was filled,
+/// so route and neighbour changes take effect within that time. Per CPU, so
+/// no CPU ever reads another's half-written MACs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowCounter {
     pub packets: u64,
     pub bytes: u64,
+    /// When `bpf_fib_lookup` last filled the cache; 0 = empty.
+    pub next_hop_checked_ns: u64,
+    pub next_hop_ifindex: u32,
+    /// MTU of the egress route: larger packets take the full lookup (and pass).
+    pub next_hop_mtu: u16,
+    pub next_hop_smac: [u8; 6],
+    pub next_hop_dmac: [u8; 6],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowCounter>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowCounter>() == 48);
+
+/// How long a cached route may be used before it is looked up again.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 #[cfg(feature = "user")]
 mod pod {

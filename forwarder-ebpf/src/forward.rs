@@ -15,7 +15,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use forwarder_common::{Reason, Rewrite};
+use forwarder_common::{FlowCounter, Reason, Rewrite, flow::NEXT_HOP_TTL_NS};
 
 use crate::{maps::EGRESS, parse::Packet};
 
@@ -25,8 +25,43 @@ const IPPROTO_UDP: u8 = 17;
 /// Where the route lookup says the rewritten packet goes.
 pub struct Route {
     pub egress_ifindex: u32,
+    pub mtu: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+}
+
+/// This CPU's cached route for the flow direction, if it is fresh and the
+/// packet fits its MTU. A miss costs one `bpf_fib_lookup`, as without a cache.
+#[inline(always)]
+pub fn cached_route(state: Option<*mut FlowCounter>, now: u64, tot_len: u16) -> Option<Route> {
+    // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
+    let state = unsafe { &*state? };
+    if state.next_hop_checked_ns == 0
+        || now.wrapping_sub(state.next_hop_checked_ns) >= NEXT_HOP_TTL_NS
+        || tot_len > state.next_hop_mtu
+    {
+        return None;
+    }
+    Some(Route {
+        egress_ifindex: state.next_hop_ifindex,
+        mtu: state.next_hop_mtu,
+        smac: state.next_hop_smac,
+        dmac: state.next_hop_dmac,
+    })
+}
+
+/// Remembers a route that passed every check, for this CPU and flow direction.
+#[inline(always)]
+pub fn cache_route(state: Option<*mut FlowCounter>, route: &Route, now: u64) {
+    if let Some(state) = state {
+        // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
+        let state = unsafe { &mut *state };
+        state.next_hop_ifindex = route.egress_ifindex;
+        state.next_hop_mtu = route.mtu;
+        state.next_hop_smac = route.smac;
+        state.next_hop_dmac = route.dmac;
+        state.next_hop_checked_ns = now;
+    }
 }
 
 /// An all-zero `bpf_fib_lookup` on the stack (no VLAN, main table, nothing
@@ -112,6 +147,9 @@ pub fn route(
     }
     Ok(Route {
         egress_ifindex: params.ifindex,
+        // On success the kernel reports the egress MTU here (same union as tot_len).
+        // SAFETY: reading a plain u16 out of a union the helper just wrote.
+        mtu: unsafe { params.__bindgen_anon_1.mtu_result },
         smac: params.smac,
         dmac: params.dmac,
     })

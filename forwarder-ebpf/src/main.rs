@@ -28,7 +28,12 @@ use aya_ebpf::{
 };
 use forwarder_common::{Reason, Verdict};
 
-use crate::{forward::Sent, maps::REASON_COUNTERS};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+
+use crate::{
+    forward::Sent,
+    maps::{FLOW_COUNTERS, REASON_COUNTERS},
+};
 
 #[xdp]
 pub fn forwarder(ctx: XdpContext) -> u32 {
@@ -78,12 +83,25 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
         flow::Side::Client => dst_port,
         flow::Side::Backend => u16::from_be_bytes(rewrite.new_sport),
     };
-    let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)
-        .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
-    forward::check_egress(&route, ingress_ifindex)
-        .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+    // Timestamps only need second granularity (last-seen, route cache age):
+    // the coarse clock reads a jiffies-updated value instead of the TSC, and
+    // shares CLOCK_MONOTONIC's base, which the daemon compares against.
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
+    let route = match forward::cached_route(state, now, packet.tot_len()) {
+        Some(route) => route,
+        None => {
+            let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)
+                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+            forward::check_egress(&route, ingress_ifindex)
+                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+            forward::cache_route(state, &route, now);
+            route
+        }
+    };
     rewrite::rewrite(&packet, rewrite, &route);
-    rewrite::account(&packet, entry);
+    rewrite::account(&packet, entry, state, now);
     Ok(forward::send(&route, ingress_ifindex))
 }
 

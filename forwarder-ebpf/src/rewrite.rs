@@ -1,11 +1,9 @@
 //! The packet rewrite and the per-flow bookkeeping that follows it.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use forwarder_common::{Rewrite, csum::rewrite_ipv4_udp};
+use forwarder_common::{FlowCounter, Rewrite, csum::rewrite_ipv4_udp};
 
 use crate::{
     forward::Route,
-    maps::FLOW_COUNTERS,
     parse::{IPV4_LEN, Packet, UDP_LEN},
 };
 
@@ -33,18 +31,16 @@ pub fn rewrite(packet: &Packet, rewrite: &Rewrite, route: &Route) {
 
 /// Counts the packet on its flow and refreshes the flow's last-seen time.
 #[inline(always)]
-pub fn account(packet: &Packet, entry: *mut Rewrite) {
+pub fn account(packet: &Packet, entry: *mut Rewrite, state: Option<*mut FlowCounter>, now: u64) {
+    if let Some(state) = state {
+        // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
+        let state = unsafe { &mut *state };
+        state.packets = state.packets.wrapping_add(1);
+        state.bytes = state.bytes.wrapping_add(u64::from(packet.tot_len()));
+    }
     // SAFETY: `entry` came from a hash map lookup and stays valid for this
     // run of the program (RCU); fields are plain integers.
-    let (slot, last_seen) = unsafe { ((*entry).counter_slot, (*entry).last_seen_ns) };
-    if let Some(counter) = FLOW_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
-        let counter = unsafe { &mut *counter };
-        counter.packets = counter.packets.wrapping_add(1);
-        counter.bytes = counter.bytes.wrapping_add(u64::from(packet.tot_len()));
-    }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let last_seen = unsafe { (*entry).last_seen_ns };
     if now.wrapping_sub(last_seen) >= LAST_SEEN_GRANULARITY_NS {
         // SAFETY: as above; an aligned u64 store, which a concurrent reader
         // (the daemon's expiry) sees either before or after, never torn.

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::control::client::call;
 use crate::control::proto::{Reply, Request, SessionInfo, StatsInfo};
 use crate::daemon::{self, RunOptions};
+use crate::datapath::DatapathChoice;
 use crate::datapath::xdp::ModeChoice;
 use crate::ports::PortRange;
 use crate::sessions::Limits;
@@ -63,6 +64,10 @@ pub struct RunArgs {
     /// Interface to attach XDP to (repeat for each side of the relay).
     #[arg(long = "iface", required = true)]
     pub interfaces: Vec<String>,
+    /// XDP fast path, the daemon's sockets only, or XDP with a fallback to sockets.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub datapath: DatapathChoice,
+    /// How to attach XDP: native falls back to generic (skb) in auto.
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: ModeChoice,
     /// Client-facing session ports.
@@ -100,6 +105,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             let options = RunOptions {
                 instance: cli.instance,
                 interfaces: args.interfaces,
+                datapath: args.datapath,
                 xdp_mode: args.xdp_mode,
                 session_ports: args.ports,
                 flow_ports: args.flow_ports,
@@ -228,7 +234,7 @@ fn render_stats(stats: &StatsInfo) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "instance {}: XDP {} on {}; {} sessions, {} flows",
+        "instance {}: datapath {} on {}; {} sessions, {} flows",
         stats.instance,
         stats.xdp_mode,
         stats.interfaces.join(", "),

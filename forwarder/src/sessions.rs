@@ -13,7 +13,8 @@ use forwarder_common::{BackendKey, ClientKey, Rewrite};
 use tracing::{info, warn};
 
 use crate::control::proto::{FlowInfo, SessionInfo, SlowPathStats};
-use crate::datapath::xdp::{BackendRoute, FlowEntries, XdpDatapath};
+use crate::datapath::Datapath;
+use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::TokenBucket;
 use crate::ports::{PortPool, PortRange};
@@ -71,7 +72,7 @@ pub struct Relay {
     pub limits: Limits,
     pub interfaces: Vec<String>,
     pub relay_addresses: Vec<Ipv4Addr>,
-    pub datapath: XdpDatapath,
+    pub datapath: Datapath,
     session_ports: PortPool,
     flow_ports: PortPool,
     free_slots: VecDeque<u32>,
@@ -145,7 +146,7 @@ impl Relay {
         limits: Limits,
         interfaces: Vec<String>,
         relay_addresses: Vec<Ipv4Addr>,
-        datapath: XdpDatapath,
+        datapath: Datapath,
         session_ports: PortRange,
         flow_ports: PortRange,
     ) -> Self {
@@ -499,7 +500,7 @@ impl Relay {
 
 /// A flow's newest activity, from the XDP program's timestamps and the
 /// daemon's own.
-fn flow_activity(datapath: &XdpDatapath, flow: &Flow) -> FlowActivity {
+fn flow_activity(datapath: &Datapath, flow: &Flow) -> FlowActivity {
     let (client_seen, backend_seen) = datapath.last_seen(&flow.entries);
     let from_server = backend_seen.max(flow.last_slow_from_server_ns);
     FlowActivity {

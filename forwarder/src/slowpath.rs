@@ -4,14 +4,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use tracing::{debug, warn};
+use tracing::warn;
 
-use crate::datapath::socket::RelaySocket;
+use crate::datapath::socket::{Outgoing, RelaySocket};
 use crate::sessions::{ClientVerdict, Relay};
 
 pub type SharedRelay = Arc<Mutex<Relay>>;
-
-const MAX_DATAGRAM: usize = 65_536;
 
 /// Reads a session's client-facing socket: learns new flows and forwards
 /// their packets upstream.
@@ -19,30 +17,32 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
     let reader_socket = socket.clone();
     let task = tokio::spawn(async move {
         let socket = reader_socket;
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
-            let received = match socket.recv(&mut buf).await {
-                Ok(received) => received,
-                Err(error) => {
-                    warn!(port = socket.port, %error, "reading a session socket");
-                    continue;
-                }
-            };
-            let verdict = relay
-                .lock()
-                .expect("relay lock")
-                .on_client_packet(socket.port, received.from, received.to, received.len);
-            match verdict {
-                Ok(ClientVerdict::Forward { socket: upstream, backend, new_flow }) => {
-                    if new_flow {
-                        spawn_flow_reader(relay.clone(), upstream.clone());
+            let result = socket
+                .recv_batch(|received, datagram| {
+                    let verdict = relay.lock().expect("relay lock").on_client_packet(
+                        socket.port,
+                        received.from,
+                        received.to,
+                        datagram.len(),
+                    );
+                    match verdict {
+                        Ok(ClientVerdict::Forward { socket: upstream, backend, new_flow }) => {
+                            if new_flow {
+                                spawn_flow_reader(relay.clone(), upstream.clone());
+                            }
+                            Some(Outgoing { socket: upstream, to: backend, from: None })
+                        }
+                        Ok(ClientVerdict::Drop) => None,
+                        Err(error) => {
+                            warn!(port = socket.port, error = format!("{error:#}"), "handling a client packet");
+                            None
+                        }
                     }
-                    if let Err(error) = upstream.send(&buf[..received.len], backend, None) {
-                        debug!(%error, %backend, "sending upstream");
-                    }
-                }
-                Ok(ClientVerdict::Drop) => {}
-                Err(error) => warn!(port = socket.port, error = format!("{error:#}"), "handling a client packet"),
+                })
+                .await;
+            if let Err(error) = result {
+                warn!(port = socket.port, %error, "reading a session socket");
             }
         }
     });
@@ -55,23 +55,18 @@ fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
     let reader_socket = socket.clone();
     let task = tokio::spawn(async move {
         let socket = reader_socket;
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
-            let received = match socket.recv(&mut buf).await {
-                Ok(received) => received,
-                Err(error) => {
-                    warn!(port = socket.port, %error, "reading a flow socket");
-                    continue;
-                }
-            };
-            let target = relay
-                .lock()
-                .expect("relay lock")
-                .on_server_packet(socket.port, received.from, received.len);
-            if let Some((session_socket, client, relay_addr)) = target
-                && let Err(error) = session_socket.send(&buf[..received.len], client, Some(relay_addr))
-            {
-                debug!(%error, %client, "sending to a client");
+            let result = socket
+                .recv_batch(|received, datagram| {
+                    let (session_socket, client, relay_addr) = relay
+                        .lock()
+                        .expect("relay lock")
+                        .on_server_packet(socket.port, received.from, datagram.len())?;
+                    Some(Outgoing { socket: session_socket, to: client, from: Some(relay_addr) })
+                })
+                .await;
+            if let Err(error) = result {
+                warn!(port = socket.port, %error, "reading a flow socket");
             }
         }
     });

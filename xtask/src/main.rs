@@ -3,6 +3,7 @@
 //! Everything runs as root: the tasks install packages, create network
 //! namespaces and attach XDP programs.
 
+mod bench;
 mod demo;
 mod prereq;
 mod test;
@@ -24,6 +25,15 @@ enum Task {
     Prereq,
     /// Build forwarder and run a real mosh session through it in network namespaces.
     Demo,
+    /// Measure forwarder against nftables, socat, a raw XDP ceiling and the direct path.
+    Bench {
+        /// A tiny run of every relay and code path (what CI runs to keep the bench working).
+        #[arg(long)]
+        smoke: bool,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Prereq, release build, then every test in the workspace (as CI runs it).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter, or `-- --nocapture`).
@@ -36,6 +46,7 @@ fn main() -> ExitCode {
     let result = match Task::parse() {
         Task::Prereq => prereq::ensure(),
         Task::Demo => demo::run(),
+        Task::Bench { smoke, json } => run_bench(smoke, json),
         Task::Test { args } => test::run(&args),
     };
     match result {
@@ -45,6 +56,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_bench(smoke: bool, json: Option<PathBuf>) -> Result<()> {
+    prereq::ensure()?;
+    build_forwarder()?;
+    let plan = if smoke { bench::Plan::smoke() } else { bench::Plan::full() };
+    let results = bench::run(&plan)?;
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("xtask: results written to {}", path.display());
+    }
+    Ok(())
 }
 
 /// The cargo that runs us (so the same toolchain builds everything).

@@ -19,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "procps",
     "util-linux",
+    "socat",
     "llvm-22-dev",
     "libpolly-22-dev",
 ];

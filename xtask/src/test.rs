@@ -41,15 +41,31 @@ pub fn run(extra: &[String]) -> Result<()> {
         writeln!(out, "{line}")?;
     }
     let status = child.wait()?;
-    writeln!(
-        out,
+    drop(out);
+    // The bench is not a test (no timing is judged), but a tiny run of it
+    // keeps its topologies and tools from rotting; a failure fails CI.
+    let bench = if status.success() {
+        println!("xtask: bench smoke run (every relay kind once, tiny load)");
+        let result = crate::bench::run(&crate::bench::Plan::smoke());
+        match &result {
+            Ok(_) => totals.passed += 1,
+            Err(error) => {
+                eprintln!("xtask: bench smoke run failed: {error:#}");
+                totals.failed += 1;
+            }
+        }
+        result.map(drop)
+    } else {
+        Ok(())
+    };
+    println!(
         "\nsummary: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
-    )?;
+    );
     if !status.success() {
         bail!("`{what}` failed ({status})");
     }
-    Ok(())
+    bench.context("the bench smoke run failed")
 }
 
 #[derive(Default)]

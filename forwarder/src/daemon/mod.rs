@@ -13,7 +13,8 @@ use tracing::info;
 
 use crate::control::proto::{PacketsBytes, StatsInfo};
 use crate::control::{self};
-use crate::datapath::xdp::{ModeChoice, XdpDatapath};
+use crate::datapath::xdp::ModeChoice;
+use crate::datapath::{Datapath, DatapathChoice};
 use crate::ports::PortRange;
 use crate::sessions::{Limits, Relay, monotonic_ns};
 use crate::slowpath::SharedRelay;
@@ -23,6 +24,7 @@ use crate::slowpath::SharedRelay;
 pub struct RunOptions {
     pub instance: String,
     pub interfaces: Vec<String>,
+    pub datapath: DatapathChoice,
     pub xdp_mode: ModeChoice,
     pub session_ports: PortRange,
     pub flow_ports: PortRange,
@@ -66,6 +68,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
+    raise_fd_limit();
     let socket_path = control::socket_path(&options.instance);
     let listener = control::server::bind(&socket_path, &options.instance)?;
 
@@ -75,13 +78,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_port_lo: options.flow_ports.lo,
         flow_port_hi: options.flow_ports.hi,
     };
-    let mut datapath = XdpDatapath::start(&options.interfaces, options.xdp_mode, config)?;
+    let mut datapath = Datapath::start(options.datapath, &options.interfaces, options.xdp_mode, config)?;
     datapath.limit_slowpath(options.slowpath_pps_per_session, options.slowpath_pps)?;
     let relay_addresses = interface_addresses(&options.interfaces);
     info!(
         instance = %options.instance,
         interfaces = ?options.interfaces,
-        mode = %datapath.mode,
+        datapath = %datapath.mode(),
         ports = %options.session_ports,
         flow_ports = %options.flow_ports,
         socket = %socket_path.display(),
@@ -114,6 +117,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every session port and every flow holds a socket: lift the soft limit on
+/// open files to the hard one so large relays do not run out at 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%error, soft, "could not raise the open-file limit; large relays may run out of sockets");
+            }
+        }
+        _ => {}
+    }
+}
+
 async fn expire_forever(relay: SharedRelay) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -139,7 +156,7 @@ pub fn stats(relay: &Relay) -> StatsInfo {
     }
     StatsInfo {
         instance: relay.instance.clone(),
-        xdp_mode: relay.datapath.mode.clone(),
+        xdp_mode: relay.datapath.mode(),
         interfaces: relay.interfaces.clone(),
         sessions: relay.session_count(),
         flows: relay.flow_count(),

@@ -1,5 +1,120 @@
 //! The two ways packets move: the XDP program (load, attach, maps) and the
-//! daemon's own UDP sockets (first packets and fallbacks).
+//! daemon's own UDP sockets. With the userspace datapath the sockets carry
+//! every packet; with XDP they only see first packets and fallbacks.
 
 pub mod socket;
 pub mod xdp;
+
+use forwarder_common::reason::ReasonCounter;
+use forwarder_common::{FlowCounter, REASON_COUNT, RelayConfig};
+use tracing::warn;
+
+use self::xdp::{FlowEntries, ModeChoice, XdpDatapath};
+
+/// Which datapath the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathChoice {
+    /// XDP, or the userspace datapath (with the reason) when XDP cannot load.
+    Auto,
+    /// XDP only: fail if it cannot load or attach.
+    Xdp,
+    /// The daemon's sockets only, for hosts without BPF (containers, odd drivers).
+    Userspace,
+}
+
+pub enum Datapath {
+    Xdp(Box<XdpDatapath>),
+    /// Every packet through the daemon's sockets; nothing to install.
+    Userspace,
+}
+
+impl Datapath {
+    pub fn start(
+        choice: DatapathChoice,
+        interfaces: &[String],
+        mode: ModeChoice,
+        config: RelayConfig,
+    ) -> anyhow::Result<Self> {
+        match choice {
+            DatapathChoice::Xdp => Ok(Self::Xdp(Box::new(XdpDatapath::start(interfaces, mode, config)?))),
+            DatapathChoice::Userspace => Ok(Self::Userspace),
+            DatapathChoice::Auto => match XdpDatapath::start(interfaces, mode, config) {
+                Ok(xdp) => Ok(Self::Xdp(Box::new(xdp))),
+                Err(error) => {
+                    warn!(
+                        error = format!("{error:#}"),
+                        "XDP is not available; falling back to the userspace datapath (every packet through the daemon). \
+                         Use --datapath xdp to make this an error"
+                    );
+                    Ok(Self::Userspace)
+                }
+            },
+        }
+    }
+
+    /// "native", "skb", "native+skb" or "userspace".
+    pub fn mode(&self) -> String {
+        match self {
+            Self::Xdp(xdp) => xdp.mode.clone(),
+            Self::Userspace => "userspace".into(),
+        }
+    }
+
+    pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.install(entries),
+            Self::Userspace => Ok(()),
+        }
+    }
+
+    pub fn uninstall(&mut self, entries: &FlowEntries) {
+        if let Self::Xdp(xdp) = self {
+            xdp.uninstall(entries);
+        }
+    }
+
+    /// Last-seen timestamps the XDP program wrote (client half, backend half).
+    pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
+        match self {
+            Self::Xdp(xdp) => xdp.last_seen(entries),
+            Self::Userspace => (0, 0),
+        }
+    }
+
+    /// Packets the XDP program forwarded in one flow direction.
+    pub fn flow_counter(&self, slot: u32) -> FlowCounter {
+        match self {
+            Self::Xdp(xdp) => xdp.flow_counter(slot),
+            Self::Userspace => FlowCounter::default(),
+        }
+    }
+
+    /// Rate limits on what the XDP program hands to the daemon; the
+    /// userspace datapath has no such stage (the daemon sees everything).
+    pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.limit_slowpath(per_session_pps, global_pps),
+            Self::Userspace => Ok(()),
+        }
+    }
+
+    pub fn add_session_bucket(&mut self, port: u16) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.add_session_bucket(port),
+            Self::Userspace => Ok(()),
+        }
+    }
+
+    pub fn remove_session_bucket(&mut self, port: u16) {
+        if let Self::Xdp(xdp) = self {
+            xdp.remove_session_bucket(port);
+        }
+    }
+
+    pub fn reason_counters(&self) -> Vec<ReasonCounter> {
+        match self {
+            Self::Xdp(xdp) => xdp.reason_counters(),
+            Self::Userspace => vec![ReasonCounter::default(); REASON_COUNT as usize],
+        }
+    }
+}

@@ -2,17 +2,35 @@
 //! whatever the XDP program hands to the stack. IP_PKTINFO tells which relay
 //! address a client used, and lets replies leave from that same address.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
+use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use anyhow::bail;
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, sendmsg, setsockopt, sockopt,
-};
+use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg, setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 use tokio::task::AbortHandle;
+use tracing::debug;
+
+/// Bytes per receive slot. mosh datagrams stay under 1.3 kB; anything that
+/// does not fit is truncated by the kernel, and dropped here rather than
+/// forwarded damaged.
+const SLOT_BYTES: usize = 4096;
+
+/// Datagrams moved per system call (recvmmsg/sendmmsg) and per wake-up.
+const MAX_BATCH: usize = 64;
+
+/// Control-message room for one IP_PKTINFO (CMSG_SPACE(12) is 32 on Linux).
+type ControlSlot = [u64; 8];
+
+thread_local! {
+    /// One batch of receive buffers per worker thread, not per socket: a
+    /// relay with tens of thousands of flow sockets would otherwise hold a
+    /// buffer for each.
+    static RECV_BATCH: std::cell::RefCell<Box<RecvBatch>> = std::cell::RefCell::new(RecvBatch::new());
+}
 
 pub struct RelaySocket {
     pub port: u16,
@@ -71,16 +89,77 @@ impl RelaySocket {
         }
     }
 
-    /// Waits for the next datagram.
-    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<Received> {
-        loop {
-            let mut guard = self.fd.readable().await?;
-            match guard.try_io(|socket| recv_pktinfo(socket.get_ref(), buf)) {
-                Ok(Ok(Some(received))) => return Ok(received),
-                // Not IPv4 or no address: nothing we can answer; keep reading.
-                Ok(Ok(None)) => continue,
+    /// Waits until the socket is readable, receives up to `MAX_BATCH`
+    /// datagrams with one recvmmsg, asks `route` where each goes, and sends
+    /// them with one sendmmsg per destination socket.
+    pub async fn recv_batch(
+        &self,
+        mut route: impl FnMut(&Received, &[u8]) -> Option<Outgoing>,
+    ) -> std::io::Result<()> {
+        let mut guard = self.fd.readable().await?;
+        RECV_BATCH.with_borrow_mut(|batch| {
+            let count = match guard.try_io(|socket| batch.receive(socket.get_ref().as_raw_fd())) {
+                Ok(Ok(count)) => count,
                 Ok(Err(error)) => return Err(error),
-                Err(_would_block) => continue,
+                // Drained: readiness is cleared, wait for the next wake-up.
+                Err(_would_block) => return Ok(()),
+            };
+            let mut outbox: Vec<(Outgoing, usize)> = Vec::with_capacity(count);
+            for index in 0..count {
+                let Some((received, datagram)) = batch.message(index) else { continue };
+                if let Some(outgoing) = route(&received, datagram) {
+                    outbox.push((outgoing, index));
+                }
+            }
+            // Consecutive datagrams for the same socket leave in one call.
+            let mut start = 0;
+            while start < outbox.len() {
+                let socket = &outbox[start].0.socket;
+                let end = outbox[start..]
+                    .iter()
+                    .position(|(o, _)| !Arc::ptr_eq(&o.socket, socket))
+                    .map_or(outbox.len(), |offset| start + offset);
+                let messages: Vec<(SocketAddrV4, Option<Ipv4Addr>, &[u8])> = outbox[start..end]
+                    .iter()
+                    .map(|(o, index)| (o.to, o.from, batch.payload(*index)))
+                    .collect();
+                socket.send_many(&messages);
+                start = end;
+            }
+            Ok(())
+        })
+    }
+
+    /// Sends datagrams with sendmmsg; a full socket buffer drops the rest,
+    /// as a router would.
+    pub fn send_many(&self, messages: &[(SocketAddrV4, Option<Ipv4Addr>, &[u8])]) {
+        let fd = self.fd.get_ref().as_raw_fd();
+        for chunk in messages.chunks(MAX_BATCH) {
+            let mut names: Vec<libc::sockaddr_in> = chunk.iter().map(|(to, _, _)| sockaddr(*to)).collect();
+            let mut iovecs: Vec<libc::iovec> = chunk
+                .iter()
+                .map(|(_, _, data)| libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() })
+                .collect();
+            let mut controls: Vec<ControlSlot> = vec![[0; 8]; chunk.len()];
+            // SAFETY: mmsghdr is plain C data; all-zero is "no name, no data".
+            let mut headers: Vec<libc::mmsghdr> = (0..chunk.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+            for (index, (_, from, _)) in chunk.iter().enumerate() {
+                let header = &mut headers[index].msg_hdr;
+                header.msg_name = (&raw mut names[index]).cast();
+                header.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+                header.msg_iov = &raw mut iovecs[index];
+                header.msg_iovlen = 1;
+                if let Some(from) = from {
+                    // SAFETY: the control slot is 64 bytes, enough for one
+                    // in_pktinfo message, and lives until sendmmsg returns.
+                    unsafe { write_pktinfo(header, &mut controls[index], *from) };
+                }
+            }
+            // SAFETY: every header points at names, iovecs and controls that
+            // outlive the call, and each iovec at a payload borrowed for it.
+            let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as u32, libc::MSG_DONTWAIT) };
+            if sent < 0 {
+                debug!(error = %std::io::Error::last_os_error(), port = self.port, "sendmmsg");
             }
         }
     }
@@ -108,23 +187,132 @@ impl RelaySocket {
     }
 }
 
-fn recv_pktinfo(socket: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Option<Received>> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut control = nix::cmsg_space!(libc::in_pktinfo);
-    let message = recvmsg::<SockaddrIn>(socket.as_raw_fd(), &mut iov, Some(&mut control), MsgFlags::MSG_DONTWAIT)
-        .map_err(std::io::Error::from)?;
-    let mut to = None;
-    for cmsg in message.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::Ipv4PacketInfo(info) = cmsg {
-            to = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
-        }
+/// Where a received datagram goes: out of `socket`, to `to`, from the local
+/// address `from` (None: the route chooses).
+pub struct Outgoing {
+    pub socket: Arc<RelaySocket>,
+    pub to: SocketAddrV4,
+    pub from: Option<Ipv4Addr>,
+}
+
+fn sockaddr(address: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: address.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*address.ip()).to_be() },
+        sin_zero: [0; 8],
     }
-    let (Some(from), Some(to)) = (message.address, to) else {
-        return Ok(None);
-    };
-    Ok(Some(Received {
-        len: message.bytes,
-        from: SocketAddrV4::new(from.ip(), from.port()),
-        to,
-    }))
+}
+
+/// Puts one IP_PKTINFO control message asking for source address `from`.
+///
+/// # Safety
+/// `control` must outlive every use of `header`.
+unsafe fn write_pktinfo(header: &mut libc::msghdr, control: &mut ControlSlot, from: Ipv4Addr) {
+    header.msg_control = control.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    header.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
+    // SAFETY: msg_control points at a zeroed buffer of msg_controllen bytes,
+    // so the first header exists and its data fits.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(header);
+        (*cmsg).cmsg_level = libc::IPPROTO_IP;
+        (*cmsg).cmsg_type = libc::IP_PKTINFO;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
+        let info = libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: libc::in_addr { s_addr: u32::from(from).to_be() },
+            ipi_addr: libc::in_addr { s_addr: 0 },
+        };
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>(), info);
+    }
+}
+
+/// Buffers and headers for one recvmmsg call. Boxed and never moved, since
+/// the headers point into the other fields.
+struct RecvBatch {
+    slots: Vec<[u8; SLOT_BYTES]>,
+    names: Vec<libc::sockaddr_in>,
+    controls: Vec<ControlSlot>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl RecvBatch {
+    fn new() -> Box<Self> {
+        let mut batch = Box::new(Self {
+            slots: vec![[0; SLOT_BYTES]; MAX_BATCH],
+            // SAFETY: sockaddr_in and mmsghdr are plain C data; zero is valid.
+            names: vec![unsafe { std::mem::zeroed() }; MAX_BATCH],
+            controls: vec![[0; 8]; MAX_BATCH],
+            iovecs: Vec::with_capacity(MAX_BATCH),
+            // SAFETY: as above.
+            headers: (0..MAX_BATCH).map(|_| unsafe { std::mem::zeroed() }).collect(),
+        });
+        for index in 0..MAX_BATCH {
+            let base = batch.slots[index].as_mut_ptr().cast();
+            batch.iovecs.push(libc::iovec { iov_base: base, iov_len: SLOT_BYTES });
+        }
+        batch
+    }
+
+    /// One recvmmsg into every slot; returns how many datagrams arrived.
+    fn receive(&mut self, fd: RawFd) -> std::io::Result<usize> {
+        for index in 0..MAX_BATCH {
+            let header = &mut self.headers[index].msg_hdr;
+            header.msg_name = (&raw mut self.names[index]).cast();
+            header.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+            header.msg_iov = &raw mut self.iovecs[index];
+            header.msg_iovlen = 1;
+            header.msg_control = self.controls[index].as_mut_ptr().cast();
+            header.msg_controllen = size_of::<ControlSlot>();
+            header.msg_flags = 0;
+        }
+        // SAFETY: every header points into this boxed batch, which is not
+        // moved or freed during the call.
+        let count = unsafe {
+            libc::recvmmsg(fd, self.headers.as_mut_ptr(), MAX_BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+        };
+        if count < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(count as usize)
+    }
+
+    /// The `index`th datagram of the last receive: sender, the local address
+    /// it was sent to, and its bytes. None for a truncated or non-IPv4 one.
+    fn message(&self, index: usize) -> Option<(Received, &[u8])> {
+        let entry = &self.headers[index];
+        if entry.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            debug!(len = entry.msg_len, "dropping a datagram larger than the relay carries");
+            return None;
+        }
+        let name = &self.names[index];
+        if i32::from(name.sin_family) != libc::AF_INET {
+            return None;
+        }
+        let from = SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
+            u16::from_be(name.sin_port),
+        );
+        let mut to = None;
+        // SAFETY: the kernel filled msg_control/msg_controllen for this
+        // header; the CMSG macros walk only within that buffer.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&entry.msg_hdr);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
+                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>());
+                    to = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+                }
+                cmsg = libc::CMSG_NXTHDR(&entry.msg_hdr, cmsg);
+            }
+        }
+        let len = entry.msg_len as usize;
+        Some((Received { len, from, to: to? }, &self.slots[index][..len]))
+    }
+
+    fn payload(&self, index: usize) -> &[u8] {
+        &self.slots[index][..self.headers[index].msg_len as usize]
+    }
 }

@@ -169,6 +169,7 @@ impl XdpDatapath {
                 per_cpu.iter().fold(FlowCounter::default(), |sum, c| FlowCounter {
                     packets: sum.packets + c.packets,
                     bytes: sum.bytes + c.bytes,
+                    ..FlowCounter::default()
                 })
             })
             .unwrap_or_default()
@@ -319,3 +320,8 @@ pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
         .with_context(|| format!("interface {device} from `ip route get` vanished"))?;
     Ok(BackendRoute { source, ifindex })
 }
+
+/// The benchmark's ceiling program (forwarder-ebpf's `forwarder-ceiling`):
+/// embedded so `forwarder-bench` can compare the relay against it.
+pub static CEILING_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ceiling"));

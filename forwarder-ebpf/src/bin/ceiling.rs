@@ -1,0 +1,70 @@
+//! The benchmark's ceiling: for UDP to one port, apply one precomputed
+//! rewrite, set fixed MACs and redirect to a fixed interface. No flow
+//! lookup, no route lookup, no counters beyond one: what a relay on this path
+//! costs at the very least. Never loaded by the daemon.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    macros::{map, xdp},
+    maps::{Array, DevMapHash},
+    programs::XdpContext,
+};
+use forwarder_common::{bench::CeilingConfig, csum::rewrite_ipv4_udp};
+
+/// The one rewrite and its next hop, written by `forwarder-bench ceiling`.
+#[map]
+static CEILING: Array<CeilingConfig> = Array::with_max_entries(1, 0);
+
+/// The egress interface; `bpf_redirect_map` needs a devmap.
+#[map]
+static CEILING_EGRESS: DevMapHash = DevMapHash::with_max_entries(4, 0);
+
+const ETH_LEN: usize = 14;
+const IPV4_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+
+#[xdp]
+pub fn forwarder_ceiling(ctx: XdpContext) -> u32 {
+    let data = ctx.data();
+    if data + ETH_LEN + IPV4_LEN + UDP_LEN > ctx.data_end() {
+        return XDP_PASS;
+    }
+    let Some(config) = CEILING.get(0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: the bounds check above covers Ethernet, a 20-byte IPv4 header
+    // and the UDP header, which do not overlap.
+    let (eth, ip, udp) = unsafe {
+        (
+            &mut *(data as *mut [u8; ETH_LEN]),
+            &mut *((data + ETH_LEN) as *mut [u8; IPV4_LEN]),
+            &mut *((data + ETH_LEN + IPV4_LEN) as *mut [u8; UDP_LEN]),
+        )
+    };
+    if eth[12] != 0x08 || eth[13] != 0x00 || ip[0] != 0x45 || ip[9] != 17 {
+        return XDP_PASS;
+    }
+    if udp[2] != config.port[0] || udp[3] != config.port[1] {
+        return XDP_PASS;
+    }
+    // Many load flows share this one rewrite: keep each packet's source port
+    // (the precomputed checksum delta leaves it out).
+    let sport = [udp[0], udp[1]];
+    rewrite_ipv4_udp(ip, udp, &config.rewrite);
+    udp[0] = sport[0];
+    udp[1] = sport[1];
+    eth[..6].copy_from_slice(&config.dmac);
+    eth[6..12].copy_from_slice(&config.smac);
+    match CEILING_EGRESS.redirect(config.egress_ifindex, u64::from(XDP_DROP)) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // SAFETY: no reachable panic: the verifier would reject the call.
+    unsafe { core::hint::unreachable_unchecked() }
+}

@@ -1,0 +1,327 @@
+//! Benchmark tools run inside the bench's namespaces by `cargo xtask bench`:
+//! a load generator, an echo server and a ping-pong latency probe, the XDP
+//! ceiling program, and a reader of the kernel's BPF run-time statistics.
+//! Every loop here is bounded by a count or a deadline.
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use aya::maps::{Array, DevMapHash};
+use aya::programs::{Xdp, XdpMode};
+use clap::{Parser, Subcommand};
+use forwarder::datapath::xdp::CEILING_OBJECT;
+use forwarder_common::bench::CeilingConfig;
+use forwarder_common::flow::{Endpoints, Rewrite};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "forwarder-bench", about = "Benchmark tools for `cargo xtask bench`")]
+struct Cli {
+    #[command(subcommand)]
+    tool: Tool,
+}
+
+#[derive(Subcommand)]
+enum Tool {
+    /// Send UDP as fast as possible from many source ports (flows) with sendmmsg.
+    Loadgen {
+        #[arg(long)]
+        dst: SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        flows: usize,
+        /// UDP payload bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Send one packet per flow first and wait this long (lets a relay learn the flows).
+        #[arg(long, default_value_t = 0)]
+        warmup_ms: u64,
+        /// Only the warm-up: open the flows and exit.
+        #[arg(long)]
+        warmup_only: bool,
+    },
+    /// Answer every datagram with itself, for at most `--seconds`.
+    Echo {
+        #[arg(long)]
+        bind: SocketAddrV4,
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+    },
+    /// One outstanding request at a time: round-trip time percentiles.
+    Pingpong {
+        #[arg(long)]
+        dst: SocketAddrV4,
+        #[arg(long, default_value_t = 20_000)]
+        samples: usize,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// Attach the ceiling program: UDP to `--port` is rewritten to `--to` and redirected.
+    Ceiling {
+        #[arg(long)]
+        iface: String,
+        #[arg(long)]
+        egress: String,
+        /// Relay address and port the load is sent to.
+        #[arg(long)]
+        relay: SocketAddrV4,
+        /// Client address of the load (its source ports are kept).
+        #[arg(long)]
+        client: Ipv4Addr,
+        /// Relay's address towards the server.
+        #[arg(long)]
+        source: Ipv4Addr,
+        #[arg(long)]
+        to: SocketAddrV4,
+        /// Next hop MAC (the server's), aa:bb:cc:dd:ee:ff.
+        #[arg(long)]
+        dmac: String,
+        #[arg(long, default_value = "native")]
+        mode: String,
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+    },
+    /// Run time and run count of loaded XDP programs named `--name`.
+    BpfStats {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().tool {
+        Tool::Loadgen { dst, flows, size, seconds, warmup_ms, warmup_only } => {
+            loadgen(dst, flows, size, seconds, warmup_ms, warmup_only)
+        }
+        Tool::Echo { bind, seconds } => echo(bind, seconds),
+        Tool::Pingpong { dst, samples, size } => pingpong(dst, samples, size),
+        Tool::Ceiling { iface, egress, relay, client, source, to, dmac, mode, seconds } => {
+            ceiling(&iface, &egress, relay, client, source, to, &dmac, &mode, seconds)
+        }
+        Tool::BpfStats { name } => bpf_stats(&name),
+    }
+}
+
+fn loadgen(
+    dst: SocketAddrV4,
+    flows: usize,
+    size: usize,
+    seconds: f64,
+    warmup_ms: u64,
+    warmup_only: bool,
+) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let payload: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
+    let mut sockets = Vec::with_capacity(flows);
+    for _ in 0..flows {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding a load socket")?;
+        socket.connect(dst)?;
+        socket.set_nonblocking(true)?;
+        sockets.push(socket);
+    }
+    let warmup_started = Instant::now();
+    // Paced, and twice: a relay learns each flow from its first packet in
+    // userspace, and a burst of thousands would overflow its socket buffer.
+    for _ in 0..2 {
+        for socket in &sockets {
+            let _ = socket.send(&payload);
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(warmup_ms));
+    if warmup_only {
+        println!("{}", json!({"flows": flows, "warmup_seconds": warmup_started.elapsed().as_secs_f64()}));
+        return Ok(());
+    }
+
+    const BATCH: usize = 64;
+    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: payload.len() };
+    // SAFETY: mmsghdr is plain C data; zero is a valid "no address, no control" header.
+    let mut headers: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for header in &mut headers {
+        header.msg_hdr.msg_iov = &raw mut iov;
+        header.msg_hdr.msg_iovlen = 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    let mut round = 0usize;
+    while Instant::now() < deadline {
+        let socket = &sockets[round % sockets.len()];
+        round += 1;
+        // SAFETY: every header points at `iov`, which points at `payload`;
+        // both outlive the call, and the socket is connected so no address is needed.
+        let result = unsafe { libc::sendmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), BATCH as u32, 0) };
+        if result > 0 {
+            sent += result as u64;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"sent": sent, "seconds": elapsed, "pps": sent as f64 / elapsed, "flows": flows, "size": size})
+    );
+    Ok(())
+}
+
+fn echo(bind: SocketAddrV4, seconds: f64) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut buf = [0u8; 2048];
+    while Instant::now() < deadline {
+        match socket.recv_from(&mut buf) {
+            Ok((len, from)) => {
+                let _ = socket.send_to(&buf[..len], from);
+            }
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+fn pingpong(dst: SocketAddrV4, samples: usize, size: usize) -> anyhow::Result<()> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.connect(dst)?;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut payload = vec![0u8; size.max(8)];
+    let mut buf = [0u8; 2048];
+    // The first exchange opens the relay's flow through its slow path.
+    for _ in 0..50 {
+        socket.send(&payload)?;
+        if socket.recv(&mut buf).is_ok() {
+            break;
+        }
+    }
+    let mut rtts = Vec::with_capacity(samples);
+    let mut lost = 0u64;
+    for sequence in 0..samples as u64 {
+        payload[..8].copy_from_slice(&sequence.to_be_bytes());
+        let started = Instant::now();
+        socket.send(&payload)?;
+        loop {
+            match socket.recv(&mut buf) {
+                Ok(len) if len >= 8 && buf[..8] == sequence.to_be_bytes() => {
+                    rtts.push(started.elapsed().as_nanos() as u64);
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => {
+                    lost += 1;
+                    break;
+                }
+            }
+        }
+    }
+    if rtts.is_empty() {
+        bail!("no ping-pong reply from {dst}");
+    }
+    rtts.sort_unstable();
+    let percentile = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    println!(
+        "{}",
+        json!({"samples": rtts.len(), "lost": lost, "p50_us": percentile(0.5), "p99_us": percentile(0.99)})
+    );
+    Ok(())
+}
+
+fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|part| u8::from_str_radix(part, 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("malformed MAC {text:?}"))?;
+    bytes.try_into().map_err(|_| anyhow::anyhow!("MAC {text:?} does not have 6 bytes"))
+}
+
+/// The MAC of an interface in this network namespace (/sys may show
+/// another namespace's devices under nsenter, so ask the kernel directly).
+fn interface_mac(name: &str) -> anyhow::Result<[u8; 6]> {
+    nix::ifaddrs::getifaddrs()?
+        .filter(|address| address.interface_name == name)
+        .find_map(|address| address.address?.as_link_addr()?.addr())
+        .with_context(|| format!("no link-layer address for {name}"))
+}
+
+#[expect(clippy::too_many_arguments, reason = "one flag each, straight from the CLI")]
+fn ceiling(
+    iface: &str,
+    egress: &str,
+    relay: SocketAddrV4,
+    client: Ipv4Addr,
+    source: Ipv4Addr,
+    to: SocketAddrV4,
+    dmac: &str,
+    mode: &str,
+    seconds: f64,
+) -> anyhow::Result<()> {
+    let egress_ifindex = nix::net::if_::if_nametoindex(egress).with_context(|| format!("no interface {egress}"))?;
+    let from = Endpoints {
+        saddr: client.octets(),
+        daddr: relay.ip().octets(),
+        sport: [0; 2],
+        dport: relay.port().to_be_bytes(),
+    };
+    let new = Endpoints {
+        saddr: source.octets(),
+        daddr: to.ip().octets(),
+        sport: [0; 2],
+        dport: to.port().to_be_bytes(),
+    };
+    let config = CeilingConfig {
+        rewrite: Rewrite::new(from, new, 0),
+        smac: interface_mac(egress)?,
+        dmac: parse_mac(dmac)?,
+        port: relay.port().to_be_bytes(),
+        _pad: [0; 2],
+        egress_ifindex,
+        _pad_end: [0; 4],
+    };
+    let mut ebpf = aya::Ebpf::load(CEILING_OBJECT).context("loading the ceiling program")?;
+    let mut map: Array<_, CeilingConfig> = Array::try_from(ebpf.map_mut("CEILING").context("no CEILING map")?)?;
+    map.set(0, config, 0)?;
+    let mut devmap = DevMapHash::try_from(ebpf.map_mut("CEILING_EGRESS").context("no CEILING_EGRESS map")?)?;
+    devmap.insert(egress_ifindex, egress_ifindex, None, 0)?;
+    let program: &mut Xdp = ebpf
+        .program_mut("forwarder_ceiling")
+        .context("no forwarder_ceiling program")?
+        .try_into()?;
+    program.load()?;
+    let mode = match mode {
+        "native" => XdpMode::Driver,
+        "skb" => XdpMode::Skb,
+        other => bail!("unknown mode {other:?}: native or skb"),
+    };
+    program.attach(iface, mode).with_context(|| format!("attaching the ceiling to {iface}"))?;
+    println!("ceiling attached");
+    // Stay attached until killed or the deadline, whichever comes first.
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    Ok(())
+}
+
+fn bpf_stats(name: &str) -> anyhow::Result<()> {
+    let mut programs = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if info.name_as_str() == Some(name) {
+            programs.push(json!({
+                "id": info.id(),
+                "run_time_ns": info.run_time().as_nanos() as u64,
+                "run_count": info.run_count(),
+            }));
+        }
+    }
+    println!("{}", serde_json::Value::Array(programs));
+    Ok(())
+}
+
+fn raise_fd_limit() {
+    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}

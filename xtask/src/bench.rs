@@ -1,0 +1,601 @@
+//! `cargo xtask bench`: the relay against what an operator would use instead,
+//! on the same namespace path, in one run. Prints a Markdown table and JSON.
+//!
+//! Every relay gets a fresh client — relay — server topology. Load comes from
+//! `forwarder-bench loadgen` (sendmmsg, many flows) in the client namespace;
+//! the server counts arrivals with one nftables ingress rule (count and
+//! drop), which costs the same whatever relayed the packet.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use forwarder_testbed::cmd::{self, SHORT};
+use forwarder_testbed::netns::{Netns, veth_pair};
+use forwarder_testbed::relay::Relay;
+use forwarder_testbed::topology::{
+    CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, RELAY_SERVER_IP, SERVER_IF, SERVER_IP, Topology,
+};
+use serde_json::{Value, json};
+
+/// Where the server sinks the load and answers ping-pongs.
+const LOAD_PORT: u16 = 9000;
+const ECHO_PORT: u16 = 9001;
+/// Relay ports for the non-forwarder relays.
+const RELAY_LOAD_PORT: u16 = 60000;
+const RELAY_ECHO_PORT: u16 = 60001;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Direct,
+    Ceiling,
+    XdpNative,
+    XdpGeneric,
+    Userspace,
+    Nftables,
+    Socat,
+}
+
+impl Kind {
+    const ALL: [Kind; 7] = [
+        Kind::Direct,
+        Kind::Ceiling,
+        Kind::XdpNative,
+        Kind::XdpGeneric,
+        Kind::Userspace,
+        Kind::Nftables,
+        Kind::Socat,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct (no relay)",
+            Kind::Ceiling => "raw XDP redirect (ceiling)",
+            Kind::XdpNative => "forwarder XDP native",
+            Kind::XdpGeneric => "forwarder XDP generic",
+            Kind::Userspace => "forwarder userspace",
+            Kind::Nftables => "nftables DNAT+SNAT",
+            Kind::Socat => "socat",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Ceiling => "ceiling",
+            Kind::XdpNative => "xdp_native",
+            Kind::XdpGeneric => "xdp_generic",
+            Kind::Userspace => "userspace",
+            Kind::Nftables => "nftables",
+            Kind::Socat => "socat",
+        }
+    }
+
+    /// Whether replies come back (the ceiling relays one way only).
+    fn has_return_path(self) -> bool {
+        self != Kind::Ceiling
+    }
+}
+
+/// How big a run is.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub seconds: f64,
+    pub reps: usize,
+    pub flows: usize,
+    pub sizes: Vec<usize>,
+    pub ping_samples: usize,
+    pub scale_flows: Vec<usize>,
+    pub adds: usize,
+}
+
+impl Plan {
+    pub fn full() -> Self {
+        Self {
+            seconds: 3.0,
+            reps: 3,
+            flows: 64,
+            sizes: vec![64, 1200],
+            ping_samples: 20_000,
+            scale_flows: vec![1, 1_000, 16_000],
+            adds: 500,
+        }
+    }
+
+    /// CI's smoke run: every relay and code path once, tiny numbers.
+    pub fn smoke() -> Self {
+        Self {
+            seconds: 0.3,
+            reps: 1,
+            flows: 4,
+            sizes: vec![64],
+            ping_samples: 200,
+            scale_flows: vec![1, 50],
+            adds: 20,
+        }
+    }
+}
+
+fn bench_bin() -> Result<PathBuf> {
+    let forwarder = forwarder_testbed::forwarder_bin()?;
+    let bench = forwarder.with_file_name("forwarder-bench");
+    if !bench.exists() {
+        bail!("{} is missing: run `cargo build --release -p forwarder`", bench.display());
+    }
+    Ok(bench)
+}
+
+/// Where the load goes and where ping-pongs go, for one relay kind.
+struct Path2 {
+    load: SocketAddrV4,
+    echo: SocketAddrV4,
+}
+
+/// A relay under test: its topology and whatever processes make it relay.
+/// Fields drop in order: the daemon before the namespaces it runs in.
+struct Setup {
+    relay: Option<Relay>,
+    children: Vec<Child>,
+    path: Path2,
+    client: Netns,
+    server: Netns,
+    _relay_ns: Option<Netns>,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_in(ns: &Netns, program: &Path, args: &[&str], cpu: Option<usize>) -> Result<Child> {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut c = ns.exec("taskset");
+            c.args(["-c", &cpu.to_string()]).arg(program);
+            c
+        }
+        None => ns.exec(program.to_str().context("path is not UTF-8")?),
+    };
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.spawn().with_context(|| format!("starting {}", program.display()))
+}
+
+fn pin(pid: u32, cpu: usize) -> Result<()> {
+    cmd::sh("taskset", &["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])?;
+    Ok(())
+}
+
+/// The server's sink: count and drop the load at ingress; answer ping-pongs.
+fn server_side(server: &Netns, server_if: &str, bench: &Path, children: &mut Vec<Child>) -> Result<()> {
+    let rules = format!(
+        "table netdev bench {{\n chain ingress {{\n type filter hook ingress device {server_if} priority 0;\n udp dport {LOAD_PORT} counter drop\n }}\n}}\n"
+    );
+    nft_apply(server, &rules)?;
+    children.push(spawn_in(server, bench, &["echo", "--bind", &format!("0.0.0.0:{ECHO_PORT}")], None)?);
+    Ok(())
+}
+
+/// Loads an nftables ruleset into `ns` (from a file: `nft` parses whole
+/// rulesets only from files).
+fn nft_apply(ns: &Netns, rules: &str) -> Result<()> {
+    let path = std::env::temp_dir().join(format!("fwd-bench-{}.nft", forwarder_testbed::netns::random_tag()));
+    std::fs::write(&path, rules)?;
+    let result = ns.run("nft", &["-f", path.to_str().context("temp path is not UTF-8")?]);
+    let _ = std::fs::remove_file(&path);
+    result.map(drop)
+}
+
+fn sink_count(server: &Netns) -> Result<u64> {
+    let out = server.run("nft", &["-j", "list", "table", "netdev", "bench"])?;
+    let value: Value = serde_json::from_str(&out)?;
+    for item in value["nftables"].as_array().into_iter().flatten() {
+        if let Some(rule) = item.get("rule") {
+            for expr in rule["expr"].as_array().into_iter().flatten() {
+                if let Some(packets) = expr["counter"]["packets"].as_u64() {
+                    return Ok(packets);
+                }
+            }
+        }
+    }
+    bail!("no counter in the server's sink rule")
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> Result<String> {
+    Ok(ns.run("cat", &[&format!("/sys/class/net/{dev}/address")])?.trim().to_string())
+}
+
+fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
+    // Userspace relays get the sender's core in layout 1, their own in layout 2.
+    let relay_cpu = if layout == 1 { 0 } else { 1 };
+    if kind == Kind::Direct {
+        let client = Netns::new("bclient")?;
+        let server = Netns::new("bserver")?;
+        veth_pair(&client, "veth-c", &server, SERVER_IF)?;
+        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "veth-c"])?;
+        server.ip(&["addr", "add", "10.77.1.9/24", "dev", SERVER_IF])?;
+        let mut children = Vec::new();
+        server_side(&server, SERVER_IF, bench, &mut children)?;
+        let server_ip: Ipv4Addr = "10.77.1.9".parse()?;
+        return Ok(Setup {
+            relay: None,
+            children,
+            path: Path2 {
+                load: SocketAddrV4::new(server_ip, LOAD_PORT),
+                echo: SocketAddrV4::new(server_ip, ECHO_PORT),
+            },
+            client,
+            server,
+            _relay_ns: None,
+        });
+    }
+    let Topology { client, relay: relay_ns, server } = Topology::client_relay_server()?;
+    let mut children = Vec::new();
+    server_side(&server, SERVER_IF, bench, &mut children)?;
+    // Resolve neighbours both ways before any relay starts.
+    client.ping(&SERVER_IP.to_string())?;
+    let mut relay = None;
+    let mut path = Path2 {
+        load: SocketAddrV4::new(RELAY_CLIENT_IP, RELAY_LOAD_PORT),
+        echo: SocketAddrV4::new(RELAY_CLIENT_IP, RELAY_ECHO_PORT),
+    };
+    match kind {
+        Kind::Direct => unreachable!("handled above"),
+        Kind::XdpNative | Kind::XdpGeneric | Kind::Userspace => {
+            let mode: &[&str] = match kind {
+                Kind::XdpNative => &["--xdp-mode", "native"],
+                Kind::XdpGeneric => &["--xdp-mode", "skb"],
+                _ => &["--datapath", "userspace"],
+            };
+            let mut args = vec![
+                "--ports",
+                "60000-60099",
+                "--flow-ports",
+                "20000-59999",
+                "--new-flows-per-sec",
+                "1000000",
+                "--max-flows-per-session",
+                "100000",
+            ];
+            args.extend_from_slice(mode);
+            let mut daemon = Relay::start(&relay_ns, &[RELAY_CLIENT_IF, RELAY_SERVER_IF], &args)?;
+            daemon.quiet();
+            pin(daemon.pid(), relay_cpu)?;
+            let load = daemon.add(SocketAddr::V4(SocketAddrV4::new(SERVER_IP, LOAD_PORT)), &[])?;
+            let echo = daemon.add(SocketAddr::V4(SocketAddrV4::new(SERVER_IP, ECHO_PORT)), &[])?;
+            path.load.set_port(load.port);
+            path.echo.set_port(echo.port);
+            relay = Some(daemon);
+        }
+        Kind::Nftables => {
+            let rules = format!(
+                "table ip bench {{
+                   chain prerouting {{ type nat hook prerouting priority dstnat;
+                     udp dport {RELAY_LOAD_PORT} dnat to {SERVER_IP}:{LOAD_PORT}
+                     udp dport {RELAY_ECHO_PORT} dnat to {SERVER_IP}:{ECHO_PORT}
+                   }}
+                   chain postrouting {{ type nat hook postrouting priority srcnat;
+                     ip daddr {SERVER_IP} snat to {RELAY_SERVER_IP}
+                   }}
+                 }}"
+            );
+            nft_apply(&relay_ns, &rules)?;
+        }
+        Kind::Socat => {
+            let socat = which::which("socat").context("socat not found: apt-get install socat (cargo xtask prereq)")?;
+            for (listen, to) in [(RELAY_LOAD_PORT, LOAD_PORT), (RELAY_ECHO_PORT, ECHO_PORT)] {
+                let mut cmd = relay_ns.exec("taskset");
+                cmd.args(["-c", &relay_cpu.to_string()])
+                    .arg(&socat)
+                    .arg(format!("UDP4-LISTEN:{listen},fork,reuseaddr"))
+                    .arg(format!("UDP4:{SERVER_IP}:{to}"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                children.push(cmd.spawn().context("starting socat")?);
+            }
+        }
+        Kind::Ceiling => {
+            let dmac = mac_of(&server, SERVER_IF)?;
+            let relay_addr = format!("{RELAY_CLIENT_IP}:{RELAY_LOAD_PORT}");
+            let to = format!("{SERVER_IP}:{LOAD_PORT}");
+            let client_ip = CLIENT_IP.to_string();
+            let source = RELAY_SERVER_IP.to_string();
+            let args = [
+                "ceiling", "--iface", RELAY_CLIENT_IF, "--egress", RELAY_SERVER_IF, "--relay", &relay_addr,
+                "--client", &client_ip, "--source", &source, "--to", &to, "--dmac", &dmac,
+            ];
+            let mut child = relay_ns.nsenter(bench.to_str().context("path is not UTF-8")?);
+            let log = std::env::temp_dir().join(format!("fwd-ceiling-{}.log", forwarder_testbed::netns::random_tag()));
+            child.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&log)?);
+            let mut child = child.spawn().context("starting the ceiling")?;
+            // The bench's veth peer takes redirects only with an XDP program or
+            // GRO; the testbed turns GRO on. Wait until it is attached.
+            let stdout = child.stdout.take().context("no stdout")?;
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+            let errors = std::fs::read_to_string(&log).unwrap_or_default();
+            let _ = std::fs::remove_file(&log);
+            if !line.contains("attached") {
+                bail!("the ceiling program did not attach: {errors}");
+            }
+            children.push(child);
+            // The ceiling needs no echo path; latency is not measured for it.
+        }
+    }
+    if layout == 2 {
+        steer_to_relay_core(&relay_ns, RELAY_CLIENT_IF)?;
+    }
+    Ok(Setup { relay, children, path, client, server, _relay_ns: Some(relay_ns) })
+}
+
+/// Layout 2: the relay's receive processing runs on core 1, away from the
+/// sender on core 0. Threaded NAPI (pinned) moves native XDP there; RPS moves
+/// the stack's processing (generic XDP, nftables, sockets).
+fn steer_to_relay_core(relay_ns: &Netns, dev: &str) -> Result<()> {
+    relay_ns.run("sh", &["-c", &format!("echo 2 > /sys/class/net/{dev}/queues/rx-0/rps_cpus && echo 1 > /sys/class/net/{dev}/threaded")])?;
+    let threads = cmd::sh("ps", &["-eo", "pid=,comm="])?;
+    let prefix = format!("napi/{dev}-");
+    for line in threads.lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(pid), Some(comm)) = (fields.next(), fields.next())
+            && comm.starts_with(&prefix)
+        {
+            cmd::sh("taskset", &["-p", "-c", "1", pid])?;
+        }
+    }
+    Ok(())
+}
+
+/// Busy and total jiffies of one CPU, from /proc/stat.
+fn cpu_jiffies(cpu: usize) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&format!("cpu{cpu} ")))
+        .with_context(|| format!("no cpu{cpu} in /proc/stat"))?;
+    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+fn run_json(cmd: &mut Command, timeout: Duration) -> Result<Value> {
+    let out = cmd::run_ok(cmd, timeout)?;
+    let line = out.lines().last().context("no output")?;
+    serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))
+}
+
+fn loadgen(s: &Setup, bench: &Path, flows: usize, size: usize, seconds: f64, warmup: bool) -> Result<Value> {
+    let mut cmd = s.client.exec("taskset");
+    cmd.args(["-c", "0"]).arg(bench).args([
+        "loadgen",
+        "--dst",
+        &s.path.load.to_string(),
+        "--flows",
+        &flows.to_string(),
+        "--size",
+        &size.to_string(),
+        "--seconds",
+        &seconds.to_string(),
+        "--warmup-ms",
+        if warmup { "300" } else { "0" },
+    ]);
+    run_json(&mut cmd, Duration::from_secs_f64(seconds + 60.0))
+}
+
+/// One load run: packets per second received at the server, sent by the
+/// client, and how busy core 1 (the relay's core in layout 2) was.
+struct Run {
+    received_pps: f64,
+    sent_pps: f64,
+    core1_busy: f64,
+}
+
+fn throughput(s: &Setup, bench: &Path, flows: usize, size: usize, seconds: f64) -> Result<Run> {
+    let before = sink_count(&s.server)?;
+    let cpu_before = cpu_jiffies(1)?;
+    let sent = loadgen(s, bench, flows, size, seconds, false)?;
+    let cpu_after = cpu_jiffies(1)?;
+    // Packets in flight land within a few milliseconds.
+    std::thread::sleep(Duration::from_millis(100));
+    let after = sink_count(&s.server)?;
+    let elapsed = sent["seconds"].as_f64().unwrap_or(seconds);
+    let total = (cpu_after.1 - cpu_before.1).max(1);
+    Ok(Run {
+        received_pps: (after - before) as f64 / elapsed,
+        sent_pps: sent["pps"].as_f64().unwrap_or(0.0),
+        core1_busy: (cpu_after.0 - cpu_before.0) as f64 / total as f64,
+    })
+}
+
+fn pingpong(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
+    let mut cmd = s.client.exec(bench.to_str().context("path")?);
+    cmd.args(["pingpong", "--dst", &s.path.echo.to_string(), "--samples", &samples.to_string()]);
+    run_json(&mut cmd, Duration::from_secs(120))
+}
+
+/// Total run time and run count of the loaded XDP programs called `name`.
+fn bpf_stats(bench: &Path, name: &str) -> Result<(u64, u64)> {
+    let value = run_json(Command::new(bench).args(["bpf-stats", "--name", name]), SHORT)?;
+    let mut total = (0, 0);
+    for program in value.as_array().into_iter().flatten() {
+        total.0 += program["run_time_ns"].as_u64().unwrap_or(0);
+        total.1 += program["run_count"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// Mean and sample standard deviation.
+fn spread(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, variance.sqrt())
+}
+
+fn kernel_memory_per_flow(relay: &Relay) -> Result<Value> {
+    let mut maps = BTreeMap::new();
+    let dir = format!("/proc/{}/fdinfo", relay.pid());
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else { continue };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        if let (Some(id), Some(memlock), Some(max)) = (field("map_id:"), field("memlock:"), field("max_entries:")) {
+            maps.insert(id, (memlock.parse::<u64>().unwrap_or(0), max.parse::<u64>().unwrap_or(0)));
+        }
+    }
+    let total: u64 = maps.values().map(|(m, _)| m).sum();
+    let flows = u64::from(forwarder_common_max_flows());
+    Ok(json!({"maps": maps.len(), "memlock_bytes": total, "max_flows": flows, "bytes_per_flow": total / flows.max(1)}))
+}
+
+/// The flow capacity the bench's daemon runs with (the default map size).
+fn forwarder_common_max_flows() -> u32 {
+    16_384
+}
+
+pub fn run(plan: &Plan) -> Result<Value> {
+    forwarder_testbed::prereq::require()?;
+    let bench = bench_bin()?;
+    cmd::sh("sysctl", &["-qw", "kernel.bpf_stats_enabled=1"])?;
+    let mut results = json!({"plan": format!("{plan:?}"), "throughput": {}, "latency": {}, "xdp_cost": {}, "scale": {}});
+    let mut table = String::from(
+        "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
+    );
+    for layout in [1, 2] {
+        for kind in Kind::ALL {
+            let s = setup(kind, &bench, layout).with_context(|| format!("setting up {}", kind.name()))?;
+            // Open the flows once (first packets go through a relay's slow path).
+            loadgen(&s, &bench, plan.flows, 64, 0.0, true)?;
+            for &size in &plan.sizes {
+                let mut received = Vec::new();
+                let mut sent = Vec::new();
+                let mut busy = Vec::new();
+                let program = match kind {
+                    Kind::XdpNative | Kind::XdpGeneric => Some("forwarder"),
+                    // The kernel keeps 15 characters of a program's name.
+                    Kind::Ceiling => Some("forwarder_ceili"),
+                    _ => None,
+                };
+                let stats_before = program.map(|name| bpf_stats(&bench, name)).transpose()?;
+                for _ in 0..plan.reps {
+                    let run = throughput(&s, &bench, plan.flows, size, plan.seconds)?;
+                    received.push(run.received_pps / 1000.0);
+                    sent.push(run.sent_pps / 1000.0);
+                    busy.push(run.core1_busy);
+                }
+                let (mean, sd) = spread(&received);
+                let (sent_mean, _) = spread(&sent);
+                let (busy_mean, _) = spread(&busy);
+                // In layout 2 the relay has core 1 to itself: what it moved per
+                // fully busy core is its capacity, whatever the sender managed.
+                let per_core = if layout == 2 && kind != Kind::Direct && busy_mean > 0.01 {
+                    format!("{:.0}", mean / busy_mean)
+                } else {
+                    "-".into()
+                };
+                table.push_str(&format!(
+                    "| {} | {layout} | {size} B | {mean:.0} ± {sd:.0} | {sent_mean:.0} | {:.0}% | {per_core} |\n",
+                    kind.name(),
+                    busy_mean * 100.0
+                ));
+                results["throughput"][format!("{}/layout{layout}/{size}", kind.key())] = json!({
+                    "received_kpps": received, "mean": mean, "sd": sd, "sent_kpps_mean": sent_mean,
+                    "core1_busy": busy_mean, "kpps_per_relay_core": if per_core == "-" { Value::Null } else { json!(mean / busy_mean) },
+                });
+                if let (Some(before), Some(name)) = (stats_before, program) {
+                    let after = bpf_stats(&bench, name)?;
+                    let runs = after.1 - before.1;
+                    if runs > 0 {
+                        results["xdp_cost"][format!("{}/layout{layout}/{size}", kind.key())] =
+                            json!({"ns_per_packet": (after.0 - before.0) as f64 / runs as f64, "runs": runs});
+                    }
+                }
+            }
+            if layout == 1 && kind.has_return_path() {
+                let ping = pingpong(&s, &bench, plan.ping_samples)?;
+                results["latency"][kind.key()] = ping;
+            }
+            if layout == 1 && kind == Kind::XdpNative
+                && let Some(relay) = &s.relay
+            {
+                results["kernel_memory"] = kernel_memory_per_flow(relay)?;
+            }
+            drop(s);
+        }
+    }
+    results["scale"] = scale(plan, &bench)?;
+    results["table"] = Value::String(table.clone());
+    print_report(&results, &table);
+    Ok(results)
+}
+
+/// Per-packet XDP cost with more and more established flows, and how fast the
+/// control plane adds sessions and learns flows.
+fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
+    let mut out = json!({});
+    let s = setup(Kind::XdpNative, bench, 1)?;
+    let relay = s.relay.as_ref().context("no daemon")?;
+    for &flows in &plan.scale_flows {
+        let started = std::time::Instant::now();
+        loadgen(&s, bench, flows, 64, 0.0, true)?;
+        let learned = relay.wait_until("the flows to be learned", Duration::from_secs(120), |sessions| {
+            let n: usize = sessions.iter().map(|s| s.flows.len()).sum();
+            (n >= flows).then_some(n)
+        })?;
+        let learn_secs = started.elapsed().as_secs_f64();
+        let before = bpf_stats(bench, "forwarder")?;
+        let rx = throughput(&s, bench, flows, 64, plan.seconds)?.received_pps;
+        let after = bpf_stats(bench, "forwarder")?;
+        let runs = (after.1 - before.1).max(1);
+        out[format!("flows_{flows}")] = json!({
+            "established_flows": learned,
+            "ns_per_packet": (after.0 - before.0) as f64 / runs as f64,
+            "received_kpps": rx / 1000.0,
+            "seconds_to_learn": learn_secs,
+        });
+    }
+    // Session adds through the CLI (each a process and a control round trip).
+    let started = std::time::Instant::now();
+    for index in 0..plan.adds {
+        let port = 30_000 + index as u16;
+        relay.add(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 77, 2, 2), port)), &[])?;
+    }
+    out["session_adds_per_sec"] = json!(plan.adds as f64 / started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+fn print_report(results: &Value, table: &str) {
+    println!("\n## Throughput\n\n{table}");
+    println!("## Added latency (ping-pong, one outstanding)\n");
+    println!("| relay | p50 µs | p99 µs | added p50 µs | added p99 µs |\n|---|---|---|---|---|");
+    let direct = &results["latency"]["direct"];
+    for kind in Kind::ALL {
+        let l = &results["latency"][kind.key()];
+        if let (Some(p50), Some(p99)) = (l["p50_us"].as_f64(), l["p99_us"].as_f64()) {
+            let d50 = direct["p50_us"].as_f64().unwrap_or(0.0);
+            let d99 = direct["p99_us"].as_f64().unwrap_or(0.0);
+            println!("| {} | {p50:.1} | {p99:.1} | {:.1} | {:.1} |", kind.name(), p50 - d50, p99 - d99);
+        }
+    }
+    println!("\n## XDP program cost (kernel BPF run-time stats)\n");
+    if let Some(costs) = results["xdp_cost"].as_object() {
+        for (key, value) in costs {
+            println!("- {key}: {:.0} ns/packet over {} runs", value["ns_per_packet"].as_f64().unwrap_or(0.0), value["runs"]);
+        }
+    }
+    println!("\n## Scale\n\n```json\n{}\n```", serde_json::to_string_pretty(&results["scale"]).unwrap_or_default());
+    println!("\n## Kernel memory\n\n```json\n{}\n```", serde_json::to_string_pretty(&results["kernel_memory"]).unwrap_or_default());
+}
