@@ -36,10 +36,11 @@ impl UdpEcho {
                 let mut buf = [0u8; 2048];
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                     // Timeouts and ICMP errors surface here; both just mean "nothing to echo".
-                    if let Ok((n, from)) = socket.recv_from(&mut buf)
-                        && socket.send_to(&buf[..n], from).is_ok()
-                    {
+                    if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                        // Counted before the reply leaves: a pinger that got
+                        // its echo must never read a count that lacks it.
                         echoed.fetch_add(1, Ordering::Relaxed);
+                        let _ = socket.send_to(&buf[..n], from);
                     }
                 }
             })
@@ -52,7 +53,7 @@ impl UdpEcho {
         })
     }
 
-    /// Datagrams echoed so far.
+    /// Datagrams received and echoed back so far.
     pub fn echoed(&self) -> u64 {
         self.echoed.load(Ordering::Relaxed)
     }
