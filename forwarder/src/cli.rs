@@ -1,9 +1,11 @@
 //! The command line: thin verbs over the library.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::control::client::call;
 use crate::control::proto::{Reply, Request, SessionInfo, StatsInfo};
@@ -12,13 +14,15 @@ use crate::datapath::DatapathChoice;
 use crate::datapath::xdp::ModeChoice;
 use crate::ports::PortRange;
 use crate::sessions::Limits;
+use crate::config::FileConfig;
+use crate::store::default_state_dir;
 
 #[derive(Parser, Debug)]
 #[command(name = "forwarder", version, about = "XDP-accelerated UDP relay for mosh")]
 pub struct Cli {
-    /// Names the control socket, so several relays can share a host.
-    #[arg(long, global = true, env = "FORWARDER_INSTANCE", default_value = "default")]
-    pub instance: String,
+    /// Names the control socket, so several relays can share a host [default: default].
+    #[arg(long, global = true, env = "FORWARDER_INSTANCE")]
+    pub instance: Option<String>,
     #[command(subcommand)]
     pub verb: Verb,
 }
@@ -57,75 +61,178 @@ pub enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the instance's pinned XDP program, links and maps (the daemon
+    /// must be stopped): forwarding of every flow ends.
+    Detach {
+        /// Also delete the session store, forgetting every session.
+        #[arg(long)]
+        purge: bool,
+        /// The session store's folder (default /var/lib/forwarder/<instance>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
+/// `run` flags. Each one overrides the same key of `--config`; unset in
+/// both, the documented default applies.
 #[derive(Args, Debug)]
 pub struct RunArgs {
+    /// TOML config file (see packaging/forwarder.toml); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Interface to attach XDP to (repeat for each side of the relay).
-    #[arg(long = "iface", required = true)]
+    #[arg(long = "iface")]
     pub interfaces: Vec<String>,
-    /// XDP fast path, the daemon's sockets only, or XDP with a fallback to sockets.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub datapath: DatapathChoice,
-    /// How to attach XDP: native falls back to generic (skb) in auto.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub xdp_mode: ModeChoice,
-    /// Client-facing session ports.
-    #[arg(long, default_value = "60000-60999")]
-    pub ports: PortRange,
-    /// Backend-facing per-flow ports.
-    #[arg(long, default_value = "61000-61999")]
-    pub flow_ports: PortRange,
-    /// Forget a client endpoint after this long without traffic.
-    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
-    pub flow_idle_timeout: Duration,
-    /// Default idle timeout of a session (long enough for a laptop to sleep overnight).
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
-    pub session_idle_timeout: Duration,
-    /// Most client endpoints one session may have at once.
-    #[arg(long, default_value_t = 32)]
-    pub max_flows_per_session: usize,
-    /// New client endpoints a session may gain per second (bursts of twice that).
-    #[arg(long, default_value_t = 4)]
-    pub new_flows_per_sec: u32,
+    /// [default: auto]
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<ModeChoice>,
+    /// XDP fast path, the daemon's sockets only (hosts without BPF), or XDP
+    /// falling back to sockets with the reason logged [default: auto].
+    #[arg(long, value_enum)]
+    pub datapath: Option<DatapathChoice>,
+    /// Client-facing session ports [default: 60000-60999].
+    #[arg(long)]
+    pub ports: Option<PortRange>,
+    /// Backend-facing per-flow ports [default: 61000-61999].
+    #[arg(long)]
+    pub flow_ports: Option<PortRange>,
+    /// Forget a client endpoint after this long without traffic [default: 120s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub flow_idle_timeout: Option<Duration>,
+    /// Default idle timeout of a session, long enough for a laptop to sleep overnight [default: 7d].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub session_idle_timeout: Option<Duration>,
+    /// Most client endpoints one session may have at once [default: 32].
+    #[arg(long)]
+    pub max_flows_per_session: Option<usize>,
+    /// New client endpoints a session may gain per second, bursts of twice that [default: 4].
+    #[arg(long)]
+    pub new_flows_per_sec: Option<u32>,
+    /// Most sessions at once; `add` beyond it is refused [default: 4096].
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    /// Flows the kernel maps hold; set when the maps are first created, pinned maps keep their size [default: 16384].
+    #[arg(long)]
+    pub max_flows: Option<u32>,
+    /// Folder of the session store [default: /var/lib/forwarder/<instance>].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
     /// Packets per second the XDP program hands to the daemon for one
     /// session (new client endpoints, route misses); beyond it they are
-    /// dropped and counted. 0: unlimited.
-    #[arg(long, default_value_t = 1_000)]
-    pub slowpath_pps_per_session: u32,
+    /// dropped and counted. 0: unlimited [default: 1000].
+    #[arg(long)]
+    pub slowpath_pps_per_session: Option<u32>,
     /// Packets per second the XDP program hands to the daemon for all relay
-    /// ports together. 0: unlimited.
-    #[arg(long, default_value_t = 20_000)]
-    pub slowpath_pps: u32,
+    /// ports together. 0: unlimited [default: 20000].
+    #[arg(long)]
+    pub slowpath_pps: Option<u32>,
+}
+
+fn parse_in_config<T: std::str::FromStr>(key: &str, text: Option<String>) -> anyhow::Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    text.map(|text| {
+        text.parse::<T>()
+            .map_err(|error| anyhow::anyhow!("config key {key} = {text:?}: {error}"))
+    })
+    .transpose()
+}
+
+fn duration_in_config(key: &str, text: Option<String>) -> anyhow::Result<Option<Duration>> {
+    text.map(|text| {
+        humantime::parse_duration(&text)
+            .map_err(|error| anyhow::anyhow!("config key {key} = {text:?}: {error} (write e.g. \"120s\" or \"7d\")"))
+    })
+    .transpose()
+}
+
+/// Merges flags over the config file over the defaults.
+pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<RunOptions> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let instance = instance.or(file.instance).unwrap_or_else(|| "default".into());
+    let xdp_mode = match (args.xdp_mode, file.xdp_mode) {
+        (Some(mode), _) => mode,
+        (None, Some(text)) => ModeChoice::from_str(&text, true)
+            .map_err(|_| anyhow::anyhow!("config key xdp_mode = {text:?}: use \"auto\", \"native\" or \"skb\""))?,
+        (None, None) => ModeChoice::Auto,
+    };
+    let datapath = match (args.datapath, file.datapath) {
+        (Some(choice), _) => choice,
+        (None, Some(text)) => DatapathChoice::from_str(&text, true)
+            .map_err(|_| anyhow::anyhow!("config key datapath = {text:?}: use \"auto\", \"xdp\" or \"userspace\""))?,
+        (None, None) => DatapathChoice::Auto,
+    };
+    let interfaces = if args.interfaces.is_empty() { file.interfaces.unwrap_or_default() } else { args.interfaces };
+    let default_range = |lo, hi| PortRange { lo, hi };
+    Ok(RunOptions {
+        state_dir: args.state_dir.or(file.state_dir).unwrap_or_else(|| default_state_dir(&instance)),
+        max_flows: args.max_flows.or(file.max_flows).unwrap_or(forwarder_common::MAX_FLOWS),
+        metrics: args.metrics.or(file.metrics),
+        interfaces,
+        datapath,
+        xdp_mode,
+        session_ports: args.ports.or(parse_in_config("ports", file.ports)?).unwrap_or(default_range(60000, 60999)),
+        flow_ports: args.flow_ports.or(parse_in_config("flow_ports", file.flow_ports)?).unwrap_or(default_range(61000, 61999)),
+        limits: Limits {
+            flow_idle_timeout: args
+                .flow_idle_timeout
+                .or(duration_in_config("flow_idle_timeout", file.flow_idle_timeout)?)
+                .unwrap_or(Duration::from_secs(120)),
+            default_session_idle_timeout: args
+                .session_idle_timeout
+                .or(duration_in_config("session_idle_timeout", file.session_idle_timeout)?)
+                .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            max_flows_per_session: args.max_flows_per_session.or(file.max_flows_per_session).unwrap_or(32),
+            new_flows_per_sec: args.new_flows_per_sec.or(file.new_flows_per_sec).unwrap_or(4),
+            max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(4096),
+        },
+        slowpath_pps_per_session: args
+            .slowpath_pps_per_session
+            .or(file.slowpath_pps_per_session)
+            .unwrap_or(1_000),
+        slowpath_pps: args.slowpath_pps.or(file.slowpath_pps).unwrap_or(20_000),
+        instance,
+    })
 }
 
 pub fn main(cli: Cli) -> anyhow::Result<()> {
+    // `run` may take its instance from the config file instead.
+    let instance = cli.instance.clone().unwrap_or_else(|| "default".into());
     match cli.verb {
         Verb::Run(args) => {
-            let options = RunOptions {
-                instance: cli.instance,
-                interfaces: args.interfaces,
-                datapath: args.datapath,
-                xdp_mode: args.xdp_mode,
-                session_ports: args.ports,
-                flow_ports: args.flow_ports,
-                limits: Limits {
-                    flow_idle_timeout: args.flow_idle_timeout,
-                    default_session_idle_timeout: args.session_idle_timeout,
-                    max_flows_per_session: args.max_flows_per_session,
-                    new_flows_per_sec: args.new_flows_per_sec,
-                },
-                slowpath_pps_per_session: args.slowpath_pps_per_session,
-                slowpath_pps: args.slowpath_pps,
-            };
+            let options = run_options(cli.instance, args)?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
                 .block_on(daemon::run(options))
         }
+        Verb::Detach { purge, state_dir, json } => {
+            let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&instance));
+            let detached = daemon::detach(&instance, &state_dir, purge)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detached)?);
+            } else {
+                println!(
+                    "instance {}: removed {} pins{}",
+                    detached.instance,
+                    detached.pins_removed,
+                    if detached.store_removed { " and the session store" } else { "" }
+                );
+            }
+            Ok(())
+        }
         Verb::Add { backend, port, idle_timeout, json } => {
-            daemon::validate_instance(&cli.instance)?;
+            daemon::validate_instance(&instance)?;
             if idle_timeout.is_some_and(|timeout| timeout.is_zero()) {
                 bail!("an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h");
             }
@@ -134,7 +241,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 port,
                 idle_timeout_secs: idle_timeout.map(|d| d.as_secs().max(1)),
             };
-            let Reply::Session(session) = call(&cli.instance, &request)? else {
+            let Reply::Session(session) = call(&instance, &request)? else {
                 bail!("the daemon answered `add` with something else: is it the same version?")
             };
             if json {
@@ -147,8 +254,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Verb::Remove { target, json } => {
-            daemon::validate_instance(&cli.instance)?;
-            let Reply::Removed(session) = call(&cli.instance, &Request::Remove { target })? else {
+            daemon::validate_instance(&instance)?;
+            let Reply::Removed(session) = call(&instance, &Request::Remove { target })? else {
                 bail!("the daemon answered `remove` with something else: is it the same version?")
             };
             if json {
@@ -159,8 +266,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Verb::List { json } => {
-            daemon::validate_instance(&cli.instance)?;
-            let Reply::Sessions(sessions) = call(&cli.instance, &Request::List {})? else {
+            daemon::validate_instance(&instance)?;
+            let Reply::Sessions(sessions) = call(&instance, &Request::List {})? else {
                 bail!("the daemon answered `list` with something else: is it the same version?")
             };
             if json {
@@ -171,8 +278,8 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Verb::Stats { json } => {
-            daemon::validate_instance(&cli.instance)?;
-            let Reply::Stats(stats) = call(&cli.instance, &Request::Stats {})? else {
+            daemon::validate_instance(&instance)?;
+            let Reply::Stats(stats) = call(&instance, &Request::Stats {})? else {
                 bail!("the daemon answered `stats` with something else: is it the same version?")
             };
             if json {
@@ -246,6 +353,16 @@ fn render_stats(stats: &StatsInfo) -> String {
     let _ = writeln!(out, "XDP reasons (packets / bytes):");
     for (name, counter) in stats.reasons.iter().filter(|(_, c)| c.packets > 0) {
         let _ = writeln!(out, "  {name:<22} {:>10} / {}", counter.packets, counter.bytes);
+    }
+    let c = &stats.capacity;
+    let _ = writeln!(
+        out,
+        "capacity: {} of {} sessions, {} of {} flows ({} per session); kernel memory per flow {} B",
+        stats.sessions, c.max_sessions, stats.flows, c.max_flows, c.max_flows_per_session, c.kernel_bytes_per_flow
+    );
+    for map in &c.maps {
+        let fill = map.entries.map_or_else(|| "array".to_string(), |n| format!("{n}/{}", map.max_entries));
+        let _ = writeln!(out, "  map {:<16} {:>14}  {} B kernel memory", map.name, fill, map.memlock_bytes);
     }
     let s = &stats.slow_path;
     let _ = writeln!(

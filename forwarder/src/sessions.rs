@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use forwarder_common::config::MAX_FLOWS;
 use forwarder_common::flow::Endpoints;
 use forwarder_common::{BackendKey, ClientKey, Rewrite};
 use tracing::{info, warn};
@@ -19,6 +18,10 @@ use crate::expiry::{self, FlowActivity};
 use crate::limits::TokenBucket;
 use crate::ports::{PortPool, PortRange};
 use crate::datapath::socket::RelaySocket;
+use crate::store::{SessionRecord, Store};
+
+mod restore;
+pub use restore::Restored;
 
 /// Settings that shape every session.
 #[derive(Clone, Debug)]
@@ -27,6 +30,8 @@ pub struct Limits {
     pub default_session_idle_timeout: Duration,
     pub max_flows_per_session: usize,
     pub new_flows_per_sec: u32,
+    /// Most sessions the relay holds; `add` beyond it is refused.
+    pub max_sessions: usize,
 }
 
 pub struct Session {
@@ -43,6 +48,45 @@ pub struct Session {
     flows: HashMap<(Ipv4Addr, SocketAddrV4), u16>,
 }
 
+impl Session {
+    fn new(
+        id: String,
+        backend: SocketAddrV4,
+        route: BackendRoute,
+        idle_timeout: Duration,
+        socket: Arc<RelaySocket>,
+        limits: &Limits,
+        now: u64,
+    ) -> Self {
+        Self {
+            id,
+            port: socket.port,
+            backend,
+            route,
+            idle_timeout,
+            socket,
+            last_active_ns: now,
+            new_flows: TokenBucket::new(
+                limits.new_flows_per_sec,
+                limits.new_flows_per_sec.saturating_mul(2).max(1),
+                now,
+            ),
+            flows: HashMap::new(),
+        }
+    }
+
+    pub fn record(&self) -> SessionRecord {
+        SessionRecord {
+            id: self.id.clone(),
+            port: self.port,
+            backend: self.backend,
+            route_source: self.route.source,
+            route_ifindex: self.route.ifindex,
+            idle_timeout_secs: self.idle_timeout.as_secs(),
+        }
+    }
+}
+
 pub struct Flow {
     pub session_port: u16,
     pub client: SocketAddrV4,
@@ -56,6 +100,34 @@ pub struct Flow {
     slow_to_client: (u64, u64),
     last_slow_to_server_ns: u64,
     last_slow_from_server_ns: u64,
+}
+
+impl Flow {
+    /// A flow as the daemon starts tracking it: its upstream port is its socket's.
+    fn new(
+        session_port: u16,
+        client: SocketAddrV4,
+        relay_addr: Ipv4Addr,
+        socket: Arc<RelaySocket>,
+        entries: FlowEntries,
+        slot: u32,
+        now: u64,
+    ) -> Self {
+        Self {
+            session_port,
+            client,
+            relay_addr,
+            upstream_port: socket.port,
+            socket,
+            entries,
+            slot,
+            created_ns: now,
+            slow_to_server: (0, 0),
+            slow_to_client: (0, 0),
+            last_slow_to_server_ns: 0,
+            last_slow_from_server_ns: 0,
+        }
+    }
 }
 
 /// What the slow path should do with a packet that reached a session port.
@@ -79,6 +151,8 @@ pub struct Relay {
     sessions: BTreeMap<u16, Session>,
     flows: HashMap<u16, Flow>,
     pub stats: SlowPathStats,
+    /// Where sessions are persisted (None: they live only in memory).
+    pub store: Option<Store>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
@@ -150,6 +224,7 @@ impl Relay {
         session_ports: PortRange,
         flow_ports: PortRange,
     ) -> Self {
+        let max_flows = datapath.max_flows();
         Self {
             instance,
             limits,
@@ -158,10 +233,11 @@ impl Relay {
             datapath,
             session_ports: PortPool::new(session_ports),
             flow_ports: PortPool::new(flow_ports),
-            free_slots: (0..MAX_FLOWS).collect(),
+            free_slots: (0..max_flows).collect(),
             sessions: BTreeMap::new(),
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
+            store: None,
         }
     }
 
@@ -187,6 +263,13 @@ impl Relay {
                 existing.id,
                 existing.port,
                 existing.id
+            );
+        }
+        if self.sessions.len() >= self.limits.max_sessions {
+            bail!(
+                "the relay holds its maximum of {} sessions: remove unused ones (`forwarder list`) \
+                 or raise max_sessions in the config (--max-sessions)",
+                self.limits.max_sessions
             );
         }
         let socket = match port {
@@ -232,21 +315,18 @@ impl Relay {
                 break candidate;
             }
         };
-        let session = Session {
-            id,
-            port,
-            backend,
-            route,
-            idle_timeout: idle_timeout.unwrap_or(self.limits.default_session_idle_timeout),
-            socket: socket.clone(),
-            last_active_ns: now,
-            new_flows: TokenBucket::new(
-                self.limits.new_flows_per_sec,
-                self.limits.new_flows_per_sec.saturating_mul(2).max(1),
-                now,
-            ),
-            flows: HashMap::new(),
-        };
+        let idle_timeout = idle_timeout.unwrap_or(self.limits.default_session_idle_timeout);
+        let session = Session::new(id, backend, route, idle_timeout, socket.clone(), &self.limits, now);
+        // Durable before it is announced: a session the caller was told about
+        // survives a crash; one that never got committed never existed.
+        if let Some(store) = &self.store
+            && let Err(error) = store.put(&session.record())
+        {
+            socket.close();
+            self.datapath.remove_session_bucket(port);
+            self.session_ports.release(port);
+            return Err(error);
+        }
         info!(session = %session.id, port, %backend, "session added");
         self.sessions.insert(port, session);
         Ok((self.session_info(port, now).expect("just inserted"), socket))
@@ -264,6 +344,13 @@ impl Relay {
     /// Removes a session and every flow of it.
     pub fn remove_session(&mut self, port: u16, why: &str) -> Option<SessionInfo> {
         let info = self.session_info(port, monotonic_ns())?;
+        // Forgotten on disk first: a crash in between leaves flows without a
+        // session, which the next start removes.
+        if let Some(store) = &self.store
+            && let Err(error) = store.delete(port)
+        {
+            warn!(port, error = format!("{error:#}"), "removing a session from the store");
+        }
         let session = self.sessions.remove(&port)?;
         for upstream_port in session.flows.into_values() {
             self.remove_flow(upstream_port, why);
@@ -345,23 +432,10 @@ impl Relay {
         session.last_active_ns = now;
         let backend = session.backend;
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow learned");
-        self.flows.insert(
-            upstream_port,
-            Flow {
-                session_port,
-                client,
-                relay_addr,
-                upstream_port,
-                socket: socket.clone(),
-                entries,
-                slot,
-                created_ns: now,
-                slow_to_server: (1, len as u64),
-                slow_to_client: (0, 0),
-                last_slow_to_server_ns: now,
-                last_slow_from_server_ns: 0,
-            },
-        );
+        let mut flow = Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now);
+        flow.slow_to_server = (1, len as u64);
+        flow.last_slow_to_server_ns = now;
+        self.flows.insert(upstream_port, flow);
         self.stats.flows_created += 1;
         self.stats.forwarded_to_server += 1;
         Ok(ClientVerdict::Forward { socket, backend, new_flow: true })

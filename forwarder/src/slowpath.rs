@@ -51,7 +51,7 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
 
 /// Reads a flow's upstream socket: forwards what the backend sends to the
 /// flow's client, and nothing that comes from anybody else.
-fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
+pub fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
     let reader_socket = socket.clone();
     let task = tokio::spawn(async move {
         let socket = reader_socket;

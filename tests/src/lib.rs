@@ -22,4 +22,4 @@ pub use mosh::{MoshClient, MoshServer};
 pub use netns::{Netns, veth_pair};
 pub use relay::{FlowInfo, Relay, Session, SessionInfo, forwarder_bin, workspace_root};
 pub use topology::Topology;
-pub use udp::{UdpEcho, UdpPinger};
+pub use udp::{StreamReport, UdpEcho, UdpPinger, UdpStream};

@@ -84,12 +84,18 @@ pub struct FlowInfo {
 /// A running `forwarder run`, stopped on drop. Its stderr goes to a file that is
 /// printed on drop (the test harness shows it only for failing tests) unless
 /// [`Relay::quiet`] was called.
+///
+/// The daemon keeps its data plane pinned when it stops, so dropping the
+/// guard also runs `forwarder detach --purge` for its (unique) instance.
 #[derive(Debug)]
 pub struct Relay {
     child: Child,
     bin: PathBuf,
     instance: String,
     log_path: PathBuf,
+    /// The daemon's command line (nsenter ... forwarder run ...), for restarts.
+    command: Vec<String>,
+    state_dir: PathBuf,
     _dir: tempfile::TempDir,
     print_log_on_drop: bool,
 }
@@ -103,39 +109,106 @@ impl Relay {
         let instance = format!("t{}-{}", std::process::id(), random_tag());
         let dir = tempfile::Builder::new().prefix("fwd-relay-").tempdir()?;
         let log_path = dir.path().join("forwarder.log");
-        let log = File::create(&log_path)?;
+        let state_dir = dir.path().join("state");
 
         let mut cmd = ns.nsenter(bin.to_str().context("binary path is not UTF-8")?);
         cmd.arg("run").args(["--instance", &instance]);
+        if !extra_args.contains(&"--state-dir") && !extra_args.contains(&"--config") {
+            cmd.arg("--state-dir").arg(&state_dir);
+        }
         for iface in ifaces {
             cmd.args(["--iface", iface]);
         }
         if !extra_args.contains(&"--xdp-mode") {
             cmd.args(["--xdp-mode", "auto"]);
         }
-        cmd.args(extra_args)
+        cmd.args(extra_args);
+        let command: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        Self::launch(bin, instance, log_path, command, state_dir, dir)
+    }
+
+    /// Runs the daemon as `command` (a full command line whose `forwarder
+    /// run` uses `instance`), e.g. one taken from a systemd unit.
+    pub fn start_command(command: Vec<String>, instance: &str, state_dir: Option<PathBuf>) -> Result<Self> {
+        let bin = forwarder_bin()?;
+        let dir = tempfile::Builder::new().prefix("fwd-relay-").tempdir()?;
+        let log_path = dir.path().join("forwarder.log");
+        let state_dir = state_dir.unwrap_or_else(|| dir.path().join("state"));
+        Self::launch(bin, instance.to_string(), log_path, command, state_dir, dir)
+    }
+
+    fn launch(
+        bin: PathBuf,
+        instance: String,
+        log_path: PathBuf,
+        command: Vec<String>,
+        state_dir: PathBuf,
+        dir: tempfile::TempDir,
+    ) -> Result<Self> {
+        let child = Self::spawn(&command, &log_path)?;
+        let mut relay = Self {
+            child,
+            bin,
+            instance,
+            log_path,
+            command,
+            state_dir,
+            _dir: dir,
+            print_log_on_drop: true,
+        };
+        relay.wait_ready().with_context(|| {
+            format!("`{}` did not become ready; its log:\n{}", relay.command.join(" "), relay.log())
+        })?;
+        Ok(relay)
+    }
+
+    fn spawn(command: &[String], log_path: &Path) -> Result<Child> {
+        let log = File::options().create(true).append(true).open(log_path)?;
+        let (program, args) = command.split_first().context("empty daemon command")?;
+        Command::new(program)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log);
-        let what = cmd::describe(&cmd);
-        let child = cmd.spawn().with_context(|| format!("starting `{what}`"))?;
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting `{}`", command.join(" ")))
+    }
 
-        let mut relay = Self {
-            child,
-            bin,
-            instance,
-            log_path,
-            _dir: dir,
-            print_log_on_drop: true,
-        };
-        relay
-            .wait_ready()
-            .with_context(|| format!("`{what}` did not become ready; its log:\n{}", relay.log()))?;
-        Ok(relay)
+    /// Kills the daemon with SIGKILL (no cleanup at all) and reaps it.
+    pub fn kill9(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            self.child.kill()?;
+            self.child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Stops the daemon with SIGTERM, as systemd does.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.stop()
+    }
+
+    /// Starts the daemon again with the same command line (after
+    /// [`Relay::kill9`] or [`Relay::terminate`]) and waits until it answers.
+    /// Returns how long that took.
+    pub fn restart(&mut self) -> Result<Duration> {
+        let started = Instant::now();
+        self.child = Self::spawn(&self.command, &self.log_path)?;
+        self.wait_ready()
+            .with_context(|| format!("the restarted daemon did not become ready; its log:\n{}", self.log()))?;
+        Ok(started.elapsed())
+    }
+
+    /// The session store's folder.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -296,6 +369,13 @@ impl Drop for Relay {
         if let Err(e) = self.stop() {
             eprintln!(
                 "warning: stopping forwarder instance {}: {e:#}",
+                self.instance
+            );
+        }
+        let state_dir = self.state_dir.to_string_lossy().into_owned();
+        if let Err(e) = self.verb(&["detach", "--purge", "--state-dir", &state_dir]) {
+            eprintln!(
+                "warning: detaching forwarder instance {}: {e:#}",
                 self.instance
             );
         }

@@ -126,3 +126,114 @@ impl UdpPinger {
         Ok(false)
     }
 }
+
+/// Upper bound on a stream's life, whatever the test does.
+const STREAM_MAX_LIFETIME: Duration = Duration::from_secs(120);
+
+/// A steady numbered UDP stream towards an echo peer: a sender thread paces
+/// `rate` datagrams per second, a receiver thread records which came back.
+#[derive(Debug)]
+pub struct UdpStream {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    sender: Option<JoinHandle<()>>,
+    receiver: Option<JoinHandle<Vec<bool>>>,
+}
+
+/// What a stream saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamReport {
+    pub sent: u64,
+    pub echoed: u64,
+    pub lost: u64,
+}
+
+impl UdpStream {
+    pub fn start(ns: &Netns, bind: SocketAddr, to: SocketAddr, rate: u32) -> Result<Self> {
+        let socket = ns.udp_bind(bind)?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let receive_socket = socket.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let per_ms = rate.div_ceil(1000).max(1) as u64;
+        let sender = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) && start.elapsed() < STREAM_MAX_LIFETIME {
+                    // Pace against the clock, so a slow iteration is caught up.
+                    let due = (start.elapsed().as_millis() as u64 + 1) * per_ms;
+                    while seq < due {
+                        if socket.send_to(&seq.to_be_bytes(), to).is_err() {
+                            break;
+                        }
+                        seq += 1;
+                        sent.store(seq, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let receiver = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 64];
+                let mut quiet_since = Instant::now();
+                loop {
+                    if start.elapsed() > STREAM_MAX_LIFETIME + Duration::from_secs(5) {
+                        break;
+                    }
+                    // After stop, linger until a full second passes without echoes.
+                    if stop.load(Ordering::Relaxed) && quiet_since.elapsed() > Duration::from_secs(1) {
+                        break;
+                    }
+                    match receive_socket.recv_from(&mut buf) {
+                        Ok((8, from)) if from == to => {
+                            let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
+                            if seq >= seen.len() {
+                                seen.resize(seq + 1, false);
+                            }
+                            seen[seq] = true;
+                            quiet_since = Instant::now();
+                        }
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+                seen
+            })
+        };
+        Ok(Self { stop, sent, sender: Some(sender), receiver: Some(receiver) })
+    }
+
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending, waits for the last echoes, and reports.
+    pub fn finish(mut self) -> StreamReport {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+        }
+        let seen = self.receiver.take().map(|r| r.join().unwrap_or_default()).unwrap_or_default();
+        let sent = self.sent();
+        let echoed = seen.iter().take(sent as usize).filter(|&&s| s).count() as u64;
+        StreamReport { sent, echoed, lost: sent - echoed }
+    }
+}
+
+impl Drop for UdpStream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+        }
+        if let Some(receiver) = self.receiver.take() {
+            let _ = receiver.join();
+        }
+    }
+}

@@ -100,7 +100,7 @@ impl Plan {
             flows: 64,
             sizes: vec![64, 1200],
             ping_samples: 20_000,
-            scale_flows: vec![1, 1_000, 16_000],
+            scale_flows: vec![1, 1_000, 50_000],
             adds: 500,
         }
     }
@@ -257,7 +257,9 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
                 "--ports",
                 "60000-60099",
                 "--flow-ports",
-                "20000-59999",
+                "5000-59999",
+                "--max-flows",
+                "65536",
                 "--new-flows-per-sec",
                 "1000000",
                 "--max-flows-per-session",
@@ -457,14 +459,12 @@ fn kernel_memory_per_flow(relay: &Relay) -> Result<Value> {
         }
     }
     let total: u64 = maps.values().map(|(m, _)| m).sum();
-    let flows = u64::from(forwarder_common_max_flows());
+    let flows = u64::from(BENCH_MAX_FLOWS);
     Ok(json!({"maps": maps.len(), "memlock_bytes": total, "max_flows": flows, "bytes_per_flow": total / flows.max(1)}))
 }
 
-/// The flow capacity the bench's daemon runs with (the default map size).
-fn forwarder_common_max_flows() -> u32 {
-    16_384
-}
+/// The flow capacity the bench's daemon runs with (`--max-flows`).
+const BENCH_MAX_FLOWS: u32 = 65_536;
 
 pub fn run(plan: &Plan) -> Result<Value> {
     forwarder_testbed::prereq::require()?;

@@ -1,9 +1,10 @@
-//! Developer and CI tasks: `cargo xtask prereq | demo | test`.
+//! Developer and CI tasks: `cargo xtask prereq | demo | test | deb`.
 //!
 //! Everything runs as root: the tasks install packages, create network
 //! namespaces and attach XDP programs.
 
 mod bench;
+mod deb;
 mod demo;
 mod prereq;
 mod test;
@@ -40,6 +41,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build target/deb/forwarder_<version>_<arch>.deb (binary, systemd unit, example config).
+    Deb,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Bench { smoke, json } => run_bench(smoke, json),
         Task::Test { args } => test::run(&args),
+        Task::Deb => deb::run().map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,6 +85,29 @@ pub struct StatsInfo {
     pub reasons: BTreeMap<String, PacketsBytes>,
     /// Packets the daemon handled itself: first packets and fib-miss fallbacks.
     pub slow_path: SlowPathStats,
+    /// Capacity of the relay and fill of its pinned maps.
+    #[serde(default)]
+    pub capacity: CapacityInfo,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CapacityInfo {
+    pub max_sessions: usize,
+    pub max_flows: u32,
+    pub max_flows_per_session: usize,
+    pub maps: Vec<MapFill>,
+    /// Kernel memory of the per-flow maps (both halves and the counters)
+    /// divided by the flows they can hold.
+    pub kernel_bytes_per_flow: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct MapFill {
+    pub name: String,
+    /// Entries in use; absent for arrays, which are always full.
+    pub entries: Option<usize>,
+    pub max_entries: u32,
+    pub memlock_bytes: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

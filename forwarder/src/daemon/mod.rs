@@ -1,8 +1,12 @@
-//! `forwarder run`: load and attach the XDP program, serve the control
-//! socket, expire idle flows and sessions, and clean up on SIGTERM/SIGINT.
+//! `forwarder run`: adopt (or load and pin) the XDP data plane, restore the
+//! stored sessions, serve the control socket and expire idle flows and
+//! sessions. Stopping leaves the pinned data plane forwarding; `forwarder
+//! detach` removes it.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Instant;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,13 +15,15 @@ use forwarder_common::{REASON_COUNT, Reason, RelayConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
-use crate::control::proto::{PacketsBytes, StatsInfo};
+use crate::control::proto::{CapacityInfo, MapFill, PacketsBytes, StatsInfo};
 use crate::control::{self};
-use crate::datapath::xdp::ModeChoice;
+use crate::datapath::pins::PinDir;
+use crate::datapath::xdp::{self, Capacity, ModeChoice, XdpDatapath};
 use crate::datapath::{Datapath, DatapathChoice};
+use crate::store::Store;
 use crate::ports::PortRange;
 use crate::sessions::{Limits, Relay, monotonic_ns};
-use crate::slowpath::SharedRelay;
+use crate::slowpath::{SharedRelay, spawn_flow_reader, spawn_session_reader};
 
 /// Everything `forwarder run` needs.
 #[derive(Clone, Debug)]
@@ -32,6 +38,12 @@ pub struct RunOptions {
     /// Rate limits on what the XDP program hands to the daemon (0: unlimited).
     pub slowpath_pps_per_session: u32,
     pub slowpath_pps: u32,
+    /// Size of the flow maps when they are first created.
+    pub max_flows: u32,
+    /// Where the session store lives.
+    pub state_dir: PathBuf,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -54,6 +66,7 @@ fn interface_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
     validate_instance(&options.instance)?;
     if !nix::unistd::geteuid().is_root() {
         bail!("forwarder run must run as root (it loads an XDP program and binds relay ports): use sudo");
@@ -78,18 +91,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_port_lo: options.flow_ports.lo,
         flow_port_hi: options.flow_ports.hi,
     };
-    let mut datapath = Datapath::start(options.datapath, &options.interfaces, options.xdp_mode, config)?;
+    let pins = PinDir::new(&options.instance, xdp::layout()?);
+    let (mut datapath, adopting) = Datapath::start(options.datapath, options.max_flows, || {
+        let adopting = pins.prepare(&options.instance)?;
+        let xdp = XdpDatapath::start(
+            &options.interfaces,
+            options.xdp_mode,
+            config,
+            Capacity { max_flows: options.max_flows },
+            &pins,
+        )?;
+        Ok((xdp, adopting))
+    })?;
+    // Before the restore below, which gives every restored session its bucket.
     datapath.limit_slowpath(options.slowpath_pps_per_session, options.slowpath_pps)?;
+    let store = Store::open(&options.state_dir)?;
+    let records = store.sessions()?;
     let relay_addresses = interface_addresses(&options.interfaces);
-    info!(
-        instance = %options.instance,
-        interfaces = ?options.interfaces,
-        datapath = %datapath.mode(),
-        ports = %options.session_ports,
-        flow_ports = %options.flow_ports,
-        socket = %socket_path.display(),
-        "forwarder ready"
-    );
+    let mode = datapath.mode();
     let relay: SharedRelay = Arc::new(Mutex::new(Relay::new(
         options.instance.clone(),
         options.limits.clone(),
@@ -99,7 +118,43 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.session_ports,
         options.flow_ports,
     )));
+    let restored = {
+        let mut relay = relay.lock().expect("relay lock");
+        relay.store = Some(store);
+        relay.restore(records)
+    };
+    let (sessions, flows) = (restored.session_sockets.len(), restored.flow_sockets.len());
+    for socket in restored.session_sockets {
+        spawn_session_reader(relay.clone(), socket);
+    }
+    for socket in restored.flow_sockets {
+        spawn_flow_reader(relay.clone(), socket);
+    }
+    info!(
+        instance = %options.instance,
+        interfaces = ?options.interfaces,
+        mode = %mode,
+        ports = %options.session_ports,
+        flow_ports = %options.flow_ports,
+        socket = %socket_path.display(),
+        pins = %pins.dir.display(),
+        adopted = adopting,
+        sessions_restored = sessions,
+        flows_restored = flows,
+        sessions_dropped = restored.dropped_sessions,
+        map_halves_dropped = restored.dropped_halves,
+        ready_ms = started.elapsed().as_millis() as u64,
+        "forwarder ready"
+    );
 
+    let metrics = match options.metrics {
+        Some(address) => {
+            let listener = crate::metrics::bind(address).await?;
+            info!(%address, "serving Prometheus metrics at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(listener, relay.clone())))
+        }
+        None => None,
+    };
     let server = tokio::spawn(control::server::serve(listener, relay.clone()));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
 
@@ -110,10 +165,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
     }
     server.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     expiry.abort();
     let _ = std::fs::remove_file(&socket_path);
-    relay.lock().expect("relay lock").clear();
-    info!("stopped; the XDP program is detached");
+    info!(
+        pins = %pins.dir.display(),
+        "stopped; the pinned data plane keeps forwarding established flows (`forwarder detach` removes it)"
+    );
     Ok(())
 }
 
@@ -131,11 +191,69 @@ fn raise_fd_limit() {
     }
 }
 
+/// What `forwarder detach` removed.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Detached {
+    pub instance: String,
+    pub pins_removed: usize,
+    pub store_removed: bool,
+}
+
+/// Removes an instance's pinned data plane (the XDP program leaves every
+/// interface; established flows stop) and, with `purge`, its session store.
+/// Refuses while the daemon runs: it would keep answering for a data plane
+/// that is gone.
+pub fn detach(instance: &str, state_dir: &std::path::Path, purge: bool) -> anyhow::Result<Detached> {
+    validate_instance(instance)?;
+    let socket = control::socket_path(instance);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        bail!(
+            "the daemon of instance {instance:?} is running ({} answers): stop it first \
+             (`systemctl stop forwarder` or SIGTERM), then detach",
+            socket.display()
+        );
+    }
+    let pins_removed = crate::datapath::pins::remove_instance(instance)?;
+    let store_removed = purge && state_dir.is_dir();
+    if store_removed {
+        std::fs::remove_dir_all(state_dir).with_context(|| format!("removing {}", state_dir.display()))?;
+    }
+    info!(instance, pins_removed, store_removed, "data plane detached");
+    Ok(Detached { instance: instance.to_string(), pins_removed, store_removed })
+}
+
 async fn expire_forever(relay: SharedRelay) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         relay.lock().expect("relay lock").expire(monotonic_ns());
+    }
+}
+
+/// Limits, map fill and the kernel memory a flow costs.
+fn capacity(relay: &Relay) -> CapacityInfo {
+    let maps: Vec<MapFill> = relay
+        .datapath
+        .map_usage()
+        .into_iter()
+        .map(|usage| MapFill {
+            name: usage.name,
+            entries: usage.entries,
+            max_entries: usage.max_entries,
+            memlock_bytes: usage.memlock_bytes,
+        })
+        .collect();
+    let per_flow_maps: u64 = maps
+        .iter()
+        .filter(|m| ["CLIENT_FLOWS", "BACKEND_FLOWS", "FLOW_COUNTERS"].contains(&m.name.as_str()))
+        .map(|m| m.memlock_bytes)
+        .sum();
+    CapacityInfo {
+        max_sessions: relay.limits.max_sessions,
+        max_flows: relay.datapath.max_flows(),
+        max_flows_per_session: relay.limits.max_flows_per_session,
+        kernel_bytes_per_flow: per_flow_maps / u64::from(relay.datapath.max_flows().max(1)),
+        maps,
     }
 }
 
@@ -163,5 +281,6 @@ pub fn stats(relay: &Relay) -> StatsInfo {
         verdicts,
         reasons,
         slow_path: relay.stats.clone(),
+        capacity: capacity(relay),
     }
 }

@@ -2,14 +2,15 @@
 //! daemon's own UDP sockets. With the userspace datapath the sockets carry
 //! every packet; with XDP they only see first packets and fallbacks.
 
+pub mod pins;
 pub mod socket;
 pub mod xdp;
 
 use forwarder_common::reason::ReasonCounter;
-use forwarder_common::{FlowCounter, REASON_COUNT, RelayConfig};
+use forwarder_common::{BackendKey, ClientKey, FlowCounter, REASON_COUNT, Rewrite};
 use tracing::warn;
 
-use self::xdp::{FlowEntries, ModeChoice, XdpDatapath};
+use self::xdp::{FlowEntries, MapUsage, XdpDatapath};
 
 /// Which datapath the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -25,28 +26,29 @@ pub enum DatapathChoice {
 pub enum Datapath {
     Xdp(Box<XdpDatapath>),
     /// Every packet through the daemon's sockets; nothing to install.
-    Userspace,
+    Userspace { max_flows: u32 },
 }
 
 impl Datapath {
+    /// Starts the chosen datapath; `start_xdp` loads and attaches XDP (and
+    /// says whether it adopted a pinned data plane).
     pub fn start(
         choice: DatapathChoice,
-        interfaces: &[String],
-        mode: ModeChoice,
-        config: RelayConfig,
-    ) -> anyhow::Result<Self> {
+        max_flows: u32,
+        start_xdp: impl FnOnce() -> anyhow::Result<(XdpDatapath, bool)>,
+    ) -> anyhow::Result<(Self, bool)> {
         match choice {
-            DatapathChoice::Xdp => Ok(Self::Xdp(Box::new(XdpDatapath::start(interfaces, mode, config)?))),
-            DatapathChoice::Userspace => Ok(Self::Userspace),
-            DatapathChoice::Auto => match XdpDatapath::start(interfaces, mode, config) {
-                Ok(xdp) => Ok(Self::Xdp(Box::new(xdp))),
+            DatapathChoice::Xdp => start_xdp().map(|(xdp, adopted)| (Self::Xdp(Box::new(xdp)), adopted)),
+            DatapathChoice::Userspace => Ok((Self::Userspace { max_flows }, false)),
+            DatapathChoice::Auto => match start_xdp() {
+                Ok((xdp, adopted)) => Ok((Self::Xdp(Box::new(xdp)), adopted)),
                 Err(error) => {
                     warn!(
                         error = format!("{error:#}"),
                         "XDP is not available; falling back to the userspace datapath (every packet through the daemon). \
                          Use --datapath xdp to make this an error"
                     );
-                    Ok(Self::Userspace)
+                    Ok((Self::Userspace { max_flows }, false))
                 }
             },
         }
@@ -56,14 +58,14 @@ impl Datapath {
     pub fn mode(&self) -> String {
         match self {
             Self::Xdp(xdp) => xdp.mode.clone(),
-            Self::Userspace => "userspace".into(),
+            Self::Userspace { .. } => "userspace".into(),
         }
     }
 
     pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
         match self {
             Self::Xdp(xdp) => xdp.install(entries),
-            Self::Userspace => Ok(()),
+            Self::Userspace { .. } => Ok(()),
         }
     }
 
@@ -77,7 +79,7 @@ impl Datapath {
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
         match self {
             Self::Xdp(xdp) => xdp.last_seen(entries),
-            Self::Userspace => (0, 0),
+            Self::Userspace { .. } => (0, 0),
         }
     }
 
@@ -85,7 +87,50 @@ impl Datapath {
     pub fn flow_counter(&self, slot: u32) -> FlowCounter {
         match self {
             Self::Xdp(xdp) => xdp.flow_counter(slot),
-            Self::Userspace => FlowCounter::default(),
+            Self::Userspace { .. } => FlowCounter::default(),
+        }
+    }
+
+    /// How many flows the relay may hold (the XDP maps' size).
+    pub fn max_flows(&self) -> u32 {
+        match self {
+            Self::Xdp(xdp) => xdp.max_flows,
+            Self::Userspace { max_flows } => *max_flows,
+        }
+    }
+
+    /// Fill and kernel memory of the XDP maps (none in userspace).
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        match self {
+            Self::Xdp(xdp) => xdp.map_usage(),
+            Self::Userspace { .. } => Vec::new(),
+        }
+    }
+
+    /// The flow halves the kernel holds: what a restarted daemon adopts.
+    pub fn client_halves(&self) -> Vec<(ClientKey, Rewrite)> {
+        match self {
+            Self::Xdp(xdp) => xdp.client_halves(),
+            Self::Userspace { .. } => Vec::new(),
+        }
+    }
+
+    pub fn backend_halves(&self) -> Vec<(BackendKey, Rewrite)> {
+        match self {
+            Self::Xdp(xdp) => xdp.backend_halves(),
+            Self::Userspace { .. } => Vec::new(),
+        }
+    }
+
+    pub fn remove_client_half(&mut self, key: &ClientKey) {
+        if let Self::Xdp(xdp) = self {
+            xdp.remove_client_half(key);
+        }
+    }
+
+    pub fn remove_backend_half(&mut self, key: &BackendKey) {
+        if let Self::Xdp(xdp) = self {
+            xdp.remove_backend_half(key);
         }
     }
 
@@ -94,14 +139,14 @@ impl Datapath {
     pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
         match self {
             Self::Xdp(xdp) => xdp.limit_slowpath(per_session_pps, global_pps),
-            Self::Userspace => Ok(()),
+            Self::Userspace { .. } => Ok(()),
         }
     }
 
     pub fn add_session_bucket(&mut self, port: u16) -> anyhow::Result<()> {
         match self {
             Self::Xdp(xdp) => xdp.add_session_bucket(port),
-            Self::Userspace => Ok(()),
+            Self::Userspace { .. } => Ok(()),
         }
     }
 
@@ -114,7 +159,7 @@ impl Datapath {
     pub fn reason_counters(&self) -> Vec<ReasonCounter> {
         match self {
             Self::Xdp(xdp) => xdp.reason_counters(),
-            Self::Userspace => vec![ReasonCounter::default(); REASON_COUNT as usize],
+            Self::Userspace { .. } => vec![ReasonCounter::default(); REASON_COUNT as usize],
         }
     }
 }

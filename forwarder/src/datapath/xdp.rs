@@ -1,9 +1,12 @@
 //! The embedded XDP object: load it, attach it, and read and write its maps.
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, bail};
-use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
@@ -13,6 +16,8 @@ use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
 };
 use tracing::{info, warn};
+
+use super::pins::{MapShape, PinDir, layout_id};
 
 /// The compiled XDP program (forwarder-ebpf), embedded by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
@@ -52,6 +57,15 @@ pub struct XdpDatapath {
     slowpath: SlowpathBuckets,
     /// "native", "skb" or a mix, for `stats`.
     pub mode: String,
+    /// How many flows the pinned maps hold.
+    pub max_flows: u32,
+    pub pins: PinDir,
+}
+
+/// How large the flow maps are created (pinned maps keep the size they were created with).
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    pub max_flows: u32,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -60,15 +74,33 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
 }
 
 impl XdpDatapath {
-    /// Loads the program, writes the relay's port ranges, and attaches it to
-    /// every interface in `interfaces`.
-    pub fn start(interfaces: &[String], choice: ModeChoice, config: RelayConfig) -> anyhow::Result<Self> {
+    /// Loads the program with its maps pinned under `pins` (adopting maps
+    /// already pinned there), writes the relay's port ranges, and attaches
+    /// it to every interface in `interfaces`: an interface whose XDP link is
+    /// pinned gets the new program swapped in atomically through that link,
+    /// so forwarding never pauses.
+    pub fn start(
+        interfaces: &[String],
+        choice: ModeChoice,
+        config: RelayConfig,
+        capacity: Capacity,
+        pins: &PinDir,
+    ) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this forwarder binary was built with AYA_BUILD_SKIP and holds no XDP program: rebuild without it");
         }
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).map_err(|error| {
+        let names = map_names()?;
+        let mut loader = EbpfLoader::new();
+        for name in &names {
+            loader.map_pin_path(name, pins.map_path(name));
+        }
+        loader
+            .map_max_entries("CLIENT_FLOWS", capacity.max_flows)
+            .map_max_entries("BACKEND_FLOWS", capacity.max_flows)
+            .map_max_entries("FLOW_COUNTERS", capacity.max_flows.saturating_mul(2));
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|error| {
             anyhow::anyhow!(
-                "loading the XDP program failed: {error}. The daemon needs root with BPF allowed \
+                "loading the XDP program failed: {error:#}. The daemon needs root with BPF allowed \
                  (CAP_BPF/CAP_SYS_ADMIN and CAP_NET_ADMIN, not in an unprivileged container); \
                  or run with --datapath userspace when it exists"
             )
@@ -101,10 +133,23 @@ impl XdpDatapath {
         })?;
         let mut modes = Vec::new();
         for (name, index) in interfaces.iter().zip(indices) {
-            modes.push(attach(program, name, index, choice)?);
+            modes.push(attach_pinned(program, name, index, choice, pins)?);
         }
+        modes.sort();
         modes.dedup();
         let mode = modes.join("+");
+
+        let pinned_flows = pinned_max_entries(pins, "CLIENT_FLOWS")?
+            .min(pinned_max_entries(pins, "BACKEND_FLOWS")?)
+            .min(pinned_max_entries(pins, "FLOW_COUNTERS")? / 2);
+        if pinned_flows != capacity.max_flows {
+            warn!(
+                pinned = pinned_flows,
+                configured = capacity.max_flows,
+                "the pinned flow maps keep their size across restarts; the configured max_flows \
+                 takes effect after `forwarder detach` (which drops established flows)"
+            );
+        }
 
         let client_flows = HashMap::try_from(take_map(&mut ebpf, "CLIENT_FLOWS")?)?;
         let backend_flows = HashMap::try_from(take_map(&mut ebpf, "BACKEND_FLOWS")?)?;
@@ -123,6 +168,8 @@ impl XdpDatapath {
             reason_counters,
             slowpath,
             mode,
+            max_flows: pinned_flows,
+            pins: pins.clone(),
         })
     }
 
@@ -185,6 +232,54 @@ impl XdpDatapath {
         Ok(())
     }
 
+    /// Every client half in the map (what the kernel forwards right now).
+    pub fn client_halves(&self) -> Vec<(ClientKey, Rewrite)> {
+        self.client_flows.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Every backend half in the map.
+    pub fn backend_halves(&self) -> Vec<(BackendKey, Rewrite)> {
+        self.backend_flows.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Removes one client half found in the map without its flow (restart reconciliation).
+    pub fn remove_client_half(&mut self, key: &ClientKey) {
+        if let Err(error) = self.client_flows.remove(key) {
+            warn!(%error, "removing an orphaned client half");
+        }
+    }
+
+    /// Removes one backend half found in the map without its flow.
+    pub fn remove_backend_half(&mut self, key: &BackendKey) {
+        if let Err(error) = self.backend_flows.remove(key) {
+            warn!(%error, "removing an orphaned backend half");
+        }
+    }
+
+    /// Entries and kernel memory of the pinned maps, for `stats`.
+    pub fn map_usage(&self) -> Vec<MapUsage> {
+        let counted = [
+            ("CLIENT_FLOWS", Some(self.client_flows.keys().count())),
+            ("BACKEND_FLOWS", Some(self.backend_flows.keys().count())),
+            ("FLOW_COUNTERS", None),
+            ("REASON_COUNTERS", None),
+            ("CONFIG", None),
+            ("EGRESS", None),
+            ("SLOWPATH_SESSION_BUCKETS", Some(self.slowpath.sessions.keys().count())),
+            ("SLOWPATH_GLOBAL_BUCKET", None),
+        ];
+        counted
+            .into_iter()
+            .filter_map(|(name, entries)| {
+                let path = self.pins.map_path(name);
+                let map = MapData::from_pin(&path).ok()?;
+                let max_entries = map.info().ok()?.max_entries();
+                let fd = map.fd().as_fd().as_raw_fd();
+                Some(MapUsage { name: name.to_string(), entries, max_entries, memlock_bytes: memlock_of(fd) })
+            })
+            .collect()
+    }
+
     /// Every reason counter summed over CPUs, indexed by reason.
     pub fn reason_counters(&self) -> Vec<ReasonCounter> {
         (0..REASON_COUNT)
@@ -213,9 +308,14 @@ struct SlowpathBuckets {
 
 impl XdpDatapath {
     /// Sets how many packets a second the XDP program may hand to the
-    /// daemon per session and in total (0: unlimited). Sessions added
-    /// before keep their bucket.
+    /// daemon per session and in total (0: unlimited).
+    /// Buckets an earlier daemon left in the pinned map are dropped: the
+    /// sessions restored afterwards get fresh ones with these limits.
     pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
+        let stale: Vec<u16> = self.slowpath.sessions.keys().filter_map(Result::ok).collect();
+        for port in stale {
+            let _ = self.slowpath.sessions.remove(&port);
+        }
         self.slowpath.per_session = SlowpathBucket::per_second(per_session_pps);
         self.slowpath
             .global
@@ -240,27 +340,27 @@ impl XdpDatapath {
     }
 }
 
-fn attach(program: &mut Xdp, name: &str, index: u32, choice: ModeChoice) -> anyhow::Result<String> {
+fn attach(program: &mut Xdp, name: &str, index: u32, choice: ModeChoice) -> anyhow::Result<(String, XdpLinkId)> {
     match choice {
         ModeChoice::Native => {
-            program_attach(program, index, XdpMode::Driver).map_err(|error| {
+            let link = program_attach(program, index, XdpMode::Driver).map_err(|error| {
                 anyhow::anyhow!(
                     "the driver of {name} refused native XDP ({error}): use --xdp-mode skb (generic) or auto"
                 )
             })?;
             info!(interface = name, "XDP attached in native mode");
-            Ok("native".into())
+            Ok(("native".into(), link))
         }
         ModeChoice::Skb => {
-            program_attach(program, index, XdpMode::Skb)
+            let link = program_attach(program, index, XdpMode::Skb)
                 .map_err(|error| anyhow::anyhow!("attaching XDP to {name} in skb mode failed: {error}"))?;
             info!(interface = name, "XDP attached in generic (skb) mode");
-            Ok("skb".into())
+            Ok(("skb".into(), link))
         }
         ModeChoice::Auto => match program_attach(program, index, XdpMode::Driver) {
-            Ok(()) => {
+            Ok(link) => {
                 info!(interface = name, "XDP attached in native mode");
-                Ok("native".into())
+                Ok(("native".into(), link))
             }
             Err(native_error) => {
                 warn!(
@@ -268,22 +368,118 @@ fn attach(program: &mut Xdp, name: &str, index: u32, choice: ModeChoice) -> anyh
                     %native_error,
                     "the driver refused native XDP; falling back to generic (skb) mode, which is slower"
                 );
-                program_attach(program, index, XdpMode::Skb).map_err(|error| {
+                let link = program_attach(program, index, XdpMode::Skb).map_err(|error| {
                     anyhow::anyhow!(
                         "attaching XDP to {name} failed in native mode ({native_error}) and in skb mode ({error})"
                     )
                 })?;
-                Ok("skb".into())
+                Ok(("skb".into(), link))
             }
         },
     }
 }
 
-fn program_attach(program: &mut Xdp, index: u32, mode: XdpMode) -> anyhow::Result<()> {
-    program.attach_to_if_index(index, mode).map(drop).map_err(|error| {
+fn program_attach(program: &mut Xdp, index: u32, mode: XdpMode) -> anyhow::Result<XdpLinkId> {
+    program.attach_to_if_index(index, mode).map_err(|error| {
         // The top-level error hides the errno that says why; keep the chain.
         anyhow::Error::from(error)
     })
+}
+
+/// One pinned map's fill and kernel memory.
+#[derive(Clone, Debug)]
+pub struct MapUsage {
+    pub name: String,
+    /// Entries in use (hash maps only; arrays are always full).
+    pub entries: Option<usize>,
+    pub max_entries: u32,
+    /// Kernel memory charged to the map, from /proc/self/fdinfo.
+    pub memlock_bytes: u64,
+}
+
+fn memlock_of(fd: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("memlock:"))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Swaps the program into the interface's pinned link when there is one
+/// (atomic: no packet sees the interface without a program), else attaches
+/// and pins a new link.
+fn attach_pinned(
+    program: &mut Xdp,
+    name: &str,
+    index: u32,
+    choice: ModeChoice,
+    pins: &PinDir,
+) -> anyhow::Result<String> {
+    if let Some((path, mode)) = pins.find_link(name) {
+        let adopted = PinnedLink::from_pin(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|pinned| Ok(XdpLink::try_from(FdLink::from(pinned))?))
+            .and_then(|link| Ok(program.attach_to_link(link)?));
+        match adopted {
+            Ok(_) => {
+                info!(interface = name, mode, "adopted the pinned XDP link; forwarding never stopped");
+                return Ok(mode);
+            }
+            // The interface was deleted and re-created: its old link is defunct.
+            Err(error) => {
+                warn!(interface = name, error = format!("{error:#}"), "the pinned XDP link is stale; attaching anew");
+                std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+            }
+        }
+    }
+    let (mode, link_id) = attach(program, name, index, choice)?;
+    let link = program.take_link(link_id)?;
+    let link = FdLink::try_from(link).map_err(|_| {
+        anyhow::anyhow!(
+            "the kernel attached XDP to {name} through netlink, not as a bpf_link, which cannot be \
+             pinned: the relay needs Linux 5.9 or newer to keep forwarding while the daemon restarts"
+        )
+    })?;
+    let path = pins.link_path(name, &mode);
+    link.pin(&path).with_context(|| format!("pinning the XDP link of {name} at {}", path.display()))?;
+    Ok(mode)
+}
+
+/// Names and shapes of the maps in the embedded object.
+fn map_shapes() -> anyhow::Result<Vec<(String, u32, u32, u32)>> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded XDP object: rebuild forwarder")?;
+    Ok(object
+        .maps
+        .iter()
+        .map(|(name, map)| (name.clone(), map.map_type(), map.key_size(), map.value_size()))
+        .collect())
+}
+
+fn map_names() -> anyhow::Result<Vec<String>> {
+    Ok(map_shapes()?.into_iter().map(|(name, ..)| name).collect())
+}
+
+/// The fingerprint of the embedded object's maps (see [`super::pins`]).
+pub fn layout() -> anyhow::Result<String> {
+    let shapes = map_shapes()?;
+    let mut shapes: Vec<MapShape<'_>> = shapes
+        .iter()
+        .map(|(name, map_type, key_size, value_size)| MapShape {
+            name,
+            map_type: *map_type,
+            key_size: *key_size,
+            value_size: *value_size,
+        })
+        .collect();
+    Ok(layout_id(&mut shapes))
+}
+
+fn pinned_max_entries(pins: &PinDir, name: &str) -> anyhow::Result<u32> {
+    let path = pins.map_path(name);
+    Ok(MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?.max_entries())
 }
 
 /// The relay's route towards a backend: which local address packets leave

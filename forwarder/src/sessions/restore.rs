@@ -1,0 +1,153 @@
+//! Restart reconciliation: the store says which sessions exist, the pinned
+//! flow maps say which flows the kernel forwards. Every session ends up
+//! complete (row, client-facing socket) or absent; every flow complete (both
+//! map halves consistent with its session, socket on Q, slot and port taken)
+//! or absent. Nothing half-made survives a start.
+
+use std::collections::HashSet;
+
+use super::*;
+
+/// What a start brought back, and the sockets whose readers the daemon starts.
+#[derive(Default)]
+pub struct Restored {
+    pub session_sockets: Vec<Arc<RelaySocket>>,
+    pub flow_sockets: Vec<Arc<RelaySocket>>,
+    pub dropped_sessions: usize,
+    pub dropped_halves: usize,
+}
+
+fn same_rewrite(expected: &Rewrite, found: &Rewrite) -> bool {
+    // The XDP program writes last_seen; everything else is ours.
+    Rewrite { last_seen_ns: 0, ..*found } == *expected
+}
+
+impl Relay {
+    /// Rebuilds the table from the stored sessions and the pinned maps.
+    /// Call once, before any socket reader runs.
+    pub fn restore(&mut self, records: Vec<SessionRecord>) -> Restored {
+        let now = monotonic_ns();
+        let mut restored = Restored::default();
+        for record in records {
+            match self.restore_session(&record, now) {
+                Ok(socket) => restored.session_sockets.push(socket),
+                Err(error) => {
+                    warn!(
+                        session = %record.id,
+                        port = record.port,
+                        error = format!("{error:#}"),
+                        "stored session dropped: it cannot be restored"
+                    );
+                    restored.dropped_sessions += 1;
+                    if let Some(store) = &self.store
+                        && let Err(error) = store.delete(record.port)
+                    {
+                        warn!(port = record.port, error = format!("{error:#}"), "forgetting an unrestorable session");
+                    }
+                }
+            }
+        }
+
+        let backend_halves: HashMap<BackendKey, Rewrite> = self.datapath.backend_halves().into_iter().collect();
+        let mut claimed = HashSet::new();
+        for (key, rewrite) in self.datapath.client_halves() {
+            match self.restore_flow(&key, &rewrite, &backend_halves, now) {
+                Ok((backend_key, socket)) => {
+                    claimed.insert(backend_key);
+                    restored.flow_sockets.push(socket);
+                }
+                Err(why) => {
+                    warn!(
+                        client = %SocketAddrV4::new(key.client_addr.into(), u16::from_be_bytes(key.client_port)),
+                        port = u16::from_be_bytes(key.relay_port),
+                        why,
+                        "pinned flow removed"
+                    );
+                    self.datapath.remove_client_half(&key);
+                    restored.dropped_halves += 1;
+                }
+            }
+        }
+        for key in backend_halves.keys().filter(|key| !claimed.contains(*key)) {
+            warn!(upstream_port = u16::from_be_bytes(key.relay_port), "pinned backend half without its flow removed");
+            self.datapath.remove_backend_half(key);
+            restored.dropped_halves += 1;
+        }
+        restored
+    }
+
+    fn restore_session(&mut self, record: &SessionRecord, now: u64) -> anyhow::Result<Arc<RelaySocket>> {
+        if self.sessions.values().any(|s| s.id == record.id) {
+            bail!("another stored session has the same id");
+        }
+        self.session_ports.take(record.port)?;
+        let socket = match RelaySocket::bind(record.port) {
+            Ok(socket) => Arc::new(socket),
+            Err(error) => {
+                self.session_ports.release(record.port);
+                return Err(error);
+            }
+        };
+        if let Err(error) = self.datapath.add_session_bucket(record.port) {
+            self.session_ports.release(record.port);
+            return Err(error);
+        }
+        let session = Session::new(
+            record.id.clone(),
+            record.backend,
+            BackendRoute { source: record.route_source, ifindex: record.route_ifindex },
+            Duration::from_secs(record.idle_timeout_secs),
+            socket.clone(),
+            &self.limits,
+            now,
+        );
+        info!(session = %session.id, port = session.port, backend = %session.backend, "session restored");
+        self.sessions.insert(record.port, session);
+        Ok(socket)
+    }
+
+    /// Adopts one client half found in the pinned map, with its backend half.
+    fn restore_flow(
+        &mut self,
+        key: &ClientKey,
+        rewrite: &Rewrite,
+        backend_halves: &HashMap<BackendKey, Rewrite>,
+        now: u64,
+    ) -> Result<(BackendKey, Arc<RelaySocket>), String> {
+        let session_port = u16::from_be_bytes(key.relay_port);
+        let session = self
+            .sessions
+            .get(&session_port)
+            .ok_or_else(|| format!("no stored session on port {session_port}"))?;
+        let relay_addr = Ipv4Addr::from(key.relay_addr);
+        let client = SocketAddrV4::new(key.client_addr.into(), u16::from_be_bytes(key.client_port));
+        let upstream_port = u16::from_be_bytes(rewrite.new_sport);
+        let slot = rewrite.counter_slot / 2;
+        if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
+            return Err(format!("counter slot {slot} is out of range or used twice"));
+        }
+        let entries = flow_entries(relay_addr, session_port, client, session.route, upstream_port, session.backend, slot);
+        if !same_rewrite(&entries.client_rewrite, rewrite) {
+            return Err("the client half does not match its session".into());
+        }
+        match backend_halves.get(&entries.backend_key) {
+            Some(found) if same_rewrite(&entries.backend_rewrite, found) => {}
+            Some(_) => return Err("the backend half does not match its session".into()),
+            None => return Err("the backend half is missing".into()),
+        }
+        self.flow_ports.take(upstream_port).map_err(|error| error.to_string())?;
+        let socket = match RelaySocket::bind(upstream_port) {
+            Ok(socket) => Arc::new(socket),
+            Err(error) => {
+                self.flow_ports.release(upstream_port);
+                return Err(format!("{error:#}"));
+            }
+        };
+        self.free_slots.retain(|&free| free != slot);
+        let session = self.sessions.get_mut(&session_port).expect("looked up above");
+        session.flows.insert((relay_addr, client), upstream_port);
+        info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow restored");
+        self.flows.insert(upstream_port, Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now));
+        Ok((entries.backend_key, socket))
+    }
+}

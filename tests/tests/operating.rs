@@ -1,0 +1,111 @@
+//! What an operator runs: the systemd unit's ExecStart command line with the
+//! packaged example config (adapted to the test namespace), flags overriding
+//! the file, and the Prometheus endpoint scraped over loopback inside the
+//! relay's namespace.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::time::Duration;
+
+use forwarder_testbed::netns::random_tag;
+use forwarder_testbed::topology::{CLIENT_IP, RELAY_CLIENT_IP, SERVER_IP};
+use forwarder_testbed::{Relay, Topology, UdpEcho, UdpPinger, forwarder_bin, prereq, workspace_root};
+
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+const METRICS: &str = "127.0.0.1:9464";
+
+fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+/// The ExecStart= line of the packaged unit, split into words.
+fn unit_exec_start() -> Vec<String> {
+    let unit = std::fs::read_to_string(workspace_root().join("packaging/forwarder.service")).unwrap();
+    let line = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("packaging/forwarder.service has an ExecStart= line");
+    line.split_whitespace().map(str::to_string).collect()
+}
+
+/// The packaged example config with this test's interfaces, instance, state
+/// folder, port range and metrics address; every other key as shipped.
+fn test_config(instance: &str, state_dir: &std::path::Path) -> String {
+    let example = std::fs::read_to_string(workspace_root().join("packaging/forwarder.toml")).unwrap();
+    let mut config: toml::Table = toml::from_str(&example).unwrap();
+    config.insert("instance".into(), instance.into());
+    config.insert("interfaces".into(), toml::Value::Array(vec!["veth-rc".into(), "veth-rs".into()]));
+    config.insert("state_dir".into(), state_dir.to_string_lossy().as_ref().into());
+    config.insert("ports".into(), "60100-60199".into());
+    config.insert("metrics".into(), METRICS.into());
+    toml::to_string(&config).unwrap()
+}
+
+fn scrape(topo: &Topology) -> String {
+    topo.relay
+        .within(|| {
+            let mut stream = TcpStream::connect(METRICS)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .unwrap()
+}
+
+#[test]
+fn unit_command_line_with_example_config_serves_sessions_and_metrics() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    topo.relay.ip(&["link", "set", "lo", "up"]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let instance = format!("t{}-{}", std::process::id(), random_tag());
+    let state_dir = dir.path().join("state");
+    let config_path = dir.path().join("forwarder.toml");
+    std::fs::write(&config_path, test_config(&instance, &state_dir)).unwrap();
+
+    let mut exec = unit_exec_start();
+    assert_eq!(exec[0], "/usr/bin/forwarder", "the unit runs {exec:?}");
+    exec[0] = forwarder_bin().unwrap().to_string_lossy().into_owned();
+    for word in exec.iter_mut().filter(|w| *w == "/etc/forwarder/forwarder.toml") {
+        *word = config_path.to_string_lossy().into_owned();
+    }
+    // A flag on the command line overrides the file's max_sessions.
+    exec.extend(["--max-sessions".to_string(), "1".to_string()]);
+    let mut command = vec!["nsenter".to_string(), format!("--net={}", topo.relay.path().display()), "--".to_string()];
+    command.extend(exec);
+    let relay = Relay::start_command(command, &instance, Some(state_dir.clone())).unwrap();
+
+    let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
+    let session = relay.add(echo.addr, &[]).unwrap();
+    assert!((60100..=60199).contains(&session.port), "the config's port range was ignored: {session:?}");
+    let refused = relay.add(v4(SERVER_IP, 7001), &[]).unwrap_err().to_string();
+    assert!(refused.contains("maximum of 1 sessions"), "--max-sessions did not override the file: {refused}");
+    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
+    for _ in 0..3 {
+        assert!(pinger.ping_any(3, PROBE_WAIT).unwrap());
+    }
+    assert!(state_dir.join("sessions.redb").is_file(), "the store is not in the configured state_dir");
+
+    let response = scrape(&topo);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let label = format!("instance=\"{instance}\"");
+    for expected in [
+        format!("forwarder_sessions{{{label}}} 1"),
+        format!("forwarder_flows{{{label}}} 1"),
+        format!("forwarder_map_entries{{{label},map=\"CLIENT_FLOWS\"}} 1"),
+        format!("forwarder_handshakes_total{{{label},outcome=\"accepted\"}} 0"),
+        "forwarder_xdp_reason_packets_total".to_string(),
+        "forwarder_map_memory_bytes".to_string(),
+    ] {
+        assert!(response.contains(&expected), "metrics lack {expected:?}:\n{response}");
+    }
+    let forwarded: u64 = response
+        .lines()
+        .filter(|line| line.starts_with("forwarder_xdp_packets_total") && (line.contains("\"tx\"") || line.contains("\"redirect\"")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(forwarded > 0, "no forwarded packets in the metrics:\n{response}");
+}
