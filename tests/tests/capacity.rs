@@ -84,15 +84,14 @@ fn other_layout_is_refused_and_detach_removes_the_data_plane() {
     std::fs::create_dir(&foreign).unwrap();
     let bin = forwarder_bin().unwrap();
     let state_dir = relay.state_dir().to_string_lossy().into_owned();
-    let out = topo
-        .relay
-        .nsenter(bin.to_str().unwrap())
+    let mut start = topo.relay.nsenter(bin.to_str().unwrap());
+    start
         .args(["run", "--instance", relay.instance(), "--state-dir", &state_dir])
-        .args(["--iface", "veth-rc", "--iface", "veth-rs"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a daemon started on a foreign layout");
+        .args(["--iface", "veth-rc", "--iface", "veth-rs"]);
+    // Bounded: a daemon that wrongly starts would otherwise run forever.
+    let out = forwarder_testbed::cmd::run(&mut start, Duration::from_secs(30)).unwrap();
+    let stderr = &out.stderr;
+    assert!(!out.success(), "a daemon started on a foreign layout");
     assert!(stderr.contains("layout-0-0000000000000000") && stderr.contains("forwarder detach"), "unclear: {stderr}");
     std::fs::remove_dir(&foreign).unwrap();
     // The refused start touched nothing: still forwarding.

@@ -23,6 +23,13 @@ pub enum DatapathChoice {
     Userspace,
 }
 
+/// A mistake in how the relay is set up (missing interface, a data plane
+/// pinned by an incompatible version). Falling back to the userspace
+/// datapath would only hide it, so `auto` reports it instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Misconfigured(pub String);
+
 pub enum Datapath {
     Xdp(Box<XdpDatapath>),
     /// Every packet through the daemon's sockets; nothing to install.
@@ -42,6 +49,7 @@ impl Datapath {
             DatapathChoice::Userspace => Ok((Self::Userspace { max_flows }, false)),
             DatapathChoice::Auto => match start_xdp() {
                 Ok((xdp, adopted)) => Ok((Self::Xdp(Box::new(xdp)), adopted)),
+                Err(error) if error.downcast_ref::<Misconfigured>().is_some() => Err(error),
                 Err(error) => {
                     warn!(
                         error = format!("{error:#}"),

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{BackendKey, ClientKey, FlowCounter, RelayConfig, Rewrite};
 
@@ -98,13 +98,14 @@ impl PinDir {
         ensure_bpffs()?;
         for layout in self.existing_layouts()? {
             if layout != self.layout {
-                bail!(
+                return Err(super::Misconfigured(format!(
                     "instance {instance:?} has a data plane pinned with map layout {layout}, but this \
                      forwarder uses {}: its maps cannot be adopted. Either run the forwarder version \
                      that pinned them, or drop the old data plane (established flows stop until \
                      clients send again) with `forwarder detach --instance {instance}` and start again",
                     self.layout
-                );
+                ))
+                .into());
             }
         }
         let adopting = self.dir.is_dir() && std::fs::read_dir(&self.dir)?.next().is_some();

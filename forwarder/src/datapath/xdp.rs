@@ -113,10 +113,10 @@ impl XdpDatapath {
         let mut indices = Vec::new();
         for name in interfaces {
             let index = nix::net::if_::if_nametoindex(name.as_str()).map_err(|_| {
-                anyhow::anyhow!(
+                super::Misconfigured(format!(
                     "interface {name:?} does not exist in this network namespace: check `ip link` \
                      (run the daemon in the namespace that owns it, e.g. with nsenter --net=...)"
-                )
+                ))
             })?;
             egress
                 .insert(index, index, None, 0)
