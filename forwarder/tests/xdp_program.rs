@@ -2089,3 +2089,52 @@ fn fuzz_never_aborts_and_forwards_only_well_formed_frames() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------
+// The per-CPU route cache: one `bpf_fib_lookup` per flow direction, CPU and
+// second, and never for a packet larger than the cached route's MTU.
+
+/// Keeps the calling thread on one CPU: the route cache is per CPU, and a
+/// test-run executes on whichever CPU the caller is on.
+fn pin_to_current_cpu() {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    assert!(cpu >= 0, "sched_getcpu: {}", std::io::Error::last_os_error());
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is a valid CPU number below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn route_cache_forwards_without_a_lookup_for_a_second() {
+    let ns = Namespace::create();
+    let name = ns.name.clone();
+    ns.enter(|topo| {
+        pin_to_current_cpu();
+        let mut relay = Relay::load();
+        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 3);
+        relay.add_egress(topo.back);
+        let input = client_packet();
+        let first = relay.expect(&input, Some(topo.front), Reason::RedirectForwarded, XDP_REDIRECT);
+
+        // Without its neighbour a lookup would now say NO_NEIGH: the cached
+        // route still forwards, to the same MACs.
+        ip(&["-n", &name, "neigh", "del", &dotted(BACKEND), "dev", "back"]);
+        let cached = relay.expect(&input, Some(topo.front), Reason::RedirectForwarded, XDP_REDIRECT);
+        assert_eq!(cached.out, first.out);
+
+        // Larger than the egress MTU (1500): never from the cache; the lookup
+        // hands it to the stack, which fragments (mosh clears DF).
+        let jumbo = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT), &[0x5a; 1600]);
+        let run = relay.run(&jumbo, Some(topo.front));
+        assert_eq!(run.retval, XDP_PASS, "an oversized packet was forwarded from the cache");
+
+        // A second later the cache has aged out and the lookup runs again.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        relay.expect(&input, Some(topo.front), Reason::PassFibNoNeigh, XDP_PASS);
+    });
+}
