@@ -10,7 +10,9 @@ pub mod config;
 pub mod csum;
 pub mod flow;
 pub mod reason;
+pub mod slowpath;
 
 pub use config::{MAX_FLOWS, RelayConfig};
 pub use flow::{BackendKey, ClientKey, FlowCounter, Rewrite};
 pub use reason::{REASON_COUNT, Reason, Verdict};
+pub use slowpath::SlowpathBucket;

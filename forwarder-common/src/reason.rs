@@ -62,10 +62,14 @@ pub enum Reason {
     TxForwarded = 15,
     /// Forwarded out of another interface.
     RedirectForwarded = 16,
+    /// Would go to the daemon, but its session's slow-path bucket is empty.
+    DropSlowpathSessionLimit = 17,
+    /// Would go to the daemon, but the relay-wide slow-path bucket is empty.
+    DropSlowpathGlobalLimit = 18,
 }
 
 /// Number of reasons: the size of the reason counter array.
-pub const REASON_COUNT: u32 = 17;
+pub const REASON_COUNT: u32 = 19;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -86,11 +90,16 @@ impl Reason {
         Reason::DropSpoofedServer,
         Reason::TxForwarded,
         Reason::RedirectForwarded,
+        Reason::DropSlowpathSessionLimit,
+        Reason::DropSlowpathGlobalLimit,
     ];
 
     pub const fn verdict(self) -> Verdict {
         match self {
-            Reason::DropMalformed | Reason::DropSpoofedServer => Verdict::Drop,
+            Reason::DropMalformed
+            | Reason::DropSpoofedServer
+            | Reason::DropSlowpathSessionLimit
+            | Reason::DropSlowpathGlobalLimit => Verdict::Drop,
             Reason::TxForwarded => Verdict::Tx,
             Reason::RedirectForwarded => Verdict::Redirect,
             _ => Verdict::Pass,
@@ -116,6 +125,8 @@ impl Reason {
             Reason::DropSpoofedServer => "spoofed_server",
             Reason::TxForwarded => "forwarded_tx",
             Reason::RedirectForwarded => "forwarded_redirect",
+            Reason::DropSlowpathSessionLimit => "slowpath_session_limit",
+            Reason::DropSlowpathGlobalLimit => "slowpath_global_limit",
         }
     }
 }

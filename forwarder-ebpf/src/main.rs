@@ -6,12 +6,20 @@
 //! counts that reason once and turns it into the XDP action.
 #![no_std]
 #![no_main]
+// The atomic add of the slow-path buckets: core exposes no atomic
+// read-modify-write for the BPF target otherwise.
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "core_intrinsics is the only way to an atomic add on bpfel"
+)]
 
 mod flow;
 mod forward;
 mod maps;
 mod parse;
 mod rewrite;
+mod slowpath;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -51,7 +59,15 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     let packet = parse::parse(ctx)?;
     let side = flow::relay_side(&packet)?;
     parse::check_lengths(&packet)?;
-    let entry = flow::lookup(&packet, side)?;
+    let dst_port = u16::from_be_bytes(packet.udp().dst);
+    // A miss on a session port belongs to that session; on a flow port it
+    // belongs to no session the program can name.
+    let miss_session = match side {
+        flow::Side::Client => Some(dst_port),
+        flow::Side::Backend => None,
+    };
+    let entry =
+        flow::lookup(&packet, side).map_err(|reason| slowpath::gate(reason, miss_session))?;
     // SAFETY: a hash map value stays valid for the rest of this program run
     // (RCU); the daemon only ever replaces whole entries.
     let rewrite = unsafe { &*entry };
@@ -61,6 +77,12 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     if packet.ip().ttl <= 1 {
         return Err(Reason::PassTtlExpiring);
     }
+    // Both halves of a flow are the session's: a backend half rewrites its
+    // source to the session port.
+    let session_port = match side {
+        flow::Side::Client => dst_port,
+        flow::Side::Backend => u16::from_be_bytes(rewrite.new_sport),
+    };
     // Timestamps only need second granularity (last-seen, route cache age):
     // the coarse clock reads a jiffies-updated value instead of the TSC, and
     // shares CLOCK_MONOTONIC's base, which the daemon compares against.
@@ -70,8 +92,10 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     let route = match forward::cached_route(state, now, packet.tot_len()) {
         Some(route) => route,
         None => {
-            let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)?;
-            forward::check_egress(&route, ingress_ifindex)?;
+            let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)
+                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+            forward::check_egress(&route, ingress_ifindex)
+                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
             forward::cache_route(state, &route, now);
             route
         }

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, RelayConfig, Rewrite,
-    config::FLOW_COUNTER_SLOTS, reason::ReasonCounter,
+    SlowpathBucket, config::FLOW_COUNTER_SLOTS, reason::ReasonCounter, slowpath::MAX_SESSIONS,
 };
 
 /// Port ranges the relay owns; one slot, written by the daemon at start.
@@ -35,3 +35,12 @@ pub static REASON_COUNTERS: PerCpuArray<ReasonCounter> =
 /// Interfaces the daemon allows redirects to (ifindex → ifindex); `bpf_redirect_map` needs a devmap.
 #[map]
 pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+/// Slow-path rate limit per session, keyed by its client-facing port (host order); written by the daemon with the session.
+#[map]
+pub static SLOWPATH_SESSION_BUCKETS: HashMap<u16, SlowpathBucket> =
+    HashMap::with_max_entries(MAX_SESSIONS, 0);
+
+/// Relay-wide slow-path rate limit; one slot, all zero (unlimited) until the daemon configures it.
+#[map]
+pub static SLOWPATH_GLOBAL_BUCKET: Array<SlowpathBucket> = Array::with_max_entries(1, 0);

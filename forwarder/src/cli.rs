@@ -126,6 +126,15 @@ pub struct RunArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Packets per second the XDP program hands to the daemon for one
+    /// session (new client endpoints, route misses); beyond it they are
+    /// dropped and counted. 0: unlimited [default: 1000].
+    #[arg(long)]
+    pub slowpath_pps_per_session: Option<u32>,
+    /// Packets per second the XDP program hands to the daemon for all relay
+    /// ports together. 0: unlimited [default: 20000].
+    #[arg(long)]
+    pub slowpath_pps: Option<u32>,
     /// UDP port for the punch handshake of servers behind NAT (`forwarder mosh-server --relay`).
     /// Off unless given; must lie outside --ports and --flow-ports.
     #[arg(long)]
@@ -218,6 +227,11 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
             new_flows_per_sec: args.new_flows_per_sec.or(file.new_flows_per_sec).unwrap_or(4),
             max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(4096),
         },
+        slowpath_pps_per_session: args
+            .slowpath_pps_per_session
+            .or(file.slowpath_pps_per_session)
+            .unwrap_or(1_000),
+        slowpath_pps: args.slowpath_pps.or(file.slowpath_pps).unwrap_or(20_000),
         instance,
     })
 }
@@ -251,6 +265,9 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
         }
         Verb::Add { backend, port, idle_timeout, json } => {
             daemon::validate_instance(&instance)?;
+            if idle_timeout.is_some_and(|timeout| timeout.is_zero()) {
+                bail!("an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h");
+            }
             let request = Request::Add {
                 backend,
                 port,

@@ -29,6 +29,9 @@ pub struct FileConfig {
     pub new_flows_per_sec: Option<u32>,
     pub state_dir: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
+    /// Slow-path rate limits (packets per second, 0: unlimited).
+    pub slowpath_pps_per_session: Option<u32>,
+    pub slowpath_pps: Option<u32>,
     /// The punch handshake for servers behind NAT (both keys, or neither).
     pub punch_port: Option<u16>,
     pub punch_secret_file: Option<PathBuf>,

@@ -308,6 +308,11 @@ impl Relay {
         };
         let socket = Arc::new(socket);
         let port = socket.port;
+        if let Err(error) = self.datapath.add_session_bucket(port) {
+            socket.close();
+            self.session_ports.release(port);
+            return Err(error);
+        }
         let now = monotonic_ns();
         let id = loop {
             let candidate = format!("{:08x}", rand::random::<u32>());
@@ -323,6 +328,7 @@ impl Relay {
             && let Err(error) = store.put(&session.record())
         {
             socket.close();
+            self.datapath.remove_session_bucket(port);
             self.session_ports.release(port);
             return Err(error);
         }
@@ -358,6 +364,7 @@ impl Relay {
             self.release_nat(*nat);
         }
         session.socket.close();
+        self.datapath.remove_session_bucket(port);
         self.session_ports.release(port);
         info!(session = %session.id, port, reason = why, "session removed");
         Some(info)

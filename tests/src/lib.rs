@@ -7,10 +7,14 @@
 
 pub mod capture;
 pub mod cmd;
+pub mod flood;
+pub mod hostile;
+pub mod control;
 pub mod mosh;
 pub mod nat;
 pub mod netns;
 pub mod prereq;
+pub mod raw;
 pub mod relay;
 pub mod scenario;
 pub mod sshd;

@@ -42,7 +42,14 @@ impl MoshThroughRelay {
     pub fn start(relay_args: &[&str]) -> Result<Self> {
         prereq::require()?;
         let topo = Topology::client_relay_server()?;
-        let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), relay_args)?;
+        let ifaces = topo.relay_ifaces();
+        Self::start_on(topo, &ifaces, relay_args)
+    }
+
+    /// [`Self::start`] on a topology built elsewhere, with the daemon on `ifaces`.
+    pub fn start_on(topo: Topology, ifaces: &[&str], relay_args: &[&str]) -> Result<Self> {
+        prereq::require()?;
+        let relay = Relay::start(&topo.relay, ifaces, relay_args)?;
         let server = MoshServer::start(&topo.server, SERVER_IP, MOSH_SERVER_PORT)?;
         let backend = SocketAddr::V4(SocketAddrV4::new(SERVER_IP, server.port));
         let session = relay.add(backend, &[])?;

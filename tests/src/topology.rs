@@ -49,7 +49,12 @@ impl Topology {
     fn wire(&self) -> Result<()> {
         veth_pair(&self.client, CLIENT_IF, &self.relay, RELAY_CLIENT_IF)?;
         veth_pair(&self.relay, RELAY_SERVER_IF, &self.server, SERVER_IF)?;
+        self.address()
+    }
 
+    /// Addresses, routes and forwarding, once the four interfaces exist
+    /// (however they are linked: directly, or through a switch).
+    pub(crate) fn address(&self) -> Result<()> {
         self.client
             .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", CLIENT_IF])?;
         self.relay.ip(&[

@@ -38,6 +38,9 @@ pub struct RunOptions {
     pub session_ports: PortRange,
     pub flow_ports: PortRange,
     pub limits: Limits,
+    /// Rate limits on what the XDP program hands to the daemon (0: unlimited).
+    pub slowpath_pps_per_session: u32,
+    pub slowpath_pps: u32,
     /// Size of the flow maps when they are first created.
     pub max_flows: u32,
     /// Where the session store lives.
@@ -104,7 +107,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_port_hi: options.flow_ports.hi,
     };
     let pins = PinDir::new(&options.instance, xdp::layout()?);
-    let (datapath, adopting) = Datapath::start(options.datapath, options.max_flows, || {
+    let (mut datapath, adopting) = Datapath::start(options.datapath, options.max_flows, || {
         let adopting = pins.prepare(&options.instance)?;
         let xdp = XdpDatapath::start(
             &options.interfaces,
@@ -115,6 +118,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         )?;
         Ok((xdp, adopting))
     })?;
+    // Before the restore below, which gives every restored session its bucket.
+    datapath.limit_slowpath(options.slowpath_pps_per_session, options.slowpath_pps)?;
     let store = Store::open(&options.state_dir)?;
     let records = store.sessions()?;
     let relay_addresses = interface_addresses(&options.interfaces);

@@ -156,6 +156,28 @@ impl Datapath {
         }
     }
 
+    /// Rate limits on what the XDP program hands to the daemon; the
+    /// userspace datapath has no such stage (the daemon sees everything).
+    pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.limit_slowpath(per_session_pps, global_pps),
+            Self::Userspace { .. } => Ok(()),
+        }
+    }
+
+    pub fn add_session_bucket(&mut self, port: u16) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.add_session_bucket(port),
+            Self::Userspace { .. } => Ok(()),
+        }
+    }
+
+    pub fn remove_session_bucket(&mut self, port: u16) {
+        if let Self::Xdp(xdp) = self {
+            xdp.remove_session_bucket(port);
+        }
+    }
+
     pub fn reason_counters(&self) -> Vec<ReasonCounter> {
         match self {
             Self::Xdp(xdp) => xdp.reason_counters(),

@@ -12,7 +12,9 @@ use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::config::FLOW_COUNTER_SLOTS;
 use forwarder_common::reason::ReasonCounter;
-use forwarder_common::{BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite};
+use forwarder_common::{
+    BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
+};
 use tracing::{info, warn};
 
 use super::pins::{MapShape, PinDir, layout_id};
@@ -52,6 +54,7 @@ pub struct XdpDatapath {
     backend_flows: HashMap<MapData, BackendKey, Rewrite>,
     flow_counters: PerCpuArray<MapData, FlowCounter>,
     reason_counters: PerCpuArray<MapData, ReasonCounter>,
+    slowpath: SlowpathBuckets,
     /// "native", "skb" or a mix, for `stats`.
     pub mode: String,
     /// How many flows the pinned maps hold.
@@ -152,12 +155,18 @@ impl XdpDatapath {
         let backend_flows = HashMap::try_from(take_map(&mut ebpf, "BACKEND_FLOWS")?)?;
         let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
+        let slowpath = SlowpathBuckets {
+            sessions: HashMap::try_from(take_map(&mut ebpf, "SLOWPATH_SESSION_BUCKETS")?)?,
+            global: Array::try_from(take_map(&mut ebpf, "SLOWPATH_GLOBAL_BUCKET")?)?,
+            per_session: SlowpathBucket::default(),
+        };
         Ok(Self {
             _ebpf: ebpf,
             client_flows,
             backend_flows,
             flow_counters,
             reason_counters,
+            slowpath,
             mode,
             max_flows: pinned_flows,
             pins: pins.clone(),
@@ -271,6 +280,8 @@ impl XdpDatapath {
             ("REASON_COUNTERS", None),
             ("CONFIG", None),
             ("EGRESS", None),
+            ("SLOWPATH_SESSION_BUCKETS", Some(self.slowpath.sessions.keys().count())),
+            ("SLOWPATH_GLOBAL_BUCKET", None),
         ];
         counted
             .into_iter()
@@ -299,6 +310,48 @@ impl XdpDatapath {
                     .unwrap_or_default()
             })
             .collect()
+    }
+}
+
+/// The slow-path rate limits in the kernel (forwarder-ebpf's slowpath.rs).
+struct SlowpathBuckets {
+    sessions: HashMap<MapData, u16, SlowpathBucket>,
+    global: Array<MapData, SlowpathBucket>,
+    /// What each new session's bucket starts as.
+    per_session: SlowpathBucket,
+}
+
+impl XdpDatapath {
+    /// Sets how many packets a second the XDP program may hand to the
+    /// daemon per session and in total (0: unlimited).
+    /// Buckets an earlier daemon left in the pinned map are dropped: the
+    /// sessions restored afterwards get fresh ones with these limits.
+    pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
+        let stale: Vec<u16> = self.slowpath.sessions.keys().filter_map(Result::ok).collect();
+        for port in stale {
+            let _ = self.slowpath.sessions.remove(&port);
+        }
+        self.slowpath.per_session = SlowpathBucket::per_second(per_session_pps);
+        self.slowpath
+            .global
+            .set(0, SlowpathBucket::per_second(global_pps), 0)
+            .context("writing the global slow-path bucket")
+    }
+
+    /// Gives the session on `port` its own slow-path bucket.
+    pub fn add_session_bucket(&mut self, port: u16) -> anyhow::Result<()> {
+        if self.slowpath.per_session.is_unlimited() {
+            return Ok(());
+        }
+        self.slowpath.sessions.insert(port, self.slowpath.per_session, 0).with_context(|| {
+            format!("adding the slow-path bucket of port {port} (the map holds {} sessions at most)",
+                forwarder_common::slowpath::MAX_SESSIONS)
+        })
+    }
+
+    pub fn remove_session_bucket(&mut self, port: u16) {
+        // Absent when the limit is off: nothing to remove then.
+        let _ = self.slowpath.sessions.remove(&port);
     }
 }
 

@@ -88,6 +88,10 @@ impl Relay {
                 return Err(error);
             }
         };
+        if let Err(error) = self.datapath.add_session_bucket(record.port) {
+            self.session_ports.release(record.port);
+            return Err(error);
+        }
         let session = Session::new(
             record.id.clone(),
             record.backend,

@@ -1,0 +1,111 @@
+//! Topologies with an attacker in them.
+//!
+//! ```text
+//! shared segment (spoofing tests): a bridge in a "switch" namespace joins
+//!   client veth-c 10.77.1.2 ─ sw-c ┐
+//!   attacker veth-a 10.77.1.66 ─ sw-a ├─ br0    relay veth-rc 10.77.1.1 | veth-rs ── server
+//!   relay veth-rc ─ sw-r ┘
+//! own link (flood tests): attacker veth-x 10.77.3.2 ── veth-ra 10.77.3.1 relay
+//! ```
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context, Result};
+
+use crate::netns::{Netns, veth_pair};
+use crate::topology::{
+    CLIENT_IF, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IF, Topology,
+};
+
+pub const ATTACKER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 66);
+pub const ATTACKER_IF: &str = "veth-a";
+/// The switch's port towards the client: a mirror of everything the client sends and gets.
+pub const SWITCH_CLIENT_PORT: &str = "sw-c";
+
+pub const FLOODER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 2);
+pub const FLOODER_IF: &str = "veth-x";
+pub const RELAY_FLOODER_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 3, 1);
+pub const RELAY_FLOODER_IF: &str = "veth-ra";
+
+/// The extra namespaces of the shared-segment topology. Declared after the
+/// Topology it belongs to, so it drops first.
+#[derive(Debug)]
+pub struct Segment {
+    pub attacker: Netns,
+    pub switch: Netns,
+}
+
+/// Client, attacker and the relay's client-facing interface on one bridged
+/// segment; relay and server as in [`Topology::client_relay_server`].
+pub fn client_segment_with_attacker() -> Result<(Topology, Segment)> {
+    let topo = Topology {
+        client: Netns::new("client")?,
+        relay: Netns::new("relay")?,
+        server: Netns::new("server")?,
+    };
+    let segment = Segment {
+        attacker: Netns::new("attacker")?,
+        switch: Netns::new("switch")?,
+    };
+    wire_segment(&topo, &segment).context("building the shared client segment")?;
+    Ok((topo, segment))
+}
+
+fn wire_segment(topo: &Topology, segment: &Segment) -> Result<()> {
+    let switch = &segment.switch;
+    switch.ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0"])?;
+    veth_pair(&topo.client, CLIENT_IF, switch, SWITCH_CLIENT_PORT)?;
+    veth_pair(&segment.attacker, ATTACKER_IF, switch, "sw-a")?;
+    veth_pair(&topo.relay, RELAY_CLIENT_IF, switch, "sw-r")?;
+    veth_pair(&topo.relay, RELAY_SERVER_IF, &topo.server, SERVER_IF)?;
+    for port in [SWITCH_CLIENT_PORT, "sw-a", "sw-r"] {
+        switch.ip(&["link", "set", port, "master", "br0"])?;
+    }
+    switch.ip(&["link", "set", "br0", "up"])?;
+
+    topo.address()?;
+    segment.attacker.ip(&[
+        "addr",
+        "add",
+        &format!("{ATTACKER_IP}/24"),
+        "dev",
+        ATTACKER_IF,
+    ])?;
+    segment.attacker.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &RELAY_CLIENT_IP.to_string(),
+    ])?;
+    Ok(())
+}
+
+/// A namespace with its own link into the relay, as a host elsewhere on the
+/// internet: its traffic reaches the relay on an interface of its own.
+pub fn attach_flooder(topo: &Topology) -> Result<Netns> {
+    let flooder = Netns::new("flooder")?;
+    veth_pair(&flooder, FLOODER_IF, &topo.relay, RELAY_FLOODER_IF)?;
+    flooder.ip(&[
+        "addr",
+        "add",
+        &format!("{FLOODER_IP}/24"),
+        "dev",
+        FLOODER_IF,
+    ])?;
+    topo.relay.ip(&[
+        "addr",
+        "add",
+        &format!("{RELAY_FLOODER_IP}/24"),
+        "dev",
+        RELAY_FLOODER_IF,
+    ])?;
+    flooder.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &RELAY_FLOODER_IP.to_string(),
+    ])?;
+    Ok(flooder)
+}
