@@ -6,71 +6,65 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-use crate::datapath::socket::{Outgoing, RelaySocket};
+use crate::datapath::socket::{Outgoing, Received, RelaySocket};
 use crate::sessions::{ClientVerdict, Relay};
 
 pub type SharedRelay = Arc<Mutex<Relay>>;
 
-/// Reads a session's client-facing socket: learns new flows and forwards
-/// their packets upstream.
-pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
+/// Reads `socket` until it is closed, sending each datagram where `route`
+/// says (or nowhere).
+fn spawn_reader(
+    socket: Arc<RelaySocket>,
+    what: &'static str,
+    mut route: impl FnMut(u16, &Received, &[u8]) -> Option<Outgoing> + Send + 'static,
+) {
     let reader_socket = socket.clone();
     let task = tokio::spawn(async move {
         let socket = reader_socket;
+        let port = socket.port;
         loop {
-            let result = socket
-                .recv_batch(|received, datagram| {
-                    let verdict = {
-                        let mut relay = relay.lock().expect("relay lock");
-                        if relay.is_nat_session(socket.port) {
-                            Ok(relay.on_nat_client_packet(socket.port, received.from, received.to, datagram))
-                        } else {
-                            relay.on_client_packet(socket.port, received.from, received.to, datagram.len())
-                        }
-                    };
-                    match verdict {
-                        Ok(ClientVerdict::Forward { socket: upstream, backend, new_flow }) => {
-                            if new_flow {
-                                spawn_flow_reader(relay.clone(), upstream.clone());
-                            }
-                            Some(Outgoing { socket: upstream, to: backend, from: None })
-                        }
-                        Ok(ClientVerdict::Drop) => None,
-                        Err(error) => {
-                            warn!(port = socket.port, error = format!("{error:#}"), "handling a client packet");
-                            None
-                        }
-                    }
-                })
-                .await;
-            if let Err(error) = result {
-                warn!(port = socket.port, %error, "reading a session socket");
+            if let Err(error) = socket.recv_batch(|received, datagram| route(port, received, datagram)).await {
+                warn!(port, %error, "reading a {what} socket");
             }
         }
     });
     socket.set_reader(task.abort_handle());
 }
 
-/// Reads a flow's upstream socket: forwards what the backend sends to the
-/// flow's client, and nothing that comes from anybody else.
-pub fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
-    let reader_socket = socket.clone();
-    let task = tokio::spawn(async move {
-        let socket = reader_socket;
-        loop {
-            let result = socket
-                .recv_batch(|received, datagram| {
-                    let (session_socket, client, relay_addr) = relay
-                        .lock()
-                        .expect("relay lock")
-                        .on_server_packet(socket.port, received.from, datagram.len())?;
-                    Some(Outgoing { socket: session_socket, to: client, from: Some(relay_addr) })
-                })
-                .await;
-            if let Err(error) = result {
-                warn!(port = socket.port, %error, "reading a flow socket");
+/// Reads a session's client-facing socket: learns new flows and forwards
+/// their packets upstream.
+pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
+    spawn_reader(socket, "session", move |port, received, datagram| {
+        let verdict = {
+            let mut relay = relay.lock().expect("relay lock");
+            if relay.is_nat_session(port) {
+                Ok(relay.on_nat_client_packet(port, received.from, received.to, datagram))
+            } else {
+                relay.on_client_packet(port, received.from, received.to, datagram.len())
+            }
+        };
+        match verdict {
+            Ok(ClientVerdict::Forward { socket: upstream, backend, new_flow }) => {
+                if new_flow {
+                    spawn_flow_reader(relay.clone(), upstream.clone());
+                }
+                Some(Outgoing { socket: upstream, to: backend, from: None })
+            }
+            Ok(ClientVerdict::Drop) => None,
+            Err(error) => {
+                warn!(port, error = format!("{error:#}"), "handling a client packet");
+                None
             }
         }
     });
-    socket.set_reader(task.abort_handle());
+}
+
+/// Reads a flow's upstream socket: forwards what the backend sends to the
+/// flow's client, and nothing that comes from anybody else.
+pub fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
+    spawn_reader(socket, "flow", move |port, received, datagram| {
+        let (session_socket, client, relay_addr) =
+            relay.lock().expect("relay lock").on_server_packet(port, received.from, datagram.len())?;
+        Some(Outgoing { socket: session_socket, to: client, from: Some(relay_addr) })
+    });
 }
