@@ -536,9 +536,12 @@ pub fn run(plan: &Plan) -> Result<Value> {
             drop(s);
         }
     }
-    results["scale"] = scale(plan, &bench)?;
     results["table"] = Value::String(table.clone());
+    // The relay comparison is printed before the long scale run, so a
+    // failure there does not lose it.
     print_report(&results, &table);
+    results["scale"] = scale(plan, &bench)?;
+    println!("\n## Scale\n\n```json\n{}\n```", serde_json::to_string_pretty(&results["scale"]).unwrap_or_default());
     Ok(results)
 }
 
@@ -596,6 +599,5 @@ fn print_report(results: &Value, table: &str) {
             println!("- {key}: {:.0} ns/packet over {} runs", value["ns_per_packet"].as_f64().unwrap_or(0.0), value["runs"]);
         }
     }
-    println!("\n## Scale\n\n```json\n{}\n```", serde_json::to_string_pretty(&results["scale"]).unwrap_or_default());
     println!("\n## Kernel memory\n\n```json\n{}\n```", serde_json::to_string_pretty(&results["kernel_memory"]).unwrap_or_default());
 }

@@ -114,7 +114,7 @@ fn loadgen(
     warmup_ms: u64,
     warmup_only: bool,
 ) -> anyhow::Result<()> {
-    raise_fd_limit();
+    forwarder::daemon::raise_fd_limit();
     let payload: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
     let mut sockets = Vec::with_capacity(flows);
     for _ in 0..flows {
@@ -318,10 +318,4 @@ fn bpf_stats(name: &str) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::Value::Array(programs));
     Ok(())
-}
-
-fn raise_fd_limit() {
-    if let Ok((_, hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
-        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }

@@ -197,17 +197,24 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every session port and every flow holds a socket: lift the soft limit on
-/// open files to the hard one so large relays do not run out at 1024.
-fn raise_fd_limit() {
+/// Every session port and every flow holds a socket: lift the limit on open
+/// files (hard limit too, up to the kernel's fs.nr_open, which root may) so
+/// large relays do not run out of sockets.
+pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(%error, soft, "could not raise the open-file limit; large relays may run out of sockets");
-            }
-        }
-        _ => {}
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(hard)
+        .max(hard);
+    if soft >= ceiling {
+        return;
+    }
+    if setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_err()
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(%error, soft, "could not raise the open-file limit; large relays may run out of sockets");
     }
 }
 
