@@ -85,6 +85,16 @@ enum Tool {
         #[arg(long, default_value_t = 600.0)]
         seconds: f64,
     },
+    /// Fill an instance's pinned flow maps with `--count` synthetic flows
+    /// (addresses from 198.18.0.0/15, never on the wire): measures the XDP
+    /// program with a full table without holding a socket per flow.
+    Fill {
+        /// The pinned data plane's folder, /sys/fs/bpf/forwarder/<instance>/layout-….
+        #[arg(long)]
+        pins: std::path::PathBuf,
+        #[arg(long)]
+        count: u32,
+    },
     /// Run time and run count of loaded XDP programs named `--name`.
     BpfStats {
         #[arg(long)]
@@ -103,6 +113,7 @@ fn main() -> anyhow::Result<()> {
             ceiling(&iface, &egress, relay, client, source, to, &dmac, &mode, seconds)
         }
         Tool::BpfStats { name } => bpf_stats(&name),
+        Tool::Fill { pins, count } => fill(&pins, count),
     }
 }
 
@@ -168,17 +179,28 @@ fn loadgen(
     Ok(())
 }
 
+/// Busy-polls: a sleeping CPU in a VM takes tens of microseconds to wake,
+/// which would drown the relay's own latency in the measurement.
 fn echo(bind: SocketAddrV4, seconds: f64) -> anyhow::Result<()> {
     let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
-    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    socket.set_nonblocking(true)?;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut buf = [0u8; 2048];
+    let mut idle_spins = 0u32;
     while Instant::now() < deadline {
         match socket.recv_from(&mut buf) {
             Ok((len, from)) => {
+                idle_spins = 0;
                 let _ = socket.send_to(&buf[..len], from);
             }
-            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                // Spin while a ping-pong is running; nap when nobody talks,
+                // so an idle echo does not steal the load runs' CPU.
+                idle_spins += 1;
+                if idle_spins > 1_000_000 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             Err(error) => return Err(error.into()),
         }
     }
@@ -190,6 +212,16 @@ fn pingpong(dst: SocketAddrV4, samples: usize, size: usize) -> anyhow::Result<()
     socket.connect(dst)?;
     socket.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut payload = vec![0u8; size.max(8)];
+    let wait_reply = |socket: &UdpSocket, buf: &mut [u8]| -> std::io::Result<usize> {
+        // Busy-poll (see `echo`), giving up after 200 ms.
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            match socket.recv(buf) {
+                Err(error) if error.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {}
+                other => return other,
+            }
+        }
+    };
     let mut buf = [0u8; 2048];
     // The first exchange opens the relay's flow through its slow path.
     for _ in 0..50 {
@@ -198,6 +230,7 @@ fn pingpong(dst: SocketAddrV4, samples: usize, size: usize) -> anyhow::Result<()
             break;
         }
     }
+    socket.set_nonblocking(true)?;
     let mut rtts = Vec::with_capacity(samples);
     let mut lost = 0u64;
     for sequence in 0..samples as u64 {
@@ -205,7 +238,7 @@ fn pingpong(dst: SocketAddrV4, samples: usize, size: usize) -> anyhow::Result<()
         let started = Instant::now();
         socket.send(&payload)?;
         loop {
-            match socket.recv(&mut buf) {
+            match wait_reply(&socket, &mut buf) {
                 Ok(len) if len >= 8 && buf[..8] == sequence.to_be_bytes() => {
                     rtts.push(started.elapsed().as_nanos() as u64);
                     break;
@@ -301,6 +334,37 @@ fn ceiling(
     println!("ceiling attached");
     // Stay attached until killed or the deadline, whichever comes first.
     std::thread::sleep(Duration::from_secs_f64(seconds));
+    Ok(())
+}
+
+fn fill(pins: &std::path::Path, count: u32) -> anyhow::Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use forwarder_common::{BackendKey, ClientKey};
+    let open = |name: &str| -> anyhow::Result<MapData> {
+        let path = pins.join(format!("map-{name}"));
+        MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+    };
+    let mut clients: HashMap<_, ClientKey, Rewrite> = HashMap::try_from(Map::HashMap(open("CLIENT_FLOWS")?))?;
+    let mut backends: HashMap<_, BackendKey, Rewrite> = HashMap::try_from(Map::HashMap(open("BACKEND_FLOWS")?))?;
+    let mut inserted = 0u32;
+    for index in 0..count {
+        let [_, a, b, c] = index.to_be_bytes();
+        let client = [198, 18 | (a & 1), b, c];
+        let rewrite = Rewrite::new(Endpoints::default(), Endpoints::default(), 0);
+        let client_key = ClientKey {
+            relay_addr: [198, 19, 255, 254],
+            client_addr: client,
+            relay_port: 1u16.to_be_bytes(),
+            client_port: 1u16.to_be_bytes(),
+        };
+        let backend_key = BackendKey { relay_addr: client, relay_port: 1u16.to_be_bytes(), _pad: [0; 2] };
+        // A full map refuses the rest: that is the table-full state wanted.
+        if clients.insert(client_key, rewrite, 0).is_err() || backends.insert(backend_key, rewrite, 0).is_err() {
+            break;
+        }
+        inserted += 1;
+    }
+    println!("{}", json!({"inserted": inserted}));
     Ok(())
 }
 
