@@ -269,6 +269,11 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
                 "1000000",
                 "--max-flows-per-session",
                 "100000",
+                // Measure the daemon's own learning rate, not the flood limiter.
+                "--slowpath-pps-per-session",
+                "0",
+                "--slowpath-pps",
+                "0",
             ];
             args.extend_from_slice(mode);
             let mut daemon = Relay::start(&relay_ns, &[RELAY_CLIENT_IF, RELAY_SERVER_IF], &args)?;
