@@ -260,7 +260,7 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
             };
             let mut args = vec![
                 "--ports",
-                "60000-60099",
+                "60000-60999",
                 "--flow-ports",
                 "5000-59999",
                 "--max-flows",
