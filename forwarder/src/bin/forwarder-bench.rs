@@ -43,6 +43,9 @@ enum Tool {
         /// Only the warm-up: open the flows and exit.
         #[arg(long)]
         warmup_only: bool,
+        /// Source ports BASE, BASE+1, ...: the same flows across runs (0: any ports).
+        #[arg(long, default_value_t = 0)]
+        src_port_base: u16,
     },
     /// Answer every datagram with itself, for at most `--seconds`.
     Echo {
@@ -104,8 +107,8 @@ enum Tool {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().tool {
-        Tool::Loadgen { dst, flows, size, seconds, warmup_ms, warmup_only } => {
-            loadgen(dst, flows, size, seconds, warmup_ms, warmup_only)
+        Tool::Loadgen { dst, flows, size, seconds, warmup_ms, warmup_only, src_port_base } => {
+            loadgen(dst, flows, size, seconds, warmup_ms, warmup_only, src_port_base)
         }
         Tool::Echo { bind, seconds } => echo(bind, seconds),
         Tool::Pingpong { dst, samples, size } => pingpong(dst, samples, size),
@@ -124,12 +127,14 @@ fn loadgen(
     seconds: f64,
     warmup_ms: u64,
     warmup_only: bool,
+    src_port_base: u16,
 ) -> anyhow::Result<()> {
     forwarder::daemon::raise_fd_limit();
     let payload: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
     let mut sockets = Vec::with_capacity(flows);
-    for _ in 0..flows {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding a load socket")?;
+    for index in 0..flows {
+        let port = if src_port_base == 0 { 0 } else { src_port_base + index as u16 };
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).context("binding a load socket")?;
         socket.connect(dst)?;
         socket.set_nonblocking(true)?;
         sockets.push(socket);
