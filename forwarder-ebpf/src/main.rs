@@ -23,12 +23,11 @@ mod slowpath;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
 };
 use forwarder_common::{Reason, Verdict};
-
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 
 use crate::{
     forward::Sent,
@@ -77,12 +76,6 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     if packet.ip().ttl <= 1 {
         return Err(Reason::PassTtlExpiring);
     }
-    // Both halves of a flow are the session's: a backend half rewrites its
-    // source to the session port.
-    let session_port = match side {
-        flow::Side::Client => dst_port,
-        flow::Side::Backend => u16::from_be_bytes(rewrite.new_sport),
-    };
     // Timestamps only need second granularity (last-seen, route cache age):
     // the coarse clock reads a jiffies-updated value instead of the TSC, and
     // shares CLOCK_MONOTONIC's base, which the daemon compares against.
@@ -93,9 +86,16 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
         Some(route) => route,
         None => {
             let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)
-                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
-            forward::check_egress(&route, ingress_ifindex)
-                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+                .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
+                .map_err(|reason| {
+                    // Both halves of a flow are the session's: a backend half
+                    // rewrites its source to the session port.
+                    let session_port = match side {
+                        flow::Side::Client => dst_port,
+                        flow::Side::Backend => u16::from_be_bytes(rewrite.new_sport),
+                    };
+                    slowpath::gate(reason, Some(session_port))
+                })?;
             forward::cache_route(state, &route, now);
             route
         }
