@@ -2,14 +2,13 @@
 //! whatever the XDP program hands to the stack. IP_PKTINFO tells which relay
 //! address a client used, and lets replies leave from that same address.
 
-use std::io::IoSlice;
 use std::mem::size_of;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use anyhow::bail;
-use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrIn, sendmsg, setsockopt, sockopt};
+use nix::sys::socket::{setsockopt, sockopt};
 use tokio::io::unix::AsyncFd;
 use tokio::task::AbortHandle;
 use tracing::debug;
@@ -123,16 +122,19 @@ impl RelaySocket {
                     .iter()
                     .map(|(o, index)| (o.to, o.from, batch.payload(*index)))
                     .collect();
-                socket.send_many(&messages);
+                if let Err(error) = socket.send_many(&messages) {
+                    debug!(%error, port = socket.port, "sendmmsg");
+                }
                 start = end;
             }
             Ok(())
         })
     }
 
-    /// Sends datagrams with sendmmsg; a full socket buffer drops the rest,
-    /// as a router would.
-    pub fn send_many(&self, messages: &[(SocketAddrV4, Option<Ipv4Addr>, &[u8])]) {
+    /// Sends datagrams with sendmmsg, each to its address and from its local
+    /// address (None: the route chooses). A full socket buffer drops the
+    /// rest, as a router would.
+    pub fn send_many(&self, messages: &[(SocketAddrV4, Option<Ipv4Addr>, &[u8])]) -> std::io::Result<()> {
         let fd = self.fd.get_ref().as_raw_fd();
         for chunk in messages.chunks(MAX_BATCH) {
             let mut names: Vec<libc::sockaddr_in> = chunk.iter().map(|(to, _, _)| sockaddr(*to)).collect();
@@ -159,31 +161,18 @@ impl RelaySocket {
             // outlive the call, and each iovec at a payload borrowed for it.
             let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as u32, libc::MSG_DONTWAIT) };
             if sent < 0 {
-                debug!(error = %std::io::Error::last_os_error(), port = self.port, "sendmmsg");
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::WouldBlock {
+                    return Err(error);
+                }
             }
         }
+        Ok(())
     }
 
-    /// Sends `data` to `to`, from the local address `from` (None: let the route choose).
-    /// A full socket buffer drops the datagram, as a router would.
+    /// Sends one datagram (see [`Self::send_many`]).
     pub fn send(&self, data: &[u8], to: SocketAddrV4, from: Option<Ipv4Addr>) -> std::io::Result<()> {
-        let info = from.map(|from| libc::in_pktinfo {
-            ipi_ifindex: 0,
-            ipi_spec_dst: libc::in_addr { s_addr: u32::from(from).to_be() },
-            ipi_addr: libc::in_addr { s_addr: 0 },
-        });
-        let control: Vec<ControlMessage> = info.iter().map(ControlMessage::Ipv4PacketInfo).collect();
-        let destination = SockaddrIn::from(to);
-        match sendmsg(
-            self.fd.get_ref().as_raw_fd(),
-            &[IoSlice::new(data)],
-            &control,
-            MsgFlags::MSG_DONTWAIT,
-            Some(&destination),
-        ) {
-            Ok(_) | Err(nix::errno::Errno::EAGAIN) => Ok(()),
-            Err(errno) => Err(errno.into()),
-        }
+        self.send_many(&[(to, from, data)])
     }
 }
 
