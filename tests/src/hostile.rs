@@ -64,20 +64,8 @@ fn wire_segment(topo: &Topology, segment: &Segment) -> Result<()> {
     switch.ip(&["link", "set", "br0", "up"])?;
 
     topo.address()?;
-    segment.attacker.ip(&[
-        "addr",
-        "add",
-        &format!("{ATTACKER_IP}/24"),
-        "dev",
-        ATTACKER_IF,
-    ])?;
-    segment.attacker.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        &RELAY_CLIENT_IP.to_string(),
-    ])?;
+    segment.attacker.add_addr(ATTACKER_IP, ATTACKER_IF)?;
+    segment.attacker.default_via(RELAY_CLIENT_IP)?;
     Ok(())
 }
 
@@ -86,26 +74,8 @@ fn wire_segment(topo: &Topology, segment: &Segment) -> Result<()> {
 pub fn attach_flooder(topo: &Topology) -> Result<Netns> {
     let flooder = Netns::new("flooder")?;
     veth_pair(&flooder, FLOODER_IF, &topo.relay, RELAY_FLOODER_IF)?;
-    flooder.ip(&[
-        "addr",
-        "add",
-        &format!("{FLOODER_IP}/24"),
-        "dev",
-        FLOODER_IF,
-    ])?;
-    topo.relay.ip(&[
-        "addr",
-        "add",
-        &format!("{RELAY_FLOODER_IP}/24"),
-        "dev",
-        RELAY_FLOODER_IF,
-    ])?;
-    flooder.ip(&[
-        "route",
-        "add",
-        "default",
-        "via",
-        &RELAY_FLOODER_IP.to_string(),
-    ])?;
+    flooder.add_addr(FLOODER_IP, FLOODER_IF)?;
+    topo.relay.add_addr(RELAY_FLOODER_IP, RELAY_FLOODER_IF)?;
+    flooder.default_via(RELAY_FLOODER_IP)?;
     Ok(flooder)
 }

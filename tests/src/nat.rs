@@ -81,26 +81,15 @@ impl NatTopology {
         veth_pair(&self.client, CLIENT_IF, &self.relay, RELAY_CLIENT_IF)?;
         veth_pair(&self.relay, RELAY_NAT_IF, &self.nat, NAT_OUTSIDE_IF)?;
         veth_pair(&self.nat, NAT_INSIDE_IF, &self.server, SERVER_IF)?;
-        let addr = |ns: &Netns, ip: Ipv4Addr, dev: &str| {
-            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev])
-        };
-        addr(&self.client, CLIENT_IP, CLIENT_IF)?;
-        addr(&self.relay, RELAY_CLIENT_IP, RELAY_CLIENT_IF)?;
-        addr(&self.relay, RELAY_NAT_IP, RELAY_NAT_IF)?;
-        addr(&self.nat, NAT_PUBLIC_IP, NAT_OUTSIDE_IF)?;
-        addr(&self.nat, NAT_INSIDE_IP, NAT_INSIDE_IF)?;
-        addr(&self.server, NAT_SERVER_IP, SERVER_IF)?;
-        self.client.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &RELAY_CLIENT_IP.to_string(),
-        ])?;
-        self.nat
-            .ip(&["route", "add", "default", "via", &RELAY_NAT_IP.to_string()])?;
-        self.server
-            .ip(&["route", "add", "default", "via", &NAT_INSIDE_IP.to_string()])?;
+        self.client.add_addr(CLIENT_IP, CLIENT_IF)?;
+        self.relay.add_addr(RELAY_CLIENT_IP, RELAY_CLIENT_IF)?;
+        self.relay.add_addr(RELAY_NAT_IP, RELAY_NAT_IF)?;
+        self.nat.add_addr(NAT_PUBLIC_IP, NAT_OUTSIDE_IF)?;
+        self.nat.add_addr(NAT_INSIDE_IP, NAT_INSIDE_IF)?;
+        self.server.add_addr(NAT_SERVER_IP, SERVER_IF)?;
+        self.client.default_via(RELAY_CLIENT_IP)?;
+        self.nat.default_via(RELAY_NAT_IP)?;
+        self.server.default_via(NAT_INSIDE_IP)?;
         self.relay.sysctl("net.ipv4.ip_forward", "1")?;
         self.nat.sysctl("net.ipv4.ip_forward", "1")?;
         let rules = tempfile::NamedTempFile::new()?;

@@ -91,6 +91,16 @@ impl Netns {
         )
     }
 
+    /// Gives `dev` the address `ip/24`.
+    pub fn add_addr(&self, ip: std::net::Ipv4Addr, dev: &str) -> Result<()> {
+        self.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev]).map(drop)
+    }
+
+    /// Routes everything off-link through `gateway`.
+    pub fn default_via(&self, gateway: std::net::Ipv4Addr) -> Result<()> {
+        self.ip(&["route", "add", "default", "via", &gateway.to_string()]).map(drop)
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.run("sysctl", &["-qw", &format!("{key}={value}")])?;
         Ok(())

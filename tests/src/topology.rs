@@ -55,39 +55,13 @@ impl Topology {
     /// Addresses, routes and forwarding, once the four interfaces exist
     /// (however they are linked: directly, or through a switch).
     pub(crate) fn address(&self) -> Result<()> {
-        self.client
-            .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", CLIENT_IF])?;
-        self.relay.ip(&[
-            "addr",
-            "add",
-            &format!("{RELAY_CLIENT_IP}/24"),
-            "dev",
-            RELAY_CLIENT_IF,
-        ])?;
-        self.relay.ip(&[
-            "addr",
-            "add",
-            &format!("{RELAY_SERVER_IP}/24"),
-            "dev",
-            RELAY_SERVER_IF,
-        ])?;
-        self.server
-            .ip(&["addr", "add", &format!("{SERVER_IP}/24"), "dev", SERVER_IF])?;
+        self.client.add_addr(CLIENT_IP, CLIENT_IF)?;
+        self.relay.add_addr(RELAY_CLIENT_IP, RELAY_CLIENT_IF)?;
+        self.relay.add_addr(RELAY_SERVER_IP, RELAY_SERVER_IF)?;
+        self.server.add_addr(SERVER_IP, SERVER_IF)?;
 
-        self.client.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &RELAY_CLIENT_IP.to_string(),
-        ])?;
-        self.server.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &RELAY_SERVER_IP.to_string(),
-        ])?;
+        self.client.default_via(RELAY_CLIENT_IP)?;
+        self.server.default_via(RELAY_SERVER_IP)?;
         self.relay.sysctl("net.ipv4.ip_forward", "1")?;
         Ok(())
     }
@@ -115,7 +89,7 @@ impl Topology {
 
 /// See [`Topology::client_roam_to`]; shared with the NAT topology.
 pub fn client_roam(c: &Netns, ip: Ipv4Addr) -> Result<()> {
-    c.ip(&["addr", "add", &format!("{ip}/24"), "dev", CLIENT_IF])?;
+    c.add_addr(ip, CLIENT_IF)?;
     let src = ip.to_string();
     c.ip(&[
         "route",

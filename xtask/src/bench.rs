@@ -223,11 +223,12 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
         let client = Netns::new("bclient")?;
         let server = Netns::new("bserver")?;
         veth_pair(&client, "veth-c", &server, SERVER_IF)?;
-        client.ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "veth-c"])?;
-        server.ip(&["addr", "add", "10.77.1.9/24", "dev", SERVER_IF])?;
+        // The server sits on the client's own subnet: no hop in between.
+        let server_ip = Ipv4Addr::new(10, 77, 1, 9);
+        client.add_addr(CLIENT_IP, "veth-c")?;
+        server.add_addr(server_ip, SERVER_IF)?;
         let mut children = Vec::new();
         server_side(&server, SERVER_IF, bench, &mut children)?;
-        let server_ip: Ipv4Addr = "10.77.1.9".parse()?;
         return Ok(Setup {
             relay: None,
             children,
