@@ -410,7 +410,8 @@ fn render_stats(stats: &StatsInfo) -> String {
     let s = &stats.slow_path;
     let _ = writeln!(
         out,
-        "daemon slow path: {} to servers, {} to clients, {} flows created, {} expired; refused: {} over flow limit, {} over rate; dropped: {} not from the server, {} without session",
+        "daemon slow path: {} to servers, {} to clients, {} flows created, {} expired; refused: {} over flow limit, {} over rate; \
+         dropped: {} not from the server, {} from the server's address on the wrong path, {} clients that are the backend or the relay, {} without session",
         s.forwarded_to_server,
         s.forwarded_to_client,
         s.flows_created,
@@ -418,6 +419,8 @@ fn render_stats(stats: &StatsInfo) -> String {
         s.refused_flow_limit,
         s.refused_rate_limit,
         s.dropped_not_from_server,
+        s.dropped_server_wrong_path,
+        s.dropped_client_is_backend,
         s.dropped_no_session
     );
     if s.nat_client_moves > 0 || s.dropped_unverified_client > 0 {

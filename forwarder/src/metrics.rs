@@ -69,7 +69,13 @@ pub fn render(stats: &StatsInfo) -> String {
         &mut registry,
         "forwarder_slow_path_dropped",
         "Packets the daemon dropped, by reason",
-        &[(with("reason", "not_from_server"), s.dropped_not_from_server), (with("reason", "no_session"), s.dropped_no_session)],
+        &[
+            (with("reason", "not_from_server"), s.dropped_not_from_server),
+            (with("reason", "server_wrong_path"), s.dropped_server_wrong_path),
+            (with("reason", "client_is_backend"), s.dropped_client_is_backend),
+            (with("reason", "unverified_client"), s.dropped_unverified_client),
+            (with("reason", "no_session"), s.dropped_no_session),
+        ],
     );
     counter_family(
         &mut registry,

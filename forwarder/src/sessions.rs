@@ -1,7 +1,7 @@
 //! The session and flow table: what the relay forwards, kept consistent with
 //! the XDP maps and the daemon's sockets.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use forwarder_common::flow::Endpoints;
 use forwarder_common::{BackendKey, ClientKey, Rewrite};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::control::proto::{FlowInfo, SessionInfo, SlowPathStats};
 use crate::datapath::Datapath;
@@ -17,7 +17,7 @@ use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::TokenBucket;
 use crate::ports::{PortPool, PortRange};
-use crate::datapath::socket::RelaySocket;
+use crate::datapath::socket::{Received, RelaySocket};
 use crate::store::{SessionRecord, Store};
 
 mod restore;
@@ -48,6 +48,14 @@ pub struct Session {
     new_flows: TokenBucket,
     /// Upstream ports of its flows, keyed by (relay address, client endpoint).
     flows: HashMap<(Ipv4Addr, SocketAddrV4), u16>,
+    /// Upstream ports of the flows the server has not answered yet, oldest
+    /// first: they do not count against the session's limits, and a new
+    /// endpoint may evict one (see [`Relay::make_probation_room`]).
+    probation: VecDeque<u16>,
+    /// Client endpoints recently evicted from probation: one that comes
+    /// back is a sender that retries (a real mosh-client does; a flood of
+    /// spoofed one-shot sources does not), and is the last to be evicted.
+    evicted: RecentEndpoints,
     /// Set for a server behind a NAT that came through the punch handshake.
     nat: Option<Box<nat::NatState>>,
 }
@@ -76,6 +84,8 @@ impl Session {
                 now,
             ),
             flows: HashMap::new(),
+            probation: VecDeque::new(),
+            evicted: RecentEndpoints::default(),
             nat: None,
         }
     }
@@ -105,6 +115,11 @@ pub struct Flow {
     slow_to_client: (u64, u64),
     last_slow_to_server_ns: u64,
     last_slow_from_server_ns: u64,
+    /// The server answered this flow: it counts against the session's
+    /// limits and is never evicted to make room for a new endpoint.
+    answered: bool,
+    /// Came back after an eviction from probation.
+    returning: bool,
 }
 
 impl Flow {
@@ -131,7 +146,43 @@ impl Flow {
             slow_to_client: (0, 0),
             last_slow_to_server_ns: 0,
             last_slow_from_server_ns: 0,
+            answered: false,
+            returning: false,
         }
+    }
+}
+
+/// Flows per session that wait for the server's first answer. A spoofed
+/// flood fills this set, never the session's flow limit: each new endpoint
+/// evicts the oldest one-shot sender, so a real client's new endpoint
+/// always gets in and stays until mosh-server answers it.
+pub const PROBATION_FLOWS: usize = 16;
+
+/// How many evicted endpoints a session remembers (see `Session::evicted`).
+const EVICTED_MEMORY: usize = 256;
+
+/// A bounded set of endpoints, forgetting the oldest first.
+#[derive(Default)]
+struct RecentEndpoints {
+    order: VecDeque<(Ipv4Addr, SocketAddrV4)>,
+    members: HashSet<(Ipv4Addr, SocketAddrV4)>,
+}
+
+impl RecentEndpoints {
+    fn insert(&mut self, endpoint: (Ipv4Addr, SocketAddrV4)) {
+        if !self.members.insert(endpoint) {
+            return;
+        }
+        self.order.push_back(endpoint);
+        if self.order.len() > EVICTED_MEMORY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.members.remove(&oldest);
+        }
+    }
+
+    fn contains(&self, endpoint: &(Ipv4Addr, SocketAddrV4)) -> bool {
+        self.members.contains(endpoint)
     }
 }
 
@@ -280,7 +331,7 @@ impl Relay {
         let socket = match port {
             Some(port) => {
                 self.session_ports.take(port)?;
-                match RelaySocket::bind(port) {
+                match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, port) {
                     Ok(socket) => socket,
                     Err(error) => {
                         self.session_ports.release(port);
@@ -290,7 +341,7 @@ impl Relay {
             }
             None => {
                 let mut bound = None;
-                let port = self.session_ports.allocate(|port| match RelaySocket::bind(port) {
+                let port = self.session_ports.allocate(|port| match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, port) {
                     Ok(socket) => {
                         bound = Some(socket);
                         true
@@ -395,19 +446,33 @@ impl Relay {
             self.stats.forwarded_to_server += 1;
             return Ok(ClientVerdict::Forward { socket: flow.socket.clone(), backend, new_flow: false });
         }
-        // The server's own address never counts as a client: a forged
-        // "client" packet from it would otherwise loop the server to itself.
-        if *client.ip() == *session.backend.ip() {
-            self.stats.dropped_not_from_server += 1;
+        // Nothing from the backend's side becomes a client: the server's own
+        // address (a forged "client" would loop the server to itself) and
+        // the relay's own addresses (a datagram the relay would send itself).
+        if *client.ip() == *session.backend.ip() || self.relay_addresses.contains(client.ip()) {
+            self.stats.dropped_client_is_backend += 1;
             return Ok(ClientVerdict::Drop);
         }
+        // Flows on probation that the server has answered may already fill
+        // the limit: establish them before judging.
         if session.flows.len() >= self.limits.max_flows_per_session {
+            self.promote_answered(session_port, now);
+        }
+        let session = self.sessions.get_mut(&session_port).expect("looked up above");
+        if session.flows.len() - session.probation.len() >= self.limits.max_flows_per_session {
             self.stats.refused_flow_limit += 1;
             warn!(session = %session.id, %client, limit = self.limits.max_flows_per_session, "new flow refused: session has its maximum of flows");
             return Ok(ClientVerdict::Drop);
         }
-        if !session.new_flows.try_take(now) {
-            self.stats.refused_rate_limit += 1;
+        if session.probation.len() >= PROBATION_FLOWS {
+            self.make_probation_room(session_port, now);
+        }
+        let session = self.sessions.get_mut(&session_port).expect("looked up above");
+        if session.probation.len() >= PROBATION_FLOWS {
+            // Every flow waiting there was answered, and the session's limits
+            // keep them from being established yet.
+            self.stats.refused_flow_limit += 1;
+            warn!(session = %session.id, %client, "new flow refused: the session's answered flows wait for room under its limits");
             return Ok(ClientVerdict::Drop);
         }
         let Some(slot) = self.free_slots.pop_front() else {
@@ -415,7 +480,7 @@ impl Relay {
             warn!(session = %session.id, %client, "new flow refused: the relay's flow table is full");
             return Ok(ClientVerdict::Drop);
         };
-        let Some(socket) = bind_free_port(&mut self.flow_ports) else {
+        let Some(socket) = bind_free_port(&mut self.flow_ports, session.route.source) else {
             self.free_slots.push_front(slot);
             self.stats.refused_flow_limit += 1;
             warn!(session = %session.id, %client, range = %self.flow_ports.range(), "new flow refused: no free upstream port; widen --flow-ports");
@@ -430,12 +495,15 @@ impl Relay {
             return Err(error.context("installing a flow"));
         }
         session.flows.insert((relay_addr, client), upstream_port);
+        session.probation.push_back(upstream_port);
         session.last_active_ns = now;
         let backend = session.backend;
-        info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow learned");
+        let returning = session.evicted.contains(&(relay_addr, client));
+        info!(session = %session.id, %client, relay = %relay_addr, upstream_port, returning, "flow learned, on probation until the server answers");
         let mut flow = Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now);
         flow.slow_to_server = (1, len as u64);
         flow.last_slow_to_server_ns = now;
+        flow.returning = returning;
         self.flows.insert(upstream_port, flow);
         self.stats.flows_created += 1;
         self.stats.forwarded_to_server += 1;
@@ -443,12 +511,12 @@ impl Relay {
     }
 
     /// A packet reached a flow's upstream socket: forward it to the client
-    /// only when it comes from the session's backend. Returns the session
-    /// socket, the client and the relay address to send from.
+    /// only when it is the server's (see [`admit_from_server`]). Returns the
+    /// session socket, the client and the relay address to send from.
     pub fn on_server_packet(
         &mut self,
         upstream_port: u16,
-        from: SocketAddrV4,
+        received: &Received,
         len: usize,
     ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
         let now = monotonic_ns();
@@ -457,8 +525,7 @@ impl Relay {
             return None;
         };
         let session = self.sessions.get_mut(&flow.session_port)?;
-        if from != session.backend {
-            self.stats.dropped_not_from_server += 1;
+        if !admit_from_server(&mut self.stats, received, session.backend, session.route) {
             return None;
         }
         session.last_active_ns = now;
@@ -477,6 +544,7 @@ impl Relay {
         self.free_slots.push_back(flow.slot);
         if let Some(session) = self.sessions.get_mut(&flow.session_port) {
             session.flows.remove(&(flow.relay_addr, flow.client));
+            session.probation.retain(|&port| port != upstream_port);
             info!(session = %session.id, client = %flow.client, upstream_port, reason = why, "flow removed");
         }
     }
@@ -485,8 +553,75 @@ impl Relay {
         flow_activity(&self.datapath, flow)
     }
 
-    /// Drops idle flows, then idle sessions.
+    /// Moves the session's answered flows out of probation, as far as its
+    /// flow limit and its new-flow rate allow: only flows the server
+    /// answered (mosh-server answers only datagrams that decrypt) take up
+    /// the session's limits, so a spoofed flood cannot exhaust them.
+    fn promote_answered(&mut self, session_port: u16, now: u64) {
+        let Some(session) = self.sessions.get_mut(&session_port) else { return };
+        let mut index = 0;
+        while index < session.probation.len() {
+            let port = session.probation[index];
+            let flow = self.flows.get_mut(&port).expect("probation flows are in the flow table");
+            let answered = flow_activity(&self.datapath, flow).last_from_server_ns > 0;
+            let room = session.flows.len() - session.probation.len() < self.limits.max_flows_per_session;
+            if !answered || !room {
+                index += 1;
+                continue;
+            }
+            if !session.new_flows.try_take(now) {
+                self.stats.refused_rate_limit += 1;
+                return;
+            }
+            session.probation.remove(index);
+            flow.answered = true;
+            self.stats.flows_promoted += 1;
+            debug!(session = %session.id, client = %flow.client, upstream_port = port, "the server answered: flow established");
+        }
+    }
+
+    /// Makes room in a full probation set: evicts the oldest flow that sent
+    /// one datagram, never came back and got no answer (what a spoofed
+    /// source looks like), or failing that the oldest unanswered one. Flows
+    /// the server answered are established instead (the expiry tick does
+    /// that too, once a second).
+    fn make_probation_room(&mut self, session_port: u16, now: u64) {
+        let Some(session) = self.sessions.get(&session_port) else { return };
+        let mut oldest_unanswered = None;
+        let mut one_shot = None;
+        for &port in &session.probation {
+            let flow = &self.flows[&port];
+            let (client_seen, backend_seen) = self.datapath.last_seen(&flow.entries);
+            if backend_seen > 0 || flow.last_slow_from_server_ns > 0 {
+                continue;
+            }
+            oldest_unanswered.get_or_insert(port);
+            if !flow.returning && client_seen == 0 && flow.slow_to_server.0 <= 1 {
+                one_shot = Some(port);
+                break;
+            }
+        }
+        let Some(victim) = one_shot.or(oldest_unanswered) else {
+            self.promote_answered(session_port, now);
+            return;
+        };
+        let endpoint = {
+            let flow = &self.flows[&victim];
+            (flow.relay_addr, flow.client)
+        };
+        self.remove_flow(victim, "evicted from probation by a newer endpoint");
+        self.stats.flows_evicted_unanswered += 1;
+        if let Some(session) = self.sessions.get_mut(&session_port) {
+            session.evicted.insert(endpoint);
+        }
+    }
+
+    /// Establishes answered flows, drops idle flows, then idle sessions.
     pub fn expire(&mut self, now_ns: u64) {
+        let ports: Vec<u16> = self.sessions.keys().copied().collect();
+        for port in ports {
+            self.promote_answered(port, now_ns);
+        }
         let mut idle_flow_ports = Vec::new();
         let mut idle_sessions = Vec::new();
         for session in self.sessions.values_mut() {
@@ -551,6 +686,7 @@ impl Relay {
                     slow_path_packets: flow.slow_to_server.0 + flow.slow_to_client.0,
                     idle_secs: seconds(activity.last_active_ns),
                     server_current: current == Some(index),
+                    answered: flow.answered || activity.last_from_server_ns > 0,
                 }
             })
             .collect();
@@ -584,10 +720,10 @@ impl Relay {
     }
 }
 
-/// Takes the next port of `pool` that this host lets us bind, bound.
-fn bind_free_port(pool: &mut PortPool) -> Option<Arc<RelaySocket>> {
+/// Takes the next port of `pool` that this host lets us bind at `address`, bound.
+fn bind_free_port(pool: &mut PortPool, address: Ipv4Addr) -> Option<Arc<RelaySocket>> {
     let mut bound = None;
-    pool.allocate(|port| match RelaySocket::bind(port) {
+    pool.allocate(|port| match RelaySocket::bind(address, port) {
         Ok(socket) => {
             bound = Some(socket);
             true
@@ -595,6 +731,33 @@ fn bind_free_port(pool: &mut PortPool) -> Option<Arc<RelaySocket>> {
         Err(_) => false,
     })?;
     bound.map(Arc::new)
+}
+
+/// The XDP program's rule for the server's half of a flow (`check_source`
+/// in forwarder-ebpf), applied to whatever reaches the daemon's sockets
+/// instead: a datagram is the server's only if it comes from the backend
+/// endpoint, is addressed to the relay address the flow uses towards the
+/// backend, and arrived on the interface the route to the backend uses.
+/// Anything else could be a forger on the client's segment writing to the
+/// client through the relay. Counts what it refuses.
+fn admit_from_server(
+    stats: &mut SlowPathStats,
+    received: &Received,
+    backend: SocketAddrV4,
+    route: BackendRoute,
+) -> bool {
+    if received.from != backend {
+        stats.dropped_not_from_server += 1;
+        return false;
+    }
+    // ifindex 0: a route the daemon could not pin to an interface (it
+    // never forwards to such a backend in XDP either).
+    let wrong_interface = route.ifindex != 0 && received.ifindex != route.ifindex;
+    if received.to != route.source || wrong_interface {
+        stats.dropped_server_wrong_path += 1;
+        return false;
+    }
+    true
 }
 
 /// A flow's newest activity, from the XDP program's timestamps and the

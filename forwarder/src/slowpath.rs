@@ -64,7 +64,7 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
 pub fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
     spawn_reader(socket, "flow", move |port, received, datagram| {
         let (session_socket, client, relay_addr) =
-            relay.lock().expect("relay lock").on_server_packet(port, received.from, datagram.len())?;
+            relay.lock().expect("relay lock").on_server_packet(port, received, datagram.len())?;
         Some(Outgoing { socket: session_socket, to: client, from: Some(relay_addr) })
     });
 }

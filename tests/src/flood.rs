@@ -16,6 +16,9 @@ use crate::raw::{PacketSocket, mac_of, udp_frame};
 /// Distinct spoofed source endpoints, cycled through.
 pub const FLOOD_SOURCES: usize = 4096;
 
+/// Frames a paced flood sends between two looks at the clock.
+const PACED_BURST: usize = 64;
+
 /// What a finished flood did.
 #[derive(Clone, Copy, Debug)]
 pub struct FloodReport {
@@ -40,6 +43,8 @@ pub struct Flood {
 impl Flood {
     /// Floods `target` out of `ifname` in `ns` towards the MAC of `next_hop_if`
     /// in `next_hop_ns`, with sources in 10.200.0.0/16 and random ports.
+    ///
+    /// `pps` paces the flood (None: as fast as one thread sends).
     pub fn start(
         ns: &Netns,
         ifname: &str,
@@ -47,6 +52,7 @@ impl Flood {
         target: SocketAddrV4,
         max_packets: u64,
         max_time: Duration,
+        pps: Option<u32>,
     ) -> Result<Self> {
         let socket = PacketSocket::open(ns, ifname)?;
         let macs = (mac_of(ns, ifname)?, mac_of(next_hop.0, next_hop.1)?);
@@ -68,7 +74,15 @@ impl Flood {
                 let started = Instant::now();
                 let (mut sent, mut refused) = (0u64, 0u64);
                 'flood: while sent < max_packets && started.elapsed() < max_time {
-                    for frame in &frames {
+                    if let Some(pps) = pps {
+                        // Sleep until the schedule catches up with what was sent.
+                        let due = Duration::from_secs_f64((sent + refused) as f64 / f64::from(pps.max(1)));
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    let burst = if pps.is_some() { PACED_BURST } else { frames.len() };
+                    for frame in frames.iter().cycle().skip((sent + refused) as usize % frames.len()).take(burst) {
                         match socket.send(frame) {
                             Ok(true) => sent += 1,
                             Ok(false) => refused += 1,

@@ -79,3 +79,46 @@ pub fn attach_flooder(topo: &Topology) -> Result<Netns> {
     flooder.default_via(RELAY_FLOODER_IP)?;
     Ok(flooder)
 }
+
+/// A forger's place on a segment next to the relay: raw frames out of
+/// `ifname` in `ns`, addressed to the relay's interface `relay_if`.
+pub struct ForgerSite<'a> {
+    pub ns: &'a Netns,
+    pub ifname: &'a str,
+    pub relay_if: &'a str,
+}
+
+/// Sends `rounds` forged "server" datagrams from every site to every target
+/// (except those `skip` names), each with a fresh random payload shaped like
+/// a server-to-client mosh datagram (direction bit set, 24 bytes or more).
+/// Returns every payload sent, for comparison with what the client got.
+pub fn forge_server_datagrams(
+    relay: &Netns,
+    sites: &[ForgerSite<'_>],
+    server: std::net::SocketAddrV4,
+    targets: &[std::net::SocketAddrV4],
+    rounds: usize,
+    skip: impl Fn(usize, std::net::SocketAddrV4) -> bool,
+) -> Result<std::collections::HashSet<Vec<u8>>> {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    let mut sent = std::collections::HashSet::new();
+    for (index, site) in sites.iter().enumerate() {
+        let socket = crate::raw::PacketSocket::open(site.ns, site.ifname)?;
+        let macs = (
+            crate::raw::mac_of(site.ns, site.ifname)?,
+            crate::raw::mac_of(relay, site.relay_if)?,
+        );
+        for &target in targets.iter().filter(|&&t| !skip(index, t)) {
+            for _ in 0..rounds {
+                let mut payload = (0x8000_0000_0000_0000u64 | rng.random::<u64>()).to_be_bytes().to_vec();
+                payload.extend((0..rng.random_range(16..120)).map(|_| rng.random::<u8>()));
+                socket
+                    .send(&crate::raw::udp_frame(macs, server, target, &payload))
+                    .with_context(|| format!("sending a forged datagram to {target}"))?;
+                sent.insert(payload);
+            }
+        }
+    }
+    Ok(sent)
+}

@@ -91,6 +91,10 @@ pub struct FlowInfo {
     pub fast_path_packets: u64,
     pub slow_path_packets: u64,
     pub server_current: bool,
+    /// The server has answered this flow: it counts against the session's
+    /// limits. Unanswered flows are on probation and may be evicted.
+    #[serde(default)]
+    pub answered: bool,
 }
 
 /// A running `forwarder run`, stopped on drop. Its stderr goes to a file that is

@@ -12,7 +12,7 @@ use forwarder_testbed::flood::{FLOOD_SOURCES, Flood};
 use forwarder_testbed::hostile::{FLOODER_IF, RELAY_FLOODER_IF, RELAY_FLOODER_IP, attach_flooder};
 use forwarder_testbed::scenario::MoshThroughRelay;
 use forwarder_testbed::topology::{
-    CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP, Topology,
+    CLIENT_IP, CLIENT_ROAM_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP, Topology,
 };
 use forwarder_testbed::{UdpEcho, UdpPinger};
 
@@ -63,6 +63,7 @@ fn flood_at_one_session_leaves_the_others_working() {
         SocketAddrV4::new(RELAY_FLOODER_IP, flooded.port),
         FLOOD_MAX_PACKETS,
         FLOOD_TIME,
+        None,
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -129,5 +130,103 @@ fn flood_at_one_session_leaves_the_others_working() {
         flooded_flows <= 32,
         "the flooded session exceeded max_flows_per_session: {flooded_flows}"
     );
+    drop(echo);
+}
+
+/// A sustained flood from thousands of spoofed sources at the mosh session's
+/// own port while the real client roams: the new endpoint gets in (flows
+/// the server never answered are on probation, evicted oldest one-shot
+/// first, and never take the session's flow limit), the server follows it,
+/// a second session keeps its delivery, and the flood's share of flows and
+/// ports stays bounded.
+#[test]
+fn roaming_works_during_a_flood_at_the_same_session() {
+    const ROAM_FLOOD_PPS: u32 = 5_000;
+    const ROAM_FLOOD_TIME: Duration = Duration::from_secs(25);
+    /// `PROBATION_FLOWS` in the daemon, plus the client's old and new flows.
+    const FLOWS_BOUND: usize = 16 + 2;
+
+    let topo = Topology::client_relay_server().unwrap();
+    let flooder = attach_flooder(&topo).unwrap();
+    let m = MoshThroughRelay::start_on(
+        topo,
+        &[RELAY_CLIENT_IF, RELAY_SERVER_IF, RELAY_FLOODER_IF],
+        &[],
+    )
+    .unwrap();
+    m.roundtrip("calm").unwrap();
+    let echo = UdpEcho::start(&m.topo.server, SocketAddr::from((SERVER_IP, 7_000))).unwrap();
+    let pinged = m.relay.add(echo.addr, &[]).unwrap();
+    let mut pinger = UdpPinger::new(
+        &m.topo.client,
+        SocketAddr::from((CLIENT_IP, 0)),
+        SocketAddr::from((RELAY_CLIENT_IP, pinged.port)),
+    )
+    .unwrap();
+    assert!(pinger.ping_any(10, Duration::from_secs(1)).unwrap(), "ping-pong session never answered");
+
+    let flood = Flood::start(
+        &flooder,
+        FLOODER_IF,
+        (&m.topo.relay, RELAY_FLOODER_IF),
+        SocketAddrV4::new(RELAY_FLOODER_IP, m.session.port),
+        FLOOD_MAX_PACKETS,
+        ROAM_FLOOD_TIME,
+        Some(ROAM_FLOOD_PPS),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let during = m.relay.stats().unwrap();
+    let flows_before_roam = m.relay.session(&m.session.id).unwrap().unwrap().flows.len();
+
+    m.topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
+    let roamed = Instant::now();
+    m.roundtrip("roamed").unwrap();
+    let time_to_roam = roamed.elapsed();
+    let roam_ip = format!("{CLIENT_ROAM_IP}:");
+    m.relay
+        .wait_until("the server to follow the roamed client during the flood", Duration::from_secs(20), |s| {
+            let s = s.iter().find(|s| s.id == m.session.id)?;
+            s.flows.iter().find(|f| f.client.starts_with(&roam_ip) && f.server_current && f.answered).cloned()
+        })
+        .unwrap();
+
+    let (mut pings, mut pongs, mut max_flows) = (0u32, 0u32, flows_before_roam);
+    while flood.is_running() && pings < 2_000 {
+        pings += 1;
+        if pinger.ping(Duration::from_secs(1)).unwrap() {
+            pongs += 1;
+        }
+        if pings % 100 == 0 {
+            let flows = m.relay.session(&m.session.id).unwrap().unwrap().flows.len();
+            max_flows = max_flows.max(flows);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let still_flooding = flood.is_running();
+    let report = flood.finish();
+    m.roundtrip("after").unwrap();
+    let after = m.relay.stats().unwrap();
+    let slow = &after["slow_path"];
+    let delivery = f64::from(pongs) / f64::from(pings.max(1)) * 100.0;
+    println!(
+        "roam under flood: {} packets from {FLOOD_SOURCES} spoofed sources in {:.1}s = {:.0} pps at the mosh \
+         session's port; output after the roam arrived in {time_to_roam:?}; the session held at most {max_flows} \
+         flows (relay-wide {} flows during the flood); {} flows evicted from probation, {} established; \
+         the other session's ping-pong: {pongs}/{pings} = {delivery:.2}%",
+        report.sent,
+        report.elapsed.as_secs_f64(),
+        report.pps(),
+        during["flows"],
+        slow["flows_evicted_unanswered"],
+        slow["flows_promoted"],
+    );
+    assert!(still_flooding || pings >= 200, "the flood ended before the measurement: {pings} pings");
+    assert!(max_flows <= FLOWS_BOUND, "the flooded session held {max_flows} flows");
+    assert!(
+        slow["flows_evicted_unanswered"].as_u64().unwrap() > 0,
+        "the flood never reached probation: {slow}"
+    );
+    assert!(delivery >= 99.0, "ping-pong delivery {delivery:.2}% < 99% during the flood");
     drop(echo);
 }

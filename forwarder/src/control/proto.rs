@@ -81,6 +81,10 @@ pub struct FlowInfo {
     pub idle_secs: f64,
     /// Whether mosh-server currently sends to this flow (it answered it last).
     pub server_current: bool,
+    /// The server has answered this flow: it counts against the session's
+    /// limits. Unanswered flows are on probation and may be evicted.
+    #[serde(default)]
+    pub answered: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -143,6 +147,21 @@ pub struct SlowPathStats {
     /// NAT sessions: times the server's packets moved to a verified new client endpoint.
     #[serde(default)]
     pub nat_client_moves: u64,
+    /// From the server's endpoint, but addressed to another relay address
+    /// than the flow's backend-side one, or arriving on another interface
+    /// than the route to the server: a forger, not the server.
+    #[serde(default)]
+    pub dropped_server_wrong_path: u64,
+    /// Flows the server answered, moved out of probation.
+    #[serde(default)]
+    pub flows_promoted: u64,
+    /// Unanswered flows evicted to make room for a newer client endpoint.
+    #[serde(default)]
+    pub flows_evicted_unanswered: u64,
+    /// New client endpoints refused because they are the session's backend
+    /// or one of the relay's own addresses (reflections, loops).
+    #[serde(default)]
+    pub dropped_client_is_backend: u64,
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ type SharedAuthority = Arc<Mutex<Authority>>;
 
 /// Binds the punch port and starts the handshake and keepalive tasks.
 pub fn start(relay: SharedRelay, options: PunchOptions) -> anyhow::Result<Vec<JoinHandle<()>>> {
-    let socket = Arc::new(RelaySocket::bind(options.port)?);
+    let socket = Arc::new(RelaySocket::bind(Ipv4Addr::UNSPECIFIED, options.port)?);
     let authority: SharedAuthority = Arc::new(Mutex::new(Authority::new(options.secret.clone())));
     info!(port = options.port, public_addr = ?options.public_addr, keepalive = ?options.keepalive, "punch handshake enabled");
     let serve = tokio::spawn(serve(relay.clone(), authority, socket, options.public_addr));
@@ -109,7 +109,7 @@ async fn receive(socket: &RelaySocket, what: &str) -> Vec<(Received, Vec<u8>)> {
     let mut datagrams = Vec::new();
     let result = socket
         .recv_batch(|received, datagram| {
-            datagrams.push((copy(received), datagram.to_vec()));
+            datagrams.push((*received, datagram.to_vec()));
             None
         })
         .await;
@@ -117,14 +117,6 @@ async fn receive(socket: &RelaySocket, what: &str) -> Vec<(Received, Vec<u8>)> {
         warn!(port = socket.port, %error, "reading {what}");
     }
     datagrams
-}
-
-fn copy(received: &Received) -> Received {
-    Received {
-        len: received.len,
-        from: received.from,
-        to: received.to,
-    }
 }
 
 async fn handle_request(
@@ -220,13 +212,13 @@ fn spawn_upstream_reader(relay: SharedRelay, authority: SharedAuthority, socket:
             let result = socket
                 .recv_batch(|received, datagram| {
                     if punch::looks_like_punch(datagram) {
-                        punches.push((copy(received), datagram.to_vec()));
+                        punches.push((*received, datagram.to_vec()));
                         return None;
                     }
                     let (session_socket, client, relay_addr) = relay
                         .lock()
                         .expect("relay lock")
-                        .on_nat_server_packet(socket.port, received.from, datagram.len())?;
+                        .on_nat_server_packet(socket.port, received, datagram.len())?;
                     Some(Outgoing {
                         socket: session_socket,
                         to: client,

@@ -39,22 +39,29 @@ pub struct RelaySocket {
     reader: Mutex<(Option<AbortHandle>, bool)>,
 }
 
-/// One received datagram: its length, who sent it and which local address it was sent to.
+/// One received datagram: its length, who sent it, which local address it
+/// was sent to and the interface it arrived on (both from IP_PKTINFO): what
+/// the relay's "only the server reaches a client" rule is judged on.
+#[derive(Clone, Copy, Debug)]
 pub struct Received {
     pub len: usize,
     pub from: SocketAddrV4,
     pub to: Ipv4Addr,
+    pub ifindex: u32,
 }
 
 impl RelaySocket {
-    /// Binds `0.0.0.0:port`. Must run inside the tokio runtime.
-    pub fn bind(port: u16) -> anyhow::Result<Self> {
-        let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+    /// Binds `address:port`: `0.0.0.0` for ports clients reach on any relay
+    /// address, the backend-side address for a flow's port, so the kernel
+    /// itself refuses datagrams sent to that port at any other address.
+    /// Must run inside the tokio runtime.
+    pub fn bind(address: Ipv4Addr, port: u16) -> anyhow::Result<Self> {
+        let socket = match UdpSocket::bind((address, port)) {
             Ok(socket) => socket,
             Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
                 bail!("UDP port {port} is in use by another program on this host: pick another port or stop that program")
             }
-            Err(error) => bail!("binding UDP port {port}: {error}"),
+            Err(error) => bail!("binding UDP port {address}:{port}: {error}"),
         };
         socket.set_nonblocking(true)?;
         setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
@@ -284,7 +291,7 @@ impl RecvBatch {
             Ipv4Addr::from(u32::from_be(name.sin_addr.s_addr)),
             u16::from_be(name.sin_port),
         );
-        let mut to = None;
+        let mut destination = None;
         // SAFETY: the kernel filled msg_control/msg_controllen for this
         // header; the CMSG macros walk only within that buffer.
         unsafe {
@@ -292,13 +299,17 @@ impl RecvBatch {
             while !cmsg.is_null() {
                 if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
                     let info = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>());
-                    to = Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+                    destination = Some((
+                        Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)),
+                        u32::try_from(info.ipi_ifindex).unwrap_or(0),
+                    ));
                 }
                 cmsg = libc::CMSG_NXTHDR(&entry.msg_hdr, cmsg);
             }
         }
         let len = entry.msg_len as usize;
-        Some((Received { len, from, to: to? }, &self.slots[index][..len]))
+        let (to, ifindex) = destination?;
+        Some((Received { len, from, to, ifindex }, &self.slots[index][..len]))
     }
 
     fn payload(&self, index: usize) -> &[u8] {

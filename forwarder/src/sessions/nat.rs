@@ -26,9 +26,9 @@ use std::time::Duration;
 use anyhow::bail;
 use tracing::{debug, info, warn};
 
-use super::{ClientVerdict, Relay, Session, bind_free_port, flow_entries, monotonic_ns};
+use super::{ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns};
 use crate::control::proto::{FlowInfo, NatInfo};
-use crate::datapath::socket::RelaySocket;
+use crate::datapath::socket::{Received, RelaySocket};
 use crate::datapath::Datapath;
 use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::mosh::{ClientFollower, MoshKey, Rejected};
@@ -123,7 +123,7 @@ impl Relay {
         let Some(slot) = self.free_slots.pop_front() else {
             bail!("the relay's flow table is full");
         };
-        let Some(upstream) = bind_free_port(&mut self.flow_ports) else {
+        let Some(upstream) = bind_free_port(&mut self.flow_ports, route.source) else {
             self.free_slots.push_front(slot);
             bail!(
                 "no free upstream port in {}; widen --flow-ports",
@@ -345,13 +345,12 @@ impl Relay {
     pub fn on_nat_server_packet(
         &mut self,
         upstream_port: u16,
-        from: SocketAddrV4,
+        received: &Received,
         len: usize,
     ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
         let port = self.nat_port_by_upstream(upstream_port)?;
         let session = self.sessions.get_mut(&port)?;
-        if from != session.backend {
-            self.stats.dropped_not_from_server += 1;
+        if !admit_from_server(&mut self.stats, received, session.backend, session.route) {
             return None;
         }
         let nat = session.nat.as_deref_mut()?;
@@ -449,6 +448,7 @@ impl Relay {
             slow_path_packets: nat.slow_to_server.0 + nat.slow_to_client.0,
             idle_secs: now_ns.saturating_sub(last) as f64 / 1e9,
             server_current: true,
+            answered: true,
         })
     }
 }

@@ -81,7 +81,7 @@ impl Relay {
             bail!("another stored session has the same id");
         }
         self.session_ports.take(record.port)?;
-        let socket = match RelaySocket::bind(record.port) {
+        let socket = match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, record.port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
                 self.session_ports.release(record.port);
@@ -136,7 +136,7 @@ impl Relay {
             None => return Err("the backend half is missing".into()),
         }
         self.flow_ports.take(upstream_port).map_err(|error| error.to_string())?;
-        let socket = match RelaySocket::bind(upstream_port) {
+        let socket = match RelaySocket::bind(session.route.source, upstream_port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
                 self.flow_ports.release(upstream_port);
@@ -147,7 +147,14 @@ impl Relay {
         let session = self.sessions.get_mut(&session_port).expect("looked up above");
         session.flows.insert((relay_addr, client), upstream_port);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow restored");
-        self.flows.insert(upstream_port, Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now));
+        // A flow the server answered before the restart stays established;
+        // the others wait on probation again.
+        let mut flow = Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now);
+        flow.answered = backend_halves.get(&entries.backend_key).is_some_and(|half| half.last_seen_ns > 0);
+        if !flow.answered {
+            session.probation.push_back(upstream_port);
+        }
+        self.flows.insert(upstream_port, flow);
         Ok((entries.backend_key, socket))
     }
 }
