@@ -829,6 +829,114 @@ mod tests {
         }
     }
 
+    /// A relay on the userspace datapath with sockets on loopback: the
+    /// session table's admission rules without any XDP.
+    fn loopback_relay(max_flows_per_session: usize) -> Relay {
+        let limits = Limits {
+            flow_idle_timeout: Duration::from_secs(120),
+            default_session_idle_timeout: Duration::from_secs(3600),
+            max_flows_per_session,
+            new_flows_per_sec: 1000,
+            max_sessions: 8,
+        };
+        Relay::new(
+            "unit".into(),
+            limits,
+            Vec::new(),
+            vec![Ipv4Addr::new(127, 0, 0, 1)],
+            Datapath::Userspace { max_flows: 4096 },
+            PortRange { lo: 42_000, hi: 42_099 },
+            PortRange { lo: 42_100, hi: 42_999 },
+        )
+    }
+
+    fn forwarded(verdict: ClientVerdict) -> bool {
+        matches!(verdict, ClientVerdict::Forward { .. })
+    }
+
+    #[tokio::test]
+    async fn a_spoofed_flood_stays_on_probation_and_a_retrying_client_gets_in() {
+        let mut relay = loopback_relay(4);
+        let route = BackendRoute { source: Ipv4Addr::LOCALHOST, ifindex: 0 };
+        let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let relay_addr = Ipv4Addr::LOCALHOST;
+        let spoofed = |i: u32| SocketAddrV4::new(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8), 40_000);
+        for i in 0..1_000 {
+            assert!(forwarded(relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap()));
+        }
+        let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
+        assert_eq!(flows.len(), PROBATION_FLOWS, "a flood holds the probation set, no more");
+        assert!(flows.iter().all(|f| !f.answered));
+        assert_eq!(relay.stats.flows_evicted_unanswered, 1_000 - PROBATION_FLOWS as u64);
+
+        // A real client sends again from its endpoint (mosh retransmits):
+        // it outlives the one-shot sources around it.
+        let client: SocketAddrV4 = "192.0.2.7:50000".parse().unwrap();
+        relay.on_client_packet(info.port, client, relay_addr, 64).unwrap();
+        relay.on_client_packet(info.port, client, relay_addr, 64).unwrap();
+        for i in 1_000..1_100 {
+            relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap();
+        }
+        let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
+        assert!(flows.iter().any(|f| f.client == client.to_string()), "the retrying client was evicted");
+
+        // Evicted anyway (a client that sent once) and back: remembered as returning.
+        let once: SocketAddrV4 = "192.0.2.8:50000".parse().unwrap();
+        relay.on_client_packet(info.port, once, relay_addr, 64).unwrap();
+        for i in 2_000..2_000 + PROBATION_FLOWS as u32 {
+            relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap();
+        }
+        assert!(!relay.session_info(info.port, monotonic_ns()).unwrap().flows.iter().any(|f| f.client == once.to_string()));
+        relay.on_client_packet(info.port, once, relay_addr, 64).unwrap();
+        for i in 3_000..3_100 {
+            relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap();
+        }
+        let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
+        assert!(flows.iter().any(|f| f.client == once.to_string()), "a returning client was evicted again");
+        assert!(relay.flow_count() <= PROBATION_FLOWS);
+    }
+
+    #[tokio::test]
+    async fn answered_flows_are_established_and_count_against_the_limit() {
+        let mut relay = loopback_relay(1);
+        // ifindex 1: loopback, where the route to the backend points.
+        let route = BackendRoute { source: Ipv4Addr::LOCALHOST, ifindex: 1 };
+        let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let first: SocketAddrV4 = "192.0.2.1:50000".parse().unwrap();
+        let ClientVerdict::Forward { socket, .. } = relay.on_client_packet(info.port, first, Ipv4Addr::LOCALHOST, 64).unwrap() else {
+            panic!("the first flow was refused");
+        };
+        let from_server = Received { len: 64, from: backend, to: Ipv4Addr::LOCALHOST, ifindex: 1 };
+        assert!(relay.on_server_packet(socket.port, &from_server, 64).is_some());
+        // The server's endpoint at another relay address, or through another
+        // interface, is a forger.
+        for forged in [
+            Received { to: Ipv4Addr::new(127, 0, 0, 9), ..from_server },
+            Received { ifindex: 7, ..from_server },
+        ] {
+            assert!(relay.on_server_packet(socket.port, &forged, 64).is_none());
+        }
+        assert_eq!(relay.stats.dropped_server_wrong_path, 2);
+        let elsewhere = Received { from: "127.0.0.2:10".parse().unwrap(), ..from_server };
+        assert!(relay.on_server_packet(socket.port, &elsewhere, 64).is_none());
+        assert_eq!(relay.stats.dropped_not_from_server, 1);
+
+        // The answered flow fills the limit of one: a second endpoint is refused.
+        let second: SocketAddrV4 = "192.0.2.2:50000".parse().unwrap();
+        assert!(!forwarded(relay.on_client_packet(info.port, second, Ipv4Addr::LOCALHOST, 64).unwrap()));
+        assert_eq!(relay.stats.refused_flow_limit, 1);
+        let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
+        assert_eq!(flows.len(), 1);
+        assert!(flows[0].answered);
+
+        // Nothing from the backend's address becomes a client.
+        let reflected = SocketAddrV4::new(*backend.ip(), 1234);
+        assert!(!forwarded(relay.on_client_packet(info.port, reflected, Ipv4Addr::LOCALHOST, 64).unwrap()));
+        assert_eq!(relay.stats.dropped_client_is_backend, 1);
+    }
+
     #[test]
     fn flow_entries_relay_both_ways() {
         let client: SocketAddrV4 = "198.51.100.7:41000".parse().unwrap();

@@ -192,7 +192,7 @@ fn roaming_works_during_a_flood_at_the_same_session() {
         .unwrap();
 
     let (mut pings, mut pongs, mut max_flows) = (0u32, 0u32, flows_before_roam);
-    while flood.is_running() && pings < 2_000 {
+    while flood.is_running() && pings < 10_000 {
         pings += 1;
         if pinger.ping(Duration::from_secs(1)).unwrap() {
             pongs += 1;
