@@ -108,10 +108,12 @@ pub struct RunArgs {
     /// Default idle timeout of a session, long enough for a laptop to sleep overnight [default: 7d].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub session_idle_timeout: Option<Duration>,
-    /// Most client endpoints one session may have at once [default: 32].
+    /// Most client endpoints the server answered that one session may have at once; endpoints the
+    /// server has not answered wait on a per-session probation set of 16 and do not count [default: 32].
     #[arg(long)]
     pub max_flows_per_session: Option<usize>,
-    /// New client endpoints a session may gain per second, bursts of twice that [default: 4].
+    /// Client endpoints per second that become established (answered by the server) in one session,
+    /// bursts of twice that [default: 4].
     #[arg(long)]
     pub new_flows_per_sec: Option<u32>,
     /// Most sessions at once; `add` beyond it is refused [default: 4096].
