@@ -5,7 +5,6 @@
 //! by a compile-time assert, so a layout change cannot slip through silently.
 #![no_std]
 
-pub mod bench;
 pub mod config;
 pub mod csum;
 pub mod flow;

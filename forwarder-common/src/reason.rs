@@ -24,112 +24,94 @@ impl Verdict {
     }
 }
 
-/// Why a packet got its verdict. The discriminant is the counter index.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reason {
+/// Declares [`Reason`] from one table: each row gives the variant, its
+/// counter index, its name in `stats` and the metrics, and its verdict, so
+/// the enum, [`REASON_COUNT`], [`Reason::ALL`], the names and the verdicts
+/// cannot drift apart, and the `match`es it generates have no wildcard arm:
+/// a new reason without a verdict does not compile. Indices are counter
+/// slots read by deployed dashboards: append new rows with the next index,
+/// never renumber or reuse one (Cilium's drop_reasons.h rule).
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])* $variant:ident = $index:literal, $name:literal, $verdict:ident;)*) => {
+        /// Why a packet got its verdict. The discriminant is the counter index.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason {
+            $($(#[doc = $doc])* $variant = $index,)*
+        }
+
+        /// Number of reasons: the size of the reason counter array.
+        pub const REASON_COUNT: u32 = [$($index),*].len() as u32;
+
+        impl Reason {
+            /// Every reason, at its own index.
+            pub const ALL: [Reason; REASON_COUNT as usize] = [$(Reason::$variant),*];
+
+            pub const fn verdict(self) -> Verdict {
+                match self {
+                    $(Reason::$variant => Verdict::$verdict,)*
+                }
+            }
+
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+reasons! {
     /// Ethernet header cut short.
-    PassTruncatedEth = 0,
+    PassTruncatedEth = 0, "truncated_eth", Pass;
     /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): not ours.
-    PassNotIpv4 = 1,
+    PassNotIpv4 = 1, "not_ipv4", Pass;
     /// IPv4 header cut short or claiming less than 20 bytes.
-    PassTruncatedIp = 2,
+    PassTruncatedIp = 2, "truncated_ip", Pass;
     /// Not UDP: not ours.
-    PassNotUdp = 3,
+    PassNotUdp = 3, "not_udp", Pass;
     /// IPv4 options: rare enough to leave to the stack and the daemon.
-    PassIpOptions = 4,
+    PassIpOptions = 4, "ip_options", Pass;
     /// A fragment: the stack reassembles it for the daemon's socket.
-    PassFragment = 5,
+    PassFragment = 5, "fragment", Pass;
     /// UDP header cut short.
-    PassTruncatedUdp = 6,
+    PassTruncatedUdp = 6, "truncated_udp", Pass;
     /// UDP to a port the relay does not own.
-    PassNotRelayPort = 7,
+    PassNotRelayPort = 7, "not_relay_port", Pass;
     /// A relay port but no flow entry: the daemon decides.
-    PassNoFlow = 8,
+    PassNoFlow = 8, "no_flow", Pass;
     /// TTL would expire here: the stack answers like a router would.
-    PassTtlExpiring = 9,
+    PassTtlExpiring = 9, "ttl_expiring", Pass;
     /// No neighbour entry for the next hop yet: the daemon's socket send resolves it.
-    PassFibNoNeigh = 10,
+    PassFibNoNeigh = 10, "fib_no_neigh", Pass;
     /// Any other route lookup failure (no route, forwarding disabled, ...).
-    PassFibFailed = 11,
+    PassFibFailed = 11, "fib_failed", Pass;
     /// The egress interface is not one the relay redirects to.
-    PassEgressNotAttached = 12,
+    PassEgressNotAttached = 12, "egress_not_attached", Pass;
     /// Lengths in the IPv4 or UDP header disagree with the frame.
-    DropMalformed = 13,
+    DropMalformed = 13, "malformed", Drop;
     /// Claims to come from a flow's server but the source or ingress is wrong.
-    DropSpoofedServer = 14,
+    DropSpoofedServer = 14, "spoofed_server", Drop;
     /// Forwarded back out of the interface it came in on.
-    TxForwarded = 15,
+    TxForwarded = 15, "forwarded_tx", Tx;
     /// Forwarded out of another interface.
-    RedirectForwarded = 16,
+    RedirectForwarded = 16, "forwarded_redirect", Redirect;
     /// Would go to the daemon, but its session's slow-path bucket is empty.
-    DropSlowpathSessionLimit = 17,
+    DropSlowpathSessionLimit = 17, "slowpath_session_limit", Drop;
     /// Would go to the daemon, but the relay-wide slow-path bucket is empty.
-    DropSlowpathGlobalLimit = 18,
+    DropSlowpathGlobalLimit = 18, "slowpath_global_limit", Drop;
 }
 
-/// Number of reasons: the size of the reason counter array.
-pub const REASON_COUNT: u32 = 19;
-
-impl Reason {
-    pub const ALL: [Reason; REASON_COUNT as usize] = [
-        Reason::PassTruncatedEth,
-        Reason::PassNotIpv4,
-        Reason::PassTruncatedIp,
-        Reason::PassNotUdp,
-        Reason::PassIpOptions,
-        Reason::PassFragment,
-        Reason::PassTruncatedUdp,
-        Reason::PassNotRelayPort,
-        Reason::PassNoFlow,
-        Reason::PassTtlExpiring,
-        Reason::PassFibNoNeigh,
-        Reason::PassFibFailed,
-        Reason::PassEgressNotAttached,
-        Reason::DropMalformed,
-        Reason::DropSpoofedServer,
-        Reason::TxForwarded,
-        Reason::RedirectForwarded,
-        Reason::DropSlowpathSessionLimit,
-        Reason::DropSlowpathGlobalLimit,
-    ];
-
-    pub const fn verdict(self) -> Verdict {
-        match self {
-            Reason::DropMalformed
-            | Reason::DropSpoofedServer
-            | Reason::DropSlowpathSessionLimit
-            | Reason::DropSlowpathGlobalLimit => Verdict::Drop,
-            Reason::TxForwarded => Verdict::Tx,
-            Reason::RedirectForwarded => Verdict::Redirect,
-            _ => Verdict::Pass,
-        }
+/// Each reason's index is its position in [`Reason::ALL`]: indices are dense
+/// and none is used twice, checked when the crate compiles.
+const _: () = {
+    let mut index = 0;
+    while index < Reason::ALL.len() {
+        assert!(Reason::ALL[index] as usize == index, "reason indices must be 0, 1, 2, ... in table order");
+        index += 1;
     }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Reason::PassTruncatedEth => "truncated_eth",
-            Reason::PassNotIpv4 => "not_ipv4",
-            Reason::PassTruncatedIp => "truncated_ip",
-            Reason::PassNotUdp => "not_udp",
-            Reason::PassIpOptions => "ip_options",
-            Reason::PassFragment => "fragment",
-            Reason::PassTruncatedUdp => "truncated_udp",
-            Reason::PassNotRelayPort => "not_relay_port",
-            Reason::PassNoFlow => "no_flow",
-            Reason::PassTtlExpiring => "ttl_expiring",
-            Reason::PassFibNoNeigh => "fib_no_neigh",
-            Reason::PassFibFailed => "fib_failed",
-            Reason::PassEgressNotAttached => "egress_not_attached",
-            Reason::DropMalformed => "malformed",
-            Reason::DropSpoofedServer => "spoofed_server",
-            Reason::TxForwarded => "forwarded_tx",
-            Reason::RedirectForwarded => "forwarded_redirect",
-            Reason::DropSlowpathSessionLimit => "slowpath_session_limit",
-            Reason::DropSlowpathGlobalLimit => "slowpath_global_limit",
-        }
-    }
-}
+};
 
 /// Packets and bytes counted under one reason (per CPU in the kernel).
 #[repr(C)]

@@ -116,6 +116,10 @@ pub struct RunArgs {
     /// bursts of twice that [default: 4].
     #[arg(long)]
     pub new_flows_per_sec: Option<u32>,
+    /// Client endpoints per session that may wait for the server's first answer; a newer one
+    /// evicts the oldest one-shot sender [default: 16].
+    #[arg(long)]
+    pub probation_flows_per_session: Option<usize>,
     /// Most sessions at once; `add` beyond it is refused [default: 4096].
     #[arg(long)]
     pub max_sessions: Option<usize>,
@@ -227,6 +231,11 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
                 .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             max_flows_per_session: args.max_flows_per_session.or(file.max_flows_per_session).unwrap_or(32),
             new_flows_per_sec: args.new_flows_per_sec.or(file.new_flows_per_sec).unwrap_or(4),
+            probation_flows_per_session: args
+                .probation_flows_per_session
+                .or(file.probation_flows_per_session)
+                .unwrap_or(crate::sessions::DEFAULT_PROBATION_FLOWS)
+                .max(1),
             max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(4096),
         },
         slowpath_pps_per_session: args

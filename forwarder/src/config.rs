@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub max_flows: Option<u32>,
     pub max_flows_per_session: Option<usize>,
     pub new_flows_per_sec: Option<u32>,
+    pub probation_flows_per_session: Option<usize>,
     pub state_dir: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     /// Slow-path rate limits (packets per second, 0: unlimited).

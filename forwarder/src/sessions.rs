@@ -32,6 +32,8 @@ pub struct Limits {
     pub default_session_idle_timeout: Duration,
     pub max_flows_per_session: usize,
     pub new_flows_per_sec: u32,
+    /// Unanswered flows a session may hold (see [`DEFAULT_PROBATION_FLOWS`]).
+    pub probation_flows_per_session: usize,
     /// Most sessions the relay holds; `add` beyond it is refused.
     pub max_sessions: usize,
 }
@@ -152,11 +154,12 @@ impl Flow {
     }
 }
 
-/// Flows per session that wait for the server's first answer. A spoofed
-/// flood fills this set, never the session's flow limit: each new endpoint
-/// evicts the oldest one-shot sender, so a real client's new endpoint
-/// always gets in and stays until mosh-server answers it.
-pub const PROBATION_FLOWS: usize = 16;
+/// Flows per session that wait for the server's first answer, unless
+/// `--probation-flows-per-session` says otherwise. A spoofed flood fills
+/// this set, never the session's flow limit: each new endpoint evicts the
+/// oldest one-shot sender, so a real client's new endpoint always gets in
+/// and stays until mosh-server answers it.
+pub const DEFAULT_PROBATION_FLOWS: usize = 16;
 
 /// How many evicted endpoints a session remembers (see `Session::evicted`).
 const EVICTED_MEMORY: usize = 256;
@@ -464,11 +467,11 @@ impl Relay {
             warn!(session = %session.id, %client, limit = self.limits.max_flows_per_session, "new flow refused: session has its maximum of flows");
             return Ok(ClientVerdict::Drop);
         }
-        if session.probation.len() >= PROBATION_FLOWS {
+        if session.probation.len() >= self.limits.probation_flows_per_session {
             self.make_probation_room(session_port, now);
         }
         let session = self.sessions.get_mut(&session_port).expect("looked up above");
-        if session.probation.len() >= PROBATION_FLOWS {
+        if session.probation.len() >= self.limits.probation_flows_per_session {
             // Every flow waiting there was answered, and the session's limits
             // keep them from being established yet.
             self.stats.refused_flow_limit += 1;
@@ -837,6 +840,7 @@ mod tests {
             default_session_idle_timeout: Duration::from_secs(3600),
             max_flows_per_session,
             new_flows_per_sec: 1000,
+            probation_flows_per_session: DEFAULT_PROBATION_FLOWS,
             max_sessions: 8,
         };
         Relay::new(
@@ -866,9 +870,9 @@ mod tests {
             assert!(forwarded(relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap()));
         }
         let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
-        assert_eq!(flows.len(), PROBATION_FLOWS, "a flood holds the probation set, no more");
+        assert_eq!(flows.len(), DEFAULT_PROBATION_FLOWS, "a flood holds the probation set, no more");
         assert!(flows.iter().all(|f| !f.answered));
-        assert_eq!(relay.stats.flows_evicted_unanswered, 1_000 - PROBATION_FLOWS as u64);
+        assert_eq!(relay.stats.flows_evicted_unanswered, 1_000 - DEFAULT_PROBATION_FLOWS as u64);
 
         // A real client sends again from its endpoint (mosh retransmits):
         // it outlives the one-shot sources around it.
@@ -884,7 +888,7 @@ mod tests {
         // Evicted anyway (a client that sent once) and back: remembered as returning.
         let once: SocketAddrV4 = "192.0.2.8:50000".parse().unwrap();
         relay.on_client_packet(info.port, once, relay_addr, 64).unwrap();
-        for i in 2_000..2_000 + PROBATION_FLOWS as u32 {
+        for i in 2_000..2_000 + DEFAULT_PROBATION_FLOWS as u32 {
             relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap();
         }
         assert!(!relay.session_info(info.port, monotonic_ns()).unwrap().flows.iter().any(|f| f.client == once.to_string()));
@@ -894,7 +898,7 @@ mod tests {
         }
         let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
         assert!(flows.iter().any(|f| f.client == once.to_string()), "a returning client was evicted again");
-        assert!(relay.flow_count() <= PROBATION_FLOWS);
+        assert!(relay.flow_count() <= DEFAULT_PROBATION_FLOWS);
     }
 
     #[tokio::test]

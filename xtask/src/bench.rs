@@ -124,11 +124,14 @@ impl Plan {
     }
 }
 
+/// Builds the bench's own binary (with its ceiling program); the product
+/// build never does.
 fn bench_bin() -> Result<PathBuf> {
+    crate::run_visible(crate::cargo().args(["build", "--release", "-p", "forwarder-bench"]))?;
     let forwarder = forwarder_testbed::forwarder_bin()?;
     let bench = forwarder.with_file_name("forwarder-bench");
     if !bench.exists() {
-        bail!("{} is missing: run `cargo build --release -p forwarder`", bench.display());
+        bail!("{} is missing after building forwarder-bench", bench.display());
     }
     Ok(bench)
 }
@@ -269,6 +272,9 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
                 "--new-flows-per-sec",
                 "1000000",
                 "--max-flows-per-session",
+                "100000",
+                // The load is one way: its flows are never answered.
+                "--probation-flows-per-session",
                 "100000",
                 // Measure the daemon's own learning rate, not the flood limiter.
                 "--slowpath-pps-per-session",

@@ -10,14 +10,16 @@ use crate::{build_forwarder, cargo, prereq};
 pub fn run(extra: &[String]) -> Result<()> {
     prereq::ensure()?;
     let bin = build_forwarder()?;
-    // forwarder-ebpf only builds for the BPF target; forwarder's build.rs
-    // compiles it and forwarder's tests load it.
+    // The eBPF crates only build for the BPF target; the build.rs of
+    // forwarder and forwarder-bench compile them.
     let mut cmd = cargo();
     cmd.args([
         "test",
         "--workspace",
         "--exclude",
         "forwarder-ebpf",
+        "--exclude",
+        "forwarder-bench-ebpf",
         "--release",
     ])
     .args(extra)

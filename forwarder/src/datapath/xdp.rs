@@ -532,7 +532,3 @@ pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
     Ok(BackendRoute { source, ifindex })
 }
 
-/// The benchmark's ceiling program (forwarder-ebpf's `forwarder-ceiling`):
-/// embedded so `forwarder-bench` can compare the relay against it.
-pub static CEILING_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ceiling"));

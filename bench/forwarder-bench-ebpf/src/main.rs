@@ -11,7 +11,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash},
     programs::XdpContext,
 };
-use forwarder_common::{bench::CeilingConfig, csum::rewrite_ipv4_udp};
+use forwarder_bench_common::CeilingConfig;
+use forwarder_common::csum::rewrite_ipv4_udp;
 
 /// The one rewrite and its next hop, written by `forwarder-bench ceiling`.
 #[map]

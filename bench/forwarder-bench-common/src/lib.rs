@@ -1,9 +1,11 @@
 //! Configuration of the benchmark's ceiling program: a fixed one-way rewrite
-//! and redirect, the least an XDP relay on this path can do.
+//! and redirect, the least an XDP relay on this path can do. Shared by the
+//! ceiling's XDP program (forwarder-bench-ebpf) and `forwarder-bench`.
+#![no_std]
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::flow::Rewrite;
+use forwarder_common::Rewrite;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

@@ -12,10 +12,12 @@ use anyhow::{Context, bail};
 use aya::maps::{Array, DevMapHash};
 use aya::programs::{Xdp, XdpMode};
 use clap::{Parser, Subcommand};
-use forwarder::datapath::xdp::CEILING_OBJECT;
-use forwarder_common::bench::CeilingConfig;
+use forwarder_bench_common::CeilingConfig;
 use forwarder_common::flow::{Endpoints, Rewrite};
 use serde_json::json;
+
+/// The ceiling XDP program, built by build.rs and embedded.
+static CEILING_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ceiling"));
 
 #[derive(Parser)]
 #[command(name = "forwarder-bench", about = "Benchmark tools for `cargo xtask bench`")]
