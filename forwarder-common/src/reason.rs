@@ -66,10 +66,14 @@ pub enum Reason {
     DropSlowpathSessionLimit = 17,
     /// Would go to the daemon, but the relay-wide slow-path bucket is empty.
     DropSlowpathGlobalLimit = 18,
+    /// From an unknown source on a punched (NAT'd) session's backend-facing
+    /// port, on the right interface: the server's NAT may have moved it, so
+    /// the daemon checks it with the session key (see `Rewrite::flags`).
+    PassNatRebindCandidate = 19,
 }
 
 /// Number of reasons: the size of the reason counter array.
-pub const REASON_COUNT: u32 = 19;
+pub const REASON_COUNT: u32 = 20;
 
 impl Reason {
     pub const ALL: [Reason; REASON_COUNT as usize] = [
@@ -92,6 +96,7 @@ impl Reason {
         Reason::RedirectForwarded,
         Reason::DropSlowpathSessionLimit,
         Reason::DropSlowpathGlobalLimit,
+        Reason::PassNatRebindCandidate,
     ];
 
     pub const fn verdict(self) -> Verdict {
@@ -127,6 +132,7 @@ impl Reason {
             Reason::RedirectForwarded => "forwarded_redirect",
             Reason::DropSlowpathSessionLimit => "slowpath_session_limit",
             Reason::DropSlowpathGlobalLimit => "slowpath_global_limit",
+            Reason::PassNatRebindCandidate => "nat_rebind_candidate",
         }
     }
 }
@@ -153,5 +159,15 @@ mod tests {
         for (index, reason) in Reason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, index, "{reason:?}");
         }
+    }
+
+    /// Counter indices are part of the pinned data plane: a reason added
+    /// later goes at the end, so an older daemon's counters keep their meaning.
+    #[test]
+    fn nat_rebind_candidate_is_appended_and_passes() {
+        assert_eq!(Reason::PassNatRebindCandidate as u32, REASON_COUNT - 1);
+        assert_eq!(Reason::DropSlowpathGlobalLimit as u32, 18);
+        assert_eq!(Reason::PassNatRebindCandidate.verdict(), Verdict::Pass);
+        assert_eq!(Reason::PassNatRebindCandidate.name(), "nat_rebind_candidate");
     }
 }

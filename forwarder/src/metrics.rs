@@ -69,13 +69,24 @@ pub fn render(stats: &StatsInfo) -> String {
         &mut registry,
         "forwarder_slow_path_dropped",
         "Packets the daemon dropped, by reason",
-        &[(with("reason", "not_from_server"), s.dropped_not_from_server), (with("reason", "no_session"), s.dropped_no_session)],
+        &[
+            (with("reason", "not_from_server"), s.dropped_not_from_server),
+            (with("reason", "no_session"), s.dropped_no_session),
+            (with("reason", "unverified_client"), s.dropped_unverified_client),
+            (with("reason", "unverified_server"), s.dropped_unverified_server),
+        ],
     );
     counter_family(
         &mut registry,
         "forwarder_flows_refused",
         "New flows refused, by limit",
         &[(with("limit", "flows"), s.refused_flow_limit), (with("limit", "rate"), s.refused_rate_limit)],
+    );
+    counter_family(
+        &mut registry,
+        "forwarder_nat_moves",
+        "Punched sessions that followed a verified new endpoint, by side",
+        &[(with("side", "client"), s.nat_client_moves), (with("side", "server"), s.nat_server_moves)],
     );
     counter_family(&mut registry, "forwarder_flows_created", "Flows learned", &[(instance(), s.flows_created)]);
     counter_family(&mut registry, "forwarder_flows_expired", "Flows expired idle", &[(instance(), s.flows_expired)]);
