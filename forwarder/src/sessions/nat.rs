@@ -413,6 +413,13 @@ impl Relay {
         let nat = session.nat.as_deref_mut()?;
         let now = monotonic_ns();
         if from == session.backend {
+            // mosh-server answers the address the relay's packets leave
+            // from; the same source sent to another relay address at Q came
+            // in some other way (a forger on the client's side).
+            if to != session.route.source {
+                self.stats.dropped_not_from_server += 1;
+                return None;
+            }
             // Every server datagram the daemon sees raises the bar a moved
             // endpoint's first datagram must clear.
             if let Some(nonce) = nat.follower.as_ref().and_then(|f| mosh::verified_server_nonce(f.key(), datagram)) {
