@@ -219,8 +219,15 @@ impl Relay {
             stored_ns: 0,
         }));
         info!(session = %info.id, port = info.port, upstream_port, %punch_source, "NAT session allocated");
-        // add_session stored it as an ordinary session: now with its NAT half.
-        self.persist_nat(info.port);
+        // add_session stored it as an ordinary session: now with its NAT
+        // half, or not at all (a restart must not find an ordinary session
+        // pointing at the server's punch source).
+        if !self.persist_nat(info.port)
+            && let Some(store) = &self.store
+            && let Err(error) = store.delete(info.port)
+        {
+            warn!(port = info.port, error = format!("{error:#}"), "removing a punched session's incomplete row from the store");
+        }
         Ok(Allocation {
             client_port: info.port,
             upstream_port,
@@ -460,7 +467,9 @@ impl Relay {
                         warn!(error = format!("{error:#}"), "re-installing a NAT session whose server moved");
                     }
                 }
-                None => self.persist_nat(port),
+                None => {
+                    self.persist_nat(port);
+                }
             }
         }
         let session = self.sessions.get_mut(&port)?;
@@ -570,18 +579,19 @@ pub(super) struct RestoredNat {
 }
 
 impl Relay {
-    /// Writes a punched session to the store (its key sealed). Failures are
-    /// logged: the session keeps working, it just might not survive a restart.
-    pub(super) fn persist_nat(&mut self, port: u16) {
-        let Some(store) = &self.store else { return };
-        let Some(session) = self.sessions.get_mut(&port) else { return };
+    /// Writes a punched session to the store (its key sealed); says whether
+    /// it did. Failures are logged: the session keeps working, it just might
+    /// not survive a restart.
+    pub(super) fn persist_nat(&mut self, port: u16) -> bool {
+        let Some(store) = &self.store else { return false };
+        let Some(session) = self.sessions.get_mut(&port) else { return false };
         let mut record = session.record();
-        let Some(nat) = session.nat.as_deref_mut() else { return };
+        let Some(nat) = session.nat.as_deref_mut() else { return false };
         let Some(sealer) = store.key_sealer() else {
             // Only a relay with the punch handshake makes punched sessions,
             // and it always has a sealer; keep nothing unsealed regardless.
             warn!(session = %session.id, "not storing a punched session: no punch secret to seal its key with");
-            return;
+            return false;
         };
         let binding = KeyBinding { session_id: &session.id, port, upstream_port: nat.upstream_port };
         let seqs = nat.seqs();
@@ -600,12 +610,16 @@ impl Relay {
             Ok(()) => {
                 nat.stored_seqs = seqs;
                 nat.stored_ns = monotonic_ns();
+                true
             }
-            Err(error) => warn!(
-                session = %session.id,
-                error = format!("{error:#}"),
-                "storing a punched session failed: it works, but would not survive a restart"
-            ),
+            Err(error) => {
+                warn!(
+                    session = %session.id,
+                    error = format!("{error:#}"),
+                    "storing a punched session failed: it works, but would not survive a restart"
+                );
+                false
+            }
         }
     }
 

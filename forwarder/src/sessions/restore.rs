@@ -3,6 +3,11 @@
 //! complete (row, client-facing socket) or absent; every flow complete (both
 //! map halves consistent with its session, socket on Q, slot and port taken)
 //! or absent. Nothing half-made survives a start.
+//!
+//! A punched (NAT'd) session comes back from its stored NAT half: its key
+//! unsealed with the punch secret, its one port Q and counter slot taken
+//! back, and its pinned backend half adopted (re-installed if missing or
+//! different). Without the punch secret such a session is dropped.
 
 use std::collections::HashSet;
 
