@@ -34,6 +34,8 @@ pub enum Rejected {
     NotFromServer,
     #[error("the relay has no key for this session yet")]
     NoKey,
+    #[error("addressed to another relay address than the one the server punched to")]
+    WrongPath,
 }
 
 /// A mosh session key.

@@ -436,7 +436,7 @@ impl Relay {
             // Only to the address the server punched towards: what reaches Q
             // at another relay address never came through the server's path.
             let verdict = match (&nat.follower, nat.bound) {
-                _ if to != session.route.source => Err(Rejected::NotFromServer),
+                _ if to != session.route.source => Err(Rejected::WrongPath),
                 (Some(follower), true) => mosh::accept_server_move(follower.key(), datagram, nat.newest_server_seq),
                 _ => Err(Rejected::NoKey),
             };
