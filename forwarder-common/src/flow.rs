@@ -55,11 +55,22 @@ pub struct Rewrite {
     /// One's-complement delta (native word order) for the UDP checksum: the
     /// pseudo-header addresses and both ports.
     pub udp_csum_delta: u16,
-    pub _pad: u16,
+    /// `REWRITE_*` bits. Zero in entries written by older daemons, which
+    /// keeps their meaning (a source mismatch is dropped).
+    pub flags: u8,
+    pub _pad: u8,
     /// Slot in the per-CPU flow counter array for this direction.
     pub counter_slot: u32,
 }
 const _: () = assert!(core::mem::size_of::<Rewrite>() == 40);
+const _: () = assert!(core::mem::offset_of!(Rewrite, flags) == 34);
+
+/// Backend half of a punched (NAT'd) session only: a datagram from another
+/// source, arriving on the allowed interface, goes to the daemon (rate
+/// limited, reason `PassNatRebindCandidate`) instead of being dropped. The
+/// server's NAT may have given it a new external endpoint; the daemon moves
+/// the session there only if the datagram verifies with the session key.
+pub const REWRITE_UNKNOWN_SOURCE_TO_DAEMON: u8 = 1;
 const _: () = assert!(core::mem::align_of::<Rewrite>() == 8);
 
 /// One side of a rewrite: the addresses and ports of a packet header.
@@ -108,6 +119,7 @@ impl Rewrite {
             ip_csum_delta,
             allowed_ifindex: 0,
             udp_csum_delta,
+            flags: 0,
             _pad: 0,
             counter_slot,
         }

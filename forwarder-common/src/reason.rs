@@ -101,6 +101,10 @@ reasons! {
     DropSlowpathSessionLimit = 17, "slowpath_session_limit", Drop;
     /// Would go to the daemon, but the relay-wide slow-path bucket is empty.
     DropSlowpathGlobalLimit = 18, "slowpath_global_limit", Drop;
+    /// Arrived at a punched session's backend-facing port from an endpoint
+    /// other than the server's: the daemon checks whether the server's NAT
+    /// moved it (the datagram must verify with the session key).
+    PassNatRebindCandidate = 19, "nat_rebind_candidate", Pass;
 }
 
 /// Each reason's index is its position in [`Reason::ALL`]: indices are dense
@@ -135,5 +139,15 @@ mod tests {
         for (index, reason) in Reason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, index, "{reason:?}");
         }
+    }
+
+    /// Counter indices are part of the pinned data plane: a reason added
+    /// later goes at the end, so an older daemon's counters keep their meaning.
+    #[test]
+    fn nat_rebind_candidate_is_appended_and_passes() {
+        assert_eq!(Reason::PassNatRebindCandidate as u32, REASON_COUNT - 1);
+        assert_eq!(Reason::DropSlowpathGlobalLimit as u32, 18);
+        assert_eq!(Reason::PassNatRebindCandidate.verdict(), Verdict::Pass);
+        assert_eq!(Reason::PassNatRebindCandidate.name(), "nat_rebind_candidate");
     }
 }

@@ -1,5 +1,6 @@
 //! Flow lookup and the anti-spoofing check: which rewrite, if any, applies.
 
+use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
 use forwarder_common::{BackendKey, ClientKey, Reason, Rewrite};
 
 use crate::{
@@ -55,6 +56,13 @@ pub fn lookup(packet: &Packet, side: Side) -> Result<*mut Rewrite, Reason> {
 
 /// Only the flow's backend, arriving where the route to it points, may use a
 /// backend entry: anything else would let a forger write to the client.
+///
+/// One exception, for punched (NAT'd) sessions only: their server's NAT may
+/// hand it a new external endpoint mid-session (reboot, conntrack flush), so
+/// a datagram from another source that arrives on the right interface goes
+/// to the daemon, which holds the session key and moves the session only for
+/// a datagram that verifies. The interface check still comes first: nothing
+/// arriving on the client-facing side ever gets this far.
 #[inline(always)]
 pub fn check_source(
     packet: &Packet,
@@ -63,12 +71,15 @@ pub fn check_source(
     ingress_ifindex: u32,
 ) -> Result<(), Reason> {
     if let Side::Backend = side {
+        if rewrite.allowed_ifindex != 0 && rewrite.allowed_ifindex != ingress_ifindex {
+            return Err(Reason::DropSpoofedServer);
+        }
         if packet.ip().src_addr != rewrite.allowed_saddr
             || packet.udp().src != rewrite.allowed_sport
         {
-            return Err(Reason::DropSpoofedServer);
-        }
-        if rewrite.allowed_ifindex != 0 && rewrite.allowed_ifindex != ingress_ifindex {
+            if rewrite.flags & REWRITE_UNKNOWN_SOURCE_TO_DAEMON != 0 {
+                return Err(Reason::PassNatRebindCandidate);
+            }
             return Err(Reason::DropSpoofedServer);
         }
     }

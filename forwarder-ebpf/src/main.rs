@@ -71,7 +71,11 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     // (RCU); the daemon only ever replaces whole entries.
     let rewrite = unsafe { &*entry };
     let ingress_ifindex = ctx.ingress_ifindex() as u32;
-    flow::check_source(&packet, side, rewrite, ingress_ifindex)?;
+    // A rebind candidate spends the session's slow-path tokens like a miss:
+    // a flood of them at Q cannot starve the daemon or other sessions. The
+    // backend half rewrites its source to the session port.
+    flow::check_source(&packet, side, rewrite, ingress_ifindex)
+        .map_err(|reason| slowpath::gate(reason, Some(u16::from_be_bytes(rewrite.new_sport))))?;
     // The stack decrements and sends Time Exceeded, like any router.
     if packet.ip().ttl <= 1 {
         return Err(Reason::PassTtlExpiring);

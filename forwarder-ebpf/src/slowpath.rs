@@ -1,7 +1,7 @@
 //! Rate limit on what the program hands to the daemon: packets that would
-//! pass to a relay port's socket (new flows, route-lookup failures) spend a
-//! token from their session's bucket and from the relay-wide one, or are
-//! dropped once either is empty.
+//! pass to a relay port's socket (new flows, route-lookup failures, NAT
+//! rebind candidates) spend a token from their session's bucket and from
+//! the relay-wide one, or are dropped once either is empty.
 //!
 //! Concurrency: the buckets are shared by all CPUs, and one bucket must hold
 //! for the session whatever CPU its packets land on, so per-CPU buckets (a
@@ -30,7 +30,8 @@ pub fn gate(reason: Reason, session_port: Option<u16>) -> Reason {
         Reason::PassNoFlow
         | Reason::PassFibNoNeigh
         | Reason::PassFibFailed
-        | Reason::PassEgressNotAttached => {}
+        | Reason::PassEgressNotAttached
+        | Reason::PassNatRebindCandidate => {}
         _ => return reason,
     }
     // SAFETY: reads the monotonic clock; no preconditions.

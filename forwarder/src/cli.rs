@@ -357,11 +357,12 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
         if let Some(nat) = &s.nat {
             let _ = writeln!(
                 out,
-                "  behind NAT (punched): upstream port {}, {}, {}; {} packets from unverified client endpoints dropped",
+                "  behind NAT (punched): upstream port {}, {}, {}; {} packets from unverified client endpoints and {} from unverified server endpoints dropped",
                 nat.upstream_port,
                 if nat.bound { "bound" } else { "waiting for the server's bind" },
                 if nat.key_received { "key received" } else { "waiting for the key" },
-                nat.rejected_packets
+                nat.rejected_packets,
+                nat.rejected_server_packets
             );
         }
         for f in &s.flows {
@@ -439,6 +440,13 @@ fn render_stats(stats: &StatsInfo) -> String {
             out,
             "NAT sessions: {} moves to a verified client endpoint, {} packets from unverified endpoints dropped",
             s.nat_client_moves, s.dropped_unverified_client
+        );
+    }
+    if s.nat_server_moves > 0 || s.dropped_unverified_server > 0 {
+        let _ = writeln!(
+            out,
+            "NAT sessions: {} moves to a verified new server endpoint, {} datagrams from unverified server endpoints dropped",
+            s.nat_server_moves, s.dropped_unverified_server
         );
     }
     out

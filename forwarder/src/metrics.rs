@@ -74,6 +74,7 @@ pub fn render(stats: &StatsInfo) -> String {
             (with("reason", "server_wrong_path"), s.dropped_server_wrong_path),
             (with("reason", "client_is_backend"), s.dropped_client_is_backend),
             (with("reason", "unverified_client"), s.dropped_unverified_client),
+            (with("reason", "unverified_server"), s.dropped_unverified_server),
             (with("reason", "no_session"), s.dropped_no_session),
         ],
     );
@@ -82,6 +83,12 @@ pub fn render(stats: &StatsInfo) -> String {
         "forwarder_flows_refused",
         "New flows refused, by limit",
         &[(with("limit", "flows"), s.refused_flow_limit), (with("limit", "rate"), s.refused_rate_limit)],
+    );
+    counter_family(
+        &mut registry,
+        "forwarder_nat_moves",
+        "Punched sessions that followed a verified new endpoint, by side",
+        &[(with("side", "client"), s.nat_client_moves), (with("side", "server"), s.nat_server_moves)],
     );
     counter_family(&mut registry, "forwarder_flows_created", "Flows learned", &[(instance(), s.flows_created)]);
     counter_family(&mut registry, "forwarder_flows_expired", "Flows expired idle", &[(instance(), s.flows_expired)]);

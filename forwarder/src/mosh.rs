@@ -30,6 +30,12 @@ pub enum Rejected {
     WrongDirection,
     #[error("sequence number not newer than one already accepted")]
     Replayed,
+    #[error("its direction bit says client-to-server")]
+    NotFromServer,
+    #[error("the relay has no key for this session yet")]
+    NoKey,
+    #[error("addressed to another relay address than the one the server punched to")]
+    WrongPath,
 }
 
 /// A mosh session key.
@@ -122,6 +128,17 @@ impl ClientFollower {
         Self { key, newest: None }
     }
 
+    /// Picks up where a previous daemon left off: `newest` is the newest
+    /// sequence number it had stored (possibly older than the newest it
+    /// accepted, never newer).
+    pub fn resume(key: MoshKey, newest: Option<u64>) -> Self {
+        Self { key, newest }
+    }
+
+    pub fn key(&self) -> &MoshKey {
+        &self.key
+    }
+
     /// Accepts the datagram (remembering its sequence number) or says why not.
     pub fn accept(&mut self, datagram: &[u8]) -> Result<u64, Rejected> {
         let nonce = self.key.open_nonce(datagram)?;
@@ -143,6 +160,33 @@ impl ClientFollower {
     pub fn newest(&self) -> Option<u64> {
         self.newest
     }
+}
+
+/// The rule for moving a punched session's server endpoint, the mirror of
+/// mosh-client following its server: a datagram from a new endpoint counts
+/// only if it verifies with the session key, goes server to client
+/// (direction bit 1) and is strictly newer than the newest server datagram
+/// the relay has verified (`newest`, the full nonce). Returns its nonce.
+///
+/// `newest` is None when the relay never saw one (the fast path carries
+/// them all): then any verified server datagram counts. A replay of an old
+/// one from elsewhere could move the endpoint, but only until the real
+/// server's next datagram, which is newer and moves it back.
+pub fn accept_server_move(key: &MoshKey, datagram: &[u8], newest: Option<u64>) -> Result<u64, Rejected> {
+    let nonce = key.open_nonce(datagram)?;
+    if nonce & DIRECTION_BIT == 0 {
+        return Err(Rejected::NotFromServer);
+    }
+    if newest.is_some_and(|newest| nonce <= newest) {
+        return Err(Rejected::Replayed);
+    }
+    Ok(nonce)
+}
+
+/// The nonce of a server-to-client datagram that verifies, for tracking
+/// the newest one the relay has seen.
+pub fn verified_server_nonce(key: &MoshKey, datagram: &[u8]) -> Option<u64> {
+    key.open_nonce(datagram).ok().filter(|nonce| nonce & DIRECTION_BIT != 0)
 }
 
 #[cfg(test)]
@@ -224,6 +268,49 @@ mod tests {
             Ok(3),
             "rejections changed nothing"
         );
+    }
+
+    #[test]
+    fn server_moves_need_the_key_direction_and_a_newer_sequence() {
+        let (key, packets) = capture();
+        let server: Vec<&Vec<u8>> = packets.iter().filter(|(c, _)| !c).map(|(_, p)| p).collect();
+        let client = &packets.iter().find(|(c, _)| *c).unwrap().1;
+        assert!(server.len() >= 2, "the capture has server packets");
+        let first = key.open_nonce(server[0]).unwrap();
+        let second = key.open_nonce(server[1]).unwrap();
+        assert!(second > first);
+
+        // Nothing verified yet: any authentic server datagram moves it.
+        assert_eq!(accept_server_move(&key, server[0], None), Ok(first));
+        assert_eq!(verified_server_nonce(&key, server[0]), Some(first));
+        // Newer than the newest verified: moves; the same or older: a replay.
+        assert_eq!(accept_server_move(&key, server[1], Some(first)), Ok(second));
+        assert_eq!(accept_server_move(&key, server[1], Some(second)), Err(Rejected::Replayed));
+        assert_eq!(accept_server_move(&key, server[0], Some(second)), Err(Rejected::Replayed));
+        // A client's datagram, however new, is not the server.
+        assert_eq!(accept_server_move(&key, client, None), Err(Rejected::NotFromServer));
+        assert_eq!(verified_server_nonce(&key, client), None);
+        // Forged: a flipped bit, another key, a sealed-by-us fake under another key.
+        let mut forged = server[1].clone();
+        forged[10] ^= 1;
+        assert_eq!(accept_server_move(&key, &forged, Some(first)), Err(Rejected::BadTag));
+        let other = MoshKey::from_bytes([9; 16]);
+        let fake = other.seal(DIRECTION_BIT | 1_000_000, b"rm -rf");
+        assert_eq!(accept_server_move(&key, &fake, Some(first)), Err(Rejected::BadTag));
+        assert_eq!(accept_server_move(&key, &server[1][..10], None), Err(Rejected::TooShort));
+        // Sealed with the real key (only the server can): accepted.
+        let genuine = key.seal(second + 5, b"screen");
+        assert_eq!(accept_server_move(&key, &genuine, Some(second)), Ok(second + 5));
+    }
+
+    #[test]
+    fn a_resumed_follower_keeps_the_stored_sequence() {
+        let (key, packets) = capture();
+        let client: Vec<&Vec<u8>> = packets.iter().filter(|(c, _)| *c).map(|(_, p)| p).collect();
+        let mut follower = ClientFollower::resume(key, Some(2));
+        assert_eq!(follower.accept(client[1]), Err(Rejected::Replayed));
+        assert_eq!(follower.accept(client[2]), Err(Rejected::Replayed));
+        assert_eq!(follower.accept(client[3]), Ok(3));
     }
 
     #[test]

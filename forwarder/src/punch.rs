@@ -171,6 +171,12 @@ impl Secret {
         Self::new(trimmed).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))
     }
 
+    /// The key that seals punched sessions' mosh keys in the session store
+    /// (derived from this secret, independent of the handshake's HMAC key).
+    pub fn key_sealer(&self) -> crate::store::KeySealer {
+        crate::store::KeySealer::derive(&self.0)
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
     }

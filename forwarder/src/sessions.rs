@@ -100,6 +100,8 @@ impl Session {
             route_source: self.route.source,
             route_ifindex: self.route.ifindex,
             idle_timeout_secs: self.idle_timeout.as_secs(),
+            // Punched sessions add theirs (sessions/nat.rs, key sealed).
+            nat: None,
         }
     }
 }

@@ -5,13 +5,27 @@
 //!
 //! Flows are not stored: the pinned flow maps are their record (see
 //! `sessions::restore`), which avoids a second copy that could disagree.
+//!
+//! Punched (NAT'd) sessions are stored with their NAT state, because after a
+//! restart nobody punches again (the wrapper on the server has exited). The
+//! one secret in there, the mosh session key, is sealed with
+//! XChaCha20-Poly1305 under a key derived (HKDF-SHA256) from the punch
+//! secret, which is already a root-only file on the relay: the store file
+//! alone gives no key away, and a relay started without that secret cannot
+//! use such a record (it drops it and says why). The record's session id and
+//! ports are the AEAD's associated data, so a sealed key copied into another
+//! record does not open.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 
 /// Client-facing port → JSON of [`SessionRecord`]. JSON so a later version can
 /// add fields with defaults without migrating the file.
@@ -28,6 +42,125 @@ pub struct SessionRecord {
     pub route_source: Ipv4Addr,
     pub route_ifindex: u32,
     pub idle_timeout_secs: u64,
+    /// Set for a punched session (absent in files written before they were stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<NatRecord>,
+}
+
+/// The NAT half of a punched session: what the restarted daemon needs to
+/// rebuild it and re-adopt the pinned backend half. The session's `backend`
+/// is the server's external endpoint (as Bind saw it, or the newest one a
+/// verified datagram moved it to).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatRecord {
+    /// The one backend-facing port Q.
+    pub upstream_port: u16,
+    /// Counter slot of the backend half (part of the pinned entry).
+    pub slot: u32,
+    /// Authenticates Bind and Key for this session.
+    pub token: [u8; 16],
+    /// Where the Allocate came from (a repeated Allocate gets this session).
+    pub punch_source: SocketAddrV4,
+    #[serde(default)]
+    pub bound: bool,
+    /// The mosh session key, sealed; None until the wrapper handed it over.
+    #[serde(default)]
+    pub sealed_key: Option<SealedKey>,
+    /// The client endpoint the server's packets go to, and the relay
+    /// address it uses.
+    #[serde(default)]
+    pub client: Option<(SocketAddrV4, Ipv4Addr)>,
+    /// Newest client-to-server sequence number accepted when last written:
+    /// a restarted relay resumes mosh's "newer than any before" rule from it.
+    #[serde(default)]
+    pub newest_client_seq: Option<u64>,
+    /// Newest server-to-client sequence number verified when last written:
+    /// a datagram that moves the server's endpoint must be newer.
+    #[serde(default)]
+    pub newest_server_seq: Option<u64>,
+}
+
+/// A mosh session key sealed with XChaCha20-Poly1305: a random nonce per
+/// seal, the ciphertext with its 16-byte tag.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedKey {
+    pub nonce: [u8; 24],
+    pub ciphertext: Vec<u8>,
+}
+
+/// What a sealed key is bound to: the record it belongs in.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyBinding<'a> {
+    pub session_id: &'a str,
+    pub port: u16,
+    pub upstream_port: u16,
+}
+
+impl KeyBinding<'_> {
+    fn associated_data(&self) -> Vec<u8> {
+        let mut data = b"forwarder nat session key v1\0".to_vec();
+        data.extend_from_slice(self.session_id.as_bytes());
+        data.push(0);
+        data.extend_from_slice(&self.port.to_be_bytes());
+        data.extend_from_slice(&self.upstream_port.to_be_bytes());
+        data
+    }
+}
+
+/// Seals and opens session keys for the store, under a key derived from
+/// the punch secret. HKDF with a purpose label keeps this key independent
+/// of the HMAC key the handshake uses, though both come from one secret.
+pub struct KeySealer {
+    cipher: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for KeySealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeySealer(..)")
+    }
+}
+
+const SEAL_SALT: &[u8] = b"forwarder session store";
+const SEAL_INFO: &[u8] = b"mosh session key sealing v1";
+
+impl KeySealer {
+    /// Derives the sealing key from the punch secret's bytes.
+    pub fn derive(secret: &[u8]) -> Self {
+        let mut key = [0u8; 32];
+        Hkdf::<Sha256>::new(Some(SEAL_SALT), secret)
+            .expand(SEAL_INFO, &mut key)
+            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        let cipher = XChaCha20Poly1305::new(&key.into());
+        key.fill(0);
+        Self { cipher }
+    }
+
+    pub fn seal(&self, key: &[u8; 16], binding: KeyBinding<'_>) -> SealedKey {
+        let nonce: [u8; 24] = rand::random();
+        let aad = binding.associated_data();
+        let ciphertext = self
+            .cipher
+            .encrypt(XNonce::from_slice(&nonce), Payload { msg: key, aad: &aad })
+            .expect("XChaCha20-Poly1305 seals 16 bytes");
+        SealedKey { nonce, ciphertext }
+    }
+
+    /// The key, or an error if it was sealed under another secret or for another record.
+    pub fn open(&self, sealed: &SealedKey, binding: KeyBinding<'_>) -> anyhow::Result<[u8; 16]> {
+        let aad = binding.associated_data();
+        let Ok(mut plain) = self
+            .cipher
+            .decrypt(XNonce::from_slice(&sealed.nonce), Payload { msg: &sealed.ciphertext, aad: &aad })
+        else {
+            bail!(
+                "its sealed session key does not open: the punch secret differs from the one it was stored under \
+                 (start with the previous --punch-secret-file), or the record was altered"
+            );
+        };
+        let key: Result<[u8; 16], _> = plain.as_slice().try_into();
+        plain.fill(0);
+        key.map_err(|_| anyhow::anyhow!("its sealed session key is not 16 bytes: the record was altered"))
+    }
 }
 
 /// The default folder of an instance's state.
@@ -38,6 +171,9 @@ pub fn default_state_dir(instance: &str) -> PathBuf {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    /// Present when the punch handshake is configured: punched sessions
+    /// can then be stored and restored.
+    sealer: Option<KeySealer>,
 }
 
 impl Store {
@@ -57,11 +193,20 @@ impl Store {
         let write = db.begin_write()?;
         write.open_table(SESSIONS)?;
         write.commit()?;
-        Ok(Self { db, path })
+        Ok(Self { db, path, sealer: None })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Lets the store keep punched sessions (their keys sealed with `sealer`).
+    pub fn set_key_sealer(&mut self, sealer: KeySealer) {
+        self.sealer = Some(sealer);
+    }
+
+    pub fn key_sealer(&self) -> Option<&KeySealer> {
+        self.sealer.as_ref()
     }
 
     /// Every stored session, by port. Rows that no longer parse are reported
@@ -110,6 +255,76 @@ mod tests {
             route_source: "10.0.2.1".parse().unwrap(),
             route_ifindex: 3,
             idle_timeout_secs: 600,
+            nat: None,
+        }
+    }
+
+    fn binding(record: &SessionRecord) -> KeyBinding<'_> {
+        KeyBinding { session_id: &record.id, port: record.port, upstream_port: 61000 }
+    }
+
+    #[test]
+    fn sealed_keys_round_trip_and_open_only_with_their_secret_and_record() {
+        let sealer = KeySealer::derive(b"0123456789abcdef0123456789abcdef");
+        let key = [0x5a; 16];
+        let a = record(60000);
+        let sealed = sealer.seal(&key, binding(&a));
+        assert_eq!(sealed.ciphertext.len(), 32, "16 bytes of key and a 16-byte tag");
+        assert_ne!(&sealed.ciphertext[..16], &key, "the key is not stored in clear");
+        assert_eq!(sealer.open(&sealed, binding(&a)).unwrap(), key);
+        // A fresh nonce every time: sealing the same key twice differs.
+        assert_ne!(sealer.seal(&key, binding(&a)), sealed);
+
+        let wrong_secret = KeySealer::derive(b"another-secret-another-secret-00");
+        let error = wrong_secret.open(&sealed, binding(&a)).unwrap_err().to_string();
+        assert!(error.contains("punch secret differs"), "{error}");
+
+        // Moved into another record (other id, port or upstream port): refused.
+        let b = record(60001);
+        assert!(sealer.open(&sealed, binding(&b)).is_err(), "moved to another session");
+        let other_q = KeyBinding { upstream_port: 61001, ..binding(&a) };
+        assert!(sealer.open(&sealed, other_q).is_err(), "moved to another upstream port");
+        let mut tampered = sealed.clone();
+        tampered.ciphertext[3] ^= 1;
+        assert!(sealer.open(&tampered, binding(&a)).is_err(), "altered");
+    }
+
+    #[test]
+    fn punched_sessions_are_stored_and_old_rows_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = KeySealer::derive(b"0123456789abcdef0123456789abcdef");
+        let mut punched = record(60002);
+        punched.nat = Some(NatRecord {
+            upstream_port: 61000,
+            slot: 4,
+            token: [7; 16],
+            punch_source: "10.77.2.2:40000".parse().unwrap(),
+            bound: true,
+            sealed_key: Some(sealer.seal(&[1; 16], binding(&punched))),
+            client: Some(("10.77.1.2:50000".parse().unwrap(), "10.77.1.1".parse().unwrap())),
+            newest_client_seq: Some(41),
+            newest_server_seq: Some((1 << 63) | 17),
+        });
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put(&punched).unwrap();
+            // A row as an older version wrote it: no `nat` field at all.
+            let old = br#"{"id":"0000ea61","port":60001,"backend":"10.0.2.2:60001","route_source":"10.0.2.1","route_ifindex":3,"idle_timeout_secs":600}"#;
+            let write = store.db.begin_write().unwrap();
+            write.open_table(SESSIONS).unwrap().insert(60001, old.as_slice()).unwrap();
+            write.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut old = record(60001);
+        old.id = "0000ea61".into();
+        assert_eq!(store.sessions().unwrap(), vec![old, punched.clone()]);
+        let stored = store.sessions().unwrap().pop().unwrap();
+        let sealed = stored.nat.unwrap().sealed_key.unwrap();
+        assert_eq!(sealer.open(&sealed, binding(&punched)).unwrap(), [1; 16]);
+        let file = std::fs::read(store.path()).unwrap();
+        assert!(file.windows(11).any(|w| w == b"\"token\":[7,"), "the row is in the file as JSON");
+        for clear in [&[1u8; 16][..], b"[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]"] {
+            assert!(!file.windows(clear.len()).any(|w| w == clear), "the key is in the file in clear");
         }
     }
 

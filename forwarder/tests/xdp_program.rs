@@ -558,6 +558,42 @@ fn backend_half_on_wrong_interface_is_spoofed() {
     relay.expect(&backend_packet(), None, Reason::DropSpoofedServer, XDP_DROP);
 }
 
+/// A punched session's backend half: a source mismatch on the allowed
+/// interface goes to the daemon (which verifies it with the session key),
+/// rate limited by the session's slow-path bucket; on another interface it
+/// is still dropped; the real server is still forwarded.
+#[test]
+fn nat_backend_half_hands_unknown_sources_to_the_daemon() {
+    let mut relay = Relay::load();
+    let from = endpoints((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT));
+    let to = endpoints((RELAY_FRONT, SESSION_PORT), (CLIENT, CLIENT_PORT));
+    let mut rewrite = Rewrite::new(from, to, 1);
+    rewrite.allowed_saddr = BACKEND;
+    rewrite.allowed_sport = BACKEND_PORT.to_be_bytes();
+    // Without ctx_in the program sees loopback (ifindex 1) as ingress.
+    rewrite.allowed_ifindex = 1;
+    rewrite.flags = forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+    relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
+    {
+        let mut map: HashMap<_, u16, SlowpathBucket> = HashMap::try_from(
+            relay.ebpf.map_mut("SLOWPATH_SESSION_BUCKETS").expect("SLOWPATH_SESSION_BUCKETS map"),
+        )
+        .unwrap();
+        map.insert(SESSION_PORT, SlowpathBucket::per_second(2), 0).unwrap();
+    }
+    let moved = udp_frame(([10, 0, 2, 66], BACKEND_PORT + 7), (RELAY_BACK, FLOW_PORT), PAYLOAD);
+    let run = relay.expect(&moved, None, Reason::PassNatRebindCandidate, XDP_PASS);
+    assert_eq!(run.out, moved, "a rebind candidate reaches the stack untouched");
+    relay.expect(&moved, None, Reason::PassNatRebindCandidate, XDP_PASS);
+    // The session's bucket (2 per second) is spent: the rest are dropped.
+    relay.expect(&moved, None, Reason::DropSlowpathSessionLimit, XDP_DROP);
+
+    // The same flag on another interface does not open the entry.
+    rewrite.allowed_ifindex = 999;
+    relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
+    relay.expect(&moved, None, Reason::DropSpoofedServer, XDP_DROP);
+}
+
 #[test]
 fn counts_bytes_of_the_whole_frame() {
     let relay = Relay::load();

@@ -14,6 +14,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("mosh-client", "mosh"),
     ("mosh", "mosh"),
     ("nft", "nftables"),
+    ("conntrack", "conntrack"),
     ("tcpdump", "tcpdump"),
     ("sshd", "openssh-server"),
     ("ssh", "openssh-client"),

@@ -77,6 +77,9 @@ pub struct NatInfo {
     pub bound: bool,
     pub key_received: bool,
     pub rejected_packets: u64,
+    /// Datagrams from unknown server endpoints that did not verify.
+    #[serde(default)]
+    pub rejected_server_packets: u64,
 }
 
 /// One flow in `forwarder list --json`.
@@ -220,6 +223,11 @@ impl Relay {
         self.wait_ready()
             .with_context(|| format!("the restarted daemon did not become ready; its log:\n{}", self.log()))?;
         Ok(started.elapsed())
+    }
+
+    /// The daemon's command line, e.g. to start it again with other options.
+    pub fn command(&self) -> &[String] {
+        &self.command
     }
 
     /// The session store's folder.

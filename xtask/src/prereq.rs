@@ -11,6 +11,8 @@ const APT_PACKAGES: &[&str] = &[
     "mosh",
     "iproute2",
     "nftables",
+    // `conntrack -F`: the NAT rebind test flushes the NAT box's mappings.
+    "conntrack",
     "ethtool",
     "tmux",
     "tcpdump",

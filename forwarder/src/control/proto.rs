@@ -61,6 +61,10 @@ pub struct NatInfo {
     pub key_received: bool,
     /// Packets from other client endpoints that failed mosh's rule and were dropped.
     pub rejected_packets: u64,
+    /// Datagrams from unknown server endpoints (a NAT rebind, or a forger)
+    /// that did not verify as newer server datagrams and were dropped.
+    #[serde(default)]
+    pub rejected_server_packets: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -162,6 +166,14 @@ pub struct SlowPathStats {
     /// or one of the relay's own addresses (reflections, loops).
     #[serde(default)]
     pub dropped_client_is_backend: u64,
+    /// NAT sessions: datagrams from an unknown server endpoint that failed
+    /// the rule (tag, direction server-to-client, newer sequence number) and were dropped.
+    #[serde(default)]
+    pub dropped_unverified_server: u64,
+    /// NAT sessions: times the server's NAT gave it a new endpoint and a
+    /// verified datagram moved the session there.
+    #[serde(default)]
+    pub nat_server_moves: u64,
 }
 
 #[cfg(test)]

@@ -120,7 +120,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     })?;
     // Before the restore below, which gives every restored session its bucket.
     datapath.limit_slowpath(options.slowpath_pps_per_session, options.slowpath_pps)?;
-    let store = Store::open(&options.state_dir)?;
+    let mut store = Store::open(&options.state_dir)?;
+    // Punched sessions are stored with their key sealed under the punch secret.
+    if let Some(punch) = &options.punch {
+        store.set_key_sealer(punch.secret.key_sealer());
+    }
     let records = store.sessions()?;
     let relay_addresses = interface_addresses(&options.interfaces);
     let mode = datapath.mode();
@@ -139,6 +143,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         relay.restore(records)
     };
     let (sessions, flows) = (restored.session_sockets.len(), restored.flow_sockets.len());
+    let nat_upstreams = restored.nat_upstream_sockets;
     for socket in restored.session_sockets {
         spawn_session_reader(relay.clone(), socket);
     }
@@ -173,7 +178,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let server = tokio::spawn(control::server::serve(listener, relay.clone()));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
     let punch_tasks = match options.punch.clone() {
-        Some(punch) => punch::start(relay.clone(), punch)?,
+        Some(punch) => punch::start(relay.clone(), punch, nat_upstreams)?,
         None => Vec::new(),
     };
 

@@ -29,11 +29,19 @@ pub struct PunchOptions {
 
 type SharedAuthority = Arc<Mutex<Authority>>;
 
-/// Binds the punch port and starts the handshake and keepalive tasks.
-pub fn start(relay: SharedRelay, options: PunchOptions) -> anyhow::Result<Vec<JoinHandle<()>>> {
+/// Binds the punch port and starts the handshake and keepalive tasks, and
+/// readers on the upstream sockets of punched sessions a restart restored.
+pub fn start(
+    relay: SharedRelay,
+    options: PunchOptions,
+    restored_upstreams: Vec<Arc<RelaySocket>>,
+) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let socket = Arc::new(RelaySocket::bind(Ipv4Addr::UNSPECIFIED, options.port)?);
     let authority: SharedAuthority = Arc::new(Mutex::new(Authority::new(options.secret.clone())));
     info!(port = options.port, public_addr = ?options.public_addr, keepalive = ?options.keepalive, "punch handshake enabled");
+    for upstream in restored_upstreams {
+        spawn_upstream_reader(relay.clone(), authority.clone(), upstream);
+    }
     let serve = tokio::spawn(serve(relay.clone(), authority, socket, options.public_addr));
     let keepalive = tokio::spawn(keepalive_forever(relay, options.keepalive));
     Ok(vec![serve, keepalive])
@@ -218,7 +226,7 @@ fn spawn_upstream_reader(relay: SharedRelay, authority: SharedAuthority, socket:
                     let (session_socket, client, relay_addr) = relay
                         .lock()
                         .expect("relay lock")
-                        .on_nat_server_packet(socket.port, received, datagram.len())?;
+                        .on_nat_server_packet(socket.port, received, datagram)?;
                     Some(Outgoing {
                         socket: session_socket,
                         to: client,
@@ -294,10 +302,13 @@ async fn keepalive_forever(relay: SharedRelay, interval: Duration) {
     let mut tick = tokio::time::interval((interval / 4).max(Duration::from_millis(250)));
     loop {
         tick.tick().await;
-        let due = relay
-            .lock()
-            .expect("relay lock")
-            .nat_keepalives_due(interval);
+        let due = {
+            let mut relay = relay.lock().expect("relay lock");
+            // The same tick writes punched sessions' newest sequence
+            // numbers to the store (rate limited there).
+            relay.store_nat_progress();
+            relay.nat_keepalives_due(interval)
+        };
         for (socket, server) in due {
             if let Err(error) = socket.send(KEEPALIVE, server, None) {
                 debug!(%error, %server, "sending a NAT keepalive");

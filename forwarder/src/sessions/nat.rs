@@ -18,12 +18,30 @@
 //! sent, so a replay of any packet it captured, sent from elsewhere, cannot
 //! move the session. Unverified packets are dropped: they never reach the
 //! server nor move the server's replies.
+//!
+//! The server's endpoint can move too: when its NAT forgets the mapping
+//! (reboot, conntrack flush) its next datagrams reach Q from a new external
+//! port. The backend half carries `REWRITE_UNKNOWN_SOURCE_TO_DAEMON`, so the
+//! XDP program hands such datagrams to the daemon (rate limited by the
+//! session's slow-path bucket) instead of dropping them, and the daemon
+//! moves the session's server endpoint only for one that verifies with the
+//! session key, goes server to client and is newer than every server
+//! datagram it verified before (`mosh::accept_server_move`).
+//!
+//! Punched sessions are stored (see `store.rs`, the key sealed under the
+//! punch secret) on every change that matters: allocation, Bind, the key,
+//! a client or server move; the newest sequence numbers are written at
+//! most every [`PROGRESS_WRITE_INTERVAL`].
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use std::collections::HashMap;
+
+use anyhow::{Context, bail};
+use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+use forwarder_common::{BackendKey, Rewrite};
 use tracing::{debug, info, warn};
 
 use super::{ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns};
@@ -31,12 +49,19 @@ use crate::control::proto::{FlowInfo, NatInfo};
 use crate::datapath::socket::{Received, RelaySocket};
 use crate::datapath::Datapath;
 use crate::datapath::xdp::{BackendRoute, FlowEntries};
-use crate::mosh::{ClientFollower, MoshKey, Rejected};
+use crate::mosh::{self, ClientFollower, MoshKey, Rejected};
 use crate::punch::Token;
+use crate::store::{KeyBinding, NatRecord};
 
 /// A handshake must reach the key within this long, or the session goes
 /// (mosh-server itself exits 60 s after starting without a client).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often the newest sequence numbers of a busy punched session are
+/// written to the store. A restart resumes from the stored ones: older by
+/// at most this much traffic, which only widens the window in which a
+/// replayed datagram could move the session, never refuses a real one.
+pub const PROGRESS_WRITE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The NAT half of a session.
 pub struct NatState {
@@ -58,6 +83,13 @@ pub struct NatState {
     slow_to_server: (u64, u64),
     slow_to_client: (u64, u64),
     pub rejected_packets: u64,
+    /// Datagrams from unknown server endpoints that failed the rule and were dropped.
+    pub rejected_server_packets: u64,
+    /// Newest server-to-client nonce the daemon verified (direction bit set).
+    newest_server_seq: Option<u64>,
+    /// Sequence numbers as last written to the store, and when.
+    stored_seqs: (Option<u64>, Option<u64>),
+    stored_ns: u64,
 }
 
 /// The client endpoint the server's packets currently go to.
@@ -84,8 +116,29 @@ impl NatState {
             bound: self.bound,
             key_received: self.follower.is_some(),
             rejected_packets: self.rejected_packets,
+            rejected_server_packets: self.rejected_server_packets,
         }
     }
+
+    fn seqs(&self) -> (Option<u64>, Option<u64>) {
+        (self.follower.as_ref().and_then(ClientFollower::newest), self.newest_server_seq)
+    }
+}
+
+/// The map entries of a punched session's one flow: only the backend half
+/// is installed, and it hands unknown sources to the daemon.
+fn nat_entries(
+    relay_addr: Ipv4Addr,
+    session_port: u16,
+    client: SocketAddrV4,
+    route: BackendRoute,
+    upstream_port: u16,
+    backend: SocketAddrV4,
+    slot: u32,
+) -> FlowEntries {
+    let mut entries = flow_entries(relay_addr, session_port, client, route, upstream_port, backend, slot);
+    entries.backend_rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+    entries
 }
 
 fn nat_of(session: &Session) -> Option<&NatState> {
@@ -141,13 +194,6 @@ impl Relay {
                 return Err(error);
             }
         };
-        // A punched session lives as long as the daemon: its key never goes
-        // to disk, and after a restart the server side punches again.
-        if let Some(store) = &self.store
-            && let Err(error) = store.delete(info.port)
-        {
-            warn!(port = info.port, error = format!("{error:#}"), "keeping a punched session out of the store");
-        }
         let token: Token = rand::random();
         let now = monotonic_ns();
         let session = self.sessions.get_mut(&info.port).expect("just added");
@@ -167,8 +213,21 @@ impl Relay {
             slow_to_server: (0, 0),
             slow_to_client: (0, 0),
             rejected_packets: 0,
+            rejected_server_packets: 0,
+            newest_server_seq: None,
+            stored_seqs: (None, None),
+            stored_ns: 0,
         }));
         info!(session = %info.id, port = info.port, upstream_port, %punch_source, "NAT session allocated");
+        // add_session stored it as an ordinary session: now with its NAT
+        // half, or not at all (a restart must not find an ordinary session
+        // pointing at the server's punch source).
+        if !self.persist_nat(info.port)
+            && let Some(store) = &self.store
+            && let Err(error) = store.delete(info.port)
+        {
+            warn!(port = info.port, error = format!("{error:#}"), "removing a punched session's incomplete row from the store");
+        }
         Ok(Allocation {
             client_port: info.port,
             upstream_port,
@@ -210,6 +269,7 @@ impl Relay {
                 );
             }
         }
+        self.persist_nat(port);
         Some(port)
     }
 
@@ -232,6 +292,7 @@ impl Relay {
         {
             nat.follower = Some(ClientFollower::new(key));
             info!(session = %session.id, port = client_port, "NAT session has its key: clients may connect");
+            self.persist_nat(client_port);
         }
         true
     }
@@ -318,7 +379,7 @@ impl Relay {
             .get_mut(&session_port)
             .expect("caller found it");
         let nat = session.nat.as_deref_mut().expect("caller checked");
-        let entries = flow_entries(
+        let entries = nat_entries(
             relay_addr,
             session_port,
             client,
@@ -337,28 +398,86 @@ impl Relay {
         nat.slow_to_server = (0, 0);
         nat.slow_to_client = (0, 0);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port = nat.upstream_port, "NAT session follows its client");
-        self.datapath.install_backend_half(&entries)
+        let installed = self.datapath.install_backend_half(&entries);
+        self.persist_nat(session_port);
+        installed
     }
 
     /// A packet reached a NAT session's Q socket that is not a handshake
-    /// message: forward it to the current client if it comes from the server.
+    /// message: forward it to the current client if it comes from the
+    /// server. From another endpoint it may be the server whose NAT moved
+    /// it: then it must pass [`mosh::accept_server_move`], and the session
+    /// follows it (keepalives, client packets and the backend half).
     pub fn on_nat_server_packet(
         &mut self,
         upstream_port: u16,
         received: &Received,
-        len: usize,
+        datagram: &[u8],
     ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
         let port = self.nat_port_by_upstream(upstream_port)?;
         let session = self.sessions.get_mut(&port)?;
-        if !admit_from_server(&mut self.stats, received, session.backend, session.route) {
-            return None;
-        }
+        let (from, to) = (received.from, received.to);
         let nat = session.nat.as_deref_mut()?;
         let now = monotonic_ns();
+        let wrong_interface = session.route.ifindex != 0 && received.ifindex != session.route.ifindex;
+        if from == session.backend {
+            // The server's endpoint at another relay address or through
+            // another interface came in some other way (a forger on the
+            // client's side): the rule every path applies.
+            if !admit_from_server(&mut self.stats, received, session.backend, session.route) {
+                return None;
+            }
+            // Every server datagram the daemon sees raises the bar a moved
+            // endpoint's first datagram must clear.
+            if let Some(nonce) = nat.follower.as_ref().and_then(|f| mosh::verified_server_nonce(f.key(), datagram)) {
+                nat.newest_server_seq = nat.newest_server_seq.max(Some(nonce));
+            }
+        } else {
+            // Only to the address the server punched towards: what reaches Q
+            // at another relay address never came through the server's path.
+            let verdict = match (&nat.follower, nat.bound) {
+                _ if to != session.route.source || wrong_interface => Err(Rejected::WrongPath),
+                (Some(follower), true) => mosh::accept_server_move(follower.key(), datagram, nat.newest_server_seq),
+                _ => Err(Rejected::NoKey),
+            };
+            let nonce = match verdict {
+                Ok(nonce) => nonce,
+                Err(reason) => {
+                    nat.rejected_server_packets += 1;
+                    self.stats.dropped_unverified_server += 1;
+                    debug!(session = %session.id, %from, %reason, "datagram from an unknown server endpoint refused");
+                    return None;
+                }
+            };
+            info!(
+                session = %session.id,
+                previous = %session.backend,
+                backend = %from,
+                "NAT session's server moved: its NAT gave it a new endpoint (verified with the session key)"
+            );
+            nat.newest_server_seq = Some(nonce);
+            session.backend = from;
+            self.stats.nat_server_moves += 1;
+            let current = nat.current.as_ref().map(|c| (c.client, c.relay_addr));
+            match current {
+                // Re-installs the backend half with the new allowed source
+                // (same key: it replaces the old one), and stores the session.
+                Some((client, relay_addr)) => {
+                    if let Err(error) = self.nat_move(port, client, relay_addr) {
+                        warn!(error = format!("{error:#}"), "re-installing a NAT session whose server moved");
+                    }
+                }
+                None => {
+                    self.persist_nat(port);
+                }
+            }
+        }
+        let session = self.sessions.get_mut(&port)?;
+        let nat = session.nat.as_deref_mut()?;
         nat.last_from_server_ns = now;
         let current = nat.current.as_ref()?;
         nat.slow_to_client.0 += 1;
-        nat.slow_to_client.1 += len as u64;
+        nat.slow_to_client.1 += datagram.len() as u64;
         session.last_active_ns = now;
         self.stats.forwarded_to_client += 1;
         Some((session.socket.clone(), current.client, current.relay_addr))
@@ -450,5 +569,168 @@ impl Relay {
             server_current: true,
             answered: true,
         })
+    }
+}
+
+/// What restoring a punched session brought back.
+pub(super) struct RestoredNat {
+    pub upstream: Arc<RelaySocket>,
+    /// The pinned backend half it adopted or re-installed.
+    pub backend_key: Option<BackendKey>,
+}
+
+impl Relay {
+    /// Writes a punched session to the store (its key sealed); says whether
+    /// it did. Failures are logged: the session keeps working, it just might
+    /// not survive a restart.
+    pub(super) fn persist_nat(&mut self, port: u16) -> bool {
+        let Some(store) = &self.store else { return false };
+        let Some(session) = self.sessions.get_mut(&port) else { return false };
+        let mut record = session.record();
+        let Some(nat) = session.nat.as_deref_mut() else { return false };
+        let Some(sealer) = store.key_sealer() else {
+            // Only a relay with the punch handshake makes punched sessions,
+            // and it always has a sealer; keep nothing unsealed regardless.
+            warn!(session = %session.id, "not storing a punched session: no punch secret to seal its key with");
+            return false;
+        };
+        let binding = KeyBinding { session_id: &session.id, port, upstream_port: nat.upstream_port };
+        let seqs = nat.seqs();
+        record.nat = Some(NatRecord {
+            upstream_port: nat.upstream_port,
+            slot: nat.slot,
+            token: nat.token,
+            punch_source: nat.punch_source,
+            bound: nat.bound,
+            sealed_key: nat.follower.as_ref().map(|f| sealer.seal(&f.key_bytes(), binding)),
+            client: nat.current.as_ref().map(|c| (c.client, c.relay_addr)),
+            newest_client_seq: seqs.0,
+            newest_server_seq: seqs.1,
+        });
+        match store.put(&record) {
+            Ok(()) => {
+                nat.stored_seqs = seqs;
+                nat.stored_ns = monotonic_ns();
+                true
+            }
+            Err(error) => {
+                warn!(
+                    session = %session.id,
+                    error = format!("{error:#}"),
+                    "storing a punched session failed: it works, but would not survive a restart"
+                );
+                false
+            }
+        }
+    }
+
+    /// Stores punched sessions whose newest sequence numbers moved since
+    /// they were last written, at most once per [`PROGRESS_WRITE_INTERVAL`].
+    pub fn store_nat_progress(&mut self) {
+        let now = monotonic_ns();
+        let due: Vec<u16> = self
+            .sessions
+            .values()
+            .filter(|s| {
+                nat_of(s).is_some_and(|n| {
+                    n.seqs() != n.stored_seqs
+                        && now.saturating_sub(n.stored_ns) >= PROGRESS_WRITE_INTERVAL.as_nanos() as u64
+                })
+            })
+            .map(|s| s.port)
+            .collect();
+        for port in due {
+            self.persist_nat(port);
+        }
+    }
+
+    /// Rebuilds a stored punched session's NAT half (the session itself is
+    /// built, not yet inserted): unseals its key, takes its port Q and
+    /// counter slot back, and adopts the pinned backend half (or installs
+    /// it again if it is missing or differs).
+    pub(super) fn restore_nat(
+        &mut self,
+        session: &mut Session,
+        record: &NatRecord,
+        backend_halves: &HashMap<BackendKey, Rewrite>,
+        now: u64,
+    ) -> anyhow::Result<RestoredNat> {
+        let Some(store) = &self.store else {
+            bail!("no session store");
+        };
+        let Some(sealer) = store.key_sealer() else {
+            bail!(
+                "it is a punched session, and the punch handshake is not configured: its session key is sealed \
+                 under the punch secret, so start the relay with the same --punch-port and --punch-secret-file \
+                 to keep such sessions across restarts"
+            );
+        };
+        let binding = KeyBinding { session_id: &session.id, port: session.port, upstream_port: record.upstream_port };
+        let follower = match &record.sealed_key {
+            Some(sealed) => Some(ClientFollower::resume(
+                MoshKey::from_bytes(sealer.open(sealed, binding)?),
+                record.newest_client_seq,
+            )),
+            None => None,
+        };
+        let slot = record.slot;
+        if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
+            bail!("its counter slot {slot} is out of range or used twice");
+        }
+        self.flow_ports.take(record.upstream_port).context("taking its upstream port back")?;
+        let upstream = match RelaySocket::bind(session.route.source, record.upstream_port) {
+            Ok(socket) => Arc::new(socket),
+            Err(error) => {
+                self.flow_ports.release(record.upstream_port);
+                return Err(error);
+            }
+        };
+        self.free_slots.retain(|&free| free != slot);
+        let mut backend_key = None;
+        let current = record.client.map(|(client, relay_addr)| {
+            let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend, slot);
+            let adopted = backend_halves
+                .get(&entries.backend_key)
+                .is_some_and(|found| super::restore::same_rewrite(&entries.backend_rewrite, found));
+            if !adopted {
+                // Missing (userspace datapath, a detach) or from an older
+                // layout: install what the record says.
+                if let Err(error) = self.datapath.install_backend_half(&entries) {
+                    warn!(session = %session.id, error = format!("{error:#}"), "re-installing a restored NAT session's backend half");
+                }
+            }
+            backend_key = Some(entries.backend_key);
+            if adopted {
+                info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; pinned backend half adopted");
+            } else {
+                info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; backend half installed again");
+            }
+            NatClient { client, relay_addr, entries, since_ns: now }
+        });
+        let seqs = (follower.as_ref().and_then(ClientFollower::newest), record.newest_server_seq);
+        session.nat = Some(Box::new(NatState {
+            upstream_port: record.upstream_port,
+            upstream: upstream.clone(),
+            token: record.token,
+            punch_source: record.punch_source,
+            bound: record.bound,
+            follower,
+            current,
+            slot,
+            created_ns: now,
+            // Keepalives resume one interval from now; the server's
+            // traffic in the fast path counts as before.
+            last_from_server_ns: now,
+            last_from_client_ns: now,
+            last_keepalive_ns: 0,
+            slow_to_server: (0, 0),
+            slow_to_client: (0, 0),
+            rejected_packets: 0,
+            rejected_server_packets: 0,
+            newest_server_seq: record.newest_server_seq,
+            stored_seqs: seqs,
+            stored_ns: now,
+        }));
+        Ok(RestoredNat { upstream, backend_key })
     }
 }

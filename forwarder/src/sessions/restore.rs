@@ -3,6 +3,11 @@
 //! complete (row, client-facing socket) or absent; every flow complete (both
 //! map halves consistent with its session, socket on Q, slot and port taken)
 //! or absent. Nothing half-made survives a start.
+//!
+//! A punched (NAT'd) session comes back from its stored NAT half: its key
+//! unsealed with the punch secret, its one port Q and counter slot taken
+//! back, and its pinned backend half adopted (re-installed if missing or
+//! different). Without the punch secret such a session is dropped.
 
 use std::collections::HashSet;
 
@@ -13,11 +18,13 @@ use super::*;
 pub struct Restored {
     pub session_sockets: Vec<Arc<RelaySocket>>,
     pub flow_sockets: Vec<Arc<RelaySocket>>,
+    /// Punched sessions' backend-facing sockets (read by the punch service).
+    pub nat_upstream_sockets: Vec<Arc<RelaySocket>>,
     pub dropped_sessions: usize,
     pub dropped_halves: usize,
 }
 
-fn same_rewrite(expected: &Rewrite, found: &Rewrite) -> bool {
+pub(super) fn same_rewrite(expected: &Rewrite, found: &Rewrite) -> bool {
     // The XDP program writes last_seen; everything else is ours.
     Rewrite { last_seen_ns: 0, ..*found } == *expected
 }
@@ -28,9 +35,17 @@ impl Relay {
     pub fn restore(&mut self, records: Vec<SessionRecord>) -> Restored {
         let now = monotonic_ns();
         let mut restored = Restored::default();
+        let backend_halves: HashMap<BackendKey, Rewrite> = self.datapath.backend_halves().into_iter().collect();
+        let mut claimed = HashSet::new();
         for record in records {
-            match self.restore_session(&record, now) {
-                Ok(socket) => restored.session_sockets.push(socket),
+            match self.restore_session(&record, &backend_halves, now) {
+                Ok((socket, nat)) => {
+                    restored.session_sockets.push(socket);
+                    if let Some(nat) = nat {
+                        restored.nat_upstream_sockets.push(nat.upstream);
+                        claimed.extend(nat.backend_key);
+                    }
+                }
                 Err(error) => {
                     warn!(
                         session = %record.id,
@@ -48,8 +63,6 @@ impl Relay {
             }
         }
 
-        let backend_halves: HashMap<BackendKey, Rewrite> = self.datapath.backend_halves().into_iter().collect();
-        let mut claimed = HashSet::new();
         for (key, rewrite) in self.datapath.client_halves() {
             match self.restore_flow(&key, &rewrite, &backend_halves, now) {
                 Ok((backend_key, socket)) => {
@@ -76,7 +89,12 @@ impl Relay {
         restored
     }
 
-    fn restore_session(&mut self, record: &SessionRecord, now: u64) -> anyhow::Result<Arc<RelaySocket>> {
+    fn restore_session(
+        &mut self,
+        record: &SessionRecord,
+        backend_halves: &HashMap<BackendKey, Rewrite>,
+        now: u64,
+    ) -> anyhow::Result<(Arc<RelaySocket>, Option<nat::RestoredNat>)> {
         if self.sessions.values().any(|s| s.id == record.id) {
             bail!("another stored session has the same id");
         }
@@ -92,7 +110,7 @@ impl Relay {
             self.session_ports.release(record.port);
             return Err(error);
         }
-        let session = Session::new(
+        let mut session = Session::new(
             record.id.clone(),
             record.backend,
             BackendRoute { source: record.route_source, ifindex: record.route_ifindex },
@@ -101,9 +119,21 @@ impl Relay {
             &self.limits,
             now,
         );
-        info!(session = %session.id, port = session.port, backend = %session.backend, "session restored");
+        let nat = match &record.nat {
+            Some(nat) => match self.restore_nat(&mut session, nat, backend_halves, now) {
+                Ok(restored) => Some(restored),
+                Err(error) => {
+                    socket.close();
+                    self.datapath.remove_session_bucket(record.port);
+                    self.session_ports.release(record.port);
+                    return Err(error);
+                }
+            },
+            None => None,
+        };
+        info!(session = %session.id, port = session.port, backend = %session.backend, punched = nat.is_some(), "session restored");
         self.sessions.insert(record.port, session);
-        Ok(socket)
+        Ok((socket, nat))
     }
 
     /// Adopts one client half found in the pinned map, with its backend half.
