@@ -29,21 +29,22 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytemuck::{Pod, Zeroable};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::limits::TokenBucket;
 
-const MAGIC: &[u8; 4] = b"FWDP";
+const MAGIC: [u8; 4] = *b"FWDP";
 const VERSION: u8 = 1;
-const HEADER_LEN: usize = 4 + 1 + 1 + 8 + 16;
+const HEADER_LEN: usize = size_of::<Header>();
 const MAC_LEN: usize = 32;
 pub const NONCE_LEN: usize = 16;
 pub const TOKEN_LEN: usize = 16;
 /// Requests older or newer than this (clock skew plus transit) are refused.
 pub const TIME_WINDOW: Duration = Duration::from_secs(30);
 /// Largest message: header, the biggest body (Allocated), MAC.
-pub const MAX_MESSAGE: usize = HEADER_LEN + 40 + MAC_LEN;
+pub const MAX_MESSAGE: usize = HEADER_LEN + size_of::<AllocatedBody>() + MAC_LEN;
 
 pub type Nonce = [u8; NONCE_LEN];
 pub type Token = [u8; TOKEN_LEN];
@@ -126,16 +127,102 @@ pub struct Envelope {
     pub message: Message,
 }
 
-fn kind(message: &Message) -> u8 {
-    match message {
-        Message::Allocate => 1,
-        Message::Allocated { .. } => 2,
-        Message::Bind { .. } => 3,
-        Message::Bound { .. } => 4,
-        Message::Key { .. } => 5,
-        Message::KeyAccepted { .. } => 6,
-        Message::Refused { .. } => 7,
+/// The `kind` byte of the header. Values are the wire format: never reuse one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum MessageKind {
+    Allocate = 1,
+    Allocated = 2,
+    Bind = 3,
+    Bound = 4,
+    Key = 5,
+    KeyAccepted = 6,
+    Refused = 7,
+}
+
+impl MessageKind {
+    fn of(message: &Message) -> Self {
+        match message {
+            Message::Allocate => Self::Allocate,
+            Message::Allocated { .. } => Self::Allocated,
+            Message::Bind { .. } => Self::Bind,
+            Message::Bound { .. } => Self::Bound,
+            Message::Key { .. } => Self::Key,
+            Message::KeyAccepted { .. } => Self::KeyAccepted,
+            Message::Refused { .. } => Self::Refused,
+        }
     }
+
+    fn from_u8(value: u8) -> Option<Self> {
+        [
+            Self::Allocate,
+            Self::Allocated,
+            Self::Bind,
+            Self::Bound,
+            Self::Key,
+            Self::KeyAccepted,
+            Self::Refused,
+        ]
+        .into_iter()
+        .find(|kind| *kind as u8 == value)
+    }
+}
+
+/// The envelope's header as it is on the wire (all fields byte arrays, so
+/// the struct has no padding and any 30 bytes are a valid value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Header {
+    magic: [u8; 4],
+    version: u8,
+    kind: u8,
+    /// Unix time in seconds, big-endian.
+    timestamp: [u8; 8],
+    nonce: Nonce,
+}
+const _: () = assert!(size_of::<Header>() == 30);
+
+/// Bodies, one per message kind that has one, as on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct AllocatedBody {
+    request: Nonce,
+    relay_addr: [u8; 4],
+    client_port: [u8; 2],
+    upstream_port: [u8; 2],
+    token: Token,
+}
+const _: () = assert!(size_of::<AllocatedBody>() == 40);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct BoundBody {
+    request: Nonce,
+    seen_addr: [u8; 4],
+    seen_port: [u8; 2],
+}
+const _: () = assert!(size_of::<BoundBody>() == 22);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct KeyBody {
+    token: Token,
+    client_port: [u8; 2],
+    key: [u8; 16],
+}
+const _: () = assert!(size_of::<KeyBody>() == 34);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct RefusedBody {
+    request: Nonce,
+    reason: u8,
+}
+const _: () = assert!(size_of::<RefusedBody>() == 17);
+
+/// The body of `kind`, if `bytes` is exactly its size.
+fn body<T: Pod>(bytes: &[u8]) -> Option<T> {
+    bytemuck::try_pod_read_unaligned(bytes).ok()
 }
 
 /// The relay's shared secret.
@@ -211,45 +298,39 @@ pub fn seal_with(secret: &Secret, message: &Message, timestamp: u64, nonce: Nonc
 
 fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Nonce) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAX_MESSAGE);
-    out.extend_from_slice(MAGIC);
-    out.push(VERSION);
-    out.push(kind(message));
-    out.extend_from_slice(&timestamp.to_be_bytes());
-    out.extend_from_slice(&nonce);
-    match message {
+    let header = Header {
+        magic: MAGIC,
+        version: VERSION,
+        kind: MessageKind::of(message) as u8,
+        timestamp: timestamp.to_be_bytes(),
+        nonce,
+    };
+    out.extend_from_slice(bytemuck::bytes_of(&header));
+    match *message {
         Message::Allocate => {}
-        Message::Allocated {
-            request,
-            relay_addr,
-            client_port,
-            upstream_port,
-            token,
-        } => {
-            out.extend_from_slice(request);
-            out.extend_from_slice(&relay_addr.octets());
-            out.extend_from_slice(&client_port.to_be_bytes());
-            out.extend_from_slice(&upstream_port.to_be_bytes());
-            out.extend_from_slice(token);
+        Message::Allocated { request, relay_addr, client_port, upstream_port, token } => {
+            out.extend_from_slice(bytemuck::bytes_of(&AllocatedBody {
+                request,
+                relay_addr: relay_addr.octets(),
+                client_port: client_port.to_be_bytes(),
+                upstream_port: upstream_port.to_be_bytes(),
+                token,
+            }));
         }
-        Message::Bind { token } => out.extend_from_slice(token),
+        Message::Bind { token } => out.extend_from_slice(&token),
         Message::Bound { request, seen } => {
-            out.extend_from_slice(request);
-            out.extend_from_slice(&seen.ip().octets());
-            out.extend_from_slice(&seen.port().to_be_bytes());
+            out.extend_from_slice(bytemuck::bytes_of(&BoundBody {
+                request,
+                seen_addr: seen.ip().octets(),
+                seen_port: seen.port().to_be_bytes(),
+            }));
         }
-        Message::Key {
-            token,
-            client_port,
-            key,
-        } => {
-            out.extend_from_slice(token);
-            out.extend_from_slice(&client_port.to_be_bytes());
-            out.extend_from_slice(key);
+        Message::Key { token, client_port, key } => {
+            out.extend_from_slice(bytemuck::bytes_of(&KeyBody { token, client_port: client_port.to_be_bytes(), key }));
         }
-        Message::KeyAccepted { request } => out.extend_from_slice(request),
+        Message::KeyAccepted { request } => out.extend_from_slice(&request),
         Message::Refused { request, reason } => {
-            out.extend_from_slice(request);
-            out.push(*reason as u8);
+            out.extend_from_slice(bytemuck::bytes_of(&RefusedBody { request, reason: reason as u8 }));
         }
     }
     if let Some(secret) = secret.filter(|_| !matches!(message, Message::Refused { .. })) {
@@ -263,7 +344,13 @@ fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Non
 /// Whether a datagram claims to be a handshake message at all (mosh
 /// datagrams on Q start with a nonce, never with this magic and version).
 pub fn looks_like_punch(datagram: &[u8]) -> bool {
-    datagram.len() >= HEADER_LEN && datagram.starts_with(MAGIC) && datagram[4] == VERSION
+    header(datagram).is_some()
+}
+
+/// The header of a datagram that carries this protocol's magic and version.
+fn header(datagram: &[u8]) -> Option<Header> {
+    let header: Header = body(datagram.get(..HEADER_LEN)?)?;
+    (header.magic == MAGIC && header.version == VERSION).then_some(header)
 }
 
 /// Why a datagram was not accepted as a message.
@@ -278,24 +365,15 @@ pub enum OpenError {
 /// Checks the envelope (magic, length, HMAC) and decodes the message.
 /// Freshness and replays are the [`Authority`]'s business.
 pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
-    if !looks_like_punch(datagram) {
+    let Some(header) = header(datagram) else {
         return Err(OpenError::Garbage);
-    }
-    let nonce: Nonce = datagram[14..30].try_into().expect("header length checked");
-    let timestamp = u64::from_be_bytes(datagram[6..14].try_into().expect("header length checked"));
-    let kind = datagram[5];
-    if kind == 7 {
-        let body = &datagram[HEADER_LEN..];
-        if body.len() != NONCE_LEN + 1 {
-            return Err(OpenError::Garbage);
-        }
-        let reason = RefusalReason::from_u8(body[NONCE_LEN]).ok_or(OpenError::Garbage)?;
-        let request = body[..NONCE_LEN].try_into().expect("length checked");
-        return Ok(Envelope {
-            timestamp,
-            nonce,
-            message: Message::Refused { request, reason },
-        });
+    };
+    let (nonce, timestamp) = (header.nonce, u64::from_be_bytes(header.timestamp));
+    let kind = MessageKind::from_u8(header.kind);
+    if kind == Some(MessageKind::Refused) {
+        let refused: RefusedBody = body(&datagram[HEADER_LEN..]).ok_or(OpenError::Garbage)?;
+        let reason = RefusalReason::from_u8(refused.reason).ok_or(OpenError::Garbage)?;
+        return Ok(Envelope { timestamp, nonce, message: Message::Refused { request: refused.request, reason } });
     }
     if datagram.len() < HEADER_LEN + MAC_LEN {
         return Err(OpenError::Refuse(nonce, RefusalReason::Malformed));
@@ -306,46 +384,31 @@ pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
     if mac.verify_slice(tag).is_err() {
         return Err(OpenError::Refuse(nonce, RefusalReason::BadSecret));
     }
-    let body = &signed[HEADER_LEN..];
-    let malformed = OpenError::Refuse(nonce, RefusalReason::Malformed);
-    let array = |range: std::ops::Range<usize>| -> [u8; 16] {
-        body[range].try_into().expect("length checked")
+    let bytes = &signed[HEADER_LEN..];
+    let message = match kind {
+        Some(MessageKind::Allocate) if bytes.is_empty() => Some(Message::Allocate),
+        Some(MessageKind::Allocated) => body::<AllocatedBody>(bytes).map(|b| Message::Allocated {
+            request: b.request,
+            relay_addr: Ipv4Addr::from(b.relay_addr),
+            client_port: u16::from_be_bytes(b.client_port),
+            upstream_port: u16::from_be_bytes(b.upstream_port),
+            token: b.token,
+        }),
+        Some(MessageKind::Bind) => body::<Token>(bytes).map(|token| Message::Bind { token }),
+        Some(MessageKind::Bound) => body::<BoundBody>(bytes).map(|b| Message::Bound {
+            request: b.request,
+            seen: SocketAddrV4::new(Ipv4Addr::from(b.seen_addr), u16::from_be_bytes(b.seen_port)),
+        }),
+        Some(MessageKind::Key) => body::<KeyBody>(bytes).map(|b| Message::Key {
+            token: b.token,
+            client_port: u16::from_be_bytes(b.client_port),
+            key: b.key,
+        }),
+        Some(MessageKind::KeyAccepted) => body::<Nonce>(bytes).map(|request| Message::KeyAccepted { request }),
+        _ => None,
     };
-    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-    let message = match (kind, body.len()) {
-        (1, 0) => Message::Allocate,
-        (2, 40) => Message::Allocated {
-            request: array(0..16),
-            relay_addr: Ipv4Addr::new(body[16], body[17], body[18], body[19]),
-            client_port: port(20),
-            upstream_port: port(22),
-            token: array(24..40),
-        },
-        (3, 16) => Message::Bind {
-            token: array(0..16),
-        },
-        (4, 22) => Message::Bound {
-            request: array(0..16),
-            seen: SocketAddrV4::new(
-                Ipv4Addr::new(body[16], body[17], body[18], body[19]),
-                port(20),
-            ),
-        },
-        (5, 34) => Message::Key {
-            token: array(0..16),
-            client_port: port(16),
-            key: array(18..34),
-        },
-        (6, 16) => Message::KeyAccepted {
-            request: array(0..16),
-        },
-        _ => return Err(malformed),
-    };
-    Ok(Envelope {
-        timestamp,
-        nonce,
-        message,
-    })
+    let message = message.ok_or(OpenError::Refuse(nonce, RefusalReason::Malformed))?;
+    Ok(Envelope { timestamp, nonce, message })
 }
 
 /// Requests per second one source address may make (bursts of twice that).
@@ -444,6 +507,35 @@ mod tests {
 
     fn secret(byte: u8) -> Secret {
         Secret::new(&[byte; 32]).unwrap()
+    }
+
+    /// The wire format, byte for byte, as deployed wrappers and relays speak it.
+    #[test]
+    fn allocated_is_laid_out_as_documented() {
+        let secret = secret(7);
+        let message = Message::Allocated {
+            request: [0xaa; 16],
+            relay_addr: Ipv4Addr::new(203, 0, 113, 1),
+            client_port: 60001,
+            upstream_port: 61002,
+            token: [0xbb; 16],
+        };
+        let bytes = seal_with(&secret, &message, 0x0102_0304_0506_0708, [0xcc; 16]);
+        let mut expected = b"FWDP".to_vec();
+        expected.extend([1, 2, 1, 2, 3, 4, 5, 6, 7, 8]);
+        expected.extend([0xcc; 16]);
+        expected.extend([0xaa; 16]);
+        expected.extend([203, 0, 113, 1]);
+        expected.extend(60001u16.to_be_bytes());
+        expected.extend(61002u16.to_be_bytes());
+        expected.extend([0xbb; 16]);
+        let mut mac = secret.mac();
+        mac.update(&expected);
+        expected.extend(mac.finalize().into_bytes());
+        assert_eq!(bytes, expected);
+        let refused = refusal([0xdd; 16], RefusalReason::NoCapacity);
+        assert_eq!(&refused[..6], b"FWDP\x01\x07");
+        assert_eq!(&refused[HEADER_LEN..], [[0xdd; 16].as_slice(), &[5]].concat());
     }
 
     #[test]
