@@ -302,3 +302,41 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
     assert!(!pinger.ping_any(2, PROBE_WAIT).unwrap(), "a new flow was admitted past the limit");
     eprintln!("limit {LIMIT}: {flows} flows, {open} descriptors open, refused {}", d["refused_flows"]);
 }
+
+#[test]
+fn pinned_maps_of_another_size_are_refused_with_the_way_on() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let mut relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--max-flows", "1000", "--max-sessions", "50"]).unwrap();
+    let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
+    let session = relay.add(echo.addr, &[]).unwrap();
+    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
+    relay.kill9().unwrap();
+
+    let bin = forwarder_bin().unwrap();
+    let state_dir = relay.state_dir().to_string_lossy().into_owned();
+    for sizes in [["--max-flows", "2000", "--max-sessions", "50"], ["--max-flows", "1000", "--max-sessions", "60"]] {
+        let mut start = topo.relay.nsenter(bin.to_str().unwrap());
+        start
+            .args(["run", "--instance", relay.instance(), "--state-dir", &state_dir])
+            .args(["--iface", "veth-rc", "--iface", "veth-rs"])
+            .args(sizes);
+        let out = forwarder_testbed::cmd::run(&mut start, Duration::from_secs(30)).unwrap();
+        assert!(!out.success(), "a daemon adopted pinned maps of another size ({sizes:?})");
+        let stderr = &out.stderr;
+        assert!(
+            stderr.contains("was created with --max-flows 1000 --max-sessions 50")
+                && stderr.contains(&format!("forwarder detach --instance {}", relay.instance())),
+            "unclear: {stderr}"
+        );
+        // The refused start touched nothing: the pinned data plane still forwards.
+        assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "a refused start disturbed forwarding");
+    }
+    // The sizes it was created with are adopted.
+    relay.restart().unwrap();
+    assert!(pinger.ping_any(3, PROBE_WAIT).unwrap());
+    let stats = relay.stats().unwrap();
+    assert_eq!(stats["capacity"]["max_flows"], 1000, "{stats}");
+    assert_eq!(map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"], 50);
+}
