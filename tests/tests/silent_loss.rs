@@ -124,3 +124,59 @@ fn an_interface_down_and_forwarding_off_are_named_and_cleared() {
     wait_for(&relay, "forwarding_disabled", "veth-rc", false, || {});
     wait_for(&relay, "forwarding_disabled", "veth-rs", false, || {});
 }
+
+/// A peer in a namespace the daemon cannot name (a container's, say) cannot
+/// be inspected; the loss is then found in the veths' own counters: what
+/// one veth redirected never shows up as transmitted by the other.
+#[test]
+fn a_veth_peer_that_cannot_be_inspected_is_named_by_its_losses() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    topo.server.run("ethtool", &["-K", SERVER_IF, "gro", "off"]).unwrap();
+    topo.server.ip(&["link", "set", SERVER_IF, "down"]).unwrap();
+    topo.server.ip(&["link", "set", SERVER_IF, "up"]).unwrap();
+    // The daemon gets a mount namespace with an empty /run/netns: it sees
+    // no named namespaces, as with a peer in an anonymous one.
+    let bin = forwarder_testbed::forwarder_bin().unwrap().to_string_lossy().into_owned();
+    let instance = format!("t{}-{}", std::process::id(), forwarder_testbed::netns::random_tag());
+    let state = tempfile::tempdir().unwrap();
+    let command: Vec<String> = [
+        "nsenter".to_string(),
+        format!("--net={}", topo.relay.path().display()),
+        "--".into(),
+        "unshare".into(),
+        "--mount".into(),
+        "--propagation".into(),
+        "private".into(),
+        "sh".into(),
+        "-c".into(),
+        "mount -t tmpfs tmpfs /run/netns && exec \"$0\" \"$@\"".into(),
+        bin,
+        "run".into(),
+        "--instance".into(),
+        instance.clone(),
+        "--state-dir".into(),
+        state.path().join("state").to_string_lossy().into_owned(),
+        "--iface".into(),
+        "veth-rc".into(),
+        "--iface".into(),
+        "veth-rs".into(),
+        "--xdp-mode".into(),
+        "native".into(),
+    ]
+    .into();
+    let relay = Relay::start_command(command, &instance, Some(state.path().join("state"))).unwrap();
+    let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
+    let session = relay.add(echo.addr, &[]).unwrap();
+    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    wait_for(&relay, "veth_peer_drops", "veth-rs", true, || {
+        for _ in 0..10 {
+            let _ = pinger.ping(Duration::from_millis(20));
+        }
+    });
+    let kinds = warnings(&relay);
+    assert!(!kinds.iter().any(|(k, _)| k == "veth_peer_no_gro"), "the peer was inspected after all: {kinds:?}");
+    assert!(!kinds.iter().any(|(_, i)| i == "veth-rc"), "veth-rc forwards fine but was blamed: {kinds:?}");
+    let text = relay.verb(&["stats"]).unwrap();
+    assert!(text.contains("[veth_peer_drops] veth-rs: about") && text.contains("--xdp-mode skb"), "{text}");
+}

@@ -10,10 +10,12 @@
 //!   namespaces (`ip netns list`, whose ids are this namespace's view) and
 //!   reads its XDP attachment and GRO flag there, so the warning comes
 //!   before the first lost packet. A peer in a namespace without a name
-//!   cannot be inspected that way; then only what the driver counts is
-//!   left: `rx_queue_N_xdp_tx_errors` counts lost XDP_TX frames. (A failed
-//!   redirect into a veth is counted nowhere on this kernel: veth_xdp_xmit
-//!   returns -ENXIO before its counters, which is why the peer is inspected.)
+//!   cannot be inspected that way; then the veths' own counters (`ethtool
+//!   -S`) show the loss once packets flow: a redirect into a veth whose
+//!   peer has no NAPI fails at enqueue and counts as `rx_queue_N_drops` on
+//!   the ingress veth, a later failure leaves a redirect taken on one veth
+//!   (`rx_queue_N_xdp_redirect`) missing from the other's
+//!   `tx_queue_N_xdp_xmit`, and lost XDP_TX frames count as `xdp_tx_errors`;
 //! - an interface that is down or has no carrier: redirects into it fail;
 //! - IPv4 forwarding disabled on an interface: `bpf_fib_lookup` refuses to
 //!   forward, so every packet goes to the daemon's slow path (`fib_failed`).
@@ -80,13 +82,35 @@ fn publish(found: Vec<Warning>) {
 
 #[derive(Default)]
 struct Checker {
-    /// Per interface: veth drop counters at the last check, and when they last grew.
-    drops: BTreeMap<String, (u64, Option<(Instant, u64)>)>,
+    /// Per veth: its driver counters at the last check.
+    counters: BTreeMap<String, VethCounters>,
+    /// Per veth: packets lost into it in the current episode, and when the
+    /// loss last grew.
+    losing: BTreeMap<String, (u64, Instant)>,
 }
+
+/// A veth's driver counters (`ethtool -S`) that account for XDP frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct VethCounters {
+    /// XDP_TX and redirected frames the driver counted as failed.
+    errors: u64,
+    /// Redirect verdicts on frames that arrived on this veth.
+    rx_redirect: u64,
+    /// Frames that arrived on this veth and were dropped by the driver: on
+    /// this kernel, a redirect into a veth whose peer has no NAPI fails at
+    /// enqueue and lands here, on the ingress veth.
+    rx_drops: u64,
+    /// Frames redirected into this veth that reached its peer.
+    tx_xmit: u64,
+}
+
+/// Frames a redirect may be in flight between two counter reads.
+const IN_FLIGHT: u64 = 4;
 
 impl Checker {
     fn check(&mut self, interfaces: &[String], native: bool) -> Vec<Warning> {
         let mut warnings = Vec::new();
+        let mut veths = Vec::new();
         for name in interfaces {
             let warn = |kind: &str, message: String| Warning {
                 kind: kind.to_string(),
@@ -148,40 +172,73 @@ impl Checker {
                     ),
                 ));
             }
-            if native && is_veth {
-                let peer = link["link_index"].as_u64().map_or_else(|| "?".to_string(), |i| i.to_string());
-                if let Some(message) = self.veth_drops(name, &peer) {
-                    warnings.push(warn("veth_peer_drops", message));
-                }
+            if native && is_veth && let Some(counters) = veth_counters(name) {
+                veths.push((name.clone(), counters));
             }
         }
+        warnings.extend(self.veth_losses(veths));
         warnings.sort();
         warnings
     }
 
-    /// A warning while the veth's XDP transmit errors grow (and a while after).
-    fn veth_drops(&mut self, name: &str, peer: &str) -> Option<String> {
+    /// What the driver counters say was lost into each veth since the last
+    /// check: failed XDP_TX/xmit frames, plus redirects that never reached
+    /// a peer. A redirect that fails for want of NAPI on the peer is counted
+    /// nowhere, but every redirect taken on one veth (`rx_queue_N_xdp_redirect`)
+    /// should show up as transmitted on the other (`tx_queue_N_xdp_xmit`):
+    /// exact with two interfaces; with more, a shortfall is laid on every
+    /// veth that transmitted nothing. Warnings linger [`DROPS_LINGER`].
+    fn veth_losses(&mut self, veths: Vec<(String, VethCounters)>) -> Vec<Warning> {
         let now = Instant::now();
-        let total = veth_xmit_errors(name)?;
-        let entry = self.drops.entry(name.to_string()).or_insert((total, None));
-        if total > entry.0 {
-            let first = entry.1.map_or(entry.0, |(_, since)| since);
-            entry.1 = Some((now, first));
+        let deltas: Vec<(String, VethCounters)> = veths
+            .iter()
+            .map(|(name, now_counters)| {
+                let before = self.counters.get(name).copied().unwrap_or(*now_counters);
+                let delta = VethCounters {
+                    errors: now_counters.errors.saturating_sub(before.errors),
+                    rx_redirect: now_counters.rx_redirect.saturating_sub(before.rx_redirect),
+                    rx_drops: now_counters.rx_drops.saturating_sub(before.rx_drops),
+                    tx_xmit: now_counters.tx_xmit.saturating_sub(before.tx_xmit),
+                };
+                (name.clone(), delta)
+            })
+            .collect();
+        self.counters = veths.into_iter().collect();
+        let redirected: u64 = deltas.iter().map(|(_, d)| d.rx_redirect).sum();
+        let transmitted: u64 = deltas.iter().map(|(_, d)| d.tx_xmit).sum();
+        let dropped: u64 = deltas.iter().map(|(_, d)| d.rx_drops).sum();
+        for (index, (name, delta)) in deltas.iter().enumerate() {
+            let unsent = if deltas.len() == 2 {
+                let other = &deltas[1 - index].1;
+                other.rx_redirect.saturating_sub(delta.tx_xmit) + other.rx_drops
+            } else if delta.tx_xmit == 0 {
+                redirected.saturating_sub(transmitted) + dropped
+            } else {
+                0
+            };
+            let lost = delta.errors + if unsent > IN_FLIGHT { unsent } else { 0 };
+            if lost > 0 {
+                let entry = self.losing.entry(name.clone()).or_insert((0, now));
+                *entry = (entry.0 + lost, now);
+            }
         }
-        entry.0 = total;
-        let (last_growth, since) = entry.1?;
-        if now.duration_since(last_growth) > DROPS_LINGER {
-            entry.1 = None;
-            return None;
-        }
-        Some(format!(
-            "the kernel dropped {} packets that XDP had forwarded into veth {name} (driver counters \
-             xdp_xmit_errors/xdp_tx_errors): its peer (ifindex {peer}, possibly in another namespace) has \
-             neither GRO nor an XDP program, which native-mode redirects into a veth need. Enable GRO on the \
-             peer before it comes up (`ethtool -K <peer> gro on`, then `ip link set <peer> down; ip link set \
-             <peer> up`) or attach an XDP program to it, or run the relay with --xdp-mode skb",
-            total - since
-        ))
+        self.losing.retain(|_, (_, last)| now.duration_since(*last) <= DROPS_LINGER);
+        self.losing
+            .iter()
+            .map(|(name, (lost, _))| Warning {
+                kind: "veth_peer_drops".to_string(),
+                interface: name.clone(),
+                message: format!(
+                    "about {lost} packets that XDP forwarded into veth {name} never reached its peer (veth \
+                     driver counters: redirects taken vs xdp_xmit done, rx drops on the other veth, \
+                     xdp_tx/xmit errors): the peer \
+                     most likely has neither GRO nor an XDP program, which native-mode redirects into a veth \
+                     need, or is down. Enable GRO on the peer (`ethtool -K <peer> gro on` in its namespace, \
+                     then take it down and up) or attach an XDP program to it, or run the relay with \
+                     --xdp-mode skb"
+                ),
+            })
+            .collect()
     }
 }
 
@@ -246,21 +303,30 @@ fn forwarding_disabled(name: &str) -> bool {
     read(format!("/proc/sys/net/ipv4/conf/{name}/forwarding")).unwrap_or(false)
 }
 
-/// The sum of a veth's counters of frames XDP handed it that it could not pass on.
-fn veth_xmit_errors(name: &str) -> Option<u64> {
+/// A veth's XDP counters, summed over its queues.
+fn veth_counters(name: &str) -> Option<VethCounters> {
     let output = Command::new("ethtool").args(["-S", name]).output().ok()?;
     if !output.status.success() {
         return None;
     }
-    Some(parse_xmit_errors(&String::from_utf8_lossy(&output.stdout)))
+    Some(parse_veth_counters(&String::from_utf8_lossy(&output.stdout)))
 }
 
-fn parse_xmit_errors(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|line| line.trim().split_once(':'))
-        .filter(|(key, _)| key.ends_with("xdp_xmit_errors") || key.ends_with("xdp_tx_errors"))
-        .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
-        .sum()
+fn parse_veth_counters(text: &str) -> VethCounters {
+    let mut counters = VethCounters::default();
+    for (key, value) in text.lines().filter_map(|line| line.trim().split_once(':')) {
+        let Ok(value) = value.trim().parse::<u64>() else { continue };
+        if key.ends_with("xdp_xmit_errors") || key.ends_with("xdp_tx_errors") {
+            counters.errors += value;
+        } else if key.starts_with("rx_queue_") && key.ends_with("_xdp_redirect") {
+            counters.rx_redirect += value;
+        } else if key.starts_with("rx_queue_") && key.ends_with("_drops") && !key.ends_with("_xdp_drops") {
+            counters.rx_drops += value;
+        } else if key.starts_with("tx_queue_") && key.ends_with("_xdp_xmit") {
+            counters.tx_xmit += value;
+        }
+    }
+    counters
 }
 
 #[cfg(test)]
@@ -270,8 +336,34 @@ mod tests {
     #[test]
     fn sums_the_veth_counters_that_mean_silent_drops() {
         let text = "NIC statistics:\n     peer_ifindex: 2\n     rx_queue_0_xdp_drops: 7\n     rx_queue_0_xdp_tx_errors: 3\n\
+                    \x20    rx_queue_0_xdp_redirect: 9\n     rx_queue_1_xdp_redirect: 1\n\
                     \x20    tx_queue_0_xdp_xmit: 100\n     tx_queue_0_xdp_xmit_errors: 40\n     tx_queue_1_xdp_xmit_errors: 2\n";
         // xdp_drops are the program's own XDP_DROP verdicts, counted by us already.
-        assert_eq!(parse_xmit_errors(text), 45);
+        assert_eq!(
+            parse_veth_counters(&format!("{text}     rx_queue_0_drops: 5\n")),
+            VethCounters { errors: 45, rx_redirect: 10, rx_drops: 5, tx_xmit: 100 }
+        );
+    }
+
+    #[test]
+    fn redirects_taken_on_one_veth_and_not_sent_on_the_other_are_losses() {
+        let mut checker = Checker::default();
+        let at = |rx_redirect, tx_xmit| VethCounters { errors: 0, rx_redirect, rx_drops: 0, tx_xmit };
+        let a = |c| ("a".to_string(), c);
+        let b = |c| ("b".to_string(), c);
+        assert!(checker.veth_losses(vec![a(at(0, 0)), b(at(0, 0))]).is_empty());
+        // a took 100 redirects, b sent 98 of them (in flight): nothing lost.
+        assert!(checker.veth_losses(vec![a(at(100, 0)), b(at(0, 98))]).is_empty());
+        // Then a takes 50 more, b sends none: lost into b.
+        let warnings = checker.veth_losses(vec![a(at(150, 0)), b(at(0, 98))]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].interface, "b");
+        assert!(warnings[0].message.contains("about 50 packets"), "{}", warnings[0].message);
+        // Failed redirects dropped at enqueue show up as rx drops on the ingress veth.
+        let mut checker = Checker::default();
+        let dropped = |rx_drops| VethCounters { rx_drops, ..VethCounters::default() };
+        checker.veth_losses(vec![a(dropped(0)), b(dropped(0))]);
+        let warnings = checker.veth_losses(vec![a(dropped(30)), b(dropped(0))]);
+        assert_eq!(warnings.iter().map(|w| w.interface.as_str()).collect::<Vec<_>>(), ["b"]);
     }
 }
