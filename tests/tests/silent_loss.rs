@@ -13,6 +13,22 @@ const PROBE_WAIT: Duration = Duration::from_millis(300);
 /// The daemon checks every 2 s; give it a few rounds.
 const DETECT_WITHIN: Duration = Duration::from_secs(10);
 
+const METRICS: &str = "127.0.0.1:9464";
+
+fn scrape(topo: &Topology) -> String {
+    topo.relay
+        .within(|| {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(METRICS)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .unwrap()
+}
+
 fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, port))
 }
@@ -92,7 +108,9 @@ fn a_veth_peer_without_gro_or_xdp_is_named_with_the_fix() {
 fn an_interface_down_and_forwarding_off_are_named_and_cleared() {
     prereq::require().unwrap();
     let topo = Topology::client_relay_server().unwrap();
-    let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--xdp-mode", "native"]).unwrap();
+    topo.relay.ip(&["link", "set", "lo", "up"]).unwrap();
+    let relay =
+        Relay::start(&topo.relay, &topo.relay_ifaces(), &["--xdp-mode", "native", "--metrics", METRICS]).unwrap();
     let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
     let session = relay.add(echo.addr, &[]).unwrap();
     let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
@@ -104,6 +122,12 @@ fn an_interface_down_and_forwarding_off_are_named_and_cleared() {
     wait_for(&relay, "interface_down", "veth-rs", true, || {});
     let text = relay.verb(&["stats"]).unwrap();
     assert!(text.contains("[interface_down] veth-rs:") && text.contains("ip link set veth-rs up"), "{text}");
+    let metrics = scrape(&topo);
+    let series = format!(
+        "forwarder_warning{{instance=\"{}\",kind=\"interface_down\",interface=\"veth-rs\"}} 1",
+        relay.instance()
+    );
+    assert!(metrics.contains(&series), "no {series} in the metrics:\n{metrics}");
     topo.server.ip(&["link", "set", SERVER_IF, "up"]).unwrap();
     wait_for(&relay, "interface_down", "veth-rs", false, || {});
 
