@@ -450,7 +450,11 @@ fn render_stats(stats: &StatsInfo) -> String {
     } else {
         let _ = writeln!(out, "warnings:");
         for warning in &stats.warnings {
-            let _ = writeln!(out, "  [{}] {}: {}", warning.kind, warning.interface, warning.message);
+            if warning.interface.is_empty() {
+                let _ = writeln!(out, "  [{}] {}", warning.kind, warning.message);
+            } else {
+                let _ = writeln!(out, "  [{}] {}: {}", warning.kind, warning.interface, warning.message);
+            }
         }
     }
     let s = &stats.slow_path;

@@ -280,6 +280,12 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
     }
     let text = relay.verb(&["stats"]).unwrap();
     assert!(text.contains("open files: ") && text.contains("of 300 (64 kept in reserve"), "{text}");
+    // The health check runs every 2 s.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !relay.verb(&["stats"]).unwrap().contains("[open_file_limit] the daemon holds") {
+        assert!(Instant::now() < deadline, "no open_file_limit warning: {}", relay.verb(&["stats"]).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let echo2 = UdpEcho::start(&topo.server, v4(SERVER_IP, 7001)).unwrap();
     relay.add(echo2.addr, &[]).unwrap();
     let metrics = topo

@@ -204,3 +204,23 @@ fn a_veth_peer_that_cannot_be_inspected_is_named_by_its_losses() {
     let text = relay.verb(&["stats"]).unwrap();
     assert!(text.contains("[veth_peer_drops] veth-rs: about") && text.contains("--xdp-mode skb"), "{text}");
 }
+
+/// An interface deleted and re-created while the daemon runs has no XDP
+/// program: the daemon says so, and that a restart attaches again.
+#[test]
+fn a_recreated_interface_without_xdp_is_named() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--xdp-mode", "native"]).unwrap();
+    topo.relay.ip(&["link", "del", "veth-rs"]).unwrap();
+    wait_for(&relay, "interface_missing", "veth-rs", true, || {});
+    forwarder_testbed::veth_pair(&topo.relay, "veth-rs", &topo.server, SERVER_IF).unwrap();
+    topo.relay.add_addr(forwarder_testbed::topology::RELAY_SERVER_IP, "veth-rs").unwrap();
+    topo.server.add_addr(SERVER_IP, SERVER_IF).unwrap();
+    topo.server.default_via(forwarder_testbed::topology::RELAY_SERVER_IP).unwrap();
+    wait_for(&relay, "xdp_detached", "veth-rs", true, || {});
+    wait_for(&relay, "interface_missing", "veth-rs", false, || {});
+    let text = relay.verb(&["stats"]).unwrap();
+    assert!(text.contains("[xdp_detached] veth-rs:") && text.contains("restart the daemon"), "{text}");
+    assert!(!warnings(&relay).iter().any(|(_, i)| i == "veth-rc"), "{:?}", warnings(&relay));
+}

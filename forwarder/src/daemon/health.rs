@@ -48,6 +48,7 @@ pub fn current() -> Vec<Warning> {
 /// Checks forever, logging each warning when it appears and when it clears.
 pub async fn watch(interfaces: Vec<String>, mode: String) {
     let native = mode.split('+').any(|m| m == "native");
+    let xdp = mode != "userspace";
     let mut checker = Checker::default();
     let mut tick = tokio::time::interval(PERIOD);
     loop {
@@ -55,7 +56,7 @@ pub async fn watch(interfaces: Vec<String>, mode: String) {
         let (found, back) = {
             let interfaces = interfaces.clone();
             match tokio::task::spawn_blocking(move || {
-                let found = checker.check(&interfaces, native);
+                let found = checker.check(&interfaces, xdp, native);
                 (found, checker)
             })
             .await
@@ -108,8 +109,20 @@ struct VethCounters {
 const IN_FLIGHT: u64 = 4;
 
 impl Checker {
-    fn check(&mut self, interfaces: &[String], native: bool) -> Vec<Warning> {
+    fn check(&mut self, interfaces: &[String], xdp: bool, native: bool) -> Vec<Warning> {
         let mut warnings = Vec::new();
+        let files = crate::datapath::fds::usage();
+        if files.open + files.reserve >= files.limit {
+            warnings.push(Warning {
+                kind: "open_file_limit".to_string(),
+                interface: String::new(),
+                message: format!(
+                    "the daemon holds {} of its {} open files ({} kept in reserve): new flows are refused; \
+                     raise LimitNOFILE in the systemd unit / `ulimit -n` (or --max-open-files)",
+                    files.open, files.limit, files.reserve
+                ),
+            });
+        }
         let mut veths = Vec::new();
         for name in interfaces {
             let warn = |kind: &str, message: String| Warning {
@@ -140,7 +153,17 @@ impl Checker {
                     ),
                 ));
             }
-            if forwarding_disabled(name) {
+            if xdp && link.get("xdp").is_none_or(serde_json::Value::is_null) {
+                warnings.push(warn(
+                    "xdp_detached",
+                    format!(
+                        "interface {name} has no XDP program any more (re-created, or detached by hand): its \
+                         packets go through the kernel's stack and the daemon's sockets only; restart the \
+                         daemon to attach again"
+                    ),
+                ));
+            }
+            if xdp && forwarding_disabled(name) {
                 warnings.push(warn(
                     "forwarding_disabled",
                     format!(
