@@ -417,10 +417,12 @@ impl Relay {
         };
         let socket = match bind_free_port(&mut self.flow_ports) {
             Ok(socket) => socket,
-            Err(refusal) => {
+            Err((refusal, log)) => {
                 self.free_slots.push_front(slot);
                 self.stats.refused_flow_limit += 1;
-                warn!(session = %session.id, %client, "new flow refused: {refusal}");
+                if log {
+                    warn!(session = %session.id, %client, "new flow refused: {refusal}");
+                }
                 return Ok(ClientVerdict::Drop);
             }
         };
@@ -590,12 +592,12 @@ impl Relay {
 /// Takes the next port of `pool` that this host lets us bind, bound; or
 /// says why there is none. The open-file limit is checked first and named
 /// as such: at the limit every bind fails, which would otherwise read as a
-/// full port range.
-fn bind_free_port(pool: &mut PortPool) -> Result<Arc<RelaySocket>, String> {
+/// full port range. The flag says whether to log the refusal (the
+/// open-file limit is logged at most once a second).
+fn bind_free_port(pool: &mut PortPool) -> Result<Arc<RelaySocket>, (String, bool)> {
     use crate::datapath::fds;
     if let Err(at_limit) = fds::check_headroom() {
-        fds::count_refusal();
-        return Err(at_limit.to_string());
+        return Err((at_limit.to_string(), fds::count_refusal()));
     }
     let mut bound = None;
     let mut exhausted = None;
@@ -614,10 +616,9 @@ fn bind_free_port(pool: &mut PortPool) -> Result<Arc<RelaySocket>, String> {
         if let Some(port) = port {
             pool.release(port);
         }
-        fds::count_refusal();
-        return Err(at_limit.to_string());
+        return Err((at_limit.to_string(), fds::count_refusal()));
     }
-    bound.map(Arc::new).ok_or_else(|| format!("no free upstream port in {}; widen --flow-ports", pool.range()))
+    bound.map(Arc::new).ok_or_else(|| (format!("no free upstream port in {}; widen --flow-ports", pool.range()), true))
 }
 
 /// A flow's newest activity, from the XDP program's timestamps and the

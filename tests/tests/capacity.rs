@@ -273,6 +273,9 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
         tail(&log)
     );
     assert!(!log.contains("no free upstream port"), "the refusal blames the port range:\n{}", tail(&log));
+    // Every new endpoint is refused at the limit: the log gets one a second, the count is in stats.
+    let logged = log.matches("new flow refused: the daemon has reached its open-file limit").count();
+    assert!(logged <= 5, "{logged} refusal lines for {} refusals: not throttled", d["refused_flows"]);
 
     // The reserve keeps the control socket, a new session and metrics working.
     for _ in 0..20 {

@@ -83,9 +83,19 @@ pub fn exhausted(error: &anyhow::Error) -> Option<AtLimit> {
     (typed || by_text).then(system_wide)
 }
 
-pub fn count_refusal() {
+/// Counts a refused flow; returns whether to log it. At the limit every
+/// new endpoint of every session is refused, so the log gets the first
+/// refusal and then one a second (the count is in `stats`).
+pub fn count_refusal() -> bool {
     REFUSED.fetch_add(1, Ordering::Relaxed);
+    let now = crate::sessions::monotonic_ns();
+    let last = LAST_LOGGED_NS.load(Ordering::Relaxed);
+    (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
+        && LAST_LOGGED_NS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
 }
+
+/// When a refusal was last logged (CLOCK_MONOTONIC ns; 0: never).
+static LAST_LOGGED_NS: AtomicU64 = AtomicU64::new(0);
 
 /// Descriptor use for `stats`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -125,7 +125,7 @@ impl Relay {
         };
         let upstream = match bind_free_port(&mut self.flow_ports) {
             Ok(upstream) => upstream,
-            Err(refusal) => {
+            Err((refusal, _)) => {
                 self.free_slots.push_front(slot);
                 bail!("{refusal}");
             }
