@@ -2,11 +2,88 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Default capacity of each flow map (client half and backend half).
+/// Default capacity of each flow map (client half and backend half). Only
+/// the size the object is compiled with: the daemon sizes every map from
+/// [`RuntimeSizes`] when it loads the program.
 pub const MAX_FLOWS: u32 = 16_384;
 
-/// Counter slots: every flow owns two, one per direction.
+/// Counter slots in the compiled object: every flow owns two, one per direction.
 pub const FLOW_COUNTER_SLOTS: u32 = MAX_FLOWS * 2;
+
+/// Default `--max-sessions`.
+pub const DEFAULT_MAX_SESSIONS: u32 = 4_096;
+
+/// Most flows `--max-flows` may ask for. Two counter slots per flow must fit
+/// a u32 index, and beyond this the per-CPU counter array alone would take
+/// gigabytes of kernel memory on a many-core host.
+pub const MAX_FLOWS_LIMIT: u32 = 1 << 22;
+
+/// Most sessions: one client-facing UDP port each.
+pub const MAX_SESSIONS_LIMIT: u32 = 65_535;
+
+/// Slots of the redirect device map: the most interfaces one relay attaches to.
+pub const MAX_INTERFACES: u32 = 64;
+
+/// The names of the maps in the XDP object: the daemon finds, sizes and pins
+/// them by these names, so both sides take them from here.
+pub mod map_names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const CLIENT_FLOWS: &str = "CLIENT_FLOWS";
+    pub const BACKEND_FLOWS: &str = "BACKEND_FLOWS";
+    pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
+    pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
+    pub const EGRESS: &str = "EGRESS";
+    pub const SLOWPATH_SESSION_BUCKETS: &str = "SLOWPATH_SESSION_BUCKETS";
+    pub const SLOWPATH_GLOBAL_BUCKET: &str = "SLOWPATH_GLOBAL_BUCKET";
+}
+
+/// Every size that depends on the run's flags, derived in one place: the
+/// daemon sets each map's `max_entries` from [`RuntimeSizes::map_max_entries`]
+/// at load time, sizes its flow-slot pool from `max_flows`, and checks pinned
+/// maps against the same numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuntimeSizes {
+    /// Entries of each flow map (client halves, backend halves).
+    pub max_flows: u32,
+    /// Entries of the per-session slow-path bucket map.
+    pub max_sessions: u32,
+}
+
+/// Why a pair of `--max-flows` / `--max-sessions` cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeError {
+    FlowsOutOfRange(u32),
+    SessionsOutOfRange(u32),
+}
+
+impl RuntimeSizes {
+    pub const fn new(max_flows: u32, max_sessions: u32) -> Result<Self, SizeError> {
+        if max_flows == 0 || max_flows > MAX_FLOWS_LIMIT {
+            return Err(SizeError::FlowsOutOfRange(max_flows));
+        }
+        if max_sessions == 0 || max_sessions > MAX_SESSIONS_LIMIT {
+            return Err(SizeError::SessionsOutOfRange(max_sessions));
+        }
+        Ok(Self { max_flows, max_sessions })
+    }
+
+    /// Counter slots: two per flow (see `flow_entries`: slot*2 and slot*2+1).
+    pub const fn flow_counter_slots(&self) -> u32 {
+        self.max_flows * 2
+    }
+
+    /// `max_entries` of every map whose size follows the flags; the others
+    /// (one-slot arrays, per-reason counters, the devmap) keep the size
+    /// they are compiled with.
+    pub const fn map_max_entries(&self) -> [(&'static str, u32); 4] {
+        [
+            (map_names::CLIENT_FLOWS, self.max_flows),
+            (map_names::BACKEND_FLOWS, self.max_flows),
+            (map_names::FLOW_COUNTERS, self.flow_counter_slots()),
+            (map_names::SLOWPATH_SESSION_BUCKETS, self.max_sessions),
+        ]
+    }
+}
 
 /// Port ranges the relay owns, in host byte order, inclusive. A UDP packet to
 /// any other port is not the relay's business and passes untouched.
@@ -37,3 +114,21 @@ impl RelayConfig {
 #[cfg(feature = "user")]
 // SAFETY: plain-old-data with no padding (size asserted above).
 unsafe impl aya::Pod for RelayConfig {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_the_flags_and_refuse_what_cannot_work() {
+        let sizes = RuntimeSizes::new(65_536, 10_000).unwrap();
+        assert_eq!(sizes.flow_counter_slots(), 131_072);
+        assert!(sizes.map_max_entries().contains(&(map_names::FLOW_COUNTERS, 131_072)));
+        assert!(sizes.map_max_entries().contains(&(map_names::SLOWPATH_SESSION_BUCKETS, 10_000)));
+        assert_eq!(RuntimeSizes::new(0, 1), Err(SizeError::FlowsOutOfRange(0)));
+        assert_eq!(RuntimeSizes::new(MAX_FLOWS_LIMIT + 1, 1), Err(SizeError::FlowsOutOfRange(MAX_FLOWS_LIMIT + 1)));
+        assert_eq!(RuntimeSizes::new(1, 70_000), Err(SizeError::SessionsOutOfRange(70_000)));
+        // The largest flow count still has its counter slots in range of a u32.
+        assert!(RuntimeSizes::new(MAX_FLOWS_LIMIT, 1).unwrap().flow_counter_slots() < u32::MAX);
+    }
+}

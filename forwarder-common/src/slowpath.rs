@@ -10,8 +10,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Capacity of the per-session bucket map: one entry per live session.
-pub const MAX_SESSIONS: u32 = 8_192;
+/// Compiled capacity of the per-session bucket map; the daemon resizes it
+/// to `--max-sessions` at load time (`config::RuntimeSizes`).
+pub const MAX_SESSIONS: u32 = crate::config::DEFAULT_MAX_SESSIONS;
 
 /// One rate limit. All times are CLOCK_MONOTONIC nanoseconds
 /// (`bpf_ktime_get_ns`).

@@ -1,5 +1,9 @@
 //! The maps shared with the daemon. Their names are part of the contract:
-//! the daemon finds, fills and pins them by these names.
+//! the daemon finds, fills and pins them by these names, which are spelled
+//! out in `forwarder_common::config::map_names` (the daemon refuses an
+//! object whose names differ). The sizes below are only what the object is
+//! compiled with: the daemon sets the flow and session maps' sizes from its
+//! flags when it loads the program (`RuntimeSizes`).
 
 use aya_ebpf::{
     macros::map,
@@ -7,7 +11,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, RelayConfig, Rewrite,
-    SlowpathBucket, config::FLOW_COUNTER_SLOTS, reason::ReasonCounter, slowpath::MAX_SESSIONS,
+    SlowpathBucket, config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES}, reason::ReasonCounter, slowpath::MAX_SESSIONS,
 };
 
 /// Port ranges the relay owns; one slot, written by the daemon at start.
@@ -34,7 +38,7 @@ pub static REASON_COUNTERS: PerCpuArray<ReasonCounter> =
 
 /// Interfaces the daemon allows redirects to (ifindex → ifindex); `bpf_redirect_map` needs a devmap.
 #[map]
-pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
 /// Slow-path rate limit per session, keyed by its client-facing port (host order); written by the daemon with the session.
 #[map]

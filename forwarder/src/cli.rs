@@ -123,9 +123,15 @@ pub struct RunArgs {
     /// Most sessions at once; `add` beyond it is refused [default: 4096].
     #[arg(long)]
     pub max_sessions: Option<usize>,
-    /// Flows the kernel maps hold; set when the maps are first created, pinned maps keep their size [default: 16384].
+    /// Flows the kernel maps hold; pinned maps keep their size, so a restart with another value is refused until `forwarder detach` [default: 16384].
     #[arg(long)]
     pub max_flows: Option<u32>,
+    /// The daemon's open-file limit (RLIMIT_NOFILE). Every session and every
+    /// flow holds a socket; by default the daemon raises its limit as far as
+    /// the kernel allows (fs.nr_open). A low value is for tests and for
+    /// hosts that must cap the daemon.
+    #[arg(long)]
+    pub max_open_files: Option<u64>,
     /// Folder of the session store [default: /var/lib/forwarder/<instance>].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
@@ -176,6 +182,20 @@ fn duration_in_config(key: &str, text: Option<String>) -> anyhow::Result<Option<
     .transpose()
 }
 
+/// The one place `--max-flows` and `--max-sessions` become map sizes.
+fn runtime_sizes(max_flows: u32, max_sessions: usize) -> anyhow::Result<forwarder_common::config::RuntimeSizes> {
+    use forwarder_common::config::{MAX_FLOWS_LIMIT, MAX_SESSIONS_LIMIT, RuntimeSizes, SizeError};
+    let sessions = u32::try_from(max_sessions).unwrap_or(u32::MAX);
+    RuntimeSizes::new(max_flows, sessions).map_err(|error| match error {
+        SizeError::FlowsOutOfRange(n) => {
+            anyhow::anyhow!("--max-flows {n} is out of range: give 1 to {MAX_FLOWS_LIMIT}")
+        }
+        SizeError::SessionsOutOfRange(_) => anyhow::anyhow!(
+            "--max-sessions {max_sessions} is out of range: give 1 to {MAX_SESSIONS_LIMIT} (one client-facing port each)"
+        ),
+    })
+}
+
 /// Merges flags over the config file over the defaults.
 pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<RunOptions> {
     let file = match &args.config {
@@ -210,10 +230,17 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         (None, None) => None,
         _ => bail!("--punch-port and --punch-secret-file (or punch_port and punch_secret_file) go together: give both"),
     };
+    let max_flows = args.max_flows.or(file.max_flows).unwrap_or(forwarder_common::MAX_FLOWS);
+    let max_sessions = args
+        .max_sessions
+        .or(file.max_sessions)
+        .unwrap_or(forwarder_common::config::DEFAULT_MAX_SESSIONS as usize);
+    let sizes = runtime_sizes(max_flows, max_sessions)?;
     Ok(RunOptions {
         punch,
+        sizes,
+        max_open_files: args.max_open_files.or(file.max_open_files),
         state_dir: args.state_dir.or(file.state_dir).unwrap_or_else(|| default_state_dir(&instance)),
-        max_flows: args.max_flows.or(file.max_flows).unwrap_or(forwarder_common::MAX_FLOWS),
         metrics: args.metrics.or(file.metrics),
         interfaces,
         datapath,
@@ -236,7 +263,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
                 .or(file.probation_flows_per_session)
                 .unwrap_or(crate::sessions::DEFAULT_PROBATION_FLOWS)
                 .max(1),
-            max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(4096),
+            max_sessions,
         },
         slowpath_pps_per_session: args
             .slowpath_pps_per_session
@@ -266,10 +293,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&detached)?);
             } else {
                 println!(
-                    "instance {}: removed {} pins{}",
+                    "instance {}: removed {} pins{}{}",
                     detached.instance,
                     detached.pins_removed,
-                    if detached.store_removed { " and the session store" } else { "" }
+                    if detached.store_removed { " and the session store" } else { "" },
+                    if detached.stale_socket_removed { " and a stale control socket" } else { "" }
                 );
             }
             Ok(())
@@ -418,6 +446,28 @@ fn render_stats(stats: &StatsInfo) -> String {
     for map in &c.maps {
         let fill = map.entries.map_or_else(|| "array".to_string(), |n| format!("{n}/{}", map.max_entries));
         let _ = writeln!(out, "  map {:<16} {:>14}  {} B kernel memory", map.name, fill, map.memlock_bytes);
+    }
+    let d = &stats.descriptors;
+    let _ = writeln!(
+        out,
+        "open files: {} of {} ({} kept in reserve; new flows stop at {}); {} flows refused at the limit",
+        d.open,
+        d.limit,
+        d.reserve,
+        d.limit.saturating_sub(d.reserve),
+        d.refused_flows
+    );
+    if stats.warnings.is_empty() {
+        let _ = writeln!(out, "warnings: none");
+    } else {
+        let _ = writeln!(out, "warnings:");
+        for warning in &stats.warnings {
+            if warning.interface.is_empty() {
+                let _ = writeln!(out, "  [{}] {}", warning.kind, warning.message);
+            } else {
+                let _ = writeln!(out, "  [{}] {}: {}", warning.kind, warning.interface, warning.message);
+            }
+        }
     }
     let s = &stats.slow_path;
     let _ = writeln!(

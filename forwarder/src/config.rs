@@ -26,6 +26,8 @@ pub struct FileConfig {
     pub max_sessions: Option<usize>,
     pub max_flows: Option<u32>,
     pub max_flows_per_session: Option<usize>,
+    /// The daemon's open-file limit (default: as high as the kernel allows).
+    pub max_open_files: Option<u64>,
     pub new_flows_per_sec: Option<u32>,
     pub probation_flows_per_session: Option<usize>,
     pub state_dir: Option<PathBuf>,

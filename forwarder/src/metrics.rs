@@ -115,6 +115,22 @@ pub fn render(stats: &StatsInfo) -> String {
     let memory: Vec<_> = c.maps.iter().map(|m| (with("map", &m.name), m.memlock_bytes as i64)).collect();
     gauge_family(&mut registry, "forwarder_map_memory_bytes", "Kernel memory of a pinned map", &memory);
 
+    let d = &stats.descriptors;
+    gauge_family(&mut registry, "forwarder_open_files", "Descriptors the daemon holds (a socket per session and flow)", &[(instance(), d.open as i64)]);
+    gauge_family(&mut registry, "forwarder_open_files_limit", "The daemon's open-file limit (soft RLIMIT_NOFILE)", &[(instance(), i64::try_from(d.limit).unwrap_or(i64::MAX))]);
+    gauge_family(&mut registry, "forwarder_open_files_reserve", "Descriptors kept free for the control socket, metrics and restarts", &[(instance(), d.reserve as i64)]);
+    counter_family(&mut registry, "forwarder_flows_refused_open_files", "New flows refused at the open-file limit", &[(instance(), d.refused_flows)]);
+    let warnings: Vec<_> = stats
+        .warnings
+        .iter()
+        .map(|w| {
+            let mut labels = with("kind", &w.kind);
+            labels.push(("interface".to_string(), w.interface.clone()));
+            (labels, 1)
+        })
+        .collect();
+    gauge_family(&mut registry, "forwarder_warning", "A condition that loses or slows packets silently (see `forwarder stats`), 1 while it holds", &warnings);
+
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     text

@@ -485,11 +485,16 @@ impl Relay {
             warn!(session = %session.id, %client, "new flow refused: the relay's flow table is full");
             return Ok(ClientVerdict::Drop);
         };
-        let Some(socket) = bind_free_port(&mut self.flow_ports, session.route.source) else {
-            self.free_slots.push_front(slot);
-            self.stats.refused_flow_limit += 1;
-            warn!(session = %session.id, %client, range = %self.flow_ports.range(), "new flow refused: no free upstream port; widen --flow-ports");
-            return Ok(ClientVerdict::Drop);
+        let socket = match bind_free_port(&mut self.flow_ports, session.route.source) {
+            Ok(socket) => socket,
+            Err((refusal, log)) => {
+                self.free_slots.push_front(slot);
+                self.stats.refused_flow_limit += 1;
+                if log {
+                    warn!(session = %session.id, %client, "new flow refused: {refusal}");
+                }
+                return Ok(ClientVerdict::Drop);
+            }
         };
         let upstream_port = socket.port;
         let entries = flow_entries(relay_addr, session_port, client, session.route, upstream_port, session.backend, slot);
@@ -725,17 +730,36 @@ impl Relay {
     }
 }
 
-/// Takes the next port of `pool` that this host lets us bind at `address`, bound.
-fn bind_free_port(pool: &mut PortPool, address: Ipv4Addr) -> Option<Arc<RelaySocket>> {
+/// Takes the next port of `pool` that this host lets us bind at `address`, bound; or
+/// says why there is none. The open-file limit is checked first and named
+/// as such: at the limit every bind fails, which would otherwise read as a
+/// full port range. The flag says whether to log the refusal (the
+/// open-file limit is logged at most once a second).
+fn bind_free_port(pool: &mut PortPool, address: Ipv4Addr) -> Result<Arc<RelaySocket>, (String, bool)> {
+    use crate::datapath::fds;
+    if let Err(at_limit) = fds::check_headroom() {
+        return Err((at_limit.to_string(), fds::count_refusal()));
+    }
     let mut bound = None;
-    pool.allocate(|port| match RelaySocket::bind(address, port) {
+    let mut exhausted = None;
+    let port = pool.allocate(|port| match RelaySocket::bind(address, port) {
         Ok(socket) => {
             bound = Some(socket);
             true
         }
-        Err(_) => false,
-    })?;
-    bound.map(Arc::new)
+        Err(error) => {
+            // No other port would bind either: stop at the first.
+            exhausted = fds::exhausted(&error);
+            exhausted.is_some()
+        }
+    });
+    if let Some(at_limit) = exhausted {
+        if let Some(port) = port {
+            pool.release(port);
+        }
+        return Err((at_limit.to_string(), fds::count_refusal()));
+    }
+    bound.map(Arc::new).ok_or_else(|| (format!("no free upstream port in {}; widen --flow-ports", pool.range()), true))
 }
 
 /// The XDP program's rule for the server's half of a flow (`check_source`

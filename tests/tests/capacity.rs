@@ -3,9 +3,10 @@
 //! map layout is refused; `detach` really removes the data plane.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use forwarder_testbed::topology::{CLIENT_IP, RELAY_CLIENT_IP, SERVER_IP};
+use forwarder_testbed::raw::{PacketSocket, mac_of, udp_frame};
+use forwarder_testbed::topology::{CLIENT_IF, CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, SERVER_IP};
 use forwarder_testbed::{Relay, Topology, UdpEcho, UdpPinger, forwarder_bin, prereq};
 
 const PROBE_WAIT: Duration = Duration::from_secs(1);
@@ -108,4 +109,247 @@ fn other_layout_is_refused_and_detach_removes_the_data_plane() {
     for i in 0..3 {
         assert!(!pinger.ping(PROBE_WAIT).unwrap(), "probe {i} echoed after detach");
     }
+}
+
+/// Sends one datagram from each of `client_ports` (raw frames from the
+/// client's address, no socket per endpoint) to `relay_port`, paced so the
+/// daemon's session socket does not overflow: every source port is a new
+/// client endpoint, hence a new flow.
+fn send_new_flows(
+    topo: &Topology,
+    socket: &PacketSocket,
+    relay_port: u16,
+    client_ports: impl Iterator<Item = u16>,
+    per_ms: usize,
+) {
+    let macs = (mac_of(&topo.client, CLIENT_IF).unwrap(), mac_of(&topo.relay, RELAY_CLIENT_IF).unwrap());
+    let to = SocketAddrV4::new(RELAY_CLIENT_IP, relay_port);
+    let payload = [0x5au8; 32];
+    let started = Instant::now();
+    for (sent, port) in client_ports.enumerate() {
+        let frame = udp_frame(macs, SocketAddrV4::new(CLIENT_IP, port), to, &payload);
+        while !socket.send(&frame).unwrap() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        // Pace: at most `per_ms` frames a millisecond on average.
+        let due = Duration::from_micros((sent as u64 + 1) * 1000 / per_ms as u64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// Client ports 20000.. give every session the same set of endpoints; the
+/// flows differ by the session port they are sent to.
+const FIRST_CLIENT_PORT: u16 = 20_000;
+
+#[test]
+fn flows_beyond_the_compiled_default_install_and_the_last_forwards_in_xdp() {
+    prereq::require().unwrap();
+    const SESSIONS: u16 = 17;
+    const FLOWS_PER_SESSION: u16 = 1_000;
+    let topo = Topology::client_relay_server().unwrap();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &[
+            "--xdp-mode", "native",
+            "--max-flows", "65536",
+            "--max-sessions", "64",
+            "--max-flows-per-session", "2000",
+            "--new-flows-per-sec", "1000000",
+            // The raw-frame flows are installed faster than their echoes
+            // come back: let them all wait for their answer.
+            "--probation-flows-per-session", "2000",
+            "--flow-ports", "10000-59999",
+            "--slowpath-pps-per-session", "0",
+            "--slowpath-pps", "0",
+        ],
+    )
+    .unwrap();
+    let last_echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000 + SESSIONS - 1)).unwrap();
+    let sessions: Vec<_> = (0..SESSIONS).map(|i| relay.add(v4(SERVER_IP, 7000 + i), &[]).unwrap()).collect();
+    let socket = PacketSocket::open(&topo.client, CLIENT_IF).unwrap();
+
+    // Every session but the last gets all its flows; the last all but one,
+    // which a real socket opens below and which must then stay in XDP.
+    let wanted = usize::from(SESSIONS) * usize::from(FLOWS_PER_SESSION) - 1;
+    let started = Instant::now();
+    let mut installed = 0;
+    for round in 0..5 {
+        for (index, session) in sessions.iter().enumerate() {
+            let count = if index + 1 == sessions.len() { FLOWS_PER_SESSION - 1 } else { FLOWS_PER_SESSION };
+            send_new_flows(&topo, &socket, session.port, FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + count, 8);
+        }
+        // Established flows' repeats stay in XDP; only missing ones reach the daemon.
+        std::thread::sleep(Duration::from_secs(1));
+        installed = relay.stats().unwrap()["flows"].as_u64().unwrap() as usize;
+        eprintln!("round {round}: {installed} flows installed after {:?}", started.elapsed());
+        if installed >= wanted {
+            break;
+        }
+    }
+    assert_eq!(installed, wanted, "not every flow was installed; log:\n{}", tail(&relay.log()));
+
+    let last = sessions.last().unwrap();
+    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, last.port)).unwrap();
+    assert!(pinger.ping_any(10, PROBE_WAIT).unwrap(), "flow {} was not forwarded", wanted + 1);
+    for _ in 0..5 {
+        assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "flow {} stopped forwarding", wanted + 1);
+    }
+    let stats = relay.stats().unwrap();
+    let total = wanted + 1;
+    assert_eq!(stats["flows"].as_u64().unwrap() as usize, total, "{}", stats["slow_path"]);
+    assert!(total > 16_384);
+    let client_flows = map_entries(&stats, "CLIENT_FLOWS");
+    assert_eq!(client_flows["entries"].as_u64().unwrap() as usize, total, "{client_flows}");
+    assert_eq!(client_flows["max_entries"], 65_536, "{client_flows}");
+    assert_eq!(map_entries(&stats, "FLOW_COUNTERS")["max_entries"], 131_072);
+    assert_eq!(map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"], 64);
+    let local = pinger.local_addr().unwrap().to_string();
+    let flow = relay
+        .session(&last.id)
+        .unwrap()
+        .unwrap()
+        .flows
+        .into_iter()
+        .find(|f| f.client == local)
+        .expect("the pinger's flow is listed");
+    // The first probe went through the daemon; the echoes of the later ones in XDP both ways.
+    assert!(flow.fast_path_packets >= 8, "the last flow is not forwarded in XDP: {flow:?}");
+    assert!(last_echo.echoed() >= 6);
+    let log = relay.log();
+    assert!(!log.contains("out of range"), "{}", tail(&log));
+    eprintln!(
+        "{total} flows installed over {SESSIONS} sessions in {:?}; the last: {} packets in XDP, {} through the daemon",
+        started.elapsed(),
+        flow.fast_path_packets,
+        flow.slow_path_packets
+    );
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_answering() {
+    prereq::require().unwrap();
+    const LIMIT: u64 = 300;
+    let topo = Topology::client_relay_server().unwrap();
+    topo.relay.ip(&["link", "set", "lo", "up"]).unwrap();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &[
+            "--max-open-files", "300",
+            "--max-flows-per-session", "1000",
+            "--new-flows-per-sec", "1000000",
+            "--probation-flows-per-session", "1000",
+            "--slowpath-pps-per-session", "0",
+            "--metrics", "127.0.0.1:9464",
+        ],
+    )
+    .unwrap();
+    let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
+    let session = relay.add(echo.addr, &[]).unwrap();
+    let socket = PacketSocket::open(&topo.client, CLIENT_IF).unwrap();
+    // More endpoints than the daemon has descriptors.
+    send_new_flows(&topo, &socket, session.port, FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + 400, 2);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let stats = relay.stats().unwrap();
+    let d = &stats["descriptors"];
+    assert_eq!(d["limit"], LIMIT, "{d}");
+    let reserve = d["reserve"].as_u64().unwrap();
+    assert_eq!(reserve, 64, "{d}");
+    let open = d["open"].as_u64().unwrap();
+    assert!(open <= LIMIT - reserve + 4, "the reserve was eaten into: {d}");
+    assert!(open >= LIMIT - reserve - 4, "flows stopped well before the limit: {d}");
+    assert!(d["refused_flows"].as_u64().unwrap() > 0, "{d}");
+    let flows = stats["flows"].as_u64().unwrap();
+    assert!(flows > 100 && flows < 300, "{flows} flows under a limit of {LIMIT} descriptors");
+    let log = relay.log();
+    assert!(
+        log.contains("new flow refused: the daemon has reached its open-file limit (300"),
+        "no refusal naming the open-file limit:\n{}",
+        tail(&log)
+    );
+    assert!(!log.contains("no free upstream port"), "the refusal blames the port range:\n{}", tail(&log));
+    // Every new endpoint is refused at the limit: the log gets one a second, the count is in stats.
+    let logged = log.matches("new flow refused: the daemon has reached its open-file limit").count();
+    assert!(logged <= 5, "{logged} refusal lines for {} refusals: not throttled", d["refused_flows"]);
+
+    // The reserve keeps the control socket, a new session and metrics working.
+    for _ in 0..20 {
+        relay.list().unwrap();
+    }
+    let text = relay.verb(&["stats"]).unwrap();
+    assert!(text.contains("open files: ") && text.contains("of 300 (64 kept in reserve"), "{text}");
+    // The health check runs every 2 s.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while !relay.verb(&["stats"]).unwrap().contains("[open_file_limit] the daemon holds") {
+        assert!(Instant::now() < deadline, "no open_file_limit warning: {}", relay.verb(&["stats"]).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let echo2 = UdpEcho::start(&topo.server, v4(SERVER_IP, 7001)).unwrap();
+    relay.add(echo2.addr, &[]).unwrap();
+    let metrics = topo
+        .relay
+        .within(|| {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect("127.0.0.1:9464")?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .unwrap();
+    let label = format!("instance=\"{}\"", relay.instance());
+    assert!(metrics.contains(&format!("forwarder_open_files_limit{{{label}}} 300")), "{metrics}");
+    assert!(metrics.contains("forwarder_flows_refused_open_files_total"), "{metrics}");
+    // Established flows keep forwarding at the limit.
+    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    assert!(!pinger.ping_any(2, PROBE_WAIT).unwrap(), "a new flow was admitted past the limit");
+    eprintln!("limit {LIMIT}: {flows} flows, {open} descriptors open, refused {}", d["refused_flows"]);
+}
+
+#[test]
+fn pinned_maps_of_another_size_are_refused_with_the_way_on() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let mut relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--max-flows", "1000", "--max-sessions", "50"]).unwrap();
+    let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
+    let session = relay.add(echo.addr, &[]).unwrap();
+    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
+    relay.kill9().unwrap();
+
+    let bin = forwarder_bin().unwrap();
+    let state_dir = relay.state_dir().to_string_lossy().into_owned();
+    for sizes in [["--max-flows", "2000", "--max-sessions", "50"], ["--max-flows", "1000", "--max-sessions", "60"]] {
+        let mut start = topo.relay.nsenter(bin.to_str().unwrap());
+        start
+            .args(["run", "--instance", relay.instance(), "--state-dir", &state_dir])
+            .args(["--iface", "veth-rc", "--iface", "veth-rs"])
+            .args(sizes);
+        let out = forwarder_testbed::cmd::run(&mut start, Duration::from_secs(30)).unwrap();
+        assert!(!out.success(), "a daemon adopted pinned maps of another size ({sizes:?})");
+        let stderr = &out.stderr;
+        assert!(
+            stderr.contains("was created with --max-flows 1000 --max-sessions 50")
+                && stderr.contains(&format!("forwarder detach --instance {}", relay.instance())),
+            "unclear: {stderr}"
+        );
+        // The refused start touched nothing: the pinned data plane still forwards.
+        assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "a refused start disturbed forwarding");
+    }
+    // The sizes it was created with are adopted.
+    relay.restart().unwrap();
+    assert!(pinger.ping_any(3, PROBE_WAIT).unwrap());
+    let stats = relay.stats().unwrap();
+    assert_eq!(stats["capacity"]["max_flows"], 1000, "{stats}");
+    assert_eq!(map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"], 50);
 }

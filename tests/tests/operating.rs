@@ -109,3 +109,88 @@ fn unit_command_line_with_example_config_serves_sessions_and_metrics() {
         .sum();
     assert!(forwarded > 0, "no forwarded packets in the metrics:\n{response}");
 }
+
+/// What a failed `run` could leave behind: pins, the control socket, an
+/// XDP program on an interface.
+fn assert_nothing_left(topo: &Topology, instance: &str, what: &str) {
+    let pins = std::path::Path::new("/sys/fs/bpf/forwarder").join(instance);
+    assert!(!pins.exists(), "{what}: pins left behind in {}", pins.display());
+    let socket = std::path::Path::new("/run/forwarder").join(format!("{instance}.sock"));
+    assert!(!socket.exists(), "{what}: control socket {} left behind", socket.display());
+    for iface in topo.relay_ifaces() {
+        let link = topo.relay.ip(&["-d", "link", "show", "dev", iface]).unwrap();
+        assert!(!link.contains("prog/xdp") && !link.contains(" xdp"), "{what}: XDP left attached to {iface}:\n{link}");
+    }
+}
+
+/// Runs `forwarder run` in the relay namespace with `args`; it must fail.
+fn failing_run(topo: &Topology, instance: &str, args: &[&str]) -> String {
+    let bin = forwarder_bin().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut run = topo.relay.nsenter(bin.to_str().unwrap());
+    run.args(["run", "--instance", instance, "--xdp-mode", "native"]);
+    if !args.contains(&"--state-dir") {
+        run.arg("--state-dir").arg(state.path().join("state"));
+    }
+    run.args(args);
+    // Bounded: a daemon that wrongly starts would otherwise run forever.
+    let out = forwarder_testbed::cmd::run(&mut run, Duration::from_secs(30)).unwrap();
+    assert!(!out.success(), "`forwarder run {}` started", args.join(" "));
+    out.stderr
+}
+
+#[test]
+fn a_failed_start_leaves_nothing_behind() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    topo.relay.ip(&["link", "set", "lo", "up"]).unwrap();
+    let instance = format!("t{}-{}", std::process::id(), random_tag());
+    let both = ["--iface", "veth-rc", "--iface", "veth-rs"];
+
+    // The metrics address is taken.
+    let taken = topo.relay.within(|| Ok(std::net::TcpListener::bind(METRICS)?)).unwrap();
+    let mut args = both.to_vec();
+    args.extend(["--metrics", METRICS]);
+    let stderr = failing_run(&topo, &instance, &args);
+    assert!(stderr.contains("binding the metrics address 127.0.0.1:9464"), "unclear: {stderr}");
+    assert_nothing_left(&topo, &instance, "metrics address in use");
+    drop(taken);
+
+    // The second interface does not exist (the first was fine).
+    let stderr = failing_run(&topo, &instance, &["--iface", "veth-rc", "--iface", "nosuch0"]);
+    assert!(stderr.contains("interface \"nosuch0\" does not exist"), "unclear: {stderr}");
+    assert_nothing_left(&topo, &instance, "missing second interface");
+
+    // The store cannot be opened: this fails after XDP is loaded, attached and pinned.
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    let mut args = both.to_vec();
+    let blocked = blocker.path().join("state").to_string_lossy().into_owned();
+    args.extend(["--state-dir", &blocked]);
+    let stderr = failing_run(&topo, &instance, &args);
+    assert!(stderr.contains("error"), "{stderr}");
+    assert_nothing_left(&topo, &instance, "unusable state folder");
+
+    // And after all that, a correct start works and forwards.
+    let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--xdp-mode", "native"]).unwrap();
+    let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
+    let session = relay.add(echo.addr, &[]).unwrap();
+    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
+}
+
+#[test]
+fn detach_removes_a_stale_control_socket() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let mut relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &[]).unwrap();
+    relay.kill9().unwrap();
+    let socket = std::path::Path::new("/run/forwarder").join(format!("{}.sock", relay.instance()));
+    assert!(socket.exists(), "SIGKILL should leave the socket file: nothing else to test otherwise");
+    let state_dir = relay.state_dir().to_string_lossy().into_owned();
+    let out = relay.verb(&["detach", "--state-dir", &state_dir, "--json"]).unwrap();
+    let detached: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(detached["stale_socket_removed"], true, "{detached}");
+    assert!(detached["pins_removed"].as_u64().unwrap() > 0, "{detached}");
+    assert!(!socket.exists(), "detach left the stale control socket");
+    assert_nothing_left(&topo, relay.instance(), "detach");
+}

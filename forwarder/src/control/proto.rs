@@ -111,6 +111,34 @@ pub struct StatsInfo {
     /// Capacity of the relay and fill of its pinned maps.
     #[serde(default)]
     pub capacity: CapacityInfo,
+    /// Open files: every session and flow holds a socket.
+    #[serde(default)]
+    pub descriptors: DescriptorInfo,
+    /// Conditions in which packets are lost or slowed without a counter
+    /// saying so (a veth peer that cannot take redirects, an interface
+    /// down, forwarding disabled), each with its fix.
+    #[serde(default)]
+    pub warnings: Vec<Warning>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct DescriptorInfo {
+    pub open: u64,
+    /// The soft RLIMIT_NOFILE.
+    pub limit: u64,
+    /// Kept free for the control socket, metrics and restarts: new flows stop at limit - reserve.
+    pub reserve: u64,
+    /// New flows refused because the budget was spent.
+    pub refused_flows: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Warning {
+    /// Stable name for scripts and alerts: veth_peer_drops, interface_down, forwarding_disabled, ...
+    pub kind: String,
+    pub interface: String,
+    /// What happens and how to fix it.
+    pub message: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

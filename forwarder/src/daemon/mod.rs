@@ -16,16 +16,20 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::control::proto::{CapacityInfo, MapFill, PacketsBytes, StatsInfo};
+use forwarder_common::config::RuntimeSizes;
+
+use crate::control::proto::{CapacityInfo, DescriptorInfo, MapFill, PacketsBytes, StatsInfo};
 use crate::control::{self};
+use crate::datapath::fds;
 use crate::datapath::pins::PinDir;
-use crate::datapath::xdp::{self, Capacity, ModeChoice, XdpDatapath};
+use crate::datapath::xdp::{self, ModeChoice, XdpDatapath};
 use crate::datapath::{Datapath, DatapathChoice};
 use crate::store::Store;
 use crate::ports::PortRange;
 use crate::sessions::{Limits, Relay, monotonic_ns};
 use crate::slowpath::{SharedRelay, spawn_flow_reader, spawn_session_reader};
 
+pub mod health;
 pub mod punch;
 
 /// Everything `forwarder run` needs.
@@ -41,8 +45,10 @@ pub struct RunOptions {
     /// Rate limits on what the XDP program hands to the daemon (0: unlimited).
     pub slowpath_pps_per_session: u32,
     pub slowpath_pps: u32,
-    /// Size of the flow maps when they are first created.
-    pub max_flows: u32,
+    /// Every map size and slot count, from --max-flows and --max-sessions.
+    pub sizes: RuntimeSizes,
+    /// --max-open-files: the open-file limit to set instead of raising it.
+    pub max_open_files: Option<u64>,
     /// Where the session store lives.
     pub state_dir: PathBuf,
     /// Where to serve Prometheus metrics, if anywhere.
@@ -86,7 +92,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
-    raise_fd_limit();
+    match options.max_open_files {
+        Some(limit) => fds::set_limit(limit)?,
+        None => raise_fd_limit(),
+    }
     if let Some(punch) = &options.punch
         && (options.session_ports.contains(punch.port) || options.flow_ports.contains(punch.port))
     {
@@ -99,6 +108,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     let socket_path = control::socket_path(&options.instance);
     let listener = control::server::bind(&socket_path, &options.instance)?;
+    // From here on a failed start removes what it built (see StartGuard).
+    let mut guard = StartGuard { socket_path: socket_path.clone(), fresh_pins: None, armed: true };
+    // Before the data plane: an address in use is the cheapest failure.
+    let metrics_listener = match options.metrics {
+        Some(address) => Some((address, crate::metrics::bind(address).await?)),
+        None => None,
+    };
 
     let config = RelayConfig {
         session_port_lo: options.session_ports.lo,
@@ -107,17 +123,22 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_port_hi: options.flow_ports.hi,
     };
     let pins = PinDir::new(&options.instance, xdp::layout()?);
-    let (mut datapath, adopting) = Datapath::start(options.datapath, options.max_flows, || {
+    let mut fresh_pins = false;
+    let started_xdp = Datapath::start(options.datapath, options.sizes, || {
         let adopting = pins.prepare(&options.instance)?;
-        let xdp = XdpDatapath::start(
-            &options.interfaces,
-            options.xdp_mode,
-            config,
-            Capacity { max_flows: options.max_flows },
-            &pins,
-        )?;
-        Ok((xdp, adopting))
-    })?;
+        fresh_pins = !adopting;
+        let xdp = XdpDatapath::start(&options.interfaces, options.xdp_mode, config, options.sizes, &pins);
+        if xdp.is_err() && fresh_pins {
+            // Falling back to the userspace datapath (auto) keeps no XDP: drop
+            // the maps the loader pinned before it failed.
+            pins.remove_fresh();
+        }
+        Ok((xdp?, adopting))
+    });
+    if fresh_pins {
+        guard.fresh_pins = Some(pins.clone());
+    }
+    let (mut datapath, adopting) = started_xdp?;
     // Before the restore below, which gives every restored session its bucket.
     datapath.limit_slowpath(options.slowpath_pps_per_session, options.slowpath_pps)?;
     let mut store = Store::open(&options.state_dir)?;
@@ -167,9 +188,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         "forwarder ready"
     );
 
-    let metrics = match options.metrics {
-        Some(address) => {
-            let listener = crate::metrics::bind(address).await?;
+    let metrics = match metrics_listener {
+        Some((address, listener)) => {
             info!(%address, "serving Prometheus metrics at /metrics");
             Some(tokio::spawn(crate::metrics::serve(listener, relay.clone())))
         }
@@ -181,6 +201,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(punch) => punch::start(relay.clone(), punch, nat_upstreams)?,
         None => Vec::new(),
     };
+    let health = tokio::spawn(health::watch(options.interfaces.clone(), mode.clone()));
+    // Started: from now on the pinned data plane outlives the daemon on purpose.
+    guard.armed = false;
 
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -193,6 +216,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         metrics.abort();
     }
     expiry.abort();
+    health.abort();
     punch_tasks.iter().for_each(JoinHandle::abort);
     let _ = std::fs::remove_file(&socket_path);
     info!(
@@ -223,12 +247,36 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Undoes a `run` that failed before it was ready: the control socket's
+/// file, and the data plane when this run created it. A data plane adopted
+/// from an earlier run is left alone: it is still forwarding established flows.
+struct StartGuard {
+    socket_path: PathBuf,
+    fresh_pins: Option<PinDir>,
+    armed: bool,
+}
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+        if let Some(pins) = &self.fresh_pins {
+            pins.remove_fresh();
+            info!(pins = %pins.dir.display(), "start failed: removed the data plane it had begun to build");
+        }
+    }
+}
+
 /// What `forwarder detach` removed.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Detached {
     pub instance: String,
     pub pins_removed: usize,
     pub store_removed: bool,
+    /// A control socket file left by a daemon that died without cleaning up.
+    pub stale_socket_removed: bool,
 }
 
 /// Removes an instance's pinned data plane (the XDP program leaves every
@@ -245,13 +293,18 @@ pub fn detach(instance: &str, state_dir: &std::path::Path, purge: bool) -> anyho
             socket.display()
         );
     }
+    // Nobody answers on it (checked above): a killed daemon's leftover.
+    let stale_socket_removed = socket.exists()
+        && std::fs::remove_file(&socket)
+            .map(|()| true)
+            .with_context(|| format!("removing the stale control socket {}", socket.display()))?;
     let pins_removed = crate::datapath::pins::remove_instance(instance)?;
     let store_removed = purge && state_dir.is_dir();
     if store_removed {
         std::fs::remove_dir_all(state_dir).with_context(|| format!("removing {}", state_dir.display()))?;
     }
-    info!(instance, pins_removed, store_removed, "data plane detached");
-    Ok(Detached { instance: instance.to_string(), pins_removed, store_removed })
+    info!(instance, pins_removed, store_removed, stale_socket_removed, "data plane detached");
+    Ok(Detached { instance: instance.to_string(), pins_removed, store_removed, stale_socket_removed })
 }
 
 async fn expire_forever(relay: SharedRelay) {
@@ -289,6 +342,16 @@ fn capacity(relay: &Relay) -> CapacityInfo {
     }
 }
 
+fn descriptors() -> DescriptorInfo {
+    let usage = fds::usage();
+    DescriptorInfo {
+        open: usage.open,
+        limit: usage.limit,
+        reserve: usage.reserve,
+        refused_flows: usage.refused_flows,
+    }
+}
+
 /// Global counters for `forwarder stats`.
 pub fn stats(relay: &Relay) -> StatsInfo {
     let counters = relay.datapath.reason_counters();
@@ -314,5 +377,7 @@ pub fn stats(relay: &Relay) -> StatsInfo {
         reasons,
         slow_path: relay.stats.clone(),
         capacity: capacity(relay),
+        descriptors: descriptors(),
+        warnings: health::current(),
     }
 }

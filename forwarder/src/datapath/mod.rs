@@ -2,10 +2,12 @@
 //! daemon's own UDP sockets. With the userspace datapath the sockets carry
 //! every packet; with XDP they only see first packets and fallbacks.
 
+pub mod fds;
 pub mod pins;
 pub mod socket;
 pub mod xdp;
 
+use forwarder_common::config::RuntimeSizes;
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{BackendKey, ClientKey, FlowCounter, REASON_COUNT, Rewrite};
 use tracing::warn;
@@ -33,7 +35,7 @@ pub struct Misconfigured(pub String);
 pub enum Datapath {
     Xdp(Box<XdpDatapath>),
     /// Every packet through the daemon's sockets; nothing to install.
-    Userspace { max_flows: u32 },
+    Userspace { sizes: RuntimeSizes },
 }
 
 impl Datapath {
@@ -41,12 +43,12 @@ impl Datapath {
     /// says whether it adopted a pinned data plane).
     pub fn start(
         choice: DatapathChoice,
-        max_flows: u32,
+        sizes: RuntimeSizes,
         start_xdp: impl FnOnce() -> anyhow::Result<(XdpDatapath, bool)>,
     ) -> anyhow::Result<(Self, bool)> {
         match choice {
             DatapathChoice::Xdp => start_xdp().map(|(xdp, adopted)| (Self::Xdp(Box::new(xdp)), adopted)),
-            DatapathChoice::Userspace => Ok((Self::Userspace { max_flows }, false)),
+            DatapathChoice::Userspace => Ok((Self::Userspace { sizes }, false)),
             DatapathChoice::Auto => match start_xdp() {
                 Ok((xdp, adopted)) => Ok((Self::Xdp(Box::new(xdp)), adopted)),
                 Err(error) if error.downcast_ref::<Misconfigured>().is_some() => Err(error),
@@ -56,7 +58,7 @@ impl Datapath {
                         "XDP is not available; falling back to the userspace datapath (every packet through the daemon). \
                          Use --datapath xdp to make this an error"
                     );
-                    Ok((Self::Userspace { max_flows }, false))
+                    Ok((Self::Userspace { sizes }, false))
                 }
             },
         }
@@ -115,9 +117,14 @@ impl Datapath {
 
     /// How many flows the relay may hold (the XDP maps' size).
     pub fn max_flows(&self) -> u32 {
+        self.sizes().max_flows
+    }
+
+    /// The run-time sizes everything was built with.
+    pub fn sizes(&self) -> RuntimeSizes {
         match self {
-            Self::Xdp(xdp) => xdp.max_flows,
-            Self::Userspace { max_flows } => *max_flows,
+            Self::Xdp(xdp) => xdp.sizes,
+            Self::Userspace { sizes } => *sizes,
         }
     }
 

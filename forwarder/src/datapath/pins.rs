@@ -135,6 +135,22 @@ impl PinDir {
         self.dir.join(format!("link-{mode}-{}", interface.replace('%', "%25").replace('.', "%2e")))
     }
 
+    /// Removes this layout's pins and folder (and the instance folder when
+    /// that leaves it empty): what a failed first start built. Best effort:
+    /// it runs on the way out of an error that is already being reported.
+    pub fn remove_fresh(&self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            let mut pins: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+            // Links first, so the program leaves the interfaces before its maps go.
+            pins.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-")));
+            for pin in pins {
+                let _ = std::fs::remove_file(pin);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+        let _ = std::fs::remove_dir(&self.instance_dir);
+    }
+
     /// The pinned link of `interface`, if any, with its mode.
     pub fn find_link(&self, interface: &str) -> Option<(PathBuf, String)> {
         LINK_MODES

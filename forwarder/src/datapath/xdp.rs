@@ -10,7 +10,7 @@ use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::config::FLOW_COUNTER_SLOTS;
+use forwarder_common::config::{MAX_INTERFACES, RuntimeSizes, map_names};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
@@ -57,15 +57,9 @@ pub struct XdpDatapath {
     slowpath: SlowpathBuckets,
     /// "native", "skb" or a mix, for `stats`.
     pub mode: String,
-    /// How many flows the pinned maps hold.
-    pub max_flows: u32,
+    /// What the maps were sized to (pinned maps adopted only when they match).
+    pub sizes: RuntimeSizes,
     pub pins: PinDir,
-}
-
-/// How large the flow maps are created (pinned maps keep the size they were created with).
-#[derive(Clone, Copy, Debug)]
-pub struct Capacity {
-    pub max_flows: u32,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -83,21 +77,34 @@ impl XdpDatapath {
         interfaces: &[String],
         choice: ModeChoice,
         config: RelayConfig,
-        capacity: Capacity,
+        sizes: RuntimeSizes,
         pins: &PinDir,
     ) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this forwarder binary was built with AYA_BUILD_SKIP and holds no XDP program: rebuild without it");
         }
-        let names = map_names()?;
+        if interfaces.len() > MAX_INTERFACES as usize {
+            return Err(super::Misconfigured(format!(
+                "{} interfaces given, but the redirect map holds {MAX_INTERFACES}: attach to fewer (--iface)",
+                interfaces.len()
+            ))
+            .into());
+        }
+        let names = object_map_names()?;
+        // Before anything is loaded or attached: a refused start must leave
+        // an adopted data plane exactly as it was.
+        check_pinned_sizes(pins, sizes)?;
+        check_interfaces_free(interfaces, pins)?;
         let mut loader = EbpfLoader::new();
         for name in &names {
             loader.map_pin_path(name, pins.map_path(name));
         }
-        loader
-            .map_max_entries("CLIENT_FLOWS", capacity.max_flows)
-            .map_max_entries("BACKEND_FLOWS", capacity.max_flows)
-            .map_max_entries("FLOW_COUNTERS", capacity.max_flows.saturating_mul(2));
+        for (name, max_entries) in sizes.map_max_entries() {
+            if !names.iter().any(|n| n == name) {
+                bail!("the embedded XDP object has no map {name}: rebuild forwarder");
+            }
+            loader.map_max_entries(name, max_entries);
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|error| {
             anyhow::anyhow!(
                 "loading the XDP program failed: {error:#}. The daemon needs root with BPF allowed \
@@ -139,17 +146,9 @@ impl XdpDatapath {
         modes.dedup();
         let mode = modes.join("+");
 
-        let pinned_flows = pinned_max_entries(pins, "CLIENT_FLOWS")?
-            .min(pinned_max_entries(pins, "BACKEND_FLOWS")?)
-            .min(pinned_max_entries(pins, "FLOW_COUNTERS")? / 2);
-        if pinned_flows != capacity.max_flows {
-            warn!(
-                pinned = pinned_flows,
-                configured = capacity.max_flows,
-                "the pinned flow maps keep their size across restarts; the configured max_flows \
-                 takes effect after `forwarder detach` (which drops established flows)"
-            );
-        }
+        // The loader either created the maps at these sizes or adopted pins
+        // checked above; a mismatch here means someone swapped pins meanwhile.
+        check_pinned_sizes(pins, sizes)?;
 
         let client_flows = HashMap::try_from(take_map(&mut ebpf, "CLIENT_FLOWS")?)?;
         let backend_flows = HashMap::try_from(take_map(&mut ebpf, "BACKEND_FLOWS")?)?;
@@ -168,7 +167,7 @@ impl XdpDatapath {
             reason_counters,
             slowpath,
             mode,
-            max_flows: pinned_flows,
+            sizes,
             pins: pins.clone(),
         })
     }
@@ -238,8 +237,13 @@ impl XdpDatapath {
     }
 
     fn reset_counter(&mut self, slot: u32) -> anyhow::Result<()> {
-        if slot >= FLOW_COUNTER_SLOTS {
-            bail!("flow counter slot {slot} is out of range");
+        if slot >= self.sizes.flow_counter_slots() {
+            bail!(
+                "flow counter slot {slot} is out of range (the counter map holds {} slots for {} flows): \
+                 this is a bug in the daemon's slot allocation",
+                self.sizes.flow_counter_slots(),
+                self.sizes.max_flows
+            );
         }
         let cpus = nr_cpus().map_err(|(_, error)| error).context("counting CPUs")?;
         let zeros = PerCpuValues::try_from(vec![FlowCounter::default(); cpus])?;
@@ -344,8 +348,10 @@ impl XdpDatapath {
             return Ok(());
         }
         self.slowpath.sessions.insert(port, self.slowpath.per_session, 0).with_context(|| {
-            format!("adding the slow-path bucket of port {port} (the map holds {} sessions at most)",
-                forwarder_common::slowpath::MAX_SESSIONS)
+            format!(
+                "adding the slow-path bucket of port {port} (the map holds {} sessions: --max-sessions)",
+                self.sizes.max_sessions
+            )
         })
     }
 
@@ -473,7 +479,7 @@ fn map_shapes() -> anyhow::Result<Vec<(String, u32, u32, u32)>> {
         .collect())
 }
 
-fn map_names() -> anyhow::Result<Vec<String>> {
+fn object_map_names() -> anyhow::Result<Vec<String>> {
     Ok(map_shapes()?.into_iter().map(|(name, ..)| name).collect())
 }
 
@@ -492,9 +498,116 @@ pub fn layout() -> anyhow::Result<String> {
     Ok(layout_id(&mut shapes))
 }
 
-fn pinned_max_entries(pins: &PinDir, name: &str) -> anyhow::Result<u32> {
-    let path = pins.map_path(name);
-    Ok(MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?.max_entries())
+/// Pinned maps keep the size they were created with; adopting ones of
+/// another size would make `--max-flows` / `--max-sessions` lie, so the
+/// daemon refuses and says how to go on.
+fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> {
+    let mut pinned_flows = None;
+    let mut pinned_sessions = None;
+    let mut mismatch = false;
+    for (name, wanted) in sizes.map_max_entries() {
+        let path = pins.map_path(name);
+        if !path.exists() {
+            continue;
+        }
+        let got = MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?.max_entries();
+        mismatch |= got != wanted;
+        match name {
+            map_names::CLIENT_FLOWS | map_names::BACKEND_FLOWS => pinned_flows = Some(got),
+            map_names::FLOW_COUNTERS => pinned_flows = pinned_flows.or(Some(got / 2)),
+            map_names::SLOWPATH_SESSION_BUCKETS => pinned_sessions = Some(got),
+            _ => {}
+        }
+    }
+    if !mismatch {
+        return Ok(());
+    }
+    let instance = pins.instance_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let flows = pinned_flows.map_or_else(|| "?".to_string(), |n| n.to_string());
+    let sessions = pinned_sessions.map_or_else(|| "?".to_string(), |n| n.to_string());
+    Err(super::Misconfigured(format!(
+        "the data plane pinned for instance {instance:?} ({}) was created with --max-flows {flows} \
+         --max-sessions {sessions}, but this run asks for --max-flows {} --max-sessions {}: pinned maps keep \
+         their size. Either start with --max-flows {flows} --max-sessions {sessions} (established flows keep \
+         forwarding), or stop the daemon, run `forwarder detach --instance {instance}` (drops established \
+         flows; sessions stay stored) and start again with the new sizes",
+        pins.dir.display(),
+        sizes.max_flows,
+        sizes.max_sessions
+    ))
+    .into())
+}
+
+/// Refuses, before anything is attached, an interface that already runs
+/// an XDP program this instance did not pin: attaching would fail with a
+/// bare EBUSY/EEXIST, and falling back to the userspace datapath would hide
+/// that another relay (or tool) owns the interface.
+fn check_interfaces_free(interfaces: &[String], pins: &PinDir) -> anyhow::Result<()> {
+    for name in interfaces {
+        let Some(prog_id) = attached_xdp_prog(name)? else { continue };
+        if let Some((path, _)) = pins.find_link(name)
+            && pinned_link_prog(&path) == Some(prog_id)
+        {
+            continue;
+        }
+        let owner = match forwarder_owning(prog_id) {
+            Some(other) => format!("by forwarder instance {other:?}"),
+            None => "by another program, not a forwarder instance on this host".to_string(),
+        };
+        return Err(super::Misconfigured(format!(
+            "interface {name} already has an XDP program attached ({owner}; program id {prog_id}): one \
+             interface takes one XDP program. Run one instance per interface (give this instance other \
+             --iface), stop and `forwarder detach` the other instance, or remove the other program \
+             (`ip link set dev {name} xdp off`)"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The id of the XDP program attached to `name` (any mode), from `ip -j link`.
+pub fn attached_xdp_prog(name: &str) -> anyhow::Result<Option<u32>> {
+    let output = std::process::Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", name])
+        .output()
+        .context("running `ip link show` (is iproute2 installed?)")?;
+    if !output.status.success() {
+        return Err(super::Misconfigured(format!(
+            "interface {name:?} does not exist in this network namespace: check `ip link` \
+             (run the daemon in the namespace that owns it, e.g. with nsenter --net=...)"
+        ))
+        .into());
+    }
+    let links: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("parsing `ip -j link show` output")?;
+    let xdp = &links[0]["xdp"];
+    let id = xdp["prog"]["id"]
+        .as_u64()
+        .or_else(|| xdp["attached"].as_array()?.iter().find_map(|a| a["prog"]["id"].as_u64()));
+    Ok(id.and_then(|id| u32::try_from(id).ok()))
+}
+
+fn pinned_link_prog(path: &std::path::Path) -> Option<u32> {
+    let link = FdLink::from(PinnedLink::from_pin(path).ok()?);
+    Some(link.info().ok()?.program_id())
+}
+
+/// The forwarder instance whose pinned link runs program `prog_id`, if any
+/// (bpffs is shared across network namespaces, so this finds instances in
+/// other namespaces too).
+fn forwarder_owning(prog_id: u32) -> Option<String> {
+    let root = std::path::Path::new(super::pins::BPFFS).join("forwarder");
+    for instance in std::fs::read_dir(root).ok()?.filter_map(Result::ok) {
+        for layout in std::fs::read_dir(instance.path()).into_iter().flatten().filter_map(Result::ok) {
+            for pin in std::fs::read_dir(layout.path()).into_iter().flatten().filter_map(Result::ok) {
+                let is_link = pin.file_name().to_string_lossy().starts_with("link-");
+                if is_link && pinned_link_prog(&pin.path()) == Some(prog_id) {
+                    return Some(instance.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    None
 }
 
 /// The relay's route towards a backend: which local address packets leave

@@ -176,12 +176,12 @@ impl Relay {
         let Some(slot) = self.free_slots.pop_front() else {
             bail!("the relay's flow table is full");
         };
-        let Some(upstream) = bind_free_port(&mut self.flow_ports, route.source) else {
-            self.free_slots.push_front(slot);
-            bail!(
-                "no free upstream port in {}; widen --flow-ports",
-                self.flow_ports.range()
-            );
+        let upstream = match bind_free_port(&mut self.flow_ports, route.source) {
+            Ok(upstream) => upstream,
+            Err((refusal, _)) => {
+                self.free_slots.push_front(slot);
+                bail!("{refusal}");
+            }
         };
         let upstream_port = upstream.port;
         // Until Bind says otherwise, the server is where the request came from.
