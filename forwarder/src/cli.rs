@@ -8,7 +8,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::control::client::call;
-use crate::control::proto::{Reply, Request, SessionInfo, StatsInfo};
+use forwarder_api::{Reply, Request, SessionInfo, StatsInfo};
 use crate::daemon::{self, RunOptions};
 use crate::datapath::DatapathChoice;
 use crate::datapath::xdp::ModeChoice;
@@ -75,8 +75,8 @@ pub enum Verb {
     },
     /// On a mosh server behind NAT: open a path through a relay, start
     /// mosh-server, and print MOSH IP / MOSH CONNECT for the relay.
-    #[command(long_about = crate::wrapper::LONG_HELP)]
-    MoshServer(crate::wrapper::WrapperArgs),
+    #[command(long_about = crate::punch::server::LONG_HELP)]
+    MoshServer(crate::punch::server::WrapperArgs),
 }
 
 /// `run` flags. Each one overrides the same key of `--config`; unset in
@@ -218,9 +218,9 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
     let interfaces = if args.interfaces.is_empty() { file.interfaces.unwrap_or_default() } else { args.interfaces };
     let default_range = |lo, hi| PortRange { lo, hi };
     let punch = match (args.punch_port.or(file.punch_port), args.punch_secret_file.or(file.punch_secret_file)) {
-        (Some(port), Some(secret_file)) => Some(daemon::punch::PunchOptions {
+        (Some(port), Some(secret_file)) => Some(crate::punch::relay::PunchOptions {
             port,
-            secret: crate::punch::Secret::read(&secret_file)?,
+            secret: crate::punch::wire::Secret::read(&secret_file)?,
             public_addr: args.public_addr.or(file.public_addr),
             keepalive: args
                 .punch_keepalive
@@ -348,7 +348,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Verb::MoshServer(args) => crate::wrapper::main(args),
+        Verb::MoshServer(args) => crate::punch::server::main(args),
         Verb::Stats { json } => {
             daemon::validate_instance(&instance)?;
             let Reply::Stats(stats) = call(&instance, &Request::Stats {})? else {

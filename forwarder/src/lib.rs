@@ -1,7 +1,29 @@
 //! forwarder: an XDP-accelerated UDP relay for mosh. The library holds the
-//! daemon, the session table and the control API; `main.rs` is a thin CLI.
+//! daemon, the session table and the data path; `main.rs` is a thin CLI.
 //!
-//! Data flows one way: cli → control → sessions → datapath.
+//! The rooms, top to bottom; each uses only rooms below it (`cargo xtask
+//! modules` prints the graph and fails on a cycle):
+//!
+//! ```text
+//! cli                  the verbs: parse flags and config, call the rooms below
+//! daemon               `forwarder run` and `detach`: wiring, and the one place that
+//!                      starts the long-lived tasks (control server, metrics, socket
+//!                      readers, punch service, expiry, health checks)
+//! control              the control socket: `server` (requests against the session
+//!                      table), `client` (what the verbs send); messages: forwarder-api
+//! metrics              Prometheus exposition of the session table's report
+//! punch                the punch handshake: `wire` (format, authority), `relay` (the
+//!                      relay's service), `server` (`forwarder mosh-server`)
+//! slowpath             the daemon's share of forwarding: the socket readers
+//! sessions             the session and flow table (and its NAT half, restore and
+//!                      reports), kept consistent with the maps and the sockets
+//! datapath             XDP (load, pins, maps, health) and the relay's UDP sockets
+//! store config mosh    leaves: the session store, the config file, mosh's
+//! ports limits expiry  datagram rules, port pools, token buckets, timeouts
+//! ```
+//!
+//! Below all of them: `forwarder-api` (control messages and JSON views) and
+//! `forwarder-common` (the kernel/user contract).
 
 pub mod cli;
 pub mod config;
@@ -15,6 +37,5 @@ pub mod mosh;
 pub mod ports;
 pub mod punch;
 pub mod sessions;
-pub mod wrapper;
 pub mod slowpath;
 pub mod store;

@@ -17,8 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::control::proto::StatsInfo;
-use crate::slowpath::SharedRelay;
+use forwarder_api::StatsInfo;
+use crate::sessions::SharedRelay;
 
 type Labels = Vec<(String, String)>;
 
@@ -177,7 +177,7 @@ async fn answer(mut stream: TcpStream, relay: SharedRelay) -> std::io::Result<()
         request.extend_from_slice(&buf[..n]);
     }
     let (status, body) = if request.starts_with(b"GET /metrics ") || request.starts_with(b"GET / ") {
-        let stats = crate::daemon::stats(&relay.lock().expect("relay lock"));
+        let stats = relay.lock().expect("relay lock").stats();
         ("200 OK", render(&stats))
     } else {
         ("404 Not Found", "metrics are at GET /metrics\n".to_string())

@@ -6,12 +6,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use forwarder_common::flow::Endpoints;
 use forwarder_common::{BackendKey, ClientKey, Rewrite};
 use tracing::{debug, info, warn};
 
-use crate::control::proto::{FlowInfo, SessionInfo, SlowPathStats};
+use forwarder_api::{FlowInfo, SessionInfo, SlowPathStats};
 use crate::datapath::Datapath;
 use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::expiry::{self, FlowActivity};
@@ -20,6 +20,9 @@ use crate::ports::{PortPool, PortRange};
 use crate::datapath::socket::{Received, RelaySocket};
 use crate::store::{SessionRecord, Store};
 
+pub use crate::datapath::monotonic_ns;
+
+mod report;
 mod restore;
 pub use restore::Restored;
 
@@ -198,31 +201,41 @@ pub enum ClientVerdict {
     Drop,
 }
 
+/// The relay as every task shares it.
+pub type SharedRelay = Arc<std::sync::Mutex<Relay>>;
+
 /// The whole relay state. Lives behind one mutex: every operation is short
 /// and never waits on the network.
 pub struct Relay {
-    pub instance: String,
-    pub limits: Limits,
-    pub interfaces: Vec<String>,
-    pub relay_addresses: Vec<Ipv4Addr>,
-    pub datapath: Datapath,
+    instance: String,
+    limits: Limits,
+    interfaces: Vec<String>,
+    relay_addresses: Vec<Ipv4Addr>,
+    datapath: Datapath,
     session_ports: PortPool,
     flow_ports: PortPool,
     free_slots: VecDeque<u32>,
     sessions: BTreeMap<u16, Session>,
     flows: HashMap<u16, Flow>,
-    pub stats: SlowPathStats,
+    stats: SlowPathStats,
+    /// Where sessions are persisted (None: they live only in memory).
+    store: Option<Store>,
+}
+
+/// What a relay is built from: [`Relay::new`] takes it whole.
+pub struct RelayParts {
+    pub instance: String,
+    pub limits: Limits,
+    /// The interfaces it serves, and their addresses (the ones clients use).
+    pub interfaces: Vec<String>,
+    pub relay_addresses: Vec<Ipv4Addr>,
+    pub datapath: Datapath,
+    pub session_ports: PortRange,
+    pub flow_ports: PortRange,
     /// Where sessions are persisted (None: they live only in memory).
     pub store: Option<Store>,
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
-/// timestamps from the XDP program and from the daemon compare directly.
-pub fn monotonic_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available on Linux");
-    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
-}
 
 /// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
 /// and backend → relay:Q becomes relay:P → client.
@@ -276,15 +289,9 @@ pub fn flow_entries(
 }
 
 impl Relay {
-    pub fn new(
-        instance: String,
-        limits: Limits,
-        interfaces: Vec<String>,
-        relay_addresses: Vec<Ipv4Addr>,
-        datapath: Datapath,
-        session_ports: PortRange,
-        flow_ports: PortRange,
-    ) -> Self {
+    pub fn new(parts: RelayParts) -> Self {
+        let RelayParts { instance, limits, interfaces, relay_addresses, datapath, session_ports, flow_ports, store } =
+            parts;
         let max_flows = datapath.max_flows();
         Self {
             instance,
@@ -298,7 +305,7 @@ impl Relay {
             sessions: BTreeMap::new(),
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
-            store: None,
+            store,
         }
     }
 
@@ -800,32 +807,12 @@ fn flow_activity(datapath: &Datapath, flow: &Flow) -> FlowActivity {
     }
 }
 
-/// Parses a backend given on the command line or the control socket.
-pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
-    let address: SocketAddrV4 = text.trim().parse().with_context(|| {
-        format!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001")
-    })?;
-    if address.port() == 0 {
-        bail!("backend {text:?} has port 0: give the port mosh-server listens on (MOSH CONNECT <port>)");
-    }
-    if address.ip().is_unspecified() || address.ip().is_broadcast() || address.ip().is_multicast() {
-        bail!("backend {text:?} is not a unicast address: give the mosh server's IPv4 address");
-    }
-    Ok(address)
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use forwarder_common::csum;
 
-    #[test]
-    fn parses_backends_and_explains_mistakes() {
-        assert_eq!(parse_backend("10.0.0.2:60001").unwrap(), "10.0.0.2:60001".parse().unwrap());
-        for bad in ["10.0.0.2", "host:1", "10.0.0.2:0", "0.0.0.0:5", "10.0.0.2:70000", "[::1]:5"] {
-            assert!(parse_backend(bad).is_err(), "{bad}");
-        }
-    }
 
     /// Applies a rewrite to a header built from `ends` and returns the
     /// resulting endpoints, checking the checksums match a full recomputation.
@@ -869,15 +856,18 @@ mod tests {
             probation_flows_per_session: DEFAULT_PROBATION_FLOWS,
             max_sessions: 8,
         };
-        Relay::new(
-            "unit".into(),
+        Relay::new(RelayParts {
+            instance: "unit".into(),
             limits,
-            Vec::new(),
-            vec![Ipv4Addr::new(127, 0, 0, 1)],
-            Datapath::Userspace { max_flows: 4096 },
-            PortRange { lo: 42_000, hi: 42_099 },
-            PortRange { lo: 42_100, hi: 42_999 },
-        )
+            interfaces: Vec::new(),
+            relay_addresses: vec![Ipv4Addr::new(127, 0, 0, 1)],
+            datapath: Datapath::Userspace {
+                sizes: forwarder_common::config::RuntimeSizes::new(4096, 64).expect("valid sizes"),
+            },
+            session_ports: PortRange { lo: 42_000, hi: 42_099 },
+            flow_ports: PortRange { lo: 42_100, hi: 42_999 },
+            store: None,
+        })
     }
 
     fn forwarded(verdict: ClientVerdict) -> bool {

@@ -2,14 +2,13 @@
 //! packets the XDP program handed to the stack (no neighbour yet, fragments,
 //! IPv4 options). Each relay port has a task reading its socket.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tracing::warn;
 
 use crate::datapath::socket::{Outgoing, Received, RelaySocket};
-use crate::sessions::{ClientVerdict, Relay};
+use crate::sessions::{ClientVerdict, SharedRelay};
 
-pub type SharedRelay = Arc<Mutex<Relay>>;
 
 /// Reads `socket` until it is closed, sending each datagram where `route`
 /// says (or nowhere).

@@ -58,47 +58,9 @@ pub struct Session {
     pub backend: String,
 }
 
-/// One session in `forwarder list --json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SessionInfo {
-    pub id: String,
-    pub port: u16,
-    pub backend: String,
-    pub flows: Vec<FlowInfo>,
-    /// Present for sessions made by the punch handshake.
-    #[serde(default)]
-    pub nat: Option<NatInfo>,
-}
-
-/// The NAT part of a session in `forwarder list --json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct NatInfo {
-    pub upstream_port: u16,
-    pub bound: bool,
-    pub key_received: bool,
-    pub rejected_packets: u64,
-    /// Datagrams from unknown server endpoints that did not verify.
-    #[serde(default)]
-    pub rejected_server_packets: u64,
-}
-
-/// One flow in `forwarder list --json`.
-#[derive(Debug, Clone, Deserialize)]
-pub struct FlowInfo {
-    pub client: String,
-    pub upstream_port: u16,
-    pub packets_to_server: u64,
-    pub bytes_to_server: u64,
-    pub packets_to_client: u64,
-    pub bytes_to_client: u64,
-    pub fast_path_packets: u64,
-    pub slow_path_packets: u64,
-    pub server_current: bool,
-    /// The server has answered this flow: it counts against the session's
-    /// limits. Unanswered flows are on probation and may be evicted.
-    #[serde(default)]
-    pub answered: bool,
-}
+/// What `forwarder list --json` and `show --json` report: the control
+/// API's own types, so the tests read exactly what the daemon writes.
+pub use forwarder_api::{FlowInfo, NatInfo, SessionInfo, StatsInfo};
 
 /// A running `forwarder run`, stopped on drop. Its stderr goes to a file that is
 /// printed on drop (the test harness shows it only for failing tests) unless

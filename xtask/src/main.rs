@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask prereq | demo | test | deb`.
+//! Developer and CI tasks: `cargo xtask prereq | demo | test | bench | deb | modules`.
 //!
 //! Everything runs as root: the tasks install packages, create network
 //! namespaces and attach XDP programs.
@@ -6,6 +6,7 @@
 mod bench;
 mod deb;
 mod demo;
+mod modules;
 mod prereq;
 mod test;
 
@@ -43,6 +44,8 @@ enum Task {
     },
     /// Build target/deb/forwarder_<version>_<arch>.deb (binary, systemd unit, example config).
     Deb,
+    /// Print the module graph of the forwarder crate and fail on an import cycle.
+    Modules,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Task::Bench { smoke, json } => run_bench(smoke, json),
         Task::Test { args } => test::run(&args),
         Task::Deb => deb::run().map(drop),
+        Task::Modules => modules::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use super::proto::{Reply, Request};
-use super::socket_path;
+use forwarder_api::{Reply, Request};
+use forwarder_api::socket_path;
 
 /// Sends one request to the daemon of `instance` and returns its reply;
 /// a daemon-side error becomes an `Err` carrying the daemon's message.

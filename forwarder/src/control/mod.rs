@@ -1,13 +1,5 @@
-//! The control API: one message set (`proto`), served by the daemon over a
-//! root-only Unix socket (`server`) and spoken by the CLI verbs (`client`).
+//! The control socket: the daemon serves it (`server`), the CLI verbs speak
+//! it (`client`); the messages are `forwarder_api`'s.
 
 pub mod client;
-pub mod proto;
 pub mod server;
-
-use std::path::PathBuf;
-
-/// Where the control socket of `instance` lives.
-pub fn socket_path(instance: &str) -> PathBuf {
-    PathBuf::from(format!("/run/forwarder/{instance}.sock"))
-}

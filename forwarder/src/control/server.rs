@@ -10,10 +10,15 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use super::proto::{MAX_REQUEST_BYTES, Reply, Request};
+use forwarder_api::{MAX_REQUEST_BYTES, Reply, Request};
 use crate::datapath::xdp;
-use crate::sessions::parse_backend;
-use crate::slowpath::{SharedRelay, spawn_session_reader};
+use forwarder_api::parse_backend;
+use crate::datapath::socket::RelaySocket;
+use crate::sessions::SharedRelay;
+
+/// Starts reading a new session's socket: the daemon's business (it owns
+/// every task), handed to the server so it needs nothing above it.
+pub type StartReader = std::sync::Arc<dyn Fn(SharedRelay, std::sync::Arc<RelaySocket>) + Send + Sync>;
 
 /// Binds the control socket, refusing to take over a live daemon's.
 pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
@@ -35,13 +40,14 @@ pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, relay: SharedRelay) {
+pub async fn serve(listener: UnixListener, relay: SharedRelay, start_reader: StartReader) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let relay = relay.clone();
+                let start_reader = start_reader.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = handle(stream, relay).await {
+                    if let Err(error) = handle(stream, relay, &start_reader).await {
                         debug!(error = format!("{error:#}"), "control connection");
                     }
                 });
@@ -54,7 +60,7 @@ pub async fn serve(listener: UnixListener, relay: SharedRelay) {
     }
 }
 
-async fn handle(stream: UnixStream, relay: SharedRelay) -> anyhow::Result<()> {
+async fn handle(stream: UnixStream, relay: SharedRelay, start_reader: &StartReader) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
@@ -65,7 +71,7 @@ async fn handle(stream: UnixStream, relay: SharedRelay) -> anyhow::Result<()> {
             Reply::Error(format!("request larger than {MAX_REQUEST_BYTES} bytes refused"))
         }
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => dispatch(request, &relay).await,
+            Ok(request) => dispatch(request, &relay, start_reader).await,
             Err(error) => Reply::Error(format!("malformed request: {error}")),
         },
     };
@@ -75,9 +81,9 @@ async fn handle(stream: UnixStream, relay: SharedRelay) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn dispatch(request: Request, relay: &SharedRelay) -> Reply {
+async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartReader) -> Reply {
     match request {
-        Request::Add { backend, port, idle_timeout_secs } => match add(relay, &backend, port, idle_timeout_secs).await {
+        Request::Add { backend, port, idle_timeout_secs } => match add(relay, start_reader, &backend, port, idle_timeout_secs).await {
             Ok(reply) => reply,
             Err(error) => Reply::Error(format!("{error:#}")),
         },
@@ -94,12 +100,13 @@ async fn dispatch(request: Request, relay: &SharedRelay) -> Reply {
             }
         }
         Request::List {} => Reply::Sessions(relay.lock().expect("relay lock").list()),
-        Request::Stats {} => Reply::Stats(crate::daemon::stats(&relay.lock().expect("relay lock"))),
+        Request::Stats {} => Reply::Stats(relay.lock().expect("relay lock").stats()),
     }
 }
 
 async fn add(
     relay: &SharedRelay,
+    start_reader: &StartReader,
     backend: &str,
     port: Option<u16>,
     idle_timeout_secs: Option<u64>,
@@ -117,6 +124,6 @@ async fn add(
         port,
         idle_timeout_secs.map(Duration::from_secs),
     )?;
-    spawn_session_reader(relay.clone(), socket);
+    start_reader(relay.clone(), socket);
     Ok(Reply::Session(info))
 }

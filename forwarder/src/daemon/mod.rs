@@ -3,7 +3,6 @@
 //! sessions. Stopping leaves the pinned data plane forwarding; `forwarder
 //! detach` removes it.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,14 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use forwarder_common::{REASON_COUNT, Reason, RelayConfig};
+use forwarder_common::RelayConfig;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinHandle;
 use tracing::info;
 
 use forwarder_common::config::RuntimeSizes;
 
-use crate::control::proto::{CapacityInfo, DescriptorInfo, MapFill, PacketsBytes, StatsInfo};
 use crate::control::{self};
 use crate::datapath::fds;
 use crate::datapath::pins::PinDir;
@@ -26,11 +24,10 @@ use crate::datapath::xdp::{self, ModeChoice, XdpDatapath};
 use crate::datapath::{Datapath, DatapathChoice};
 use crate::store::Store;
 use crate::ports::PortRange;
-use crate::sessions::{Limits, Relay, monotonic_ns};
-use crate::slowpath::{SharedRelay, spawn_flow_reader, spawn_session_reader};
+use crate::sessions::{Limits, Relay, RelayParts, monotonic_ns};
+use crate::sessions::SharedRelay;
+use crate::slowpath::{spawn_flow_reader, spawn_session_reader};
 
-pub mod health;
-pub mod punch;
 
 /// Everything `forwarder run` needs.
 #[derive(Clone, Debug)]
@@ -54,7 +51,7 @@ pub struct RunOptions {
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
     /// The punch handshake for servers behind NAT, when enabled.
-    pub punch: Option<punch::PunchOptions>,
+    pub punch: Option<crate::punch::relay::PunchOptions>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -106,7 +103,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
-    let socket_path = control::socket_path(&options.instance);
+    let socket_path = forwarder_api::socket_path(&options.instance);
     let listener = control::server::bind(&socket_path, &options.instance)?;
     // From here on a failed start removes what it built (see StartGuard).
     let mut guard = StartGuard { socket_path: socket_path.clone(), fresh_pins: None, armed: true };
@@ -149,20 +146,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let records = store.sessions()?;
     let relay_addresses = interface_addresses(&options.interfaces);
     let mode = datapath.mode();
-    let relay: SharedRelay = Arc::new(Mutex::new(Relay::new(
-        options.instance.clone(),
-        options.limits.clone(),
-        options.interfaces.clone(),
+    let relay: SharedRelay = Arc::new(Mutex::new(Relay::new(RelayParts {
+        instance: options.instance.clone(),
+        limits: options.limits.clone(),
+        interfaces: options.interfaces.clone(),
         relay_addresses,
         datapath,
-        options.session_ports,
-        options.flow_ports,
-    )));
-    let restored = {
-        let mut relay = relay.lock().expect("relay lock");
-        relay.store = Some(store);
-        relay.restore(records)
-    };
+        session_ports: options.session_ports,
+        flow_ports: options.flow_ports,
+        store: Some(store),
+    })));
+    let restored = relay.lock().expect("relay lock").restore(records);
     let (sessions, flows) = (restored.session_sockets.len(), restored.flow_sockets.len());
     let nat_upstreams = restored.nat_upstream_sockets;
     for socket in restored.session_sockets {
@@ -195,13 +189,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let server = tokio::spawn(control::server::serve(listener, relay.clone()));
+    let server = tokio::spawn(control::server::serve(listener, relay.clone(), std::sync::Arc::new(spawn_session_reader)));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
     let punch_tasks = match options.punch.clone() {
-        Some(punch) => punch::start(relay.clone(), punch, nat_upstreams)?,
+        Some(punch) => crate::punch::relay::start(relay.clone(), punch, nat_upstreams)?,
         None => Vec::new(),
     };
-    let health = tokio::spawn(health::watch(options.interfaces.clone(), mode.clone()));
+    let health = tokio::spawn(crate::datapath::health::watch(options.interfaces.clone(), mode.clone()));
     // Started: from now on the pinned data plane outlives the daemon on purpose.
     guard.armed = false;
 
@@ -285,7 +279,7 @@ pub struct Detached {
 /// that is gone.
 pub fn detach(instance: &str, state_dir: &std::path::Path, purge: bool) -> anyhow::Result<Detached> {
     validate_instance(instance)?;
-    let socket = control::socket_path(instance);
+    let socket = forwarder_api::socket_path(instance);
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         bail!(
             "the daemon of instance {instance:?} is running ({} answers): stop it first \
@@ -315,69 +309,3 @@ async fn expire_forever(relay: SharedRelay) {
     }
 }
 
-/// Limits, map fill and the kernel memory a flow costs.
-fn capacity(relay: &Relay) -> CapacityInfo {
-    let maps: Vec<MapFill> = relay
-        .datapath
-        .map_usage()
-        .into_iter()
-        .map(|usage| MapFill {
-            name: usage.name,
-            entries: usage.entries,
-            max_entries: usage.max_entries,
-            memlock_bytes: usage.memlock_bytes,
-        })
-        .collect();
-    let per_flow_maps: u64 = maps
-        .iter()
-        .filter(|m| ["CLIENT_FLOWS", "BACKEND_FLOWS", "FLOW_COUNTERS"].contains(&m.name.as_str()))
-        .map(|m| m.memlock_bytes)
-        .sum();
-    CapacityInfo {
-        max_sessions: relay.limits.max_sessions,
-        max_flows: relay.datapath.max_flows(),
-        max_flows_per_session: relay.limits.max_flows_per_session,
-        kernel_bytes_per_flow: per_flow_maps / u64::from(relay.datapath.max_flows().max(1)),
-        maps,
-    }
-}
-
-fn descriptors() -> DescriptorInfo {
-    let usage = fds::usage();
-    DescriptorInfo {
-        open: usage.open,
-        limit: usage.limit,
-        reserve: usage.reserve,
-        refused_flows: usage.refused_flows,
-    }
-}
-
-/// Global counters for `forwarder stats`.
-pub fn stats(relay: &Relay) -> StatsInfo {
-    let counters = relay.datapath.reason_counters();
-    let mut verdicts: BTreeMap<String, u64> = ["pass", "drop", "tx", "redirect"]
-        .into_iter()
-        .map(|v| (v.to_string(), 0))
-        .collect();
-    let mut reasons = BTreeMap::new();
-    for (reason, counter) in Reason::ALL.iter().zip(&counters).take(REASON_COUNT as usize) {
-        *verdicts.entry(reason.verdict().name().to_string()).or_default() += counter.packets;
-        reasons.insert(
-            reason.name().to_string(),
-            PacketsBytes { packets: counter.packets, bytes: counter.bytes },
-        );
-    }
-    StatsInfo {
-        instance: relay.instance.clone(),
-        xdp_mode: relay.datapath.mode(),
-        interfaces: relay.interfaces.clone(),
-        sessions: relay.session_count(),
-        flows: relay.flow_count(),
-        verdicts,
-        reasons,
-        slow_path: relay.stats.clone(),
-        capacity: capacity(relay),
-        descriptors: descriptors(),
-        warnings: health::current(),
-    }
-}

@@ -88,7 +88,7 @@ pub fn exhausted(error: &anyhow::Error) -> Option<AtLimit> {
 /// refusal and then one a second (the count is in `stats`).
 pub fn count_refusal() -> bool {
     REFUSED.fetch_add(1, Ordering::Relaxed);
-    let now = crate::sessions::monotonic_ns();
+    let now = super::monotonic_ns();
     let last = LAST_LOGGED_NS.load(Ordering::Relaxed);
     (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
         && LAST_LOGGED_NS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()

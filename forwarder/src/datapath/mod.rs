@@ -3,6 +3,7 @@
 //! every packet; with XDP they only see first packets and fallbacks.
 
 pub mod fds;
+pub mod health;
 pub mod pins;
 pub mod socket;
 pub mod xdp;
@@ -13,6 +14,14 @@ use forwarder_common::{BackendKey, ClientKey, FlowCounter, REASON_COUNT, Rewrite
 use tracing::warn;
 
 use self::xdp::{FlowEntries, MapUsage, XdpDatapath};
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
+/// timestamps from the XDP program and from the daemon compare directly.
+pub fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available on Linux");
+    now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+}
 
 /// Which datapath the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

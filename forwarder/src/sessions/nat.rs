@@ -45,12 +45,12 @@ use forwarder_common::{BackendKey, Rewrite};
 use tracing::{debug, info, warn};
 
 use super::{ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns};
-use crate::control::proto::{FlowInfo, NatInfo};
+use forwarder_api::{FlowInfo, NatInfo};
 use crate::datapath::socket::{Received, RelaySocket};
 use crate::datapath::Datapath;
 use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::mosh::{self, ClientFollower, MoshKey, Rejected};
-use crate::punch::Token;
+use crate::punch::wire::Token;
 use crate::store::{KeyBinding, NatRecord};
 
 /// A handshake must reach the key within this long, or the session goes

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use crate::control::proto::Warning;
+use forwarder_api::Warning;
 
 /// How often the conditions are checked.
 const PERIOD: Duration = Duration::from_secs(2);

@@ -12,9 +12,10 @@ use tracing::{debug, info, warn};
 use crate::datapath::socket::{Outgoing, Received, RelaySocket};
 use crate::datapath::xdp::{self, BackendRoute};
 use crate::mosh::MoshKey;
-use crate::punch::{self, Authority, Message, RefusalReason, Secret, Verdict};
+use super::wire::{self as punch, Authority, Message, RefusalReason, Secret, Verdict};
 use crate::sessions::monotonic_ns;
-use crate::slowpath::{SharedRelay, spawn_session_reader};
+use crate::sessions::SharedRelay;
+use crate::slowpath::spawn_session_reader;
 
 /// `forwarder run --punch-port ...`.
 #[derive(Clone, Debug)]

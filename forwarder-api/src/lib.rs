@@ -1,8 +1,35 @@
-//! Requests and replies of the control socket: one JSON document per line.
+//! The control API of forwarder: the requests and replies of the control
+//! socket (one JSON document per line), the JSON views that `list`, `show`
+//! and `stats` print, where the socket lives, and the parsing of the
+//! addresses a request carries. It depends on nothing of the daemon: the
+//! CLI, the daemon and the test bed all use these definitions.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
 
 use serde::{Deserialize, Serialize};
+
+/// Where the control socket of `instance` lives.
+pub fn socket_path(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/run/forwarder/{instance}.sock"))
+}
+
+/// Parses a backend given on the command line or the control socket.
+pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
+    let address: SocketAddrV4 = text.trim().parse().with_context(|| {
+        format!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001")
+    })?;
+    if address.port() == 0 {
+        bail!("backend {text:?} has port 0: give the port mosh-server listens on (MOSH CONNECT <port>)");
+    }
+    if address.ip().is_unspecified() || address.ip().is_broadcast() || address.ip().is_multicast() {
+        bail!("backend {text:?} is not a unicast address: give the mosh server's IPv4 address");
+    }
+    Ok(address)
+}
 
 /// Largest request line the daemon reads; anything longer is refused.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -207,6 +234,14 @@ pub struct SlowPathStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_backends_and_explains_mistakes() {
+        assert_eq!(parse_backend("10.0.0.2:60001").unwrap(), "10.0.0.2:60001".parse().unwrap());
+        for bad in ["10.0.0.2", "host:1", "10.0.0.2:0", "0.0.0.0:5", "10.0.0.2:70000", "[::1]:5"] {
+            assert!(parse_backend(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn requests_round_trip_as_one_json_line() {

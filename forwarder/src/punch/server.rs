@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use crate::mosh::MoshKey;
-use crate::punch::{self, Message, Nonce, Secret};
+use super::wire::{self as punch, Message, Nonce, Secret};
 
 pub const LONG_HELP: &str = "\
 On a mosh server behind NAT (no public address, or only outbound UDP allowed):
