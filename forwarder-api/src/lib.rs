@@ -58,7 +58,8 @@ pub enum Reply {
     Session(SessionInfo),
     Sessions(Vec<SessionInfo>),
     Removed(SessionInfo),
-    Stats(StatsInfo),
+    /// Boxed: the report is large, and every other reply small.
+    Stats(Box<StatsInfo>),
     Error(String),
 }
 

@@ -36,17 +36,16 @@ pub fn gate(reason: Reason, session_port: Option<u16>) -> Reason {
     }
     // SAFETY: reads the monotonic clock; no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(port) = session_port {
-        if let Some(bucket) = SLOWPATH_SESSION_BUCKETS.get_ptr_mut(&port) {
-            if !take(bucket, now) {
-                return Reason::DropSlowpathSessionLimit;
-            }
-        }
+    if let Some(port) = session_port
+        && let Some(bucket) = SLOWPATH_SESSION_BUCKETS.get_ptr_mut(port)
+        && !take(bucket, now)
+    {
+        return Reason::DropSlowpathSessionLimit;
     }
-    if let Some(bucket) = SLOWPATH_GLOBAL_BUCKET.get_ptr_mut(0) {
-        if !take(bucket, now) {
-            return Reason::DropSlowpathGlobalLimit;
-        }
+    if let Some(bucket) = SLOWPATH_GLOBAL_BUCKET.get_ptr_mut(0)
+        && !take(bucket, now)
+    {
+        return Reason::DropSlowpathGlobalLimit;
     }
     reason
 }

@@ -46,6 +46,8 @@ enum Task {
     Deb,
     /// Print the module graph of the forwarder crate and fail on an import cycle.
     Modules,
+    /// rustfmt and clippy (warnings are errors) over every crate, the eBPF ones for their target.
+    Lint,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Task::Test { args } => test::run(&args),
         Task::Deb => deb::run().map(drop),
         Task::Modules => modules::run(),
+        Task::Lint => test::lint(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,14 +1,43 @@
 //! `cargo xtask test`: what CI runs.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{build_forwarder, cargo, prereq};
+use crate::{build_forwarder, cargo, prereq, run_visible};
+
+/// `cargo fmt --check`, then clippy with warnings as errors over the host
+/// crates and over the eBPF crates for their own target.
+pub fn lint() -> Result<()> {
+    run_visible(cargo().args(["fmt", "--all", "--check"]))
+        .context("the code is not formatted: run `cargo fmt --all`")?;
+    run_visible(cargo().args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--workspace",
+        "--exclude",
+        "forwarder-ebpf",
+        "--exclude",
+        "forwarder-bench-ebpf",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found warnings in the host crates")?;
+    // The eBPF crates only build for the BPF target, with nightly's core.
+    run_visible(
+        Command::new("rustup")
+            .args(["run", "nightly", "cargo", "clippy", "--release", "-p", "forwarder-ebpf", "-p", "forwarder-bench-ebpf"])
+            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"]),
+    )
+    .context("clippy found warnings in the eBPF crates")
+}
 
 pub fn run(extra: &[String]) -> Result<()> {
     prereq::ensure()?;
+    lint()?;
     let bin = build_forwarder()?;
     // The eBPF crates only build for the BPF target; the build.rs of
     // forwarder and forwarder-bench compile them.

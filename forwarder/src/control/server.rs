@@ -100,7 +100,7 @@ async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartRea
             }
         }
         Request::List {} => Reply::Sessions(relay.lock().expect("relay lock").list()),
-        Request::Stats {} => Reply::Stats(relay.lock().expect("relay lock").stats()),
+        Request::Stats {} => Reply::Stats(Box::new(relay.lock().expect("relay lock").stats())),
     }
 }
 
