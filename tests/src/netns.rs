@@ -96,6 +96,29 @@ impl Netns {
         self.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev]).map(drop)
     }
 
+    /// Sets `dev`'s MAC address, for tests that craft frames naming it.
+    pub fn set_mac(&self, dev: &str, mac: [u8; 6]) -> Result<()> {
+        self.ip(&["link", "set", dev, "address", &mac_string(mac)])
+            .map(drop)
+    }
+
+    /// A permanent neighbour entry: route lookups resolve `ip` to `mac` on
+    /// `dev` without ever sending ARP.
+    pub fn add_neigh(&self, ip: std::net::Ipv4Addr, mac: [u8; 6], dev: &str) -> Result<()> {
+        self.ip(&[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &mac_string(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])
+        .map(drop)
+    }
+
     /// Routes everything off-link through `gateway`.
     pub fn default_via(&self, gateway: std::net::Ipv4Addr) -> Result<()> {
         self.ip(&["route", "add", "default", "via", &gateway.to_string()]).map(drop)
@@ -130,6 +153,25 @@ impl Netns {
         })
         .join()
         .map_err(|_| anyhow::anyhow!("thread inside namespace panicked"))?
+    }
+
+    /// Like [`within`](Self::within), for a closure that borrows from the
+    /// caller (a loaded eBPF object, a table of test cases) and may panic: it
+    /// runs on a scoped thread, and its panic resumes in the caller, so a
+    /// test fails with its own assertion message. The caller's thread never
+    /// changes namespace.
+    pub fn scoped<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        std::thread::scope(|scope| {
+            let thread = scope.spawn(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET).context("setns into the namespace")?;
+                Ok(f())
+            });
+            thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// A UDP socket bound to `addr` inside this namespace.
@@ -219,11 +261,18 @@ pub fn sweep_stale() -> Result<()> {
     Ok(())
 }
 
+fn mac_string(mac: [u8; 6]) -> String {
+    mac.map(|byte| format!("{byte:02x}")).join(":")
+}
+
 /// Creates a veth pair with one end in each namespace. It is created inside `a`
 /// directly so no end ever appears in the root namespace, and is configured the
 /// way XDP tests need: tx checksum offload off (locally generated packets carry
 /// partial checksums that a rewrite would corrupt) and GRO on (native XDP
 /// redirect into a veth needs it on the receiving side).
+///
+/// `a` and `b` may be the same namespace: both ends then live in it, like
+/// the two legs of a router whose route lookups a test drives.
 pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     assert!(
         a_if.len() <= 15 && b_if.len() <= 15,

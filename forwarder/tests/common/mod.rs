@@ -1,0 +1,398 @@
+//! What the XDP test binaries share: the real XDP program run through
+//! `BPF_PROG_TEST_RUN` on crafted frames, and for each frame the verdict,
+//! the reason counter and the output bytes.
+//!
+//! Frames are built with etherparse and forwarded frames are checked with
+//! etherparse's own checksum code, never with the project's helpers.
+//!
+//! Forwarding cases need `bpf_fib_lookup`, which consults the network
+//! namespace of the ingress device: see [`namespace`]. Without `ctx_in` the
+//! program sees the loopback device of the caller's namespace, which is
+//! enough for every frame that never reaches a route lookup.
+//!
+//! Needs root (CAP_BPF, CAP_NET_ADMIN), `ip` and `ethtool`.
+
+#![expect(
+    dead_code,
+    reason = "each XDP test binary uses only part of the shared fixture"
+)]
+
+pub mod namespace;
+pub mod table;
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    programs::Xdp,
+};
+use etherparse::{Ipv4Header, PacketBuilder};
+use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
+use forwarder_common::{
+    BackendKey, ClientKey, FlowCounter, REASON_COUNT, Reason, RelayConfig, Rewrite, SlowpathBucket,
+    flow::Endpoints, reason::ReasonCounter,
+};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const SESSION_PORT: u16 = 60_001;
+pub const FLOW_PORT: u16 = 61_001;
+pub const CONFIG: RelayConfig = RelayConfig {
+    session_port_lo: 60_000,
+    session_port_hi: 60_099,
+    flow_port_lo: 61_000,
+    flow_port_hi: 61_999,
+};
+
+// Addresses of the namespace topology (and reused by the tests that need no
+// namespace).
+pub const CLIENT: [u8; 4] = [10, 0, 1, 2];
+pub const CLIENT_PORT: u16 = 40_000;
+pub const RELAY_FRONT: [u8; 4] = [10, 0, 1, 1];
+pub const RELAY_BACK: [u8; 4] = [10, 0, 2, 1];
+pub const BACKEND: [u8; 4] = [10, 0, 2, 2];
+pub const BACKEND_PORT: u16 = 60_002;
+/// A second backend on the client's link: forwarding to it leaves by the
+/// ingress interface (XDP_TX).
+pub const NEAR_BACKEND: [u8; 4] = [10, 0, 1, 3];
+/// On the backend link but without a neighbour entry.
+pub const UNRESOLVED_BACKEND: [u8; 4] = [10, 0, 2, 9];
+/// No route at all in the namespace (TEST-NET-1).
+pub const UNROUTABLE_BACKEND: [u8; 4] = [192, 0, 2, 1];
+
+pub const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
+pub const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 2];
+pub const NEAR_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 3];
+pub const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 2];
+
+pub const PAYLOAD: &[u8] = b"\x80\x00\x00\x00\x00\x00\x00\x01mosh datagram payload, ocb";
+
+/// Offsets of the IPv4 and UDP headers in an untagged frame without IP options.
+pub const IP: usize = 14;
+pub const UDP: usize = 34;
+
+/// One loaded copy of the program with its own (unpinned) maps.
+pub struct Relay {
+    ebpf: Ebpf,
+}
+
+/// What one test run returned.
+pub struct Run {
+    pub retval: u32,
+    pub out: Vec<u8>,
+}
+
+impl Relay {
+    pub fn load() -> Self {
+        require_root();
+        let ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .expect("loading the embedded eBPF object (maps)");
+        let mut relay = Self { ebpf };
+        if let Err(error) = relay.program_mut().load() {
+            panic!("the verifier rejected the program: {error:#?}");
+        }
+        let mut config: Array<_, RelayConfig> =
+            Array::try_from(relay.ebpf.map_mut("CONFIG").expect("CONFIG map")).unwrap();
+        config.set(0, CONFIG, 0).unwrap();
+        relay
+    }
+
+    pub fn program_mut(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("program missing from the object")
+            .try_into()
+            .expect("program is not XDP")
+    }
+
+    pub fn add_client_flow(&mut self, key: ClientKey, rewrite: Rewrite) {
+        let mut map: HashMap<_, ClientKey, Rewrite> =
+            HashMap::try_from(self.ebpf.map_mut("CLIENT_FLOWS").expect("CLIENT_FLOWS map"))
+                .unwrap();
+        map.insert(key, rewrite, 0).unwrap();
+    }
+
+    pub fn add_backend_flow(&mut self, key: BackendKey, rewrite: Rewrite) {
+        let mut map: HashMap<_, BackendKey, Rewrite> = HashMap::try_from(
+            self.ebpf
+                .map_mut("BACKEND_FLOWS")
+                .expect("BACKEND_FLOWS map"),
+        )
+        .unwrap();
+        map.insert(key, rewrite, 0).unwrap();
+    }
+
+    /// Must run in the namespace that owns `ifindex`: the kernel resolves it there.
+    pub fn add_egress(&mut self, ifindex: u32) {
+        let mut map =
+            DevMapHash::try_from(self.ebpf.map_mut("EGRESS").expect("EGRESS map")).unwrap();
+        map.insert(ifindex, ifindex, None, 0).unwrap();
+    }
+
+    /// The slow-path bucket of the session on `port`, refilled at `pps`.
+    pub fn set_session_bucket(&mut self, port: u16, pps: u32) {
+        let mut map: HashMap<_, u16, SlowpathBucket> = HashMap::try_from(
+            self.ebpf
+                .map_mut("SLOWPATH_SESSION_BUCKETS")
+                .expect("SLOWPATH_SESSION_BUCKETS map"),
+        )
+        .unwrap();
+        map.insert(port, SlowpathBucket::per_second(pps), 0)
+            .unwrap();
+    }
+
+    /// The relay-wide slow-path bucket, refilled at `pps`.
+    pub fn set_global_bucket(&mut self, pps: u32) {
+        let mut map: Array<_, SlowpathBucket> = Array::try_from(
+            self.ebpf
+                .map_mut("SLOWPATH_GLOBAL_BUCKET")
+                .expect("SLOWPATH_GLOBAL_BUCKET map"),
+        )
+        .unwrap();
+        map.set(0, SlowpathBucket::per_second(pps), 0).unwrap();
+    }
+
+    pub fn client_flow(&self, key: &ClientKey) -> Rewrite {
+        let map: HashMap<_, ClientKey, Rewrite> =
+            HashMap::try_from(self.ebpf.map("CLIENT_FLOWS").unwrap()).unwrap();
+        map.get(key, 0).unwrap()
+    }
+
+    /// Runs the program once; `ingress` sets `xdp_md.ingress_ifindex`.
+    pub fn run(&self, frame: &[u8], ingress: Option<u32>) -> Run {
+        let program: &Xdp = self.ebpf.program(PROGRAM_NAME).unwrap().try_into().unwrap();
+        let ctx = ingress.map(|ifindex| xdp_md(frame.len(), ifindex));
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: ctx.as_deref(),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN failed");
+        out.truncate(result.data_size_out as usize);
+        Run {
+            retval: result.return_value,
+            out,
+        }
+    }
+
+    /// Packets and bytes under `reason`, summed over CPUs.
+    pub fn reason_count(&self, reason: Reason) -> (u64, u64) {
+        let map: PerCpuArray<_, ReasonCounter> =
+            PerCpuArray::try_from(self.ebpf.map("REASON_COUNTERS").unwrap()).unwrap();
+        map.get(&(reason as u32), 0)
+            .unwrap()
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+    }
+
+    pub fn total_packets(&self) -> u64 {
+        (0..REASON_COUNT)
+            .map(|index| self.reason_count(Reason::ALL[index as usize]).0)
+            .sum()
+    }
+
+    pub fn flow_count(&self, slot: u32) -> (u64, u64) {
+        let map: PerCpuArray<_, FlowCounter> =
+            PerCpuArray::try_from(self.ebpf.map("FLOW_COUNTERS").unwrap()).unwrap();
+        map.get(&slot, 0)
+            .unwrap()
+            .iter()
+            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+    }
+
+    /// Runs `frame` and checks it ends with `reason` (counted once, with the
+    /// frame's length, and under no other reason) and the verdict `retval`;
+    /// a passed or dropped frame must come out untouched.
+    pub fn expect(&self, frame: &[u8], ingress: Option<u32>, reason: Reason, retval: u32) -> Run {
+        let total_before = self.total_packets();
+        let (packets_before, bytes_before) = self.reason_count(reason);
+        let run = self.run(frame, ingress);
+        assert_eq!(
+            run.retval,
+            retval,
+            "verdict for {} (reason counters: {})",
+            reason.name(),
+            self.counters()
+        );
+        assert_eq!(
+            self.reason_count(reason),
+            (packets_before + 1, bytes_before + frame.len() as u64),
+            "expected reason {}, counters: {}",
+            reason.name(),
+            self.counters()
+        );
+        assert_eq!(
+            self.total_packets(),
+            total_before + 1,
+            "exactly one reason counted per packet"
+        );
+        if retval == XDP_PASS || retval == XDP_DROP {
+            assert_eq!(
+                run.out,
+                frame,
+                "{}: packet must be untouched",
+                reason.name()
+            );
+        }
+        run
+    }
+
+    pub fn counters(&self) -> String {
+        Reason::ALL
+            .iter()
+            .filter_map(|reason| {
+                let (packets, _) = self.reason_count(*reason);
+                (packets > 0).then(|| format!("{}={packets}", reason.name()))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// `struct xdp_md` for `ctx_in`: data at 0, data_end at the frame's end, no
+/// metadata, the given ingress device, queue 0, no egress.
+fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ingress_ifindex, 0, 0]
+        .iter()
+        .flat_map(|word: &u32| word.to_ne_bytes())
+        .collect()
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "these tests load XDP programs and create network namespaces: run them as root \
+         (sudo -E cargo test -p forwarder --tests)"
+    );
+}
+
+/// The XDP action a reason's verdict stands for.
+pub fn verdict_retval(reason: Reason) -> u32 {
+    match reason.verdict() {
+        forwarder_common::Verdict::Pass => XDP_PASS,
+        forwarder_common::Verdict::Drop => XDP_DROP,
+        forwarder_common::Verdict::Tx => XDP_TX,
+        forwarder_common::Verdict::Redirect => XDP_REDIRECT,
+    }
+}
+
+/// An Ethernet/IPv4/UDP frame with valid checksums, TTL 64.
+pub fn udp_frame(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, FRONT_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1);
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).unwrap();
+    frame
+}
+
+/// Applies `edit` to the IPv4 header and recomputes its checksum with etherparse.
+pub fn edit_ip(frame: &mut [u8], edit: impl FnOnce(&mut Ipv4Header)) {
+    let (mut header, _) = Ipv4Header::from_slice(&frame[IP..]).unwrap();
+    edit(&mut header);
+    header.header_checksum = header.calc_header_checksum();
+    let bytes = header.to_bytes();
+    frame[IP..IP + bytes.len()].copy_from_slice(&bytes);
+}
+
+/// Sets raw header bytes and refreshes the IPv4 checksum (for values
+/// etherparse refuses to represent, such as an inconsistent total length).
+pub fn poke(frame: &mut [u8], offset: usize, bytes: &[u8]) {
+    frame[offset..offset + bytes.len()].copy_from_slice(bytes);
+    frame[IP + 10..IP + 12].fill(0);
+    let sum = !fold(&frame[IP..IP + usize::from(frame[IP] & 0x0f) * 4]);
+    frame[IP + 10..IP + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+fn fold(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+pub fn endpoints(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Endpoints {
+    Endpoints {
+        saddr: src.0,
+        daddr: dst.0,
+        sport: src.1.to_be_bytes(),
+        dport: dst.1.to_be_bytes(),
+    }
+}
+
+pub fn client_key(client: ([u8; 4], u16), relay: ([u8; 4], u16)) -> ClientKey {
+    ClientKey {
+        relay_addr: relay.0,
+        client_addr: client.0,
+        relay_port: relay.1.to_be_bytes(),
+        client_port: client.1.to_be_bytes(),
+    }
+}
+
+pub fn backend_key(relay: ([u8; 4], u16)) -> BackendKey {
+    BackendKey {
+        relay_addr: relay.0,
+        relay_port: relay.1.to_be_bytes(),
+        _pad: [0; 2],
+    }
+}
+
+/// Installs the client half `client → relay:P` rewritten to `relay_back:Q → backend`.
+pub fn install_client_flow(relay: &mut Relay, backend: ([u8; 4], u16), slot: u32) -> ClientKey {
+    let from = endpoints((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
+    let to_addr = if backend.0 == NEAR_BACKEND {
+        RELAY_FRONT
+    } else {
+        RELAY_BACK
+    };
+    let to = endpoints((to_addr, FLOW_PORT), backend);
+    let key = client_key((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
+    relay.add_client_flow(key, Rewrite::new(from, to, slot));
+    key
+}
+
+/// The backend half `backend → relay_back:Q` rewritten to `relay:P → client`,
+/// accepted only from `backend` (and `allowed_ifindex` if set).
+pub fn backend_rewrite(allowed_ifindex: u32, slot: u32) -> Rewrite {
+    let from = endpoints((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT));
+    let to = endpoints((RELAY_FRONT, SESSION_PORT), (CLIENT, CLIENT_PORT));
+    let mut rewrite = Rewrite::new(from, to, slot);
+    rewrite.allowed_saddr = BACKEND;
+    rewrite.allowed_sport = BACKEND_PORT.to_be_bytes();
+    rewrite.allowed_ifindex = allowed_ifindex;
+    rewrite
+}
+
+/// Installs [`backend_rewrite`] on `relay_back:Q`.
+pub fn install_backend_flow(relay: &mut Relay, allowed_ifindex: u32, slot: u32) {
+    relay.add_backend_flow(
+        backend_key((RELAY_BACK, FLOW_PORT)),
+        backend_rewrite(allowed_ifindex, slot),
+    );
+}
+
+pub fn client_packet() -> Vec<u8> {
+    client_with(PAYLOAD)
+}
+
+pub fn backend_packet() -> Vec<u8> {
+    udp_frame((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT), PAYLOAD)
+}
+
+/// A client packet to the session port carrying `payload`.
+pub fn client_with(payload: &[u8]) -> Vec<u8> {
+    udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT), payload)
+}
