@@ -1,20 +1,30 @@
 //! Prometheus metrics on an opt-in address (`--metrics ADDR`).
 //!
 //! Every scrape renders the same numbers `forwarder stats` shows, read from
-//! the pinned maps at that moment, through prometheus-client's text encoder.
-//! The HTTP side is one GET per connection, so a tiny responder on the
-//! daemon's tokio runtime serves it instead of a web framework.
+//! the pinned maps at that moment, through prometheus-client's encoder. The
+//! body is OpenMetrics when the scraper asks for it (`Accept:
+//! application/openmetrics-text`, as Prometheus does by default) and the
+//! classic text format otherwise, each under its own content type, so
+//! either parser types every sample. HTTP is hyper's (HTTP/1.1 only), on the
+//! daemon's tokio runtime.
+//!
+//! Every series carries `relay="INSTANCE"`: not `instance`, which is the
+//! target label Prometheus adds itself (ours would be renamed on scrape).
 
 use std::time::Duration;
 
 use anyhow::Context;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
 use forwarder_api::StatsInfo;
@@ -45,7 +55,7 @@ fn gauge_family(registry: &mut Registry, name: &str, help: &str, values: &[(Labe
 /// The text exposition of `stats`.
 pub fn render(stats: &StatsInfo) -> String {
     let mut registry = Registry::default();
-    let instance = || label("instance", &stats.instance);
+    let instance = || label("relay", &stats.instance);
     let with = |key: &str, value: &str| {
         let mut labels = instance();
         labels.push((key.to_string(), value.to_string()));
@@ -143,13 +153,76 @@ pub async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> 
         .with_context(|| format!("binding the metrics address {address}: pick a free address for --metrics"))
 }
 
+/// Content types of the two expositions.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an `Accept` header asks for OpenMetrics.
+fn wants_openmetrics(accept: Option<&HeaderValue>) -> bool {
+    accept
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|text| text.split(',').any(|part| part.trim().starts_with("application/openmetrics-text")))
+}
+
+/// The classic text format of the same registry: prometheus-client writes
+/// OpenMetrics, whose counter families are declared without `_total` and
+/// which ends in `# EOF`; the classic parser wants the declaration under
+/// the sample's own name and no EOF marker.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let declared = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(declared.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+fn respond(request: &Request<hyper::body::Incoming>, relay: &SharedRelay) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let (status, content_type, body) = if request.method() == Method::GET && (path == "/metrics" || path == "/") {
+        let stats = relay.lock().expect("relay lock").stats();
+        let body = render(&stats);
+        if wants_openmetrics(request.headers().get(ACCEPT)) {
+            (StatusCode::OK, OPENMETRICS, body)
+        } else {
+            (StatusCode::OK, CLASSIC_TEXT, classic_text(&body))
+        }
+    } else {
+        (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "metrics are at GET /metrics\n".to_string())
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
 pub async fn serve(listener: TcpListener, relay: SharedRelay) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let relay = relay.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = answer(stream, relay).await {
+                    let service = hyper::service::service_fn(move |request| {
+                        let response = respond(&request, &relay);
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(5))
+                        .serve_connection(TokioIo::new(stream), service);
+                    if let Err(error) = connection.await {
                         debug!(%error, "metrics connection");
                     }
                 });
@@ -160,33 +233,4 @@ pub async fn serve(listener: TcpListener, relay: SharedRelay) {
             }
         }
     }
-}
-
-async fn answer(mut stream: TcpStream, relay: SharedRelay) -> std::io::Result<()> {
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    // The request head only: nothing a scraper sends is larger.
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(read) => read?,
-            Err(_) => return Ok(()),
-        };
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&buf[..n]);
-    }
-    let (status, body) = if request.starts_with(b"GET /metrics ") || request.starts_with(b"GET / ") {
-        let stats = relay.lock().expect("relay lock").stats();
-        ("200 OK", render(&stats))
-    } else {
-        ("404 Not Found", "metrics are at GET /metrics\n".to_string())
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
 }

@@ -72,6 +72,15 @@ fn assert_client_got_only_the_server(
     }
 }
 
+/// Captures at the server and then at the client: a datagram the client
+/// gets after its capture starts left the server after the server's capture
+/// started (the pause covers one in flight through the relay).
+fn captures(server: (&forwarder_testbed::Netns, &str), client: (&forwarder_testbed::Netns, &str)) -> (Capture, Capture) {
+    let at_server = Capture::start(server.0, server.1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    (at_server, Capture::start(client.0, client.1).unwrap())
+}
+
 fn slow_path(relay: &Relay, counter: &str) -> u64 {
     relay.stats().unwrap()["slow_path"][counter].as_u64().unwrap_or(0)
 }
@@ -99,8 +108,7 @@ fn ordinary_session(what: &str, relay_args: &[&str]) {
     let servers_own_path =
         |site: usize, t: SocketAddrV4| site == 1 && *t.ip() == RELAY_SERVER_IP && flow_ports.contains(&t.port());
 
-    let at_client = Capture::start(&m.topo.client, CLIENT_IF).unwrap();
-    let at_server = Capture::start(&m.topo.server, SERVER_IF).unwrap();
+    let (at_server, at_client) = captures((&m.topo.server, SERVER_IF), (&m.topo.client, CLIENT_IF));
     let mut forged = HashSet::new();
     for burst in 0..BURSTS {
         forged.extend(forge_server_datagrams(&m.topo.relay, &sites, server, &targets, ROUNDS, servers_own_path).unwrap());
@@ -168,8 +176,7 @@ fn punched_session(what: &str, relay_args: &[&str]) {
     let upstream = nat.upstream_port;
     let servers_own_path = |site: usize, t: SocketAddrV4| site == 1 && *t.ip() == RELAY_NAT_IP && t.port() == upstream;
 
-    let at_client = Capture::start(&topo.client, CLIENT_IF).unwrap();
-    let at_server = Capture::start(&topo.server, forwarder_testbed::nat::SERVER_IF).unwrap();
+    let (at_server, at_client) = captures((&topo.server, forwarder_testbed::nat::SERVER_IF), (&topo.client, CLIENT_IF));
     let mut forged = HashSet::new();
     for burst in 0..BURSTS {
         forged.extend(forge_server_datagrams(&topo.relay, &sites, backend, &targets, ROUNDS, servers_own_path).unwrap());

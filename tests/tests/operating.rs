@@ -91,7 +91,7 @@ fn unit_command_line_with_example_config_serves_sessions_and_metrics() {
 
     let response = scrape(&topo);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let label = format!("instance=\"{instance}\"");
+    let label = format!("relay=\"{instance}\"");
     for expected in [
         format!("forwarder_sessions{{{label}}} 1"),
         format!("forwarder_flows{{{label}}} 1"),
@@ -108,6 +108,42 @@ fn unit_command_line_with_example_config_serves_sessions_and_metrics() {
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
     assert!(forwarded > 0, "no forwarded packets in the metrics:\n{response}");
+    assert_scrapes_parse(&topo);
+}
+
+/// Scrapes the endpoint from inside the relay's namespace as Prometheus
+/// would (`kind`: "openmetrics" or "classic" Accept header) and parses the
+/// body with the real prometheus_client parser for its content type.
+fn parse_scrape(topo: &Topology, kind: &str) -> serde_json::Value {
+    let script = workspace_root().join("tests/scripts/scrape_metrics.py");
+    let out = topo
+        .relay
+        .run("/usr/bin/python3", &[script.to_str().unwrap(), &format!("http://{METRICS}/metrics"), kind])
+        .unwrap_or_else(|error| panic!("scraping with the {kind} parser: {error:#} (apt-get install python3-prometheus-client)"));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Prometheus' own parsers read every sample with its type, whichever
+/// exposition the scraper asks for; no series carries the `instance` label
+/// Prometheus reserves for its targets.
+fn assert_scrapes_parse(topo: &Topology) {
+    for (kind, content_type) in [("openmetrics", "application/openmetrics-text"), ("classic", "text/plain; version=0.0.4")] {
+        let parsed = parse_scrape(topo, kind);
+        assert!(parsed["content_type"].as_str().unwrap().starts_with(content_type), "{kind}: {parsed}");
+        let families = parsed["families"].as_object().unwrap();
+        for (family, expected) in [
+            ("forwarder_xdp_packets", "counter"),
+            ("forwarder_flows_created", "counter"),
+            ("forwarder_slow_path_dropped", "counter"),
+            ("forwarder_sessions", "gauge"),
+            ("forwarder_map_entries", "gauge"),
+        ] {
+            assert_eq!(families.get(family).and_then(|t| t.as_str()), Some(expected), "{kind}: {family} in {parsed}");
+        }
+        assert!(!families.values().any(|t| t == "unknown"), "{kind}: untyped families in {parsed}");
+        let labels: Vec<&str> = parsed["labels"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
+        assert!(labels.contains(&"relay") && !labels.contains(&"instance"), "{kind}: labels {labels:?}");
+    }
 }
 
 /// What a failed `run` could leave behind: pins, the control socket, an

@@ -18,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "openssh-server",
     "python3-scapy",
+    "python3-prometheus-client",
     "iputils-ping",
     "procps",
     "util-linux",
