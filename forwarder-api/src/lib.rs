@@ -49,6 +49,10 @@ pub enum Request {
         target: String,
     },
     List {},
+    /// Everything about one session, by id or client-facing port.
+    Show {
+        target: String,
+    },
     Stats {},
 }
 
@@ -61,6 +65,44 @@ pub enum Reply {
     /// Boxed: the report is large, and every other reply small.
     Stats(Box<StatsInfo>),
     Error(String),
+    /// The session a request named does not exist (its own exit code).
+    NotFound(String),
+}
+
+/// Version of the `--json` documents the CLI prints: every one is an object
+/// `{"schema_version": N, "<what>": ...}`, as `nft -j` carries its schema
+/// version, so scripts can tell a format change from a bug.
+pub const JSON_SCHEMA_VERSION: u32 = 1;
+
+/// Exit codes of the CLI, for scripts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitStatus {
+    Ok = 0,
+    /// Anything else that went wrong; the message says what and how to fix it.
+    Error = 1,
+    /// The command line itself is wrong (clap's own code).
+    Usage = 2,
+    /// The session (or other thing) named does not exist.
+    NotFound = 3,
+    /// No daemon answers on the instance's control socket.
+    DaemonNotRunning = 4,
+    /// The control socket (or another file) may not be used by this user.
+    PermissionDenied = 5,
+}
+
+impl ExitStatus {
+    /// Its name in a `--json` error document.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Error => "error",
+            Self::Usage => "usage",
+            Self::NotFound => "not_found",
+            Self::DaemonNotRunning => "daemon_not_running",
+            Self::PermissionDenied => "permission_denied",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -72,7 +114,8 @@ pub struct SessionInfo {
     /// The relay's addresses on its interfaces, for the client's command line.
     pub relay_addresses: Vec<String>,
     pub idle_timeout_secs: u64,
-    pub idle_secs: f64,
+    /// Milliseconds since the newest packet (integer, unit in the name).
+    pub idle_ms: u64,
     pub flows: Vec<FlowInfo>,
     /// Set for a server behind NAT that came through the punch handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -110,7 +153,8 @@ pub struct FlowInfo {
     pub fast_path_packets: u64,
     /// Packets the daemon forwarded through its sockets (both directions).
     pub slow_path_packets: u64,
-    pub idle_secs: f64,
+    /// Milliseconds since the newest packet (integer, unit in the name).
+    pub idle_ms: u64,
     /// Whether mosh-server currently sends to this flow (it answered it last).
     pub server_current: bool,
     /// The server has answered this flow: it counts against the session's
@@ -128,7 +172,8 @@ pub struct PacketsBytes {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct StatsInfo {
     pub instance: String,
-    pub xdp_mode: String,
+    /// The datapath in use: "native", "skb", "native+skb" or "userspace".
+    pub datapath: String,
     pub interfaces: Vec<String>,
     pub sessions: usize,
     pub flows: usize,

@@ -39,25 +39,39 @@ pub enum Verb {
         /// Client-facing port to use (default: the next free one).
         #[arg(long)]
         port: Option<u16>,
-        /// Remove the session after this long without traffic (default 7d).
+        /// Remove the session after this long without traffic [default: the daemon's
+        /// --session-idle-timeout, 7d unless configured].
         #[arg(long, value_parser = humantime::parse_duration)]
         idle_timeout: Option<Duration>,
+        /// Print the new session as JSON ({"schema_version": 1, "session": ...}).
         #[arg(long)]
         json: bool,
     },
-    /// Remove a session by id or client-facing port.
+    /// Remove a session and every flow of it.
     Remove {
+        /// The session's id or its client-facing port (see `forwarder list`).
         target: String,
+        /// Print the removed session as JSON ({"schema_version": 1, "session": ...}).
         #[arg(long)]
         json: bool,
     },
     /// List sessions and their flows with counters.
     List {
+        /// Print JSON ({"schema_version": 1, "sessions": [...]}).
         #[arg(long)]
         json: bool,
     },
-    /// Show the data plane's verdict and reason counters.
+    /// Everything about one session: backend, limits, NAT state, every flow with its counters.
+    Show {
+        /// The session's id or its client-facing port.
+        target: String,
+        /// Print JSON ({"schema_version": 1, "session": ...}).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the data plane's verdict and reason counters, capacity, open files and warnings.
     Stats {
+        /// Print JSON ({"schema_version": 1, "stats": ...}).
         #[arg(long)]
         json: bool,
     },
@@ -70,6 +84,7 @@ pub enum Verb {
         /// The session store's folder (default /var/lib/forwarder/<instance>).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Print what was removed as JSON ({"schema_version": 1, "detached": ...}).
         #[arg(long)]
         json: bool,
     },
@@ -290,7 +305,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&instance));
             let detached = daemon::detach(&instance, &state_dir, purge)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&detached)?);
+                print_json("detached", &detached)?;
             } else {
                 println!(
                     "instance {}: removed {} pins{}{}",
@@ -316,7 +331,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 bail!("the daemon answered `add` with something else: is it the same version?")
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&session)?);
+                print_json("session", &session)?;
             } else {
                 let address = session.relay_addresses.first().map(String::as_str).unwrap_or("RELAY");
                 println!("session {} forwards port {} to {}", session.id, session.port, session.backend);
@@ -330,9 +345,21 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 bail!("the daemon answered `remove` with something else: is it the same version?")
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&session)?);
+                print_json("session", &session)?;
             } else {
                 println!("removed session {} (port {}, backend {})", session.id, session.port, session.backend);
+            }
+            Ok(())
+        }
+        Verb::Show { target, json } => {
+            daemon::validate_instance(&instance)?;
+            let Reply::Session(session) = call(&instance, &Request::Show { target })? else {
+                bail!("the daemon answered `show` with something else: is it the same version?")
+            };
+            if json {
+                print_json("session", &session)?;
+            } else {
+                print!("{}", render_sessions(std::slice::from_ref(&session)));
             }
             Ok(())
         }
@@ -342,7 +369,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 bail!("the daemon answered `list` with something else: is it the same version?")
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&sessions)?);
+                print_json("sessions", &sessions)?;
             } else {
                 print!("{}", render_sessions(&sessions));
             }
@@ -355,12 +382,83 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 bail!("the daemon answered `stats` with something else: is it the same version?")
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                print_json("stats", &stats)?;
             } else {
                 print!("{}", render_stats(&stats));
             }
             Ok(())
         }
+    }
+}
+
+/// A `--json` document: `{"schema_version": N, "<key>": value}`.
+fn print_json(key: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut document = serde_json::Map::new();
+    document.insert("schema_version".into(), forwarder_api::JSON_SCHEMA_VERSION.into());
+    document.insert(key.into(), serde_json::to_value(value)?);
+    println!("{}", serde_json::to_string_pretty(&document)?);
+    Ok(())
+}
+
+impl Cli {
+    /// Whether the verb prints JSON: its errors then go to stdout as JSON too.
+    pub fn wants_json(&self) -> bool {
+        match &self.verb {
+            Verb::Add { json, .. }
+            | Verb::Remove { json, .. }
+            | Verb::List { json }
+            | Verb::Show { json, .. }
+            | Verb::Stats { json }
+            | Verb::Detach { json, .. } => *json,
+            Verb::Run(_) | Verb::MoshServer(_) => false,
+        }
+    }
+}
+
+/// The exit status for an error, from the typed failure it carries if any.
+pub fn exit_status(error: &anyhow::Error) -> forwarder_api::ExitStatus {
+    error
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<crate::control::client::Failure>())
+        .map_or(forwarder_api::ExitStatus::Error, |failure| failure.exit_status())
+}
+
+/// What an error says: the outermost messages, without the typed failure's
+/// own short name at the end of the chain.
+pub fn error_message(error: &anyhow::Error) -> String {
+    error
+        .chain()
+        .filter(|cause| cause.downcast_ref::<crate::control::client::Failure>().is_none())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// An error as a `--json` document on stdout.
+pub fn print_json_error(error: &anyhow::Error) {
+    let status = exit_status(error);
+    let document = serde_json::json!({
+        "schema_version": forwarder_api::JSON_SCHEMA_VERSION,
+        "error": { "kind": status.name(), "exit_code": status as u8, "message": error_message(error) },
+    });
+    println!("{}", serde_json::to_string_pretty(&document).unwrap_or_default());
+}
+
+/// "1 packet", "2 packets".
+fn plural(count: u64, noun: &str) -> String {
+    if count == 1 { format!("1 {noun}") } else { format!("{count} {noun}s") }
+}
+
+fn bytes(count: u64) -> String {
+    if count == 1 { "1 byte".into() } else { format!("{count} bytes") }
+}
+
+/// An idle time to the second, as humantime writes it ("3m 12s").
+fn idle(ms: u64) -> String {
+    if ms < 1_000 {
+        "under 1s".into()
+    } else {
+        humantime::format_duration(Duration::from_secs(ms / 1_000)).to_string()
     }
 }
 
@@ -374,13 +472,13 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
     for s in sessions {
         let _ = writeln!(
             out,
-            "session {}  port {}  backend {}  flows {}  idle {:.1}s (expires after {}s)",
+            "session {}  port {}  backend {}  {}  idle {} (expires after {} idle)",
             s.id,
             s.port,
             s.backend,
-            s.flows.len(),
-            s.idle_secs,
-            s.idle_timeout_secs
+            plural(s.flows.len() as u64, "flow"),
+            idle(s.idle_ms),
+            humantime::format_duration(Duration::from_secs(s.idle_timeout_secs))
         );
         if let Some(nat) = &s.nat {
             let _ = writeln!(
@@ -396,23 +494,24 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
         for f in &s.flows {
             let _ = writeln!(
                 out,
-                "  flow {} -> {}:{} -> upstream port {}{}",
+                "  flow {:<21} -> {}:{} -> upstream port {}{}{}",
                 f.client,
                 f.relay_addr,
                 s.port,
                 f.upstream_port,
-                if f.server_current { "  [server replies here]" } else { "" }
+                if f.server_current { "  [server replies here]" } else { "" },
+                if f.answered { "" } else { "  [on probation: not answered yet]" }
             );
             let _ = writeln!(
                 out,
-                "    to server {} pkts / {} B, to client {} pkts / {} B; fast path (XDP) {} pkts, slow path (daemon) {} pkts; idle {:.1}s",
-                f.packets_to_server,
-                f.bytes_to_server,
-                f.packets_to_client,
-                f.bytes_to_client,
-                f.fast_path_packets,
-                f.slow_path_packets,
-                f.idle_secs
+                "    to server {} / {}, to client {} / {}; fast path (XDP) {}, slow path (daemon) {}; idle {}",
+                plural(f.packets_to_server, "packet"),
+                bytes(f.bytes_to_server),
+                plural(f.packets_to_client, "packet"),
+                bytes(f.bytes_to_client),
+                plural(f.fast_path_packets, "packet"),
+                plural(f.slow_path_packets, "packet"),
+                idle(f.idle_ms)
             );
         }
     }
@@ -426,7 +525,7 @@ fn render_stats(stats: &StatsInfo) -> String {
         out,
         "instance {}: datapath {} on {}; {} sessions, {} flows",
         stats.instance,
-        stats.xdp_mode,
+        stats.datapath,
         stats.interfaces.join(", "),
         stats.sessions,
         stats.flows

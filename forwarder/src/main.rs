@@ -9,11 +9,17 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match cli::main(Cli::parse()) {
+    let cli = Cli::parse();
+    let json = cli.wants_json();
+    match cli::main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
+            if json {
+                cli::print_json_error(&error);
+            } else {
+                eprintln!("error: {}", cli::error_message(&error));
+            }
+            std::process::ExitCode::from(cli::exit_status(&error) as u8)
         }
     }
 }

@@ -683,7 +683,7 @@ impl Relay {
             .iter()
             .map(|a| a.last_active_ns)
             .fold(session.last_active_ns, u64::max);
-        let seconds = |ns: u64| now_ns.saturating_sub(ns) as f64 / 1e9;
+        let millis = |ns: u64| now_ns.saturating_sub(ns) / 1_000_000;
         let mut infos: Vec<FlowInfo> = flows
             .iter()
             .zip(&activity)
@@ -701,7 +701,7 @@ impl Relay {
                     bytes_to_client: to_client.bytes + flow.slow_to_client.1,
                     fast_path_packets: to_server.packets + to_client.packets,
                     slow_path_packets: flow.slow_to_server.0 + flow.slow_to_client.0,
-                    idle_secs: seconds(activity.last_active_ns),
+                    idle_ms: millis(activity.last_active_ns),
                     server_current: current == Some(index),
                     answered: flow.answered || activity.last_from_server_ns > 0,
                 }
@@ -717,7 +717,7 @@ impl Relay {
             backend: session.backend.to_string(),
             relay_addresses: self.relay_addresses.iter().map(ToString::to_string).collect(),
             idle_timeout_secs: session.idle_timeout.as_secs(),
-            idle_secs: seconds(last_active),
+            idle_ms: millis(last_active),
             flows: infos,
             nat: session.nat.as_deref().map(nat::NatState::info),
         })

@@ -62,6 +62,20 @@ pub struct Session {
 /// API's own types, so the tests read exactly what the daemon writes.
 pub use forwarder_api::{FlowInfo, NatInfo, SessionInfo, StatsInfo};
 
+/// The payload of a `--json` document of schema version 1.
+pub fn unwrap_document(document: Value) -> Result<Value> {
+    let Value::Object(mut fields) = document else { bail!("not a JSON object") };
+    let version = fields.remove("schema_version").and_then(|v| v.as_u64());
+    if version != Some(u64::from(forwarder_api::JSON_SCHEMA_VERSION)) {
+        bail!("schema_version {version:?}, expected {}", forwarder_api::JSON_SCHEMA_VERSION);
+    }
+    let mut values = fields.into_iter();
+    match (values.next(), values.next()) {
+        (Some((_, value)), None) => Ok(value),
+        _ => bail!("expected exactly one payload beside schema_version"),
+    }
+}
+
 /// A running `forwarder run`, stopped on drop. Its stderr goes to a file that is
 /// printed on drop (the test harness shows it only for failing tests) unless
 /// [`Relay::quiet`] was called.
@@ -260,12 +274,15 @@ impl Relay {
         )
     }
 
+    /// Runs a verb with `--json` and returns what its document carries: the
+    /// CLI prints `{"schema_version": 1, "<what>": ...}`.
     fn verb_json(&self, args: &[&str]) -> Result<Value> {
         let mut with_json = args.to_vec();
         with_json.push("--json");
         let out = self.verb(&with_json)?;
-        serde_json::from_str(&out)
-            .with_context(|| format!("`forwarder {}` printed invalid JSON: {out}", args.join(" ")))
+        let document: Value = serde_json::from_str(&out)
+            .with_context(|| format!("`forwarder {}` printed invalid JSON: {out}", args.join(" ")))?;
+        unwrap_document(document).with_context(|| format!("`forwarder {} --json` printed: {out}", args.join(" ")))
     }
 
     /// `forwarder add --backend BACKEND [extra...] --json`.

@@ -35,11 +35,13 @@ fn assert_refused(
 }
 
 /// How a CLI run ended, as [`assert_refused`] wants it.
+/// stdout on success; on failure what the user is told: stderr, or under
+/// `--json` the error document on stdout.
 fn outcome(out: Output) -> Result<String, String> {
     if out.success() {
         Ok(out.stdout)
     } else {
-        Err(out.stderr.trim().to_string())
+        Err(format!("{}{}", out.stderr.trim(), out.stdout.trim()))
     }
 }
 

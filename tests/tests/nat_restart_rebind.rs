@@ -71,7 +71,7 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
     let topo = NatTopology::build().unwrap();
     let secret = secret_file();
     let mut relay = topo.start_relay(secret.path(), &["--xdp-mode", "native"]).unwrap();
-    assert_eq!(relay.stats().unwrap()["xdp_mode"], "native");
+    assert_eq!(relay.stats().unwrap()["datapath"], "native");
     let punches = Capture::start(&topo.server, SERVER_IF, &format!("udp port {PUNCH_PORT}")).unwrap();
     let (server, client) = start_punched(&topo, &secret);
     roundtrip(&client, "before").unwrap();

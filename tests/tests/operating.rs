@@ -224,7 +224,7 @@ fn detach_removes_a_stale_control_socket() {
     assert!(socket.exists(), "SIGKILL should leave the socket file: nothing else to test otherwise");
     let state_dir = relay.state_dir().to_string_lossy().into_owned();
     let out = relay.verb(&["detach", "--state-dir", &state_dir, "--json"]).unwrap();
-    let detached: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let detached = forwarder_testbed::relay::unwrap_document(serde_json::from_str(&out).unwrap()).unwrap();
     assert_eq!(detached["stale_socket_removed"], true, "{detached}");
     assert!(detached["pins_removed"].as_u64().unwrap() > 0, "{detached}");
     assert!(!socket.exists(), "detach left the stale control socket");

@@ -10,7 +10,7 @@ fn mosh_session_runs_on_the_userspace_datapath() {
     let m = MoshThroughRelay::start(&["--datapath", "userspace"]).unwrap();
     m.roundtrip("user").unwrap();
     let stats = m.relay.stats().unwrap();
-    assert_eq!(stats["xdp_mode"], "userspace", "{stats}");
+    assert_eq!(stats["datapath"], "userspace", "{stats}");
 
     let flow = m
         .relay

@@ -9,19 +9,42 @@ use anyhow::{Context, bail};
 use forwarder_api::{Reply, Request};
 use forwarder_api::socket_path;
 
+/// What went wrong in a way a script may want to tell apart (each has its
+/// own exit code); carried inside the `anyhow::Error`, under its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("not found")]
+    NotFound,
+    #[error("the daemon is not running")]
+    DaemonNotRunning,
+    #[error("permission denied")]
+    PermissionDenied,
+}
+
+impl Failure {
+    pub fn exit_status(self) -> forwarder_api::ExitStatus {
+        match self {
+            Self::NotFound => forwarder_api::ExitStatus::NotFound,
+            Self::DaemonNotRunning => forwarder_api::ExitStatus::DaemonNotRunning,
+            Self::PermissionDenied => forwarder_api::ExitStatus::PermissionDenied,
+        }
+    }
+}
+
 /// Sends one request to the daemon of `instance` and returns its reply;
 /// a daemon-side error becomes an `Err` carrying the daemon's message.
 pub fn call(instance: &str, request: &Request) -> anyhow::Result<Reply> {
     let path = socket_path(instance);
     let mut stream = UnixStream::connect(&path).map_err(|error| match error.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
-            "no forwarder daemon is running for instance {instance:?} ({} is missing or dead): start it with `forwarder run --iface IF --instance {instance}`",
-            path.display()
-        ),
-        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::Error::new(Failure::DaemonNotRunning)
+            .context(format!(
+                "no forwarder daemon is running for instance {instance:?} ({} is missing or dead): start it with `forwarder run --iface IF --instance {instance}`",
+                path.display()
+            )),
+        std::io::ErrorKind::PermissionDenied => anyhow::Error::new(Failure::PermissionDenied).context(format!(
             "permission denied on {}: the control socket is root-only, run this as root",
             path.display()
-        ),
+        )),
         _ => anyhow::anyhow!("connecting to {}: {error}", path.display()),
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -39,6 +62,7 @@ pub fn call(instance: &str, request: &Request) -> anyhow::Result<Reply> {
     }
     match serde_json::from_str(&reply).context("the daemon's reply is not valid JSON")? {
         Reply::Error(message) => bail!("{message}"),
+        Reply::NotFound(message) => Err(anyhow::Error::new(Failure::NotFound).context(message)),
         reply => Ok(reply),
     }
 }

@@ -92,16 +92,25 @@ async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartRea
             match relay.find_session(&target) {
                 Some(port) => match relay.remove_session(port, "removed by operator") {
                     Some(info) => Reply::Removed(info),
-                    None => Reply::Error(format!("no session {target:?}")),
+                    None => not_found(&target),
                 },
-                None => Reply::Error(format!(
-                    "no session with id or port {target:?}: see `forwarder list` for the ids"
-                )),
+                None => not_found(&target),
+            }
+        }
+        Request::Show { target } => {
+            let relay = relay.lock().expect("relay lock");
+            match relay.find_session(&target).and_then(|port| relay.session_info(port, crate::datapath::monotonic_ns())) {
+                Some(info) => Reply::Session(info),
+                None => not_found(&target),
             }
         }
         Request::List {} => Reply::Sessions(relay.lock().expect("relay lock").list()),
         Request::Stats {} => Reply::Stats(Box::new(relay.lock().expect("relay lock").stats())),
     }
+}
+
+fn not_found(target: &str) -> Reply {
+    Reply::NotFound(format!("no session with id or port {target:?}: see `forwarder list` for the ids"))
 }
 
 async fn add(

@@ -565,7 +565,7 @@ impl Relay {
             bytes_to_client: to_client.bytes + nat.slow_to_client.1,
             fast_path_packets: to_client.packets,
             slow_path_packets: nat.slow_to_server.0 + nat.slow_to_client.0,
-            idle_secs: now_ns.saturating_sub(last) as f64 / 1e9,
+            idle_ms: now_ns.saturating_sub(last) / 1_000_000,
             server_current: true,
             answered: true,
         })

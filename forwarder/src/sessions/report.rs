@@ -71,7 +71,7 @@ fn stats(relay: &Relay) -> StatsInfo {
     }
     StatsInfo {
         instance: relay.instance.clone(),
-        xdp_mode: relay.datapath.mode(),
+        datapath: relay.datapath.mode(),
         interfaces: relay.interfaces.clone(),
         sessions: relay.session_count(),
         flows: relay.flow_count(),
