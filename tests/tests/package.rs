@@ -2,7 +2,7 @@
 //! binary under test, `dpkg -i` installs it on this machine, the installed
 //! binary, man pages, completions and units work, the shipped config refuses
 //! to attach anywhere until interfaces are set, and `dpkg --purge` leaves
-//! nothing behind.
+//! nothing behind. And the unit's capability set is enough for the daemon.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -223,4 +223,103 @@ fn deb_installs_works_and_purges_without_a_trace() {
     for path in files.iter().map(String::as_str).chain(["/etc/forwarder", "/var/lib/forwarder"]) {
         assert!(!Path::new(path).exists(), "{path} left behind after dpkg --purge");
     }
+}
+
+/// Capability numbers (linux/capability.h) of those a unit may name here.
+const CAPABILITIES: &[(&str, u32)] = &[
+    ("CAP_NET_BIND_SERVICE", 10),
+    ("CAP_NET_ADMIN", 12),
+    ("CAP_NET_RAW", 13),
+    ("CAP_SYS_ADMIN", 21),
+    ("CAP_SYS_RESOURCE", 24),
+    ("CAP_PERFMON", 38),
+    ("CAP_BPF", 39),
+];
+
+/// The capabilities `key=` grants in the packaged default unit.
+fn unit_capabilities(key: &str) -> Vec<String> {
+    let unit = std::fs::read_to_string(workspace_root().join("packaging/forwarder.service")).unwrap();
+    unit.lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("packaging/forwarder.service has no {key}= line"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The unit runs the daemon as root with only its CapabilityBoundingSet (and
+/// the same ambient set). systemd is not PID 1 on the test machines, so
+/// setpriv applies that set, and the daemon must still load and attach XDP
+/// natively, bind a session port below 1024, forward a flow in the kernel and,
+/// restarted, adopt its pins.
+#[test]
+fn the_units_capabilities_are_enough() {
+    use forwarder_testbed::topology::{CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP};
+    use forwarder_testbed::{Relay, Topology, UdpEcho, UdpPinger};
+    use std::net::{SocketAddr, SocketAddrV4};
+
+    prereq::require().unwrap();
+    assert!(which::which("setpriv").is_ok(), "setpriv not found: apt-get install util-linux");
+    let bounding = unit_capabilities("CapabilityBoundingSet");
+    assert_eq!(bounding, unit_capabilities("AmbientCapabilities"), "the unit's bounding and ambient sets differ");
+    let mut mask = 0u64;
+    let mut setpriv_caps = String::from("-all");
+    for cap in &bounding {
+        let (_, bit) = CAPABILITIES
+            .iter()
+            .find(|(name, _)| name == cap)
+            .unwrap_or_else(|| panic!("{cap} is not in this test's table: add its number"));
+        mask |= 1 << bit;
+        setpriv_caps.push_str(&format!(",+{}", cap.trim_start_matches("CAP_").to_lowercase()));
+    }
+
+    let topo = Topology::client_relay_server().unwrap();
+    let instance = format!("t{}-{}", std::process::id(), forwarder_testbed::netns::random_tag());
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let mut command: Vec<String> = vec![
+        "nsenter".into(),
+        format!("--net={}", topo.relay.path().display()),
+        "--".into(),
+        "setpriv".into(),
+        format!("--inh-caps={setpriv_caps}"),
+        format!("--ambient-caps={setpriv_caps}"),
+        format!("--bounding-set={setpriv_caps}"),
+        "--no-new-privs".into(),
+        forwarder_bin().unwrap().to_string_lossy().into_owned(),
+    ];
+    command.extend(
+        [
+            "run", "--instance", &instance, "--iface", RELAY_CLIENT_IF, "--iface", RELAY_SERVER_IF,
+            "--datapath", "xdp", "--xdp-mode", "native", "--ports", "400-409",
+        ]
+        .map(str::to_string),
+    );
+    command.extend(["--state-dir".to_string(), state_dir.to_string_lossy().into_owned()]);
+    let mut relay = Relay::start_command(command, &instance, Some(state_dir)).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", relay.pid())).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap();
+    assert_eq!(effective, mask, "the daemon runs with capabilities {effective:#x}, not the unit's {mask:#x}");
+
+    let echo = UdpEcho::start(&topo.server, SocketAddr::V4(SocketAddrV4::new(SERVER_IP, 7000))).unwrap();
+    let session = relay.add(echo.addr, &[]).unwrap();
+    assert!(session.port < 1024, "{session:?}");
+    let relay_addr = SocketAddr::V4(SocketAddrV4::new(RELAY_CLIENT_IP, session.port));
+    let mut pinger = UdpPinger::new(&topo.client, SocketAddr::V4(SocketAddrV4::new(CLIENT_IP, 0)), relay_addr).unwrap();
+    assert!(pinger.ping_any(10, Duration::from_secs(1)).unwrap(), "nothing came back through the relay");
+    for _ in 0..3 {
+        assert!(pinger.ping_any(3, Duration::from_secs(1)).unwrap());
+    }
+    let fast: u64 = relay.sessions().unwrap()[0].flows.iter().map(|f| f.fast_path_packets).sum();
+    assert!(fast > 0, "no packet took the XDP fast path: {:?}", relay.sessions().unwrap());
+
+    relay.terminate().unwrap();
+    relay.restart().unwrap();
+    assert!(relay.log().contains("adopted the pinned XDP link"), "{}", relay.log());
+    assert_eq!(relay.sessions().unwrap().len(), 1, "the session was not restored");
+    assert!(pinger.ping_any(3, Duration::from_secs(1)).unwrap(), "no forwarding after the restart");
 }

@@ -11,3 +11,9 @@ use std::path::PathBuf;
 pub fn socket_path(instance: &str) -> PathBuf {
     PathBuf::from(format!("/run/forwarder/{instance}.sock"))
 }
+
+/// The packaged unit that runs `instance`: forwarder.service runs the
+/// default instance, the template forwarder@NAME.service every other one.
+pub fn systemd_unit(instance: &str) -> String {
+    if instance == "default" { "forwarder".to_string() } else { format!("forwarder@{instance}") }
+}
