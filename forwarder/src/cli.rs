@@ -98,7 +98,8 @@ pub enum Verb {
 /// both, the documented default applies.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// TOML config file (see packaging/forwarder.toml); flags override it.
+    /// TOML config file (the package installs /etc/forwarder/forwarder.toml, every key
+    /// explained); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Interface to attach XDP to (repeat for each side of the relay).
@@ -231,6 +232,15 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         (None, None) => DatapathChoice::Auto,
     };
     let interfaces = if args.interfaces.is_empty() { file.interfaces.unwrap_or_default() } else { args.interfaces };
+    if interfaces.is_empty()
+        && let Some(path) = &args.config
+    {
+        bail!(
+            "no interface to attach to: set `interfaces = [\"IF\", ...]` in {} (the interfaces clients and \
+             servers reach this relay on; `ip -br link` lists them), or pass --iface IF",
+            path.display()
+        );
+    }
     let default_range = |lo, hi| PortRange { lo, hi };
     let punch = match (args.punch_port.or(file.punch_port), args.punch_secret_file.or(file.punch_secret_file)) {
         (Some(port), Some(secret_file)) => Some(crate::punch::relay::PunchOptions {

@@ -51,7 +51,7 @@ impl FileConfig {
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         toml::from_str(text).map_err(|error| {
-            anyhow::anyhow!("{error}(see packaging/forwarder.toml for every key and its format)")
+            anyhow::anyhow!("{error}(see /etc/forwarder/forwarder.toml, as installed, for every key and its format)")
         })
     }
 }
@@ -64,7 +64,8 @@ mod tests {
     fn parses_the_packaged_example() {
         let text = include_str!("../../packaging/forwarder.toml");
         let config = FileConfig::parse(text).unwrap();
-        assert!(config.interfaces.is_some_and(|i| !i.is_empty()));
+        // Shipped without interfaces: a fresh install must not attach to a guessed one.
+        assert!(config.interfaces.is_none());
         assert!(config.ports.is_some());
     }
 

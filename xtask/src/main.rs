@@ -42,7 +42,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build target/deb/forwarder_<version>_<arch>.deb (binary, systemd unit, example config).
+    /// Build target/deb/forwarder_<version>_<arch>.deb (binary, systemd units, example config,
+    /// man pages, completions) from $FORWARDER_BIN, else from its own release build.
     Deb,
     /// Print the module graph of the forwarder crate and fail on an import cycle.
     Modules,

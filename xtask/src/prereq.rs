@@ -23,6 +23,11 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "socat",
+    // The package test: `systemd-analyze verify/security` on the units,
+    // `addgroup` in postinst (the package's Depends), `man -w` on the pages.
+    "systemd",
+    "adduser",
+    "man-db",
     "llvm-22-dev",
     "libpolly-22-dev",
 ];

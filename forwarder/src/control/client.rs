@@ -38,8 +38,10 @@ pub fn call(instance: &str, request: &Request) -> anyhow::Result<Reply> {
     let mut stream = UnixStream::connect(&path).map_err(|error| match error.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::Error::new(Failure::DaemonNotRunning)
             .context(format!(
-                "no forwarder daemon is running for instance {instance:?} ({} is missing or dead): start it with `forwarder run --iface IF --instance {instance}`",
-                path.display()
+                "no forwarder daemon is running for instance {instance:?} ({} is missing or dead): start it with \
+                 `systemctl start {}` or `forwarder run --iface IF --instance {instance}`",
+                path.display(),
+                super::systemd_unit(instance)
             )),
         std::io::ErrorKind::PermissionDenied => anyhow::Error::new(Failure::PermissionDenied).context(format!(
             "permission denied on {}: the control socket is root-only, run this as root",

@@ -28,8 +28,10 @@ pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             bail!(
-                "a forwarder daemon for instance {instance:?} is already running ({} answers): stop it first, or pick another --instance",
-                path.display()
+                "a forwarder daemon for instance {instance:?} is already running ({} answers): stop it first \
+                 (`systemctl stop {}` or SIGTERM), or pick another --instance",
+                path.display(),
+                super::systemd_unit(instance)
             );
         }
         std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;

@@ -283,8 +283,9 @@ pub fn detach(instance: &str, state_dir: &std::path::Path, purge: bool) -> anyho
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         bail!(
             "the daemon of instance {instance:?} is running ({} answers): stop it first \
-             (`systemctl stop forwarder` or SIGTERM), then detach",
-            socket.display()
+             (`systemctl stop {}` or SIGTERM), then detach",
+            socket.display(),
+            control::systemd_unit(instance)
         );
     }
     // Nobody answers on it (checked above): a killed daemon's leftover.

@@ -78,11 +78,14 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    std::fs::create_dir_all(root).with_context(|| format!("creating {BPFFS}"))?;
+    // Mounting needs CAP_SYS_ADMIN, which the packaged unit does not grant:
+    // there systemd has mounted bpffs at boot, and this only runs where it did not.
+    let fix = format!(
+        "mount it yourself (`mount -t bpf bpf {BPFFS}`, or `bpf {BPFFS} bpf defaults 0 0` in /etc/fstab) and restart"
+    );
+    std::fs::create_dir_all(root).with_context(|| format!("no bpffs on {BPFFS} and creating the folder failed: {fix}"))?;
     nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| {
-            format!("mounting bpffs on {BPFFS} failed: mount it yourself (`mount -t bpf bpf {BPFFS}`) and restart")
-        })?;
+        .with_context(|| format!("no bpffs on {BPFFS} and mounting it failed: {fix}"))?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! session key to the relay, and prints what the `mosh` wrapper and
 //! mosh-client need, pointing at the relay.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -138,15 +138,22 @@ pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
         started.elapsed().as_millis()
     );
     let mut stdout = std::io::stdout().lock();
-    write!(
-        stdout,
-        "\r\nMOSH IP {}\r\nMOSH CONNECT {} {}\r\n",
-        path.relay_addr,
-        path.client_port,
-        key.to_base64()
+    stdout.write_all(
+        connect_lines(std::io::stdin().is_terminal(), path.relay_addr, path.client_port, &key.to_base64()).as_bytes(),
     )?;
     stdout.flush()?;
     Ok(())
+}
+
+/// What goes to stdout, byte for byte what stock mosh-server 1.4.0 prints
+/// (`MOSH CONNECT <port> <key>\n`, LF only) with the stock `mosh` wrapper's
+/// own `MOSH IP <addr>\n` line before it. Scripts that `read` the line get a
+/// 22-letter key, not one ending in CR. Like mosh-server, and for the same
+/// reason (typeahead echoed on a pty would share the line), an empty line
+/// comes first when stdin is a terminal: mosh-server's `puts("\r\n")`.
+pub fn connect_lines(stdin_is_terminal: bool, relay: Ipv4Addr, port: u16, key: &str) -> String {
+    let bodge = if stdin_is_terminal { "\r\n\n" } else { "" };
+    format!("{bodge}MOSH IP {relay}\nMOSH CONNECT {port} {key}\n")
 }
 
 fn resolve(relay: &str) -> anyhow::Result<SocketAddrV4> {
@@ -346,6 +353,20 @@ mod tests {
         assert_eq!(mosh_server_args(&bound, 1).unwrap(), words("new -p 1 -v"));
         assert_eq!(mosh_server_args(&[], 7).unwrap(), words("new -p 7"));
         assert!(mosh_server_args(&words("new -i"), 7).is_err());
+    }
+
+    #[test]
+    fn prints_lf_lines_like_mosh_server() {
+        let key = "wkhKAYyunVx3eQM/YhsN/g";
+        let relay = Ipv4Addr::new(203, 0, 113, 1);
+        assert_eq!(
+            connect_lines(false, relay, 60001, key),
+            "MOSH IP 203.0.113.1\nMOSH CONNECT 60001 wkhKAYyunVx3eQM/YhsN/g\n"
+        );
+        assert_eq!(
+            connect_lines(true, relay, 60001, key),
+            "\r\n\nMOSH IP 203.0.113.1\nMOSH CONNECT 60001 wkhKAYyunVx3eQM/YhsN/g\n"
+        );
     }
 
     #[test]
