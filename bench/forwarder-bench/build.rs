@@ -8,7 +8,9 @@ fn main() -> anyhow::Result<()> {
     let root_dir = manifest_dir.join("../forwarder-bench-ebpf");
     let package = aya_build::Package {
         name: "forwarder-bench-ebpf",
-        root_dir: root_dir.to_str().context("the workspace path is not UTF-8")?,
+        root_dir: root_dir
+            .to_str()
+            .context("the workspace path is not UTF-8")?,
         ..Default::default()
     };
     aya_build::build_ebpf([package], Toolchain::default())

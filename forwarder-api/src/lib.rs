@@ -23,7 +23,9 @@ pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
         format!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001")
     })?;
     if address.port() == 0 {
-        bail!("backend {text:?} has port 0: give the port mosh-server listens on (MOSH CONNECT <port>)");
+        bail!(
+            "backend {text:?} has port 0: give the port mosh-server listens on (MOSH CONNECT <port>)"
+        );
     }
     if address.ip().is_unspecified() || address.ip().is_broadcast() || address.ip().is_multicast() {
         bail!("backend {text:?} is not a unicast address: give the mosh server's IPv4 address");
@@ -283,8 +285,18 @@ mod tests {
 
     #[test]
     fn parses_backends_and_explains_mistakes() {
-        assert_eq!(parse_backend("10.0.0.2:60001").unwrap(), "10.0.0.2:60001".parse().unwrap());
-        for bad in ["10.0.0.2", "host:1", "10.0.0.2:0", "0.0.0.0:5", "10.0.0.2:70000", "[::1]:5"] {
+        assert_eq!(
+            parse_backend("10.0.0.2:60001").unwrap(),
+            "10.0.0.2:60001".parse().unwrap()
+        );
+        for bad in [
+            "10.0.0.2",
+            "host:1",
+            "10.0.0.2:0",
+            "0.0.0.0:5",
+            "10.0.0.2:70000",
+            "[::1]:5",
+        ] {
             assert!(parse_backend(bad).is_err(), "{bad}");
         }
     }

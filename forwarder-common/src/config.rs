@@ -64,7 +64,10 @@ impl RuntimeSizes {
         if max_sessions == 0 || max_sessions > MAX_SESSIONS_LIMIT {
             return Err(SizeError::SessionsOutOfRange(max_sessions));
         }
-        Ok(Self { max_flows, max_sessions })
+        Ok(Self {
+            max_flows,
+            max_sessions,
+        })
     }
 
     /// Counter slots: two per flow (see `flow_entries`: slot*2 and slot*2+1).
@@ -123,12 +126,31 @@ mod tests {
     fn sizes_follow_the_flags_and_refuse_what_cannot_work() {
         let sizes = RuntimeSizes::new(65_536, 10_000).unwrap();
         assert_eq!(sizes.flow_counter_slots(), 131_072);
-        assert!(sizes.map_max_entries().contains(&(map_names::FLOW_COUNTERS, 131_072)));
-        assert!(sizes.map_max_entries().contains(&(map_names::SLOWPATH_SESSION_BUCKETS, 10_000)));
+        assert!(
+            sizes
+                .map_max_entries()
+                .contains(&(map_names::FLOW_COUNTERS, 131_072))
+        );
+        assert!(
+            sizes
+                .map_max_entries()
+                .contains(&(map_names::SLOWPATH_SESSION_BUCKETS, 10_000))
+        );
         assert_eq!(RuntimeSizes::new(0, 1), Err(SizeError::FlowsOutOfRange(0)));
-        assert_eq!(RuntimeSizes::new(MAX_FLOWS_LIMIT + 1, 1), Err(SizeError::FlowsOutOfRange(MAX_FLOWS_LIMIT + 1)));
-        assert_eq!(RuntimeSizes::new(1, 70_000), Err(SizeError::SessionsOutOfRange(70_000)));
+        assert_eq!(
+            RuntimeSizes::new(MAX_FLOWS_LIMIT + 1, 1),
+            Err(SizeError::FlowsOutOfRange(MAX_FLOWS_LIMIT + 1))
+        );
+        assert_eq!(
+            RuntimeSizes::new(1, 70_000),
+            Err(SizeError::SessionsOutOfRange(70_000))
+        );
         // The largest flow count still has its counter slots in range of a u32.
-        assert!(RuntimeSizes::new(MAX_FLOWS_LIMIT, 1).unwrap().flow_counter_slots() < u32::MAX);
+        assert!(
+            RuntimeSizes::new(MAX_FLOWS_LIMIT, 1)
+                .unwrap()
+                .flow_counter_slots()
+                < u32::MAX
+        );
     }
 }

@@ -147,14 +147,18 @@ mod tests {
     }
 
     fn endpoints() -> impl Strategy<Value = Endpoints> {
-        (any::<[u8; 4]>(), any::<[u8; 4]>(), any::<[u8; 2]>(), any::<[u8; 2]>()).prop_map(
-            |(saddr, daddr, sport, dport)| Endpoints {
+        (
+            any::<[u8; 4]>(),
+            any::<[u8; 4]>(),
+            any::<[u8; 2]>(),
+            any::<[u8; 2]>(),
+        )
+            .prop_map(|(saddr, daddr, sport, dport)| Endpoints {
                 saddr,
                 daddr,
                 sport,
                 dport,
-            },
-        )
+            })
     }
 
     proptest! {

@@ -112,7 +112,10 @@ reasons! {
 const _: () = {
     let mut index = 0;
     while index < Reason::ALL.len() {
-        assert!(Reason::ALL[index] as usize == index, "reason indices must be 0, 1, 2, ... in table order");
+        assert!(
+            Reason::ALL[index] as usize == index,
+            "reason indices must be 0, 1, 2, ... in table order"
+        );
         index += 1;
     }
 };
@@ -148,6 +151,9 @@ mod tests {
         assert_eq!(Reason::PassNatRebindCandidate as u32, REASON_COUNT - 1);
         assert_eq!(Reason::DropSlowpathGlobalLimit as u32, 18);
         assert_eq!(Reason::PassNatRebindCandidate.verdict(), Verdict::Pass);
-        assert_eq!(Reason::PassNatRebindCandidate.name(), "nat_rebind_candidate");
+        assert_eq!(
+            Reason::PassNatRebindCandidate.name(),
+            "nat_rebind_candidate"
+        );
     }
 }

@@ -11,7 +11,10 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, RelayConfig, Rewrite,
-    SlowpathBucket, config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES}, reason::ReasonCounter, slowpath::MAX_SESSIONS,
+    SlowpathBucket,
+    config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES},
+    reason::ReasonCounter,
+    slowpath::MAX_SESSIONS,
 };
 
 /// Port ranges the relay owns; one slot, written by the daemon at start.

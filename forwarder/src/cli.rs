@@ -7,18 +7,22 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::config::FileConfig;
 use crate::control::client::call;
-use forwarder_api::{Reply, Request, SessionInfo, StatsInfo};
 use crate::daemon::{self, RunOptions};
 use crate::datapath::DatapathChoice;
 use crate::datapath::xdp::ModeChoice;
 use crate::ports::PortRange;
 use crate::sessions::Limits;
-use crate::config::FileConfig;
 use crate::store::default_state_dir;
+use forwarder_api::{Reply, Request, SessionInfo, StatsInfo};
 
 #[derive(Parser, Debug)]
-#[command(name = "forwarder", version, about = "XDP-accelerated UDP relay for mosh")]
+#[command(
+    name = "forwarder",
+    version,
+    about = "XDP-accelerated UDP relay for mosh"
+)]
 pub struct Cli {
     /// Names the control socket, so several relays can share a host [default: default].
     #[arg(long, global = true, env = "FORWARDER_INSTANCE")]
@@ -179,7 +183,10 @@ pub struct RunArgs {
     pub punch_keepalive: Option<Duration>,
 }
 
-fn parse_in_config<T: std::str::FromStr>(key: &str, text: Option<String>) -> anyhow::Result<Option<T>>
+fn parse_in_config<T: std::str::FromStr>(
+    key: &str,
+    text: Option<String>,
+) -> anyhow::Result<Option<T>>
 where
     T::Err: std::fmt::Display,
 {
@@ -192,14 +199,18 @@ where
 
 fn duration_in_config(key: &str, text: Option<String>) -> anyhow::Result<Option<Duration>> {
     text.map(|text| {
-        humantime::parse_duration(&text)
-            .map_err(|error| anyhow::anyhow!("config key {key} = {text:?}: {error} (write e.g. \"120s\" or \"7d\")"))
+        humantime::parse_duration(&text).map_err(|error| {
+            anyhow::anyhow!("config key {key} = {text:?}: {error} (write e.g. \"120s\" or \"7d\")")
+        })
     })
     .transpose()
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
-fn runtime_sizes(max_flows: u32, max_sessions: usize) -> anyhow::Result<forwarder_common::config::RuntimeSizes> {
+fn runtime_sizes(
+    max_flows: u32,
+    max_sessions: usize,
+) -> anyhow::Result<forwarder_common::config::RuntimeSizes> {
     use forwarder_common::config::{MAX_FLOWS_LIMIT, MAX_SESSIONS_LIMIT, RuntimeSizes, SizeError};
     let sessions = u32::try_from(max_sessions).unwrap_or(u32::MAX);
     RuntimeSizes::new(max_flows, sessions).map_err(|error| match error {
@@ -218,20 +229,30 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let instance = instance.or(file.instance).unwrap_or_else(|| "default".into());
+    let instance = instance
+        .or(file.instance)
+        .unwrap_or_else(|| "default".into());
     let xdp_mode = match (args.xdp_mode, file.xdp_mode) {
         (Some(mode), _) => mode,
-        (None, Some(text)) => ModeChoice::from_str(&text, true)
-            .map_err(|_| anyhow::anyhow!("config key xdp_mode = {text:?}: use \"auto\", \"native\" or \"skb\""))?,
+        (None, Some(text)) => ModeChoice::from_str(&text, true).map_err(|_| {
+            anyhow::anyhow!("config key xdp_mode = {text:?}: use \"auto\", \"native\" or \"skb\"")
+        })?,
         (None, None) => ModeChoice::Auto,
     };
     let datapath = match (args.datapath, file.datapath) {
         (Some(choice), _) => choice,
-        (None, Some(text)) => DatapathChoice::from_str(&text, true)
-            .map_err(|_| anyhow::anyhow!("config key datapath = {text:?}: use \"auto\", \"xdp\" or \"userspace\""))?,
+        (None, Some(text)) => DatapathChoice::from_str(&text, true).map_err(|_| {
+            anyhow::anyhow!(
+                "config key datapath = {text:?}: use \"auto\", \"xdp\" or \"userspace\""
+            )
+        })?,
         (None, None) => DatapathChoice::Auto,
     };
-    let interfaces = if args.interfaces.is_empty() { file.interfaces.unwrap_or_default() } else { args.interfaces };
+    let interfaces = if args.interfaces.is_empty() {
+        file.interfaces.unwrap_or_default()
+    } else {
+        args.interfaces
+    };
     if interfaces.is_empty()
         && let Some(path) = &args.config
     {
@@ -242,7 +263,10 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         );
     }
     let default_range = |lo, hi| PortRange { lo, hi };
-    let punch = match (args.punch_port.or(file.punch_port), args.punch_secret_file.or(file.punch_secret_file)) {
+    let punch = match (
+        args.punch_port.or(file.punch_port),
+        args.punch_secret_file.or(file.punch_secret_file),
+    ) {
         (Some(port), Some(secret_file)) => Some(crate::punch::relay::PunchOptions {
             port,
             secret: crate::punch::wire::Secret::read(&secret_file)?,
@@ -253,9 +277,14 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
                 .unwrap_or(Duration::from_secs(15)),
         }),
         (None, None) => None,
-        _ => bail!("--punch-port and --punch-secret-file (or punch_port and punch_secret_file) go together: give both"),
+        _ => bail!(
+            "--punch-port and --punch-secret-file (or punch_port and punch_secret_file) go together: give both"
+        ),
     };
-    let max_flows = args.max_flows.or(file.max_flows).unwrap_or(forwarder_common::MAX_FLOWS);
+    let max_flows = args
+        .max_flows
+        .or(file.max_flows)
+        .unwrap_or(forwarder_common::MAX_FLOWS);
     let max_sessions = args
         .max_sessions
         .or(file.max_sessions)
@@ -265,24 +294,45 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         punch,
         sizes,
         max_open_files: args.max_open_files.or(file.max_open_files),
-        state_dir: args.state_dir.or(file.state_dir).unwrap_or_else(|| default_state_dir(&instance)),
+        state_dir: args
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| default_state_dir(&instance)),
         metrics: args.metrics.or(file.metrics),
         interfaces,
         datapath,
         xdp_mode,
-        session_ports: args.ports.or(parse_in_config("ports", file.ports)?).unwrap_or(default_range(60000, 60999)),
-        flow_ports: args.flow_ports.or(parse_in_config("flow_ports", file.flow_ports)?).unwrap_or(default_range(61000, 61999)),
+        session_ports: args
+            .ports
+            .or(parse_in_config("ports", file.ports)?)
+            .unwrap_or(default_range(60000, 60999)),
+        flow_ports: args
+            .flow_ports
+            .or(parse_in_config("flow_ports", file.flow_ports)?)
+            .unwrap_or(default_range(61000, 61999)),
         limits: Limits {
             flow_idle_timeout: args
                 .flow_idle_timeout
-                .or(duration_in_config("flow_idle_timeout", file.flow_idle_timeout)?)
+                .or(duration_in_config(
+                    "flow_idle_timeout",
+                    file.flow_idle_timeout,
+                )?)
                 .unwrap_or(Duration::from_secs(120)),
             default_session_idle_timeout: args
                 .session_idle_timeout
-                .or(duration_in_config("session_idle_timeout", file.session_idle_timeout)?)
+                .or(duration_in_config(
+                    "session_idle_timeout",
+                    file.session_idle_timeout,
+                )?)
                 .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
-            max_flows_per_session: args.max_flows_per_session.or(file.max_flows_per_session).unwrap_or(32),
-            new_flows_per_sec: args.new_flows_per_sec.or(file.new_flows_per_sec).unwrap_or(4),
+            max_flows_per_session: args
+                .max_flows_per_session
+                .or(file.max_flows_per_session)
+                .unwrap_or(32),
+            new_flows_per_sec: args
+                .new_flows_per_sec
+                .or(file.new_flows_per_sec)
+                .unwrap_or(4),
             probation_flows_per_session: args
                 .probation_flows_per_session
                 .or(file.probation_flows_per_session)
@@ -311,7 +361,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 .build()?
                 .block_on(daemon::run(options))
         }
-        Verb::Detach { purge, state_dir, json } => {
+        Verb::Detach {
+            purge,
+            state_dir,
+            json,
+        } => {
             let state_dir = state_dir.unwrap_or_else(|| default_state_dir(&instance));
             let detached = daemon::detach(&instance, &state_dir, purge)?;
             if json {
@@ -321,16 +375,31 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     "instance {}: removed {} pins{}{}",
                     detached.instance,
                     detached.pins_removed,
-                    if detached.store_removed { " and the session store" } else { "" },
-                    if detached.stale_socket_removed { " and a stale control socket" } else { "" }
+                    if detached.store_removed {
+                        " and the session store"
+                    } else {
+                        ""
+                    },
+                    if detached.stale_socket_removed {
+                        " and a stale control socket"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(())
         }
-        Verb::Add { backend, port, idle_timeout, json } => {
+        Verb::Add {
+            backend,
+            port,
+            idle_timeout,
+            json,
+        } => {
             daemon::validate_instance(&instance)?;
             if idle_timeout.is_some_and(|timeout| timeout.is_zero()) {
-                bail!("an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h");
+                bail!(
+                    "an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h"
+                );
             }
             let request = Request::Add {
                 backend,
@@ -343,9 +412,19 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json("session", &session)?;
             } else {
-                let address = session.relay_addresses.first().map(String::as_str).unwrap_or("RELAY");
-                println!("session {} forwards port {} to {}", session.id, session.port, session.backend);
-                println!("connect with: MOSH_KEY=<key> mosh-client {address} {}", session.port);
+                let address = session
+                    .relay_addresses
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or("RELAY");
+                println!(
+                    "session {} forwards port {} to {}",
+                    session.id, session.port, session.backend
+                );
+                println!(
+                    "connect with: MOSH_KEY=<key> mosh-client {address} {}",
+                    session.port
+                );
             }
             Ok(())
         }
@@ -357,7 +436,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json("session", &session)?;
             } else {
-                println!("removed session {} (port {}, backend {})", session.id, session.port, session.backend);
+                println!(
+                    "removed session {} (port {}, backend {})",
+                    session.id, session.port, session.backend
+                );
             }
             Ok(())
         }
@@ -404,7 +486,10 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
 /// A `--json` document: `{"schema_version": N, "<key>": value}`.
 fn print_json(key: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut document = serde_json::Map::new();
-    document.insert("schema_version".into(), forwarder_api::JSON_SCHEMA_VERSION.into());
+    document.insert(
+        "schema_version".into(),
+        forwarder_api::JSON_SCHEMA_VERSION.into(),
+    );
     document.insert(key.into(), serde_json::to_value(value)?);
     println!("{}", serde_json::to_string_pretty(&document)?);
     Ok(())
@@ -430,7 +515,9 @@ pub fn exit_status(error: &anyhow::Error) -> forwarder_api::ExitStatus {
     error
         .chain()
         .find_map(|cause| cause.downcast_ref::<crate::control::client::Failure>())
-        .map_or(forwarder_api::ExitStatus::Error, |failure| failure.exit_status())
+        .map_or(forwarder_api::ExitStatus::Error, |failure| {
+            failure.exit_status()
+        })
 }
 
 /// What an error says: the outermost messages, without the typed failure's
@@ -438,7 +525,11 @@ pub fn exit_status(error: &anyhow::Error) -> forwarder_api::ExitStatus {
 pub fn error_message(error: &anyhow::Error) -> String {
     error
         .chain()
-        .filter(|cause| cause.downcast_ref::<crate::control::client::Failure>().is_none())
+        .filter(|cause| {
+            cause
+                .downcast_ref::<crate::control::client::Failure>()
+                .is_none()
+        })
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(": ")
@@ -451,16 +542,27 @@ pub fn print_json_error(error: &anyhow::Error) {
         "schema_version": forwarder_api::JSON_SCHEMA_VERSION,
         "error": { "kind": status.name(), "exit_code": status as u8, "message": error_message(error) },
     });
-    println!("{}", serde_json::to_string_pretty(&document).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&document).unwrap_or_default()
+    );
 }
 
 /// "1 packet", "2 packets".
 fn plural(count: u64, noun: &str) -> String {
-    if count == 1 { format!("1 {noun}") } else { format!("{count} {noun}s") }
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }
 
 fn bytes(count: u64) -> String {
-    if count == 1 { "1 byte".into() } else { format!("{count} bytes") }
+    if count == 1 {
+        "1 byte".into()
+    } else {
+        format!("{count} bytes")
+    }
 }
 
 /// An idle time to the second, as humantime writes it ("3m 12s").
@@ -495,8 +597,16 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
                 out,
                 "  behind NAT (punched): upstream port {}, {}, {}; {} packets from unverified client endpoints and {} from unverified server endpoints dropped",
                 nat.upstream_port,
-                if nat.bound { "bound" } else { "waiting for the server's bind" },
-                if nat.key_received { "key received" } else { "waiting for the key" },
+                if nat.bound {
+                    "bound"
+                } else {
+                    "waiting for the server's bind"
+                },
+                if nat.key_received {
+                    "key received"
+                } else {
+                    "waiting for the key"
+                },
                 nat.rejected_packets,
                 nat.rejected_server_packets
             );
@@ -509,8 +619,16 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
                 f.relay_addr,
                 s.port,
                 f.upstream_port,
-                if f.server_current { "  [server replies here]" } else { "" },
-                if f.answered { "" } else { "  [on probation: not answered yet]" }
+                if f.server_current {
+                    "  [server replies here]"
+                } else {
+                    ""
+                },
+                if f.answered {
+                    ""
+                } else {
+                    "  [on probation: not answered yet]"
+                }
             );
             let _ = writeln!(
                 out,
@@ -540,21 +658,41 @@ fn render_stats(stats: &StatsInfo) -> String {
         stats.sessions,
         stats.flows
     );
-    let verdicts: Vec<String> = stats.verdicts.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let verdicts: Vec<String> = stats
+        .verdicts
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
     let _ = writeln!(out, "XDP verdicts: {}", verdicts.join(", "));
     let _ = writeln!(out, "XDP reasons (packets / bytes):");
     for (name, counter) in stats.reasons.iter().filter(|(_, c)| c.packets > 0) {
-        let _ = writeln!(out, "  {name:<22} {:>10} / {}", counter.packets, counter.bytes);
+        let _ = writeln!(
+            out,
+            "  {name:<22} {:>10} / {}",
+            counter.packets, counter.bytes
+        );
     }
     let c = &stats.capacity;
     let _ = writeln!(
         out,
         "capacity: {} of {} sessions, {} of {} flows ({} per session); kernel memory per flow {} B",
-        stats.sessions, c.max_sessions, stats.flows, c.max_flows, c.max_flows_per_session, c.kernel_bytes_per_flow
+        stats.sessions,
+        c.max_sessions,
+        stats.flows,
+        c.max_flows,
+        c.max_flows_per_session,
+        c.kernel_bytes_per_flow
     );
     for map in &c.maps {
-        let fill = map.entries.map_or_else(|| "array".to_string(), |n| format!("{n}/{}", map.max_entries));
-        let _ = writeln!(out, "  map {:<16} {:>14}  {} B kernel memory", map.name, fill, map.memlock_bytes);
+        let fill = map.entries.map_or_else(
+            || "array".to_string(),
+            |n| format!("{n}/{}", map.max_entries),
+        );
+        let _ = writeln!(
+            out,
+            "  map {:<16} {:>14}  {} B kernel memory",
+            map.name, fill, map.memlock_bytes
+        );
     }
     let d = &stats.descriptors;
     let _ = writeln!(
@@ -574,7 +712,11 @@ fn render_stats(stats: &StatsInfo) -> String {
             if warning.interface.is_empty() {
                 let _ = writeln!(out, "  [{}] {}", warning.kind, warning.message);
             } else {
-                let _ = writeln!(out, "  [{}] {}: {}", warning.kind, warning.interface, warning.message);
+                let _ = writeln!(
+                    out,
+                    "  [{}] {}: {}",
+                    warning.kind, warning.interface, warning.message
+                );
             }
         }
     }

@@ -71,7 +71,12 @@ mod tests {
 
     #[test]
     fn refuses_unknown_keys_and_wrong_types() {
-        assert!(FileConfig::parse("max_flow = 3").unwrap_err().to_string().contains("max_flow"));
+        assert!(
+            FileConfig::parse("max_flow = 3")
+                .unwrap_err()
+                .to_string()
+                .contains("max_flow")
+        );
         assert!(FileConfig::parse("max_flows = \"many\"").is_err());
         assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());
     }

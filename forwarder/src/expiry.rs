@@ -67,7 +67,10 @@ mod tests {
     #[test]
     fn expires_idle_flows() {
         let flows = [flow(10, 0), flow(99, 99)];
-        assert_eq!(idle_flows(&flows, 100 * S, Duration::from_secs(10)), vec![0]);
+        assert_eq!(
+            idle_flows(&flows, 100 * S, Duration::from_secs(10)),
+            vec![0]
+        );
     }
 
     #[test]
@@ -75,18 +78,27 @@ mod tests {
         // Flow 0 is idle but the server still answers it: a roamed client's
         // old flow 1 is fresh, so flow 0 must wait for flow 1.
         let flows = [flow(10, 10), flow(99, 0), flow(5, 0)];
-        assert_eq!(idle_flows(&flows, 100 * S, Duration::from_secs(10)), vec![2]);
+        assert_eq!(
+            idle_flows(&flows, 100 * S, Duration::from_secs(10)),
+            vec![2]
+        );
     }
 
     #[test]
     fn everything_idle_expires_together() {
         let flows = [flow(10, 10), flow(20, 0)];
-        assert_eq!(idle_flows(&flows, 100 * S, Duration::from_secs(10)), vec![0, 1]);
+        assert_eq!(
+            idle_flows(&flows, 100 * S, Duration::from_secs(10)),
+            vec![0, 1]
+        );
     }
 
     #[test]
     fn server_current_is_the_newest_reply() {
-        assert_eq!(server_current(&[flow(1, 5), flow(1, 7), flow(1, 0)]), Some(1));
+        assert_eq!(
+            server_current(&[flow(1, 5), flow(1, 7), flow(1, 0)]),
+            Some(1)
+        );
         assert_eq!(server_current(&[flow(1, 0)]), None);
     }
 

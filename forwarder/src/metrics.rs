@@ -27,8 +27,8 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use forwarder_api::StatsInfo;
 use crate::sessions::SharedRelay;
+use forwarder_api::StatsInfo;
 
 type Labels = Vec<(String, String)>;
 
@@ -61,19 +61,49 @@ pub fn render(stats: &StatsInfo) -> String {
         labels.push((key.to_string(), value.to_string()));
         labels
     };
-    let verdicts: Vec<_> = stats.verdicts.iter().map(|(v, n)| (with("verdict", v), *n)).collect();
-    counter_family(&mut registry, "forwarder_xdp_packets", "Packets seen by the XDP program, by verdict", &verdicts);
-    let reasons: Vec<_> = stats.reasons.iter().map(|(r, c)| (with("reason", r), c.packets)).collect();
-    counter_family(&mut registry, "forwarder_xdp_reason_packets", "Packets seen by the XDP program, by reason", &reasons);
-    let bytes: Vec<_> = stats.reasons.iter().map(|(r, c)| (with("reason", r), c.bytes)).collect();
-    counter_family(&mut registry, "forwarder_xdp_reason_bytes", "Bytes seen by the XDP program, by reason", &bytes);
+    let verdicts: Vec<_> = stats
+        .verdicts
+        .iter()
+        .map(|(v, n)| (with("verdict", v), *n))
+        .collect();
+    counter_family(
+        &mut registry,
+        "forwarder_xdp_packets",
+        "Packets seen by the XDP program, by verdict",
+        &verdicts,
+    );
+    let reasons: Vec<_> = stats
+        .reasons
+        .iter()
+        .map(|(r, c)| (with("reason", r), c.packets))
+        .collect();
+    counter_family(
+        &mut registry,
+        "forwarder_xdp_reason_packets",
+        "Packets seen by the XDP program, by reason",
+        &reasons,
+    );
+    let bytes: Vec<_> = stats
+        .reasons
+        .iter()
+        .map(|(r, c)| (with("reason", r), c.bytes))
+        .collect();
+    counter_family(
+        &mut registry,
+        "forwarder_xdp_reason_bytes",
+        "Bytes seen by the XDP program, by reason",
+        &bytes,
+    );
 
     let s = &stats.slow_path;
     counter_family(
         &mut registry,
         "forwarder_slow_path_packets",
         "Packets the daemon forwarded itself (first packets, lookup misses)",
-        &[(with("direction", "to_server"), s.forwarded_to_server), (with("direction", "to_client"), s.forwarded_to_client)],
+        &[
+            (with("direction", "to_server"), s.forwarded_to_server),
+            (with("direction", "to_client"), s.forwarded_to_client),
+        ],
     );
     counter_family(
         &mut registry,
@@ -81,10 +111,22 @@ pub fn render(stats: &StatsInfo) -> String {
         "Packets the daemon dropped, by reason",
         &[
             (with("reason", "not_from_server"), s.dropped_not_from_server),
-            (with("reason", "server_wrong_path"), s.dropped_server_wrong_path),
-            (with("reason", "client_is_backend"), s.dropped_client_is_backend),
-            (with("reason", "unverified_client"), s.dropped_unverified_client),
-            (with("reason", "unverified_server"), s.dropped_unverified_server),
+            (
+                with("reason", "server_wrong_path"),
+                s.dropped_server_wrong_path,
+            ),
+            (
+                with("reason", "client_is_backend"),
+                s.dropped_client_is_backend,
+            ),
+            (
+                with("reason", "unverified_client"),
+                s.dropped_unverified_client,
+            ),
+            (
+                with("reason", "unverified_server"),
+                s.dropped_unverified_server,
+            ),
             (with("reason", "no_session"), s.dropped_no_session),
         ],
     );
@@ -92,44 +134,134 @@ pub fn render(stats: &StatsInfo) -> String {
         &mut registry,
         "forwarder_flows_refused",
         "New flows refused, by limit",
-        &[(with("limit", "flows"), s.refused_flow_limit), (with("limit", "rate"), s.refused_rate_limit)],
+        &[
+            (with("limit", "flows"), s.refused_flow_limit),
+            (with("limit", "rate"), s.refused_rate_limit),
+        ],
     );
     counter_family(
         &mut registry,
         "forwarder_nat_moves",
         "Punched sessions that followed a verified new endpoint, by side",
-        &[(with("side", "client"), s.nat_client_moves), (with("side", "server"), s.nat_server_moves)],
+        &[
+            (with("side", "client"), s.nat_client_moves),
+            (with("side", "server"), s.nat_server_moves),
+        ],
     );
-    counter_family(&mut registry, "forwarder_flows_created", "Flows learned", &[(instance(), s.flows_created)]);
-    counter_family(&mut registry, "forwarder_flows_expired", "Flows expired idle", &[(instance(), s.flows_expired)]);
-    counter_family(&mut registry, "forwarder_sessions_expired", "Sessions expired idle", &[(instance(), s.sessions_expired)]);
+    counter_family(
+        &mut registry,
+        "forwarder_flows_created",
+        "Flows learned",
+        &[(instance(), s.flows_created)],
+    );
+    counter_family(
+        &mut registry,
+        "forwarder_flows_expired",
+        "Flows expired idle",
+        &[(instance(), s.flows_expired)],
+    );
+    counter_family(
+        &mut registry,
+        "forwarder_sessions_expired",
+        "Sessions expired idle",
+        &[(instance(), s.sessions_expired)],
+    );
     // Punch handshakes for NAT'd backends are not implemented yet: the series
     // exist so dashboards and alerts can be built now.
     counter_family(
         &mut registry,
         "forwarder_handshakes",
         "Punch handshakes, by outcome",
-        &[(with("outcome", "accepted"), 0), (with("outcome", "refused"), 0)],
+        &[
+            (with("outcome", "accepted"), 0),
+            (with("outcome", "refused"), 0),
+        ],
     );
 
     let c = &stats.capacity;
-    gauge_family(&mut registry, "forwarder_sessions", "Sessions", &[(instance(), stats.sessions as i64)]);
-    gauge_family(&mut registry, "forwarder_flows", "Flows", &[(instance(), stats.flows as i64)]);
-    gauge_family(&mut registry, "forwarder_max_sessions", "Configured session limit", &[(instance(), c.max_sessions as i64)]);
-    gauge_family(&mut registry, "forwarder_max_flows", "Flows the kernel maps hold", &[(instance(), i64::from(c.max_flows))]);
-    let entries: Vec<_> =
-        c.maps.iter().filter_map(|m| Some((with("map", &m.name), m.entries? as i64))).collect();
-    gauge_family(&mut registry, "forwarder_map_entries", "Entries in a pinned hash map", &entries);
-    let max: Vec<_> = c.maps.iter().map(|m| (with("map", &m.name), i64::from(m.max_entries))).collect();
-    gauge_family(&mut registry, "forwarder_map_max_entries", "Capacity of a pinned map", &max);
-    let memory: Vec<_> = c.maps.iter().map(|m| (with("map", &m.name), m.memlock_bytes as i64)).collect();
-    gauge_family(&mut registry, "forwarder_map_memory_bytes", "Kernel memory of a pinned map", &memory);
+    gauge_family(
+        &mut registry,
+        "forwarder_sessions",
+        "Sessions",
+        &[(instance(), stats.sessions as i64)],
+    );
+    gauge_family(
+        &mut registry,
+        "forwarder_flows",
+        "Flows",
+        &[(instance(), stats.flows as i64)],
+    );
+    gauge_family(
+        &mut registry,
+        "forwarder_max_sessions",
+        "Configured session limit",
+        &[(instance(), c.max_sessions as i64)],
+    );
+    gauge_family(
+        &mut registry,
+        "forwarder_max_flows",
+        "Flows the kernel maps hold",
+        &[(instance(), i64::from(c.max_flows))],
+    );
+    let entries: Vec<_> = c
+        .maps
+        .iter()
+        .filter_map(|m| Some((with("map", &m.name), m.entries? as i64)))
+        .collect();
+    gauge_family(
+        &mut registry,
+        "forwarder_map_entries",
+        "Entries in a pinned hash map",
+        &entries,
+    );
+    let max: Vec<_> = c
+        .maps
+        .iter()
+        .map(|m| (with("map", &m.name), i64::from(m.max_entries)))
+        .collect();
+    gauge_family(
+        &mut registry,
+        "forwarder_map_max_entries",
+        "Capacity of a pinned map",
+        &max,
+    );
+    let memory: Vec<_> = c
+        .maps
+        .iter()
+        .map(|m| (with("map", &m.name), m.memlock_bytes as i64))
+        .collect();
+    gauge_family(
+        &mut registry,
+        "forwarder_map_memory_bytes",
+        "Kernel memory of a pinned map",
+        &memory,
+    );
 
     let d = &stats.descriptors;
-    gauge_family(&mut registry, "forwarder_open_files", "Descriptors the daemon holds (a socket per session and flow)", &[(instance(), d.open as i64)]);
-    gauge_family(&mut registry, "forwarder_open_files_limit", "The daemon's open-file limit (soft RLIMIT_NOFILE)", &[(instance(), i64::try_from(d.limit).unwrap_or(i64::MAX))]);
-    gauge_family(&mut registry, "forwarder_open_files_reserve", "Descriptors kept free for the control socket, metrics and restarts", &[(instance(), d.reserve as i64)]);
-    counter_family(&mut registry, "forwarder_flows_refused_open_files", "New flows refused at the open-file limit", &[(instance(), d.refused_flows)]);
+    gauge_family(
+        &mut registry,
+        "forwarder_open_files",
+        "Descriptors the daemon holds (a socket per session and flow)",
+        &[(instance(), d.open as i64)],
+    );
+    gauge_family(
+        &mut registry,
+        "forwarder_open_files_limit",
+        "The daemon's open-file limit (soft RLIMIT_NOFILE)",
+        &[(instance(), i64::try_from(d.limit).unwrap_or(i64::MAX))],
+    );
+    gauge_family(
+        &mut registry,
+        "forwarder_open_files_reserve",
+        "Descriptors kept free for the control socket, metrics and restarts",
+        &[(instance(), d.reserve as i64)],
+    );
+    counter_family(
+        &mut registry,
+        "forwarder_flows_refused_open_files",
+        "New flows refused at the open-file limit",
+        &[(instance(), d.refused_flows)],
+    );
     let warnings: Vec<_> = stats
         .warnings
         .iter()
@@ -139,7 +271,12 @@ pub fn render(stats: &StatsInfo) -> String {
             (labels, 1)
         })
         .collect();
-    gauge_family(&mut registry, "forwarder_warning", "A condition that loses or slows packets silently (see `forwarder stats`), 1 while it holds", &warnings);
+    gauge_family(
+        &mut registry,
+        "forwarder_warning",
+        "A condition that loses or slows packets silently (see `forwarder stats`), 1 while it holds",
+        &warnings,
+    );
 
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
@@ -148,9 +285,9 @@ pub fn render(stats: &StatsInfo) -> String {
 
 /// Binds the metrics address; fails early, with the fix, when it is taken.
 pub async fn bind(address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(address)
-        .await
-        .with_context(|| format!("binding the metrics address {address}: pick a free address for --metrics"))
+    TcpListener::bind(address).await.with_context(|| {
+        format!("binding the metrics address {address}: pick a free address for --metrics")
+    })
 }
 
 /// Content types of the two expositions.
@@ -161,7 +298,10 @@ const CLASSIC_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 fn wants_openmetrics(accept: Option<&HeaderValue>) -> bool {
     accept
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|text| text.split(',').any(|part| part.trim().starts_with("application/openmetrics-text")))
+        .is_some_and(|text| {
+            text.split(',')
+                .any(|part| part.trim().starts_with("application/openmetrics-text"))
+        })
 }
 
 /// The classic text format of the same registry: prometheus-client writes
@@ -181,7 +321,9 @@ pub fn classic_text(openmetrics: &str) -> String {
         let declared = ["# TYPE ", "# HELP "].iter().find_map(|prefix| {
             let rest = line.strip_prefix(prefix)?;
             let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
         });
         out.push_str(declared.as_deref().unwrap_or(line));
         out.push('\n');
@@ -191,20 +333,27 @@ pub fn classic_text(openmetrics: &str) -> String {
 
 fn respond(request: &Request<hyper::body::Incoming>, relay: &SharedRelay) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    let (status, content_type, body) = if request.method() == Method::GET && (path == "/metrics" || path == "/") {
-        let stats = relay.lock().expect("relay lock").stats();
-        let body = render(&stats);
-        if wants_openmetrics(request.headers().get(ACCEPT)) {
-            (StatusCode::OK, OPENMETRICS, body)
+    let (status, content_type, body) =
+        if request.method() == Method::GET && (path == "/metrics" || path == "/") {
+            let stats = relay.lock().expect("relay lock").stats();
+            let body = render(&stats);
+            if wants_openmetrics(request.headers().get(ACCEPT)) {
+                (StatusCode::OK, OPENMETRICS, body)
+            } else {
+                (StatusCode::OK, CLASSIC_TEXT, classic_text(&body))
+            }
         } else {
-            (StatusCode::OK, CLASSIC_TEXT, classic_text(&body))
-        }
-    } else {
-        (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "metrics are at GET /metrics\n".to_string())
-    };
+            (
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "metrics are at GET /metrics\n".to_string(),
+            )
+        };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 

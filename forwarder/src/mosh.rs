@@ -172,7 +172,11 @@ impl ClientFollower {
 /// them all): then any verified server datagram counts. A replay of an old
 /// one from elsewhere could move the endpoint, but only until the real
 /// server's next datagram, which is newer and moves it back.
-pub fn accept_server_move(key: &MoshKey, datagram: &[u8], newest: Option<u64>) -> Result<u64, Rejected> {
+pub fn accept_server_move(
+    key: &MoshKey,
+    datagram: &[u8],
+    newest: Option<u64>,
+) -> Result<u64, Rejected> {
     let nonce = key.open_nonce(datagram)?;
     if nonce & DIRECTION_BIT == 0 {
         return Err(Rejected::NotFromServer);
@@ -186,7 +190,9 @@ pub fn accept_server_move(key: &MoshKey, datagram: &[u8], newest: Option<u64>) -
 /// The nonce of a server-to-client datagram that verifies, for tracking
 /// the newest one the relay has seen.
 pub fn verified_server_nonce(key: &MoshKey, datagram: &[u8]) -> Option<u64> {
-    key.open_nonce(datagram).ok().filter(|nonce| nonce & DIRECTION_BIT != 0)
+    key.open_nonce(datagram)
+        .ok()
+        .filter(|nonce| nonce & DIRECTION_BIT != 0)
 }
 
 #[cfg(test)]
@@ -285,22 +291,43 @@ mod tests {
         assert_eq!(verified_server_nonce(&key, server[0]), Some(first));
         // Newer than the newest verified: moves; the same or older: a replay.
         assert_eq!(accept_server_move(&key, server[1], Some(first)), Ok(second));
-        assert_eq!(accept_server_move(&key, server[1], Some(second)), Err(Rejected::Replayed));
-        assert_eq!(accept_server_move(&key, server[0], Some(second)), Err(Rejected::Replayed));
+        assert_eq!(
+            accept_server_move(&key, server[1], Some(second)),
+            Err(Rejected::Replayed)
+        );
+        assert_eq!(
+            accept_server_move(&key, server[0], Some(second)),
+            Err(Rejected::Replayed)
+        );
         // A client's datagram, however new, is not the server.
-        assert_eq!(accept_server_move(&key, client, None), Err(Rejected::NotFromServer));
+        assert_eq!(
+            accept_server_move(&key, client, None),
+            Err(Rejected::NotFromServer)
+        );
         assert_eq!(verified_server_nonce(&key, client), None);
         // Forged: a flipped bit, another key, a sealed-by-us fake under another key.
         let mut forged = server[1].clone();
         forged[10] ^= 1;
-        assert_eq!(accept_server_move(&key, &forged, Some(first)), Err(Rejected::BadTag));
+        assert_eq!(
+            accept_server_move(&key, &forged, Some(first)),
+            Err(Rejected::BadTag)
+        );
         let other = MoshKey::from_bytes([9; 16]);
         let fake = other.seal(DIRECTION_BIT | 1_000_000, b"rm -rf");
-        assert_eq!(accept_server_move(&key, &fake, Some(first)), Err(Rejected::BadTag));
-        assert_eq!(accept_server_move(&key, &server[1][..10], None), Err(Rejected::TooShort));
+        assert_eq!(
+            accept_server_move(&key, &fake, Some(first)),
+            Err(Rejected::BadTag)
+        );
+        assert_eq!(
+            accept_server_move(&key, &server[1][..10], None),
+            Err(Rejected::TooShort)
+        );
         // Sealed with the real key (only the server can): accepted.
         let genuine = key.seal(second + 5, b"screen");
-        assert_eq!(accept_server_move(&key, &genuine, Some(second)), Ok(second + 5));
+        assert_eq!(
+            accept_server_move(&key, &genuine, Some(second)),
+            Ok(second + 5)
+        );
     }
 
     #[test]

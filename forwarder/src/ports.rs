@@ -37,17 +37,19 @@ impl FromStr for PortRange {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (lo, hi) = text
-            .split_once('-')
-            .ok_or_else(|| format!("port range {text:?} is not of the form LO-HI (e.g. 60000-60999)"))?;
+        let (lo, hi) = text.split_once('-').ok_or_else(|| {
+            format!("port range {text:?} is not of the form LO-HI (e.g. 60000-60999)")
+        })?;
         let parse = |part: &str| {
-            part.trim()
-                .parse::<u16>()
-                .map_err(|_| format!("{part:?} in port range {text:?} is not a port number (1-65535)"))
+            part.trim().parse::<u16>().map_err(|_| {
+                format!("{part:?} in port range {text:?} is not a port number (1-65535)")
+            })
         };
         let (lo, hi) = (parse(lo)?, parse(hi)?);
         if lo == 0 || lo > hi {
-            return Err(format!("port range {text:?} is empty or starts at 0: give LO-HI with 1 <= LO <= HI"));
+            return Err(format!(
+                "port range {text:?} is empty or starts at 0: give LO-HI with 1 <= LO <= HI"
+            ));
         }
         Ok(PortRange { lo, hi })
     }
@@ -116,7 +118,9 @@ impl PortPool {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PortError {
-    #[error("port {0} is outside the relay's range {1}: pick one inside it, or restart the daemon with a wider --ports")]
+    #[error(
+        "port {0} is outside the relay's range {1}: pick one inside it, or restart the daemon with a wider --ports"
+    )]
     OutOfRange(u16, PortRange),
     #[error("port {0} is already used by another session: pick another port or omit --port")]
     Taken(u16),
@@ -132,7 +136,13 @@ mod tests {
 
     #[test]
     fn parses_ranges_and_rejects_nonsense() {
-        assert_eq!("60000-60999".parse(), Ok(PortRange { lo: 60000, hi: 60999 }));
+        assert_eq!(
+            "60000-60999".parse(),
+            Ok(PortRange {
+                lo: 60000,
+                hi: 60999
+            })
+        );
         assert!("60999-60000".parse::<PortRange>().is_err());
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("60000".parse::<PortRange>().is_err());

@@ -11,14 +11,14 @@ use forwarder_common::flow::Endpoints;
 use forwarder_common::{BackendKey, ClientKey, Rewrite};
 use tracing::{debug, info, warn};
 
-use forwarder_api::{FlowInfo, SessionInfo, SlowPathStats};
 use crate::datapath::Datapath;
+use crate::datapath::socket::{Received, RelaySocket};
 use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::TokenBucket;
 use crate::ports::{PortPool, PortRange};
-use crate::datapath::socket::{Received, RelaySocket};
 use crate::store::{SessionRecord, Store};
+use forwarder_api::{FlowInfo, SessionInfo, SlowPathStats};
 
 pub use crate::datapath::monotonic_ns;
 
@@ -197,7 +197,11 @@ impl RecentEndpoints {
 /// What the slow path should do with a packet that reached a session port.
 pub enum ClientVerdict {
     /// Send it upstream through this flow socket to the backend.
-    Forward { socket: Arc<RelaySocket>, backend: SocketAddrV4, new_flow: bool },
+    Forward {
+        socket: Arc<RelaySocket>,
+        backend: SocketAddrV4,
+        new_flow: bool,
+    },
     Drop,
 }
 
@@ -235,7 +239,6 @@ pub struct RelayParts {
     /// Where sessions are persisted (None: they live only in memory).
     pub store: Option<Store>,
 }
-
 
 /// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
 /// and backend → relay:Q becomes relay:P → client.
@@ -290,8 +293,16 @@ pub fn flow_entries(
 
 impl Relay {
     pub fn new(parts: RelayParts) -> Self {
-        let RelayParts { instance, limits, interfaces, relay_addresses, datapath, session_ports, flow_ports, store } =
-            parts;
+        let RelayParts {
+            instance,
+            limits,
+            interfaces,
+            relay_addresses,
+            datapath,
+            session_ports,
+            flow_ports,
+            store,
+        } = parts;
         let max_flows = datapath.max_flows();
         Self {
             instance,
@@ -353,12 +364,14 @@ impl Relay {
             }
             None => {
                 let mut bound = None;
-                let port = self.session_ports.allocate(|port| match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, port) {
-                    Ok(socket) => {
-                        bound = Some(socket);
-                        true
+                let port = self.session_ports.allocate(|port| {
+                    match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, port) {
+                        Ok(socket) => {
+                            bound = Some(socket);
+                            true
+                        }
+                        Err(_) => false,
                     }
-                    Err(_) => false,
                 });
                 match (port, bound) {
                     (Some(_), Some(socket)) => socket,
@@ -384,7 +397,15 @@ impl Relay {
             }
         };
         let idle_timeout = idle_timeout.unwrap_or(self.limits.default_session_idle_timeout);
-        let session = Session::new(id, backend, route, idle_timeout, socket.clone(), &self.limits, now);
+        let session = Session::new(
+            id,
+            backend,
+            route,
+            idle_timeout,
+            socket.clone(),
+            &self.limits,
+            now,
+        );
         // Durable before it is announced: a session the caller was told about
         // survives a crash; one that never got committed never existed.
         if let Some(store) = &self.store
@@ -417,7 +438,11 @@ impl Relay {
         if let Some(store) = &self.store
             && let Err(error) = store.delete(port)
         {
-            warn!(port, error = format!("{error:#}"), "removing a session from the store");
+            warn!(
+                port,
+                error = format!("{error:#}"),
+                "removing a session from the store"
+            );
         }
         let session = self.sessions.remove(&port)?;
         for upstream_port in session.flows.into_values() {
@@ -451,12 +476,19 @@ impl Relay {
         if let Some(&upstream_port) = session.flows.get(&(relay_addr, client)) {
             session.last_active_ns = now;
             let backend = session.backend;
-            let flow = self.flows.get_mut(&upstream_port).expect("session flows are in the flow table");
+            let flow = self
+                .flows
+                .get_mut(&upstream_port)
+                .expect("session flows are in the flow table");
             flow.slow_to_server.0 += 1;
             flow.slow_to_server.1 += len as u64;
             flow.last_slow_to_server_ns = now;
             self.stats.forwarded_to_server += 1;
-            return Ok(ClientVerdict::Forward { socket: flow.socket.clone(), backend, new_flow: false });
+            return Ok(ClientVerdict::Forward {
+                socket: flow.socket.clone(),
+                backend,
+                new_flow: false,
+            });
         }
         // Nothing from the backend's side becomes a client: the server's own
         // address (a forged "client" would loop the server to itself) and
@@ -470,7 +502,10 @@ impl Relay {
         if session.flows.len() >= self.limits.max_flows_per_session {
             self.promote_answered(session_port, now);
         }
-        let session = self.sessions.get_mut(&session_port).expect("looked up above");
+        let session = self
+            .sessions
+            .get_mut(&session_port)
+            .expect("looked up above");
         if session.flows.len() - session.probation.len() >= self.limits.max_flows_per_session {
             self.stats.refused_flow_limit += 1;
             warn!(session = %session.id, %client, limit = self.limits.max_flows_per_session, "new flow refused: session has its maximum of flows");
@@ -479,7 +514,10 @@ impl Relay {
         if session.probation.len() >= self.limits.probation_flows_per_session {
             self.make_probation_room(session_port, now);
         }
-        let session = self.sessions.get_mut(&session_port).expect("looked up above");
+        let session = self
+            .sessions
+            .get_mut(&session_port)
+            .expect("looked up above");
         if session.probation.len() >= self.limits.probation_flows_per_session {
             // Every flow waiting there was answered, and the session's limits
             // keep them from being established yet.
@@ -504,7 +542,15 @@ impl Relay {
             }
         };
         let upstream_port = socket.port;
-        let entries = flow_entries(relay_addr, session_port, client, session.route, upstream_port, session.backend, slot);
+        let entries = flow_entries(
+            relay_addr,
+            session_port,
+            client,
+            session.route,
+            upstream_port,
+            session.backend,
+            slot,
+        );
         if let Err(error) = self.datapath.install(&entries) {
             socket.close();
             self.flow_ports.release(upstream_port);
@@ -517,14 +563,26 @@ impl Relay {
         let backend = session.backend;
         let returning = session.evicted.contains(&(relay_addr, client));
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port, returning, "flow learned, on probation until the server answers");
-        let mut flow = Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now);
+        let mut flow = Flow::new(
+            session_port,
+            client,
+            relay_addr,
+            socket.clone(),
+            entries,
+            slot,
+            now,
+        );
         flow.slow_to_server = (1, len as u64);
         flow.last_slow_to_server_ns = now;
         flow.returning = returning;
         self.flows.insert(upstream_port, flow);
         self.stats.flows_created += 1;
         self.stats.forwarded_to_server += 1;
-        Ok(ClientVerdict::Forward { socket, backend, new_flow: true })
+        Ok(ClientVerdict::Forward {
+            socket,
+            backend,
+            new_flow: true,
+        })
     }
 
     /// A packet reached a flow's upstream socket: forward it to the client
@@ -554,7 +612,9 @@ impl Relay {
     }
 
     fn remove_flow(&mut self, upstream_port: u16, why: &str) {
-        let Some(flow) = self.flows.remove(&upstream_port) else { return };
+        let Some(flow) = self.flows.remove(&upstream_port) else {
+            return;
+        };
         self.datapath.uninstall(&flow.entries);
         flow.socket.close();
         self.flow_ports.release(upstream_port);
@@ -575,13 +635,19 @@ impl Relay {
     /// answered (mosh-server answers only datagrams that decrypt) take up
     /// the session's limits, so a spoofed flood cannot exhaust them.
     fn promote_answered(&mut self, session_port: u16, now: u64) {
-        let Some(session) = self.sessions.get_mut(&session_port) else { return };
+        let Some(session) = self.sessions.get_mut(&session_port) else {
+            return;
+        };
         let mut index = 0;
         while index < session.probation.len() {
             let port = session.probation[index];
-            let flow = self.flows.get_mut(&port).expect("probation flows are in the flow table");
+            let flow = self
+                .flows
+                .get_mut(&port)
+                .expect("probation flows are in the flow table");
             let answered = flow_activity(&self.datapath, flow).last_from_server_ns > 0;
-            let room = session.flows.len() - session.probation.len() < self.limits.max_flows_per_session;
+            let room =
+                session.flows.len() - session.probation.len() < self.limits.max_flows_per_session;
             if !answered || !room {
                 index += 1;
                 continue;
@@ -603,7 +669,9 @@ impl Relay {
     /// the server answered are established instead (the expiry tick does
     /// that too, once a second).
     fn make_probation_room(&mut self, session_port: u16, now: u64) {
-        let Some(session) = self.sessions.get(&session_port) else { return };
+        let Some(session) = self.sessions.get(&session_port) else {
+            return;
+        };
         let mut oldest_unanswered = None;
         let mut one_shot = None;
         for &port in &session.probation {
@@ -651,7 +719,9 @@ impl Relay {
                 session.last_active_ns = session.last_active_ns.max(newest);
             }
             if let Some(nat) = &session.nat {
-                session.last_active_ns = session.last_active_ns.max(Self::nat_last_active(&self.datapath, nat));
+                session.last_active_ns = session
+                    .last_active_ns
+                    .max(Self::nat_last_active(&self.datapath, nat));
             }
             for index in expiry::idle_flows(&activity, now_ns, self.limits.flow_idle_timeout) {
                 idle_flow_ports.push(ports[index]);
@@ -689,8 +759,12 @@ impl Relay {
             .zip(&activity)
             .enumerate()
             .map(|(index, (flow, activity))| {
-                let to_server = self.datapath.flow_counter(flow.entries.client_rewrite.counter_slot);
-                let to_client = self.datapath.flow_counter(flow.entries.backend_rewrite.counter_slot);
+                let to_server = self
+                    .datapath
+                    .flow_counter(flow.entries.client_rewrite.counter_slot);
+                let to_client = self
+                    .datapath
+                    .flow_counter(flow.entries.backend_rewrite.counter_slot);
                 FlowInfo {
                     client: flow.client.to_string(),
                     relay_addr: flow.relay_addr.to_string(),
@@ -715,7 +789,11 @@ impl Relay {
             id: session.id.clone(),
             port,
             backend: session.backend.to_string(),
-            relay_addresses: self.relay_addresses.iter().map(ToString::to_string).collect(),
+            relay_addresses: self
+                .relay_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             idle_timeout_secs: session.idle_timeout.as_secs(),
             idle_ms: millis(last_active),
             flows: infos,
@@ -725,7 +803,10 @@ impl Relay {
 
     pub fn list(&self) -> Vec<SessionInfo> {
         let now = monotonic_ns();
-        self.sessions.keys().filter_map(|&port| self.session_info(port, now)).collect()
+        self.sessions
+            .keys()
+            .filter_map(|&port| self.session_info(port, now))
+            .collect()
     }
 
     /// Removes everything (daemon shutdown): map entries and sockets.
@@ -742,7 +823,10 @@ impl Relay {
 /// as such: at the limit every bind fails, which would otherwise read as a
 /// full port range. The flag says whether to log the refusal (the
 /// open-file limit is logged at most once a second).
-fn bind_free_port(pool: &mut PortPool, address: Ipv4Addr) -> Result<Arc<RelaySocket>, (String, bool)> {
+fn bind_free_port(
+    pool: &mut PortPool,
+    address: Ipv4Addr,
+) -> Result<Arc<RelaySocket>, (String, bool)> {
     use crate::datapath::fds;
     if let Err(at_limit) = fds::check_headroom() {
         return Err((at_limit.to_string(), fds::count_refusal()));
@@ -766,7 +850,15 @@ fn bind_free_port(pool: &mut PortPool, address: Ipv4Addr) -> Result<Arc<RelaySoc
         }
         return Err((at_limit.to_string(), fds::count_refusal()));
     }
-    bound.map(Arc::new).ok_or_else(|| (format!("no free upstream port in {}; widen --flow-ports", pool.range()), true))
+    bound.map(Arc::new).ok_or_else(|| {
+        (
+            format!(
+                "no free upstream port in {}; widen --flow-ports",
+                pool.range()
+            ),
+            true,
+        )
+    })
 }
 
 /// The XDP program's rule for the server's half of a flow (`check_source`
@@ -802,17 +894,19 @@ fn flow_activity(datapath: &Datapath, flow: &Flow) -> FlowActivity {
     let (client_seen, backend_seen) = datapath.last_seen(&flow.entries);
     let from_server = backend_seen.max(flow.last_slow_from_server_ns);
     FlowActivity {
-        last_active_ns: flow.created_ns.max(client_seen).max(flow.last_slow_to_server_ns).max(from_server),
+        last_active_ns: flow
+            .created_ns
+            .max(client_seen)
+            .max(flow.last_slow_to_server_ns)
+            .max(from_server),
         last_from_server_ns: from_server,
     }
 }
-
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use forwarder_common::csum;
-
 
     /// Applies a rewrite to a header built from `ends` and returns the
     /// resulting endpoints, checking the checksums match a full recomputation.
@@ -836,7 +930,15 @@ mod tests {
         assert_eq!(csum::sum(0, &ip), 0xffff, "IPv4 checksum verifies");
         let mut check = udp;
         check[6..8].copy_from_slice(&[0, 0]);
-        assert_eq!(csum::udp_ipv4(ip[12..16].try_into().unwrap(), ip[16..20].try_into().unwrap(), &check).to_ne_bytes(), [udp[6], udp[7]]);
+        assert_eq!(
+            csum::udp_ipv4(
+                ip[12..16].try_into().unwrap(),
+                ip[16..20].try_into().unwrap(),
+                &check
+            )
+            .to_ne_bytes(),
+            [udp[6], udp[7]]
+        );
         Endpoints {
             saddr: ip[12..16].try_into().unwrap(),
             daddr: ip[16..20].try_into().unwrap(),
@@ -864,8 +966,14 @@ mod tests {
             datapath: Datapath::Userspace {
                 sizes: forwarder_common::config::RuntimeSizes::new(4096, 64).expect("valid sizes"),
             },
-            session_ports: PortRange { lo: 42_000, hi: 42_099 },
-            flow_ports: PortRange { lo: 42_100, hi: 42_999 },
+            session_ports: PortRange {
+                lo: 42_000,
+                hi: 42_099,
+            },
+            flow_ports: PortRange {
+                lo: 42_100,
+                hi: 42_999,
+            },
             store: None,
         })
     }
@@ -877,43 +985,85 @@ mod tests {
     #[tokio::test]
     async fn a_spoofed_flood_stays_on_probation_and_a_retrying_client_gets_in() {
         let mut relay = loopback_relay(4);
-        let route = BackendRoute { source: Ipv4Addr::LOCALHOST, ifindex: 0 };
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 0,
+        };
         let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
         let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
         let relay_addr = Ipv4Addr::LOCALHOST;
-        let spoofed = |i: u32| SocketAddrV4::new(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8), 40_000);
+        let spoofed =
+            |i: u32| SocketAddrV4::new(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8), 40_000);
         for i in 0..1_000 {
-            assert!(forwarded(relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap()));
+            assert!(forwarded(
+                relay
+                    .on_client_packet(info.port, spoofed(i), relay_addr, 64)
+                    .unwrap()
+            ));
         }
         let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
-        assert_eq!(flows.len(), DEFAULT_PROBATION_FLOWS, "a flood holds the probation set, no more");
+        assert_eq!(
+            flows.len(),
+            DEFAULT_PROBATION_FLOWS,
+            "a flood holds the probation set, no more"
+        );
         assert!(flows.iter().all(|f| !f.answered));
-        assert_eq!(relay.stats.flows_evicted_unanswered, 1_000 - DEFAULT_PROBATION_FLOWS as u64);
+        assert_eq!(
+            relay.stats.flows_evicted_unanswered,
+            1_000 - DEFAULT_PROBATION_FLOWS as u64
+        );
 
         // A real client sends again from its endpoint (mosh retransmits):
         // it outlives the one-shot sources around it.
         let client: SocketAddrV4 = "192.0.2.7:50000".parse().unwrap();
-        relay.on_client_packet(info.port, client, relay_addr, 64).unwrap();
-        relay.on_client_packet(info.port, client, relay_addr, 64).unwrap();
+        relay
+            .on_client_packet(info.port, client, relay_addr, 64)
+            .unwrap();
+        relay
+            .on_client_packet(info.port, client, relay_addr, 64)
+            .unwrap();
         for i in 1_000..1_100 {
-            relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap();
+            relay
+                .on_client_packet(info.port, spoofed(i), relay_addr, 64)
+                .unwrap();
         }
         let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
-        assert!(flows.iter().any(|f| f.client == client.to_string()), "the retrying client was evicted");
+        assert!(
+            flows.iter().any(|f| f.client == client.to_string()),
+            "the retrying client was evicted"
+        );
 
         // Evicted anyway (a client that sent once) and back: remembered as returning.
         let once: SocketAddrV4 = "192.0.2.8:50000".parse().unwrap();
-        relay.on_client_packet(info.port, once, relay_addr, 64).unwrap();
+        relay
+            .on_client_packet(info.port, once, relay_addr, 64)
+            .unwrap();
         for i in 2_000..2_000 + DEFAULT_PROBATION_FLOWS as u32 {
-            relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap();
+            relay
+                .on_client_packet(info.port, spoofed(i), relay_addr, 64)
+                .unwrap();
         }
-        assert!(!relay.session_info(info.port, monotonic_ns()).unwrap().flows.iter().any(|f| f.client == once.to_string()));
-        relay.on_client_packet(info.port, once, relay_addr, 64).unwrap();
+        assert!(
+            !relay
+                .session_info(info.port, monotonic_ns())
+                .unwrap()
+                .flows
+                .iter()
+                .any(|f| f.client == once.to_string())
+        );
+        relay
+            .on_client_packet(info.port, once, relay_addr, 64)
+            .unwrap();
         for i in 3_000..3_100 {
-            relay.on_client_packet(info.port, spoofed(i), relay_addr, 64).unwrap();
+            relay
+                .on_client_packet(info.port, spoofed(i), relay_addr, 64)
+                .unwrap();
         }
         let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
-        assert!(flows.iter().any(|f| f.client == once.to_string()), "a returning client was evicted again");
+        assert!(
+            flows.iter().any(|f| f.client == once.to_string()),
+            "a returning client was evicted again"
+        );
         assert!(relay.flow_count() <= DEFAULT_PROBATION_FLOWS);
     }
 
@@ -921,31 +1071,63 @@ mod tests {
     async fn answered_flows_are_established_and_count_against_the_limit() {
         let mut relay = loopback_relay(1);
         // ifindex 1: loopback, where the route to the backend points.
-        let route = BackendRoute { source: Ipv4Addr::LOCALHOST, ifindex: 1 };
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 1,
+        };
         let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
         let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
         let first: SocketAddrV4 = "192.0.2.1:50000".parse().unwrap();
-        let ClientVerdict::Forward { socket, .. } = relay.on_client_packet(info.port, first, Ipv4Addr::LOCALHOST, 64).unwrap() else {
+        let ClientVerdict::Forward { socket, .. } = relay
+            .on_client_packet(info.port, first, Ipv4Addr::LOCALHOST, 64)
+            .unwrap()
+        else {
             panic!("the first flow was refused");
         };
-        let from_server = Received { len: 64, from: backend, to: Ipv4Addr::LOCALHOST, ifindex: 1 };
-        assert!(relay.on_server_packet(socket.port, &from_server, 64).is_some());
+        let from_server = Received {
+            len: 64,
+            from: backend,
+            to: Ipv4Addr::LOCALHOST,
+            ifindex: 1,
+        };
+        assert!(
+            relay
+                .on_server_packet(socket.port, &from_server, 64)
+                .is_some()
+        );
         // The server's endpoint at another relay address, or through another
         // interface, is a forger.
         for forged in [
-            Received { to: Ipv4Addr::new(127, 0, 0, 9), ..from_server },
-            Received { ifindex: 7, ..from_server },
+            Received {
+                to: Ipv4Addr::new(127, 0, 0, 9),
+                ..from_server
+            },
+            Received {
+                ifindex: 7,
+                ..from_server
+            },
         ] {
             assert!(relay.on_server_packet(socket.port, &forged, 64).is_none());
         }
         assert_eq!(relay.stats.dropped_server_wrong_path, 2);
-        let elsewhere = Received { from: "127.0.0.2:10".parse().unwrap(), ..from_server };
-        assert!(relay.on_server_packet(socket.port, &elsewhere, 64).is_none());
+        let elsewhere = Received {
+            from: "127.0.0.2:10".parse().unwrap(),
+            ..from_server
+        };
+        assert!(
+            relay
+                .on_server_packet(socket.port, &elsewhere, 64)
+                .is_none()
+        );
         assert_eq!(relay.stats.dropped_not_from_server, 1);
 
         // The answered flow fills the limit of one: a second endpoint is refused.
         let second: SocketAddrV4 = "192.0.2.2:50000".parse().unwrap();
-        assert!(!forwarded(relay.on_client_packet(info.port, second, Ipv4Addr::LOCALHOST, 64).unwrap()));
+        assert!(!forwarded(
+            relay
+                .on_client_packet(info.port, second, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+        ));
         assert_eq!(relay.stats.refused_flow_limit, 1);
         let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
         assert_eq!(flows.len(), 1);
@@ -953,7 +1135,11 @@ mod tests {
 
         // Nothing from the backend's address becomes a client.
         let reflected = SocketAddrV4::new(*backend.ip(), 1234);
-        assert!(!forwarded(relay.on_client_packet(info.port, reflected, Ipv4Addr::LOCALHOST, 64).unwrap()));
+        assert!(!forwarded(
+            relay
+                .on_client_packet(info.port, reflected, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+        ));
         assert_eq!(relay.stats.dropped_client_is_backend, 1);
     }
 
@@ -962,25 +1148,63 @@ mod tests {
         let client: SocketAddrV4 = "198.51.100.7:41000".parse().unwrap();
         let backend: SocketAddrV4 = "10.0.2.2:60001".parse().unwrap();
         let relay: Ipv4Addr = "203.0.113.1".parse().unwrap();
-        let route = BackendRoute { source: "10.0.2.1".parse().unwrap(), ifindex: 7 };
+        let route = BackendRoute {
+            source: "10.0.2.1".parse().unwrap(),
+            ifindex: 7,
+        };
         let entries = flow_entries(relay, 60000, client, route, 61000, backend, 3);
 
         let upstream = forward(
-            Endpoints { saddr: client.ip().octets(), daddr: relay.octets(), sport: 41000u16.to_be_bytes(), dport: 60000u16.to_be_bytes() },
+            Endpoints {
+                saddr: client.ip().octets(),
+                daddr: relay.octets(),
+                sport: 41000u16.to_be_bytes(),
+                dport: 60000u16.to_be_bytes(),
+            },
             &entries.client_rewrite,
         );
-        assert_eq!(upstream, Endpoints { saddr: [10, 0, 2, 1], daddr: [10, 0, 2, 2], sport: 61000u16.to_be_bytes(), dport: 60001u16.to_be_bytes() });
+        assert_eq!(
+            upstream,
+            Endpoints {
+                saddr: [10, 0, 2, 1],
+                daddr: [10, 0, 2, 2],
+                sport: 61000u16.to_be_bytes(),
+                dport: 60001u16.to_be_bytes()
+            }
+        );
         assert_eq!(entries.backend_key.relay_addr, upstream.saddr);
         assert_eq!(entries.backend_key.relay_port, upstream.sport);
 
         let reply = forward(
-            Endpoints { saddr: upstream.daddr, daddr: upstream.saddr, sport: upstream.dport, dport: upstream.sport },
+            Endpoints {
+                saddr: upstream.daddr,
+                daddr: upstream.saddr,
+                sport: upstream.dport,
+                dport: upstream.sport,
+            },
             &entries.backend_rewrite,
         );
-        assert_eq!(reply, Endpoints { saddr: relay.octets(), daddr: client.ip().octets(), sport: 60000u16.to_be_bytes(), dport: 41000u16.to_be_bytes() });
+        assert_eq!(
+            reply,
+            Endpoints {
+                saddr: relay.octets(),
+                daddr: client.ip().octets(),
+                sport: 60000u16.to_be_bytes(),
+                dport: 41000u16.to_be_bytes()
+            }
+        );
         assert_eq!(entries.backend_rewrite.allowed_saddr, backend.ip().octets());
-        assert_eq!(entries.backend_rewrite.allowed_sport, 60001u16.to_be_bytes());
+        assert_eq!(
+            entries.backend_rewrite.allowed_sport,
+            60001u16.to_be_bytes()
+        );
         assert_eq!(entries.backend_rewrite.allowed_ifindex, 7);
-        assert_eq!((entries.client_rewrite.counter_slot, entries.backend_rewrite.counter_slot), (6, 7));
+        assert_eq!(
+            (
+                entries.client_rewrite.counter_slot,
+                entries.backend_rewrite.counter_slot
+            ),
+            (6, 7)
+        );
     }
 }

@@ -9,7 +9,6 @@ use tracing::warn;
 use crate::datapath::socket::{Outgoing, Received, RelaySocket};
 use crate::sessions::{ClientVerdict, SharedRelay};
 
-
 /// Reads `socket` until it is closed, sending each datagram where `route`
 /// says (or nowhere).
 fn spawn_reader(
@@ -22,7 +21,10 @@ fn spawn_reader(
         let socket = reader_socket;
         let port = socket.port;
         loop {
-            if let Err(error) = socket.recv_batch(|received, datagram| route(port, received, datagram)).await {
+            if let Err(error) = socket
+                .recv_batch(|received, datagram| route(port, received, datagram))
+                .await
+            {
                 warn!(port, %error, "reading a {what} socket");
             }
         }
@@ -43,15 +45,27 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
             }
         };
         match verdict {
-            Ok(ClientVerdict::Forward { socket: upstream, backend, new_flow }) => {
+            Ok(ClientVerdict::Forward {
+                socket: upstream,
+                backend,
+                new_flow,
+            }) => {
                 if new_flow {
                     spawn_flow_reader(relay.clone(), upstream.clone());
                 }
-                Some(Outgoing { socket: upstream, to: backend, from: None })
+                Some(Outgoing {
+                    socket: upstream,
+                    to: backend,
+                    from: None,
+                })
             }
             Ok(ClientVerdict::Drop) => None,
             Err(error) => {
-                warn!(port, error = format!("{error:#}"), "handling a client packet");
+                warn!(
+                    port,
+                    error = format!("{error:#}"),
+                    "handling a client packet"
+                );
                 None
             }
         }
@@ -62,8 +76,14 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
 /// flow's client, and nothing that comes from anybody else.
 pub fn spawn_flow_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
     spawn_reader(socket, "flow", move |port, received, datagram| {
-        let (session_socket, client, relay_addr) =
-            relay.lock().expect("relay lock").on_server_packet(port, received, datagram.len())?;
-        Some(Outgoing { socket: session_socket, to: client, from: Some(relay_addr) })
+        let (session_socket, client, relay_addr) = relay
+            .lock()
+            .expect("relay lock")
+            .on_server_packet(port, received, datagram.len())?;
+        Some(Outgoing {
+            socket: session_socket,
+            to: client,
+            from: Some(relay_addr),
+        })
     });
 }

@@ -140,7 +140,13 @@ impl KeySealer {
         let aad = binding.associated_data();
         let ciphertext = self
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: key, aad: &aad })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: key,
+                    aad: &aad,
+                },
+            )
             .expect("XChaCha20-Poly1305 seals 16 bytes");
         SealedKey { nonce, ciphertext }
     }
@@ -148,10 +154,13 @@ impl KeySealer {
     /// The key, or an error if it was sealed under another secret or for another record.
     pub fn open(&self, sealed: &SealedKey, binding: KeyBinding<'_>) -> anyhow::Result<[u8; 16]> {
         let aad = binding.associated_data();
-        let Ok(mut plain) = self
-            .cipher
-            .decrypt(XNonce::from_slice(&sealed.nonce), Payload { msg: &sealed.ciphertext, aad: &aad })
-        else {
+        let Ok(mut plain) = self.cipher.decrypt(
+            XNonce::from_slice(&sealed.nonce),
+            Payload {
+                msg: &sealed.ciphertext,
+                aad: &aad,
+            },
+        ) else {
             bail!(
                 "its sealed session key does not open: the punch secret differs from the one it was stored under \
                  (start with the previous --punch-secret-file), or the record was altered"
@@ -159,7 +168,9 @@ impl KeySealer {
         };
         let key: Result<[u8; 16], _> = plain.as_slice().try_into();
         plain.fill(0);
-        key.map_err(|_| anyhow::anyhow!("its sealed session key is not 16 bytes: the record was altered"))
+        key.map_err(|_| {
+            anyhow::anyhow!("its sealed session key is not 16 bytes: the record was altered")
+        })
     }
 }
 
@@ -180,8 +191,12 @@ impl Store {
     /// Opens (or creates) `<dir>/sessions.redb`. redb recovers from a crash
     /// by itself on open.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the state folder {} (give --state-dir a writable folder)", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "creating the state folder {} (give --state-dir a writable folder)",
+                dir.display()
+            )
+        })?;
         let path = dir.join("sessions.redb");
         let db = Database::create(&path).with_context(|| {
             format!(
@@ -193,7 +208,11 @@ impl Store {
         let write = db.begin_write()?;
         write.open_table(SESSIONS)?;
         write.commit()?;
-        Ok(Self { db, path, sealer: None })
+        Ok(Self {
+            db,
+            path,
+            sealer: None,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -219,7 +238,9 @@ impl Store {
             let (port, bytes) = row?;
             match serde_json::from_slice::<SessionRecord>(bytes.value()) {
                 Ok(record) => records.push(record),
-                Err(error) => tracing::error!(port = port.value(), %error, "skipping an unreadable session row"),
+                Err(error) => {
+                    tracing::error!(port = port.value(), %error, "skipping an unreadable session row")
+                }
             }
         }
         Ok(records)
@@ -229,8 +250,12 @@ impl Store {
     pub fn put(&self, record: &SessionRecord) -> anyhow::Result<()> {
         let bytes = serde_json::to_vec(record)?;
         let write = self.db.begin_write()?;
-        write.open_table(SESSIONS)?.insert(record.port, bytes.as_slice())?;
-        write.commit().context("committing a session to the store")?;
+        write
+            .open_table(SESSIONS)?
+            .insert(record.port, bytes.as_slice())?;
+        write
+            .commit()
+            .context("committing a session to the store")?;
         Ok(())
     }
 
@@ -238,7 +263,9 @@ impl Store {
     pub fn delete(&self, port: u16) -> anyhow::Result<()> {
         let write = self.db.begin_write()?;
         write.open_table(SESSIONS)?.remove(port)?;
-        write.commit().context("removing a session from the store")?;
+        write
+            .commit()
+            .context("removing a session from the store")?;
         Ok(())
     }
 }
@@ -260,7 +287,11 @@ mod tests {
     }
 
     fn binding(record: &SessionRecord) -> KeyBinding<'_> {
-        KeyBinding { session_id: &record.id, port: record.port, upstream_port: 61000 }
+        KeyBinding {
+            session_id: &record.id,
+            port: record.port,
+            upstream_port: 61000,
+        }
     }
 
     #[test]
@@ -269,21 +300,41 @@ mod tests {
         let key = [0x5a; 16];
         let a = record(60000);
         let sealed = sealer.seal(&key, binding(&a));
-        assert_eq!(sealed.ciphertext.len(), 32, "16 bytes of key and a 16-byte tag");
-        assert_ne!(&sealed.ciphertext[..16], &key, "the key is not stored in clear");
+        assert_eq!(
+            sealed.ciphertext.len(),
+            32,
+            "16 bytes of key and a 16-byte tag"
+        );
+        assert_ne!(
+            &sealed.ciphertext[..16],
+            &key,
+            "the key is not stored in clear"
+        );
         assert_eq!(sealer.open(&sealed, binding(&a)).unwrap(), key);
         // A fresh nonce every time: sealing the same key twice differs.
         assert_ne!(sealer.seal(&key, binding(&a)), sealed);
 
         let wrong_secret = KeySealer::derive(b"another-secret-another-secret-00");
-        let error = wrong_secret.open(&sealed, binding(&a)).unwrap_err().to_string();
+        let error = wrong_secret
+            .open(&sealed, binding(&a))
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("punch secret differs"), "{error}");
 
         // Moved into another record (other id, port or upstream port): refused.
         let b = record(60001);
-        assert!(sealer.open(&sealed, binding(&b)).is_err(), "moved to another session");
-        let other_q = KeyBinding { upstream_port: 61001, ..binding(&a) };
-        assert!(sealer.open(&sealed, other_q).is_err(), "moved to another upstream port");
+        assert!(
+            sealer.open(&sealed, binding(&b)).is_err(),
+            "moved to another session"
+        );
+        let other_q = KeyBinding {
+            upstream_port: 61001,
+            ..binding(&a)
+        };
+        assert!(
+            sealer.open(&sealed, other_q).is_err(),
+            "moved to another upstream port"
+        );
         let mut tampered = sealed.clone();
         tampered.ciphertext[3] ^= 1;
         assert!(sealer.open(&tampered, binding(&a)).is_err(), "altered");
@@ -301,7 +352,10 @@ mod tests {
             punch_source: "10.77.2.2:40000".parse().unwrap(),
             bound: true,
             sealed_key: Some(sealer.seal(&[1; 16], binding(&punched))),
-            client: Some(("10.77.1.2:50000".parse().unwrap(), "10.77.1.1".parse().unwrap())),
+            client: Some((
+                "10.77.1.2:50000".parse().unwrap(),
+                "10.77.1.1".parse().unwrap(),
+            )),
             newest_client_seq: Some(41),
             newest_server_seq: Some((1 << 63) | 17),
         });
@@ -311,7 +365,11 @@ mod tests {
             // A row as an older version wrote it: no `nat` field at all.
             let old = br#"{"id":"0000ea61","port":60001,"backend":"10.0.2.2:60001","route_source":"10.0.2.1","route_ifindex":3,"idle_timeout_secs":600}"#;
             let write = store.db.begin_write().unwrap();
-            write.open_table(SESSIONS).unwrap().insert(60001, old.as_slice()).unwrap();
+            write
+                .open_table(SESSIONS)
+                .unwrap()
+                .insert(60001, old.as_slice())
+                .unwrap();
             write.commit().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -322,9 +380,15 @@ mod tests {
         let sealed = stored.nat.unwrap().sealed_key.unwrap();
         assert_eq!(sealer.open(&sealed, binding(&punched)).unwrap(), [1; 16]);
         let file = std::fs::read(store.path()).unwrap();
-        assert!(file.windows(11).any(|w| w == b"\"token\":[7,"), "the row is in the file as JSON");
+        assert!(
+            file.windows(11).any(|w| w == b"\"token\":[7,"),
+            "the row is in the file as JSON"
+        );
         for clear in [&[1u8; 16][..], b"[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]"] {
-            assert!(!file.windows(clear.len()).any(|w| w == clear), "the key is in the file in clear");
+            assert!(
+                !file.windows(clear.len()).any(|w| w == clear),
+                "the key is in the file in clear"
+            );
         }
     }
 

@@ -76,13 +76,24 @@ impl Flood {
                 'flood: while sent < max_packets && started.elapsed() < max_time {
                     if let Some(pps) = pps {
                         // Sleep until the schedule catches up with what was sent.
-                        let due = Duration::from_secs_f64((sent + refused) as f64 / f64::from(pps.max(1)));
+                        let due = Duration::from_secs_f64(
+                            (sent + refused) as f64 / f64::from(pps.max(1)),
+                        );
                         if let Some(wait) = due.checked_sub(started.elapsed()) {
                             std::thread::sleep(wait);
                         }
                     }
-                    let burst = if pps.is_some() { PACED_BURST } else { frames.len() };
-                    for frame in frames.iter().cycle().skip((sent + refused) as usize % frames.len()).take(burst) {
+                    let burst = if pps.is_some() {
+                        PACED_BURST
+                    } else {
+                        frames.len()
+                    };
+                    for frame in frames
+                        .iter()
+                        .cycle()
+                        .skip((sent + refused) as usize % frames.len())
+                        .take(burst)
+                    {
                         match socket.send(frame) {
                             Ok(true) => sent += 1,
                             Ok(false) => refused += 1,

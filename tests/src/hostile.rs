@@ -111,7 +111,9 @@ pub fn forge_server_datagrams(
         );
         for &target in targets.iter().filter(|&&t| !skip(index, t)) {
             for _ in 0..rounds {
-                let mut payload = (0x8000_0000_0000_0000u64 | rng.random::<u64>()).to_be_bytes().to_vec();
+                let mut payload = (0x8000_0000_0000_0000u64 | rng.random::<u64>())
+                    .to_be_bytes()
+                    .to_vec();
                 payload.extend((0..rng.random_range(16..120)).map(|_| rng.random::<u8>()));
                 socket
                     .send(&crate::raw::udp_frame(macs, server, target, &payload))

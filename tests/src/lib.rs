@@ -7,9 +7,9 @@
 
 pub mod capture;
 pub mod cmd;
+pub mod control;
 pub mod flood;
 pub mod hostile;
-pub mod control;
 pub mod mosh;
 pub mod nat;
 pub mod netns;

@@ -71,7 +71,16 @@ impl MoshServer {
         let mut cmd = ns.exec(bin.to_str().context("binary path is not UTF-8")?);
         cmd.arg("mosh-server")
             .args(wrapper_args)
-            .args(["new", "-c", "8", "-s", "-l", &format!("LANG={UTF8_LOCALE}"), "--", "/bin/sh"])
+            .args([
+                "new",
+                "-c",
+                "8",
+                "-s",
+                "-l",
+                &format!("LANG={UTF8_LOCALE}"),
+                "--",
+                "/bin/sh",
+            ])
             .env("LANG", UTF8_LOCALE)
             .env("LC_ALL", UTF8_LOCALE)
             .env("PS1", "$ ");
@@ -85,8 +94,18 @@ impl MoshServer {
                 out.stderr.trim()
             );
         };
-        let server = Self { pid: parse_pid(&out.stderr), port, key };
-        Ok((server, Wrapped { ip, stderr: out.stderr }))
+        let server = Self {
+            pid: parse_pid(&out.stderr),
+            port,
+            key,
+        };
+        Ok((
+            server,
+            Wrapped {
+                ip,
+                stderr: out.stderr,
+            },
+        ))
     }
 }
 
@@ -154,7 +173,9 @@ impl MoshClient {
         }
         Self::start_in_tmux(
             ns,
-            &format!("env MOSH_KEY={key} LANG={UTF8_LOCALE} LC_ALL={UTF8_LOCALE} mosh-client {ip} {port}"),
+            &format!(
+                "env MOSH_KEY={key} LANG={UTF8_LOCALE} LC_ALL={UTF8_LOCALE} mosh-client {ip} {port}"
+            ),
         )
     }
 
@@ -263,6 +284,9 @@ mod tests {
                       [mosh-server detached, pid = 4242]\n";
         assert_eq!(parse_pid(stderr), Some(4242));
         assert_eq!(parse_connect("garbage"), None);
-        assert_eq!(parse_ip("\r\nMOSH IP 10.1.2.3\r\n"), Some(Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(
+            parse_ip("\r\nMOSH IP 10.1.2.3\r\n"),
+            Some(Ipv4Addr::new(10, 1, 2, 3))
+        );
     }
 }

@@ -93,7 +93,8 @@ impl Netns {
 
     /// Gives `dev` the address `ip/24`.
     pub fn add_addr(&self, ip: std::net::Ipv4Addr, dev: &str) -> Result<()> {
-        self.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev]).map(drop)
+        self.ip(&["addr", "add", &format!("{ip}/24"), "dev", dev])
+            .map(drop)
     }
 
     /// Sets `dev`'s MAC address, for tests that craft frames naming it.
@@ -121,7 +122,8 @@ impl Netns {
 
     /// Routes everything off-link through `gateway`.
     pub fn default_via(&self, gateway: std::net::Ipv4Addr) -> Result<()> {
-        self.ip(&["route", "add", "default", "via", &gateway.to_string()]).map(drop)
+        self.ip(&["route", "add", "default", "via", &gateway.to_string()])
+            .map(drop)
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {

@@ -64,10 +64,15 @@ pub use forwarder_api::{FlowInfo, NatInfo, SessionInfo, StatsInfo};
 
 /// The payload of a `--json` document of schema version 1.
 pub fn unwrap_document(document: Value) -> Result<Value> {
-    let Value::Object(mut fields) = document else { bail!("not a JSON object") };
+    let Value::Object(mut fields) = document else {
+        bail!("not a JSON object")
+    };
     let version = fields.remove("schema_version").and_then(|v| v.as_u64());
     if version != Some(u64::from(forwarder_api::JSON_SCHEMA_VERSION)) {
-        bail!("schema_version {version:?}, expected {}", forwarder_api::JSON_SCHEMA_VERSION);
+        bail!(
+            "schema_version {version:?}, expected {}",
+            forwarder_api::JSON_SCHEMA_VERSION
+        );
     }
     let mut values = fields.into_iter();
     match (values.next(), values.next()) {
@@ -127,7 +132,11 @@ impl Relay {
 
     /// Runs the daemon as `command` (a full command line whose `forwarder
     /// run` uses `instance`), e.g. one taken from a systemd unit.
-    pub fn start_command(command: Vec<String>, instance: &str, state_dir: Option<PathBuf>) -> Result<Self> {
+    pub fn start_command(
+        command: Vec<String>,
+        instance: &str,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self> {
         let bin = forwarder_bin()?;
         let dir = tempfile::Builder::new().prefix("fwd-relay-").tempdir()?;
         let log_path = dir.path().join("forwarder.log");
@@ -155,7 +164,11 @@ impl Relay {
             print_log_on_drop: true,
         };
         relay.wait_ready().with_context(|| {
-            format!("`{}` did not become ready; its log:\n{}", relay.command.join(" "), relay.log())
+            format!(
+                "`{}` did not become ready; its log:\n{}",
+                relay.command.join(" "),
+                relay.log()
+            )
         })?;
         Ok(relay)
     }
@@ -196,8 +209,12 @@ impl Relay {
     pub fn restart(&mut self) -> Result<Duration> {
         let started = Instant::now();
         self.child = Self::spawn(&self.command, &self.log_path)?;
-        self.wait_ready()
-            .with_context(|| format!("the restarted daemon did not become ready; its log:\n{}", self.log()))?;
+        self.wait_ready().with_context(|| {
+            format!(
+                "the restarted daemon did not become ready; its log:\n{}",
+                self.log()
+            )
+        })?;
         Ok(started.elapsed())
     }
 
@@ -280,9 +297,11 @@ impl Relay {
         let mut with_json = args.to_vec();
         with_json.push("--json");
         let out = self.verb(&with_json)?;
-        let document: Value = serde_json::from_str(&out)
-            .with_context(|| format!("`forwarder {}` printed invalid JSON: {out}", args.join(" ")))?;
-        unwrap_document(document).with_context(|| format!("`forwarder {} --json` printed: {out}", args.join(" ")))
+        let document: Value = serde_json::from_str(&out).with_context(|| {
+            format!("`forwarder {}` printed invalid JSON: {out}", args.join(" "))
+        })?;
+        unwrap_document(document)
+            .with_context(|| format!("`forwarder {} --json` printed: {out}", args.join(" ")))
     }
 
     /// `forwarder add --backend BACKEND [extra...] --json`.

@@ -187,12 +187,15 @@ impl UdpStream {
                         break;
                     }
                     // After stop, linger until a full second passes without echoes.
-                    if stop.load(Ordering::Relaxed) && quiet_since.elapsed() > Duration::from_secs(1) {
+                    if stop.load(Ordering::Relaxed)
+                        && quiet_since.elapsed() > Duration::from_secs(1)
+                    {
                         break;
                     }
                     match receive_socket.recv_from(&mut buf) {
                         Ok((8, from)) if from == to => {
-                            let seq = u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
+                            let seq =
+                                u64::from_be_bytes(buf[..8].try_into().expect("8 bytes")) as usize;
                             if seq >= seen.len() {
                                 seen.resize(seq + 1, false);
                             }
@@ -205,7 +208,12 @@ impl UdpStream {
                 seen
             })
         };
-        Ok(Self { stop, sent, sender: Some(sender), receiver: Some(receiver) })
+        Ok(Self {
+            stop,
+            sent,
+            sender: Some(sender),
+            receiver: Some(receiver),
+        })
     }
 
     /// Datagrams sent so far.
@@ -219,10 +227,18 @@ impl UdpStream {
         if let Some(sender) = self.sender.take() {
             let _ = sender.join();
         }
-        let seen = self.receiver.take().map(|r| r.join().unwrap_or_default()).unwrap_or_default();
+        let seen = self
+            .receiver
+            .take()
+            .map(|r| r.join().unwrap_or_default())
+            .unwrap_or_default();
         let sent = self.sent();
         let echoed = seen.iter().take(sent as usize).filter(|&&s| s).count() as u64;
-        StreamReport { sent, echoed, lost: sent - echoed }
+        StreamReport {
+            sent,
+            echoed,
+            lost: sent - echoed,
+        }
     }
 }
 

@@ -6,7 +6,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use forwarder_testbed::raw::{PacketSocket, mac_of, udp_frame};
-use forwarder_testbed::topology::{CLIENT_IF, CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, SERVER_IP};
+use forwarder_testbed::topology::{
+    CLIENT_IF, CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, SERVER_IP,
+};
 use forwarder_testbed::{Relay, Topology, UdpEcho, UdpPinger, forwarder_bin, prereq};
 
 const PROBE_WAIT: Duration = Duration::from_secs(1);
@@ -30,16 +32,31 @@ fn full_tables_refuse_cleanly_and_established_traffic_goes_on() {
     let relay = Relay::start(
         &topo.relay,
         &topo.relay_ifaces(),
-        &["--max-sessions", "3", "--max-flows", "2", "--max-flows-per-session", "1"],
+        &[
+            "--max-sessions",
+            "3",
+            "--max-flows",
+            "2",
+            "--max-flows-per-session",
+            "1",
+        ],
     )
     .unwrap();
-    let echoes: Vec<UdpEcho> =
-        (0..3).map(|i| UdpEcho::start(&topo.server, v4(SERVER_IP, 7000 + i)).unwrap()).collect();
-    let sessions: Vec<_> = echoes.iter().map(|e| relay.add(e.addr, &[]).unwrap()).collect();
+    let echoes: Vec<UdpEcho> = (0..3)
+        .map(|i| UdpEcho::start(&topo.server, v4(SERVER_IP, 7000 + i)).unwrap())
+        .collect();
+    let sessions: Vec<_> = echoes
+        .iter()
+        .map(|e| relay.add(e.addr, &[]).unwrap())
+        .collect();
     let refused = relay.add(v4(SERVER_IP, 7100), &[]).unwrap_err().to_string();
-    assert!(refused.contains("maximum of 3 sessions"), "unclear refusal: {refused}");
+    assert!(
+        refused.contains("maximum of 3 sessions"),
+        "unclear refusal: {refused}"
+    );
 
-    let pinger = |port| UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, port)).unwrap();
+    let pinger =
+        |port| UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, port)).unwrap();
     let mut first = pinger(sessions[0].port);
     let mut second = pinger(sessions[1].port);
     assert!(first.ping_any(10, PROBE_WAIT).unwrap());
@@ -47,25 +64,55 @@ fn full_tables_refuse_cleanly_and_established_traffic_goes_on() {
 
     // The flow maps hold 2 flows: a third session's first flow is refused...
     let mut third = pinger(sessions[2].port);
-    assert!(!third.ping_any(3, PROBE_WAIT).unwrap(), "a flow beyond --max-flows was forwarded");
+    assert!(
+        !third.ping_any(3, PROBE_WAIT).unwrap(),
+        "a flow beyond --max-flows was forwarded"
+    );
     // ...and so is a second flow on a session allowed one.
     let mut roamer = pinger(sessions[0].port);
-    assert!(!roamer.ping_any(3, PROBE_WAIT).unwrap(), "a flow beyond --max-flows-per-session was forwarded");
+    assert!(
+        !roamer.ping_any(3, PROBE_WAIT).unwrap(),
+        "a flow beyond --max-flows-per-session was forwarded"
+    );
 
     for _ in 0..5 {
-        assert!(first.ping_any(2, PROBE_WAIT).unwrap(), "established flow disturbed by full tables");
-        assert!(second.ping_any(2, PROBE_WAIT).unwrap(), "established flow disturbed by full tables");
+        assert!(
+            first.ping_any(2, PROBE_WAIT).unwrap(),
+            "established flow disturbed by full tables"
+        );
+        assert!(
+            second.ping_any(2, PROBE_WAIT).unwrap(),
+            "established flow disturbed by full tables"
+        );
     }
     let stats = relay.stats().unwrap();
     assert_eq!(stats["capacity"]["max_flows"], 2, "{stats}");
     assert_eq!(stats["capacity"]["max_sessions"], 3, "{stats}");
     let client_flows = map_entries(&stats, "CLIENT_FLOWS");
-    assert_eq!((client_flows["entries"].clone(), client_flows["max_entries"].clone()), (2.into(), 2.into()));
-    assert!(stats["slow_path"]["refused_flow_limit"].as_u64().unwrap() >= 2, "{stats}");
-    assert!(stats["capacity"]["kernel_bytes_per_flow"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(
+        (
+            client_flows["entries"].clone(),
+            client_flows["max_entries"].clone()
+        ),
+        (2.into(), 2.into())
+    );
+    assert!(
+        stats["slow_path"]["refused_flow_limit"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    assert!(
+        stats["capacity"]["kernel_bytes_per_flow"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
     let log = relay.log();
-    assert!(log.contains("the relay's flow table is full"), "no clear log line for the full flow table");
-    assert!(log.contains("session has its maximum of flows"), "no clear log line for the per-session limit");
+    assert!(
+        log.contains("the relay's flow table is full"),
+        "no clear log line for the full flow table"
+    );
+    assert!(
+        log.contains("session has its maximum of flows"),
+        "no clear log line for the per-session limit"
+    );
 }
 
 #[test]
@@ -75,7 +122,12 @@ fn other_layout_is_refused_and_detach_removes_the_data_plane() {
     let mut relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &[]).unwrap();
     let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
     let session = relay.add(echo.addr, &[]).unwrap();
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
     assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
 
     // A pin folder from a forwarder with another map layout.
@@ -87,27 +139,45 @@ fn other_layout_is_refused_and_detach_removes_the_data_plane() {
     let state_dir = relay.state_dir().to_string_lossy().into_owned();
     let mut start = topo.relay.nsenter(bin.to_str().unwrap());
     start
-        .args(["run", "--instance", relay.instance(), "--state-dir", &state_dir])
+        .args([
+            "run",
+            "--instance",
+            relay.instance(),
+            "--state-dir",
+            &state_dir,
+        ])
         .args(["--iface", "veth-rc", "--iface", "veth-rs"]);
     // Bounded: a daemon that wrongly starts would otherwise run forever.
     let out = forwarder_testbed::cmd::run(&mut start, Duration::from_secs(30)).unwrap();
     let stderr = &out.stderr;
     assert!(!out.success(), "a daemon started on a foreign layout");
-    assert!(stderr.contains("layout-0-0000000000000000") && stderr.contains("forwarder detach"), "unclear: {stderr}");
+    assert!(
+        stderr.contains("layout-0-0000000000000000") && stderr.contains("forwarder detach"),
+        "unclear: {stderr}"
+    );
     std::fs::remove_dir(&foreign).unwrap();
     // The refused start touched nothing: still forwarding.
-    assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "a refused start disturbed forwarding");
+    assert!(
+        pinger.ping_any(3, PROBE_WAIT).unwrap(),
+        "a refused start disturbed forwarding"
+    );
 
     // Detach refuses while the daemon runs, then removes everything.
     relay.restart().unwrap();
     let refused = relay.verb(&["detach"]).unwrap_err().to_string();
     assert!(refused.contains("stop it first"), "{refused}");
     relay.terminate().unwrap();
-    assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "SIGTERM stopped forwarding");
+    assert!(
+        pinger.ping_any(3, PROBE_WAIT).unwrap(),
+        "SIGTERM stopped forwarding"
+    );
     relay.verb(&["detach", "--state-dir", &state_dir]).unwrap();
     assert!(!instance_dir.exists(), "pins left behind by detach");
     for i in 0..3 {
-        assert!(!pinger.ping(PROBE_WAIT).unwrap(), "probe {i} echoed after detach");
+        assert!(
+            !pinger.ping(PROBE_WAIT).unwrap(),
+            "probe {i} echoed after detach"
+        );
     }
 }
 
@@ -122,7 +192,10 @@ fn send_new_flows(
     client_ports: impl Iterator<Item = u16>,
     per_ms: usize,
 ) {
-    let macs = (mac_of(&topo.client, CLIENT_IF).unwrap(), mac_of(&topo.relay, RELAY_CLIENT_IF).unwrap());
+    let macs = (
+        mac_of(&topo.client, CLIENT_IF).unwrap(),
+        mac_of(&topo.relay, RELAY_CLIENT_IF).unwrap(),
+    );
     let to = SocketAddrV4::new(RELAY_CLIENT_IP, relay_port);
     let payload = [0x5au8; 32];
     let started = Instant::now();
@@ -153,22 +226,33 @@ fn flows_beyond_the_compiled_default_install_and_the_last_forwards_in_xdp() {
         &topo.relay,
         &topo.relay_ifaces(),
         &[
-            "--xdp-mode", "native",
-            "--max-flows", "65536",
-            "--max-sessions", "64",
-            "--max-flows-per-session", "2000",
-            "--new-flows-per-sec", "1000000",
+            "--xdp-mode",
+            "native",
+            "--max-flows",
+            "65536",
+            "--max-sessions",
+            "64",
+            "--max-flows-per-session",
+            "2000",
+            "--new-flows-per-sec",
+            "1000000",
             // The raw-frame flows are installed faster than their echoes
             // come back: let them all wait for their answer.
-            "--probation-flows-per-session", "2000",
-            "--flow-ports", "10000-59999",
-            "--slowpath-pps-per-session", "0",
-            "--slowpath-pps", "0",
+            "--probation-flows-per-session",
+            "2000",
+            "--flow-ports",
+            "10000-59999",
+            "--slowpath-pps-per-session",
+            "0",
+            "--slowpath-pps",
+            "0",
         ],
     )
     .unwrap();
     let last_echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000 + SESSIONS - 1)).unwrap();
-    let sessions: Vec<_> = (0..SESSIONS).map(|i| relay.add(v4(SERVER_IP, 7000 + i), &[]).unwrap()).collect();
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|i| relay.add(v4(SERVER_IP, 7000 + i), &[]).unwrap())
+        .collect();
     let socket = PacketSocket::open(&topo.client, CLIENT_IF).unwrap();
 
     // Every session but the last gets all its flows; the last all but one,
@@ -178,34 +262,77 @@ fn flows_beyond_the_compiled_default_install_and_the_last_forwards_in_xdp() {
     let mut installed = 0;
     for round in 0..5 {
         for (index, session) in sessions.iter().enumerate() {
-            let count = if index + 1 == sessions.len() { FLOWS_PER_SESSION - 1 } else { FLOWS_PER_SESSION };
-            send_new_flows(&topo, &socket, session.port, FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + count, 8);
+            let count = if index + 1 == sessions.len() {
+                FLOWS_PER_SESSION - 1
+            } else {
+                FLOWS_PER_SESSION
+            };
+            send_new_flows(
+                &topo,
+                &socket,
+                session.port,
+                FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + count,
+                8,
+            );
         }
         // Established flows' repeats stay in XDP; only missing ones reach the daemon.
         std::thread::sleep(Duration::from_secs(1));
         installed = relay.stats().unwrap()["flows"].as_u64().unwrap() as usize;
-        eprintln!("round {round}: {installed} flows installed after {:?}", started.elapsed());
+        eprintln!(
+            "round {round}: {installed} flows installed after {:?}",
+            started.elapsed()
+        );
         if installed >= wanted {
             break;
         }
     }
-    assert_eq!(installed, wanted, "not every flow was installed; log:\n{}", tail(&relay.log()));
+    assert_eq!(
+        installed,
+        wanted,
+        "not every flow was installed; log:\n{}",
+        tail(&relay.log())
+    );
 
     let last = sessions.last().unwrap();
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, last.port)).unwrap();
-    assert!(pinger.ping_any(10, PROBE_WAIT).unwrap(), "flow {} was not forwarded", wanted + 1);
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, last.port),
+    )
+    .unwrap();
+    assert!(
+        pinger.ping_any(10, PROBE_WAIT).unwrap(),
+        "flow {} was not forwarded",
+        wanted + 1
+    );
     for _ in 0..5 {
-        assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "flow {} stopped forwarding", wanted + 1);
+        assert!(
+            pinger.ping_any(3, PROBE_WAIT).unwrap(),
+            "flow {} stopped forwarding",
+            wanted + 1
+        );
     }
     let stats = relay.stats().unwrap();
     let total = wanted + 1;
-    assert_eq!(stats["flows"].as_u64().unwrap() as usize, total, "{}", stats["slow_path"]);
+    assert_eq!(
+        stats["flows"].as_u64().unwrap() as usize,
+        total,
+        "{}",
+        stats["slow_path"]
+    );
     assert!(total > 16_384);
     let client_flows = map_entries(&stats, "CLIENT_FLOWS");
-    assert_eq!(client_flows["entries"].as_u64().unwrap() as usize, total, "{client_flows}");
+    assert_eq!(
+        client_flows["entries"].as_u64().unwrap() as usize,
+        total,
+        "{client_flows}"
+    );
     assert_eq!(client_flows["max_entries"], 65_536, "{client_flows}");
     assert_eq!(map_entries(&stats, "FLOW_COUNTERS")["max_entries"], 131_072);
-    assert_eq!(map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"], 64);
+    assert_eq!(
+        map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"],
+        64
+    );
     let local = pinger.local_addr().unwrap().to_string();
     let flow = relay
         .session(&last.id)
@@ -216,7 +343,10 @@ fn flows_beyond_the_compiled_default_install_and_the_last_forwards_in_xdp() {
         .find(|f| f.client == local)
         .expect("the pinger's flow is listed");
     // The first probe went through the daemon; the echoes of the later ones in XDP both ways.
-    assert!(flow.fast_path_packets >= 8, "the last flow is not forwarded in XDP: {flow:?}");
+    assert!(
+        flow.fast_path_packets >= 8,
+        "the last flow is not forwarded in XDP: {flow:?}"
+    );
     assert!(last_echo.echoed() >= 6);
     let log = relay.log();
     assert!(!log.contains("out of range"), "{}", tail(&log));
@@ -243,12 +373,18 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
         &topo.relay,
         &topo.relay_ifaces(),
         &[
-            "--max-open-files", "300",
-            "--max-flows-per-session", "1000",
-            "--new-flows-per-sec", "1000000",
-            "--probation-flows-per-session", "1000",
-            "--slowpath-pps-per-session", "0",
-            "--metrics", "127.0.0.1:9464",
+            "--max-open-files",
+            "300",
+            "--max-flows-per-session",
+            "1000",
+            "--new-flows-per-sec",
+            "1000000",
+            "--probation-flows-per-session",
+            "1000",
+            "--slowpath-pps-per-session",
+            "0",
+            "--metrics",
+            "127.0.0.1:9464",
         ],
     )
     .unwrap();
@@ -256,7 +392,13 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
     let session = relay.add(echo.addr, &[]).unwrap();
     let socket = PacketSocket::open(&topo.client, CLIENT_IF).unwrap();
     // More endpoints than the daemon has descriptors.
-    send_new_flows(&topo, &socket, session.port, FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + 400, 2);
+    send_new_flows(
+        &topo,
+        &socket,
+        session.port,
+        FIRST_CLIENT_PORT..FIRST_CLIENT_PORT + 400,
+        2,
+    );
     std::thread::sleep(Duration::from_secs(1));
 
     let stats = relay.stats().unwrap();
@@ -265,32 +407,62 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
     let reserve = d["reserve"].as_u64().unwrap();
     assert_eq!(reserve, 64, "{d}");
     let open = d["open"].as_u64().unwrap();
-    assert!(open <= LIMIT - reserve + 4, "the reserve was eaten into: {d}");
-    assert!(open >= LIMIT - reserve - 4, "flows stopped well before the limit: {d}");
+    assert!(
+        open <= LIMIT - reserve + 4,
+        "the reserve was eaten into: {d}"
+    );
+    assert!(
+        open >= LIMIT - reserve - 4,
+        "flows stopped well before the limit: {d}"
+    );
     assert!(d["refused_flows"].as_u64().unwrap() > 0, "{d}");
     let flows = stats["flows"].as_u64().unwrap();
-    assert!(flows > 100 && flows < 300, "{flows} flows under a limit of {LIMIT} descriptors");
+    assert!(
+        flows > 100 && flows < 300,
+        "{flows} flows under a limit of {LIMIT} descriptors"
+    );
     let log = relay.log();
     assert!(
         log.contains("new flow refused: the daemon has reached its open-file limit (300"),
         "no refusal naming the open-file limit:\n{}",
         tail(&log)
     );
-    assert!(!log.contains("no free upstream port"), "the refusal blames the port range:\n{}", tail(&log));
+    assert!(
+        !log.contains("no free upstream port"),
+        "the refusal blames the port range:\n{}",
+        tail(&log)
+    );
     // Every new endpoint is refused at the limit: the log gets one a second, the count is in stats.
-    let logged = log.matches("new flow refused: the daemon has reached its open-file limit").count();
-    assert!(logged <= 5, "{logged} refusal lines for {} refusals: not throttled", d["refused_flows"]);
+    let logged = log
+        .matches("new flow refused: the daemon has reached its open-file limit")
+        .count();
+    assert!(
+        logged <= 5,
+        "{logged} refusal lines for {} refusals: not throttled",
+        d["refused_flows"]
+    );
 
     // The reserve keeps the control socket, a new session and metrics working.
     for _ in 0..20 {
         relay.list().unwrap();
     }
     let text = relay.verb(&["stats"]).unwrap();
-    assert!(text.contains("open files: ") && text.contains("of 300 (64 kept in reserve"), "{text}");
+    assert!(
+        text.contains("open files: ") && text.contains("of 300 (64 kept in reserve"),
+        "{text}"
+    );
     // The health check runs every 2 s.
     let deadline = Instant::now() + Duration::from_secs(6);
-    while !relay.verb(&["stats"]).unwrap().contains("[open_file_limit] the daemon holds") {
-        assert!(Instant::now() < deadline, "no open_file_limit warning: {}", relay.verb(&["stats"]).unwrap());
+    while !relay
+        .verb(&["stats"])
+        .unwrap()
+        .contains("[open_file_limit] the daemon holds")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no open_file_limit warning: {}",
+            relay.verb(&["stats"]).unwrap()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let echo2 = UdpEcho::start(&topo.server, v4(SERVER_IP, 7001)).unwrap();
@@ -308,35 +480,74 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
         })
         .unwrap();
     let label = format!("instance=\"{}\"", relay.instance());
-    assert!(metrics.contains(&format!("forwarder_open_files_limit{{{label}}} 300")), "{metrics}");
-    assert!(metrics.contains("forwarder_flows_refused_open_files_total"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("forwarder_open_files_limit{{{label}}} 300")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("forwarder_flows_refused_open_files_total"),
+        "{metrics}"
+    );
     // Established flows keep forwarding at the limit.
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
-    assert!(!pinger.ping_any(2, PROBE_WAIT).unwrap(), "a new flow was admitted past the limit");
-    eprintln!("limit {LIMIT}: {flows} flows, {open} descriptors open, refused {}", d["refused_flows"]);
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
+    assert!(
+        !pinger.ping_any(2, PROBE_WAIT).unwrap(),
+        "a new flow was admitted past the limit"
+    );
+    eprintln!(
+        "limit {LIMIT}: {flows} flows, {open} descriptors open, refused {}",
+        d["refused_flows"]
+    );
 }
 
 #[test]
 fn pinned_maps_of_another_size_are_refused_with_the_way_on() {
     prereq::require().unwrap();
     let topo = Topology::client_relay_server().unwrap();
-    let mut relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--max-flows", "1000", "--max-sessions", "50"]).unwrap();
+    let mut relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &["--max-flows", "1000", "--max-sessions", "50"],
+    )
+    .unwrap();
     let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
     let session = relay.add(echo.addr, &[]).unwrap();
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
     assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
     relay.kill9().unwrap();
 
     let bin = forwarder_bin().unwrap();
     let state_dir = relay.state_dir().to_string_lossy().into_owned();
-    for sizes in [["--max-flows", "2000", "--max-sessions", "50"], ["--max-flows", "1000", "--max-sessions", "60"]] {
+    for sizes in [
+        ["--max-flows", "2000", "--max-sessions", "50"],
+        ["--max-flows", "1000", "--max-sessions", "60"],
+    ] {
         let mut start = topo.relay.nsenter(bin.to_str().unwrap());
         start
-            .args(["run", "--instance", relay.instance(), "--state-dir", &state_dir])
+            .args([
+                "run",
+                "--instance",
+                relay.instance(),
+                "--state-dir",
+                &state_dir,
+            ])
             .args(["--iface", "veth-rc", "--iface", "veth-rs"])
             .args(sizes);
         let out = forwarder_testbed::cmd::run(&mut start, Duration::from_secs(30)).unwrap();
-        assert!(!out.success(), "a daemon adopted pinned maps of another size ({sizes:?})");
+        assert!(
+            !out.success(),
+            "a daemon adopted pinned maps of another size ({sizes:?})"
+        );
         let stderr = &out.stderr;
         assert!(
             stderr.contains("was created with --max-flows 1000 --max-sessions 50")
@@ -344,12 +555,18 @@ fn pinned_maps_of_another_size_are_refused_with_the_way_on() {
             "unclear: {stderr}"
         );
         // The refused start touched nothing: the pinned data plane still forwards.
-        assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "a refused start disturbed forwarding");
+        assert!(
+            pinger.ping_any(3, PROBE_WAIT).unwrap(),
+            "a refused start disturbed forwarding"
+        );
     }
     // The sizes it was created with are adopted.
     relay.restart().unwrap();
     assert!(pinger.ping_any(3, PROBE_WAIT).unwrap());
     let stats = relay.stats().unwrap();
     assert_eq!(stats["capacity"]["max_flows"], 1000, "{stats}");
-    assert_eq!(map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"], 50);
+    assert_eq!(
+        map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"],
+        50
+    );
 }

@@ -33,32 +33,63 @@ fn show_exit_codes_and_json_documents() {
     let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &[]).unwrap();
     let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
     let session = relay.add(echo.addr, &[]).unwrap();
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
     assert!(pinger.ping_any(10, Duration::from_secs(1)).unwrap());
 
     // show, by id and by port: the session with its flow.
     for target in [session.id.clone(), session.port.to_string()] {
         let out = relay.try_verb(&["show", &target, "--json"]).unwrap();
         assert!(out.success(), "{out:?}");
-        let shown: forwarder_testbed::SessionInfo =
-            serde_json::from_value(unwrap_document(serde_json::from_str(&out.stdout).unwrap()).unwrap()).unwrap();
-        assert_eq!((shown.id.as_str(), shown.port), (session.id.as_str(), session.port));
+        let shown: forwarder_testbed::SessionInfo = serde_json::from_value(
+            unwrap_document(serde_json::from_str(&out.stdout).unwrap()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (shown.id.as_str(), shown.port),
+            (session.id.as_str(), session.port)
+        );
         assert_eq!(shown.flows.len(), 1, "{shown:?}");
         let text = relay.verb(&["show", &target]).unwrap();
-        assert!(text.contains(&format!("session {}", session.id)) && text.contains("flow "), "{text}");
-        assert!(text.contains("expires after 7days idle"), "the timeout is not written as a duration: {text}");
-        assert!(!text.contains(" 1 pkts") && !text.contains("604800s"), "{text}");
+        assert!(
+            text.contains(&format!("session {}", session.id)) && text.contains("flow "),
+            "{text}"
+        );
+        assert!(
+            text.contains("expires after 7days idle"),
+            "the timeout is not written as a duration: {text}"
+        );
+        assert!(
+            !text.contains(" 1 pkts") && !text.contains("604800s"),
+            "{text}"
+        );
     }
 
     // Not found: exit 3, in text and in JSON.
     let missing = relay.try_verb(&["show", "deadbeef"]).unwrap();
     assert_eq!(exit_code(&missing), Some(3), "{missing:?}");
-    assert!(missing.stderr.contains("no session with id or port \"deadbeef\""), "{missing:?}");
-    assert!(!missing.stderr.contains(": not found"), "the typed failure leaks into the message: {missing:?}");
+    assert!(
+        missing
+            .stderr
+            .contains("no session with id or port \"deadbeef\""),
+        "{missing:?}"
+    );
+    assert!(
+        !missing.stderr.contains(": not found"),
+        "the typed failure leaks into the message: {missing:?}"
+    );
     let missing = relay.try_verb(&["remove", "deadbeef", "--json"]).unwrap();
     assert_eq!(exit_code(&missing), Some(3), "{missing:?}");
     let error = json_error(&missing);
-    assert_eq!((error["kind"].as_str(), error["exit_code"].as_u64()), (Some("not_found"), Some(3)), "{error}");
+    assert_eq!(
+        (error["kind"].as_str(), error["exit_code"].as_u64()),
+        (Some("not_found"), Some(3)),
+        "{error}"
+    );
 
     // Usage errors are clap's 2.
     let usage = relay.try_verb(&["show"]).unwrap();
@@ -76,7 +107,10 @@ fn show_exit_codes_and_json_documents() {
         assert_eq!(document["schema_version"], 1, "{verb}: {document}");
     }
     let stats = relay.stats().unwrap();
-    assert!(stats["datapath"].is_string() && stats.get("xdp_mode").is_none(), "{stats}");
+    assert!(
+        stats["datapath"].is_string() && stats.get("xdp_mode").is_none(),
+        "{stats}"
+    );
     let listed = relay.sessions().unwrap();
     assert!(listed[0].idle_ms < 60_000, "{listed:?}");
 

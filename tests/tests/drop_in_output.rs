@@ -28,12 +28,17 @@ fn shape(stdout: &str) -> String {
             assert!(words[0].parse::<u16>().is_ok(), "port in {line:?}");
             assert!(
                 words[1].len() == 22
-                    && words[1].chars().all(|c| c.is_ascii_alphanumeric() || c == '/' || c == '+'),
+                    && words[1]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '/' || c == '+'),
                 "key in {line:?}"
             );
             out.push_str("MOSH CONNECT <port> <key>");
         } else if let Some(rest) = body.strip_prefix("MOSH IP ") {
-            assert!(rest.parse::<std::net::Ipv4Addr>().is_ok(), "address in {line:?}");
+            assert!(
+                rest.parse::<std::net::Ipv4Addr>().is_ok(),
+                "address in {line:?}"
+            );
             out.push_str("MOSH IP <addr>");
         } else {
             out.push_str(body);
@@ -88,9 +93,14 @@ fn wrapper_prints_what_stock_mosh_server_prints() {
     let _relay = topo.start_relay(&secret, &[]).unwrap();
     let bin = forwarder_bin().unwrap();
     let server_args = words(&format!("new -c 8 -l LANG={LOCALE} -- /bin/sh"));
-    let stock_args = words(&format!("new -i {NAT_SERVER_IP} -c 8 -l LANG={LOCALE} -- /bin/sh"));
+    let stock_args = words(&format!(
+        "new -i {NAT_SERVER_IP} -c 8 -l LANG={LOCALE} -- /bin/sh"
+    ));
     let wrapper_args = [
-        words(&format!("mosh-server --relay {} --secret-file", topo.punch_endpoint())),
+        words(&format!(
+            "mosh-server --relay {} --secret-file",
+            topo.punch_endpoint()
+        )),
         vec![secret.display().to_string()],
         server_args,
     ]
@@ -99,16 +109,35 @@ fn wrapper_prints_what_stock_mosh_server_prints() {
     for tty in [false, true] {
         let stock = run_in(&topo.server, tty, "mosh-server", &stock_args);
         let wrapped = run_in(&topo.server, tty, bin.to_str().unwrap(), &wrapper_args);
-        eprintln!("tty={tty}\n  stock mosh-server: {stock:?}\n  forwarder mosh-server: {wrapped:?}");
-        assert!(!shape(&stock).contains("MOSH IP"), "stock mosh-server printed {stock:?}");
+        eprintln!(
+            "tty={tty}\n  stock mosh-server: {stock:?}\n  forwarder mosh-server: {wrapped:?}"
+        );
+        assert!(
+            !shape(&stock).contains("MOSH IP"),
+            "stock mosh-server printed {stock:?}"
+        );
         // Stock output with the `MOSH IP` line (as the stock wrapper prints
         // it: "MOSH IP %s\n", through the same terminal) before `MOSH CONNECT`.
-        let ip_line = if tty { "MOSH IP <addr>\r\n" } else { "MOSH IP <addr>\n" };
+        let ip_line = if tty {
+            "MOSH IP <addr>\r\n"
+        } else {
+            "MOSH IP <addr>\n"
+        };
         let expected = shape(&stock).replacen("MOSH CONNECT", &format!("{ip_line}MOSH CONNECT"), 1);
-        assert_eq!(shape(&wrapped), expected, "tty={tty}: stock {stock:?}, wrapper {wrapped:?}");
+        assert_eq!(
+            shape(&wrapped),
+            expected,
+            "tty={tty}: stock {stock:?}, wrapper {wrapped:?}"
+        );
         if !tty {
-            assert!(!wrapped.contains('\r'), "no CR without a terminal: {wrapped:?}");
-            assert!(wrapped.contains(&format!("MOSH IP {RELAY_CLIENT_IP}\n")), "{wrapped:?}");
+            assert!(
+                !wrapped.contains('\r'),
+                "no CR without a terminal: {wrapped:?}"
+            );
+            assert!(
+                wrapped.contains(&format!("MOSH IP {RELAY_CLIENT_IP}\n")),
+                "{wrapped:?}"
+            );
             // What the hand-run recipes do: a shell `read` of the line.
             let mut parse = Command::new("sh");
             parse.args([
@@ -134,6 +163,12 @@ fn daemon_log_to_a_file_has_no_ansi_escapes() {
     // Relay::start sends the daemon's stdout and stderr to a log file.
     let relay = topo.start_relay(&secret, &[]).unwrap();
     let log = relay.log();
-    assert!(log.contains("INFO"), "the daemon logged nothing at info level:\n{log}");
-    assert!(!log.contains("\x1b["), "ANSI escapes in a log written to a file:\n{log:?}");
+    assert!(
+        log.contains("INFO"),
+        "the daemon logged nothing at info level:\n{log}"
+    );
+    assert!(
+        !log.contains("\x1b["),
+        "ANSI escapes in a log written to a file:\n{log:?}"
+    );
 }

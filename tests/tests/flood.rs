@@ -12,7 +12,8 @@ use forwarder_testbed::flood::{FLOOD_SOURCES, Flood};
 use forwarder_testbed::hostile::{FLOODER_IF, RELAY_FLOODER_IF, RELAY_FLOODER_IP, attach_flooder};
 use forwarder_testbed::scenario::MoshThroughRelay;
 use forwarder_testbed::topology::{
-    CLIENT_IP, CLIENT_ROAM_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP, Topology,
+    CLIENT_IP, CLIENT_ROAM_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP,
+    Topology,
 };
 use forwarder_testbed::{UdpEcho, UdpPinger};
 
@@ -163,7 +164,10 @@ fn roaming_works_during_a_flood_at_the_same_session() {
         SocketAddr::from((RELAY_CLIENT_IP, pinged.port)),
     )
     .unwrap();
-    assert!(pinger.ping_any(10, Duration::from_secs(1)).unwrap(), "ping-pong session never answered");
+    assert!(
+        pinger.ping_any(10, Duration::from_secs(1)).unwrap(),
+        "ping-pong session never answered"
+    );
 
     let flood = Flood::start(
         &flooder,
@@ -185,10 +189,17 @@ fn roaming_works_during_a_flood_at_the_same_session() {
     let time_to_roam = roamed.elapsed();
     let roam_ip = format!("{CLIENT_ROAM_IP}:");
     m.relay
-        .wait_until("the server to follow the roamed client during the flood", Duration::from_secs(20), |s| {
-            let s = s.iter().find(|s| s.id == m.session.id)?;
-            s.flows.iter().find(|f| f.client.starts_with(&roam_ip) && f.server_current && f.answered).cloned()
-        })
+        .wait_until(
+            "the server to follow the roamed client during the flood",
+            Duration::from_secs(20),
+            |s| {
+                let s = s.iter().find(|s| s.id == m.session.id)?;
+                s.flows
+                    .iter()
+                    .find(|f| f.client.starts_with(&roam_ip) && f.server_current && f.answered)
+                    .cloned()
+            },
+        )
         .unwrap();
 
     let (mut pings, mut pongs, mut max_flows) = (0u32, 0u32, flows_before_roam);
@@ -221,12 +232,21 @@ fn roaming_works_during_a_flood_at_the_same_session() {
         slow["flows_evicted_unanswered"],
         slow["flows_promoted"],
     );
-    assert!(still_flooding || pings >= 200, "the flood ended before the measurement: {pings} pings");
-    assert!(max_flows <= FLOWS_BOUND, "the flooded session held {max_flows} flows");
+    assert!(
+        still_flooding || pings >= 200,
+        "the flood ended before the measurement: {pings} pings"
+    );
+    assert!(
+        max_flows <= FLOWS_BOUND,
+        "the flooded session held {max_flows} flows"
+    );
     assert!(
         slow["flows_evicted_unanswered"].as_u64().unwrap() > 0,
         "the flood never reached probation: {slow}"
     );
-    assert!(delivery >= 99.0, "ping-pong delivery {delivery:.2}% < 99% during the flood");
+    assert!(
+        delivery >= 99.0,
+        "ping-pong delivery {delivery:.2}% < 99% during the flood"
+    );
     drop(echo);
 }

@@ -54,7 +54,10 @@ fn assert_client_got_only_the_server(
         .map(|d| d.payload)
         .collect();
     assert!(!to_client.is_empty(), "{what}: the client got nothing");
-    let delivered: Vec<_> = to_client.iter().filter(|d| forged.contains(&d.payload)).collect();
+    let delivered: Vec<_> = to_client
+        .iter()
+        .filter(|d| forged.contains(&d.payload))
+        .collect();
     println!(
         "{what}: forged datagrams delivered to the client: {} of {}; the client got {} datagrams, \
          {} server datagrams captured",
@@ -63,7 +66,10 @@ fn assert_client_got_only_the_server(
         to_client.len(),
         from_server.len()
     );
-    assert!(delivered.is_empty(), "{what}: forged payloads reached the client: {delivered:?}");
+    assert!(
+        delivered.is_empty(),
+        "{what}: forged payloads reached the client: {delivered:?}"
+    );
     for datagram in &to_client {
         assert!(
             from_server.contains(&datagram.payload),
@@ -75,18 +81,25 @@ fn assert_client_got_only_the_server(
 /// Captures at the server and then at the client: a datagram the client
 /// gets after its capture starts left the server after the server's capture
 /// started (the pause covers one in flight through the relay).
-fn captures(server: (&forwarder_testbed::Netns, &str), client: (&forwarder_testbed::Netns, &str)) -> (Capture, Capture) {
+fn captures(
+    server: (&forwarder_testbed::Netns, &str),
+    client: (&forwarder_testbed::Netns, &str),
+) -> (Capture, Capture) {
     let at_server = Capture::start(server.0, server.1).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     (at_server, Capture::start(client.0, client.1).unwrap())
 }
 
 fn slow_path(relay: &Relay, counter: &str) -> u64 {
-    relay.stats().unwrap()["slow_path"][counter].as_u64().unwrap_or(0)
+    relay.stats().unwrap()["slow_path"][counter]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 fn reason(relay: &Relay, reason: &str) -> u64 {
-    relay.stats().unwrap()["reasons"][reason]["packets"].as_u64().unwrap_or(0)
+    relay.stats().unwrap()["reasons"][reason]["packets"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 fn ordinary_session(what: &str, relay_args: &[&str]) {
@@ -102,16 +115,35 @@ fn ordinary_session(what: &str, relay_args: &[&str]) {
         .flat_map(|&ip| ports.iter().map(move |&port| SocketAddrV4::new(ip, port)))
         .collect();
     let sites = [
-        ForgerSite { ns: &m.topo.client, ifname: CLIENT_IF, relay_if: RELAY_CLIENT_IF },
-        ForgerSite { ns: &m.topo.server, ifname: SERVER_IF, relay_if: RELAY_SERVER_IF },
+        ForgerSite {
+            ns: &m.topo.client,
+            ifname: CLIENT_IF,
+            relay_if: RELAY_CLIENT_IF,
+        },
+        ForgerSite {
+            ns: &m.topo.server,
+            ifname: SERVER_IF,
+            relay_if: RELAY_SERVER_IF,
+        },
     ];
-    let servers_own_path =
-        |site: usize, t: SocketAddrV4| site == 1 && *t.ip() == RELAY_SERVER_IP && flow_ports.contains(&t.port());
+    let servers_own_path = |site: usize, t: SocketAddrV4| {
+        site == 1 && *t.ip() == RELAY_SERVER_IP && flow_ports.contains(&t.port())
+    };
 
     let (at_server, at_client) = captures((&m.topo.server, SERVER_IF), (&m.topo.client, CLIENT_IF));
     let mut forged = HashSet::new();
     for burst in 0..BURSTS {
-        forged.extend(forge_server_datagrams(&m.topo.relay, &sites, server, &targets, ROUNDS, servers_own_path).unwrap());
+        forged.extend(
+            forge_server_datagrams(
+                &m.topo.relay,
+                &sites,
+                server,
+                &targets,
+                ROUNDS,
+                servers_own_path,
+            )
+            .unwrap(),
+        );
         m.roundtrip(&format!("burst{burst}")).unwrap();
     }
     m.roundtrip("after").unwrap();
@@ -122,11 +154,20 @@ fn ordinary_session(what: &str, relay_args: &[&str]) {
         + slow_path(&m.relay, "dropped_client_is_backend");
     let refused_in_xdp = reason(&m.relay, "spoofed_server");
     println!("{what}: refused in XDP {refused_in_xdp}, in the daemon {refused_in_daemon}");
-    assert!(refused_in_daemon > 0, "{what}: the daemon counted no refusal");
+    assert!(
+        refused_in_daemon > 0,
+        "{what}: the daemon counted no refusal"
+    );
     if relay_args.contains(&"userspace") {
-        assert!(slow_path(&m.relay, "dropped_server_wrong_path") > 0, "{what}: no wrong-path refusal counted");
+        assert!(
+            slow_path(&m.relay, "dropped_server_wrong_path") > 0,
+            "{what}: no wrong-path refusal counted"
+        );
     } else {
-        assert!(refused_in_xdp > 0, "{what}: XDP counted no spoofed_server drop");
+        assert!(
+            refused_in_xdp > 0,
+            "{what}: XDP counted no spoofed_server drop"
+        );
     }
 }
 
@@ -153,7 +194,12 @@ fn punched_session(what: &str, relay_args: &[&str]) {
     let relay = topo.start_relay(secret.path(), relay_args).unwrap();
     let (server, wrapped) = MoshServer::start_wrapped(
         &topo.server,
-        &["--relay", &topo.punch_endpoint(), "--secret-file", secret.path().to_str().unwrap()],
+        &[
+            "--relay",
+            &topo.punch_endpoint(),
+            "--secret-file",
+            secret.path().to_str().unwrap(),
+        ],
     )
     .unwrap();
     let client = MoshClient::start(&topo.client, wrapped.ip, server.port, &server.key).unwrap();
@@ -170,16 +216,38 @@ fn punched_session(what: &str, relay_args: &[&str]) {
         .collect();
     // The NAT box's outside link is the server's segment as the relay sees it.
     let sites = [
-        ForgerSite { ns: &topo.client, ifname: CLIENT_IF, relay_if: RELAY_CLIENT_IF },
-        ForgerSite { ns: &topo.nat, ifname: NAT_OUTSIDE_IF, relay_if: RELAY_NAT_IF },
+        ForgerSite {
+            ns: &topo.client,
+            ifname: CLIENT_IF,
+            relay_if: RELAY_CLIENT_IF,
+        },
+        ForgerSite {
+            ns: &topo.nat,
+            ifname: NAT_OUTSIDE_IF,
+            relay_if: RELAY_NAT_IF,
+        },
     ];
     let upstream = nat.upstream_port;
-    let servers_own_path = |site: usize, t: SocketAddrV4| site == 1 && *t.ip() == RELAY_NAT_IP && t.port() == upstream;
+    let servers_own_path =
+        |site: usize, t: SocketAddrV4| site == 1 && *t.ip() == RELAY_NAT_IP && t.port() == upstream;
 
-    let (at_server, at_client) = captures((&topo.server, forwarder_testbed::nat::SERVER_IF), (&topo.client, CLIENT_IF));
+    let (at_server, at_client) = captures(
+        (&topo.server, forwarder_testbed::nat::SERVER_IF),
+        (&topo.client, CLIENT_IF),
+    );
     let mut forged = HashSet::new();
     for burst in 0..BURSTS {
-        forged.extend(forge_server_datagrams(&topo.relay, &sites, backend, &targets, ROUNDS, servers_own_path).unwrap());
+        forged.extend(
+            forge_server_datagrams(
+                &topo.relay,
+                &sites,
+                backend,
+                &targets,
+                ROUNDS,
+                servers_own_path,
+            )
+            .unwrap(),
+        );
         roundtrip(&client, &format!("burst{burst}")).unwrap();
     }
     roundtrip(&client, "after").unwrap();
@@ -193,7 +261,11 @@ fn punched_session(what: &str, relay_args: &[&str]) {
         &forged,
     );
     let session = relay.sessions().unwrap().remove(0);
-    assert_eq!(session.backend, backend.to_string(), "{what}: forgeries moved the server's endpoint");
+    assert_eq!(
+        session.backend,
+        backend.to_string(),
+        "{what}: forgeries moved the server's endpoint"
+    );
     drop(client);
     drop(server);
 }

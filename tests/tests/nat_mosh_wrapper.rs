@@ -38,7 +38,10 @@ fn stock_mosh_wrapper_reaches_a_server_behind_nat() {
     client.wait_for_screen("#", MOSH_CONNECT_TIMEOUT).unwrap();
     roundtrip(&client, "wrapped").unwrap();
     // Informational (no timing assertion): ssh + handshake + mosh + one command.
-    eprintln!("`mosh` to a command's output on screen: {:?}", started.elapsed());
+    eprintln!(
+        "`mosh` to a command's output on screen: {:?}",
+        started.elapsed()
+    );
 
     let sessions = relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");

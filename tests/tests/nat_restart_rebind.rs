@@ -28,24 +28,40 @@ fn secret_file() -> tempfile::NamedTempFile {
 }
 
 fn slow_path(relay: &Relay, counter: &str) -> u64 {
-    relay.stats().unwrap()["slow_path"][counter].as_u64().unwrap_or(0)
+    relay.stats().unwrap()["slow_path"][counter]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 /// The one punched session, with what must not change across restarts.
 fn identity(sessions: &[SessionInfo]) -> (String, u16, String, u16, bool, bool) {
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     let s = &sessions[0];
-    let nat = s.nat.as_ref().unwrap_or_else(|| panic!("not a punched session: {s:?}"));
-    (s.id.clone(), s.port, s.backend.clone(), nat.upstream_port, nat.bound, nat.key_received)
+    let nat = s
+        .nat
+        .as_ref()
+        .unwrap_or_else(|| panic!("not a punched session: {s:?}"));
+    (
+        s.id.clone(),
+        s.port,
+        s.backend.clone(),
+        nat.upstream_port,
+        nat.bound,
+        nat.key_received,
+    )
 }
 
 /// Processes still running `forwarder mosh-server` (the wrapper): there must be none.
 fn wrappers_running() -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let words: Vec<String> =
-            cmdline.split(|&b| b == 0).map(|w| String::from_utf8_lossy(w).into_owned()).collect();
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let words: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|w| String::from_utf8_lossy(w).into_owned())
+            .collect();
         if words.iter().any(|w| w == "mosh-server") && words.iter().any(|w| w == "--secret-file") {
             found.push(words.join(" "));
         }
@@ -56,7 +72,12 @@ fn wrappers_running() -> Vec<String> {
 fn start_punched(topo: &NatTopology, secret: &tempfile::NamedTempFile) -> (MoshServer, MoshClient) {
     let (server, wrapped) = MoshServer::start_wrapped(
         &topo.server,
-        &["--relay", &topo.punch_endpoint(), "--secret-file", secret.path().to_str().unwrap()],
+        &[
+            "--relay",
+            &topo.punch_endpoint(),
+            "--secret-file",
+            secret.path().to_str().unwrap(),
+        ],
     )
     .unwrap();
     eprintln!("wrapper said: {}", wrapped.stderr.trim());
@@ -70,14 +91,24 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
     prereq::require().unwrap();
     let topo = NatTopology::build().unwrap();
     let secret = secret_file();
-    let mut relay = topo.start_relay(secret.path(), &["--xdp-mode", "native"]).unwrap();
+    let mut relay = topo
+        .start_relay(secret.path(), &["--xdp-mode", "native"])
+        .unwrap();
     assert_eq!(relay.stats().unwrap()["datapath"], "native");
-    let punches = Capture::start(&topo.server, SERVER_IF, &format!("udp port {PUNCH_PORT}")).unwrap();
+    let punches =
+        Capture::start(&topo.server, SERVER_IF, &format!("udp port {PUNCH_PORT}")).unwrap();
     let (server, client) = start_punched(&topo, &secret);
     roundtrip(&client, "before").unwrap();
     let handshake = punches.udp().unwrap().len();
-    assert!(handshake >= 4, "the wrapper's Allocate, Key and their answers: {handshake}");
-    assert_eq!(wrappers_running(), Vec::<String>::new(), "the wrapper must have exited");
+    assert!(
+        handshake >= 4,
+        "the wrapper's Allocate, Key and their answers: {handshake}"
+    );
+    assert_eq!(
+        wrappers_running(),
+        Vec::<String>::new(),
+        "the wrapper must have exited"
+    );
     let before = identity(&relay.sessions().unwrap());
     let stored = std::fs::read(relay.state_dir().join("sessions.redb")).unwrap();
     let key = server.key.as_bytes();
@@ -92,9 +123,16 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
         ready.push(relay.restart().unwrap());
         roundtrip(&client, &format!("up{round}")).unwrap();
         let sessions = relay.sessions().unwrap();
-        assert_eq!(identity(&sessions), before, "the punched session changed across restart {round}");
+        assert_eq!(
+            identity(&sessions),
+            before,
+            "the punched session changed across restart {round}"
+        );
         let flow = &sessions[0].flows[0];
-        assert!(flow.client.starts_with(&format!("{CLIENT_IP}:")), "{flow:?}");
+        assert!(
+            flow.client.starts_with(&format!("{CLIENT_IP}:")),
+            "{flow:?}"
+        );
         assert!(
             flow.fast_path_packets > 0 && flow.server_current,
             "the server's packets left the fast path after restart {round}: {flow:?}"
@@ -106,7 +144,10 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
         RESTARTS,
         "every restart adopts the pinned backend half:\n{log}"
     );
-    assert!(!log.contains(&server.key), "the mosh key is in the daemon's log");
+    assert!(
+        !log.contains(&server.key),
+        "the mosh key is in the daemon's log"
+    );
     assert_eq!(
         punches.udp().unwrap().len(),
         handshake,
@@ -122,7 +163,10 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
         Some(relay.state_dir().to_path_buf()),
     )
     .unwrap();
-    assert!(bare.sessions().unwrap().is_empty(), "a punched session came back without the secret");
+    assert!(
+        bare.sessions().unwrap().is_empty(),
+        "a punched session came back without the secret"
+    );
     let log = bare.log();
     assert!(
         log.contains("stored session dropped") && log.contains("--punch-secret-file"),
@@ -155,7 +199,10 @@ fn metric(topo: &NatTopology, name: &str, label: &str) -> u64 {
         .within(|| {
             let mut stream = std::net::TcpStream::connect(METRICS)?;
             stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")?;
+            std::io::Write::write_all(
+                &mut stream,
+                b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n",
+            )?;
             let mut response = String::new();
             std::io::Read::read_to_string(&mut stream, &mut response)?;
             Ok(response)
@@ -171,7 +218,9 @@ fn metric(topo: &NatTopology, name: &str, label: &str) -> u64 {
 /// A datagram that claims to be mosh-server's (direction bit set, a huge
 /// sequence number) but carries no valid tag.
 fn forged_server_datagram(index: u8) -> Vec<u8> {
-    let mut datagram = (0x8000_0000_7fff_0000u64 + u64::from(index)).to_be_bytes().to_vec();
+    let mut datagram = (0x8000_0000_7fff_0000u64 + u64::from(index))
+        .to_be_bytes()
+        .to_vec();
     datagram.extend((0..80).map(|i: u8| i.wrapping_mul(31).wrapping_add(index)));
     datagram
 }
@@ -203,7 +252,8 @@ fn follows_server_across_nat_rebind(datapath: &[&str]) {
     let relay_q = SocketAddr::from((RELAY_NAT_IP, upstream_port));
 
     // What the client receives, and the server's real datagrams on the NAT's outside.
-    let at_client = Capture::start(&topo.client, CLIENT_IF, &format!("udp src port {port}")).unwrap();
+    let at_client =
+        Capture::start(&topo.client, CLIENT_IF, &format!("udp src port {port}")).unwrap();
     let from_server = Capture::start(
         &topo.nat,
         NAT_OUTSIDE_IF,
@@ -214,8 +264,14 @@ fn follows_server_across_nat_rebind(datapath: &[&str]) {
 
     // Forgers on the server's side (the NAT's own address, another port)
     // and on the client's side, at every relay address of Q.
-    let nat_forger = topo.nat.udp_bind(SocketAddr::from((NAT_PUBLIC_IP, 0))).unwrap();
-    let client_forger = topo.client.udp_bind(SocketAddr::from((CLIENT_IP, 0))).unwrap();
+    let nat_forger = topo
+        .nat
+        .udp_bind(SocketAddr::from((NAT_PUBLIC_IP, 0)))
+        .unwrap();
+    let client_forger = topo
+        .client
+        .udp_bind(SocketAddr::from((CLIENT_IP, 0)))
+        .unwrap();
     let targets = [relay_q, SocketAddr::from((RELAY_CLIENT_IP, upstream_port))];
     let mut forged = Vec::new();
     let send_forged = |forged: &mut Vec<Vec<u8>>, from: &UdpSocket, base: u8| {
@@ -230,30 +286,56 @@ fn follows_server_across_nat_rebind(datapath: &[&str]) {
     send_forged(&mut forged, &nat_forger, 0);
     send_forged(&mut forged, &client_forger, 10);
     roundtrip(&client, "unmoved").unwrap();
-    assert_eq!(relay.sessions().unwrap()[0].backend, backend, "a forged datagram moved the server");
+    assert_eq!(
+        relay.sessions().unwrap()[0].backend,
+        backend,
+        "a forged datagram moved the server"
+    );
     let refused_before = slow_path(&relay, "dropped_unverified_server");
-    assert!(refused_before >= 10, "the forged datagrams at Q were refused: {refused_before}");
+    assert!(
+        refused_before >= 10,
+        "the forged datagrams at Q were refused: {refused_before}"
+    );
 
     // The NAT forgets every mapping: the server's next datagrams leave from a new port.
     topo.nat.run("conntrack", &["-F"]).unwrap();
     let started = Instant::now();
     roundtrip(&client, "rebound").unwrap();
     let moved = relay
-        .wait_until("the session to follow the server's new endpoint", Duration::from_secs(20), |s| {
-            let backend: SocketAddrV4 = s.first()?.backend.parse().ok()?;
-            (backend != old_backend).then_some(backend)
-        })
+        .wait_until(
+            "the session to follow the server's new endpoint",
+            Duration::from_secs(20),
+            |s| {
+                let backend: SocketAddrV4 = s.first()?.backend.parse().ok()?;
+                (backend != old_backend).then_some(backend)
+            },
+        )
         .unwrap();
-    eprintln!("server moved {old_backend} -> {moved}; typed output back after {:?}", started.elapsed());
+    eprintln!(
+        "server moved {old_backend} -> {moved}; typed output back after {:?}",
+        started.elapsed()
+    );
     assert_eq!(*moved.ip(), NAT_PUBLIC_IP);
-    assert_ne!(moved.port(), old_backend.port(), "the NAT gave the server a new port");
+    assert_ne!(
+        moved.port(),
+        old_backend.port(),
+        "the NAT gave the server a new port"
+    );
     assert!(slow_path(&relay, "nat_server_moves") >= 1);
     roundtrip(&client, "after").unwrap();
     if !userspace {
         relay
-            .wait_until("the server's packets to take the fast path again", Duration::from_secs(20), |s| {
-                s.first()?.flows.first().filter(|f| f.fast_path_packets > 0 && f.server_current).cloned()
-            })
+            .wait_until(
+                "the server's packets to take the fast path again",
+                Duration::from_secs(20),
+                |s| {
+                    s.first()?
+                        .flows
+                        .first()
+                        .filter(|f| f.fast_path_packets > 0 && f.server_current)
+                        .cloned()
+                },
+            )
             .unwrap();
     }
 
@@ -266,7 +348,10 @@ fn follows_server_across_nat_rebind(datapath: &[&str]) {
         .filter(|d| d.from == old_backend && d.payload.len() > 24)
         .map(|d| d.payload)
         .collect();
-    assert!(!replays.is_empty(), "the server's datagrams were captured before the flush");
+    assert!(
+        !replays.is_empty(),
+        "the server's datagrams were captured before the flush"
+    );
     send_forged(&mut forged, &nat_forger, 20);
     // Also from the server's old endpoint, which the NAT no longer maps.
     let old_endpoint = topo.nat.udp_bind(SocketAddr::V4(old_backend)).unwrap();
@@ -276,7 +361,11 @@ fn follows_server_across_nat_rebind(datapath: &[&str]) {
     }
     roundtrip(&client, "still").unwrap();
     let sessions = relay.sessions().unwrap();
-    assert_eq!(sessions[0].backend, moved.to_string(), "a forged or replayed datagram moved the server");
+    assert_eq!(
+        sessions[0].backend,
+        moved.to_string(),
+        "a forged or replayed datagram moved the server"
+    );
     let refused = slow_path(&relay, "dropped_unverified_server");
     assert!(
         refused >= refused_before + 10 + 2 * replays.len() as u64,
@@ -285,7 +374,10 @@ fn follows_server_across_nat_rebind(datapath: &[&str]) {
     assert!(sessions[0].nat.as_ref().unwrap().rejected_server_packets >= refused - refused_before);
     if !userspace {
         assert!(
-            relay.stats().unwrap()["reasons"]["nat_rebind_candidate"]["packets"].as_u64().unwrap_or(0) >= 1,
+            relay.stats().unwrap()["reasons"]["nat_rebind_candidate"]["packets"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1,
             "the new endpoint's datagrams reached the daemon as rebind candidates"
         );
     }
@@ -294,26 +386,52 @@ fn follows_server_across_nat_rebind(datapath: &[&str]) {
     let keepalives = Capture::start(
         &topo.nat,
         NAT_OUTSIDE_IF,
-        &format!("src host {RELAY_NAT_IP} and udp src port {upstream_port} and udp dst port {}", moved.port()),
+        &format!(
+            "src host {RELAY_NAT_IP} and udp src port {upstream_port} and udp dst port {}",
+            moved.port()
+        ),
     )
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !keepalives.udp().unwrap().iter().any(|d| d.payload.len() == 1) {
-        assert!(Instant::now() < deadline, "no keepalive reached the server's new endpoint");
+    while !keepalives
+        .udp()
+        .unwrap()
+        .iter()
+        .any(|d| d.payload.len() == 1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no keepalive reached the server's new endpoint"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    assert!(metric(&topo, "forwarder_slow_path_dropped", "reason=\"unverified_server\"") >= refused);
+    assert!(
+        metric(
+            &topo,
+            "forwarder_slow_path_dropped",
+            "reason=\"unverified_server\""
+        ) >= refused
+    );
     assert!(metric(&topo, "forwarder_nat_moves", "side=\"server\"") >= 1);
 
     let received = at_client.udp().unwrap();
-    assert!(!received.is_empty(), "the client's capture saw the server's datagrams");
-    let forged_at_client = received.iter().filter(|d| forged.contains(&d.payload)).count();
+    assert!(
+        !received.is_empty(),
+        "the client's capture saw the server's datagrams"
+    );
+    let forged_at_client = received
+        .iter()
+        .filter(|d| forged.contains(&d.payload))
+        .count();
     assert_eq!(forged_at_client, 0, "forged datagrams reached the client");
     // Each replayed datagram reached the client once: when the server sent it.
     for replay in &replays {
         let delivered = received.iter().filter(|d| d.payload == *replay).count();
-        assert!(delivered <= 1, "a replayed server datagram reached the client {delivered} times");
+        assert!(
+            delivered <= 1,
+            "a replayed server datagram reached the client {delivered} times"
+        );
     }
     eprintln!(
         "forged at the client: 0 of {} forged and {} replayed; refused by the daemon: {refused}",

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use forwarder_testbed::netns::random_tag;
 use forwarder_testbed::topology::{CLIENT_IP, RELAY_CLIENT_IP, SERVER_IP};
-use forwarder_testbed::{Relay, Topology, UdpEcho, UdpPinger, forwarder_bin, prereq, workspace_root};
+use forwarder_testbed::{
+    Relay, Topology, UdpEcho, UdpPinger, forwarder_bin, prereq, workspace_root,
+};
 
 const PROBE_WAIT: Duration = Duration::from_secs(1);
 const METRICS: &str = "127.0.0.1:9464";
@@ -20,7 +22,8 @@ fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
 
 /// The ExecStart= line of the packaged unit, split into words.
 fn unit_exec_start() -> Vec<String> {
-    let unit = std::fs::read_to_string(workspace_root().join("packaging/forwarder.service")).unwrap();
+    let unit =
+        std::fs::read_to_string(workspace_root().join("packaging/forwarder.service")).unwrap();
     let line = unit
         .lines()
         .find_map(|line| line.strip_prefix("ExecStart="))
@@ -31,11 +34,18 @@ fn unit_exec_start() -> Vec<String> {
 /// The packaged example config with this test's interfaces, instance, state
 /// folder, port range and metrics address; every other key as shipped.
 fn test_config(instance: &str, state_dir: &std::path::Path) -> String {
-    let example = std::fs::read_to_string(workspace_root().join("packaging/forwarder.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(workspace_root().join("packaging/forwarder.toml")).unwrap();
     let mut config: toml::Table = toml::from_str(&example).unwrap();
     config.insert("instance".into(), instance.into());
-    config.insert("interfaces".into(), toml::Value::Array(vec!["veth-rc".into(), "veth-rs".into()]));
-    config.insert("state_dir".into(), state_dir.to_string_lossy().as_ref().into());
+    config.insert(
+        "interfaces".into(),
+        toml::Value::Array(vec!["veth-rc".into(), "veth-rs".into()]),
+    );
+    config.insert(
+        "state_dir".into(),
+        state_dir.to_string_lossy().as_ref().into(),
+    );
     config.insert("ports".into(), "60100-60199".into());
     config.insert("metrics".into(), METRICS.into());
     toml::to_string(&config).unwrap()
@@ -68,26 +78,47 @@ fn unit_command_line_with_example_config_serves_sessions_and_metrics() {
     let mut exec = unit_exec_start();
     assert_eq!(exec[0], "/usr/bin/forwarder", "the unit runs {exec:?}");
     exec[0] = forwarder_bin().unwrap().to_string_lossy().into_owned();
-    for word in exec.iter_mut().filter(|w| *w == "/etc/forwarder/forwarder.toml") {
+    for word in exec
+        .iter_mut()
+        .filter(|w| *w == "/etc/forwarder/forwarder.toml")
+    {
         *word = config_path.to_string_lossy().into_owned();
     }
     // A flag on the command line overrides the file's max_sessions.
     exec.extend(["--max-sessions".to_string(), "1".to_string()]);
-    let mut command = vec!["nsenter".to_string(), format!("--net={}", topo.relay.path().display()), "--".to_string()];
+    let mut command = vec![
+        "nsenter".to_string(),
+        format!("--net={}", topo.relay.path().display()),
+        "--".to_string(),
+    ];
     command.extend(exec);
     let relay = Relay::start_command(command, &instance, Some(state_dir.clone())).unwrap();
 
     let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
     let session = relay.add(echo.addr, &[]).unwrap();
-    assert!((60100..=60199).contains(&session.port), "the config's port range was ignored: {session:?}");
+    assert!(
+        (60100..=60199).contains(&session.port),
+        "the config's port range was ignored: {session:?}"
+    );
     let refused = relay.add(v4(SERVER_IP, 7001), &[]).unwrap_err().to_string();
-    assert!(refused.contains("maximum of 1 sessions"), "--max-sessions did not override the file: {refused}");
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    assert!(
+        refused.contains("maximum of 1 sessions"),
+        "--max-sessions did not override the file: {refused}"
+    );
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
     assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
     for _ in 0..3 {
         assert!(pinger.ping_any(3, PROBE_WAIT).unwrap());
     }
-    assert!(state_dir.join("sessions.redb").is_file(), "the store is not in the configured state_dir");
+    assert!(
+        state_dir.join("sessions.redb").is_file(),
+        "the store is not in the configured state_dir"
+    );
 
     let response = scrape(&topo);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -100,14 +131,23 @@ fn unit_command_line_with_example_config_serves_sessions_and_metrics() {
         "forwarder_xdp_reason_packets_total".to_string(),
         "forwarder_map_memory_bytes".to_string(),
     ] {
-        assert!(response.contains(&expected), "metrics lack {expected:?}:\n{response}");
+        assert!(
+            response.contains(&expected),
+            "metrics lack {expected:?}:\n{response}"
+        );
     }
     let forwarded: u64 = response
         .lines()
-        .filter(|line| line.starts_with("forwarder_xdp_packets_total") && (line.contains("\"tx\"") || line.contains("\"redirect\"")))
+        .filter(|line| {
+            line.starts_with("forwarder_xdp_packets_total")
+                && (line.contains("\"tx\"") || line.contains("\"redirect\""))
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
-    assert!(forwarded > 0, "no forwarded packets in the metrics:\n{response}");
+    assert!(
+        forwarded > 0,
+        "no forwarded packets in the metrics:\n{response}"
+    );
     assert_scrapes_parse(&topo);
 }
 
@@ -127,9 +167,18 @@ fn parse_scrape(topo: &Topology, kind: &str) -> serde_json::Value {
 /// exposition the scraper asks for; no series carries the `instance` label
 /// Prometheus reserves for its targets.
 fn assert_scrapes_parse(topo: &Topology) {
-    for (kind, content_type) in [("openmetrics", "application/openmetrics-text"), ("classic", "text/plain; version=0.0.4")] {
+    for (kind, content_type) in [
+        ("openmetrics", "application/openmetrics-text"),
+        ("classic", "text/plain; version=0.0.4"),
+    ] {
         let parsed = parse_scrape(topo, kind);
-        assert!(parsed["content_type"].as_str().unwrap().starts_with(content_type), "{kind}: {parsed}");
+        assert!(
+            parsed["content_type"]
+                .as_str()
+                .unwrap()
+                .starts_with(content_type),
+            "{kind}: {parsed}"
+        );
         let families = parsed["families"].as_object().unwrap();
         for (family, expected) in [
             ("forwarder_xdp_packets", "counter"),
@@ -138,11 +187,26 @@ fn assert_scrapes_parse(topo: &Topology) {
             ("forwarder_sessions", "gauge"),
             ("forwarder_map_entries", "gauge"),
         ] {
-            assert_eq!(families.get(family).and_then(|t| t.as_str()), Some(expected), "{kind}: {family} in {parsed}");
+            assert_eq!(
+                families.get(family).and_then(|t| t.as_str()),
+                Some(expected),
+                "{kind}: {family} in {parsed}"
+            );
         }
-        assert!(!families.values().any(|t| t == "unknown"), "{kind}: untyped families in {parsed}");
-        let labels: Vec<&str> = parsed["labels"].as_array().unwrap().iter().filter_map(|l| l.as_str()).collect();
-        assert!(labels.contains(&"relay") && !labels.contains(&"instance"), "{kind}: labels {labels:?}");
+        assert!(
+            !families.values().any(|t| t == "unknown"),
+            "{kind}: untyped families in {parsed}"
+        );
+        let labels: Vec<&str> = parsed["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.as_str())
+            .collect();
+        assert!(
+            labels.contains(&"relay") && !labels.contains(&"instance"),
+            "{kind}: labels {labels:?}"
+        );
     }
 }
 
@@ -150,12 +214,26 @@ fn assert_scrapes_parse(topo: &Topology) {
 /// XDP program on an interface.
 fn assert_nothing_left(topo: &Topology, instance: &str, what: &str) {
     let pins = std::path::Path::new("/sys/fs/bpf/forwarder").join(instance);
-    assert!(!pins.exists(), "{what}: pins left behind in {}", pins.display());
+    assert!(
+        !pins.exists(),
+        "{what}: pins left behind in {}",
+        pins.display()
+    );
     let socket = std::path::Path::new("/run/forwarder").join(format!("{instance}.sock"));
-    assert!(!socket.exists(), "{what}: control socket {} left behind", socket.display());
+    assert!(
+        !socket.exists(),
+        "{what}: control socket {} left behind",
+        socket.display()
+    );
     for iface in topo.relay_ifaces() {
-        let link = topo.relay.ip(&["-d", "link", "show", "dev", iface]).unwrap();
-        assert!(!link.contains("prog/xdp") && !link.contains(" xdp"), "{what}: XDP left attached to {iface}:\n{link}");
+        let link = topo
+            .relay
+            .ip(&["-d", "link", "show", "dev", iface])
+            .unwrap();
+        assert!(
+            !link.contains("prog/xdp") && !link.contains(" xdp"),
+            "{what}: XDP left attached to {iface}:\n{link}"
+        );
     }
 }
 
@@ -184,17 +262,30 @@ fn a_failed_start_leaves_nothing_behind() {
     let both = ["--iface", "veth-rc", "--iface", "veth-rs"];
 
     // The metrics address is taken.
-    let taken = topo.relay.within(|| Ok(std::net::TcpListener::bind(METRICS)?)).unwrap();
+    let taken = topo
+        .relay
+        .within(|| Ok(std::net::TcpListener::bind(METRICS)?))
+        .unwrap();
     let mut args = both.to_vec();
     args.extend(["--metrics", METRICS]);
     let stderr = failing_run(&topo, &instance, &args);
-    assert!(stderr.contains("binding the metrics address 127.0.0.1:9464"), "unclear: {stderr}");
+    assert!(
+        stderr.contains("binding the metrics address 127.0.0.1:9464"),
+        "unclear: {stderr}"
+    );
     assert_nothing_left(&topo, &instance, "metrics address in use");
     drop(taken);
 
     // The second interface does not exist (the first was fine).
-    let stderr = failing_run(&topo, &instance, &["--iface", "veth-rc", "--iface", "nosuch0"]);
-    assert!(stderr.contains("interface \"nosuch0\" does not exist"), "unclear: {stderr}");
+    let stderr = failing_run(
+        &topo,
+        &instance,
+        &["--iface", "veth-rc", "--iface", "nosuch0"],
+    );
+    assert!(
+        stderr.contains("interface \"nosuch0\" does not exist"),
+        "unclear: {stderr}"
+    );
     assert_nothing_left(&topo, &instance, "missing second interface");
 
     // The store cannot be opened: this fails after XDP is loaded, attached and pinned.
@@ -210,7 +301,12 @@ fn a_failed_start_leaves_nothing_behind() {
     let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--xdp-mode", "native"]).unwrap();
     let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
     let session = relay.add(echo.addr, &[]).unwrap();
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
     assert!(pinger.ping_any(10, PROBE_WAIT).unwrap());
 }
 
@@ -221,10 +317,16 @@ fn detach_removes_a_stale_control_socket() {
     let mut relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &[]).unwrap();
     relay.kill9().unwrap();
     let socket = std::path::Path::new("/run/forwarder").join(format!("{}.sock", relay.instance()));
-    assert!(socket.exists(), "SIGKILL should leave the socket file: nothing else to test otherwise");
+    assert!(
+        socket.exists(),
+        "SIGKILL should leave the socket file: nothing else to test otherwise"
+    );
     let state_dir = relay.state_dir().to_string_lossy().into_owned();
-    let out = relay.verb(&["detach", "--state-dir", &state_dir, "--json"]).unwrap();
-    let detached = forwarder_testbed::relay::unwrap_document(serde_json::from_str(&out).unwrap()).unwrap();
+    let out = relay
+        .verb(&["detach", "--state-dir", &state_dir, "--json"])
+        .unwrap();
+    let detached =
+        forwarder_testbed::relay::unwrap_document(serde_json::from_str(&out).unwrap()).unwrap();
     assert_eq!(detached["stale_socket_removed"], true, "{detached}");
     assert!(detached["pins_removed"].as_u64().unwrap() > 0, "{detached}");
     assert!(!socket.exists(), "detach left the stale control socket");

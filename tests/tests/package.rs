@@ -70,7 +70,10 @@ impl Drop for Purge {
         if installed() || Path::new(CONFIG).exists() {
             let out = dpkg(&["--purge", PACKAGE]);
             if !out.success() {
-                eprintln!("warning: `dpkg --purge {PACKAGE}` failed: {}{}", out.stdout, out.stderr);
+                eprintln!(
+                    "warning: `dpkg --purge {PACKAGE}` failed: {}{}",
+                    out.stdout, out.stderr
+                );
             }
         }
     }
@@ -85,13 +88,24 @@ fn build_deb(bin: &Path) -> PathBuf {
         .args(["run", "--quiet", "--package", "xtask", "--", "deb"])
         .env("FORWARDER_BIN", bin);
     let out = cmd::run(&mut build, BUILD).unwrap();
-    assert!(out.success(), "`cargo xtask deb` failed ({}):\n{}{}", out.status, out.stdout, out.stderr);
+    assert!(
+        out.success(),
+        "`cargo xtask deb` failed ({}):\n{}{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
     let deb = out
         .stdout
         .lines()
         .find_map(|line| line.strip_prefix("xtask: built ")?.split(' ').next())
         .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("`cargo xtask deb` did not say what it built:\n{}", out.stdout));
+        .unwrap_or_else(|| {
+            panic!(
+                "`cargo xtask deb` did not say what it built:\n{}",
+                out.stdout
+            )
+        });
     assert!(deb.is_file(), "{} missing", deb.display());
     deb
 }
@@ -115,14 +129,30 @@ fn payload(deb: &Path) -> Vec<String> {
 /// The "Overall exposure level" `systemd-analyze security` gives `unit`.
 fn exposure(unit: &Path) -> f64 {
     let out = cmd::run(
-        Command::new("systemd-analyze").args(["security", "--offline=yes", "--no-pager"]).arg(unit),
+        Command::new("systemd-analyze")
+            .args(["security", "--offline=yes", "--no-pager"])
+            .arg(unit),
         SHORT,
     )
     .unwrap();
     let text = format!("{}{}", out.stdout, out.stderr);
     text.lines()
-        .find_map(|line| line.split("Overall exposure level for ").nth(1)?.split(": ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level from systemd-analyze security {}:\n{text}", unit.display()))
+        .find_map(|line| {
+            line.split("Overall exposure level for ")
+                .nth(1)?
+                .split(": ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no exposure level from systemd-analyze security {}:\n{text}",
+                unit.display()
+            )
+        })
 }
 
 #[test]
@@ -151,14 +181,22 @@ fn deb_installs_works_and_purges_without_a_trace() {
         "/usr/share/zsh/vendor-completions/_forwarder",
         "/usr/share/fish/vendor_completions.d/forwarder.fish",
     ] {
-        assert!(files.iter().any(|f| f == expected), "{expected} not in the package: {files:?}");
+        assert!(
+            files.iter().any(|f| f == expected),
+            "{expected} not in the package: {files:?}"
+        );
     }
     let conffiles = run_ok("dpkg-deb", &["-I", deb.to_str().unwrap(), "conffiles"]);
     assert_eq!(conffiles.trim(), CONFIG);
 
     let purge = Purge;
     let out = dpkg(&["-i", deb.to_str().unwrap()]);
-    assert!(out.success(), "dpkg -i failed: {}{}", out.stdout, out.stderr);
+    assert!(
+        out.success(),
+        "dpkg -i failed: {}{}",
+        out.stdout,
+        out.stderr
+    );
     assert!(installed());
     run_ok("getent", &["group", "forwarder"]);
 
@@ -167,30 +205,57 @@ fn deb_installs_works_and_purges_without_a_trace() {
     assert_eq!(version, run_ok(bin.to_str().unwrap(), &["--version"]));
     assert!(version.starts_with("forwarder "), "{version}");
     let help = run_ok("/usr/bin/forwarder", &["--help"]);
-    for verb in ["run", "add", "remove", "list", "stats", "detach", "mosh-server"] {
+    for verb in [
+        "run",
+        "add",
+        "remove",
+        "list",
+        "stats",
+        "detach",
+        "mosh-server",
+    ] {
         assert!(help.contains(verb), "--help lacks {verb}:\n{help}");
     }
     eprintln!("forwarder --help:\n{help}");
 
     // Man pages: gzipped roff that man finds.
-    for page in ["forwarder", "forwarder-run", "forwarder-add", "forwarder-mosh-server"] {
+    for page in [
+        "forwarder",
+        "forwarder-run",
+        "forwarder-add",
+        "forwarder-mosh-server",
+    ] {
         let roff = run_ok("zcat", &[&format!("/usr/share/man/man1/{page}.1.gz")]);
         assert!(roff.contains(".TH"), "{page}.1 is not a man page:\n{roff}");
         let found = run_ok("man", &["-w", page]);
         assert_eq!(found.trim(), format!("/usr/share/man/man1/{page}.1.gz"));
     }
     let run_page = run_ok("zcat", &["/usr/share/man/man1/forwarder-run.1.gz"]);
-    assert!(run_page.contains("flow\\-idle\\-timeout"), "forwarder-run(1) lacks run's flags:\n{run_page}");
+    assert!(
+        run_page.contains("flow\\-idle\\-timeout"),
+        "forwarder-run(1) lacks run's flags:\n{run_page}"
+    );
 
     // Completions: bash's parses and completes the verbs.
     let bash = "/usr/share/bash-completion/completions/forwarder";
     run_ok("bash", &["-n", bash]);
     let words = run_ok(
         "bash",
-        &["-c", &format!("source {bash}; COMP_WORDS=(forwarder mo); COMP_CWORD=1; _forwarder forwarder mo forwarder; echo \"${{COMPREPLY[@]}}\"")],
+        &[
+            "-c",
+            &format!(
+                "source {bash}; COMP_WORDS=(forwarder mo); COMP_CWORD=1; _forwarder forwarder mo forwarder; echo \"${{COMPREPLY[@]}}\""
+            ),
+        ],
     );
-    assert!(words.contains("mosh-server"), "bash completion of `forwarder mo`: {words}");
-    for path in ["/usr/share/zsh/vendor-completions/_forwarder", "/usr/share/fish/vendor_completions.d/forwarder.fish"] {
+    assert!(
+        words.contains("mosh-server"),
+        "bash completion of `forwarder mo`: {words}"
+    );
+    for path in [
+        "/usr/share/zsh/vendor-completions/_forwarder",
+        "/usr/share/fish/vendor_completions.d/forwarder.fish",
+    ] {
         let text = std::fs::read_to_string(path).unwrap();
         assert!(text.contains("mosh-server"), "{path}:\n{text}");
     }
@@ -199,17 +264,43 @@ fn deb_installs_works_and_purges_without_a_trace() {
     let dir = tempfile::tempdir().unwrap();
     let instance_unit = dir.path().join("forwarder@relay2.service");
     std::fs::copy("/lib/systemd/system/forwarder@.service", &instance_unit).unwrap();
-    for unit in [Path::new("/lib/systemd/system/forwarder.service"), instance_unit.as_path()] {
-        let out = cmd::run(Command::new("systemd-analyze").arg("verify").arg(unit), SHORT).unwrap();
-        assert!(out.success(), "systemd-analyze verify {}: {}{}", unit.display(), out.stdout, out.stderr);
+    for unit in [
+        Path::new("/lib/systemd/system/forwarder.service"),
+        instance_unit.as_path(),
+    ] {
+        let out = cmd::run(
+            Command::new("systemd-analyze").arg("verify").arg(unit),
+            SHORT,
+        )
+        .unwrap();
+        assert!(
+            out.success(),
+            "systemd-analyze verify {}: {}{}",
+            unit.display(),
+            out.stdout,
+            out.stderr
+        );
         let score = exposure(unit);
         eprintln!("systemd-analyze security {}: {score}", unit.display());
-        assert!(score <= 3.0, "{} scores {score}; the target is 3.0 or lower", unit.display());
+        assert!(
+            score <= 3.0,
+            "{} scores {score}; the target is 3.0 or lower",
+            unit.display()
+        );
     }
 
     // The shipped config names no interface: the daemon refuses, naming the file and the key.
-    let out = cmd::run(Command::new("/usr/bin/forwarder").args(["run", "--config", CONFIG]), SHORT).unwrap();
-    assert!(!out.success(), "forwarder run with the shipped config started:\n{}{}", out.stdout, out.stderr);
+    let out = cmd::run(
+        Command::new("/usr/bin/forwarder").args(["run", "--config", CONFIG]),
+        SHORT,
+    )
+    .unwrap();
+    assert!(
+        !out.success(),
+        "forwarder run with the shipped config started:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
     assert!(
         out.stderr.contains(CONFIG) && out.stderr.contains("interfaces"),
         "the refusal must name {CONFIG} and the key to set: {}",
@@ -219,9 +310,20 @@ fn deb_installs_works_and_purges_without_a_trace() {
     drop(purge);
     assert!(!installed(), "still installed after dpkg --purge");
     let listed = cmd::run(Command::new("dpkg").args(["-L", PACKAGE]), SHORT).unwrap();
-    assert!(!listed.success() || listed.stdout.trim().is_empty(), "dpkg -L after purge: {}", listed.stdout);
-    for path in files.iter().map(String::as_str).chain(["/etc/forwarder", "/var/lib/forwarder"]) {
-        assert!(!Path::new(path).exists(), "{path} left behind after dpkg --purge");
+    assert!(
+        !listed.success() || listed.stdout.trim().is_empty(),
+        "dpkg -L after purge: {}",
+        listed.stdout
+    );
+    for path in files
+        .iter()
+        .map(String::as_str)
+        .chain(["/etc/forwarder", "/var/lib/forwarder"])
+    {
+        assert!(
+            !Path::new(path).exists(),
+            "{path} left behind after dpkg --purge"
+        );
     }
 }
 
@@ -238,7 +340,8 @@ const CAPABILITIES: &[(&str, u32)] = &[
 
 /// The capabilities `key=` grants in the packaged default unit.
 fn unit_capabilities(key: &str) -> Vec<String> {
-    let unit = std::fs::read_to_string(workspace_root().join("packaging/forwarder.service")).unwrap();
+    let unit =
+        std::fs::read_to_string(workspace_root().join("packaging/forwarder.service")).unwrap();
     unit.lines()
         .find_map(|line| line.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("packaging/forwarder.service has no {key}= line"))
@@ -254,14 +357,23 @@ fn unit_capabilities(key: &str) -> Vec<String> {
 /// restarted, adopt its pins.
 #[test]
 fn the_units_capabilities_are_enough() {
-    use forwarder_testbed::topology::{CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP};
+    use forwarder_testbed::topology::{
+        CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, SERVER_IP,
+    };
     use forwarder_testbed::{Relay, Topology, UdpEcho, UdpPinger};
     use std::net::{SocketAddr, SocketAddrV4};
 
     prereq::require().unwrap();
-    assert!(which::which("setpriv").is_ok(), "setpriv not found: apt-get install util-linux");
+    assert!(
+        which::which("setpriv").is_ok(),
+        "setpriv not found: apt-get install util-linux"
+    );
     let bounding = unit_capabilities("CapabilityBoundingSet");
-    assert_eq!(bounding, unit_capabilities("AmbientCapabilities"), "the unit's bounding and ambient sets differ");
+    assert_eq!(
+        bounding,
+        unit_capabilities("AmbientCapabilities"),
+        "the unit's bounding and ambient sets differ"
+    );
     let mut mask = 0u64;
     let mut setpriv_caps = String::from("-all");
     for cap in &bounding {
@@ -270,11 +382,18 @@ fn the_units_capabilities_are_enough() {
             .find(|(name, _)| name == cap)
             .unwrap_or_else(|| panic!("{cap} is not in this test's table: add its number"));
         mask |= 1 << bit;
-        setpriv_caps.push_str(&format!(",+{}", cap.trim_start_matches("CAP_").to_lowercase()));
+        setpriv_caps.push_str(&format!(
+            ",+{}",
+            cap.trim_start_matches("CAP_").to_lowercase()
+        ));
     }
 
     let topo = Topology::client_relay_server().unwrap();
-    let instance = format!("t{}-{}", std::process::id(), forwarder_testbed::netns::random_tag());
+    let instance = format!(
+        "t{}-{}",
+        std::process::id(),
+        forwarder_testbed::netns::random_tag()
+    );
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     let mut command: Vec<String> = vec![
@@ -290,12 +409,26 @@ fn the_units_capabilities_are_enough() {
     ];
     command.extend(
         [
-            "run", "--instance", &instance, "--iface", RELAY_CLIENT_IF, "--iface", RELAY_SERVER_IF,
-            "--datapath", "xdp", "--xdp-mode", "native", "--ports", "400-409",
+            "run",
+            "--instance",
+            &instance,
+            "--iface",
+            RELAY_CLIENT_IF,
+            "--iface",
+            RELAY_SERVER_IF,
+            "--datapath",
+            "xdp",
+            "--xdp-mode",
+            "native",
+            "--ports",
+            "400-409",
         ]
         .map(str::to_string),
     );
-    command.extend(["--state-dir".to_string(), state_dir.to_string_lossy().into_owned()]);
+    command.extend([
+        "--state-dir".to_string(),
+        state_dir.to_string_lossy().into_owned(),
+    ]);
     let mut relay = Relay::start_command(command, &instance, Some(state_dir)).unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", relay.pid())).unwrap();
     let effective = status
@@ -303,23 +436,57 @@ fn the_units_capabilities_are_enough() {
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap();
-    assert_eq!(effective, mask, "the daemon runs with capabilities {effective:#x}, not the unit's {mask:#x}");
+    assert_eq!(
+        effective, mask,
+        "the daemon runs with capabilities {effective:#x}, not the unit's {mask:#x}"
+    );
 
-    let echo = UdpEcho::start(&topo.server, SocketAddr::V4(SocketAddrV4::new(SERVER_IP, 7000))).unwrap();
+    let echo = UdpEcho::start(
+        &topo.server,
+        SocketAddr::V4(SocketAddrV4::new(SERVER_IP, 7000)),
+    )
+    .unwrap();
     let session = relay.add(echo.addr, &[]).unwrap();
     assert!(session.port < 1024, "{session:?}");
     let relay_addr = SocketAddr::V4(SocketAddrV4::new(RELAY_CLIENT_IP, session.port));
-    let mut pinger = UdpPinger::new(&topo.client, SocketAddr::V4(SocketAddrV4::new(CLIENT_IP, 0)), relay_addr).unwrap();
-    assert!(pinger.ping_any(10, Duration::from_secs(1)).unwrap(), "nothing came back through the relay");
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        SocketAddr::V4(SocketAddrV4::new(CLIENT_IP, 0)),
+        relay_addr,
+    )
+    .unwrap();
+    assert!(
+        pinger.ping_any(10, Duration::from_secs(1)).unwrap(),
+        "nothing came back through the relay"
+    );
     for _ in 0..3 {
         assert!(pinger.ping_any(3, Duration::from_secs(1)).unwrap());
     }
-    let fast: u64 = relay.sessions().unwrap()[0].flows.iter().map(|f| f.fast_path_packets).sum();
-    assert!(fast > 0, "no packet took the XDP fast path: {:?}", relay.sessions().unwrap());
+    let fast: u64 = relay.sessions().unwrap()[0]
+        .flows
+        .iter()
+        .map(|f| f.fast_path_packets)
+        .sum();
+    assert!(
+        fast > 0,
+        "no packet took the XDP fast path: {:?}",
+        relay.sessions().unwrap()
+    );
 
     relay.terminate().unwrap();
     relay.restart().unwrap();
-    assert!(relay.log().contains("adopted the pinned XDP link"), "{}", relay.log());
-    assert_eq!(relay.sessions().unwrap().len(), 1, "the session was not restored");
-    assert!(pinger.ping_any(3, Duration::from_secs(1)).unwrap(), "no forwarding after the restart");
+    assert!(
+        relay.log().contains("adopted the pinned XDP link"),
+        "{}",
+        relay.log()
+    );
+    assert_eq!(
+        relay.sessions().unwrap().len(),
+        1,
+        "the session was not restored"
+    );
+    assert!(
+        pinger.ping_any(3, Duration::from_secs(1)).unwrap(),
+        "no forwarding after the restart"
+    );
 }

@@ -27,8 +27,11 @@ fn shape(sessions: &[SessionInfo]) -> BTreeSet<Shape> {
     sessions
         .iter()
         .map(|s| {
-            let mut flows: Vec<(String, u16)> =
-                s.flows.iter().map(|f| (f.client.clone(), f.upstream_port)).collect();
+            let mut flows: Vec<(String, u16)> = s
+                .flows
+                .iter()
+                .map(|f| (f.client.clone(), f.upstream_port))
+                .collect();
             flows.sort();
             (s.id.clone(), s.port, s.backend.clone(), flows)
         })
@@ -36,12 +39,27 @@ fn shape(sessions: &[SessionInfo]) -> BTreeSet<Shape> {
 }
 
 /// A flow installed in the kernel, proven by echoes through the relay.
-fn established(topo: &Topology, relay: &Relay, echo: &UdpEcho) -> (UdpPinger, forwarder_testbed::Session) {
+fn established(
+    topo: &Topology,
+    relay: &Relay,
+    echo: &UdpEcho,
+) -> (UdpPinger, forwarder_testbed::Session) {
     let session = relay.add(echo.addr, &[]).unwrap();
-    let mut pinger = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
-    assert!(pinger.ping_any(10, PROBE_WAIT).unwrap(), "no echo through {session:?}");
+    let mut pinger = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
+    assert!(
+        pinger.ping_any(10, PROBE_WAIT).unwrap(),
+        "no echo through {session:?}"
+    );
     for _ in 0..3 {
-        assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "echoes stopped through {session:?}");
+        assert!(
+            pinger.ping_any(3, PROBE_WAIT).unwrap(),
+            "echoes stopped through {session:?}"
+        );
     }
     (pinger, session)
 }
@@ -60,7 +78,13 @@ fn udp_stream_loses_nothing_across_ten_sigkill_restarts() {
     assert_eq!(before[0].flows.len(), 1, "{before:?}");
 
     // The stream reuses the established flow's client endpoint.
-    let stream = UdpStream::start(&topo.client, client, v4(RELAY_CLIENT_IP, session.port), STREAM_RATE).unwrap();
+    let stream = UdpStream::start(
+        &topo.client,
+        client,
+        v4(RELAY_CLIENT_IP, session.port),
+        STREAM_RATE,
+    )
+    .unwrap();
     let mut ready = Vec::new();
     for _ in 0..RESTARTS {
         std::thread::sleep(Duration::from_millis(150));
@@ -70,12 +94,24 @@ fn udp_stream_loses_nothing_across_ten_sigkill_restarts() {
     }
     std::thread::sleep(Duration::from_millis(150));
     let report = stream.finish();
-    eprintln!("stream across {RESTARTS} SIGKILL restarts: {report:?}; restart-to-ready times: {ready:?}");
-    assert!(report.sent > u64::from(STREAM_RATE), "the stream hardly ran: {report:?}");
-    assert_eq!(report.lost, 0, "datagrams lost across daemon restarts: {report:?}");
+    eprintln!(
+        "stream across {RESTARTS} SIGKILL restarts: {report:?}; restart-to-ready times: {ready:?}"
+    );
+    assert!(
+        report.sent > u64::from(STREAM_RATE),
+        "the stream hardly ran: {report:?}"
+    );
+    assert_eq!(
+        report.lost, 0,
+        "datagrams lost across daemon restarts: {report:?}"
+    );
 
     let after = relay.sessions().unwrap();
-    assert_eq!(shape(&after), shape(&before), "sessions or flows changed across restarts");
+    assert_eq!(
+        shape(&after),
+        shape(&before),
+        "sessions or flows changed across restarts"
+    );
     let flow = &after[0].flows[0];
     assert!(
         flow.fast_path_packets >= report.sent,
@@ -83,13 +119,25 @@ fn udp_stream_loses_nothing_across_ten_sigkill_restarts() {
     );
     // Clean SIGTERM keeps forwarding too, and the next start adopts it.
     relay.terminate().unwrap();
-    let mut old_flow = UdpPinger::new(&topo.client, client, v4(RELAY_CLIENT_IP, session.port)).unwrap();
-    assert!(old_flow.ping(PROBE_WAIT).unwrap(), "the established flow stopped after SIGTERM");
+    let mut old_flow =
+        UdpPinger::new(&topo.client, client, v4(RELAY_CLIENT_IP, session.port)).unwrap();
+    assert!(
+        old_flow.ping(PROBE_WAIT).unwrap(),
+        "the established flow stopped after SIGTERM"
+    );
     relay.restart().unwrap();
     assert_eq!(shape(&relay.sessions().unwrap()), shape(&before));
     // A new client endpoint after the restart is learned as usual.
-    let mut new_flow = UdpPinger::new(&topo.client, v4(CLIENT_IP, 0), v4(RELAY_CLIENT_IP, session.port)).unwrap();
-    assert!(new_flow.ping_any(10, PROBE_WAIT).unwrap(), "a new flow is not learned after a restart");
+    let mut new_flow = UdpPinger::new(
+        &topo.client,
+        v4(CLIENT_IP, 0),
+        v4(RELAY_CLIENT_IP, session.port),
+    )
+    .unwrap();
+    assert!(
+        new_flow.ping_any(10, PROBE_WAIT).unwrap(),
+        "a new flow is not learned after a restart"
+    );
 }
 
 #[test]
@@ -104,7 +152,11 @@ fn mosh_typing_works_while_the_daemon_is_down_and_after_restarts() {
         m.roundtrip(&format!("up{round}")).unwrap();
     }
     let after = m.relay.sessions().unwrap();
-    assert_eq!(shape(&after), shape(&before), "sessions or flows changed across restarts");
+    assert_eq!(
+        shape(&after),
+        shape(&before),
+        "sessions or flows changed across restarts"
+    );
 }
 
 /// Many `add`s race a SIGKILL; after the restart every session is complete
@@ -114,7 +166,12 @@ fn mosh_typing_works_while_the_daemon_is_down_and_after_restarts() {
 fn sigkill_during_concurrent_adds_leaves_nothing_half_made() {
     prereq::require().unwrap();
     let topo = Topology::client_relay_server().unwrap();
-    let mut relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &["--ports", "60000-60063"]).unwrap();
+    let mut relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &["--ports", "60000-60063"],
+    )
+    .unwrap();
     let echo = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
     let (mut pinger, first) = established(&topo, &relay, &echo);
 
@@ -138,7 +195,9 @@ fn sigkill_during_concurrent_adds_leaves_nothing_half_made() {
             .collect();
         // Kill once some adds went through and others are under way.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while relay.sessions().map(|s| s.len()).unwrap_or(0) < 10 && std::time::Instant::now() < deadline {
+        while relay.sessions().map(|s| s.len()).unwrap_or(0) < 10
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         let pid = nix::unistd::Pid::from_raw(relay.pid() as i32);
@@ -147,15 +206,25 @@ fn sigkill_during_concurrent_adds_leaves_nothing_half_made() {
     });
     relay.kill9().unwrap();
     let took = relay.restart().unwrap();
-    eprintln!("{} adds acknowledged before SIGKILL; restart-to-ready {took:?}", acknowledged.len());
+    eprintln!(
+        "{} adds acknowledged before SIGKILL; restart-to-ready {took:?}",
+        acknowledged.len()
+    );
 
     let sessions = relay.sessions().unwrap();
     let listed: BTreeSet<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
     for id in acknowledged.iter().chain([&first.id]) {
-        assert!(listed.contains(id.as_str()), "acknowledged session {id} lost: {sessions:?}");
+        assert!(
+            listed.contains(id.as_str()),
+            "acknowledged session {id} lost: {sessions:?}"
+        );
     }
     let ports: BTreeSet<u16> = sessions.iter().map(|s| s.port).collect();
-    assert_eq!(ports.len(), sessions.len(), "two sessions share a port: {sessions:?}");
+    assert_eq!(
+        ports.len(),
+        sessions.len(),
+        "two sessions share a port: {sessions:?}"
+    );
     // Complete: the daemon holds every listed port; absent: nobody holds the rest.
     for port in 60000..=60063 {
         let bindable = topo.relay.udp_bind(v4(Ipv4Addr::UNSPECIFIED, port)).is_ok();
@@ -167,8 +236,16 @@ fn sigkill_during_concurrent_adds_leaves_nothing_half_made() {
         );
     }
     // The established flow survived and is the only thing in the maps.
-    assert!(pinger.ping_any(3, PROBE_WAIT).unwrap(), "the established flow stopped");
-    let flows: usize = relay.sessions().unwrap().iter().map(|s| s.flows.len()).sum();
+    assert!(
+        pinger.ping_any(3, PROBE_WAIT).unwrap(),
+        "the established flow stopped"
+    );
+    let flows: usize = relay
+        .sessions()
+        .unwrap()
+        .iter()
+        .map(|s| s.flows.len())
+        .sum();
     assert_eq!(flows, 1);
     let stats = relay.stats().unwrap();
     for map in ["CLIENT_FLOWS", "BACKEND_FLOWS"] {
@@ -178,6 +255,9 @@ fn sigkill_during_concurrent_adds_leaves_nothing_half_made() {
             .iter()
             .find(|m| m["name"] == map)
             .unwrap_or_else(|| panic!("{map} missing from stats: {stats}"));
-        assert_eq!(fill["entries"], flows, "{map} does not hold exactly the listed flows: {stats}");
+        assert_eq!(
+            fill["entries"], flows,
+            "{map} does not hold exactly the listed flows: {stats}"
+        );
     }
 }

@@ -115,7 +115,11 @@ fn a_second_instance_on_the_same_interfaces_names_the_owner() {
     let bin = forwarder_testbed::forwarder_bin().unwrap();
     let state = tempfile::tempdir().unwrap();
     for mode in ["auto", "native", "skb"] {
-        let instance = format!("t{}-{}", std::process::id(), forwarder_testbed::netns::random_tag());
+        let instance = format!(
+            "t{}-{}",
+            std::process::id(),
+            forwarder_testbed::netns::random_tag()
+        );
         let mut run = a.topo.relay.nsenter(bin.to_str().unwrap());
         run.args(["run", "--instance", &instance, "--xdp-mode", mode])
             .args(["--iface", "veth-rc", "--iface", "veth-rs"])
@@ -124,17 +128,36 @@ fn a_second_instance_on_the_same_interfaces_names_the_owner() {
             .arg(state.path().join(&instance));
         // Bounded: a daemon that wrongly starts would otherwise run forever.
         let out = forwarder_testbed::cmd::run(&mut run, Duration::from_secs(30)).unwrap();
-        assert!(!out.success(), "--xdp-mode {mode}: a second instance started on taken interfaces");
+        assert!(
+            !out.success(),
+            "--xdp-mode {mode}: a second instance started on taken interfaces"
+        );
         let expected = format!(
             "interface veth-rc already has an XDP program attached (by forwarder instance \"{}\"",
             a.relay.instance()
         );
-        assert!(out.stderr.contains(&expected), "--xdp-mode {mode}: unclear refusal:\n{}", out.stderr);
-        assert!(!out.stderr.contains("XDP is not available"), "--xdp-mode {mode} fell back:\n{}", out.stderr);
+        assert!(
+            out.stderr.contains(&expected),
+            "--xdp-mode {mode}: unclear refusal:\n{}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("XDP is not available"),
+            "--xdp-mode {mode} fell back:\n{}",
+            out.stderr
+        );
         let pins = std::path::Path::new("/sys/fs/bpf/forwarder").join(&instance);
-        assert!(!pins.exists(), "--xdp-mode {mode}: the refused instance left {}", pins.display());
+        assert!(
+            !pins.exists(),
+            "--xdp-mode {mode}: the refused instance left {}",
+            pins.display()
+        );
         let socket = std::path::Path::new("/run/forwarder").join(format!("{instance}.sock"));
-        assert!(!socket.exists(), "--xdp-mode {mode}: the refused instance left {}", socket.display());
+        assert!(
+            !socket.exists(),
+            "--xdp-mode {mode}: the refused instance left {}",
+            socket.display()
+        );
     }
     assert_forwards(&a, &sa);
 }

@@ -26,7 +26,10 @@ fn mosh_session_runs_on_the_userspace_datapath() {
             },
         )
         .unwrap();
-    assert_eq!(flow.fast_path_packets, 0, "no XDP program is loaded: {flow:?}");
+    assert_eq!(
+        flow.fast_path_packets, 0,
+        "no XDP program is loaded: {flow:?}"
+    );
     assert_eq!(
         flow.slow_path_packets,
         flow.packets_to_server + flow.packets_to_client,

@@ -17,7 +17,8 @@ use forwarder_testbed::cmd::{self, SHORT};
 use forwarder_testbed::netns::{Netns, veth_pair};
 use forwarder_testbed::relay::Relay;
 use forwarder_testbed::topology::{
-    CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, RELAY_SERVER_IP, SERVER_IF, SERVER_IP, Topology,
+    CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_SERVER_IF, RELAY_SERVER_IP, SERVER_IF,
+    SERVER_IP, Topology,
 };
 use serde_json::{Value, json};
 
@@ -131,7 +132,10 @@ fn bench_bin() -> Result<PathBuf> {
     let forwarder = forwarder_testbed::forwarder_bin()?;
     let bench = forwarder.with_file_name("forwarder-bench");
     if !bench.exists() {
-        bail!("{} is missing after building forwarder-bench", bench.display());
+        bail!(
+            "{} is missing after building forwarder-bench",
+            bench.display()
+        );
     }
     Ok(bench)
 }
@@ -171,31 +175,54 @@ fn spawn_in(ns: &Netns, program: &Path, args: &[&str], cpu: Option<usize>) -> Re
         }
         None => ns.exec(program.to_str().context("path is not UTF-8")?),
     };
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    cmd.spawn().with_context(|| format!("starting {}", program.display()))
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd.spawn()
+        .with_context(|| format!("starting {}", program.display()))
 }
 
 fn pin(pid: u32, cpu: usize) -> Result<()> {
-    cmd::sh("taskset", &["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])?;
+    cmd::sh(
+        "taskset",
+        &["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()],
+    )?;
     Ok(())
 }
 
 /// The server's sink: count and drop the load at ingress; answer ping-pongs.
-fn server_side(server: &Netns, server_if: &str, bench: &Path, children: &mut Vec<Child>) -> Result<()> {
+fn server_side(
+    server: &Netns,
+    server_if: &str,
+    bench: &Path,
+    children: &mut Vec<Child>,
+) -> Result<()> {
     let rules = format!(
         "table netdev bench {{\n chain ingress {{\n type filter hook ingress device {server_if} priority 0;\n udp dport {LOAD_PORT} counter drop\n }}\n}}\n"
     );
     nft_apply(server, &rules)?;
-    children.push(spawn_in(server, bench, &["echo", "--bind", &format!("0.0.0.0:{ECHO_PORT}")], None)?);
+    children.push(spawn_in(
+        server,
+        bench,
+        &["echo", "--bind", &format!("0.0.0.0:{ECHO_PORT}")],
+        None,
+    )?);
     Ok(())
 }
 
 /// Loads an nftables ruleset into `ns` (from a file: `nft` parses whole
 /// rulesets only from files).
 fn nft_apply(ns: &Netns, rules: &str) -> Result<()> {
-    let path = std::env::temp_dir().join(format!("fwd-bench-{}.nft", forwarder_testbed::netns::random_tag()));
+    let path = std::env::temp_dir().join(format!(
+        "fwd-bench-{}.nft",
+        forwarder_testbed::netns::random_tag()
+    ));
     std::fs::write(&path, rules)?;
-    let result = ns.run("nft", &["-f", path.to_str().context("temp path is not UTF-8")?]);
+    let result = ns.run(
+        "nft",
+        &["-f", path.to_str().context("temp path is not UTF-8")?],
+    );
     let _ = std::fs::remove_file(&path);
     result.map(drop)
 }
@@ -216,7 +243,10 @@ fn sink_count(server: &Netns) -> Result<u64> {
 }
 
 fn mac_of(ns: &Netns, dev: &str) -> Result<String> {
-    Ok(ns.run("cat", &[&format!("/sys/class/net/{dev}/address")])?.trim().to_string())
+    Ok(ns
+        .run("cat", &[&format!("/sys/class/net/{dev}/address")])?
+        .trim()
+        .to_string())
 }
 
 fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
@@ -244,7 +274,11 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
             _relay_ns: None,
         });
     }
-    let Topology { client, relay: relay_ns, server } = Topology::client_relay_server()?;
+    let Topology {
+        client,
+        relay: relay_ns,
+        server,
+    } = Topology::client_relay_server()?;
     let mut children = Vec::new();
     server_side(&server, SERVER_IF, bench, &mut children)?;
     // Resolve neighbours both ways before any relay starts.
@@ -307,7 +341,8 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
             nft_apply(&relay_ns, &rules)?;
         }
         Kind::Socat => {
-            let socat = which::which("socat").context("socat not found: apt-get install socat (cargo xtask prereq)")?;
+            let socat = which::which("socat")
+                .context("socat not found: apt-get install socat (cargo xtask prereq)")?;
             for (listen, to) in [(RELAY_LOAD_PORT, LOAD_PORT), (RELAY_ECHO_PORT, ECHO_PORT)] {
                 let mut cmd = relay_ns.exec("taskset");
                 cmd.args(["-c", &relay_cpu.to_string()])
@@ -327,12 +362,32 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
             let client_ip = CLIENT_IP.to_string();
             let source = RELAY_SERVER_IP.to_string();
             let args = [
-                "ceiling", "--iface", RELAY_CLIENT_IF, "--egress", RELAY_SERVER_IF, "--relay", &relay_addr,
-                "--client", &client_ip, "--source", &source, "--to", &to, "--dmac", &dmac,
+                "ceiling",
+                "--iface",
+                RELAY_CLIENT_IF,
+                "--egress",
+                RELAY_SERVER_IF,
+                "--relay",
+                &relay_addr,
+                "--client",
+                &client_ip,
+                "--source",
+                &source,
+                "--to",
+                &to,
+                "--dmac",
+                &dmac,
             ];
             let mut child = relay_ns.nsenter(bench.to_str().context("path is not UTF-8")?);
-            let log = std::env::temp_dir().join(format!("fwd-ceiling-{}.log", forwarder_testbed::netns::random_tag()));
-            child.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&log)?);
+            let log = std::env::temp_dir().join(format!(
+                "fwd-ceiling-{}.log",
+                forwarder_testbed::netns::random_tag()
+            ));
+            child
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log)?);
             let mut child = child.spawn().context("starting the ceiling")?;
             // The bench's veth peer takes redirects only with an XDP program or
             // GRO; the testbed turns GRO on. Wait until it is attached.
@@ -351,7 +406,14 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
     if layout == 2 {
         steer_to_relay_core(&relay_ns, RELAY_CLIENT_IF)?;
     }
-    Ok(Setup { relay, children, path, client, server, _relay_ns: Some(relay_ns) })
+    Ok(Setup {
+        relay,
+        children,
+        path,
+        client,
+        server,
+        _relay_ns: Some(relay_ns),
+    })
 }
 
 /// Layout 2: the relay's receive processing runs on core 1, away from the
@@ -379,7 +441,11 @@ fn cpu_jiffies(cpu: usize) -> Result<(u64, u64)> {
         .lines()
         .find(|l| l.starts_with(&format!("cpu{cpu} ")))
         .with_context(|| format!("no cpu{cpu} in /proc/stat"))?;
-    let values: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
     let total: u64 = values.iter().take(8).sum();
     let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
     Ok((total - idle, total))
@@ -391,7 +457,14 @@ fn run_json(cmd: &mut Command, timeout: Duration) -> Result<Value> {
     serde_json::from_str(line).with_context(|| format!("parsing {line:?}"))
 }
 
-fn loadgen(s: &Setup, bench: &Path, flows: usize, size: usize, seconds: f64, warmup: bool) -> Result<Value> {
+fn loadgen(
+    s: &Setup,
+    bench: &Path,
+    flows: usize,
+    size: usize,
+    seconds: f64,
+    warmup: bool,
+) -> Result<Value> {
     let mut cmd = s.client.exec("taskset");
     cmd.args(["-c", "0"]).arg(bench).args([
         "loadgen",
@@ -439,13 +512,22 @@ fn throughput(s: &Setup, bench: &Path, flows: usize, size: usize, seconds: f64) 
 
 fn pingpong(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
     let mut cmd = s.client.exec(bench.to_str().context("path")?);
-    cmd.args(["pingpong", "--dst", &s.path.echo.to_string(), "--samples", &samples.to_string()]);
+    cmd.args([
+        "pingpong",
+        "--dst",
+        &s.path.echo.to_string(),
+        "--samples",
+        &samples.to_string(),
+    ]);
     run_json(&mut cmd, Duration::from_secs(120))
 }
 
 /// Total run time and run count of the loaded XDP programs called `name`.
 fn bpf_stats(bench: &Path, name: &str) -> Result<(u64, u64)> {
-    let value = run_json(Command::new(bench).args(["bpf-stats", "--name", name]), SHORT)?;
+    let value = run_json(
+        Command::new(bench).args(["bpf-stats", "--name", name]),
+        SHORT,
+    )?;
     let mut total = (0, 0);
     for program in value.as_array().into_iter().flatten() {
         total.0 += program["run_time_ns"].as_u64().unwrap_or(0);
@@ -469,18 +551,30 @@ fn kernel_memory_per_flow(relay: &Relay) -> Result<Value> {
     let mut maps = BTreeMap::new();
     let dir = format!("/proc/{}/fdinfo", relay.pid());
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
-        let Ok(text) = std::fs::read_to_string(entry?.path()) else { continue };
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
         let field = |name: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
         };
-        if let (Some(id), Some(memlock), Some(max)) = (field("map_id:"), field("memlock:"), field("max_entries:")) {
-            maps.insert(id, (memlock.parse::<u64>().unwrap_or(0), max.parse::<u64>().unwrap_or(0)));
+        if let (Some(id), Some(memlock), Some(max)) =
+            (field("map_id:"), field("memlock:"), field("max_entries:"))
+        {
+            maps.insert(
+                id,
+                (
+                    memlock.parse::<u64>().unwrap_or(0),
+                    max.parse::<u64>().unwrap_or(0),
+                ),
+            );
         }
     }
     let total: u64 = maps.values().map(|(m, _)| m).sum();
     let flows = u64::from(BENCH_MAX_FLOWS);
-    Ok(json!({"maps": maps.len(), "memlock_bytes": total, "max_flows": flows, "bytes_per_flow": total / flows.max(1)}))
+    Ok(
+        json!({"maps": maps.len(), "memlock_bytes": total, "max_flows": flows, "bytes_per_flow": total / flows.max(1)}),
+    )
 }
 
 /// The flow capacity the bench's daemon runs with (`--max-flows`).
@@ -496,7 +590,8 @@ pub fn run(plan: &Plan) -> Result<Value> {
     );
     for layout in [1, 2] {
         for kind in Kind::ALL {
-            let s = setup(kind, &bench, layout).with_context(|| format!("setting up {}", kind.name()))?;
+            let s = setup(kind, &bench, layout)
+                .with_context(|| format!("setting up {}", kind.name()))?;
             // Open the flows once (first packets go through a relay's slow path).
             loadgen(&s, &bench, plan.flows, 64, 0.0, true)?;
             for &size in &plan.sizes {
@@ -539,8 +634,7 @@ pub fn run(plan: &Plan) -> Result<Value> {
                     let after = bpf_stats(&bench, name)?;
                     let runs = after.1 - before.1;
                     if runs > 0 {
-                        results["xdp_cost"][format!("{}/layout{layout}/{size}", kind.key())] =
-                            json!({"ns_per_packet": (after.0 - before.0) as f64 / runs as f64, "runs": runs});
+                        results["xdp_cost"][format!("{}/layout{layout}/{size}", kind.key())] = json!({"ns_per_packet": (after.0 - before.0) as f64 / runs as f64, "runs": runs});
                     }
                 }
             }
@@ -548,7 +642,8 @@ pub fn run(plan: &Plan) -> Result<Value> {
                 let ping = pingpong(&s, &bench, plan.ping_samples)?;
                 results["latency"][kind.key()] = ping;
             }
-            if layout == 1 && kind == Kind::XdpNative
+            if layout == 1
+                && kind == Kind::XdpNative
                 && let Some(relay) = &s.relay
             {
                 results["kernel_memory"] = kernel_memory_per_flow(relay)?;
@@ -561,7 +656,10 @@ pub fn run(plan: &Plan) -> Result<Value> {
     // failure there does not lose it.
     print_report(&results, &table);
     results["scale"] = scale(plan, &bench)?;
-    println!("\n## Scale\n\n```json\n{}\n```", serde_json::to_string_pretty(&results["scale"]).unwrap_or_default());
+    println!(
+        "\n## Scale\n\n```json\n{}\n```",
+        serde_json::to_string_pretty(&results["scale"]).unwrap_or_default()
+    );
     Ok(results)
 }
 
@@ -574,10 +672,14 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
     for &flows in &plan.scale_flows {
         let started = std::time::Instant::now();
         loadgen(&s, bench, flows, 64, 0.0, true)?;
-        let learned = relay.wait_until("the flows to be learned", Duration::from_secs(120), |sessions| {
-            let n: usize = sessions.iter().map(|s| s.flows.len()).sum();
-            (n >= flows).then_some(n)
-        })?;
+        let learned = relay.wait_until(
+            "the flows to be learned",
+            Duration::from_secs(120),
+            |sessions| {
+                let n: usize = sessions.iter().map(|s| s.flows.len()).sum();
+                (n >= flows).then_some(n)
+            },
+        )?;
         let learn_secs = started.elapsed().as_secs_f64();
         let before = bpf_stats(bench, "forwarder")?;
         let rx = throughput(&s, bench, flows, 64, plan.seconds)?.received_pps;
@@ -600,7 +702,13 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
     // Leave room for the one flow the load then opens through the daemon.
     let fill = plan.fill_flows.saturating_sub(used + 1);
     let filled = run_json(
-        Command::new(bench).args(["fill", "--pins", pins.to_str().context("path")?, "--count", &fill.to_string()]),
+        Command::new(bench).args([
+            "fill",
+            "--pins",
+            pins.to_str().context("path")?,
+            "--count",
+            &fill.to_string(),
+        ]),
         Duration::from_secs(300),
     )?;
     loadgen(&s, bench, 1, 64, 0.0, true)?;
@@ -618,7 +726,10 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
     let started = std::time::Instant::now();
     for index in 0..plan.adds {
         let port = 30_000 + index as u16;
-        relay.add(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 77, 2, 2), port)), &[])?;
+        relay.add(
+            SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 77, 2, 2), port)),
+            &[],
+        )?;
     }
     out["session_adds_per_sec"] = json!(plan.adds as f64 / started.elapsed().as_secs_f64());
     Ok(out)
@@ -634,14 +745,26 @@ fn print_report(results: &Value, table: &str) {
         if let (Some(p50), Some(p99)) = (l["p50_us"].as_f64(), l["p99_us"].as_f64()) {
             let d50 = direct["p50_us"].as_f64().unwrap_or(0.0);
             let d99 = direct["p99_us"].as_f64().unwrap_or(0.0);
-            println!("| {} | {p50:.1} | {p99:.1} | {:.1} | {:.1} |", kind.name(), p50 - d50, p99 - d99);
+            println!(
+                "| {} | {p50:.1} | {p99:.1} | {:.1} | {:.1} |",
+                kind.name(),
+                p50 - d50,
+                p99 - d99
+            );
         }
     }
     println!("\n## XDP program cost (kernel BPF run-time stats)\n");
     if let Some(costs) = results["xdp_cost"].as_object() {
         for (key, value) in costs {
-            println!("- {key}: {:.0} ns/packet over {} runs", value["ns_per_packet"].as_f64().unwrap_or(0.0), value["runs"]);
+            println!(
+                "- {key}: {:.0} ns/packet over {} runs",
+                value["ns_per_packet"].as_f64().unwrap_or(0.0),
+                value["runs"]
+            );
         }
     }
-    println!("\n## Kernel memory\n\n```json\n{}\n```", serde_json::to_string_pretty(&results["kernel_memory"]).unwrap_or_default());
+    println!(
+        "\n## Kernel memory\n\n```json\n{}\n```",
+        serde_json::to_string_pretty(&results["kernel_memory"]).unwrap_or_default()
+    );
 }

@@ -16,18 +16,39 @@ use crate::run_visible;
 
 /// Files copied from the repository: (source, path on the target system, mode).
 const PAYLOAD: [(&str, &str, u32); 4] = [
-    ("packaging/forwarder.service", "lib/systemd/system/forwarder.service", 0o644),
-    ("packaging/forwarder@.service", "lib/systemd/system/forwarder@.service", 0o644),
-    ("packaging/forwarder.toml", "etc/forwarder/forwarder.toml", 0o644),
+    (
+        "packaging/forwarder.service",
+        "lib/systemd/system/forwarder.service",
+        0o644,
+    ),
+    (
+        "packaging/forwarder@.service",
+        "lib/systemd/system/forwarder@.service",
+        0o644,
+    ),
+    (
+        "packaging/forwarder.toml",
+        "etc/forwarder/forwarder.toml",
+        0o644,
+    ),
     ("README.md", "usr/share/doc/forwarder/README.md", 0o644),
 ];
 
 /// Where Debian's bash-completion, zsh and fish look for completions
 /// shipped by packages.
 const COMPLETIONS: [(clap_complete::Shell, &str); 3] = [
-    (clap_complete::Shell::Bash, "usr/share/bash-completion/completions/forwarder"),
-    (clap_complete::Shell::Zsh, "usr/share/zsh/vendor-completions/_forwarder"),
-    (clap_complete::Shell::Fish, "usr/share/fish/vendor_completions.d/forwarder.fish"),
+    (
+        clap_complete::Shell::Bash,
+        "usr/share/bash-completion/completions/forwarder",
+    ),
+    (
+        clap_complete::Shell::Zsh,
+        "usr/share/zsh/vendor-completions/_forwarder",
+    ),
+    (
+        clap_complete::Shell::Fish,
+        "usr/share/fish/vendor_completions.d/forwarder.fish",
+    ),
 ];
 
 const MAINTAINER: &str = "forwarder developers <forwarder@localhost>";
@@ -146,7 +167,10 @@ fn dates() -> Result<(String, String)> {
     if let Ok(epoch) = std::env::var("SOURCE_DATE_EPOCH") {
         date.arg(format!("--date=@{epoch}"));
     }
-    let out = date.arg("+%a, %d %b %Y %H:%M:%S +0000|%Y").output().context("running date")?;
+    let out = date
+        .arg("+%a, %d %b %Y %H:%M:%S +0000|%Y")
+        .output()
+        .context("running date")?;
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let (rfc, year) = text.split_once('|').context("unexpected output of date")?;
     Ok((rfc.to_string(), year.to_string()))
@@ -178,7 +202,9 @@ fn man_pages() -> Result<Vec<(String, Vec<u8>)>> {
     let source = format!("forwarder {}", env!("CARGO_PKG_VERSION"));
     let render = |page: String, command: clap::Command| -> Result<(String, Vec<u8>)> {
         let mut roff = Vec::new();
-        clap_mangen::Man::new(command).source(source.clone()).render(&mut roff)?;
+        clap_mangen::Man::new(command)
+            .source(source.clone())
+            .render(&mut roff)?;
         Ok((format!("{page}.1.gz"), gzip(&roff)?))
     };
     let mut pages = Vec::new();
@@ -192,7 +218,12 @@ fn man_pages() -> Result<Vec<(String, Vec<u8>)>> {
 
 fn completion(shell: clap_complete::Shell) -> Vec<u8> {
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut forwarder::cli::Cli::command(), "forwarder", &mut script);
+    clap_complete::generate(
+        shell,
+        &mut forwarder::cli::Cli::command(),
+        "forwarder",
+        &mut script,
+    );
     script
 }
 
@@ -210,7 +241,11 @@ fn binary() -> Result<PathBuf> {
         return forwarder_testbed::forwarder_bin();
     }
     let target = forwarder_testbed::workspace_root().join("target/deb/cargo");
-    run_visible(crate::cargo().args(["build", "--release", "-p", "forwarder", "--target-dir"]).arg(&target))?;
+    run_visible(
+        crate::cargo()
+            .args(["build", "--release", "-p", "forwarder", "--target-dir"])
+            .arg(&target),
+    )?;
     Ok(target.join("release/forwarder"))
 }
 
@@ -235,7 +270,11 @@ pub fn run() -> Result<PathBuf> {
     }
     let doc = stage.join("usr/share/doc/forwarder");
     write_file(&doc.join("copyright"), copyright(&year).as_bytes(), 0o644)?;
-    write_file(&doc.join("changelog.Debian.gz"), &gzip(changelog(version, &date).as_bytes())?, 0o644)?;
+    write_file(
+        &doc.join("changelog.Debian.gz"),
+        &gzip(changelog(version, &date).as_bytes())?,
+        0o644,
+    )?;
     for (page, bytes) in man_pages()? {
         write_file(&stage.join("usr/share/man/man1").join(page), &bytes, 0o644)?;
     }
@@ -258,7 +297,11 @@ pub fn run() -> Result<PathBuf> {
         0o644,
     )?;
     // The operator's edits to the config survive upgrades.
-    write_file(&debian.join("conffiles"), b"/etc/forwarder/forwarder.toml\n", 0o644)?;
+    write_file(
+        &debian.join("conffiles"),
+        b"/etc/forwarder/forwarder.toml\n",
+        0o644,
+    )?;
     for (script, text) in [("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)] {
         write_file(&debian.join(script), text.as_bytes(), 0o755)?;
     }
@@ -279,7 +322,11 @@ fn du_kib(dir: &Path) -> Result<u64> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let meta = entry.metadata()?;
-        total += if meta.is_dir() { du_kib(&entry.path())? } else { meta.len().div_ceil(1024) };
+        total += if meta.is_dir() {
+            du_kib(&entry.path())?
+        } else {
+            meta.len().div_ceil(1024)
+        };
     }
     Ok(total)
 }

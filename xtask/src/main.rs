@@ -73,7 +73,11 @@ fn main() -> ExitCode {
 fn run_bench(smoke: bool, json: Option<PathBuf>) -> Result<()> {
     prereq::ensure()?;
     build_forwarder()?;
-    let plan = if smoke { bench::Plan::smoke() } else { bench::Plan::full() };
+    let plan = if smoke {
+        bench::Plan::smoke()
+    } else {
+        bench::Plan::full()
+    };
     let results = bench::run(&plan)?;
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)

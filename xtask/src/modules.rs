@@ -20,13 +20,20 @@ pub type Graph = BTreeMap<String, BTreeSet<String>>;
 /// The module path of `file` under `src`.
 fn module_of(src: &Path, file: &Path) -> String {
     let relative = file.strip_prefix(src).expect("walked under src");
-    let mut parts: Vec<String> = relative.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let mut parts: Vec<String> = relative
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     let last = parts.pop().unwrap_or_default();
     match last.as_str() {
         "lib.rs" | "main.rs" | "mod.rs" => {}
         other => parts.push(other.trim_end_matches(".rs").to_string()),
     }
-    if parts.is_empty() { "crate".into() } else { parts.join("::") }
+    if parts.is_empty() {
+        "crate".into()
+    } else {
+        parts.join("::")
+    }
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -44,7 +51,9 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 fn is_cfg_test(attrs: &[syn::Attribute]) -> bool {
     attrs.iter().any(|attr| {
         attr.path().is_ident("cfg")
-            && attr.parse_args::<syn::Meta>().is_ok_and(|meta| meta.path().is_ident("test"))
+            && attr
+                .parse_args::<syn::Meta>()
+                .is_ok_and(|meta| meta.path().is_ident("test"))
     })
 }
 
@@ -57,8 +66,11 @@ struct Paths<'a> {
 impl Paths<'_> {
     /// `super::x` from `a::b` is `a::x`; `self::x` is `a::b::x`; `crate::x` is `x`.
     fn absolute(&self, segments: &[String]) -> Option<Vec<String>> {
-        let mut base: Vec<String> =
-            if self.module == "crate" { Vec::new() } else { self.module.split("::").map(String::from).collect() };
+        let mut base: Vec<String> = if self.module == "crate" {
+            Vec::new()
+        } else {
+            self.module.split("::").map(String::from).collect()
+        };
         let mut rest = segments;
         match rest.first().map(String::as_str) {
             Some("crate") => {
@@ -92,10 +104,17 @@ fn use_paths(tree: &syn::UseTree, prefix: &mut Vec<String>, out: &mut Vec<Vec<St
             use_paths(&path.tree, prefix, out);
             prefix.pop();
         }
-        syn::UseTree::Name(name) => out.push([prefix.as_slice(), &[name.ident.to_string()]].concat()),
-        syn::UseTree::Rename(rename) => out.push([prefix.as_slice(), &[rename.ident.to_string()]].concat()),
+        syn::UseTree::Name(name) => {
+            out.push([prefix.as_slice(), &[name.ident.to_string()]].concat())
+        }
+        syn::UseTree::Rename(rename) => {
+            out.push([prefix.as_slice(), &[rename.ident.to_string()]].concat())
+        }
         syn::UseTree::Glob(_) => out.push(prefix.clone()),
-        syn::UseTree::Group(group) => group.items.iter().for_each(|item| use_paths(item, prefix, out)),
+        syn::UseTree::Group(group) => group
+            .items
+            .iter()
+            .for_each(|item| use_paths(item, prefix, out)),
     }
 }
 
@@ -129,9 +148,13 @@ impl<'ast> Visit<'ast> for Paths<'_> {
         // Paths inside macro calls (format args, tracing fields) are tokens,
         // not syntax: read them as a sequence of `a::b::c` runs.
         let text = mac.tokens.to_string();
-        for word in text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':' || c == ' ')) {
+        for word in text.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':' || c == ' '))
+        {
             let compact: String = word.split_whitespace().collect();
-            if ["crate::", "super::", "self::"].iter().any(|prefix| compact.starts_with(prefix)) {
+            if ["crate::", "super::", "self::"]
+                .iter()
+                .any(|prefix| compact.starts_with(prefix))
+            {
                 self.add(compact.split("::").map(String::from).collect());
             }
         }
@@ -148,13 +171,20 @@ pub fn graph(src: &Path) -> Result<Graph> {
     for file in &files {
         let module = module_of(src, file);
         let text = std::fs::read_to_string(file)?;
-        let syntax = syn::parse_file(&text).with_context(|| format!("parsing {}", file.display()))?;
-        let mut paths = Paths { module: &module, found: Vec::new() };
+        let syntax =
+            syn::parse_file(&text).with_context(|| format!("parsing {}", file.display()))?;
+        let mut paths = Paths {
+            module: &module,
+            found: Vec::new(),
+        };
         paths.visit_file(&syntax);
         let edges = graph.entry(module.clone()).or_default();
         for path in paths.found {
             // The deepest module the path names; the rest is an item in it.
-            let target = (1..=path.len()).rev().map(|n| path[..n].join("::")).find(|m| modules.contains(m));
+            let target = (1..=path.len())
+                .rev()
+                .map(|n| path[..n].join("::"))
+                .find(|m| modules.contains(m));
             if let Some(target) = target
                 && target != module
                 && !module.starts_with(&format!("{target}::"))
@@ -214,7 +244,14 @@ pub fn run() -> Result<()> {
     println!("module graph of forwarder (A -> what A uses), tests excluded:");
     for (module, uses) in &graph {
         let uses: Vec<&str> = uses.iter().map(String::as_str).collect();
-        println!("  {module} -> {}", if uses.is_empty() { "(nothing)".into() } else { uses.join(", ") });
+        println!(
+            "  {module} -> {}",
+            if uses.is_empty() {
+                "(nothing)".into()
+            } else {
+                uses.join(", ")
+            }
+        );
     }
     if let Some(cycle) = find_cycle(&graph) {
         bail!("import cycle: {}", cycle.join(" -> "));

@@ -29,8 +29,26 @@ pub fn lint() -> Result<()> {
     // The eBPF crates only build for the BPF target, with nightly's core.
     run_visible(
         Command::new("rustup")
-            .args(["run", "nightly", "cargo", "clippy", "--release", "-p", "forwarder-ebpf", "-p", "forwarder-bench-ebpf"])
-            .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"]),
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "--release",
+                "-p",
+                "forwarder-ebpf",
+                "-p",
+                "forwarder-bench-ebpf",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]),
     )
     .context("clippy found warnings in the eBPF crates")
 }

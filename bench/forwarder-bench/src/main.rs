@@ -17,10 +17,14 @@ use forwarder_common::flow::{Endpoints, Rewrite};
 use serde_json::json;
 
 /// The ceiling XDP program, built by build.rs and embedded.
-static CEILING_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ceiling"));
+static CEILING_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ceiling"));
 
 #[derive(Parser)]
-#[command(name = "forwarder-bench", about = "Benchmark tools for `cargo xtask bench`")]
+#[command(
+    name = "forwarder-bench",
+    about = "Benchmark tools for `cargo xtask bench`"
+)]
 struct Cli {
     #[command(subcommand)]
     tool: Tool,
@@ -109,14 +113,38 @@ enum Tool {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().tool {
-        Tool::Loadgen { dst, flows, size, seconds, warmup_ms, warmup_only, src_port_base } => {
-            loadgen(dst, flows, size, seconds, warmup_ms, warmup_only, src_port_base)
-        }
+        Tool::Loadgen {
+            dst,
+            flows,
+            size,
+            seconds,
+            warmup_ms,
+            warmup_only,
+            src_port_base,
+        } => loadgen(
+            dst,
+            flows,
+            size,
+            seconds,
+            warmup_ms,
+            warmup_only,
+            src_port_base,
+        ),
         Tool::Echo { bind, seconds } => echo(bind, seconds),
         Tool::Pingpong { dst, samples, size } => pingpong(dst, samples, size),
-        Tool::Ceiling { iface, egress, relay, client, source, to, dmac, mode, seconds } => {
-            ceiling(&iface, &egress, relay, client, source, to, &dmac, &mode, seconds)
-        }
+        Tool::Ceiling {
+            iface,
+            egress,
+            relay,
+            client,
+            source,
+            to,
+            dmac,
+            mode,
+            seconds,
+        } => ceiling(
+            &iface, &egress, relay, client, source, to, &dmac, &mode, seconds,
+        ),
         Tool::BpfStats { name } => bpf_stats(&name),
         Tool::Fill { pins, count } => fill(&pins, count),
     }
@@ -135,8 +163,13 @@ fn loadgen(
     let payload: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
     let mut sockets = Vec::with_capacity(flows);
     for index in 0..flows {
-        let port = if src_port_base == 0 { 0 } else { src_port_base + index as u16 };
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).context("binding a load socket")?;
+        let port = if src_port_base == 0 {
+            0
+        } else {
+            src_port_base + index as u16
+        };
+        let socket =
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).context("binding a load socket")?;
         socket.connect(dst)?;
         socket.set_nonblocking(true)?;
         sockets.push(socket);
@@ -152,14 +185,21 @@ fn loadgen(
     }
     std::thread::sleep(Duration::from_millis(warmup_ms));
     if warmup_only {
-        println!("{}", json!({"flows": flows, "warmup_seconds": warmup_started.elapsed().as_secs_f64()}));
+        println!(
+            "{}",
+            json!({"flows": flows, "warmup_seconds": warmup_started.elapsed().as_secs_f64()})
+        );
         return Ok(());
     }
 
     const BATCH: usize = 64;
-    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: payload.len() };
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
     // SAFETY: mmsghdr is plain C data; zero is a valid "no address, no control" header.
-    let mut headers: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut headers: Vec<libc::mmsghdr> =
+        (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
     for header in &mut headers {
         header.msg_hdr.msg_iov = &raw mut iov;
         header.msg_hdr.msg_iovlen = 1;
@@ -173,7 +213,8 @@ fn loadgen(
         round += 1;
         // SAFETY: every header points at `iov`, which points at `payload`;
         // both outlive the call, and the socket is connected so no address is needed.
-        let result = unsafe { libc::sendmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), BATCH as u32, 0) };
+        let result =
+            unsafe { libc::sendmmsg(socket.as_raw_fd(), headers.as_mut_ptr(), BATCH as u32, 0) };
         if result > 0 {
             sent += result as u64;
         }
@@ -224,7 +265,8 @@ fn pingpong(dst: SocketAddrV4, samples: usize, size: usize) -> anyhow::Result<()
         let deadline = Instant::now() + Duration::from_millis(200);
         loop {
             match socket.recv(buf) {
-                Err(error) if error.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {}
+                Err(error)
+                    if error.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {}
                 other => return other,
             }
         }
@@ -276,7 +318,9 @@ fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
         .map(|part| u8::from_str_radix(part, 16))
         .collect::<Result<_, _>>()
         .with_context(|| format!("malformed MAC {text:?}"))?;
-    bytes.try_into().map_err(|_| anyhow::anyhow!("MAC {text:?} does not have 6 bytes"))
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("MAC {text:?} does not have 6 bytes"))
 }
 
 /// The MAC of an interface in this network namespace (/sys may show
@@ -288,7 +332,10 @@ fn interface_mac(name: &str) -> anyhow::Result<[u8; 6]> {
         .with_context(|| format!("no link-layer address for {name}"))
 }
 
-#[expect(clippy::too_many_arguments, reason = "one flag each, straight from the CLI")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one flag each, straight from the CLI"
+)]
 fn ceiling(
     iface: &str,
     egress: &str,
@@ -300,7 +347,8 @@ fn ceiling(
     mode: &str,
     seconds: f64,
 ) -> anyhow::Result<()> {
-    let egress_ifindex = nix::net::if_::if_nametoindex(egress).with_context(|| format!("no interface {egress}"))?;
+    let egress_ifindex =
+        nix::net::if_::if_nametoindex(egress).with_context(|| format!("no interface {egress}"))?;
     let from = Endpoints {
         saddr: client.octets(),
         daddr: relay.ip().octets(),
@@ -323,9 +371,13 @@ fn ceiling(
         _pad_end: [0; 4],
     };
     let mut ebpf = aya::Ebpf::load(CEILING_OBJECT).context("loading the ceiling program")?;
-    let mut map: Array<_, CeilingConfig> = Array::try_from(ebpf.map_mut("CEILING").context("no CEILING map")?)?;
+    let mut map: Array<_, CeilingConfig> =
+        Array::try_from(ebpf.map_mut("CEILING").context("no CEILING map")?)?;
     map.set(0, config, 0)?;
-    let mut devmap = DevMapHash::try_from(ebpf.map_mut("CEILING_EGRESS").context("no CEILING_EGRESS map")?)?;
+    let mut devmap = DevMapHash::try_from(
+        ebpf.map_mut("CEILING_EGRESS")
+            .context("no CEILING_EGRESS map")?,
+    )?;
     devmap.insert(egress_ifindex, egress_ifindex, None, 0)?;
     let program: &mut Xdp = ebpf
         .program_mut("forwarder_ceiling")
@@ -337,7 +389,9 @@ fn ceiling(
         "skb" => XdpMode::Skb,
         other => bail!("unknown mode {other:?}: native or skb"),
     };
-    program.attach(iface, mode).with_context(|| format!("attaching the ceiling to {iface}"))?;
+    program
+        .attach(iface, mode)
+        .with_context(|| format!("attaching the ceiling to {iface}"))?;
     println!("ceiling attached");
     // Stay attached until killed or the deadline, whichever comes first.
     std::thread::sleep(Duration::from_secs_f64(seconds));
@@ -351,8 +405,10 @@ fn fill(pins: &std::path::Path, count: u32) -> anyhow::Result<()> {
         let path = pins.join(format!("map-{name}"));
         MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
     };
-    let mut clients: HashMap<_, ClientKey, Rewrite> = HashMap::try_from(Map::HashMap(open("CLIENT_FLOWS")?))?;
-    let mut backends: HashMap<_, BackendKey, Rewrite> = HashMap::try_from(Map::HashMap(open("BACKEND_FLOWS")?))?;
+    let mut clients: HashMap<_, ClientKey, Rewrite> =
+        HashMap::try_from(Map::HashMap(open("CLIENT_FLOWS")?))?;
+    let mut backends: HashMap<_, BackendKey, Rewrite> =
+        HashMap::try_from(Map::HashMap(open("BACKEND_FLOWS")?))?;
     let mut inserted = 0u32;
     for index in 0..count {
         let [_, a, b, c] = index.to_be_bytes();
@@ -364,9 +420,15 @@ fn fill(pins: &std::path::Path, count: u32) -> anyhow::Result<()> {
             relay_port: 1u16.to_be_bytes(),
             client_port: 1u16.to_be_bytes(),
         };
-        let backend_key = BackendKey { relay_addr: client, relay_port: 1u16.to_be_bytes(), _pad: [0; 2] };
+        let backend_key = BackendKey {
+            relay_addr: client,
+            relay_port: 1u16.to_be_bytes(),
+            _pad: [0; 2],
+        };
         // A full map refuses the rest: that is the table-full state wanted.
-        if clients.insert(client_key, rewrite, 0).is_err() || backends.insert(backend_key, rewrite, 0).is_err() {
+        if clients.insert(client_key, rewrite, 0).is_err()
+            || backends.insert(backend_key, rewrite, 0).is_err()
+        {
             break;
         }
         inserted += 1;

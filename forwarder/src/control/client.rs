@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use forwarder_api::{Reply, Request};
 use forwarder_api::socket_path;
+use forwarder_api::{Reply, Request};
 
 /// What went wrong in a way a script may want to tell apart (each has its
 /// own exit code); carried inside the `anyhow::Error`, under its message.

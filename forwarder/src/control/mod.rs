@@ -7,5 +7,9 @@ pub mod server;
 /// The packaged unit that runs `instance`: forwarder.service runs the
 /// default instance, the template forwarder@NAME.service every other one.
 pub fn systemd_unit(instance: &str) -> String {
-    if instance == "default" { "forwarder".to_string() } else { format!("forwarder@{instance}") }
+    if instance == "default" {
+        "forwarder".to_string()
+    } else {
+        format!("forwarder@{instance}")
+    }
 }

@@ -10,15 +10,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use forwarder_api::{MAX_REQUEST_BYTES, Reply, Request};
-use crate::datapath::xdp;
-use forwarder_api::parse_backend;
 use crate::datapath::socket::RelaySocket;
+use crate::datapath::xdp;
 use crate::sessions::SharedRelay;
+use forwarder_api::parse_backend;
+use forwarder_api::{MAX_REQUEST_BYTES, Reply, Request};
 
 /// Starts reading a new session's socket: the daemon's business (it owns
 /// every task), handed to the server so it needs nothing above it.
-pub type StartReader = std::sync::Arc<dyn Fn(SharedRelay, std::sync::Arc<RelaySocket>) + Send + Sync>;
+pub type StartReader =
+    std::sync::Arc<dyn Fn(SharedRelay, std::sync::Arc<RelaySocket>) + Send + Sync>;
 
 /// Binds the control socket, refusing to take over a live daemon's.
 pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
@@ -34,9 +35,11 @@ pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
                 super::systemd_unit(instance)
             );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     // Root-only: the control API can redirect traffic.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
@@ -62,21 +65,26 @@ pub async fn serve(listener: UnixListener, relay: SharedRelay, start_reader: Sta
     }
 }
 
-async fn handle(stream: UnixStream, relay: SharedRelay, start_reader: &StartReader) -> anyhow::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    relay: SharedRelay,
+    start_reader: &StartReader,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
-    let reply = match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
-        Err(_) => Reply::Error("no request within 10 s".into()),
-        Ok(Err(error)) => Reply::Error(format!("reading the request: {error}")),
-        Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => {
-            Reply::Error(format!("request larger than {MAX_REQUEST_BYTES} bytes refused"))
-        }
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => dispatch(request, &relay, start_reader).await,
-            Err(error) => Reply::Error(format!("malformed request: {error}")),
-        },
-    };
+    let reply =
+        match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
+            Err(_) => Reply::Error("no request within 10 s".into()),
+            Ok(Err(error)) => Reply::Error(format!("reading the request: {error}")),
+            Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Reply::Error(format!(
+                "request larger than {MAX_REQUEST_BYTES} bytes refused"
+            )),
+            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+                Ok(request) => dispatch(request, &relay, start_reader).await,
+                Err(error) => Reply::Error(format!("malformed request: {error}")),
+            },
+        };
     let mut text = serde_json::to_string(&reply)?;
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
@@ -85,7 +93,11 @@ async fn handle(stream: UnixStream, relay: SharedRelay, start_reader: &StartRead
 
 async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartReader) -> Reply {
     match request {
-        Request::Add { backend, port, idle_timeout_secs } => match add(relay, start_reader, &backend, port, idle_timeout_secs).await {
+        Request::Add {
+            backend,
+            port,
+            idle_timeout_secs,
+        } => match add(relay, start_reader, &backend, port, idle_timeout_secs).await {
             Ok(reply) => reply,
             Err(error) => Reply::Error(format!("{error:#}")),
         },
@@ -101,7 +113,10 @@ async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartRea
         }
         Request::Show { target } => {
             let relay = relay.lock().expect("relay lock");
-            match relay.find_session(&target).and_then(|port| relay.session_info(port, crate::datapath::monotonic_ns())) {
+            match relay
+                .find_session(&target)
+                .and_then(|port| relay.session_info(port, crate::datapath::monotonic_ns()))
+            {
                 Some(info) => Reply::Session(info),
                 None => not_found(&target),
             }
@@ -112,7 +127,9 @@ async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartRea
 }
 
 fn not_found(target: &str) -> Reply {
-    Reply::NotFound(format!("no session with id or port {target:?}: see `forwarder list` for the ids"))
+    Reply::NotFound(format!(
+        "no session with id or port {target:?}: see `forwarder list` for the ids"
+    ))
 }
 
 async fn add(
@@ -124,7 +141,9 @@ async fn add(
 ) -> anyhow::Result<Reply> {
     let backend: SocketAddrV4 = parse_backend(backend)?;
     if idle_timeout_secs == Some(0) {
-        bail!("an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h");
+        bail!(
+            "an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h"
+        );
     }
     // The route lookup runs a command: keep it outside the relay lock.
     let ip = *backend.ip();

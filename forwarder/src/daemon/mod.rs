@@ -5,9 +5,9 @@
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::time::Instant;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use forwarder_common::RelayConfig;
@@ -22,12 +22,11 @@ use crate::datapath::fds;
 use crate::datapath::pins::PinDir;
 use crate::datapath::xdp::{self, ModeChoice, XdpDatapath};
 use crate::datapath::{Datapath, DatapathChoice};
-use crate::store::Store;
 use crate::ports::PortRange;
-use crate::sessions::{Limits, Relay, RelayParts, monotonic_ns};
 use crate::sessions::SharedRelay;
+use crate::sessions::{Limits, Relay, RelayParts, monotonic_ns};
 use crate::slowpath::{spawn_flow_reader, spawn_session_reader};
-
+use crate::store::Store;
 
 /// Everything `forwarder run` needs.
 #[derive(Clone, Debug)]
@@ -58,7 +57,9 @@ pub struct RunOptions {
 pub fn validate_instance(instance: &str) -> anyhow::Result<()> {
     let ok = !instance.is_empty()
         && instance.len() <= 32
-        && instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        && instance
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !ok {
         bail!("instance name {instance:?} must be 1-32 characters of A-Z a-z 0-9 - _");
     }
@@ -66,7 +67,9 @@ pub fn validate_instance(instance: &str) -> anyhow::Result<()> {
 }
 
 fn interface_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
-    let Ok(addresses) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
     addresses
         .filter(|a| interfaces.contains(&a.interface_name))
         .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
@@ -77,10 +80,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let started = Instant::now();
     validate_instance(&options.instance)?;
     if !nix::unistd::geteuid().is_root() {
-        bail!("forwarder run must run as root (it loads an XDP program and binds relay ports): use sudo");
+        bail!(
+            "forwarder run must run as root (it loads an XDP program and binds relay ports): use sudo"
+        );
     }
     if options.interfaces.is_empty() {
-        bail!("no interface given: pass --iface IF for every interface clients or servers reach the relay on");
+        bail!(
+            "no interface given: pass --iface IF for every interface clients or servers reach the relay on"
+        );
     }
     if options.session_ports.overlaps(&options.flow_ports) {
         bail!(
@@ -106,7 +113,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let socket_path = forwarder_api::socket_path(&options.instance);
     let listener = control::server::bind(&socket_path, &options.instance)?;
     // From here on a failed start removes what it built (see StartGuard).
-    let mut guard = StartGuard { socket_path: socket_path.clone(), fresh_pins: None, armed: true };
+    let mut guard = StartGuard {
+        socket_path: socket_path.clone(),
+        fresh_pins: None,
+        armed: true,
+    };
     // Before the data plane: an address in use is the cheapest failure.
     let metrics_listener = match options.metrics {
         Some(address) => Some((address, crate::metrics::bind(address).await?)),
@@ -124,7 +135,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let started_xdp = Datapath::start(options.datapath, options.sizes, || {
         let adopting = pins.prepare(&options.instance)?;
         fresh_pins = !adopting;
-        let xdp = XdpDatapath::start(&options.interfaces, options.xdp_mode, config, options.sizes, &pins);
+        let xdp = XdpDatapath::start(
+            &options.interfaces,
+            options.xdp_mode,
+            config,
+            options.sizes,
+            &pins,
+        );
         if xdp.is_err() && fresh_pins {
             // Falling back to the userspace datapath (auto) keeps no XDP: drop
             // the maps the loader pinned before it failed.
@@ -189,17 +206,25 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let server = tokio::spawn(control::server::serve(listener, relay.clone(), std::sync::Arc::new(spawn_session_reader)));
+    let server = tokio::spawn(control::server::serve(
+        listener,
+        relay.clone(),
+        std::sync::Arc::new(spawn_session_reader),
+    ));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
     let punch_tasks = match options.punch.clone() {
         Some(punch) => crate::punch::relay::start(relay.clone(), punch, nat_upstreams)?,
         None => Vec::new(),
     };
-    let health = tokio::spawn(crate::datapath::health::watch(options.interfaces.clone(), mode.clone()));
+    let health = tokio::spawn(crate::datapath::health::watch(
+        options.interfaces.clone(),
+        mode.clone(),
+    ));
     // Started: from now on the pinned data plane outlives the daemon on purpose.
     guard.armed = false;
 
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     tokio::select! {
         _ = terminate.recv() => info!("SIGTERM: shutting down"),
@@ -225,7 +250,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 /// large relays do not run out of sockets.
 pub fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
     let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|text| text.trim().parse::<u64>().ok())
@@ -277,7 +304,11 @@ pub struct Detached {
 /// interface; established flows stop) and, with `purge`, its session store.
 /// Refuses while the daemon runs: it would keep answering for a data plane
 /// that is gone.
-pub fn detach(instance: &str, state_dir: &std::path::Path, purge: bool) -> anyhow::Result<Detached> {
+pub fn detach(
+    instance: &str,
+    state_dir: &std::path::Path,
+    purge: bool,
+) -> anyhow::Result<Detached> {
     validate_instance(instance)?;
     let socket = forwarder_api::socket_path(instance);
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
@@ -296,10 +327,19 @@ pub fn detach(instance: &str, state_dir: &std::path::Path, purge: bool) -> anyho
     let pins_removed = crate::datapath::pins::remove_instance(instance)?;
     let store_removed = purge && state_dir.is_dir();
     if store_removed {
-        std::fs::remove_dir_all(state_dir).with_context(|| format!("removing {}", state_dir.display()))?;
+        std::fs::remove_dir_all(state_dir)
+            .with_context(|| format!("removing {}", state_dir.display()))?;
     }
-    info!(instance, pins_removed, store_removed, stale_socket_removed, "data plane detached");
-    Ok(Detached { instance: instance.to_string(), pins_removed, store_removed, stale_socket_removed })
+    info!(
+        instance,
+        pins_removed, store_removed, stale_socket_removed, "data plane detached"
+    );
+    Ok(Detached {
+        instance: instance.to_string(),
+        pins_removed,
+        store_removed,
+        stale_socket_removed,
+    })
 }
 
 async fn expire_forever(relay: SharedRelay) {
@@ -309,4 +349,3 @@ async fn expire_forever(relay: SharedRelay) {
         relay.lock().expect("relay lock").expire(monotonic_ns());
     }
 }
-

@@ -42,7 +42,10 @@ pub struct AtLimit {
 
 /// The whole host ran out of open files (ENFILE), not just the daemon.
 fn system_wide() -> AtLimit {
-    AtLimit { limit: limit(), reserve: reserve_for(limit()) }
+    AtLimit {
+        limit: limit(),
+        reserve: reserve_for(limit()),
+    }
 }
 
 /// Whether one more descriptor fits without touching the reserve.
@@ -76,7 +79,9 @@ fn is_exhaustion(error: &io::Error) -> bool {
 
 /// Whether `error` (from binding a socket) was the open-file limit.
 pub fn exhausted(error: &anyhow::Error) -> Option<AtLimit> {
-    let typed = error.chain().any(|cause| cause.downcast_ref::<io::Error>().is_some_and(is_exhaustion));
+    let typed = error
+        .chain()
+        .any(|cause| cause.downcast_ref::<io::Error>().is_some_and(is_exhaustion));
     // RelaySocket::bind formats the io::Error into its message.
     let text = format!("{error:#}");
     let by_text = text.contains("os error 24") || text.contains("os error 23");
@@ -91,7 +96,9 @@ pub fn count_refusal() -> bool {
     let now = super::monotonic_ns();
     let last = LAST_LOGGED_NS.load(Ordering::Relaxed);
     (last == 0 || now.saturating_sub(last) >= 1_000_000_000)
-        && LAST_LOGGED_NS.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        && LAST_LOGGED_NS
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// When a refusal was last logged (CLOCK_MONOTONIC ns; 0: never).
@@ -108,9 +115,16 @@ pub struct Usage {
 
 pub fn usage() -> Usage {
     // Minus one: the directory handle read_dir itself holds.
-    let open = std::fs::read_dir("/proc/self/fd").map_or(0, |entries| entries.count() as u64).saturating_sub(1);
+    let open = std::fs::read_dir("/proc/self/fd")
+        .map_or(0, |entries| entries.count() as u64)
+        .saturating_sub(1);
     let limit = limit();
-    Usage { open, limit, reserve: reserve_for(limit), refused_flows: REFUSED.load(Ordering::Relaxed) }
+    Usage {
+        open,
+        limit,
+        reserve: reserve_for(limit),
+        refused_flows: REFUSED.load(Ordering::Relaxed),
+    }
 }
 
 /// Sets the open-file limit to `wanted` (soft and hard), as --max-open-files asks.
@@ -137,8 +151,14 @@ mod tests {
     fn recognises_the_limit_in_a_bind_error() {
         let error = anyhow::anyhow!("binding UDP port 61000: Too many open files (os error 24)");
         assert!(exhausted(&error).is_some());
-        let error = anyhow::Error::from(io::Error::from_raw_os_error(libc::ENFILE)).context("binding");
+        let error =
+            anyhow::Error::from(io::Error::from_raw_os_error(libc::ENFILE)).context("binding");
         assert!(exhausted(&error).is_some());
-        assert!(exhausted(&anyhow::anyhow!("UDP port 61000 is in use by another program")).is_none());
+        assert!(
+            exhausted(&anyhow::anyhow!(
+                "UDP port 61000 is in use by another program"
+            ))
+            .is_none()
+        );
     }
 }

@@ -72,10 +72,18 @@ pub async fn watch(interfaces: Vec<String>, mode: String) {
 
 fn publish(found: Vec<Warning>) {
     let mut current = CURRENT.lock().expect("health lock");
-    for warning in found.iter().filter(|w| !current.iter().any(|c| c.kind == w.kind && c.interface == w.interface)) {
+    for warning in found.iter().filter(|w| {
+        !current
+            .iter()
+            .any(|c| c.kind == w.kind && c.interface == w.interface)
+    }) {
         warn!(kind = %warning.kind, interface = %warning.interface, "{}", warning.message);
     }
-    for gone in current.iter().filter(|c| !found.iter().any(|w| w.kind == c.kind && w.interface == c.interface)) {
+    for gone in current.iter().filter(|c| {
+        !found
+            .iter()
+            .any(|w| w.kind == c.kind && w.interface == c.interface)
+    }) {
         info!(kind = %gone.kind, interface = %gone.interface, "cleared: {}", gone.message);
     }
     *current = found;
@@ -140,8 +148,12 @@ impl Checker {
                 ));
                 continue;
             };
-            let flags: Vec<&str> =
-                link["flags"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+            let flags: Vec<&str> = link["flags"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f.as_str())
+                .collect();
             if !flags.contains(&"UP") || !flags.contains(&"LOWER_UP") {
                 warnings.push(warn(
                     "interface_down",
@@ -175,12 +187,16 @@ impl Checker {
                 ));
             }
             let is_veth = link["linkinfo"]["info_kind"].as_str() == Some("veth");
-            if native && is_veth
+            if native
+                && is_veth
                 && let Some(peer) = veth_peer(&link)
                 && !peer.gro
                 && !peer.xdp
             {
-                let exec = peer.netns.as_ref().map_or_else(String::new, |ns| format!("ip netns exec {ns} "));
+                let exec = peer
+                    .netns
+                    .as_ref()
+                    .map_or_else(String::new, |ns| format!("ip netns exec {ns} "));
                 warnings.push(warn(
                     "veth_peer_no_gro",
                     format!(
@@ -195,7 +211,10 @@ impl Checker {
                     ),
                 ));
             }
-            if native && is_veth && let Some(counters) = veth_counters(name) {
+            if native
+                && is_veth
+                && let Some(counters) = veth_counters(name)
+            {
                 veths.push((name.clone(), counters));
             }
         }
@@ -245,7 +264,8 @@ impl Checker {
                 *entry = (entry.0 + lost, now);
             }
         }
-        self.losing.retain(|_, (_, last)| now.duration_since(*last) <= DROPS_LINGER);
+        self.losing
+            .retain(|_, (_, last)| now.duration_since(*last) <= DROPS_LINGER);
         self.losing
             .iter()
             .map(|(name, (lost, _))| Warning {
@@ -282,9 +302,16 @@ fn veth_peer(link: &serde_json::Value) -> Option<VethPeer> {
     let netns = match link["link_netnsid"].as_i64() {
         None => None,
         Some(id) => {
-            let output = Command::new("ip").args(["-j", "netns", "list"]).output().ok()?;
+            let output = Command::new("ip")
+                .args(["-j", "netns", "list"])
+                .output()
+                .ok()?;
             let list: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-            let name = list.as_array()?.iter().find(|ns| ns["id"].as_i64() == Some(id))?["name"].as_str()?;
+            let name = list
+                .as_array()?
+                .iter()
+                .find(|ns| ns["id"].as_i64() == Some(id))?["name"]
+                .as_str()?;
             Some(name.to_string())
         }
     };
@@ -294,7 +321,10 @@ fn veth_peer(link: &serde_json::Value) -> Option<VethPeer> {
     }
     let output = ip.args(["-j", "-d", "link", "show"]).output().ok()?;
     let links: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    let peer = links.as_array()?.iter().find(|l| l["ifindex"].as_u64() == Some(index))?;
+    let peer = links
+        .as_array()?
+        .iter()
+        .find(|l| l["ifindex"].as_u64() == Some(index))?;
     let name = peer["ifname"].as_str()?.to_string();
     let xdp = peer.get("xdp").is_some_and(|x| !x.is_null());
     let mut ethtool = match &netns {
@@ -307,13 +337,25 @@ fn veth_peer(link: &serde_json::Value) -> Option<VethPeer> {
     };
     let output = ethtool.args(["-k", &name]).output().ok()?;
     let features = String::from_utf8_lossy(&output.stdout);
-    let gro = features.lines().find_map(|l| l.trim().strip_prefix("generic-receive-offload:"))?.trim().starts_with("on");
-    Some(VethPeer { name, netns, gro, xdp })
+    let gro = features
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("generic-receive-offload:"))?
+        .trim()
+        .starts_with("on");
+    Some(VethPeer {
+        name,
+        netns,
+        gro,
+        xdp,
+    })
 }
 
 /// `ip -j -d link show dev NAME`, or None when there is no such interface.
 fn link_of(name: &str) -> Option<serde_json::Value> {
-    let output = Command::new("ip").args(["-j", "-d", "link", "show", "dev", name]).output().ok()?;
+    let output = Command::new("ip")
+        .args(["-j", "-d", "link", "show", "dev", name])
+        .output()
+        .ok()?;
     if !output.status.success() {
         return None;
     }
@@ -332,18 +374,25 @@ fn veth_counters(name: &str) -> Option<VethCounters> {
     if !output.status.success() {
         return None;
     }
-    Some(parse_veth_counters(&String::from_utf8_lossy(&output.stdout)))
+    Some(parse_veth_counters(&String::from_utf8_lossy(
+        &output.stdout,
+    )))
 }
 
 fn parse_veth_counters(text: &str) -> VethCounters {
     let mut counters = VethCounters::default();
     for (key, value) in text.lines().filter_map(|line| line.trim().split_once(':')) {
-        let Ok(value) = value.trim().parse::<u64>() else { continue };
+        let Ok(value) = value.trim().parse::<u64>() else {
+            continue;
+        };
         if key.ends_with("xdp_xmit_errors") || key.ends_with("xdp_tx_errors") {
             counters.errors += value;
         } else if key.starts_with("rx_queue_") && key.ends_with("_xdp_redirect") {
             counters.rx_redirect += value;
-        } else if key.starts_with("rx_queue_") && key.ends_with("_drops") && !key.ends_with("_xdp_drops") {
+        } else if key.starts_with("rx_queue_")
+            && key.ends_with("_drops")
+            && !key.ends_with("_xdp_drops")
+        {
             counters.rx_drops += value;
         } else if key.starts_with("tx_queue_") && key.ends_with("_xdp_xmit") {
             counters.tx_xmit += value;
@@ -364,29 +413,60 @@ mod tests {
         // xdp_drops are the program's own XDP_DROP verdicts, counted by us already.
         assert_eq!(
             parse_veth_counters(&format!("{text}     rx_queue_0_drops: 5\n")),
-            VethCounters { errors: 45, rx_redirect: 10, rx_drops: 5, tx_xmit: 100 }
+            VethCounters {
+                errors: 45,
+                rx_redirect: 10,
+                rx_drops: 5,
+                tx_xmit: 100
+            }
         );
     }
 
     #[test]
     fn redirects_taken_on_one_veth_and_not_sent_on_the_other_are_losses() {
         let mut checker = Checker::default();
-        let at = |rx_redirect, tx_xmit| VethCounters { errors: 0, rx_redirect, rx_drops: 0, tx_xmit };
+        let at = |rx_redirect, tx_xmit| VethCounters {
+            errors: 0,
+            rx_redirect,
+            rx_drops: 0,
+            tx_xmit,
+        };
         let a = |c| ("a".to_string(), c);
         let b = |c| ("b".to_string(), c);
-        assert!(checker.veth_losses(vec![a(at(0, 0)), b(at(0, 0))]).is_empty());
+        assert!(
+            checker
+                .veth_losses(vec![a(at(0, 0)), b(at(0, 0))])
+                .is_empty()
+        );
         // a took 100 redirects, b sent 98 of them (in flight): nothing lost.
-        assert!(checker.veth_losses(vec![a(at(100, 0)), b(at(0, 98))]).is_empty());
+        assert!(
+            checker
+                .veth_losses(vec![a(at(100, 0)), b(at(0, 98))])
+                .is_empty()
+        );
         // Then a takes 50 more, b sends none: lost into b.
         let warnings = checker.veth_losses(vec![a(at(150, 0)), b(at(0, 98))]);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].interface, "b");
-        assert!(warnings[0].message.contains("about 50 packets"), "{}", warnings[0].message);
+        assert!(
+            warnings[0].message.contains("about 50 packets"),
+            "{}",
+            warnings[0].message
+        );
         // Failed redirects dropped at enqueue show up as rx drops on the ingress veth.
         let mut checker = Checker::default();
-        let dropped = |rx_drops| VethCounters { rx_drops, ..VethCounters::default() };
+        let dropped = |rx_drops| VethCounters {
+            rx_drops,
+            ..VethCounters::default()
+        };
         checker.veth_losses(vec![a(dropped(0)), b(dropped(0))]);
         let warnings = checker.veth_losses(vec![a(dropped(30)), b(dropped(0))]);
-        assert_eq!(warnings.iter().map(|w| w.interface.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(
+            warnings
+                .iter()
+                .map(|w| w.interface.as_str())
+                .collect::<Vec<_>>(),
+            ["b"]
+        );
     }
 }

@@ -44,7 +44,9 @@ pub struct Misconfigured(pub String);
 pub enum Datapath {
     Xdp(Box<XdpDatapath>),
     /// Every packet through the daemon's sockets; nothing to install.
-    Userspace { sizes: RuntimeSizes },
+    Userspace {
+        sizes: RuntimeSizes,
+    },
 }
 
 impl Datapath {
@@ -56,7 +58,9 @@ impl Datapath {
         start_xdp: impl FnOnce() -> anyhow::Result<(XdpDatapath, bool)>,
     ) -> anyhow::Result<(Self, bool)> {
         match choice {
-            DatapathChoice::Xdp => start_xdp().map(|(xdp, adopted)| (Self::Xdp(Box::new(xdp)), adopted)),
+            DatapathChoice::Xdp => {
+                start_xdp().map(|(xdp, adopted)| (Self::Xdp(Box::new(xdp)), adopted))
+            }
             DatapathChoice::Userspace => Ok((Self::Userspace { sizes }, false)),
             DatapathChoice::Auto => match start_xdp() {
                 Ok((xdp, adopted)) => Ok((Self::Xdp(Box::new(xdp)), adopted)),

@@ -43,7 +43,9 @@ pub struct MapShape<'a> {
 /// FNV-1a: a fingerprint that stays the same across Rust releases (std's
 /// hasher does not promise that) and needs no crate.
 fn fnv1a(hash: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(hash, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(hash, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The layout fingerprint for these maps, e.g. `layout-1-3f9a0c2e11d4b7a5`.
@@ -83,16 +85,27 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     let fix = format!(
         "mount it yourself (`mount -t bpf bpf {BPFFS}`, or `bpf {BPFFS} bpf defaults 0 0` in /etc/fstab) and restart"
     );
-    std::fs::create_dir_all(root).with_context(|| format!("no bpffs on {BPFFS} and creating the folder failed: {fix}"))?;
-    nix::mount::mount(Some("bpf"), root, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("no bpffs on {BPFFS} and mounting it failed: {fix}"))?;
+    std::fs::create_dir_all(root)
+        .with_context(|| format!("no bpffs on {BPFFS} and creating the folder failed: {fix}"))?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| format!("no bpffs on {BPFFS} and mounting it failed: {fix}"))?;
     Ok(())
 }
 
 impl PinDir {
     pub fn new(instance: &str, layout: String) -> Self {
         let instance_dir = Path::new(BPFFS).join("forwarder").join(instance);
-        Self { dir: instance_dir.join(&layout), instance_dir, layout }
+        Self {
+            dir: instance_dir.join(&layout),
+            instance_dir,
+            layout,
+        }
     }
 
     /// Creates the pin directory, refusing when the instance's pins carry
@@ -112,7 +125,8 @@ impl PinDir {
             }
         }
         let adopting = self.dir.is_dir() && std::fs::read_dir(&self.dir)?.next().is_some();
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
         Ok(adopting)
     }
 
@@ -123,7 +137,9 @@ impl PinDir {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(error) => Err(error).with_context(|| format!("reading {}", self.instance_dir.display())),
+            Err(error) => {
+                Err(error).with_context(|| format!("reading {}", self.instance_dir.display()))
+            }
         }
     }
 
@@ -135,7 +151,10 @@ impl PinDir {
     /// tell back through the link. bpffs refuses names with a dot, which
     /// interface names may have (VLANs: eth0.100), hence the escape.
     pub fn link_path(&self, interface: &str, mode: &str) -> PathBuf {
-        self.dir.join(format!("link-{mode}-{}", interface.replace('%', "%25").replace('.', "%2e")))
+        self.dir.join(format!(
+            "link-{mode}-{}",
+            interface.replace('%', "%25").replace('.', "%2e")
+        ))
     }
 
     /// Removes this layout's pins and folder (and the instance folder when
@@ -145,7 +164,10 @@ impl PinDir {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             let mut pins: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
             // Links first, so the program leaves the interfaces before its maps go.
-            pins.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-")));
+            pins.sort_by_key(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("link-"))
+            });
             for pin in pins {
                 let _ = std::fs::remove_file(pin);
             }
@@ -172,12 +194,19 @@ const LINK_MODES: [&str; 2] = ["native", "skb"];
 pub fn remove_instance(instance: &str) -> anyhow::Result<usize> {
     let instance_dir = Path::new(BPFFS).join("forwarder").join(instance);
     let mut removed = 0;
-    let Ok(layouts) = std::fs::read_dir(&instance_dir) else { return Ok(0) };
+    let Ok(layouts) = std::fs::read_dir(&instance_dir) else {
+        return Ok(0);
+    };
     for layout in layouts.filter_map(Result::ok) {
         // Links first, so the program stops before its maps go.
-        let mut pins: Vec<PathBuf> =
-            std::fs::read_dir(layout.path())?.filter_map(Result::ok).map(|e| e.path()).collect();
-        pins.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link-")));
+        let mut pins: Vec<PathBuf> = std::fs::read_dir(layout.path())?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect();
+        pins.sort_by_key(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("link-"))
+        });
         for pin in pins {
             std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
             removed += 1;
@@ -193,7 +222,12 @@ mod tests {
     use super::*;
 
     fn shape(name: &str, value_size: u32) -> MapShape<'_> {
-        MapShape { name, map_type: 1, key_size: 12, value_size }
+        MapShape {
+            name,
+            map_type: 1,
+            key_size: 12,
+            value_size,
+        }
     }
 
     #[test]
@@ -201,7 +235,14 @@ mod tests {
         let pins = PinDir::new("t1", "layout-1-0".into());
         let link = pins.link_path("eth0.100", "native");
         assert_eq!(link.file_name().unwrap(), "link-native-eth0%2e100");
-        assert!(!pins.map_path(".rodata").file_name().unwrap().to_string_lossy().contains('.'));
+        assert!(
+            !pins
+                .map_path(".rodata")
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains('.')
+        );
     }
 
     #[test]

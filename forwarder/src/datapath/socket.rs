@@ -59,7 +59,9 @@ impl RelaySocket {
         let socket = match UdpSocket::bind((address, port)) {
             Ok(socket) => socket,
             Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
-                bail!("UDP port {port} is in use by another program on this host: pick another port or stop that program")
+                bail!(
+                    "UDP port {port} is in use by another program on this host: pick another port or stop that program"
+                )
             }
             Err(error) => bail!("binding UDP port {address}:{port}: {error}"),
         };
@@ -112,7 +114,9 @@ impl RelaySocket {
             };
             let mut outbox: Vec<(Outgoing, usize)> = Vec::with_capacity(count);
             for index in 0..count {
-                let Some((received, datagram)) = batch.message(index) else { continue };
+                let Some((received, datagram)) = batch.message(index) else {
+                    continue;
+                };
                 if let Some(outgoing) = route(&received, datagram) {
                     outbox.push((outgoing, index));
                 }
@@ -141,17 +145,26 @@ impl RelaySocket {
     /// Sends datagrams with sendmmsg, each to its address and from its local
     /// address (None: the route chooses). A full socket buffer drops the
     /// rest, as a router would.
-    pub fn send_many(&self, messages: &[(SocketAddrV4, Option<Ipv4Addr>, &[u8])]) -> std::io::Result<()> {
+    pub fn send_many(
+        &self,
+        messages: &[(SocketAddrV4, Option<Ipv4Addr>, &[u8])],
+    ) -> std::io::Result<()> {
         let fd = self.fd.get_ref().as_raw_fd();
         for chunk in messages.chunks(MAX_BATCH) {
-            let mut names: Vec<libc::sockaddr_in> = chunk.iter().map(|(to, _, _)| sockaddr(*to)).collect();
+            let mut names: Vec<libc::sockaddr_in> =
+                chunk.iter().map(|(to, _, _)| sockaddr(*to)).collect();
             let mut iovecs: Vec<libc::iovec> = chunk
                 .iter()
-                .map(|(_, _, data)| libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() })
+                .map(|(_, _, data)| libc::iovec {
+                    iov_base: data.as_ptr() as *mut libc::c_void,
+                    iov_len: data.len(),
+                })
                 .collect();
             let mut controls: Vec<ControlSlot> = vec![[0; 8]; chunk.len()];
             // SAFETY: mmsghdr is plain C data; all-zero is "no name, no data".
-            let mut headers: Vec<libc::mmsghdr> = (0..chunk.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+            let mut headers: Vec<libc::mmsghdr> = (0..chunk.len())
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect();
             for (index, (_, from, _)) in chunk.iter().enumerate() {
                 let header = &mut headers[index].msg_hdr;
                 header.msg_name = (&raw mut names[index]).cast();
@@ -166,7 +179,14 @@ impl RelaySocket {
             }
             // SAFETY: every header points at names, iovecs and controls that
             // outlive the call, and each iovec at a payload borrowed for it.
-            let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), headers.len() as u32, libc::MSG_DONTWAIT) };
+            let sent = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    headers.as_mut_ptr(),
+                    headers.len() as u32,
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if sent < 0 {
                 let error = std::io::Error::last_os_error();
                 if error.kind() != std::io::ErrorKind::WouldBlock {
@@ -178,7 +198,12 @@ impl RelaySocket {
     }
 
     /// Sends one datagram (see [`Self::send_many`]).
-    pub fn send(&self, data: &[u8], to: SocketAddrV4, from: Option<Ipv4Addr>) -> std::io::Result<()> {
+    pub fn send(
+        &self,
+        data: &[u8],
+        to: SocketAddrV4,
+        from: Option<Ipv4Addr>,
+    ) -> std::io::Result<()> {
         self.send_many(&[(to, from, data)])
     }
 }
@@ -195,7 +220,9 @@ fn sockaddr(address: SocketAddrV4) -> libc::sockaddr_in {
     libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: address.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from(*address.ip()).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*address.ip()).to_be(),
+        },
         sin_zero: [0; 8],
     }
 }
@@ -207,7 +234,8 @@ fn sockaddr(address: SocketAddrV4) -> libc::sockaddr_in {
 unsafe fn write_pktinfo(header: &mut libc::msghdr, control: &mut ControlSlot, from: Ipv4Addr) {
     header.msg_control = control.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE only computes a size.
-    header.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
+    header.msg_controllen =
+        unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
     // SAFETY: msg_control points at a zeroed buffer of msg_controllen bytes,
     // so the first header exists and its data fits.
     unsafe {
@@ -217,7 +245,9 @@ unsafe fn write_pktinfo(header: &mut libc::msghdr, control: &mut ControlSlot, fr
         (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
         let info = libc::in_pktinfo {
             ipi_ifindex: 0,
-            ipi_spec_dst: libc::in_addr { s_addr: u32::from(from).to_be() },
+            ipi_spec_dst: libc::in_addr {
+                s_addr: u32::from(from).to_be(),
+            },
             ipi_addr: libc::in_addr { s_addr: 0 },
         };
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>(), info);
@@ -243,11 +273,16 @@ impl RecvBatch {
             controls: vec![[0; 8]; MAX_BATCH],
             iovecs: Vec::with_capacity(MAX_BATCH),
             // SAFETY: as above.
-            headers: (0..MAX_BATCH).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            headers: (0..MAX_BATCH)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
         });
         for index in 0..MAX_BATCH {
             let base = batch.slots[index].as_mut_ptr().cast();
-            batch.iovecs.push(libc::iovec { iov_base: base, iov_len: SLOT_BYTES });
+            batch.iovecs.push(libc::iovec {
+                iov_base: base,
+                iov_len: SLOT_BYTES,
+            });
         }
         batch
     }
@@ -267,7 +302,13 @@ impl RecvBatch {
         // SAFETY: every header points into this boxed batch, which is not
         // moved or freed during the call.
         let count = unsafe {
-            libc::recvmmsg(fd, self.headers.as_mut_ptr(), MAX_BATCH as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            libc::recvmmsg(
+                fd,
+                self.headers.as_mut_ptr(),
+                MAX_BATCH as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
         };
         if count < 0 {
             return Err(std::io::Error::last_os_error());
@@ -280,7 +321,10 @@ impl RecvBatch {
     fn message(&self, index: usize) -> Option<(Received, &[u8])> {
         let entry = &self.headers[index];
         if entry.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-            debug!(len = entry.msg_len, "dropping a datagram larger than the relay carries");
+            debug!(
+                len = entry.msg_len,
+                "dropping a datagram larger than the relay carries"
+            );
             return None;
         }
         let name = &self.names[index];
@@ -298,7 +342,8 @@ impl RecvBatch {
             let mut cmsg = libc::CMSG_FIRSTHDR(&entry.msg_hdr);
             while !cmsg.is_null() {
                 if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
-                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>());
+                    let info =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>());
                     destination = Some((
                         Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)),
                         u32::try_from(info.ipi_ifindex).unwrap_or(0),
@@ -309,7 +354,15 @@ impl RecvBatch {
         }
         let len = entry.msg_len as usize;
         let (to, ifindex) = destination?;
-        Some((Received { len, from, to, ifindex }, &self.slots[index][..len]))
+        Some((
+            Received {
+                len,
+                from,
+                to,
+                ifindex,
+            },
+            &self.slots[index][..len],
+        ))
     }
 
     fn payload(&self, index: usize) -> &[u8] {

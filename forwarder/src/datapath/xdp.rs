@@ -81,7 +81,9 @@ impl XdpDatapath {
         pins: &PinDir,
     ) -> anyhow::Result<Self> {
         if EBPF_OBJECT.is_empty() {
-            bail!("this forwarder binary was built with AYA_BUILD_SKIP and holds no XDP program: rebuild without it");
+            bail!(
+                "this forwarder binary was built with AYA_BUILD_SKIP and holds no XDP program: rebuild without it"
+            );
         }
         if interfaces.len() > MAX_INTERFACES as usize {
             return Err(super::Misconfigured(format!(
@@ -113,8 +115,11 @@ impl XdpDatapath {
             )
         })?;
 
-        let mut config_map: Array<_, RelayConfig> = Array::try_from(take_map(&mut ebpf, "CONFIG")?)?;
-        config_map.set(0, config, 0).context("writing the relay config map")?;
+        let mut config_map: Array<_, RelayConfig> =
+            Array::try_from(take_map(&mut ebpf, "CONFIG")?)?;
+        config_map
+            .set(0, config, 0)
+            .context("writing the relay config map")?;
 
         let mut egress: DevMapHash<_> = DevMapHash::try_from(take_map(&mut ebpf, "EGRESS")?)?;
         let mut indices = Vec::new();
@@ -176,15 +181,22 @@ impl XdpDatapath {
     /// never finds a rewrite whose return path is missing. Either both are
     /// in the maps afterwards or neither is.
     pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
-        for slot in [entries.client_rewrite.counter_slot, entries.backend_rewrite.counter_slot] {
+        for slot in [
+            entries.client_rewrite.counter_slot,
+            entries.backend_rewrite.counter_slot,
+        ] {
             self.reset_counter(slot)?;
         }
         self.backend_flows
             .insert(entries.backend_key, entries.backend_rewrite, 0)
             .context("inserting the backend half of a flow (is the flow map full?)")?;
-        if let Err(error) = self.client_flows.insert(entries.client_key, entries.client_rewrite, 0) {
+        if let Err(error) = self
+            .client_flows
+            .insert(entries.client_key, entries.client_rewrite, 0)
+        {
             let _ = self.backend_flows.remove(&entries.backend_key);
-            return Err(error).context("inserting the client half of a flow (is the flow map full?)");
+            return Err(error)
+                .context("inserting the client half of a flow (is the flow map full?)");
         }
         Ok(())
     }
@@ -217,8 +229,14 @@ impl XdpDatapath {
 
     /// Last-seen timestamps the XDP program wrote: (client half, backend half).
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
-        let client = self.client_flows.get(&entries.client_key, 0).map(|r| r.last_seen_ns);
-        let backend = self.backend_flows.get(&entries.backend_key, 0).map(|r| r.last_seen_ns);
+        let client = self
+            .client_flows
+            .get(&entries.client_key, 0)
+            .map(|r| r.last_seen_ns);
+        let backend = self
+            .backend_flows
+            .get(&entries.backend_key, 0)
+            .map(|r| r.last_seen_ns);
         (client.unwrap_or(0), backend.unwrap_or(0))
     }
 
@@ -227,11 +245,13 @@ impl XdpDatapath {
         self.flow_counters
             .get(&slot, 0)
             .map(|per_cpu| {
-                per_cpu.iter().fold(FlowCounter::default(), |sum, c| FlowCounter {
-                    packets: sum.packets + c.packets,
-                    bytes: sum.bytes + c.bytes,
-                    ..FlowCounter::default()
-                })
+                per_cpu
+                    .iter()
+                    .fold(FlowCounter::default(), |sum, c| FlowCounter {
+                        packets: sum.packets + c.packets,
+                        bytes: sum.bytes + c.bytes,
+                        ..FlowCounter::default()
+                    })
             })
             .unwrap_or_default()
     }
@@ -245,9 +265,13 @@ impl XdpDatapath {
                 self.sizes.max_flows
             );
         }
-        let cpus = nr_cpus().map_err(|(_, error)| error).context("counting CPUs")?;
+        let cpus = nr_cpus()
+            .map_err(|(_, error)| error)
+            .context("counting CPUs")?;
         let zeros = PerCpuValues::try_from(vec![FlowCounter::default(); cpus])?;
-        self.flow_counters.set(slot, zeros, 0).context("resetting a flow counter")?;
+        self.flow_counters
+            .set(slot, zeros, 0)
+            .context("resetting a flow counter")?;
         Ok(())
     }
 
@@ -284,7 +308,10 @@ impl XdpDatapath {
             ("REASON_COUNTERS", None),
             ("CONFIG", None),
             ("EGRESS", None),
-            ("SLOWPATH_SESSION_BUCKETS", Some(self.slowpath.sessions.keys().count())),
+            (
+                "SLOWPATH_SESSION_BUCKETS",
+                Some(self.slowpath.sessions.keys().count()),
+            ),
             ("SLOWPATH_GLOBAL_BUCKET", None),
         ];
         counted
@@ -294,7 +321,12 @@ impl XdpDatapath {
                 let map = MapData::from_pin(&path).ok()?;
                 let max_entries = map.info().ok()?.max_entries();
                 let fd = map.fd().as_fd().as_raw_fd();
-                Some(MapUsage { name: name.to_string(), entries, max_entries, memlock_bytes: memlock_of(fd) })
+                Some(MapUsage {
+                    name: name.to_string(),
+                    entries,
+                    max_entries,
+                    memlock_bytes: memlock_of(fd),
+                })
             })
             .collect()
     }
@@ -306,10 +338,12 @@ impl XdpDatapath {
                 self.reason_counters
                     .get(&index, 0)
                     .map(|per_cpu| {
-                        per_cpu.iter().fold(ReasonCounter::default(), |sum, c| ReasonCounter {
-                            packets: sum.packets + c.packets,
-                            bytes: sum.bytes + c.bytes,
-                        })
+                        per_cpu
+                            .iter()
+                            .fold(ReasonCounter::default(), |sum, c| ReasonCounter {
+                                packets: sum.packets + c.packets,
+                                bytes: sum.bytes + c.bytes,
+                            })
                     })
                     .unwrap_or_default()
             })
@@ -331,7 +365,12 @@ impl XdpDatapath {
     /// Buckets an earlier daemon left in the pinned map are dropped: the
     /// sessions restored afterwards get fresh ones with these limits.
     pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
-        let stale: Vec<u16> = self.slowpath.sessions.keys().filter_map(Result::ok).collect();
+        let stale: Vec<u16> = self
+            .slowpath
+            .sessions
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
         for port in stale {
             let _ = self.slowpath.sessions.remove(&port);
         }
@@ -361,7 +400,12 @@ impl XdpDatapath {
     }
 }
 
-fn attach(program: &mut Xdp, name: &str, index: u32, choice: ModeChoice) -> anyhow::Result<(String, XdpLinkId)> {
+fn attach(
+    program: &mut Xdp,
+    name: &str,
+    index: u32,
+    choice: ModeChoice,
+) -> anyhow::Result<(String, XdpLinkId)> {
     match choice {
         ModeChoice::Native => {
             let link = program_attach(program, index, XdpMode::Driver).map_err(|error| {
@@ -373,8 +417,9 @@ fn attach(program: &mut Xdp, name: &str, index: u32, choice: ModeChoice) -> anyh
             Ok(("native".into(), link))
         }
         ModeChoice::Skb => {
-            let link = program_attach(program, index, XdpMode::Skb)
-                .map_err(|error| anyhow::anyhow!("attaching XDP to {name} in skb mode failed: {error}"))?;
+            let link = program_attach(program, index, XdpMode::Skb).map_err(|error| {
+                anyhow::anyhow!("attaching XDP to {name} in skb mode failed: {error}")
+            })?;
             info!(interface = name, "XDP attached in generic (skb) mode");
             Ok(("skb".into(), link))
         }
@@ -446,13 +491,21 @@ fn attach_pinned(
             .and_then(|link| Ok(program.attach_to_link(link)?));
         match adopted {
             Ok(_) => {
-                info!(interface = name, mode, "adopted the pinned XDP link; forwarding never stopped");
+                info!(
+                    interface = name,
+                    mode, "adopted the pinned XDP link; forwarding never stopped"
+                );
                 return Ok(mode);
             }
             // The interface was deleted and re-created: its old link is defunct.
             Err(error) => {
-                warn!(interface = name, error = format!("{error:#}"), "the pinned XDP link is stale; attaching anew");
-                std::fs::remove_file(&path).with_context(|| format!("unpinning {}", path.display()))?;
+                warn!(
+                    interface = name,
+                    error = format!("{error:#}"),
+                    "the pinned XDP link is stale; attaching anew"
+                );
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("unpinning {}", path.display()))?;
             }
         }
     }
@@ -465,17 +518,26 @@ fn attach_pinned(
         )
     })?;
     let path = pins.link_path(name, &mode);
-    link.pin(&path).with_context(|| format!("pinning the XDP link of {name} at {}", path.display()))?;
+    link.pin(&path)
+        .with_context(|| format!("pinning the XDP link of {name} at {}", path.display()))?;
     Ok(mode)
 }
 
 /// Names and shapes of the maps in the embedded object.
 fn map_shapes() -> anyhow::Result<Vec<(String, u32, u32, u32)>> {
-    let object = aya_obj::Object::parse(EBPF_OBJECT).context("parsing the embedded XDP object: rebuild forwarder")?;
+    let object = aya_obj::Object::parse(EBPF_OBJECT)
+        .context("parsing the embedded XDP object: rebuild forwarder")?;
     Ok(object
         .maps
         .iter()
-        .map(|(name, map)| (name.clone(), map.map_type(), map.key_size(), map.value_size()))
+        .map(|(name, map)| {
+            (
+                name.clone(),
+                map.map_type(),
+                map.key_size(),
+                map.value_size(),
+            )
+        })
         .collect())
 }
 
@@ -510,7 +572,9 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
         if !path.exists() {
             continue;
         }
-        let got = MapInfo::from_pin(&path).with_context(|| format!("reading {}", path.display()))?.max_entries();
+        let got = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .max_entries();
         mismatch |= got != wanted;
         match name {
             map_names::CLIENT_FLOWS | map_names::BACKEND_FLOWS => pinned_flows = Some(got),
@@ -522,7 +586,11 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
     if !mismatch {
         return Ok(());
     }
-    let instance = pins.instance_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let instance = pins
+        .instance_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let flows = pinned_flows.map_or_else(|| "?".to_string(), |n| n.to_string());
     let sessions = pinned_sessions.map_or_else(|| "?".to_string(), |n| n.to_string());
     Err(super::Misconfigured(format!(
@@ -544,7 +612,9 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
 /// that another relay (or tool) owns the interface.
 fn check_interfaces_free(interfaces: &[String], pins: &PinDir) -> anyhow::Result<()> {
     for name in interfaces {
-        let Some(prog_id) = attached_xdp_prog(name)? else { continue };
+        let Some(prog_id) = attached_xdp_prog(name)? else {
+            continue;
+        };
         if let Some((path, _)) = pins.find_link(name)
             && pinned_link_prog(&path) == Some(prog_id)
         {
@@ -581,9 +651,12 @@ pub fn attached_xdp_prog(name: &str) -> anyhow::Result<Option<u32>> {
     let links: serde_json::Value =
         serde_json::from_slice(&output.stdout).context("parsing `ip -j link show` output")?;
     let xdp = &links[0]["xdp"];
-    let id = xdp["prog"]["id"]
-        .as_u64()
-        .or_else(|| xdp["attached"].as_array()?.iter().find_map(|a| a["prog"]["id"].as_u64()));
+    let id = xdp["prog"]["id"].as_u64().or_else(|| {
+        xdp["attached"]
+            .as_array()?
+            .iter()
+            .find_map(|a| a["prog"]["id"].as_u64())
+    });
     Ok(id.and_then(|id| u32::try_from(id).ok()))
 }
 
@@ -598,8 +671,16 @@ fn pinned_link_prog(path: &std::path::Path) -> Option<u32> {
 fn forwarder_owning(prog_id: u32) -> Option<String> {
     let root = std::path::Path::new(super::pins::BPFFS).join("forwarder");
     for instance in std::fs::read_dir(root).ok()?.filter_map(Result::ok) {
-        for layout in std::fs::read_dir(instance.path()).into_iter().flatten().filter_map(Result::ok) {
-            for pin in std::fs::read_dir(layout.path()).into_iter().flatten().filter_map(Result::ok) {
+        for layout in std::fs::read_dir(instance.path())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            for pin in std::fs::read_dir(layout.path())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+            {
                 let is_link = pin.file_name().to_string_lossy().starts_with("link-");
                 if is_link && pinned_link_prog(&pin.path()) == Some(prog_id) {
                     return Some(instance.file_name().to_string_lossy().into_owned());
@@ -631,10 +712,12 @@ pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
-    let routes: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .context("parsing `ip -j route get` output")?;
+    let routes: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("parsing `ip -j route get` output")?;
     let route = &routes[0];
-    let device = route["dev"].as_str().context("`ip route get` named no device")?;
+    let device = route["dev"]
+        .as_str()
+        .context("`ip route get` named no device")?;
     let source: Ipv4Addr = route["prefsrc"]
         .as_str()
         .context("`ip route get` named no source address: give the relay an IPv4 address on the backend's side")?
@@ -644,4 +727,3 @@ pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
         .with_context(|| format!("interface {device} from `ip route get` vanished"))?;
     Ok(BackendRoute { source, ifindex })
 }
-

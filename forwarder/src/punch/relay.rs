@@ -9,12 +9,12 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::wire::{self as punch, Authority, Message, RefusalReason, Secret, Verdict};
 use crate::datapath::socket::{Outgoing, Received, RelaySocket};
 use crate::datapath::xdp::{self, BackendRoute};
 use crate::mosh::MoshKey;
-use super::wire::{self as punch, Authority, Message, RefusalReason, Secret, Verdict};
-use crate::sessions::monotonic_ns;
 use crate::sessions::SharedRelay;
+use crate::sessions::monotonic_ns;
 use crate::slowpath::spawn_session_reader;
 
 /// `forwarder run --punch-port ...`.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 
-use crate::mosh::MoshKey;
 use super::wire::{self as punch, Message, Nonce, Secret};
+use crate::mosh::MoshKey;
 
 pub const LONG_HELP: &str = "\
 On a mosh server behind NAT (no public address, or only outbound UDP allowed):
@@ -139,7 +139,13 @@ pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
     );
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(
-        connect_lines(std::io::stdin().is_terminal(), path.relay_addr, path.client_port, &key.to_base64()).as_bytes(),
+        connect_lines(
+            std::io::stdin().is_terminal(),
+            path.relay_addr,
+            path.client_port,
+            &key.to_base64(),
+        )
+        .as_bytes(),
     )?;
     stdout.flush()?;
     Ok(())

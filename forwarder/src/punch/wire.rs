@@ -308,7 +308,13 @@ fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Non
     out.extend_from_slice(bytemuck::bytes_of(&header));
     match *message {
         Message::Allocate => {}
-        Message::Allocated { request, relay_addr, client_port, upstream_port, token } => {
+        Message::Allocated {
+            request,
+            relay_addr,
+            client_port,
+            upstream_port,
+            token,
+        } => {
             out.extend_from_slice(bytemuck::bytes_of(&AllocatedBody {
                 request,
                 relay_addr: relay_addr.octets(),
@@ -325,12 +331,23 @@ fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Non
                 seen_port: seen.port().to_be_bytes(),
             }));
         }
-        Message::Key { token, client_port, key } => {
-            out.extend_from_slice(bytemuck::bytes_of(&KeyBody { token, client_port: client_port.to_be_bytes(), key }));
+        Message::Key {
+            token,
+            client_port,
+            key,
+        } => {
+            out.extend_from_slice(bytemuck::bytes_of(&KeyBody {
+                token,
+                client_port: client_port.to_be_bytes(),
+                key,
+            }));
         }
         Message::KeyAccepted { request } => out.extend_from_slice(&request),
         Message::Refused { request, reason } => {
-            out.extend_from_slice(bytemuck::bytes_of(&RefusedBody { request, reason: reason as u8 }));
+            out.extend_from_slice(bytemuck::bytes_of(&RefusedBody {
+                request,
+                reason: reason as u8,
+            }));
         }
     }
     if let Some(secret) = secret.filter(|_| !matches!(message, Message::Refused { .. })) {
@@ -373,7 +390,14 @@ pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
     if kind == Some(MessageKind::Refused) {
         let refused: RefusedBody = body(&datagram[HEADER_LEN..]).ok_or(OpenError::Garbage)?;
         let reason = RefusalReason::from_u8(refused.reason).ok_or(OpenError::Garbage)?;
-        return Ok(Envelope { timestamp, nonce, message: Message::Refused { request: refused.request, reason } });
+        return Ok(Envelope {
+            timestamp,
+            nonce,
+            message: Message::Refused {
+                request: refused.request,
+                reason,
+            },
+        });
     }
     if datagram.len() < HEADER_LEN + MAC_LEN {
         return Err(OpenError::Refuse(nonce, RefusalReason::Malformed));
@@ -404,11 +428,17 @@ pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
             client_port: u16::from_be_bytes(b.client_port),
             key: b.key,
         }),
-        Some(MessageKind::KeyAccepted) => body::<Nonce>(bytes).map(|request| Message::KeyAccepted { request }),
+        Some(MessageKind::KeyAccepted) => {
+            body::<Nonce>(bytes).map(|request| Message::KeyAccepted { request })
+        }
         _ => None,
     };
     let message = message.ok_or(OpenError::Refuse(nonce, RefusalReason::Malformed))?;
-    Ok(Envelope { timestamp, nonce, message })
+    Ok(Envelope {
+        timestamp,
+        nonce,
+        message,
+    })
 }
 
 /// Requests per second one source address may make (bursts of twice that).
@@ -535,7 +565,10 @@ mod tests {
         assert_eq!(bytes, expected);
         let refused = refusal([0xdd; 16], RefusalReason::NoCapacity);
         assert_eq!(&refused[..6], b"FWDP\x01\x07");
-        assert_eq!(&refused[HEADER_LEN..], [[0xdd; 16].as_slice(), &[5]].concat());
+        assert_eq!(
+            &refused[HEADER_LEN..],
+            [[0xdd; 16].as_slice(), &[5]].concat()
+        );
     }
 
     #[test]

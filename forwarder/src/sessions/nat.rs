@@ -44,14 +44,16 @@ use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
 use forwarder_common::{BackendKey, Rewrite};
 use tracing::{debug, info, warn};
 
-use super::{ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns};
-use forwarder_api::{FlowInfo, NatInfo};
-use crate::datapath::socket::{Received, RelaySocket};
+use super::{
+    ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns,
+};
 use crate::datapath::Datapath;
+use crate::datapath::socket::{Received, RelaySocket};
 use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::mosh::{self, ClientFollower, MoshKey, Rejected};
 use crate::punch::wire::Token;
 use crate::store::{KeyBinding, NatRecord};
+use forwarder_api::{FlowInfo, NatInfo};
 
 /// A handshake must reach the key within this long, or the session goes
 /// (mosh-server itself exits 60 s after starting without a client).
@@ -121,7 +123,10 @@ impl NatState {
     }
 
     fn seqs(&self) -> (Option<u64>, Option<u64>) {
-        (self.follower.as_ref().and_then(ClientFollower::newest), self.newest_server_seq)
+        (
+            self.follower.as_ref().and_then(ClientFollower::newest),
+            self.newest_server_seq,
+        )
     }
 }
 
@@ -136,7 +141,15 @@ fn nat_entries(
     backend: SocketAddrV4,
     slot: u32,
 ) -> FlowEntries {
-    let mut entries = flow_entries(relay_addr, session_port, client, route, upstream_port, backend, slot);
+    let mut entries = flow_entries(
+        relay_addr,
+        session_port,
+        client,
+        route,
+        upstream_port,
+        backend,
+        slot,
+    );
     entries.backend_rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
     entries
 }
@@ -226,7 +239,11 @@ impl Relay {
             && let Some(store) = &self.store
             && let Err(error) = store.delete(info.port)
         {
-            warn!(port = info.port, error = format!("{error:#}"), "removing a punched session's incomplete row from the store");
+            warn!(
+                port = info.port,
+                error = format!("{error:#}"),
+                "removing a punched session's incomplete row from the store"
+            );
         }
         Ok(Allocation {
             client_port: info.port,
@@ -419,7 +436,8 @@ impl Relay {
         let (from, to) = (received.from, received.to);
         let nat = session.nat.as_deref_mut()?;
         let now = monotonic_ns();
-        let wrong_interface = session.route.ifindex != 0 && received.ifindex != session.route.ifindex;
+        let wrong_interface =
+            session.route.ifindex != 0 && received.ifindex != session.route.ifindex;
         if from == session.backend {
             // The server's endpoint at another relay address or through
             // another interface came in some other way (a forger on the
@@ -429,7 +447,11 @@ impl Relay {
             }
             // Every server datagram the daemon sees raises the bar a moved
             // endpoint's first datagram must clear.
-            if let Some(nonce) = nat.follower.as_ref().and_then(|f| mosh::verified_server_nonce(f.key(), datagram)) {
+            if let Some(nonce) = nat
+                .follower
+                .as_ref()
+                .and_then(|f| mosh::verified_server_nonce(f.key(), datagram))
+            {
                 nat.newest_server_seq = nat.newest_server_seq.max(Some(nonce));
             }
         } else {
@@ -437,7 +459,9 @@ impl Relay {
             // at another relay address never came through the server's path.
             let verdict = match (&nat.follower, nat.bound) {
                 _ if to != session.route.source || wrong_interface => Err(Rejected::WrongPath),
-                (Some(follower), true) => mosh::accept_server_move(follower.key(), datagram, nat.newest_server_seq),
+                (Some(follower), true) => {
+                    mosh::accept_server_move(follower.key(), datagram, nat.newest_server_seq)
+                }
                 _ => Err(Rejected::NoKey),
             };
             let nonce = match verdict {
@@ -464,7 +488,10 @@ impl Relay {
                 // (same key: it replaces the old one), and stores the session.
                 Some((client, relay_addr)) => {
                     if let Err(error) = self.nat_move(port, client, relay_addr) {
-                        warn!(error = format!("{error:#}"), "re-installing a NAT session whose server moved");
+                        warn!(
+                            error = format!("{error:#}"),
+                            "re-installing a NAT session whose server moved"
+                        );
                     }
                 }
                 None => {
@@ -584,17 +611,27 @@ impl Relay {
     /// it did. Failures are logged: the session keeps working, it just might
     /// not survive a restart.
     pub(super) fn persist_nat(&mut self, port: u16) -> bool {
-        let Some(store) = &self.store else { return false };
-        let Some(session) = self.sessions.get_mut(&port) else { return false };
+        let Some(store) = &self.store else {
+            return false;
+        };
+        let Some(session) = self.sessions.get_mut(&port) else {
+            return false;
+        };
         let mut record = session.record();
-        let Some(nat) = session.nat.as_deref_mut() else { return false };
+        let Some(nat) = session.nat.as_deref_mut() else {
+            return false;
+        };
         let Some(sealer) = store.key_sealer() else {
             // Only a relay with the punch handshake makes punched sessions,
             // and it always has a sealer; keep nothing unsealed regardless.
             warn!(session = %session.id, "not storing a punched session: no punch secret to seal its key with");
             return false;
         };
-        let binding = KeyBinding { session_id: &session.id, port, upstream_port: nat.upstream_port };
+        let binding = KeyBinding {
+            session_id: &session.id,
+            port,
+            upstream_port: nat.upstream_port,
+        };
         let seqs = nat.seqs();
         record.nat = Some(NatRecord {
             upstream_port: nat.upstream_port,
@@ -602,7 +639,10 @@ impl Relay {
             token: nat.token,
             punch_source: nat.punch_source,
             bound: nat.bound,
-            sealed_key: nat.follower.as_ref().map(|f| sealer.seal(&f.key_bytes(), binding)),
+            sealed_key: nat
+                .follower
+                .as_ref()
+                .map(|f| sealer.seal(&f.key_bytes(), binding)),
             client: nat.current.as_ref().map(|c| (c.client, c.relay_addr)),
             newest_client_seq: seqs.0,
             newest_server_seq: seqs.1,
@@ -634,7 +674,8 @@ impl Relay {
             .filter(|s| {
                 nat_of(s).is_some_and(|n| {
                     n.seqs() != n.stored_seqs
-                        && now.saturating_sub(n.stored_ns) >= PROGRESS_WRITE_INTERVAL.as_nanos() as u64
+                        && now.saturating_sub(n.stored_ns)
+                            >= PROGRESS_WRITE_INTERVAL.as_nanos() as u64
                 })
             })
             .map(|s| s.port)
@@ -665,7 +706,11 @@ impl Relay {
                  to keep such sessions across restarts"
             );
         };
-        let binding = KeyBinding { session_id: &session.id, port: session.port, upstream_port: record.upstream_port };
+        let binding = KeyBinding {
+            session_id: &session.id,
+            port: session.port,
+            upstream_port: record.upstream_port,
+        };
         let follower = match &record.sealed_key {
             Some(sealed) => Some(ClientFollower::resume(
                 MoshKey::from_bytes(sealer.open(sealed, binding)?),
@@ -677,7 +722,9 @@ impl Relay {
         if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
             bail!("its counter slot {slot} is out of range or used twice");
         }
-        self.flow_ports.take(record.upstream_port).context("taking its upstream port back")?;
+        self.flow_ports
+            .take(record.upstream_port)
+            .context("taking its upstream port back")?;
         let upstream = match RelaySocket::bind(session.route.source, record.upstream_port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
@@ -707,7 +754,10 @@ impl Relay {
             }
             NatClient { client, relay_addr, entries, since_ns: now }
         });
-        let seqs = (follower.as_ref().and_then(ClientFollower::newest), record.newest_server_seq);
+        let seqs = (
+            follower.as_ref().and_then(ClientFollower::newest),
+            record.newest_server_seq,
+        );
         session.nat = Some(Box::new(NatState {
             upstream_port: record.upstream_port,
             upstream: upstream.clone(),
@@ -731,6 +781,9 @@ impl Relay {
             stored_seqs: seqs,
             stored_ns: now,
         }));
-        Ok(RestoredNat { upstream, backend_key })
+        Ok(RestoredNat {
+            upstream,
+            backend_key,
+        })
     }
 }

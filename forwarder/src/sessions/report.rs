@@ -62,11 +62,20 @@ fn stats(relay: &Relay) -> StatsInfo {
         .map(|v| (v.to_string(), 0))
         .collect();
     let mut reasons = BTreeMap::new();
-    for (reason, counter) in Reason::ALL.iter().zip(&counters).take(REASON_COUNT as usize) {
-        *verdicts.entry(reason.verdict().name().to_string()).or_default() += counter.packets;
+    for (reason, counter) in Reason::ALL
+        .iter()
+        .zip(&counters)
+        .take(REASON_COUNT as usize)
+    {
+        *verdicts
+            .entry(reason.verdict().name().to_string())
+            .or_default() += counter.packets;
         reasons.insert(
             reason.name().to_string(),
-            PacketsBytes { packets: counter.packets, bytes: counter.bytes },
+            PacketsBytes {
+                packets: counter.packets,
+                bytes: counter.bytes,
+            },
         );
     }
     StatsInfo {

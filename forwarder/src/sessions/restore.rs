@@ -26,7 +26,10 @@ pub struct Restored {
 
 pub(super) fn same_rewrite(expected: &Rewrite, found: &Rewrite) -> bool {
     // The XDP program writes last_seen; everything else is ours.
-    Rewrite { last_seen_ns: 0, ..*found } == *expected
+    Rewrite {
+        last_seen_ns: 0,
+        ..*found
+    } == *expected
 }
 
 impl Relay {
@@ -35,7 +38,8 @@ impl Relay {
     pub fn restore(&mut self, records: Vec<SessionRecord>) -> Restored {
         let now = monotonic_ns();
         let mut restored = Restored::default();
-        let backend_halves: HashMap<BackendKey, Rewrite> = self.datapath.backend_halves().into_iter().collect();
+        let backend_halves: HashMap<BackendKey, Rewrite> =
+            self.datapath.backend_halves().into_iter().collect();
         let mut claimed = HashSet::new();
         for record in records {
             match self.restore_session(&record, &backend_halves, now) {
@@ -57,7 +61,11 @@ impl Relay {
                     if let Some(store) = &self.store
                         && let Err(error) = store.delete(record.port)
                     {
-                        warn!(port = record.port, error = format!("{error:#}"), "forgetting an unrestorable session");
+                        warn!(
+                            port = record.port,
+                            error = format!("{error:#}"),
+                            "forgetting an unrestorable session"
+                        );
                     }
                 }
             }
@@ -82,7 +90,10 @@ impl Relay {
             }
         }
         for key in backend_halves.keys().filter(|key| !claimed.contains(*key)) {
-            warn!(upstream_port = u16::from_be_bytes(key.relay_port), "pinned backend half without its flow removed");
+            warn!(
+                upstream_port = u16::from_be_bytes(key.relay_port),
+                "pinned backend half without its flow removed"
+            );
             self.datapath.remove_backend_half(key);
             restored.dropped_halves += 1;
         }
@@ -113,7 +124,10 @@ impl Relay {
         let mut session = Session::new(
             record.id.clone(),
             record.backend,
-            BackendRoute { source: record.route_source, ifindex: record.route_ifindex },
+            BackendRoute {
+                source: record.route_source,
+                ifindex: record.route_ifindex,
+            },
             Duration::from_secs(record.idle_timeout_secs),
             socket.clone(),
             &self.limits,
@@ -156,7 +170,15 @@ impl Relay {
         if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
             return Err(format!("counter slot {slot} is out of range or used twice"));
         }
-        let entries = flow_entries(relay_addr, session_port, client, session.route, upstream_port, session.backend, slot);
+        let entries = flow_entries(
+            relay_addr,
+            session_port,
+            client,
+            session.route,
+            upstream_port,
+            session.backend,
+            slot,
+        );
         if !same_rewrite(&entries.client_rewrite, rewrite) {
             return Err("the client half does not match its session".into());
         }
@@ -165,7 +187,9 @@ impl Relay {
             Some(_) => return Err("the backend half does not match its session".into()),
             None => return Err("the backend half is missing".into()),
         }
-        self.flow_ports.take(upstream_port).map_err(|error| error.to_string())?;
+        self.flow_ports
+            .take(upstream_port)
+            .map_err(|error| error.to_string())?;
         let socket = match RelaySocket::bind(session.route.source, upstream_port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
@@ -174,13 +198,26 @@ impl Relay {
             }
         };
         self.free_slots.retain(|&free| free != slot);
-        let session = self.sessions.get_mut(&session_port).expect("looked up above");
+        let session = self
+            .sessions
+            .get_mut(&session_port)
+            .expect("looked up above");
         session.flows.insert((relay_addr, client), upstream_port);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow restored");
         // A flow the server answered before the restart stays established;
         // the others wait on probation again.
-        let mut flow = Flow::new(session_port, client, relay_addr, socket.clone(), entries, slot, now);
-        flow.answered = backend_halves.get(&entries.backend_key).is_some_and(|half| half.last_seen_ns > 0);
+        let mut flow = Flow::new(
+            session_port,
+            client,
+            relay_addr,
+            socket.clone(),
+            entries,
+            slot,
+            now,
+        );
+        flow.answered = backend_halves
+            .get(&entries.backend_key)
+            .is_some_and(|half| half.last_seen_ns > 0);
         if !flow.answered {
             session.probation.push_back(upstream_port);
         }
