@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,18 +19,47 @@ pub fn socket_path(instance: &str) -> PathBuf {
 
 /// Parses a backend given on the command line or the control socket.
 pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
-    let address: SocketAddrV4 = text.trim().parse().with_context(|| {
-        format!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001")
-    })?;
-    if address.port() == 0 {
+    let text = text.trim();
+    if text.parse::<std::net::SocketAddrV6>().is_ok() {
+        bail!(
+            "backend {text:?} is IPv6: IPv6 backends are not supported yet; give the server's IPv4 address"
+        );
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        bail!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001");
+    };
+    let ip: std::net::Ipv4Addr = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) if host.chars().any(|c| c.is_ascii_alphabetic()) => bail!(
+            "backend {text:?} names a host: host names are not supported yet; give the server's IPv4 address"
+        ),
+        Err(_) => {
+            bail!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001")
+        }
+    };
+    let port: u16 = match port.parse::<u64>() {
+        Ok(port) if port > u64::from(u16::MAX) => {
+            bail!("backend {text:?}: port {port} is out of range (1-65535)")
+        }
+        Ok(port) => u16::try_from(port).expect("checked above"),
+        Err(_) => bail!(
+            "malformed backend address {text:?}: expected IPV4:PORT with a numeric port, e.g. 10.0.2.2:60001"
+        ),
+    };
+    if port == 0 {
         bail!(
             "backend {text:?} has port 0: give the port mosh-server listens on (MOSH CONNECT <port>)"
         );
     }
-    if address.ip().is_unspecified() || address.ip().is_broadcast() || address.ip().is_multicast() {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
         bail!("backend {text:?} is not a unicast address: give the mosh server's IPv4 address");
     }
-    Ok(address)
+    if ip.is_loopback() {
+        bail!(
+            "backend {text:?} is a loopback address: the relay would forward to itself; give the server's address"
+        );
+    }
+    Ok(SocketAddrV4::new(ip, port))
 }
 
 /// Largest request line the daemon reads; anything longer is refused.
@@ -296,9 +325,16 @@ mod tests {
             "0.0.0.0:5",
             "10.0.0.2:70000",
             "[::1]:5",
+            "127.0.0.1:60001",
+            "10.0.0.2:x",
         ] {
             assert!(parse_backend(bad).is_err(), "{bad}");
         }
+        let says = |text: &str| parse_backend(text).unwrap_err().to_string();
+        assert!(says("[2001:db8::1]:60001").contains("IPv6 backends are not supported yet"));
+        assert!(says("server.example:60001").contains("host names are not supported yet"));
+        assert!(says("10.0.0.2:70000").contains("port 70000 is out of range (1-65535)"));
+        assert!(says("127.0.0.1:60001").contains("loopback"));
     }
 
     #[test]

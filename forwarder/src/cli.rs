@@ -24,7 +24,8 @@ use forwarder_api::{Reply, Request, SessionInfo, StatsInfo};
     about = "XDP-accelerated UDP relay for mosh"
 )]
 pub struct Cli {
-    /// Names the control socket, so several relays can share a host [default: default].
+    /// Names the control socket, so several relays can share a host (not for `mosh-server`)
+    /// [default: default].
     #[arg(long, global = true, env = "FORWARDER_INSTANCE")]
     pub instance: Option<String>,
     #[command(subcommand)]
@@ -467,7 +468,22 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Verb::MoshServer(args) => crate::punch::server::main(args),
+        Verb::MoshServer(args) => {
+            // The wrapper talks to a relay's punch port, not to a local
+            // daemon: an instance would mean nothing. The variable may be set
+            // for the other verbs; only the flag is a mistake.
+            let from_environment = std::env::var("FORWARDER_INSTANCE").ok();
+            if let Some(given) = cli
+                .instance
+                .filter(|given| from_environment.as_ref() != Some(given))
+            {
+                bail!(
+                    "--instance {given:?} has no meaning for `forwarder mosh-server`: it reaches the relay through \
+                     --relay ADDR:PORT; drop --instance"
+                );
+            }
+            crate::punch::server::main(args)
+        }
         Verb::Stats { json } => {
             daemon::validate_instance(&instance)?;
             let Reply::Stats(stats) = call(&instance, &Request::Stats {})? else {

@@ -336,6 +336,12 @@ impl Relay {
         port: Option<u16>,
         idle_timeout: Option<Duration>,
     ) -> anyhow::Result<(SessionInfo, Arc<RelaySocket>)> {
+        if self.relay_addresses.contains(backend.ip()) {
+            bail!(
+                "backend {backend} is one of this relay's own addresses: the relay would forward to itself; \
+                 give the mosh server's address"
+            );
+        }
         if let Some(existing) = self.sessions.values().find(|s| s.backend == backend) {
             bail!(
                 "session {} (port {}) already forwards to {backend}: use it, or `forwarder remove {}` first",

@@ -82,8 +82,6 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
         "10.77.2.2",
         "10.77.2.2:",
         "300.1.2.3:60001",
-        "[::1]:60001",
-        "server:60001",
         "",
     ] {
         refused(
@@ -92,10 +90,21 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
             &["malformed backend address", "IPV4:PORT"],
         );
     }
+    // Well-formed, but not (yet) what a backend can be: each says so.
+    refused(
+        &relay,
+        &["add", "--backend", "[::1]:60001"],
+        &["IPv6", "not supported yet"],
+    );
+    refused(
+        &relay,
+        &["add", "--backend", "server:60001"],
+        &["host names", "not supported yet"],
+    );
     refused(
         &relay,
         &["add", "--backend", "10.77.2.2:70000"],
-        &["malformed backend address"],
+        &["port 70000 is out of range"],
     );
     refused(&relay, &["add", "--backend", "10.77.2.2:0"], &["port 0"]);
     for not_unicast in ["0.0.0.0:60001", "255.255.255.255:60001", "224.0.0.1:60001"] {

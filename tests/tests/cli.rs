@@ -91,6 +91,28 @@ fn show_exit_codes_and_json_documents() {
         "{error}"
     );
 
+    // Backends the relay would forward to itself, and what is not supported yet.
+    for (backend, says) in [
+        (
+            format!("{RELAY_CLIENT_IP}:60001"),
+            "one of this relay's own addresses",
+        ),
+        ("127.0.0.1:60001".to_string(), "loopback"),
+        (
+            "[2001:db8::1]:60001".to_string(),
+            "IPv6 backends are not supported yet",
+        ),
+        (
+            "server.example:60001".to_string(),
+            "host names are not supported yet",
+        ),
+        ("10.77.2.2:70000".to_string(), "out of range (1-65535)"),
+    ] {
+        let refused = relay.try_verb(&["add", "--backend", &backend]).unwrap();
+        assert_eq!(exit_code(&refused), Some(1), "{refused:?}");
+        assert!(refused.stderr.contains(says), "{backend}: {refused:?}");
+    }
+
     // Usage errors are clap's 2.
     let usage = relay.try_verb(&["show"]).unwrap();
     assert_eq!(exit_code(&usage), Some(2), "{usage:?}");
