@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
-use crate::config::FileConfig;
+use crate::config::{FileConfig, defaults};
 use crate::control::client::call;
 use crate::daemon::{self, RunOptions};
 use crate::datapath::DatapathChoice;
@@ -110,7 +110,8 @@ pub struct RunArgs {
     /// Interface to attach XDP to (repeat for each side of the relay).
     #[arg(long = "iface")]
     pub interfaces: Vec<String>,
-    /// [default: auto]
+    /// How XDP attaches: native (in the driver), skb (generic, slower, works everywhere), or auto
+    /// (native, falling back to skb with a logged reason) [default: auto].
     #[arg(long, value_enum)]
     pub xdp_mode: Option<ModeChoice>,
     /// XDP fast path, the daemon's sockets only (hosts without BPF), or XDP
@@ -184,29 +185,6 @@ pub struct RunArgs {
     pub punch_keepalive: Option<Duration>,
 }
 
-fn parse_in_config<T: std::str::FromStr>(
-    key: &str,
-    text: Option<String>,
-) -> anyhow::Result<Option<T>>
-where
-    T::Err: std::fmt::Display,
-{
-    text.map(|text| {
-        text.parse::<T>()
-            .map_err(|error| anyhow::anyhow!("config key {key} = {text:?}: {error}"))
-    })
-    .transpose()
-}
-
-fn duration_in_config(key: &str, text: Option<String>) -> anyhow::Result<Option<Duration>> {
-    text.map(|text| {
-        humantime::parse_duration(&text).map_err(|error| {
-            anyhow::anyhow!("config key {key} = {text:?}: {error} (write e.g. \"120s\" or \"7d\")")
-        })
-    })
-    .transpose()
-}
-
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
 fn runtime_sizes(
     max_flows: u32,
@@ -232,23 +210,15 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
     };
     let instance = instance
         .or(file.instance)
-        .unwrap_or_else(|| "default".into());
-    let xdp_mode = match (args.xdp_mode, file.xdp_mode) {
-        (Some(mode), _) => mode,
-        (None, Some(text)) => ModeChoice::from_str(&text, true).map_err(|_| {
-            anyhow::anyhow!("config key xdp_mode = {text:?}: use \"auto\", \"native\" or \"skb\"")
-        })?,
-        (None, None) => ModeChoice::Auto,
-    };
-    let datapath = match (args.datapath, file.datapath) {
-        (Some(choice), _) => choice,
-        (None, Some(text)) => DatapathChoice::from_str(&text, true).map_err(|_| {
-            anyhow::anyhow!(
-                "config key datapath = {text:?}: use \"auto\", \"xdp\" or \"userspace\""
-            )
-        })?,
-        (None, None) => DatapathChoice::Auto,
-    };
+        .unwrap_or_else(|| defaults::INSTANCE.into());
+    let xdp_mode = args
+        .xdp_mode
+        .or(file.xdp_mode)
+        .unwrap_or(defaults::XDP_MODE);
+    let datapath = args
+        .datapath
+        .or(file.datapath)
+        .unwrap_or(defaults::DATAPATH);
     let interfaces = if args.interfaces.is_empty() {
         file.interfaces.unwrap_or_default()
     } else {
@@ -263,7 +233,6 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
             path.display()
         );
     }
-    let default_range = |lo, hi| PortRange { lo, hi };
     let punch = match (
         args.punch_port.or(file.punch_port),
         args.punch_secret_file.or(file.punch_secret_file),
@@ -274,8 +243,8 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
             public_addr: args.public_addr.or(file.public_addr),
             keepalive: args
                 .punch_keepalive
-                .or(duration_in_config("punch_keepalive", file.punch_keepalive)?)
-                .unwrap_or(Duration::from_secs(15)),
+                .or(file.punch_keepalive)
+                .unwrap_or(defaults::PUNCH_KEEPALIVE),
         }),
         (None, None) => None,
         _ => bail!(
@@ -285,11 +254,11 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
     let max_flows = args
         .max_flows
         .or(file.max_flows)
-        .unwrap_or(forwarder_common::MAX_FLOWS);
+        .unwrap_or(defaults::MAX_FLOWS);
     let max_sessions = args
         .max_sessions
         .or(file.max_sessions)
-        .unwrap_or(forwarder_common::config::DEFAULT_MAX_SESSIONS as usize);
+        .unwrap_or(defaults::MAX_SESSIONS);
     let sizes = runtime_sizes(max_flows, max_sessions)?;
     Ok(RunOptions {
         punch,
@@ -303,49 +272,43 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         interfaces,
         datapath,
         xdp_mode,
-        session_ports: args
-            .ports
-            .or(parse_in_config("ports", file.ports)?)
-            .unwrap_or(default_range(60000, 60999)),
+        session_ports: args.ports.or(file.ports).unwrap_or(defaults::PORTS),
         flow_ports: args
             .flow_ports
-            .or(parse_in_config("flow_ports", file.flow_ports)?)
-            .unwrap_or(default_range(61000, 61999)),
+            .or(file.flow_ports)
+            .unwrap_or(defaults::FLOW_PORTS),
         limits: Limits {
             flow_idle_timeout: args
                 .flow_idle_timeout
-                .or(duration_in_config(
-                    "flow_idle_timeout",
-                    file.flow_idle_timeout,
-                )?)
-                .unwrap_or(Duration::from_secs(120)),
+                .or(file.flow_idle_timeout)
+                .unwrap_or(defaults::FLOW_IDLE_TIMEOUT),
             default_session_idle_timeout: args
                 .session_idle_timeout
-                .or(duration_in_config(
-                    "session_idle_timeout",
-                    file.session_idle_timeout,
-                )?)
-                .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+                .or(file.session_idle_timeout)
+                .unwrap_or(defaults::SESSION_IDLE_TIMEOUT),
             max_flows_per_session: args
                 .max_flows_per_session
                 .or(file.max_flows_per_session)
-                .unwrap_or(32),
+                .unwrap_or(defaults::MAX_FLOWS_PER_SESSION),
             new_flows_per_sec: args
                 .new_flows_per_sec
                 .or(file.new_flows_per_sec)
-                .unwrap_or(4),
+                .unwrap_or(defaults::NEW_FLOWS_PER_SEC),
             probation_flows_per_session: args
                 .probation_flows_per_session
                 .or(file.probation_flows_per_session)
-                .unwrap_or(crate::sessions::DEFAULT_PROBATION_FLOWS)
+                .unwrap_or(defaults::PROBATION_FLOWS_PER_SESSION)
                 .max(1),
             max_sessions,
         },
         slowpath_pps_per_session: args
             .slowpath_pps_per_session
             .or(file.slowpath_pps_per_session)
-            .unwrap_or(1_000),
-        slowpath_pps: args.slowpath_pps.or(file.slowpath_pps).unwrap_or(20_000),
+            .unwrap_or(defaults::SLOWPATH_PPS_PER_SESSION),
+        slowpath_pps: args
+            .slowpath_pps
+            .or(file.slowpath_pps)
+            .unwrap_or(defaults::SLOWPATH_PPS),
         instance,
     })
 }
@@ -767,4 +730,120 @@ fn render_stats(stats: &StatsInfo) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, ValueEnum};
+
+    use super::*;
+
+    /// The value a help text names as `[default: X]`.
+    fn shown_default(flag: &str) -> String {
+        let command = Cli::command();
+        let run = command.find_subcommand("run").expect("a run verb");
+        let argument = run
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag))
+            .unwrap_or_else(|| panic!("no --{flag}"));
+        let help = argument
+            .get_help()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let start = help
+            .find("[default: ")
+            .unwrap_or_else(|| panic!("--{flag} shows no default: {help}"));
+        let rest = &help[start + "[default: ".len()..];
+        rest[..rest.find(']').expect("closing bracket")].to_string()
+    }
+
+    /// Every default `--help` shows is the one the flag falls back to.
+    #[test]
+    fn help_shows_the_defaults_the_flags_fall_back_to() {
+        let duration = |flag| humantime::parse_duration(&shown_default(flag)).unwrap();
+        let number = |flag| shown_default(flag).parse::<u64>().unwrap();
+        assert_eq!(
+            ModeChoice::from_str(&shown_default("xdp-mode"), true),
+            Ok(defaults::XDP_MODE)
+        );
+        assert_eq!(
+            DatapathChoice::from_str(&shown_default("datapath"), true),
+            Ok(defaults::DATAPATH)
+        );
+        assert_eq!(
+            shown_default("ports").parse::<PortRange>(),
+            Ok(defaults::PORTS)
+        );
+        assert_eq!(
+            shown_default("flow-ports").parse::<PortRange>(),
+            Ok(defaults::FLOW_PORTS)
+        );
+        assert_eq!(duration("flow-idle-timeout"), defaults::FLOW_IDLE_TIMEOUT);
+        assert_eq!(
+            duration("session-idle-timeout"),
+            defaults::SESSION_IDLE_TIMEOUT
+        );
+        assert_eq!(duration("punch-keepalive"), defaults::PUNCH_KEEPALIVE);
+        assert_eq!(
+            number("max-flows-per-session"),
+            defaults::MAX_FLOWS_PER_SESSION as u64
+        );
+        assert_eq!(
+            number("new-flows-per-sec"),
+            u64::from(defaults::NEW_FLOWS_PER_SEC)
+        );
+        assert_eq!(
+            number("probation-flows-per-session"),
+            defaults::PROBATION_FLOWS_PER_SESSION as u64
+        );
+        assert_eq!(number("max-sessions"), defaults::MAX_SESSIONS as u64);
+        assert_eq!(number("max-flows"), u64::from(defaults::MAX_FLOWS));
+        assert_eq!(
+            number("slowpath-pps-per-session"),
+            u64::from(defaults::SLOWPATH_PPS_PER_SESSION)
+        );
+        assert_eq!(number("slowpath-pps"), u64::from(defaults::SLOWPATH_PPS));
+    }
+
+    /// The example config shows the defaults, not values of its own.
+    #[test]
+    fn the_example_config_shows_the_defaults() {
+        let file = FileConfig::parse(include_str!("../../packaging/forwarder.toml")).unwrap();
+        assert_eq!(file.xdp_mode, Some(defaults::XDP_MODE));
+        assert_eq!(file.ports, Some(defaults::PORTS));
+        assert_eq!(file.flow_ports, Some(defaults::FLOW_PORTS));
+        assert_eq!(file.flow_idle_timeout, Some(defaults::FLOW_IDLE_TIMEOUT));
+        assert_eq!(
+            file.session_idle_timeout,
+            Some(defaults::SESSION_IDLE_TIMEOUT)
+        );
+        assert_eq!(file.max_sessions, Some(defaults::MAX_SESSIONS));
+        assert_eq!(file.max_flows, Some(defaults::MAX_FLOWS));
+        assert_eq!(
+            file.max_flows_per_session,
+            Some(defaults::MAX_FLOWS_PER_SESSION)
+        );
+        assert_eq!(file.new_flows_per_sec, Some(defaults::NEW_FLOWS_PER_SEC));
+        assert_eq!(
+            file.probation_flows_per_session,
+            Some(defaults::PROBATION_FLOWS_PER_SESSION)
+        );
+        assert_eq!(
+            file.slowpath_pps_per_session,
+            Some(defaults::SLOWPATH_PPS_PER_SESSION)
+        );
+        assert_eq!(file.slowpath_pps, Some(defaults::SLOWPATH_PPS));
+    }
+
+    #[test]
+    fn typed_config_values_say_what_is_wrong() {
+        for (text, says) in [
+            ("flow_idle_timeout = \"soon\"", "flow_idle_timeout"),
+            ("xdp_mode = \"fast\"", "xdp_mode"),
+            ("ports = \"60000\"", "ports"),
+        ] {
+            let error = FileConfig::parse(text).unwrap_err().to_string();
+            assert!(error.contains(says), "{text}: {error}");
+        }
+    }
 }

@@ -4,9 +4,48 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
+
+use crate::datapath::DatapathChoice;
+use crate::datapath::xdp::ModeChoice;
+use crate::ports::PortRange;
+
+/// Every default of `forwarder run`, defined once: the flags fall back to
+/// these, `--help` shows them (a test checks each help line), and the
+/// example config shows the same values (a test checks the file).
+pub mod defaults {
+    use std::time::Duration;
+
+    use crate::datapath::DatapathChoice;
+    use crate::datapath::xdp::ModeChoice;
+    use crate::ports::PortRange;
+
+    pub const INSTANCE: &str = "default";
+    pub const XDP_MODE: ModeChoice = ModeChoice::Auto;
+    pub const DATAPATH: DatapathChoice = DatapathChoice::Auto;
+    pub const PORTS: PortRange = PortRange {
+        lo: 60000,
+        hi: 60999,
+    };
+    pub const FLOW_PORTS: PortRange = PortRange {
+        lo: 61000,
+        hi: 61999,
+    };
+    pub const FLOW_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+    /// Long enough for a laptop to sleep overnight.
+    pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+    pub const MAX_FLOWS_PER_SESSION: usize = 32;
+    pub const NEW_FLOWS_PER_SEC: u32 = 4;
+    pub const PROBATION_FLOWS_PER_SESSION: usize = crate::sessions::DEFAULT_PROBATION_FLOWS;
+    pub const MAX_SESSIONS: usize = forwarder_common::config::DEFAULT_MAX_SESSIONS as usize;
+    pub const MAX_FLOWS: u32 = forwarder_common::MAX_FLOWS;
+    pub const SLOWPATH_PPS_PER_SESSION: u32 = 1000;
+    pub const SLOWPATH_PPS: u32 = 20_000;
+    pub const PUNCH_KEEPALIVE: Duration = Duration::from_secs(15);
+}
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -14,15 +53,17 @@ pub struct FileConfig {
     pub instance: Option<String>,
     pub interfaces: Option<Vec<String>>,
     /// "auto", "native" or "skb".
-    pub xdp_mode: Option<String>,
+    pub xdp_mode: Option<ModeChoice>,
     /// "auto", "xdp" or "userspace".
-    pub datapath: Option<String>,
+    pub datapath: Option<DatapathChoice>,
     /// "LO-HI"
-    pub ports: Option<String>,
-    pub flow_ports: Option<String>,
+    pub ports: Option<PortRange>,
+    pub flow_ports: Option<PortRange>,
     /// Durations as humantime text: "120s", "7d".
-    pub flow_idle_timeout: Option<String>,
-    pub session_idle_timeout: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub flow_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub session_idle_timeout: Option<Duration>,
     pub max_sessions: Option<usize>,
     pub max_flows: Option<u32>,
     pub max_flows_per_session: Option<usize>,
@@ -39,7 +80,8 @@ pub struct FileConfig {
     pub punch_port: Option<u16>,
     pub punch_secret_file: Option<PathBuf>,
     pub public_addr: Option<std::net::Ipv4Addr>,
-    pub punch_keepalive: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub punch_keepalive: Option<Duration>,
 }
 
 impl FileConfig {

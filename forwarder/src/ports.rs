@@ -7,7 +7,8 @@ use std::ops::RangeInclusive;
 use std::str::FromStr;
 
 /// An inclusive port range as written on the command line: `LO-HI`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Read from the config file as its text form, "LO-HI".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde_with::DeserializeFromStr)]
 pub struct PortRange {
     pub lo: u16,
     pub hi: u16,

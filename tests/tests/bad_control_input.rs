@@ -60,7 +60,9 @@ fn refused_raw(relay: &Relay, what: &str, request: &[u8], words: &[&str]) {
         let value: serde_json::Value = serde_json::from_str(reply.trim()).unwrap_or_else(|e| {
             panic!("{what}: the reply is not one JSON document ({e}): {reply:?}")
         });
-        match value["error"].as_str() {
+        // A refusal is an `error` reply, or `not_found` for a session that
+        // does not exist (the CLI gives it its own exit code).
+        match value["error"].as_str().or(value["not_found"].as_str()) {
             Some(message) => Err(message.to_string()),
             None => Ok(value.to_string()),
         }

@@ -68,6 +68,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         "--exclude",
         "forwarder-bench-ebpf",
         "--release",
+        // Every test binary runs, so one run shows every failure.
+        "--no-fail-fast",
     ])
     .args(extra)
     .env("FORWARDER_BIN", &bin)

@@ -24,7 +24,8 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Which datapath the operator asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DatapathChoice {
     /// XDP, or the userspace datapath (with the reason) when XDP cannot load.
     Auto,
