@@ -50,6 +50,28 @@ impl SlowpathBucket {
         }
     }
 
+    /// `packets_per_sec` with bursts of `burst` packets; 0 means unlimited.
+    pub const fn with_burst(packets_per_sec: u32, burst: u32) -> Self {
+        let mut bucket = Self::per_second(packets_per_sec);
+        bucket.burst_ns = bucket.interval_ns * burst as u64;
+        bucket
+    }
+
+    /// Spends one packet's worth at `now_ns` if it fits: the same GCRA the
+    /// XDP program runs (there with an atomic add, as several CPUs share a
+    /// bucket), for the daemon's own limits, which one thread updates.
+    pub fn take(&mut self, now_ns: u64) -> bool {
+        if self.is_unlimited() {
+            return true;
+        }
+        self.tat_ns = self.tat_ns.max(now_ns);
+        if !self.fits(self.tat_ns, now_ns) {
+            return false;
+        }
+        self.tat_ns += self.interval_ns;
+        true
+    }
+
     pub const fn is_unlimited(&self) -> bool {
         self.interval_ns == 0
     }
@@ -68,17 +90,8 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    /// The single-CPU model of what the XDP program does.
     fn take(bucket: &mut SlowpathBucket, now: u64) -> bool {
-        if bucket.is_unlimited() {
-            return true;
-        }
-        bucket.tat_ns = bucket.tat_ns.max(now);
-        if !bucket.fits(bucket.tat_ns, now) {
-            return false;
-        }
-        bucket.tat_ns += bucket.interval_ns;
-        true
+        bucket.take(now)
     }
 
     #[test]

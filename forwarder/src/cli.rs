@@ -135,7 +135,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub max_flows_per_session: Option<usize>,
     /// Client endpoints per second that become established (answered by the server) in one session,
-    /// bursts of twice that [default: 4].
+    /// bursts of twice that; 0: unlimited [default: 4].
     #[arg(long)]
     pub new_flows_per_sec: Option<u32>,
     /// Client endpoints per session that may wait for the server's first answer; a newer one

@@ -369,6 +369,9 @@ pub async fn serve(listener: TcpListener, relay: SharedRelay) {
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
+                        // One scrape per connection, closed after the answer
+                        // (what simple scrapers that read to EOF expect).
+                        .keep_alive(false)
                         .header_read_timeout(Duration::from_secs(5))
                         .serve_connection(TokioIo::new(stream), service);
                     if let Err(error) = connection.await {

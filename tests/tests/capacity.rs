@@ -479,7 +479,7 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
             Ok(response)
         })
         .unwrap();
-    let label = format!("instance=\"{}\"", relay.instance());
+    let label = format!("relay=\"{}\"", relay.instance());
     assert!(
         metrics.contains(&format!("forwarder_open_files_limit{{{label}}} 300")),
         "{metrics}"

@@ -178,7 +178,7 @@ fn an_interface_down_and_forwarding_off_are_named_and_cleared() {
     );
     let metrics = scrape(&topo);
     let series = format!(
-        "forwarder_warning{{instance=\"{}\",kind=\"interface_down\",interface=\"veth-rs\"}} 1",
+        "forwarder_warning{{relay=\"{}\",kind=\"interface_down\",interface=\"veth-rs\"}} 1",
         relay.instance()
     );
     assert!(

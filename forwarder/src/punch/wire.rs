@@ -496,7 +496,7 @@ impl Authority {
         let bucket = self
             .per_source
             .entry(from)
-            .or_insert_with(|| TokenBucket::new(REQUESTS_PER_SEC, REQUESTS_PER_SEC * 2, now_ns));
+            .or_insert_with(|| TokenBucket::new(REQUESTS_PER_SEC, REQUESTS_PER_SEC * 2));
         if !bucket.try_take(now_ns) {
             return Verdict::RateLimited;
         }

@@ -86,7 +86,6 @@ impl Session {
             new_flows: TokenBucket::new(
                 limits.new_flows_per_sec,
                 limits.new_flows_per_sec.saturating_mul(2).max(1),
-                now,
             ),
             flows: HashMap::new(),
             probation: VecDeque::new(),
@@ -349,6 +348,11 @@ impl Relay {
                 existing.port,
                 existing.id
             );
+        }
+        // The descriptors kept in reserve serve the control socket and the
+        // metrics, as for new flows.
+        if let Err(at_limit) = crate::datapath::fds::check_headroom() {
+            bail!("{at_limit}");
         }
         if self.sessions.len() >= self.limits.max_sessions {
             bail!(
