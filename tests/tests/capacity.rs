@@ -469,7 +469,10 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
     // with the same cause, while the control socket keeps answering.
     let echo2 = UdpEcho::start(&topo.server, v4(SERVER_IP, 7001)).unwrap();
     let refused = relay.add(echo2.addr, &[]).unwrap_err().to_string();
-    assert!(refused.contains("open-file limit"), "unclear refusal of a session at the limit: {refused}");
+    assert!(
+        refused.contains("open-file limit"),
+        "unclear refusal of a session at the limit: {refused}"
+    );
     assert!(!relay.sessions().unwrap().is_empty());
     let metrics = topo
         .relay
