@@ -12,7 +12,6 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use forwarder_common::RelayConfig;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::task::JoinHandle;
 use tracing::info;
 
 use forwarder_common::config::RuntimeSizes;
@@ -212,9 +211,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         std::sync::Arc::new(spawn_session_reader),
     ));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
-    let punch_tasks = match options.punch.clone() {
-        Some(punch) => crate::punch::relay::start(relay.clone(), punch, nat_upstreams)?,
-        None => Vec::new(),
+    let punch = match options.punch.clone() {
+        Some(punch) => Some(tokio::spawn(crate::punch::relay::service(
+            relay.clone(),
+            punch,
+            nat_upstreams,
+        )?)),
+        None => None,
     };
     let health = tokio::spawn(crate::datapath::health::watch(
         options.interfaces.clone(),
@@ -236,7 +239,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     expiry.abort();
     health.abort();
-    punch_tasks.iter().for_each(JoinHandle::abort);
+    if let Some(punch) = punch {
+        punch.abort();
+    }
     let _ = std::fs::remove_file(&socket_path);
     info!(
         pins = %pins.dir.display(),

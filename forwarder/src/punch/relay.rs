@@ -6,7 +6,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::wire::{self as punch, Authority, Message, RefusalReason, Secret, Verdict};
@@ -30,22 +29,27 @@ pub struct PunchOptions {
 
 type SharedAuthority = Arc<Mutex<Authority>>;
 
-/// Binds the punch port and starts the handshake and keepalive tasks, and
-/// readers on the upstream sockets of punched sessions a restart restored.
-pub fn start(
+/// Binds the punch port (so a taken port fails the start) and returns the
+/// service: the handshake on that port and the keepalives, run as one task
+/// by the daemon. Readers on the upstream sockets of punched sessions a
+/// restart restored start with it.
+pub fn service(
     relay: SharedRelay,
     options: PunchOptions,
     restored_upstreams: Vec<Arc<RelaySocket>>,
-) -> anyhow::Result<Vec<JoinHandle<()>>> {
+) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let socket = Arc::new(RelaySocket::bind(Ipv4Addr::UNSPECIFIED, options.port)?);
     let authority: SharedAuthority = Arc::new(Mutex::new(Authority::new(options.secret.clone())));
     info!(port = options.port, public_addr = ?options.public_addr, keepalive = ?options.keepalive, "punch handshake enabled");
-    for upstream in restored_upstreams {
-        spawn_upstream_reader(relay.clone(), authority.clone(), upstream);
-    }
-    let serve = tokio::spawn(serve(relay.clone(), authority, socket, options.public_addr));
-    let keepalive = tokio::spawn(keepalive_forever(relay, options.keepalive));
-    Ok(vec![serve, keepalive])
+    Ok(async move {
+        for upstream in restored_upstreams {
+            spawn_upstream_reader(relay.clone(), authority.clone(), upstream);
+        }
+        tokio::join!(
+            serve(relay.clone(), authority, socket, options.public_addr),
+            keepalive_forever(relay, options.keepalive)
+        );
+    })
 }
 
 async fn route(ip: Ipv4Addr) -> anyhow::Result<BackendRoute> {
