@@ -39,7 +39,8 @@ pub mod defaults {
     pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
     pub const MAX_FLOWS_PER_SESSION: usize = 32;
     pub const NEW_FLOWS_PER_SEC: u32 = 4;
-    pub const PROBATION_FLOWS_PER_SESSION: usize = crate::sessions::DEFAULT_PROBATION_FLOWS;
+    /// Unanswered flows a session may hold (see `sessions::DEFAULT_PROBATION_FLOWS`).
+    pub const PROBATION_FLOWS_PER_SESSION: usize = 16;
     pub const MAX_SESSIONS: usize = forwarder_common::config::DEFAULT_MAX_SESSIONS as usize;
     pub const MAX_FLOWS: u32 = forwarder_common::MAX_FLOWS;
     pub const SLOWPATH_PPS_PER_SESSION: u32 = 1000;

@@ -163,7 +163,7 @@ impl Flow {
 /// this set, never the session's flow limit: each new endpoint evicts the
 /// oldest one-shot sender, so a real client's new endpoint always gets in
 /// and stays until mosh-server answers it.
-pub const DEFAULT_PROBATION_FLOWS: usize = 16;
+pub const DEFAULT_PROBATION_FLOWS: usize = crate::config::defaults::PROBATION_FLOWS_PER_SESSION;
 
 /// How many evicted endpoints a session remembers (see `Session::evicted`).
 const EVICTED_MEMORY: usize = 256;
