@@ -25,7 +25,7 @@
 //! relay. A refusal echoes the request's nonce (unforgeable off-path) but
 //! carries no HMAC: a peer with a wrong secret could not check it anyway.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +33,7 @@ use bytemuck::{Pod, Zeroable};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::limits::TokenBucket;
+use crate::limits::{RecentSet, TokenBucket};
 
 const MAGIC: [u8; 4] = *b"FWDP";
 const VERSION: u8 = 1;
@@ -452,9 +452,8 @@ const MAX_REMEMBERED_NONCES: usize = 65_536;
 /// replays and rate. Holds no session state; a refused request changes nothing here.
 pub struct Authority {
     secret: Secret,
-    /// Nonces of accepted requests within the time window, oldest first.
-    seen: VecDeque<(u64, Nonce)>,
-    seen_set: std::collections::HashSet<Nonce>,
+    /// Nonces of accepted requests within the time window.
+    seen: RecentSet<Nonce>,
     per_source: HashMap<Ipv4Addr, TokenBucket>,
 }
 
@@ -475,8 +474,7 @@ impl Authority {
     pub fn new(secret: Secret) -> Self {
         Self {
             secret,
-            seen: VecDeque::new(),
-            seen_set: Default::default(),
+            seen: RecentSet::new(MAX_REMEMBERED_NONCES),
             per_source: HashMap::new(),
         }
     }
@@ -510,18 +508,11 @@ impl Authority {
         }
         // Anything older than the window is refused as stale, so nonces only
         // need remembering for that long.
-        while let Some(&(at, nonce)) = self.seen.front() {
-            if at + 2 * TIME_WINDOW.as_secs() < now || self.seen.len() >= MAX_REMEMBERED_NONCES {
-                self.seen.pop_front();
-                self.seen_set.remove(&nonce);
-            } else {
-                break;
-            }
-        }
-        if !self.seen_set.insert(envelope.nonce) {
+        self.seen
+            .forget_before(now.saturating_sub(2 * TIME_WINDOW.as_secs()));
+        if !self.seen.insert(envelope.nonce, now) {
             return Verdict::Refuse(envelope.nonce, RefusalReason::Replay);
         }
-        self.seen.push_back((now, envelope.nonce));
         Verdict::Accept(envelope)
     }
 

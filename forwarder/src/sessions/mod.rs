@@ -1,7 +1,7 @@
 //! The session and flow table: what the relay forwards, kept consistent with
 //! the XDP maps and the daemon's sockets.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
 use crate::datapath::xdp::{BackendRoute, FlowEntries};
 use crate::expiry::{self, FlowActivity};
-use crate::limits::TokenBucket;
+use crate::limits::{RecentSet, TokenBucket};
 use crate::ports::{PortPool, PortRange};
 use crate::store::{SessionRecord, Store};
 use forwarder_api::{FlowInfo, SessionInfo, SlowPathStats};
@@ -60,7 +60,7 @@ pub struct Session {
     /// Client endpoints recently evicted from probation: one that comes
     /// back is a sender that retries (a real mosh-client does; a flood of
     /// spoofed one-shot sources does not), and is the last to be evicted.
-    evicted: RecentEndpoints,
+    evicted: RecentSet<(Ipv4Addr, SocketAddrV4)>,
     /// Set for a server behind a NAT that came through the punch handshake.
     nat: Option<Box<nat::NatState>>,
 }
@@ -89,7 +89,7 @@ impl Session {
             ),
             flows: HashMap::new(),
             probation: VecDeque::new(),
-            evicted: RecentEndpoints::default(),
+            evicted: RecentSet::new(EVICTED_MEMORY),
             nat: None,
         }
     }
@@ -167,31 +167,6 @@ pub const DEFAULT_PROBATION_FLOWS: usize = crate::config::defaults::PROBATION_FL
 
 /// How many evicted endpoints a session remembers (see `Session::evicted`).
 const EVICTED_MEMORY: usize = 256;
-
-/// A bounded set of endpoints, forgetting the oldest first.
-#[derive(Default)]
-struct RecentEndpoints {
-    order: VecDeque<(Ipv4Addr, SocketAddrV4)>,
-    members: HashSet<(Ipv4Addr, SocketAddrV4)>,
-}
-
-impl RecentEndpoints {
-    fn insert(&mut self, endpoint: (Ipv4Addr, SocketAddrV4)) {
-        if !self.members.insert(endpoint) {
-            return;
-        }
-        self.order.push_back(endpoint);
-        if self.order.len() > EVICTED_MEMORY
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.members.remove(&oldest);
-        }
-    }
-
-    fn contains(&self, endpoint: &(Ipv4Addr, SocketAddrV4)) -> bool {
-        self.members.contains(endpoint)
-    }
-}
 
 /// What the slow path should do with a packet that reached a session port.
 pub enum ClientVerdict {
@@ -707,7 +682,7 @@ impl Relay {
         self.remove_flow(victim, "evicted from probation by a newer endpoint");
         self.stats.flows_evicted_unanswered += 1;
         if let Some(session) = self.sessions.get_mut(&session_port) {
-            session.evicted.insert(endpoint);
+            session.evicted.insert(endpoint, now);
         }
     }
 
