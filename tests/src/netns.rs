@@ -140,6 +140,23 @@ impl Netns {
             .collect())
     }
 
+    /// `GET path` from inside the namespace (the daemon's metrics listen on
+    /// its loopback): the whole HTTP response, head and body.
+    pub fn http_get(&self, address: &str, path: &str) -> Result<String> {
+        let target = address.to_string();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n");
+        self.within(move || {
+            use std::io::{Read, Write};
+            let mut stream = std::net::TcpStream::connect(&target)?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .with_context(|| format!("GET {path} from {address} in {}", self.name))
+    }
+
     /// Runs `f` on a short-lived thread that has joined this namespace. Sockets
     /// created there stay in this namespace after the thread ends, so the test
     /// process can talk from inside without helper processes.

@@ -474,18 +474,7 @@ fn at_the_open_file_limit_flows_are_refused_with_the_cause_and_control_keeps_ans
         "unclear refusal of a session at the limit: {refused}"
     );
     assert!(!relay.sessions().unwrap().is_empty());
-    let metrics = topo
-        .relay
-        .within(|| {
-            use std::io::{Read, Write};
-            let mut stream = std::net::TcpStream::connect("127.0.0.1:9464")?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .unwrap();
+    let metrics = topo.relay.http_get("127.0.0.1:9464", "/metrics").unwrap();
     let label = format!("relay=\"{}\"", relay.instance());
     assert!(
         metrics.contains(&format!("forwarder_open_files_limit{{{label}}} 300")),

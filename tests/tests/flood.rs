@@ -29,30 +29,56 @@ fn reason_packets(stats: &serde_json::Value, reason: &str) -> u64 {
         .unwrap_or_else(|| panic!("no reason {reason} in stats: {stats}"))
 }
 
+/// A real mosh session through the relay, a second session with a UDP
+/// ping-pong that answers, and a flooder on a link of its own. Field order
+/// is drop order.
+struct Bed {
+    pinger: UdpPinger,
+    echo: UdpEcho,
+    m: MoshThroughRelay,
+    flooder: forwarder_testbed::Netns,
+}
+
+impl Bed {
+    fn start() -> Self {
+        let topo = Topology::client_relay_server().unwrap();
+        let flooder = attach_flooder(&topo).unwrap();
+        let m = MoshThroughRelay::start_on(
+            topo,
+            &[RELAY_CLIENT_IF, RELAY_SERVER_IF, RELAY_FLOODER_IF],
+            &[],
+        )
+        .unwrap();
+        m.roundtrip("calm").unwrap();
+        let echo = UdpEcho::start(&m.topo.server, SocketAddr::from((SERVER_IP, 7_000))).unwrap();
+        let pinged = m.relay.add(echo.addr, &[]).unwrap();
+        let mut pinger = UdpPinger::new(
+            &m.topo.client,
+            SocketAddr::from((CLIENT_IP, 0)),
+            SocketAddr::from((RELAY_CLIENT_IP, pinged.port)),
+        )
+        .unwrap();
+        assert!(
+            pinger.ping_any(10, Duration::from_secs(1)).unwrap(),
+            "ping-pong session never answered"
+        );
+        Self {
+            pinger,
+            echo,
+            m,
+            flooder,
+        }
+    }
+}
+
 #[test]
 fn flood_at_one_session_leaves_the_others_working() {
-    let topo = Topology::client_relay_server().unwrap();
-    let flooder = attach_flooder(&topo).unwrap();
-    let m = MoshThroughRelay::start_on(
-        topo,
-        &[RELAY_CLIENT_IF, RELAY_SERVER_IF, RELAY_FLOODER_IF],
-        &[],
-    )
-    .unwrap();
-    m.roundtrip("calm").unwrap();
-
-    let echo = UdpEcho::start(&m.topo.server, SocketAddr::from((SERVER_IP, 7_000))).unwrap();
-    let pinged = m.relay.add(echo.addr, &[]).unwrap();
-    let mut pinger = UdpPinger::new(
-        &m.topo.client,
-        SocketAddr::from((CLIENT_IP, 0)),
-        SocketAddr::from((RELAY_CLIENT_IP, pinged.port)),
-    )
-    .unwrap();
-    assert!(
-        pinger.ping_any(10, Duration::from_secs(1)).unwrap(),
-        "ping-pong session never answered"
-    );
+    let Bed {
+        mut pinger,
+        echo,
+        m,
+        flooder,
+    } = Bed::start();
 
     // The flooded session forwards to the discard port: nothing answers it.
     let flooded = m.relay.add(SocketAddr::from((SERVER_IP, 9)), &[]).unwrap();
@@ -147,27 +173,12 @@ fn roaming_works_during_a_flood_at_the_same_session() {
     /// `PROBATION_FLOWS` in the daemon, plus the client's old and new flows.
     const FLOWS_BOUND: usize = 16 + 2;
 
-    let topo = Topology::client_relay_server().unwrap();
-    let flooder = attach_flooder(&topo).unwrap();
-    let m = MoshThroughRelay::start_on(
-        topo,
-        &[RELAY_CLIENT_IF, RELAY_SERVER_IF, RELAY_FLOODER_IF],
-        &[],
-    )
-    .unwrap();
-    m.roundtrip("calm").unwrap();
-    let echo = UdpEcho::start(&m.topo.server, SocketAddr::from((SERVER_IP, 7_000))).unwrap();
-    let pinged = m.relay.add(echo.addr, &[]).unwrap();
-    let mut pinger = UdpPinger::new(
-        &m.topo.client,
-        SocketAddr::from((CLIENT_IP, 0)),
-        SocketAddr::from((RELAY_CLIENT_IP, pinged.port)),
-    )
-    .unwrap();
-    assert!(
-        pinger.ping_any(10, Duration::from_secs(1)).unwrap(),
-        "ping-pong session never answered"
-    );
+    let Bed {
+        mut pinger,
+        echo,
+        m,
+        flooder,
+    } = Bed::start();
 
     let flood = Flood::start(
         &flooder,

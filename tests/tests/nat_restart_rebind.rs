@@ -194,20 +194,7 @@ const METRICS: &str = "127.0.0.1:9464";
 
 /// The value of the metric line that starts with `name` and has `label`.
 fn metric(topo: &NatTopology, name: &str, label: &str) -> u64 {
-    let response = topo
-        .relay
-        .within(|| {
-            let mut stream = std::net::TcpStream::connect(METRICS)?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            std::io::Write::write_all(
-                &mut stream,
-                b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n",
-            )?;
-            let mut response = String::new();
-            std::io::Read::read_to_string(&mut stream, &mut response)?;
-            Ok(response)
-        })
-        .unwrap();
+    let response = topo.relay.http_get(METRICS, "/metrics").unwrap();
     response
         .lines()
         .find(|line| line.starts_with(name) && line.contains(label))

@@ -3,8 +3,7 @@
 //! the file, and the Prometheus endpoint scraped over loopback inside the
 //! relay's namespace.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use forwarder_testbed::netns::random_tag;
@@ -52,16 +51,7 @@ fn test_config(instance: &str, state_dir: &std::path::Path) -> String {
 }
 
 fn scrape(topo: &Topology) -> String {
-    topo.relay
-        .within(|| {
-            let mut stream = TcpStream::connect(METRICS)?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .unwrap()
+    topo.relay.http_get(METRICS, "/metrics").unwrap()
 }
 
 #[test]

@@ -16,17 +16,7 @@ const DETECT_WITHIN: Duration = Duration::from_secs(10);
 const METRICS: &str = "127.0.0.1:9464";
 
 fn scrape(topo: &Topology) -> String {
-    topo.relay
-        .within(|| {
-            use std::io::{Read, Write};
-            let mut stream = std::net::TcpStream::connect(METRICS)?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        })
-        .unwrap()
+    topo.relay.http_get(METRICS, "/metrics").unwrap()
 }
 
 fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
