@@ -636,29 +636,18 @@ fn check_interfaces_free(interfaces: &[String], pins: &PinDir) -> anyhow::Result
     Ok(())
 }
 
-/// The id of the XDP program attached to `name` (any mode), from `ip -j link`.
+/// The id of the XDP program attached to `name` (any mode).
 pub fn attached_xdp_prog(name: &str) -> anyhow::Result<Option<u32>> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "-d", "link", "show", "dev", name])
-        .output()
-        .context("running `ip link show` (is iproute2 installed?)")?;
-    if !output.status.success() {
-        return Err(super::Misconfigured(format!(
+    match super::netlink::link_by_name(name)
+        .with_context(|| format!("asking the kernel (rtnetlink) about interface {name}"))?
+    {
+        Some(link) => Ok(link.xdp_prog),
+        None => Err(super::Misconfigured(format!(
             "interface {name:?} does not exist in this network namespace: check `ip link` \
              (run the daemon in the namespace that owns it, e.g. with nsenter --net=...)"
         ))
-        .into());
+        .into()),
     }
-    let links: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("parsing `ip -j link show` output")?;
-    let xdp = &links[0]["xdp"];
-    let id = xdp["prog"]["id"].as_u64().or_else(|| {
-        xdp["attached"]
-            .as_array()?
-            .iter()
-            .find_map(|a| a["prog"]["id"].as_u64())
-    });
-    Ok(id.and_then(|id| u32::try_from(id).ok()))
 }
 
 fn pinned_link_prog(path: &std::path::Path) -> Option<u32> {
@@ -700,31 +689,25 @@ pub struct BackendRoute {
     pub ifindex: u32,
 }
 
-/// Asks the kernel (through iproute2's JSON output) how this namespace
-/// reaches `backend`.
+/// Asks the kernel (rtnetlink's RTM_GETROUTE, as `ip route get` does) how
+/// this namespace reaches `backend`.
 pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "-4", "route", "get", &backend.to_string()])
-        .output()
-        .context("running `ip route get` (is iproute2 installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "the relay has no route to backend {backend}: {} (check `ip route` in the relay's namespace)",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let routes: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("parsing `ip -j route get` output")?;
-    let route = &routes[0];
-    let device = route["dev"]
-        .as_str()
-        .context("`ip route get` named no device")?;
-    let source: Ipv4Addr = route["prefsrc"]
-        .as_str()
-        .context("`ip route get` named no source address: give the relay an IPv4 address on the backend's side")?
-        .parse()
-        .context("`ip route get` gave a malformed source address")?;
-    let ifindex = nix::net::if_::if_nametoindex(device)
-        .with_context(|| format!("interface {device} from `ip route get` vanished"))?;
+    let route = match super::netlink::route_get(backend) {
+        Ok(route) => route,
+        Err(error) => bail!(
+            "the relay has no route to backend {backend}: {error} (check `ip route` in the relay's namespace)"
+        ),
+    };
+    let ifindex = route.ifindex.with_context(|| {
+        format!(
+            "the kernel's route to {backend} names no interface (check `ip route get {backend}`)"
+        )
+    })?;
+    let source = route.source.with_context(|| {
+        format!(
+            "the route to backend {backend} names no source address: give the relay an IPv4 address on \
+             the backend's side"
+        )
+    })?;
     Ok(BackendRoute { source, ifindex })
 }
