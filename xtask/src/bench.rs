@@ -93,6 +93,14 @@ pub struct Plan {
     /// Flows in the table for the table-full measurement (real plus synthetic).
     pub fill_flows: usize,
     pub adds: usize,
+    /// Relay keys (and `scale`) to run; empty: everything.
+    pub only: Vec<String>,
+}
+
+impl Plan {
+    fn runs(&self, key: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k == key)
+    }
 }
 
 impl Plan {
@@ -107,6 +115,7 @@ impl Plan {
             scale_flows: vec![1, 1_000, 15_000],
             fill_flows: 65_000,
             adds: 500,
+            only: Vec::new(),
         }
     }
 
@@ -121,6 +130,7 @@ impl Plan {
             scale_flows: vec![1, 50],
             fill_flows: 1_000,
             adds: 20,
+            only: Vec::new(),
         }
     }
 }
@@ -589,7 +599,7 @@ pub fn run(plan: &Plan) -> Result<Value> {
         "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
     );
     for layout in [1, 2] {
-        for kind in Kind::ALL {
+        for kind in Kind::ALL.into_iter().filter(|k| plan.runs(k.key())) {
             let s = setup(kind, &bench, layout)
                 .with_context(|| format!("setting up {}", kind.name()))?;
             // Open the flows once (first packets go through a relay's slow path).
@@ -655,6 +665,9 @@ pub fn run(plan: &Plan) -> Result<Value> {
     // The relay comparison is printed before the long scale run, so a
     // failure there does not lose it.
     print_report(&results, &table);
+    if !plan.runs("scale") {
+        return Ok(results);
+    }
     results["scale"] = scale(plan, &bench)?;
     println!(
         "\n## Scale\n\n```json\n{}\n```",
