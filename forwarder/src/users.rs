@@ -345,18 +345,13 @@ pub struct UserPolicy {
     pub groups: BTreeMap<String, GroupRules>,
 }
 
-impl Default for UserPolicy {
-    /// No allow rule (users may add nothing) and the default quotas.
-    fn default() -> Self {
-        use crate::config::defaults;
+impl UserPolicy {
+    /// No rule (users may add nothing) and `quota` for everyone.
+    pub fn new(quota: Quota) -> Self {
         Self {
             allow: Vec::new(),
             deny: Vec::new(),
-            quota: Quota {
-                max_sessions: defaults::USER_MAX_SESSIONS,
-                max_flows: defaults::USER_MAX_FLOWS,
-                new_flows_per_sec: defaults::USER_NEW_FLOWS_PER_SEC,
-            },
+            quota,
             users: BTreeMap::new(),
             groups: BTreeMap::new(),
         }
@@ -501,6 +496,12 @@ mod tests {
         }
     }
 
+    const QUOTA: Quota = Quota {
+        max_sessions: 8,
+        max_flows: 32,
+        new_flows_per_sec: 4,
+    };
+
     fn rule(text: &str) -> BackendRule {
         text.parse().unwrap()
     }
@@ -542,7 +543,7 @@ mod tests {
     #[test]
     fn deny_wins_allow_permits_and_nothing_is_allowed_by_default() {
         let alice = user("alice", &["alice", "ops"]);
-        let mut policy = UserPolicy::default();
+        let mut policy = UserPolicy::new(QUOTA);
         let nothing = policy
             .check_backend(&alice, at("10.0.0.1:60001"))
             .unwrap_err();
@@ -596,7 +597,7 @@ mod tests {
 
     #[test]
     fn quotas_resolve_user_then_most_generous_group_then_default() {
-        let mut policy = UserPolicy::default();
+        let mut policy = UserPolicy::new(QUOTA);
         let alice = user("alice", &["alice", "ops", "dev"]);
         let q = policy.quota_for(&alice);
         assert_eq!(

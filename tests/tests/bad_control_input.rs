@@ -207,7 +207,11 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
         assert_refused(
             &relay,
             &what,
-            &["permission denied", "members of group", "adduser USER forwarder"],
+            &[
+                "permission denied",
+                "members of group",
+                "adduser USER forwarder",
+            ],
             || outcome(relay.try_verb_unprivileged(args).unwrap()),
         );
     }

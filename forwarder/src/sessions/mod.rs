@@ -303,7 +303,7 @@ impl Relay {
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
             store,
-            users: UserPolicy::default(),
+            users: UserPolicy::new(crate::config::defaults::USER_QUOTA),
             owner_new_flows: HashMap::new(),
         }
     }
@@ -1272,13 +1272,14 @@ mod tests {
     #[tokio::test]
     async fn an_owner_is_held_to_its_quota_across_its_sessions() {
         let mut relay = loopback_relay(8);
-        let mut policy = UserPolicy::default();
-        policy.quota = crate::users::Quota {
-            max_sessions: 2,
-            max_flows: 1,
-            new_flows_per_sec: 0,
-        };
-        relay.set_user_policy(policy);
+        relay.set_user_policy(UserPolicy {
+            quota: crate::users::Quota {
+                max_sessions: 2,
+                max_flows: 1,
+                new_flows_per_sec: 0,
+            },
+            ..UserPolicy::new(crate::config::defaults::USER_QUOTA)
+        });
         let alice = Owner {
             uid: 1000,
             name: "alice".into(),
