@@ -358,6 +358,24 @@ impl UserPolicy {
     }
 }
 
+impl UserPolicy {
+    /// `[user.NAME]` and `[group.NAME]` tables that name no user or group
+    /// on this host (a typo, or an account not made yet): they apply to nobody.
+    pub fn unknown_names(&self) -> Vec<String> {
+        let users = self
+            .users
+            .keys()
+            .filter(|name| !matches!(nix::unistd::User::from_name(name), Ok(Some(_))))
+            .map(|name| format!("[user.{name}]"));
+        let groups = self
+            .groups
+            .keys()
+            .filter(|name| !matches!(nix::unistd::Group::from_name(name), Ok(Some(_))))
+            .map(|name| format!("[group.{name}]"));
+        users.chain(groups).collect()
+    }
+}
+
 /// The more generous of two limits, 0 being unlimited.
 fn more_generous(a: u32, b: u32) -> bool {
     a == 0 || (b != 0 && a > b)

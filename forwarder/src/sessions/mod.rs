@@ -1346,6 +1346,50 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn an_owners_flows_are_established_at_its_own_rate() {
+        let mut relay = loopback_relay(8);
+        relay.set_user_policy(UserPolicy::new(crate::users::Quota {
+            max_sessions: 0,
+            max_flows: 0,
+            new_flows_per_sec: 1,
+        }));
+        let bob = Owner {
+            uid: 1001,
+            name: "bob".into(),
+            groups: Vec::new(),
+        };
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 1,
+        };
+        // Three sessions, one answered flow each: the owner's bucket (1/s,
+        // bursts of 2) lets two be established now, whatever the sessions' own.
+        for n in 2..5u8 {
+            let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
+            let (info, _socket) = relay
+                .add_session_for(bob.clone(), backend, route, None, None)
+                .unwrap();
+            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 50_000);
+            let ClientVerdict::Forward { socket, .. } = relay
+                .on_client_packet(info.port, client, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+            else {
+                panic!("bob's flow was refused");
+            };
+            let answer = Received {
+                len: 64,
+                from: backend,
+                to: Ipv4Addr::LOCALHOST,
+                ifindex: 1,
+            };
+            assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
+        }
+        relay.expire(monotonic_ns());
+        assert_eq!(relay.stats.flows_promoted, 2);
+        assert_eq!(relay.stats.refused_rate_limit, 1);
+    }
+
     #[test]
     fn flow_entries_relay_both_ways() {
         let client: SocketAddrV4 = "198.51.100.7:41000".parse().unwrap();
