@@ -419,6 +419,13 @@ impl Relay {
             );
         }
         if let Some(existing) = self.sessions.values().find(|s| s.backend == backend) {
+            // Another user's session is not the caller's to name or remove.
+            if !owner.is_root() && existing.owner.uid != owner.uid {
+                bail!(
+                    "another user's session already forwards to {backend}: one backend has one session; \
+                     ask that user or the relay's administrator"
+                );
+            }
             bail!(
                 "session {} (port {}) already forwards to {backend}: use it, or `forwarder remove {}` first",
                 existing.id,
@@ -1310,6 +1317,18 @@ mod tests {
         );
         // Root is held to no quota.
         relay.add_session(backend(4), route, None, None).unwrap();
+        // Another user's backend: refused without naming that session.
+        let bob = Owner {
+            uid: 1001,
+            name: "bob".into(),
+            groups: Vec::new(),
+        };
+        let Err(taken) = relay.add_session_for(bob, backend(2), route, None, None) else {
+            panic!("two sessions for one backend");
+        };
+        let taken = taken.to_string();
+        assert!(taken.contains("another user's session"), "{taken}");
+        assert!(!taken.contains(&ports[0].to_string()), "{taken}");
 
         // One answered flow on each of alice's sessions: only one may be
         // established under her quota of one flow.
