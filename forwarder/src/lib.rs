@@ -19,7 +19,8 @@
 //!                      reports), kept consistent with the maps and the sockets
 //! datapath             XDP (load, pins, maps, health) and the relay's UDP sockets
 //! store config mosh    leaves: the session store, the config file, mosh's
-//! ports limits expiry  datagram rules, port pools, token buckets, timeouts
+//! ports limits expiry  datagram rules, port pools, token buckets, timeouts,
+//! users                and self-service (owners, backend policy, quotas, audit)
 //! ```
 //!
 //! Below all of them: `forwarder-api` (control messages and JSON views) and
@@ -39,3 +40,4 @@ pub mod punch;
 pub mod sessions;
 pub mod slowpath;
 pub mod store;
+pub mod users;

@@ -45,6 +45,10 @@ pub struct SessionRecord {
     /// Set for a punched session (absent in files written before they were stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatRecord>,
+    /// The uid that created it; rows written before owners were recorded
+    /// were root's (only root could reach the socket then).
+    #[serde(default)]
+    pub owner_uid: u32,
 }
 
 /// The NAT half of a punched session: what the restarted daemon needs to
@@ -283,6 +287,7 @@ mod tests {
             route_ifindex: 3,
             idle_timeout_secs: 600,
             nat: None,
+            owner_uid: 0,
         }
     }
 
@@ -362,7 +367,8 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             store.put(&punched).unwrap();
-            // A row as an older version wrote it: no `nat` field at all.
+            // A row as an older version wrote it: no `nat` and no `owner_uid`
+            // field at all (it reads as root's).
             let old = br#"{"id":"0000ea61","port":60001,"backend":"10.0.2.2:60001","route_source":"10.0.2.1","route_ifindex":3,"idle_timeout_secs":600}"#;
             let write = store.db.begin_write().unwrap();
             write
@@ -395,13 +401,17 @@ mod tests {
     #[test]
     fn sessions_survive_reopening_and_deletes_stick() {
         let dir = tempfile::tempdir().unwrap();
+        let owned = SessionRecord {
+            owner_uid: 1001,
+            ..record(60001)
+        };
         {
             let store = Store::open(dir.path()).unwrap();
             store.put(&record(60000)).unwrap();
-            store.put(&record(60001)).unwrap();
+            store.put(&owned).unwrap();
             store.delete(60000).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.sessions().unwrap(), vec![record(60001)]);
+        assert_eq!(store.sessions().unwrap(), vec![owned], "the owner is kept");
     }
 }
