@@ -303,6 +303,11 @@ impl FirstBlock {
     }
 }
 
+/// Whether a verified nonce goes client to server (direction bit 0).
+pub fn is_client_to_server(nonce: u64) -> bool {
+    nonce & DIRECTION_BIT == 0
+}
+
 /// The rule for moving a punched session's server endpoint, the mirror of
 /// mosh-client following its server: a datagram from a new endpoint counts
 /// only if it verifies with the session key, goes server to client
