@@ -323,3 +323,60 @@ fn keyed_sessions_share_one_port_roam_and_refuse_replays_forgeries_and_keyless_c
             .contains("shared port 443")
     );
 }
+
+#[test]
+fn a_keyed_session_keeps_its_key_and_shared_flow_across_a_restart() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let mut relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &["--shared-port", &SHARED_PORT.to_string()],
+    )
+    .unwrap();
+    let server = MoshServer::start(&topo.server, SERVER_IP, 60101).unwrap();
+    let session = add_with_key_on_stdin(
+        &relay,
+        SocketAddrV4::new(SERVER_IP, server.port),
+        &server.key,
+    );
+    let client =
+        MoshClient::start(&topo.client, RELAY_CLIENT_IP, SHARED_PORT, &server.key).unwrap();
+    wait_for_shell(&client).expect("mosh through the shared port never showed the shell");
+    roundtrip(&client, "before").unwrap();
+    let flow = wait_for_shared_flow(&relay, &session.id, CLIENT_IP);
+
+    relay.terminate().unwrap();
+    // The store holds the key sealed: not its text, beside a root-only secret.
+    let store = std::fs::read(relay.state_dir().join("sessions.redb")).unwrap();
+    assert!(
+        !store
+            .windows(server.key.len())
+            .any(|w| w == server.key.as_bytes())
+    );
+    let secret = relay.state_dir().join("keyed-sessions.secret");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    relay.restart().unwrap();
+
+    let restored = show(&relay, &session.id);
+    assert!(
+        restored.has_key,
+        "the key did not survive the restart: {restored:?}"
+    );
+    assert_eq!(restored.shared_port, Some(SHARED_PORT));
+    assert!(
+        shared_flows(&restored)
+            .iter()
+            .any(|f| f.client == flow.client),
+        "the shared flow was not restored: {restored:?}"
+    );
+    roundtrip(&client, "restarted").unwrap();
+    // A new endpoint after the restart is matched by the unsealed key.
+    topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
+    roundtrip(&client, "roamed").unwrap();
+    wait_for_shared_flow(&relay, &session.id, CLIENT_ROAM_IP);
+}
