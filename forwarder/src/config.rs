@@ -96,6 +96,8 @@ pub struct FileConfig {
     pub public_addr: Option<std::net::Ipv4Addr>,
     #[serde(default, with = "humantime_serde")]
     pub punch_keepalive: Option<Duration>,
+    /// The one UDP port every keyed session is reachable on as well (none unless set).
+    pub shared_port: Option<u16>,
     /// Self-service: the control socket's group, the backend policy for
     /// non-root callers (CIDR[:PORTS] rules) and their default quotas.
     pub socket_group: Option<String>,
@@ -135,6 +137,12 @@ mod tests {
         // Shipped without interfaces: a fresh install must not attach to a guessed one.
         assert!(config.interfaces.is_none());
         assert!(config.ports.is_some());
+        // Off unless the operator opens it.
+        assert!(config.shared_port.is_none());
+        assert_eq!(
+            FileConfig::parse("shared_port = 443").unwrap().shared_port,
+            Some(443)
+        );
     }
 
     #[test]
