@@ -183,6 +183,89 @@ pub struct RunArgs {
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
+    /// Gateway mode: serve NAT-PMP, PCP and UPnP IGD on this LAN interface (repeat for each; each
+    /// also an --iface). LAN hosts' mappings become sessions on the WAN interface's address.
+    #[arg(long = "gateway")]
+    pub gateway: Vec<String>,
+    /// A permission rule, miniupnpd's syntax: `allow|deny EXTERNAL_PORTS HOST/MASK INTERNAL_PORTS`
+    /// (repeat; the first match decides, none matching denies). Without any: hosts on each LAN
+    /// interface's subnet may map external ports within --ports.
+    #[arg(long = "gateway-rule")]
+    pub gateway_rules: Vec<String>,
+    /// Secure mode: a LAN host may map ports only to itself [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub gateway_secure_mode: Option<bool>,
+    /// Shortest mapping lifetime granted; shorter requests get this [default: 2m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub gateway_min_lifetime: Option<Duration>,
+    /// Longest mapping lifetime granted (UPnP's "permanent" gets this) [default: 1day].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub gateway_max_lifetime: Option<Duration>,
+    /// Most mappings one LAN host may hold [default: 16].
+    #[arg(long)]
+    pub gateway_max_mappings_per_host: Option<usize>,
+    /// TCP port of the UPnP IGD's description and SOAP control, on each LAN address [default: 5000].
+    #[arg(long)]
+    pub gateway_upnp_port: Option<u16>,
+}
+
+/// Gateway mode's options from the flags over the config file, or None
+/// when no LAN interface is named.
+fn gateway_options(
+    args: &RunArgs,
+    file: &FileConfig,
+) -> anyhow::Result<Option<crate::gateway::GatewayOptions>> {
+    let interfaces = if args.gateway.is_empty() {
+        file.gateway.clone().unwrap_or_default()
+    } else {
+        args.gateway.clone()
+    };
+    if interfaces.is_empty() {
+        return Ok(None);
+    }
+    let lines = if args.gateway_rules.is_empty() {
+        file.gateway_rules.clone().unwrap_or_default()
+    } else {
+        args.gateway_rules.clone()
+    };
+    let rules = lines
+        .iter()
+        .map(|line| line.parse::<crate::gateway::rules::Rule>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| anyhow::anyhow!("--gateway-rule {error}"))?;
+    let min_lifetime = args
+        .gateway_min_lifetime
+        .or(file.gateway_min_lifetime)
+        .unwrap_or(defaults::GATEWAY_MIN_LIFETIME);
+    let max_lifetime = args
+        .gateway_max_lifetime
+        .or(file.gateway_max_lifetime)
+        .unwrap_or(defaults::GATEWAY_MAX_LIFETIME);
+    if min_lifetime > max_lifetime || max_lifetime.is_zero() {
+        bail!(
+            "--gateway-min-lifetime {} is over --gateway-max-lifetime {}: give 0 < MIN <= MAX",
+            humantime::format_duration(min_lifetime),
+            humantime::format_duration(max_lifetime)
+        );
+    }
+    Ok(Some(crate::gateway::GatewayOptions {
+        interfaces,
+        rules,
+        secure_mode: args
+            .gateway_secure_mode
+            .or(file.gateway_secure_mode)
+            .unwrap_or(defaults::GATEWAY_SECURE_MODE),
+        min_lifetime,
+        max_lifetime,
+        max_mappings_per_host: args
+            .gateway_max_mappings_per_host
+            .or(file.gateway_max_mappings_per_host)
+            .unwrap_or(defaults::GATEWAY_MAX_MAPPINGS_PER_HOST),
+        upnp_http_port: args
+            .gateway_upnp_port
+            .or(file.gateway_upnp_port)
+            .unwrap_or(defaults::GATEWAY_UPNP_PORT),
+    }))
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
@@ -208,6 +291,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let gateway = gateway_options(&args, &file)?;
     let instance = instance
         .or(file.instance)
         .unwrap_or_else(|| defaults::INSTANCE.into());
@@ -261,6 +345,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         .unwrap_or(defaults::MAX_SESSIONS);
     let sizes = runtime_sizes(max_flows, max_sessions)?;
     Ok(RunOptions {
+        gateway,
         punch,
         sizes,
         max_open_files: args.max_open_files.or(file.max_open_files),

@@ -46,6 +46,13 @@ pub mod defaults {
     pub const SLOWPATH_PPS_PER_SESSION: u32 = 1000;
     pub const SLOWPATH_PPS: u32 = 20_000;
     pub const PUNCH_KEEPALIVE: Duration = Duration::from_secs(15);
+    /// Gateway mode: lifetime bounds of a mapping (miniupnpd's defaults),
+    /// mappings per LAN host, the IGD's HTTP port.
+    pub const GATEWAY_MIN_LIFETIME: Duration = Duration::from_secs(120);
+    pub const GATEWAY_MAX_LIFETIME: Duration = Duration::from_secs(86400);
+    pub const GATEWAY_MAX_MAPPINGS_PER_HOST: usize = 16;
+    pub const GATEWAY_UPNP_PORT: u16 = 5000;
+    pub const GATEWAY_SECURE_MODE: bool = true;
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -83,6 +90,18 @@ pub struct FileConfig {
     pub public_addr: Option<std::net::Ipv4Addr>,
     #[serde(default, with = "humantime_serde")]
     pub punch_keepalive: Option<Duration>,
+    /// Gateway mode: the LAN interfaces to serve NAT-PMP, PCP and UPnP IGD on.
+    pub gateway: Option<Vec<String>>,
+    /// miniupnpd-style permission lines, first match decides:
+    /// "allow|deny EXTERNAL_PORTS HOST/MASK INTERNAL_PORTS".
+    pub gateway_rules: Option<Vec<String>>,
+    pub gateway_secure_mode: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub gateway_min_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gateway_max_lifetime: Option<Duration>,
+    pub gateway_max_mappings_per_host: Option<usize>,
+    pub gateway_upnp_port: Option<u16>,
 }
 
 impl FileConfig {
