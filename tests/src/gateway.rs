@@ -159,10 +159,16 @@ pub fn parse_natpmpc(text: &str) -> Option<NatpmpMapping> {
     })
 }
 
-/// Runs miniupnpc's `upnpc ARGS` in `ns`; its output (upnpc exits 0 even
-/// on many failures, so callers check what it printed).
+/// Runs miniupnpc's `upnpc -i ARGS` in `ns`; its output (upnpc exits 0 even
+/// on many failures, so callers check what it printed). `-i`: miniupnpc
+/// 2.2 calls an IGD whose external address is private (10.77.1.1 here,
+/// the WAN side of this lab) "not connected?" and stops without it, for
+/// forwarder and miniupnpd alike.
 pub fn upnpc(ns: &Netns, args: &[&str]) -> Result<String> {
-    let out = cmd::run(ns.exec("upnpc").args(args), Duration::from_secs(30))?;
+    let out = cmd::run(
+        ns.exec("upnpc").arg("-i").args(args),
+        Duration::from_secs(30),
+    )?;
     Ok(format!("{}{}", out.stdout, out.stderr))
 }
 

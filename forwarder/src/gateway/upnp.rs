@@ -579,7 +579,7 @@ mod tests {
         loop {
             match reader.read_event().unwrap() {
                 Event::Eof => break,
-                Event::Start(start) if start.local_name().as_ref() == b"service" => services += 1,
+                Event::Start(start) if start.local_name().as_ref() == "service" => services += 1,
                 _ => {}
             }
         }
