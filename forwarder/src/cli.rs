@@ -183,6 +183,13 @@ pub struct RunArgs {
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
+    #[command(flatten)]
+    pub gateway_mode: Box<GatewayArgs>,
+}
+
+/// Gateway mode's `run` flags (boxed into [`RunArgs`]: they are many).
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
     /// Gateway mode: serve NAT-PMP, PCP and UPnP IGD on this LAN interface (repeat for each; each
     /// also an --iface). LAN hosts' mappings become sessions on the WAN interface's address.
     #[arg(long = "gateway")]
@@ -212,7 +219,7 @@ pub struct RunArgs {
 /// Gateway mode's options from the flags over the config file, or None
 /// when no LAN interface is named.
 fn gateway_options(
-    args: &RunArgs,
+    args: &GatewayArgs,
     file: &FileConfig,
 ) -> anyhow::Result<Option<crate::gateway::GatewayOptions>> {
     let interfaces = if args.gateway.is_empty() {
@@ -291,7 +298,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let gateway = gateway_options(&args, &file)?;
+    let gateway = gateway_options(&args.gateway_mode, &file)?;
     let instance = instance
         .or(file.instance)
         .unwrap_or_else(|| defaults::INSTANCE.into());

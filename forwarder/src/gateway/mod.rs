@@ -521,9 +521,9 @@ impl Gateway {
             let gone = table
                 .values()
                 .filter(|lease| {
-                    !relay
+                    relay
                         .session_backend(lease.external_port)
-                        .is_some_and(|(id, _)| id == lease.session_id)
+                        .is_none_or(|(id, _)| id != lease.session_id)
                 })
                 .map(|lease| lease.external_port)
                 .collect();

@@ -149,7 +149,7 @@ pub fn parse_request(bytes: &[u8], epoch: u32) -> Result<Request, Refused> {
     if bytes[0] != VERSION {
         return refuse(ResultCode::UnsuppVersion);
     }
-    if bytes.len() < HEADER_LEN || bytes.len() > MAX_MESSAGE || bytes.len() % 4 != 0 {
+    if bytes.len() < HEADER_LEN || bytes.len() > MAX_MESSAGE || !bytes.len().is_multiple_of(4) {
         return refuse(ResultCode::MalformedRequest);
     }
     let opcode = bytes[1] & !RESPONSE_BIT;
