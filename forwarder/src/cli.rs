@@ -826,7 +826,7 @@ fn render_stats(stats: &StatsInfo) -> String {
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, ValueEnum};
+    use clap::{CommandFactory, Parser, ValueEnum};
 
     use super::*;
 
@@ -895,6 +895,26 @@ mod tests {
             u64::from(defaults::SLOWPATH_PPS_PER_SESSION)
         );
         assert_eq!(number("slowpath-pps"), u64::from(defaults::SLOWPATH_PPS));
+        assert_eq!(
+            duration("gateway-min-lifetime"),
+            defaults::GATEWAY_MIN_LIFETIME
+        );
+        assert_eq!(
+            duration("gateway-max-lifetime"),
+            defaults::GATEWAY_MAX_LIFETIME
+        );
+        assert_eq!(
+            number("gateway-max-mappings-per-host"),
+            defaults::GATEWAY_MAX_MAPPINGS_PER_HOST as u64
+        );
+        assert_eq!(
+            number("gateway-upnp-port"),
+            u64::from(defaults::GATEWAY_UPNP_PORT)
+        );
+        assert_eq!(
+            shown_default("gateway-secure-mode").parse::<bool>(),
+            Ok(defaults::GATEWAY_SECURE_MODE)
+        );
     }
 
     /// The example config shows the defaults, not values of its own.
@@ -925,6 +945,66 @@ mod tests {
             Some(defaults::SLOWPATH_PPS_PER_SESSION)
         );
         assert_eq!(file.slowpath_pps, Some(defaults::SLOWPATH_PPS));
+        assert_eq!(
+            file.gateway_secure_mode,
+            Some(defaults::GATEWAY_SECURE_MODE)
+        );
+        assert_eq!(
+            file.gateway_min_lifetime,
+            Some(defaults::GATEWAY_MIN_LIFETIME)
+        );
+        assert_eq!(
+            file.gateway_max_lifetime,
+            Some(defaults::GATEWAY_MAX_LIFETIME)
+        );
+        assert_eq!(
+            file.gateway_max_mappings_per_host,
+            Some(defaults::GATEWAY_MAX_MAPPINGS_PER_HOST)
+        );
+        assert_eq!(file.gateway_upnp_port, Some(defaults::GATEWAY_UPNP_PORT));
+        // The commented rules parse as rules.
+        let text = include_str!("../../packaging/forwarder.toml");
+        let rules = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# gateway_rules = "))
+            .expect("a gateway_rules example");
+        let rules: Vec<String> = toml::from_str::<std::collections::BTreeMap<String, Vec<String>>>(
+            &format!("r = {rules}"),
+        )
+        .unwrap()
+        .remove("r")
+        .unwrap();
+        for rule in rules {
+            rule.parse::<crate::gateway::rules::Rule>().unwrap();
+        }
+    }
+
+    #[test]
+    fn gateway_flags_and_config_merge() {
+        let parse = |argv: &str| {
+            let cli = Cli::try_parse_from(argv.split_whitespace()).unwrap();
+            let Verb::Run(args) = cli.verb else { panic!() };
+            run_options(None, args)
+        };
+        assert!(parse("forwarder run --iface a").unwrap().gateway.is_none());
+        let options =
+            parse("forwarder run --iface a --iface b --gateway b --gateway-secure-mode false")
+                .unwrap()
+                .gateway
+                .unwrap();
+        assert_eq!(options.interfaces, ["b"]);
+        assert!(!options.secure_mode);
+        assert!(options.rules.is_empty());
+        let error = parse("forwarder run --iface a --gateway a --gateway-rule permit").unwrap_err();
+        assert!(error.to_string().contains("allow|deny"), "{error}");
+        let error = parse(
+            "forwarder run --iface a --gateway a --gateway-min-lifetime 2h --gateway-max-lifetime 1h",
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("gateway-max-lifetime"),
+            "{error}"
+        );
     }
 
     #[test]

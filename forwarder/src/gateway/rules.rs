@@ -60,19 +60,17 @@ pub fn check(rules: &[Rule], external_port: u16, host: Ipv4Addr, internal_port: 
         .map_or(Verdict::Deny, |rule| rule.verdict)
 }
 
-/// "60000", "60000-60999".
+/// "60000", "60000-60999"; 0 is allowed, as in miniupnpd's `0-65535`.
 fn ports(text: &str, what: &str, line: &str) -> Result<PortRange, String> {
-    if text.contains('-') {
-        return text
-            .parse::<PortRange>()
-            .map_err(|error| format!("{what} in rule {line:?}: {error}"));
+    let bad =
+        || format!("{what} {text:?} in rule {line:?} is not a port or a range LO-HI (0-65535)");
+    let (lo, hi) = text.split_once('-').unwrap_or((text, text));
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo > hi {
+        return Err(bad());
     }
-    match text.parse::<u16>() {
-        Ok(port) if port > 0 => Ok(PortRange { lo: port, hi: port }),
-        _ => Err(format!(
-            "{what} {text:?} in rule {line:?} is not a port or a range LO-HI"
-        )),
-    }
+    Ok(PortRange { lo, hi })
 }
 
 impl FromStr for Rule {
@@ -160,6 +158,8 @@ mod tests {
         assert_eq!(dotted.prefix_len, 16);
         let single: Rule = "allow 60000 10.0.0.5 60001".parse().unwrap();
         assert_eq!(single.prefix_len, 32);
+        let all: Rule = "deny 0-65535 0.0.0.0/0 0-65535".parse().unwrap();
+        assert!(all.matches(0, Ipv4Addr::new(1, 2, 3, 4), 65535));
         assert!(single.matches(60000, Ipv4Addr::new(10, 0, 0, 5), 60001));
         assert!(!single.matches(60000, Ipv4Addr::new(10, 0, 0, 6), 60001));
     }
@@ -171,7 +171,8 @@ mod tests {
             "permit 1 10.0.0.0/8 1",
             "allow 1 10.0.0.0/33 1",
             "allow 1 10.0.0.0/255.0.255.0 1",
-            "allow 0 10.0.0.0/8 1",
+            "allow 2-1 10.0.0.0/8 1",
+            "allow 70000 10.0.0.0/8 1",
             "allow 1 host 1",
             "allow 1 10.0.0.0/8",
         ] {
