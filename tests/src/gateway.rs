@@ -2,11 +2,16 @@
 //!
 //! ```text
 //!  wan host                router                         switch (br0)        LAN hosts
-//!  veth-w 10.77.1.2 ── veth-gw 10.77.1.1 | veth-gl 10.77.2.1/24 ── sw-r  sw-1 ── veth-l 10.77.2.2 (lan1)
+//!  veth-w 11.77.1.2 ── veth-gw 11.77.1.1 | veth-gl 10.77.2.1/24 ── sw-r  sw-1 ── veth-l 10.77.2.2 (lan1)
 //!                                                                       sw-2 ── veth-l 10.77.2.3 (lan2)
 //! ```
 //! The LAN hosts' default route is the router; the WAN host knows only its
-//! own subnet, so it reaches LAN servers only through mappings on 10.77.1.1.
+//! own subnet, so it reaches LAN servers only through mappings on 11.77.1.1.
+//!
+//! The WAN side has a public address on purpose: miniupnpc and miniupnpd
+//! both treat a private or documentation address (RFC 1918, TEST-NET) on the
+//! WAN side as "not connected" and refuse to map. Nothing leaves these
+//! namespaces: they have no link to any other network.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
@@ -16,8 +21,8 @@ use anyhow::{Context, Result, bail};
 use crate::cmd::{self, SHORT};
 use crate::netns::{Netns, veth_pair};
 
-pub const WAN_HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 2);
-pub const ROUTER_WAN_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 1, 1);
+pub const WAN_HOST_IP: Ipv4Addr = Ipv4Addr::new(11, 77, 1, 2);
+pub const ROUTER_WAN_IP: Ipv4Addr = Ipv4Addr::new(11, 77, 1, 1);
 pub const ROUTER_LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 1);
 pub const LAN1_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 2);
 pub const LAN2_IP: Ipv4Addr = Ipv4Addr::new(10, 77, 2, 3);
@@ -61,9 +66,9 @@ impl GatewayTopology {
         }
         self.switch.ip(&["link", "set", "br0", "up"])?;
         self.wan
-            .ip(&["addr", "add", "10.77.1.2/24", "dev", HOST_WAN_IF])?;
+            .ip(&["addr", "add", "11.77.1.2/24", "dev", HOST_WAN_IF])?;
         self.router
-            .ip(&["addr", "add", "10.77.1.1/24", "dev", WAN_IF])?;
+            .ip(&["addr", "add", "11.77.1.1/24", "dev", WAN_IF])?;
         self.router
             .ip(&["addr", "add", "10.77.2.1/24", "dev", LAN_IF])?;
         self.lan1
@@ -130,7 +135,7 @@ pub fn natpmpc_map(
     parse_natpmpc(&text).with_context(|| format!("natpmpc printed no mapping:\n{text}"))
 }
 
-/// From "Public IP address : 10.77.1.1" and "Mapped public port 60001
+/// From "Public IP address : 11.77.1.1" and "Mapped public port 60001
 /// protocol UDP to local port 60001 liftime 3600" (natpmpc's spelling).
 pub fn parse_natpmpc(text: &str) -> Option<NatpmpMapping> {
     let public_ip = text.lines().find_map(|line| {
@@ -159,16 +164,10 @@ pub fn parse_natpmpc(text: &str) -> Option<NatpmpMapping> {
     })
 }
 
-/// Runs miniupnpc's `upnpc -i ARGS` in `ns`; its output (upnpc exits 0 even
-/// on many failures, so callers check what it printed). `-i`: miniupnpc
-/// 2.2 calls an IGD whose external address is private (10.77.1.1 here,
-/// the WAN side of this lab) "not connected?" and stops without it, for
-/// forwarder and miniupnpd alike.
+/// Runs miniupnpc's `upnpc ARGS` in `ns`; its output (upnpc exits 0 even
+/// on many failures, so callers check what it printed).
 pub fn upnpc(ns: &Netns, args: &[&str]) -> Result<String> {
-    let out = cmd::run(
-        ns.exec("upnpc").arg("-i").args(args),
-        Duration::from_secs(30),
-    )?;
+    let out = cmd::run(ns.exec("upnpc").args(args), Duration::from_secs(30))?;
     Ok(format!("{}{}", out.stdout, out.stderr))
 }
 

@@ -106,6 +106,10 @@ fn upnpc_mapping_carries_mosh_and_is_deleted() {
         added.contains(&format!("ExternalIPAddress = {ROUTER_WAN_IP}")),
         "{added}"
     );
+    assert!(
+        added.contains("Found valid IGD"),
+        "upnpc did not take the gateway for a connected IGD:\n{added}"
+    );
     wait_session(&relay, 60123, true, Duration::from_secs(5));
     let _client = mosh_through(&topo.wan, 60123, &server.key, "upnp");
     let listed = upnpc(&topo.lan1, &["-l"]).unwrap();
