@@ -97,6 +97,19 @@ pub fn start(
 )> {
     let (lan, external) = super::interfaces(&parts.relay_interfaces, &parts.options.interfaces)?;
     let http_port = parts.options.upnp_http_port;
+    for (port, what) in [
+        (http_port, "--gateway-upnp-port"),
+        (natpmp::SERVER_PORT, "NAT-PMP/PCP's port"),
+        (upnp::SSDP_PORT, "SSDP's port"),
+    ] {
+        if parts.session_ports.contains(port) {
+            anyhow::bail!(
+                "{what} {port} lies inside --ports {}: mappings would compete with the gateway's own \
+                 port; give --ports a range without it",
+                parts.session_ports
+            );
+        }
+    }
     let sockets = lan
         .iter()
         .map(|lan| bind(lan, http_port))
