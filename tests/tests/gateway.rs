@@ -498,3 +498,39 @@ fn mosh_server_wrapper_maps_through_the_gateway() {
         relay.log()
     );
 }
+
+/// Mappings never take a port the router uses: one a program on the router
+/// holds, or one a session of its own (`forwarder add --port`) has. NAT-PMP
+/// moves to a free port; UPnP, which asks for that port only, gets 718.
+#[test]
+fn mappings_avoid_ports_the_router_and_its_sessions_use() {
+    let (topo, relay) = start();
+    let _held = topo
+        .router
+        .udp_bind("0.0.0.0:60030".parse().unwrap())
+        .unwrap();
+    let own = relay
+        .add("10.77.2.3:60031".parse().unwrap(), &["--port", "60031"])
+        .unwrap();
+    assert_eq!(own.port, 60031);
+    let moved = natpmpc_map(&topo.lan1, ROUTER_LAN_IP, 60030, 60030, 600).unwrap();
+    assert!(
+        ![60030, 60031].contains(&moved.public_port),
+        "a mapping took a port in use: {moved:?}"
+    );
+    let moved = natpmpc_map(&topo.lan1, ROUTER_LAN_IP, 60031, 60033, 600).unwrap();
+    assert!(
+        ![60030, 60031].contains(&moved.public_port),
+        "a mapping took a port in use: {moved:?}"
+    );
+    for taken in ["60030", "60031"] {
+        let refused = upnpc(
+            &topo.lan1,
+            &["-a", &LAN1_IP.to_string(), "60034", taken, "UDP", "600"],
+        )
+        .unwrap();
+        assert!(refused.contains("718"), "{refused}");
+    }
+    let sessions = relay.sessions().unwrap();
+    assert_eq!(sessions.len(), 3, "{sessions:?}");
+}

@@ -388,6 +388,14 @@ impl Gateway {
         else {
             return Ok(None);
         };
+        let port = lease.external_port;
+        if !self.relay.lock().expect("relay lock").touch_session(port) {
+            // Its session went away (`forwarder remove`) before the expiry
+            // tick noticed: map afresh.
+            table.remove(&port);
+            let _ = self.store.delete(port);
+            return Ok(None);
+        }
         if let (Some(held), Some(asked)) = (lease.nonce, ask.nonce)
             && held != asked
         {
@@ -411,8 +419,6 @@ impl Gateway {
                 "storing a renewed gateway lease"
             );
         }
-        let port = lease.external_port;
-        self.relay.lock().expect("relay lock").touch_session(port);
         Ok(Some(Granted {
             external_port: port,
             lifetime,

@@ -2,7 +2,8 @@
 //! It opens the path through the relay with the punch handshake from the
 //! UDP port mosh-server will use, starts mosh-server on that port, hands the
 //! session key to the relay, and prints what the `mosh` wrapper and
-//! mosh-client need, pointing at the relay.
+//! mosh-client need, pointing at the relay. With `--gateway` it asks a
+//! NAT-PMP/PCP gateway for a mapping instead (see `gateway::client`).
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
@@ -40,7 +41,17 @@ address mosh-client connects to. The default (proxy) mode learns an address
 from ssh's connection and the local mode resolves the host name itself; both
 then die with \"detected attempt to redefine MOSH IP\".
 
-Or by hand: run it, then `MOSH_KEY=<key> mosh-client <relay address> <relay port>`.";
+Or by hand: run it, then `MOSH_KEY=<key> mosh-client <relay address> <relay port>`.
+
+On a LAN host behind a router in gateway mode (`forwarder run --gateway LAN`,
+or any NAT-PMP or PCP gateway), `--gateway` replaces --relay and
+--secret-file: it asks the gateway (the default route's, or --gateway-addr)
+for a UDP mapping, starts mosh-server on a port free on both sides (the same
+port when it can), prints `MOSH IP <WAN address>` and `MOSH CONNECT <port>
+<key>`, and leaves a helper that renews the mapping while mosh-server runs
+and deletes it when mosh-server exits:
+
+  mosh --experimental-remote-ip=remote --server='forwarder mosh-server --gateway' user@host";
 
 #[derive(Args, Debug)]
 pub struct WrapperArgs {
