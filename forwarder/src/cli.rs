@@ -995,6 +995,34 @@ mod tests {
         assert_eq!(options.interfaces, ["b"]);
         assert!(!options.secure_mode);
         assert!(options.rules.is_empty());
+        // From the config file; a flag wins over it.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("forwarder.toml");
+        std::fs::write(
+            &config,
+            "interfaces = [\"a\", \"b\"]\ngateway = [\"b\"]\n\
+             gateway_rules = [\"deny 60000 10.0.0.0/8 0-65535\", \"allow 60000-60999 10.0.0.0/8 1024-65535\"]\n\
+             gateway_max_mappings_per_host = 3\n",
+        )
+        .unwrap();
+        let from_file = parse(&format!("forwarder run --config {}", config.display()))
+            .unwrap()
+            .gateway
+            .unwrap();
+        assert_eq!(from_file.interfaces, ["b"]);
+        assert_eq!(from_file.rules.len(), 2);
+        assert_eq!(from_file.max_mappings_per_host, 3);
+        assert!(from_file.secure_mode);
+        let mut argv: Vec<String> = format!("forwarder run --config {}", config.display())
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        argv.extend(["--gateway-rule".into(), "allow 1-2 10.0.0.1 3".into()]);
+        let Verb::Run(args) = Cli::try_parse_from(argv).unwrap().verb else {
+            panic!()
+        };
+        let overridden = run_options(None, args).unwrap().gateway.unwrap();
+        assert_eq!(overridden.rules.len(), 1);
         let error = parse("forwarder run --iface a --gateway a --gateway-rule permit").unwrap_err();
         assert!(error.to_string().contains("allow|deny"), "{error}");
         let error = parse(

@@ -378,8 +378,35 @@ fn mappings_and_the_epoch_survive_a_restart() {
     std::thread::sleep(Duration::from_secs(2));
     let before = epoch(&topo);
     assert!(before >= 1, "epoch {before}");
+    // LAN hosts hear the restarted gateway announce itself (RFC 6886 3.2.1,
+    // RFC 6887 14.1.3) on 224.0.0.1:5350.
+    let listener = topo.lan2.udp_bind("0.0.0.0:5350".parse().unwrap()).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     relay.terminate().unwrap();
     relay.restart().unwrap();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 64];
+    while heard.len() < 2 {
+        let Ok((len, from)) = listener.recv_from(&mut buf) else {
+            break;
+        };
+        assert_eq!(from.ip().to_string(), ROUTER_LAN_IP.to_string());
+        heard.push(buf[..len].to_vec());
+    }
+    assert!(
+        heard
+            .iter()
+            .any(|a| a.len() == 12 && a[..2] == [0, 128] && a[8..12] == ROUTER_WAN_IP.octets()),
+        "no NAT-PMP announcement of the public address: {heard:?}"
+    );
+    assert!(
+        heard
+            .iter()
+            .any(|a| a.len() == 24 && a[..4] == [2, 0x80, 0, 0]),
+        "no PCP ANNOUNCE: {heard:?}"
+    );
     wait_session(&relay, mapping.public_port, true, Duration::from_secs(5));
     let after = epoch(&topo);
     assert!(
