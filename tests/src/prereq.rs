@@ -19,6 +19,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
     ("ssh", "openssh-client"),
     ("ssh-keygen", "openssh-client"),
+    ("natpmpc", "natpmpc"),
+    ("upnpc", "miniupnpc"),
 ];
 
 /// Fails unless we are root and every tool in [`TOOLS`] is on PATH.
