@@ -91,6 +91,18 @@ impl GatewayTopology {
     pub fn ifaces(&self) -> [&'static str; 2] {
         [WAN_IF, LAN_IF]
     }
+
+    /// An XDP program on the switch's port towards the router (a second
+    /// forwarder with no sessions: it passes every frame). Hairpin traffic
+    /// leaves the router's LAN veth with XDP_TX, and the veth driver
+    /// (6.x) queues XDP_TX frames in the peer's ring but only kicks the
+    /// peer's NAPI when the peer has an XDP program of its own: with GRO
+    /// alone each frame waits for the next one to arrive (mosh's steady
+    /// stream hides it, a single datagram stalls). Physical NICs transmit
+    /// XDP_TX themselves; see docs/DESIGN.md, Gateway mode.
+    pub fn xdp_on_switch_port(&self) -> Result<crate::relay::Relay> {
+        crate::relay::Relay::start(&self.switch, &["sw-r"], &["--xdp-mode", "native"])
+    }
 }
 
 /// What `natpmpc -a` reported.

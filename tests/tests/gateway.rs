@@ -233,6 +233,7 @@ fn pcp_map_carries_mosh_and_speaks_its_result_codes() {
 #[test]
 fn hairpin_from_the_lan_through_the_wan_address() {
     let (topo, relay) = start();
+    let _switch_port = topo.xdp_on_switch_port().unwrap();
     let server = MoshServer::start(&topo.lan1, LAN1_IP, 60004).unwrap();
     let mapping = natpmpc_map(&topo.lan1, ROUTER_LAN_IP, 60004, server.port, 600).unwrap();
     let _client = mosh_through(&topo.lan2, mapping.public_port, &server.key, "hairpin");
@@ -254,6 +255,41 @@ fn hairpin_from_the_lan_through_the_wan_address() {
         )
         .unwrap();
     assert_eq!(flow.relay_addr, ROUTER_WAN_IP.to_string(), "{flow:?}");
+
+    // Replies come from WAN_ADDRESS:PORT, byte for byte what was sent back.
+    let echo = topo
+        .lan1
+        .udp_bind("10.77.2.2:60005".parse().unwrap())
+        .unwrap();
+    echo.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mapped = natpmpc_map(&topo.lan1, ROUTER_LAN_IP, 60005, 60005, 600).unwrap();
+    let wan_endpoint = SocketAddrV4::new(ROUTER_WAN_IP, mapped.public_port);
+    let sender = topo.lan2.udp_bind("10.77.2.3:0".parse().unwrap()).unwrap();
+    sender
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    for round in 0..3u8 {
+        let datagram = [b'h', b'p', round];
+        sender.send_to(&datagram, wan_endpoint).unwrap();
+        let (len, from) = echo.recv_from(&mut buf).expect("the server got nothing");
+        assert_eq!(&buf[..len], &datagram);
+        assert_eq!(
+            from.ip().to_string(),
+            ROUTER_LAN_IP.to_string(),
+            "the server sees the relay's LAN side"
+        );
+        echo.send_to(&buf[..len], from).unwrap();
+        let (len, from) = sender
+            .recv_from(&mut buf)
+            .expect("no reply through the hairpin");
+        assert_eq!(&buf[..len], &datagram);
+        assert_eq!(
+            from,
+            std::net::SocketAddr::V4(wan_endpoint),
+            "the reply's source"
+        );
+    }
 }
 
 /// Nothing answers gateway requests on the WAN side: NAT-PMP to either of

@@ -207,6 +207,8 @@ pub fn run() -> Result<()> {
     println!("== forwarder --gateway");
     let topo = GatewayTopology::new()?;
     let relay = Relay::start(&topo.router, &topo.ifaces(), &topo.relay_args(&[]))?;
+    // See GatewayTopology::xdp_on_switch_port: the veth stand-in for a NIC needs it for XDP_TX.
+    let switch_port = topo.xdp_on_switch_port()?;
     let (mut forwarder, clients) = pieces(&topo)?;
     let fast = relay
         .sessions()?
@@ -216,6 +218,7 @@ pub fn run() -> Result<()> {
         .sum::<u64>();
     forwarder.path = format!("XDP ({fast} fast-path packets)");
     drop(clients);
+    drop(switch_port);
     drop(relay);
     drop(topo);
 
