@@ -186,7 +186,7 @@ fn pieces(topo: &GatewayTopology) -> Result<(Row, Vec<MoshClient>)> {
     row.secure = match other.lines().find(|line| line.contains("AddPortMapping(")) {
         Some(line) if line.contains("failed") => format!("refused: {}", line.trim()),
         _ if other.contains("is redirected") => "granted (not refused)".into(),
-        _ => format!("{}", other.lines().last().unwrap_or_default().trim()),
+        _ => other.lines().last().unwrap_or_default().trim().to_string(),
     };
     drop((first, second, third));
     Ok((row, clients))
