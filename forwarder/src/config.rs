@@ -59,6 +59,13 @@ pub mod defaults {
         max_flows: USER_MAX_FLOWS,
         new_flows_per_sec: USER_NEW_FLOWS_PER_SEC,
     };
+    /// Gateway mode: lifetime bounds of a mapping (miniupnpd's defaults),
+    /// mappings per LAN host, the IGD's HTTP port.
+    pub const GATEWAY_MIN_LIFETIME: Duration = Duration::from_secs(120);
+    pub const GATEWAY_MAX_LIFETIME: Duration = Duration::from_secs(86400);
+    pub const GATEWAY_MAX_MAPPINGS_PER_HOST: usize = 16;
+    pub const GATEWAY_UPNP_PORT: u16 = 5000;
+    pub const GATEWAY_SECURE_MODE: bool = true;
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -110,6 +117,18 @@ pub struct FileConfig {
     pub user: Option<BTreeMap<String, QuotaOverride>>,
     /// `[group.NAME]`: quota overrides and extra backend rules for a group's members (no flag).
     pub group: Option<BTreeMap<String, GroupRules>>,
+    /// Gateway mode: the LAN interfaces to serve NAT-PMP, PCP and UPnP IGD on.
+    pub gateway: Option<Vec<String>>,
+    /// miniupnpd-style permission lines, first match decides:
+    /// "allow|deny EXTERNAL_PORTS HOST/MASK INTERNAL_PORTS".
+    pub gateway_rules: Option<Vec<String>>,
+    pub gateway_secure_mode: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub gateway_min_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gateway_max_lifetime: Option<Duration>,
+    pub gateway_max_mappings_per_host: Option<usize>,
+    pub gateway_upnp_port: Option<u16>,
 }
 
 impl FileConfig {

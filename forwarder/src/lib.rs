@@ -14,6 +14,9 @@
 //! metrics              Prometheus exposition of the session table's report
 //! punch                the punch handshake: `wire` (format, authority), `relay` (the
 //!                      relay's service), `server` (`forwarder mosh-server`)
+//! gateway              gateway mode: NAT-PMP, PCP and UPnP IGD on the LAN side, each
+//!                      mapping a session with a lease (`natpmp` `pcp` `upnp` `rules`
+//!                      `leases` `service`, and `client` for `mosh-server --gateway`)
 //! slowpath             the daemon's share of forwarding: the socket readers
 //! sessions             the session and flow table (and its NAT half, restore and
 //!                      reports), kept consistent with the maps and the sockets
@@ -32,6 +35,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod expiry;
+pub mod gateway;
 pub mod limits;
 pub mod metrics;
 pub mod mosh;

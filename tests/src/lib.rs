@@ -10,6 +10,7 @@ pub mod capture;
 pub mod cmd;
 pub mod control;
 pub mod flood;
+pub mod gateway;
 pub mod hostile;
 pub mod mosh;
 pub mod nat;

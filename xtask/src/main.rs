@@ -6,6 +6,7 @@
 mod bench;
 mod deb;
 mod demo;
+mod gateway_compare;
 mod modules;
 mod prereq;
 mod test;
@@ -53,6 +54,9 @@ enum Task {
     Modules,
     /// rustfmt and clippy (warnings are errors) over every crate, the eBPF ones for their target.
     Lint,
+    /// Gateway mode against miniupnpd on the same topology (natpmpc, upnpc, mosh through
+    /// each mapping, hairpin, the WAN side, secure mode), printed side by side.
+    GatewayCompare,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Task::Deb => deb::run().map(drop),
         Task::Modules => modules::run(),
         Task::Lint => test::lint(),
+        Task::GatewayCompare => gateway_compare::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

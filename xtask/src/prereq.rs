@@ -28,6 +28,11 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     "adduser",
     "man-db",
+    // Gateway mode: the real NAT-PMP and UPnP IGD clients, and miniupnpd
+    // (nftables backend) for the side-by-side comparison.
+    "natpmpc",
+    "miniupnpc",
+    "miniupnpd-nftables",
     "llvm-22-dev",
     "libpolly-22-dev",
 ];

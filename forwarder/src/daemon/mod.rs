@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub socket_group: String,
     /// What those non-root callers may do: backend policy and quotas.
     pub users: crate::users::UserPolicy,
+    /// Gateway mode (NAT-PMP, PCP, UPnP IGD on the LAN side), when enabled.
+    pub gateway: Option<crate::gateway::GatewayOptions>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -262,6 +264,21 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         )?)),
         None => None,
     };
+    let gateway = match options.gateway.clone() {
+        Some(gateway) => {
+            let (_, serve) = crate::gateway::service::start(crate::gateway::service::Parts {
+                relay: relay.clone(),
+                start_reader: std::sync::Arc::new(spawn_session_reader),
+                options: gateway,
+                relay_interfaces: options.interfaces.clone(),
+                session_ports: options.session_ports,
+                state_dir: options.state_dir.clone(),
+                instance: options.instance.clone(),
+            })?;
+            Some(tokio::spawn(serve))
+        }
+        None => None,
+    };
     let health = tokio::spawn(crate::datapath::health::watch(
         options.interfaces.clone(),
         mode.clone(),
@@ -284,6 +301,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     health.abort();
     if let Some(punch) = punch {
         punch.abort();
+    }
+    if let Some(gateway) = gateway {
+        gateway.abort();
     }
     let _ = std::fs::remove_file(&socket_path);
     info!(

@@ -1019,6 +1019,23 @@ impl Relay {
             self.remove_session(port, "shutdown");
         }
     }
+
+    /// Counts as activity on a session, so its idle timeout starts again
+    /// (a gateway mapping renewed by its host). False: no such session.
+    pub fn touch_session(&mut self, port: u16) -> bool {
+        let Some(session) = self.sessions.get_mut(&port) else {
+            return false;
+        };
+        session.last_active_ns = session.last_active_ns.max(monotonic_ns());
+        true
+    }
+
+    /// The id and backend of the session on `port`, if there is one.
+    pub fn session_backend(&self, port: u16) -> Option<(&str, SocketAddrV4)> {
+        self.sessions
+            .get(&port)
+            .map(|session| (session.id.as_str(), session.backend))
+    }
 }
 
 /// Takes the next port of `pool` that this host lets us bind at `address`, bound; or
