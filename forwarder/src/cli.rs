@@ -183,6 +183,26 @@ pub struct RunArgs {
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
+    /// Share sessions with other relays through etcd at these client URLs (comma-separated,
+    /// e.g. http://10.0.0.5:2379); off unless given. Every relay of a cluster needs the same
+    /// --ports and --etcd-prefix.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd [default: /forwarder/].
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
+    /// CA certificate (PEM) etcd's server certificate must chain to (https:// URLs).
+    #[arg(long)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication; with --etcd-key-file.
+    #[arg(long)]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long)]
+    pub etcd_key_file: Option<PathBuf>,
+    /// This relay's name in the cluster, as `list` and the metrics show it [default: HOSTNAME-INSTANCE].
+    #[arg(long)]
+    pub relay_name: Option<String>,
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
@@ -200,6 +220,15 @@ fn runtime_sizes(
             "--max-sessions {max_sessions} is out of range: give 1 to {MAX_SESSIONS_LIMIT} (one client-facing port each)"
         ),
     })
+}
+
+/// A relay's name in a cluster unless `--relay-name` gives one: unique per
+/// host and instance.
+fn default_relay_name(instance: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "relay".into());
+    format!("{host}-{instance}")
 }
 
 /// Merges flags over the config file over the defaults.
@@ -260,7 +289,29 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         .or(file.max_sessions)
         .unwrap_or(defaults::MAX_SESSIONS);
     let sizes = runtime_sizes(max_flows, max_sessions)?;
+    let etcd = if args.etcd.is_empty() {
+        file.etcd.unwrap_or_default()
+    } else {
+        args.etcd
+    };
+    let cluster = (!etcd.is_empty()).then(|| crate::cluster::ClusterOptions {
+        endpoints: etcd,
+        prefix: crate::cluster::ClusterOptions::normalized_prefix(
+            &args
+                .etcd_prefix
+                .or(file.etcd_prefix)
+                .unwrap_or_else(|| defaults::ETCD_PREFIX.into()),
+        ),
+        relay_name: args
+            .relay_name
+            .or(file.relay_name)
+            .unwrap_or_else(|| default_relay_name(&instance)),
+        ca_file: args.etcd_ca_file.or(file.etcd_ca_file),
+        cert_file: args.etcd_cert_file.or(file.etcd_cert_file),
+        key_file: args.etcd_key_file.or(file.etcd_key_file),
+    });
     Ok(RunOptions {
+        cluster,
         punch,
         sizes,
         max_open_files: args.max_open_files.or(file.max_open_files),
@@ -571,6 +622,14 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
             idle(s.idle_ms),
             humantime::format_duration(Duration::from_secs(s.idle_timeout_secs))
         );
+        if !s.relays.is_empty() {
+            let holders: Vec<String> = s
+                .relays
+                .iter()
+                .map(|h| format!("{} ({})", h.relay, plural(h.flows, "flow")))
+                .collect();
+            let _ = writeln!(out, "  shared; held by {}", holders.join(", "));
+        }
         if let Some(nat) = &s.nat {
             let _ = writeln!(
                 out,
@@ -637,6 +696,22 @@ fn render_stats(stats: &StatsInfo) -> String {
         stats.sessions,
         stats.flows
     );
+    if let Some(cluster) = &stats.cluster {
+        let relays: Vec<&str> = cluster.relays.iter().map(|r| r.relay.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "cluster: relay {} on etcd {} ({}); {} shared sessions; live relays: {}",
+            cluster.relay,
+            cluster.etcd.join(","),
+            match &cluster.etcd_error {
+                _ if cluster.etcd_connected => "connected".to_string(),
+                Some(error) => format!("NOT connected: {error}; adds and removes are refused"),
+                None => "connecting".to_string(),
+            },
+            cluster.shared_sessions,
+            relays.join(", ")
+        );
+    }
     let verdicts: Vec<String> = stats
         .verdicts
         .iter()
@@ -803,6 +878,7 @@ mod tests {
             u64::from(defaults::SLOWPATH_PPS_PER_SESSION)
         );
         assert_eq!(number("slowpath-pps"), u64::from(defaults::SLOWPATH_PPS));
+        assert_eq!(shown_default("etcd-prefix"), defaults::ETCD_PREFIX);
     }
 
     /// The example config shows the defaults, not values of its own.

@@ -46,6 +46,8 @@ pub mod defaults {
     pub const SLOWPATH_PPS_PER_SESSION: u32 = 1000;
     pub const SLOWPATH_PPS: u32 = 20_000;
     pub const PUNCH_KEEPALIVE: Duration = Duration::from_secs(15);
+    /// Where a cluster's keys live in etcd (`--etcd-prefix`).
+    pub const ETCD_PREFIX: &str = "/forwarder/";
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -83,6 +85,14 @@ pub struct FileConfig {
     pub public_addr: Option<std::net::Ipv4Addr>,
     #[serde(default, with = "humantime_serde")]
     pub punch_keepalive: Option<Duration>,
+    /// Share sessions with other relays through etcd: its client URLs.
+    pub etcd: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    /// This relay's name in the cluster (default: HOSTNAME-INSTANCE).
+    pub relay_name: Option<String>,
 }
 
 impl FileConfig {

@@ -14,6 +14,8 @@
 //! metrics              Prometheus exposition of the session table's report
 //! punch                the punch handshake: `wire` (format, authority), `relay` (the
 //!                      relay's service), `server` (`forwarder mosh-server`)
+//! cluster              several relays sharing one set of sessions through etcd
+//!                      (`run --etcd`): definitions, port transactions, the sync task
 //! slowpath             the daemon's share of forwarding: the socket readers
 //! sessions             the session and flow table (and its NAT half, restore and
 //!                      reports), kept consistent with the maps and the sockets
@@ -26,6 +28,7 @@
 //! `forwarder-common` (the kernel/user contract).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -6,6 +6,7 @@
 //! (with every process left inside), the daemon, mosh-server, the tmux server.
 
 pub mod capture;
+pub mod cluster;
 pub mod cmd;
 pub mod control;
 pub mod flood;

@@ -28,6 +28,12 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     "adduser",
     "man-db",
+    // The cluster tests run a real etcd (etcd-server), read it with etcdctl
+    // (etcd-client); the etcd-client crate's build compiles etcd's .proto
+    // files with protoc (protobuf-compiler).
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
     "llvm-22-dev",
     "libpolly-22-dev",
 ];

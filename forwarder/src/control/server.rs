@@ -10,6 +10,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::cluster::Cluster;
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp;
 use crate::sessions::SharedRelay;
@@ -45,14 +46,22 @@ pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, relay: SharedRelay, start_reader: StartReader) {
+/// `cluster`: set when sessions are shared through etcd; `add` and
+/// `remove` then go through it.
+pub async fn serve(
+    listener: UnixListener,
+    relay: SharedRelay,
+    start_reader: StartReader,
+    cluster: Option<Cluster>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let relay = relay.clone();
                 let start_reader = start_reader.clone();
+                let cluster = cluster.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = handle(stream, relay, &start_reader).await {
+                    if let Err(error) = handle(stream, relay, &start_reader, cluster.as_ref()).await {
                         debug!(error = format!("{error:#}"), "control connection");
                     }
                 });
@@ -69,6 +78,7 @@ async fn handle(
     stream: UnixStream,
     relay: SharedRelay,
     start_reader: &StartReader,
+    cluster: Option<&Cluster>,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
@@ -81,7 +91,7 @@ async fn handle(
                 "request larger than {MAX_REQUEST_BYTES} bytes refused"
             )),
             Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(request) => dispatch(request, &relay, start_reader).await,
+                Ok(request) => dispatch(request, &relay, start_reader, cluster).await,
                 Err(error) => Reply::Error(format!("malformed request: {error}")),
             },
         };
@@ -91,16 +101,29 @@ async fn handle(
     Ok(())
 }
 
-async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartReader) -> Reply {
+async fn dispatch(
+    request: Request,
+    relay: &SharedRelay,
+    start_reader: &StartReader,
+    cluster: Option<&Cluster>,
+) -> Reply {
     match request {
         Request::Add {
             backend,
             port,
             idle_timeout_secs,
-        } => match add(relay, start_reader, &backend, port, idle_timeout_secs).await {
+        } => match add(relay, start_reader, cluster, &backend, port, idle_timeout_secs).await {
             Ok(reply) => reply,
             Err(error) => Reply::Error(format!("{error:#}")),
         },
+        Request::Remove { target } if cluster.is_some() => {
+            let cluster = cluster.expect("checked by the guard");
+            match cluster.remove(relay, &target).await {
+                Ok(Some(info)) => Reply::Removed(info),
+                Ok(None) => not_found(&target),
+                Err(error) => Reply::Error(format!("{error:#}")),
+            }
+        }
         Request::Remove { target } => {
             let mut relay = relay.lock().expect("relay lock");
             match relay.find_session(&target) {
@@ -135,6 +158,7 @@ fn not_found(target: &str) -> Reply {
 async fn add(
     relay: &SharedRelay,
     start_reader: &StartReader,
+    cluster: Option<&Cluster>,
     backend: &str,
     port: Option<u16>,
     idle_timeout_secs: Option<u64>,
@@ -148,6 +172,13 @@ async fn add(
     // The route lookup runs a command: keep it outside the relay lock.
     let ip = *backend.ip();
     let route = tokio::task::spawn_blocking(move || xdp::route_to(ip)).await??;
+    if let Some(cluster) = cluster {
+        let idle_timeout = idle_timeout_secs.map(Duration::from_secs);
+        let info = cluster
+            .add(relay, start_reader, backend, route, port, idle_timeout)
+            .await?;
+        return Ok(Reply::Session(info));
+    }
     let (info, socket) = relay.lock().expect("relay lock").add_session(
         backend,
         route,

@@ -25,6 +25,7 @@ pub use crate::datapath::monotonic_ns;
 mod report;
 mod restore;
 pub use restore::Restored;
+mod shared;
 
 pub mod nat;
 
@@ -198,6 +199,8 @@ pub struct Relay {
     stats: SlowPathStats,
     /// Where sessions are persisted (None: they live only in memory).
     store: Option<Store>,
+    /// Set when sessions are shared through etcd (see `shared.rs`).
+    cluster: Option<forwarder_api::ClusterInfo>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -291,6 +294,7 @@ impl Relay {
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
             store,
+            cluster: None,
         }
     }
 
@@ -711,7 +715,11 @@ impl Relay {
             for index in expiry::idle_flows(&activity, now_ns, self.limits.flow_idle_timeout) {
                 idle_flow_ports.push(ports[index]);
             }
-            if expiry::session_idle(session.last_active_ns, now_ns, session.idle_timeout) {
+            // A shared session is idle only when it is idle on every relay:
+            // the cluster judges that (cluster::sync), not one relay alone.
+            if self.cluster.is_none()
+                && expiry::session_idle(session.last_active_ns, now_ns, session.idle_timeout)
+            {
                 idle_sessions.push(session.port);
             }
         }
@@ -781,6 +789,7 @@ impl Relay {
                 .collect(),
             idle_timeout_secs: session.idle_timeout.as_secs(),
             idle_ms: millis(last_active),
+            relays: self.holders(port, infos.len() as u64),
             flows: infos,
             nat: session.nat.as_deref().map(nat::NatState::info),
         })
