@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use forwarder_testbed::cluster::{BACKEND_IP, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, VIP, relay_name};
+use forwarder_testbed::cluster::{
+    BACKEND_IP, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, VIP, relay_name,
+};
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
 use forwarder_testbed::{MoshClient, MoshServer, Relay, SessionInfo, prereq};
 use serde_json::Value;
@@ -44,7 +46,12 @@ impl Cluster {
             relay.wait_until(
                 &format!("session {id} programmed from etcd"),
                 PROGRAMMED,
-                |sessions| sessions.iter().find(|s| s.id == id && s.port == port).map(drop),
+                |sessions| {
+                    sessions
+                        .iter()
+                        .find(|s| s.id == id && s.port == port)
+                        .map(drop)
+                },
             )?;
         }
         Ok(())
@@ -102,7 +109,9 @@ fn wait_etcd_connected(relay: &Relay, connected: bool, timeout: Duration) -> Res
 
 #[test]
 fn a_session_added_on_one_relay_works_through_every_relay() {
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let cluster = Cluster::start(3).unwrap();
     let server = MoshServer::start(&cluster.topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
     let session = cluster.relays[1].add(backend(&server), &[]).unwrap();
@@ -116,7 +125,9 @@ fn a_session_added_on_one_relay_works_through_every_relay() {
     assert_eq!(stored[0].0, format!("/forwarder/sessions/{}", session.port));
     assert!(stored[0].1.contains(&session.id), "{stored:?}");
     assert!(
-        stored[0].1.contains(&format!("\"created_by\":\"{}\"", relay_name(1))),
+        stored[0]
+            .1
+            .contains(&format!("\"created_by\":\"{}\"", relay_name(1))),
         "{stored:?}"
     );
 
@@ -180,9 +191,11 @@ fn a_session_added_on_one_relay_works_through_every_relay() {
     cluster.relays[2].remove(&session.id).unwrap();
     for relay in &cluster.relays {
         relay
-            .wait_until("the session gone from every relay", PROGRAMMED, |sessions| {
-                (!sessions.iter().any(|s| s.id == session.id)).then_some(())
-            })
+            .wait_until(
+                "the session gone from every relay",
+                PROGRAMMED,
+                |sessions| (!sessions.iter().any(|s| s.id == session.id)).then_some(()),
+            )
             .unwrap();
     }
     assert!(
@@ -203,7 +216,9 @@ fn a_session_added_on_one_relay_works_through_every_relay() {
 
 #[test]
 fn mosh_keeps_working_when_its_relay_is_killed() {
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut cluster = Cluster::start(3).unwrap();
     let server = MoshServer::start(&cluster.topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
     let session = cluster.relays[0].add(backend(&server), &[]).unwrap();
@@ -250,7 +265,9 @@ fn mosh_keeps_working_when_its_relay_is_killed() {
 
 #[test]
 fn an_etcd_outage_keeps_forwarding_refuses_changes_and_is_reconciled() {
-    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut cluster = Cluster::start(2).unwrap();
     let server = MoshServer::start(&cluster.topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
     let session = cluster.relays[0].add(backend(&server), &[]).unwrap();

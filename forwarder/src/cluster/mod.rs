@@ -83,7 +83,10 @@ impl ClusterOptions {
             .with_keep_alive_while_idle(true);
         let read = |path: &PathBuf, what: &str| {
             std::fs::read(path).with_context(|| {
-                format!("reading the etcd {what} {} (--etcd-{what}-file)", path.display())
+                format!(
+                    "reading the etcd {what} {} (--etcd-{what}-file)",
+                    path.display()
+                )
             })
         };
         let mut tls = None;
@@ -350,9 +353,9 @@ impl Cluster {
                 }
                 Err(_) => {
                     undo("etcd did not answer");
-                    return Err(self.unconfirmed(anyhow::anyhow!(
-                        "no answer within {REQUEST_TIMEOUT:?}"
-                    )));
+                    return Err(
+                        self.unconfirmed(anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}"))
+                    );
                 }
             }
         }
@@ -380,7 +383,11 @@ impl Cluster {
 
     /// `forwarder remove` in a cluster: gone from etcd first (every relay
     /// drops it from its watch), then here.
-    pub async fn remove(&self, relay: &SharedRelay, target: &str) -> anyhow::Result<Option<SessionInfo>> {
+    pub async fn remove(
+        &self,
+        relay: &SharedRelay,
+        target: &str,
+    ) -> anyhow::Result<Option<SessionInfo>> {
         let mut client = self.client("remove a session")?;
         let local = relay.lock().expect("relay lock").find_session(target);
         let shared = {
@@ -388,7 +395,9 @@ impl Cluster {
             state
                 .sessions
                 .values()
-                .find(|(s, _)| s.id == target || local == Some(s.port) || target.parse() == Ok(s.port))
+                .find(|(s, _)| {
+                    s.id == target || local == Some(s.port) || target.parse() == Ok(s.port)
+                })
                 .cloned()
         };
         if let Some((record, revision)) = &shared {

@@ -251,7 +251,10 @@ impl Cluster {
                 .sessions
                 .values()
                 .filter(|(record, _)| {
-                    let here = local.iter().find(|s| s.port == record.port).map(|s| s.idle_ms);
+                    let here = local
+                        .iter()
+                        .find(|s| s.port == record.port)
+                        .map(|s| s.idle_ms);
                     let elsewhere = state
                         .presence
                         .iter()

@@ -61,7 +61,8 @@ pub async fn serve(
                 let start_reader = start_reader.clone();
                 let cluster = cluster.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = handle(stream, relay, &start_reader, cluster.as_ref()).await {
+                    if let Err(error) = handle(stream, relay, &start_reader, cluster.as_ref()).await
+                    {
                         debug!(error = format!("{error:#}"), "control connection");
                     }
                 });
@@ -112,7 +113,16 @@ async fn dispatch(
             backend,
             port,
             idle_timeout_secs,
-        } => match add(relay, start_reader, cluster, &backend, port, idle_timeout_secs).await {
+        } => match add(
+            relay,
+            start_reader,
+            cluster,
+            &backend,
+            port,
+            idle_timeout_secs,
+        )
+        .await
+        {
             Ok(reply) => reply,
             Err(error) => Reply::Error(format!("{error:#}")),
         },
