@@ -183,6 +183,14 @@ pub struct RunArgs {
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
+    /// Sharing sessions with other relays through etcd (boxed: `Verb` stays small).
+    #[command(flatten)]
+    pub cluster: Box<ClusterArgs>,
+}
+
+/// `run`'s etcd flags.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
     /// Share sessions with other relays through etcd at these client URLs (comma-separated,
     /// e.g. http://10.0.0.5:2379); off unless given. Every relay of a cluster needs the same
     /// --ports and --etcd-prefix.
@@ -289,26 +297,32 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         .or(file.max_sessions)
         .unwrap_or(defaults::MAX_SESSIONS);
     let sizes = runtime_sizes(max_flows, max_sessions)?;
-    let etcd = if args.etcd.is_empty() {
+    let ClusterArgs {
+        etcd,
+        etcd_prefix,
+        etcd_ca_file,
+        etcd_cert_file,
+        etcd_key_file,
+        relay_name,
+    } = *args.cluster;
+    let etcd = if etcd.is_empty() {
         file.etcd.unwrap_or_default()
     } else {
-        args.etcd
+        etcd
     };
     let cluster = (!etcd.is_empty()).then(|| crate::cluster::ClusterOptions {
         endpoints: etcd,
         prefix: crate::cluster::ClusterOptions::normalized_prefix(
-            &args
-                .etcd_prefix
+            &etcd_prefix
                 .or(file.etcd_prefix)
                 .unwrap_or_else(|| defaults::ETCD_PREFIX.into()),
         ),
-        relay_name: args
-            .relay_name
+        relay_name: relay_name
             .or(file.relay_name)
             .unwrap_or_else(|| default_relay_name(&instance)),
-        ca_file: args.etcd_ca_file.or(file.etcd_ca_file),
-        cert_file: args.etcd_cert_file.or(file.etcd_cert_file),
-        key_file: args.etcd_key_file.or(file.etcd_key_file),
+        ca_file: etcd_ca_file.or(file.etcd_ca_file),
+        cert_file: etcd_cert_file.or(file.etcd_cert_file),
+        key_file: etcd_key_file.or(file.etcd_key_file),
     });
     Ok(RunOptions {
         cluster,

@@ -13,7 +13,7 @@ use forwarder_testbed::cluster::{
     BACKEND_IP, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, VIP, relay_name,
 };
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
-use forwarder_testbed::{MoshClient, MoshServer, Relay, SessionInfo, prereq};
+use forwarder_testbed::{MoshClient, MoshServer, Relay, SessionInfo, UdpEcho, UdpPinger, prereq};
 use serde_json::Value;
 
 /// The three tests each run etcd, mosh and up to three daemons: one at a
@@ -336,5 +336,64 @@ fn an_etcd_outage_keeps_forwarding_refuses_changes_and_is_reconciled() {
     assert_eq!(
         stats_cluster(&cluster.relays[0]).unwrap()["shared_sessions"],
         2
+    );
+}
+
+#[test]
+fn a_shared_session_expires_only_when_idle_on_every_relay() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let cluster = Cluster::start(2).unwrap();
+    let echo_at = SocketAddr::V4(SocketAddrV4::new(BACKEND_IP, 7));
+    let _echo = UdpEcho::start(&cluster.topo.server, echo_at).unwrap();
+    let session = cluster.relays[0]
+        .add(echo_at, &["--idle-timeout", "6s"])
+        .unwrap();
+    cluster
+        .wait_programmed_everywhere(&session.id, session.port)
+        .unwrap();
+
+    // Traffic through relay 1 only, for well past the idle timeout: relay 0
+    // sees none, and must not expire the session for the cluster.
+    cluster.topo.route_vip_over(&[1]).unwrap();
+    let mut pinger = UdpPinger::new(
+        &cluster.topo.client,
+        "0.0.0.0:0".parse().unwrap(),
+        SocketAddr::V4(SocketAddrV4::new(VIP, session.port)),
+    )
+    .unwrap();
+    let busy_until = Instant::now() + Duration::from_secs(14);
+    while Instant::now() < busy_until {
+        assert!(
+            pinger.ping_any(5, Duration::from_millis(400)).unwrap(),
+            "the echo through relay 1 stopped"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for relay in &cluster.relays {
+        assert!(
+            relay.session(&session.id).unwrap().is_some(),
+            "relay {} dropped a session busy on another relay",
+            relay.instance()
+        );
+    }
+
+    // Idle everywhere now: gone from every relay and from etcd.
+    for relay in &cluster.relays {
+        relay
+            .wait_until(
+                "the idle shared session removed",
+                Duration::from_secs(40),
+                |sessions| (!sessions.iter().any(|s| s.id == session.id)).then_some(()),
+            )
+            .unwrap();
+    }
+    assert!(
+        cluster
+            .etcd
+            .get_prefix("/forwarder/sessions/")
+            .unwrap()
+            .is_empty()
     );
 }

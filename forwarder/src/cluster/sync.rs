@@ -403,3 +403,34 @@ async fn bounded<T, E: Into<anyhow::Error>>(
         Err(_) => bail!("{what}: etcd gave no answer within {REQUEST_TIMEOUT:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_rows_parse_only_under_their_own_port() {
+        let record = SharedSession {
+            id: "0badcafe".into(),
+            port: 60001,
+            backend: "10.0.2.2:60001".parse().unwrap(),
+            idle_timeout_secs: 600,
+            created_by: "relay-a".into(),
+        };
+        let value = serde_json::to_vec(&record).unwrap();
+        assert_eq!(
+            parse_session(b"/forwarder/sessions/60001", &value),
+            Some(record)
+        );
+        assert_eq!(parse_session(b"/forwarder/sessions/60002", &value), None);
+        assert_eq!(parse_session(b"/forwarder/sessions/60001", b"{"), None);
+        assert_eq!(parse_session(b"/forwarder/sessions/x", &value), None);
+        assert_eq!(port_of(b"/p/sessions/7"), Some(7));
+    }
+
+    #[test]
+    fn prefixes_end_in_a_slash() {
+        assert_eq!(ClusterOptions::normalized_prefix("/a"), "/a/");
+        assert_eq!(ClusterOptions::normalized_prefix("/a/"), "/a/");
+    }
+}
