@@ -389,7 +389,13 @@ impl Cluster {
         target: &str,
     ) -> anyhow::Result<Option<SessionInfo>> {
         let mut client = self.client("remove a session")?;
-        let local = relay.lock().expect("relay lock").find_session(target);
+        let (local, before) = {
+            let relay = relay.lock().expect("relay lock");
+            let local = relay.find_session(target);
+            let before =
+                local.and_then(|port| relay.session_info(port, crate::datapath::monotonic_ns()));
+            (local, before)
+        };
         let shared = {
             let state = self.state();
             state
@@ -428,12 +434,14 @@ impl Cluster {
             }
         }
         let port = local.or(shared.map(|(record, _)| record.port));
-        Ok(port.and_then(|port| {
+        let removed = port.and_then(|port| {
             relay
                 .lock()
                 .expect("relay lock")
                 .remove_session(port, "removed by operator")
-        }))
+        });
+        // The watch may have removed it here already, as the delete's echo.
+        Ok(removed.or(before))
     }
 }
 
