@@ -21,6 +21,8 @@ use serde_json::Value;
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 const PROGRAMMED: Duration = Duration::from_secs(20);
+/// Every relay serves its metrics on its own namespace's loopback.
+const METRICS: &str = "127.0.0.1:9464";
 
 /// Field order is drop order: relays before etcd, etcd before the namespaces.
 struct Cluster {
@@ -35,7 +37,7 @@ impl Cluster {
         let topo = ClusterTopology::build(relays)?;
         let etcd = Etcd::start(&topo.router, ETCD_IP, ETCD_PORT)?;
         let relays = (0..relays)
-            .map(|index| topo.start_relay(index, &[]))
+            .map(|index| topo.start_relay(index, &["--metrics", METRICS]))
             .collect::<Result<_>>()?;
         Ok(Self { relays, etcd, topo })
     }
@@ -170,6 +172,27 @@ fn a_session_added_on_one_relay_works_through_every_relay() {
     assert_eq!(names, (0..3).map(relay_name).collect::<Vec<_>>());
     let text = cluster.relays[0].verb(&["list"]).unwrap();
     assert!(text.contains("held by relay0 (1 flow)"), "{text}");
+    let metrics = cluster.topo.relays[2]
+        .http_get(METRICS, "/metrics")
+        .unwrap();
+    for (family, holder) in [
+        ("forwarder_cluster_held_sessions", "relay0"),
+        ("forwarder_cluster_held_flows", "relay1"),
+    ] {
+        assert!(
+            metrics.lines().any(|line| line.starts_with(family)
+                && line.contains(&format!("holder=\"{holder}\""))
+                && line.ends_with(" 1")),
+            "{family} for {holder} missing from:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("forwarder_cluster_etcd_connected{")
+                && line.ends_with(" 1")),
+        "{metrics}"
+    );
     let metrics_cluster = stats_cluster(&cluster.relays[2]).unwrap();
     assert_eq!(metrics_cluster["etcd_connected"], true);
     assert_eq!(metrics_cluster["relays"].as_array().map(Vec::len), Some(3));
@@ -395,5 +418,45 @@ fn a_shared_session_expires_only_when_idle_on_every_relay() {
             .get_prefix("/forwarder/sessions/")
             .unwrap()
             .is_empty()
+    );
+}
+
+#[test]
+fn punched_sessions_are_not_shared_and_say_so() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    prereq::require().unwrap();
+    let ns = forwarder_testbed::Netns::new("relay").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("punch.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
+    let bin = forwarder_testbed::forwarder_bin().unwrap();
+    let instance = format!("t{}-punch", std::process::id());
+    let out = forwarder_testbed::cmd::run(
+        ns.nsenter(bin.to_str().unwrap()).args([
+            "run",
+            "--instance",
+            &instance,
+            "--iface",
+            "lo",
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+            "--etcd",
+            "http://127.0.0.1:2379",
+            "--punch-port",
+            "7000",
+            "--punch-secret-file",
+            secret.to_str().unwrap(),
+        ]),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert!(!out.success(), "started: {}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("--etcd and --punch-port do not go together"),
+        "{}",
+        out.stderr
     );
 }
