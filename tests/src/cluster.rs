@@ -174,6 +174,8 @@ impl ClusterTopology {
 pub struct Etcd {
     child: Option<Child>,
     command: Vec<String>,
+    /// etcdctl's TLS flags, when etcd serves HTTPS.
+    etcdctl_tls: Vec<String>,
     url: String,
     ns_name: String,
     log_path: PathBuf,
@@ -184,7 +186,18 @@ pub struct Etcd {
 const ETCD_READY: Duration = Duration::from_secs(30);
 
 impl Etcd {
+    /// Plain HTTP on `ip:port`.
     pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Result<Self> {
+        Self::start_with(ns, ip, port, None)
+    }
+
+    /// HTTPS on `ip:port` with a server certificate from `pki`, and client
+    /// certificates required (`--client-cert-auth`).
+    pub fn start_tls(ns: &Netns, ip: Ipv4Addr, port: u16, pki: &Pki) -> Result<Self> {
+        Self::start_with(ns, ip, port, Some(pki))
+    }
+
+    fn start_with(ns: &Netns, ip: Ipv4Addr, port: u16, tls: Option<&Pki>) -> Result<Self> {
         for (tool, package) in [("etcd", "etcd-server"), ("etcdctl", "etcd-client")] {
             if which::which(tool).is_err() {
                 bail!(
@@ -193,10 +206,11 @@ impl Etcd {
             }
         }
         let dir = tempfile::Builder::new().prefix("fwd-etcd-").tempdir()?;
-        let url = format!("http://{ip}:{port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{ip}:{port}");
         let peer = format!("http://127.0.0.1:{}", port + 1);
         let data = dir.path().join("data");
-        let command = vec![
+        let mut command = vec![
             "ip".to_string(),
             "netns".into(),
             "exec".into(),
@@ -217,9 +231,31 @@ impl Etcd {
             "--initial-cluster".into(),
             format!("fwd={peer}"),
         ];
+        let mut etcdctl_tls = Vec::new();
+        if let Some(pki) = tls {
+            let path = |p: &PathBuf| p.to_string_lossy().into_owned();
+            command.extend([
+                "--cert-file".into(),
+                path(&pki.server_cert),
+                "--key-file".into(),
+                path(&pki.server_key),
+                "--trusted-ca-file".into(),
+                path(&pki.ca),
+                "--client-cert-auth".into(),
+            ]);
+            etcdctl_tls = vec![
+                "--cacert".into(),
+                path(&pki.ca),
+                "--cert".into(),
+                path(&pki.client_cert),
+                "--key".into(),
+                path(&pki.client_key),
+            ];
+        }
         let mut etcd = Self {
             child: None,
             command,
+            etcdctl_tls,
             url,
             ns_name: ns.name().to_string(),
             log_path: dir.path().join("etcd.log"),
@@ -282,6 +318,7 @@ impl Etcd {
         command
             .args(["netns", "exec", &self.ns_name, "etcdctl"])
             .args(["--endpoints", &self.url, "--command-timeout", "3s"])
+            .args(&self.etcdctl_tls)
             .args(args)
             .env("ETCDCTL_API", "3");
         command
@@ -310,5 +347,90 @@ impl Etcd {
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.stop();
+    }
+}
+
+/// A throwaway certificate authority (openssl) with a server certificate
+/// for etcd at `ETCD_IP` and a client certificate for the relays; removed
+/// on drop.
+#[derive(Debug)]
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn create(server_ip: Ipv4Addr) -> Result<Self> {
+        if which::which("openssl").is_err() {
+            bail!("openssl not found: apt-get install openssl (or `cargo xtask prereq`)");
+        }
+        let dir = tempfile::Builder::new().prefix("fwd-pki-").tempdir()?;
+        let at = |name: &str| dir.path().join(name);
+        let text = |p: PathBuf| p.to_string_lossy().into_owned();
+        let openssl = |args: &[String]| -> Result<()> {
+            cmd::run_ok(Command::new("openssl").args(args), SHORT).map(drop)
+        };
+        let new_key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut ca_args: Vec<String> = vec!["req".into(), "-x509".into()];
+        ca_args.extend(new_key.map(String::from));
+        ca_args
+            .extend(["-days", "2", "-subj", "/CN=forwarder test CA", "-keyout"].map(String::from));
+        ca_args.extend([text(at("ca.key")), "-out".into(), text(at("ca.pem"))]);
+        openssl(&ca_args)?;
+        for (name, extensions) in [
+            (
+                "server",
+                format!("subjectAltName=IP:{server_ip}\nextendedKeyUsage=serverAuth\n"),
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n".to_string()),
+        ] {
+            let mut csr: Vec<String> = vec!["req".into()];
+            csr.extend(new_key.map(String::from));
+            csr.extend([
+                "-subj".into(),
+                format!("/CN={name}"),
+                "-keyout".into(),
+                text(at(&format!("{name}.key"))),
+                "-out".into(),
+                text(at(&format!("{name}.csr"))),
+            ]);
+            openssl(&csr)?;
+            std::fs::write(at(&format!("{name}.ext")), extensions)?;
+            openssl(&[
+                "x509".into(),
+                "-req".into(),
+                "-days".into(),
+                "2".into(),
+                "-in".into(),
+                text(at(&format!("{name}.csr"))),
+                "-CA".into(),
+                text(at("ca.pem")),
+                "-CAkey".into(),
+                text(at("ca.key")),
+                "-CAcreateserial".into(),
+                "-extfile".into(),
+                text(at(&format!("{name}.ext"))),
+                "-out".into(),
+                text(at(&format!("{name}.pem"))),
+            ])?;
+        }
+        Ok(Self {
+            ca: at("ca.pem"),
+            server_cert: at("server.pem"),
+            server_key: at("server.key"),
+            client_cert: at("client.pem"),
+            client_key: at("client.key"),
+            _dir: dir,
+        })
     }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use forwarder_testbed::cluster::{
-    BACKEND_IP, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, VIP, relay_name,
+    BACKEND_IP, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, Pki, RELAY_DOWN_IF, RELAY_UP_IF, VIP,
+    relay_name,
 };
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
 use forwarder_testbed::{MoshClient, MoshServer, Relay, SessionInfo, UdpEcho, UdpPinger, prereq};
@@ -459,4 +460,53 @@ fn punched_sessions_are_not_shared_and_say_so() {
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn relays_reach_etcd_over_tls_with_client_certificates() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    prereq::require().unwrap();
+    let topo = ClusterTopology::build(2).unwrap();
+    let pki = Pki::create(ETCD_IP).unwrap();
+    let etcd = Etcd::start_tls(&topo.router, ETCD_IP, ETCD_PORT, &pki).unwrap();
+    let url = format!("https://{ETCD_IP}:{ETCD_PORT}");
+    let files =
+        [&pki.ca, &pki.client_cert, &pki.client_key].map(|p| p.to_str().unwrap().to_string());
+    let relays: Vec<Relay> = (0..2)
+        .map(|index| {
+            let name = relay_name(index);
+            Relay::start(
+                &topo.relays[index],
+                &[RELAY_UP_IF, RELAY_DOWN_IF],
+                &[
+                    "--etcd",
+                    &url,
+                    "--relay-name",
+                    &name,
+                    "--etcd-ca-file",
+                    &files[0],
+                    "--etcd-cert-file",
+                    &files[1],
+                    "--etcd-key-file",
+                    &files[2],
+                ],
+            )
+        })
+        .collect::<Result<_>>()
+        .unwrap();
+    for relay in &relays {
+        wait_etcd_connected(relay, true, Duration::from_secs(20)).unwrap();
+    }
+    let session = relays[0]
+        .add(SocketAddr::V4(SocketAddrV4::new(BACKEND_IP, 9)), &[])
+        .unwrap();
+    relays[1]
+        .wait_until("the session programmed over TLS", PROGRAMMED, |sessions| {
+            sessions.iter().any(|s| s.id == session.id).then_some(())
+        })
+        .unwrap();
+    assert_eq!(etcd.get_prefix("/forwarder/sessions/").unwrap().len(), 1);
+    drop(relays);
 }

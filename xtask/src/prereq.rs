@@ -34,6 +34,8 @@ const APT_PACKAGES: &[&str] = &[
     "etcd-server",
     "etcd-client",
     "protobuf-compiler",
+    // The cluster TLS test makes a throwaway CA and certificates.
+    "openssl",
     "llvm-22-dev",
     "libpolly-22-dev",
 ];
