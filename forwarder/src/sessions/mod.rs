@@ -201,6 +201,8 @@ pub struct Relay {
     store: Option<Store>,
     /// Set when sessions are shared through etcd (see `shared.rs`).
     cluster: Option<forwarder_api::ClusterInfo>,
+    /// The id the next `add_session` takes instead of a random one.
+    shared_id: Option<String>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -295,6 +297,7 @@ impl Relay {
             stats: SlowPathStats::default(),
             store,
             cluster: None,
+            shared_id: None,
         }
     }
 
@@ -379,12 +382,16 @@ impl Relay {
             return Err(error);
         }
         let now = monotonic_ns();
-        let id = loop {
-            let candidate = format!("{:08x}", rand::random::<u32>());
-            if !self.sessions.values().any(|s| s.id == candidate) {
-                break candidate;
+        // A shared session arrives with the cluster's id (shared.rs).
+        let id = self.shared_id.take();
+        let id = id.unwrap_or_else(|| {
+            loop {
+                let candidate = format!("{:08x}", rand::random::<u32>());
+                if !self.sessions.values().any(|s| s.id == candidate) {
+                    break candidate;
+                }
             }
-        };
+        });
         let idle_timeout = idle_timeout.unwrap_or(self.limits.default_session_idle_timeout);
         let session = Session::new(
             id,

@@ -34,16 +34,12 @@ impl Relay {
                 other.port
             );
         }
-        let (_, socket) = self.add_session(backend, route, Some(port), Some(idle_timeout))?;
-        let session = self.sessions.get_mut(&port).expect("just added");
-        session.id = id.to_string();
-        let record = session.record();
-        if let Some(store) = &self.store
-            && let Err(error) = store.put(&record)
-        {
-            self.remove_session(port, "could not be stored");
-            return Err(error);
-        }
+        self.shared_id = Some(id.to_string());
+        let added = self.add_session(backend, route, Some(port), Some(idle_timeout));
+        // Taken on success; a refused add must not pass it to the next one.
+        self.shared_id = None;
+        let (_, socket) = added?;
+        debug_assert_eq!(self.sessions.get(&port).map(|s| s.id.as_str()), Some(id));
         info!(session = id, port, %backend, "shared session programmed");
         Ok(socket)
     }
