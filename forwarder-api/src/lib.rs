@@ -171,6 +171,10 @@ pub struct SessionInfo {
     /// sessions of daemons that did not record owners.
     #[serde(default)]
     pub owner: OwnerInfo,
+    /// In a cluster (`run --etcd`): every live relay that has the session
+    /// programmed, with the flows its clients have there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<SessionHolder>,
 }
 
 /// A session's owner: the uid, and its user name (the uid in decimal when
@@ -188,6 +192,50 @@ impl Default for OwnerInfo {
             name: "root".into(),
         }
     }
+}
+
+/// One relay's share of a session shared through etcd.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionHolder {
+    pub relay: String,
+    pub flows: u64,
+}
+
+/// A relay's part in a cluster that shares sessions through etcd.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// This relay's name in the cluster (`--relay-name`).
+    pub relay: String,
+    /// The etcd endpoints, as given.
+    pub etcd: Vec<String>,
+    /// Whether etcd answers: while it does not, the relay keeps forwarding
+    /// what it has and refuses `add` and `remove`.
+    pub etcd_connected: bool,
+    /// Why etcd does not answer (the last error), while it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_error: Option<String>,
+    /// Sessions etcd holds, as this relay last saw them.
+    pub shared_sessions: u64,
+    /// The relays that hold a lease now, this one included, by name.
+    pub relays: Vec<RelayPresence>,
+}
+
+/// What one live relay publishes under its lease.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayPresence {
+    pub relay: String,
+    /// Its interface addresses.
+    pub addresses: Vec<String>,
+    /// The sessions it has programmed, by client-facing port.
+    pub sessions: BTreeMap<u16, HeldSession>,
+}
+
+/// A session as one relay holds it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldSession {
+    pub flows: u64,
+    /// Milliseconds since its newest packet through this relay.
+    pub idle_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -264,6 +312,9 @@ pub struct StatsInfo {
     /// down, forwarding disabled), each with its fix.
     #[serde(default)]
     pub warnings: Vec<Warning>,
+    /// Set when the relay shares its sessions through etcd (`run --etcd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterInfo>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -198,6 +198,34 @@ pub struct RunArgs {
     pub users: Box<UserArgs>,
     #[command(flatten)]
     pub gateway_mode: Box<GatewayArgs>,
+    /// Sharing sessions with other relays through etcd (boxed: `Verb` stays small).
+    #[command(flatten)]
+    pub cluster: Box<ClusterArgs>,
+}
+
+/// `run`'s etcd flags.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Share sessions with other relays through etcd at these client URLs (comma-separated,
+    /// e.g. http://10.0.0.5:2379); off unless given. Every relay of a cluster needs the same
+    /// --ports and --etcd-prefix.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd [default: /forwarder/].
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
+    /// CA certificate (PEM) etcd's server certificate must chain to (https:// URLs).
+    #[arg(long)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication; with --etcd-key-file.
+    #[arg(long)]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long)]
+    pub etcd_key_file: Option<PathBuf>,
+    /// This relay's name in the cluster, as `list` and the metrics show it [default: HOSTNAME-INSTANCE].
+    #[arg(long)]
+    pub relay_name: Option<String>,
 }
 
 /// `run` flags for self-service: the socket's group, the backend policy and
@@ -336,6 +364,15 @@ fn runtime_sizes(
     })
 }
 
+/// A relay's name in a cluster unless `--relay-name` gives one: unique per
+/// host and instance.
+fn default_relay_name(instance: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "relay".into());
+    format!("{host}-{instance}")
+}
+
 /// Merges flags over the config file over the defaults.
 pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<RunOptions> {
     let file = match &args.config {
@@ -427,6 +464,33 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         users: file.user.unwrap_or_default(),
         groups: file.group.unwrap_or_default(),
     };
+    let ClusterArgs {
+        etcd,
+        etcd_prefix,
+        etcd_ca_file,
+        etcd_cert_file,
+        etcd_key_file,
+        relay_name,
+    } = *args.cluster;
+    let etcd = if etcd.is_empty() {
+        file.etcd.unwrap_or_default()
+    } else {
+        etcd
+    };
+    let cluster = (!etcd.is_empty()).then(|| crate::cluster::ClusterOptions {
+        endpoints: etcd,
+        prefix: crate::cluster::ClusterOptions::normalized_prefix(
+            &etcd_prefix
+                .or(file.etcd_prefix)
+                .unwrap_or_else(|| defaults::ETCD_PREFIX.into()),
+        ),
+        relay_name: relay_name
+            .or(file.relay_name)
+            .unwrap_or_else(|| default_relay_name(&instance)),
+        ca_file: etcd_ca_file.or(file.etcd_ca_file),
+        cert_file: etcd_cert_file.or(file.etcd_cert_file),
+        key_file: etcd_key_file.or(file.etcd_key_file),
+    });
     Ok(RunOptions {
         socket_group: user_args
             .socket_group
@@ -434,6 +498,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
             .unwrap_or_else(|| defaults::SOCKET_GROUP.into()),
         users,
         gateway,
+        cluster,
         punch,
         sizes,
         shared_port,
@@ -781,6 +846,14 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
             idle(s.idle_ms),
             humantime::format_duration(Duration::from_secs(s.idle_timeout_secs))
         );
+        if !s.relays.is_empty() {
+            let holders: Vec<String> = s
+                .relays
+                .iter()
+                .map(|h| format!("{} ({})", h.relay, plural(h.flows, "flow")))
+                .collect();
+            let _ = writeln!(out, "  shared; held by {}", holders.join(", "));
+        }
         if let Some(nat) = &s.nat {
             let _ = writeln!(
                 out,
@@ -859,6 +932,22 @@ fn render_stats(stats: &StatsInfo) -> String {
         stats.sessions,
         stats.flows
     );
+    if let Some(cluster) = &stats.cluster {
+        let relays: Vec<&str> = cluster.relays.iter().map(|r| r.relay.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "cluster: relay {} on etcd {} ({}); {} shared sessions; live relays: {}",
+            cluster.relay,
+            cluster.etcd.join(","),
+            match &cluster.etcd_error {
+                _ if cluster.etcd_connected => "connected".to_string(),
+                Some(error) => format!("NOT connected: {error}; adds and removes are refused"),
+                None => "connecting".to_string(),
+            },
+            cluster.shared_sessions,
+            relays.join(", ")
+        );
+    }
     let verdicts: Vec<String> = stats
         .verdicts
         .iter()
@@ -1067,6 +1156,7 @@ mod tests {
             shown_default("gateway-secure-mode").parse::<bool>(),
             Ok(defaults::GATEWAY_SECURE_MODE)
         );
+        assert_eq!(shown_default("etcd-prefix"), defaults::ETCD_PREFIX);
     }
 
     /// The example config shows the defaults, not values of its own.

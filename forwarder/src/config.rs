@@ -66,6 +66,8 @@ pub mod defaults {
     pub const GATEWAY_MAX_MAPPINGS_PER_HOST: usize = 16;
     pub const GATEWAY_UPNP_PORT: u16 = 5000;
     pub const GATEWAY_SECURE_MODE: bool = true;
+    /// Where a cluster's keys live in etcd (`--etcd-prefix`).
+    pub const ETCD_PREFIX: &str = "/forwarder/";
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -129,6 +131,14 @@ pub struct FileConfig {
     pub gateway_max_lifetime: Option<Duration>,
     pub gateway_max_mappings_per_host: Option<usize>,
     pub gateway_upnp_port: Option<u16>,
+    /// Share sessions with other relays through etcd: its client URLs.
+    pub etcd: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    /// This relay's name in the cluster (default: HOSTNAME-INSTANCE).
+    pub relay_name: Option<String>,
 }
 
 impl FileConfig {

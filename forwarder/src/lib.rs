@@ -17,6 +17,8 @@
 //! gateway              gateway mode: NAT-PMP, PCP and UPnP IGD on the LAN side, each
 //!                      mapping a session with a lease (`natpmp` `pcp` `upnp` `rules`
 //!                      `leases` `service`, and `client` for `mosh-server --gateway`)
+//! cluster              several relays sharing one set of sessions through etcd
+//!                      (`run --etcd`): definitions, port transactions, the sync task
 //! slowpath             the daemon's share of forwarding: the socket readers
 //! sessions             the session and flow table (and its NAT half, restore and
 //!                      reports), kept consistent with the maps and the sockets
@@ -30,6 +32,7 @@
 //! `forwarder-common` (the kernel/user contract).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -7,6 +7,7 @@
 //! throwaway users and groups.
 
 pub mod capture;
+pub mod cluster;
 pub mod cmd;
 pub mod control;
 pub mod flood;

@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub users: crate::users::UserPolicy,
     /// Gateway mode (NAT-PMP, PCP, UPnP IGD on the LAN side), when enabled.
     pub gateway: Option<crate::gateway::GatewayOptions>,
+    /// Sessions shared with other relays through etcd (`--etcd`), when given.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -130,6 +132,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
+    if options.cluster.is_some() && options.punch.is_some() {
+        bail!(
+            "--etcd and --punch-port do not go together yet: a punched session lives on the one relay its \
+             server punched to, so it cannot be shared; run the relays for servers behind NAT without --etcd"
+        );
+    }
+    let cluster = match options.cluster.clone() {
+        Some(cluster) => Some(crate::cluster::Cluster::new(
+            cluster,
+            options.session_ports,
+            options.limits.default_session_idle_timeout,
+        )?),
+        None => None,
+    };
     let socket_path = forwarder_api::socket_path(&options.instance);
     let socket_group = control::server::SocketGroup::lookup(&options.socket_group)?;
     for table in options.users.unknown_names() {
@@ -212,6 +228,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         relay.set_user_policy(options.users.clone());
         relay.restore(records)
     };
+    // Shared sessions: the sync task reconciles the restored ones with etcd.
+    let cluster_sync = cluster.clone().map(|cluster| {
+        cluster.publish_view(&relay);
+        let start_reader: crate::cluster::StartReader = Arc::new(spawn_session_reader);
+        tokio::spawn(cluster.run(relay.clone(), start_reader))
+    });
     let (sessions, flows) = (restored.session_sockets.len(), restored.flow_sockets.len());
     let nat_upstreams = restored.nat_upstream_sockets;
     for socket in restored.session_sockets {
@@ -254,6 +276,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         listener,
         relay.clone(),
         std::sync::Arc::new(spawn_session_reader),
+        cluster,
     ));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
     let punch = match options.punch.clone() {
@@ -299,6 +322,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     expiry.abort();
     health.abort();
+    if let Some(cluster_sync) = cluster_sync {
+        cluster_sync.abort();
+    }
     if let Some(punch) = punch {
         punch.abort();
     }

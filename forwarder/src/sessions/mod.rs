@@ -26,6 +26,8 @@ pub use crate::datapath::monotonic_ns;
 mod report;
 mod restore;
 pub use restore::Restored;
+/// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
+mod clustered;
 
 pub mod nat;
 pub mod shared;
@@ -231,6 +233,10 @@ pub struct Relay {
     users: UserPolicy,
     /// Each non-root owner's new-flow rate, across all of its sessions.
     owner_new_flows: HashMap<u32, TokenBucket>,
+    /// Set when sessions are shared through etcd (see `shared.rs`).
+    cluster: Option<forwarder_api::ClusterInfo>,
+    /// The id the next `add_session` takes instead of a random one.
+    shared_id: Option<String>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -327,6 +333,8 @@ impl Relay {
             shared: None,
             users: UserPolicy::new(crate::config::defaults::USER_QUOTA),
             owner_new_flows: HashMap::new(),
+            cluster: None,
+            shared_id: None,
         }
     }
 
@@ -506,12 +514,16 @@ impl Relay {
             return Err(error);
         }
         let now = monotonic_ns();
-        let id = loop {
-            let candidate = format!("{:08x}", rand::random::<u32>());
-            if !self.sessions.values().any(|s| s.id == candidate) {
-                break candidate;
+        // A shared session arrives with the cluster's id (shared.rs).
+        let id = self.shared_id.take();
+        let id = id.unwrap_or_else(|| {
+            loop {
+                let candidate = format!("{:08x}", rand::random::<u32>());
+                if !self.sessions.values().any(|s| s.id == candidate) {
+                    break candidate;
+                }
             }
-        };
+        });
         let idle_timeout = idle_timeout.unwrap_or(self.limits.default_session_idle_timeout);
         let mut session = Session::new(
             id,
@@ -918,7 +930,11 @@ impl Relay {
             for index in expiry::idle_flows(&activity, now_ns, self.limits.flow_idle_timeout) {
                 idle_flow_ports.push(ports[index]);
             }
-            if expiry::session_idle(session.last_active_ns, now_ns, session.idle_timeout) {
+            // A shared session is idle only when it is idle on every relay:
+            // the cluster judges that (cluster::sync), not one relay alone.
+            if self.cluster.is_none()
+                && expiry::session_idle(session.last_active_ns, now_ns, session.idle_timeout)
+            {
                 idle_sessions.push(session.port);
             }
         }
@@ -992,6 +1008,7 @@ impl Relay {
                 .collect(),
             idle_timeout_secs: session.idle_timeout.as_secs(),
             idle_ms: millis(last_active),
+            relays: self.holders(port, infos.len() as u64),
             flows: infos,
             nat: session.nat.as_deref().map(nat::NatState::info),
             has_key: session.key.is_some(),
