@@ -380,3 +380,49 @@ fn a_keyed_session_keeps_its_key_and_shared_flow_across_a_restart() {
     roundtrip(&client, "roamed").unwrap();
     wait_for_shared_flow(&relay, &session.id, CLIENT_ROAM_IP);
 }
+
+#[test]
+fn the_shared_port_works_on_the_userspace_datapath() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &[
+            "--shared-port",
+            &SHARED_PORT.to_string(),
+            "--datapath",
+            "userspace",
+        ],
+    )
+    .unwrap();
+    let server = MoshServer::start(&topo.server, SERVER_IP, 60101).unwrap();
+    let session = add_with_key_on_stdin(
+        &relay,
+        SocketAddrV4::new(SERVER_IP, server.port),
+        &server.key,
+    );
+    let client =
+        MoshClient::start(&topo.client, RELAY_CLIENT_IP, SHARED_PORT, &server.key).unwrap();
+    wait_for_shell(&client).expect("mosh through the shared port never showed the shell");
+    roundtrip(&client, "userspace").unwrap();
+    topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
+    roundtrip(&client, "roamed").unwrap();
+    relay
+        .wait_until(
+            "a flow on the shared port from the new address with packets to the client",
+            Duration::from_secs(20),
+            |sessions| {
+                let session = sessions.iter().find(|s| s.id == session.id)?;
+                shared_flows(session)
+                    .into_iter()
+                    .find(|f| {
+                        f.client.starts_with(&format!("{CLIENT_ROAM_IP}:"))
+                            && f.slow_path_packets > 0
+                            && f.packets_to_client > 0
+                    })
+                    .cloned()
+            },
+        )
+        .unwrap();
+}

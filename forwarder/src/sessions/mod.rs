@@ -1320,6 +1320,20 @@ mod tests {
         ));
         assert_eq!(flows_of(&relay, other_port).len(), 1);
 
+        // What the session's own port saw bounds the shared port too.
+        let own = genuine(&other_key, 40);
+        assert!(forwarded(
+            relay
+                .on_client_datagram(other_port, endpoint(9), relay_addr, &own)
+                .unwrap()
+        ));
+        assert!(!forwarded(
+            relay
+                .on_shared_packet(endpoint(10), relay_addr, &own)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_replayed, 3);
+
         // Removed sessions leave the ring.
         relay.remove_session(other_port, "test");
         assert!(!forwarded(
