@@ -426,3 +426,43 @@ fn the_shared_port_works_on_the_userspace_datapath() {
         )
         .unwrap();
 }
+
+#[test]
+fn a_bad_key_is_refused_before_anything_is_created() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &["--shared-port", &SHARED_PORT.to_string()],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "not-a-mosh-key!\n").unwrap();
+    let missing = dir.path().join("missing.key");
+    let backend = SocketAddrV4::new(SERVER_IP, 60101).to_string();
+    for (file, says) in [(&bad, "malformed mosh key"), (&missing, "missing.key")] {
+        let mut cmd = relay.cli();
+        cmd.args([
+            "add",
+            "--instance",
+            relay.instance(),
+            "--backend",
+            &backend,
+            "--key-file",
+        ])
+        .arg(file);
+        let out = forwarder_testbed::cmd::run(&mut cmd, SHORT).unwrap();
+        let stderr = out.stderr;
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(says),
+            "the refusal does not say {says:?}: {stderr}"
+        );
+    }
+    assert!(
+        relay.sessions().unwrap().is_empty(),
+        "a refused add created a session"
+    );
+}
