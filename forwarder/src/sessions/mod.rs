@@ -351,11 +351,12 @@ impl Relay {
         if let Err(at_limit) = crate::datapath::fds::check_headroom() {
             bail!("{at_limit}");
         }
-        if self.sessions.len() >= self.limits.max_sessions {
+        if self.sessions.len() >= self.session_capacity() {
             bail!(
-                "the relay holds its maximum of {} sessions: remove unused ones (`forwarder list`) \
+                "the relay holds its maximum of {} sessions{}: remove unused ones (`forwarder list`) \
                  or raise max_sessions in the config (--max-sessions)",
-                self.limits.max_sessions
+                self.session_capacity(),
+                shared::capacity_note(self.shared.is_some())
             );
         }
         let socket = match port {

@@ -100,7 +100,24 @@ fn binding(session: &Session) -> KeyBinding<'_> {
     }
 }
 
+/// Why the session limit is one short with a shared port, for its refusal.
+pub(super) fn capacity_note(shared: bool) -> &'static str {
+    if shared {
+        " (--max-sessions less the slow-path bucket the shared port takes)"
+    } else {
+        ""
+    }
+}
+
 impl Relay {
+    /// Sessions the relay may hold: the shared port's slow-path bucket
+    /// takes one of the `--max-sessions` slots of the kernel's bucket map.
+    pub(super) fn session_capacity(&self) -> usize {
+        self.limits
+            .max_sessions
+            .saturating_sub(usize::from(self.shared.is_some()))
+    }
+
     /// Opens the shared port: binds its socket (taking it out of the
     /// session pool when it lies inside `--ports`) and gives it a slow-path
     /// bucket of its own. Call before [`Relay::restore`], which adopts the
