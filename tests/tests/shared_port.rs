@@ -345,6 +345,18 @@ fn a_keyed_session_keeps_its_key_and_shared_flow_across_a_restart() {
     wait_for_shell(&client).expect("mosh through the shared port never showed the shell");
     roundtrip(&client, "before").unwrap();
     let flow = wait_for_shared_flow(&relay, &session.id, CLIENT_IP);
+    let recording = Capture::start(&topo.client, CLIENT_IF).unwrap();
+    roundtrip(&client, "recorded").unwrap();
+    let shared = SocketAddrV4::new(RELAY_CLIENT_IP, SHARED_PORT);
+    let recorded: Vec<Vec<u8>> = udp_datagrams(&recording.finish())
+        .into_iter()
+        .filter(|d| d.dst == shared && d.src.to_string() == flow.client)
+        .map(|d| d.payload)
+        .collect();
+    assert!(
+        !recorded.is_empty(),
+        "the recording holds none of the client's datagrams"
+    );
 
     relay.terminate().unwrap();
     // The store holds the key sealed: not its text, beside a root-only secret.
@@ -375,6 +387,26 @@ fn a_keyed_session_keeps_its_key_and_shared_flow_across_a_restart() {
         "the shared flow was not restored: {restored:?}"
     );
     roundtrip(&client, "restarted").unwrap();
+    // What the session had seen before the restart still bounds a new
+    // endpoint: the recording, replayed from elsewhere, creates nothing.
+    let replayer: UdpSocket = topo
+        .client
+        .udp_bind(SocketAddr::from((CLIENT_IP, 0)))
+        .unwrap();
+    let replayer_endpoint = replayer.local_addr().unwrap().to_string();
+    for datagram in &recorded {
+        replayer.send_to(datagram, shared).unwrap();
+    }
+    wait_for_stats(&relay, "the replays after the restart to be refused", |s| {
+        s["shared_replayed"].as_u64() >= Some(recorded.len() as u64)
+    });
+    assert!(
+        !show(&relay, &session.id)
+            .flows
+            .iter()
+            .any(|f| f.client == replayer_endpoint),
+        "a replay after the restart created a flow"
+    );
     // A new endpoint after the restart is matched by the unsealed key.
     topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
     roundtrip(&client, "roamed").unwrap();

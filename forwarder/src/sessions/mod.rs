@@ -116,6 +116,7 @@ impl Session {
             nat: None,
             // Keyed sessions add theirs (sessions/shared.rs).
             sealed_key: None,
+            client_seq_floor: None,
         }
     }
 }
