@@ -61,6 +61,10 @@ pub struct SessionRecord {
     /// were root's (only root could reach the socket then).
     #[serde(default)]
     pub owner_uid: u32,
+    /// A keyed session's client sequence numbers seen so far (at least):
+    /// after a restart, a datagram on the shared port must still be newer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_seq_floor: Option<u64>,
 }
 
 /// The NAT half of a punched session: what the restarted daemon needs to
@@ -356,6 +360,7 @@ mod tests {
             nat: None,
             sealed_key: None,
             owner_uid: 0,
+            client_seq_floor: None,
         }
     }
 
