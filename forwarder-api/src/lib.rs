@@ -98,6 +98,9 @@ pub enum Reply {
     Error(String),
     /// The session a request named does not exist (its own exit code).
     NotFound(String),
+    /// The caller may not do this (another user's session, a root-only
+    /// verb): its own exit code, as for the socket's file permissions.
+    PermissionDenied(String),
 }
 
 /// Version of the `--json` documents the CLI prints: every one is an object
@@ -163,6 +166,27 @@ pub struct SessionInfo {
     /// Set for a server behind NAT that came through the punch handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatInfo>,
+    /// Who created it (the caller's uid on the control socket); root for
+    /// sessions of daemons that did not record owners.
+    #[serde(default)]
+    pub owner: OwnerInfo,
+}
+
+/// A session's owner: the uid, and its user name (the uid in decimal when
+/// the relay's user database has no name for it).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OwnerInfo {
+    pub uid: u32,
+    pub name: String,
+}
+
+impl Default for OwnerInfo {
+    fn default() -> Self {
+        Self {
+            uid: 0,
+            name: "root".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -15,6 +15,7 @@ use crate::datapath::xdp::ModeChoice;
 use crate::ports::PortRange;
 use crate::sessions::Limits;
 use crate::store::default_state_dir;
+use crate::users::{BackendRule, Quota, UserPolicy};
 use forwarder_api::{Reply, Request, SessionInfo, StatsInfo};
 
 #[derive(Parser, Debug)]
@@ -187,6 +188,31 @@ pub struct RunArgs {
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
+    /// Group whose members may use the control socket (mode 0660, root:GROUP) to create, list,
+    /// show and remove their own sessions; it must exist (`root` keeps the socket root's) [default: forwarder].
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Backends non-root users may create sessions towards, as CIDR[:PORTS] (10.0.0.0/8:60000-61000,
+    /// 192.0.2.7:22,60000-60100; no ports: all); repeat for more. Without one users may add nothing;
+    /// root may add anything. Replaces user_allow of the config file.
+    #[arg(long = "user-allow", value_name = "CIDR[:PORTS]")]
+    pub user_allow: Vec<BackendRule>,
+    /// Backends refused to non-root users even where --user-allow permits them, as CIDR[:PORTS];
+    /// repeat for more. Replaces user_deny of the config file.
+    #[arg(long = "user-deny", value_name = "CIDR[:PORTS]")]
+    pub user_deny: Vec<BackendRule>,
+    /// Sessions one non-root user may hold at once (overrides per user and group: the config
+    /// file's [user.NAME] and [group.NAME]); 0: unlimited [default: 8].
+    #[arg(long)]
+    pub user_max_sessions: Option<u32>,
+    /// Established flows (client endpoints the server answered) one non-root user may have
+    /// across its sessions; 0: unlimited [default: 32].
+    #[arg(long)]
+    pub user_max_flows: Option<u32>,
+    /// Client endpoints per second that become established across one non-root user's sessions,
+    /// bursts of twice that; 0: unlimited [default: 4].
+    #[arg(long)]
+    pub user_new_flows_per_sec: Option<u32>,
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
@@ -264,7 +290,39 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         .or(file.max_sessions)
         .unwrap_or(defaults::MAX_SESSIONS);
     let sizes = runtime_sizes(max_flows, max_sessions)?;
+    let or_file = |flags: Vec<BackendRule>, file: Option<Vec<BackendRule>>| {
+        if flags.is_empty() {
+            file.unwrap_or_default()
+        } else {
+            flags
+        }
+    };
+    let users = UserPolicy {
+        allow: or_file(args.user_allow, file.user_allow),
+        deny: or_file(args.user_deny, file.user_deny),
+        quota: Quota {
+            max_sessions: args
+                .user_max_sessions
+                .or(file.user_max_sessions)
+                .unwrap_or(defaults::USER_MAX_SESSIONS),
+            max_flows: args
+                .user_max_flows
+                .or(file.user_max_flows)
+                .unwrap_or(defaults::USER_MAX_FLOWS),
+            new_flows_per_sec: args
+                .user_new_flows_per_sec
+                .or(file.user_new_flows_per_sec)
+                .unwrap_or(defaults::USER_NEW_FLOWS_PER_SEC),
+        },
+        users: file.user.unwrap_or_default(),
+        groups: file.group.unwrap_or_default(),
+    };
     Ok(RunOptions {
+        socket_group: args
+            .socket_group
+            .or(file.socket_group)
+            .unwrap_or_else(|| defaults::SOCKET_GROUP.into()),
+        users,
         punch,
         sizes,
         max_open_files: args.max_open_files.or(file.max_open_files),
@@ -586,10 +644,12 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
     for s in sessions {
         let _ = writeln!(
             out,
-            "session {}  port {}  backend {}  {}  idle {} (expires after {} idle)",
+            "session {}  port {}  backend {}  owner {} (uid {})  {}  idle {} (expires after {} idle)",
             s.id,
             s.port,
             s.backend,
+            s.owner.name,
+            s.owner.uid,
             plural(s.flows.len() as u64, "flow"),
             idle(s.idle_ms),
             humantime::format_duration(Duration::from_secs(s.idle_timeout_secs))
@@ -826,6 +886,19 @@ mod tests {
             u64::from(defaults::SLOWPATH_PPS_PER_SESSION)
         );
         assert_eq!(number("slowpath-pps"), u64::from(defaults::SLOWPATH_PPS));
+        assert_eq!(shown_default("socket-group"), defaults::SOCKET_GROUP);
+        assert_eq!(
+            number("user-max-sessions"),
+            u64::from(defaults::USER_MAX_SESSIONS)
+        );
+        assert_eq!(
+            number("user-max-flows"),
+            u64::from(defaults::USER_MAX_FLOWS)
+        );
+        assert_eq!(
+            number("user-new-flows-per-sec"),
+            u64::from(defaults::USER_NEW_FLOWS_PER_SEC)
+        );
     }
 
     /// The example config shows the defaults, not values of its own.
@@ -856,6 +929,65 @@ mod tests {
             Some(defaults::SLOWPATH_PPS_PER_SESSION)
         );
         assert_eq!(file.slowpath_pps, Some(defaults::SLOWPATH_PPS));
+        assert_eq!(file.socket_group.as_deref(), Some(defaults::SOCKET_GROUP));
+        assert_eq!(file.user_max_sessions, Some(defaults::USER_MAX_SESSIONS));
+        assert_eq!(file.user_max_flows, Some(defaults::USER_MAX_FLOWS));
+        assert_eq!(
+            file.user_new_flows_per_sec,
+            Some(defaults::USER_NEW_FLOWS_PER_SEC)
+        );
+        // Users may add nothing until the operator writes an allow rule.
+        assert_eq!(file.user_allow, Some(Vec::new()));
+    }
+
+    #[test]
+    fn user_rules_come_from_the_flags_or_else_the_file() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("forwarder.toml");
+        std::fs::write(
+            &config,
+            "interfaces = [\"eth0\"]\nsocket_group = \"ops\"\nuser_allow = [\"10.0.0.0/8\"]\n\
+             user_max_sessions = 3\n[group.ops]\nmax_sessions = 5\n",
+        )
+        .unwrap();
+        let options = |extra: &[&str]| {
+            let mut argv = vec!["forwarder", "run", "--config", config.to_str().unwrap()];
+            argv.extend_from_slice(extra);
+            let Verb::Run(args) = Cli::parse_from(argv).verb else {
+                panic!("not run")
+            };
+            run_options(None, args).unwrap()
+        };
+        let from_file = options(&[]);
+        assert_eq!(from_file.socket_group, "ops");
+        assert_eq!(from_file.users.allow, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(from_file.users.quota.max_sessions, 3);
+        assert_eq!(from_file.users.groups["ops"].max_sessions, Some(5));
+        let flags = options(&[
+            "--user-allow",
+            "192.0.2.0/24:60000-61000",
+            "--user-allow",
+            "198.51.100.7",
+            "--user-deny",
+            "192.0.2.9",
+            "--socket-group",
+            "mosh",
+            "--user-max-sessions",
+            "1",
+        ]);
+        assert_eq!(flags.socket_group, "mosh");
+        assert_eq!(
+            flags.users.allow.len(),
+            2,
+            "the flags replace the file's rules"
+        );
+        assert_eq!(flags.users.deny.len(), 1);
+        assert_eq!(flags.users.quota.max_sessions, 1);
+        let bad = Cli::try_parse_from(["forwarder", "run", "--user-allow", "10.0.0.0/8:x"])
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("not a port"), "{bad}");
     }
 
     #[test]

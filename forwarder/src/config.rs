@@ -2,6 +2,7 @@
 //! matches a `run` flag; a flag given on the command line wins over the file.
 //! Unknown keys are refused so a typo does not silently fall back to a default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use serde::Deserialize;
 use crate::datapath::DatapathChoice;
 use crate::datapath::xdp::ModeChoice;
 use crate::ports::PortRange;
+use crate::users::{BackendRule, GroupRules, QuotaOverride};
 
 /// Every default of `forwarder run`, defined once: the flags fall back to
 /// these, `--help` shows them (a test checks each help line), and the
@@ -46,6 +48,12 @@ pub mod defaults {
     pub const SLOWPATH_PPS_PER_SESSION: u32 = 1000;
     pub const SLOWPATH_PPS: u32 = 20_000;
     pub const PUNCH_KEEPALIVE: Duration = Duration::from_secs(15);
+    /// Members of this group may use the control socket (the package creates it).
+    pub const SOCKET_GROUP: &str = "forwarder";
+    /// Quotas of every non-root user without an override (0: unlimited).
+    pub const USER_MAX_SESSIONS: u32 = 8;
+    pub const USER_MAX_FLOWS: u32 = 32;
+    pub const USER_NEW_FLOWS_PER_SEC: u32 = 4;
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -83,6 +91,18 @@ pub struct FileConfig {
     pub public_addr: Option<std::net::Ipv4Addr>,
     #[serde(default, with = "humantime_serde")]
     pub punch_keepalive: Option<Duration>,
+    /// Self-service: the control socket's group, the backend policy for
+    /// non-root callers (CIDR[:PORTS] rules) and their default quotas.
+    pub socket_group: Option<String>,
+    pub user_allow: Option<Vec<BackendRule>>,
+    pub user_deny: Option<Vec<BackendRule>>,
+    pub user_max_sessions: Option<u32>,
+    pub user_max_flows: Option<u32>,
+    pub user_new_flows_per_sec: Option<u32>,
+    /// `[user.NAME]`: quota overrides for one user (no flag).
+    pub user: Option<BTreeMap<String, QuotaOverride>>,
+    /// `[group.NAME]`: quota overrides and extra backend rules for a group's members (no flag).
+    pub group: Option<BTreeMap<String, GroupRules>>,
 }
 
 impl FileConfig {
@@ -122,5 +142,31 @@ mod tests {
         );
         assert!(FileConfig::parse("max_flows = \"many\"").is_err());
         assert_eq!(FileConfig::parse("").unwrap(), FileConfig::default());
+    }
+
+    #[test]
+    fn user_and_group_tables_parse_and_refuse_typos() {
+        let config = FileConfig::parse(
+            "user_allow = [\"10.0.0.0/8:60000-61000\"]\n\
+             [user.alice]\nmax_sessions = 2\n\
+             [group.ops]\nmax_flows = 64\nuser_allow = [\"172.16.0.0/12:22,60000-60100\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.user_allow.unwrap().len(), 1);
+        assert_eq!(config.user.unwrap()["alice"].max_sessions, Some(2));
+        let ops = &config.group.unwrap()["ops"];
+        assert_eq!(ops.max_flows, Some(64));
+        assert_eq!(
+            ops.user_allow[0].to_string(),
+            "172.16.0.0/12:22,60000-60100"
+        );
+        for (text, says) in [
+            ("[user.alice]\nmax_session = 2", "max_session"),
+            ("user_allow = [\"10.0.0.0/8:x\"]", "not a port"),
+            ("[group.ops]\nuser_deny = [\"host\"]", "not an IPv4 address"),
+        ] {
+            let error = format!("{:#}", FileConfig::parse(text).unwrap_err());
+            assert!(error.contains(says), "{text}: {error}");
+        }
     }
 }

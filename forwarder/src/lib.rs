@@ -42,3 +42,4 @@ pub mod punch;
 pub mod sessions;
 pub mod slowpath;
 pub mod store;
+pub mod users;

@@ -45,6 +45,10 @@ pub struct SessionRecord {
     /// Set for a punched session (absent in files written before they were stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatRecord>,
+    /// The uid that created it; rows written before owners were recorded
+    /// were root's (only root could reach the socket then).
+    #[serde(default)]
+    pub owner_uid: u32,
 }
 
 /// The NAT half of a punched session: what the restarted daemon needs to
@@ -283,6 +287,7 @@ mod tests {
             route_ifindex: 3,
             idle_timeout_secs: 600,
             nat: None,
+            owner_uid: 0,
         }
     }
 

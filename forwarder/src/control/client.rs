@@ -43,10 +43,9 @@ pub fn call(instance: &str, request: &Request) -> anyhow::Result<Reply> {
                 path.display(),
                 super::systemd_unit(instance)
             )),
-        std::io::ErrorKind::PermissionDenied => anyhow::Error::new(Failure::PermissionDenied).context(format!(
-            "permission denied on {}: the control socket is root-only, run this as root",
-            path.display()
-        )),
+        std::io::ErrorKind::PermissionDenied => {
+            anyhow::Error::new(Failure::PermissionDenied).context(permission_denied(&path))
+        }
         _ => anyhow::anyhow!("connecting to {}: {error}", path.display()),
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -65,6 +64,33 @@ pub fn call(instance: &str, request: &Request) -> anyhow::Result<Reply> {
     match serde_json::from_str(&reply).context("the daemon's reply is not valid JSON")? {
         Reply::Error(message) => bail!("{message}"),
         Reply::NotFound(message) => Err(anyhow::Error::new(Failure::NotFound).context(message)),
+        Reply::PermissionDenied(message) => {
+            Err(anyhow::Error::new(Failure::PermissionDenied).context(message))
+        }
         reply => Ok(reply),
+    }
+}
+
+/// Why the socket refused us, naming the group that may use it.
+fn permission_denied(path: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let group = std::fs::metadata(path).ok().map(|meta| {
+        nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(meta.gid()))
+            .ok()
+            .flatten()
+            .map_or_else(|| meta.gid().to_string(), |group| group.name)
+    });
+    match group {
+        Some(group) if group != "root" => format!(
+            "permission denied on {}: the control socket is for root and the members of group {group:?}; \
+             ask the relay's administrator to add you (`adduser USER {group}`), then log in again so the \
+             membership applies",
+            path.display()
+        ),
+        _ => format!(
+            "permission denied on {}: the control socket is root's (the daemon runs with --socket-group root); \
+             run this as root, or ask the relay's administrator to open it to a group",
+            path.display()
+        ),
     }
 }

@@ -1,4 +1,7 @@
-//! The daemon side of the control socket: root-only, one request per line.
+//! The daemon side of the control socket: root and the socket's group, one
+//! request per line. Every caller is known by its uid (SO_PEERCRED): a
+//! non-root caller adds sessions within the backend policy and its quotas,
+//! and sees, shows and removes only its own; `stats` is root's.
 
 use std::net::SocketAddrV4;
 use std::os::unix::fs::PermissionsExt;
@@ -13,6 +16,7 @@ use tracing::{debug, warn};
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp;
 use crate::sessions::SharedRelay;
+use crate::users::{self, Owner};
 use forwarder_api::parse_backend;
 use forwarder_api::{MAX_REQUEST_BYTES, Reply, Request};
 
@@ -21,8 +25,34 @@ use forwarder_api::{MAX_REQUEST_BYTES, Reply, Request};
 pub type StartReader =
     std::sync::Arc<dyn Fn(SharedRelay, std::sync::Arc<RelaySocket>) + Send + Sync>;
 
-/// Binds the control socket, refusing to take over a live daemon's.
-pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
+/// The group the control socket is given, looked up before anything is bound.
+#[derive(Clone, Debug)]
+pub struct SocketGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+impl SocketGroup {
+    /// Looks `name` up; a missing group is refused with the ways on.
+    pub fn lookup(name: &str) -> anyhow::Result<Self> {
+        match nix::unistd::Group::from_name(name) {
+            Ok(Some(group)) => Ok(Self {
+                name: group.name,
+                gid: group.gid.as_raw(),
+            }),
+            Ok(None) => bail!(
+                "the control socket's group {name:?} does not exist: create it (`addgroup --system {name}`; the \
+                 package creates `forwarder`) and add the users who may create sessions (`adduser USER {name}`), \
+                 or name another with --socket-group (socket_group in the config; `root` keeps the socket root's)"
+            ),
+            Err(error) => bail!("looking up the control socket's group {name:?}: {error}"),
+        }
+    }
+}
+
+/// Binds the control socket, refusing to take over a live daemon's, and
+/// gives it to root and `group` (mode 0660).
+pub fn bind(path: &Path, instance: &str, group: &SocketGroup) -> anyhow::Result<UnixListener> {
     let dir = path.parent().context("control socket path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
@@ -40,8 +70,18 @@ pub fn bind(path: &Path, instance: &str) -> anyhow::Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    // Root-only: the control API can redirect traffic.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Root and the group only: the control API makes the relay send traffic.
+    // The group first, then the mode: never group-writable for another group.
+    if let Err(error) = std::os::unix::fs::chown(path, Some(0), Some(group.gid)) {
+        let _ = std::fs::remove_file(path);
+        bail!(
+            "giving the control socket {} to group {:?}: {error}; the daemon needs CAP_CHOWN or membership \
+             of the group (the packaged unit has SupplementaryGroups=forwarder: add the group you name there)",
+            path.display(),
+            group.name
+        );
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }
 
@@ -70,6 +110,7 @@ async fn handle(
     relay: SharedRelay,
     start_reader: &StartReader,
 ) -> anyhow::Result<()> {
+    let caller = caller(&stream).await?;
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = String::new();
@@ -81,7 +122,7 @@ async fn handle(
                 "request larger than {MAX_REQUEST_BYTES} bytes refused"
             )),
             Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(request) => dispatch(request, &relay, start_reader).await,
+                Ok(request) => dispatch(request, &caller, &relay, start_reader).await,
                 Err(error) => Reply::Error(format!("malformed request: {error}")),
             },
         };
@@ -91,38 +132,116 @@ async fn handle(
     Ok(())
 }
 
-async fn dispatch(request: Request, relay: &SharedRelay, start_reader: &StartReader) -> Reply {
+/// Who is on the other end: the uid and gid the kernel recorded when it
+/// connected, its name and groups from the user database (off the runtime's
+/// threads: NSS may ask a directory server).
+async fn caller(stream: &UnixStream) -> anyhow::Result<Owner> {
+    let credentials = stream
+        .peer_cred()
+        .context("reading the caller's credentials (SO_PEERCRED)")?;
+    let (uid, gid) = (credentials.uid(), credentials.gid());
+    Ok(tokio::task::spawn_blocking(move || Owner::lookup(uid, Some(gid))).await?)
+}
+
+async fn dispatch(
+    request: Request,
+    caller: &Owner,
+    relay: &SharedRelay,
+    start_reader: &StartReader,
+) -> Reply {
     match request {
         Request::Add {
             backend,
             port,
             idle_timeout_secs,
-        } => match add(relay, start_reader, &backend, port, idle_timeout_secs).await {
+        } => match add(
+            relay,
+            start_reader,
+            caller,
+            &backend,
+            port,
+            idle_timeout_secs,
+        )
+        .await
+        {
             Ok(reply) => reply,
-            Err(error) => Reply::Error(format!("{error:#}")),
+            Err(error) => {
+                let reason = format!("{error:#}");
+                users::audit_refusal(caller, "add", &backend, &reason);
+                Reply::Error(reason)
+            }
         },
         Request::Remove { target } => {
             let mut relay = relay.lock().expect("relay lock");
-            match relay.find_session(&target) {
-                Some(port) => match relay.remove_session(port, "removed by operator") {
-                    Some(info) => Reply::Removed(info),
-                    None => not_found(&target),
-                },
+            let port = match owned_session(&relay, caller, &target, "remove") {
+                Ok(port) => port,
+                Err(refusal) => return refusal,
+            };
+            let why = if caller.is_root() {
+                "removed by root"
+            } else {
+                "removed by its owner"
+            };
+            match relay.remove_session(port, why) {
+                Some(info) => {
+                    users::audit_change(caller, "remove", &info);
+                    Reply::Removed(info)
+                }
                 None => not_found(&target),
             }
         }
         Request::Show { target } => {
             let relay = relay.lock().expect("relay lock");
-            match relay
-                .find_session(&target)
-                .and_then(|port| relay.session_info(port, crate::datapath::monotonic_ns()))
-            {
+            let port = match owned_session(&relay, caller, &target, "show") {
+                Ok(port) => port,
+                Err(refusal) => return refusal,
+            };
+            match relay.session_info(port, crate::datapath::monotonic_ns()) {
                 Some(info) => Reply::Session(info),
                 None => not_found(&target),
             }
         }
-        Request::List {} => Reply::Sessions(relay.lock().expect("relay lock").list()),
+        Request::List {} => {
+            let mut sessions = relay.lock().expect("relay lock").list();
+            if !caller.is_root() {
+                sessions.retain(|session| session.owner.uid == caller.uid);
+            }
+            Reply::Sessions(sessions)
+        }
+        Request::Stats {} if !caller.is_root() => Reply::PermissionDenied(format!(
+            "`stats` shows the whole relay and is root's; user {} (uid {}) may list, show, add and remove \
+             its own sessions",
+            caller.name, caller.uid
+        )),
         Request::Stats {} => Reply::Stats(Box::new(relay.lock().expect("relay lock").stats())),
+    }
+}
+
+/// The port of the session `target` names, when `caller` may act on it:
+/// root on every session, anyone else on its own. Another user's session
+/// is refused as such (its port is no secret: it is bound on the host),
+/// and the refusal is audited.
+fn owned_session(
+    relay: &crate::sessions::Relay,
+    caller: &Owner,
+    target: &str,
+    action: &'static str,
+) -> Result<u16, Reply> {
+    let Some(port) = relay.find_session(target) else {
+        return Err(not_found(target));
+    };
+    match relay.owner_of(port) {
+        Some(owner) if caller.is_root() || owner.uid == caller.uid => Ok(port),
+        Some(_) => {
+            let reason = format!(
+                "session {target} belongs to another user: user {} (uid {}) may {action} only its own \
+                 sessions (`forwarder list` shows them); root may {action} any",
+                caller.name, caller.uid
+            );
+            users::audit_refusal(caller, action, target, &reason);
+            Err(Reply::PermissionDenied(reason))
+        }
+        None => Err(not_found(target)),
     }
 }
 
@@ -135,6 +254,7 @@ fn not_found(target: &str) -> Reply {
 async fn add(
     relay: &SharedRelay,
     start_reader: &StartReader,
+    caller: &Owner,
     backend: &str,
     port: Option<u16>,
     idle_timeout_secs: Option<u64>,
@@ -145,15 +265,25 @@ async fn add(
             "an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h"
         );
     }
+    if let Err(refusal) = relay
+        .lock()
+        .expect("relay lock")
+        .user_policy()
+        .check_backend(caller, backend)
+    {
+        bail!("{refusal}");
+    }
     // The route lookup runs a command: keep it outside the relay lock.
     let ip = *backend.ip();
     let route = tokio::task::spawn_blocking(move || xdp::route_to(ip)).await??;
-    let (info, socket) = relay.lock().expect("relay lock").add_session(
+    let (info, socket) = relay.lock().expect("relay lock").add_session_for(
+        caller.clone(),
         backend,
         route,
         port,
         idle_timeout_secs.map(Duration::from_secs),
     )?;
     start_reader(relay.clone(), socket);
+    users::audit_change(caller, "add", &info);
     Ok(Reply::Session(info))
 }

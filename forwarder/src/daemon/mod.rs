@@ -50,6 +50,10 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// The punch handshake for servers behind NAT, when enabled.
     pub punch: Option<crate::punch::relay::PunchOptions>,
+    /// The control socket's group: its members may create sessions.
+    pub socket_group: String,
+    /// What those non-root callers may do: backend policy and quotas.
+    pub users: crate::users::UserPolicy,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -110,7 +114,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         );
     }
     let socket_path = forwarder_api::socket_path(&options.instance);
-    let listener = control::server::bind(&socket_path, &options.instance)?;
+    let socket_group = control::server::SocketGroup::lookup(&options.socket_group)?;
+    let listener = control::server::bind(&socket_path, &options.instance, &socket_group)?;
     // From here on a failed start removes what it built (see StartGuard).
     let mut guard = StartGuard {
         socket_path: socket_path.clone(),
@@ -172,7 +177,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_ports: options.flow_ports,
         store: Some(store),
     })));
-    let restored = relay.lock().expect("relay lock").restore(records);
+    let restored = {
+        let mut relay = relay.lock().expect("relay lock");
+        relay.set_user_policy(options.users.clone());
+        relay.restore(records)
+    };
     let (sessions, flows) = (restored.session_sockets.len(), restored.flow_sockets.len());
     let nat_upstreams = restored.nat_upstream_sockets;
     for socket in restored.session_sockets {
@@ -188,6 +197,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         ports = %options.session_ports,
         flow_ports = %options.flow_ports,
         socket = %socket_path.display(),
+        socket_group = %socket_group.name,
+        user_allow_rules = options.users.allow.len(),
         pins = %pins.dir.display(),
         adopted = adopting,
         sessions_restored = sessions,

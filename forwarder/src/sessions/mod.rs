@@ -18,6 +18,7 @@ use crate::expiry::{self, FlowActivity};
 use crate::limits::{RecentSet, TokenBucket};
 use crate::ports::{PortPool, PortRange};
 use crate::store::{SessionRecord, Store};
+use crate::users::{Owner, UserPolicy, UserQuota};
 use forwarder_api::{FlowInfo, SessionInfo, SlowPathStats};
 
 pub use crate::datapath::monotonic_ns;
@@ -63,6 +64,10 @@ pub struct Session {
     evicted: RecentSet<(Ipv4Addr, SocketAddrV4)>,
     /// Set for a server behind a NAT that came through the punch handshake.
     nat: Option<Box<nat::NatState>>,
+    /// Who created it (root for punched sessions and old stored ones).
+    pub owner: Owner,
+    /// The owner's quota, resolved when the session was made or restored.
+    quota: UserQuota,
 }
 
 impl Session {
@@ -91,6 +96,8 @@ impl Session {
             probation: VecDeque::new(),
             evicted: RecentSet::new(EVICTED_MEMORY),
             nat: None,
+            owner: Owner::root(),
+            quota: UserQuota::unlimited(),
         }
     }
 
@@ -104,6 +111,7 @@ impl Session {
             idle_timeout_secs: self.idle_timeout.as_secs(),
             // Punched sessions add theirs (sessions/nat.rs, key sealed).
             nat: None,
+            owner_uid: self.owner.uid,
         }
     }
 }
@@ -198,6 +206,10 @@ pub struct Relay {
     stats: SlowPathStats,
     /// Where sessions are persisted (None: they live only in memory).
     store: Option<Store>,
+    /// What non-root owners may do (backend policy, quotas).
+    users: UserPolicy,
+    /// Each non-root owner's new-flow rate, across all of its sessions.
+    owner_new_flows: HashMap<u32, TokenBucket>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -291,6 +303,61 @@ impl Relay {
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
             store,
+            users: UserPolicy::default(),
+            owner_new_flows: HashMap::new(),
+        }
+    }
+
+    /// Sets what non-root owners may do; call before [`Relay::restore`], so
+    /// restored sessions get their owners' quotas.
+    pub fn set_user_policy(&mut self, users: UserPolicy) {
+        self.users = users;
+    }
+
+    pub fn user_policy(&self) -> &UserPolicy {
+        &self.users
+    }
+
+    /// The owner of the session on `port`.
+    pub fn owner_of(&self, port: u16) -> Option<&Owner> {
+        self.sessions.get(&port).map(|session| &session.owner)
+    }
+
+    /// Sessions and established (answered) flows of the owner `uid`.
+    fn owner_usage(&self, uid: u32) -> (usize, usize) {
+        self.sessions
+            .values()
+            .filter(|session| session.owner.uid == uid)
+            .fold((0, 0), |(sessions, flows), session| {
+                (
+                    sessions + 1,
+                    flows + session.flows.len() - session.probation.len(),
+                )
+            })
+    }
+
+    /// Whether the owner of the session on `session_port` may have one more
+    /// established flow; names the quota when not.
+    fn owner_flow_room(&self, session_port: u16) -> Result<(), String> {
+        let Some(session) = self.sessions.get(&session_port) else {
+            return Ok(());
+        };
+        if session.owner.is_root() {
+            return Ok(());
+        }
+        let (_, flows) = self.owner_usage(session.owner.uid);
+        let limit = &session.quota.max_flows;
+        if limit.has_room(flows) {
+            Ok(())
+        } else {
+            Err(format!(
+                "user {} (uid {}) has {flows} established flows, the quota of {} ({});                  raise it in the config file ([user.{}] max_flows) for more",
+                session.owner.name,
+                session.owner.uid,
+                limit.value,
+                limit.source,
+                session.owner.name
+            ))
         }
     }
 
@@ -302,7 +369,7 @@ impl Relay {
         self.flows.len()
     }
 
-    /// Creates a session: reserves its client-facing port by binding it.
+    /// Creates a session owned by root: reserves its client-facing port by binding it.
     pub fn add_session(
         &mut self,
         backend: SocketAddrV4,
@@ -310,6 +377,36 @@ impl Relay {
         port: Option<u16>,
         idle_timeout: Option<Duration>,
     ) -> anyhow::Result<(SessionInfo, Arc<RelaySocket>)> {
+        self.add_session_for(Owner::root(), backend, route, port, idle_timeout)
+    }
+
+    /// Creates a session owned by `owner`, within its quota of sessions.
+    /// The backend policy is the caller's to check (the control server).
+    pub fn add_session_for(
+        &mut self,
+        owner: Owner,
+        backend: SocketAddrV4,
+        route: BackendRoute,
+        port: Option<u16>,
+        idle_timeout: Option<Duration>,
+    ) -> anyhow::Result<(SessionInfo, Arc<RelaySocket>)> {
+        let quota = self.users.quota_for(&owner);
+        if !owner.is_root() {
+            let (sessions, _) = self.owner_usage(owner.uid);
+            let limit = &quota.max_sessions;
+            if !limit.has_room(sessions) {
+                bail!(
+                    "user {} (uid {}) has {sessions} sessions, the quota of {} ({}): remove one \
+                     (`forwarder list`, `forwarder remove ID`), or ask the relay's administrator to raise it \
+                     ([user.{}] max_sessions in the config file)",
+                    owner.name,
+                    owner.uid,
+                    limit.value,
+                    limit.source,
+                    owner.name
+                );
+            }
+        }
         if self.relay_addresses.contains(backend.ip()) {
             bail!(
                 "backend {backend} is one of this relay's own addresses: the relay would forward to itself; \
@@ -382,7 +479,7 @@ impl Relay {
             }
         };
         let idle_timeout = idle_timeout.unwrap_or(self.limits.default_session_idle_timeout);
-        let session = Session::new(
+        let mut session = Session::new(
             id,
             backend,
             route,
@@ -391,6 +488,8 @@ impl Relay {
             &self.limits,
             now,
         );
+        session.owner = owner;
+        session.quota = quota;
         // Durable before it is announced: a session the caller was told about
         // survives a crash; one that never got committed never existed.
         if let Some(store) = &self.store
@@ -401,7 +500,7 @@ impl Relay {
             self.session_ports.release(port);
             return Err(error);
         }
-        info!(session = %session.id, port, %backend, "session added");
+        info!(session = %session.id, port, %backend, owner = %session.owner.name, "session added");
         self.sessions.insert(port, session);
         Ok((self.session_info(port, now).expect("just inserted"), socket))
     }
@@ -496,6 +595,12 @@ impl Relay {
             warn!(session = %session.id, %client, limit = self.limits.max_flows_per_session, "new flow refused: session has its maximum of flows");
             return Ok(ClientVerdict::Drop);
         }
+        if let Err(refusal) = self.owner_flow_room(session_port) {
+            self.stats.refused_flow_limit += 1;
+            warn!(session = %session_port, %client, "new flow refused: {refusal}");
+            return Ok(ClientVerdict::Drop);
+        }
+        let session = self.sessions.get(&session_port).expect("looked up above");
         if session.probation.len() >= self.limits.probation_flows_per_session {
             self.make_probation_room(session_port, now);
         }
@@ -620,9 +725,19 @@ impl Relay {
     /// answered (mosh-server answers only datagrams that decrypt) take up
     /// the session's limits, so a spoofed flood cannot exhaust them.
     fn promote_answered(&mut self, session_port: u16, now: u64) {
-        let Some(session) = self.sessions.get_mut(&session_port) else {
+        let Some(uid) = self.sessions.get(&session_port).map(|s| s.owner.uid) else {
             return;
         };
+        // The owner's quotas count every session of theirs (root has none).
+        let (_, mut owner_flows) = if uid == 0 {
+            (0, 0)
+        } else {
+            self.owner_usage(uid)
+        };
+        let session = self
+            .sessions
+            .get_mut(&session_port)
+            .expect("looked up above");
         let mut index = 0;
         while index < session.probation.len() {
             let port = session.probation[index];
@@ -631,8 +746,9 @@ impl Relay {
                 .get_mut(&port)
                 .expect("probation flows are in the flow table");
             let answered = flow_activity(&self.datapath, flow).last_from_server_ns > 0;
-            let room =
-                session.flows.len() - session.probation.len() < self.limits.max_flows_per_session;
+            let room = session.flows.len() - session.probation.len()
+                < self.limits.max_flows_per_session
+                && session.quota.max_flows.has_room(owner_flows);
             if !answered || !room {
                 index += 1;
                 continue;
@@ -641,6 +757,22 @@ impl Relay {
                 self.stats.refused_rate_limit += 1;
                 return;
             }
+            let owner_rate = session.quota.new_flows_per_sec.value;
+            if uid != 0
+                && owner_rate != 0
+                && !self
+                    .owner_new_flows
+                    .entry(uid)
+                    .or_insert_with(|| {
+                        TokenBucket::new(owner_rate, owner_rate.saturating_mul(2).max(1))
+                    })
+                    .try_take(now)
+            {
+                self.stats.refused_rate_limit += 1;
+                debug!(session = %session.id, owner = %session.owner.name, quota = owner_rate, source = %session.quota.new_flows_per_sec.source, "flow stays on probation: the owner's new-flow rate is spent");
+                return;
+            }
+            owner_flows += 1;
             session.probation.remove(index);
             flow.answered = true;
             self.stats.flows_promoted += 1;
@@ -720,7 +852,10 @@ impl Relay {
             self.stats.flows_expired += 1;
         }
         for port in idle_sessions {
-            self.remove_session(port, "idle");
+            let owner = self.owner_of(port).cloned();
+            if let (Some(info), Some(owner)) = (self.remove_session(port, "idle"), owner) {
+                crate::users::audit_change(&owner, "expire", &info);
+            }
             self.stats.sessions_expired += 1;
         }
         for port in self.stalled_nat_handshakes(now_ns) {
@@ -783,6 +918,7 @@ impl Relay {
             idle_ms: millis(last_active),
             flows: infos,
             nat: session.nat.as_deref().map(nat::NatState::info),
+            owner: session.owner.info(),
         })
     }
 

@@ -133,6 +133,8 @@ impl Relay {
             &self.limits,
             now,
         );
+        session.owner = crate::users::Owner::lookup(record.owner_uid, None);
+        session.quota = self.users.quota_for(&session.owner);
         let nat = match &record.nat {
             Some(nat) => match self.restore_nat(&mut session, nat, backend_halves, now) {
                 Ok(restored) => Some(restored),
@@ -145,7 +147,7 @@ impl Relay {
             },
             None => None,
         };
-        info!(session = %session.id, port = session.port, backend = %session.backend, punched = nat.is_some(), "session restored");
+        info!(session = %session.id, port = session.port, backend = %session.backend, punched = nat.is_some(), owner = %session.owner.name, "session restored");
         self.sessions.insert(record.port, session);
         Ok((socket, nat))
     }
