@@ -19,6 +19,9 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
     ("ssh", "openssh-client"),
     ("ssh-keygen", "openssh-client"),
+    ("useradd", "passwd"),
+    ("groupadd", "passwd"),
+    ("runuser", "util-linux"),
 ];
 
 /// Fails unless we are root and every tool in [`TOOLS`] is on PATH.

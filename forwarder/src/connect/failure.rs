@@ -64,10 +64,14 @@ pub enum Failure {
         command: String,
         detail: String,
     },
+    /// No access to the control socket, or a session of another user:
+    /// the bastion's forwarder names the socket's group and the fix.
     #[error(
-        "forwarder on the bastion {bastion} may not be used by your user there: {message}; fix: ask the bastion's \
-         admin to add that user to the control socket's group (`forwarder` unless its config names another: \
-         `usermod -aG forwarder USER`), then log in again"
+        "forwarder on the bastion {bastion} refused your user there: {message}{}",
+        if message.contains("group") { "" } else {
+            "; fix: ask the bastion's admin to add that user to the control socket's group \
+             (`forwarder` unless configured: `adduser USER forwarder`), then log in again"
+        }
     )]
     RelayDenied { bastion: String, message: String },
     #[error(
@@ -155,7 +159,16 @@ mod tests {
             message: "the daemon's words".into(),
         };
         let denied = Failure::from_relay_error("b", None, error(ExitStatus::PermissionDenied));
-        assert!(denied.to_string().contains("usermod -aG forwarder"), "{denied}");
+        assert!(denied.to_string().contains("adduser USER forwarder"), "{denied}");
+        let named = Failure::from_relay_error(
+            "b",
+            None,
+            ErrorInfo {
+                message: "the control socket is for the members of group \"mosh\"".into(),
+                ..error(ExitStatus::PermissionDenied)
+            },
+        );
+        assert!(!named.to_string().contains("adduser USER forwarder"), "{named}");
         let down = Failure::from_relay_error("b", Some("edge"), error(ExitStatus::DaemonNotRunning));
         assert!(down.to_string().contains("for instance edge"), "{down}");
         let refused = Failure::from_relay_error("b", None, error(ExitStatus::Error));

@@ -49,9 +49,9 @@ exits the session is removed; if this machine never comes back, the session
 expires after --relay-idle-timeout without traffic.
 
 Everything goes through your ssh (--ssh, default `ssh`), so your ssh config,
-agent, keys and host aliases apply. The ssh options of --ssh apply to HOST and
-to BASTION's own connections; a ProxyJump hop only takes -F: settings for the
-bastion belong in your ssh config. On the bastion you need forwarder and access
+agent, keys and host aliases apply. As with `ssh -J`, the options of --ssh
+apply to HOST; the bastion's connections take only its program and -F, so
+settings for the bastion belong in your ssh config. On the bastion you need forwarder and access
 to its control socket (the `forwarder` group); on HOST, mosh-server.
 
 Without --via it does what `mosh` does, directly to HOST.";
@@ -88,7 +88,8 @@ pub struct MoshArgs {
     /// config works). Without it, mosh-client connects to HOST directly, as `mosh` does.
     #[arg(long, value_name = "[USER@]BASTION")]
     pub via: Option<String>,
-    /// The ssh command, split like a shell would (like mosh's --ssh), e.g. 'ssh -F ~/.ssh/work'.
+    /// The ssh command, split like a shell would (like mosh's --ssh), e.g. 'ssh -p 2222'; its options
+    /// apply to HOST, only its program and -F to the bastion (as with ssh -J).
     #[arg(long, value_name = "COMMAND", default_value = "ssh")]
     pub ssh: String,
     /// The forwarder command on the bastion (like mosh's --server), e.g. '/usr/local/bin/forwarder'.
@@ -262,7 +263,10 @@ struct Started {
 /// The whole run, once the command line is checked.
 struct Plan<'a> {
     args: &'a MoshArgs,
+    /// For the host (step 1, and everything without --via).
     ssh: Ssh,
+    /// For the bastion's own connections: `forwarder add` and `remove`.
+    bastion_ssh: Ssh,
     /// `-4` for every ssh, when asked.
     family: Vec<&'static str>,
 }
@@ -335,7 +339,7 @@ impl Plan<'_> {
     fn bastion_answers(&self, bastion: &str) -> bool {
         let mut options = vec!["-n", "-T", "-o", "BatchMode=yes"];
         options.extend(&self.family);
-        self.ssh
+        self.bastion_ssh
             .run(&options, bastion, "true", None)
             .is_ok_and(|finished| finished.status.success())
     }
@@ -359,7 +363,7 @@ impl Plan<'_> {
         }
         options.extend(&self.family);
         let finished = self
-            .ssh
+            .bastion_ssh
             .run(&options, bastion, &remote, stdin)
             .map_err(|error| Failure::SshBastion {
                 bastion: bastion.to_string(),
@@ -486,14 +490,20 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         check_port_request(port)?;
     }
     args.predict()?;
+    let ssh = Ssh::parse(&args.ssh)?;
     let plan = Plan {
         args: &args,
-        ssh: Ssh::parse(&args.ssh)?,
+        bastion_ssh: ssh.for_jump_host(),
+        ssh,
         family: if args.ipv4 { vec!["-4"] } else { vec![] },
     };
     // Local and quick: a typo in a host name fails before any login.
-    let target = plan
-        .ssh
+    let resolver = if args.via.is_some() {
+        &plan.bastion_ssh
+    } else {
+        &plan.ssh
+    };
+    let target = resolver
         .resolve(args.via.as_deref().unwrap_or(&args.host))
         .map_err(|error| Failure::Resolve {
             destination: args.via.clone().unwrap_or_else(|| args.host.clone()),

@@ -79,6 +79,27 @@ impl Ssh {
         })
     }
 
+    /// The ssh for the bastion's own connections: the program and its
+    /// `-F`, the options ssh's own `-J` hands a jump host; the rest of
+    /// `--ssh` (a port, a key) is meant for the host, as with `ssh -J`.
+    pub fn for_jump_host(&self) -> Self {
+        let mut args = Vec::new();
+        let mut words = self.args.iter();
+        while let Some(word) = words.next() {
+            if word == "-F" {
+                if let Some(file) = words.next() {
+                    args.extend(["-F".to_string(), file.clone()]);
+                }
+            } else if word.starts_with("-F") {
+                args.push(word.clone());
+            }
+        }
+        Self {
+            program: self.program.clone(),
+            args,
+        }
+    }
+
     /// `ssh [--ssh's words] OPTIONS`.
     pub fn command(&self, options: &[&str]) -> Command {
         let mut command = Command::new(&self.program);
@@ -286,6 +307,14 @@ mod tests {
         assert_eq!(ssh.args, ["-F", "/home/a b/config", "-p", "2222"]);
         assert!(Ssh::parse("  ").is_err());
         assert!(Ssh::parse("ssh 'unclosed").is_err());
+    }
+
+    #[test]
+    fn the_jump_host_gets_only_the_config_file() {
+        let ssh = Ssh::parse("/opt/ssh -p 2222 -F cfg -i key -F/other").unwrap();
+        let jump = ssh.for_jump_host();
+        assert_eq!(jump.program, "/opt/ssh");
+        assert_eq!(jump.args, ["-F", "cfg", "-F/other"]);
     }
 
     #[test]
