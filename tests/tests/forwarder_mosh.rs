@@ -90,8 +90,13 @@ impl Bed {
     /// as words for a shell (the tests' words need no quoting but --ssh's).
     fn mosh_words(&self, rest: &str) -> Result<String> {
         let bin = forwarder_bin()?;
+        let relay_command = if rest.contains("--relay-command") {
+            String::new()
+        } else {
+            format!("--relay-command {} ", bin.display())
+        };
         Ok(format!(
-            "env LANG=C.UTF-8 LC_ALL=C.UTF-8 {bin} mosh --relay-command {bin} --relay-instance {instance} {rest}",
+            "env LANG=C.UTF-8 LC_ALL=C.UTF-8 {bin} mosh {relay_command}--relay-instance {instance} {rest}",
             bin = bin.display(),
             instance = self.relay.instance()
         ))
@@ -325,6 +330,7 @@ fn forwarder_mosh_says_when_udp_never_reached_the_bastion() {
         .wait_for_screen("no answer over UDP", Duration::from_secs(90))
         .unwrap();
     let screen = client.screen().unwrap();
+    eprintln!("{}", screen.trim());
     assert!(
         screen.contains("received nothing from this machine on UDP port"),
         "{screen}"

@@ -41,7 +41,15 @@ impl Finished {
     }
 }
 
-/// ssh's stderr without blank lines and `Connection to X closed.`, on one line.
+/// What ssh adds after a failed ProxyJump hop, which only repeats that
+/// the hop failed.
+const AFTERMATH: &[&str] = &[
+    "kex_exchange_identification: Connection closed by remote host",
+    "Connection closed by UNKNOWN port 65535",
+];
+
+/// ssh's stderr on one line, without blank lines, `Connection to X
+/// closed.` and the aftermath of a failed jump.
 pub fn complaint(stderr: &str) -> String {
     let lines: Vec<&str> = stderr
         .lines()
@@ -50,6 +58,12 @@ pub fn complaint(stderr: &str) -> String {
             !line.is_empty() && !(line.starts_with("Connection to ") && line.ends_with(" closed."))
         })
         .collect();
+    let cause: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|line| !AFTERMATH.contains(line))
+        .collect();
+    let lines = if cause.is_empty() { lines } else { cause };
     if lines.is_empty() {
         "ssh printed nothing".into()
     } else {
@@ -338,5 +352,15 @@ mod tests {
             "ssh: connect to host 10.0.0.1 port 22: Connection refused"
         );
         assert_eq!(complaint(""), "ssh printed nothing");
+        assert_eq!(
+            complaint("channel 0: open failed: connect failed: Connection refused\nstdio forwarding failed\n\
+                       kex_exchange_identification: Connection closed by remote host\n\
+                       Connection closed by UNKNOWN port 65535\n"),
+            "channel 0: open failed: connect failed: Connection refused; stdio forwarding failed"
+        );
+        assert_eq!(
+            complaint("Connection closed by UNKNOWN port 65535\n"),
+            "Connection closed by UNKNOWN port 65535"
+        );
     }
 }
