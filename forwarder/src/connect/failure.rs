@@ -21,7 +21,7 @@ pub enum Failure {
     SshBastion { bastion: String, detail: String },
     #[error(
         "ssh to the host {host}{} failed: {detail}; fix: make `ssh {}{host}` work from here first \
-         (its name and port as {} reaches it, your key there, its host key in known_hosts)",
+         (its name and port as {} reaches it, that sshd listening there, your key there, its host key in known_hosts)",
         via.as_ref().map(|b| format!(" through the bastion {b}")).unwrap_or_default(),
         via.as_ref().map(|b| format!("-J {b} ")).unwrap_or_default(),
         via.as_deref().unwrap_or("this machine")

@@ -3,8 +3,9 @@
 //! drives the user's own `ssh` and execs nothing but the stock
 //! `mosh-client`.
 //!
-//! 1. ssh to the host (through the bastion as a ProxyJump with `--via`)
-//!    runs the stock mosh-server there; the host reports `SSH_CONNECTION`,
+//! 1. ssh to the host (with `--via`, through one master login to the
+//!    bastion that step 2 shares, as a ProxyJump would) runs the stock
+//!    mosh-server there; the host reports `SSH_CONNECTION`,
 //!    whose local half is the host's address as the bastion reaches it,
 //!    and mosh-server prints `MOSH CONNECT port key`.
 //! 2. ssh to the bastion runs `forwarder add --backend ADDR:PORT --json`
@@ -42,9 +43,10 @@ Start a mosh session through a forwarder bastion in one command, like `mosh`:
 
   forwarder mosh --via bastion host
 
-It ssh'es to HOST through BASTION (ssh -J) and starts the stock mosh-server
-there, ssh'es to BASTION and runs `forwarder add` there as your user, and runs
-mosh-client to the bastion's address and the session's port. When mosh-client
+It logs in to BASTION once (an ssh master connection), ssh'es through it to
+HOST (as ssh -J would) and starts the stock mosh-server there, runs `forwarder
+add` on BASTION as your user over the same login, and runs mosh-client to the
+bastion's address and the session's port. When mosh-client
 exits the session is removed; if this machine never comes back, the session
 expires after --relay-idle-timeout without traffic.
 
@@ -273,7 +275,7 @@ struct Plan<'a> {
 
 impl Plan<'_> {
     /// Step: ssh to the host (through the bastion) and start mosh-server.
-    fn start_server(&self) -> Result<Started, Failure> {
+    fn start_server(&self, master: Option<&ssh::Master>) -> Result<Started, Failure> {
         let args = self.args;
         let colors = count_colors(&args.client)?;
         let remote = remote::host_command(
@@ -283,8 +285,9 @@ impl Plan<'_> {
         let mut options = vec!["-n"];
         options.push(if args.no_ssh_pty { "-T" } else { "-tt" });
         options.extend(&self.family);
-        if let Some(bastion) = &args.via {
-            options.extend(["-J", bastion.as_str()]);
+        let proxy = master.map(ssh::Master::proxy_command);
+        if let Some(proxy) = &proxy {
+            options.extend(["-o", proxy.as_str()]);
         }
         let mut report = HostReport::default();
         let finished = self
@@ -307,13 +310,7 @@ impl Plan<'_> {
             all.join("; ")
         };
         Err(match finished.code() {
-            Some(ssh::SSH_FAILED) => match &args.via {
-                Some(bastion) if !self.bastion_answers(bastion) => Failure::SshBastion {
-                    bastion: bastion.clone(),
-                    detail: said(&report.other_lines),
-                },
-                _ => self.host_failure(said(&report.other_lines)),
-            },
+            Some(ssh::SSH_FAILED) => self.host_failure(said(&report.other_lines)),
             Some(ssh::NOT_FOUND) => Failure::NoMoshServer {
                 host: args.host.clone(),
                 server: args.server.clone(),
@@ -334,19 +331,20 @@ impl Plan<'_> {
         }
     }
 
-    /// Whether the bastion itself takes an ssh login (without prompting):
-    /// tells a failed hop to the bastion from a failed one behind it.
-    fn bastion_answers(&self, bastion: &str) -> bool {
-        let mut options = vec!["-n", "-T", "-o", "BatchMode=yes"];
-        options.extend(&self.family);
-        self.bastion_ssh
-            .run(&options, bastion, "true", None)
-            .is_ok_and(|finished| finished.status.success())
+    /// Step: log in to the bastion once for the set-up.
+    fn open_master(&self, bastion: &str) -> Result<ssh::Master, Failure> {
+        ssh::Master::open(&self.bastion_ssh, bastion, &self.family).map_err(|detail| {
+            Failure::SshBastion {
+                bastion: bastion.to_string(),
+                detail,
+            }
+        })
     }
 
     /// Runs a `forwarder` verb on the bastion with `--json` and reads its session.
     fn relay_verb(
         &self,
+        ssh: &Ssh,
         bastion: &str,
         verb: &[String],
         stdin: Option<&str>,
@@ -362,8 +360,7 @@ impl Plan<'_> {
             options.extend(["-o", "BatchMode=yes"]);
         }
         options.extend(&self.family);
-        let finished = self
-            .bastion_ssh
+        let finished = ssh
             .run(&options, bastion, &remote, stdin)
             .map_err(|error| Failure::SshBastion {
                 bastion: bastion.to_string(),
@@ -406,12 +403,17 @@ impl Plan<'_> {
     }
 
     /// Step: create the session on the bastion, owned by the user ssh logs in as.
-    fn add_session(&self, bastion: &str, backend: &str) -> Result<SessionInfo, Failure> {
+    fn add_session(
+        &self,
+        master: &ssh::Master,
+        bastion: &str,
+        backend: &str,
+    ) -> Result<SessionInfo, Failure> {
         let idle = format!("{}s", self.args.relay_idle_timeout.as_secs().max(1));
         let verb: Vec<String> = ["add", "--backend", backend, "--idle-timeout", &idle, "--json"]
             .map(String::from)
             .to_vec();
-        self.relay_verb(bastion, &verb, None, false)
+        self.relay_verb(master.ssh(), bastion, &verb, None, false)
     }
 
     /// Removes the session; what it carried at the end tells whether UDP
@@ -420,7 +422,7 @@ impl Plan<'_> {
         let verb: Vec<String> = ["remove", id, "--json"].map(String::from).to_vec();
         // The terminal may be gone (a closed window): no prompts then.
         let batch = !std::io::stdin().is_terminal();
-        self.relay_verb(bastion, &verb, None, batch)
+        self.relay_verb(&self.bastion_ssh, bastion, &verb, None, batch)
     }
 }
 
@@ -509,8 +511,12 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
             destination: args.via.clone().unwrap_or_else(|| args.host.clone()),
             detail: format!("{error:#}"),
         })?;
-    let server = plan.start_server()?;
-    let Some(bastion) = &args.via else {
+    let master = match &args.via {
+        Some(bastion) => Some(plan.open_master(bastion)?),
+        None => None,
+    };
+    let server = plan.start_server(master.as_ref())?;
+    let (Some(bastion), Some(master)) = (&args.via, master) else {
         tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "mosh-server started");
         let status = run_client(&args, target, server.port, &server.key)?;
         return client_outcome(status);
@@ -529,8 +535,9 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         })?;
     let backend = format!("{backend}:{}", server.port);
     let session = plan
-        .add_session(bastion, &backend)
+        .add_session(&master, bastion, &backend)
         .map_err(|failure| failure.after_server_started(&args.host))?;
+    drop(master);
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         session = %session.id,

@@ -271,6 +271,110 @@ impl Ssh {
     }
 }
 
+/// One login to the bastion that the hop to the host and `forwarder add`
+/// share (`ssh -M`, a control socket in a private folder): the bastion is
+/// logged in to once during set-up, and a failed login there is told
+/// apart from one behind it. Closed on drop, before mosh-client starts:
+/// its TCP connection would not survive a roam anyway.
+#[derive(Debug)]
+pub struct Master {
+    ssh: Ssh,
+    destination: String,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Master {
+    /// Logs in to `destination` (prompting as ssh does) and keeps the
+    /// connection in the background; on failure, ssh's complaint.
+    pub fn open(ssh: &Ssh, destination: &str, family: &[&str]) -> Result<Self, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("fwd-mosh-")
+            .tempdir()
+            .map_err(|error| format!("creating a folder for ssh's control socket: {error}"))?;
+        let socket = dir.path().join("bastion");
+        let socket_text = socket.to_string_lossy().into_owned();
+        // The backgrounded master keeps whatever stderr it was given:
+        // a file, so that nothing waits for it to close.
+        let log = tempfile::tempfile().map_err(|error| format!("creating a temporary file: {error}"))?;
+        let mut options = vec![
+            "-M",
+            "-S",
+            socket_text.as_str(),
+            "-o",
+            "ControlPersist=no",
+            "-f",
+            "-N",
+            "-T",
+        ];
+        options.extend(family);
+        let status = ssh
+            .command(&options)
+            .arg(destination)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                log.try_clone()
+                    .map_err(|error| format!("duplicating a file descriptor: {error}"))?,
+            )
+            .status()
+            .map_err(|error| {
+                format!(
+                    "cannot run {:?}: install OpenSSH's client, or name yours with --ssh ({error})",
+                    ssh.program
+                )
+            })?;
+        if !status.success() {
+            let mut log = log;
+            let mut text = String::new();
+            let _ = std::io::Seek::rewind(&mut log);
+            let _ = log.read_to_string(&mut text);
+            return Err(complaint(&text));
+        }
+        let mut shared = ssh.clone();
+        shared.args.extend([
+            "-S".to_string(),
+            socket_text,
+            "-o".to_string(),
+            "ControlMaster=no".to_string(),
+        ]);
+        Ok(Self {
+            ssh: shared,
+            destination: destination.to_string(),
+            socket,
+            _dir: dir,
+        })
+    }
+
+    /// The ssh that runs its commands over the master connection.
+    pub fn ssh(&self) -> &Ssh {
+        &self.ssh
+    }
+
+    /// A ProxyCommand through the master to the host, what `-J` would
+    /// do with a login of its own.
+    pub fn proxy_command(&self) -> String {
+        let mut words = vec![self.ssh.program.clone()];
+        words.extend(self.ssh.args.iter().cloned());
+        words.extend(["-W".to_string(), "[%h]:%p".to_string(), self.destination.clone()]);
+        format!("ProxyCommand={}", shell_words::join(words))
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let socket = self.socket.to_string_lossy().into_owned();
+        let _ = self
+            .ssh
+            .command(&["-S", &socket, "-O", "exit"])
+            .arg(&self.destination)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// How long ssh may go on after the remote side said what was needed.
 const LINGER: Duration = Duration::from_secs(10);
 
