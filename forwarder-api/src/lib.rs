@@ -74,6 +74,11 @@ pub enum Request {
         port: Option<u16>,
         #[serde(default)]
         idle_timeout_secs: Option<u64>,
+        /// mosh's session key (the 22 base64 characters of `MOSH CONNECT
+        /// <port> <key>`): the session is then reachable on the relay's
+        /// shared port too. Kept sealed by the daemon, never shown.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
     },
     Remove {
         /// A session id or its client-facing port.
@@ -170,6 +175,14 @@ pub struct SessionInfo {
     /// sessions of daemons that did not record owners.
     #[serde(default)]
     pub owner: OwnerInfo,
+    /// Whether the relay holds the session's mosh key (`add --key-file`);
+    /// the key itself is never shown.
+    #[serde(default)]
+    pub has_key: bool,
+    /// The relay's shared port, where this keyed session is reachable as
+    /// well as on `port`; absent for keyless sessions or without `--shared-port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_port: Option<u16>,
 }
 
 /// A session's owner: the uid, and its user name (the uid in decimal when
@@ -210,6 +223,10 @@ pub struct FlowInfo {
     pub client: String,
     /// The relay address the client sends to.
     pub relay_addr: String,
+    /// The port the client sends to when it is not the session's own: the
+    /// shared port (the flow was matched to the session by its key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_port: Option<u16>,
     /// The backend-facing port (Q) this flow's packets leave from.
     pub upstream_port: u16,
     pub packets_to_server: u64,
@@ -342,6 +359,22 @@ pub struct SlowPathStats {
     /// verified datagram moved the session there.
     #[serde(default)]
     pub nat_server_moves: u64,
+    /// Shared port: new client endpoints matched to their session by key
+    /// and handed to it as a new flow.
+    #[serde(default)]
+    pub shared_admitted: u64,
+    /// Shared port: datagrams from new endpoints that verify under no
+    /// keyed session's key (forged, junk, or a keyless session's client);
+    /// nothing was created.
+    #[serde(default)]
+    pub shared_unverified: u64,
+    /// Shared port: datagrams that verify but go server to client.
+    #[serde(default)]
+    pub shared_wrong_direction: u64,
+    /// Shared port: datagrams that verify but are not newer than what the
+    /// session has seen (a replay from a new endpoint); nothing was created.
+    #[serde(default)]
+    pub shared_replayed: u64,
 }
 
 #[cfg(test)]
@@ -379,6 +412,7 @@ mod tests {
             backend: "10.0.0.2:60001".into(),
             port: Some(60000),
             idle_timeout_secs: None,
+            key: None,
         };
         let line = serde_json::to_string(&request).unwrap();
         assert!(!line.contains('\n'));

@@ -99,13 +99,25 @@ pub struct RelayConfig {
     /// Backend-facing per-flow ports (Q).
     pub flow_port_lo: u16,
     pub flow_port_hi: u16,
+    /// The one client-facing port every keyed session is reachable on as
+    /// well (`--shared-port`); 0: none. Its flows are client halves like
+    /// any, keyed by this port; a miss goes to the daemon, which matches
+    /// the datagram to its session by key.
+    pub shared_port: u16,
+    pub _pad: u16,
 }
-const _: () = assert!(core::mem::size_of::<RelayConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<RelayConfig>() == 12);
 
 impl RelayConfig {
     #[inline(always)]
     pub fn is_session_port(&self, port: u16) -> bool {
         port >= self.session_port_lo && port <= self.session_port_hi
+    }
+
+    /// A port clients send to: a session's own, or the shared one.
+    #[inline(always)]
+    pub fn is_client_port(&self, port: u16) -> bool {
+        self.is_session_port(port) || (self.shared_port != 0 && port == self.shared_port)
     }
 
     #[inline(always)]

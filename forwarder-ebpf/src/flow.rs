@@ -11,7 +11,7 @@ use crate::{
 /// Which half of a flow a relay port belongs to.
 #[derive(Clone, Copy)]
 pub enum Side {
-    /// Client-facing session port P.
+    /// Client-facing session port P, or the shared port.
     Client,
     /// Backend-facing per-flow port Q.
     Backend,
@@ -24,7 +24,7 @@ pub fn relay_side(packet: &Packet) -> Result<Side, Reason> {
     // "no relay ports" keeps the host working whatever happens.
     let config = CONFIG.get(0).ok_or(Reason::PassNotRelayPort)?;
     let port = u16::from_be_bytes(packet.udp().dst);
-    if config.is_session_port(port) {
+    if config.is_client_port(port) {
         Ok(Side::Client)
     } else if config.is_flow_port(port) {
         Ok(Side::Backend)

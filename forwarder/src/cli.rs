@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{FileConfig, defaults};
@@ -49,6 +49,11 @@ pub enum Verb {
         /// --session-idle-timeout, 7d unless configured].
         #[arg(long, value_parser = humantime::parse_duration)]
         idle_timeout: Option<Duration>,
+        /// File holding the session's mosh key (MOSH_KEY, the 22 characters of
+        /// `MOSH CONNECT <port> <key>`), `-` for standard input: the session is then
+        /// reachable on the relay's --shared-port too. Kept sealed, never shown.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// Print the new session as JSON ({"schema_version": 1, "session": ...}).
         #[arg(long)]
         json: bool,
@@ -213,6 +218,10 @@ pub struct RunArgs {
     /// bursts of twice that; 0: unlimited [default: 4].
     #[arg(long)]
     pub user_new_flows_per_sec: Option<u32>,
+    /// One UDP port (e.g. 443) on which every session added with a key (`add --key-file`)
+    /// is reachable as well, matched by its mosh key. Off unless given; outside --flow-ports.
+    #[arg(long, value_name = "PORT")]
+    pub shared_port: Option<u16>,
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
@@ -317,6 +326,10 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         users: file.user.unwrap_or_default(),
         groups: file.group.unwrap_or_default(),
     };
+    let shared_port = args.shared_port.or(file.shared_port);
+    if shared_port == Some(0) {
+        bail!("--shared-port 0 is no port: give the UDP port clients may reach, e.g. 443");
+    }
     Ok(RunOptions {
         socket_group: args
             .socket_group
@@ -325,6 +338,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         users,
         punch,
         sizes,
+        shared_port,
         max_open_files: args.max_open_files.or(file.max_open_files),
         state_dir: args
             .state_dir
@@ -419,6 +433,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             backend,
             port,
             idle_timeout,
+            key_file,
             json,
         } => {
             daemon::validate_instance(&instance)?;
@@ -427,10 +442,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     "an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h"
                 );
             }
+            let key = key_file.as_deref().map(read_key).transpose()?;
             let request = Request::Add {
                 backend,
                 port,
                 idle_timeout_secs: idle_timeout.map(|d| d.as_secs().max(1)),
+                key,
             };
             let Reply::Session(session) = call(&instance, &request)? else {
                 bail!("the daemon answered `add` with something else: is it the same version?")
@@ -451,6 +468,11 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     "connect with: MOSH_KEY=<key> mosh-client {address} {}",
                     session.port
                 );
+                if let Some(shared) = session.shared_port {
+                    println!(
+                        "or through the shared port: MOSH_KEY=<key> mosh-client {address} {shared}"
+                    );
+                }
             }
             Ok(())
         }
@@ -537,6 +559,32 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The mosh key of `add --key-file FILE` (`-`: standard input), checked
+/// here so a typo is refused before it reaches the daemon. Sent as text in
+/// the request (the control socket is root-only); never printed.
+fn read_key(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    if path == std::path::Path::new("-") {
+        std::io::stdin()
+            .take(1024)
+            .read_to_string(&mut text)
+            .context("reading the mosh key from standard input")?;
+    } else {
+        std::fs::File::open(path)
+            .and_then(|file| file.take(1024).read_to_string(&mut text))
+            .with_context(|| {
+                format!(
+                    "reading the mosh key from {} (give a file holding MOSH_KEY, or - for standard input)",
+                    path.display()
+                )
+            })?;
+    }
+    let text = text.trim();
+    crate::mosh::MoshKey::parse(text)?;
+    Ok(text.to_string())
 }
 
 /// A `--json` document: `{"schema_version": N, "<key>": value}`.
@@ -673,13 +721,25 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
                 nat.rejected_server_packets
             );
         }
+        if s.has_key {
+            let _ = match s.shared_port {
+                Some(shared) => writeln!(
+                    out,
+                    "  keyed: the relay holds its mosh key; reachable on the shared port {shared} too"
+                ),
+                None => writeln!(
+                    out,
+                    "  keyed: the relay holds its mosh key (no --shared-port on this relay)"
+                ),
+            };
+        }
         for f in &s.flows {
             let _ = writeln!(
                 out,
                 "  flow {:<21} -> {}:{} -> upstream port {}{}{}",
                 f.client,
                 f.relay_addr,
-                s.port,
+                f.relay_port.unwrap_or(s.port),
                 f.upstream_port,
                 if f.server_current {
                     "  [server replies here]"
@@ -810,6 +870,15 @@ fn render_stats(stats: &StatsInfo) -> String {
             out,
             "NAT sessions: {} moves to a verified new server endpoint, {} datagrams from unverified server endpoints dropped",
             s.nat_server_moves, s.dropped_unverified_server
+        );
+    }
+    let shared_seen =
+        s.shared_admitted + s.shared_unverified + s.shared_wrong_direction + s.shared_replayed;
+    if shared_seen > 0 {
+        let _ = writeln!(
+            out,
+            "shared port: {} new endpoints admitted by key; refused: {} verified under no key, {} server-to-client, {} replayed",
+            s.shared_admitted, s.shared_unverified, s.shared_wrong_direction, s.shared_replayed
         );
     }
     out

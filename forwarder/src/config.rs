@@ -103,6 +103,8 @@ pub struct FileConfig {
     pub user: Option<BTreeMap<String, QuotaOverride>>,
     /// `[group.NAME]`: quota overrides and extra backend rules for a group's members (no flag).
     pub group: Option<BTreeMap<String, GroupRules>>,
+    /// The one UDP port every keyed session is reachable on as well (none unless set).
+    pub shared_port: Option<u16>,
 }
 
 impl FileConfig {
@@ -130,6 +132,12 @@ mod tests {
         // Shipped without interfaces: a fresh install must not attach to a guessed one.
         assert!(config.interfaces.is_none());
         assert!(config.ports.is_some());
+        // Off unless the operator opens it.
+        assert!(config.shared_port.is_none());
+        assert_eq!(
+            FileConfig::parse("shared_port = 443").unwrap().shared_port,
+            Some(443)
+        );
     }
 
     #[test]

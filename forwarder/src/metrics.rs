@@ -150,6 +150,17 @@ pub fn render(stats: &StatsInfo) -> String {
     );
     counter_family(
         &mut registry,
+        "forwarder_shared_port_datagrams",
+        "Datagrams from new client endpoints on the shared port, by outcome (admitted: matched to a keyed session by its key)",
+        &[
+            (with("outcome", "admitted"), s.shared_admitted),
+            (with("outcome", "unverified"), s.shared_unverified),
+            (with("outcome", "wrong_direction"), s.shared_wrong_direction),
+            (with("outcome", "replayed"), s.shared_replayed),
+        ],
+    );
+    counter_family(
+        &mut registry,
         "forwarder_flows_created",
         "Flows learned",
         &[(instance(), s.flows_created)],

@@ -41,9 +41,34 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
             if relay.is_nat_session(port) {
                 Ok(relay.on_nat_client_packet(port, received.from, received.to, datagram))
             } else {
-                relay.on_client_packet(port, received.from, received.to, datagram.len())
+                relay.on_client_datagram(port, received.from, received.to, datagram)
             }
         };
+        forward_client_verdict(&relay, port, verdict)
+    });
+}
+
+/// Reads the shared port's socket: new client endpoints are matched to
+/// their keyed session, then forwarded like any flow's packets.
+pub fn spawn_shared_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
+    spawn_reader(socket, "shared port", move |port, received, datagram| {
+        let verdict = relay.lock().expect("relay lock").on_shared_packet(
+            received.from,
+            received.to,
+            datagram,
+        );
+        forward_client_verdict(&relay, port, verdict)
+    });
+}
+
+/// Sends a client's datagram where the session table said, starting the
+/// reader of a flow it just created.
+fn forward_client_verdict(
+    relay: &SharedRelay,
+    port: u16,
+    verdict: anyhow::Result<ClientVerdict>,
+) -> Option<Outgoing> {
+    {
         match verdict {
             Ok(ClientVerdict::Forward {
                 socket: upstream,
@@ -69,7 +94,7 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
                 None
             }
         }
-    });
+    }
 }
 
 /// Reads a flow's upstream socket: forwards what the backend sends to the

@@ -15,6 +15,14 @@
 //! use such a record (it drops it and says why). The record's session id and
 //! ports are the AEAD's associated data, so a sealed key copied into another
 //! record does not open.
+//!
+//! Keyed sessions (`add --key-file`, reachable on the shared port) carry a
+//! mosh key too, sealed the same way (XChaCha20-Poly1305, HKDF-SHA256, the
+//! record as associated data) under a key derived from a secret of their
+//! own: a relay needs no punch handshake for them. That secret is
+//! generated on first use next to the database ([`KEYED_SECRET_FILE`],
+//! root-only), so a copy of the database alone (a backup, a bug report)
+//! gives no key away.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -49,6 +57,10 @@ pub struct SessionRecord {
     /// were root's (only root could reach the socket then).
     #[serde(default)]
     pub owner_uid: u32,
+    /// A keyed session's mosh key, sealed with [`Store::keyed_sealer`]
+    /// (bound to the record's id and port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedKey>,
 }
 
 /// The NAT half of a punched session: what the restarted daemon needs to
@@ -126,13 +138,26 @@ impl std::fmt::Debug for KeySealer {
 
 const SEAL_SALT: &[u8] = b"forwarder session store";
 const SEAL_INFO: &[u8] = b"mosh session key sealing v1";
+const KEYED_SEAL_INFO: &[u8] = b"keyed session mosh key sealing v1";
+
+/// The secret keyed sessions' keys are sealed under, in the state folder.
+pub const KEYED_SECRET_FILE: &str = "keyed-sessions.secret";
 
 impl KeySealer {
     /// Derives the sealing key from the punch secret's bytes.
     pub fn derive(secret: &[u8]) -> Self {
+        Self::derive_for(secret, SEAL_INFO)
+    }
+
+    /// A sealer for keyed sessions' keys, from their own secret.
+    pub fn derive_keyed(secret: &[u8]) -> Self {
+        Self::derive_for(secret, KEYED_SEAL_INFO)
+    }
+
+    fn derive_for(secret: &[u8], info: &[u8]) -> Self {
         let mut key = [0u8; 32];
         Hkdf::<Sha256>::new(Some(SEAL_SALT), secret)
-            .expand(SEAL_INFO, &mut key)
+            .expand(info, &mut key)
             .expect("32 bytes is a valid HKDF-SHA256 output length");
         let cipher = XChaCha20Poly1305::new(&key.into());
         key.fill(0);
@@ -178,6 +203,40 @@ impl KeySealer {
     }
 }
 
+/// Reads the keyed sessions' secret from `dir`, creating it (32 random
+/// bytes, mode 0600) the first time.
+fn keyed_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(KEYED_SECRET_FILE);
+    match std::fs::read(&path) {
+        Ok(secret) if secret.len() >= 32 => return Ok(secret),
+        Ok(_) => bail!(
+            "{} is shorter than 32 bytes: it was altered; move it away (keyed sessions are then dropped at start) and restart",
+            path.display()
+        ),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(error).with_context(|| format!("reading {}", path.display()));
+        }
+    }
+    let secret: [u8; 32] = rand::random();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| {
+            format!(
+                "creating {} (give --state-dir a writable folder)",
+                path.display()
+            )
+        })?;
+    file.write_all(&secret)?;
+    file.sync_all()?;
+    Ok(secret.to_vec())
+}
+
 /// The default folder of an instance's state.
 pub fn default_state_dir(instance: &str) -> PathBuf {
     PathBuf::from("/var/lib/forwarder").join(instance)
@@ -189,6 +248,8 @@ pub struct Store {
     /// Present when the punch handshake is configured: punched sessions
     /// can then be stored and restored.
     sealer: Option<KeySealer>,
+    /// Seals keyed sessions' keys (always present).
+    keyed_sealer: KeySealer,
 }
 
 impl Store {
@@ -212,11 +273,17 @@ impl Store {
         let write = db.begin_write()?;
         write.open_table(SESSIONS)?;
         write.commit()?;
+        let keyed_sealer = KeySealer::derive_keyed(&keyed_secret(dir)?);
         Ok(Self {
             db,
             path,
             sealer: None,
+            keyed_sealer,
         })
+    }
+
+    pub fn keyed_sealer(&self) -> &KeySealer {
+        &self.keyed_sealer
     }
 
     pub fn path(&self) -> &Path {
@@ -288,6 +355,7 @@ mod tests {
             idle_timeout_secs: 600,
             nat: None,
             owner_uid: 0,
+            sealed_key: None,
         }
     }
 
@@ -408,5 +476,46 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.sessions().unwrap(), vec![record(60001)]);
+    }
+
+    #[test]
+    fn keyed_sessions_keep_their_key_sealed_under_a_secret_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut keyed = record(60003);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let binding = KeyBinding {
+                session_id: &keyed.id,
+                port: keyed.port,
+                upstream_port: 0,
+            };
+            keyed.sealed_key = Some(store.keyed_sealer().seal(&[9; 16], binding));
+            store.put(&keyed).unwrap();
+        }
+        let secret = dir.path().join(KEYED_SECRET_FILE);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // Reopened: the same secret, the key opens; the file never holds it in clear.
+        let store = Store::open(dir.path()).unwrap();
+        let stored = store.sessions().unwrap().pop().unwrap();
+        assert_eq!(stored, keyed);
+        let binding = KeyBinding {
+            session_id: &keyed.id,
+            port: keyed.port,
+            upstream_port: 0,
+        };
+        let sealed = stored.sealed_key.unwrap();
+        assert_eq!(
+            store.keyed_sealer().open(&sealed, binding).unwrap(),
+            [9; 16]
+        );
+        let file = std::fs::read(store.path()).unwrap();
+        assert!(!file.windows(16).any(|w| w == [9; 16]));
+        // Not the punch sealer's key, even from the same bytes.
+        let bytes = std::fs::read(&secret).unwrap();
+        assert!(KeySealer::derive(&bytes).open(&sealed, binding).is_err());
     }
 }

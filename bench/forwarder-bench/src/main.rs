@@ -104,6 +104,21 @@ enum Tool {
         #[arg(long)]
         count: u32,
     },
+    /// Admission on the shared port: time to match a new endpoint's first
+    /// datagram to its session among `--sessions` keyed sessions, the
+    /// matching key tried last, on one core as the daemon does it. Pure
+    /// CPU: no namespace, no socket.
+    Admission {
+        /// Keyed sessions on the port, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,100,1000,10000")]
+        sessions: Vec<usize>,
+        /// Datagram bytes (mosh's first datagram of a new endpoint is about 100).
+        #[arg(long, value_delimiter = ',', default_value = "100,1252")]
+        sizes: Vec<usize>,
+        /// Searches timed per point.
+        #[arg(long, default_value_t = 200)]
+        reps: usize,
+    },
     /// Run time and run count of loaded XDP programs named `--name`.
     BpfStats {
         #[arg(long)]
@@ -147,7 +162,64 @@ fn main() -> anyhow::Result<()> {
         ),
         Tool::BpfStats { name } => bpf_stats(&name),
         Tool::Fill { pins, count } => fill(&pins, count),
+        Tool::Admission {
+            sessions,
+            sizes,
+            reps,
+        } => admission(&sessions, &sizes, reps),
     }
+}
+
+/// See [`Tool::Admission`]. Prints one JSON document: per session count,
+/// datagram size and datagram kind, the median, 99th percentile and worst
+/// search time in microseconds.
+fn admission(sessions: &[usize], sizes: &[usize], reps: usize) -> anyhow::Result<()> {
+    use forwarder::mosh::{KeyRing, MoshKey};
+    let mut points = Vec::new();
+    for &count in sessions {
+        let keys: Vec<MoshKey> = (0..count.max(1))
+            .map(|_| MoshKey::from_bytes(rand::random()))
+            .collect();
+        let target = keys.last().expect("at least one").clone();
+        let mut ring = KeyRing::default();
+        for (index, key) in keys.iter().enumerate() {
+            ring.insert(index, key.clone());
+        }
+        for &size in sizes {
+            // What mosh's first datagram of a new endpoint holds: two
+            // timestamps, a small instruction id, the fragment number, zlib.
+            let mut plaintext = vec![0u8; size.saturating_sub(24).max(16)];
+            plaintext[..4].copy_from_slice(&rand::random::<[u8; 4]>());
+            plaintext[11] = 42;
+            plaintext[12] = 0x80;
+            plaintext[14] = 0x78;
+            let genuine = target.seal(7, &plaintext);
+            // Made without any key: what a flood costs, every key tried.
+            let forged: Vec<u8> = (0..genuine.len()).map(|_| rand::random()).collect();
+            for (kind, datagram, expected) in [
+                ("genuine, key tried last", &genuine, Ok(keys.len() - 1)),
+                ("forged, matches no key", &forged, Err(())),
+            ] {
+                let mut micros = Vec::with_capacity(reps);
+                for _ in 0..reps.max(1) {
+                    let started = Instant::now();
+                    let found = ring.find(datagram);
+                    micros.push(started.elapsed().as_secs_f64() * 1e6);
+                    if found.map(|(index, _)| index).map_err(|_| ()) != expected {
+                        bail!("{kind}: wrong match among {count} keys");
+                    }
+                }
+                micros.sort_by(f64::total_cmp);
+                let at = |q: f64| micros[((micros.len() - 1) as f64 * q).round() as usize];
+                points.push(json!({
+                    "sessions": count, "datagram_bytes": datagram.len(), "datagram": kind,
+                    "p50_us": at(0.5), "p99_us": at(0.99), "max_us": at(1.0), "reps": micros.len(),
+                }));
+            }
+        }
+    }
+    println!("{}", json!({ "admission": points }));
+    Ok(())
 }
 
 fn loadgen(

@@ -154,6 +154,7 @@ async fn dispatch(
             backend,
             port,
             idle_timeout_secs,
+            key,
         } => match add(
             relay,
             start_reader,
@@ -161,6 +162,7 @@ async fn dispatch(
             &backend,
             port,
             idle_timeout_secs,
+            key.as_deref(),
         )
         .await
         {
@@ -258,8 +260,11 @@ async fn add(
     backend: &str,
     port: Option<u16>,
     idle_timeout_secs: Option<u64>,
+    key: Option<&str>,
 ) -> anyhow::Result<Reply> {
     let backend: SocketAddrV4 = parse_backend(backend)?;
+    // Checked before anything is created; the key is never echoed back.
+    let key = key.map(crate::mosh::MoshKey::parse).transpose()?;
     if idle_timeout_secs == Some(0) {
         bail!(
             "an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h"
@@ -276,13 +281,27 @@ async fn add(
     // The route lookup runs a command: keep it outside the relay lock.
     let ip = *backend.ip();
     let route = tokio::task::spawn_blocking(move || xdp::route_to(ip)).await??;
-    let (info, socket) = relay.lock().expect("relay lock").add_session_for(
-        caller.clone(),
-        backend,
-        route,
-        port,
-        idle_timeout_secs.map(Duration::from_secs),
-    )?;
+    let (info, socket) = {
+        let mut relay = relay.lock().expect("relay lock");
+        let (mut info, socket) = relay.add_session_for(
+            caller.clone(),
+            backend,
+            route,
+            port,
+            idle_timeout_secs.map(Duration::from_secs),
+        )?;
+        if let Some(key) = key {
+            // A keyed session exists with its key or not at all.
+            if let Err(error) = relay.set_session_key(info.port, key) {
+                relay.remove_session(info.port, "its key could not be stored");
+                return Err(error);
+            }
+            info = relay
+                .session_info(info.port, crate::datapath::monotonic_ns())
+                .context("the session just added")?;
+        }
+        (info, socket)
+    };
     start_reader(relay.clone(), socket);
     users::audit_change(caller, "add", &info);
     Ok(Reply::Session(info))

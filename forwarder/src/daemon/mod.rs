@@ -24,7 +24,7 @@ use crate::datapath::{Datapath, DatapathChoice};
 use crate::ports::PortRange;
 use crate::sessions::SharedRelay;
 use crate::sessions::{Limits, Relay, RelayParts, monotonic_ns};
-use crate::slowpath::{spawn_flow_reader, spawn_session_reader};
+use crate::slowpath::{spawn_flow_reader, spawn_session_reader, spawn_shared_reader};
 use crate::store::Store;
 
 /// Everything `forwarder run` needs.
@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub socket_group: String,
     /// What those non-root callers may do: backend policy and quotas.
     pub users: crate::users::UserPolicy,
+    /// `--shared-port`: the one port every keyed session is reachable on too.
+    pub shared_port: Option<u16>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -113,6 +115,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
+    if let (Some(shared), Some(punch)) = (options.shared_port, &options.punch)
+        && shared == punch.port
+    {
+        bail!("--shared-port and --punch-port are both {shared}: give them different ports");
+    }
+    if let Some(shared) = options.shared_port
+        && options.flow_ports.contains(shared)
+    {
+        bail!(
+            "--shared-port {shared} lies inside --flow-ports {}: give a port outside it",
+            options.flow_ports
+        );
+    }
     let socket_path = forwarder_api::socket_path(&options.instance);
     let socket_group = control::server::SocketGroup::lookup(&options.socket_group)?;
     let listener = control::server::bind(&socket_path, &options.instance, &socket_group)?;
@@ -133,6 +148,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         session_port_hi: options.session_ports.hi,
         flow_port_lo: options.flow_ports.lo,
         flow_port_hi: options.flow_ports.hi,
+        shared_port: options.shared_port.unwrap_or(0),
+        _pad: 0,
     };
     let pins = PinDir::new(&options.instance, xdp::layout()?);
     let mut fresh_pins = false;
@@ -177,6 +194,11 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         flow_ports: options.flow_ports,
         store: Some(store),
     })));
+    // Before the restore, which adopts the pinned flows on the shared port.
+    let shared_socket = match options.shared_port {
+        Some(port) => Some(relay.lock().expect("relay lock").open_shared_port(port)?),
+        None => None,
+    };
     let restored = {
         let mut relay = relay.lock().expect("relay lock");
         relay.set_user_policy(options.users.clone());
@@ -190,12 +212,16 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     for socket in restored.flow_sockets {
         spawn_flow_reader(relay.clone(), socket);
     }
+    if let Some(socket) = shared_socket {
+        spawn_shared_reader(relay.clone(), socket);
+    }
     info!(
         instance = %options.instance,
         interfaces = ?options.interfaces,
         mode = %mode,
         ports = %options.session_ports,
         flow_ports = %options.flow_ports,
+        shared_port = ?options.shared_port,
         socket = %socket_path.display(),
         socket_group = %socket_group.name,
         user_allow_rules = options.users.allow.len(),

@@ -28,6 +28,12 @@ mod restore;
 pub use restore::Restored;
 
 pub mod nat;
+pub mod shared;
+
+/// A flow's identity within its session: the relay address and client
+/// endpoint, and the client-facing port it arrived on (the session's own
+/// or the shared port).
+type FlowEndpoint = (Ipv4Addr, SocketAddrV4, u16);
 
 /// Settings that shape every session.
 #[derive(Clone, Debug)]
@@ -52,8 +58,9 @@ pub struct Session {
     /// Newest packet seen on any of its flows (or its creation).
     last_active_ns: u64,
     new_flows: TokenBucket,
-    /// Upstream ports of its flows, keyed by (relay address, client endpoint).
-    flows: HashMap<(Ipv4Addr, SocketAddrV4), u16>,
+    /// Upstream ports of its flows, keyed by (relay address, client
+    /// endpoint, client-facing port).
+    flows: HashMap<FlowEndpoint, u16>,
     /// Upstream ports of the flows the server has not answered yet, oldest
     /// first: they do not count against the session's limits, and a new
     /// endpoint may evict one (see [`Relay::make_probation_room`]).
@@ -68,6 +75,8 @@ pub struct Session {
     pub owner: Owner,
     /// The owner's quota, resolved when the session was made or restored.
     quota: UserQuota,
+    /// Set for a session that carries its mosh key (reachable on the shared port).
+    key: Option<Box<shared::SessionKey>>,
 }
 
 impl Session {
@@ -98,6 +107,7 @@ impl Session {
             nat: None,
             owner: Owner::root(),
             quota: UserQuota::unlimited(),
+            key: None,
         }
     }
 
@@ -112,12 +122,19 @@ impl Session {
             // Punched sessions add theirs (sessions/nat.rs, key sealed).
             nat: None,
             owner_uid: self.owner.uid,
+            // Keyed sessions add theirs (sessions/shared.rs).
+            sealed_key: None,
         }
     }
 }
 
 pub struct Flow {
     pub session_port: u16,
+    /// The port the client sends to: `session_port`, or the shared port.
+    pub facing_port: u16,
+    /// Keyed sessions: the sequence number of the flow's first datagram,
+    /// verified with the session key (see `shared::SessionKey`).
+    first_seq: Option<u64>,
     pub client: SocketAddrV4,
     pub relay_addr: Ipv4Addr,
     pub upstream_port: u16,
@@ -149,6 +166,8 @@ impl Flow {
     ) -> Self {
         Self {
             session_port,
+            facing_port: session_port,
+            first_seq: None,
             client,
             relay_addr,
             upstream_port: socket.port,
@@ -210,6 +229,8 @@ pub struct Relay {
     users: UserPolicy,
     /// Each non-root owner's new-flow rate, across all of its sessions.
     owner_new_flows: HashMap<u32, TokenBucket>,
+    /// `--shared-port`, once the daemon opened it.
+    shared: Option<shared::SharedPort>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -305,6 +326,7 @@ impl Relay {
             store,
             users: UserPolicy::default(),
             owner_new_flows: HashMap::new(),
+            shared: None,
         }
     }
 
@@ -528,10 +550,14 @@ impl Relay {
                 "removing a session from the store"
             );
         }
-        let session = self.sessions.remove(&port)?;
-        for upstream_port in session.flows.into_values() {
+        let upstream_ports: Vec<u16> = self.sessions.get(&port)?.flows.values().copied().collect();
+        for upstream_port in upstream_ports {
             self.remove_flow(upstream_port, why);
         }
+        if let Some(shared) = &mut self.shared {
+            shared.ring.remove(port);
+        }
+        let session = self.sessions.remove(&port)?;
         if let Some(nat) = session.nat {
             self.release_nat(*nat);
         }
@@ -552,12 +578,27 @@ impl Relay {
         relay_addr: Ipv4Addr,
         len: usize,
     ) -> anyhow::Result<ClientVerdict> {
+        self.client_packet(session_port, session_port, client, relay_addr, len, None)
+    }
+
+    /// [`Relay::on_client_packet`] for a client sending to `facing_port`
+    /// (the session's own, or the shared port); `first_seq` is the verified
+    /// sequence number of the datagram, if the session's key verified it.
+    fn client_packet(
+        &mut self,
+        session_port: u16,
+        facing_port: u16,
+        client: SocketAddrV4,
+        relay_addr: Ipv4Addr,
+        len: usize,
+        first_seq: Option<u64>,
+    ) -> anyhow::Result<ClientVerdict> {
         let now = monotonic_ns();
         let Some(session) = self.sessions.get_mut(&session_port) else {
             self.stats.dropped_no_session += 1;
             return Ok(ClientVerdict::Drop);
         };
-        if let Some(&upstream_port) = session.flows.get(&(relay_addr, client)) {
+        if let Some(&upstream_port) = session.flows.get(&(relay_addr, client, facing_port)) {
             session.last_active_ns = now;
             let backend = session.backend;
             let flow = self
@@ -634,7 +675,7 @@ impl Relay {
         let upstream_port = socket.port;
         let entries = flow_entries(
             relay_addr,
-            session_port,
+            facing_port,
             client,
             session.route,
             upstream_port,
@@ -647,7 +688,9 @@ impl Relay {
             self.free_slots.push_front(slot);
             return Err(error.context("installing a flow"));
         }
-        session.flows.insert((relay_addr, client), upstream_port);
+        session
+            .flows
+            .insert((relay_addr, client, facing_port), upstream_port);
         session.probation.push_back(upstream_port);
         session.last_active_ns = now;
         let backend = session.backend;
@@ -665,6 +708,8 @@ impl Relay {
         flow.slow_to_server = (1, len as u64);
         flow.last_slow_to_server_ns = now;
         flow.returning = returning;
+        flow.facing_port = facing_port;
+        flow.first_seq = first_seq;
         self.flows.insert(upstream_port, flow);
         self.stats.flows_created += 1;
         self.stats.forwarded_to_server += 1;
@@ -698,19 +743,37 @@ impl Relay {
         flow.slow_to_client.1 += len as u64;
         flow.last_slow_from_server_ns = now;
         self.stats.forwarded_to_client += 1;
-        Some((session.socket.clone(), flow.client, flow.relay_addr))
+        // A flow on the shared port answers its client from there.
+        let facing_socket = match &self.shared {
+            Some(shared) if flow.facing_port == shared.port => shared.socket.clone(),
+            _ => session.socket.clone(),
+        };
+        Some((facing_socket, flow.client, flow.relay_addr))
     }
 
     fn remove_flow(&mut self, upstream_port: u16, why: &str) {
-        let Some(flow) = self.flows.remove(&upstream_port) else {
+        let Some(flow) = self.flows.get(&upstream_port) else {
             return;
         };
+        // What it saw still bounds what a new endpoint must bring.
+        let bound = shared::flow_seq_bound(&self.datapath, flow);
+        let flow = self.flows.remove(&upstream_port).expect("looked up above");
+        if let Some(shared) = &mut self.shared
+            && flow.facing_port == shared.port
+        {
+            shared.flows.remove(&(flow.relay_addr, flow.client));
+        }
         self.datapath.uninstall(&flow.entries);
         flow.socket.close();
         self.flow_ports.release(upstream_port);
         self.free_slots.push_back(flow.slot);
         if let Some(session) = self.sessions.get_mut(&flow.session_port) {
-            session.flows.remove(&(flow.relay_addr, flow.client));
+            session
+                .flows
+                .remove(&(flow.relay_addr, flow.client, flow.facing_port));
+            if let Some(key) = &mut session.key {
+                key.retire(bound);
+            }
             session.probation.retain(|&port| port != upstream_port);
             info!(session = %session.id, client = %flow.client, upstream_port, reason = why, "flow removed");
         }
@@ -888,6 +951,7 @@ impl Relay {
                 FlowInfo {
                     client: flow.client.to_string(),
                     relay_addr: flow.relay_addr.to_string(),
+                    relay_port: (flow.facing_port != port).then_some(flow.facing_port),
                     upstream_port: flow.upstream_port,
                     packets_to_server: to_server.packets + flow.slow_to_server.0,
                     bytes_to_server: to_server.bytes + flow.slow_to_server.1,
@@ -919,6 +983,12 @@ impl Relay {
             flows: infos,
             nat: session.nat.as_deref().map(nat::NatState::info),
             owner: session.owner.info(),
+            has_key: session.key.is_some(),
+            shared_port: self
+                .shared
+                .as_ref()
+                .filter(|_| session.key.is_some())
+                .map(|shared| shared.port),
         })
     }
 
@@ -1077,7 +1147,7 @@ mod tests {
             max_flows_per_session,
             new_flows_per_sec: 1000,
             probation_flows_per_session: DEFAULT_PROBATION_FLOWS,
-            max_sessions: 8,
+            max_sessions: 64,
         };
         Relay::new(RelayParts {
             instance: "unit".into(),
@@ -1262,6 +1332,147 @@ mod tests {
                 .unwrap()
         ));
         assert_eq!(relay.stats.dropped_client_is_backend, 1);
+    }
+
+    #[tokio::test]
+    async fn the_shared_port_admits_by_key_and_refuses_replays_forgeries_and_the_wrong_direction() {
+        use crate::mosh::MoshKey;
+        let mut relay = loopback_relay(4);
+        let shared_port = 42_099;
+        relay.open_shared_port(shared_port).unwrap();
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 0,
+        };
+        // 40 keyed sessions and one without a key.
+        let mut keyed = Vec::new();
+        for index in 0..40u16 {
+            let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 9_000 + index);
+            let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+            let key = MoshKey::from_bytes(rand::random());
+            relay.set_session_key(info.port, key.clone()).unwrap();
+            keyed.push((info.port, key));
+        }
+        let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 8_999);
+        let (keyless, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let keyless_key = MoshKey::from_bytes(rand::random());
+        let relay_addr = Ipv4Addr::LOCALHOST;
+        let endpoint = |i: u16| SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 40_000 + i);
+        let flows_of =
+            |relay: &Relay, port: u16| relay.session_info(port, monotonic_ns()).unwrap().flows;
+
+        // The right session, found among all keys (the 33rd here).
+        let (port, key) = keyed[33].clone();
+        let first = genuine(&key, 10);
+        let verdict = relay
+            .on_shared_packet(endpoint(1), relay_addr, &first)
+            .unwrap();
+        assert!(matches!(
+            verdict,
+            ClientVerdict::Forward { new_flow: true, .. }
+        ));
+        let flows = flows_of(&relay, port);
+        assert_eq!(flows.len(), 1);
+        assert_eq!(flows[0].client, endpoint(1).to_string());
+        assert_eq!(flows[0].relay_port, Some(shared_port));
+        assert!(
+            keyed
+                .iter()
+                .filter(|(p, _)| *p != port)
+                .all(|(p, _)| flows_of(&relay, *p).is_empty())
+        );
+        let info = relay.session_info(port, monotonic_ns()).unwrap();
+        assert!(info.has_key);
+        assert_eq!(info.shared_port, Some(shared_port));
+        // The known endpoint goes on through its flow, whatever it sends.
+        assert!(forwarded(
+            relay
+                .on_shared_packet(endpoint(1), relay_addr, b"anything at all, 24+ bytes")
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_admitted, 1);
+
+        // A replay of it from another endpoint: verifies, not newer.
+        assert!(!forwarded(
+            relay
+                .on_shared_packet(endpoint(2), relay_addr, &first)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_replayed, 1);
+        // The server's direction: verifies, refused.
+        let from_server = genuine(&key, (1 << 63) | 50);
+        assert!(!forwarded(
+            relay
+                .on_shared_packet(endpoint(3), relay_addr, &from_server)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_wrong_direction, 1);
+        // Forged: random bytes, a valid header with a flipped tag, a keyless session's key.
+        let random: Vec<u8> = (0..84).map(|_| rand::random()).collect();
+        let mut flipped = genuine(&key, 11);
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        let keyless_datagram = genuine(&keyless_key, 1);
+        for forged in [&random, &flipped, &keyless_datagram] {
+            assert!(!forwarded(
+                relay
+                    .on_shared_packet(endpoint(4), relay_addr, forged)
+                    .unwrap()
+            ));
+        }
+        assert_eq!(relay.stats.shared_unverified, 3);
+        assert!(flows_of(&relay, keyless.port).is_empty());
+        assert!(
+            !relay
+                .session_info(keyless.port, monotonic_ns())
+                .unwrap()
+                .has_key
+        );
+
+        // The client roams: its next datagram from a new endpoint is newer.
+        let roamed = genuine(&key, 12);
+        assert!(forwarded(
+            relay
+                .on_shared_packet(endpoint(5), relay_addr, &roamed)
+                .unwrap()
+        ));
+        assert_eq!(flows_of(&relay, port).len(), 2);
+        // Datagrams the flow forwarded raise the bar: 10 was its first, it
+        // forwarded two, so 11 has been seen and is refused from elsewhere.
+        assert!(!forwarded(
+            relay
+                .on_shared_packet(endpoint(6), relay_addr, &genuine(&key, 11))
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_replayed, 2);
+        assert_eq!(relay.stats.shared_admitted, 2);
+
+        // Another session's client gets its own session.
+        let (other_port, other_key) = keyed[0].clone();
+        assert!(forwarded(
+            relay
+                .on_shared_packet(endpoint(7), relay_addr, &genuine(&other_key, 1))
+                .unwrap()
+        ));
+        assert_eq!(flows_of(&relay, other_port).len(), 1);
+
+        // Removed sessions leave the ring.
+        relay.remove_session(other_port, "test");
+        assert!(!forwarded(
+            relay
+                .on_shared_packet(endpoint(8), relay_addr, &genuine(&other_key, 2))
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_unverified, 4);
+    }
+
+    /// A datagram as mosh-client would seal it (its plaintext starts with
+    /// timestamps and a small instruction id), with sequence number `seq`.
+    fn genuine(key: &crate::mosh::MoshKey, seq: u64) -> Vec<u8> {
+        let mut plaintext = [0u8; 60];
+        plaintext[..4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
+        plaintext[14] = 0x78;
+        key.seal(seq, &plaintext)
     }
 
     #[test]

@@ -585,6 +585,7 @@ impl Relay {
         Some(FlowInfo {
             client: current.client.to_string(),
             relay_addr: current.relay_addr.to_string(),
+            relay_port: None,
             upstream_port: nat.upstream_port,
             packets_to_server: nat.slow_to_server.0,
             bytes_to_server: nat.slow_to_server.1,

@@ -147,7 +147,15 @@ impl Relay {
             },
             None => None,
         };
-        info!(session = %session.id, port = session.port, backend = %session.backend, punched = nat.is_some(), owner = %session.owner.name, "session restored");
+        if let Some(sealed) = &record.sealed_key
+            && let Err(error) = self.restore_key(&mut session, sealed)
+        {
+            socket.close();
+            self.datapath.remove_session_bucket(record.port);
+            self.session_ports.release(record.port);
+            return Err(error);
+        }
+        info!(session = %session.id, port = session.port, backend = %session.backend, punched = nat.is_some(), keyed = session.key.is_some(), owner = %session.owner.name, "session restored");
         self.sessions.insert(record.port, session);
         Ok((socket, nat))
     }
@@ -160,7 +168,23 @@ impl Relay {
         backend_halves: &HashMap<BackendKey, Rewrite>,
         now: u64,
     ) -> Result<(BackendKey, Arc<RelaySocket>), String> {
-        let session_port = u16::from_be_bytes(key.relay_port);
+        let facing_port = u16::from_be_bytes(key.relay_port);
+        // A flow on the shared port belongs to the keyed session whose
+        // backend it forwards to (backends are unique per session).
+        let session_port = match &self.shared {
+            Some(shared) if shared.port == facing_port => {
+                let backend = SocketAddrV4::new(
+                    rewrite.new_daddr.into(),
+                    u16::from_be_bytes(rewrite.new_dport),
+                );
+                self.sessions
+                    .values()
+                    .find(|s| s.backend == backend && s.key.is_some())
+                    .map(|s| s.port)
+                    .ok_or_else(|| format!("no keyed session forwards to {backend}"))?
+            }
+            _ => facing_port,
+        };
         let session = self
             .sessions
             .get(&session_port)
@@ -174,7 +198,7 @@ impl Relay {
         }
         let entries = flow_entries(
             relay_addr,
-            session_port,
+            facing_port,
             client,
             session.route,
             upstream_port,
@@ -204,7 +228,9 @@ impl Relay {
             .sessions
             .get_mut(&session_port)
             .expect("looked up above");
-        session.flows.insert((relay_addr, client), upstream_port);
+        session
+            .flows
+            .insert((relay_addr, client, facing_port), upstream_port);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port, "flow restored");
         // A flow the server answered before the restart stays established;
         // the others wait on probation again.
@@ -217,6 +243,12 @@ impl Relay {
             slot,
             now,
         );
+        flow.facing_port = facing_port;
+        if let Some(shared) = &mut self.shared
+            && shared.port == facing_port
+        {
+            shared.flows.insert((relay_addr, client), session_port);
+        }
         flow.answered = backend_halves
             .get(&entries.backend_key)
             .is_some_and(|half| half.last_seen_ns > 0);

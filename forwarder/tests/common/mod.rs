@@ -44,7 +44,11 @@ pub const CONFIG: RelayConfig = RelayConfig {
     session_port_hi: 60_099,
     flow_port_lo: 61_000,
     flow_port_hi: 61_999,
+    shared_port: SHARED_PORT,
+    _pad: 0,
 };
+/// The shared port, outside both ranges (as 443 would be).
+pub const SHARED_PORT: u16 = 443;
 
 // Addresses of the namespace topology (and reused by the tests that need no
 // namespace).
