@@ -36,6 +36,11 @@ struct Bed {
 impl Bed {
     /// The daemon lets the socket group's members add sessions to `allow`.
     fn build(allow: &str) -> Result<Self> {
+        Self::build_with(allow, &[])
+    }
+
+    /// [`Bed::build`] with more `forwarder run` flags.
+    fn build_with(allow: &str, relay_args: &[&str]) -> Result<Self> {
         prereq::require()?;
         let group = TestGroup::create()?;
         let user = TestUser::create(&[group.name()])?;
@@ -65,11 +70,9 @@ impl Bed {
             }
             who.trust(&[&bastion_sshd, &host_sshd, &no_mosh_sshd])?;
         }
-        let relay = Relay::start(
-            &topo.relay,
-            &topo.relay_ifaces(),
-            &["--socket-group", group.name(), "--user-allow", allow],
-        )?;
+        let mut args = vec!["--socket-group", group.name(), "--user-allow", allow];
+        args.extend_from_slice(relay_args);
+        let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &args)?;
         // Nothing but the bastion: the server is out of the client's reach.
         if topo.client.ping(&SERVER_IP.to_string()).is_ok() {
             bail!("the client namespace reaches the server directly: the topology is wrong");
@@ -115,9 +118,11 @@ impl Bed {
     }
 }
 
-/// The session's key is in mosh-client's environment and on no command line.
-fn key_only_in_the_environment() -> Result<()> {
+/// The session's key is in mosh-client's environment and on no command
+/// line; returns mosh-client's arguments.
+fn key_only_in_the_environment() -> Result<Vec<String>> {
     let mut key = None;
+    let mut client = Vec::new();
     let mut command_lines = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let dir = entry?.path();
@@ -136,6 +141,7 @@ fn key_only_in_the_environment() -> Result<()> {
                 .split(|&b| b == 0)
                 .find_map(|v| v.strip_prefix(b"MOSH_KEY="))
                 .map(|k| String::from_utf8_lossy(k).into_owned());
+            client = words.clone();
         }
         command_lines.push(words.join(" "));
     }
@@ -143,7 +149,7 @@ fn key_only_in_the_environment() -> Result<()> {
     if let Some(line) = command_lines.iter().find(|line| line.contains(&key)) {
         bail!("the session key is on a command line: {line}");
     }
-    Ok(())
+    Ok(client)
 }
 
 /// Waits until the bastion has no session left: mosh-client's exit removed it.
@@ -163,11 +169,17 @@ fn forwarder_mosh_via_the_bastion_gives_a_shell_that_roams_and_is_the_users() {
         .unwrap();
     wait_for_shell(&client).unwrap();
     roundtrip(&client, "typed").unwrap();
-    key_only_in_the_environment().unwrap();
+    let mosh_client = key_only_in_the_environment().unwrap();
 
     let sessions = bed.relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     let session = &sessions[0];
+    assert_eq!(
+        mosh_client[1..],
+        [RELAY_CLIENT_IP.to_string(), session.port.to_string()],
+        "mosh-client goes to the bastion's address and the session's port"
+    );
+    assert!(session.has_key, "the key went to the bastion: {session:?}");
     assert_eq!(session.owner.name, bed.user.name(), "{session:?}");
     assert_ne!(session.owner.uid, 0, "{session:?}");
     assert!(
@@ -222,6 +234,35 @@ fn forwarder_mosh_through_ssh_config_aliases() {
     let sessions = bed.relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     assert_eq!(sessions[0].owner.name, bed.user.name(), "{sessions:?}");
+    client.type_line("exit").unwrap();
+    wait_removed(&bed.relay).unwrap();
+}
+
+#[test]
+fn forwarder_mosh_uses_the_bastions_shared_port() {
+    const SHARED_PORT: u16 = 4443;
+    let shared = SHARED_PORT.to_string();
+    let bed = Bed::build_with(&format!("{SERVER_IP}/32"), &["--shared-port", &shared]).unwrap();
+    let client = bed
+        .start_mosh(&bed.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))
+        .unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "shared").unwrap();
+    let mosh_client = key_only_in_the_environment().unwrap();
+    assert_eq!(
+        mosh_client[1..],
+        [RELAY_CLIENT_IP.to_string(), shared],
+        "mosh-client goes to the shared port"
+    );
+    let sessions = bed.relay.sessions().unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0].shared_port, Some(SHARED_PORT), "{sessions:?}");
+    assert!(
+        sessions[0].flows.iter().any(|f| f.server_current),
+        "{sessions:?}"
+    );
+    bed.topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
+    roundtrip(&client, "roamed").unwrap();
     client.type_line("exit").unwrap();
     wait_removed(&bed.relay).unwrap();
 }

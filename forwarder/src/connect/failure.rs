@@ -90,7 +90,7 @@ pub enum Failure {
     RelayRefused { bastion: String, message: String },
     #[error(
         "`{command}` on the bastion {bastion} did not answer with a session: {detail}; fix: install a forwarder \
-         there that has `add --json` (or name it with --relay-command PATH)"
+         there that has `add --key-file` and `--json` (or name it with --relay-command PATH)"
     )]
     RelayUnreadable {
         bastion: String,
@@ -105,8 +105,8 @@ pub enum Failure {
     },
     #[error(
         "no answer over UDP: the bastion {bastion} received nothing from this machine on UDP port {port}; \
-         fix: a firewall between here and the bastion drops it: allow outgoing UDP to the bastion's session \
-         ports (forwarder's --ports, 60000-60999 unless configured), or ask its admin which are open"
+         fix: a firewall between here and the bastion drops it: allow outgoing UDP to port {port} there, or ask \
+         the bastion's admin for a port this network lets through (its --shared-port, e.g. 443)"
     )]
     NoUdpToBastion { bastion: String, port: u16 },
     #[error(

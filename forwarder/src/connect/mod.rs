@@ -8,10 +8,12 @@
 //!    mosh-server there; the host reports `SSH_CONNECTION`,
 //!    whose local half is the host's address as the bastion reaches it,
 //!    and mosh-server prints `MOSH CONNECT port key`.
-//! 2. ssh to the bastion runs `forwarder add --backend ADDR:PORT --json`
-//!    there as the user, who thereby owns the session.
+//! 2. ssh to the bastion runs `forwarder add --backend ADDR:PORT
+//!    --key-file - --json` there as the user, who thereby owns the
+//!    session; the key goes over the channel's stdin.
 //! 3. mosh-client connects to the bastion's address (ssh's host name for
-//!    it, `ssh -G`) and the session's port, `MOSH_KEY` in its environment.
+//!    it, `ssh -G`) and the session's port (the bastion's shared port when
+//!    it has one), `MOSH_KEY` in its environment.
 //! 4. When mosh-client exits, ssh to the bastion removes the session; if
 //!    this machine never comes back, the session's idle timeout does.
 //!
@@ -104,6 +106,10 @@ pub struct MoshArgs {
     #[arg(long, value_name = "DURATION", default_value = DEFAULT_RELAY_IDLE_TIMEOUT,
           value_parser = humantime::parse_duration)]
     pub relay_idle_timeout: Duration,
+    /// Connect to the session's own port even when the bastion has a shared port (its --shared-port),
+    /// which is otherwise used: the one port its operator opened for every session.
+    #[arg(long)]
+    pub no_shared_port: bool,
     /// mosh-client on this machine.
     #[arg(long, value_name = "PATH", default_value = "mosh-client")]
     pub client: String,
@@ -408,12 +414,26 @@ impl Plan<'_> {
         master: &ssh::Master,
         bastion: &str,
         backend: &str,
+        key: &str,
     ) -> Result<SessionInfo, Failure> {
         let idle = format!("{}s", self.args.relay_idle_timeout.as_secs().max(1));
-        let verb: Vec<String> = ["add", "--backend", backend, "--idle-timeout", &idle, "--json"]
-            .map(String::from)
-            .to_vec();
-        self.relay_verb(master.ssh(), bastion, &verb, None, false)
+        let verb: Vec<String> = [
+            "add",
+            "--backend",
+            backend,
+            "--idle-timeout",
+            &idle,
+            "--key-file",
+            "-",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec();
+        // The key goes over the ssh channel, never on a command line: with
+        // it the relay admits only endpoints whose datagrams verify, and
+        // the session may use the bastion's shared port.
+        let stdin = format!("{key}\n");
+        self.relay_verb(master.ssh(), bastion, &verb, Some(&stdin), false)
     }
 
     /// Removes the session; what it carried at the end tells whether UDP
@@ -464,11 +484,11 @@ fn ignore_terminal_signals() {
 
 /// What the session's flows say when it is removed: a diagnosis when UDP
 /// never got through, else nothing.
-fn udp_diagnosis(session: &SessionInfo, bastion: &str, host: &str) -> Option<Failure> {
+fn udp_diagnosis(session: &SessionInfo, port: u16, bastion: &str, host: &str) -> Option<Failure> {
     if session.flows.is_empty() {
         return Some(Failure::NoUdpToBastion {
             bastion: bastion.to_string(),
-            port: session.port,
+            port,
         });
     }
     let answered = session
@@ -535,7 +555,7 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         })?;
     let backend = format!("{backend}:{}", server.port);
     let session = plan
-        .add_session(&master, bastion, &backend)
+        .add_session(&master, bastion, &backend, &server.key)
         .map_err(|failure| failure.after_server_started(&args.host))?;
     drop(master);
     tracing::debug!(
@@ -543,10 +563,16 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         session = %session.id,
         "session created"
     );
-    let status = run_client(&args, target, session.port, &server.key);
+    // The operator opened one port for every session: the one most likely
+    // to pass this network's firewall.
+    let port = match session.shared_port {
+        Some(shared) if !args.no_shared_port => shared,
+        _ => session.port,
+    };
+    let status = run_client(&args, target, port, &server.key);
     match plan.remove_session(bastion, &session.id) {
         Ok(removed) => {
-            if let Some(diagnosis) = udp_diagnosis(&removed, bastion, &args.host) {
+            if let Some(diagnosis) = udp_diagnosis(&removed, port, bastion, &args.host) {
                 eprintln!("forwarder mosh: {diagnosis}");
             }
         }
@@ -635,6 +661,9 @@ mod tests {
             idle_ms: 0,
             flows,
             nat: None,
+            owner: forwarder_api::OwnerInfo::default(),
+            has_key: true,
+            shared_port: None,
         }
     }
 
@@ -657,10 +686,10 @@ mod tests {
 
     #[test]
     fn the_removed_session_tells_where_udp_stopped() {
-        let nothing = udp_diagnosis(&session(vec![]), "bastion", "host").unwrap();
+        let nothing = udp_diagnosis(&session(vec![]), 60000, "bastion", "host").unwrap();
         assert!(matches!(nothing, Failure::NoUdpToBastion { port: 60000, .. }), "{nothing}");
-        let silent = udp_diagnosis(&session(vec![flow(0)]), "bastion", "host").unwrap();
+        let silent = udp_diagnosis(&session(vec![flow(0)]), 60000, "bastion", "host").unwrap();
         assert!(matches!(silent, Failure::NoUdpFromServer { .. }), "{silent}");
-        assert!(udp_diagnosis(&session(vec![flow(0), flow(5)]), "bastion", "host").is_none());
+        assert!(udp_diagnosis(&session(vec![flow(0), flow(5)]), 60000, "bastion", "host").is_none());
     }
 }
