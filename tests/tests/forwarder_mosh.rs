@@ -129,7 +129,10 @@ fn key_only_in_the_environment() -> Result<Vec<String>> {
         let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
+        // NUL-terminated words.
         let words: Vec<String> = cmdline
+            .strip_suffix(&[0])
+            .unwrap_or(&cmdline)
             .split(|&b| b == 0)
             .map(|w| String::from_utf8_lossy(w).into_owned())
             .collect();
