@@ -237,7 +237,9 @@ impl TestUser {
     }
 
     pub fn public_key(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(self.ssh_dir().join("id_ed25519.pub"))?)
+        Ok(std::fs::read_to_string(
+            self.ssh_dir().join("id_ed25519.pub"),
+        )?)
     }
 
     fn chown(&self, path: &Path) -> Result<()> {

@@ -200,13 +200,19 @@ fn forwarder_mosh_via_the_bastion_gives_a_shell_that_roams_and_is_the_users() {
     bed.topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
     roundtrip(&client, "roamed").unwrap();
     bed.relay
-        .wait_until("a flow from the new address that the server answers", SHORT, |sessions| {
-            sessions
-                .iter()
-                .flat_map(|s| &s.flows)
-                .any(|f| f.client.starts_with(&format!("{CLIENT_ROAM_IP}:")) && f.server_current)
-                .then_some(())
-        })
+        .wait_until(
+            "a flow from the new address that the server answers",
+            SHORT,
+            |sessions| {
+                sessions
+                    .iter()
+                    .flat_map(|s| &s.flows)
+                    .any(|f| {
+                        f.client.starts_with(&format!("{CLIENT_ROAM_IP}:")) && f.server_current
+                    })
+                    .then_some(())
+            },
+        )
         .unwrap();
 
     // The shell ends, mosh-server and mosh-client with it, and the
@@ -223,7 +229,9 @@ fn forwarder_mosh_through_ssh_config_aliases() {
         .user
         .write_file(
             "aliases",
-            &format!("Host jump\n    HostName {RELAY_CLIENT_IP}\nHost box\n    HostName {SERVER_IP}\n"),
+            &format!(
+                "Host jump\n    HostName {RELAY_CLIENT_IP}\nHost box\n    HostName {SERVER_IP}\n"
+            ),
         )
         .unwrap();
     let client = bed
@@ -261,8 +269,11 @@ fn forwarder_mosh_uses_the_bastions_shared_port() {
     assert_eq!(sessions.len(), 1, "{sessions:?}");
     assert_eq!(sessions[0].shared_port, Some(SHARED_PORT), "{sessions:?}");
     assert!(
-        sessions[0].flows.iter().any(|f| f.server_current),
-        "{sessions:?}"
+        sessions[0]
+            .flows
+            .iter()
+            .any(|f| f.server_current && f.relay_port == Some(SHARED_PORT)),
+        "the server answers a flow that came in on the shared port: {sessions:?}"
     );
     bed.topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
     roundtrip(&client, "roamed").unwrap();
@@ -428,5 +439,8 @@ fn until_prompt(pane: &MoshClient, started: Instant) -> Result<Duration> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    bail!("no prompt within {MOSH_CONNECT_TIMEOUT:?}; screen:\n{}", pane.screen()?)
+    bail!(
+        "no prompt within {MOSH_CONNECT_TIMEOUT:?}; screen:\n{}",
+        pane.screen()?
+    )
 }

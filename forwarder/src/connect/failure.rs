@@ -98,11 +98,10 @@ pub enum Failure {
         detail: String,
     },
     /// With its own step in front: a session was refused after mosh-server started.
-    #[error("{failure}; the mosh-server started on {host} exits by itself within a minute, since no client came")]
-    AfterServerStarted {
-        failure: Box<Failure>,
-        host: String,
-    },
+    #[error(
+        "{failure}; the mosh-server started on {host} exits by itself within a minute, since no client came"
+    )]
+    AfterServerStarted { failure: Box<Failure>, host: String },
     #[error(
         "no answer over UDP: the bastion {bastion} received nothing from this machine on UDP port {port}; \
          fix: a firewall between here and the bastion drops it: allow outgoing UDP to port {port} there, or ask \
@@ -159,7 +158,10 @@ mod tests {
             message: "the daemon's words".into(),
         };
         let denied = Failure::from_relay_error("b", None, error(ExitStatus::PermissionDenied));
-        assert!(denied.to_string().contains("adduser USER forwarder"), "{denied}");
+        assert!(
+            denied.to_string().contains("adduser USER forwarder"),
+            "{denied}"
+        );
         let named = Failure::from_relay_error(
             "b",
             None,
@@ -168,8 +170,12 @@ mod tests {
                 ..error(ExitStatus::PermissionDenied)
             },
         );
-        assert!(!named.to_string().contains("adduser USER forwarder"), "{named}");
-        let down = Failure::from_relay_error("b", Some("edge"), error(ExitStatus::DaemonNotRunning));
+        assert!(
+            !named.to_string().contains("adduser USER forwarder"),
+            "{named}"
+        );
+        let down =
+            Failure::from_relay_error("b", Some("edge"), error(ExitStatus::DaemonNotRunning));
         assert!(down.to_string().contains("for instance edge"), "{down}");
         let refused = Failure::from_relay_error("b", None, error(ExitStatus::Error));
         assert_eq!(
@@ -202,6 +208,10 @@ mod tests {
             message: "quota".into(),
         }
         .after_server_started("h");
-        assert!(after.to_string().starts_with("the bastion b refused the session: quota; the mosh-server"));
+        assert!(
+            after
+                .to_string()
+                .starts_with("the bastion b refused the session: quota; the mosh-server")
+        );
     }
 }

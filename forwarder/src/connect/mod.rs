@@ -148,7 +148,11 @@ pub struct MoshArgs {
     #[arg(value_name = "[USER@]HOST")]
     pub host: String,
     /// The command to run there instead of your login shell.
-    #[arg(value_name = "COMMAND", trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "COMMAND",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     pub command: Vec<String>,
 }
 
@@ -246,13 +250,14 @@ fn locale_from_environment() -> Vec<(String, String)> {
 /// mosh-client's colour count for this terminal (`mosh-client -c`), which
 /// mosh-server needs up front; 0 when it cannot tell, as mosh does.
 fn count_colors(client: &str) -> Result<u32, Failure> {
-    let output = Command::new(client)
-        .arg("-c")
-        .output()
-        .map_err(|error| Failure::NoLocalClient {
-            client: client.to_string(),
-            detail: error.to_string(),
-        })?;
+    let output =
+        Command::new(client)
+            .arg("-c")
+            .output()
+            .map_err(|error| Failure::NoLocalClient {
+                client: client.to_string(),
+                detail: error.to_string(),
+            })?;
     Ok(String::from_utf8_lossy(&output.stdout)
         .trim()
         .parse()
@@ -357,7 +362,8 @@ impl Plan<'_> {
         batch: bool,
     ) -> Result<SessionInfo, Failure> {
         let args = self.args;
-        let remote = remote::relay_command(&args.relay_command, args.relay_instance.as_deref(), verb);
+        let remote =
+            remote::relay_command(&args.relay_command, args.relay_instance.as_deref(), verb);
         let mut options = vec!["-T"];
         if stdin.is_none() {
             options.push("-n");
@@ -537,7 +543,10 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
     };
     let server = plan.start_server(master.as_ref())?;
     let (Some(bastion), Some(master)) = (&args.via, master) else {
-        tracing::debug!(elapsed_ms = started.elapsed().as_millis() as u64, "mosh-server started");
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "mosh-server started"
+        );
         let status = run_client(&args, target, server.port, &server.key)?;
         return client_outcome(status);
     };
@@ -613,25 +622,56 @@ mod tests {
 
     #[test]
     fn server_args_are_what_the_stock_wrapper_passes() {
-        let args = parse(&["--via", "bastion", "-p", "60001:60010", "alice@host", "--", "top", "-d", "1"]);
+        let args = parse(&[
+            "--via",
+            "bastion",
+            "-p",
+            "60001:60010",
+            "alice@host",
+            "--",
+            "top",
+            "-d",
+            "1",
+        ]);
         assert_eq!(args.via.as_deref(), Some("bastion"));
         assert_eq!(args.command, ["top", "-d", "1"]);
         let locale = [("LANG".to_string(), "C.UTF-8".to_string())];
         assert_eq!(
             server_args(&args, 256, &locale),
-            ["new", "-c", "256", "-s", "-p", "60001:60010", "-l", "LANG=C.UTF-8", "--", "top", "-d", "1"]
+            [
+                "new",
+                "-c",
+                "256",
+                "-s",
+                "-p",
+                "60001:60010",
+                "-l",
+                "LANG=C.UTF-8",
+                "--",
+                "top",
+                "-d",
+                "1"
+            ]
         );
         let any = parse(&["--bind-server", "any", "host"]);
         assert_eq!(server_args(&any, 8, &[]), ["new", "-c", "8"]);
         let ip = parse(&["--bind-server", "10.0.0.2", "host", "ls"]);
-        assert_eq!(server_args(&ip, 8, &[]), ["new", "-c", "8", "-i", "10.0.0.2", "--", "ls"]);
+        assert_eq!(
+            server_args(&ip, 8, &[]),
+            ["new", "-c", "8", "-i", "10.0.0.2", "--", "ls"]
+        );
     }
 
     #[test]
     fn client_options_parse_like_moshs() {
         assert_eq!(parse(&["-a", "host"]).predict().unwrap(), "always");
         assert_eq!(parse(&["-n", "host"]).predict().unwrap(), "never");
-        assert_eq!(parse(&["--predict", "experimental", "host"]).predict().unwrap(), "experimental");
+        assert_eq!(
+            parse(&["--predict", "experimental", "host"])
+                .predict()
+                .unwrap(),
+            "experimental"
+        );
         let args = parse(&["-o", "--no-init", "-4", "--no-ssh-pty", "host"]);
         assert!(args.predict_overwrite && args.no_init && args.ipv4 && args.no_ssh_pty);
         assert!(Wrapper::try_parse_from(["mosh", "-a", "-n", "host"]).is_err());
@@ -671,6 +711,7 @@ mod tests {
         forwarder_api::FlowInfo {
             client: "10.0.1.2:40000".into(),
             relay_addr: "10.0.1.1".into(),
+            relay_port: None,
             upstream_port: 61000,
             packets_to_server: 3,
             bytes_to_server: 300,
@@ -687,9 +728,17 @@ mod tests {
     #[test]
     fn the_removed_session_tells_where_udp_stopped() {
         let nothing = udp_diagnosis(&session(vec![]), 60000, "bastion", "host").unwrap();
-        assert!(matches!(nothing, Failure::NoUdpToBastion { port: 60000, .. }), "{nothing}");
+        assert!(
+            matches!(nothing, Failure::NoUdpToBastion { port: 60000, .. }),
+            "{nothing}"
+        );
         let silent = udp_diagnosis(&session(vec![flow(0)]), 60000, "bastion", "host").unwrap();
-        assert!(matches!(silent, Failure::NoUdpFromServer { .. }), "{silent}");
-        assert!(udp_diagnosis(&session(vec![flow(0), flow(5)]), 60000, "bastion", "host").is_none());
+        assert!(
+            matches!(silent, Failure::NoUdpFromServer { .. }),
+            "{silent}"
+        );
+        assert!(
+            udp_diagnosis(&session(vec![flow(0), flow(5)]), 60000, "bastion", "host").is_none()
+        );
     }
 }

@@ -196,7 +196,8 @@ mod tests {
             "{command}"
         );
         assert!(
-            command.ends_with(" ; /opt/mosh/bin/mosh-server new -l 'LANG=C.UTF-8' -- echo 'it'\\''s'"),
+            command
+                .ends_with(" ; /opt/mosh/bin/mosh-server new -l 'LANG=C.UTF-8' -- echo 'it'\\''s'"),
             "{command}"
         );
         // The remote shell splits it back into the same words.

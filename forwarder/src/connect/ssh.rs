@@ -74,7 +74,9 @@ pub fn complaint(stderr: &str) -> String {
 /// A destination as ssh takes it: `[USER@]HOST`, never an option.
 pub fn check_destination(what: &str, destination: &str) -> anyhow::Result<()> {
     if destination.is_empty() || destination.starts_with('-') {
-        bail!("{what} {destination:?} is not a host: give [USER@]HOST (a name from your ssh config works)");
+        bail!(
+            "{what} {destination:?} is not a host: give [USER@]HOST (a name from your ssh config works)"
+        );
     }
     Ok(())
 }
@@ -82,8 +84,9 @@ pub fn check_destination(what: &str, destination: &str) -> anyhow::Result<()> {
 impl Ssh {
     /// Splits `--ssh` as a POSIX shell would (mosh's `--ssh` does the same).
     pub fn parse(command: &str) -> anyhow::Result<Self> {
-        let words = shell_words::split(command)
-            .with_context(|| format!("cannot split --ssh {command:?} into words: check its quotes"))?;
+        let words = shell_words::split(command).with_context(|| {
+            format!("cannot split --ssh {command:?} into words: check its quotes")
+        })?;
         let Some((program, args)) = words.split_first() else {
             bail!("--ssh is empty: give the ssh command, e.g. --ssh 'ssh -p 2222'");
         };
@@ -147,9 +150,9 @@ impl Ssh {
         if let Ok(ip) = hostname.parse::<Ipv4Addr>() {
             return Ok(ip);
         }
-        let addresses = (hostname.as_str(), 0)
-            .to_socket_addrs()
-            .with_context(|| format!("cannot resolve {hostname:?} (ssh's host name for {destination})"))?;
+        let addresses = (hostname.as_str(), 0).to_socket_addrs().with_context(|| {
+            format!("cannot resolve {hostname:?} (ssh's host name for {destination})")
+        })?;
         addresses
             .filter_map(|address| match address.ip() {
                 std::net::IpAddr::V4(v4) => Some(v4),
@@ -296,7 +299,8 @@ impl Master {
         let socket_text = socket.to_string_lossy().into_owned();
         // The backgrounded master keeps whatever stderr it was given:
         // a file, so that nothing waits for it to close.
-        let log = tempfile::tempfile().map_err(|error| format!("creating a temporary file: {error}"))?;
+        let log =
+            tempfile::tempfile().map_err(|error| format!("creating a temporary file: {error}"))?;
         let mut options = vec![
             "-M",
             "-S",
@@ -356,7 +360,11 @@ impl Master {
     pub fn proxy_command(&self) -> String {
         let mut words = vec![self.ssh.program.clone()];
         words.extend(self.ssh.args.iter().cloned());
-        words.extend(["-W".to_string(), "[%h]:%p".to_string(), self.destination.clone()]);
+        words.extend([
+            "-W".to_string(),
+            "[%h]:%p".to_string(),
+            self.destination.clone(),
+        ]);
         format!("ProxyCommand={}", shell_words::join(words))
     }
 }
@@ -452,14 +460,18 @@ mod tests {
     #[test]
     fn complaint_drops_pty_chatter() {
         assert_eq!(
-            complaint("\nConnection to 10.0.0.2 closed.\nssh: connect to host 10.0.0.1 port 22: Connection refused\r\n"),
+            complaint(
+                "\nConnection to 10.0.0.2 closed.\nssh: connect to host 10.0.0.1 port 22: Connection refused\r\n"
+            ),
             "ssh: connect to host 10.0.0.1 port 22: Connection refused"
         );
         assert_eq!(complaint(""), "ssh printed nothing");
         assert_eq!(
-            complaint("channel 0: open failed: connect failed: Connection refused\nstdio forwarding failed\n\
+            complaint(
+                "channel 0: open failed: connect failed: Connection refused\nstdio forwarding failed\n\
                        kex_exchange_identification: Connection closed by remote host\n\
-                       Connection closed by UNKNOWN port 65535\n"),
+                       Connection closed by UNKNOWN port 65535\n"
+            ),
             "channel 0: open failed: connect failed: Connection refused; stdio forwarding failed"
         );
         assert_eq!(
