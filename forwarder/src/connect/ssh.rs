@@ -55,7 +55,8 @@ pub fn complaint(stderr: &str) -> String {
         .lines()
         .map(|line| line.trim())
         .filter(|line| {
-            !line.is_empty() && !(line.starts_with("Connection to ") && line.ends_with(" closed."))
+            let closed = line.starts_with("Connection to ") && line.ends_with(" closed.");
+            !line.is_empty() && !closed
         })
         .collect();
     let cause: Vec<&str> = lines
