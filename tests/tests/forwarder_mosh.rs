@@ -110,6 +110,18 @@ impl Bed {
         MoshClient::start_in_tmux(&self.topo.client, &who.shell_line(&self.mosh_words(rest)?))
     }
 
+    /// `forwarder mosh --via BASTION HOST` as the user: once its shell
+    /// answers a typed line (marked `label`), the pane and mosh-client's
+    /// arguments.
+    fn shell_via_the_bastion(&self, label: &str) -> Result<(MoshClient, Vec<String>)> {
+        let client =
+            self.start_mosh(&self.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))?;
+        wait_for_shell(&client)?;
+        roundtrip(&client, label)?;
+        let arguments = key_only_in_the_environment()?;
+        Ok((client, arguments))
+    }
+
     /// `forwarder mosh REST` as `who`, without a terminal, to its end.
     fn run_mosh(&self, who: &TestUser, rest: &str) -> Result<cmd::Output> {
         let mut command = who.command(&self.topo.client, "sh");
@@ -167,12 +179,7 @@ fn wait_removed(relay: &Relay) -> Result<()> {
 #[test]
 fn forwarder_mosh_via_the_bastion_gives_a_shell_that_roams_and_is_the_users() {
     let bed = Bed::build(&format!("{SERVER_IP}/32")).unwrap();
-    let client = bed
-        .start_mosh(&bed.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))
-        .unwrap();
-    wait_for_shell(&client).unwrap();
-    roundtrip(&client, "typed").unwrap();
-    let mosh_client = key_only_in_the_environment().unwrap();
+    let (client, mosh_client) = bed.shell_via_the_bastion("typed").unwrap();
 
     let sessions = bed.relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
@@ -254,12 +261,7 @@ fn forwarder_mosh_uses_the_bastions_shared_port() {
     const SHARED_PORT: u16 = 4443;
     let shared = SHARED_PORT.to_string();
     let bed = Bed::build_with(&format!("{SERVER_IP}/32"), &["--shared-port", &shared]).unwrap();
-    let client = bed
-        .start_mosh(&bed.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))
-        .unwrap();
-    wait_for_shell(&client).unwrap();
-    roundtrip(&client, "shared").unwrap();
-    let mosh_client = key_only_in_the_environment().unwrap();
+    let (client, mosh_client) = bed.shell_via_the_bastion("shared").unwrap();
     assert_eq!(
         mosh_client[1..],
         [RELAY_CLIENT_IP.to_string(), shared],

@@ -165,6 +165,19 @@ impl Ssh {
             })
     }
 
+    /// `ssh OPTIONS destination -- remote`, its output piped.
+    fn remote(&self, options: &[&str], destination: &str, remote: &str, stdin: Stdio) -> Command {
+        let mut command = self.command(options);
+        command
+            .arg(destination)
+            .arg("--")
+            .arg(remote)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
     /// Runs `destination -- remote` with `stdin` written to the remote
     /// command (nothing: /dev/null) and waits for it.
     pub fn run(
@@ -174,19 +187,12 @@ impl Ssh {
         remote: &str,
         stdin: Option<&str>,
     ) -> anyhow::Result<Finished> {
-        let mut command = self.command(options);
-        command
-            .arg(destination)
-            .arg("--")
-            .arg(remote)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = self.spawn(&mut command)?;
+        let input = if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        let mut child = self.spawn(&mut self.remote(options, destination, remote, input))?;
         if let Some(text) = stdin {
             let mut pipe = child.stdin.take().context("ssh's stdin")?;
             // A remote command that exits early closes the pipe: its
@@ -216,15 +222,8 @@ impl Ssh {
         remote: &str,
         mut line: impl FnMut(&str) -> anyhow::Result<bool>,
     ) -> anyhow::Result<Finished> {
-        let mut command = self.command(options);
-        command
-            .arg(destination)
-            .arg("--")
-            .arg(remote)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = self.spawn(&mut command)?;
+        let mut child =
+            self.spawn(&mut self.remote(options, destination, remote, Stdio::null()))?;
         let stderr = drain(child.stderr.take());
         let mut seen = String::new();
         let mut done = false;
