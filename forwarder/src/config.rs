@@ -54,6 +54,11 @@ pub mod defaults {
     pub const USER_MAX_SESSIONS: u32 = 8;
     pub const USER_MAX_FLOWS: u32 = 32;
     pub const USER_NEW_FLOWS_PER_SEC: u32 = 4;
+    pub const USER_QUOTA: crate::users::Quota = crate::users::Quota {
+        max_sessions: USER_MAX_SESSIONS,
+        max_flows: USER_MAX_FLOWS,
+        new_flows_per_sec: USER_NEW_FLOWS_PER_SEC,
+    };
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

@@ -21,7 +21,8 @@
 //! connect              `forwarder mosh` on the laptop: ssh, mosh-server, the bastion's
 //!                      `forwarder add`, mosh-client; uses no other room (no BPF, no daemon)
 //! store config mosh    leaves: the session store, the config file, mosh's
-//! ports limits expiry  datagram rules, port pools, token buckets, timeouts
+//! ports limits expiry  datagram rules, port pools, token buckets, timeouts,
+//! users                and self-service (owners, backend policy, quotas, audit)
 //! ```
 //!
 //! Below all of them: `forwarder-api` (control messages and JSON views) and

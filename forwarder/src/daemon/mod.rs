@@ -130,6 +130,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     let socket_path = forwarder_api::socket_path(&options.instance);
     let socket_group = control::server::SocketGroup::lookup(&options.socket_group)?;
+    for table in options.users.unknown_names() {
+        tracing::warn!(
+            "the config's {table} names no user or group on this host: it applies to nobody until it exists \
+             (check the spelling)"
+        );
+    }
     let listener = control::server::bind(&socket_path, &options.instance, &socket_group)?;
     // From here on a failed start removes what it built (see StartGuard).
     let mut guard = StartGuard {
