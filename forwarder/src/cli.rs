@@ -193,6 +193,10 @@ pub struct RunArgs {
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
+    /// One UDP port (e.g. 443) on which every session added with a key (`add --key-file`)
+    /// is reachable as well, matched by its mosh key. Off unless given; outside --flow-ports.
+    #[arg(long, value_name = "PORT")]
+    pub shared_port: Option<u16>,
     /// Who besides root may use the control socket, and what they may do.
     #[command(flatten, next_help_heading = "Self-service (non-root users)")]
     pub users: Box<UserArgs>,
@@ -227,10 +231,6 @@ pub struct UserArgs {
     /// bursts of twice that; 0: unlimited [default: 4].
     #[arg(long)]
     pub user_new_flows_per_sec: Option<u32>,
-    /// One UDP port (e.g. 443) on which every session added with a key (`add --key-file`)
-    /// is reachable as well, matched by its mosh key. Off unless given; outside --flow-ports.
-    #[arg(long, value_name = "PORT")]
-    pub shared_port: Option<u16>,
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.

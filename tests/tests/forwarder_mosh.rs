@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use forwarder_testbed::cmd::{self, SHORT};
 use forwarder_testbed::scenario::{MOSH_CONNECT_TIMEOUT, roundtrip, wait_for_shell};
-use forwarder_testbed::sshd::{Sshd, TestGroup, TestUser};
+use forwarder_testbed::sshd::{SshUser, Sshd};
 use forwarder_testbed::topology::{CLIENT_ROAM_IP, RELAY_CLIENT_IP, RELAY_SERVER_IP, SERVER_IP};
-use forwarder_testbed::{MoshClient, Relay, Topology, forwarder_bin, prereq};
+use forwarder_testbed::users::{TestGroup, UserCli};
+use forwarder_testbed::{MoshClient, Relay, Topology, prereq};
 
 /// The port of a second sshd on the server, one whose sessions have a
 /// PATH without mosh-server.
@@ -27,10 +28,12 @@ struct Bed {
     _no_mosh_sshd: Sshd,
     _bastion_sshd: Sshd,
     topo: Topology,
-    user: TestUser,
+    user: SshUser,
     /// In no group: the bastion's forwarder must refuse it.
-    outsider: TestUser,
+    outsider: SshUser,
     group: TestGroup,
+    /// forwarder where every user may run it: on the laptop and the bastion.
+    cli: UserCli,
 }
 
 impl Bed {
@@ -42,9 +45,10 @@ impl Bed {
     /// [`Bed::build`] with more `forwarder run` flags.
     fn build_with(allow: &str, relay_args: &[&str]) -> Result<Self> {
         prereq::require()?;
-        let group = TestGroup::create()?;
-        let user = TestUser::create(&[group.name()])?;
-        let outsider = TestUser::create(&[])?;
+        let group = TestGroup::new()?;
+        let user = SshUser::create(&[&group])?;
+        let outsider = SshUser::create(&[])?;
+        let cli = UserCli::new()?;
         let topo = Topology::client_relay_server()?;
         // The client reaches the bastion and nothing behind it: no
         // forwarding through the relay namespace at all, only XDP's and
@@ -70,7 +74,7 @@ impl Bed {
             }
             who.trust(&[&bastion_sshd, &host_sshd, &no_mosh_sshd])?;
         }
-        let mut args = vec!["--socket-group", group.name(), "--user-allow", allow];
+        let mut args = vec!["--socket-group", group.name.as_str(), "--user-allow", allow];
         args.extend_from_slice(relay_args);
         let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &args)?;
         // Nothing but the bastion: the server is out of the client's reach.
@@ -86,13 +90,14 @@ impl Bed {
             user,
             outsider,
             group,
+            cli,
         })
     }
 
     /// `forwarder mosh` with the bastion's forwarder and instance named,
     /// as words for a shell (the tests' words need no quoting but --ssh's).
     fn mosh_words(&self, rest: &str) -> Result<String> {
-        let bin = forwarder_bin()?;
+        let bin = self.cli.bin();
         let relay_command = if rest.contains("--relay-command") {
             String::new()
         } else {
@@ -106,7 +111,7 @@ impl Bed {
     }
 
     /// `forwarder mosh REST` as `who` in the client namespace, under tmux.
-    fn start_mosh(&self, who: &TestUser, rest: &str) -> Result<MoshClient> {
+    fn start_mosh(&self, who: &SshUser, rest: &str) -> Result<MoshClient> {
         MoshClient::start_in_tmux(&self.topo.client, &who.shell_line(&self.mosh_words(rest)?))
     }
 
@@ -123,7 +128,7 @@ impl Bed {
     }
 
     /// `forwarder mosh REST` as `who`, without a terminal, to its end.
-    fn run_mosh(&self, who: &TestUser, rest: &str) -> Result<cmd::Output> {
+    fn run_mosh(&self, who: &SshUser, rest: &str) -> Result<cmd::Output> {
         let mut command = who.command(&self.topo.client, "sh");
         command.args(["-c", &self.mosh_words(rest)?]);
         cmd::run(&mut command, Duration::from_secs(60))
@@ -284,7 +289,7 @@ fn forwarder_mosh_uses_the_bastions_shared_port() {
 }
 
 /// Runs `forwarder mosh REST` as `who`; it must fail and say `says`.
-fn fails_saying(bed: &Bed, who: &TestUser, rest: &str, says: &[&str]) {
+fn fails_saying(bed: &Bed, who: &SshUser, rest: &str, says: &[&str]) {
     let out = bed.run_mosh(who, rest).unwrap();
     assert!(
         !out.success(),
@@ -348,7 +353,7 @@ fn forwarder_mosh_names_the_step_that_failed_and_the_fix() {
         &[
             "forwarder on the bastion",
             "refused your user there",
-            bed.group.name(),
+            &bed.group.name,
         ],
     );
     // The backend policy: the daemon's own words come through.
