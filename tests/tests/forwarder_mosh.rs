@@ -288,6 +288,26 @@ fn forwarder_mosh_uses_the_bastions_shared_port() {
     wait_removed(&bed.relay).unwrap();
 }
 
+#[test]
+fn forwarder_mosh_without_via_is_plain_mosh() {
+    let bed = Bed::build(&format!("{SERVER_IP}/32")).unwrap();
+    // The bastion's own sshd as the host: the one host the client reaches
+    // directly. mosh-server's port lies outside the relay's ranges.
+    let client = bed
+        .start_mosh(&bed.user, &format!("-p 62001 {RELAY_CLIENT_IP}"))
+        .unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "direct").unwrap();
+    let mosh_client = key_only_in_the_environment().unwrap();
+    assert_eq!(
+        mosh_client[1..],
+        [RELAY_CLIENT_IP.to_string(), "62001".to_string()],
+        "mosh-client goes to mosh-server itself, on the port -p asked for"
+    );
+    assert!(bed.relay.sessions().unwrap().is_empty());
+    client.type_line("exit").unwrap();
+}
+
 /// Runs `forwarder mosh REST` as `who`; it must fail and say `says`.
 fn fails_saying(bed: &Bed, who: &SshUser, rest: &str, says: &[&str]) {
     let out = bed.run_mosh(who, rest).unwrap();

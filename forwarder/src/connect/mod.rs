@@ -48,15 +48,21 @@ Start a mosh session through a forwarder bastion in one command, like `mosh`:
 It logs in to BASTION once (an ssh master connection), ssh'es through it to
 HOST (as ssh -J would) and starts the stock mosh-server there, runs `forwarder
 add` on BASTION as your user over the same login, and runs mosh-client to the
-bastion's address and the session's port. When mosh-client
+bastion's address and the session's port (the bastion's shared port, when it
+has one). The session key goes to the bastion over the ssh channel and to
+mosh-client in its environment, never on a command line. When mosh-client
 exits the session is removed; if this machine never comes back, the session
 expires after --relay-idle-timeout without traffic.
 
 Everything goes through your ssh (--ssh, default `ssh`), so your ssh config,
 agent, keys and host aliases apply. As with `ssh -J`, the options of --ssh
 apply to HOST; the bastion's connections take only its program and -F, so
-settings for the bastion belong in your ssh config. On the bastion you need forwarder and access
-to its control socket (the `forwarder` group); on HOST, mosh-server.
+settings for the bastion belong in your ssh config. On the bastion you need
+forwarder, membership of its control socket's group (`forwarder` unless
+configured) and a backend rule that allows HOST; on HOST, mosh-server.
+
+Each failure names its step (ssh to the bastion, ssh to the host, mosh-server,
+the bastion's forwarder, its socket, quota or policy, UDP) and the fix.
 
 Without --via it does what `mosh` does, directly to HOST.";
 
