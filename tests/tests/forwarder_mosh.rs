@@ -431,7 +431,14 @@ fn time_to_prompt() {
     let ssh_line = bed.user.shell_line(&format!(
         "env LANG=C.UTF-8 LC_ALL=C.UTF-8 ssh -tt -J {RELAY_CLIENT_IP} {SERVER_IP}"
     ));
-    let mosh_rest = format!("--via {RELAY_CLIENT_IP} {SERVER_IP}");
+    // Each step's time goes to a log the user may write.
+    let steps = bed.user.write_file("steps.log", "").unwrap();
+    let mosh_line = bed.user.shell_line(&format!(
+        "env RUST_LOG=forwarder::connect=debug {} 2>>{}",
+        bed.mosh_words(&format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))
+            .unwrap(),
+        steps.display()
+    ));
     let mut ssh_times = Vec::new();
     let mut mosh_times = Vec::new();
     for _ in 0..RUNS {
@@ -441,7 +448,7 @@ fn time_to_prompt() {
         drop(ssh);
 
         let started = Instant::now();
-        let mosh = bed.start_mosh(&bed.user, &mosh_rest).unwrap();
+        let mosh = MoshClient::start_in_tmux(&bed.topo.client, &mosh_line).unwrap();
         mosh_times.push(until_prompt(&mosh, started).unwrap());
         mosh.type_line("exit").unwrap();
         wait_removed(&bed.relay).unwrap();
@@ -450,6 +457,23 @@ fn time_to_prompt() {
         times.sort();
         times[times.len() / 2]
     };
+    let log = std::fs::read_to_string(&steps).unwrap();
+    for step in ["resolve", "bastion login", "mosh-server", "session"] {
+        let mut times: Vec<u64> = log
+            .lines()
+            .filter(|line| line.contains(&format!("step=\"{step}\"")))
+            .filter_map(|line| {
+                line.split("elapsed_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        times.sort_unstable();
+        eprintln!("forwarder mosh, {step:<13} done after (ms, each run): {times:?}");
+    }
     eprintln!(
         "time to prompt over {RUNS} runs (median; all):\n  ssh -J bastion host:              {:?}; {ssh_times:?}\n  forwarder mosh --via bastion host: {:?}; {mosh_times:?}",
         median(&mut ssh_times.clone()),

@@ -516,6 +516,14 @@ fn udp_diagnosis(session: &SessionInfo, port: u16, bastion: &str, host: &str) ->
 
 pub fn main(args: MoshArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Where the time to the prompt goes (RUST_LOG=forwarder::connect=debug).
+    let step_done = |step: &str| {
+        tracing::debug!(
+            step,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "step done"
+        );
+    };
     ssh::check_destination("the host", &args.host)?;
     if let Some(bastion) = &args.via {
         ssh::check_destination("--via", bastion)?;
@@ -543,16 +551,15 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
             destination: args.via.clone().unwrap_or_else(|| args.host.clone()),
             detail: format!("{error:#}"),
         })?;
+    step_done("resolve");
     let master = match &args.via {
         Some(bastion) => Some(plan.open_master(bastion)?),
         None => None,
     };
+    step_done("bastion login");
     let server = plan.start_server(master.as_ref())?;
+    step_done("mosh-server");
     let (Some(bastion), Some(master)) = (&args.via, master) else {
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "mosh-server started"
-        );
         let status = run_client(&args, target, server.port, &server.key)?;
         return client_outcome(status);
     };
@@ -573,11 +580,7 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         .add_session(&master, bastion, &backend, &server.key)
         .map_err(|failure| failure.after_server_started(&args.host))?;
     drop(master);
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        session = %session.id,
-        "session created"
-    );
+    step_done("session");
     // The operator opened one port for every session: the one most likely
     // to pass this network's firewall.
     let port = match session.shared_port {
