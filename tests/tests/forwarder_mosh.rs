@@ -172,6 +172,21 @@ fn key_only_in_the_environment() -> Result<Vec<String>> {
     Ok(client)
 }
 
+/// No ssh master connection outlives the set-up: forwarder mosh closes it
+/// before mosh-client starts.
+fn no_ssh_master_left() -> Result<()> {
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(cmdline) = std::fs::read(entry?.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if line.contains(" -M ") && line.contains("ControlPersist=no") {
+            bail!("an ssh master is still running: {line}");
+        }
+    }
+    Ok(())
+}
+
 /// Waits until the bastion has no session left: mosh-client's exit removed it.
 fn wait_removed(relay: &Relay) -> Result<()> {
     relay.wait_until(
@@ -185,6 +200,7 @@ fn wait_removed(relay: &Relay) -> Result<()> {
 fn forwarder_mosh_via_the_bastion_gives_a_shell_that_roams_and_is_the_users() {
     let bed = Bed::build(&format!("{SERVER_IP}/32")).unwrap();
     let (client, mosh_client) = bed.shell_via_the_bastion("typed").unwrap();
+    no_ssh_master_left().unwrap();
 
     let sessions = bed.relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
