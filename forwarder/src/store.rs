@@ -61,6 +61,10 @@ pub struct SessionRecord {
     /// (bound to the record's id and port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+    /// A keyed session's client sequence numbers seen so far (at least):
+    /// after a restart, a datagram on the shared port must still be newer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_seq_floor: Option<u64>,
 }
 
 /// The NAT half of a punched session: what the restarted daemon needs to
@@ -356,6 +360,7 @@ mod tests {
             nat: None,
             owner_uid: 0,
             sealed_key: None,
+            client_seq_floor: None,
         }
     }
 

@@ -277,6 +277,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
     }
     server.abort();
+    // What keyed sessions have seen, for the next start's replay rule.
+    relay.lock().expect("relay lock").store_keyed_progress(true);
     if let Some(metrics) = metrics {
         metrics.abort();
     }
@@ -394,6 +396,8 @@ async fn expire_forever(relay: SharedRelay) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        relay.lock().expect("relay lock").expire(monotonic_ns());
+        let mut relay = relay.lock().expect("relay lock");
+        relay.expire(monotonic_ns());
+        relay.store_keyed_progress(false);
     }
 }

@@ -124,6 +124,7 @@ impl Session {
             owner_uid: self.owner.uid,
             // Keyed sessions add theirs (sessions/shared.rs).
             sealed_key: None,
+            client_seq_floor: None,
         }
     }
 }
@@ -460,11 +461,12 @@ impl Relay {
         if let Err(at_limit) = crate::datapath::fds::check_headroom() {
             bail!("{at_limit}");
         }
-        if self.sessions.len() >= self.limits.max_sessions {
+        if self.sessions.len() >= self.session_capacity() {
             bail!(
-                "the relay holds its maximum of {} sessions: remove unused ones (`forwarder list`) \
+                "the relay holds its maximum of {} sessions{}: remove unused ones (`forwarder list`) \
                  or raise max_sessions in the config (--max-sessions)",
-                self.limits.max_sessions
+                self.session_capacity(),
+                shared::capacity_note(self.shared.is_some())
             );
         }
         let socket = match port {
@@ -1467,6 +1469,20 @@ mod tests {
                 .unwrap()
         ));
         assert_eq!(flows_of(&relay, other_port).len(), 1);
+
+        // What the session's own port saw bounds the shared port too.
+        let own = genuine(&other_key, 40);
+        assert!(forwarded(
+            relay
+                .on_client_datagram(other_port, endpoint(9), relay_addr, &own)
+                .unwrap()
+        ));
+        assert!(!forwarded(
+            relay
+                .on_shared_packet(endpoint(10), relay_addr, &own)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_replayed, 3);
 
         // Removed sessions leave the ring.
         relay.remove_session(other_port, "test");
