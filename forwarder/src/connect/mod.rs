@@ -318,11 +318,11 @@ impl Plan<'_> {
                 key,
             });
         }
+        // What the host's side printed, then ssh's own words.
         let said = |lines: &[String]| {
             let mut all: Vec<String> = lines.to_vec();
-            let complaint = finished.complaint();
-            if complaint != "ssh printed nothing" || all.is_empty() {
-                all.push(complaint);
+            if !finished.stderr.trim().is_empty() || all.is_empty() {
+                all.push(finished.complaint());
             }
             all.join("; ")
         };
@@ -441,9 +441,9 @@ impl Plan<'_> {
         ]
         .map(String::from)
         .to_vec();
-        // The key goes over the ssh channel, never on a command line: with
-        // it the relay admits only endpoints whose datagrams verify, and
-        // the session may use the bastion's shared port.
+        // The key goes over the ssh channel, never on a command line. With
+        // it the session may use the bastion's shared port, where a new
+        // client endpoint is admitted only when its datagram verifies.
         let stdin = format!("{key}\n");
         self.relay_verb(master.ssh(), bastion, &verb, Some(&stdin), false)
     }
