@@ -120,6 +120,26 @@ fn wait_for_shared_flow(relay: &Relay, id: &str, ip: std::net::Ipv4Addr) -> Flow
         .unwrap()
 }
 
+/// What `client` (whose flow's endpoint is `endpoint`) sends to the shared
+/// port during `rounds` round trips, as a capture on its interface sees it.
+fn record_client(
+    topo: &Topology,
+    client: &MoshClient,
+    endpoint: &str,
+    rounds: usize,
+) -> Vec<Vec<u8>> {
+    let recording = Capture::start(&topo.client, CLIENT_IF).unwrap();
+    for round in 0..rounds {
+        roundtrip(client, &format!("recorded{round}")).unwrap();
+    }
+    let shared = SocketAddrV4::new(RELAY_CLIENT_IP, SHARED_PORT);
+    udp_datagrams(&recording.finish())
+        .into_iter()
+        .filter(|d| d.dst == shared && d.src.to_string() == endpoint)
+        .map(|d| d.payload)
+        .collect()
+}
+
 #[test]
 fn keyed_sessions_share_one_port_roam_and_refuse_replays_forgeries_and_keyless_clients() {
     prereq::require().unwrap();
@@ -195,16 +215,8 @@ fn keyed_sessions_share_one_port_roam_and_refuse_replays_forgeries_and_keyless_c
     assert_eq!(shared_stat(&relay, "shared_admitted"), 2);
 
     // Record session a's client, then replay it from a new endpoint.
-    let recording = Capture::start(&topo.client, CLIENT_IF).unwrap();
-    for round in 0..3 {
-        roundtrip(&client_a, &format!("recorded{round}")).unwrap();
-    }
     let shared = SocketAddrV4::new(RELAY_CLIENT_IP, SHARED_PORT);
-    let recorded: Vec<Vec<u8>> = udp_datagrams(&recording.finish())
-        .into_iter()
-        .filter(|d| d.dst == shared && d.src.to_string() == flow_a.client)
-        .map(|d| d.payload)
-        .collect();
+    let recorded = record_client(&topo, &client_a, &flow_a.client, 3);
     assert!(
         recorded.len() >= 3,
         "the recording holds {} of the client's datagrams",
@@ -345,14 +357,8 @@ fn a_keyed_session_keeps_its_key_and_shared_flow_across_a_restart() {
     wait_for_shell(&client).expect("mosh through the shared port never showed the shell");
     roundtrip(&client, "before").unwrap();
     let flow = wait_for_shared_flow(&relay, &session.id, CLIENT_IP);
-    let recording = Capture::start(&topo.client, CLIENT_IF).unwrap();
-    roundtrip(&client, "recorded").unwrap();
     let shared = SocketAddrV4::new(RELAY_CLIENT_IP, SHARED_PORT);
-    let recorded: Vec<Vec<u8>> = udp_datagrams(&recording.finish())
-        .into_iter()
-        .filter(|d| d.dst == shared && d.src.to_string() == flow.client)
-        .map(|d| d.payload)
-        .collect();
+    let recorded = record_client(&topo, &client, &flow.client, 1);
     assert!(
         !recorded.is_empty(),
         "the recording holds none of the client's datagrams"

@@ -42,7 +42,7 @@ use super::{ClientVerdict, Flow, Relay, Session};
 use crate::datapath::Datapath;
 use crate::datapath::socket::RelaySocket;
 use crate::mosh::{KeyRing, MoshKey, Rejected};
-use crate::store::{KeyBinding, SealedKey};
+use crate::store::{KeyBinding, SealedKey, SessionRecord, Store};
 
 /// The key a session carries, and what bounds the sequence numbers its
 /// client has used.
@@ -116,6 +116,19 @@ pub(super) fn capacity_note(shared: bool) -> &'static str {
     }
 }
 
+/// A keyed session's row: its key sealed, and the sequence bound so far.
+fn keyed_record(
+    store: &Store,
+    session: &Session,
+    key: &MoshKey,
+    floor: Option<u64>,
+) -> SessionRecord {
+    let mut record = session.record();
+    record.sealed_key = Some(store.keyed_sealer().seal(&key.bytes(), binding(session)));
+    record.client_seq_floor = floor;
+    record
+}
+
 impl Relay {
     /// Sessions the relay may hold: the shared port's slow-path bucket
     /// takes one of the `--max-sessions` slots of the kernel's bucket map.
@@ -182,8 +195,7 @@ impl Relay {
             );
         }
         if let Some(store) = &self.store {
-            let mut record = session.record();
-            record.sealed_key = Some(store.keyed_sealer().seal(&key.bytes(), binding(session)));
+            let record = keyed_record(store, session, &key, None);
             store
                 .put(&record)
                 .context("storing the session's sealed key")?;
@@ -224,13 +236,7 @@ impl Relay {
             let Some(key) = session.key.as_deref() else {
                 continue;
             };
-            let mut record = session.record();
-            record.sealed_key = Some(
-                store
-                    .keyed_sealer()
-                    .seal(&key.key.bytes(), binding(session)),
-            );
-            record.client_seq_floor = bound;
+            let record = keyed_record(store, session, &key.key, bound);
             match store.put(&record) {
                 Ok(()) => {
                     let key = session.key.as_deref_mut().expect("checked above");
