@@ -123,7 +123,7 @@ impl Bed {
             self.start_mosh(&self.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))?;
         wait_for_shell(&client)?;
         roundtrip(&client, label)?;
-        let arguments = key_only_in_the_environment()?;
+        let arguments = key_only_in_the_environment(&self.user)?;
         Ok((client, arguments))
     }
 
@@ -135,14 +135,25 @@ impl Bed {
     }
 }
 
-/// The session's key is in mosh-client's environment and on no command
-/// line; returns mosh-client's arguments.
-fn key_only_in_the_environment() -> Result<Vec<String>> {
-    let mut key = None;
-    let mut client = Vec::new();
-    let mut command_lines = Vec::new();
+/// The processes of `user` (tests run side by side, each with its own user).
+fn processes_of(user: &SshUser) -> Result<Vec<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let dir = entry?.path();
+        if std::fs::metadata(&dir).is_ok_and(|meta| meta.uid() == user.user.uid) {
+            found.push(dir);
+        }
+    }
+    Ok(found)
+}
+
+/// The session's key is in the environment of `user`'s mosh-client and on
+/// no command line of anyone's; returns mosh-client's arguments.
+fn key_only_in_the_environment(user: &SshUser) -> Result<Vec<String>> {
+    let mut key = None;
+    let mut client = Vec::new();
+    for dir in processes_of(user)? {
         let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
@@ -161,22 +172,27 @@ fn key_only_in_the_environment() -> Result<Vec<String>> {
                 .split(|&b| b == 0)
                 .find_map(|v| v.strip_prefix(b"MOSH_KEY="))
                 .map(|k| String::from_utf8_lossy(k).into_owned());
-            client = words.clone();
+            client = words;
         }
-        command_lines.push(words.join(" "));
     }
     let key = key.context("no mosh-client to the bastion with MOSH_KEY in its environment")?;
-    if let Some(line) = command_lines.iter().find(|line| line.contains(&key)) {
-        bail!("the session key is on a command line: {line}");
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(cmdline) = std::fs::read(entry?.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if line.contains(&key) {
+            bail!("the session key is on a command line: {line}");
+        }
     }
     Ok(client)
 }
 
 /// No ssh master connection outlives the set-up: forwarder mosh closes it
 /// before mosh-client starts.
-fn no_ssh_master_left() -> Result<()> {
-    for entry in std::fs::read_dir("/proc")? {
-        let Ok(cmdline) = std::fs::read(entry?.path().join("cmdline")) else {
+fn no_ssh_master_left(user: &SshUser) -> Result<()> {
+    for dir in processes_of(user)? {
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
         let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
@@ -200,7 +216,7 @@ fn wait_removed(relay: &Relay) -> Result<()> {
 fn forwarder_mosh_via_the_bastion_gives_a_shell_that_roams_and_is_the_users() {
     let bed = Bed::build(&format!("{SERVER_IP}/32")).unwrap();
     let (client, mosh_client) = bed.shell_via_the_bastion("typed").unwrap();
-    no_ssh_master_left().unwrap();
+    no_ssh_master_left(&bed.user).unwrap();
 
     let sessions = bed.relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
@@ -314,7 +330,7 @@ fn forwarder_mosh_without_via_is_plain_mosh() {
         .unwrap();
     wait_for_shell(&client).unwrap();
     roundtrip(&client, "direct").unwrap();
-    let mosh_client = key_only_in_the_environment().unwrap();
+    let mosh_client = key_only_in_the_environment(&bed.user).unwrap();
     assert_eq!(
         mosh_client[1..],
         [RELAY_CLIENT_IP.to_string(), "62001".to_string()],
