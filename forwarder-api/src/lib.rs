@@ -130,6 +130,18 @@ pub enum ExitStatus {
     PermissionDenied = 5,
 }
 
+/// The `error` of a `--json` error document
+/// (`{"schema_version": 1, "error": {...}}`), printed instead of the verb's
+/// own document when it fails.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorInfo {
+    /// [`ExitStatus::name`] of the exit status.
+    pub kind: String,
+    pub exit_code: u8,
+    /// What went wrong and how to fix it.
+    pub message: String,
+}
+
 impl ExitStatus {
     /// Its name in a `--json` error document.
     pub const fn name(self) -> &'static str {

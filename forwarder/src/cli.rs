@@ -103,6 +103,10 @@ pub enum Verb {
     /// mosh-server, and print MOSH IP / MOSH CONNECT for the relay.
     #[command(long_about = crate::punch::server::LONG_HELP)]
     MoshServer(crate::punch::server::WrapperArgs),
+    /// On the laptop: a mosh session through a forwarder bastion in one
+    /// command (ssh, mosh-server, the bastion's session, mosh-client).
+    #[command(long_about = crate::connect::LONG_HELP)]
+    Mosh(crate::connect::MoshArgs),
 }
 
 /// `run` flags. Each one overrides the same key of `--config`; unset in
@@ -694,6 +698,21 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             crate::punch::server::main(args)
         }
+        Verb::Mosh(args) => {
+            // The bastion's instance is --relay-instance; a local instance
+            // would mean nothing here.
+            let from_environment = std::env::var("FORWARDER_INSTANCE").ok();
+            if let Some(given) = cli
+                .instance
+                .filter(|given| from_environment.as_ref() != Some(given))
+            {
+                bail!(
+                    "--instance {given:?} has no meaning for `forwarder mosh`, which runs no daemon here: \
+                     name the bastion's instance with --relay-instance {given}"
+                );
+            }
+            crate::connect::main(args)
+        }
         Verb::Stats { json } => {
             daemon::validate_instance(&instance)?;
             let Reply::Stats(stats) = call(&instance, &Request::Stats {})? else {
@@ -757,7 +776,7 @@ impl Cli {
             | Verb::Show { json, .. }
             | Verb::Stats { json }
             | Verb::Detach { json, .. } => *json,
-            Verb::Run(_) | Verb::MoshServer(_) => false,
+            Verb::Run(_) | Verb::MoshServer(_) | Verb::Mosh(_) => false,
         }
     }
 }
@@ -792,7 +811,11 @@ pub fn print_json_error(error: &anyhow::Error) {
     let status = exit_status(error);
     let document = serde_json::json!({
         "schema_version": forwarder_api::JSON_SCHEMA_VERSION,
-        "error": { "kind": status.name(), "exit_code": status as u8, "message": error_message(error) },
+        "error": forwarder_api::ErrorInfo {
+            kind: status.name().into(),
+            exit_code: status as u8,
+            message: error_message(error),
+        },
     });
     println!(
         "{}",

@@ -23,6 +23,8 @@
 //! sessions             the session and flow table (and its NAT half, restore and
 //!                      reports), kept consistent with the maps and the sockets
 //! datapath             XDP (load, pins, maps, health) and the relay's UDP sockets
+//! connect              `forwarder mosh` on the laptop: ssh, mosh-server, the bastion's
+//!                      `forwarder add`, mosh-client; uses no other room (no BPF, no daemon)
 //! store config mosh    leaves: the session store, the config file, mosh's
 //! ports limits expiry  datagram rules, port pools, token buckets, timeouts,
 //! users                and self-service (owners, backend policy, quotas, audit)
@@ -34,6 +36,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod connect;
 pub mod control;
 pub mod daemon;
 pub mod datapath;

@@ -21,6 +21,9 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("ssh-keygen", "openssh-client"),
     ("natpmpc", "natpmpc"),
     ("upnpc", "miniupnpc"),
+    ("useradd", "passwd"),
+    ("groupadd", "passwd"),
+    ("runuser", "util-linux"),
 ];
 
 /// The group `forwarder run` gives its control socket unless told

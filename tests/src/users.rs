@@ -124,17 +124,28 @@ pub struct TestUser {
 
 impl TestUser {
     pub fn new(groups: &[&TestGroup]) -> Result<Self> {
+        Self::add(groups, &["--shell", "/usr/sbin/nologin"])
+    }
+
+    /// A user who can log in (over ssh, as the sshd helper allows): `home`
+    /// as its home folder (made by the caller, removed after the user),
+    /// /bin/sh as its shell, and a password field of `*`: no password, but
+    /// not locked, since sshd without PAM refuses locked accounts (`!`)
+    /// even for key logins.
+    pub fn login(groups: &[&TestGroup], home: &std::path::Path) -> Result<Self> {
+        let home = home.to_str().context("home path is not UTF-8")?;
+        Self::add(
+            groups,
+            &["--shell", "/bin/sh", "--home-dir", home, "--password", "*"],
+        )
+    }
+
+    fn add(groups: &[&TestGroup], account: &[&str]) -> Result<Self> {
         sweep_stale();
         let name = format!("fwdt{}", random_tag());
         let comment = comment();
-        let mut args = vec![
-            "--no-create-home",
-            "--user-group",
-            "--shell",
-            "/usr/sbin/nologin",
-            "--comment",
-            &comment,
-        ];
+        let mut args = vec!["--no-create-home", "--user-group", "--comment", &comment];
+        args.extend_from_slice(account);
         let names = groups
             .iter()
             .map(|g| g.name.as_str())
@@ -172,6 +183,11 @@ pub struct UserCli {
 }
 
 impl UserCli {
+    /// The copy every user may run.
+    pub fn bin(&self) -> &std::path::Path {
+        &self.bin
+    }
+
     pub fn new() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("fwd-usercli-").tempdir()?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;

@@ -177,6 +177,7 @@ fn deb_installs_works_and_purges_without_a_trace() {
         "/usr/share/man/man1/forwarder.1.gz",
         "/usr/share/man/man1/forwarder-run.1.gz",
         "/usr/share/man/man1/forwarder-mosh-server.1.gz",
+        "/usr/share/man/man1/forwarder-mosh.1.gz",
         "/usr/share/bash-completion/completions/forwarder",
         "/usr/share/zsh/vendor-completions/_forwarder",
         "/usr/share/fish/vendor_completions.d/forwarder.fish",
@@ -213,6 +214,7 @@ fn deb_installs_works_and_purges_without_a_trace() {
         "stats",
         "detach",
         "mosh-server",
+        "mosh",
     ] {
         assert!(help.contains(verb), "--help lacks {verb}:\n{help}");
     }
@@ -224,6 +226,7 @@ fn deb_installs_works_and_purges_without_a_trace() {
         "forwarder-run",
         "forwarder-add",
         "forwarder-mosh-server",
+        "forwarder-mosh",
     ] {
         let roff = run_ok("zcat", &[&format!("/usr/share/man/man1/{page}.1.gz")]);
         assert!(roff.contains(".TH"), "{page}.1 is not a man page:\n{roff}");

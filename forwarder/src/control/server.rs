@@ -248,6 +248,10 @@ async fn dispatch(
 /// root on every session, anyone else on its own. Another user's session
 /// is refused as such (its port is no secret: it is bound on the host),
 /// and the refusal is audited.
+#[expect(
+    clippy::result_large_err,
+    reason = "the refusal is the request's reply itself, made once per request: boxing it would only move it"
+)]
 fn owned_session(
     relay: &crate::sessions::Relay,
     caller: &Owner,
