@@ -172,10 +172,12 @@ async fn dispatch(
             start_reader,
             caller,
             cluster,
-            &backend,
-            port,
-            idle_timeout_secs,
-            key.as_deref(),
+            NewSession {
+                backend: &backend,
+                port,
+                idle_timeout_secs,
+                key: key.as_deref(),
+            },
         )
         .await
         {
@@ -248,10 +250,6 @@ async fn dispatch(
 /// root on every session, anyone else on its own. Another user's session
 /// is refused as such (its port is no secret: it is bound on the host),
 /// and the refusal is audited.
-#[expect(
-    clippy::result_large_err,
-    reason = "the refusal is the request's reply itself, made once per request: boxing it would only move it"
-)]
 fn owned_session(
     relay: &crate::sessions::Relay,
     caller: &Owner,
@@ -282,16 +280,27 @@ fn not_found(target: &str) -> Reply {
     ))
 }
 
+/// What an `add` request asks for.
+struct NewSession<'a> {
+    backend: &'a str,
+    port: Option<u16>,
+    idle_timeout_secs: Option<u64>,
+    key: Option<&'a str>,
+}
+
 async fn add(
     relay: &SharedRelay,
     start_reader: &StartReader,
     caller: &Owner,
     cluster: Option<&Cluster>,
-    backend: &str,
-    port: Option<u16>,
-    idle_timeout_secs: Option<u64>,
-    key: Option<&str>,
+    request: NewSession<'_>,
 ) -> anyhow::Result<Reply> {
+    let NewSession {
+        backend,
+        port,
+        idle_timeout_secs,
+        key,
+    } = request;
     let backend: SocketAddrV4 = parse_backend(backend)?;
     // Checked before anything is created; the key is never echoed back.
     let key = key.map(crate::mosh::MoshKey::parse).transpose()?;
