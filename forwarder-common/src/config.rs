@@ -88,6 +88,10 @@ impl RuntimeSizes {
     }
 }
 
+/// Name of the read-only global the XDP program reads its [`RelayConfig`]
+/// from; the daemon sets it when it loads the program.
+pub const RELAY_CONFIG_GLOBAL: &str = "RELAY_CONFIG";
+
 /// Port ranges the relay owns, in host byte order, inclusive. A UDP packet to
 /// any other port is not the relay's business and passes untouched.
 #[repr(C)]
