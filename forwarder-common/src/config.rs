@@ -1,4 +1,5 @@
-//! Relay-wide settings the XDP program reads from a one-slot array map.
+//! Relay-wide settings: map sizes, map names, and the port ranges the XDP
+//! program reads from a read-only global set at load time.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -27,7 +28,6 @@ pub const MAX_INTERFACES: u32 = 64;
 /// The names of the maps in the XDP object: the daemon finds, sizes and pins
 /// them by these names, so both sides take them from here.
 pub mod map_names {
-    pub const CONFIG: &str = "CONFIG";
     pub const CLIENT_FLOWS: &str = "CLIENT_FLOWS";
     pub const BACKEND_FLOWS: &str = "BACKEND_FLOWS";
     pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";

@@ -129,6 +129,10 @@ enum Tool {
         /// Test-run calls per case (each repeats the program 250 or 10,000 times).
         #[arg(long, default_value_t = 200)]
         calls: usize,
+        /// Another build of forwarder's object to measure beside this one,
+        /// LABEL=PATH (repeatable): before/after in one interleaved run.
+        #[arg(long)]
+        object: Vec<String>,
     },
     /// Run time and run count of loaded XDP programs named `--name`.
     BpfStats {
@@ -172,7 +176,7 @@ fn main() -> anyhow::Result<()> {
             &iface, &egress, relay, client, source, to, &dmac, &mode, seconds,
         ),
         Tool::BpfStats { name } => bpf_stats(&name),
-        Tool::Progcost { calls } => progcost::run(calls),
+        Tool::Progcost { calls, object } => progcost::run(calls, &object),
         Tool::Fill { pins, count } => fill(&pins, count),
         Tool::Admission {
             sessions,

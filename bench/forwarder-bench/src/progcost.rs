@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use aya::maps::{Array, DevMapHash, HashMap, PerCpuArray};
 use aya::programs::Xdp;
 use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
@@ -27,7 +27,9 @@ use forwarder_bench_common::CeilingConfig;
 use forwarder_common::config::map_names;
 use forwarder_common::flow::Endpoints;
 use forwarder_common::reason::ReasonCounter;
-use forwarder_common::{BackendKey, ClientKey, Reason, RelayConfig, Rewrite, SlowpathBucket};
+use forwarder_common::{
+    BackendKey, ClientKey, FlowCounter, Reason, RelayConfig, Rewrite, SlowpathBucket,
+};
 use serde_json::{Value, json};
 
 const XDP_DROP: u32 = 1;
@@ -69,94 +71,217 @@ const REDIRECT_PAIR: Pair = Pair {
     server: [10, 0, 2, 3],
 };
 
-pub fn run(calls: usize) -> anyhow::Result<()> {
+/// One measured case: a program of a loaded object run on one frame.
+struct Case {
+    name: String,
+    target: usize,
+    program: &'static str,
+    frame: Vec<u8>,
+    repeat: u32,
+    action: u32,
+    /// What every run of a forwarder case must end with.
+    check: Check,
+}
+
+/// How a case proves each run did what its name says.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Not a forwarder object.
+    None,
+    /// Counted under this reason.
+    Reason(Reason),
+    /// Forwarded and counted on these two flow slots (forwarded packets
+    /// are counted on their flow, whether or not under a reason too).
+    Forwarded(u32, u32),
+}
+
+/// `objects`: extra forwarder objects (`LABEL=PATH`) measured beside the
+/// embedded one, interleaved call by call so a busy moment of the host
+/// weighs on every object alike.
+pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
     ensure!(calls > 0, "--calls must be at least 1");
+    let mut sources = vec![("current".to_string(), EBPF_OBJECT.to_vec())];
+    for object in objects {
+        let (label, path) = object
+            .split_once('=')
+            .with_context(|| format!("--object {object:?}: expected LABEL=PATH"))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        sources.push((label.to_string(), bytes));
+    }
     private_namespace()?;
     let front = ifindex("front")?;
     let back = ifindex("back")?;
-    let mut points = Vec::new();
 
-    let mut relay = load_forwarder()?;
-    relay.add_egress(front)?;
-    relay.add_egress(back)?;
-    for (name, pair, action, reason, slots) in [
-        (
-            "forward, XDP_TX",
-            &TX_PAIR,
-            XDP_TX,
-            Reason::TxForwarded,
-            (0, 1),
-        ),
-        (
-            "forward, redirect",
-            &REDIRECT_PAIR,
-            XDP_REDIRECT,
-            Reason::RedirectForwarded,
-            (2, 3),
-        ),
-    ] {
-        relay.add_bouncing_flows(pair, slots)?;
-        let frame = frame(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64);
-        points.push(relay.measure(name, &frame, front, FORWARD_REPEAT, calls, action, reason)?);
-    }
-
-    // Refusals: the frames a flood at relay ports is made of.
-    relay.set_session_bucket(SESSION_PORT, 1)?;
-    relay.set_global_bucket(1)?;
+    let mut targets = Vec::new();
+    let mut cases = Vec::new();
     let junk = frame([10, 0, 1, 9], 1234, [10, 0, 1, 1], SESSION_PORT, 64, 64);
-    // Spend the one token each bucket starts with, so every measured run drops.
-    relay.run_once(&junk, front)?;
-    points.push(relay.measure(
-        "refuse: no flow, session's slow-path bucket empty",
-        &junk,
-        front,
-        REFUSE_REPEAT,
-        calls,
-        XDP_DROP,
-        Reason::DropSlowpathSessionLimit,
-    )?);
-    let junk_other_session = frame([10, 0, 1, 9], 1234, [10, 0, 1, 1], SESSION_PORT + 1, 64, 64);
-    points.push(relay.measure(
-        "refuse: no flow, no session, relay-wide bucket empty",
-        &junk_other_session,
-        front,
-        REFUSE_REPEAT,
-        calls,
-        XDP_DROP,
-        Reason::DropSlowpathGlobalLimit,
-    )?);
-    let mut malformed = frame([10, 0, 1, 9], 1234, [10, 0, 1, 1], SESSION_PORT, 64, 64);
-    // UDP length one byte longer than the IPv4 payload.
-    malformed[14 + 20 + 5] = malformed[14 + 20 + 5].wrapping_add(1);
-    points.push(relay.measure(
-        "refuse: bad lengths",
-        &malformed,
-        front,
-        REFUSE_REPEAT,
-        calls,
-        XDP_DROP,
-        Reason::DropMalformed,
-    )?);
+    for (label, bytes) in &sources {
+        let mut relay = load_forwarder(bytes).with_context(|| format!("object {label}"))?;
+        relay.add_egress(front)?;
+        relay.add_egress(back)?;
+        let target = targets.len();
+        for (name, pair, action, slots) in [
+            ("forward, XDP_TX", &TX_PAIR, XDP_TX, (0, 1)),
+            ("forward, redirect", &REDIRECT_PAIR, XDP_REDIRECT, (2, 3)),
+        ] {
+            relay.add_bouncing_flows(pair, slots)?;
+            cases.push(Case {
+                name: format!("{label}: {name}"),
+                target,
+                program: PROGRAM_NAME,
+                frame: frame(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64),
+                repeat: FORWARD_REPEAT,
+                action,
+                check: Check::Forwarded(slots.0, slots.1),
+            });
+        }
+        // Refusals: the frames a flood at relay ports is made of.
+        relay.set_session_bucket(SESSION_PORT, 1)?;
+        relay.set_global_bucket(1)?;
+        // Spend the one token each bucket starts with, so every measured run drops.
+        test_run(relay.program()?, &junk, front, 1)?;
+        let mut malformed = junk.clone();
+        // UDP length one byte longer than the IPv4 payload.
+        malformed[14 + 20 + 5] = malformed[14 + 20 + 5].wrapping_add(1);
+        for (name, frame, reason) in [
+            (
+                "refuse: no flow, session's slow-path bucket empty",
+                junk.clone(),
+                Reason::DropSlowpathSessionLimit,
+            ),
+            (
+                "refuse: no flow, no session, relay-wide bucket empty",
+                frame([10, 0, 1, 9], 1234, [10, 0, 1, 1], SESSION_PORT + 1, 64, 64),
+                Reason::DropSlowpathGlobalLimit,
+            ),
+            ("refuse: bad lengths", malformed, Reason::DropMalformed),
+        ] {
+            cases.push(Case {
+                name: format!("{label}: {name}"),
+                target,
+                program: PROGRAM_NAME,
+                frame,
+                repeat: REFUSE_REPEAT,
+                action: XDP_DROP,
+                check: Check::Reason(reason),
+            });
+        }
+        targets.push(relay.ebpf);
+    }
 
     let mut bench_ebpf =
         Ebpf::load(crate::CEILING_OBJECT).context("loading the bench's XDP programs")?;
-    points.push(measure_ceiling(&mut bench_ebpf, front, back, calls)?);
+    let ceiling_frame = setup_ceiling(&mut bench_ebpf, back)?;
     let drop: &mut Xdp = bench_ebpf
         .program_mut("forwarder_drop")
         .context("the bench object has no forwarder_drop: rebuild forwarder-bench")?
         .try_into()?;
     drop.load()?;
-    points.push(measure_program(
-        "bare XDP_DROP (floor for refusals)",
-        drop,
-        &junk,
-        front,
-        REFUSE_REPEAT,
-        calls,
-        XDP_DROP,
-    )?);
+    let bench = targets.len();
+    targets.push(bench_ebpf);
+    cases.push(Case {
+        name: "raw XDP redirect (ceiling)".into(),
+        target: bench,
+        program: "forwarder_ceiling",
+        frame: ceiling_frame,
+        repeat: FORWARD_REPEAT,
+        action: XDP_REDIRECT,
+        check: Check::None,
+    });
+    let floor = cases.len();
+    cases.push(Case {
+        name: "bare XDP_DROP (floor for refusals)".into(),
+        target: bench,
+        program: "forwarder_drop",
+        frame: junk,
+        repeat: REFUSE_REPEAT,
+        action: XDP_DROP,
+        check: Check::None,
+    });
+
+    let counted_before = cases
+        .iter()
+        .map(|case| counted(&targets[case.target], case.check))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut samples = vec![Vec::with_capacity(calls); cases.len()];
+    for _ in 0..calls {
+        for (case, samples) in cases.iter().zip(&mut samples) {
+            let program: &Xdp = targets[case.target]
+                .program(case.program)
+                .with_context(|| format!("no program {}", case.program))?
+                .try_into()?;
+            let (retval, duration) = test_run(program, &case.frame, front, case.repeat)?;
+            ensure!(
+                retval == case.action,
+                "{}: the program returned {retval}, expected {}",
+                case.name,
+                case.action
+            );
+            // The kernel reports the mean over the repeats, in whole ns.
+            samples.push(duration.as_nanos() as f64);
+        }
+    }
+    let mut points = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        let counted = counted(&targets[case.target], case.check)? - counted_before[index];
+        let runs = u64::from(case.repeat) * calls as u64;
+        // A 1 pps bucket refills a token or so per second of the run.
+        ensure!(
+            matches!(case.check, Check::None) || counted + runs / 1000 >= runs,
+            "{}: {counted} of {runs} runs counted: the case does not measure what it says",
+            case.name,
+        );
+        let net: Vec<f64> = samples[index]
+            .iter()
+            .zip(&samples[floor])
+            .map(|(case, floor)| case - floor)
+            .collect();
+        points.push(json!({
+            "case": case.name,
+            "runs_per_call": case.repeat,
+            "calls": calls,
+            "ns": percentiles(samples[index].clone()),
+            "ns_over_bare_drop": percentiles(net),
+        }));
+    }
     println!("{}", serde_json::to_string_pretty(&json!({ "points": points }))?);
     Ok(())
+}
+
+/// Median and the 10th and 90th percentiles.
+fn percentiles(mut values: Vec<f64>) -> Value {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    json!({ "p10": at(0.1), "p50": at(0.5), "p90": at(0.9) })
+}
+
+/// Packets a forwarder object counted the way `check` names, summed over CPUs.
+fn counted(ebpf: &Ebpf, check: Check) -> anyhow::Result<u64> {
+    match check {
+        Check::None => Ok(0),
+        Check::Reason(reason) => {
+            let map: PerCpuArray<_, ReasonCounter> = PerCpuArray::try_from(
+                ebpf.map(map_names::REASON_COUNTERS)
+                    .context("REASON_COUNTERS")?,
+            )?;
+            Ok(map
+                .get(&(reason as u32), 0)?
+                .iter()
+                .map(|counter| counter.packets)
+                .sum())
+        }
+        Check::Forwarded(first, second) => {
+            let map: PerCpuArray<_, FlowCounter> = PerCpuArray::try_from(
+                ebpf.map(map_names::FLOW_COUNTERS)
+                    .context("FLOW_COUNTERS")?,
+            )?;
+            let mut sum = 0;
+            for slot in [first, second] {
+                sum += map.get(&slot, 0)?.iter().map(|c| c.packets).sum::<u64>();
+            }
+            Ok(sum)
+        }
+    }
 }
 
 /// A fresh network namespace for this process: a veth pair, the relay's
@@ -240,13 +365,13 @@ struct Relay {
     ebpf: Ebpf,
 }
 
-fn load_forwarder() -> anyhow::Result<Relay> {
+fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     let mut loader = EbpfLoader::new();
-    // The relay's ports: read-only globals where the object has them, a
-    // map slot in older objects (both written, whichever exists is used).
+    // The relay's ports, as the daemon sets them; objects older than the
+    // read-only global read them from a one-slot map, filled likewise.
     loader.override_global(forwarder_common::config::RELAY_CONFIG_GLOBAL, &RELAY, false);
-    let mut ebpf = loader.load(EBPF_OBJECT).context("loading forwarder's XDP object")?;
-    if let Some(map) = ebpf.map_mut(map_names::CONFIG) {
+    let mut ebpf = loader.load(object).context("loading forwarder's XDP object")?;
+    if let Some(map) = ebpf.map_mut("CONFIG") {
         let mut config: Array<_, RelayConfig> = Array::try_from(map)?;
         config.set(0, RELAY, 0)?;
     }
@@ -342,54 +467,6 @@ impl Relay {
             .context("no forwarder program")?
             .try_into()?)
     }
-
-    fn run_once(&self, frame: &[u8], ingress: u32) -> anyhow::Result<()> {
-        test_run(self.program()?, frame, ingress, 1)?;
-        Ok(())
-    }
-
-    /// Packets counted under `reason`, summed over CPUs.
-    fn reason_count(&self, reason: Reason) -> anyhow::Result<u64> {
-        let map: PerCpuArray<_, ReasonCounter> = PerCpuArray::try_from(
-            self.ebpf
-                .map(map_names::REASON_COUNTERS)
-                .context("REASON_COUNTERS")?,
-        )?;
-        Ok(map
-            .get(&(reason as u32), 0)?
-            .iter()
-            .map(|counter| counter.packets)
-            .sum())
-    }
-
-    /// Forwarded packets are counted on their flow's slot, not under a reason.
-    fn forwarded_count(&self, reason: Reason) -> anyhow::Result<u64> {
-        self.reason_count(reason)
-    }
-
-    #[expect(clippy::too_many_arguments, reason = "one measured case, spelled out")]
-    fn measure(
-        &self,
-        name: &str,
-        frame: &[u8],
-        ingress: u32,
-        repeat: u32,
-        calls: usize,
-        action: u32,
-        reason: Reason,
-    ) -> anyhow::Result<Value> {
-        let before = self.forwarded_count(reason)?;
-        let point = measure_program(name, self.program()?, frame, ingress, repeat, calls, action)?;
-        let counted = self.forwarded_count(reason)? - before;
-        let runs = u64::from(repeat) * calls as u64;
-        // A 1 pps bucket refills a token or so per second of the run.
-        ensure!(
-            counted + runs / 1000 >= runs,
-            "{name}: {counted} of {runs} runs ended as {}: the case does not measure what it says",
-            reason.name()
-        );
-        Ok(point)
-    }
 }
 
 fn test_run(program: &Xdp, frame: &[u8], ingress: u32, repeat: u32) -> anyhow::Result<(u32, Duration)> {
@@ -407,41 +484,9 @@ fn test_run(program: &Xdp, frame: &[u8], ingress: u32, repeat: u32) -> anyhow::R
     Ok((result.return_value, result.duration))
 }
 
-/// `calls` test runs of `repeat` runs each: the median, the 10th and 90th
-/// percentile of the kernel's ns per run over the calls.
-fn measure_program(
-    name: &str,
-    program: &Xdp,
-    frame: &[u8],
-    ingress: u32,
-    repeat: u32,
-    calls: usize,
-    action: u32,
-) -> anyhow::Result<Value> {
-    let mut per_run = Vec::with_capacity(calls);
-    for _ in 0..calls {
-        let (retval, duration) = test_run(program, frame, ingress, repeat)?;
-        if retval != action {
-            bail!("{name}: the program returned {retval}, expected {action}");
-        }
-        // The kernel reports the mean over the repeats, in whole ns.
-        per_run.push(duration.as_nanos() as f64);
-    }
-    per_run.sort_by(f64::total_cmp);
-    let at = |q: f64| per_run[((per_run.len() - 1) as f64 * q).round() as usize];
-    Ok(json!({
-        "case": name,
-        "runs_per_call": repeat,
-        "calls": calls,
-        "ns_p10": at(0.1),
-        "ns_p50": at(0.5),
-        "ns_p90": at(0.9),
-    }))
-}
-
 /// The raw-redirect ceiling: an identity rewrite (TTL only), so every
 /// rerun on the rewritten frame does the whole work again.
-fn measure_ceiling(ebpf: &mut Ebpf, front: u32, back: u32, calls: usize) -> anyhow::Result<Value> {
+fn setup_ceiling(ebpf: &mut Ebpf, back: u32) -> anyhow::Result<Vec<u8>> {
     let pair = &REDIRECT_PAIR;
     let same = Endpoints {
         saddr: pair.client,
@@ -460,21 +505,13 @@ fn measure_ceiling(ebpf: &mut Ebpf, front: u32, back: u32, calls: usize) -> anyh
     let mut map: Array<_, CeilingConfig> =
         Array::try_from(ebpf.map_mut("CEILING").context("no CEILING map")?)?;
     map.set(0, config, 0)?;
-    let mut egress = DevMapHash::try_from(ebpf.map_mut("CEILING_EGRESS").context("CEILING_EGRESS")?)?;
+    let mut egress =
+        DevMapHash::try_from(ebpf.map_mut("CEILING_EGRESS").context("CEILING_EGRESS")?)?;
     egress.insert(back, back, None, 0)?;
     let program: &mut Xdp = ebpf
         .program_mut("forwarder_ceiling")
         .context("no forwarder_ceiling program")?
         .try_into()?;
     program.load()?;
-    let frame = frame(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64);
-    measure_program(
-        "raw XDP redirect (ceiling)",
-        program,
-        &frame,
-        front,
-        FORWARD_REPEAT,
-        calls,
-        XDP_REDIRECT,
-    )
+    Ok(frame(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64))
 }
