@@ -10,8 +10,7 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite,
-    SlowpathBucket,
+    BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite, SlowpathBucket,
     config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES},
     reason::ReasonCounter,
     slowpath::MAX_SESSIONS,

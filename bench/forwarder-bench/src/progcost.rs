@@ -244,7 +244,10 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
             "ns_over_bare_drop": percentiles(net),
         }));
     }
-    println!("{}", serde_json::to_string_pretty(&json!({ "points": points }))?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({ "points": points }))?
+    );
     Ok(())
 }
 
@@ -290,8 +293,7 @@ fn private_namespace() -> anyhow::Result<()> {
     // SAFETY: unshare has no memory-safety preconditions; called while this
     // process has one thread, so every command below runs in the namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("unshare(CLONE_NEWNET): run as root");
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET): run as root");
     }
     let ip = |args: &str| -> anyhow::Result<()> {
         let status = Command::new("ip")
@@ -308,7 +310,10 @@ fn private_namespace() -> anyhow::Result<()> {
     ip("link set front up")?;
     ip("link set back up")?;
     for (pair, dev) in [(&TX_PAIR, "front"), (&REDIRECT_PAIR, "back")] {
-        for (addr, mac) in [(pair.client, "02:00:00:00:00:02"), (pair.server, "02:00:00:00:00:03")] {
+        for (addr, mac) in [
+            (pair.client, "02:00:00:00:00:02"),
+            (pair.server, "02:00:00:00:00:03"),
+        ] {
             ip(&format!(
                 "neigh replace {} lladdr {mac} nud permanent dev {dev}",
                 Ipv4Addr::from(addr)
@@ -370,7 +375,9 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     // The relay's ports, as the daemon sets them; objects older than the
     // read-only global read them from a one-slot map, filled likewise.
     loader.override_global(forwarder_common::config::RELAY_CONFIG_GLOBAL, &RELAY, false);
-    let mut ebpf = loader.load(object).context("loading forwarder's XDP object")?;
+    let mut ebpf = loader
+        .load(object)
+        .context("loading forwarder's XDP object")?;
     if let Some(map) = ebpf.map_mut("CONFIG") {
         let mut config: Array<_, RelayConfig> = Array::try_from(map)?;
         config.set(0, RELAY, 0)?;
@@ -379,13 +386,16 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
         .program_mut(PROGRAM_NAME)
         .context("no forwarder program")?
         .try_into()?;
-    program.load().context("the verifier refused forwarder's program")?;
+    program
+        .load()
+        .context("the verifier refused forwarder's program")?;
     Ok(Relay { ebpf })
 }
 
 impl Relay {
     fn add_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
-        let mut map = DevMapHash::try_from(self.ebpf.map_mut(map_names::EGRESS).context("EGRESS")?)?;
+        let mut map =
+            DevMapHash::try_from(self.ebpf.map_mut(map_names::EGRESS).context("EGRESS")?)?;
         map.insert(ifindex, ifindex, None, 0)?;
         Ok(())
     }
@@ -411,8 +421,11 @@ impl Relay {
         let mut backend_rewrite = Rewrite::new(backend_side, client_side, slots.1);
         backend_rewrite.allowed_saddr = pair.server;
         backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
-        let mut clients: HashMap<_, ClientKey, Rewrite> =
-            HashMap::try_from(self.ebpf.map_mut(map_names::CLIENT_FLOWS).context("CLIENT_FLOWS")?)?;
+        let mut clients: HashMap<_, ClientKey, Rewrite> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::CLIENT_FLOWS)
+                .context("CLIENT_FLOWS")?,
+        )?;
         clients.insert(
             ClientKey {
                 relay_addr: pair.server,
@@ -469,7 +482,12 @@ impl Relay {
     }
 }
 
-fn test_run(program: &Xdp, frame: &[u8], ingress: u32, repeat: u32) -> anyhow::Result<(u32, Duration)> {
+fn test_run(
+    program: &Xdp,
+    frame: &[u8],
+    ingress: u32,
+    repeat: u32,
+) -> anyhow::Result<(u32, Duration)> {
     let ctx = xdp_md(frame.len(), ingress);
     let mut out = vec![0u8; frame.len() + 256];
     let result = program
@@ -513,5 +531,12 @@ fn setup_ceiling(ebpf: &mut Ebpf, back: u32) -> anyhow::Result<Vec<u8>> {
         .context("no forwarder_ceiling program")?
         .try_into()?;
     program.load()?;
-    Ok(frame(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64))
+    Ok(frame(
+        pair.client,
+        CLIENT_PORT,
+        pair.server,
+        SESSION_PORT,
+        255,
+        64,
+    ))
 }
