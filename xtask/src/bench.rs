@@ -96,6 +96,8 @@ pub struct Plan {
     /// Keyed sessions on the shared port for the admission measurement.
     pub admission_sessions: Vec<usize>,
     pub admission_reps: usize,
+    /// BPF_PROG_TEST_RUN calls per program-cost case (forwarding, refusals, floors).
+    pub progcost_calls: usize,
     /// Relay keys (and `scale`) to run; empty: everything.
     pub only: Vec<String>,
 }
@@ -121,6 +123,7 @@ impl Plan {
             admission_sessions: vec![1, 100, 1_000, 10_000],
             admission_reps: 1_000,
             only: Vec::new(),
+            progcost_calls: 400,
         }
     }
 
@@ -138,6 +141,7 @@ impl Plan {
             admission_sessions: vec![1, 100],
             admission_reps: 10,
             only: Vec::new(),
+            progcost_calls: 5,
         }
     }
 }
@@ -604,6 +608,7 @@ pub fn run(plan: &Plan) -> Result<Value> {
     let mut results = json!({"plan": format!("{plan:?}"), "throughput": {}, "latency": {}, "xdp_cost": {}, "scale": {}});
     // Pure CPU, no namespace: first, and printed at once.
     results["admission"] = admission(plan, &bench)?;
+    results["progcost"] = progcost(plan, &bench)?;
     let mut table = String::from(
         "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
     );
@@ -794,6 +799,30 @@ fn admission(plan: &Plan, bench: &Path) -> Result<Value> {
         );
     }
     Ok(value["admission"].clone())
+}
+
+/// Per-packet program costs timed in the kernel (BPF_PROG_TEST_RUN): the
+/// load-independent figure for the program against the ceiling, and for
+/// refusing a flood against a bare XDP_DROP. Runs in its own namespace.
+fn progcost(plan: &Plan, bench: &Path) -> Result<Value> {
+    let calls = plan.progcost_calls.to_string();
+    let mut cmd = Command::new(bench);
+    cmd.args(["progcost", "--calls", &calls]);
+    let value = run_json(&mut cmd, Duration::from_secs(600))?;
+    println!("\n## XDP program cost (BPF_PROG_TEST_RUN, ns per run)\n");
+    println!("| case | p50 | p10–p90 | over bare XDP_DROP, p50 |\n|---|---|---|---|");
+    for point in value["points"].as_array().into_iter().flatten() {
+        let ns = &point["ns"];
+        println!(
+            "| {} | {:.0} | {:.0}–{:.0} | {:.0} |",
+            point["case"].as_str().unwrap_or("?"),
+            ns["p50"].as_f64().unwrap_or(0.0),
+            ns["p10"].as_f64().unwrap_or(0.0),
+            ns["p90"].as_f64().unwrap_or(0.0),
+            point["ns_over_bare_drop"]["p50"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(value["points"].clone())
 }
 
 fn print_report(results: &Value, table: &str) {

@@ -10,7 +10,7 @@ use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::config::{MAX_INTERFACES, RuntimeSizes, map_names};
+use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
@@ -99,6 +99,8 @@ impl XdpDatapath {
         check_pinned_sizes(pins, sizes)?;
         check_interfaces_free(interfaces, pins)?;
         let mut loader = EbpfLoader::new();
+        // Read-only: the kernel freezes it, the verifier treats it as constants.
+        loader.override_global(RELAY_CONFIG_GLOBAL, &config, true);
         for name in &names {
             loader.map_pin_path(name, pins.map_path(name));
         }
@@ -115,12 +117,6 @@ impl XdpDatapath {
                  or run with --datapath userspace when it exists"
             )
         })?;
-
-        let mut config_map: Array<_, RelayConfig> =
-            Array::try_from(take_map(&mut ebpf, "CONFIG")?)?;
-        config_map
-            .set(0, config, 0)
-            .context("writing the relay config map")?;
 
         let mut egress: DevMapHash<_> = DevMapHash::try_from(take_map(&mut ebpf, "EGRESS")?)?;
         let mut indices = Vec::new();
@@ -307,7 +303,6 @@ impl XdpDatapath {
             ("BACKEND_FLOWS", Some(self.backend_flows.keys().count())),
             ("FLOW_COUNTERS", None),
             ("REASON_COUNTERS", None),
-            ("CONFIG", None),
             ("EGRESS", None),
             (
                 "SLOWPATH_SESSION_BUCKETS",
@@ -528,9 +523,12 @@ fn attach_pinned(
 fn map_shapes() -> anyhow::Result<Vec<(String, u32, u32, u32)>> {
     let object = aya_obj::Object::parse(EBPF_OBJECT)
         .context("parsing the embedded XDP object: rebuild forwarder")?;
+    // Sections such as .rodata become maps too: they are the program's own
+    // globals, set anew at every load, never pinned or adopted.
     Ok(object
         .maps
         .iter()
+        .filter(|(name, _)| !name.starts_with('.'))
         .map(|(name, map)| {
             (
                 name.clone(),
