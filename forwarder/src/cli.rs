@@ -222,6 +222,17 @@ pub struct RunArgs {
     /// is reachable as well, matched by its mosh key. Off unless given; outside --flow-ports.
     #[arg(long, value_name = "PORT")]
     pub shared_port: Option<u16>,
+    /// A TCP port (e.g. 443) for mosh over TCP, for client networks that block UDP
+    /// (`forwarder mosh --tcp`): a stream authenticated with a session's token becomes one more
+    /// flow of it. Off unless given.
+    #[arg(long, value_name = "PORT")]
+    pub tcp_port: Option<u16>,
+    /// TCP streams open at once on --tcp-port, authenticated or not [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_streams: Option<usize>,
+    /// TCP streams one session may have at once [default: 4].
+    #[arg(long, value_name = "N")]
+    pub tcp_streams_per_session: Option<usize>,
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
@@ -330,7 +341,25 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
     if shared_port == Some(0) {
         bail!("--shared-port 0 is no port: give the UDP port clients may reach, e.g. 443");
     }
+    let tcp_port = args.tcp_port.or(file.tcp_port);
+    if tcp_port == Some(0) {
+        bail!("--tcp-port 0 is no port: give the TCP port clients may reach, e.g. 443");
+    }
+    let tcp = tcp_port.map(|port| crate::tcpbridge::TcpBridgeOptions {
+        port,
+        max_streams: args
+            .tcp_max_streams
+            .or(file.tcp_max_streams)
+            .unwrap_or(defaults::TCP_MAX_STREAMS),
+        streams_per_session: args
+            .tcp_streams_per_session
+            .or(file.tcp_streams_per_session)
+            .unwrap_or(defaults::TCP_STREAMS_PER_SESSION),
+        hello_deadline: defaults::TCP_HELLO_DEADLINE,
+        idle_timeout: defaults::TCP_IDLE_TIMEOUT,
+    });
     Ok(RunOptions {
+        tcp,
         socket_group: args
             .socket_group
             .or(file.socket_group)
@@ -968,6 +997,14 @@ mod tests {
             number("user-new-flows-per-sec"),
             u64::from(defaults::USER_NEW_FLOWS_PER_SEC)
         );
+        assert_eq!(
+            number("tcp-max-streams"),
+            defaults::TCP_MAX_STREAMS as u64
+        );
+        assert_eq!(
+            number("tcp-streams-per-session"),
+            defaults::TCP_STREAMS_PER_SESSION as u64
+        );
     }
 
     /// The example config shows the defaults, not values of its own.
@@ -1007,6 +1044,11 @@ mod tests {
         );
         // Users may add nothing until the operator writes an allow rule.
         assert_eq!(file.user_allow, Some(Vec::new()));
+        assert_eq!(file.tcp_max_streams, Some(defaults::TCP_MAX_STREAMS));
+        assert_eq!(
+            file.tcp_streams_per_session,
+            Some(defaults::TCP_STREAMS_PER_SESSION)
+        );
     }
 
     #[test]

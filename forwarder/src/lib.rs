@@ -42,4 +42,6 @@ pub mod punch;
 pub mod sessions;
 pub mod slowpath;
 pub mod store;
+pub mod tcpbridge;
+pub mod tcpwire;
 pub mod users;

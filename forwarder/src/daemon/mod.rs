@@ -56,6 +56,8 @@ pub struct RunOptions {
     pub users: crate::users::UserPolicy,
     /// `--shared-port`: the one port every keyed session is reachable on too.
     pub shared_port: Option<u16>,
+    /// `--tcp-port`: mosh over TCP for networks that block UDP.
+    pub tcp: Option<crate::tcpbridge::TcpBridgeOptions>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -142,6 +144,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(address) => Some((address, crate::metrics::bind(address).await?)),
         None => None,
     };
+    let tcp_listener = match &options.tcp {
+        Some(tcp) => Some(crate::tcpbridge::bind(tcp.port).await?),
+        None => None,
+    };
 
     let config = RelayConfig {
         session_port_lo: options.session_ports.lo,
@@ -199,6 +205,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(port) => Some(relay.lock().expect("relay lock").open_shared_port(port)?),
         None => None,
     };
+    let tcp_counters = match &options.tcp {
+        Some(tcp) => {
+            let secret =
+                crate::store::state_secret(&options.state_dir, crate::tcpwire::TOKEN_SECRET_FILE)?;
+            Some(relay.lock().expect("relay lock").offer_tcp(tcp.port, secret))
+        }
+        None => None,
+    };
     let restored = {
         let mut relay = relay.lock().expect("relay lock");
         relay.set_user_policy(options.users.clone());
@@ -222,6 +236,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         ports = %options.session_ports,
         flow_ports = %options.flow_ports,
         shared_port = ?options.shared_port,
+        tcp_port = ?options.tcp.as_ref().map(|tcp| tcp.port),
         socket = %socket_path.display(),
         socket_group = %socket_group.name,
         user_allow_rules = options.users.allow.len(),
@@ -256,6 +271,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         )?)),
         None => None,
     };
+    let tcp = match (tcp_listener, options.tcp.clone(), tcp_counters) {
+        (Some(listener), Some(tcp), Some(counters)) => Some(tokio::spawn(
+            crate::tcpbridge::serve(listener, relay.clone(), tcp, counters),
+        )),
+        _ => None,
+    };
     let health = tokio::spawn(crate::datapath::health::watch(
         options.interfaces.clone(),
         mode.clone(),
@@ -278,6 +299,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     health.abort();
     if let Some(punch) = punch {
         punch.abort();
+    }
+    if let Some(tcp) = tcp {
+        tcp.abort();
     }
     let _ = std::fs::remove_file(&socket_path);
     info!(

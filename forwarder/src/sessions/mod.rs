@@ -29,6 +29,7 @@ pub use restore::Restored;
 
 pub mod nat;
 pub mod shared;
+pub mod tcp;
 
 /// A flow's identity within its session: the relay address and client
 /// endpoint, and the client-facing port it arrived on (the session's own
@@ -231,6 +232,8 @@ pub struct Relay {
     owner_new_flows: HashMap<u32, TokenBucket>,
     /// `--shared-port`, once the daemon opened it.
     shared: Option<shared::SharedPort>,
+    /// `--tcp-port`, once the daemon listens on it.
+    tcp: Option<tcp::TcpOffer>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -327,6 +330,7 @@ impl Relay {
             users: UserPolicy::default(),
             owner_new_flows: HashMap::new(),
             shared: None,
+            tcp: None,
         }
     }
 
@@ -989,6 +993,7 @@ impl Relay {
                 .as_ref()
                 .filter(|_| session.key.is_some())
                 .map(|shared| shared.port),
+            tcp: self.tcp_port_info(),
         })
     }
 

@@ -90,5 +90,6 @@ fn stats(relay: &Relay) -> StatsInfo {
         capacity: capacity(relay),
         descriptors: descriptors(),
         warnings: crate::datapath::health::current(),
+        tcp: relay.tcp_stats(),
     }
 }

@@ -1,0 +1,218 @@
+//! mosh-client's side of mosh over TCP: a local UDP socket on loopback
+//! that mosh-client talks to, and two ways on to the bastion: UDP to the
+//! session's port, or a TCP stream to the bastion's TCP port (or to an
+//! ssh port forward of it) carrying the datagrams framed (`tcpwire`).
+//!
+//! The local socket stays while the way on changes, so mosh-client never
+//! notices: the bastion sees the stream as one more flow of the session,
+//! and mosh-server answers whichever flow sent the newest datagram, as
+//! when a laptop roams. On UDP, a path that gives no answer for
+//! [`FALLBACK_AFTER`] moves to TCP; on TCP, one of mosh-client's datagrams
+//! every [`PROBE_EVERY`] goes by UDP alone, and an answer there moves back.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::{Instant, timeout};
+
+use crate::tcpwire::{self, MAX_DATAGRAM};
+
+/// No answer over UDP for this long, while mosh-client sends: TCP.
+/// mosh-server acknowledges within a fraction of a second and mosh sends
+/// at least every 3 s, so a working path answers well within it.
+pub const FALLBACK_AFTER: Duration = Duration::from_secs(5);
+/// On TCP, how often one datagram tries UDP instead.
+pub const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// A failed stream is dialled again after this.
+const REDIAL_AFTER: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the bridge sends, and how it starts.
+#[derive(Clone, Debug)]
+pub struct BridgePlan {
+    pub relay_udp: SocketAddrV4,
+    /// The bastion's TCP port, or an ssh forward of it.
+    pub relay_tcp: SocketAddr,
+    pub hello: Vec<u8>,
+    /// `--tcp`: TCP from the first datagram.
+    pub start_on_tcp: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Way {
+    Udp,
+    Tcp,
+}
+
+/// Starts the bridge on a thread of its own; returns the local port for
+/// mosh-client. It runs until this process exits.
+pub fn start(plan: BridgePlan) -> anyhow::Result<u16> {
+    let local = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding the local UDP socket for mosh-client")?;
+    let upstream = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .context("binding the UDP socket toward the bastion")?;
+    let port = local.local_addr()?.port();
+    for socket in [&local, &upstream] {
+        socket.set_nonblocking(true)?;
+    }
+    std::thread::Builder::new()
+        .name("tcp-bridge".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime");
+            runtime.block_on(async move {
+                let local = UdpSocket::from_std(local).expect("a tokio socket");
+                let upstream = UdpSocket::from_std(upstream).expect("a tokio socket");
+                if let Err(error) = run(plan, local, upstream).await {
+                    eprintln!("\r\nforwarder mosh: the local bridge stopped: {error:#}\r");
+                }
+            });
+        })
+        .context("starting the bridge's thread")?;
+    Ok(port)
+}
+
+fn announce(what: &str) {
+    // mosh-client owns the terminal: a line of its own, carriage returns included.
+    eprint!("\r\nforwarder mosh: {what}\r\n");
+    tracing::info!("{what}");
+}
+
+async fn run(plan: BridgePlan, local: UdpSocket, upstream: UdpSocket) -> anyhow::Result<()> {
+    let (queue, _) = broadcast::channel::<Arc<[u8]>>(tcpwire::WRITE_QUEUE);
+    let (from_stream, mut from_stream_rx) = mpsc::channel::<Vec<u8>>(64);
+    let mut way = if plan.start_on_tcp {
+        Way::Tcp
+    } else {
+        Way::Udp
+    };
+    let mut client: Option<SocketAddr> = None;
+    // The oldest datagram sent by UDP since its last answer.
+    let mut unanswered_since: Option<Instant> = None;
+    let mut last_probe = Instant::now();
+    let mut link: Option<tokio::task::JoinHandle<()>> = None;
+    let mut last_dial: Option<Instant> = None;
+    let mut local_buf = vec![0u8; 65536];
+    let mut upstream_buf = vec![0u8; 65536];
+    loop {
+        tokio::select! {
+            received = local.recv_from(&mut local_buf) => {
+                let (len, from) = received.context("reading mosh-client's datagrams")?;
+                if len == 0 || len > MAX_DATAGRAM {
+                    continue;
+                }
+                client = Some(from);
+                let datagram = &local_buf[..len];
+                let now = Instant::now();
+                if way == Way::Udp
+                    && unanswered_since.is_some_and(|since| now - since >= FALLBACK_AFTER)
+                {
+                    way = Way::Tcp;
+                    announce(&format!(
+                        "no answer over UDP from {} for {}s: switching to TCP ({})",
+                        plan.relay_udp,
+                        FALLBACK_AFTER.as_secs(),
+                        plan.relay_tcp
+                    ));
+                }
+                let by_udp = match way {
+                    Way::Udp => true,
+                    Way::Tcp if now - last_probe >= PROBE_EVERY => {
+                        last_probe = now;
+                        true
+                    }
+                    Way::Tcp => false,
+                };
+                if by_udp {
+                    // A blocked network may refuse at once (EPERM from a
+                    // firewall rule): that is no answer either.
+                    let _ = upstream.send_to(datagram, plan.relay_udp).await;
+                    unanswered_since.get_or_insert(now);
+                    continue;
+                }
+                let alive = link.as_ref().is_some_and(|l| !l.is_finished());
+                if !alive && last_dial.is_none_or(|at| now - at >= REDIAL_AFTER) {
+                    last_dial = Some(now);
+                    link = Some(tokio::spawn(stream_link(
+                        plan.relay_tcp,
+                        plan.hello.clone(),
+                        queue.subscribe(),
+                        from_stream.clone(),
+                    )));
+                }
+                // No receiver while the stream is being dialled: the
+                // datagram is lost, as on a lossy path; mosh resends.
+                let _ = queue.send(Arc::from(datagram));
+            }
+            received = upstream.recv_from(&mut upstream_buf) => {
+                let Ok((len, from)) = received else { continue };
+                if from != SocketAddr::V4(plan.relay_udp) {
+                    continue;
+                }
+                unanswered_since = None;
+                if way == Way::Tcp {
+                    way = Way::Udp;
+                    announce(&format!("UDP answers again: back to UDP ({})", plan.relay_udp));
+                }
+                if let Some(client) = client {
+                    let _ = local.send_to(&upstream_buf[..len], client).await;
+                }
+            }
+            Some(datagram) = from_stream_rx.recv() => {
+                if let Some(client) = client {
+                    let _ = local.send_to(&datagram, client).await;
+                }
+            }
+        }
+    }
+}
+
+/// One stream to the bastion: the hello, then frames both ways until it breaks.
+async fn stream_link(
+    relay_tcp: SocketAddr,
+    hello: Vec<u8>,
+    mut queue: broadcast::Receiver<Arc<[u8]>>,
+    from_stream: mpsc::Sender<Vec<u8>>,
+) {
+    let stream = match timeout(CONNECT_TIMEOUT, TcpStream::connect(relay_tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::warn!(%relay_tcp, %error, "connecting the TCP stream");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%relay_tcp, "connecting the TCP stream timed out");
+            return;
+        }
+    };
+    if let Err(error) = tcpwire::tune(&stream) {
+        tracing::debug!(%error, "TCP_NODELAY or the send buffer");
+    }
+    let (mut reader, mut writer) = stream.into_split();
+    use tokio::io::AsyncWriteExt;
+    if writer.write_all(&hello).await.is_err() {
+        return;
+    }
+    let read = async {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        while let Ok(len) = tcpwire::read_frame(&mut reader, &mut buf).await {
+            if from_stream.send(buf[..len].to_vec()).await.is_err() {
+                return;
+            }
+        }
+    };
+    let write = tcpwire::write_frames(&mut writer, &mut queue, |lost| {
+        tracing::debug!(lost, "stale datagrams dropped before the stream");
+    });
+    tokio::select! {
+        () = read => {}
+        () = write => {}
+    }
+    tracing::debug!(%relay_tcp, "the TCP stream ended");
+}
