@@ -84,20 +84,77 @@ fn announce(what: &str) {
     tracing::info!("{what}");
 }
 
+/// The bridge's state between events.
+struct Bridge {
+    plan: BridgePlan,
+    way: Way,
+    /// Where mosh-client sends from.
+    client: Option<SocketAddr>,
+    /// The oldest datagram sent by UDP since UDP's last answer.
+    unanswered_since: Option<Instant>,
+    last_probe: Instant,
+    /// mosh-client's newest datagram: resent over TCP when UDP is given up.
+    newest: Option<Arc<[u8]>>,
+    queue: broadcast::Sender<Arc<[u8]>>,
+    from_stream: mpsc::Sender<Vec<u8>>,
+    link: Option<tokio::task::JoinHandle<()>>,
+    last_dial: Option<Instant>,
+}
+
+impl Bridge {
+    /// Gives up on UDP when it has not answered for [`FALLBACK_AFTER`].
+    fn check_fallback(&mut self, now: Instant) -> bool {
+        let silent = self
+            .unanswered_since
+            .is_some_and(|since| now - since >= FALLBACK_AFTER);
+        if self.way != Way::Udp || !silent {
+            return false;
+        }
+        self.way = Way::Tcp;
+        announce(&format!(
+            "no answer over UDP from {} for {}s: switching to TCP ({})",
+            self.plan.relay_udp,
+            FALLBACK_AFTER.as_secs(),
+            self.plan.relay_tcp
+        ));
+        true
+    }
+
+    /// Queues a datagram for the stream, dialling it when there is none.
+    fn send_by_tcp(&mut self, datagram: Arc<[u8]>, now: Instant) {
+        let alive = self.link.as_ref().is_some_and(|l| !l.is_finished());
+        if !alive && self.last_dial.is_none_or(|at| now - at >= REDIAL_AFTER) {
+            self.last_dial = Some(now);
+            self.link = Some(tokio::spawn(stream_link(
+                self.plan.relay_tcp,
+                self.plan.hello.clone(),
+                self.queue.subscribe(),
+                self.from_stream.clone(),
+            )));
+        }
+        // No receiver while no stream could be dialled: the datagram is
+        // lost, as on a lossy path; mosh resends.
+        let _ = self.queue.send(datagram);
+    }
+}
+
 async fn run(plan: BridgePlan, local: UdpSocket, upstream: UdpSocket) -> anyhow::Result<()> {
     let (queue, _) = broadcast::channel::<Arc<[u8]>>(tcpwire::WRITE_QUEUE);
     let (from_stream, mut from_stream_rx) = mpsc::channel::<Vec<u8>>(64);
-    let mut way = if plan.start_on_tcp {
-        Way::Tcp
-    } else {
-        Way::Udp
+    let mut bridge = Bridge {
+        way: if plan.start_on_tcp { Way::Tcp } else { Way::Udp },
+        plan,
+        client: None,
+        unanswered_since: None,
+        last_probe: Instant::now(),
+        newest: None,
+        queue,
+        from_stream,
+        link: None,
+        last_dial: None,
     };
-    let mut client: Option<SocketAddr> = None;
-    // The oldest datagram sent by UDP since its last answer.
-    let mut unanswered_since: Option<Instant> = None;
-    let mut last_probe = Instant::now();
-    let mut link: Option<tokio::task::JoinHandle<()>> = None;
-    let mut last_dial: Option<Instant> = None;
+    let relay_udp = SocketAddr::V4(bridge.plan.relay_udp);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut local_buf = vec![0u8; 65536];
     let mut upstream_buf = vec![0u8; 65536];
     loop {
@@ -107,24 +164,15 @@ async fn run(plan: BridgePlan, local: UdpSocket, upstream: UdpSocket) -> anyhow:
                 if len == 0 || len > MAX_DATAGRAM {
                     continue;
                 }
-                client = Some(from);
-                let datagram = &local_buf[..len];
+                bridge.client = Some(from);
+                let datagram: Arc<[u8]> = Arc::from(&local_buf[..len]);
+                bridge.newest = Some(datagram.clone());
                 let now = Instant::now();
-                if way == Way::Udp
-                    && unanswered_since.is_some_and(|since| now - since >= FALLBACK_AFTER)
-                {
-                    way = Way::Tcp;
-                    announce(&format!(
-                        "no answer over UDP from {} for {}s: switching to TCP ({})",
-                        plan.relay_udp,
-                        FALLBACK_AFTER.as_secs(),
-                        plan.relay_tcp
-                    ));
-                }
-                let by_udp = match way {
+                bridge.check_fallback(now);
+                let by_udp = match bridge.way {
                     Way::Udp => true,
-                    Way::Tcp if now - last_probe >= PROBE_EVERY => {
-                        last_probe = now;
+                    Way::Tcp if now - bridge.last_probe >= PROBE_EVERY => {
+                        bridge.last_probe = now;
                         true
                     }
                     Way::Tcp => false,
@@ -132,41 +180,39 @@ async fn run(plan: BridgePlan, local: UdpSocket, upstream: UdpSocket) -> anyhow:
                 if by_udp {
                     // A blocked network may refuse at once (EPERM from a
                     // firewall rule): that is no answer either.
-                    let _ = upstream.send_to(datagram, plan.relay_udp).await;
-                    unanswered_since.get_or_insert(now);
-                    continue;
+                    let _ = upstream.send_to(&datagram, relay_udp).await;
+                    bridge.unanswered_since.get_or_insert(now);
+                } else {
+                    bridge.send_by_tcp(datagram, now);
                 }
-                let alive = link.as_ref().is_some_and(|l| !l.is_finished());
-                if !alive && last_dial.is_none_or(|at| now - at >= REDIAL_AFTER) {
-                    last_dial = Some(now);
-                    link = Some(tokio::spawn(stream_link(
-                        plan.relay_tcp,
-                        plan.hello.clone(),
-                        queue.subscribe(),
-                        from_stream.clone(),
-                    )));
-                }
-                // No receiver while the stream is being dialled: the
-                // datagram is lost, as on a lossy path; mosh resends.
-                let _ = queue.send(Arc::from(datagram));
             }
             received = upstream.recv_from(&mut upstream_buf) => {
                 let Ok((len, from)) = received else { continue };
-                if from != SocketAddr::V4(plan.relay_udp) {
+                if from != relay_udp {
                     continue;
                 }
-                unanswered_since = None;
-                if way == Way::Tcp {
-                    way = Way::Udp;
-                    announce(&format!("UDP answers again: back to UDP ({})", plan.relay_udp));
+                bridge.unanswered_since = None;
+                if bridge.way == Way::Tcp {
+                    bridge.way = Way::Udp;
+                    announce(&format!("UDP answers again: back to UDP ({relay_udp})"));
                 }
-                if let Some(client) = client {
+                if let Some(client) = bridge.client {
                     let _ = local.send_to(&upstream_buf[..len], client).await;
                 }
             }
             Some(datagram) = from_stream_rx.recv() => {
-                if let Some(client) = client {
+                if let Some(client) = bridge.client {
                     let _ = local.send_to(&datagram, client).await;
+                }
+            }
+            _ = tick.tick() => {
+                // mosh-client may wait seconds before it sends again: its
+                // newest datagram goes over TCP as soon as UDP is given up.
+                let now = Instant::now();
+                if bridge.check_fallback(now)
+                    && let Some(newest) = bridge.newest.clone()
+                {
+                    bridge.send_by_tcp(newest, now);
                 }
             }
         }
