@@ -997,10 +997,7 @@ mod tests {
             number("user-new-flows-per-sec"),
             u64::from(defaults::USER_NEW_FLOWS_PER_SEC)
         );
-        assert_eq!(
-            number("tcp-max-streams"),
-            defaults::TCP_MAX_STREAMS as u64
-        );
+        assert_eq!(number("tcp-max-streams"), defaults::TCP_MAX_STREAMS as u64);
         assert_eq!(
             number("tcp-streams-per-session"),
             defaults::TCP_STREAMS_PER_SESSION as u64

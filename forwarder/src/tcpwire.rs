@@ -153,8 +153,12 @@ pub const WRITE_QUEUE: usize = 16;
 /// TCP_NODELAY (a keystroke goes out now) and a small send buffer.
 pub fn tune(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::SndBuf, &SEND_BUFFER_BYTES)
-        .map_err(std::io::Error::from)
+    nix::sys::socket::setsockopt(
+        stream,
+        nix::sys::socket::sockopt::SndBuf,
+        &SEND_BUFFER_BYTES,
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Why a stream's frames stopped.

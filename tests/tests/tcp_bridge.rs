@@ -298,7 +298,9 @@ fn the_bridge_keeps_datagram_sizes_and_closes_on_an_oversize_frame() {
 
     let mut stream = dial(&topo.client).unwrap();
     stream.write_all(&hello(&session.id, &token)).unwrap();
-    let sizes = [1usize, 2, 3, 17, 64, 255, 256, 500, 1000, 1300, 1400, 1472, 2000];
+    let sizes = [
+        1usize, 2, 3, 17, 64, 255, 256, 500, 1000, 1300, 1400, 1472, 2000,
+    ];
     // All at once: the relay must split the stream back into these datagrams.
     for (i, &size) in sizes.iter().enumerate() {
         let datagram: Vec<u8> = (0..size).map(|b| (b + i) as u8).collect();
@@ -315,7 +317,10 @@ fn the_bridge_keeps_datagram_sizes_and_closes_on_an_oversize_frame() {
     assert!(echo.echoed() >= sizes.len() as u64);
     let shown = relay.session(&session.id).unwrap().unwrap();
     assert!(
-        shown.flows.iter().any(|f| f.client.starts_with("127.0.0.1:")),
+        shown
+            .flows
+            .iter()
+            .any(|f| f.client.starts_with("127.0.0.1:")),
         "the stream is a flow of its session: {shown:?}"
     );
 
@@ -324,7 +329,10 @@ fn the_bridge_keeps_datagram_sizes_and_closes_on_an_oversize_frame() {
     stream.write_all(&[0u8; 512]).unwrap();
     refused_silently(stream, "an oversize frame").unwrap();
     let stats = relay.stats().unwrap();
-    assert!(stats["tcp"]["closed_bad_frame"].as_u64() >= Some(1), "{stats}");
+    assert!(
+        stats["tcp"]["closed_bad_frame"].as_u64() >= Some(1),
+        "{stats}"
+    );
     assert_eq!(
         stats["tcp"]["datagrams_to_server"].as_u64(),
         Some(sizes.len() as u64),

@@ -142,7 +142,11 @@ async fn run(plan: BridgePlan, local: UdpSocket, upstream: UdpSocket) -> anyhow:
     let (queue, _) = broadcast::channel::<Arc<[u8]>>(tcpwire::WRITE_QUEUE);
     let (from_stream, mut from_stream_rx) = mpsc::channel::<Vec<u8>>(64);
     let mut bridge = Bridge {
-        way: if plan.start_on_tcp { Way::Tcp } else { Way::Udp },
+        way: if plan.start_on_tcp {
+            Way::Tcp
+        } else {
+            Way::Udp
+        },
         plan,
         client: None,
         unanswered_since: None,

@@ -625,7 +625,10 @@ fn tcp_bridge(
     if args.no_tcp {
         return Ok(None);
     }
-    let offer = session.tcp.as_ref().and_then(|tcp| Some((tcp.port, tcp.token.as_deref()?)));
+    let offer = session
+        .tcp
+        .as_ref()
+        .and_then(|tcp| Some((tcp.port, tcp.token.as_deref()?)));
     let Some((tcp_port, token)) = offer else {
         if args.tcp {
             bail!(Failure::NoTcpPort {

@@ -209,7 +209,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(tcp) => {
             let secret =
                 crate::store::state_secret(&options.state_dir, crate::tcpwire::TOKEN_SECRET_FILE)?;
-            Some(relay.lock().expect("relay lock").offer_tcp(tcp.port, secret))
+            Some(
+                relay
+                    .lock()
+                    .expect("relay lock")
+                    .offer_tcp(tcp.port, secret),
+            )
         }
         None => None,
     };
@@ -271,12 +276,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         )?)),
         None => None,
     };
-    let tcp = match (tcp_listener, options.tcp.clone(), tcp_counters) {
-        (Some(listener), Some(tcp), Some(counters)) => Some(tokio::spawn(
-            crate::tcpbridge::serve(listener, relay.clone(), tcp, counters),
-        )),
-        _ => None,
-    };
+    let tcp =
+        match (tcp_listener, options.tcp.clone(), tcp_counters) {
+            (Some(listener), Some(tcp), Some(counters)) => Some(tokio::spawn(
+                crate::tcpbridge::serve(listener, relay.clone(), tcp, counters),
+            )),
+            _ => None,
+        };
     let health = tokio::spawn(crate::datapath::health::watch(
         options.interfaces.clone(),
         mode.clone(),

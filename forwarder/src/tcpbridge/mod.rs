@@ -205,7 +205,10 @@ impl Bridge {
                 let _ = queue.send(Arc::<[u8]>::from(&buf[..len]));
                 TcpCounters::bump(&counters.datagrams_to_client);
             }
-            #[expect(unreachable_code, reason = "the loop ends only by an error; this names the block's type")]
+            #[expect(
+                unreachable_code,
+                reason = "the loop ends only by an error; this names the block's type"
+            )]
             anyhow::Ok(())
         };
         let write = tcpwire::write_frames(&mut writer, &mut dequeue, |lost| {
