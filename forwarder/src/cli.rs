@@ -910,6 +910,25 @@ fn render_stats(stats: &StatsInfo) -> String {
             s.shared_admitted, s.shared_unverified, s.shared_wrong_direction, s.shared_replayed
         );
     }
+    if let Some(tcp) = &stats.tcp {
+        let _ = writeln!(
+            out,
+            "TCP port {}: {} streams open, {} authenticated of {} accepted; refused: {} bad hello, {} no hello in time, \
+             {} over a limit; closed: {} bad frame, {} idle; datagrams {} to servers, {} to clients, {} stale dropped",
+            tcp.port,
+            tcp.streams_open,
+            tcp.streams_authenticated,
+            tcp.streams_accepted,
+            tcp.refused_bad_hello,
+            tcp.refused_hello_timeout,
+            tcp.refused_stream_limit,
+            tcp.closed_bad_frame,
+            tcp.closed_idle,
+            tcp.datagrams_to_server,
+            tcp.datagrams_to_client,
+            tcp.dropped_stale
+        );
+    }
     out
 }
 
