@@ -70,13 +70,24 @@ impl Bed {
     }
 
     fn start_mosh(&self, rest: &str) -> Result<MoshClient> {
+        self.start_mosh_after("", rest)
+    }
+
+    /// `forwarder mosh REST` in tmux as the user, after the shell words `before`.
+    fn start_mosh_after(&self, before: &str, rest: &str) -> Result<MoshClient> {
         let bin = forwarder_bin()?;
         let words = format!(
             "env LANG=C.UTF-8 LC_ALL=C.UTF-8 {bin} mosh --relay-command {bin} --relay-instance {instance} {rest}",
             bin = bin.display(),
             instance = self.relay.instance()
         );
-        MoshClient::start_in_tmux(&self.topo.client, &self.user.shell_line(&words))
+        // One shell as the user for both commands (no single quotes in them).
+        let line = if before.is_empty() {
+            self.user.shell_line(&words)
+        } else {
+            self.user.shell_line(&format!("sh -c '{before}{words}'"))
+        };
+        MoshClient::start_in_tmux(&self.topo.client, &line)
     }
 
     /// The flow mosh-server answers now: over the TCP bridge (its client is
@@ -339,14 +350,66 @@ fn the_bridge_keeps_datagram_sizes_and_closes_on_an_oversize_frame() {
         "{stats}"
     );
 
+    // The session's limit of streams (4): one more is closed unanswered.
+    let mut open = vec![];
+    for i in 0..3 {
+        let mut extra = dial(&topo.client).unwrap();
+        extra.write_all(&hello(&session.id, &token)).unwrap();
+        let datagram = format!("extra {i}");
+        send_frame(&mut extra, datagram.as_bytes()).unwrap();
+        assert_eq!(read_frame(&mut extra).unwrap(), datagram.as_bytes());
+        open.push(extra);
+    }
+    let mut again = dial(&topo.client).unwrap();
+    again.write_all(&hello(&session.id, &token)).unwrap();
+    send_frame(&mut again, b"fourth").unwrap();
+    assert_eq!(read_frame(&mut again).unwrap(), b"fourth");
+    let mut fifth = dial(&topo.client).unwrap();
+    fifth.write_all(&hello(&session.id, &token)).unwrap();
+    send_frame(&mut fifth, b"one too many").unwrap();
+    refused_silently(fifth, "a fifth stream").unwrap();
+    assert!(relay.stats().unwrap()["tcp"]["refused_stream_limit"].as_u64() >= Some(1));
+    drop(open);
+
     // A token of another session (or none) opens nothing.
     let other = relay.add(SocketAddr::from((SERVER_IP, 7001)), &[]).unwrap();
     let mut stranger = dial(&topo.client).unwrap();
     stranger.write_all(&hello(&other.id, &token)).unwrap();
     refused_silently(stranger, "another session's token").unwrap();
-    // The first session still works over a new stream.
-    let mut again = dial(&topo.client).unwrap();
-    again.write_all(&hello(&session.id, &token)).unwrap();
+    // The first session still works.
     send_frame(&mut again, b"still there").unwrap();
     assert_eq!(read_frame(&mut again).unwrap(), b"still there");
+}
+
+#[test]
+fn forwarder_mosh_over_tcp_through_an_ssh_port_forward_where_only_ssh_gets_out() {
+    let bed = Bed::build().unwrap();
+    block_udp(&bed.topo.client).unwrap();
+    // The relay's TCP port is closed to this network too: only ssh (22) gets out.
+    bed.topo
+        .client
+        .run(
+            "nft",
+            &[&format!(
+                "add rule inet no_udp out tcp dport {TCP_PORT} drop"
+            )],
+        )
+        .unwrap();
+    let forward = format!(
+        "ssh -f -N -o ExitOnForwardFailure=yes -L 4443:127.0.0.1:{TCP_PORT} {RELAY_CLIENT_IP} && "
+    );
+    let client = bed
+        .start_mosh_after(
+            &forward,
+            &format!("--tcp --tcp-connect 127.0.0.1:4443 --via {RELAY_CLIENT_IP} {SERVER_IP}"),
+        )
+        .unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "forwarded").unwrap();
+    bed.wait_current(
+        true,
+        "mosh-server to answer the stream that came through ssh",
+    )
+    .unwrap();
+    client.type_line("exit").unwrap();
 }
