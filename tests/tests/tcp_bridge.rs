@@ -197,12 +197,15 @@ fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>> {
     Ok(datagram)
 }
 
-/// The relay sends nothing and closes the stream: returns how long it was held.
+/// The relay sends nothing and closes the stream (a FIN, or a reset when
+/// what we sent was left unread): returns how long it was held.
 fn refused_silently(mut stream: TcpStream, what: &str) -> Result<Duration> {
     let started = Instant::now();
     let mut buf = [0u8; 64];
     match stream.read(&mut buf) {
         Ok(0) => Ok(started.elapsed()),
+        // Closed with our bytes unread: the kernel resets instead of a FIN.
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => Ok(started.elapsed()),
         Ok(n) => bail!("{what}: the relay answered {n} bytes: {:?}", &buf[..n]),
         Err(error) => bail!("{what}: the relay neither answered nor closed the stream: {error}"),
     }
