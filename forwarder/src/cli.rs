@@ -502,6 +502,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                         "or through the shared port: MOSH_KEY=<key> mosh-client {address} {shared}"
                     );
                 }
+                // The token only in `--json`: a terminal's scrollback is no place for it.
+                if let Some(tcp) = &session.tcp {
+                    println!(
+                        "over TCP (networks that block UDP): TCP port {}; `forwarder mosh` does it, \
+                         its token is in `add --json`",
+                        tcp.port
+                    );
+                }
             }
             Ok(())
         }
@@ -761,6 +769,13 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
                     "  keyed: the relay holds its mosh key (no --shared-port on this relay)"
                 ),
             };
+        }
+        if let Some(tcp) = &s.tcp {
+            let _ = writeln!(
+                out,
+                "  also over TCP port {} (streams are flows from 127.0.0.1)",
+                tcp.port
+            );
         }
         for f in &s.flows {
             let _ = writeln!(

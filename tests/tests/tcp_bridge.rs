@@ -309,6 +309,25 @@ fn the_bridge_keeps_datagram_sizes_and_closes_on_an_oversize_frame() {
     let backend = SocketAddr::from((SERVER_IP, 7000));
     let echo = UdpEcho::start(&topo.server, backend).unwrap();
     let (session, token) = add_with_token(&relay, backend).unwrap();
+    // Only add --json carries the token: not show, list, stats or human output.
+    let human = relay.verb(&["show", &session.id]).unwrap();
+    assert!(human.contains(&format!("TCP port {TCP_PORT}")), "{human}");
+    let human_add = relay
+        .verb(&[
+            "add",
+            "--backend",
+            &SocketAddr::from((SERVER_IP, 7002)).to_string(),
+        ])
+        .unwrap();
+    assert!(human_add.contains("TCP port"), "{human_add}");
+    for printed in [
+        human,
+        relay.verb(&["show", &session.id, "--json"]).unwrap(),
+        relay.verb(&["list", "--json"]).unwrap(),
+        relay.verb(&["stats", "--json"]).unwrap(),
+    ] {
+        assert!(!printed.contains(&token), "the token was shown: {printed}");
+    }
 
     let mut stream = dial(&topo.client).unwrap();
     stream.write_all(&hello(&session.id, &token)).unwrap();
