@@ -266,3 +266,97 @@ async fn stream_link(
     }
     tracing::debug!(%relay_tcp, "the TCP stream ended");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// A bastion made of two loopback sockets: its UDP port stays silent
+    /// until told otherwise, its TCP port takes the bridge's stream.
+    #[test]
+    fn falls_back_to_tcp_and_returns_to_udp_on_one_local_port() {
+        let relay_udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        relay_udp
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let hello = tcpwire::hello("s1", &tcpwire::Token([9; tcpwire::TOKEN_LEN]));
+        let SocketAddr::V4(udp_addr) = relay_udp.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let port = start(BridgePlan {
+            relay_udp: udp_addr,
+            relay_tcp: listener.local_addr().unwrap(),
+            hello: hello.clone(),
+            start_on_tcp: false,
+        })
+        .unwrap();
+        // mosh-client: a socket connected to the bridge, so it takes
+        // datagrams from that one port only.
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(("127.0.0.1", port)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client.send(b"first").unwrap();
+        let mut buf = [0u8; 256];
+        let (len, _) = relay_udp.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"first", "UDP is tried first");
+
+        // No answer over UDP: the bridge dials TCP and resends its newest datagram.
+        let deadline = std::time::Instant::now() + FALLBACK_AFTER + Duration::from_secs(10);
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break stream,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(error) => panic!("the bridge never fell back to TCP: {error}"),
+            }
+        };
+        stream.set_nonblocking(false).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got_hello = vec![0u8; hello.len()];
+        stream.read_exact(&mut got_hello).unwrap();
+        assert_eq!(got_hello, hello);
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).unwrap();
+        let mut datagram = vec![0u8; usize::from(u16::from_be_bytes(head))];
+        stream.read_exact(&mut datagram).unwrap();
+        assert_eq!(datagram, b"first", "the newest datagram, resent over TCP");
+        stream.write_all(&tcpwire::frame(b"over tcp")).unwrap();
+        let len = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"over tcp");
+
+        // UDP answers again: one datagram every PROBE_EVERY tries it, and
+        // the answer moves the bridge back.
+        let mut answered = false;
+        for _ in 0..20 {
+            client.send(b"typing").unwrap();
+            relay_udp
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            if let Ok((len, from)) = relay_udp.recv_from(&mut buf) {
+                assert_eq!(&buf[..len], b"typing");
+                relay_udp.send_to(b"over udp", from).unwrap();
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "no probe came over UDP");
+        let len = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"over udp");
+        // Back on UDP: the next datagram goes there straight away.
+        client.send(b"after").unwrap();
+        relay_udp
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (len, _) = relay_udp.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"after");
+    }
+}
