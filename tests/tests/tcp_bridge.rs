@@ -435,3 +435,46 @@ fn forwarder_mosh_over_tcp_through_an_ssh_port_forward_where_only_ssh_gets_out()
     .unwrap();
     client.type_line("exit").unwrap();
 }
+
+#[test]
+fn the_relay_bounds_its_streams_in_all() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let tcp_port = TCP_PORT.to_string();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &["--tcp-port", &tcp_port, "--tcp-max-streams", "2"],
+    )
+    .unwrap();
+    let backend = SocketAddr::from((SERVER_IP, 7000));
+    let _echo = UdpEcho::start(&topo.server, backend).unwrap();
+    let (session, token) = add_with_token(&relay, backend).unwrap();
+    // Two streams that say nothing hold both places ...
+    let silent: Vec<TcpStream> = (0..2).map(|_| dial(&topo.client).unwrap()).collect();
+    relay
+        .wait_until("both silent streams to be open", SHORT, |_| {
+            let stats = relay.stats().ok()?;
+            (stats["tcp"]["streams_open"].as_u64() == Some(2)).then_some(())
+        })
+        .unwrap();
+    // ... so a third, even with the right hello, is closed unanswered.
+    let mut third = dial(&topo.client).unwrap();
+    third.write_all(&hello(&session.id, &token)).unwrap();
+    refused_silently(third, "a stream over the relay's limit").unwrap();
+    assert!(relay.stats().unwrap()["tcp"]["refused_stream_limit"].as_u64() >= Some(1));
+    // The hello deadline frees their places; then the session is reachable.
+    for stream in silent {
+        refused_silently(stream, "a stream without a hello").unwrap();
+    }
+    relay
+        .wait_until("the silent streams to be gone", SHORT, |_| {
+            let stats = relay.stats().ok()?;
+            (stats["tcp"]["streams_open"].as_u64() == Some(0)).then_some(())
+        })
+        .unwrap();
+    let mut stream = dial(&topo.client).unwrap();
+    stream.write_all(&hello(&session.id, &token)).unwrap();
+    send_frame(&mut stream, b"room again").unwrap();
+    assert_eq!(read_frame(&mut stream).unwrap(), b"room again");
+}
