@@ -463,6 +463,31 @@ mod tests {
     }
 
     #[test]
+    fn a_key_travels_only_when_given() {
+        let keyed = Request::Add {
+            backend: "10.0.0.2:60001".into(),
+            port: None,
+            idle_timeout_secs: None,
+            key: Some("6xoXFHJqYUQUE2f4Q202jg".into()),
+        };
+        let line = serde_json::to_string(&keyed).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), keyed);
+        // Without a key the request is what older daemons accept.
+        let plain = r#"{"verb":"add","backend":"10.0.0.2:60001"}"#;
+        let Request::Add { key, .. } = serde_json::from_str::<Request>(plain).unwrap() else {
+            panic!("not an add");
+        };
+        assert_eq!(key, None);
+        let unkeyed = Request::Add {
+            backend: "10.0.0.2:60001".into(),
+            port: None,
+            idle_timeout_secs: None,
+            key: None,
+        };
+        assert!(!serde_json::to_string(&unkeyed).unwrap().contains("key"));
+    }
+
+    #[test]
     fn unknown_fields_and_verbs_are_refused() {
         assert!(serde_json::from_str::<Request>(r#"{"verb":"list","x":1}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"verb":"format_disk"}"#).is_err());

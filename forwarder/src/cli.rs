@@ -193,6 +193,30 @@ pub struct RunArgs {
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
+    /// One UDP port (e.g. 443) on which every session added with a key (`add --key-file`)
+    /// is reachable as well, matched by its mosh key. Off unless given; outside --flow-ports.
+    #[arg(long, value_name = "PORT")]
+    pub shared_port: Option<u16>,
+    /// A TCP port (e.g. 443) for mosh over TCP, for client networks that block UDP
+    /// (`forwarder mosh --tcp`): a stream authenticated with a session's token becomes one more
+    /// flow of it. Off unless given.
+    #[arg(long, value_name = "PORT")]
+    pub tcp_port: Option<u16>,
+    /// TCP streams open at once on --tcp-port, authenticated or not [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_streams: Option<usize>,
+    /// TCP streams one session may have at once [default: 4].
+    #[arg(long, value_name = "N")]
+    pub tcp_streams_per_session: Option<usize>,
+    /// Who besides root may use the control socket, and what they may do.
+    #[command(flatten, next_help_heading = "Self-service (non-root users)")]
+    pub users: Box<UserArgs>,
+}
+
+/// `run` flags for self-service: the socket's group, the backend policy and
+/// the quotas of non-root callers (boxed: `run`'s flags are many already).
+#[derive(Args, Debug)]
+pub struct UserArgs {
     /// Group whose members may use the control socket (mode 0660, root:GROUP) to create, list,
     /// show and remove their own sessions; it must exist (`root` keeps the socket root's) [default: forwarder].
     #[arg(long)]
@@ -218,21 +242,6 @@ pub struct RunArgs {
     /// bursts of twice that; 0: unlimited [default: 4].
     #[arg(long)]
     pub user_new_flows_per_sec: Option<u32>,
-    /// One UDP port (e.g. 443) on which every session added with a key (`add --key-file`)
-    /// is reachable as well, matched by its mosh key. Off unless given; outside --flow-ports.
-    #[arg(long, value_name = "PORT")]
-    pub shared_port: Option<u16>,
-    /// A TCP port (e.g. 443) for mosh over TCP, for client networks that block UDP
-    /// (`forwarder mosh --tcp`): a stream authenticated with a session's token becomes one more
-    /// flow of it. Off unless given.
-    #[arg(long, value_name = "PORT")]
-    pub tcp_port: Option<u16>,
-    /// TCP streams open at once on --tcp-port, authenticated or not [default: 1024].
-    #[arg(long, value_name = "N")]
-    pub tcp_max_streams: Option<usize>,
-    /// TCP streams one session may have at once [default: 4].
-    #[arg(long, value_name = "N")]
-    pub tcp_streams_per_session: Option<usize>,
 }
 
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
@@ -317,22 +326,23 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
             flags
         }
     };
+    let user_args = *args.users;
     let users = UserPolicy {
-        allow: or_file(args.user_allow, file.user_allow),
-        deny: or_file(args.user_deny, file.user_deny),
+        allow: or_file(user_args.user_allow, file.user_allow),
+        deny: or_file(user_args.user_deny, file.user_deny),
         quota: Quota {
-            max_sessions: args
+            max_sessions: user_args
                 .user_max_sessions
                 .or(file.user_max_sessions)
-                .unwrap_or(defaults::USER_MAX_SESSIONS),
-            max_flows: args
+                .unwrap_or(defaults::USER_QUOTA.max_sessions),
+            max_flows: user_args
                 .user_max_flows
                 .or(file.user_max_flows)
-                .unwrap_or(defaults::USER_MAX_FLOWS),
-            new_flows_per_sec: args
+                .unwrap_or(defaults::USER_QUOTA.max_flows),
+            new_flows_per_sec: user_args
                 .user_new_flows_per_sec
                 .or(file.user_new_flows_per_sec)
-                .unwrap_or(defaults::USER_NEW_FLOWS_PER_SEC),
+                .unwrap_or(defaults::USER_QUOTA.new_flows_per_sec),
         },
         users: file.user.unwrap_or_default(),
         groups: file.group.unwrap_or_default(),
@@ -360,7 +370,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
     });
     Ok(RunOptions {
         tcp,
-        socket_group: args
+        socket_group: user_args
             .socket_group
             .or(file.socket_group)
             .unwrap_or_else(|| defaults::SOCKET_GROUP.into()),

@@ -62,6 +62,11 @@ pub mod defaults {
     /// A stream without a frame from its client this long is closed (no
     /// flag): mosh sends at least every 3 s while it runs.
     pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const USER_QUOTA: crate::users::Quota = crate::users::Quota {
+        max_sessions: USER_MAX_SESSIONS,
+        max_flows: USER_MAX_FLOWS,
+        new_flows_per_sec: USER_NEW_FLOWS_PER_SEC,
+    };
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]

@@ -24,6 +24,7 @@
 //!                      room but the tcpwire leaf (no BPF, no daemon)
 //! store config mosh    leaves: the session store, the config file, mosh's
 //! ports limits expiry  datagram rules, port pools, token buckets, timeouts,
+//! users                and self-service (owners, backend policy, quotas, audit);
 //! tcpwire              mosh over TCP's hello, framing and tokens
 //! ```
 //!

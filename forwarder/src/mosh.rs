@@ -186,25 +186,31 @@ impl ClientFollower {
 /// bytes are zero in any session (2^40 instructions), while under a wrong
 /// key they are zero once in 2^24. Only keys that pass take the full tag
 /// check, which alone decides; the filter only saves time.
+///
+/// The filters live in a vector of their own, in the same order as the
+/// keys: the scan then reads one dense array (about 370 bytes a key)
+/// instead of striding over the full ciphers it rarely needs.
 pub struct KeyRing<T> {
-    entries: Vec<(T, FirstBlock, MoshKey)>,
+    filters: Vec<FirstBlock>,
+    keys: Vec<(T, MoshKey)>,
 }
 
 impl<T> Default for KeyRing<T> {
     fn default() -> Self {
         Self {
-            entries: Vec::new(),
+            filters: Vec::new(),
+            keys: Vec::new(),
         }
     }
 }
 
 impl<T> KeyRing<T> {
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.keys.is_empty()
     }
 }
 
@@ -212,11 +218,15 @@ impl<T: Copy + PartialEq> KeyRing<T> {
     /// Adds (or replaces) the key of session `id`.
     pub fn insert(&mut self, id: T, key: MoshKey) {
         self.remove(id);
-        self.entries.push((id, FirstBlock::new(&key.raw), key));
+        self.filters.push(FirstBlock::new(&key.raw));
+        self.keys.push((id, key));
     }
 
     pub fn remove(&mut self, id: T) {
-        self.entries.retain(|(entry, ..)| *entry != id);
+        if let Some(index) = self.keys.iter().position(|(entry, _)| *entry == id) {
+            self.filters.swap_remove(index);
+            self.keys.swap_remove(index);
+        }
     }
 
     /// The session whose key verifies `datagram`, and its nonce, if the
@@ -235,7 +245,7 @@ impl<T: Copy + PartialEq> KeyRing<T> {
                     .expect("16 bytes")
             });
         let mut scratch = Vec::with_capacity(datagram.len());
-        for (id, filter, key) in &self.entries {
+        for (filter, (id, key)) in self.filters.iter().zip(&self.keys) {
             if let Some(block) = first_block
                 && filter.decrypt_first(nonce, block)[4..7] != [0, 0, 0]
             {

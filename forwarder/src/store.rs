@@ -61,6 +61,10 @@ pub struct SessionRecord {
     /// (bound to the record's id and port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+    /// A keyed session's client sequence numbers seen so far (at least):
+    /// after a restart, a datagram on the shared port must still be newer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_seq_floor: Option<u64>,
 }
 
 /// The NAT half of a punched session: what the restarted daemon needs to
@@ -362,6 +366,7 @@ mod tests {
             nat: None,
             owner_uid: 0,
             sealed_key: None,
+            client_seq_floor: None,
         }
     }
 
@@ -441,7 +446,8 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             store.put(&punched).unwrap();
-            // A row as an older version wrote it: no `nat` field at all.
+            // A row as an older version wrote it: no `nat` and no `owner_uid`
+            // field at all (it reads as root's).
             let old = br#"{"id":"0000ea61","port":60001,"backend":"10.0.2.2:60001","route_source":"10.0.2.1","route_ifindex":3,"idle_timeout_secs":600}"#;
             let write = store.db.begin_write().unwrap();
             write
@@ -474,14 +480,18 @@ mod tests {
     #[test]
     fn sessions_survive_reopening_and_deletes_stick() {
         let dir = tempfile::tempdir().unwrap();
+        let owned = SessionRecord {
+            owner_uid: 1001,
+            ..record(60001)
+        };
         {
             let store = Store::open(dir.path()).unwrap();
             store.put(&record(60000)).unwrap();
-            store.put(&record(60001)).unwrap();
+            store.put(&owned).unwrap();
             store.delete(60000).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.sessions().unwrap(), vec![record(60001)]);
+        assert_eq!(store.sessions().unwrap(), vec![owned], "the owner is kept");
     }
 
     #[test]

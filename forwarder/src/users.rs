@@ -345,21 +345,34 @@ pub struct UserPolicy {
     pub groups: BTreeMap<String, GroupRules>,
 }
 
-impl Default for UserPolicy {
-    /// No allow rule (users may add nothing) and the default quotas.
-    fn default() -> Self {
-        use crate::config::defaults;
+impl UserPolicy {
+    /// No rule (users may add nothing) and `quota` for everyone.
+    pub fn new(quota: Quota) -> Self {
         Self {
             allow: Vec::new(),
             deny: Vec::new(),
-            quota: Quota {
-                max_sessions: defaults::USER_MAX_SESSIONS,
-                max_flows: defaults::USER_MAX_FLOWS,
-                new_flows_per_sec: defaults::USER_NEW_FLOWS_PER_SEC,
-            },
+            quota,
             users: BTreeMap::new(),
             groups: BTreeMap::new(),
         }
+    }
+}
+
+impl UserPolicy {
+    /// `[user.NAME]` and `[group.NAME]` tables that name no user or group
+    /// on this host (a typo, or an account not made yet): they apply to nobody.
+    pub fn unknown_names(&self) -> Vec<String> {
+        let users = self
+            .users
+            .keys()
+            .filter(|name| !matches!(nix::unistd::User::from_name(name), Ok(Some(_))))
+            .map(|name| format!("[user.{name}]"));
+        let groups = self
+            .groups
+            .keys()
+            .filter(|name| !matches!(nix::unistd::Group::from_name(name), Ok(Some(_))))
+            .map(|name| format!("[group.{name}]"));
+        users.chain(groups).collect()
     }
 }
 
@@ -501,6 +514,12 @@ mod tests {
         }
     }
 
+    const QUOTA: Quota = Quota {
+        max_sessions: 8,
+        max_flows: 32,
+        new_flows_per_sec: 4,
+    };
+
     fn rule(text: &str) -> BackendRule {
         text.parse().unwrap()
     }
@@ -542,7 +561,7 @@ mod tests {
     #[test]
     fn deny_wins_allow_permits_and_nothing_is_allowed_by_default() {
         let alice = user("alice", &["alice", "ops"]);
-        let mut policy = UserPolicy::default();
+        let mut policy = UserPolicy::new(QUOTA);
         let nothing = policy
             .check_backend(&alice, at("10.0.0.1:60001"))
             .unwrap_err();
@@ -596,7 +615,7 @@ mod tests {
 
     #[test]
     fn quotas_resolve_user_then_most_generous_group_then_default() {
-        let mut policy = UserPolicy::default();
+        let mut policy = UserPolicy::new(QUOTA);
         let alice = user("alice", &["alice", "ops", "dev"]);
         let q = policy.quota_for(&alice);
         assert_eq!(

@@ -10,8 +10,8 @@ mod common;
 use common::table::{BACKEND_FLOW, Ingress, NEAR_FLOW, NO_FLOWS, Output, TO_NEAR_BACKEND, Table};
 use common::{
     BACKEND, BACKEND_PORT, CLIENT, CLIENT_MAC, CLIENT_PORT, FLOW_PORT, FRONT_MAC, IP, PAYLOAD,
-    RELAY_BACK, RELAY_FRONT, Relay, SESSION_PORT, UDP, backend_packet, client_packet, client_with,
-    edit_ip, poke, udp_frame,
+    RELAY_BACK, RELAY_FRONT, Relay, SESSION_PORT, SHARED_PORT, UDP, backend_packet, client_packet,
+    client_with, edit_ip, poke, udp_frame,
 };
 use etherparse::PacketBuilder;
 use forwarder_common::Reason;
@@ -279,6 +279,26 @@ fn no_matching_flow(table: &mut Table) {
         NO_FLOWS,
         Ingress::Back,
         PassNoFlow,
+        Untouched,
+    );
+    // The shared port lies outside both ranges and is a client port all the
+    // same: a new endpoint there is the daemon's to match by key.
+    table.row(
+        "unknown client on the shared port",
+        udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SHARED_PORT), PAYLOAD),
+        NO_FLOWS,
+        PassNoFlow,
+        Untouched,
+    );
+    table.row(
+        "the port next to the shared port",
+        udp_frame(
+            (CLIENT, CLIENT_PORT),
+            (RELAY_FRONT, SHARED_PORT + 1),
+            PAYLOAD,
+        ),
+        NO_FLOWS,
+        PassNotRelayPort,
         Untouched,
     );
     let roamed = udp_frame(

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use crate::cmd::{self, Output, SHORT};
 use crate::relay::Relay;
 
-/// The uid/gid `nobody`: a caller with no business on a root-only socket.
+/// The uid/gid `nobody`, in no group: a caller with no business on the socket.
 const NOBODY: &str = "65534";
 
 impl Relay {

@@ -3,7 +3,8 @@
 //! `tests/tests/` and by `cargo xtask demo`.
 //!
 //! Everything here runs as root and cleans up through Drop guards: namespaces
-//! (with every process left inside), the daemon, mosh-server, the tmux server.
+//! (with every process left inside), the daemon, mosh-server, the tmux server,
+//! throwaway users and groups.
 
 pub mod capture;
 pub mod cmd;
@@ -20,6 +21,7 @@ pub mod scenario;
 pub mod sshd;
 pub mod topology;
 pub mod udp;
+pub mod users;
 
 pub use mosh::{MoshClient, MoshServer};
 pub use netns::{Netns, veth_pair};

@@ -24,7 +24,12 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("runuser", "util-linux"),
 ];
 
-/// Fails unless we are root and every tool in [`TOOLS`] is on PATH.
+/// The group `forwarder run` gives its control socket unless told
+/// otherwise (the package creates it; the daemon refuses to start without it).
+pub const SOCKET_GROUP: &str = "forwarder";
+
+/// Fails unless we are root, every tool in [`TOOLS`] is on PATH and the
+/// daemon's default socket group exists.
 pub fn require() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -37,6 +42,12 @@ pub fn require() -> Result<()> {
         .filter(|(tool, _)| which::which(tool).is_err())
         .map(|(tool, pkg)| format!("{tool} not found: apt-get install {pkg}"))
         .collect();
+    if !matches!(nix::unistd::Group::from_name(SOCKET_GROUP), Ok(Some(_))) {
+        bail!(
+            "the group {SOCKET_GROUP:?} does not exist: `forwarder run` gives its control socket to it \
+             (the package creates it): run `addgroup --system {SOCKET_GROUP}`, or `cargo xtask prereq`"
+        );
+    }
     if !missing.is_empty() {
         bail!(
             "missing test prerequisites:\n  {}\nor run `cargo xtask prereq`, which installs all of them",

@@ -1,5 +1,5 @@
 //! A throwaway sshd inside a namespace: its own host key, one client key
-//! allowed to log in as root, keys of per-test users ([`TestUser`]) on
+//! allowed to log in as root, keys of per-test users ([`SshUser`]) on
 //! request, nothing read from the host's ssh configuration.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cmd::{self, SHORT};
-use crate::netns::{Netns, random_tag};
+use crate::netns::Netns;
+use crate::users::{TestGroup, TestUser};
 
 /// sshd, stopped on drop.
 #[derive(Debug)]
@@ -182,45 +183,32 @@ impl Drop for Sshd {
     }
 }
 
-/// A throwaway Unix user with a home in a temporary folder, an ed25519 key
-/// at ~/.ssh/id_ed25519 and /bin/sh as its shell; removed on drop (after
-/// the namespaces its processes ran in, when declared before them).
+/// A [`TestUser`] who logs in over ssh: a home in a temporary folder, an
+/// ed25519 key at ~/.ssh/id_ed25519 (where ssh looks by default), hosts it
+/// trusts in ~/.ssh/known_hosts. Drop order: the user, then its home.
 #[derive(Debug)]
-pub struct TestUser {
-    name: String,
+pub struct SshUser {
+    pub user: TestUser,
     home: tempfile::TempDir,
 }
 
-impl TestUser {
-    /// `useradd` with a fresh name, a member of `groups`.
-    pub fn create(groups: &[&str]) -> Result<Self> {
-        let name = format!("fwdu{}", random_tag());
+impl SshUser {
+    /// A fresh user, a member of `groups`.
+    pub fn create(groups: &[&TestGroup]) -> Result<Self> {
         let home = tempfile::Builder::new().prefix("fwd-home-").tempdir()?;
-        let home_path = home.path().to_str().context("home path")?.to_string();
-        let mut useradd = Command::new("useradd");
-        useradd
-            .args(["--home-dir", &home_path, "--no-create-home"])
-            .args(["--shell", "/bin/sh", "--user-group"])
-            // `*`: no password, but not locked: sshd without PAM refuses
-            // locked accounts (`!`) even for key logins.
-            .args(["--password", "*"]);
-        if !groups.is_empty() {
-            useradd.args(["--groups", &groups.join(",")]);
-        }
-        cmd::run_ok(useradd.arg(&name), SHORT)
-            .context("useradd (the passwd package) for a test user")?;
-        let user = Self { name, home };
-        user.chown(user.home.path())?;
-        std::fs::create_dir(user.ssh_dir())?;
-        user.chown(&user.ssh_dir())?;
-        keygen(&user.identity())?;
-        user.chown(&user.identity())?;
-        user.chown(&user.ssh_dir().join("id_ed25519.pub"))?;
-        Ok(user)
+        let user = TestUser::login(groups, home.path())?;
+        let ssh_user = Self { user, home };
+        ssh_user.chown(ssh_user.home.path())?;
+        std::fs::create_dir(ssh_user.ssh_dir())?;
+        ssh_user.chown(&ssh_user.ssh_dir())?;
+        keygen(&ssh_user.identity())?;
+        ssh_user.chown(&ssh_user.identity())?;
+        ssh_user.chown(&ssh_user.ssh_dir().join("id_ed25519.pub"))?;
+        Ok(ssh_user)
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.user.name
     }
 
     pub fn home(&self) -> &Path {
@@ -231,7 +219,7 @@ impl TestUser {
         self.home.path().join(".ssh")
     }
 
-    /// The private key, where ssh looks by default.
+    /// The private key.
     pub fn identity(&self) -> PathBuf {
         self.ssh_dir().join("id_ed25519")
     }
@@ -243,14 +231,12 @@ impl TestUser {
     }
 
     fn chown(&self, path: &Path) -> Result<()> {
-        cmd::sh(
-            "chown",
-            &[
-                &format!("{0}:{0}", self.name),
-                path.to_str().context("path")?,
-            ],
-        )?;
-        Ok(())
+        let uid = nix::unistd::Uid::from_raw(self.user.uid);
+        let gid = nix::unistd::User::from_uid(uid)?
+            .with_context(|| format!("user {} vanished", self.user.name))?
+            .gid;
+        nix::unistd::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("chown {} to {}", path.display(), self.user.name))
     }
 
     /// Writes `contents` to `relative` under the home, owned by the user,
@@ -275,49 +261,15 @@ impl TestUser {
     }
 
     /// `runuser -u USER -- WORDS...` as one shell line (for tmux): the
-    /// user's own environment (HOME, USER, SHELL), no root left.
+    /// user's own environment (HOME, USER, SHELL) and groups, no root left.
     pub fn shell_line(&self, words: &str) -> String {
-        format!("runuser -u {} -- {words}", self.name)
+        format!("runuser -u {} -- {words}", self.user.name)
     }
 
     /// `program` as the user inside `ns`.
     pub fn command(&self, ns: &Netns, program: &str) -> Command {
         let mut command = ns.exec("runuser");
-        command.args(["-u", &self.name, "--", program]);
+        command.args(["-u", &self.user.name, "--", program]);
         command
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        if let Err(error) = cmd::sh("userdel", &["--force", &self.name]) {
-            eprintln!("warning: removing test user {}: {error:#}", self.name);
-        }
-    }
-}
-
-/// A throwaway Unix group (e.g. a relay's --socket-group), removed on drop.
-#[derive(Debug)]
-pub struct TestGroup {
-    name: String,
-}
-
-impl TestGroup {
-    pub fn create() -> Result<Self> {
-        let name = format!("fwdg{}", random_tag());
-        cmd::sh("groupadd", &[&name]).context("groupadd (the passwd package) for a test group")?;
-        Ok(Self { name })
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        if let Err(error) = cmd::sh("groupdel", &[&self.name]) {
-            eprintln!("warning: removing test group {}: {error:#}", self.name);
-        }
     }
 }

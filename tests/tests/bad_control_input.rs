@@ -204,15 +204,33 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     ];
     for args in verbs {
         let what = format!("`forwarder {}` as nobody", args.join(" "));
-        assert_refused(&relay, &what, &["permission denied", "root-only"], || {
-            outcome(relay.try_verb_unprivileged(args).unwrap())
-        });
+        assert_refused(
+            &relay,
+            &what,
+            &[
+                "permission denied",
+                "members of group",
+                "adduser USER forwarder",
+            ],
+            || outcome(relay.try_verb_unprivileged(args).unwrap()),
+        );
     }
-    let mode = std::fs::metadata(relay.socket_path()).unwrap();
+    let meta = std::fs::metadata(relay.socket_path()).unwrap();
     assert_eq!(
-        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
-        0o600,
-        "the control socket is root-only"
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o660,
+        "the control socket is root's and its group's"
+    );
+    let group = nix::unistd::Group::from_name(forwarder_testbed::prereq::SOCKET_GROUP)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            std::os::unix::fs::MetadataExt::gid(&meta)
+        ),
+        (0, group.gid.as_raw()),
+        "the control socket belongs to root:forwarder"
     );
 
     // Raw requests on the socket.

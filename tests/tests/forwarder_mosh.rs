@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use forwarder_testbed::cmd::{self, SHORT};
 use forwarder_testbed::scenario::{MOSH_CONNECT_TIMEOUT, roundtrip, wait_for_shell};
-use forwarder_testbed::sshd::{Sshd, TestGroup, TestUser};
+use forwarder_testbed::sshd::{SshUser, Sshd};
 use forwarder_testbed::topology::{CLIENT_ROAM_IP, RELAY_CLIENT_IP, RELAY_SERVER_IP, SERVER_IP};
-use forwarder_testbed::{MoshClient, Relay, Topology, forwarder_bin, prereq};
+use forwarder_testbed::users::{TestGroup, UserCli};
+use forwarder_testbed::{MoshClient, Relay, Topology, prereq};
 
 /// The port of a second sshd on the server, one whose sessions have a
 /// PATH without mosh-server.
@@ -27,10 +28,12 @@ struct Bed {
     _no_mosh_sshd: Sshd,
     _bastion_sshd: Sshd,
     topo: Topology,
-    user: TestUser,
+    user: SshUser,
     /// In no group: the bastion's forwarder must refuse it.
-    outsider: TestUser,
+    outsider: SshUser,
     group: TestGroup,
+    /// forwarder where every user may run it: on the laptop and the bastion.
+    cli: UserCli,
 }
 
 impl Bed {
@@ -42,9 +45,10 @@ impl Bed {
     /// [`Bed::build`] with more `forwarder run` flags.
     fn build_with(allow: &str, relay_args: &[&str]) -> Result<Self> {
         prereq::require()?;
-        let group = TestGroup::create()?;
-        let user = TestUser::create(&[group.name()])?;
-        let outsider = TestUser::create(&[])?;
+        let group = TestGroup::new()?;
+        let user = SshUser::create(&[&group])?;
+        let outsider = SshUser::create(&[])?;
+        let cli = UserCli::new()?;
         let topo = Topology::client_relay_server()?;
         // The client reaches the bastion and nothing behind it: no
         // forwarding through the relay namespace at all, only XDP's and
@@ -70,7 +74,7 @@ impl Bed {
             }
             who.trust(&[&bastion_sshd, &host_sshd, &no_mosh_sshd])?;
         }
-        let mut args = vec!["--socket-group", group.name(), "--user-allow", allow];
+        let mut args = vec!["--socket-group", group.name.as_str(), "--user-allow", allow];
         args.extend_from_slice(relay_args);
         let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &args)?;
         // Nothing but the bastion: the server is out of the client's reach.
@@ -86,13 +90,14 @@ impl Bed {
             user,
             outsider,
             group,
+            cli,
         })
     }
 
     /// `forwarder mosh` with the bastion's forwarder and instance named,
     /// as words for a shell (the tests' words need no quoting but --ssh's).
     fn mosh_words(&self, rest: &str) -> Result<String> {
-        let bin = forwarder_bin()?;
+        let bin = self.cli.bin();
         let relay_command = if rest.contains("--relay-command") {
             String::new()
         } else {
@@ -106,26 +111,49 @@ impl Bed {
     }
 
     /// `forwarder mosh REST` as `who` in the client namespace, under tmux.
-    fn start_mosh(&self, who: &TestUser, rest: &str) -> Result<MoshClient> {
+    fn start_mosh(&self, who: &SshUser, rest: &str) -> Result<MoshClient> {
         MoshClient::start_in_tmux(&self.topo.client, &who.shell_line(&self.mosh_words(rest)?))
     }
 
+    /// `forwarder mosh --via BASTION HOST` as the user: once its shell
+    /// answers a typed line (marked `label`), the pane and mosh-client's
+    /// arguments.
+    fn shell_via_the_bastion(&self, label: &str) -> Result<(MoshClient, Vec<String>)> {
+        let client =
+            self.start_mosh(&self.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))?;
+        wait_for_shell(&client)?;
+        roundtrip(&client, label)?;
+        let arguments = key_only_in_the_environment(&self.user)?;
+        Ok((client, arguments))
+    }
+
     /// `forwarder mosh REST` as `who`, without a terminal, to its end.
-    fn run_mosh(&self, who: &TestUser, rest: &str) -> Result<cmd::Output> {
+    fn run_mosh(&self, who: &SshUser, rest: &str) -> Result<cmd::Output> {
         let mut command = who.command(&self.topo.client, "sh");
         command.args(["-c", &self.mosh_words(rest)?]);
         cmd::run(&mut command, Duration::from_secs(60))
     }
 }
 
-/// The session's key is in mosh-client's environment and on no command
-/// line; returns mosh-client's arguments.
-fn key_only_in_the_environment() -> Result<Vec<String>> {
-    let mut key = None;
-    let mut client = Vec::new();
-    let mut command_lines = Vec::new();
+/// The processes of `user` (tests run side by side, each with its own user).
+fn processes_of(user: &SshUser) -> Result<Vec<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let dir = entry?.path();
+        if std::fs::metadata(&dir).is_ok_and(|meta| meta.uid() == user.user.uid) {
+            found.push(dir);
+        }
+    }
+    Ok(found)
+}
+
+/// The session's key is in the environment of `user`'s mosh-client and on
+/// no command line of anyone's; returns mosh-client's arguments.
+fn key_only_in_the_environment(user: &SshUser) -> Result<Vec<String>> {
+    let mut key = None;
+    let mut client = Vec::new();
+    for dir in processes_of(user)? {
         let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
             continue;
         };
@@ -144,15 +172,35 @@ fn key_only_in_the_environment() -> Result<Vec<String>> {
                 .split(|&b| b == 0)
                 .find_map(|v| v.strip_prefix(b"MOSH_KEY="))
                 .map(|k| String::from_utf8_lossy(k).into_owned());
-            client = words.clone();
+            client = words;
         }
-        command_lines.push(words.join(" "));
     }
     let key = key.context("no mosh-client to the bastion with MOSH_KEY in its environment")?;
-    if let Some(line) = command_lines.iter().find(|line| line.contains(&key)) {
-        bail!("the session key is on a command line: {line}");
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(cmdline) = std::fs::read(entry?.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if line.contains(&key) {
+            bail!("the session key is on a command line: {line}");
+        }
     }
     Ok(client)
+}
+
+/// No ssh master connection outlives the set-up: forwarder mosh closes it
+/// before mosh-client starts.
+fn no_ssh_master_left(user: &SshUser) -> Result<()> {
+    for dir in processes_of(user)? {
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if line.contains(" -M ") && line.contains("ControlPersist=no") {
+            bail!("an ssh master is still running: {line}");
+        }
+    }
+    Ok(())
 }
 
 /// Waits until the bastion has no session left: mosh-client's exit removed it.
@@ -167,12 +215,8 @@ fn wait_removed(relay: &Relay) -> Result<()> {
 #[test]
 fn forwarder_mosh_via_the_bastion_gives_a_shell_that_roams_and_is_the_users() {
     let bed = Bed::build(&format!("{SERVER_IP}/32")).unwrap();
-    let client = bed
-        .start_mosh(&bed.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))
-        .unwrap();
-    wait_for_shell(&client).unwrap();
-    roundtrip(&client, "typed").unwrap();
-    let mosh_client = key_only_in_the_environment().unwrap();
+    let (client, mosh_client) = bed.shell_via_the_bastion("typed").unwrap();
+    no_ssh_master_left(&bed.user).unwrap();
 
     let sessions = bed.relay.sessions().unwrap();
     assert_eq!(sessions.len(), 1, "{sessions:?}");
@@ -254,12 +298,7 @@ fn forwarder_mosh_uses_the_bastions_shared_port() {
     const SHARED_PORT: u16 = 4443;
     let shared = SHARED_PORT.to_string();
     let bed = Bed::build_with(&format!("{SERVER_IP}/32"), &["--shared-port", &shared]).unwrap();
-    let client = bed
-        .start_mosh(&bed.user, &format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))
-        .unwrap();
-    wait_for_shell(&client).unwrap();
-    roundtrip(&client, "shared").unwrap();
-    let mosh_client = key_only_in_the_environment().unwrap();
+    let (client, mosh_client) = bed.shell_via_the_bastion("shared").unwrap();
     assert_eq!(
         mosh_client[1..],
         [RELAY_CLIENT_IP.to_string(), shared],
@@ -281,8 +320,28 @@ fn forwarder_mosh_uses_the_bastions_shared_port() {
     wait_removed(&bed.relay).unwrap();
 }
 
+#[test]
+fn forwarder_mosh_without_via_is_plain_mosh() {
+    let bed = Bed::build(&format!("{SERVER_IP}/32")).unwrap();
+    // The bastion's own sshd as the host: the one host the client reaches
+    // directly. mosh-server's port lies outside the relay's ranges.
+    let client = bed
+        .start_mosh(&bed.user, &format!("-p 62001 {RELAY_CLIENT_IP}"))
+        .unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "direct").unwrap();
+    let mosh_client = key_only_in_the_environment(&bed.user).unwrap();
+    assert_eq!(
+        mosh_client[1..],
+        [RELAY_CLIENT_IP.to_string(), "62001".to_string()],
+        "mosh-client goes to mosh-server itself, on the port -p asked for"
+    );
+    assert!(bed.relay.sessions().unwrap().is_empty());
+    client.type_line("exit").unwrap();
+}
+
 /// Runs `forwarder mosh REST` as `who`; it must fail and say `says`.
-fn fails_saying(bed: &Bed, who: &TestUser, rest: &str, says: &[&str]) {
+fn fails_saying(bed: &Bed, who: &SshUser, rest: &str, says: &[&str]) {
     let out = bed.run_mosh(who, rest).unwrap();
     assert!(
         !out.success(),
@@ -346,7 +405,7 @@ fn forwarder_mosh_names_the_step_that_failed_and_the_fix() {
         &[
             "forwarder on the bastion",
             "refused your user there",
-            bed.group.name(),
+            &bed.group.name,
         ],
     );
     // The backend policy: the daemon's own words come through.
@@ -404,7 +463,14 @@ fn time_to_prompt() {
     let ssh_line = bed.user.shell_line(&format!(
         "env LANG=C.UTF-8 LC_ALL=C.UTF-8 ssh -tt -J {RELAY_CLIENT_IP} {SERVER_IP}"
     ));
-    let mosh_rest = format!("--via {RELAY_CLIENT_IP} {SERVER_IP}");
+    // Each step's time goes to a log the user may write.
+    let steps = bed.user.write_file("steps.log", "").unwrap();
+    let mosh_line = bed.user.shell_line(&format!(
+        "env RUST_LOG=forwarder::connect=debug {} 2>>{}",
+        bed.mosh_words(&format!("--via {RELAY_CLIENT_IP} {SERVER_IP}"))
+            .unwrap(),
+        steps.display()
+    ));
     let mut ssh_times = Vec::new();
     let mut mosh_times = Vec::new();
     for _ in 0..RUNS {
@@ -414,7 +480,7 @@ fn time_to_prompt() {
         drop(ssh);
 
         let started = Instant::now();
-        let mosh = bed.start_mosh(&bed.user, &mosh_rest).unwrap();
+        let mosh = MoshClient::start_in_tmux(&bed.topo.client, &mosh_line).unwrap();
         mosh_times.push(until_prompt(&mosh, started).unwrap());
         mosh.type_line("exit").unwrap();
         wait_removed(&bed.relay).unwrap();
@@ -423,6 +489,23 @@ fn time_to_prompt() {
         times.sort();
         times[times.len() / 2]
     };
+    let log = std::fs::read_to_string(&steps).unwrap();
+    for step in ["resolve", "bastion login", "mosh-server", "session"] {
+        let mut times: Vec<u64> = log
+            .lines()
+            .filter(|line| line.contains(&format!("step=\"{step}\"")))
+            .filter_map(|line| {
+                line.split("elapsed_ms=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        times.sort_unstable();
+        eprintln!("forwarder mosh, {step:<13} done after (ms, each run): {times:?}");
+    }
     eprintln!(
         "time to prompt over {RUNS} runs (median; all):\n  ssh -J bastion host:              {:?}; {ssh_times:?}\n  forwarder mosh --via bastion host: {:?}; {mosh_times:?}",
         median(&mut ssh_times.clone()),

@@ -341,8 +341,8 @@ const CAPABILITIES: &[(&str, u32)] = &[
     ("CAP_BPF", 39),
 ];
 
-/// The capabilities `key=` grants in the packaged default unit.
-fn unit_capabilities(key: &str) -> Vec<String> {
+/// The words of `key=` in the packaged default unit (capabilities, groups).
+fn unit_setting(key: &str) -> Vec<String> {
     let unit =
         std::fs::read_to_string(workspace_root().join("packaging/forwarder.service")).unwrap();
     unit.lines()
@@ -371,10 +371,10 @@ fn the_units_capabilities_are_enough() {
         which::which("setpriv").is_ok(),
         "setpriv not found: apt-get install util-linux"
     );
-    let bounding = unit_capabilities("CapabilityBoundingSet");
+    let bounding = unit_setting("CapabilityBoundingSet");
     assert_eq!(
         bounding,
-        unit_capabilities("AmbientCapabilities"),
+        unit_setting("AmbientCapabilities"),
         "the unit's bounding and ambient sets differ"
     );
     let mut mask = 0u64;
@@ -399,11 +399,14 @@ fn the_units_capabilities_are_enough() {
     );
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
+    // The unit's SupplementaryGroups= (the group the control socket is given).
+    let groups = unit_setting("SupplementaryGroups").join(",");
     let mut command: Vec<String> = vec![
         "nsenter".into(),
         format!("--net={}", topo.relay.path().display()),
         "--".into(),
         "setpriv".into(),
+        format!("--groups={groups}"),
         format!("--inh-caps={setpriv_caps}"),
         format!("--ambient-caps={setpriv_caps}"),
         format!("--bounding-set={setpriv_caps}"),

@@ -120,6 +120,26 @@ fn wait_for_shared_flow(relay: &Relay, id: &str, ip: std::net::Ipv4Addr) -> Flow
         .unwrap()
 }
 
+/// What `client` (whose flow's endpoint is `endpoint`) sends to the shared
+/// port during `rounds` round trips, as a capture on its interface sees it.
+fn record_client(
+    topo: &Topology,
+    client: &MoshClient,
+    endpoint: &str,
+    rounds: usize,
+) -> Vec<Vec<u8>> {
+    let recording = Capture::start(&topo.client, CLIENT_IF).unwrap();
+    for round in 0..rounds {
+        roundtrip(client, &format!("recorded{round}")).unwrap();
+    }
+    let shared = SocketAddrV4::new(RELAY_CLIENT_IP, SHARED_PORT);
+    udp_datagrams(&recording.finish())
+        .into_iter()
+        .filter(|d| d.dst == shared && d.src.to_string() == endpoint)
+        .map(|d| d.payload)
+        .collect()
+}
+
 #[test]
 fn keyed_sessions_share_one_port_roam_and_refuse_replays_forgeries_and_keyless_clients() {
     prereq::require().unwrap();
@@ -195,16 +215,8 @@ fn keyed_sessions_share_one_port_roam_and_refuse_replays_forgeries_and_keyless_c
     assert_eq!(shared_stat(&relay, "shared_admitted"), 2);
 
     // Record session a's client, then replay it from a new endpoint.
-    let recording = Capture::start(&topo.client, CLIENT_IF).unwrap();
-    for round in 0..3 {
-        roundtrip(&client_a, &format!("recorded{round}")).unwrap();
-    }
     let shared = SocketAddrV4::new(RELAY_CLIENT_IP, SHARED_PORT);
-    let recorded: Vec<Vec<u8>> = udp_datagrams(&recording.finish())
-        .into_iter()
-        .filter(|d| d.dst == shared && d.src.to_string() == flow_a.client)
-        .map(|d| d.payload)
-        .collect();
+    let recorded = record_client(&topo, &client_a, &flow_a.client, 3);
     assert!(
         recorded.len() >= 3,
         "the recording holds {} of the client's datagrams",
@@ -345,6 +357,12 @@ fn a_keyed_session_keeps_its_key_and_shared_flow_across_a_restart() {
     wait_for_shell(&client).expect("mosh through the shared port never showed the shell");
     roundtrip(&client, "before").unwrap();
     let flow = wait_for_shared_flow(&relay, &session.id, CLIENT_IP);
+    let shared = SocketAddrV4::new(RELAY_CLIENT_IP, SHARED_PORT);
+    let recorded = record_client(&topo, &client, &flow.client, 1);
+    assert!(
+        !recorded.is_empty(),
+        "the recording holds none of the client's datagrams"
+    );
 
     relay.terminate().unwrap();
     // The store holds the key sealed: not its text, beside a root-only secret.
@@ -375,8 +393,114 @@ fn a_keyed_session_keeps_its_key_and_shared_flow_across_a_restart() {
         "the shared flow was not restored: {restored:?}"
     );
     roundtrip(&client, "restarted").unwrap();
+    // What the session had seen before the restart still bounds a new
+    // endpoint: the recording, replayed from elsewhere, creates nothing.
+    let replayer: UdpSocket = topo
+        .client
+        .udp_bind(SocketAddr::from((CLIENT_IP, 0)))
+        .unwrap();
+    let replayer_endpoint = replayer.local_addr().unwrap().to_string();
+    for datagram in &recorded {
+        replayer.send_to(datagram, shared).unwrap();
+    }
+    wait_for_stats(&relay, "the replays after the restart to be refused", |s| {
+        s["shared_replayed"].as_u64() >= Some(recorded.len() as u64)
+    });
+    assert!(
+        !show(&relay, &session.id)
+            .flows
+            .iter()
+            .any(|f| f.client == replayer_endpoint),
+        "a replay after the restart created a flow"
+    );
     // A new endpoint after the restart is matched by the unsealed key.
     topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
     roundtrip(&client, "roamed").unwrap();
     wait_for_shared_flow(&relay, &session.id, CLIENT_ROAM_IP);
+}
+
+#[test]
+fn the_shared_port_works_on_the_userspace_datapath() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &[
+            "--shared-port",
+            &SHARED_PORT.to_string(),
+            "--datapath",
+            "userspace",
+        ],
+    )
+    .unwrap();
+    let server = MoshServer::start(&topo.server, SERVER_IP, 60101).unwrap();
+    let session = add_with_key_on_stdin(
+        &relay,
+        SocketAddrV4::new(SERVER_IP, server.port),
+        &server.key,
+    );
+    let client =
+        MoshClient::start(&topo.client, RELAY_CLIENT_IP, SHARED_PORT, &server.key).unwrap();
+    wait_for_shell(&client).expect("mosh through the shared port never showed the shell");
+    roundtrip(&client, "userspace").unwrap();
+    topo.client_roam_to(CLIENT_ROAM_IP).unwrap();
+    roundtrip(&client, "roamed").unwrap();
+    relay
+        .wait_until(
+            "a flow on the shared port from the new address with packets to the client",
+            Duration::from_secs(20),
+            |sessions| {
+                let session = sessions.iter().find(|s| s.id == session.id)?;
+                shared_flows(session)
+                    .into_iter()
+                    .find(|f| {
+                        f.client.starts_with(&format!("{CLIENT_ROAM_IP}:"))
+                            && f.slow_path_packets > 0
+                            && f.packets_to_client > 0
+                    })
+                    .cloned()
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_bad_key_is_refused_before_anything_is_created() {
+    prereq::require().unwrap();
+    let topo = Topology::client_relay_server().unwrap();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &["--shared-port", &SHARED_PORT.to_string()],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.key");
+    std::fs::write(&bad, "not-a-mosh-key!\n").unwrap();
+    let missing = dir.path().join("missing.key");
+    let backend = SocketAddrV4::new(SERVER_IP, 60101).to_string();
+    for (file, says) in [(&bad, "malformed mosh key"), (&missing, "missing.key")] {
+        let mut cmd = relay.cli();
+        cmd.args([
+            "add",
+            "--instance",
+            relay.instance(),
+            "--backend",
+            &backend,
+            "--key-file",
+        ])
+        .arg(file);
+        let out = forwarder_testbed::cmd::run(&mut cmd, SHORT).unwrap();
+        let stderr = out.stderr;
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(says),
+            "the refusal does not say {says:?}: {stderr}"
+        );
+    }
+    assert!(
+        relay.sessions().unwrap().is_empty(),
+        "a refused add created a session"
+    );
 }

@@ -13,10 +13,11 @@ use anyhow::{Context, Result, bail};
 use forwarder_testbed::cmd::SHORT;
 use forwarder_testbed::relay::unwrap_document;
 use forwarder_testbed::scenario::{roundtrip, wait_for_shell};
-use forwarder_testbed::sshd::{Sshd, TestGroup, TestUser};
+use forwarder_testbed::sshd::{SshUser, Sshd};
 use forwarder_testbed::topology::{CLIENT_IP, RELAY_CLIENT_IP, SERVER_IP};
 use forwarder_testbed::udp::UdpEcho;
-use forwarder_testbed::{MoshClient, Netns, Relay, SessionInfo, Topology, forwarder_bin, prereq};
+use forwarder_testbed::users::{TestGroup, UserCli};
+use forwarder_testbed::{MoshClient, Netns, Relay, SessionInfo, Topology, prereq};
 
 /// The relay's TCP port for mosh (443 in production; any port here).
 const TCP_PORT: u16 = 443;
@@ -29,15 +30,18 @@ struct Bed {
     _host_sshd: Sshd,
     _bastion_sshd: Sshd,
     topo: Topology,
-    user: TestUser,
+    user: SshUser,
     _group: TestGroup,
+    /// forwarder where the test user may run it.
+    cli: UserCli,
 }
 
 impl Bed {
     fn build() -> Result<Self> {
         prereq::require()?;
-        let group = TestGroup::create()?;
-        let user = TestUser::create(&[group.name()])?;
+        let group = TestGroup::new()?;
+        let user = SshUser::create(&[&group])?;
+        let cli = UserCli::new()?;
         let topo = Topology::client_relay_server()?;
         let bastion_sshd = Sshd::start(&topo.relay, RELAY_CLIENT_IP, 22)?;
         let host_sshd = Sshd::start(&topo.server, SERVER_IP, 22)?;
@@ -52,7 +56,7 @@ impl Bed {
             &topo.relay_ifaces(),
             &[
                 "--socket-group",
-                group.name(),
+                &group.name,
                 "--user-allow",
                 &allow,
                 "--tcp-port",
@@ -66,6 +70,7 @@ impl Bed {
             topo,
             user,
             _group: group,
+            cli,
         })
     }
 
@@ -75,7 +80,7 @@ impl Bed {
 
     /// `forwarder mosh REST` in tmux as the user, after the shell words `before`.
     fn start_mosh_after(&self, before: &str, rest: &str) -> Result<MoshClient> {
-        let bin = forwarder_bin()?;
+        let bin = self.cli.bin();
         let words = format!(
             "env LANG=C.UTF-8 LC_ALL=C.UTF-8 {bin} mosh --relay-command {bin} --relay-instance {instance} {rest}",
             bin = bin.display(),

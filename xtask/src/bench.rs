@@ -93,6 +93,9 @@ pub struct Plan {
     /// Flows in the table for the table-full measurement (real plus synthetic).
     pub fill_flows: usize,
     pub adds: usize,
+    /// Keyed sessions on the shared port for the admission measurement.
+    pub admission_sessions: Vec<usize>,
+    pub admission_reps: usize,
 }
 
 impl Plan {
@@ -107,6 +110,8 @@ impl Plan {
             scale_flows: vec![1, 1_000, 15_000],
             fill_flows: 65_000,
             adds: 500,
+            admission_sessions: vec![1, 100, 1_000, 10_000],
+            admission_reps: 1_000,
         }
     }
 
@@ -121,6 +126,8 @@ impl Plan {
             scale_flows: vec![1, 50],
             fill_flows: 1_000,
             adds: 20,
+            admission_sessions: vec![1, 100],
+            admission_reps: 10,
         }
     }
 }
@@ -585,6 +592,8 @@ pub fn run(plan: &Plan) -> Result<Value> {
     let bench = bench_bin()?;
     cmd::sh("sysctl", &["-qw", "kernel.bpf_stats_enabled=1"])?;
     let mut results = json!({"plan": format!("{plan:?}"), "throughput": {}, "latency": {}, "xdp_cost": {}, "scale": {}});
+    // Pure CPU, no namespace: first, and printed at once.
+    results["admission"] = admission(plan, &bench)?;
     let mut table = String::from(
         "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
     );
@@ -733,6 +742,45 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
     }
     out["session_adds_per_sec"] = json!(plan.adds as f64 / started.elapsed().as_secs_f64());
     Ok(out)
+}
+
+/// Shared-port admission: the time to match a new endpoint's first datagram
+/// to its session among N keyed sessions, the matching key tried last
+/// (`forwarder-bench admission`, one core, as the daemon runs it).
+fn admission(plan: &Plan, bench: &Path) -> Result<Value> {
+    let sessions: Vec<String> = plan
+        .admission_sessions
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let reps = plan.admission_reps.to_string();
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1"]).arg(bench).args([
+        "admission",
+        "--sessions",
+        &sessions.join(","),
+        "--reps",
+        &reps,
+    ]);
+    let value = run_json(&mut cmd, Duration::from_secs(600))?;
+    println!("\n## Shared-port admission (one core, matching key last)\n");
+    println!(
+        "| keyed sessions | datagram | bytes | p50 µs | p99 µs | max µs | CPU p50 µs | CPU p99 µs |\n|---|---|---|---|---|---|---|---|"
+    );
+    for point in value["admission"].as_array().into_iter().flatten() {
+        println!(
+            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            point["sessions"],
+            point["datagram"].as_str().unwrap_or("?"),
+            point["datagram_bytes"],
+            point["p50_us"].as_f64().unwrap_or(0.0),
+            point["p99_us"].as_f64().unwrap_or(0.0),
+            point["max_us"].as_f64().unwrap_or(0.0),
+            point["cpu_p50_us"].as_f64().unwrap_or(0.0),
+            point["cpu_p99_us"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(value["admission"].clone())
 }
 
 fn print_report(results: &Value, table: &str) {

@@ -53,8 +53,9 @@ const COMPLETIONS: [(clap_complete::Shell, &str); 3] = [
 
 const MAINTAINER: &str = "forwarder developers <forwarder@localhost>";
 
-/// Creates the `forwarder` system group: the control socket is root-only
-/// today, and the group is there so that access can be granted to it.
+/// Creates the `forwarder` system group: the control socket is root's and
+/// this group's (its members create their own sessions; the daemon refuses
+/// to start without the group it is configured with).
 /// Reloads systemd so it sees the units, and neither enables nor starts the
 /// service: the shipped config names no interface yet.
 const POSTINST: &str = r#"#!/bin/sh

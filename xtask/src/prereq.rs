@@ -39,6 +39,7 @@ pub fn ensure() -> Result<()> {
         bail!("cargo xtask needs root (apt-get, network namespaces, XDP)");
     }
     apt()?;
+    socket_group()?;
     rust_src()?;
     bpf_linker()?;
     forwarder_testbed::prereq::require().context("after installing prerequisites")?;
@@ -81,6 +82,24 @@ fn apt() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The control socket's default group, as the package's postinst creates
+/// it: `forwarder run` refuses to start without the group it is given.
+fn socket_group() -> Result<()> {
+    let group = forwarder_testbed::prereq::SOCKET_GROUP;
+    let present = Command::new("getent")
+        .args(["group", group])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        println!("xtask: group {group} present");
+        return Ok(());
+    }
+    println!(
+        "xtask: creating the system group {group} (the package does too; the control socket's group)"
+    );
+    run_visible(Command::new("addgroup").args(["--system", "--quiet", group]))
 }
 
 fn rust_src() -> Result<()> {

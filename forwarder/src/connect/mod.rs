@@ -49,15 +49,21 @@ Start a mosh session through a forwarder bastion in one command, like `mosh`:
 It logs in to BASTION once (an ssh master connection), ssh'es through it to
 HOST (as ssh -J would) and starts the stock mosh-server there, runs `forwarder
 add` on BASTION as your user over the same login, and runs mosh-client to the
-bastion's address and the session's port. When mosh-client
+bastion's address and the session's port (the bastion's shared port, when it
+has one). The session key goes to the bastion over the ssh channel and to
+mosh-client in its environment, never on a command line. When mosh-client
 exits the session is removed; if this machine never comes back, the session
 expires after --relay-idle-timeout without traffic.
 
 Everything goes through your ssh (--ssh, default `ssh`), so your ssh config,
 agent, keys and host aliases apply. As with `ssh -J`, the options of --ssh
 apply to HOST; the bastion's connections take only its program and -F, so
-settings for the bastion belong in your ssh config. On the bastion you need forwarder and access
-to its control socket (the `forwarder` group); on HOST, mosh-server.
+settings for the bastion belong in your ssh config. On the bastion you need
+forwarder, membership of its control socket's group (`forwarder` unless
+configured) and a backend rule that allows HOST; on HOST, mosh-server.
+
+Each failure names its step (ssh to the bastion, ssh to the host, mosh-server,
+the bastion's forwarder, its socket, quota or policy, UDP) and the fix.
 
 Without --via it does what `mosh` does, directly to HOST.";
 
@@ -325,11 +331,11 @@ impl Plan<'_> {
                 key,
             });
         }
+        // What the host's side printed, then ssh's own words.
         let said = |lines: &[String]| {
             let mut all: Vec<String> = lines.to_vec();
-            let complaint = finished.complaint();
-            if complaint != "ssh printed nothing" || all.is_empty() {
-                all.push(complaint);
+            if !finished.stderr.trim().is_empty() || all.is_empty() {
+                all.push(finished.complaint());
             }
             all.join("; ")
         };
@@ -448,9 +454,9 @@ impl Plan<'_> {
         ]
         .map(String::from)
         .to_vec();
-        // The key goes over the ssh channel, never on a command line: with
-        // it the relay admits only endpoints whose datagrams verify, and
-        // the session may use the bastion's shared port.
+        // The key goes over the ssh channel, never on a command line. With
+        // it the session may use the bastion's shared port, where a new
+        // client endpoint is admitted only when its datagram verifies.
         let stdin = format!("{key}\n");
         self.relay_verb(master.ssh(), bastion, &verb, Some(&stdin), false)
     }
@@ -523,6 +529,14 @@ fn udp_diagnosis(session: &SessionInfo, port: u16, bastion: &str, host: &str) ->
 
 pub fn main(args: MoshArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Where the time to the prompt goes (RUST_LOG=forwarder::connect=debug).
+    let step_done = |step: &str| {
+        tracing::debug!(
+            step,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "step done"
+        );
+    };
     ssh::check_destination("the host", &args.host)?;
     if let Some(bastion) = &args.via {
         ssh::check_destination("--via", bastion)?;
@@ -553,16 +567,15 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
             destination: args.via.clone().unwrap_or_else(|| args.host.clone()),
             detail: format!("{error:#}"),
         })?;
+    step_done("resolve");
     let master = match &args.via {
         Some(bastion) => Some(plan.open_master(bastion)?),
         None => None,
     };
+    step_done("bastion login");
     let server = plan.start_server(master.as_ref())?;
+    step_done("mosh-server");
     let (Some(bastion), Some(master)) = (&args.via, master) else {
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "mosh-server started"
-        );
         let status = run_client(&args, target, server.port, &server.key)?;
         return client_outcome(status);
     };
@@ -583,11 +596,7 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         .add_session(&master, bastion, &backend, &server.key)
         .map_err(|failure| failure.after_server_started(&args.host))?;
     drop(master);
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        session = %session.id,
-        "session created"
-    );
+    step_done("session");
     // The operator opened one port for every session: the one most likely
     // to pass this network's firewall.
     let port = match session.shared_port {

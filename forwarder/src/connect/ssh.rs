@@ -165,6 +165,19 @@ impl Ssh {
             })
     }
 
+    /// `ssh OPTIONS destination -- remote`, its output piped.
+    fn remote(&self, options: &[&str], destination: &str, remote: &str, stdin: Stdio) -> Command {
+        let mut command = self.command(options);
+        command
+            .arg(destination)
+            .arg("--")
+            .arg(remote)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    }
+
     /// Runs `destination -- remote` with `stdin` written to the remote
     /// command (nothing: /dev/null) and waits for it.
     pub fn run(
@@ -174,19 +187,12 @@ impl Ssh {
         remote: &str,
         stdin: Option<&str>,
     ) -> anyhow::Result<Finished> {
-        let mut command = self.command(options);
-        command
-            .arg(destination)
-            .arg("--")
-            .arg(remote)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = self.spawn(&mut command)?;
+        let input = if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
+        let mut child = self.spawn(&mut self.remote(options, destination, remote, input))?;
         if let Some(text) = stdin {
             let mut pipe = child.stdin.take().context("ssh's stdin")?;
             // A remote command that exits early closes the pipe: its
@@ -216,15 +222,8 @@ impl Ssh {
         remote: &str,
         mut line: impl FnMut(&str) -> anyhow::Result<bool>,
     ) -> anyhow::Result<Finished> {
-        let mut command = self.command(options);
-        command
-            .arg(destination)
-            .arg("--")
-            .arg(remote)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = self.spawn(&mut command)?;
+        let mut child =
+            self.spawn(&mut self.remote(options, destination, remote, Stdio::null()))?;
         let stderr = drain(child.stderr.take());
         let mut seen = String::new();
         let mut done = false;
@@ -276,7 +275,7 @@ impl Ssh {
 }
 
 /// One login to the bastion that the hop to the host and `forwarder add`
-/// share (`ssh -M`, a control socket in a private folder): the bastion is
+/// share (`ssh -M -N`, a control socket in a private folder): the bastion is
 /// logged in to once during set-up, and a failed login there is told
 /// apart from one behind it. Closed on drop, before mosh-client starts:
 /// its TCP connection would not survive a roam anyway.
@@ -285,12 +284,15 @@ pub struct Master {
     ssh: Ssh,
     destination: String,
     socket: std::path::PathBuf,
+    child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Master {
     /// Logs in to `destination` (prompting as ssh does) and keeps the
-    /// connection in the background; on failure, ssh's complaint.
+    /// connection open; on failure, ssh's complaint. The master stays this
+    /// process's child in its process group (no `-f`), so a ^C during
+    /// set-up ends it too.
     pub fn open(ssh: &Ssh, destination: &str, family: &[&str]) -> Result<Self, String> {
         let dir = tempfile::Builder::new()
             .prefix("fwd-mosh-")
@@ -298,9 +300,8 @@ impl Master {
             .map_err(|error| format!("creating a folder for ssh's control socket: {error}"))?;
         let socket = dir.path().join("bastion");
         let socket_text = socket.to_string_lossy().into_owned();
-        // The backgrounded master keeps whatever stderr it was given:
-        // a file, so that nothing waits for it to close.
-        let log =
+        // A file, not a pipe: nobody reads the master's stderr while it runs.
+        let mut log =
             tempfile::tempfile().map_err(|error| format!("creating a temporary file: {error}"))?;
         let mut options = vec![
             "-M",
@@ -308,12 +309,11 @@ impl Master {
             socket_text.as_str(),
             "-o",
             "ControlPersist=no",
-            "-f",
             "-N",
             "-T",
         ];
         options.extend(family);
-        let status = ssh
+        let mut child = ssh
             .command(&options)
             .arg(destination)
             .stdin(Stdio::null())
@@ -322,19 +322,29 @@ impl Master {
                 log.try_clone()
                     .map_err(|error| format!("duplicating a file descriptor: {error}"))?,
             )
-            .status()
+            .spawn()
             .map_err(|error| {
                 format!(
                     "cannot run {:?}: install OpenSSH's client, or name yours with --ssh ({error})",
                     ssh.program
                 )
             })?;
-        if !status.success() {
-            let mut log = log;
-            let mut text = String::new();
-            let _ = std::io::Seek::rewind(&mut log);
-            let _ = log.read_to_string(&mut text);
-            return Err(complaint(&text));
+        // ssh listens on the control socket once it has logged in; it may
+        // first ask for a password or a host key, for as long as that takes.
+        loop {
+            if socket.exists() {
+                break;
+            }
+            match child.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(Some(_)) | Err(_) => {
+                    let _ = child.wait();
+                    let mut text = String::new();
+                    let _ = std::io::Seek::rewind(&mut log);
+                    let _ = log.read_to_string(&mut text);
+                    return Err(complaint(&text));
+                }
+            }
         }
         let mut shared = ssh.clone();
         shared.args.extend([
@@ -347,6 +357,7 @@ impl Master {
             ssh: shared,
             destination: destination.to_string(),
             socket,
+            child,
             _dir: dir,
         })
     }
@@ -373,14 +384,19 @@ impl Master {
 impl Drop for Master {
     fn drop(&mut self) {
         let socket = self.socket.to_string_lossy().into_owned();
-        let _ = self
+        let asked = self
             .ssh
             .command(&["-S", &socket, "-O", "exit"])
             .arg(&self.destination)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|status| status.success());
+        if !asked || wait_bounded(&mut self.child, LINGER).is_err() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 

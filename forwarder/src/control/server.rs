@@ -177,7 +177,7 @@ async fn dispatch(
             let mut relay = relay.lock().expect("relay lock");
             let port = match owned_session(&relay, caller, &target, "remove") {
                 Ok(port) => port,
-                Err(refusal) => return refusal,
+                Err(refusal) => return *refusal,
             };
             let why = if caller.is_root() {
                 "removed by root"
@@ -196,7 +196,7 @@ async fn dispatch(
             let relay = relay.lock().expect("relay lock");
             let port = match owned_session(&relay, caller, &target, "show") {
                 Ok(port) => port,
-                Err(refusal) => return refusal,
+                Err(refusal) => return *refusal,
             };
             match relay.session_info(port, crate::datapath::monotonic_ns()) {
                 Some(info) => Reply::Session(info),
@@ -223,18 +223,14 @@ async fn dispatch(
 /// root on every session, anyone else on its own. Another user's session
 /// is refused as such (its port is no secret: it is bound on the host),
 /// and the refusal is audited.
-#[expect(
-    clippy::result_large_err,
-    reason = "the refusal is the request's reply itself, made once per request: boxing it would only move it"
-)]
 fn owned_session(
     relay: &crate::sessions::Relay,
     caller: &Owner,
     target: &str,
     action: &'static str,
-) -> Result<u16, Reply> {
+) -> Result<u16, Box<Reply>> {
     let Some(port) = relay.find_session(target) else {
-        return Err(not_found(target));
+        return Err(Box::new(not_found(target)));
     };
     match relay.owner_of(port) {
         Some(owner) if caller.is_root() || owner.uid == caller.uid => Ok(port),
@@ -245,9 +241,9 @@ fn owned_session(
                 caller.name, caller.uid
             );
             users::audit_refusal(caller, action, target, &reason);
-            Err(Reply::PermissionDenied(reason))
+            Err(Box::new(Reply::PermissionDenied(reason)))
         }
-        None => Err(not_found(target)),
+        None => Err(Box::new(not_found(target))),
     }
 }
 

@@ -132,6 +132,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     let socket_path = forwarder_api::socket_path(&options.instance);
     let socket_group = control::server::SocketGroup::lookup(&options.socket_group)?;
+    for table in options.users.unknown_names() {
+        tracing::warn!(
+            "the config's {table} names no user or group on this host: it applies to nobody until it exists \
+             (check the spelling)"
+        );
+    }
     let listener = control::server::bind(&socket_path, &options.instance, &socket_group)?;
     // From here on a failed start removes what it built (see StartGuard).
     let mut guard = StartGuard {
@@ -298,6 +304,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         _ = interrupt.recv() => info!("SIGINT: shutting down"),
     }
     server.abort();
+    // What keyed sessions have seen, for the next start's replay rule.
+    relay.lock().expect("relay lock").store_keyed_progress(true);
     if let Some(metrics) = metrics {
         metrics.abort();
     }
@@ -418,6 +426,8 @@ async fn expire_forever(relay: SharedRelay) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        relay.lock().expect("relay lock").expire(monotonic_ns());
+        let mut relay = relay.lock().expect("relay lock");
+        relay.expire(monotonic_ns());
+        relay.store_keyed_progress(false);
     }
 }

@@ -125,6 +125,7 @@ impl Session {
             owner_uid: self.owner.uid,
             // Keyed sessions add theirs (sessions/shared.rs).
             sealed_key: None,
+            client_seq_floor: None,
         }
     }
 }
@@ -327,7 +328,7 @@ impl Relay {
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
             store,
-            users: UserPolicy::default(),
+            users: UserPolicy::new(crate::config::defaults::USER_QUOTA),
             owner_new_flows: HashMap::new(),
             shared: None,
             tcp: None,
@@ -387,6 +388,11 @@ impl Relay {
         }
     }
 
+    #[cfg(test)]
+    fn record_of(&self, port: u16) -> SessionRecord {
+        self.sessions[&port].record()
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
@@ -440,6 +446,13 @@ impl Relay {
             );
         }
         if let Some(existing) = self.sessions.values().find(|s| s.backend == backend) {
+            // Another user's session is not the caller's to name or remove.
+            if !owner.is_root() && existing.owner.uid != owner.uid {
+                bail!(
+                    "another user's session already forwards to {backend}: one backend has one session; \
+                     ask that user or the relay's administrator"
+                );
+            }
             bail!(
                 "session {} (port {}) already forwards to {backend}: use it, or `forwarder remove {}` first",
                 existing.id,
@@ -452,11 +465,12 @@ impl Relay {
         if let Err(at_limit) = crate::datapath::fds::check_headroom() {
             bail!("{at_limit}");
         }
-        if self.sessions.len() >= self.limits.max_sessions {
+        if self.sessions.len() >= self.session_capacity() {
             bail!(
-                "the relay holds its maximum of {} sessions: remove unused ones (`forwarder list`) \
+                "the relay holds its maximum of {} sessions{}: remove unused ones (`forwarder list`) \
                  or raise max_sessions in the config (--max-sessions)",
-                self.limits.max_sessions
+                self.session_capacity(),
+                shared::capacity_note(self.shared.is_some())
             );
         }
         let socket = match port {
@@ -1461,6 +1475,20 @@ mod tests {
         ));
         assert_eq!(flows_of(&relay, other_port).len(), 1);
 
+        // What the session's own port saw bounds the shared port too.
+        let own = genuine(&other_key, 40);
+        assert!(forwarded(
+            relay
+                .on_client_datagram(other_port, endpoint(9), relay_addr, &own)
+                .unwrap()
+        ));
+        assert!(!forwarded(
+            relay
+                .on_shared_packet(endpoint(10), relay_addr, &own)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.shared_replayed, 3);
+
         // Removed sessions leave the ring.
         relay.remove_session(other_port, "test");
         assert!(!forwarded(
@@ -1478,6 +1506,139 @@ mod tests {
         plaintext[..4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
         plaintext[14] = 0x78;
         key.seal(seq, &plaintext)
+    }
+
+    #[tokio::test]
+    async fn an_owner_is_held_to_its_quota_across_its_sessions() {
+        let mut relay = loopback_relay(8);
+        relay.set_user_policy(UserPolicy {
+            quota: crate::users::Quota {
+                max_sessions: 2,
+                max_flows: 1,
+                new_flows_per_sec: 0,
+            },
+            ..UserPolicy::new(crate::config::defaults::USER_QUOTA)
+        });
+        let alice = Owner {
+            uid: 1000,
+            name: "alice".into(),
+            groups: vec!["alice".into()],
+        };
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 1,
+        };
+        let backend = |n: u8| SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
+        let mut ports = Vec::new();
+        for n in [2, 3] {
+            let (info, _socket) = relay
+                .add_session_for(alice.clone(), backend(n), route, None, None)
+                .unwrap();
+            assert_eq!(info.owner.name, "alice");
+            assert_eq!(relay.record_of(info.port).owner_uid, 1000);
+            ports.push(info.port);
+        }
+        let Err(refused) = relay.add_session_for(alice.clone(), backend(4), route, None, None)
+        else {
+            panic!("a third session was allowed");
+        };
+        let refused = refused.to_string();
+        assert!(
+            refused.contains("has 2 sessions, the quota of 2 (user_max_sessions"),
+            "{refused}"
+        );
+        // Root is held to no quota.
+        relay.add_session(backend(4), route, None, None).unwrap();
+        // Another user's backend: refused without naming that session.
+        let bob = Owner {
+            uid: 1001,
+            name: "bob".into(),
+            groups: Vec::new(),
+        };
+        let Err(taken) = relay.add_session_for(bob, backend(2), route, None, None) else {
+            panic!("two sessions for one backend");
+        };
+        let taken = taken.to_string();
+        assert!(taken.contains("another user's session"), "{taken}");
+        assert!(!taken.contains(&ports[0].to_string()), "{taken}");
+
+        // One answered flow on each of alice's sessions: only one may be
+        // established under her quota of one flow.
+        for (index, &port) in ports.iter().enumerate() {
+            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50_000 + index as u16);
+            let ClientVerdict::Forward { socket, .. } = relay
+                .on_client_packet(port, client, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+            else {
+                panic!("alice's first flow on {port} was refused");
+            };
+            let answer = Received {
+                len: 64,
+                from: backend(2 + index as u8),
+                to: Ipv4Addr::LOCALHOST,
+                ifindex: 1,
+            };
+            assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
+        }
+        relay.expire(monotonic_ns());
+        assert_eq!(relay.stats.flows_promoted, 1, "past alice's flow quota");
+        // With her quota spent, a new endpoint is refused on any of her sessions.
+        let late: SocketAddrV4 = "192.0.2.9:50000".parse().unwrap();
+        assert!(!forwarded(
+            relay
+                .on_client_packet(ports[0], late, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.refused_flow_limit, 1);
+        let quota = relay.owner_flow_room(ports[1]).unwrap_err();
+        assert!(
+            quota.contains("1 established flows, the quota of 1 (user_max_flows"),
+            "{quota}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_owners_flows_are_established_at_its_own_rate() {
+        let mut relay = loopback_relay(8);
+        relay.set_user_policy(UserPolicy::new(crate::users::Quota {
+            max_sessions: 0,
+            max_flows: 0,
+            new_flows_per_sec: 1,
+        }));
+        let bob = Owner {
+            uid: 1001,
+            name: "bob".into(),
+            groups: Vec::new(),
+        };
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 1,
+        };
+        // Three sessions, one answered flow each: the owner's bucket (1/s,
+        // bursts of 2) lets two be established now, whatever the sessions' own.
+        for n in 2..5u8 {
+            let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
+            let (info, _socket) = relay
+                .add_session_for(bob.clone(), backend, route, None, None)
+                .unwrap();
+            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 50_000);
+            let ClientVerdict::Forward { socket, .. } = relay
+                .on_client_packet(info.port, client, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+            else {
+                panic!("bob's flow was refused");
+            };
+            let answer = Received {
+                len: 64,
+                from: backend,
+                to: Ipv4Addr::LOCALHOST,
+                ifindex: 1,
+            };
+            assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
+        }
+        relay.expire(monotonic_ns());
+        assert_eq!(relay.stats.flows_promoted, 2);
+        assert_eq!(relay.stats.refused_rate_limit, 1);
     }
 
     #[test]

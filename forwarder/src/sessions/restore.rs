@@ -148,7 +148,7 @@ impl Relay {
             None => None,
         };
         if let Some(sealed) = &record.sealed_key
-            && let Err(error) = self.restore_key(&mut session, sealed)
+            && let Err(error) = self.restore_key(&mut session, sealed, record.client_seq_floor)
         {
             socket.close();
             self.datapath.remove_session_bucket(record.port);

@@ -28,7 +28,8 @@
 //! probation, no more). Datagrams forged from a live flow's own endpoint
 //! raise the count and so the bound, by one each, so such a forger would
 //! delay a roam of that client through the shared port by as many
-//! datagrams as it sent, never let anything in.
+//! datagrams as it sent, never let anything in. The bound is stored with
+//! the session ([`Relay::store_keyed_progress`]) so a restart keeps it.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -41,7 +42,7 @@ use super::{ClientVerdict, Flow, Relay, Session};
 use crate::datapath::Datapath;
 use crate::datapath::socket::RelaySocket;
 use crate::mosh::{KeyRing, MoshKey, Rejected};
-use crate::store::{KeyBinding, SealedKey};
+use crate::store::{KeyBinding, SealedKey, SessionRecord, Store};
 
 /// The key a session carries, and what bounds the sequence numbers its
 /// client has used.
@@ -49,16 +50,22 @@ pub struct SessionKey {
     key: MoshKey,
     /// Newest client-to-server sequence number the daemon verified itself.
     newest_verified: Option<u64>,
-    /// The largest bound of the session's flows that are gone.
+    /// The largest bound of the session's flows that are gone (and, after
+    /// a restart, the bound the previous daemon stored).
     retired_bound: Option<u64>,
+    /// The bound as last written to the store, and when.
+    stored_floor: Option<u64>,
+    stored_ns: u64,
 }
 
 impl SessionKey {
-    fn new(key: MoshKey) -> Self {
+    fn new(key: MoshKey, floor: Option<u64>) -> Self {
         Self {
             key,
             newest_verified: None,
-            retired_bound: None,
+            retired_bound: floor,
+            stored_floor: floor,
+            stored_ns: super::monotonic_ns(),
         }
     }
 
@@ -100,7 +107,37 @@ fn binding(session: &Session) -> KeyBinding<'_> {
     }
 }
 
+/// Why the session limit is one short with a shared port, for its refusal.
+pub(super) fn capacity_note(shared: bool) -> &'static str {
+    if shared {
+        " (--max-sessions less the slow-path bucket the shared port takes)"
+    } else {
+        ""
+    }
+}
+
+/// A keyed session's row: its key sealed, and the sequence bound so far.
+fn keyed_record(
+    store: &Store,
+    session: &Session,
+    key: &MoshKey,
+    floor: Option<u64>,
+) -> SessionRecord {
+    let mut record = session.record();
+    record.sealed_key = Some(store.keyed_sealer().seal(&key.bytes(), binding(session)));
+    record.client_seq_floor = floor;
+    record
+}
+
 impl Relay {
+    /// Sessions the relay may hold: the shared port's slow-path bucket
+    /// takes one of the `--max-sessions` slots of the kernel's bucket map.
+    pub(super) fn session_capacity(&self) -> usize {
+        self.limits
+            .max_sessions
+            .saturating_sub(usize::from(self.shared.is_some()))
+    }
+
     /// Opens the shared port: binds its socket (taking it out of the
     /// session pool when it lies inside `--ports`) and gives it a slow-path
     /// bucket of its own. Call before [`Relay::restore`], which adopts the
@@ -158,8 +195,7 @@ impl Relay {
             );
         }
         if let Some(store) = &self.store {
-            let mut record = session.record();
-            record.sealed_key = Some(store.keyed_sealer().seal(&key.bytes(), binding(session)));
+            let record = keyed_record(store, session, &key, None);
             store
                 .put(&record)
                 .context("storing the session's sealed key")?;
@@ -168,8 +204,52 @@ impl Relay {
             shared.ring.insert(port, key.clone());
         }
         info!(session = %session.id, port, "session carries its mosh key");
-        session.key = Some(Box::new(SessionKey::new(key)));
+        session.key = Some(Box::new(SessionKey::new(key, None)));
         Ok(())
+    }
+
+    /// Writes keyed sessions whose sequence bound moved since they were
+    /// last stored: at most every [`super::nat::PROGRESS_WRITE_INTERVAL`]
+    /// each, or all of them now with `force` (a clean shutdown). A daemon
+    /// killed in between restarts with a lower bound, which only widens
+    /// the window a replay could slip through, never refuses a real client.
+    pub fn store_keyed_progress(&mut self, force: bool) {
+        let now = super::monotonic_ns();
+        let interval = super::nat::PROGRESS_WRITE_INTERVAL.as_nanos() as u64;
+        let due: Vec<(u16, Option<u64>)> = self
+            .sessions
+            .values()
+            .filter_map(|s| {
+                let key = s.key.as_ref()?;
+                let bound = self.client_seq_bound(s.port);
+                let stale = force || now.saturating_sub(key.stored_ns) >= interval;
+                (bound != key.stored_floor && stale).then_some((s.port, bound))
+            })
+            .collect();
+        let Some(store) = &self.store else {
+            return;
+        };
+        for (port, bound) in due {
+            let Some(session) = self.sessions.get_mut(&port) else {
+                continue;
+            };
+            let Some(key) = session.key.as_deref() else {
+                continue;
+            };
+            let record = keyed_record(store, session, &key.key, bound);
+            match store.put(&record) {
+                Ok(()) => {
+                    let key = session.key.as_deref_mut().expect("checked above");
+                    key.stored_floor = bound;
+                    key.stored_ns = now;
+                }
+                Err(error) => tracing::warn!(
+                    session = %session.id,
+                    error = format!("{error:#}"),
+                    "storing a keyed session's sequence bound failed: a restart would start from an older one"
+                ),
+            }
+        }
     }
 
     /// Unseals a stored keyed session's key (the session is built, not yet inserted).
@@ -177,6 +257,7 @@ impl Relay {
         &mut self,
         session: &mut Session,
         sealed: &SealedKey,
+        floor: Option<u64>,
     ) -> anyhow::Result<()> {
         let Some(store) = &self.store else {
             bail!("no session store");
@@ -194,7 +275,7 @@ impl Relay {
         if let Some(shared) = &mut self.shared {
             shared.ring.insert(session.port, key.clone());
         }
-        session.key = Some(Box::new(SessionKey::new(key)));
+        session.key = Some(Box::new(SessionKey::new(key, floor)));
         Ok(())
     }
 
