@@ -171,10 +171,6 @@ pub struct SessionInfo {
     /// Set for a server behind NAT that came through the punch handshake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatInfo>,
-    /// Who created it (the caller's uid on the control socket); root for
-    /// sessions of daemons that did not record owners.
-    #[serde(default)]
-    pub owner: OwnerInfo,
     /// Whether the relay holds the session's mosh key (`add --key-file`);
     /// the key itself is never shown.
     #[serde(default)]
@@ -183,6 +179,14 @@ pub struct SessionInfo {
     /// well as on `port`; absent for keyless sessions or without `--shared-port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_port: Option<u16>,
+    /// Who created it (the caller's uid on the control socket); root for
+    /// sessions of daemons that did not record owners.
+    #[serde(default)]
+    pub owner: OwnerInfo,
+    /// In a cluster (`run --etcd`): every live relay that has the session
+    /// programmed, with the flows its clients have there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<SessionHolder>,
     /// The relay's TCP port for this session (`run --tcp-port`), for
     /// networks that block UDP; absent without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,6 +244,50 @@ impl Default for OwnerInfo {
             name: "root".into(),
         }
     }
+}
+
+/// One relay's share of a session shared through etcd.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionHolder {
+    pub relay: String,
+    pub flows: u64,
+}
+
+/// A relay's part in a cluster that shares sessions through etcd.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// This relay's name in the cluster (`--relay-name`).
+    pub relay: String,
+    /// The etcd endpoints, as given.
+    pub etcd: Vec<String>,
+    /// Whether etcd answers: while it does not, the relay keeps forwarding
+    /// what it has and refuses `add` and `remove`.
+    pub etcd_connected: bool,
+    /// Why etcd does not answer (the last error), while it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_error: Option<String>,
+    /// Sessions etcd holds, as this relay last saw them.
+    pub shared_sessions: u64,
+    /// The relays that hold a lease now, this one included, by name.
+    pub relays: Vec<RelayPresence>,
+}
+
+/// What one live relay publishes under its lease.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayPresence {
+    pub relay: String,
+    /// Its interface addresses.
+    pub addresses: Vec<String>,
+    /// The sessions it has programmed, by client-facing port.
+    pub sessions: BTreeMap<u16, HeldSession>,
+}
+
+/// A session as one relay holds it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeldSession {
+    pub flows: u64,
+    /// Milliseconds since its newest packet through this relay.
+    pub idle_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -316,6 +364,9 @@ pub struct StatsInfo {
     /// down, forwarding disabled), each with its fix.
     #[serde(default)]
     pub warnings: Vec<Warning>,
+    /// Set when the relay shares its sessions through etcd (`run --etcd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterInfo>,
     /// The TCP bridge, when the relay runs one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpStats>,

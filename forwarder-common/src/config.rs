@@ -1,4 +1,5 @@
-//! Relay-wide settings the XDP program reads from a one-slot array map.
+//! Relay-wide settings: map sizes, map names, and the port ranges the XDP
+//! program reads from a read-only global set at load time.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -27,7 +28,6 @@ pub const MAX_INTERFACES: u32 = 64;
 /// The names of the maps in the XDP object: the daemon finds, sizes and pins
 /// them by these names, so both sides take them from here.
 pub mod map_names {
-    pub const CONFIG: &str = "CONFIG";
     pub const CLIENT_FLOWS: &str = "CLIENT_FLOWS";
     pub const BACKEND_FLOWS: &str = "BACKEND_FLOWS";
     pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
@@ -87,6 +87,10 @@ impl RuntimeSizes {
         ]
     }
 }
+
+/// Name of the read-only global the XDP program reads its [`RelayConfig`]
+/// from; the daemon sets it when it loads the program.
+pub const RELAY_CONFIG_GLOBAL: &str = "RELAY_CONFIG";
 
 /// Port ranges the relay owns, in host byte order, inclusive. A UDP packet to
 /// any other port is not the relay's business and passes untouched.

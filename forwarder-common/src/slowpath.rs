@@ -14,8 +14,8 @@ use bytemuck::{Pod, Zeroable};
 /// to `--max-sessions` at load time (`config::RuntimeSizes`).
 pub const MAX_SESSIONS: u32 = crate::config::DEFAULT_MAX_SESSIONS;
 
-/// One rate limit. All times are CLOCK_MONOTONIC nanoseconds
-/// (`bpf_ktime_get_ns`).
+/// One rate limit. All times are CLOCK_MONOTONIC nanoseconds; the XDP
+/// program reads them tick-granular (`bpf_ktime_get_coarse_ns`, same base).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SlowpathBucket {

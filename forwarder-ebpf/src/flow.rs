@@ -4,7 +4,8 @@ use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
 use forwarder_common::{BackendKey, ClientKey, Reason, Rewrite};
 
 use crate::{
-    maps::{BACKEND_FLOWS, CLIENT_FLOWS, CONFIG},
+    config,
+    maps::{BACKEND_FLOWS, CLIENT_FLOWS},
     parse::Packet,
 };
 
@@ -20,9 +21,7 @@ pub enum Side {
 /// Classifies the destination port against the relay's port ranges.
 #[inline(always)]
 pub fn relay_side(packet: &Packet) -> Result<Side, Reason> {
-    // A missing config slot cannot happen for an array map; treating it as
-    // "no relay ports" keeps the host working whatever happens.
-    let config = CONFIG.get(0).ok_or(Reason::PassNotRelayPort)?;
+    let config = config::relay();
     let port = u16::from_be_bytes(packet.udp().dst);
     if config.is_client_port(port) {
         Ok(Side::Client)

@@ -14,6 +14,7 @@
     reason = "core_intrinsics is the only way to an atomic add on bpfel"
 )]
 
+mod config;
 mod flow;
 mod forward;
 mod maps;

@@ -10,16 +10,11 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, RelayConfig, Rewrite,
-    SlowpathBucket,
+    BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite, SlowpathBucket,
     config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES},
     reason::ReasonCounter,
     slowpath::MAX_SESSIONS,
 };
-
-/// Port ranges the relay owns; one slot, written by the daemon at start.
-#[map]
-pub static CONFIG: Array<RelayConfig> = Array::with_max_entries(1, 0);
 
 /// Client halves of flows; a plain hash so a live session is never evicted.
 #[map]

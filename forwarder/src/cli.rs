@@ -211,6 +211,36 @@ pub struct RunArgs {
     /// Who besides root may use the control socket, and what they may do.
     #[command(flatten, next_help_heading = "Self-service (non-root users)")]
     pub users: Box<UserArgs>,
+    #[command(flatten)]
+    pub gateway_mode: Box<GatewayArgs>,
+    /// Sharing sessions with other relays through etcd (boxed: `Verb` stays small).
+    #[command(flatten)]
+    pub cluster: Box<ClusterArgs>,
+}
+
+/// `run`'s etcd flags.
+#[derive(Args, Debug)]
+pub struct ClusterArgs {
+    /// Share sessions with other relays through etcd at these client URLs (comma-separated,
+    /// e.g. http://10.0.0.5:2379); off unless given. Every relay of a cluster needs the same
+    /// --ports and --etcd-prefix.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix of the cluster in etcd [default: /forwarder/].
+    #[arg(long)]
+    pub etcd_prefix: Option<String>,
+    /// CA certificate (PEM) etcd's server certificate must chain to (https:// URLs).
+    #[arg(long)]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate authentication; with --etcd-key-file.
+    #[arg(long)]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long)]
+    pub etcd_key_file: Option<PathBuf>,
+    /// This relay's name in the cluster, as `list` and the metrics show it [default: HOSTNAME-INSTANCE].
+    #[arg(long)]
+    pub relay_name: Option<String>,
 }
 
 /// `run` flags for self-service: the socket's group, the backend policy and
@@ -244,6 +274,94 @@ pub struct UserArgs {
     pub user_new_flows_per_sec: Option<u32>,
 }
 
+/// Gateway mode's `run` flags (boxed into [`RunArgs`]: they are many).
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// Gateway mode: serve NAT-PMP, PCP and UPnP IGD on this LAN interface (repeat for each; each
+    /// also an --iface). LAN hosts' mappings become sessions on the WAN interface's address.
+    #[arg(long = "gateway")]
+    pub gateway: Vec<String>,
+    /// A permission rule, miniupnpd's syntax: `allow|deny EXTERNAL_PORTS HOST/MASK INTERNAL_PORTS`
+    /// (repeat; the first match decides, none matching denies). Without any: hosts on each LAN
+    /// interface's subnet may map external ports within --ports.
+    #[arg(long = "gateway-rule")]
+    pub gateway_rules: Vec<String>,
+    /// Secure mode: a LAN host may map ports only to itself [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub gateway_secure_mode: Option<bool>,
+    /// Shortest mapping lifetime granted; shorter requests get this [default: 2m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub gateway_min_lifetime: Option<Duration>,
+    /// Longest mapping lifetime granted (UPnP's "permanent" gets this) [default: 1day].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub gateway_max_lifetime: Option<Duration>,
+    /// Most mappings one LAN host may hold [default: 16].
+    #[arg(long)]
+    pub gateway_max_mappings_per_host: Option<usize>,
+    /// TCP port of the UPnP IGD's description and SOAP control, on each LAN address [default: 5000].
+    #[arg(long)]
+    pub gateway_upnp_port: Option<u16>,
+}
+
+/// Gateway mode's options from the flags over the config file, or None
+/// when no LAN interface is named.
+fn gateway_options(
+    args: &GatewayArgs,
+    file: &FileConfig,
+) -> anyhow::Result<Option<crate::gateway::GatewayOptions>> {
+    let interfaces = if args.gateway.is_empty() {
+        file.gateway.clone().unwrap_or_default()
+    } else {
+        args.gateway.clone()
+    };
+    if interfaces.is_empty() {
+        return Ok(None);
+    }
+    let lines = if args.gateway_rules.is_empty() {
+        file.gateway_rules.clone().unwrap_or_default()
+    } else {
+        args.gateway_rules.clone()
+    };
+    let rules = lines
+        .iter()
+        .map(|line| line.parse::<crate::gateway::rules::Rule>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| anyhow::anyhow!("--gateway-rule {error}"))?;
+    let min_lifetime = args
+        .gateway_min_lifetime
+        .or(file.gateway_min_lifetime)
+        .unwrap_or(defaults::GATEWAY_MIN_LIFETIME);
+    let max_lifetime = args
+        .gateway_max_lifetime
+        .or(file.gateway_max_lifetime)
+        .unwrap_or(defaults::GATEWAY_MAX_LIFETIME);
+    if min_lifetime > max_lifetime || max_lifetime.is_zero() {
+        bail!(
+            "--gateway-min-lifetime {} is over --gateway-max-lifetime {}: give 0 < MIN <= MAX",
+            humantime::format_duration(min_lifetime),
+            humantime::format_duration(max_lifetime)
+        );
+    }
+    Ok(Some(crate::gateway::GatewayOptions {
+        interfaces,
+        rules,
+        secure_mode: args
+            .gateway_secure_mode
+            .or(file.gateway_secure_mode)
+            .unwrap_or(defaults::GATEWAY_SECURE_MODE),
+        min_lifetime,
+        max_lifetime,
+        max_mappings_per_host: args
+            .gateway_max_mappings_per_host
+            .or(file.gateway_max_mappings_per_host)
+            .unwrap_or(defaults::GATEWAY_MAX_MAPPINGS_PER_HOST),
+        upnp_http_port: args
+            .gateway_upnp_port
+            .or(file.gateway_upnp_port)
+            .unwrap_or(defaults::GATEWAY_UPNP_PORT),
+    }))
+}
+
 /// The one place `--max-flows` and `--max-sessions` become map sizes.
 fn runtime_sizes(
     max_flows: u32,
@@ -261,12 +379,22 @@ fn runtime_sizes(
     })
 }
 
+/// A relay's name in a cluster unless `--relay-name` gives one: unique per
+/// host and instance.
+fn default_relay_name(instance: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "relay".into());
+    format!("{host}-{instance}")
+}
+
 /// Merges flags over the config file over the defaults.
 pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<RunOptions> {
     let file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    let gateway = gateway_options(&args.gateway_mode, &file)?;
     let instance = instance
         .or(file.instance)
         .unwrap_or_else(|| defaults::INSTANCE.into());
@@ -319,6 +447,10 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         .or(file.max_sessions)
         .unwrap_or(defaults::MAX_SESSIONS);
     let sizes = runtime_sizes(max_flows, max_sessions)?;
+    let shared_port = args.shared_port.or(file.shared_port);
+    if shared_port == Some(0) {
+        bail!("--shared-port 0 is no port: give the UDP port clients may reach, e.g. 443");
+    }
     let or_file = |flags: Vec<BackendRule>, file: Option<Vec<BackendRule>>| {
         if flags.is_empty() {
             file.unwrap_or_default()
@@ -347,10 +479,33 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         users: file.user.unwrap_or_default(),
         groups: file.group.unwrap_or_default(),
     };
-    let shared_port = args.shared_port.or(file.shared_port);
-    if shared_port == Some(0) {
-        bail!("--shared-port 0 is no port: give the UDP port clients may reach, e.g. 443");
-    }
+    let ClusterArgs {
+        etcd,
+        etcd_prefix,
+        etcd_ca_file,
+        etcd_cert_file,
+        etcd_key_file,
+        relay_name,
+    } = *args.cluster;
+    let etcd = if etcd.is_empty() {
+        file.etcd.unwrap_or_default()
+    } else {
+        etcd
+    };
+    let cluster = (!etcd.is_empty()).then(|| crate::cluster::ClusterOptions {
+        endpoints: etcd,
+        prefix: crate::cluster::ClusterOptions::normalized_prefix(
+            &etcd_prefix
+                .or(file.etcd_prefix)
+                .unwrap_or_else(|| defaults::ETCD_PREFIX.into()),
+        ),
+        relay_name: relay_name
+            .or(file.relay_name)
+            .unwrap_or_else(|| default_relay_name(&instance)),
+        ca_file: etcd_ca_file.or(file.etcd_ca_file),
+        cert_file: etcd_cert_file.or(file.etcd_cert_file),
+        key_file: etcd_key_file.or(file.etcd_key_file),
+    });
     let tcp_port = args.tcp_port.or(file.tcp_port);
     if tcp_port == Some(0) {
         bail!("--tcp-port 0 is no port: give the TCP port clients may reach, e.g. 443");
@@ -375,6 +530,8 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
             .or(file.socket_group)
             .unwrap_or_else(|| defaults::SOCKET_GROUP.into()),
         users,
+        gateway,
+        cluster,
         punch,
         sizes,
         shared_port,
@@ -749,6 +906,14 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
             idle(s.idle_ms),
             humantime::format_duration(Duration::from_secs(s.idle_timeout_secs))
         );
+        if !s.relays.is_empty() {
+            let holders: Vec<String> = s
+                .relays
+                .iter()
+                .map(|h| format!("{} ({})", h.relay, plural(h.flows, "flow")))
+                .collect();
+            let _ = writeln!(out, "  shared; held by {}", holders.join(", "));
+        }
         if let Some(nat) = &s.nat {
             let _ = writeln!(
                 out,
@@ -834,6 +999,22 @@ fn render_stats(stats: &StatsInfo) -> String {
         stats.sessions,
         stats.flows
     );
+    if let Some(cluster) = &stats.cluster {
+        let relays: Vec<&str> = cluster.relays.iter().map(|r| r.relay.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "cluster: relay {} on etcd {} ({}); {} shared sessions; live relays: {}",
+            cluster.relay,
+            cluster.etcd.join(","),
+            match &cluster.etcd_error {
+                _ if cluster.etcd_connected => "connected".to_string(),
+                Some(error) => format!("NOT connected: {error}; adds and removes are refused"),
+                None => "connecting".to_string(),
+            },
+            cluster.shared_sessions,
+            relays.join(", ")
+        );
+    }
     let verdicts: Vec<String> = stats
         .verdicts
         .iter()
@@ -959,7 +1140,7 @@ fn render_stats(stats: &StatsInfo) -> String {
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, ValueEnum};
+    use clap::{CommandFactory, Parser, ValueEnum};
 
     use super::*;
 
@@ -1041,6 +1222,27 @@ mod tests {
             number("user-new-flows-per-sec"),
             u64::from(defaults::USER_NEW_FLOWS_PER_SEC)
         );
+        assert_eq!(
+            duration("gateway-min-lifetime"),
+            defaults::GATEWAY_MIN_LIFETIME
+        );
+        assert_eq!(
+            duration("gateway-max-lifetime"),
+            defaults::GATEWAY_MAX_LIFETIME
+        );
+        assert_eq!(
+            number("gateway-max-mappings-per-host"),
+            defaults::GATEWAY_MAX_MAPPINGS_PER_HOST as u64
+        );
+        assert_eq!(
+            number("gateway-upnp-port"),
+            u64::from(defaults::GATEWAY_UPNP_PORT)
+        );
+        assert_eq!(
+            shown_default("gateway-secure-mode").parse::<bool>(),
+            Ok(defaults::GATEWAY_SECURE_MODE)
+        );
+        assert_eq!(shown_default("etcd-prefix"), defaults::ETCD_PREFIX);
         assert_eq!(number("tcp-max-streams"), defaults::TCP_MAX_STREAMS as u64);
         assert_eq!(
             number("tcp-streams-per-session"),
@@ -1085,6 +1287,38 @@ mod tests {
         );
         // Users may add nothing until the operator writes an allow rule.
         assert_eq!(file.user_allow, Some(Vec::new()));
+        assert_eq!(
+            file.gateway_secure_mode,
+            Some(defaults::GATEWAY_SECURE_MODE)
+        );
+        assert_eq!(
+            file.gateway_min_lifetime,
+            Some(defaults::GATEWAY_MIN_LIFETIME)
+        );
+        assert_eq!(
+            file.gateway_max_lifetime,
+            Some(defaults::GATEWAY_MAX_LIFETIME)
+        );
+        assert_eq!(
+            file.gateway_max_mappings_per_host,
+            Some(defaults::GATEWAY_MAX_MAPPINGS_PER_HOST)
+        );
+        assert_eq!(file.gateway_upnp_port, Some(defaults::GATEWAY_UPNP_PORT));
+        // The commented rules parse as rules.
+        let text = include_str!("../../packaging/forwarder.toml");
+        let rules = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# gateway_rules = "))
+            .expect("a gateway_rules example");
+        let rules: Vec<String> = toml::from_str::<std::collections::BTreeMap<String, Vec<String>>>(
+            &format!("r = {rules}"),
+        )
+        .unwrap()
+        .remove("r")
+        .unwrap();
+        for rule in rules {
+            rule.parse::<crate::gateway::rules::Rule>().unwrap();
+        }
         assert_eq!(file.tcp_max_streams, Some(defaults::TCP_MAX_STREAMS));
         assert_eq!(
             file.tcp_streams_per_session,
@@ -1140,6 +1374,62 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(bad.contains("not a port"), "{bad}");
+    }
+
+    #[test]
+    fn gateway_flags_and_config_merge() {
+        let parse = |argv: &str| {
+            let cli = Cli::try_parse_from(argv.split_whitespace()).unwrap();
+            let Verb::Run(args) = cli.verb else { panic!() };
+            run_options(None, args)
+        };
+        assert!(parse("forwarder run --iface a").unwrap().gateway.is_none());
+        let options =
+            parse("forwarder run --iface a --iface b --gateway b --gateway-secure-mode false")
+                .unwrap()
+                .gateway
+                .unwrap();
+        assert_eq!(options.interfaces, ["b"]);
+        assert!(!options.secure_mode);
+        assert!(options.rules.is_empty());
+        // From the config file; a flag wins over it.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("forwarder.toml");
+        std::fs::write(
+            &config,
+            "interfaces = [\"a\", \"b\"]\ngateway = [\"b\"]\n\
+             gateway_rules = [\"deny 60000 10.0.0.0/8 0-65535\", \"allow 60000-60999 10.0.0.0/8 1024-65535\"]\n\
+             gateway_max_mappings_per_host = 3\n",
+        )
+        .unwrap();
+        let from_file = parse(&format!("forwarder run --config {}", config.display()))
+            .unwrap()
+            .gateway
+            .unwrap();
+        assert_eq!(from_file.interfaces, ["b"]);
+        assert_eq!(from_file.rules.len(), 2);
+        assert_eq!(from_file.max_mappings_per_host, 3);
+        assert!(from_file.secure_mode);
+        let mut argv: Vec<String> = format!("forwarder run --config {}", config.display())
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        argv.extend(["--gateway-rule".into(), "allow 1-2 10.0.0.1 3".into()]);
+        let Verb::Run(args) = Cli::try_parse_from(argv).unwrap().verb else {
+            panic!()
+        };
+        let overridden = run_options(None, args).unwrap().gateway.unwrap();
+        assert_eq!(overridden.rules.len(), 1);
+        let error = parse("forwarder run --iface a --gateway a --gateway-rule permit").unwrap_err();
+        assert!(error.to_string().contains("allow|deny"), "{error}");
+        let error = parse(
+            "forwarder run --iface a --gateway a --gateway-min-lifetime 2h --gateway-max-lifetime 1h",
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("gateway-max-lifetime"),
+            "{error}"
+        );
     }
 
     #[test]

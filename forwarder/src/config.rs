@@ -67,6 +67,15 @@ pub mod defaults {
         max_flows: USER_MAX_FLOWS,
         new_flows_per_sec: USER_NEW_FLOWS_PER_SEC,
     };
+    /// Gateway mode: lifetime bounds of a mapping (miniupnpd's defaults),
+    /// mappings per LAN host, the IGD's HTTP port.
+    pub const GATEWAY_MIN_LIFETIME: Duration = Duration::from_secs(120);
+    pub const GATEWAY_MAX_LIFETIME: Duration = Duration::from_secs(86400);
+    pub const GATEWAY_MAX_MAPPINGS_PER_HOST: usize = 16;
+    pub const GATEWAY_UPNP_PORT: u16 = 5000;
+    pub const GATEWAY_SECURE_MODE: bool = true;
+    /// Where a cluster's keys live in etcd (`--etcd-prefix`).
+    pub const ETCD_PREFIX: &str = "/forwarder/";
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -104,6 +113,8 @@ pub struct FileConfig {
     pub public_addr: Option<std::net::Ipv4Addr>,
     #[serde(default, with = "humantime_serde")]
     pub punch_keepalive: Option<Duration>,
+    /// The one UDP port every keyed session is reachable on as well (none unless set).
+    pub shared_port: Option<u16>,
     /// Self-service: the control socket's group, the backend policy for
     /// non-root callers (CIDR[:PORTS] rules) and their default quotas.
     pub socket_group: Option<String>,
@@ -116,8 +127,26 @@ pub struct FileConfig {
     pub user: Option<BTreeMap<String, QuotaOverride>>,
     /// `[group.NAME]`: quota overrides and extra backend rules for a group's members (no flag).
     pub group: Option<BTreeMap<String, GroupRules>>,
-    /// The one UDP port every keyed session is reachable on as well (none unless set).
-    pub shared_port: Option<u16>,
+    /// Gateway mode: the LAN interfaces to serve NAT-PMP, PCP and UPnP IGD on.
+    pub gateway: Option<Vec<String>>,
+    /// miniupnpd-style permission lines, first match decides:
+    /// "allow|deny EXTERNAL_PORTS HOST/MASK INTERNAL_PORTS".
+    pub gateway_rules: Option<Vec<String>>,
+    pub gateway_secure_mode: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub gateway_min_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gateway_max_lifetime: Option<Duration>,
+    pub gateway_max_mappings_per_host: Option<usize>,
+    pub gateway_upnp_port: Option<u16>,
+    /// Share sessions with other relays through etcd: its client URLs.
+    pub etcd: Option<Vec<String>>,
+    pub etcd_prefix: Option<String>,
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    /// This relay's name in the cluster (default: HOSTNAME-INSTANCE).
+    pub relay_name: Option<String>,
     /// The TCP port for mosh over TCP (none unless set), and its stream limits.
     pub tcp_port: Option<u16>,
     pub tcp_max_streams: Option<usize>,

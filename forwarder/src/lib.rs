@@ -15,6 +15,11 @@
 //! tcpbridge            `run --tcp-port`: mosh over TCP, each stream one more flow of its session
 //! punch                the punch handshake: `wire` (format, authority), `relay` (the
 //!                      relay's service), `server` (`forwarder mosh-server`)
+//! gateway              gateway mode: NAT-PMP, PCP and UPnP IGD on the LAN side, each
+//!                      mapping a session with a lease (`natpmp` `pcp` `upnp` `rules`
+//!                      `leases` `service`, and `client` for `mosh-server --gateway`)
+//! cluster              several relays sharing one set of sessions through etcd
+//!                      (`run --etcd`): definitions, port transactions, the sync task
 //! slowpath             the daemon's share of forwarding: the socket readers
 //! sessions             the session and flow table (and its NAT half, restore and
 //!                      reports), kept consistent with the maps and the sockets
@@ -32,12 +37,14 @@
 //! `forwarder-common` (the kernel/user contract).
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod connect;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod expiry;
+pub mod gateway;
 pub mod limits;
 pub mod metrics;
 pub mod mosh;

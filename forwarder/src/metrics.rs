@@ -288,6 +288,9 @@ pub fn render(stats: &StatsInfo) -> String {
         "A condition that loses or slows packets silently (see `forwarder stats`), 1 while it holds",
         &warnings,
     );
+    if let Some(cluster) = &stats.cluster {
+        render_cluster(&mut registry, &stats.instance, cluster);
+    }
 
     if let Some(tcp) = &stats.tcp {
         tcp_families(&mut registry, tcp, &with);
@@ -296,6 +299,64 @@ pub fn render(stats: &StatsInfo) -> String {
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
+}
+
+/// A cluster (`run --etcd`): whether etcd answers, and which relay holds
+/// what (`holder` is the relay the numbers are about, as it last published).
+fn render_cluster(registry: &mut Registry, instance: &str, cluster: &forwarder_api::ClusterInfo) {
+    let relay = || {
+        let mut labels = label("relay", instance);
+        labels.push(("cluster_relay".to_string(), cluster.relay.clone()));
+        labels
+    };
+    gauge_family(
+        registry,
+        "forwarder_cluster_etcd_connected",
+        "1 while etcd answers; 0: forwarding goes on, add and remove are refused",
+        &[(relay(), i64::from(cluster.etcd_connected))],
+    );
+    gauge_family(
+        registry,
+        "forwarder_cluster_shared_sessions",
+        "Sessions etcd holds, as this relay last saw them",
+        &[(relay(), cluster.shared_sessions as i64)],
+    );
+    gauge_family(
+        registry,
+        "forwarder_cluster_relays",
+        "Relays holding a lease in etcd, this one included",
+        &[(relay(), cluster.relays.len() as i64)],
+    );
+    let holder = |name: &str| {
+        let mut labels = relay();
+        labels.push(("holder".to_string(), name.to_string()));
+        labels
+    };
+    let held: Vec<_> = cluster
+        .relays
+        .iter()
+        .map(|r| (holder(&r.relay), r.sessions.len() as i64))
+        .collect();
+    gauge_family(
+        registry,
+        "forwarder_cluster_held_sessions",
+        "Shared sessions each live relay has programmed",
+        &held,
+    );
+    let flows: Vec<_> = cluster
+        .relays
+        .iter()
+        .map(|r| {
+            let flows: u64 = r.sessions.values().map(|s| s.flows).sum();
+            (holder(&r.relay), flows as i64)
+        })
+        .collect();
+    gauge_family(
+        registry,
+        "forwarder_cluster_held_flows",
+        "Client flows on each live relay, over all shared sessions",
+        &flows,
+    );
 }
 
 /// The TCP bridge's counters (`run --tcp-port`).

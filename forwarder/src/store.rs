@@ -53,14 +53,14 @@ pub struct SessionRecord {
     /// Set for a punched session (absent in files written before they were stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nat: Option<NatRecord>,
-    /// The uid that created it; rows written before owners were recorded
-    /// were root's (only root could reach the socket then).
-    #[serde(default)]
-    pub owner_uid: u32,
     /// A keyed session's mosh key, sealed with [`Store::keyed_sealer`]
     /// (bound to the record's id and port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+    /// The uid that created it; rows written before owners were recorded
+    /// were root's (only root could reach the socket then).
+    #[serde(default)]
+    pub owner_uid: u32,
     /// A keyed session's client sequence numbers seen so far (at least):
     /// after a restart, a datagram on the shared port must still be newer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -364,8 +364,8 @@ mod tests {
             route_ifindex: 3,
             idle_timeout_secs: 600,
             nat: None,
-            owner_uid: 0,
             sealed_key: None,
+            owner_uid: 0,
             client_seq_floor: None,
         }
     }

@@ -7,9 +7,11 @@
 //! throwaway users and groups.
 
 pub mod capture;
+pub mod cluster;
 pub mod cmd;
 pub mod control;
 pub mod flood;
+pub mod gateway;
 pub mod hostile;
 pub mod mosh;
 pub mod nat;

@@ -19,6 +19,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("sshd", "openssh-server"),
     ("ssh", "openssh-client"),
     ("ssh-keygen", "openssh-client"),
+    ("natpmpc", "natpmpc"),
+    ("upnpc", "miniupnpc"),
     ("useradd", "passwd"),
     ("groupadd", "passwd"),
     ("runuser", "util-linux"),

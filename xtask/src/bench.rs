@@ -96,6 +96,16 @@ pub struct Plan {
     /// Keyed sessions on the shared port for the admission measurement.
     pub admission_sessions: Vec<usize>,
     pub admission_reps: usize,
+    /// BPF_PROG_TEST_RUN calls per program-cost case (forwarding, refusals, floors).
+    pub progcost_calls: usize,
+    /// Relay keys (and `scale`) to run; empty: everything.
+    pub only: Vec<String>,
+}
+
+impl Plan {
+    fn runs(&self, key: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k == key)
+    }
 }
 
 impl Plan {
@@ -112,6 +122,8 @@ impl Plan {
             adds: 500,
             admission_sessions: vec![1, 100, 1_000, 10_000],
             admission_reps: 1_000,
+            only: Vec::new(),
+            progcost_calls: 400,
         }
     }
 
@@ -128,6 +140,8 @@ impl Plan {
             adds: 20,
             admission_sessions: vec![1, 100],
             admission_reps: 10,
+            only: Vec::new(),
+            progcost_calls: 5,
         }
     }
 }
@@ -594,11 +608,12 @@ pub fn run(plan: &Plan) -> Result<Value> {
     let mut results = json!({"plan": format!("{plan:?}"), "throughput": {}, "latency": {}, "xdp_cost": {}, "scale": {}});
     // Pure CPU, no namespace: first, and printed at once.
     results["admission"] = admission(plan, &bench)?;
+    results["progcost"] = progcost(plan, &bench)?;
     let mut table = String::from(
         "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
     );
     for layout in [1, 2] {
-        for kind in Kind::ALL {
+        for kind in Kind::ALL.into_iter().filter(|k| plan.runs(k.key())) {
             let s = setup(kind, &bench, layout)
                 .with_context(|| format!("setting up {}", kind.name()))?;
             // Open the flows once (first packets go through a relay's slow path).
@@ -664,6 +679,9 @@ pub fn run(plan: &Plan) -> Result<Value> {
     // The relay comparison is printed before the long scale run, so a
     // failure there does not lose it.
     print_report(&results, &table);
+    if !plan.runs("scale") {
+        return Ok(results);
+    }
     results["scale"] = scale(plan, &bench)?;
     println!(
         "\n## Scale\n\n```json\n{}\n```",
@@ -781,6 +799,30 @@ fn admission(plan: &Plan, bench: &Path) -> Result<Value> {
         );
     }
     Ok(value["admission"].clone())
+}
+
+/// Per-packet program costs timed in the kernel (BPF_PROG_TEST_RUN): the
+/// load-independent figure for the program against the ceiling, and for
+/// refusing a flood against a bare XDP_DROP. Runs in its own namespace.
+fn progcost(plan: &Plan, bench: &Path) -> Result<Value> {
+    let calls = plan.progcost_calls.to_string();
+    let mut cmd = Command::new(bench);
+    cmd.args(["progcost", "--calls", &calls]);
+    let value = run_json(&mut cmd, Duration::from_secs(600))?;
+    println!("\n## XDP program cost (BPF_PROG_TEST_RUN, ns per run)\n");
+    println!("| case | p50 | p10–p90 | over bare XDP_DROP, p50 |\n|---|---|---|---|");
+    for point in value["points"].as_array().into_iter().flatten() {
+        let ns = &point["ns"];
+        println!(
+            "| {} | {:.0} | {:.0}–{:.0} | {:.0} |",
+            point["case"].as_str().unwrap_or("?"),
+            ns["p50"].as_f64().unwrap_or(0.0),
+            ns["p10"].as_f64().unwrap_or(0.0),
+            ns["p90"].as_f64().unwrap_or(0.0),
+            point["ns_over_bare_drop"]["p50"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(value["points"].clone())
 }
 
 fn print_report(results: &Value, table: &str) {

@@ -6,6 +6,7 @@
 mod bench;
 mod deb;
 mod demo;
+mod gateway_compare;
 mod modules;
 mod prereq;
 mod test;
@@ -35,6 +36,10 @@ enum Task {
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Run only these relays (direct, ceiling, xdp_native, xdp_generic, userspace, nftables,
+        /// socat) and, if named, the `scale` run: for an A/B of one change.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Prereq, release build, then every test in the workspace (as CI runs it).
     Test {
@@ -49,17 +54,21 @@ enum Task {
     Modules,
     /// rustfmt and clippy (warnings are errors) over every crate, the eBPF ones for their target.
     Lint,
+    /// Gateway mode against miniupnpd on the same topology (natpmpc, upnpc, mosh through
+    /// each mapping, hairpin, the WAN side, secure mode), printed side by side.
+    GatewayCompare,
 }
 
 fn main() -> ExitCode {
     let result = match Task::parse() {
         Task::Prereq => prereq::ensure(),
         Task::Demo => demo::run(),
-        Task::Bench { smoke, json } => run_bench(smoke, json),
+        Task::Bench { smoke, json, only } => run_bench(smoke, json, &only),
         Task::Test { args } => test::run(&args),
         Task::Deb => deb::run().map(drop),
         Task::Modules => modules::run(),
         Task::Lint => test::lint(),
+        Task::GatewayCompare => gateway_compare::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -70,14 +79,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_bench(smoke: bool, json: Option<PathBuf>) -> Result<()> {
+fn run_bench(smoke: bool, json: Option<PathBuf>, only: &[String]) -> Result<()> {
     prereq::ensure()?;
     build_forwarder()?;
-    let plan = if smoke {
+    let mut plan = if smoke {
         bench::Plan::smoke()
     } else {
         bench::Plan::full()
     };
+    plan.only = only.to_vec();
     let results = bench::run(&plan)?;
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)

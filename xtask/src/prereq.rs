@@ -28,6 +28,19 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
     "adduser",
     "man-db",
+    // Gateway mode: the real NAT-PMP and UPnP IGD clients, and miniupnpd
+    // (nftables backend) for the side-by-side comparison.
+    "natpmpc",
+    "miniupnpc",
+    "miniupnpd-nftables",
+    // The cluster tests run a real etcd (etcd-server), read it with etcdctl
+    // (etcd-client); the etcd-client crate's build compiles etcd's .proto
+    // files with protoc (protobuf-compiler).
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    // The cluster TLS test makes a throwaway CA and certificates.
+    "openssl",
     "llvm-22-dev",
     "libpolly-22-dev",
 ];

@@ -1,9 +1,12 @@
 //! The benchmark's ceiling: for UDP to one port, apply one precomputed
 //! rewrite, set fixed MACs and redirect to a fixed interface. No flow
 //! lookup, no route lookup, no counters beyond one: what a relay on this path
-//! costs at the very least. Never loaded by the daemon.
+//! costs at the very least. Never loaded by the daemon. Beside it (drop.rs)
+//! the floor for refusing a flood: a bare XDP_DROP.
 #![no_std]
 #![no_main]
+
+mod drop;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},

@@ -16,6 +16,8 @@ use forwarder_bench_common::CeilingConfig;
 use forwarder_common::flow::{Endpoints, Rewrite};
 use serde_json::json;
 
+mod progcost;
+
 /// The ceiling XDP program, built by build.rs and embedded.
 static CEILING_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder-ceiling"));
@@ -119,6 +121,19 @@ enum Tool {
         #[arg(long, default_value_t = 200)]
         reps: usize,
     },
+    /// Per-packet cost of forwarder's XDP program, the raw-redirect ceiling
+    /// and a bare XDP_DROP through BPF_PROG_TEST_RUN (timed in the kernel):
+    /// forwarding both ways, and refusing the junk a flood is made of. Runs
+    /// in a private network namespace of its own.
+    Progcost {
+        /// Test-run calls per case (each repeats the program 250 or 10,000 times).
+        #[arg(long, default_value_t = 200)]
+        calls: usize,
+        /// Another build of forwarder's object to measure beside this one,
+        /// LABEL=PATH (repeatable): before/after in one interleaved run.
+        #[arg(long)]
+        object: Vec<String>,
+    },
     /// Run time and run count of loaded XDP programs named `--name`.
     BpfStats {
         #[arg(long)]
@@ -161,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             &iface, &egress, relay, client, source, to, &dmac, &mode, seconds,
         ),
         Tool::BpfStats { name } => bpf_stats(&name),
+        Tool::Progcost { calls, object } => progcost::run(calls, &object),
         Tool::Fill { pins, count } => fill(&pins, count),
         Tool::Admission {
             sessions,

@@ -770,6 +770,7 @@ mod tests {
             owner: forwarder_api::OwnerInfo::default(),
             has_key: true,
             shared_port: None,
+            relays: Vec::new(),
             tcp: None,
         }
     }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
+use crate::cluster::Cluster;
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp;
 use crate::sessions::SharedRelay;
@@ -85,14 +86,23 @@ pub fn bind(path: &Path, instance: &str, group: &SocketGroup) -> anyhow::Result<
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, relay: SharedRelay, start_reader: StartReader) {
+/// `cluster`: set when sessions are shared through etcd; `add` and
+/// `remove` then go through it.
+pub async fn serve(
+    listener: UnixListener,
+    relay: SharedRelay,
+    start_reader: StartReader,
+    cluster: Option<Cluster>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let relay = relay.clone();
                 let start_reader = start_reader.clone();
+                let cluster = cluster.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = handle(stream, relay, &start_reader).await {
+                    if let Err(error) = handle(stream, relay, &start_reader, cluster.as_ref()).await
+                    {
                         debug!(error = format!("{error:#}"), "control connection");
                     }
                 });
@@ -109,6 +119,7 @@ async fn handle(
     stream: UnixStream,
     relay: SharedRelay,
     start_reader: &StartReader,
+    cluster: Option<&Cluster>,
 ) -> anyhow::Result<()> {
     let caller = caller(&stream).await?;
     let (read, mut write) = stream.into_split();
@@ -122,7 +133,7 @@ async fn handle(
                 "request larger than {MAX_REQUEST_BYTES} bytes refused"
             )),
             Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(request) => dispatch(request, &caller, &relay, start_reader).await,
+                Ok(request) => dispatch(request, &caller, &relay, start_reader, cluster).await,
                 Err(error) => Reply::Error(format!("malformed request: {error}")),
             },
         };
@@ -148,6 +159,7 @@ async fn dispatch(
     caller: &Owner,
     relay: &SharedRelay,
     start_reader: &StartReader,
+    cluster: Option<&Cluster>,
 ) -> Reply {
     match request {
         Request::Add {
@@ -159,10 +171,13 @@ async fn dispatch(
             relay,
             start_reader,
             caller,
-            &backend,
-            port,
-            idle_timeout_secs,
-            key.as_deref(),
+            cluster,
+            NewSession {
+                backend: &backend,
+                port,
+                idle_timeout_secs,
+                key: key.as_deref(),
+            },
         )
         .await
         {
@@ -173,6 +188,18 @@ async fn dispatch(
                 Reply::Error(reason)
             }
         },
+        // Shared sessions are root's (see `add`): anyone else is refused below.
+        Request::Remove { target } if cluster.is_some() && caller.is_root() => {
+            let cluster = cluster.expect("checked by the guard");
+            match cluster.remove(relay, &target).await {
+                Ok(Some(info)) => {
+                    users::audit_change(caller, "remove", &info);
+                    Reply::Removed(info)
+                }
+                Ok(None) => not_found(&target),
+                Err(error) => Reply::Error(format!("{error:#}")),
+            }
+        }
         Request::Remove { target } => {
             let mut relay = relay.lock().expect("relay lock");
             let port = match owned_session(&relay, caller, &target, "remove") {
@@ -253,15 +280,27 @@ fn not_found(target: &str) -> Reply {
     ))
 }
 
+/// What an `add` request asks for.
+struct NewSession<'a> {
+    backend: &'a str,
+    port: Option<u16>,
+    idle_timeout_secs: Option<u64>,
+    key: Option<&'a str>,
+}
+
 async fn add(
     relay: &SharedRelay,
     start_reader: &StartReader,
     caller: &Owner,
-    backend: &str,
-    port: Option<u16>,
-    idle_timeout_secs: Option<u64>,
-    key: Option<&str>,
+    cluster: Option<&Cluster>,
+    request: NewSession<'_>,
 ) -> anyhow::Result<Reply> {
+    let NewSession {
+        backend,
+        port,
+        idle_timeout_secs,
+        key,
+    } = request;
     let backend: SocketAddrV4 = parse_backend(backend)?;
     // Checked before anything is created; the key is never echoed back.
     let key = key.map(crate::mosh::MoshKey::parse).transpose()?;
@@ -281,6 +320,22 @@ async fn add(
     // The route lookup runs a command: keep it outside the relay lock.
     let ip = *backend.ip();
     let route = tokio::task::spawn_blocking(move || xdp::route_to(ip)).await??;
+    if let Some(cluster) = cluster {
+        // What etcd stores has no owner and no key yet: a shared session is
+        // root's and keyless (docs/DESIGN.md, "Several relays").
+        if !caller.is_root() || key.is_some() {
+            bail!(
+                "this relay shares its sessions through etcd (--etcd), where sessions are root's and carry \
+                 no key yet: ask root to add it without --key-file, or use a relay run without --etcd"
+            );
+        }
+        let idle_timeout = idle_timeout_secs.map(Duration::from_secs);
+        let info = cluster
+            .add(relay, start_reader, backend, route, port, idle_timeout)
+            .await?;
+        users::audit_change(caller, "add", &info);
+        return Ok(Reply::Session(info));
+    }
     let (info, socket) = {
         let mut relay = relay.lock().expect("relay lock");
         let (mut info, socket) = relay.add_session_for(

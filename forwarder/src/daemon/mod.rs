@@ -50,12 +50,16 @@ pub struct RunOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// The punch handshake for servers behind NAT, when enabled.
     pub punch: Option<crate::punch::relay::PunchOptions>,
+    /// `--shared-port`: the one port every keyed session is reachable on too.
+    pub shared_port: Option<u16>,
     /// The control socket's group: its members may create sessions.
     pub socket_group: String,
     /// What those non-root callers may do: backend policy and quotas.
     pub users: crate::users::UserPolicy,
-    /// `--shared-port`: the one port every keyed session is reachable on too.
-    pub shared_port: Option<u16>,
+    /// Gateway mode (NAT-PMP, PCP, UPnP IGD on the LAN side), when enabled.
+    pub gateway: Option<crate::gateway::GatewayOptions>,
+    /// Sessions shared with other relays through etcd (`--etcd`), when given.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
     /// `--tcp-port`: mosh over TCP for networks that block UDP.
     pub tcp: Option<crate::tcpbridge::TcpBridgeOptions>,
 }
@@ -130,6 +134,20 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             options.flow_ports
         );
     }
+    if options.cluster.is_some() && options.punch.is_some() {
+        bail!(
+            "--etcd and --punch-port do not go together yet: a punched session lives on the one relay its \
+             server punched to, so it cannot be shared; run the relays for servers behind NAT without --etcd"
+        );
+    }
+    let cluster = match options.cluster.clone() {
+        Some(cluster) => Some(crate::cluster::Cluster::new(
+            cluster,
+            options.session_ports,
+            options.limits.default_session_idle_timeout,
+        )?),
+        None => None,
+    };
     let socket_path = forwarder_api::socket_path(&options.instance);
     let socket_group = control::server::SocketGroup::lookup(&options.socket_group)?;
     for table in options.users.unknown_names() {
@@ -229,6 +247,12 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         relay.set_user_policy(options.users.clone());
         relay.restore(records)
     };
+    // Shared sessions: the sync task reconciles the restored ones with etcd.
+    let cluster_sync = cluster.clone().map(|cluster| {
+        cluster.publish_view(&relay);
+        let start_reader: crate::cluster::StartReader = Arc::new(spawn_session_reader);
+        tokio::spawn(cluster.run(relay.clone(), start_reader))
+    });
     let (sessions, flows) = (restored.session_sockets.len(), restored.flow_sockets.len());
     let nat_upstreams = restored.nat_upstream_sockets;
     for socket in restored.session_sockets {
@@ -272,6 +296,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         listener,
         relay.clone(),
         std::sync::Arc::new(spawn_session_reader),
+        cluster,
     ));
     let expiry = tokio::spawn(expire_forever(relay.clone()));
     let punch = match options.punch.clone() {
@@ -280,6 +305,21 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             punch,
             nat_upstreams,
         )?)),
+        None => None,
+    };
+    let gateway = match options.gateway.clone() {
+        Some(gateway) => {
+            let (_, serve) = crate::gateway::service::start(crate::gateway::service::Parts {
+                relay: relay.clone(),
+                start_reader: std::sync::Arc::new(spawn_session_reader),
+                options: gateway,
+                relay_interfaces: options.interfaces.clone(),
+                session_ports: options.session_ports,
+                state_dir: options.state_dir.clone(),
+                instance: options.instance.clone(),
+            })?;
+            Some(tokio::spawn(serve))
+        }
         None => None,
     };
     let tcp =
@@ -311,8 +351,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     expiry.abort();
     health.abort();
+    if let Some(cluster_sync) = cluster_sync {
+        cluster_sync.abort();
+    }
     if let Some(punch) = punch {
         punch.abort();
+    }
+    if let Some(gateway) = gateway {
+        gateway.abort();
     }
     if let Some(tcp) = tcp {
         tcp.abort();

@@ -6,9 +6,10 @@
 //!   every frame XDP redirects or bounces (XDP_TX) into it is dropped by the
 //!   veth driver, while our counters say "redirect"/"tx". The peer usually
 //!   lives in another network namespace: the check finds it by the veth's
-//!   IFLA_LINK / IFLA_LINK_NETNSID (`ip -d link`) among the named
-//!   namespaces (`ip netns list`, whose ids are this namespace's view) and
-//!   reads its XDP attachment and GRO flag there, so the warning comes
+//!   IFLA_LINK / IFLA_LINK_NETNSID (rtnetlink) among the named namespaces
+//!   (/run/netns, each asked for the id this namespace gives it) and reads
+//!   its XDP attachment (rtnetlink, from a thread inside that namespace)
+//!   and GRO flag (`ethtool -k`) there, so the warning comes
 //!   before the first lost packet. A peer in a namespace without a name
 //!   cannot be inspected that way; then the veths' own counters (`ethtool
 //!   -S`) show the loss once packets flow: a redirect into a veth whose
@@ -20,9 +21,10 @@
 //! - IPv4 forwarding disabled on an interface: `bpf_fib_lookup` refuses to
 //!   forward, so every packet goes to the daemon's slow path (`fib_failed`).
 //!
-//! The daemon shells out to iproute2 and ethtool (both prerequisites, the
-//! daemon already uses `ip`) rather than carry netlink and ethtool ioctl
-//! code for a check that runs every few seconds.
+//! Links and namespaces come from rtnetlink (`super::netlink`); the GRO flag
+//! and the veth driver's statistics still come from `ethtool`, whose
+//! per-driver counter names are the interface operators read anyway, for a
+//! check that runs every few seconds off the packet path.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -32,6 +34,8 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use forwarder_api::Warning;
+
+use super::netlink;
 
 /// How often the conditions are checked.
 const PERIOD: Duration = Duration::from_secs(2);
@@ -148,24 +152,18 @@ impl Checker {
                 ));
                 continue;
             };
-            let flags: Vec<&str> = link["flags"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|f| f.as_str())
-                .collect();
-            if !flags.contains(&"UP") || !flags.contains(&"LOWER_UP") {
+            if !link.up || !link.lower_up {
+                let state = if link.up { "up, no carrier" } else { "down" };
                 warnings.push(warn(
                     "interface_down",
                     format!(
-                        "interface {name} is down or has no carrier (flags {}): packets XDP redirects or \
+                        "interface {name} is down or has no carrier ({state}): packets XDP redirects or \
                          sends back out of it are dropped by the kernel; bring it up (`ip link set {name} up`) \
-                         and, for a veth, its peer too",
-                        flags.join(",")
+                         and, for a veth, its peer too"
                     ),
                 ));
             }
-            if xdp && link.get("xdp").is_none_or(serde_json::Value::is_null) {
+            if xdp && link.xdp_prog.is_none() {
                 warnings.push(warn(
                     "xdp_detached",
                     format!(
@@ -186,7 +184,7 @@ impl Checker {
                     ),
                 ));
             }
-            let is_veth = link["linkinfo"]["info_kind"].as_str() == Some("veth");
+            let is_veth = link.veth;
             if native
                 && is_veth
                 && let Some(peer) = veth_peer(&link)
@@ -295,47 +293,45 @@ struct VethPeer {
     xdp: bool,
 }
 
-/// The peer of the veth `link` (from `ip -j -d link`), when it can be found:
-/// in this namespace, or in a named one whose id matches the link's netnsid.
-fn veth_peer(link: &serde_json::Value) -> Option<VethPeer> {
-    let index = link["link_index"].as_u64()?;
-    let netns = match link["link_netnsid"].as_i64() {
-        None => None,
+/// The peer of the veth `link`, when it can be found: in this namespace,
+/// or in a named one whose id matches the link's netnsid.
+fn veth_peer(link: &netlink::Link) -> Option<VethPeer> {
+    let index = link.peer_index?;
+    let (netns, peer) = match link.peer_netnsid {
+        None => {
+            let peer = netlink::links()
+                .ok()?
+                .into_iter()
+                .find(|l| l.index == index)?;
+            (None, peer)
+        }
         Some(id) => {
-            let output = Command::new("ip")
-                .args(["-j", "netns", "list"])
-                .output()
-                .ok()?;
-            let list: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-            let name = list
-                .as_array()?
-                .iter()
-                .find(|ns| ns["id"].as_i64() == Some(id))?["name"]
-                .as_str()?;
-            Some(name.to_string())
+            let (name, path) = std::fs::read_dir(NETNS_DIR)
+                .ok()?
+                .filter_map(Result::ok)
+                .map(|entry| {
+                    (
+                        entry.file_name().to_string_lossy().into_owned(),
+                        entry.path(),
+                    )
+                })
+                .find(|(_, path)| netlink::nsid_of(path).ok().flatten() == Some(id))?;
+            let peer = netlink::in_namespace(&path, netlink::links)
+                .ok()?
+                .into_iter()
+                .find(|l| l.index == index)?;
+            (Some(name), peer)
         }
     };
-    let mut ip = Command::new("ip");
-    if let Some(ns) = &netns {
-        ip.args(["-n", ns]);
-    }
-    let output = ip.args(["-j", "-d", "link", "show"]).output().ok()?;
-    let links: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    let peer = links
-        .as_array()?
-        .iter()
-        .find(|l| l["ifindex"].as_u64() == Some(index))?;
-    let name = peer["ifname"].as_str()?.to_string();
-    let xdp = peer.get("xdp").is_some_and(|x| !x.is_null());
     let mut ethtool = match &netns {
         Some(ns) => {
             let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net=/run/netns/{ns}")).arg("ethtool");
+            cmd.arg(format!("--net={NETNS_DIR}/{ns}")).arg("ethtool");
             cmd
         }
         None => Command::new("ethtool"),
     };
-    let output = ethtool.args(["-k", &name]).output().ok()?;
+    let output = ethtool.args(["-k", &peer.name]).output().ok()?;
     let features = String::from_utf8_lossy(&output.stdout);
     let gro = features
         .lines()
@@ -343,24 +339,19 @@ fn veth_peer(link: &serde_json::Value) -> Option<VethPeer> {
         .trim()
         .starts_with("on");
     Some(VethPeer {
-        name,
+        name: peer.name,
         netns,
         gro,
-        xdp,
+        xdp: peer.xdp_prog.is_some(),
     })
 }
 
-/// `ip -j -d link show dev NAME`, or None when there is no such interface.
-fn link_of(name: &str) -> Option<serde_json::Value> {
-    let output = Command::new("ip")
-        .args(["-j", "-d", "link", "show", "dev", name])
-        .output()
-        .ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let mut links: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    Some(links.get_mut(0)?.take())
+/// Where `ip netns add` binds named namespaces.
+const NETNS_DIR: &str = "/run/netns";
+
+/// The interface `name` of this namespace, or None when there is none.
+fn link_of(name: &str) -> Option<netlink::Link> {
+    netlink::link_by_name(name).ok().flatten()
 }
 
 fn forwarding_disabled(name: &str) -> bool {

@@ -4,6 +4,7 @@
 
 pub mod fds;
 pub mod health;
+pub mod netlink;
 pub mod pins;
 pub mod socket;
 pub mod xdp;

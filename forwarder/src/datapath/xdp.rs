@@ -10,7 +10,7 @@ use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::config::{MAX_INTERFACES, RuntimeSizes, map_names};
+use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
@@ -99,6 +99,8 @@ impl XdpDatapath {
         check_pinned_sizes(pins, sizes)?;
         check_interfaces_free(interfaces, pins)?;
         let mut loader = EbpfLoader::new();
+        // Read-only: the kernel freezes it, the verifier treats it as constants.
+        loader.override_global(RELAY_CONFIG_GLOBAL, &config, true);
         for name in &names {
             loader.map_pin_path(name, pins.map_path(name));
         }
@@ -115,12 +117,6 @@ impl XdpDatapath {
                  or run with --datapath userspace when it exists"
             )
         })?;
-
-        let mut config_map: Array<_, RelayConfig> =
-            Array::try_from(take_map(&mut ebpf, "CONFIG")?)?;
-        config_map
-            .set(0, config, 0)
-            .context("writing the relay config map")?;
 
         let mut egress: DevMapHash<_> = DevMapHash::try_from(take_map(&mut ebpf, "EGRESS")?)?;
         let mut indices = Vec::new();
@@ -307,7 +303,6 @@ impl XdpDatapath {
             ("BACKEND_FLOWS", Some(self.backend_flows.keys().count())),
             ("FLOW_COUNTERS", None),
             ("REASON_COUNTERS", None),
-            ("CONFIG", None),
             ("EGRESS", None),
             (
                 "SLOWPATH_SESSION_BUCKETS",
@@ -528,9 +523,12 @@ fn attach_pinned(
 fn map_shapes() -> anyhow::Result<Vec<(String, u32, u32, u32)>> {
     let object = aya_obj::Object::parse(EBPF_OBJECT)
         .context("parsing the embedded XDP object: rebuild forwarder")?;
+    // Sections such as .rodata become maps too: they are the program's own
+    // globals, set anew at every load, never pinned or adopted.
     Ok(object
         .maps
         .iter()
+        .filter(|(name, _)| !name.starts_with('.'))
         .map(|(name, map)| {
             (
                 name.clone(),
@@ -636,29 +634,18 @@ fn check_interfaces_free(interfaces: &[String], pins: &PinDir) -> anyhow::Result
     Ok(())
 }
 
-/// The id of the XDP program attached to `name` (any mode), from `ip -j link`.
+/// The id of the XDP program attached to `name` (any mode).
 pub fn attached_xdp_prog(name: &str) -> anyhow::Result<Option<u32>> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "-d", "link", "show", "dev", name])
-        .output()
-        .context("running `ip link show` (is iproute2 installed?)")?;
-    if !output.status.success() {
-        return Err(super::Misconfigured(format!(
+    match super::netlink::link_by_name(name)
+        .with_context(|| format!("asking the kernel (rtnetlink) about interface {name}"))?
+    {
+        Some(link) => Ok(link.xdp_prog),
+        None => Err(super::Misconfigured(format!(
             "interface {name:?} does not exist in this network namespace: check `ip link` \
              (run the daemon in the namespace that owns it, e.g. with nsenter --net=...)"
         ))
-        .into());
+        .into()),
     }
-    let links: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("parsing `ip -j link show` output")?;
-    let xdp = &links[0]["xdp"];
-    let id = xdp["prog"]["id"].as_u64().or_else(|| {
-        xdp["attached"]
-            .as_array()?
-            .iter()
-            .find_map(|a| a["prog"]["id"].as_u64())
-    });
-    Ok(id.and_then(|id| u32::try_from(id).ok()))
 }
 
 fn pinned_link_prog(path: &std::path::Path) -> Option<u32> {
@@ -700,31 +687,25 @@ pub struct BackendRoute {
     pub ifindex: u32,
 }
 
-/// Asks the kernel (through iproute2's JSON output) how this namespace
-/// reaches `backend`.
+/// Asks the kernel (rtnetlink's RTM_GETROUTE, as `ip route get` does) how
+/// this namespace reaches `backend`.
 pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
-    let output = std::process::Command::new("ip")
-        .args(["-j", "-4", "route", "get", &backend.to_string()])
-        .output()
-        .context("running `ip route get` (is iproute2 installed?)")?;
-    if !output.status.success() {
-        bail!(
-            "the relay has no route to backend {backend}: {} (check `ip route` in the relay's namespace)",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    let routes: serde_json::Value =
-        serde_json::from_slice(&output.stdout).context("parsing `ip -j route get` output")?;
-    let route = &routes[0];
-    let device = route["dev"]
-        .as_str()
-        .context("`ip route get` named no device")?;
-    let source: Ipv4Addr = route["prefsrc"]
-        .as_str()
-        .context("`ip route get` named no source address: give the relay an IPv4 address on the backend's side")?
-        .parse()
-        .context("`ip route get` gave a malformed source address")?;
-    let ifindex = nix::net::if_::if_nametoindex(device)
-        .with_context(|| format!("interface {device} from `ip route get` vanished"))?;
+    let route = match super::netlink::route_get(backend) {
+        Ok(route) => route,
+        Err(error) => bail!(
+            "the relay has no route to backend {backend}: {error} (check `ip route` in the relay's namespace)"
+        ),
+    };
+    let ifindex = route.ifindex.with_context(|| {
+        format!(
+            "the kernel's route to {backend} names no interface (check `ip route get {backend}`)"
+        )
+    })?;
+    let source = route.source.with_context(|| {
+        format!(
+            "the route to backend {backend} names no source address: give the relay an IPv4 address on \
+             the backend's side"
+        )
+    })?;
     Ok(BackendRoute { source, ifindex })
 }

@@ -2,7 +2,8 @@
 //! It opens the path through the relay with the punch handshake from the
 //! UDP port mosh-server will use, starts mosh-server on that port, hands the
 //! session key to the relay, and prints what the `mosh` wrapper and
-//! mosh-client need, pointing at the relay.
+//! mosh-client need, pointing at the relay. With `--gateway` it asks a
+//! NAT-PMP/PCP gateway for a mapping instead (see `gateway::client`).
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
@@ -40,16 +41,41 @@ address mosh-client connects to. The default (proxy) mode learns an address
 from ssh's connection and the local mode resolves the host name itself; both
 then die with \"detected attempt to redefine MOSH IP\".
 
-Or by hand: run it, then `MOSH_KEY=<key> mosh-client <relay address> <relay port>`.";
+Or by hand: run it, then `MOSH_KEY=<key> mosh-client <relay address> <relay port>`.
+
+On a LAN host behind a router in gateway mode (`forwarder run --gateway LAN`,
+or any NAT-PMP or PCP gateway), `--gateway` replaces --relay and
+--secret-file: it asks the gateway (the default route's, or --gateway-addr)
+for a UDP mapping, starts mosh-server on a port free on both sides (the same
+port when it can), prints `MOSH IP <WAN address>` and `MOSH CONNECT <port>
+<key>`, and leaves a helper that renews the mapping while mosh-server runs
+and deletes it when mosh-server exits:
+
+  mosh --experimental-remote-ip=remote --server='forwarder mosh-server --gateway' user@host";
 
 #[derive(Args, Debug)]
 pub struct WrapperArgs {
     /// The relay's punch endpoint: HOST:PORT (the relay's --punch-port).
-    #[arg(long)]
-    pub relay: String,
+    #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
+    pub relay: Option<String>,
     /// File holding the relay's shared punch secret.
+    #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
+    pub secret_file: Option<PathBuf>,
+    /// On a LAN host behind a forwarder router in gateway mode (or any NAT-PMP or PCP
+    /// gateway): ask the gateway for a UDP mapping first, start mosh-server on a port free on
+    /// both, and print the gateway's WAN address and port.
     #[arg(long)]
-    pub secret_file: PathBuf,
+    pub gateway: bool,
+    /// The gateway's LAN address (default: this host's default route's gateway).
+    #[arg(long, requires = "gateway")]
+    pub gateway_addr: Option<Ipv4Addr>,
+    /// Mapping lifetime to ask the gateway for; it may grant less. A helper left
+    /// running renews it while mosh-server runs and deletes it when mosh-server exits.
+    #[arg(long, default_value = "1day", value_parser = humantime::parse_duration, requires = "gateway")]
+    pub gateway_lifetime: Duration,
+    /// (Internal) run as the renewing helper for this mapped local port.
+    #[arg(long, hide = true, requires = "gateway")]
+    pub keep_mapping: Option<u16>,
     /// The mosh-server program to start.
     #[arg(long, default_value = "mosh-server")]
     pub mosh_server: String,
@@ -102,10 +128,16 @@ pub fn mosh_server_args(args: &[String], port: u16) -> anyhow::Result<Vec<String
 }
 
 pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
+    if args.gateway {
+        return gateway_main(args);
+    }
+    let (Some(relay), Some(secret_file)) = (&args.relay, &args.secret_file) else {
+        bail!("give --relay HOST:PORT and --secret-file FILE (or --gateway)");
+    };
     let started = Instant::now();
     let deadline = started + args.timeout;
-    let secret = Secret::read(&args.secret_file)?;
-    let relay = resolve(&args.relay)?;
+    let secret = Secret::read(secret_file)?;
+    let relay = resolve(relay)?;
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
         .context("binding a local UDP port for mosh-server")?;
     let path = open_path(&socket, relay, &secret, deadline)?;
@@ -149,6 +181,114 @@ pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
     )?;
     stdout.flush()?;
     Ok(())
+}
+
+/// `--gateway`: map a port on the gateway (NAT-PMP or PCP), start
+/// mosh-server on the mapped local port, print the gateway's WAN address
+/// and port, and leave a helper renewing the mapping while mosh-server runs.
+fn gateway_main(args: WrapperArgs) -> anyhow::Result<()> {
+    use crate::gateway::client;
+    let started = Instant::now();
+    let gateway = match args.gateway_addr {
+        Some(address) => address,
+        None => client::default_gateway()?,
+    };
+    let lifetime = u32::try_from(args.gateway_lifetime.as_secs())
+        .unwrap_or(u32::MAX)
+        .max(1);
+    if let Some(port) = args.keep_mapping {
+        return keep_mapping(gateway, port, lifetime);
+    }
+    // The same port on both sides when it is free on both; mosh-server's own
+    // range starts at 60001.
+    let first = client::free_local_port(60001)?;
+    let mut mapping = client::map(gateway, first, first, lifetime, args.timeout)?;
+    if mapping.external_port != first
+        && client::free_local_port(mapping.external_port)? == mapping.external_port
+    {
+        let external = mapping.external_port;
+        client::map(gateway, first, 0, 0, args.timeout)?;
+        mapping = client::map(gateway, external, external, lifetime, args.timeout)?;
+    }
+    let mosh_args = mosh_server_args(&args.mosh_args, mapping.internal_port)?;
+    let started_server = start_mosh_server(&args.mosh_server, &mosh_args, mapping.internal_port);
+    let (port, key) = match started_server {
+        Ok(started) => started,
+        Err(error) => {
+            let _ = client::map(gateway, mapping.internal_port, 0, 0, args.timeout);
+            return Err(error);
+        }
+    };
+    spawn_keeper(gateway, port, &args)?;
+    eprintln!(
+        "forwarder: mosh-server on UDP {port} is reachable at {}:{} through the gateway {gateway} ({}, lifetime {} s, renewed while it runs); ready after {} ms",
+        mapping.external_address,
+        mapping.external_port,
+        mapping.protocol,
+        mapping.lifetime,
+        started.elapsed().as_millis()
+    );
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(
+        connect_lines(
+            std::io::stdin().is_terminal(),
+            mapping.external_address,
+            mapping.external_port,
+            &key.to_base64(),
+        )
+        .as_bytes(),
+    )?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Starts the renewing helper detached (own session, no terminal, stdio
+/// closed), so the stock `mosh` wrapper's ssh sees this program end.
+fn spawn_keeper(gateway: Ipv4Addr, port: u16, args: &WrapperArgs) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let program =
+        std::env::current_exe().context("finding this program to start the mapping's helper")?;
+    Command::new(program)
+        .args([
+            "mosh-server",
+            "--gateway",
+            "--gateway-addr",
+            &gateway.to_string(),
+        ])
+        .arg("--gateway-lifetime")
+        .arg(humantime::format_duration(args.gateway_lifetime).to_string())
+        .args(["--keep-mapping", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the helper that renews the gateway mapping")?;
+    Ok(())
+}
+
+/// The helper: renews the mapping of `port` at half its lifetime while
+/// mosh-server holds the port, deletes it once the port is free (mosh-server
+/// exited).
+fn keep_mapping(gateway: Ipv4Addr, port: u16, lifetime: u32) -> anyhow::Result<()> {
+    use crate::gateway::client;
+    let mut granted = lifetime;
+    loop {
+        let pause = Duration::from_secs(u64::from(granted / 2).clamp(1, 3600));
+        let mut waited = Duration::ZERO;
+        // Checks every 2 s whether mosh-server still holds its port.
+        while waited < pause {
+            std::thread::sleep(Duration::from_secs(2));
+            waited += Duration::from_secs(2);
+            if UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok() {
+                let _ = client::map(gateway, port, 0, 0, Duration::from_secs(5));
+                return Ok(());
+            }
+        }
+        if let Ok(mapping) = client::map(gateway, port, port, lifetime, Duration::from_secs(10)) {
+            granted = mapping.lifetime;
+        }
+    }
 }
 
 /// What goes to stdout, byte for byte what stock mosh-server 1.4.0 prints

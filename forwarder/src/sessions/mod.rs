@@ -26,6 +26,8 @@ pub use crate::datapath::monotonic_ns;
 mod report;
 mod restore;
 pub use restore::Restored;
+/// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
+mod clustered;
 
 pub mod nat;
 pub mod shared;
@@ -72,12 +74,12 @@ pub struct Session {
     evicted: RecentSet<(Ipv4Addr, SocketAddrV4)>,
     /// Set for a server behind a NAT that came through the punch handshake.
     nat: Option<Box<nat::NatState>>,
+    /// Set for a session that carries its mosh key (reachable on the shared port).
+    key: Option<Box<shared::SessionKey>>,
     /// Who created it (root for punched sessions and old stored ones).
     pub owner: Owner,
     /// The owner's quota, resolved when the session was made or restored.
     quota: UserQuota,
-    /// Set for a session that carries its mosh key (reachable on the shared port).
-    key: Option<Box<shared::SessionKey>>,
 }
 
 impl Session {
@@ -106,9 +108,9 @@ impl Session {
             probation: VecDeque::new(),
             evicted: RecentSet::new(EVICTED_MEMORY),
             nat: None,
+            key: None,
             owner: Owner::root(),
             quota: UserQuota::unlimited(),
-            key: None,
         }
     }
 
@@ -122,9 +124,9 @@ impl Session {
             idle_timeout_secs: self.idle_timeout.as_secs(),
             // Punched sessions add theirs (sessions/nat.rs, key sealed).
             nat: None,
-            owner_uid: self.owner.uid,
             // Keyed sessions add theirs (sessions/shared.rs).
             sealed_key: None,
+            owner_uid: self.owner.uid,
             client_seq_floor: None,
         }
     }
@@ -227,12 +229,16 @@ pub struct Relay {
     stats: SlowPathStats,
     /// Where sessions are persisted (None: they live only in memory).
     store: Option<Store>,
+    /// `--shared-port`, once the daemon opened it.
+    shared: Option<shared::SharedPort>,
     /// What non-root owners may do (backend policy, quotas).
     users: UserPolicy,
     /// Each non-root owner's new-flow rate, across all of its sessions.
     owner_new_flows: HashMap<u32, TokenBucket>,
-    /// `--shared-port`, once the daemon opened it.
-    shared: Option<shared::SharedPort>,
+    /// Set when sessions are shared through etcd (see `shared.rs`).
+    cluster: Option<forwarder_api::ClusterInfo>,
+    /// The id the next `add_session` takes instead of a random one.
+    shared_id: Option<String>,
     /// `--tcp-port`, once the daemon listens on it.
     tcp: Option<tcp::TcpOffer>,
 }
@@ -328,9 +334,11 @@ impl Relay {
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
             store,
+            shared: None,
             users: UserPolicy::new(crate::config::defaults::USER_QUOTA),
             owner_new_flows: HashMap::new(),
-            shared: None,
+            cluster: None,
+            shared_id: None,
             tcp: None,
         }
     }
@@ -512,12 +520,16 @@ impl Relay {
             return Err(error);
         }
         let now = monotonic_ns();
-        let id = loop {
-            let candidate = format!("{:08x}", rand::random::<u32>());
-            if !self.sessions.values().any(|s| s.id == candidate) {
-                break candidate;
+        // A shared session arrives with the cluster's id (shared.rs).
+        let id = self.shared_id.take();
+        let id = id.unwrap_or_else(|| {
+            loop {
+                let candidate = format!("{:08x}", rand::random::<u32>());
+                if !self.sessions.values().any(|s| s.id == candidate) {
+                    break candidate;
+                }
             }
-        };
+        });
         let idle_timeout = idle_timeout.unwrap_or(self.limits.default_session_idle_timeout);
         let mut session = Session::new(
             id,
@@ -924,7 +936,11 @@ impl Relay {
             for index in expiry::idle_flows(&activity, now_ns, self.limits.flow_idle_timeout) {
                 idle_flow_ports.push(ports[index]);
             }
-            if expiry::session_idle(session.last_active_ns, now_ns, session.idle_timeout) {
+            // A shared session is idle only when it is idle on every relay:
+            // the cluster judges that (cluster::sync), not one relay alone.
+            if self.cluster.is_none()
+                && expiry::session_idle(session.last_active_ns, now_ns, session.idle_timeout)
+            {
                 idle_sessions.push(session.port);
             }
         }
@@ -998,15 +1014,16 @@ impl Relay {
                 .collect(),
             idle_timeout_secs: session.idle_timeout.as_secs(),
             idle_ms: millis(last_active),
+            relays: self.holders(port, infos.len() as u64),
             flows: infos,
             nat: session.nat.as_deref().map(nat::NatState::info),
-            owner: session.owner.info(),
             has_key: session.key.is_some(),
             shared_port: self
                 .shared
                 .as_ref()
                 .filter(|_| session.key.is_some())
                 .map(|shared| shared.port),
+            owner: session.owner.info(),
             tcp: self.tcp_port_info(),
         })
     }
@@ -1025,6 +1042,23 @@ impl Relay {
         for port in ports {
             self.remove_session(port, "shutdown");
         }
+    }
+
+    /// Counts as activity on a session, so its idle timeout starts again
+    /// (a gateway mapping renewed by its host). False: no such session.
+    pub fn touch_session(&mut self, port: u16) -> bool {
+        let Some(session) = self.sessions.get_mut(&port) else {
+            return false;
+        };
+        session.last_active_ns = session.last_active_ns.max(monotonic_ns());
+        true
+    }
+
+    /// The id and backend of the session on `port`, if there is one.
+    pub fn session_backend(&self, port: u16) -> Option<(&str, SocketAddrV4)> {
+        self.sessions
+            .get(&port)
+            .map(|session| (session.id.as_str(), session.backend))
     }
 }
 
@@ -1354,6 +1388,139 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_owner_is_held_to_its_quota_across_its_sessions() {
+        let mut relay = loopback_relay(8);
+        relay.set_user_policy(UserPolicy {
+            quota: crate::users::Quota {
+                max_sessions: 2,
+                max_flows: 1,
+                new_flows_per_sec: 0,
+            },
+            ..UserPolicy::new(crate::config::defaults::USER_QUOTA)
+        });
+        let alice = Owner {
+            uid: 1000,
+            name: "alice".into(),
+            groups: vec!["alice".into()],
+        };
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 1,
+        };
+        let backend = |n: u8| SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
+        let mut ports = Vec::new();
+        for n in [2, 3] {
+            let (info, _socket) = relay
+                .add_session_for(alice.clone(), backend(n), route, None, None)
+                .unwrap();
+            assert_eq!(info.owner.name, "alice");
+            assert_eq!(relay.record_of(info.port).owner_uid, 1000);
+            ports.push(info.port);
+        }
+        let Err(refused) = relay.add_session_for(alice.clone(), backend(4), route, None, None)
+        else {
+            panic!("a third session was allowed");
+        };
+        let refused = refused.to_string();
+        assert!(
+            refused.contains("has 2 sessions, the quota of 2 (user_max_sessions"),
+            "{refused}"
+        );
+        // Root is held to no quota.
+        relay.add_session(backend(4), route, None, None).unwrap();
+        // Another user's backend: refused without naming that session.
+        let bob = Owner {
+            uid: 1001,
+            name: "bob".into(),
+            groups: Vec::new(),
+        };
+        let Err(taken) = relay.add_session_for(bob, backend(2), route, None, None) else {
+            panic!("two sessions for one backend");
+        };
+        let taken = taken.to_string();
+        assert!(taken.contains("another user's session"), "{taken}");
+        assert!(!taken.contains(&ports[0].to_string()), "{taken}");
+
+        // One answered flow on each of alice's sessions: only one may be
+        // established under her quota of one flow.
+        for (index, &port) in ports.iter().enumerate() {
+            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50_000 + index as u16);
+            let ClientVerdict::Forward { socket, .. } = relay
+                .on_client_packet(port, client, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+            else {
+                panic!("alice's first flow on {port} was refused");
+            };
+            let answer = Received {
+                len: 64,
+                from: backend(2 + index as u8),
+                to: Ipv4Addr::LOCALHOST,
+                ifindex: 1,
+            };
+            assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
+        }
+        relay.expire(monotonic_ns());
+        assert_eq!(relay.stats.flows_promoted, 1, "past alice's flow quota");
+        // With her quota spent, a new endpoint is refused on any of her sessions.
+        let late: SocketAddrV4 = "192.0.2.9:50000".parse().unwrap();
+        assert!(!forwarded(
+            relay
+                .on_client_packet(ports[0], late, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.refused_flow_limit, 1);
+        let quota = relay.owner_flow_room(ports[1]).unwrap_err();
+        assert!(
+            quota.contains("1 established flows, the quota of 1 (user_max_flows"),
+            "{quota}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_owners_flows_are_established_at_its_own_rate() {
+        let mut relay = loopback_relay(8);
+        relay.set_user_policy(UserPolicy::new(crate::users::Quota {
+            max_sessions: 0,
+            max_flows: 0,
+            new_flows_per_sec: 1,
+        }));
+        let bob = Owner {
+            uid: 1001,
+            name: "bob".into(),
+            groups: Vec::new(),
+        };
+        let route = BackendRoute {
+            source: Ipv4Addr::LOCALHOST,
+            ifindex: 1,
+        };
+        // Three sessions, one answered flow each: the owner's bucket (1/s,
+        // bursts of 2) lets two be established now, whatever the sessions' own.
+        for n in 2..5u8 {
+            let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
+            let (info, _socket) = relay
+                .add_session_for(bob.clone(), backend, route, None, None)
+                .unwrap();
+            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 50_000);
+            let ClientVerdict::Forward { socket, .. } = relay
+                .on_client_packet(info.port, client, Ipv4Addr::LOCALHOST, 64)
+                .unwrap()
+            else {
+                panic!("bob's flow was refused");
+            };
+            let answer = Received {
+                len: 64,
+                from: backend,
+                to: Ipv4Addr::LOCALHOST,
+                ifindex: 1,
+            };
+            assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
+        }
+        relay.expire(monotonic_ns());
+        assert_eq!(relay.stats.flows_promoted, 2);
+        assert_eq!(relay.stats.refused_rate_limit, 1);
+    }
+
+    #[tokio::test]
     async fn the_shared_port_admits_by_key_and_refuses_replays_forgeries_and_the_wrong_direction() {
         use crate::mosh::MoshKey;
         let mut relay = loopback_relay(4);
@@ -1506,139 +1673,6 @@ mod tests {
         plaintext[..4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
         plaintext[14] = 0x78;
         key.seal(seq, &plaintext)
-    }
-
-    #[tokio::test]
-    async fn an_owner_is_held_to_its_quota_across_its_sessions() {
-        let mut relay = loopback_relay(8);
-        relay.set_user_policy(UserPolicy {
-            quota: crate::users::Quota {
-                max_sessions: 2,
-                max_flows: 1,
-                new_flows_per_sec: 0,
-            },
-            ..UserPolicy::new(crate::config::defaults::USER_QUOTA)
-        });
-        let alice = Owner {
-            uid: 1000,
-            name: "alice".into(),
-            groups: vec!["alice".into()],
-        };
-        let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
-            ifindex: 1,
-        };
-        let backend = |n: u8| SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
-        let mut ports = Vec::new();
-        for n in [2, 3] {
-            let (info, _socket) = relay
-                .add_session_for(alice.clone(), backend(n), route, None, None)
-                .unwrap();
-            assert_eq!(info.owner.name, "alice");
-            assert_eq!(relay.record_of(info.port).owner_uid, 1000);
-            ports.push(info.port);
-        }
-        let Err(refused) = relay.add_session_for(alice.clone(), backend(4), route, None, None)
-        else {
-            panic!("a third session was allowed");
-        };
-        let refused = refused.to_string();
-        assert!(
-            refused.contains("has 2 sessions, the quota of 2 (user_max_sessions"),
-            "{refused}"
-        );
-        // Root is held to no quota.
-        relay.add_session(backend(4), route, None, None).unwrap();
-        // Another user's backend: refused without naming that session.
-        let bob = Owner {
-            uid: 1001,
-            name: "bob".into(),
-            groups: Vec::new(),
-        };
-        let Err(taken) = relay.add_session_for(bob, backend(2), route, None, None) else {
-            panic!("two sessions for one backend");
-        };
-        let taken = taken.to_string();
-        assert!(taken.contains("another user's session"), "{taken}");
-        assert!(!taken.contains(&ports[0].to_string()), "{taken}");
-
-        // One answered flow on each of alice's sessions: only one may be
-        // established under her quota of one flow.
-        for (index, &port) in ports.iter().enumerate() {
-            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50_000 + index as u16);
-            let ClientVerdict::Forward { socket, .. } = relay
-                .on_client_packet(port, client, Ipv4Addr::LOCALHOST, 64)
-                .unwrap()
-            else {
-                panic!("alice's first flow on {port} was refused");
-            };
-            let answer = Received {
-                len: 64,
-                from: backend(2 + index as u8),
-                to: Ipv4Addr::LOCALHOST,
-                ifindex: 1,
-            };
-            assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
-        }
-        relay.expire(monotonic_ns());
-        assert_eq!(relay.stats.flows_promoted, 1, "past alice's flow quota");
-        // With her quota spent, a new endpoint is refused on any of her sessions.
-        let late: SocketAddrV4 = "192.0.2.9:50000".parse().unwrap();
-        assert!(!forwarded(
-            relay
-                .on_client_packet(ports[0], late, Ipv4Addr::LOCALHOST, 64)
-                .unwrap()
-        ));
-        assert_eq!(relay.stats.refused_flow_limit, 1);
-        let quota = relay.owner_flow_room(ports[1]).unwrap_err();
-        assert!(
-            quota.contains("1 established flows, the quota of 1 (user_max_flows"),
-            "{quota}"
-        );
-    }
-
-    #[tokio::test]
-    async fn an_owners_flows_are_established_at_its_own_rate() {
-        let mut relay = loopback_relay(8);
-        relay.set_user_policy(UserPolicy::new(crate::users::Quota {
-            max_sessions: 0,
-            max_flows: 0,
-            new_flows_per_sec: 1,
-        }));
-        let bob = Owner {
-            uid: 1001,
-            name: "bob".into(),
-            groups: Vec::new(),
-        };
-        let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
-            ifindex: 1,
-        };
-        // Three sessions, one answered flow each: the owner's bucket (1/s,
-        // bursts of 2) lets two be established now, whatever the sessions' own.
-        for n in 2..5u8 {
-            let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
-            let (info, _socket) = relay
-                .add_session_for(bob.clone(), backend, route, None, None)
-                .unwrap();
-            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 50_000);
-            let ClientVerdict::Forward { socket, .. } = relay
-                .on_client_packet(info.port, client, Ipv4Addr::LOCALHOST, 64)
-                .unwrap()
-            else {
-                panic!("bob's flow was refused");
-            };
-            let answer = Received {
-                len: 64,
-                from: backend,
-                to: Ipv4Addr::LOCALHOST,
-                ifindex: 1,
-            };
-            assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
-        }
-        relay.expire(monotonic_ns());
-        assert_eq!(relay.stats.flows_promoted, 2);
-        assert_eq!(relay.stats.refused_rate_limit, 1);
     }
 
     #[test]

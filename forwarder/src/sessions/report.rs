@@ -90,6 +90,7 @@ fn stats(relay: &Relay) -> StatsInfo {
         capacity: capacity(relay),
         descriptors: descriptors(),
         warnings: crate::datapath::health::current(),
+        cluster: relay.cluster.clone(),
         tcp: relay.tcp_stats(),
     }
 }

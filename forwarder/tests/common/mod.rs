@@ -29,7 +29,7 @@ use etherparse::{Ipv4Header, PacketBuilder};
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, REASON_COUNT, Reason, RelayConfig, Rewrite, SlowpathBucket,
-    flow::Endpoints, reason::ReasonCounter,
+    config::RELAY_CONFIG_GLOBAL, flow::Endpoints, reason::ReasonCounter,
 };
 
 pub const XDP_DROP: u32 = 1;
@@ -93,15 +93,13 @@ impl Relay {
     pub fn load() -> Self {
         require_root();
         let ebpf = EbpfLoader::new()
+            .override_global(RELAY_CONFIG_GLOBAL, &CONFIG, true)
             .load(EBPF_OBJECT)
             .expect("loading the embedded eBPF object (maps)");
         let mut relay = Self { ebpf };
         if let Err(error) = relay.program_mut().load() {
             panic!("the verifier rejected the program: {error:#?}");
         }
-        let mut config: Array<_, RelayConfig> =
-            Array::try_from(relay.ebpf.map_mut("CONFIG").expect("CONFIG map")).unwrap();
-        config.set(0, CONFIG, 0).unwrap();
         relay
     }
 

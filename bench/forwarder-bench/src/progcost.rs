@@ -1,0 +1,542 @@
+//! Per-packet cost of the XDP programs through `BPF_PROG_TEST_RUN`, which
+//! times `repeat` runs inside the kernel: nothing of the scheduler, the
+//! senders or the other tenants of a shared host is in the figure, only
+//! the program and the caches it touches.
+//!
+//! Forwarding cases need a packet that is still a relay packet after its
+//! rewrite, since the kernel reruns the program on the rewritten frame:
+//! two flows rewrite into each other (a client half at a session port
+//! whose rewrite lands on the backend half of the other, and back), so
+//! every run forwards. The TTL falls by one per run, so a call repeats at
+//! most 250 times, starting at 255. Refusal cases leave the frame alone.
+//!
+//! Runs in a network namespace of its own (`unshare`), gone with the
+//! process: a veth pair with both ends inside, static neighbours, so
+//! `bpf_fib_lookup` finds routes as on a relay.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use aya::maps::{Array, DevMapHash, HashMap, PerCpuArray};
+use aya::programs::Xdp;
+use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
+use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
+use forwarder_bench_common::CeilingConfig;
+use forwarder_common::config::map_names;
+use forwarder_common::flow::Endpoints;
+use forwarder_common::reason::ReasonCounter;
+use forwarder_common::{
+    BackendKey, ClientKey, FlowCounter, Reason, RelayConfig, Rewrite, SlowpathBucket,
+};
+use serde_json::{Value, json};
+
+const XDP_DROP: u32 = 1;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const RELAY: RelayConfig = RelayConfig {
+    session_port_lo: 60_000,
+    session_port_hi: 60_099,
+    flow_port_lo: 61_000,
+    flow_port_hi: 61_999,
+    shared_port: 0,
+    _pad: 0,
+};
+const CLIENT_PORT: u16 = 40_000;
+const SESSION_PORT: u16 = 60_001;
+const FLOW_PORT: u16 = 61_001;
+const SERVER_PORT: u16 = 60_002;
+/// Runs per call when the frame is rewritten each run (TTL starts at 255).
+const FORWARD_REPEAT: u32 = 250;
+/// Runs per call when the frame stays as it is.
+const REFUSE_REPEAT: u32 = 10_000;
+
+/// Addresses of one forwarding case: the client and the server, each a
+/// static neighbour on the interface the case's packets leave from.
+struct Pair {
+    client: [u8; 4],
+    server: [u8; 4],
+}
+
+/// Both neighbours on the ingress interface: every packet leaves by XDP_TX.
+const TX_PAIR: Pair = Pair {
+    client: [10, 0, 1, 2],
+    server: [10, 0, 1, 3],
+};
+/// Both neighbours behind the other interface: every packet is redirected.
+const REDIRECT_PAIR: Pair = Pair {
+    client: [10, 0, 2, 2],
+    server: [10, 0, 2, 3],
+};
+
+/// One measured case: a program of a loaded object run on one frame.
+struct Case {
+    name: String,
+    target: usize,
+    program: &'static str,
+    frame: Vec<u8>,
+    repeat: u32,
+    action: u32,
+    /// What every run of a forwarder case must end with.
+    check: Check,
+}
+
+/// How a case proves each run did what its name says.
+#[derive(Clone, Copy)]
+enum Check {
+    /// Not a forwarder object.
+    None,
+    /// Counted under this reason.
+    Reason(Reason),
+    /// Forwarded and counted on these two flow slots (forwarded packets
+    /// are counted on their flow, whether or not under a reason too).
+    Forwarded(u32, u32),
+}
+
+/// `objects`: extra forwarder objects (`LABEL=PATH`) measured beside the
+/// embedded one, interleaved call by call so a busy moment of the host
+/// weighs on every object alike.
+pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
+    ensure!(calls > 0, "--calls must be at least 1");
+    let mut sources = vec![("current".to_string(), EBPF_OBJECT.to_vec())];
+    for object in objects {
+        let (label, path) = object
+            .split_once('=')
+            .with_context(|| format!("--object {object:?}: expected LABEL=PATH"))?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        sources.push((label.to_string(), bytes));
+    }
+    private_namespace()?;
+    let front = ifindex("front")?;
+    let back = ifindex("back")?;
+
+    let mut targets = Vec::new();
+    let mut cases = Vec::new();
+    let junk = frame([10, 0, 1, 9], 1234, [10, 0, 1, 1], SESSION_PORT, 64, 64);
+    for (label, bytes) in &sources {
+        let mut relay = load_forwarder(bytes).with_context(|| format!("object {label}"))?;
+        relay.add_egress(front)?;
+        relay.add_egress(back)?;
+        let target = targets.len();
+        for (name, pair, action, slots) in [
+            ("forward, XDP_TX", &TX_PAIR, XDP_TX, (0, 1)),
+            ("forward, redirect", &REDIRECT_PAIR, XDP_REDIRECT, (2, 3)),
+        ] {
+            relay.add_bouncing_flows(pair, slots)?;
+            cases.push(Case {
+                name: format!("{label}: {name}"),
+                target,
+                program: PROGRAM_NAME,
+                frame: frame(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64),
+                repeat: FORWARD_REPEAT,
+                action,
+                check: Check::Forwarded(slots.0, slots.1),
+            });
+        }
+        // Refusals: the frames a flood at relay ports is made of.
+        relay.set_session_bucket(SESSION_PORT, 1)?;
+        relay.set_global_bucket(1)?;
+        // Spend the one token each bucket starts with, so every measured run drops.
+        test_run(relay.program()?, &junk, front, 1)?;
+        let mut malformed = junk.clone();
+        // UDP length one byte longer than the IPv4 payload.
+        malformed[14 + 20 + 5] = malformed[14 + 20 + 5].wrapping_add(1);
+        for (name, frame, reason) in [
+            (
+                "refuse: no flow, session's slow-path bucket empty",
+                junk.clone(),
+                Reason::DropSlowpathSessionLimit,
+            ),
+            (
+                "refuse: no flow, no session, relay-wide bucket empty",
+                frame([10, 0, 1, 9], 1234, [10, 0, 1, 1], SESSION_PORT + 1, 64, 64),
+                Reason::DropSlowpathGlobalLimit,
+            ),
+            ("refuse: bad lengths", malformed, Reason::DropMalformed),
+        ] {
+            cases.push(Case {
+                name: format!("{label}: {name}"),
+                target,
+                program: PROGRAM_NAME,
+                frame,
+                repeat: REFUSE_REPEAT,
+                action: XDP_DROP,
+                check: Check::Reason(reason),
+            });
+        }
+        targets.push(relay.ebpf);
+    }
+
+    let mut bench_ebpf =
+        Ebpf::load(crate::CEILING_OBJECT).context("loading the bench's XDP programs")?;
+    let ceiling_frame = setup_ceiling(&mut bench_ebpf, back)?;
+    let drop: &mut Xdp = bench_ebpf
+        .program_mut("forwarder_drop")
+        .context("the bench object has no forwarder_drop: rebuild forwarder-bench")?
+        .try_into()?;
+    drop.load()?;
+    let bench = targets.len();
+    targets.push(bench_ebpf);
+    cases.push(Case {
+        name: "raw XDP redirect (ceiling)".into(),
+        target: bench,
+        program: "forwarder_ceiling",
+        frame: ceiling_frame,
+        repeat: FORWARD_REPEAT,
+        action: XDP_REDIRECT,
+        check: Check::None,
+    });
+    let floor = cases.len();
+    cases.push(Case {
+        name: "bare XDP_DROP (floor for refusals)".into(),
+        target: bench,
+        program: "forwarder_drop",
+        frame: junk,
+        repeat: REFUSE_REPEAT,
+        action: XDP_DROP,
+        check: Check::None,
+    });
+
+    let counted_before = cases
+        .iter()
+        .map(|case| counted(&targets[case.target], case.check))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut samples = vec![Vec::with_capacity(calls); cases.len()];
+    for _ in 0..calls {
+        for (case, samples) in cases.iter().zip(&mut samples) {
+            let program: &Xdp = targets[case.target]
+                .program(case.program)
+                .with_context(|| format!("no program {}", case.program))?
+                .try_into()?;
+            let (retval, duration) = test_run(program, &case.frame, front, case.repeat)?;
+            ensure!(
+                retval == case.action,
+                "{}: the program returned {retval}, expected {}",
+                case.name,
+                case.action
+            );
+            // The kernel reports the mean over the repeats, in whole ns.
+            samples.push(duration.as_nanos() as f64);
+        }
+    }
+    let mut points = Vec::new();
+    for (index, case) in cases.iter().enumerate() {
+        let counted = counted(&targets[case.target], case.check)? - counted_before[index];
+        let runs = u64::from(case.repeat) * calls as u64;
+        // A 1 pps bucket refills a token or so per second of the run.
+        ensure!(
+            matches!(case.check, Check::None) || counted + runs / 1000 >= runs,
+            "{}: {counted} of {runs} runs counted: the case does not measure what it says",
+            case.name,
+        );
+        let net: Vec<f64> = samples[index]
+            .iter()
+            .zip(&samples[floor])
+            .map(|(case, floor)| case - floor)
+            .collect();
+        points.push(json!({
+            "case": case.name,
+            "runs_per_call": case.repeat,
+            "calls": calls,
+            "ns": percentiles(samples[index].clone()),
+            "ns_over_bare_drop": percentiles(net),
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({ "points": points }))?
+    );
+    Ok(())
+}
+
+/// Median and the 10th and 90th percentiles.
+fn percentiles(mut values: Vec<f64>) -> Value {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    json!({ "p10": at(0.1), "p50": at(0.5), "p90": at(0.9) })
+}
+
+/// Packets a forwarder object counted the way `check` names, summed over CPUs.
+fn counted(ebpf: &Ebpf, check: Check) -> anyhow::Result<u64> {
+    match check {
+        Check::None => Ok(0),
+        Check::Reason(reason) => {
+            let map: PerCpuArray<_, ReasonCounter> = PerCpuArray::try_from(
+                ebpf.map(map_names::REASON_COUNTERS)
+                    .context("REASON_COUNTERS")?,
+            )?;
+            Ok(map
+                .get(&(reason as u32), 0)?
+                .iter()
+                .map(|counter| counter.packets)
+                .sum())
+        }
+        Check::Forwarded(first, second) => {
+            let map: PerCpuArray<_, FlowCounter> = PerCpuArray::try_from(
+                ebpf.map(map_names::FLOW_COUNTERS)
+                    .context("FLOW_COUNTERS")?,
+            )?;
+            let mut sum = 0;
+            for slot in [first, second] {
+                sum += map.get(&slot, 0)?.iter().map(|c| c.packets).sum::<u64>();
+            }
+            Ok(sum)
+        }
+    }
+}
+
+/// A fresh network namespace for this process: a veth pair, the relay's
+/// addresses on both ends, static neighbours and forwarding on.
+fn private_namespace() -> anyhow::Result<()> {
+    // SAFETY: unshare has no memory-safety preconditions; called while this
+    // process has one thread, so every command below runs in the namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("unshare(CLONE_NEWNET): run as root");
+    }
+    let ip = |args: &str| -> anyhow::Result<()> {
+        let status = Command::new("ip")
+            .args(args.split_whitespace())
+            .status()
+            .context("running ip (install iproute2)")?;
+        ensure!(status.success(), "ip {args} failed");
+        Ok(())
+    };
+    ip("link set lo up")?;
+    ip("link add front type veth peer name back")?;
+    ip("addr add 10.0.1.1/24 dev front")?;
+    ip("addr add 10.0.2.1/24 dev back")?;
+    ip("link set front up")?;
+    ip("link set back up")?;
+    for (pair, dev) in [(&TX_PAIR, "front"), (&REDIRECT_PAIR, "back")] {
+        for (addr, mac) in [
+            (pair.client, "02:00:00:00:00:02"),
+            (pair.server, "02:00:00:00:00:03"),
+        ] {
+            ip(&format!(
+                "neigh replace {} lladdr {mac} nud permanent dev {dev}",
+                Ipv4Addr::from(addr)
+            ))?;
+        }
+    }
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning forwarding on")?;
+    Ok(())
+}
+
+fn ifindex(name: &str) -> anyhow::Result<u32> {
+    nix::net::if_::if_nametoindex(name).with_context(|| format!("no interface {name}"))
+}
+
+/// A UDP frame with a valid IPv4 header checksum and a zero UDP checksum.
+fn frame(
+    saddr: [u8; 4],
+    sport: u16,
+    daddr: [u8; 4],
+    dport: u16,
+    ttl: u8,
+    payload: usize,
+) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(42 + payload);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 1, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00]);
+    let tot_len = (20 + 8 + payload) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&tot_len.to_be_bytes());
+    ip[8] = ttl;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&saddr);
+    ip[16..20].copy_from_slice(&daddr);
+    let checksum = forwarder_common::csum::ipv4_header(&ip);
+    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&sport.to_be_bytes());
+    frame.extend_from_slice(&dport.to_be_bytes());
+    frame.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.resize(42 + payload, 0x5a);
+    frame
+}
+
+fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ingress_ifindex, 0, 0]
+        .iter()
+        .flat_map(|word: &u32| word.to_ne_bytes())
+        .collect()
+}
+
+/// forwarder's own program, configured the way the daemon configures it.
+struct Relay {
+    ebpf: Ebpf,
+}
+
+fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
+    let mut loader = EbpfLoader::new();
+    // The relay's ports, as the daemon sets them; objects older than the
+    // read-only global read them from a one-slot map, filled likewise.
+    loader.override_global(forwarder_common::config::RELAY_CONFIG_GLOBAL, &RELAY, false);
+    let mut ebpf = loader
+        .load(object)
+        .context("loading forwarder's XDP object")?;
+    if let Some(map) = ebpf.map_mut("CONFIG") {
+        let mut config: Array<_, RelayConfig> = Array::try_from(map)?;
+        config.set(0, RELAY, 0)?;
+    }
+    let program: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .context("no forwarder program")?
+        .try_into()?;
+    program
+        .load()
+        .context("the verifier refused forwarder's program")?;
+    Ok(Relay { ebpf })
+}
+
+impl Relay {
+    fn add_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
+        let mut map =
+            DevMapHash::try_from(self.ebpf.map_mut(map_names::EGRESS).context("EGRESS")?)?;
+        map.insert(ifindex, ifindex, None, 0)?;
+        Ok(())
+    }
+
+    /// Client half `client:CLIENT_PORT -> server:SESSION_PORT`, rewritten
+    /// to `server:SERVER_PORT -> client:FLOW_PORT`, which is the backend
+    /// half (server allowed at `server:SERVER_PORT`) rewritten back to the
+    /// first packet.
+    fn add_bouncing_flows(&mut self, pair: &Pair, slots: (u32, u32)) -> anyhow::Result<()> {
+        let client_side = Endpoints {
+            saddr: pair.client,
+            daddr: pair.server,
+            sport: CLIENT_PORT.to_be_bytes(),
+            dport: SESSION_PORT.to_be_bytes(),
+        };
+        let backend_side = Endpoints {
+            saddr: pair.server,
+            daddr: pair.client,
+            sport: SERVER_PORT.to_be_bytes(),
+            dport: FLOW_PORT.to_be_bytes(),
+        };
+        let client_rewrite = Rewrite::new(client_side, backend_side, slots.0);
+        let mut backend_rewrite = Rewrite::new(backend_side, client_side, slots.1);
+        backend_rewrite.allowed_saddr = pair.server;
+        backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
+        let mut clients: HashMap<_, ClientKey, Rewrite> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::CLIENT_FLOWS)
+                .context("CLIENT_FLOWS")?,
+        )?;
+        clients.insert(
+            ClientKey {
+                relay_addr: pair.server,
+                client_addr: pair.client,
+                relay_port: SESSION_PORT.to_be_bytes(),
+                client_port: CLIENT_PORT.to_be_bytes(),
+            },
+            client_rewrite,
+            0,
+        )?;
+        let mut backends: HashMap<_, BackendKey, Rewrite> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::BACKEND_FLOWS)
+                .context("BACKEND_FLOWS")?,
+        )?;
+        backends.insert(
+            BackendKey {
+                relay_addr: pair.client,
+                relay_port: FLOW_PORT.to_be_bytes(),
+                _pad: [0; 2],
+            },
+            backend_rewrite,
+            0,
+        )?;
+        Ok(())
+    }
+
+    fn set_session_bucket(&mut self, port: u16, pps: u32) -> anyhow::Result<()> {
+        let mut map: HashMap<_, u16, SlowpathBucket> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::SLOWPATH_SESSION_BUCKETS)
+                .context("SLOWPATH_SESSION_BUCKETS")?,
+        )?;
+        map.insert(port, SlowpathBucket::with_burst(pps, 1), 0)?;
+        Ok(())
+    }
+
+    fn set_global_bucket(&mut self, pps: u32) -> anyhow::Result<()> {
+        let mut map: Array<_, SlowpathBucket> = Array::try_from(
+            self.ebpf
+                .map_mut(map_names::SLOWPATH_GLOBAL_BUCKET)
+                .context("SLOWPATH_GLOBAL_BUCKET")?,
+        )?;
+        map.set(0, SlowpathBucket::with_burst(pps, 1), 0)?;
+        Ok(())
+    }
+
+    fn program(&self) -> anyhow::Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(PROGRAM_NAME)
+            .context("no forwarder program")?
+            .try_into()?)
+    }
+}
+
+fn test_run(
+    program: &Xdp,
+    frame: &[u8],
+    ingress: u32,
+    repeat: u32,
+) -> anyhow::Result<(u32, Duration)> {
+    let ctx = xdp_md(frame.len(), ingress);
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::new()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    Ok((result.return_value, result.duration))
+}
+
+/// The raw-redirect ceiling: an identity rewrite (TTL only), so every
+/// rerun on the rewritten frame does the whole work again.
+fn setup_ceiling(ebpf: &mut Ebpf, back: u32) -> anyhow::Result<Vec<u8>> {
+    let pair = &REDIRECT_PAIR;
+    let same = Endpoints {
+        saddr: pair.client,
+        daddr: pair.server,
+        sport: CLIENT_PORT.to_be_bytes(),
+        dport: SESSION_PORT.to_be_bytes(),
+    };
+    let config = CeilingConfig {
+        rewrite: Rewrite::new(same, same, 0),
+        smac: [0x02, 0, 0, 0, 2, 1],
+        dmac: [0x02, 0, 0, 0, 0, 3],
+        port: SESSION_PORT.to_be_bytes(),
+        egress_ifindex: back,
+        ..CeilingConfig::default()
+    };
+    let mut map: Array<_, CeilingConfig> =
+        Array::try_from(ebpf.map_mut("CEILING").context("no CEILING map")?)?;
+    map.set(0, config, 0)?;
+    let mut egress =
+        DevMapHash::try_from(ebpf.map_mut("CEILING_EGRESS").context("CEILING_EGRESS")?)?;
+    egress.insert(back, back, None, 0)?;
+    let program: &mut Xdp = ebpf
+        .program_mut("forwarder_ceiling")
+        .context("no forwarder_ceiling program")?
+        .try_into()?;
+    program.load()?;
+    Ok(frame(
+        pair.client,
+        CLIENT_PORT,
+        pair.server,
+        SESSION_PORT,
+        255,
+        64,
+    ))
+}
