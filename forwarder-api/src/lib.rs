@@ -187,6 +187,46 @@ pub struct SessionInfo {
     /// programmed, with the flows its clients have there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub relays: Vec<SessionHolder>,
+    /// The relay's TCP port for this session (`run --tcp-port`), for
+    /// networks that block UDP; absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpInfo>,
+}
+
+/// How a session is reached over TCP (`forwarder mosh --tcp`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TcpInfo {
+    pub port: u16,
+    /// The session's authentication token (hex), only in the reply to
+    /// `add`: the stream's hello must carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// The TCP bridge's counters (`run --tcp-port`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TcpStats {
+    pub port: u16,
+    /// Streams open now, and authenticated streams among them.
+    pub streams_open: u64,
+    pub streams_authenticated: u64,
+    pub streams_accepted: u64,
+    /// Hellos with a wrong magic, version, session or token: held until
+    /// the hello deadline and closed, nothing forwarded.
+    pub refused_bad_hello: u64,
+    /// Streams that did not finish their hello before the deadline.
+    pub refused_hello_timeout: u64,
+    /// Streams refused because the relay or the session had its limit of streams.
+    pub refused_stream_limit: u64,
+    /// Streams closed for a frame longer than the limit (or empty).
+    pub closed_bad_frame: u64,
+    /// Streams closed after the idle timeout without a frame from the client.
+    pub closed_idle: u64,
+    pub datagrams_to_server: u64,
+    pub datagrams_to_client: u64,
+    /// Datagrams for the client dropped because the stream's writer was
+    /// backed up (fresh beats complete: mosh resends its state).
+    pub dropped_stale: u64,
 }
 
 /// A session's owner: the uid, and its user name (the uid in decimal when
@@ -327,6 +367,9 @@ pub struct StatsInfo {
     /// Set when the relay shares its sessions through etcd (`run --etcd`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterInfo>,
+    /// The TCP bridge, when the relay runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpStats>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -197,6 +197,17 @@ pub struct RunArgs {
     /// is reachable as well, matched by its mosh key. Off unless given; outside --flow-ports.
     #[arg(long, value_name = "PORT")]
     pub shared_port: Option<u16>,
+    /// A TCP port (e.g. 443) for mosh over TCP, for client networks that block UDP
+    /// (`forwarder mosh --tcp`): a stream authenticated with a session's token becomes one more
+    /// flow of it. Off unless given.
+    #[arg(long, value_name = "PORT")]
+    pub tcp_port: Option<u16>,
+    /// TCP streams open at once on --tcp-port, authenticated or not [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub tcp_max_streams: Option<usize>,
+    /// TCP streams one session may have at once [default: 4].
+    #[arg(long, value_name = "N")]
+    pub tcp_streams_per_session: Option<usize>,
     /// Who besides root may use the control socket, and what they may do.
     #[command(flatten, next_help_heading = "Self-service (non-root users)")]
     pub users: Box<UserArgs>,
@@ -495,7 +506,25 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         cert_file: etcd_cert_file.or(file.etcd_cert_file),
         key_file: etcd_key_file.or(file.etcd_key_file),
     });
+    let tcp_port = args.tcp_port.or(file.tcp_port);
+    if tcp_port == Some(0) {
+        bail!("--tcp-port 0 is no port: give the TCP port clients may reach, e.g. 443");
+    }
+    let tcp = tcp_port.map(|port| crate::tcpbridge::TcpBridgeOptions {
+        port,
+        max_streams: args
+            .tcp_max_streams
+            .or(file.tcp_max_streams)
+            .unwrap_or(defaults::TCP_MAX_STREAMS),
+        streams_per_session: args
+            .tcp_streams_per_session
+            .or(file.tcp_streams_per_session)
+            .unwrap_or(defaults::TCP_STREAMS_PER_SESSION),
+        hello_deadline: defaults::TCP_HELLO_DEADLINE,
+        idle_timeout: defaults::TCP_IDLE_TIMEOUT,
+    });
     Ok(RunOptions {
+        tcp,
         socket_group: user_args
             .socket_group
             .or(file.socket_group)
@@ -638,6 +667,14 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 if let Some(shared) = session.shared_port {
                     println!(
                         "or through the shared port: MOSH_KEY=<key> mosh-client {address} {shared}"
+                    );
+                }
+                // The token only in `--json`: a terminal's scrollback is no place for it.
+                if let Some(tcp) = &session.tcp {
+                    println!(
+                        "over TCP (networks that block UDP): TCP port {}; `forwarder mosh` does it, \
+                         its token is in `add --json`",
+                        tcp.port
                     );
                 }
             }
@@ -908,6 +945,13 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
                 ),
             };
         }
+        if let Some(tcp) = &s.tcp {
+            let _ = writeln!(
+                out,
+                "  also over TCP port {} (streams are flows from 127.0.0.1)",
+                tcp.port
+            );
+        }
         for f in &s.flows {
             let _ = writeln!(
                 out,
@@ -1072,6 +1116,25 @@ fn render_stats(stats: &StatsInfo) -> String {
             s.shared_admitted, s.shared_unverified, s.shared_wrong_direction, s.shared_replayed
         );
     }
+    if let Some(tcp) = &stats.tcp {
+        let _ = writeln!(
+            out,
+            "TCP port {}: {} streams open, {} authenticated of {} accepted; refused: {} bad hello, {} no hello in time, \
+             {} over a limit; closed: {} bad frame, {} idle; datagrams {} to servers, {} to clients, {} stale dropped",
+            tcp.port,
+            tcp.streams_open,
+            tcp.streams_authenticated,
+            tcp.streams_accepted,
+            tcp.refused_bad_hello,
+            tcp.refused_hello_timeout,
+            tcp.refused_stream_limit,
+            tcp.closed_bad_frame,
+            tcp.closed_idle,
+            tcp.datagrams_to_server,
+            tcp.datagrams_to_client,
+            tcp.dropped_stale
+        );
+    }
     out
 }
 
@@ -1180,6 +1243,11 @@ mod tests {
             Ok(defaults::GATEWAY_SECURE_MODE)
         );
         assert_eq!(shown_default("etcd-prefix"), defaults::ETCD_PREFIX);
+        assert_eq!(number("tcp-max-streams"), defaults::TCP_MAX_STREAMS as u64);
+        assert_eq!(
+            number("tcp-streams-per-session"),
+            defaults::TCP_STREAMS_PER_SESSION as u64
+        );
     }
 
     /// The example config shows the defaults, not values of its own.
@@ -1251,6 +1319,11 @@ mod tests {
         for rule in rules {
             rule.parse::<crate::gateway::rules::Rule>().unwrap();
         }
+        assert_eq!(file.tcp_max_streams, Some(defaults::TCP_MAX_STREAMS));
+        assert_eq!(
+            file.tcp_streams_per_session,
+            Some(defaults::TCP_STREAMS_PER_SESSION)
+        );
     }
 
     #[test]

@@ -54,6 +54,14 @@ pub mod defaults {
     pub const USER_MAX_SESSIONS: u32 = 8;
     pub const USER_MAX_FLOWS: u32 = 32;
     pub const USER_NEW_FLOWS_PER_SEC: u32 = 4;
+    /// `--tcp-port`: streams open at once, and per session.
+    pub const TCP_MAX_STREAMS: usize = 1024;
+    pub const TCP_STREAMS_PER_SESSION: usize = 4;
+    /// A stream's hello must arrive within this (no flag).
+    pub const TCP_HELLO_DEADLINE: Duration = Duration::from_secs(5);
+    /// A stream without a frame from its client this long is closed (no
+    /// flag): mosh sends at least every 3 s while it runs.
+    pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
     pub const USER_QUOTA: crate::users::Quota = crate::users::Quota {
         max_sessions: USER_MAX_SESSIONS,
         max_flows: USER_MAX_FLOWS,
@@ -139,6 +147,10 @@ pub struct FileConfig {
     pub etcd_key_file: Option<PathBuf>,
     /// This relay's name in the cluster (default: HOSTNAME-INSTANCE).
     pub relay_name: Option<String>,
+    /// The TCP port for mosh over TCP (none unless set), and its stream limits.
+    pub tcp_port: Option<u16>,
+    pub tcp_max_streams: Option<usize>,
+    pub tcp_streams_per_session: Option<usize>,
 }
 
 impl FileConfig {
@@ -170,6 +182,11 @@ mod tests {
         assert!(config.shared_port.is_none());
         assert_eq!(
             FileConfig::parse("shared_port = 443").unwrap().shared_port,
+            Some(443)
+        );
+        assert!(config.tcp_port.is_none());
+        assert_eq!(
+            FileConfig::parse("tcp_port = 443").unwrap().tcp_port,
             Some(443)
         );
     }

@@ -12,6 +12,7 @@
 //! control              the control socket: `server` (requests against the session
 //!                      table), `client` (what the verbs send); messages: forwarder-api
 //! metrics              Prometheus exposition of the session table's report
+//! tcpbridge            `run --tcp-port`: mosh over TCP, each stream one more flow of its session
 //! punch                the punch handshake: `wire` (format, authority), `relay` (the
 //!                      relay's service), `server` (`forwarder mosh-server`)
 //! gateway              gateway mode: NAT-PMP, PCP and UPnP IGD on the LAN side, each
@@ -24,10 +25,12 @@
 //!                      reports), kept consistent with the maps and the sockets
 //! datapath             XDP (load, pins, maps, health) and the relay's UDP sockets
 //! connect              `forwarder mosh` on the laptop: ssh, mosh-server, the bastion's
-//!                      `forwarder add`, mosh-client; uses no other room (no BPF, no daemon)
+//!                      `forwarder add`, mosh-client, the local TCP bridge; uses no other
+//!                      room but the tcpwire leaf (no BPF, no daemon)
 //! store config mosh    leaves: the session store, the config file, mosh's
 //! ports limits expiry  datagram rules, port pools, token buckets, timeouts,
-//! users                and self-service (owners, backend policy, quotas, audit)
+//! users                and self-service (owners, backend policy, quotas, audit);
+//! tcpwire              mosh over TCP's hello, framing and tokens
 //! ```
 //!
 //! Below all of them: `forwarder-api` (control messages and JSON views) and
@@ -50,4 +53,6 @@ pub mod punch;
 pub mod sessions;
 pub mod slowpath;
 pub mod store;
+pub mod tcpbridge;
+pub mod tcpwire;
 pub mod users;

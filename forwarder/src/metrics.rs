@@ -292,6 +292,10 @@ pub fn render(stats: &StatsInfo) -> String {
         render_cluster(&mut registry, &stats.instance, cluster);
     }
 
+    if let Some(tcp) = &stats.tcp {
+        tcp_families(&mut registry, tcp, &with);
+    }
+
     let mut text = String::new();
     encode(&mut text, &registry).expect("writing to a String cannot fail");
     text
@@ -352,6 +356,44 @@ fn render_cluster(registry: &mut Registry, instance: &str, cluster: &forwarder_a
         "forwarder_cluster_held_flows",
         "Client flows on each live relay, over all shared sessions",
         &flows,
+    );
+}
+
+/// The TCP bridge's counters (`run --tcp-port`).
+fn tcp_families(
+    registry: &mut Registry,
+    tcp: &forwarder_api::TcpStats,
+    with: &dyn Fn(&str, &str) -> Labels,
+) {
+    gauge_family(
+        registry,
+        "forwarder_tcp_streams_open",
+        "TCP streams open now on --tcp-port, authenticated or not",
+        &[(with("port", &tcp.port.to_string()), tcp.streams_open as i64)],
+    );
+    counter_family(
+        registry,
+        "forwarder_tcp_streams",
+        "TCP streams by outcome (accepted: every stream; authenticated: its hello named a session with its token)",
+        &[
+            (with("outcome", "accepted"), tcp.streams_accepted),
+            (with("outcome", "authenticated"), tcp.streams_authenticated),
+            (with("outcome", "bad_hello"), tcp.refused_bad_hello),
+            (with("outcome", "hello_timeout"), tcp.refused_hello_timeout),
+            (with("outcome", "stream_limit"), tcp.refused_stream_limit),
+            (with("outcome", "bad_frame"), tcp.closed_bad_frame),
+            (with("outcome", "idle"), tcp.closed_idle),
+        ],
+    );
+    counter_family(
+        registry,
+        "forwarder_tcp_datagrams",
+        "Datagrams carried by TCP streams, by direction; stale: dropped for a backed-up writer",
+        &[
+            (with("direction", "to_server"), tcp.datagrams_to_server),
+            (with("direction", "to_client"), tcp.datagrams_to_client),
+            (with("direction", "stale"), tcp.dropped_stale),
+        ],
     );
 }
 

@@ -210,13 +210,19 @@ impl KeySealer {
 /// Reads the keyed sessions' secret from `dir`, creating it (32 random
 /// bytes, mode 0600) the first time.
 fn keyed_secret(dir: &Path) -> anyhow::Result<Vec<u8>> {
+    state_secret(dir, KEYED_SECRET_FILE)
+}
+
+/// Reads the secret `name` from the state folder `dir`, creating it (32
+/// random bytes, mode 0600) the first time.
+pub fn state_secret(dir: &Path, name: &str) -> anyhow::Result<Vec<u8>> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(KEYED_SECRET_FILE);
+    let path = dir.join(name);
     match std::fs::read(&path) {
         Ok(secret) if secret.len() >= 32 => return Ok(secret),
         Ok(_) => bail!(
-            "{} is shorter than 32 bytes: it was altered; move it away (keyed sessions are then dropped at start) and restart",
+            "{} is shorter than 32 bytes: it was altered; move it away and restart (keyed sessions are then dropped at start, TCP tokens change)",
             path.display()
         ),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}

@@ -118,6 +118,11 @@ pub enum Failure {
         host: String,
         backend: String,
     },
+    #[error(
+        "--tcp: the bastion {bastion} offers no TCP port for mosh; fix: its operator starts forwarder with \
+         --tcp-port PORT (or tcp_port in its config), or leave out --tcp"
+    )]
+    NoTcpPort { bastion: String },
 }
 
 impl Failure {

@@ -23,6 +23,7 @@
 //! This room uses nothing of the daemon's: only `forwarder_api`'s types
 //! for the documents the bastion's `forwarder` prints.
 
+mod bridge;
 mod failure;
 mod remote;
 mod ssh;
@@ -116,6 +117,18 @@ pub struct MoshArgs {
     /// which is otherwise used: the one port its operator opened for every session.
     #[arg(long)]
     pub no_shared_port: bool,
+    /// Carry mosh over TCP to the bastion's TCP port (its --tcp-port) from the start, for networks
+    /// that block UDP; moves to UDP if UDP answers later. Without it, a bastion with a TCP port is
+    /// used when UDP gives no answer for 5 s (announced on stderr).
+    #[arg(long, conflicts_with = "no_tcp")]
+    pub tcp: bool,
+    /// Never use the bastion's TCP port: mosh-client talks to the bastion directly over UDP.
+    #[arg(long)]
+    pub no_tcp: bool,
+    /// Dial this address instead of the bastion's TCP port, e.g. the local end of
+    /// `ssh -L 4443:localhost:443 bastion` for networks where only ssh gets out.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub tcp_connect: Option<std::net::SocketAddr>,
     /// mosh-client on this machine.
     #[arg(long, value_name = "PATH", default_value = "mosh-client")]
     pub client: String,
@@ -532,6 +545,9 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         check_port_request(port)?;
     }
     args.predict()?;
+    if (args.tcp || args.tcp_connect.is_some()) && args.via.is_none() {
+        bail!("--tcp and --tcp-connect need a forwarder bastion: give --via BASTION");
+    }
     let ssh = Ssh::parse(&args.ssh)?;
     let plan = Plan {
         args: &args,
@@ -587,7 +603,11 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         Some(shared) if !args.no_shared_port => shared,
         _ => session.port,
     };
-    let status = run_client(&args, target, port, &server.key);
+    let (client_ip, client_port) = match tcp_bridge(&args, &session, target, port)? {
+        Some(local_port) => (Ipv4Addr::LOCALHOST, local_port),
+        None => (target, port),
+    };
+    let status = run_client(&args, client_ip, client_port, &server.key);
     match plan.remove_session(bastion, &session.id) {
         Ok(removed) => {
             if let Some(diagnosis) = udp_diagnosis(&removed, port, bastion, &args.host) {
@@ -601,6 +621,43 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         ),
     }
     client_outcome(status?)
+}
+
+/// Starts the local bridge when the bastion offers TCP (and it is not
+/// refused): mosh-client then talks to its loopback port.
+fn tcp_bridge(
+    args: &MoshArgs,
+    session: &SessionInfo,
+    bastion: Ipv4Addr,
+    udp_port: u16,
+) -> anyhow::Result<Option<u16>> {
+    if args.no_tcp {
+        return Ok(None);
+    }
+    let offer = session
+        .tcp
+        .as_ref()
+        .and_then(|tcp| Some((tcp.port, tcp.token.as_deref()?)));
+    let Some((tcp_port, token)) = offer else {
+        if args.tcp {
+            bail!(Failure::NoTcpPort {
+                bastion: args.via.clone().unwrap_or_default(),
+            });
+        }
+        return Ok(None);
+    };
+    let token = crate::tcpwire::Token::from_hex(token)
+        .context("the bastion's forwarder reported a malformed TCP token")?;
+    let relay_tcp = args
+        .tcp_connect
+        .unwrap_or(std::net::SocketAddr::from((bastion, tcp_port)));
+    let port = bridge::start(bridge::BridgePlan {
+        relay_udp: std::net::SocketAddrV4::new(bastion, udp_port),
+        relay_tcp,
+        hello: crate::tcpwire::hello(&session.id, &token),
+        start_on_tcp: args.tcp,
+    })?;
+    Ok(Some(port))
 }
 
 fn client_outcome(status: ExitStatus) -> anyhow::Result<()> {
@@ -714,6 +771,7 @@ mod tests {
             has_key: true,
             shared_port: None,
             relays: Vec::new(),
+            tcp: None,
         }
     }
 

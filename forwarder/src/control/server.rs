@@ -355,6 +355,8 @@ async fn add(
                 .session_info(info.port, crate::datapath::monotonic_ns())
                 .context("the session just added")?;
         }
+        // The token goes to the caller who made the session, and only here.
+        info.tcp = relay.tcp_info_with_token(info.port).or(info.tcp);
         (info, socket)
     };
     start_reader(relay.clone(), socket);

@@ -60,6 +60,8 @@ pub struct RunOptions {
     pub gateway: Option<crate::gateway::GatewayOptions>,
     /// Sessions shared with other relays through etcd (`--etcd`), when given.
     pub cluster: Option<crate::cluster::ClusterOptions>,
+    /// `--tcp-port`: mosh over TCP for networks that block UDP.
+    pub tcp: Option<crate::tcpbridge::TcpBridgeOptions>,
 }
 
 /// Checks an instance name: it becomes part of file paths.
@@ -166,6 +168,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(address) => Some((address, crate::metrics::bind(address).await?)),
         None => None,
     };
+    let tcp_listener = match &options.tcp {
+        Some(tcp) => Some(crate::tcpbridge::bind(tcp.port).await?),
+        None => None,
+    };
 
     let config = RelayConfig {
         session_port_lo: options.session_ports.lo,
@@ -223,6 +229,19 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         Some(port) => Some(relay.lock().expect("relay lock").open_shared_port(port)?),
         None => None,
     };
+    let tcp_counters = match &options.tcp {
+        Some(tcp) => {
+            let secret =
+                crate::store::state_secret(&options.state_dir, crate::tcpwire::TOKEN_SECRET_FILE)?;
+            Some(
+                relay
+                    .lock()
+                    .expect("relay lock")
+                    .offer_tcp(tcp.port, secret),
+            )
+        }
+        None => None,
+    };
     let restored = {
         let mut relay = relay.lock().expect("relay lock");
         relay.set_user_policy(options.users.clone());
@@ -252,6 +271,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         ports = %options.session_ports,
         flow_ports = %options.flow_ports,
         shared_port = ?options.shared_port,
+        tcp_port = ?options.tcp.as_ref().map(|tcp| tcp.port),
         socket = %socket_path.display(),
         socket_group = %socket_group.name,
         user_allow_rules = options.users.allow.len(),
@@ -302,6 +322,13 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let tcp =
+        match (tcp_listener, options.tcp.clone(), tcp_counters) {
+            (Some(listener), Some(tcp), Some(counters)) => Some(tokio::spawn(
+                crate::tcpbridge::serve(listener, relay.clone(), tcp, counters),
+            )),
+            _ => None,
+        };
     let health = tokio::spawn(crate::datapath::health::watch(
         options.interfaces.clone(),
         mode.clone(),
@@ -332,6 +359,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     if let Some(gateway) = gateway {
         gateway.abort();
+    }
+    if let Some(tcp) = tcp {
+        tcp.abort();
     }
     let _ = std::fs::remove_file(&socket_path);
     info!(

@@ -31,6 +31,7 @@ mod clustered;
 
 pub mod nat;
 pub mod shared;
+pub mod tcp;
 
 /// A flow's identity within its session: the relay address and client
 /// endpoint, and the client-facing port it arrived on (the session's own
@@ -238,6 +239,8 @@ pub struct Relay {
     cluster: Option<forwarder_api::ClusterInfo>,
     /// The id the next `add_session` takes instead of a random one.
     shared_id: Option<String>,
+    /// `--tcp-port`, once the daemon listens on it.
+    tcp: Option<tcp::TcpOffer>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -336,6 +339,7 @@ impl Relay {
             owner_new_flows: HashMap::new(),
             cluster: None,
             shared_id: None,
+            tcp: None,
         }
     }
 
@@ -1020,6 +1024,7 @@ impl Relay {
                 .filter(|_| session.key.is_some())
                 .map(|shared| shared.port),
             owner: session.owner.info(),
+            tcp: self.tcp_port_info(),
         })
     }
 

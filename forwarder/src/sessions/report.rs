@@ -91,5 +91,6 @@ fn stats(relay: &Relay) -> StatsInfo {
         descriptors: descriptors(),
         warnings: crate::datapath::health::current(),
         cluster: relay.cluster.clone(),
+        tcp: relay.tcp_stats(),
     }
 }
