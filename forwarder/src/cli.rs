@@ -107,6 +107,22 @@ pub enum Verb {
     /// command (ssh, mosh-server, the bastion's session, mosh-client).
     #[command(long_about = crate::connect::LONG_HELP)]
     Mosh(crate::connect::MoshArgs),
+    /// Man pages and shell completions from these very definitions, for
+    /// packagers (`cargo xtask deb` runs it on the binary it packages).
+    #[command(hide = true, subcommand)]
+    Generate(Generate),
+}
+
+/// What `forwarder generate` writes.
+#[derive(Subcommand, Debug)]
+pub enum Generate {
+    /// forwarder.1 and one forwarder-VERB.1 per verb, as roff, into DIR.
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// A completion script on standard output.
+    Completion { shell: clap_complete::Shell },
 }
 
 /// `run` flags. Each one overrides the same key of `--config`; unset in
@@ -750,6 +766,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             }
             crate::connect::main(args)
         }
+        Verb::Generate(what) => generate(what),
         Verb::Stats { json } => {
             daemon::validate_instance(&instance)?;
             let Reply::Stats(stats) = call(&instance, &Request::Stats {})? else {
@@ -813,7 +830,52 @@ impl Cli {
             | Verb::Show { json, .. }
             | Verb::Stats { json }
             | Verb::Detach { json, .. } => *json,
-            Verb::Run(_) | Verb::MoshServer(_) | Verb::Mosh(_) => false,
+            Verb::Run(_) | Verb::MoshServer(_) | Verb::Mosh(_) | Verb::Generate(_) => false,
+        }
+    }
+}
+
+/// Renders the man pages or a completion script. Here rather than in the
+/// xtask: the xtask must build on a machine that has no bpf-linker yet
+/// (it is what installs it), and linking the forwarder library into it
+/// would build the eBPF object first.
+fn generate(what: Generate) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    match what {
+        Generate::Man { dir } => {
+            // Built first, so that each verb carries the global flags
+            // (--instance) and its synopsis says `forwarder VERB`.
+            let mut root = Cli::command();
+            root.build();
+            let source = format!("forwarder {}", env!("CARGO_PKG_VERSION"));
+            let render = |page: String, command: clap::Command| -> anyhow::Result<()> {
+                let mut roff = Vec::new();
+                clap_mangen::Man::new(command)
+                    .source(source.clone())
+                    .render(&mut roff)?;
+                let path = dir.join(format!("{page}.1"));
+                std::fs::write(&path, roff).with_context(|| format!("writing {}", path.display()))
+            };
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let verbs: Vec<clap::Command> = root
+                .get_subcommands()
+                .filter(|verb| !verb.is_hide_set() && verb.get_name() != "help")
+                .cloned()
+                .collect();
+            for verb in verbs {
+                let page = format!("forwarder-{}", verb.get_name());
+                render(page.clone(), verb.display_name(page))?;
+            }
+            render("forwarder".to_string(), root)
+        }
+        Generate::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "forwarder",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
     }
 }

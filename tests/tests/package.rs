@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use forwarder_testbed::cmd::{self, Output, SHORT};
 use forwarder_testbed::{forwarder_bin, prereq, workspace_root};
 
-/// Building xtask (it links the forwarder library for the man pages) may take minutes.
+/// Building xtask and, through it, the packaged binary may take minutes.
 const BUILD: Duration = Duration::from_secs(1800);
 const PACKAGE: &str = "forwarder";
 const CONFIG: &str = "/etc/forwarder/forwarder.toml";

@@ -1,6 +1,8 @@
 //! `cargo xtask deb`: a Debian package with the binary, the systemd units,
-//! the example config, man pages and shell completions generated from the
-//! CLI's clap definitions, the copyright file, the changelog and maintainer
+//! the example config, man pages and shell completions that the packaged
+//! binary renders from its own clap definitions (`forwarder generate`; the
+//! xtask itself does not link the forwarder library, so it builds before
+//! bpf-linker is installed), the copyright file, the changelog and maintainer
 //! scripts. Built with dpkg-deb (part of every Debian system, so no extra
 //! tool to install; cargo-deb would only wrap the same steps).
 
@@ -10,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use clap::CommandFactory;
 
 use crate::run_visible;
 
@@ -36,19 +37,10 @@ const PAYLOAD: [(&str, &str, u32); 4] = [
 
 /// Where Debian's bash-completion, zsh and fish look for completions
 /// shipped by packages.
-const COMPLETIONS: [(clap_complete::Shell, &str); 3] = [
-    (
-        clap_complete::Shell::Bash,
-        "usr/share/bash-completion/completions/forwarder",
-    ),
-    (
-        clap_complete::Shell::Zsh,
-        "usr/share/zsh/vendor-completions/_forwarder",
-    ),
-    (
-        clap_complete::Shell::Fish,
-        "usr/share/fish/vendor_completions.d/forwarder.fish",
-    ),
+const COMPLETIONS: [(&str, &str); 3] = [
+    ("bash", "usr/share/bash-completion/completions/forwarder"),
+    ("zsh", "usr/share/zsh/vendor-completions/_forwarder"),
+    ("fish", "usr/share/fish/vendor_completions.d/forwarder.fish"),
 ];
 
 const MAINTAINER: &str = "forwarder developers <forwarder@localhost>";
@@ -194,38 +186,46 @@ fn gzip(bytes: &[u8]) -> Result<Vec<u8>> {
     Ok(encoder.finish()?)
 }
 
-/// forwarder(1) and one page per verb, forwarder-VERB(1), as git and cargo do.
-fn man_pages() -> Result<Vec<(String, Vec<u8>)>> {
-    // Built first, so that each verb carries the global flags (--instance)
-    // and its synopsis says `forwarder VERB`.
-    let mut root = forwarder::cli::Cli::command();
-    root.build();
-    let source = format!("forwarder {}", env!("CARGO_PKG_VERSION"));
-    let render = |page: String, command: clap::Command| -> Result<(String, Vec<u8>)> {
-        let mut roff = Vec::new();
-        clap_mangen::Man::new(command)
-            .source(source.clone())
-            .render(&mut roff)?;
-        Ok((format!("{page}.1.gz"), gzip(&roff)?))
-    };
+/// forwarder(1) and one page per verb, forwarder-VERB(1), as git and cargo
+/// do, rendered by the packaged binary itself (`forwarder generate man`) so
+/// they never disagree with its --help.
+fn man_pages(bin: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let dir = tempfile::tempdir()?;
+    run_visible(
+        Command::new(bin)
+            .args(["generate", "man", "--dir"])
+            .arg(dir.path()),
+    )?;
     let mut pages = Vec::new();
-    for verb in root.get_subcommands().filter(|v| v.get_name() != "help") {
-        let page = format!("forwarder-{}", verb.get_name());
-        pages.push(render(page.clone(), verb.clone().display_name(page))?);
+    for entry in std::fs::read_dir(dir.path())? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .with_context(|| format!("odd man page name {}", path.display()))?
+            .to_string();
+        pages.push((format!("{name}.gz"), gzip(&std::fs::read(&path)?)?));
     }
-    pages.push(render("forwarder".to_string(), root)?);
+    pages.sort();
+    if !pages.iter().any(|(page, _)| page == "forwarder.1.gz") {
+        bail!("`{} generate man` wrote no forwarder.1", bin.display());
+    }
     Ok(pages)
 }
 
-fn completion(shell: clap_complete::Shell) -> Vec<u8> {
-    let mut script = Vec::new();
-    clap_complete::generate(
-        shell,
-        &mut forwarder::cli::Cli::command(),
-        "forwarder",
-        &mut script,
-    );
-    script
+fn completion(bin: &Path, shell: &str) -> Result<Vec<u8>> {
+    let output = Command::new(bin)
+        .args(["generate", "completion", shell])
+        .output()
+        .with_context(|| format!("running {} generate completion {shell}", bin.display()))?;
+    if !output.status.success() || output.stdout.is_empty() {
+        bail!(
+            "`{} generate completion {shell}` failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output.stdout)
 }
 
 /// The binary to package: `$FORWARDER_BIN` when set (what `cargo xtask
@@ -276,11 +276,11 @@ pub fn run() -> Result<PathBuf> {
         &gzip(changelog(version, &date).as_bytes())?,
         0o644,
     )?;
-    for (page, bytes) in man_pages()? {
+    for (page, bytes) in man_pages(&bin)? {
         write_file(&stage.join("usr/share/man/man1").join(page), &bytes, 0o644)?;
     }
     for (shell, path) in COMPLETIONS {
-        write_file(&stage.join(path), &completion(shell), 0o644)?;
+        write_file(&stage.join(path), &completion(&bin, shell)?, 0o644)?;
     }
     let debian = stage.join("DEBIAN");
     let size_kib = du_kib(&stage)?;
