@@ -3,7 +3,7 @@
 //! non-root caller adds sessions within the backend policy and its quotas,
 //! and sees, shows and removes only its own; `stats` is root's.
 
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -301,7 +301,13 @@ async fn add(
         idle_timeout_secs,
         key,
     } = request;
-    let backend: SocketAddrV4 = parse_backend(backend)?;
+    let backend: SocketAddrV4 = match parse_backend(backend)? {
+        SocketAddr::V4(backend) => backend,
+        SocketAddr::V6(backend) => bail!(
+            "IPv6 backends need a relay whose sessions carry IPv6 (this build's sessions are IPv4 only): \
+             give {backend}'s IPv4 address, or upgrade the relay"
+        ),
+    };
     // Checked before anything is created; the key is never echoed back.
     let key = key.map(crate::mosh::MoshKey::parse).transpose()?;
     if idle_timeout_secs == Some(0) {
