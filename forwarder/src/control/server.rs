@@ -319,7 +319,7 @@ async fn add(
         .lock()
         .expect("relay lock")
         .user_policy()
-        .check_backend(caller, backend)
+        .check_backend(caller, backend.into())
     {
         bail!("{refusal}");
     }

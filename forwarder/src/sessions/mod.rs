@@ -118,8 +118,8 @@ impl Session {
         SessionRecord {
             id: self.id.clone(),
             port: self.port,
-            backend: self.backend,
-            route_source: self.route.source,
+            backend: self.backend.into(),
+            route_source: self.route.source.into(),
             route_ifindex: self.route.ifindex,
             idle_timeout_secs: self.idle_timeout.as_secs(),
             // Punched sessions add theirs (sessions/nat.rs, key sealed).

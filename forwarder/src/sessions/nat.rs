@@ -638,13 +638,16 @@ impl Relay {
             upstream_port: nat.upstream_port,
             slot: nat.slot,
             token: nat.token,
-            punch_source: nat.punch_source,
+            punch_source: nat.punch_source.into(),
             bound: nat.bound,
             sealed_key: nat
                 .follower
                 .as_ref()
                 .map(|f| sealer.seal(&f.key_bytes(), binding)),
-            client: nat.current.as_ref().map(|c| (c.client, c.relay_addr)),
+            client: nat
+                .current
+                .as_ref()
+                .map(|c| (c.client.into(), c.relay_addr.into())),
             newest_client_seq: seqs.0,
             newest_server_seq: seqs.1,
         });
@@ -735,7 +738,15 @@ impl Relay {
         };
         self.free_slots.retain(|&free| free != slot);
         let mut backend_key = None;
-        let current = record.client.map(|(client, relay_addr)| {
+        let stored_client = match record.client {
+            Some((client, relay_addr)) => Some((
+                crate::store::stored_v4(client, "client")?,
+                crate::store::stored_v4_ip(relay_addr, "relay address")?,
+            )),
+            None => None,
+        };
+        let punch_source = crate::store::stored_v4(record.punch_source, "punch source")?;
+        let current = stored_client.map(|(client, relay_addr)| {
             let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend, slot);
             let adopted = backend_halves
                 .get(&entries.backend_key)
@@ -763,7 +774,7 @@ impl Relay {
             upstream_port: record.upstream_port,
             upstream: upstream.clone(),
             token: record.token,
-            punch_source: record.punch_source,
+            punch_source,
             bound: record.bound,
             follower,
             current,

@@ -123,9 +123,9 @@ impl Relay {
         }
         let mut session = Session::new(
             record.id.clone(),
-            record.backend,
+            crate::store::stored_v4(record.backend, "backend")?,
             BackendRoute {
-                source: record.route_source,
+                source: crate::store::stored_v4_ip(record.route_source, "route source")?,
                 ifindex: record.route_ifindex,
             },
             Duration::from_secs(record.idle_timeout_secs),
