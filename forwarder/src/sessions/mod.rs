@@ -7,13 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use forwarder_common::flow::Endpoints;
-use forwarder_common::{BackendKey, ClientKey, Rewrite};
 use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
-use crate::datapath::xdp::{BackendRoute, FlowEntries};
+use crate::datapath::{BackendRoute, FlowAddrs, FlowEntries};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::{RecentSet, TokenBucket};
 use crate::ports::{PortPool, PortRange};
@@ -119,7 +117,7 @@ impl Session {
             id: self.id.clone(),
             port: self.port,
             backend: self.backend,
-            route_source: self.route.source,
+            route_source: self.route.source_v4(),
             route_ifindex: self.route.ifindex,
             idle_timeout_secs: self.idle_timeout.as_secs(),
             // Punched sessions add theirs (sessions/nat.rs, key sealed).
@@ -257,9 +255,9 @@ pub struct RelayParts {
     pub store: Option<Store>,
 }
 
-/// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
-/// and backend → relay:Q becomes relay:P → client.
-pub fn flow_entries(
+/// The addresses of an IPv4 flow's two map entries: client → relay:P
+/// becomes relay:Q → backend, and backend → relay:Q becomes relay:P → client.
+pub fn flow_addrs(
     relay_addr: Ipv4Addr,
     session_port: u16,
     client: SocketAddrV4,
@@ -267,44 +265,14 @@ pub fn flow_entries(
     upstream_port: u16,
     backend: SocketAddrV4,
     slot: u32,
-) -> FlowEntries {
-    let client_side = Endpoints {
-        saddr: client.ip().octets(),
-        daddr: relay_addr.octets(),
-        sport: client.port().to_be_bytes(),
-        dport: session_port.to_be_bytes(),
-    };
-    let backend_side = Endpoints {
-        saddr: route.source.octets(),
-        daddr: backend.ip().octets(),
-        sport: upstream_port.to_be_bytes(),
-        dport: backend.port().to_be_bytes(),
-    };
-    let swap = |e: Endpoints| Endpoints {
-        saddr: e.daddr,
-        daddr: e.saddr,
-        sport: e.dport,
-        dport: e.sport,
-    };
-    let client_rewrite = Rewrite::new(client_side, backend_side, slot * 2);
-    let mut backend_rewrite = Rewrite::new(swap(backend_side), swap(client_side), slot * 2 + 1);
-    backend_rewrite.allowed_saddr = backend.ip().octets();
-    backend_rewrite.allowed_sport = backend.port().to_be_bytes();
-    backend_rewrite.allowed_ifindex = route.ifindex;
-    FlowEntries {
-        client_key: ClientKey {
-            relay_addr: relay_addr.octets(),
-            client_addr: client.ip().octets(),
-            relay_port: session_port.to_be_bytes(),
-            client_port: client.port().to_be_bytes(),
-        },
-        client_rewrite,
-        backend_key: BackendKey {
-            relay_addr: route.source.octets(),
-            relay_port: upstream_port.to_be_bytes(),
-            _pad: [0; 2],
-        },
-        backend_rewrite,
+) -> FlowAddrs {
+    FlowAddrs {
+        client: client.into(),
+        facing: SocketAddrV4::new(relay_addr, session_port).into(),
+        upstream: std::net::SocketAddr::new(route.source, upstream_port),
+        backend: backend.into(),
+        backend_ifindex: route.ifindex,
+        slot,
     }
 }
 
@@ -691,7 +659,7 @@ impl Relay {
             warn!(session = %session.id, %client, "new flow refused: the relay's flow table is full");
             return Ok(ClientVerdict::Drop);
         };
-        let socket = match bind_free_port(&mut self.flow_ports, session.route.source) {
+        let socket = match bind_free_port(&mut self.flow_ports, session.route.source_v4()) {
             Ok(socket) => socket,
             Err((refusal, log)) => {
                 self.free_slots.push_front(slot);
@@ -703,7 +671,7 @@ impl Relay {
             }
         };
         let upstream_port = socket.port;
-        let entries = flow_entries(
+        let entries = FlowEntries::new(&flow_addrs(
             relay_addr,
             facing_port,
             client,
@@ -711,7 +679,7 @@ impl Relay {
             upstream_port,
             session.backend,
             slot,
-        );
+        ));
         if let Err(error) = self.datapath.install(&entries) {
             socket.close();
             self.flow_ports.release(upstream_port);
@@ -976,12 +944,8 @@ impl Relay {
             .zip(&activity)
             .enumerate()
             .map(|(index, (flow, activity))| {
-                let to_server = self
-                    .datapath
-                    .flow_counter(flow.entries.client_rewrite.counter_slot);
-                let to_client = self
-                    .datapath
-                    .flow_counter(flow.entries.backend_rewrite.counter_slot);
+                let to_server = self.datapath.flow_counter(flow.entries.counter_slots().0);
+                let to_client = self.datapath.flow_counter(flow.entries.counter_slots().1);
                 FlowInfo {
                     client: flow.client.to_string(),
                     relay_addr: flow.relay_addr.to_string(),
@@ -1125,7 +1089,7 @@ fn admit_from_server(
     // ifindex 0: a route the daemon could not pin to an interface (it
     // never forwards to such a backend in XDP either).
     let wrong_interface = route.ifindex != 0 && received.ifindex != route.ifindex;
-    if received.to != route.source || wrong_interface {
+    if std::net::IpAddr::V4(received.to) != route.source || wrong_interface {
         stats.dropped_server_wrong_path += 1;
         return false;
     }
@@ -1150,46 +1114,6 @@ fn flow_activity(datapath: &Datapath, flow: &Flow) -> FlowActivity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use forwarder_common::csum;
-
-    /// Applies a rewrite to a header built from `ends` and returns the
-    /// resulting endpoints, checking the checksums match a full recomputation.
-    fn forward(ends: Endpoints, rewrite: &Rewrite) -> Endpoints {
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[8] = 64;
-        ip[9] = 17;
-        ip[3] = 28;
-        ip[12..16].copy_from_slice(&ends.saddr);
-        ip[16..20].copy_from_slice(&ends.daddr);
-        let c = csum::ipv4_header(&ip).to_ne_bytes();
-        ip[10..12].copy_from_slice(&c);
-        let mut udp = [0u8; 8];
-        udp[0..2].copy_from_slice(&ends.sport);
-        udp[2..4].copy_from_slice(&ends.dport);
-        udp[5] = 8;
-        let c = csum::udp_ipv4(ends.saddr, ends.daddr, &udp).to_ne_bytes();
-        udp[6..8].copy_from_slice(&c);
-        csum::rewrite_ipv4_udp(&mut ip, &mut udp, rewrite);
-        assert_eq!(csum::sum(0, &ip), 0xffff, "IPv4 checksum verifies");
-        let mut check = udp;
-        check[6..8].copy_from_slice(&[0, 0]);
-        assert_eq!(
-            csum::udp_ipv4(
-                ip[12..16].try_into().unwrap(),
-                ip[16..20].try_into().unwrap(),
-                &check
-            )
-            .to_ne_bytes(),
-            [udp[6], udp[7]]
-        );
-        Endpoints {
-            saddr: ip[12..16].try_into().unwrap(),
-            daddr: ip[16..20].try_into().unwrap(),
-            sport: udp[0..2].try_into().unwrap(),
-            dport: udp[2..4].try_into().unwrap(),
-        }
-    }
 
     /// A relay on the userspace datapath with sockets on loopback: the
     /// session table's admission rules without any XDP.
@@ -1230,7 +1154,7 @@ mod tests {
     async fn a_spoofed_flood_stays_on_probation_and_a_retrying_client_gets_in() {
         let mut relay = loopback_relay(4);
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: Ipv4Addr::LOCALHOST.into(),
             ifindex: 0,
         };
         let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
@@ -1316,7 +1240,7 @@ mod tests {
         let mut relay = loopback_relay(1);
         // ifindex 1: loopback, where the route to the backend points.
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: Ipv4Addr::LOCALHOST.into(),
             ifindex: 1,
         };
         let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
@@ -1404,7 +1328,7 @@ mod tests {
             groups: vec!["alice".into()],
         };
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: Ipv4Addr::LOCALHOST.into(),
             ifindex: 1,
         };
         let backend = |n: u8| SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
@@ -1490,7 +1414,7 @@ mod tests {
             groups: Vec::new(),
         };
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: Ipv4Addr::LOCALHOST.into(),
             ifindex: 1,
         };
         // Three sessions, one answered flow each: the owner's bucket (1/s,
@@ -1527,7 +1451,7 @@ mod tests {
         let shared_port = 42_099;
         relay.open_shared_port(shared_port).unwrap();
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: Ipv4Addr::LOCALHOST.into(),
             ifindex: 0,
         };
         // 40 keyed sessions and one without a key.
@@ -1673,70 +1597,5 @@ mod tests {
         plaintext[..4].copy_from_slice(&[0x12, 0x34, 0x56, 0x78]);
         plaintext[14] = 0x78;
         key.seal(seq, &plaintext)
-    }
-
-    #[test]
-    fn flow_entries_relay_both_ways() {
-        let client: SocketAddrV4 = "198.51.100.7:41000".parse().unwrap();
-        let backend: SocketAddrV4 = "10.0.2.2:60001".parse().unwrap();
-        let relay: Ipv4Addr = "203.0.113.1".parse().unwrap();
-        let route = BackendRoute {
-            source: "10.0.2.1".parse().unwrap(),
-            ifindex: 7,
-        };
-        let entries = flow_entries(relay, 60000, client, route, 61000, backend, 3);
-
-        let upstream = forward(
-            Endpoints {
-                saddr: client.ip().octets(),
-                daddr: relay.octets(),
-                sport: 41000u16.to_be_bytes(),
-                dport: 60000u16.to_be_bytes(),
-            },
-            &entries.client_rewrite,
-        );
-        assert_eq!(
-            upstream,
-            Endpoints {
-                saddr: [10, 0, 2, 1],
-                daddr: [10, 0, 2, 2],
-                sport: 61000u16.to_be_bytes(),
-                dport: 60001u16.to_be_bytes()
-            }
-        );
-        assert_eq!(entries.backend_key.relay_addr, upstream.saddr);
-        assert_eq!(entries.backend_key.relay_port, upstream.sport);
-
-        let reply = forward(
-            Endpoints {
-                saddr: upstream.daddr,
-                daddr: upstream.saddr,
-                sport: upstream.dport,
-                dport: upstream.sport,
-            },
-            &entries.backend_rewrite,
-        );
-        assert_eq!(
-            reply,
-            Endpoints {
-                saddr: relay.octets(),
-                daddr: client.ip().octets(),
-                sport: 60000u16.to_be_bytes(),
-                dport: 41000u16.to_be_bytes()
-            }
-        );
-        assert_eq!(entries.backend_rewrite.allowed_saddr, backend.ip().octets());
-        assert_eq!(
-            entries.backend_rewrite.allowed_sport,
-            60001u16.to_be_bytes()
-        );
-        assert_eq!(entries.backend_rewrite.allowed_ifindex, 7);
-        assert_eq!(
-            (
-                entries.client_rewrite.counter_slot,
-                entries.backend_rewrite.counter_slot
-            ),
-            (6, 7)
-        );
     }
 }
