@@ -325,7 +325,7 @@ async fn add(
     }
     // The route lookup runs a command: keep it outside the relay lock.
     let ip = *backend.ip();
-    let route = tokio::task::spawn_blocking(move || xdp::route_to(ip)).await??;
+    let route = tokio::task::spawn_blocking(move || xdp::route_to(ip.into())).await??;
     if let Some(cluster) = cluster {
         // What etcd stores has no owner and no key yet: a shared session is
         // root's and keyless (docs/DESIGN.md, "Several relays").

@@ -271,7 +271,7 @@ impl Gateway {
         }
         // The route lookup runs a command: outside every lock.
         let ip = *ask.internal.ip();
-        let route = tokio::task::spawn_blocking(move || xdp::route_to(ip))
+        let route = tokio::task::spawn_blocking(move || xdp::route_to(ip.into()))
             .await
             .map_err(|error| Refusal::NoResources(error.to_string()))?
             .map_err(|error| Refusal::NoResources(format!("{error:#}")))?;

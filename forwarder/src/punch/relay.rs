@@ -53,7 +53,7 @@ pub fn service(
 }
 
 async fn route(ip: Ipv4Addr) -> anyhow::Result<BackendRoute> {
-    tokio::task::spawn_blocking(move || xdp::route_to(ip)).await?
+    tokio::task::spawn_blocking(move || xdp::route_to(ip.into())).await?
 }
 
 /// Judges a datagram; refusals are logged with their reason and answered.

@@ -37,19 +37,15 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use anyhow::{Context, bail};
-use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
-use forwarder_common::{BackendKey, Rewrite};
 use tracing::{debug, info, warn};
 
 use super::{
-    ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns,
+    ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_addrs, monotonic_ns,
 };
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
-use crate::datapath::xdp::{BackendRoute, FlowEntries};
+use crate::datapath::{BackendHalfKey, BackendRoute, BackendState, FlowEntries, InstalledHalves};
 use crate::mosh::{self, ClientFollower, MoshKey, Rejected};
 use crate::punch::wire::Token;
 use crate::store::{KeyBinding, NatRecord};
@@ -141,7 +137,7 @@ fn nat_entries(
     backend: SocketAddrV4,
     slot: u32,
 ) -> FlowEntries {
-    let mut entries = flow_entries(
+    let mut entries = FlowEntries::new(&flow_addrs(
         relay_addr,
         session_port,
         client,
@@ -149,8 +145,8 @@ fn nat_entries(
         upstream_port,
         backend,
         slot,
-    );
-    entries.backend_rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+    ));
+    entries.send_unknown_sources_to_daemon();
     entries
 }
 
@@ -189,7 +185,7 @@ impl Relay {
         let Some(slot) = self.free_slots.pop_front() else {
             bail!("the relay's flow table is full");
         };
-        let upstream = match bind_free_port(&mut self.flow_ports, route.source) {
+        let upstream = match bind_free_port(&mut self.flow_ports, route.source_v4()) {
             Ok(upstream) => upstream,
             Err((refusal, _)) => {
                 self.free_slots.push_front(slot);
@@ -458,7 +454,9 @@ impl Relay {
             // Only to the address the server punched towards: what reaches Q
             // at another relay address never came through the server's path.
             let verdict = match (&nat.follower, nat.bound) {
-                _ if to != session.route.source || wrong_interface => Err(Rejected::WrongPath),
+                _ if std::net::IpAddr::V4(to) != session.route.source || wrong_interface => {
+                    Err(Rejected::WrongPath)
+                }
                 (Some(follower), true) => {
                     mosh::accept_server_move(follower.key(), datagram, nat.newest_server_seq)
                 }
@@ -580,7 +578,7 @@ impl Relay {
         let current = nat.current.as_ref()?;
         let to_client = self
             .datapath
-            .flow_counter(current.entries.backend_rewrite.counter_slot);
+            .flow_counter(current.entries.counter_slots().1);
         let last = Self::nat_last_active(&self.datapath, nat).max(current.since_ns);
         Some(FlowInfo {
             client: current.client.to_string(),
@@ -604,7 +602,7 @@ impl Relay {
 pub(super) struct RestoredNat {
     pub upstream: Arc<RelaySocket>,
     /// The pinned backend half it adopted or re-installed.
-    pub backend_key: Option<BackendKey>,
+    pub backend_key: Option<BackendHalfKey>,
 }
 
 impl Relay {
@@ -697,7 +695,7 @@ impl Relay {
         &mut self,
         session: &mut Session,
         record: &NatRecord,
-        backend_halves: &HashMap<BackendKey, Rewrite>,
+        installed: &InstalledHalves,
         now: u64,
     ) -> anyhow::Result<RestoredNat> {
         let Some(store) = &self.store else {
@@ -729,7 +727,7 @@ impl Relay {
         self.flow_ports
             .take(record.upstream_port)
             .context("taking its upstream port back")?;
-        let upstream = match RelaySocket::bind(session.route.source, record.upstream_port) {
+        let upstream = match RelaySocket::bind(session.route.source_v4(), record.upstream_port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
                 self.flow_ports.release(record.upstream_port);
@@ -748,9 +746,7 @@ impl Relay {
         let punch_source = crate::store::stored_v4(record.punch_source, "punch source")?;
         let current = stored_client.map(|(client, relay_addr)| {
             let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend, slot);
-            let adopted = backend_halves
-                .get(&entries.backend_key)
-                .is_some_and(|found| super::restore::same_rewrite(&entries.backend_rewrite, found));
+            let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. });
             if !adopted {
                 // Missing (userspace datapath, a detach) or from an older
                 // layout: install what the record says.
@@ -758,7 +754,7 @@ impl Relay {
                     warn!(session = %session.id, error = format!("{error:#}"), "re-installing a restored NAT session's backend half");
                 }
             }
-            backend_key = Some(entries.backend_key);
+            backend_key = Some(entries.backend_key());
             if adopted {
                 info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; pinned backend half adopted");
             } else {

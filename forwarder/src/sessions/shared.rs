@@ -92,7 +92,7 @@ pub struct SharedPort {
 pub(super) fn flow_seq_bound(datapath: &Datapath, flow: &Flow) -> Option<u64> {
     let first = flow.first_seq?;
     let forwarded = datapath
-        .flow_counter(flow.entries.client_rewrite.counter_slot)
+        .flow_counter(flow.entries.counter_slots().0)
         .packets
         + flow.slow_to_server.0;
     Some(first.saturating_add(forwarded.saturating_sub(1)))
