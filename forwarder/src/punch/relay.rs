@@ -2,7 +2,7 @@
 //! Allocate and Key, readers on each NAT session's Q for Bind and the
 //! server's packets, and the keepalives that hold the NAT mappings open.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ pub fn service(
     options: PunchOptions,
     restored_upstreams: Vec<Arc<RelaySocket>>,
 ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    let socket = Arc::new(RelaySocket::bind(Ipv4Addr::UNSPECIFIED, options.port)?);
+    let socket = Arc::new(RelaySocket::bind_client_facing(options.port)?);
     let authority: SharedAuthority = Arc::new(Mutex::new(Authority::new(options.secret.clone())));
     info!(port = options.port, public_addr = ?options.public_addr, keepalive = ?options.keepalive, "punch handshake enabled");
     Ok(async move {
@@ -52,8 +52,8 @@ pub fn service(
     })
 }
 
-async fn route(ip: Ipv4Addr) -> anyhow::Result<BackendRoute> {
-    tokio::task::spawn_blocking(move || xdp::route_to(ip.into())).await?
+async fn route(ip: IpAddr) -> anyhow::Result<BackendRoute> {
+    tokio::task::spawn_blocking(move || xdp::route_to(ip)).await?
 }
 
 /// Judges a datagram; refusals are logged with their reason and answered.
@@ -63,9 +63,13 @@ fn judge(
     data: &[u8],
     received: &Received,
 ) -> Option<punch::Envelope> {
+    // The handshake's wire format speaks IPv4 (v6edge's change brings IPv6).
+    let SocketAddr::V4(from) = received.from else {
+        return None;
+    };
     let verdict = authority.lock().expect("authority lock").check(
         data,
-        *received.from.ip(),
+        *from.ip(),
         punch::unix_now(),
         monotonic_ns(),
     );
@@ -189,7 +193,7 @@ async fn allocate(
     public_addr: Option<Ipv4Addr>,
     request: punch::Nonce,
 ) -> Result<Message, RefusalReason> {
-    let route = route(*received.from.ip()).await.map_err(|error| {
+    let route = route(received.from.ip()).await.map_err(|error| {
         warn!(from = %received.from, error = format!("{error:#}"), "punch request refused: no route back");
         RefusalReason::NoCapacity
     })?;
@@ -207,7 +211,11 @@ async fn allocate(
     }
     Ok(Message::Allocated {
         request,
-        relay_addr: public_addr.unwrap_or(received.to),
+        relay_addr: match (public_addr, received.to) {
+            (Some(public), _) => public,
+            (None, IpAddr::V4(to)) => to,
+            (None, IpAddr::V6(_)) => return Err(RefusalReason::NoCapacity),
+        },
         client_port: allocation.client_port,
         upstream_port: allocation.upstream_port,
         token: allocation.token,
@@ -264,7 +272,7 @@ async fn bind(
         refuse(socket, received, envelope.nonce, RefusalReason::Malformed);
         return;
     };
-    let route = match route(*received.from.ip()).await {
+    let route = match route(received.from.ip()).await {
         Ok(route) => route,
         Err(error) => {
             warn!(from = %received.from, error = format!("{error:#}"), "punch bind refused: no route back");
@@ -287,7 +295,9 @@ async fn bind(
         );
         return;
     }
-    let seen = SocketAddrV4::new(*received.from.ip(), received.from.port());
+    let SocketAddr::V4(seen) = received.from else {
+        return;
+    };
     let bytes = authority
         .lock()
         .expect("authority lock")

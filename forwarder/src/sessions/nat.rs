@@ -33,7 +33,7 @@
 //! a client or server move; the newest sequence numbers are written at
 //! most every [`PROGRESS_WRITE_INTERVAL`].
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ use anyhow::{Context, bail};
 use tracing::{debug, info, warn};
 
 use super::{
-    ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_addrs, monotonic_ns,
+    ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns,
 };
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
@@ -68,7 +68,7 @@ pub struct NatState {
     pub token: Token,
     /// Where the Allocate request came from: a repeated request from there
     /// (its answer was lost) gets the same session.
-    pub punch_source: SocketAddrV4,
+    pub punch_source: SocketAddr,
     /// The server's endpoint as packets to Q arrive from it (set by Bind).
     bound: bool,
     follower: Option<ClientFollower>,
@@ -92,8 +92,8 @@ pub struct NatState {
 
 /// The client endpoint the server's packets currently go to.
 struct NatClient {
-    client: SocketAddrV4,
-    relay_addr: Ipv4Addr,
+    client: SocketAddr,
+    relay_addr: IpAddr,
     entries: FlowEntries,
     since_ns: u64,
 }
@@ -129,15 +129,15 @@ impl NatState {
 /// The map entries of a punched session's one flow: only the backend half
 /// is installed, and it hands unknown sources to the daemon.
 fn nat_entries(
-    relay_addr: Ipv4Addr,
+    relay_addr: IpAddr,
     session_port: u16,
-    client: SocketAddrV4,
+    client: SocketAddr,
     route: BackendRoute,
     upstream_port: u16,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     slot: u32,
 ) -> FlowEntries {
-    let mut entries = FlowEntries::new(&flow_addrs(
+    let mut entries = flow_entries(
         relay_addr,
         session_port,
         client,
@@ -145,7 +145,7 @@ fn nat_entries(
         upstream_port,
         backend,
         slot,
-    ));
+    );
     entries.send_unknown_sources_to_daemon();
     entries
 }
@@ -166,7 +166,7 @@ impl Relay {
     /// `punch_source`, or returns the one it already has.
     pub fn allocate_nat_session(
         &mut self,
-        punch_source: SocketAddrV4,
+        punch_source: SocketAddr,
         route: BackendRoute,
     ) -> anyhow::Result<Allocation> {
         if let Some(session) = self
@@ -185,7 +185,7 @@ impl Relay {
         let Some(slot) = self.free_slots.pop_front() else {
             bail!("the relay's flow table is full");
         };
-        let upstream = match bind_free_port(&mut self.flow_ports, route.source_v4()) {
+        let upstream = match bind_free_port(&mut self.flow_ports, route.source) {
             Ok(upstream) => upstream,
             Err((refusal, _)) => {
                 self.free_slots.push_front(slot);
@@ -255,7 +255,7 @@ impl Relay {
         &mut self,
         upstream_port: u16,
         token: &Token,
-        seen: SocketAddrV4,
+        seen: SocketAddr,
         route: BackendRoute,
     ) -> Option<u16> {
         let port = self.nat_port_by_upstream(upstream_port)?;
@@ -322,8 +322,8 @@ impl Relay {
     pub fn on_nat_client_packet(
         &mut self,
         session_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
         datagram: &[u8],
     ) -> ClientVerdict {
         let now = monotonic_ns();
@@ -384,8 +384,8 @@ impl Relay {
     fn nat_move(
         &mut self,
         session_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
     ) -> anyhow::Result<()> {
         let session = self
             .sessions
@@ -426,7 +426,7 @@ impl Relay {
         upstream_port: u16,
         received: &Received,
         datagram: &[u8],
-    ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
+    ) -> Option<(Arc<RelaySocket>, SocketAddr, IpAddr)> {
         let port = self.nat_port_by_upstream(upstream_port)?;
         let session = self.sessions.get_mut(&port)?;
         let (from, to) = (received.from, received.to);
@@ -454,9 +454,7 @@ impl Relay {
             // Only to the address the server punched towards: what reaches Q
             // at another relay address never came through the server's path.
             let verdict = match (&nat.follower, nat.bound) {
-                _ if std::net::IpAddr::V4(to) != session.route.source || wrong_interface => {
-                    Err(Rejected::WrongPath)
-                }
+                _ if to != session.route.source || wrong_interface => Err(Rejected::WrongPath),
                 (Some(follower), true) => {
                     mosh::accept_server_move(follower.key(), datagram, nat.newest_server_seq)
                 }
@@ -514,7 +512,7 @@ impl Relay {
     pub fn nat_keepalives_due(
         &mut self,
         interval: Duration,
-    ) -> Vec<(Arc<RelaySocket>, SocketAddrV4)> {
+    ) -> Vec<(Arc<RelaySocket>, SocketAddr)> {
         let now = monotonic_ns();
         let interval = interval.as_nanos() as u64;
         let mut due = Vec::new();
@@ -636,16 +634,13 @@ impl Relay {
             upstream_port: nat.upstream_port,
             slot: nat.slot,
             token: nat.token,
-            punch_source: nat.punch_source.into(),
+            punch_source: nat.punch_source,
             bound: nat.bound,
             sealed_key: nat
                 .follower
                 .as_ref()
                 .map(|f| sealer.seal(&f.key_bytes(), binding)),
-            client: nat
-                .current
-                .as_ref()
-                .map(|c| (c.client.into(), c.relay_addr.into())),
+            client: nat.current.as_ref().map(|c| (c.client, c.relay_addr)),
             newest_client_seq: seqs.0,
             newest_server_seq: seqs.1,
         });
@@ -727,7 +722,7 @@ impl Relay {
         self.flow_ports
             .take(record.upstream_port)
             .context("taking its upstream port back")?;
-        let upstream = match RelaySocket::bind(session.route.source_v4(), record.upstream_port) {
+        let upstream = match RelaySocket::bind(session.route.source, record.upstream_port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
                 self.flow_ports.release(record.upstream_port);
@@ -736,15 +731,8 @@ impl Relay {
         };
         self.free_slots.retain(|&free| free != slot);
         let mut backend_key = None;
-        let stored_client = match record.client {
-            Some((client, relay_addr)) => Some((
-                crate::store::stored_v4(client, "client")?,
-                crate::store::stored_v4_ip(relay_addr, "relay address")?,
-            )),
-            None => None,
-        };
-        let punch_source = crate::store::stored_v4(record.punch_source, "punch source")?;
-        let current = stored_client.map(|(client, relay_addr)| {
+        let punch_source = record.punch_source;
+        let current = record.client.map(|(client, relay_addr)| {
             let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend, slot);
             let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. });
             if !adopted {
