@@ -39,6 +39,7 @@ pub mod map_names {
     pub const BACKEND_FLOWS6: &str = "BACKEND_FLOWS6";
     pub const CLIENT_FLOWS_4TO6: &str = "CLIENT_FLOWS_4TO6";
     pub const BACKEND_FLOWS_4TO6: &str = "BACKEND_FLOWS_4TO6";
+    pub const PORTS_4TO6: &str = "PORTS_4TO6";
 }
 
 /// Every size that depends on the run's flags, derived in one place: the

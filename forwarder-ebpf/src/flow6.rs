@@ -2,11 +2,12 @@
 //! (the IPv4 ones are in flow.rs, untouched).
 
 use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+use forwarder_common::flow6::port_bit;
 use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Reason, Rewrite6};
 
 use crate::{
     flow::Side,
-    maps::{BACKEND_FLOWS_4TO6, BACKEND_FLOWS6, CLIENT_FLOWS_4TO6, CLIENT_FLOWS6},
+    maps::{BACKEND_FLOWS_4TO6, BACKEND_FLOWS6, CLIENT_FLOWS_4TO6, CLIENT_FLOWS6, PORTS_4TO6},
     parse::Packet,
     parse6::Packet6,
 };
@@ -28,6 +29,15 @@ pub fn lookup6(packet: &Packet6, side: Side) -> Option<*mut Rewrite6> {
             _pad: [0; 2],
         }),
     }
+}
+
+/// Whether some IPv4-in, IPv6-out half is keyed by this destination port
+/// (host order): an array load the verifier inlines, where the lookup
+/// below is a hash.
+#[inline(always)]
+pub fn may_translate(port: u16) -> bool {
+    let (word, mask) = port_bit(port);
+    PORTS_4TO6.get(word).is_some_and(|bits| bits & mask != 0)
 }
 
 /// The entry for an IPv4 packet that leaves as IPv6; asked only after the

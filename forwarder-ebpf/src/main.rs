@@ -77,10 +77,15 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
         flow::Side::Client => Some(dst_port),
         flow::Side::Backend => None,
     };
-    // A miss may be a translated half (IPv4 in, IPv6 out): only then is
-    // the second map asked, so IPv4 flows never pay for it.
-    let Ok(entry) = flow::lookup(&packet, side) else {
-        return relay6::relay4to6(ctx, &packet, side, miss_session);
+    // A miss may be a translated half (IPv4 in, IPv6 out), which only a
+    // port in the PORTS_4TO6 bitmap can have: IPv4 flows never ask, and a
+    // miss elsewhere pays one array load.
+    let entry = match flow::lookup(&packet, side) {
+        Ok(entry) => entry,
+        Err(_) if flow6::may_translate(dst_port) => {
+            return relay6::relay4to6(ctx, &packet, side, miss_session);
+        }
+        Err(reason) => return Err(slowpath::gate(reason, miss_session)),
     };
     // SAFETY: a hash map value stays valid for the rest of this program run
     // (RCU); the daemon only ever replaces whole entries.

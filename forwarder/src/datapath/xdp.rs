@@ -10,6 +10,7 @@ use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
+use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
@@ -50,6 +51,10 @@ pub struct XdpDatapath {
     backend_flows6: HashMap<MapData, BackendKey6, Rewrite6>,
     client_flows_4to6: HashMap<MapData, ClientKey, Rewrite6>,
     backend_flows_4to6: HashMap<MapData, BackendKey, Rewrite6>,
+    /// One bit per port some `_4TO6` half is keyed by (see forwarder-common's flow6).
+    ports_4to6: Array<MapData, u32>,
+    /// How many `_4TO6` halves use each port: its bit is cleared with the last.
+    ports_4to6_users: std::collections::HashMap<u16, u32>,
     flow_counters: PerCpuArray<MapData, FlowCounter>,
     reason_counters: PerCpuArray<MapData, ReasonCounter>,
     slowpath: SlowpathBuckets,
@@ -157,6 +162,7 @@ impl XdpDatapath {
             HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS_4TO6)?)?;
         let backend_flows_4to6 =
             HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS_4TO6)?)?;
+        let ports_4to6 = Array::try_from(take_map(&mut ebpf, map_names::PORTS_4TO6)?)?;
         let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
         let slowpath = SlowpathBuckets {
@@ -164,7 +170,7 @@ impl XdpDatapath {
             global: Array::try_from(take_map(&mut ebpf, "SLOWPATH_GLOBAL_BUCKET")?)?,
             per_session: SlowpathBucket::default(),
         };
-        Ok(Self {
+        let mut datapath = Self {
             _ebpf: ebpf,
             client_flows,
             backend_flows,
@@ -172,13 +178,80 @@ impl XdpDatapath {
             backend_flows6,
             client_flows_4to6,
             backend_flows_4to6,
+            ports_4to6,
+            ports_4to6_users: std::collections::HashMap::new(),
             flow_counters,
             reason_counters,
             slowpath,
             mode,
             sizes,
             pins: pins.clone(),
-        })
+        };
+        datapath.rebuild_ports_4to6()?;
+        Ok(datapath)
+    }
+
+    /// Recounts the ports of the `_4TO6` halves (adopted pinned ones
+    /// included) and rewrites the whole bitmap to match.
+    fn rebuild_ports_4to6(&mut self) -> anyhow::Result<()> {
+        let mut users = std::collections::HashMap::<u16, u32>::new();
+        let client_ports = self
+            .client_flows_4to6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.relay_port);
+        let backend_ports = self
+            .backend_flows_4to6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.relay_port);
+        for port in client_ports.chain(backend_ports) {
+            *users.entry(u16::from_be_bytes(port)).or_default() += 1;
+        }
+        let mut words = vec![0u32; PORTS_4TO6_WORDS as usize];
+        for port in users.keys() {
+            let (word, mask) = port_bit(*port);
+            words[word as usize] |= mask;
+        }
+        for (index, bits) in words.into_iter().enumerate() {
+            self.ports_4to6
+                .set(index as u32, bits, 0)
+                .context("writing the translated-port bitmap")?;
+        }
+        self.ports_4to6_users = users;
+        Ok(())
+    }
+
+    /// Counts one more `_4TO6` half on `port` (wire order), setting its bit first.
+    fn use_port_4to6(&mut self, port: [u8; 2]) -> anyhow::Result<()> {
+        let port = u16::from_be_bytes(port);
+        let users = self.ports_4to6_users.entry(port).or_default();
+        if *users == 0 {
+            let (word, mask) = port_bit(port);
+            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
+            self.ports_4to6
+                .set(word, bits | mask, 0)
+                .context("marking a translated port")?;
+        }
+        *users += 1;
+        Ok(())
+    }
+
+    /// Counts one `_4TO6` half fewer on `port`, clearing its bit with the last.
+    fn release_port_4to6(&mut self, port: [u8; 2]) {
+        let port = u16::from_be_bytes(port);
+        let Some(users) = self.ports_4to6_users.get_mut(&port) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            self.ports_4to6_users.remove(&port);
+            let (word, mask) = port_bit(port);
+            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
+            if let Err(error) = self.ports_4to6.set(word, bits & !mask, 0) {
+                warn!(%error, "clearing a translated port");
+            }
+        }
     }
 
     /// Installs both halves of a flow, backend half first so a client packet
@@ -203,7 +276,19 @@ impl XdpDatapath {
         match half {
             BackendHalf::V4(key, rewrite) => Ok(self.backend_flows.insert(key, rewrite, 0)?),
             BackendHalf::V4To6(key, rewrite) => {
-                Ok(self.backend_flows_4to6.insert(key, rewrite, 0)?)
+                // A replaced entry keeps its count.
+                let new = self.backend_flows_4to6.get(key, 0).is_err();
+                if new {
+                    self.use_port_4to6(key.relay_port)?;
+                }
+                self.backend_flows_4to6
+                    .insert(key, rewrite, 0)
+                    .map_err(|error| {
+                        if new {
+                            self.release_port_4to6(key.relay_port);
+                        }
+                        error.into()
+                    })
             }
             BackendHalf::V6(key, rewrite) => Ok(self.backend_flows6.insert(key, rewrite, 0)?),
         }
@@ -222,7 +307,13 @@ impl XdpDatapath {
     fn remove_backend(&mut self, key: &BackendHalfKey) -> Result<(), aya::maps::MapError> {
         match key {
             BackendHalfKey::V4(key) => self.backend_flows.remove(key),
-            BackendHalfKey::V4To6(key) => self.backend_flows_4to6.remove(key),
+            BackendHalfKey::V4To6(key) => {
+                let removed = self.backend_flows_4to6.remove(key);
+                if removed.is_ok() {
+                    self.release_port_4to6(key.relay_port);
+                }
+                removed
+            }
             BackendHalfKey::V6(key) => self.backend_flows6.remove(key),
         }
     }
@@ -230,7 +321,13 @@ impl XdpDatapath {
     fn remove_client(&mut self, half: &ClientHalf) -> Result<(), aya::maps::MapError> {
         match half {
             ClientHalf::V4(key, _) => self.client_flows.remove(key),
-            ClientHalf::V4To6(key, _) => self.client_flows_4to6.remove(key),
+            ClientHalf::V4To6(key, _) => {
+                let removed = self.client_flows_4to6.remove(key);
+                if removed.is_ok() {
+                    self.release_port_4to6(key.relay_port);
+                }
+                removed
+            }
             ClientHalf::V6(key, _) => self.client_flows6.remove(key),
         }
     }
@@ -388,6 +485,7 @@ impl XdpDatapath {
                 Some(self.slowpath.sessions.keys().count()),
             ),
             ("SLOWPATH_GLOBAL_BUCKET", None),
+            (map_names::PORTS_4TO6, None),
         ];
         counted
             .into_iter()
