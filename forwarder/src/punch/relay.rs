@@ -2,7 +2,7 @@
 //! Allocate and Key, readers on each NAT session's Q for Bind and the
 //! server's packets, and the keepalives that hold the NAT mappings open.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +21,9 @@ use crate::slowpath::spawn_session_reader;
 pub struct PunchOptions {
     pub port: u16,
     pub secret: Secret,
-    /// The address clients must use, when not the one servers reach.
-    pub public_addr: Option<Ipv4Addr>,
+    /// The address clients must use, when not the one servers reach
+    /// (either family: it is what the wrapper prints as `MOSH IP`).
+    pub public_addr: Option<IpAddr>,
     /// Send a keepalive to a NAT'd server after this long without a packet from it.
     pub keepalive: Duration,
 }
@@ -65,7 +66,7 @@ fn judge(
 ) -> Option<punch::Envelope> {
     let verdict = authority.lock().expect("authority lock").check(
         data,
-        *received.from.ip(),
+        SocketAddr::from(received.from).ip(),
         punch::unix_now(),
         monotonic_ns(),
     );
@@ -99,7 +100,7 @@ async fn serve(
     relay: SharedRelay,
     authority: SharedAuthority,
     socket: Arc<RelaySocket>,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
 ) {
     loop {
         for (received, datagram) in receive(&socket, "the punch socket").await {
@@ -136,7 +137,7 @@ async fn handle_request(
     relay: &SharedRelay,
     authority: &SharedAuthority,
     socket: &RelaySocket,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
     received: &Received,
     datagram: &[u8],
 ) {
@@ -186,7 +187,7 @@ async fn allocate(
     relay: &SharedRelay,
     authority: &SharedAuthority,
     received: &Received,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
     request: punch::Nonce,
 ) -> Result<Message, RefusalReason> {
     let route = route(*received.from.ip()).await.map_err(|error| {
@@ -207,7 +208,7 @@ async fn allocate(
     }
     Ok(Message::Allocated {
         request,
-        relay_addr: public_addr.unwrap_or(received.to),
+        relay_addr: public_addr.unwrap_or_else(|| IpAddr::from(received.to)),
         client_port: allocation.client_port,
         upstream_port: allocation.upstream_port,
         token: allocation.token,
@@ -287,7 +288,7 @@ async fn bind(
         );
         return;
     }
-    let seen = SocketAddrV4::new(*received.from.ip(), received.from.port());
+    let seen = SocketAddr::from(received.from);
     let bytes = authority
         .lock()
         .expect("authority lock")
