@@ -35,6 +35,10 @@ pub mod map_names {
     pub const EGRESS: &str = "EGRESS";
     pub const SLOWPATH_SESSION_BUCKETS: &str = "SLOWPATH_SESSION_BUCKETS";
     pub const SLOWPATH_GLOBAL_BUCKET: &str = "SLOWPATH_GLOBAL_BUCKET";
+    pub const CLIENT_FLOWS6: &str = "CLIENT_FLOWS6";
+    pub const BACKEND_FLOWS6: &str = "BACKEND_FLOWS6";
+    pub const CLIENT_FLOWS_4TO6: &str = "CLIENT_FLOWS_4TO6";
+    pub const BACKEND_FLOWS_4TO6: &str = "BACKEND_FLOWS_4TO6";
 }
 
 /// Every size that depends on the run's flags, derived in one place: the

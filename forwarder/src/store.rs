@@ -100,23 +100,6 @@ pub struct NatRecord {
     pub newest_server_seq: Option<u64>,
 }
 
-/// The IPv4 form of a stored endpoint, for a relay whose sessions are IPv4
-/// only: a record with an IPv6 one is refused with the fix.
-pub fn stored_v4(address: SocketAddr, what: &str) -> anyhow::Result<std::net::SocketAddrV4> {
-    match address {
-        SocketAddr::V4(address) => Ok(address),
-        SocketAddr::V6(address) => bail!(
-            "its {what} {address} is IPv6: IPv6 sessions need a relay whose sessions carry IPv6; \
-             start the version that stored it"
-        ),
-    }
-}
-
-/// [`stored_v4`] for an address without a port.
-pub fn stored_v4_ip(address: IpAddr, what: &str) -> anyhow::Result<std::net::Ipv4Addr> {
-    stored_v4(SocketAddr::new(address, 0), what).map(|a| *a.ip())
-}
-
 /// A mosh session key sealed with XChaCha20-Poly1305: a random nonce per
 /// seal, the ciphertext with its 16-byte tag.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -547,20 +530,6 @@ mod tests {
             v4.contains(r#""backend":"10.0.2.2:60001","route_source":"10.0.2.1""#),
             "{v4}"
         );
-    }
-
-    #[test]
-    fn stored_ipv6_is_refused_with_the_fix_where_only_ipv4_is_usable() {
-        let v4: SocketAddr = "10.0.2.2:60001".parse().unwrap();
-        assert_eq!(
-            stored_v4(v4, "backend").unwrap().to_string(),
-            "10.0.2.2:60001"
-        );
-        let error = stored_v4("[2001:db8::2]:1".parse().unwrap(), "backend")
-            .unwrap_err()
-            .to_string();
-        assert!(error.contains("backend [2001:db8::2]:1 is IPv6"), "{error}");
-        assert!(stored_v4_ip("2001:db8::1".parse().unwrap(), "route source").is_err());
     }
 
     #[test]

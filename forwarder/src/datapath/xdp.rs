@@ -1,6 +1,5 @@
 //! The embedded XDP object: load it, attach it, and read and write its maps.
 
-use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, bail};
@@ -15,6 +14,8 @@ use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
 };
+
+use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
 use tracing::{info, warn};
 
 use super::pins::{MapShape, PinDir, layout_id};
@@ -37,15 +38,6 @@ pub enum ModeChoice {
     Skb,
 }
 
-/// Both halves of one flow, built together and installed together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowEntries {
-    pub client_key: ClientKey,
-    pub client_rewrite: Rewrite,
-    pub backend_key: BackendKey,
-    pub backend_rewrite: Rewrite,
-}
-
 /// The loaded program, its attachments and its maps. Dropping it detaches
 /// the program from every interface.
 pub struct XdpDatapath {
@@ -61,6 +53,13 @@ pub struct XdpDatapath {
     /// What the maps were sized to (pinned maps adopted only when they match).
     pub sizes: RuntimeSizes,
     pub pins: PinDir,
+}
+
+fn ipv6_not_yet() -> anyhow::Error {
+    anyhow::anyhow!(
+        "IPv6 and translated flows need the XDP program's IPv6 maps, which this build does not have yet: \
+         use --datapath userspace for IPv6 sessions"
+    )
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -178,33 +177,55 @@ impl XdpDatapath {
     /// never finds a rewrite whose return path is missing. Either both are
     /// in the maps afterwards or neither is.
     pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
-        for slot in [
-            entries.client_rewrite.counter_slot,
-            entries.backend_rewrite.counter_slot,
-        ] {
+        let (to_backend, to_client) = entries.counter_slots();
+        for slot in [to_backend, to_client] {
             self.reset_counter(slot)?;
         }
-        self.backend_flows
-            .insert(entries.backend_key, entries.backend_rewrite, 0)
+        self.insert_backend(&entries.backend)
             .context("inserting the backend half of a flow (is the flow map full?)")?;
-        if let Err(error) = self
-            .client_flows
-            .insert(entries.client_key, entries.client_rewrite, 0)
-        {
-            let _ = self.backend_flows.remove(&entries.backend_key);
+        if let Err(error) = self.insert_client(&entries.client) {
+            let _ = self.remove_backend(&entries.backend.key());
             return Err(error)
                 .context("inserting the client half of a flow (is the flow map full?)");
         }
         Ok(())
     }
 
+    fn insert_backend(&mut self, half: &BackendHalf) -> anyhow::Result<()> {
+        match half {
+            BackendHalf::V4(key, rewrite) => Ok(self.backend_flows.insert(key, rewrite, 0)?),
+            BackendHalf::V4To6(..) | BackendHalf::V6(..) => Err(ipv6_not_yet()),
+        }
+    }
+
+    fn insert_client(&mut self, half: &ClientHalf) -> anyhow::Result<()> {
+        match half {
+            ClientHalf::V4(key, rewrite) => Ok(self.client_flows.insert(key, rewrite, 0)?),
+            ClientHalf::V4To6(..) | ClientHalf::V6(..) => Err(ipv6_not_yet()),
+        }
+    }
+
+    fn remove_backend(&mut self, key: &BackendHalfKey) -> Result<(), aya::maps::MapError> {
+        match key {
+            BackendHalfKey::V4(key) => self.backend_flows.remove(key),
+            BackendHalfKey::V4To6(_) | BackendHalfKey::V6(_) => Ok(()),
+        }
+    }
+
+    fn remove_client(&mut self, half: &ClientHalf) -> Result<(), aya::maps::MapError> {
+        match half {
+            ClientHalf::V4(key, _) => self.client_flows.remove(key),
+            ClientHalf::V4To6(..) | ClientHalf::V6(..) => Ok(()),
+        }
+    }
+
     /// Removes both halves, client half first so no packet is rewritten
     /// towards a server whose answers would have nowhere to go.
     pub fn uninstall(&mut self, entries: &FlowEntries) {
-        if let Err(error) = self.client_flows.remove(&entries.client_key) {
+        if let Err(error) = self.remove_client(&entries.client) {
             warn!(%error, "removing the client half of a flow");
         }
-        if let Err(error) = self.backend_flows.remove(&entries.backend_key) {
+        if let Err(error) = self.remove_backend(&entries.backend.key()) {
             warn!(%error, "removing the backend half of a flow");
         }
     }
@@ -212,28 +233,27 @@ impl XdpDatapath {
     /// Installs only the backend half of a flow. NAT sessions use it: the
     /// daemon checks every client packet of theirs itself (sessions/nat.rs).
     pub fn install_backend_half(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
-        self.reset_counter(entries.backend_rewrite.counter_slot)?;
-        self.backend_flows
-            .insert(entries.backend_key, entries.backend_rewrite, 0)
+        self.reset_counter(entries.backend.counter_slot())?;
+        self.insert_backend(&entries.backend)
             .context("inserting the backend half of a NAT session (is the flow map full?)")
     }
 
     pub fn uninstall_backend_half(&mut self, entries: &FlowEntries) {
-        if let Err(error) = self.backend_flows.remove(&entries.backend_key) {
+        if let Err(error) = self.remove_backend(&entries.backend.key()) {
             warn!(%error, "removing the backend half of a NAT session");
         }
     }
 
     /// Last-seen timestamps the XDP program wrote: (client half, backend half).
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
-        let client = self
-            .client_flows
-            .get(&entries.client_key, 0)
-            .map(|r| r.last_seen_ns);
-        let backend = self
-            .backend_flows
-            .get(&entries.backend_key, 0)
-            .map(|r| r.last_seen_ns);
+        let client = match &entries.client {
+            ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
+            ClientHalf::V4To6(..) | ClientHalf::V6(..) => None,
+        };
+        let backend = match &entries.backend {
+            BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
+            BackendHalf::V4To6(..) | BackendHalf::V6(..) => None,
+        };
         (client.unwrap_or(0), backend.unwrap_or(0))
     }
 
@@ -272,26 +292,33 @@ impl XdpDatapath {
         Ok(())
     }
 
-    /// Every client half in the map (what the kernel forwards right now).
-    pub fn client_halves(&self) -> Vec<(ClientKey, Rewrite)> {
-        self.client_flows.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Every backend half in the map.
-    pub fn backend_halves(&self) -> Vec<(BackendKey, Rewrite)> {
-        self.backend_flows.iter().filter_map(Result::ok).collect()
+    /// Every flow half in the maps (what the kernel forwards right now).
+    pub fn installed(&self) -> InstalledHalves {
+        let clients = self
+            .client_flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, rewrite)| ClientHalf::V4(key, rewrite))
+            .collect();
+        let backends = self
+            .backend_flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, rewrite)| BackendHalf::V4(key, rewrite))
+            .collect();
+        InstalledHalves::new(clients, backends)
     }
 
     /// Removes one client half found in the map without its flow (restart reconciliation).
-    pub fn remove_client_half(&mut self, key: &ClientKey) {
-        if let Err(error) = self.client_flows.remove(key) {
+    pub fn remove_client_half(&mut self, half: &InstalledClient) {
+        if let Err(error) = self.remove_client(&half.half) {
             warn!(%error, "removing an orphaned client half");
         }
     }
 
     /// Removes one backend half found in the map without its flow.
-    pub fn remove_backend_half(&mut self, key: &BackendKey) {
-        if let Err(error) = self.backend_flows.remove(key) {
+    pub fn remove_backend_half(&mut self, key: &BackendHalfKey) {
+        if let Err(error) = self.remove_backend(key) {
             warn!(%error, "removing an orphaned backend half");
         }
     }
@@ -679,33 +706,4 @@ fn forwarder_owning(prog_id: u32) -> Option<String> {
     None
 }
 
-/// The relay's route towards a backend: which local address packets leave
-/// from and which interface the backend's answers must arrive on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendRoute {
-    pub source: Ipv4Addr,
-    pub ifindex: u32,
-}
-
-/// Asks the kernel (rtnetlink's RTM_GETROUTE, as `ip route get` does) how
-/// this namespace reaches `backend`.
-pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
-    let route = match super::netlink::route_get(backend) {
-        Ok(route) => route,
-        Err(error) => bail!(
-            "the relay has no route to backend {backend}: {error} (check `ip route` in the relay's namespace)"
-        ),
-    };
-    let ifindex = route.ifindex.with_context(|| {
-        format!(
-            "the kernel's route to {backend} names no interface (check `ip route get {backend}`)"
-        )
-    })?;
-    let source = route.source.with_context(|| {
-        format!(
-            "the route to backend {backend} names no source address: give the relay an IPv4 address on \
-             the backend's side"
-        )
-    })?;
-    Ok(BackendRoute { source, ifindex })
-}
+pub use super::flows::{BackendRoute, FlowEntries, route_to};

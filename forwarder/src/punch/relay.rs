@@ -2,7 +2,7 @@
 //! Allocate and Key, readers on each NAT session's Q for Bind and the
 //! server's packets, and the keepalives that hold the NAT mappings open.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ pub fn service(
     options: PunchOptions,
     restored_upstreams: Vec<Arc<RelaySocket>>,
 ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    let socket = Arc::new(RelaySocket::bind(Ipv4Addr::UNSPECIFIED, options.port)?);
+    let socket = Arc::new(RelaySocket::bind_client_facing(options.port)?);
     let authority: SharedAuthority = Arc::new(Mutex::new(Authority::new(options.secret.clone())));
     info!(port = options.port, public_addr = ?options.public_addr, keepalive = ?options.keepalive, "punch handshake enabled");
     Ok(async move {
@@ -53,7 +53,7 @@ pub fn service(
     })
 }
 
-async fn route(ip: Ipv4Addr) -> anyhow::Result<BackendRoute> {
+async fn route(ip: IpAddr) -> anyhow::Result<BackendRoute> {
     tokio::task::spawn_blocking(move || xdp::route_to(ip)).await?
 }
 
@@ -66,7 +66,7 @@ fn judge(
 ) -> Option<punch::Envelope> {
     let verdict = authority.lock().expect("authority lock").check(
         data,
-        SocketAddr::from(received.from).ip(),
+        received.from.ip(),
         punch::unix_now(),
         monotonic_ns(),
     );
@@ -190,7 +190,7 @@ async fn allocate(
     public_addr: Option<IpAddr>,
     request: punch::Nonce,
 ) -> Result<Message, RefusalReason> {
-    let route = route(*received.from.ip()).await.map_err(|error| {
+    let route = route(received.from.ip()).await.map_err(|error| {
         warn!(from = %received.from, error = format!("{error:#}"), "punch request refused: no route back");
         RefusalReason::NoCapacity
     })?;
@@ -208,7 +208,7 @@ async fn allocate(
     }
     Ok(Message::Allocated {
         request,
-        relay_addr: public_addr.unwrap_or_else(|| IpAddr::from(received.to)),
+        relay_addr: public_addr.unwrap_or(received.to),
         client_port: allocation.client_port,
         upstream_port: allocation.upstream_port,
         token: allocation.token,
@@ -265,7 +265,7 @@ async fn bind(
         refuse(socket, received, envelope.nonce, RefusalReason::Malformed);
         return;
     };
-    let route = match route(*received.from.ip()).await {
+    let route = match route(received.from.ip()).await {
         Ok(route) => route,
         Err(error) => {
             warn!(from = %received.from, error = format!("{error:#}"), "punch bind refused: no route back");
@@ -288,7 +288,7 @@ async fn bind(
         );
         return;
     }
-    let seen = SocketAddr::from(received.from);
+    let seen = received.from;
     let bytes = authority
         .lock()
         .expect("authority lock")
