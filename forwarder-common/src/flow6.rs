@@ -12,7 +12,10 @@
 //! | v4 | v6 | `CLIENT_FLOWS_4TO6` / `BACKEND_FLOWS_4TO6` | [`Rewrite6`] |
 //!
 //! The XDP program looks in the `_4TO6` maps only after an IPv4 packet
-//! missed the IPv4 map, so the IPv4 fast path does no extra work.
+//! missed the IPv4 map, and only when the `PORTS_4TO6` bitmap has the
+//! packet's destination port (a relay port some translated half is keyed
+//! by): IPv4 flows and a flood at ports without translated flows pay one
+//! array load, not a hash lookup.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -40,6 +43,15 @@ pub struct BackendKey6 {
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<BackendKey6>() == 20);
+
+/// Words of the `PORTS_4TO6` bitmap: one bit per UDP port.
+pub const PORTS_4TO6_WORDS: u32 = 65_536 / 32;
+
+/// Where `port` (host order) is in the bitmap: (word index, bit mask).
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u32) {
+    ((port >> 5) as u32, 1 << (port & 31))
+}
 
 /// The output is IPv4: the XDP program shrinks the IPv6 header into an IPv4
 /// one; the addresses are in the first 4 bytes of `new_saddr`/`new_daddr`.

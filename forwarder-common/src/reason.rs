@@ -137,7 +137,9 @@ const _: () = {
     }
 };
 
-/// Packets and bytes counted under one reason (per CPU in the kernel).
+/// Packets and bytes counted under one reason (per CPU in the kernel). The
+/// bytes are the frame's as it leaves the program: a translated packet
+/// counts its new size (20 bytes more or less than it arrived with).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ReasonCounter {

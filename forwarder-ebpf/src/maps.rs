@@ -13,6 +13,7 @@ use forwarder_common::{
     BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite,
     Rewrite6, SlowpathBucket,
     config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES},
+    flow6::PORTS_4TO6_WORDS,
     reason::ReasonCounter,
     slowpath::MAX_SESSIONS,
 };
@@ -65,3 +66,7 @@ pub static CLIENT_FLOWS_4TO6: HashMap<ClientKey, Rewrite6> =
 #[map]
 pub static BACKEND_FLOWS_4TO6: HashMap<BackendKey, Rewrite6> =
     HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// One bit per UDP port: set while some `_4TO6` half is keyed by it, so an IPv4 miss elsewhere skips those maps.
+#[map]
+pub static PORTS_4TO6: Array<u32> = Array::with_max_entries(PORTS_4TO6_WORDS, 0);

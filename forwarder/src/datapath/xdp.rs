@@ -10,9 +10,11 @@ use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
+use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
+    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
+    Rewrite, Rewrite6, SlowpathBucket,
 };
 
 use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
@@ -45,6 +47,14 @@ pub struct XdpDatapath {
     _ebpf: Ebpf,
     client_flows: HashMap<MapData, ClientKey, Rewrite>,
     backend_flows: HashMap<MapData, BackendKey, Rewrite>,
+    client_flows6: HashMap<MapData, ClientKey6, Rewrite6>,
+    backend_flows6: HashMap<MapData, BackendKey6, Rewrite6>,
+    client_flows_4to6: HashMap<MapData, ClientKey, Rewrite6>,
+    backend_flows_4to6: HashMap<MapData, BackendKey, Rewrite6>,
+    /// One bit per port some `_4TO6` half is keyed by (see forwarder-common's flow6).
+    ports_4to6: Array<MapData, u32>,
+    /// How many `_4TO6` halves use each port: its bit is cleared with the last.
+    ports_4to6_users: std::collections::HashMap<u16, u32>,
     flow_counters: PerCpuArray<MapData, FlowCounter>,
     reason_counters: PerCpuArray<MapData, ReasonCounter>,
     slowpath: SlowpathBuckets,
@@ -53,13 +63,6 @@ pub struct XdpDatapath {
     /// What the maps were sized to (pinned maps adopted only when they match).
     pub sizes: RuntimeSizes,
     pub pins: PinDir,
-}
-
-fn ipv6_not_yet() -> anyhow::Error {
-    anyhow::anyhow!(
-        "IPv6 and translated flows need the XDP program's IPv6 maps, which this build does not have yet: \
-         use --datapath userspace for IPv6 sessions"
-    )
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -153,6 +156,13 @@ impl XdpDatapath {
 
         let client_flows = HashMap::try_from(take_map(&mut ebpf, "CLIENT_FLOWS")?)?;
         let backend_flows = HashMap::try_from(take_map(&mut ebpf, "BACKEND_FLOWS")?)?;
+        let client_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS6)?)?;
+        let backend_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS6)?)?;
+        let client_flows_4to6 =
+            HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS_4TO6)?)?;
+        let backend_flows_4to6 =
+            HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS_4TO6)?)?;
+        let ports_4to6 = Array::try_from(take_map(&mut ebpf, map_names::PORTS_4TO6)?)?;
         let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
         let slowpath = SlowpathBuckets {
@@ -160,17 +170,88 @@ impl XdpDatapath {
             global: Array::try_from(take_map(&mut ebpf, "SLOWPATH_GLOBAL_BUCKET")?)?,
             per_session: SlowpathBucket::default(),
         };
-        Ok(Self {
+        let mut datapath = Self {
             _ebpf: ebpf,
             client_flows,
             backend_flows,
+            client_flows6,
+            backend_flows6,
+            client_flows_4to6,
+            backend_flows_4to6,
+            ports_4to6,
+            ports_4to6_users: std::collections::HashMap::new(),
             flow_counters,
             reason_counters,
             slowpath,
             mode,
             sizes,
             pins: pins.clone(),
-        })
+        };
+        datapath.rebuild_ports_4to6()?;
+        Ok(datapath)
+    }
+
+    /// Recounts the ports of the `_4TO6` halves (adopted pinned ones
+    /// included) and rewrites the whole bitmap to match.
+    fn rebuild_ports_4to6(&mut self) -> anyhow::Result<()> {
+        let mut users = std::collections::HashMap::<u16, u32>::new();
+        let client_ports = self
+            .client_flows_4to6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.relay_port);
+        let backend_ports = self
+            .backend_flows_4to6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.relay_port);
+        for port in client_ports.chain(backend_ports) {
+            *users.entry(u16::from_be_bytes(port)).or_default() += 1;
+        }
+        let mut words = vec![0u32; PORTS_4TO6_WORDS as usize];
+        for port in users.keys() {
+            let (word, mask) = port_bit(*port);
+            words[word as usize] |= mask;
+        }
+        for (index, bits) in words.into_iter().enumerate() {
+            self.ports_4to6
+                .set(index as u32, bits, 0)
+                .context("writing the translated-port bitmap")?;
+        }
+        self.ports_4to6_users = users;
+        Ok(())
+    }
+
+    /// Counts one more `_4TO6` half on `port` (wire order), setting its bit first.
+    fn use_port_4to6(&mut self, port: [u8; 2]) -> anyhow::Result<()> {
+        let port = u16::from_be_bytes(port);
+        let users = self.ports_4to6_users.entry(port).or_default();
+        if *users == 0 {
+            let (word, mask) = port_bit(port);
+            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
+            self.ports_4to6
+                .set(word, bits | mask, 0)
+                .context("marking a translated port")?;
+        }
+        *users += 1;
+        Ok(())
+    }
+
+    /// Counts one `_4TO6` half fewer on `port`, clearing its bit with the last.
+    fn release_port_4to6(&mut self, port: [u8; 2]) {
+        let port = u16::from_be_bytes(port);
+        let Some(users) = self.ports_4to6_users.get_mut(&port) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            self.ports_4to6_users.remove(&port);
+            let (word, mask) = port_bit(port);
+            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
+            if let Err(error) = self.ports_4to6.set(word, bits & !mask, 0) {
+                warn!(%error, "clearing a translated port");
+            }
+        }
     }
 
     /// Installs both halves of a flow, backend half first so a client packet
@@ -194,28 +275,60 @@ impl XdpDatapath {
     fn insert_backend(&mut self, half: &BackendHalf) -> anyhow::Result<()> {
         match half {
             BackendHalf::V4(key, rewrite) => Ok(self.backend_flows.insert(key, rewrite, 0)?),
-            BackendHalf::V4To6(..) | BackendHalf::V6(..) => Err(ipv6_not_yet()),
+            BackendHalf::V4To6(key, rewrite) => {
+                // A replaced entry keeps its count.
+                let new = self.backend_flows_4to6.get(key, 0).is_err();
+                if new {
+                    self.use_port_4to6(key.relay_port)?;
+                }
+                self.backend_flows_4to6
+                    .insert(key, rewrite, 0)
+                    .map_err(|error| {
+                        if new {
+                            self.release_port_4to6(key.relay_port);
+                        }
+                        error.into()
+                    })
+            }
+            BackendHalf::V6(key, rewrite) => Ok(self.backend_flows6.insert(key, rewrite, 0)?),
         }
     }
 
     fn insert_client(&mut self, half: &ClientHalf) -> anyhow::Result<()> {
         match half {
             ClientHalf::V4(key, rewrite) => Ok(self.client_flows.insert(key, rewrite, 0)?),
-            ClientHalf::V4To6(..) | ClientHalf::V6(..) => Err(ipv6_not_yet()),
+            ClientHalf::V4To6(key, rewrite) => {
+                Ok(self.client_flows_4to6.insert(key, rewrite, 0)?)
+            }
+            ClientHalf::V6(key, rewrite) => Ok(self.client_flows6.insert(key, rewrite, 0)?),
         }
     }
 
     fn remove_backend(&mut self, key: &BackendHalfKey) -> Result<(), aya::maps::MapError> {
         match key {
             BackendHalfKey::V4(key) => self.backend_flows.remove(key),
-            BackendHalfKey::V4To6(_) | BackendHalfKey::V6(_) => Ok(()),
+            BackendHalfKey::V4To6(key) => {
+                let removed = self.backend_flows_4to6.remove(key);
+                if removed.is_ok() {
+                    self.release_port_4to6(key.relay_port);
+                }
+                removed
+            }
+            BackendHalfKey::V6(key) => self.backend_flows6.remove(key),
         }
     }
 
     fn remove_client(&mut self, half: &ClientHalf) -> Result<(), aya::maps::MapError> {
         match half {
             ClientHalf::V4(key, _) => self.client_flows.remove(key),
-            ClientHalf::V4To6(..) | ClientHalf::V6(..) => Ok(()),
+            ClientHalf::V4To6(key, _) => {
+                let removed = self.client_flows_4to6.remove(key);
+                if removed.is_ok() {
+                    self.release_port_4to6(key.relay_port);
+                }
+                removed
+            }
+            ClientHalf::V6(key, _) => self.client_flows6.remove(key),
         }
     }
 
@@ -248,11 +361,21 @@ impl XdpDatapath {
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
         let client = match &entries.client {
             ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
-            ClientHalf::V4To6(..) | ClientHalf::V6(..) => None,
+            ClientHalf::V4To6(key, _) => self
+                .client_flows_4to6
+                .get(key, 0)
+                .map(|r| r.last_seen_ns)
+                .ok(),
+            ClientHalf::V6(key, _) => self.client_flows6.get(key, 0).map(|r| r.last_seen_ns).ok(),
         };
         let backend = match &entries.backend {
             BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
-            BackendHalf::V4To6(..) | BackendHalf::V6(..) => None,
+            BackendHalf::V4To6(key, _) => self
+                .backend_flows_4to6
+                .get(key, 0)
+                .map(|r| r.last_seen_ns)
+                .ok(),
+            BackendHalf::V6(key, _) => self.backend_flows6.get(key, 0).map(|r| r.last_seen_ns).ok(),
         };
         (client.unwrap_or(0), backend.unwrap_or(0))
     }
@@ -294,17 +417,27 @@ impl XdpDatapath {
 
     /// Every flow half in the maps (what the kernel forwards right now).
     pub fn installed(&self) -> InstalledHalves {
-        let clients = self
-            .client_flows
-            .iter()
-            .filter_map(Result::ok)
+        let clients = (self.client_flows.iter().filter_map(Result::ok))
             .map(|(key, rewrite)| ClientHalf::V4(key, rewrite))
+            .chain(
+                (self.client_flows6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| ClientHalf::V6(key, rewrite)),
+            )
+            .chain(
+                (self.client_flows_4to6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| ClientHalf::V4To6(key, rewrite)),
+            )
             .collect();
-        let backends = self
-            .backend_flows
-            .iter()
-            .filter_map(Result::ok)
+        let backends = (self.backend_flows.iter().filter_map(Result::ok))
             .map(|(key, rewrite)| BackendHalf::V4(key, rewrite))
+            .chain(
+                (self.backend_flows6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| BackendHalf::V6(key, rewrite)),
+            )
+            .chain(
+                (self.backend_flows_4to6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| BackendHalf::V4To6(key, rewrite)),
+            )
             .collect();
         InstalledHalves::new(clients, backends)
     }
@@ -328,6 +461,22 @@ impl XdpDatapath {
         let counted = [
             ("CLIENT_FLOWS", Some(self.client_flows.keys().count())),
             ("BACKEND_FLOWS", Some(self.backend_flows.keys().count())),
+            (
+                map_names::CLIENT_FLOWS6,
+                Some(self.client_flows6.keys().count()),
+            ),
+            (
+                map_names::BACKEND_FLOWS6,
+                Some(self.backend_flows6.keys().count()),
+            ),
+            (
+                map_names::CLIENT_FLOWS_4TO6,
+                Some(self.client_flows_4to6.keys().count()),
+            ),
+            (
+                map_names::BACKEND_FLOWS_4TO6,
+                Some(self.backend_flows_4to6.keys().count()),
+            ),
             ("FLOW_COUNTERS", None),
             ("REASON_COUNTERS", None),
             ("EGRESS", None),
@@ -336,6 +485,7 @@ impl XdpDatapath {
                 Some(self.slowpath.sessions.keys().count()),
             ),
             ("SLOWPATH_GLOBAL_BUCKET", None),
+            (map_names::PORTS_4TO6, None),
         ];
         counted
             .into_iter()
@@ -603,7 +753,12 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
             .max_entries();
         mismatch |= got != wanted;
         match name {
-            map_names::CLIENT_FLOWS | map_names::BACKEND_FLOWS => pinned_flows = Some(got),
+            map_names::CLIENT_FLOWS
+            | map_names::BACKEND_FLOWS
+            | map_names::CLIENT_FLOWS6
+            | map_names::BACKEND_FLOWS6
+            | map_names::CLIENT_FLOWS_4TO6
+            | map_names::BACKEND_FLOWS_4TO6 => pinned_flows = Some(got),
             map_names::FLOW_COUNTERS => pinned_flows = pinned_flows.or(Some(got / 2)),
             map_names::SLOWPATH_SESSION_BUCKETS => pinned_sessions = Some(got),
             _ => {}
