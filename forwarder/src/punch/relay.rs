@@ -2,7 +2,7 @@
 //! Allocate and Key, readers on each NAT session's Q for Bind and the
 //! server's packets, and the keepalives that hold the NAT mappings open.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +21,9 @@ use crate::slowpath::spawn_session_reader;
 pub struct PunchOptions {
     pub port: u16,
     pub secret: Secret,
-    /// The address clients must use, when not the one servers reach.
-    pub public_addr: Option<Ipv4Addr>,
+    /// The address clients must use, when not the one servers reach
+    /// (either family: it is what the wrapper prints as `MOSH IP`).
+    pub public_addr: Option<IpAddr>,
     /// Send a keepalive to a NAT'd server after this long without a packet from it.
     pub keepalive: Duration,
 }
@@ -63,13 +64,9 @@ fn judge(
     data: &[u8],
     received: &Received,
 ) -> Option<punch::Envelope> {
-    // The handshake's wire format speaks IPv4 (v6edge's change brings IPv6).
-    let SocketAddr::V4(from) = received.from else {
-        return None;
-    };
     let verdict = authority.lock().expect("authority lock").check(
         data,
-        *from.ip(),
+        received.from.ip(),
         punch::unix_now(),
         monotonic_ns(),
     );
@@ -103,7 +100,7 @@ async fn serve(
     relay: SharedRelay,
     authority: SharedAuthority,
     socket: Arc<RelaySocket>,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
 ) {
     loop {
         for (received, datagram) in receive(&socket, "the punch socket").await {
@@ -140,7 +137,7 @@ async fn handle_request(
     relay: &SharedRelay,
     authority: &SharedAuthority,
     socket: &RelaySocket,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
     received: &Received,
     datagram: &[u8],
 ) {
@@ -190,7 +187,7 @@ async fn allocate(
     relay: &SharedRelay,
     authority: &SharedAuthority,
     received: &Received,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
     request: punch::Nonce,
 ) -> Result<Message, RefusalReason> {
     let route = route(received.from.ip()).await.map_err(|error| {
@@ -211,11 +208,7 @@ async fn allocate(
     }
     Ok(Message::Allocated {
         request,
-        relay_addr: match (public_addr, received.to) {
-            (Some(public), _) => public,
-            (None, IpAddr::V4(to)) => to,
-            (None, IpAddr::V6(_)) => return Err(RefusalReason::NoCapacity),
-        },
+        relay_addr: public_addr.unwrap_or(received.to),
         client_port: allocation.client_port,
         upstream_port: allocation.upstream_port,
         token: allocation.token,
@@ -295,9 +288,7 @@ async fn bind(
         );
         return;
     }
-    let SocketAddr::V4(seen) = received.from else {
-        return;
-    };
+    let seen = received.from;
     let bytes = authority
         .lock()
         .expect("authority lock")
