@@ -5,7 +5,7 @@
 //! CLI, the daemon and the test bed all use these definitions.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::bail;
@@ -17,24 +17,74 @@ pub fn socket_path(instance: &str) -> PathBuf {
     PathBuf::from(format!("/run/forwarder/{instance}.sock"))
 }
 
-/// Parses a backend given on the command line or the control socket.
-pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
+/// Parses a backend given on the command line or the control socket:
+/// `192.0.2.1:60001`, or an IPv6 address in brackets, `[2001:db8::1]:60001`
+/// (as `SocketAddr` prints it). A bare IPv6 address is refused: its last
+/// group cannot be told from a port.
+pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddr> {
+    const FORMS: &str = "IPV4:PORT or [IPV6]:PORT, e.g. 10.0.2.2:60001 or [2001:db8::2]:60001";
     let text = text.trim();
-    if text.parse::<std::net::SocketAddrV6>().is_ok() {
+    if text.parse::<Ipv6Addr>().is_ok() {
+        // `2001:db8::1:6000` is an address on its own, or one with a port.
+        if let Some((host, port)) = text.rsplit_once(':')
+            && host.parse::<Ipv6Addr>().is_ok()
+            && !port.is_empty()
+            && port.bytes().all(|b| b.is_ascii_digit())
+        {
+            bail!(
+                "backend {text:?} is an IPv6 address without brackets, which cannot be told from a port: \
+                 write [{host}]:{port} if {port} is the port, or [{text}]:PORT if it is all address"
+            );
+        }
         bail!(
-            "backend {text:?} is IPv6: IPv6 backends are not supported yet; give the server's IPv4 address"
+            "backend {text:?} is an IPv6 address without a port: write it in brackets with the port \
+             mosh-server listens on, e.g. [{text}]:60001"
         );
     }
-    let Some((host, port)) = text.rsplit_once(':') else {
-        bail!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001");
-    };
-    let ip: std::net::Ipv4Addr = match host.parse() {
-        Ok(ip) => ip,
-        Err(_) if host.chars().any(|c| c.is_ascii_alphabetic()) => bail!(
-            "backend {text:?} names a host: host names are not supported yet; give the server's IPv4 address"
-        ),
-        Err(_) => {
-            bail!("malformed backend address {text:?}: expected IPV4:PORT, e.g. 10.0.2.2:60001")
+    if !text.starts_with('[') && text.matches(':').count() > 1 {
+        let (host, port) = text.rsplit_once(':').expect("has colons");
+        if host.parse::<Ipv6Addr>().is_ok() {
+            bail!(
+                "backend {text:?} is an IPv6 address without brackets, which cannot be told from its \
+                 port: write [{host}]:{port}"
+            );
+        }
+        bail!("malformed backend address {text:?}: expected {FORMS}");
+    }
+    let (ip, port): (IpAddr, &str) = if let Some(bracketed) = text.strip_prefix('[') {
+        let Some((inner, rest)) = bracketed.split_once(']') else {
+            bail!(
+                "malformed backend address {text:?}: the bracket is not closed; expected {FORMS}"
+            );
+        };
+        let Some(port) = rest.strip_prefix(':') else {
+            bail!(
+                "backend {text:?} has no port: give the port mosh-server listens on after the bracket, \
+                 e.g. [{inner}]:60001"
+            );
+        };
+        match inner.parse::<Ipv6Addr>() {
+            Ok(ip) => (IpAddr::V6(ip), port),
+            Err(_) if inner.contains('%') => bail!(
+                "backend {text:?} carries a zone (%interface): link-local backends are not supported; \
+                 give the server's global or unique local IPv6 address"
+            ),
+            Err(_) => bail!(
+                "malformed backend address {text:?}: {inner:?} in brackets is not an IPv6 address \
+                 (IPv4 addresses go without brackets); expected {FORMS}"
+            ),
+        }
+    } else {
+        let Some((host, port)) = text.rsplit_once(':') else {
+            bail!("malformed backend address {text:?}: expected {FORMS}");
+        };
+        match host.parse::<Ipv4Addr>() {
+            Ok(ip) => (IpAddr::V4(ip), port),
+            Err(_) if host.chars().any(|c| c.is_ascii_alphabetic()) => bail!(
+                "backend {text:?} names a host: host names are not supported yet; give the server's IPv4 or \
+                 IPv6 address ({FORMS})"
+            ),
+            Err(_) => bail!("malformed backend address {text:?}: expected {FORMS}"),
         }
     };
     let port: u16 = match port.parse::<u64>() {
@@ -42,24 +92,49 @@ pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
             bail!("backend {text:?}: port {port} is out of range (1-65535)")
         }
         Ok(port) => u16::try_from(port).expect("checked above"),
-        Err(_) => bail!(
-            "malformed backend address {text:?}: expected IPV4:PORT with a numeric port, e.g. 10.0.2.2:60001"
-        ),
+        Err(_) => {
+            bail!("malformed backend address {text:?}: expected {FORMS}, with a numeric port")
+        }
     };
     if port == 0 {
         bail!(
             "backend {text:?} has port 0: give the port mosh-server listens on (MOSH CONNECT <port>)"
         );
     }
-    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-        bail!("backend {text:?} is not a unicast address: give the mosh server's IPv4 address");
+    match ip {
+        IpAddr::V4(ip) => {
+            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+                bail!(
+                    "backend {text:?} is not a unicast address: give the mosh server's IPv4 address"
+                );
+            }
+        }
+        IpAddr::V6(ip) => {
+            if let Some(v4) = ip.to_ipv4_mapped() {
+                bail!(
+                    "backend {text:?} is an IPv4-mapped IPv6 address: give the IPv4 address itself, {}",
+                    SocketAddr::from((v4, port))
+                );
+            }
+            if ip.is_unspecified() || ip.is_multicast() {
+                bail!(
+                    "backend {text:?} is not a unicast address: give the mosh server's IPv6 address"
+                );
+            }
+            if ip.is_unicast_link_local() {
+                bail!(
+                    "backend {text:?} is link-local (fe80::/10), which needs an interface to mean anything: \
+                     give the server's global or unique local IPv6 address"
+                );
+            }
+        }
     }
     if ip.is_loopback() {
         bail!(
             "backend {text:?} is a loopback address: the relay would forward to itself; give the server's address"
         );
     }
-    Ok(SocketAddrV4::new(ip, port))
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// Largest request line the daemon reads; anything longer is refused.
@@ -479,7 +554,15 @@ mod tests {
     fn parses_backends_and_explains_mistakes() {
         assert_eq!(
             parse_backend("10.0.0.2:60001").unwrap(),
-            "10.0.0.2:60001".parse().unwrap()
+            "10.0.0.2:60001".parse::<SocketAddr>().unwrap()
+        );
+        let v6 = parse_backend(" [2001:db8::1]:60001 ").unwrap();
+        assert_eq!(v6, "[2001:db8::1]:60001".parse::<SocketAddr>().unwrap());
+        // What `list` prints parses back to the same backend.
+        assert_eq!(parse_backend(&v6.to_string()).unwrap(), v6);
+        assert_eq!(
+            parse_backend("[fd00:1::2]:22").unwrap(),
+            SocketAddr::new("fd00:1::2".parse().unwrap(), 22)
         );
         for bad in [
             "10.0.0.2",
@@ -490,14 +573,29 @@ mod tests {
             "[::1]:5",
             "127.0.0.1:60001",
             "10.0.0.2:x",
+            "[::]:5",
+            "[ff02::1]:5",
+            "[2001:db8::1]:0",
+            "[2001:db8::1]",
+            "[10.0.0.2]:5",
+            "[2001:db8::1:5",
+            "2001:db8::1:60001",
         ] {
             assert!(parse_backend(bad).is_err(), "{bad}");
         }
         let says = |text: &str| parse_backend(text).unwrap_err().to_string();
-        assert!(says("[2001:db8::1]:60001").contains("IPv6 backends are not supported yet"));
+        assert!(says("2001:db8::1:60001").contains("write [2001:db8::1]:60001"));
+        assert!(says("2001:db8::1").contains("e.g. [2001:db8::1]:60001"));
+        assert!(says("fe80::1:22").contains("write [fe80::1]:22"));
+        assert!(says("[fe80::1]:22").contains("link-local"));
+        assert!(says("[fe80::1%eth0]:22").contains("link-local"));
+        assert!(says("[::ffff:10.0.0.2]:22").contains("give the IPv4 address itself, 10.0.0.2:22"));
         assert!(says("server.example:60001").contains("host names are not supported yet"));
         assert!(says("10.0.0.2:70000").contains("port 70000 is out of range (1-65535)"));
+        assert!(says("[2001:db8::1]:70000").contains("port 70000 is out of range (1-65535)"));
         assert!(says("127.0.0.1:60001").contains("loopback"));
+        assert!(says("[::1]:60001").contains("loopback"));
+        assert!(says("10.0.0.2").contains("[IPV6]:PORT"));
     }
 
     #[test]

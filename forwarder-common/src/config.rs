@@ -35,6 +35,11 @@ pub mod map_names {
     pub const EGRESS: &str = "EGRESS";
     pub const SLOWPATH_SESSION_BUCKETS: &str = "SLOWPATH_SESSION_BUCKETS";
     pub const SLOWPATH_GLOBAL_BUCKET: &str = "SLOWPATH_GLOBAL_BUCKET";
+    pub const CLIENT_FLOWS6: &str = "CLIENT_FLOWS6";
+    pub const BACKEND_FLOWS6: &str = "BACKEND_FLOWS6";
+    pub const CLIENT_FLOWS_4TO6: &str = "CLIENT_FLOWS_4TO6";
+    pub const BACKEND_FLOWS_4TO6: &str = "BACKEND_FLOWS_4TO6";
+    pub const PORTS_4TO6: &str = "PORTS_4TO6";
 }
 
 /// Every size that depends on the run's flags, derived in one place: the
@@ -78,10 +83,16 @@ impl RuntimeSizes {
     /// `max_entries` of every map whose size follows the flags; the others
     /// (one-slot arrays, per-reason counters, the devmap) keep the size
     /// they are compiled with.
-    pub const fn map_max_entries(&self) -> [(&'static str, u32); 4] {
+    pub const fn map_max_entries(&self) -> [(&'static str, u32); 8] {
         [
             (map_names::CLIENT_FLOWS, self.max_flows),
             (map_names::BACKEND_FLOWS, self.max_flows),
+            // Each family's maps can hold every flow: a relay may serve
+            // IPv6 or translated flows only.
+            (map_names::CLIENT_FLOWS6, self.max_flows),
+            (map_names::BACKEND_FLOWS6, self.max_flows),
+            (map_names::CLIENT_FLOWS_4TO6, self.max_flows),
+            (map_names::BACKEND_FLOWS_4TO6, self.max_flows),
             (map_names::FLOW_COUNTERS, self.flow_counter_slots()),
             (map_names::SLOWPATH_SESSION_BUCKETS, self.max_sessions),
         ]

@@ -65,7 +65,8 @@ macro_rules! reasons {
 reasons! {
     /// Ethernet header cut short.
     PassTruncatedEth = 0, "truncated_eth", Pass;
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...): not ours.
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): not ours. (Named
+    /// before the relay spoke IPv6; the name is part of the counters' contract.)
     PassNotIpv4 = 1, "not_ipv4", Pass;
     /// IPv4 header cut short or claiming less than 20 bytes.
     PassTruncatedIp = 2, "truncated_ip", Pass;
@@ -105,6 +106,22 @@ reasons! {
     /// other than the server's: the daemon checks whether the server's NAT
     /// moved it (the datagram must verify with the session key).
     PassNatRebindCandidate = 19, "nat_rebind_candidate", Pass;
+    /// IPv6 UDP with a zero checksum: invalid in IPv6 (RFC 8200 8.1).
+    DropIpv6ZeroChecksum = 20, "ipv6_zero_checksum", Drop;
+    /// IPv6 extension headers the program does not walk (more than a few,
+    /// a routing header still to be followed, an unknown one) or any in a
+    /// packet to translate: the stack and the daemon handle them.
+    PassIpv6ExtHeaders = 21, "ipv6_ext_headers", Pass;
+    /// An IPv4 datagram without UDP checksum for an IPv6 output, where zero
+    /// is invalid: the daemon relays it (its socket computes one).
+    PassTranslateNoChecksum = 22, "translate_no_checksum", Pass;
+    /// An IPv6 or translated packet larger than the egress MTU: IPv6 routers
+    /// do not fragment, so the daemon's socket sends it (the local stack
+    /// fragments what it originates).
+    PassTooBig = 23, "too_big", Pass;
+    /// A translation to IPv6 found no headroom to grow the packet into
+    /// (`bpf_xdp_adjust_head` refused): the daemon relays it.
+    PassNoHeadroom = 24, "no_headroom", Pass;
 }
 
 /// Each reason's index is its position in [`Reason::ALL`]: indices are dense
@@ -120,7 +137,9 @@ const _: () = {
     }
 };
 
-/// Packets and bytes counted under one reason (per CPU in the kernel).
+/// Packets and bytes counted under one reason (per CPU in the kernel). The
+/// bytes are the frame's as it leaves the program: a translated packet
+/// counts its new size (20 bytes more or less than it arrived with).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct ReasonCounter {
@@ -137,6 +156,15 @@ unsafe impl aya::Pod for ReasonCounter {}
 mod tests {
     use super::*;
 
+    /// The IPv6 reasons came after the IPv4 ones, at the end.
+    #[test]
+    fn ipv6_reasons_are_appended() {
+        assert_eq!(Reason::DropIpv6ZeroChecksum as u32, 20);
+        assert_eq!(Reason::PassNoHeadroom as u32, REASON_COUNT - 1);
+        assert_eq!(Reason::DropIpv6ZeroChecksum.verdict(), Verdict::Drop);
+        assert_eq!(Reason::PassIpv6ExtHeaders.verdict(), Verdict::Pass);
+    }
+
     #[test]
     fn all_lists_every_reason_at_its_index() {
         for (index, reason) in Reason::ALL.iter().enumerate() {
@@ -148,7 +176,7 @@ mod tests {
     /// later goes at the end, so an older daemon's counters keep their meaning.
     #[test]
     fn nat_rebind_candidate_is_appended_and_passes() {
-        assert_eq!(Reason::PassNatRebindCandidate as u32, REASON_COUNT - 1);
+        assert_eq!(Reason::PassNatRebindCandidate as u32, 19);
         assert_eq!(Reason::DropSlowpathGlobalLimit as u32, 18);
         assert_eq!(Reason::PassNatRebindCandidate.verdict(), Verdict::Pass);
         assert_eq!(

@@ -21,8 +21,13 @@ pub enum Side {
 /// Classifies the destination port against the relay's port ranges.
 #[inline(always)]
 pub fn relay_side(packet: &Packet) -> Result<Side, Reason> {
+    side_of(u16::from_be_bytes(packet.udp().dst))
+}
+
+/// Classifies a destination port (host order), whatever the family.
+#[inline(always)]
+pub fn side_of(port: u16) -> Result<Side, Reason> {
     let config = config::relay();
-    let port = u16::from_be_bytes(packet.udp().dst);
     if config.is_client_port(port) {
         Ok(Side::Client)
     } else if config.is_flow_port(port) {

@@ -68,7 +68,7 @@ pub fn cache_route(state: Option<*mut FlowCounter>, route: &Route, now: u64) {
 /// uninitialised handed to the helper), zeroed with eight word stores:
 /// `mem::zeroed()` or byte-array literals become calls to a memset loop.
 #[inline(always)]
-fn zeroed_params(slot: &mut FibSlot) -> &mut FibParams {
+pub fn zeroed_params(slot: &mut FibSlot) -> &mut FibParams {
     let words = (&raw mut *slot).cast::<u64>();
     for index in 0..FIB_PARAMS_LEN / mem::size_of::<u64>() {
         // SAFETY: the slot is 64 bytes (asserted below) and 8-aligned, and
@@ -81,10 +81,10 @@ fn zeroed_params(slot: &mut FibSlot) -> &mut FibParams {
 
 /// Stack room for the lookup parameters, aligned for whole-word zeroing.
 #[repr(C, align(8))]
-struct FibSlot(MaybeUninit<FibParams>);
+pub struct FibSlot(pub MaybeUninit<FibParams>);
 
 /// Size of `bpf_fib_lookup`, as the helper's length argument wants it.
-const FIB_PARAMS_LEN: usize = 64;
+pub const FIB_PARAMS_LEN: usize = 64;
 const _: () = assert!(mem::size_of::<FibParams>() == FIB_PARAMS_LEN);
 const _: () = assert!(mem::size_of::<FibSlot>() == FIB_PARAMS_LEN);
 

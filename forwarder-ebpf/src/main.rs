@@ -16,11 +16,17 @@
 
 mod config;
 mod flow;
+mod flow6;
 mod forward;
+mod forward6;
 mod maps;
 mod parse;
+mod parse6;
+mod relay6;
 mod rewrite;
+mod rewrite6;
 mod slowpath;
+mod translate;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -56,7 +62,12 @@ pub fn forwarder(ctx: XdpContext) -> u32 {
 /// The whole pipeline; `Err` carries the reason a packet stops early.
 #[inline(always)]
 fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
-    let packet = parse::parse(ctx)?;
+    let packet = match parse::parse(ctx) {
+        Ok(packet) => packet,
+        // Not IPv4: IPv6 takes its own pipeline (relay6.rs).
+        Err(Reason::PassNotIpv4) => return relay6::relay6(ctx),
+        Err(reason) => return Err(reason),
+    };
     let side = flow::relay_side(&packet)?;
     parse::check_lengths(&packet)?;
     let dst_port = u16::from_be_bytes(packet.udp().dst);
@@ -66,8 +77,16 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
         flow::Side::Client => Some(dst_port),
         flow::Side::Backend => None,
     };
-    let entry =
-        flow::lookup(&packet, side).map_err(|reason| slowpath::gate(reason, miss_session))?;
+    // A miss may be a translated half (IPv4 in, IPv6 out), which only a
+    // port in the PORTS_4TO6 bitmap can have: IPv4 flows never ask, and a
+    // miss elsewhere pays one array load.
+    let entry = match flow::lookup(&packet, side) {
+        Ok(entry) => entry,
+        Err(_) if flow6::may_translate(dst_port) => {
+            return relay6::relay4to6(ctx, &packet, side, miss_session);
+        }
+        Err(reason) => return Err(slowpath::gate(reason, miss_session)),
+    };
     // SAFETY: a hash map value stays valid for the rest of this program run
     // (RCU); the daemon only ever replaces whole entries.
     let rewrite = unsafe { &*entry };

@@ -10,8 +10,10 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite, SlowpathBucket,
+    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite,
+    Rewrite6, SlowpathBucket,
     config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES},
+    flow6::PORTS_4TO6_WORDS,
     reason::ReasonCounter,
     slowpath::MAX_SESSIONS,
 };
@@ -46,3 +48,25 @@ pub static SLOWPATH_SESSION_BUCKETS: HashMap<u16, SlowpathBucket> =
 /// Relay-wide slow-path rate limit; one slot, all zero (unlimited) until the daemon configures it.
 #[map]
 pub static SLOWPATH_GLOBAL_BUCKET: Array<SlowpathBucket> = Array::with_max_entries(1, 0);
+
+/// Client halves of flows whose client speaks IPv6 (output either family).
+#[map]
+pub static CLIENT_FLOWS6: HashMap<ClientKey6, Rewrite6> = HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Backend halves of flows whose backend speaks IPv6 (output either family).
+#[map]
+pub static BACKEND_FLOWS6: HashMap<BackendKey6, Rewrite6> = HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Client halves whose input is IPv4 and output IPv6; looked up only after an IPv4 miss.
+#[map]
+pub static CLIENT_FLOWS_4TO6: HashMap<ClientKey, Rewrite6> =
+    HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Backend halves whose input is IPv4 and output IPv6; looked up only after an IPv4 miss.
+#[map]
+pub static BACKEND_FLOWS_4TO6: HashMap<BackendKey, Rewrite6> =
+    HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// One bit per UDP port: set while some `_4TO6` half is keyed by it, so an IPv4 miss elsewhere skips those maps.
+#[map]
+pub static PORTS_4TO6: Array<u32> = Array::with_max_entries(PORTS_4TO6_WORDS, 0);

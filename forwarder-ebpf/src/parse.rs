@@ -57,7 +57,7 @@ impl Packet {
 /// Returns a pointer to a `T` at `offset` if the whole `T` lies inside the
 /// frame; the comparison against `data_end` is what the verifier needs.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + mem::size_of::<T>() > end {

@@ -31,7 +31,11 @@ pub fn gate(reason: Reason, session_port: Option<u16>) -> Reason {
         | Reason::PassFibNoNeigh
         | Reason::PassFibFailed
         | Reason::PassEgressNotAttached
-        | Reason::PassNatRebindCandidate => {}
+        | Reason::PassNatRebindCandidate
+        | Reason::PassIpv6ExtHeaders
+        | Reason::PassTranslateNoChecksum
+        | Reason::PassTooBig
+        | Reason::PassNoHeadroom => {}
         _ => return reason,
     }
     // The coarse clock (CLOCK_MONOTONIC_COARSE: same base, tick-granular)

@@ -39,7 +39,8 @@ pub enum Verb {
     Run(RunArgs),
     /// Create a session towards a mosh-server and print the port to give mosh-client.
     Add {
-        /// The mosh server: IPV4:PORT (the port from `MOSH CONNECT <port> <key>`).
+        /// The mosh server: IPV4:PORT or [IPV6]:PORT (the port from `MOSH CONNECT <port> <key>`);
+        /// a client of either family reaches it, the relay translating between them.
         #[arg(long)]
         backend: String,
         /// Client-facing port to use (default: the next free one).
@@ -205,7 +206,7 @@ pub struct RunArgs {
     /// Address clients must use, when it is not the one servers send punch requests to
     /// (clients arrive on another interface, or the relay sits behind a 1:1 NAT).
     #[arg(long)]
-    pub public_addr: Option<std::net::Ipv4Addr>,
+    pub public_addr: Option<std::net::IpAddr>,
     /// Keep a NAT'd server's mapping open: send a keepalive after this long without a packet from it [default: 15s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub punch_keepalive: Option<Duration>,
@@ -667,11 +668,7 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json("session", &session)?;
             } else {
-                let address = session
-                    .relay_addresses
-                    .first()
-                    .map(String::as_str)
-                    .unwrap_or("RELAY");
+                let (address, other_family) = connect_addresses(&session.relay_addresses);
                 println!(
                     "session {} forwards port {} to {}",
                     session.id, session.port, session.backend
@@ -680,6 +677,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                     "connect with: MOSH_KEY=<key> mosh-client {address} {}",
                     session.port
                 );
+                if let Some(other) = other_family {
+                    println!(
+                        "or over the other family: MOSH_KEY=<key> mosh-client {other} {}",
+                        session.port
+                    );
+                }
                 if let Some(shared) = session.shared_port {
                     println!(
                         "or through the shared port: MOSH_KEY=<key> mosh-client {address} {shared}"
@@ -948,11 +951,37 @@ fn idle(ms: u64) -> String {
     }
 }
 
+/// The relay address to print in `mosh-client ADDR PORT` (mosh-client
+/// takes IPv6 without brackets), and the first one of the other family,
+/// if the relay has one: a client may be on either.
+fn connect_addresses(addresses: &[String]) -> (&str, Option<&str>) {
+    let Some(first) = addresses.first() else {
+        return ("RELAY", None);
+    };
+    let family = |text: &str| text.parse::<std::net::IpAddr>().ok().map(|ip| ip.is_ipv6());
+    let other = addresses
+        .iter()
+        .find(|a| family(a).is_some() && family(a) != family(first))
+        .map(String::as_str);
+    (first, other)
+}
+
+/// `ADDR:PORT` for a relay address as the API gives it (a bare IP): IPv6
+/// in brackets, as everywhere an address carries a port.
+fn with_port(address: &str, port: u16) -> String {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{address}:{port}"),
+    }
+}
+
 fn render_sessions(sessions: &[SessionInfo]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if sessions.is_empty() {
-        out.push_str("no sessions (add one with `forwarder add --backend IP:PORT`)\n");
+        out.push_str(
+            "no sessions (add one with `forwarder add --backend IP:PORT`, IPv6 as [IP]:PORT)\n",
+        );
         return out;
     }
     for s in sessions {
@@ -1017,10 +1046,9 @@ fn render_sessions(sessions: &[SessionInfo]) -> String {
         for f in &s.flows {
             let _ = writeln!(
                 out,
-                "  flow {:<21} -> {}:{} -> upstream port {}{}{}",
+                "  flow {:<21} -> {} -> upstream port {}{}{}",
                 f.client,
-                f.relay_addr,
-                f.relay_port.unwrap_or(s.port),
+                with_port(&f.relay_addr, f.relay_port.unwrap_or(s.port)),
                 f.upstream_port,
                 if f.server_current {
                     "  [server replies here]"
@@ -1313,6 +1341,60 @@ mod tests {
     }
 
     /// The example config shows the defaults, not values of its own.
+    #[test]
+    fn ipv6_addresses_print_in_brackets_beside_a_port_and_bare_for_mosh_client() {
+        assert_eq!(with_port("2001:db8::1", 60000), "[2001:db8::1]:60000");
+        assert_eq!(with_port("10.0.1.1", 60000), "10.0.1.1:60000");
+        let both = [
+            "10.0.1.1".to_string(),
+            "10.0.2.1".into(),
+            "2001:db8:1::1".into(),
+        ];
+        assert_eq!(
+            connect_addresses(&both),
+            ("10.0.1.1", Some("2001:db8:1::1"))
+        );
+        assert_eq!(connect_addresses(&both[..2]), ("10.0.1.1", None));
+        assert_eq!(connect_addresses(&[]), ("RELAY", None));
+        let session = forwarder_api::SessionInfo {
+            id: "s1".into(),
+            port: 60000,
+            backend: "[2001:db8:2::2]:60001".into(),
+            relay_addresses: vec!["2001:db8:1::1".into()],
+            idle_timeout_secs: 60,
+            idle_ms: 0,
+            flows: vec![forwarder_api::FlowInfo {
+                client: "[2001:db8:1::2]:40000".into(),
+                relay_addr: "2001:db8:1::1".into(),
+                relay_port: None,
+                upstream_port: 61000,
+                packets_to_server: 1,
+                bytes_to_server: 100,
+                packets_to_client: 1,
+                bytes_to_client: 100,
+                fast_path_packets: 2,
+                slow_path_packets: 0,
+                idle_ms: 0,
+                server_current: true,
+                answered: true,
+            }],
+            nat: None,
+            has_key: false,
+            shared_port: None,
+            owner: forwarder_api::OwnerInfo::default(),
+            relays: Vec::new(),
+            tcp: None,
+        };
+        let text = render_sessions(&[session]);
+        assert!(text.contains("backend [2001:db8:2::2]:60001"), "{text}");
+        assert!(
+            text.contains(
+                "flow [2001:db8:1::2]:40000 -> [2001:db8:1::1]:60000 -> upstream port 61000"
+            ),
+            "{text}"
+        );
+    }
+
     #[test]
     fn the_example_config_shows_the_defaults() {
         let file = FileConfig::parse(include_str!("../../packaging/forwarder.toml")).unwrap();

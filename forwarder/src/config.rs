@@ -110,7 +110,7 @@ pub struct FileConfig {
     /// The punch handshake for servers behind NAT (both keys, or neither).
     pub punch_port: Option<u16>,
     pub punch_secret_file: Option<PathBuf>,
-    pub public_addr: Option<std::net::Ipv4Addr>,
+    pub public_addr: Option<std::net::IpAddr>,
     #[serde(default, with = "humantime_serde")]
     pub punch_keepalive: Option<Duration>,
     /// The one UDP port every keyed session is reachable on as well (none unless set).
@@ -222,7 +222,10 @@ mod tests {
         for (text, says) in [
             ("[user.alice]\nmax_session = 2", "max_session"),
             ("user_allow = [\"10.0.0.0/8:x\"]", "not a port"),
-            ("[group.ops]\nuser_deny = [\"host\"]", "not an IPv4 address"),
+            (
+                "[group.ops]\nuser_deny = [\"host\"]",
+                "not an IPv4 or IPv6 address",
+            ),
         ] {
             let error = format!("{:#}", FileConfig::parse(text).unwrap_err());
             assert!(error.contains(says), "{text}: {error}");

@@ -24,7 +24,7 @@
 //! root-only), so a copy of the database alone (a backup, a bug report)
 //! gives no key away.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -44,10 +44,10 @@ const SESSIONS: TableDefinition<u16, &[u8]> = TableDefinition::new("sessions");
 pub struct SessionRecord {
     pub id: String,
     pub port: u16,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     /// The route the session's flows were built with (source address and
     /// the interface the backend answers on).
-    pub route_source: Ipv4Addr,
+    pub route_source: IpAddr,
     pub route_ifindex: u32,
     pub idle_timeout_secs: u64,
     /// Set for a punched session (absent in files written before they were stored).
@@ -80,7 +80,7 @@ pub struct NatRecord {
     /// Authenticates Bind and Key for this session.
     pub token: [u8; 16],
     /// Where the Allocate came from (a repeated Allocate gets this session).
-    pub punch_source: SocketAddrV4,
+    pub punch_source: SocketAddr,
     #[serde(default)]
     pub bound: bool,
     /// The mosh session key, sealed; None until the wrapper handed it over.
@@ -89,7 +89,7 @@ pub struct NatRecord {
     /// The client endpoint the server's packets go to, and the relay
     /// address it uses.
     #[serde(default)]
-    pub client: Option<(SocketAddrV4, Ipv4Addr)>,
+    pub client: Option<(SocketAddr, IpAddr)>,
     /// Newest client-to-server sequence number accepted when last written:
     /// a restarted relay resumes mosh's "newer than any before" rule from it.
     #[serde(default)]
@@ -475,6 +475,61 @@ mod tests {
                 "the key is in the file in clear"
             );
         }
+    }
+
+    #[test]
+    fn ipv6_and_translated_sessions_round_trip_and_v4_rows_read_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = KeySealer::derive(b"0123456789abcdef0123456789abcdef");
+        let v6 = SessionRecord {
+            backend: "[2001:db8:2::2]:60001".parse().unwrap(),
+            route_source: "2001:db8:2::1".parse().unwrap(),
+            ..record(60004)
+        };
+        // A punched server reached over IPv6 whose client roamed in over IPv4.
+        let mut mixed = SessionRecord {
+            backend: "[2001:db8:77::2]:40000".parse().unwrap(),
+            route_source: "2001:db8:77::1".parse().unwrap(),
+            ..record(60005)
+        };
+        mixed.nat = Some(NatRecord {
+            upstream_port: 61005,
+            slot: 9,
+            token: [3; 16],
+            punch_source: "[2001:db8:77::2]:40000".parse().unwrap(),
+            bound: true,
+            sealed_key: Some(sealer.seal(&[2; 16], binding(&mixed))),
+            client: Some((
+                "198.51.100.7:50000".parse().unwrap(),
+                "203.0.113.1".parse().unwrap(),
+            )),
+            newest_client_seq: None,
+            newest_server_seq: None,
+        });
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put(&v6).unwrap();
+            store.put(&mixed).unwrap();
+            store.put(&record(60003)).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.sessions().unwrap(),
+            vec![record(60003), v6.clone(), mixed]
+        );
+        // The JSON is what `list` prints: brackets around IPv6, none around IPv4,
+        // so an IPv4 row is byte for byte what older versions wrote and read.
+        let json = String::from_utf8(serde_json::to_vec(&v6).unwrap()).unwrap();
+        assert!(
+            json.contains(r#""backend":"[2001:db8:2::2]:60001""#),
+            "{json}"
+        );
+        assert!(json.contains(r#""route_source":"2001:db8:2::1""#), "{json}");
+        let v4 = String::from_utf8(serde_json::to_vec(&record(60003)).unwrap()).unwrap();
+        assert!(
+            v4.contains(r#""backend":"10.0.2.2:60001","route_source":"10.0.2.1""#),
+            "{v4}"
+        );
     }
 
     #[test]

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 /// The tracing target of the audit log: one line per change (add, remove,
@@ -175,18 +175,20 @@ impl fmt::Display for PortSet {
     }
 }
 
-/// One `--user-allow` / `--user-deny` rule: `CIDR[:PORTS]` (a bare address
-/// is a /32; no ports: every port).
+/// One `--user-allow` / `--user-deny` rule: `CIDR[:PORTS]`, IPv4 or IPv6
+/// (`10.0.0.0/8:60000-61000`, `2001:db8::/32`, `[2001:db8::/32]:22`; a bare
+/// address is a /32 or a /128; no ports: every port). A rule of one family
+/// never matches a backend of the other.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub struct BackendRule {
-    pub net: Ipv4Net,
+    pub net: IpNet,
     pub ports: Option<PortSet>,
 }
 
 impl BackendRule {
-    pub fn matches(&self, backend: SocketAddrV4) -> bool {
-        self.net.contains(backend.ip())
+    pub fn matches(&self, backend: SocketAddr) -> bool {
+        self.net.contains(&backend.ip())
             && self
                 .ports
                 .as_ref()
@@ -201,23 +203,42 @@ impl FromStr for BackendRule {
         let text = text.trim();
         let refuse = |why: String| {
             format!(
-                "backend rule {text:?}: {why} (expected CIDR[:PORTS], e.g. 10.0.0.0/8:60000-61000)"
+                "backend rule {text:?}: {why} (expected CIDR[:PORTS], e.g. 10.0.0.0/8:60000-61000 or [2001:db8::/32]:60000-61000)"
             )
         };
-        if text.contains('[') || text.matches(':').count() > 1 {
-            return Err(refuse(
-                "IPv6 rules are not supported yet, as IPv6 backends are not".into(),
-            ));
-        }
-        let (net, ports) = match text.split_once(':') {
-            Some((net, ports)) => (net, Some(ports.parse::<PortSet>().map_err(refuse)?)),
-            None => (text, None),
+        // IPv6 with ports goes in brackets, as backends do: `[2001:db8::/32]:22`.
+        let (net, ports) = if let Some(bracketed) = text.strip_prefix('[') {
+            let Some((net, rest)) = bracketed.split_once(']') else {
+                return Err(refuse("the bracket is not closed".into()));
+            };
+            match rest.strip_prefix(':') {
+                Some(ports) => (net, Some(ports.parse::<PortSet>().map_err(refuse)?)),
+                None if rest.is_empty() => (net, None),
+                None => return Err(refuse(format!("{rest:?} after the bracket is not :PORTS"))),
+            }
+        } else if text.matches(':').count() > 1 {
+            // More than one colon: IPv6, all address (ports need brackets).
+            (text, None)
+        } else {
+            match text.split_once(':') {
+                Some((net, ports)) => (net, Some(ports.parse::<PortSet>().map_err(refuse)?)),
+                None => (text, None),
+            }
         };
-        let net = match net.parse::<Ipv4Net>() {
+        let net = match net.parse::<IpNet>() {
             Ok(net) => net,
-            Err(_) => match net.parse::<Ipv4Addr>() {
-                Ok(ip) => Ipv4Net::from(ip),
-                Err(_) => return Err(refuse(format!("{net:?} is not an IPv4 address or CIDR"))),
+            Err(_) => match net.parse::<IpAddr>() {
+                Ok(ip) => IpNet::from(ip),
+                Err(_) if text.matches(':').count() > 1 && !text.starts_with('[') => {
+                    return Err(refuse(format!(
+                        "{net:?} is not an IPv6 address or CIDR (IPv6 with ports goes in brackets: [2001:db8::/32]:22)"
+                    )));
+                }
+                Err(_) => {
+                    return Err(refuse(format!(
+                        "{net:?} is not an IPv4 or IPv6 address or CIDR"
+                    )));
+                }
             },
         };
         Ok(Self { net, ports })
@@ -234,7 +255,10 @@ impl TryFrom<String> for BackendRule {
 
 impl fmt::Display for BackendRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.net)?;
+        match (&self.net, &self.ports) {
+            (IpNet::V6(net), Some(_)) => write!(f, "[{net}]")?,
+            (net, _) => write!(f, "{net}")?,
+        }
         if let Some(ports) = &self.ports {
             write!(f, ":{ports}")?;
         }
@@ -451,7 +475,7 @@ impl UserPolicy {
     /// Whether `owner` may create a session towards `backend`: root always;
     /// anyone else when no deny rule matches and an allow rule does. The
     /// refusal names the rule (or the lack of one) and the way on.
-    pub fn check_backend(&self, owner: &Owner, backend: SocketAddrV4) -> Result<(), String> {
+    pub fn check_backend(&self, owner: &Owner, backend: SocketAddr) -> Result<(), String> {
         if owner.is_root() {
             return Ok(());
         }
@@ -524,7 +548,7 @@ mod tests {
         text.parse().unwrap()
     }
 
-    fn at(text: &str) -> SocketAddrV4 {
+    fn at(text: &str) -> SocketAddr {
         text.parse().unwrap()
     }
 
@@ -541,16 +565,37 @@ mod tests {
         assert!(!host.matches(at("192.0.2.8:1")));
         assert_eq!(host.to_string(), "192.0.2.7/32");
         assert!(rule("0.0.0.0/0").matches(at("203.0.113.9:60001")));
+
+        let v6 = rule("[2001:db8::/32]:22,60000-60100");
+        assert!(v6.matches(at("[2001:db8:1::2]:22")));
+        assert!(v6.matches(at("[2001:db8:1::2]:60100")));
+        assert!(!v6.matches(at("[2001:db8:1::2]:60101")));
+        assert!(!v6.matches(at("[2001:db9::2]:22")));
+        assert_eq!(v6.to_string(), "[2001:db8::/32]:22,60000-60100");
+        assert_eq!(v6.to_string().parse::<BackendRule>().unwrap(), v6);
+        let all_ports = rule("2001:db8::/48");
+        assert!(all_ports.matches(at("[2001:db8:0:1::9]:1")));
+        assert_eq!(all_ports.to_string(), "2001:db8::/48");
+        let v6_host = rule("fd00::7");
+        assert_eq!(v6_host.to_string(), "fd00::7/128");
+        assert!(v6_host.matches(at("[fd00::7]:60001")) && !v6_host.matches(at("[fd00::8]:60001")));
+        // Families never cross: ::/0 is not 0.0.0.0/0, nor the other way round.
+        assert!(!rule("::/0").matches(at("10.0.0.1:60001")));
+        assert!(!rule("0.0.0.0/0").matches(at("[2001:db8::1]:60001")));
+        assert!(!rule("::ffff:10.0.0.0/104").matches(at("10.0.0.1:60001")));
         for (bad, says) in [
-            ("10.0.0.0/33", "not an IPv4 address or CIDR"),
-            ("server:22", "not an IPv4 address or CIDR"),
+            ("10.0.0.0/33", "not an IPv4 or IPv6 address or CIDR"),
+            ("server:22", "not an IPv4 or IPv6 address or CIDR"),
+            ("2001:db8::/129", "not an IPv6 address or CIDR"),
+            ("2001:db8::/32:22", "goes in brackets"),
+            ("[2001:db8::/32", "bracket is not closed"),
+            ("[2001:db8::/32]22", "is not :PORTS"),
+            ("[2001:db8::/32]:0", "not a port"),
             ("10.0.0.0/8:0", "not a port"),
             ("10.0.0.0/8:70000", "not a port"),
             ("10.0.0.0/8:61000-60000", "runs backwards"),
             ("10.0.0.0/8:", "not a port"),
             ("10.0.0.0/8:22,,23", "not a port"),
-            ("2001:db8::/32", "IPv6"),
-            ("[2001:db8::1]:22", "IPv6"),
         ] {
             let error = bad.parse::<BackendRule>().unwrap_err();
             assert!(error.contains(says), "{bad}: {error}");

@@ -306,6 +306,7 @@ fn fuzz_never_aborts_and_forwards_only_well_formed_frames() {
                 backend_flow: true,
                 session_bucket: Some((SESSION_PORT, 2_000)),
                 global_bucket: Some(5_000),
+                six: None,
             },
             topo,
         );

@@ -46,11 +46,12 @@ fn not_ours(table: &mut Table) {
         .udp(CLIENT_PORT, SESSION_PORT)
         .write(&mut ipv6, PAYLOAD)
         .unwrap();
+    // IPv6 is parsed now; with no IPv6 flow it is the daemon's.
     table.row(
-        "ipv6 udp to a session port",
+        "ipv6 udp to a session port without an ipv6 flow",
         ipv6,
         NEAR_FLOW,
-        PassNotIpv4,
+        PassNoFlow,
         Untouched,
     );
     for (tpid, name) in [(0x8100u16, "802.1Q"), (0x88a8, "802.1ad")] {

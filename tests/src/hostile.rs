@@ -124,3 +124,39 @@ pub fn forge_server_datagrams(
     }
     Ok(sent)
 }
+
+/// [`forge_server_datagrams`] for endpoints of either family (IPv6 forgers
+/// included): forged "server" datagrams from `server` to every target
+/// from every site; returns every payload sent.
+pub fn forge_server_datagrams_any(
+    relay: &Netns,
+    sites: &[ForgerSite<'_>],
+    server: std::net::SocketAddr,
+    targets: &[std::net::SocketAddr],
+    rounds: usize,
+    skip: impl Fn(usize, std::net::SocketAddr) -> bool,
+) -> Result<std::collections::HashSet<Vec<u8>>> {
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    let mut sent = std::collections::HashSet::new();
+    for (index, site) in sites.iter().enumerate() {
+        let socket = crate::raw::PacketSocket::open(site.ns, site.ifname)?;
+        let macs = (
+            crate::raw::mac_of(site.ns, site.ifname)?,
+            crate::raw::mac_of(relay, site.relay_if)?,
+        );
+        for &target in targets.iter().filter(|&&t| !skip(index, t)) {
+            for _ in 0..rounds {
+                let mut payload = (0x8000_0000_0000_0000u64 | rng.random::<u64>())
+                    .to_be_bytes()
+                    .to_vec();
+                payload.extend((0..rng.random_range(16..120)).map(|_| rng.random::<u8>()));
+                socket
+                    .send(&crate::raw::udp_frame_any(macs, server, target, &payload))
+                    .with_context(|| format!("sending a forged datagram to {target}"))?;
+                sent.insert(payload);
+            }
+        }
+    }
+    Ok(sent)
+}

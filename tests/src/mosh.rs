@@ -1,6 +1,6 @@
 //! Real, unmodified mosh-server and mosh-client, driven through tmux.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,8 +26,8 @@ pub struct MoshServer {
 impl MoshServer {
     /// Runs `mosh-server new` in `ns`, bound to `ip:port`. mosh-server forks a
     /// detached child and the parent exits after printing `MOSH CONNECT PORT KEY`.
-    pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16) -> Result<Self> {
-        let ip = ip.to_string();
+    pub fn start(ns: &Netns, ip: impl Into<IpAddr>, port: u16) -> Result<Self> {
+        let ip = ip.into().to_string();
         let port_arg = port.to_string();
         let mut cmd = ns.exec("mosh-server");
         cmd.args(["new", "-i", &ip, "-p", &port_arg])
@@ -57,8 +57,8 @@ impl MoshServer {
 /// What `forwarder mosh-server` printed besides the server itself.
 #[derive(Debug)]
 pub struct Wrapped {
-    /// The `MOSH IP` line: the relay address clients use.
-    pub ip: Ipv4Addr,
+    /// The `MOSH IP` line: the relay address clients use (IPv6 bare, as mosh prints it).
+    pub ip: IpAddr,
     /// The wrapper's own messages (and mosh-server's stderr).
     pub stderr: String,
 }
@@ -110,7 +110,7 @@ impl MoshServer {
 }
 
 /// From `MOSH IP 10.0.0.1`.
-fn parse_ip(stdout: &str) -> Option<Ipv4Addr> {
+fn parse_ip(stdout: &str) -> Option<IpAddr> {
     stdout
         .lines()
         .find_map(|line| line.trim().strip_prefix("MOSH IP ")?.trim().parse().ok())
@@ -163,7 +163,8 @@ set -g status off
 
 impl MoshClient {
     /// Starts `mosh-client IP PORT` with `MOSH_KEY=key`.
-    pub fn start(ns: &Netns, ip: Ipv4Addr, port: u16, key: &str) -> Result<Self> {
+    pub fn start(ns: &Netns, ip: impl Into<IpAddr>, port: u16, key: &str) -> Result<Self> {
+        let ip = ip.into();
         // Keys are base64 without padding: safe inside the shell command tmux runs.
         if !key
             .chars()
@@ -286,7 +287,7 @@ mod tests {
         assert_eq!(parse_connect("garbage"), None);
         assert_eq!(
             parse_ip("\r\nMOSH IP 10.1.2.3\r\n"),
-            Some(Ipv4Addr::new(10, 1, 2, 3))
+            Some(std::net::Ipv4Addr::new(10, 1, 2, 3).into())
         );
     }
 }

@@ -97,6 +97,34 @@ impl Netns {
             .map(drop)
     }
 
+    /// Gives `dev` the address `ip/64`, usable at once: `nodad` skips
+    /// duplicate address detection, which would hold the address
+    /// "tentative" (unusable as a source) for a second or more.
+    pub fn add_addr6(&self, ip: std::net::Ipv6Addr, dev: &str) -> Result<()> {
+        self.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])
+        .map(drop)
+    }
+
+    /// Removes every IPv4 address (and with them the IPv4 routes) of `dev`:
+    /// the namespace is on an IPv6-only network from now on.
+    pub fn drop_ipv4(&self, dev: &str) -> Result<()> {
+        self.ip(&["-4", "addr", "flush", "dev", dev]).map(drop)
+    }
+
+    /// Routes everything IPv6 off-link through `gateway`.
+    pub fn default_via6(&self, gateway: std::net::Ipv6Addr) -> Result<()> {
+        self.ip(&["-6", "route", "add", "default", "via", &gateway.to_string()])
+            .map(drop)
+    }
+
     /// Sets `dev`'s MAC address, for tests that craft frames naming it.
     pub fn set_mac(&self, dev: &str, mac: [u8; 6]) -> Result<()> {
         self.ip(&["link", "set", dev, "address", &mac_string(mac)])

@@ -231,3 +231,66 @@ pub fn udp_frame(
         .expect("writing into a Vec cannot fail");
     frame
 }
+
+/// A UDP datagram of either family found in a captured frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnyDatagram {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// The IPv4/UDP and IPv6/UDP datagrams among `frames`, others skipped
+/// (IPv6 behind extension headers included: etherparse walks them).
+pub fn udp_datagrams_any(frames: &[Vec<u8>]) -> Vec<AnyDatagram> {
+    use std::net::{IpAddr, SocketAddr};
+    frames
+        .iter()
+        .filter_map(|frame| {
+            let packet = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
+            let (src, dst): (IpAddr, IpAddr) = match packet.net? {
+                etherparse::NetSlice::Ipv4(ip) => (
+                    ip.header().source_addr().into(),
+                    ip.header().destination_addr().into(),
+                ),
+                etherparse::NetSlice::Ipv6(ip) => (
+                    ip.header().source_addr().into(),
+                    ip.header().destination_addr().into(),
+                ),
+            };
+            let Some(etherparse::TransportSlice::Udp(udp)) = packet.transport else {
+                return None;
+            };
+            Some(AnyDatagram {
+                src: SocketAddr::new(src, udp.source_port()),
+                dst: SocketAddr::new(dst, udp.destination_port()),
+                payload: udp.payload().to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// An Ethernet/IP/UDP frame of either family (both ends the same one)
+/// with valid checksums, built by etherparse.
+pub fn udp_frame_any(
+    macs: ([u8; 6], [u8; 6]),
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    payload: &[u8],
+) -> Vec<u8> {
+    use std::net::SocketAddr;
+    match (src, dst) {
+        (SocketAddr::V4(src), SocketAddr::V4(dst)) => udp_frame(macs, src, dst, payload),
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => {
+            let builder = etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
+                .ipv6(src.ip().octets(), dst.ip().octets(), 64)
+                .udp(src.port(), dst.port());
+            let mut frame = Vec::with_capacity(builder.size(payload.len()));
+            builder
+                .write(&mut frame, payload)
+                .expect("writing into a Vec cannot fail");
+            frame
+        }
+        _ => panic!("a frame from {src} to {dst} mixes families"),
+    }
+}

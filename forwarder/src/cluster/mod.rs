@@ -460,5 +460,5 @@ impl Drop for Pending<'_> {
 /// The route to a backend, looked up off the async threads (it runs `ip`).
 async fn route_to(backend: SocketAddrV4) -> anyhow::Result<BackendRoute> {
     let ip = *backend.ip();
-    tokio::task::spawn_blocking(move || xdp::route_to(ip)).await?
+    tokio::task::spawn_blocking(move || xdp::route_to(ip.into())).await?
 }

@@ -51,10 +51,11 @@ pub enum Failure {
     )]
     NoSshConnection { host: String },
     #[error(
-        "the bastion reaches the host {host} at {address}, which is not IPv4: forwarder relays IPv4 only; \
-         fix: give the host's IPv4 address or a name for it that resolves to IPv4 on the bastion"
+        "the bastion reaches the host {host} at {address}, which the relay cannot forward to (not an IP \
+         address, or IPv6 link-local, which needs an interface); fix: give the host's global IPv4 or IPv6 \
+         address, or a name for it that resolves to one on the bastion"
     )]
-    NotIpv4 { host: String, address: String },
+    NotForwardable { host: String, address: String },
     #[error(
         "no forwarder on the bastion {bastion} (`{command}` was not found: {detail}); fix: install forwarder \
          there, or name it with --relay-command PATH"

@@ -29,7 +29,7 @@ mod remote;
 mod ssh;
 
 use std::io::IsTerminal;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,13 @@ apply to HOST; the bastion's connections take only its program and -F, so
 settings for the bastion belong in your ssh config. On the bastion you need
 forwarder, membership of its control socket's group (`forwarder` unless
 configured) and a backend rule that allows HOST; on HOST, mosh-server.
+
+The bastion's addresses of both families (ssh -G's host name, resolved;
+or --relay-addr) are all used: mosh-client then talks to a local bridge,
+which sends to the first and moves to the next when one stops answering,
+so a laptop that roams from an IPv4-only network to an IPv6-only one (or
+back) keeps its session, which mosh alone cannot do. The bastion relays
+to the host in the host's own family, translating when they differ.
 
 Each failure names its step (ssh to the bastion, ssh to the host, mosh-server,
 the bastion's forwarder, its socket, quota or policy, UDP) and the fix.
@@ -122,9 +129,18 @@ pub struct MoshArgs {
     /// used when UDP gives no answer for 5 s (announced on stderr).
     #[arg(long, conflicts_with = "no_tcp")]
     pub tcp: bool,
-    /// Never use the bastion's TCP port: mosh-client talks to the bastion directly over UDP.
+    /// Never use the bastion's TCP port (UDP only; the local bridge still moves between the
+    /// bastion's address families, when it has both).
     #[arg(long)]
     pub no_tcp: bool,
+    /// mosh-client talks to the bastion's first address itself: no local bridge, so neither TCP
+    /// nor a move to the other address family when that one stops answering.
+    #[arg(long, conflicts_with = "tcp")]
+    pub direct: bool,
+    /// The bastion's address for mosh's UDP (and TCP), instead of ssh's host name for it resolved;
+    /// repeat it for each family (e.g. --relay-addr 203.0.113.1 --relay-addr 2001:db8::1).
+    #[arg(long, value_name = "IP")]
+    pub relay_addr: Vec<IpAddr>,
     /// Dial this address instead of the bastion's TCP port, e.g. the local end of
     /// `ssh -L 4443:localhost:443 bastion` for networks where only ssh gets out.
     #[arg(long, value_name = "ADDR:PORT")]
@@ -160,9 +176,12 @@ pub struct MoshArgs {
     /// Do not send the terminal initialization string.
     #[arg(long)]
     pub no_init: bool,
-    /// IPv4 only (the only family forwarder relays; passed to ssh as -4).
-    #[arg(short = '4')]
+    /// IPv4 only: ssh and mosh (passed to ssh as -4).
+    #[arg(short = '4', conflicts_with = "ipv6")]
     pub ipv4: bool,
+    /// IPv6 only: ssh and mosh (passed to ssh as -6).
+    #[arg(short = '6')]
+    pub ipv6: bool,
     /// The host to run mosh-server on, [USER@]HOST as ssh takes it.
     #[arg(value_name = "[USER@]HOST")]
     pub host: String,
@@ -472,7 +491,8 @@ impl Plan<'_> {
 }
 
 /// Step: mosh-client to `ip:port`; waits for it and returns how it ended.
-fn run_client(args: &MoshArgs, ip: Ipv4Addr, port: u16, key: &str) -> anyhow::Result<ExitStatus> {
+/// mosh-client takes an IPv6 address as it is, without brackets.
+fn run_client(args: &MoshArgs, ip: IpAddr, port: u16, key: &str) -> anyhow::Result<ExitStatus> {
     let mut command = Command::new(&args.client);
     command
         .arg(ip.to_string())
@@ -548,12 +568,26 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
     if (args.tcp || args.tcp_connect.is_some()) && args.via.is_none() {
         bail!("--tcp and --tcp-connect need a forwarder bastion: give --via BASTION");
     }
+    if !args.relay_addr.is_empty() && args.via.is_none() {
+        bail!("--relay-addr names the bastion's addresses: give --via BASTION too");
+    }
+    let family = match (args.ipv4, args.ipv6) {
+        (true, _) => ssh::Family::V4,
+        (_, true) => ssh::Family::V6,
+        _ => ssh::Family::Any,
+    };
+    if let Some(wrong) = args.relay_addr.iter().find(|ip| !family.admits(**ip)) {
+        bail!(
+            "--relay-addr {wrong} is not {}, as -4/-6 asks",
+            family.name()
+        );
+    }
     let ssh = Ssh::parse(&args.ssh)?;
     let plan = Plan {
         args: &args,
         bastion_ssh: ssh.for_jump_host(),
         ssh,
-        family: if args.ipv4 { vec!["-4"] } else { vec![] },
+        family: family.ssh_option().into_iter().collect(),
     };
     // Local and quick: a typo in a host name fails before any login.
     let resolver = if args.via.is_some() {
@@ -561,12 +595,17 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
     } else {
         &plan.ssh
     };
-    let target = resolver
-        .resolve(args.via.as_deref().unwrap_or(&args.host))
-        .map_err(|error| Failure::Resolve {
-            destination: args.via.clone().unwrap_or_else(|| args.host.clone()),
-            detail: format!("{error:#}"),
-        })?;
+    let targets = if args.relay_addr.is_empty() {
+        resolver
+            .resolve(args.via.as_deref().unwrap_or(&args.host), family)
+            .map_err(|error| Failure::Resolve {
+                destination: args.via.clone().unwrap_or_else(|| args.host.clone()),
+                detail: format!("{error:#}"),
+            })?
+    } else {
+        args.relay_addr.clone()
+    };
+    let target = targets[0];
     step_done("resolve");
     let master = match &args.via {
         Some(bastion) => Some(plan.open_master(bastion)?),
@@ -586,12 +625,13 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
             host: args.host.clone(),
         })
         .and_then(|address| {
-            remote::ipv4_of(address).ok_or_else(|| Failure::NotIpv4 {
+            remote::backend_ip(address).ok_or_else(|| Failure::NotForwardable {
                 host: args.host.clone(),
                 address: address.to_string(),
             })
         })?;
-    let backend = format!("{backend}:{}", server.port);
+    // `[v6]:port` for IPv6, as the bastion's `forwarder add` takes it.
+    let backend = SocketAddr::new(backend, server.port).to_string();
     let session = plan
         .add_session(&master, bastion, &backend, &server.key)
         .map_err(|failure| failure.after_server_started(&args.host))?;
@@ -603,8 +643,8 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
         Some(shared) if !args.no_shared_port => shared,
         _ => session.port,
     };
-    let (client_ip, client_port) = match tcp_bridge(&args, &session, target, port)? {
-        Some(local_port) => (Ipv4Addr::LOCALHOST, local_port),
+    let (client_ip, client_port) = match local_bridge(&args, &session, &targets, port)? {
+        Some(local_port) => (Ipv4Addr::LOCALHOST.into(), local_port),
         None => (target, port),
     };
     let status = run_client(&args, client_ip, client_port, &server.key);
@@ -623,38 +663,49 @@ pub fn main(args: MoshArgs) -> anyhow::Result<()> {
     client_outcome(status?)
 }
 
-/// Starts the local bridge when the bastion offers TCP (and it is not
-/// refused): mosh-client then talks to its loopback port.
-fn tcp_bridge(
+/// Starts the local bridge when there is more than one way to the bastion:
+/// its TCP port (offered, and not refused), or addresses of more than one
+/// family (or several of one). mosh-client then talks to its loopback port.
+fn local_bridge(
     args: &MoshArgs,
     session: &SessionInfo,
-    bastion: Ipv4Addr,
+    bastion: &[IpAddr],
     udp_port: u16,
 ) -> anyhow::Result<Option<u16>> {
-    if args.no_tcp {
+    if args.direct {
         return Ok(None);
     }
     let offer = session
         .tcp
         .as_ref()
-        .and_then(|tcp| Some((tcp.port, tcp.token.as_deref()?)));
-    let Some((tcp_port, token)) = offer else {
-        if args.tcp {
-            bail!(Failure::NoTcpPort {
-                bastion: args.via.clone().unwrap_or_default(),
-            });
-        }
+        .and_then(|tcp| Some((tcp.port, tcp.token.as_deref()?)))
+        .filter(|_| !args.no_tcp);
+    if offer.is_none() && args.tcp {
+        bail!(Failure::NoTcpPort {
+            bastion: args.via.clone().unwrap_or_default(),
+        });
+    }
+    if offer.is_none() && bastion.len() < 2 {
         return Ok(None);
+    }
+    let (relay_tcp, hello) = match offer {
+        Some((tcp_port, token)) => {
+            let token = crate::tcpwire::Token::from_hex(token)
+                .context("the bastion's forwarder reported a malformed TCP token")?;
+            let relay_tcp = args
+                .tcp_connect
+                .unwrap_or(SocketAddr::new(bastion[0], tcp_port));
+            (Some(relay_tcp), crate::tcpwire::hello(&session.id, &token))
+        }
+        None => (None, Vec::new()),
     };
-    let token = crate::tcpwire::Token::from_hex(token)
-        .context("the bastion's forwarder reported a malformed TCP token")?;
-    let relay_tcp = args
-        .tcp_connect
-        .unwrap_or(std::net::SocketAddr::from((bastion, tcp_port)));
     let port = bridge::start(bridge::BridgePlan {
-        relay_udp: std::net::SocketAddrV4::new(bastion, udp_port),
+        relay_udp: bastion
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, udp_port))
+            .collect(),
         relay_tcp,
-        hello: crate::tcpwire::hello(&session.id, &token),
+        hello,
         start_on_tcp: args.tcp,
     })?;
     Ok(Some(port))
@@ -740,6 +791,20 @@ mod tests {
         );
         let args = parse(&["-o", "--no-init", "-4", "--no-ssh-pty", "host"]);
         assert!(args.predict_overwrite && args.no_init && args.ipv4 && args.no_ssh_pty);
+        let args = parse(&[
+            "-6",
+            "--relay-addr",
+            "2001:db8::1",
+            "--relay-addr",
+            "10.0.0.1",
+            "host",
+        ]);
+        assert!(args.ipv6 && !args.ipv4);
+        assert_eq!(args.relay_addr.len(), 2);
+        assert!(Wrapper::try_parse_from(["mosh", "-4", "-6", "host"]).is_err());
+        assert!(
+            Wrapper::try_parse_from(["mosh", "--relay-addr", "2001:db8::1:x", "host"]).is_err()
+        );
         assert!(Wrapper::try_parse_from(["mosh", "-a", "-n", "host"]).is_err());
         assert_eq!(
             parse(&["host"]).relay_idle_timeout,

@@ -3,7 +3,7 @@
 //! (and reports `SSH_CONNECTION`), the `forwarder` verbs run on the
 //! bastion, and the documents both print.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use anyhow::{Context, bail};
 use serde::Deserialize;
@@ -75,12 +75,18 @@ fn parse_connect(rest: &str) -> Option<(u16, String)> {
     (is_key && words.next().is_none()).then(|| (port, key.to_string()))
 }
 
-/// An address the relay can forward to: IPv4, or IPv4 written as IPv6
-/// (`::ffff:a.b.c.d`, what a dual-stack sshd reports).
-pub fn ipv4_of(address: &str) -> Option<Ipv4Addr> {
+/// An address the relay can forward to, from `SSH_CONNECTION`: IPv4, IPv6
+/// (not link-local: it needs an interface the bastion's sessions do not
+/// carry), or IPv4 written as IPv6 (`::ffff:a.b.c.d`, what a dual-stack
+/// sshd reports), which is IPv4.
+pub fn backend_ip(address: &str) -> Option<IpAddr> {
     match address.parse::<IpAddr>().ok()? {
-        IpAddr::V4(v4) => Some(v4),
-        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        IpAddr::V4(v4) => Some(v4.into()),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Some(v4.into()),
+            None if v6.is_unicast_link_local() => None,
+            None => Some(v6.into()),
+        },
     }
 }
 
@@ -207,11 +213,14 @@ mod tests {
     }
 
     #[test]
-    fn ipv4_and_mapped_ipv6_are_forwardable() {
-        assert_eq!(ipv4_of("10.0.0.2"), Some(Ipv4Addr::new(10, 0, 0, 2)));
-        assert_eq!(ipv4_of("::ffff:10.0.0.2"), Some(Ipv4Addr::new(10, 0, 0, 2)));
-        assert_eq!(ipv4_of("2001:db8::1"), None);
-        assert_eq!(ipv4_of("host"), None);
+    fn both_families_are_forwardable_and_mapped_ipv6_is_ipv4() {
+        let ip = |text: &str| Some(text.parse::<IpAddr>().unwrap());
+        assert_eq!(backend_ip("10.0.0.2"), ip("10.0.0.2"));
+        assert_eq!(backend_ip("::ffff:10.0.0.2"), ip("10.0.0.2"));
+        assert_eq!(backend_ip("2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(backend_ip("fe80::1"), None);
+        assert_eq!(backend_ip("fe80::1%eth0"), None);
+        assert_eq!(backend_ip("host"), None);
     }
 
     #[test]

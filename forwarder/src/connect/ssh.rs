@@ -3,11 +3,46 @@
 //! agent, keys and known hosts apply, host aliases included.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, ToSocketAddrs};
+use std::net::{IpAddr, ToSocketAddrs};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+
+/// Which address families a run may use (`-4`, `-6`, or both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Any,
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn admits(self, ip: IpAddr) -> bool {
+        match self {
+            Self::Any => true,
+            Self::V4 => ip.is_ipv4(),
+            Self::V6 => ip.is_ipv6(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Any => "IP",
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+
+    /// ssh's own option for it.
+    pub fn ssh_option(self) -> Option<&'static str> {
+        match self {
+            Self::Any => None,
+            Self::V4 => Some("-4"),
+            Self::V6 => Some("-6"),
+        }
+    }
+}
 
 /// ssh's own exit status for its failures (connect, authentication, host
 /// key); anything else is the remote command's.
@@ -144,25 +179,36 @@ impl Ssh {
             .with_context(|| format!("`{} -G {destination}` printed no hostname", self.program))
     }
 
-    /// The IPv4 address mosh-client should send to for `destination`: ssh's
-    /// host name for it, resolved as ssh resolves it (getaddrinfo).
-    pub fn resolve(&self, destination: &str) -> anyhow::Result<Ipv4Addr> {
+    /// The addresses mosh's UDP may go to for `destination`: ssh's host
+    /// name for it, resolved as ssh resolves it (getaddrinfo, whose order
+    /// puts the family this machine prefers first), of `family` only when
+    /// given (`-4`, `-6`).
+    pub fn resolve(&self, destination: &str, family: Family) -> anyhow::Result<Vec<IpAddr>> {
         let hostname = self.hostname(destination)?;
-        if let Ok(ip) = hostname.parse::<Ipv4Addr>() {
-            return Ok(ip);
+        let found: Vec<IpAddr> = match hostname.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => (hostname.as_str(), 0)
+                .to_socket_addrs()
+                .with_context(|| {
+                    format!("cannot resolve {hostname:?} (ssh's host name for {destination})")
+                })?
+                .map(|address| address.ip())
+                .collect(),
+        };
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        for ip in found {
+            let ip = ip.to_canonical();
+            if family.admits(ip) && !addresses.contains(&ip) {
+                addresses.push(ip);
+            }
         }
-        let addresses = (hostname.as_str(), 0).to_socket_addrs().with_context(|| {
-            format!("cannot resolve {hostname:?} (ssh's host name for {destination})")
-        })?;
-        addresses
-            .filter_map(|address| match address.ip() {
-                std::net::IpAddr::V4(v4) => Some(v4),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .next()
-            .with_context(|| {
-                format!("{hostname:?} (ssh's host name for {destination}) has no IPv4 address: mosh through forwarder needs IPv4")
-            })
+        if addresses.is_empty() {
+            bail!(
+                "{hostname:?} (ssh's host name for {destination}) has no {} address",
+                family.name()
+            );
+        }
+        Ok(addresses)
     }
 
     /// `ssh OPTIONS destination -- remote`, its output piped.

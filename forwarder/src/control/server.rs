@@ -3,7 +3,7 @@
 //! non-root caller adds sessions within the backend policy and its quotas,
 //! and sees, shows and removes only its own; `stats` is root's.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
@@ -301,7 +301,7 @@ async fn add(
         idle_timeout_secs,
         key,
     } = request;
-    let backend: SocketAddrV4 = parse_backend(backend)?;
+    let backend: SocketAddr = parse_backend(backend)?;
     // Checked before anything is created; the key is never echoed back.
     let key = key.map(crate::mosh::MoshKey::parse).transpose()?;
     if idle_timeout_secs == Some(0) {
@@ -318,7 +318,7 @@ async fn add(
         bail!("{refusal}");
     }
     // The route lookup runs a command: keep it outside the relay lock.
-    let ip = *backend.ip();
+    let ip = backend.ip();
     let route = tokio::task::spawn_blocking(move || xdp::route_to(ip)).await??;
     if let Some(cluster) = cluster {
         // What etcd stores has no owner and no key yet: a shared session is
@@ -329,6 +329,12 @@ async fn add(
                  no key yet: ask root to add it without --key-file, or use a relay run without --etcd"
             );
         }
+        let SocketAddr::V4(backend) = backend else {
+            bail!(
+                "this relay shares its sessions through etcd (--etcd), whose records hold IPv4 backends only \
+                 yet: give {backend}'s IPv4 address, or use a relay run without --etcd"
+            );
+        };
         let idle_timeout = idle_timeout_secs.map(Duration::from_secs);
         let info = cluster
             .add(relay, start_reader, backend, route, port, idle_timeout)

@@ -3,7 +3,7 @@
 //! sessions. Stopping leaves the pinned data plane forwarding; `forwarder
 //! detach` removes it.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,13 +77,22 @@ pub fn validate_instance(instance: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn interface_addresses(interfaces: &[String]) -> Vec<Ipv4Addr> {
+/// The served interfaces' addresses of both families: the ones clients
+/// send to, and never a client themselves.
+fn interface_addresses(interfaces: &[String]) -> Vec<IpAddr> {
     let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
     addresses
         .filter(|a| interfaces.contains(&a.interface_name))
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter_map(|a| {
+            let address = a.address?;
+            match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+                (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+                _ => None,
+            }
+        })
         .collect()
 }
 

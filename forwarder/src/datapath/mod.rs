@@ -3,6 +3,7 @@
 //! every packet; with XDP they only see first packets and fallbacks.
 
 pub mod fds;
+pub mod flows;
 pub mod health;
 pub mod netlink;
 pub mod pins;
@@ -11,10 +12,14 @@ pub mod xdp;
 
 use forwarder_common::config::RuntimeSizes;
 use forwarder_common::reason::ReasonCounter;
-use forwarder_common::{BackendKey, ClientKey, FlowCounter, REASON_COUNT, Rewrite};
+use forwarder_common::{FlowCounter, REASON_COUNT};
 use tracing::warn;
 
-use self::xdp::{FlowEntries, MapUsage, XdpDatapath};
+pub use self::flows::{
+    BackendHalfKey, BackendRoute, BackendState, FlowAddrs, FlowEntries, InstalledClient,
+    InstalledHalves, route_to,
+};
+use self::xdp::{MapUsage, XdpDatapath};
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
 /// timestamps from the XDP program and from the daemon compare directly.
@@ -151,28 +156,22 @@ impl Datapath {
         }
     }
 
-    /// The flow halves the kernel holds: what a restarted daemon adopts.
-    pub fn client_halves(&self) -> Vec<(ClientKey, Rewrite)> {
+    /// The flow halves the kernel holds, of both families: what a restarted
+    /// daemon adopts.
+    pub fn installed(&self) -> InstalledHalves {
         match self {
-            Self::Xdp(xdp) => xdp.client_halves(),
-            Self::Userspace { .. } => Vec::new(),
+            Self::Xdp(xdp) => xdp.installed(),
+            Self::Userspace { .. } => InstalledHalves::default(),
         }
     }
 
-    pub fn backend_halves(&self) -> Vec<(BackendKey, Rewrite)> {
-        match self {
-            Self::Xdp(xdp) => xdp.backend_halves(),
-            Self::Userspace { .. } => Vec::new(),
-        }
-    }
-
-    pub fn remove_client_half(&mut self, key: &ClientKey) {
+    pub fn remove_client_half(&mut self, half: &InstalledClient) {
         if let Self::Xdp(xdp) = self {
-            xdp.remove_client_half(key);
+            xdp.remove_client_half(half);
         }
     }
 
-    pub fn remove_backend_half(&mut self, key: &BackendKey) {
+    pub fn remove_backend_half(&mut self, key: &BackendHalfKey) {
         if let Self::Xdp(xdp) = self {
             xdp.remove_backend_half(key);
         }

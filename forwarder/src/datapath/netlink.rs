@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -27,7 +27,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Route {
     /// The address the kernel would send from (RTA_PREFSRC).
-    pub source: Option<Ipv4Addr>,
+    pub source: Option<IpAddr>,
     /// The interface packets leave through (RTA_OIF).
     pub ifindex: Option<u32>,
 }
@@ -52,13 +52,17 @@ pub struct Link {
 }
 
 /// How this namespace routes to `destination`, like `ip route get`.
-pub fn route_get(destination: Ipv4Addr) -> io::Result<Route> {
+pub fn route_get(destination: IpAddr) -> io::Result<Route> {
     let mut message = RouteMessage::default();
-    message.header.address_family = AddressFamily::Inet;
-    message.header.destination_prefix_length = 32;
+    let (family, length, address) = match destination {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    message.header.address_family = family;
+    message.header.destination_prefix_length = length;
     message
         .attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(destination)));
+        .push(RouteAttribute::Destination(address));
     let replies = request(RouteNetlinkMessage::GetRoute(message), false)?;
     let mut route = Route {
         source: None,
@@ -71,7 +75,10 @@ pub fn route_get(destination: Ipv4Addr) -> io::Result<Route> {
         for attribute in reply.attributes {
             match attribute {
                 RouteAttribute::PrefSource(RouteAddress::Inet(source)) => {
-                    route.source = Some(source);
+                    route.source = Some(source.into());
+                }
+                RouteAttribute::PrefSource(RouteAddress::Inet6(source)) => {
+                    route.source = Some(source.into());
                 }
                 RouteAttribute::Oif(index) => route.ifindex = Some(index),
                 _ => {}
@@ -243,6 +250,8 @@ fn request(message: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetl
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -252,8 +261,8 @@ mod tests {
         assert!(!lo.veth);
         assert!(links().unwrap().iter().any(|l| l.name == "lo"));
         assert_eq!(link_by_name("no-such-link0").unwrap(), None);
-        let route = route_get(Ipv4Addr::LOCALHOST).unwrap();
+        let route = route_get(Ipv4Addr::LOCALHOST.into()).unwrap();
         assert_eq!(route.ifindex, Some(1));
-        assert_eq!(route.source, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(route.source, Some(Ipv4Addr::LOCALHOST.into()));
     }
 }

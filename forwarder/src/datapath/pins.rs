@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use forwarder_common::reason::ReasonCounter;
-use forwarder_common::{BackendKey, ClientKey, FlowCounter, RelayConfig, Rewrite};
+use forwarder_common::{
+    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
+    Rewrite, Rewrite6,
+};
 
 /// Bump whenever the meaning of a map's bytes changes without its size changing.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -59,6 +62,11 @@ pub fn layout_id(maps: &mut [MapShape<'_>]) -> String {
         size_of::<FlowCounter>(),
         size_of::<ReasonCounter>(),
         size_of::<RelayConfig>(),
+        size_of::<ClientKey6>(),
+        size_of::<BackendKey6>(),
+        size_of::<Rewrite6>(),
+        // The reason counter array is sized by it: an old pinned one is shorter.
+        REASON_COUNT as usize,
     ] {
         hash = fnv1a(hash, &(size as u64).to_le_bytes());
     }

@@ -1,6 +1,5 @@
 //! The embedded XDP object: load it, attach it, and read and write its maps.
 
-use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, bail};
@@ -11,10 +10,14 @@ use aya::programs::{Xdp, XdpMode};
 use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
+use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, REASON_COUNT, RelayConfig, Rewrite, SlowpathBucket,
+    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
+    Rewrite, Rewrite6, SlowpathBucket,
 };
+
+use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
 use tracing::{info, warn};
 
 use super::pins::{MapShape, PinDir, layout_id};
@@ -37,15 +40,6 @@ pub enum ModeChoice {
     Skb,
 }
 
-/// Both halves of one flow, built together and installed together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowEntries {
-    pub client_key: ClientKey,
-    pub client_rewrite: Rewrite,
-    pub backend_key: BackendKey,
-    pub backend_rewrite: Rewrite,
-}
-
 /// The loaded program, its attachments and its maps. Dropping it detaches
 /// the program from every interface.
 pub struct XdpDatapath {
@@ -53,6 +47,14 @@ pub struct XdpDatapath {
     _ebpf: Ebpf,
     client_flows: HashMap<MapData, ClientKey, Rewrite>,
     backend_flows: HashMap<MapData, BackendKey, Rewrite>,
+    client_flows6: HashMap<MapData, ClientKey6, Rewrite6>,
+    backend_flows6: HashMap<MapData, BackendKey6, Rewrite6>,
+    client_flows_4to6: HashMap<MapData, ClientKey, Rewrite6>,
+    backend_flows_4to6: HashMap<MapData, BackendKey, Rewrite6>,
+    /// One bit per port some `_4TO6` half is keyed by (see forwarder-common's flow6).
+    ports_4to6: Array<MapData, u32>,
+    /// How many `_4TO6` halves use each port: its bit is cleared with the last.
+    ports_4to6_users: std::collections::HashMap<u16, u32>,
     flow_counters: PerCpuArray<MapData, FlowCounter>,
     reason_counters: PerCpuArray<MapData, ReasonCounter>,
     slowpath: SlowpathBuckets,
@@ -154,6 +156,13 @@ impl XdpDatapath {
 
         let client_flows = HashMap::try_from(take_map(&mut ebpf, "CLIENT_FLOWS")?)?;
         let backend_flows = HashMap::try_from(take_map(&mut ebpf, "BACKEND_FLOWS")?)?;
+        let client_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS6)?)?;
+        let backend_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS6)?)?;
+        let client_flows_4to6 =
+            HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS_4TO6)?)?;
+        let backend_flows_4to6 =
+            HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS_4TO6)?)?;
+        let ports_4to6 = Array::try_from(take_map(&mut ebpf, map_names::PORTS_4TO6)?)?;
         let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
         let slowpath = SlowpathBuckets {
@@ -161,50 +170,175 @@ impl XdpDatapath {
             global: Array::try_from(take_map(&mut ebpf, "SLOWPATH_GLOBAL_BUCKET")?)?,
             per_session: SlowpathBucket::default(),
         };
-        Ok(Self {
+        let mut datapath = Self {
             _ebpf: ebpf,
             client_flows,
             backend_flows,
+            client_flows6,
+            backend_flows6,
+            client_flows_4to6,
+            backend_flows_4to6,
+            ports_4to6,
+            ports_4to6_users: std::collections::HashMap::new(),
             flow_counters,
             reason_counters,
             slowpath,
             mode,
             sizes,
             pins: pins.clone(),
-        })
+        };
+        datapath.rebuild_ports_4to6()?;
+        Ok(datapath)
+    }
+
+    /// Recounts the ports of the `_4TO6` halves (adopted pinned ones
+    /// included) and rewrites the whole bitmap to match.
+    fn rebuild_ports_4to6(&mut self) -> anyhow::Result<()> {
+        let mut users = std::collections::HashMap::<u16, u32>::new();
+        let client_ports = self
+            .client_flows_4to6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.relay_port);
+        let backend_ports = self
+            .backend_flows_4to6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.relay_port);
+        for port in client_ports.chain(backend_ports) {
+            *users.entry(u16::from_be_bytes(port)).or_default() += 1;
+        }
+        let mut words = vec![0u32; PORTS_4TO6_WORDS as usize];
+        for port in users.keys() {
+            let (word, mask) = port_bit(*port);
+            words[word as usize] |= mask;
+        }
+        for (index, bits) in words.into_iter().enumerate() {
+            self.ports_4to6
+                .set(index as u32, bits, 0)
+                .context("writing the translated-port bitmap")?;
+        }
+        self.ports_4to6_users = users;
+        Ok(())
+    }
+
+    /// Counts one more `_4TO6` half on `port` (wire order), setting its bit first.
+    fn use_port_4to6(&mut self, port: [u8; 2]) -> anyhow::Result<()> {
+        let port = u16::from_be_bytes(port);
+        let users = self.ports_4to6_users.entry(port).or_default();
+        if *users == 0 {
+            let (word, mask) = port_bit(port);
+            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
+            self.ports_4to6
+                .set(word, bits | mask, 0)
+                .context("marking a translated port")?;
+        }
+        *users += 1;
+        Ok(())
+    }
+
+    /// Counts one `_4TO6` half fewer on `port`, clearing its bit with the last.
+    fn release_port_4to6(&mut self, port: [u8; 2]) {
+        let port = u16::from_be_bytes(port);
+        let Some(users) = self.ports_4to6_users.get_mut(&port) else {
+            return;
+        };
+        *users -= 1;
+        if *users == 0 {
+            self.ports_4to6_users.remove(&port);
+            let (word, mask) = port_bit(port);
+            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
+            if let Err(error) = self.ports_4to6.set(word, bits & !mask, 0) {
+                warn!(%error, "clearing a translated port");
+            }
+        }
     }
 
     /// Installs both halves of a flow, backend half first so a client packet
     /// never finds a rewrite whose return path is missing. Either both are
     /// in the maps afterwards or neither is.
     pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
-        for slot in [
-            entries.client_rewrite.counter_slot,
-            entries.backend_rewrite.counter_slot,
-        ] {
+        let (to_backend, to_client) = entries.counter_slots();
+        for slot in [to_backend, to_client] {
             self.reset_counter(slot)?;
         }
-        self.backend_flows
-            .insert(entries.backend_key, entries.backend_rewrite, 0)
+        self.insert_backend(&entries.backend)
             .context("inserting the backend half of a flow (is the flow map full?)")?;
-        if let Err(error) = self
-            .client_flows
-            .insert(entries.client_key, entries.client_rewrite, 0)
-        {
-            let _ = self.backend_flows.remove(&entries.backend_key);
+        if let Err(error) = self.insert_client(&entries.client) {
+            let _ = self.remove_backend(&entries.backend.key());
             return Err(error)
                 .context("inserting the client half of a flow (is the flow map full?)");
         }
         Ok(())
     }
 
+    fn insert_backend(&mut self, half: &BackendHalf) -> anyhow::Result<()> {
+        match half {
+            BackendHalf::V4(key, rewrite) => Ok(self.backend_flows.insert(key, rewrite, 0)?),
+            BackendHalf::V4To6(key, rewrite) => {
+                // A replaced entry keeps its count.
+                let new = self.backend_flows_4to6.get(key, 0).is_err();
+                if new {
+                    self.use_port_4to6(key.relay_port)?;
+                }
+                self.backend_flows_4to6
+                    .insert(key, rewrite, 0)
+                    .map_err(|error| {
+                        if new {
+                            self.release_port_4to6(key.relay_port);
+                        }
+                        error.into()
+                    })
+            }
+            BackendHalf::V6(key, rewrite) => Ok(self.backend_flows6.insert(key, rewrite, 0)?),
+        }
+    }
+
+    fn insert_client(&mut self, half: &ClientHalf) -> anyhow::Result<()> {
+        match half {
+            ClientHalf::V4(key, rewrite) => Ok(self.client_flows.insert(key, rewrite, 0)?),
+            ClientHalf::V4To6(key, rewrite) => {
+                Ok(self.client_flows_4to6.insert(key, rewrite, 0)?)
+            }
+            ClientHalf::V6(key, rewrite) => Ok(self.client_flows6.insert(key, rewrite, 0)?),
+        }
+    }
+
+    fn remove_backend(&mut self, key: &BackendHalfKey) -> Result<(), aya::maps::MapError> {
+        match key {
+            BackendHalfKey::V4(key) => self.backend_flows.remove(key),
+            BackendHalfKey::V4To6(key) => {
+                let removed = self.backend_flows_4to6.remove(key);
+                if removed.is_ok() {
+                    self.release_port_4to6(key.relay_port);
+                }
+                removed
+            }
+            BackendHalfKey::V6(key) => self.backend_flows6.remove(key),
+        }
+    }
+
+    fn remove_client(&mut self, half: &ClientHalf) -> Result<(), aya::maps::MapError> {
+        match half {
+            ClientHalf::V4(key, _) => self.client_flows.remove(key),
+            ClientHalf::V4To6(key, _) => {
+                let removed = self.client_flows_4to6.remove(key);
+                if removed.is_ok() {
+                    self.release_port_4to6(key.relay_port);
+                }
+                removed
+            }
+            ClientHalf::V6(key, _) => self.client_flows6.remove(key),
+        }
+    }
+
     /// Removes both halves, client half first so no packet is rewritten
     /// towards a server whose answers would have nowhere to go.
     pub fn uninstall(&mut self, entries: &FlowEntries) {
-        if let Err(error) = self.client_flows.remove(&entries.client_key) {
+        if let Err(error) = self.remove_client(&entries.client) {
             warn!(%error, "removing the client half of a flow");
         }
-        if let Err(error) = self.backend_flows.remove(&entries.backend_key) {
+        if let Err(error) = self.remove_backend(&entries.backend.key()) {
             warn!(%error, "removing the backend half of a flow");
         }
     }
@@ -212,28 +346,37 @@ impl XdpDatapath {
     /// Installs only the backend half of a flow. NAT sessions use it: the
     /// daemon checks every client packet of theirs itself (sessions/nat.rs).
     pub fn install_backend_half(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
-        self.reset_counter(entries.backend_rewrite.counter_slot)?;
-        self.backend_flows
-            .insert(entries.backend_key, entries.backend_rewrite, 0)
+        self.reset_counter(entries.backend.counter_slot())?;
+        self.insert_backend(&entries.backend)
             .context("inserting the backend half of a NAT session (is the flow map full?)")
     }
 
     pub fn uninstall_backend_half(&mut self, entries: &FlowEntries) {
-        if let Err(error) = self.backend_flows.remove(&entries.backend_key) {
+        if let Err(error) = self.remove_backend(&entries.backend.key()) {
             warn!(%error, "removing the backend half of a NAT session");
         }
     }
 
     /// Last-seen timestamps the XDP program wrote: (client half, backend half).
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
-        let client = self
-            .client_flows
-            .get(&entries.client_key, 0)
-            .map(|r| r.last_seen_ns);
-        let backend = self
-            .backend_flows
-            .get(&entries.backend_key, 0)
-            .map(|r| r.last_seen_ns);
+        let client = match &entries.client {
+            ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
+            ClientHalf::V4To6(key, _) => self
+                .client_flows_4to6
+                .get(key, 0)
+                .map(|r| r.last_seen_ns)
+                .ok(),
+            ClientHalf::V6(key, _) => self.client_flows6.get(key, 0).map(|r| r.last_seen_ns).ok(),
+        };
+        let backend = match &entries.backend {
+            BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
+            BackendHalf::V4To6(key, _) => self
+                .backend_flows_4to6
+                .get(key, 0)
+                .map(|r| r.last_seen_ns)
+                .ok(),
+            BackendHalf::V6(key, _) => self.backend_flows6.get(key, 0).map(|r| r.last_seen_ns).ok(),
+        };
         (client.unwrap_or(0), backend.unwrap_or(0))
     }
 
@@ -272,26 +415,43 @@ impl XdpDatapath {
         Ok(())
     }
 
-    /// Every client half in the map (what the kernel forwards right now).
-    pub fn client_halves(&self) -> Vec<(ClientKey, Rewrite)> {
-        self.client_flows.iter().filter_map(Result::ok).collect()
-    }
-
-    /// Every backend half in the map.
-    pub fn backend_halves(&self) -> Vec<(BackendKey, Rewrite)> {
-        self.backend_flows.iter().filter_map(Result::ok).collect()
+    /// Every flow half in the maps (what the kernel forwards right now).
+    pub fn installed(&self) -> InstalledHalves {
+        let clients = (self.client_flows.iter().filter_map(Result::ok))
+            .map(|(key, rewrite)| ClientHalf::V4(key, rewrite))
+            .chain(
+                (self.client_flows6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| ClientHalf::V6(key, rewrite)),
+            )
+            .chain(
+                (self.client_flows_4to6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| ClientHalf::V4To6(key, rewrite)),
+            )
+            .collect();
+        let backends = (self.backend_flows.iter().filter_map(Result::ok))
+            .map(|(key, rewrite)| BackendHalf::V4(key, rewrite))
+            .chain(
+                (self.backend_flows6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| BackendHalf::V6(key, rewrite)),
+            )
+            .chain(
+                (self.backend_flows_4to6.iter().filter_map(Result::ok))
+                    .map(|(key, rewrite)| BackendHalf::V4To6(key, rewrite)),
+            )
+            .collect();
+        InstalledHalves::new(clients, backends)
     }
 
     /// Removes one client half found in the map without its flow (restart reconciliation).
-    pub fn remove_client_half(&mut self, key: &ClientKey) {
-        if let Err(error) = self.client_flows.remove(key) {
+    pub fn remove_client_half(&mut self, half: &InstalledClient) {
+        if let Err(error) = self.remove_client(&half.half) {
             warn!(%error, "removing an orphaned client half");
         }
     }
 
     /// Removes one backend half found in the map without its flow.
-    pub fn remove_backend_half(&mut self, key: &BackendKey) {
-        if let Err(error) = self.backend_flows.remove(key) {
+    pub fn remove_backend_half(&mut self, key: &BackendHalfKey) {
+        if let Err(error) = self.remove_backend(key) {
             warn!(%error, "removing an orphaned backend half");
         }
     }
@@ -301,6 +461,22 @@ impl XdpDatapath {
         let counted = [
             ("CLIENT_FLOWS", Some(self.client_flows.keys().count())),
             ("BACKEND_FLOWS", Some(self.backend_flows.keys().count())),
+            (
+                map_names::CLIENT_FLOWS6,
+                Some(self.client_flows6.keys().count()),
+            ),
+            (
+                map_names::BACKEND_FLOWS6,
+                Some(self.backend_flows6.keys().count()),
+            ),
+            (
+                map_names::CLIENT_FLOWS_4TO6,
+                Some(self.client_flows_4to6.keys().count()),
+            ),
+            (
+                map_names::BACKEND_FLOWS_4TO6,
+                Some(self.backend_flows_4to6.keys().count()),
+            ),
             ("FLOW_COUNTERS", None),
             ("REASON_COUNTERS", None),
             ("EGRESS", None),
@@ -309,6 +485,7 @@ impl XdpDatapath {
                 Some(self.slowpath.sessions.keys().count()),
             ),
             ("SLOWPATH_GLOBAL_BUCKET", None),
+            (map_names::PORTS_4TO6, None),
         ];
         counted
             .into_iter()
@@ -576,7 +753,12 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
             .max_entries();
         mismatch |= got != wanted;
         match name {
-            map_names::CLIENT_FLOWS | map_names::BACKEND_FLOWS => pinned_flows = Some(got),
+            map_names::CLIENT_FLOWS
+            | map_names::BACKEND_FLOWS
+            | map_names::CLIENT_FLOWS6
+            | map_names::BACKEND_FLOWS6
+            | map_names::CLIENT_FLOWS_4TO6
+            | map_names::BACKEND_FLOWS_4TO6 => pinned_flows = Some(got),
             map_names::FLOW_COUNTERS => pinned_flows = pinned_flows.or(Some(got / 2)),
             map_names::SLOWPATH_SESSION_BUCKETS => pinned_sessions = Some(got),
             _ => {}
@@ -679,33 +861,4 @@ fn forwarder_owning(prog_id: u32) -> Option<String> {
     None
 }
 
-/// The relay's route towards a backend: which local address packets leave
-/// from and which interface the backend's answers must arrive on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendRoute {
-    pub source: Ipv4Addr,
-    pub ifindex: u32,
-}
-
-/// Asks the kernel (rtnetlink's RTM_GETROUTE, as `ip route get` does) how
-/// this namespace reaches `backend`.
-pub fn route_to(backend: Ipv4Addr) -> anyhow::Result<BackendRoute> {
-    let route = match super::netlink::route_get(backend) {
-        Ok(route) => route,
-        Err(error) => bail!(
-            "the relay has no route to backend {backend}: {error} (check `ip route` in the relay's namespace)"
-        ),
-    };
-    let ifindex = route.ifindex.with_context(|| {
-        format!(
-            "the kernel's route to {backend} names no interface (check `ip route get {backend}`)"
-        )
-    })?;
-    let source = route.source.with_context(|| {
-        format!(
-            "the route to backend {backend} names no source address: give the relay an IPv4 address on \
-             the backend's side"
-        )
-    })?;
-    Ok(BackendRoute { source, ifindex })
-}
+pub use super::flows::{BackendRoute, FlowEntries, route_to};

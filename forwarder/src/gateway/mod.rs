@@ -164,7 +164,7 @@ impl Gateway {
                     relay
                         .session_backend(lease.external_port)
                         .is_some_and(|(id, backend)| {
-                            id == lease.session_id && backend == lease.internal
+                            id == lease.session_id && backend == lease.internal.into()
                         });
                 if !live {
                     info!(external_port = lease.external_port, internal = %lease.internal, "gateway lease forgotten: its session is gone");
@@ -271,7 +271,7 @@ impl Gateway {
         }
         // The route lookup runs a command: outside every lock.
         let ip = *ask.internal.ip();
-        let route = tokio::task::spawn_blocking(move || xdp::route_to(ip))
+        let route = tokio::task::spawn_blocking(move || xdp::route_to(ip.into()))
             .await
             .map_err(|error| Refusal::NoResources(error.to_string()))?
             .map_err(|error| Refusal::NoResources(format!("{error:#}")))?;
@@ -328,7 +328,7 @@ impl Gateway {
                 }
                 continue;
             }
-            match relay.add_session(ask.internal, route, Some(port), Some(idle_timeout)) {
+            match relay.add_session(ask.internal.into(), route, Some(port), Some(idle_timeout)) {
                 Ok((info, socket)) => {
                     (self.start_reader)(self.relay.clone(), socket);
                     let lease = Lease {

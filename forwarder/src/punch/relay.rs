@@ -2,7 +2,7 @@
 //! Allocate and Key, readers on each NAT session's Q for Bind and the
 //! server's packets, and the keepalives that hold the NAT mappings open.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +21,9 @@ use crate::slowpath::spawn_session_reader;
 pub struct PunchOptions {
     pub port: u16,
     pub secret: Secret,
-    /// The address clients must use, when not the one servers reach.
-    pub public_addr: Option<Ipv4Addr>,
+    /// The address clients must use, when not the one servers reach
+    /// (either family: it is what the wrapper prints as `MOSH IP`).
+    pub public_addr: Option<IpAddr>,
     /// Send a keepalive to a NAT'd server after this long without a packet from it.
     pub keepalive: Duration,
 }
@@ -38,7 +39,7 @@ pub fn service(
     options: PunchOptions,
     restored_upstreams: Vec<Arc<RelaySocket>>,
 ) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    let socket = Arc::new(RelaySocket::bind(Ipv4Addr::UNSPECIFIED, options.port)?);
+    let socket = Arc::new(RelaySocket::bind_client_facing(options.port)?);
     let authority: SharedAuthority = Arc::new(Mutex::new(Authority::new(options.secret.clone())));
     info!(port = options.port, public_addr = ?options.public_addr, keepalive = ?options.keepalive, "punch handshake enabled");
     Ok(async move {
@@ -52,7 +53,7 @@ pub fn service(
     })
 }
 
-async fn route(ip: Ipv4Addr) -> anyhow::Result<BackendRoute> {
+async fn route(ip: IpAddr) -> anyhow::Result<BackendRoute> {
     tokio::task::spawn_blocking(move || xdp::route_to(ip)).await?
 }
 
@@ -65,7 +66,7 @@ fn judge(
 ) -> Option<punch::Envelope> {
     let verdict = authority.lock().expect("authority lock").check(
         data,
-        *received.from.ip(),
+        received.from.ip(),
         punch::unix_now(),
         monotonic_ns(),
     );
@@ -99,7 +100,7 @@ async fn serve(
     relay: SharedRelay,
     authority: SharedAuthority,
     socket: Arc<RelaySocket>,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
 ) {
     loop {
         for (received, datagram) in receive(&socket, "the punch socket").await {
@@ -136,7 +137,7 @@ async fn handle_request(
     relay: &SharedRelay,
     authority: &SharedAuthority,
     socket: &RelaySocket,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
     received: &Received,
     datagram: &[u8],
 ) {
@@ -186,10 +187,10 @@ async fn allocate(
     relay: &SharedRelay,
     authority: &SharedAuthority,
     received: &Received,
-    public_addr: Option<Ipv4Addr>,
+    public_addr: Option<IpAddr>,
     request: punch::Nonce,
 ) -> Result<Message, RefusalReason> {
-    let route = route(*received.from.ip()).await.map_err(|error| {
+    let route = route(received.from.ip()).await.map_err(|error| {
         warn!(from = %received.from, error = format!("{error:#}"), "punch request refused: no route back");
         RefusalReason::NoCapacity
     })?;
@@ -264,7 +265,7 @@ async fn bind(
         refuse(socket, received, envelope.nonce, RefusalReason::Malformed);
         return;
     };
-    let route = match route(*received.from.ip()).await {
+    let route = match route(received.from.ip()).await {
         Ok(route) => route,
         Err(error) => {
             warn!(from = %received.from, error = format!("{error:#}"), "punch bind refused: no route back");
@@ -287,7 +288,7 @@ async fn bind(
         );
         return;
     }
-    let seen = SocketAddrV4::new(*received.from.ip(), received.from.port());
+    let seen = received.from;
     let bytes = authority
         .lock()
         .expect("authority lock")

@@ -6,7 +6,7 @@
 //! NAT-PMP/PCP gateway for a mapping instead (see `gateway::client`).
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -55,7 +55,9 @@ and deletes it when mosh-server exits:
 
 #[derive(Args, Debug)]
 pub struct WrapperArgs {
-    /// The relay's punch endpoint: HOST:PORT (the relay's --punch-port).
+    /// The relay's punch endpoint: HOST:PORT, IPV4:PORT or [IPV6]:PORT (the relay's
+    /// --punch-port). A name with addresses of both families is tried in getaddrinfo's
+    /// order, the next when one gives no answer.
     #[arg(long, required_unless_present = "gateway", conflicts_with = "gateway")]
     pub relay: Option<String>,
     /// File holding the relay's shared punch secret.
@@ -92,11 +94,13 @@ pub struct WrapperArgs {
 #[derive(Debug)]
 pub struct Path {
     pub local_port: u16,
-    pub relay_addr: Ipv4Addr,
+    /// The relay's punch endpoint that answered (its family is the path's).
+    pub relay: SocketAddr,
+    pub relay_addr: IpAddr,
     pub client_port: u16,
     pub upstream_port: u16,
     pub token: punch::Token,
-    pub seen: SocketAddrV4,
+    pub seen: SocketAddr,
 }
 
 /// mosh-server's arguments with `new` removed, `-p` replaced by `port`, and
@@ -137,15 +141,12 @@ pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let deadline = started + args.timeout;
     let secret = Secret::read(secret_file)?;
-    let relay = resolve(relay)?;
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .context("binding a local UDP port for mosh-server")?;
-    let path = open_path(&socket, relay, &secret, deadline)?;
-    // mosh-server must own the port the NAT mapping was made for.
-    drop(socket);
+    let relays = resolve(relay)?;
+    let (path, relay) = open_any_path(&relays, &secret, deadline)?;
     let mosh_args = mosh_server_args(&args.mosh_args, path.local_port)?;
+    let mosh_args = bind_family(mosh_args, relay);
     let (port, key) = start_mosh_server(&args.mosh_server, &mosh_args, path.local_port)?;
-    let key_socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("binding a UDP socket")?;
+    let key_socket = UdpSocket::bind(unspecified(relay, 0)).context("binding a UDP socket")?;
     let message = Message::Key {
         token: path.token,
         client_port: path.client_port,
@@ -163,9 +164,8 @@ pub fn main(args: WrapperArgs) -> anyhow::Result<()> {
         format!("mosh-server runs on port {port}, but the relay never confirmed its key")
     })?;
     eprintln!(
-        "forwarder: mosh-server on UDP {port} is reachable through the relay at {}:{} (the relay sees this host as {}); ready after {} ms",
-        path.relay_addr,
-        path.client_port,
+        "forwarder: mosh-server on UDP {port} is reachable through the relay at {} (the relay sees this host as {}); ready after {} ms",
+        SocketAddr::new(path.relay_addr, path.client_port),
         path.seen,
         started.elapsed().as_millis()
     );
@@ -232,7 +232,7 @@ fn gateway_main(args: WrapperArgs) -> anyhow::Result<()> {
     stdout.write_all(
         connect_lines(
             std::io::stdin().is_terminal(),
-            mapping.external_address,
+            mapping.external_address.into(),
             mapping.external_port,
             &key.to_base64(),
         )
@@ -297,30 +297,101 @@ fn keep_mapping(gateway: Ipv4Addr, port: u16, lifetime: u32) -> anyhow::Result<(
 /// 22-letter key, not one ending in CR. Like mosh-server, and for the same
 /// reason (typeahead echoed on a pty would share the line), an empty line
 /// comes first when stdin is a terminal: mosh-server's `puts("\r\n")`.
-pub fn connect_lines(stdin_is_terminal: bool, relay: Ipv4Addr, port: u16, key: &str) -> String {
+/// An IPv6 relay address goes without brackets: the wrapper hands the word
+/// to mosh-client as its host, which getaddrinfo takes as a numeric IPv6.
+pub fn connect_lines(stdin_is_terminal: bool, relay: IpAddr, port: u16, key: &str) -> String {
     let bodge = if stdin_is_terminal { "\r\n\n" } else { "" };
     format!("{bodge}MOSH IP {relay}\nMOSH CONNECT {port} {key}\n")
 }
 
-fn resolve(relay: &str) -> anyhow::Result<SocketAddrV4> {
-    let addresses = relay
+/// The relay's punch endpoints, in getaddrinfo's order (RFC 6724: the
+/// family this host prefers first).
+fn resolve(relay: &str) -> anyhow::Result<Vec<SocketAddr>> {
+    if !relay.starts_with('[') && relay.matches(':').count() > 1 {
+        let (host, port) = relay.rsplit_once(':').expect("has colons");
+        bail!(
+            "--relay {relay:?} is an IPv6 address without brackets, which cannot be told from its port: write [{host}]:{port}"
+        );
+    }
+    let addresses: Vec<SocketAddr> = relay
         .to_socket_addrs()
-        .with_context(|| format!("cannot resolve the relay {relay:?}: give HOST:PORT, the port being the relay's --punch-port"))?;
-    addresses
-        .into_iter()
-        .find_map(|a| match a {
-            SocketAddr::V4(v4) => Some(v4),
-            SocketAddr::V6(_) => None,
-        })
-        .with_context(|| {
-            format!("the relay {relay:?} has no IPv4 address; the relay speaks IPv4 only")
-        })
+        .with_context(|| format!("cannot resolve the relay {relay:?}: give HOST:PORT, IPV4:PORT or [IPV6]:PORT, the port being the relay's --punch-port"))?
+        .collect();
+    let mut unique = Vec::new();
+    for address in addresses {
+        if !unique.contains(&address) {
+            unique.push(address);
+        }
+    }
+    if unique.is_empty() {
+        bail!("the relay {relay:?} resolves to no address");
+    }
+    Ok(unique)
+}
+
+/// The unspecified address of `relay`'s family, for a socket that talks to it.
+fn unspecified(relay: SocketAddr, port: u16) -> SocketAddr {
+    match relay {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+    }
+}
+
+/// mosh-server binds the first address getaddrinfo gives for "any", which
+/// may be the other family than the path's: over IPv6 it is told `-i ::`
+/// (a dual-stack socket), so it answers from the port the NAT mapping was
+/// made for in the family it was made in.
+fn bind_family(mut mosh_args: Vec<String>, relay: SocketAddr) -> Vec<String> {
+    if relay.is_ipv6() {
+        // After `new`, before the other options (and any `--`).
+        mosh_args.splice(1..1, ["-i".to_string(), "::".to_string()]);
+    }
+    mosh_args
+}
+
+/// Punches to each of the relay's endpoints in turn until one answers,
+/// from a fresh socket of its family each time; returns the path and the
+/// endpoint. The socket is closed: mosh-server must own its port.
+fn open_any_path(
+    relays: &[SocketAddr],
+    secret: &Secret,
+    deadline: Instant,
+) -> anyhow::Result<(Path, SocketAddr)> {
+    let mut failures = Vec::new();
+    for (index, relay) in relays.iter().copied().enumerate() {
+        // Every endpoint left gets a share of the time left.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let share = left / u32::try_from(relays.len() - index).unwrap_or(1);
+        let until = if index + 1 == relays.len() {
+            deadline
+        } else {
+            Instant::now() + share
+        };
+        let socket = match UdpSocket::bind(unspecified(relay, 0)) {
+            Ok(socket) => socket,
+            Err(error) => {
+                failures.push(format!(
+                    "{relay}: binding a local UDP port for mosh-server: {error}"
+                ));
+                continue;
+            }
+        };
+        match open_path(&socket, relay, secret, until) {
+            Ok(path) => return Ok((path, relay)),
+            Err(error) if relays.len() == 1 => return Err(error),
+            Err(error) => failures.push(format!("{relay}: {error:#}")),
+        }
+    }
+    bail!(
+        "no path through the relay at any of its addresses: {}",
+        failures.join("; ")
+    )
 }
 
 /// Allocate from `socket`'s port, then Bind from it to the session's Q.
 pub fn open_path(
     socket: &UdpSocket,
-    relay: SocketAddrV4,
+    relay: SocketAddr,
     secret: &Secret,
     deadline: Instant,
 ) -> anyhow::Result<Path> {
@@ -332,7 +403,7 @@ pub fn open_path(
     else {
         unreachable!("exchange checks the answer's kind")
     };
-    let upstream = SocketAddrV4::new(*relay.ip(), upstream_port);
+    let upstream = SocketAddr::new(relay.ip(), upstream_port);
     let Message::Bound { seen, .. } = exchange(socket, upstream, secret, &Message::Bind { token }, deadline, "the bind").with_context(|| {
         format!(
             "the relay answered on {relay} but nothing came back from {upstream}: the NAT or a firewall drops \
@@ -344,6 +415,7 @@ pub fn open_path(
     };
     Ok(Path {
         local_port,
+        relay,
         relay_addr,
         client_port,
         upstream_port,
@@ -356,7 +428,7 @@ pub fn open_path(
 /// there, resending (each time with a fresh nonce) after growing pauses.
 fn exchange(
     socket: &UdpSocket,
-    to: SocketAddrV4,
+    to: SocketAddr,
     secret: &Secret,
     message: &Message,
     deadline: Instant,
@@ -384,7 +456,7 @@ fn exchange(
                 // Timeouts, and ICMP port-unreachable from a relay without a punch port.
                 Err(_) => continue,
             };
-            if from != SocketAddr::V4(to) {
+            if !same_endpoint(from, to) {
                 continue;
             }
             let Ok(envelope) = punch::open(secret, &buf[..len]) else {
@@ -410,6 +482,19 @@ fn exchange(
         sent.len(),
         started.elapsed().as_secs_f64()
     )
+}
+
+/// Whether an answer from `from` comes from `to` (a dual-stack socket
+/// reports an IPv4 peer as `::ffff:a.b.c.d`).
+fn same_endpoint(from: SocketAddr, to: SocketAddr) -> bool {
+    let plain = |a: SocketAddr| match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        SocketAddr::V4(_) => a,
+    };
+    plain(from) == plain(to)
 }
 
 fn answers(request: &Message, answer: &Message) -> bool {
@@ -504,14 +589,47 @@ mod tests {
     #[test]
     fn prints_lf_lines_like_mosh_server() {
         let key = "wkhKAYyunVx3eQM/YhsN/g";
-        let relay = Ipv4Addr::new(203, 0, 113, 1);
+        let relay = Ipv4Addr::new(203, 0, 113, 1).into();
         assert_eq!(
             connect_lines(false, relay, 60001, key),
             "MOSH IP 203.0.113.1\nMOSH CONNECT 60001 wkhKAYyunVx3eQM/YhsN/g\n"
         );
+        // mosh's wrapper takes `MOSH IP (\S+)` as mosh-client's host: a bare IPv6.
+        assert_eq!(
+            connect_lines(false, "2001:db8::1".parse().unwrap(), 60001, key),
+            "MOSH IP 2001:db8::1\nMOSH CONNECT 60001 wkhKAYyunVx3eQM/YhsN/g\n"
+        );
         assert_eq!(
             connect_lines(true, relay, 60001, key),
             "\r\n\nMOSH IP 203.0.113.1\nMOSH CONNECT 60001 wkhKAYyunVx3eQM/YhsN/g\n"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_path_binds_mosh_server_dual_stack_and_endpoints_compare_across_mapping() {
+        let args = words("new -p 40000 -c 8 -- sh");
+        let v6: SocketAddr = "[2001:db8::1]:7000".parse().unwrap();
+        let v4: SocketAddr = "203.0.113.1:7000".parse().unwrap();
+        assert_eq!(
+            bind_family(args.clone(), v6),
+            words("new -i :: -p 40000 -c 8 -- sh")
+        );
+        assert_eq!(bind_family(args.clone(), v4), args);
+        assert!(same_endpoint(
+            "[::ffff:203.0.113.1]:7000".parse().unwrap(),
+            v4
+        ));
+        assert!(!same_endpoint("203.0.113.1:7001".parse().unwrap(), v4));
+        assert!(same_endpoint(v6, v6));
+        assert_eq!(unspecified(v6, 0).to_string(), "[::]:0");
+        assert_eq!(
+            resolve("[2001:db8::1]:7000").unwrap(),
+            vec![v6],
+            "an IPv6 literal in brackets"
+        );
+        assert!(
+            resolve("2001:db8::1:7000").is_err(),
+            "a bare IPv6 is no HOST:PORT"
         );
     }
 

@@ -21,12 +21,19 @@
 //! traffic leaves the relay from Q, so the server must open its hole towards
 //! Q, and the relay must learn the external endpoint that packets to Q get.
 //!
+//! IPv6: `Allocated` and `Bound` carry an address, so each has a second
+//! kind (`Allocated6`, `Bound6`) whose body holds 16 bytes where the first
+//! holds 4; every other message is the same in both families. The relay
+//! sends the IPv6 kinds only when the address is IPv6, which a wrapper
+//! that speaks IPv4 only (older versions) never asks for: it punches over
+//! IPv4 and gets IPv4 answers, byte for byte as before.
+//!
 //! Replies are authenticated too, so nobody can point a wrapper at another
 //! relay. A refusal echoes the request's nonce (unforgeable off-path) but
 //! carries no HMAC: a peer with a wrong secret could not check it anyway.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytemuck::{Pod, Zeroable};
@@ -43,8 +50,8 @@ pub const NONCE_LEN: usize = 16;
 pub const TOKEN_LEN: usize = 16;
 /// Requests older or newer than this (clock skew plus transit) are refused.
 pub const TIME_WINDOW: Duration = Duration::from_secs(30);
-/// Largest message: header, the biggest body (Allocated), MAC.
-pub const MAX_MESSAGE: usize = HEADER_LEN + size_of::<AllocatedBody>() + MAC_LEN;
+/// Largest message: header, the biggest body (Allocated6), MAC.
+pub const MAX_MESSAGE: usize = HEADER_LEN + size_of::<Allocated6Body>() + MAC_LEN;
 
 pub type Nonce = [u8; NONCE_LEN];
 pub type Token = [u8; TOKEN_LEN];
@@ -57,7 +64,7 @@ pub enum Message {
     /// Relay → server: clients use `relay_addr:client_port`; punch again to `upstream_port`.
     Allocated {
         request: Nonce,
-        relay_addr: Ipv4Addr,
+        relay_addr: IpAddr,
         client_port: u16,
         upstream_port: u16,
         token: Token,
@@ -69,7 +76,7 @@ pub enum Message {
     /// Relay:Q → server: the hole works; `seen` is the server's external endpoint.
     Bound {
         request: Nonce,
-        seen: SocketAddrV4,
+        seen: SocketAddr,
     },
     /// Server → relay punch port: the session key mosh-server printed.
     Key {
@@ -138,15 +145,27 @@ enum MessageKind {
     Key = 5,
     KeyAccepted = 6,
     Refused = 7,
+    /// `Allocated` with an IPv6 relay address.
+    Allocated6 = 8,
+    /// `Bound` with an IPv6 endpoint.
+    Bound6 = 9,
 }
 
 impl MessageKind {
     fn of(message: &Message) -> Self {
         match message {
             Message::Allocate => Self::Allocate,
-            Message::Allocated { .. } => Self::Allocated,
+            Message::Allocated {
+                relay_addr: IpAddr::V4(_),
+                ..
+            } => Self::Allocated,
+            Message::Allocated { .. } => Self::Allocated6,
             Message::Bind { .. } => Self::Bind,
-            Message::Bound { .. } => Self::Bound,
+            Message::Bound {
+                seen: SocketAddr::V4(_),
+                ..
+            } => Self::Bound,
+            Message::Bound { .. } => Self::Bound6,
             Message::Key { .. } => Self::Key,
             Message::KeyAccepted { .. } => Self::KeyAccepted,
             Message::Refused { .. } => Self::Refused,
@@ -162,6 +181,8 @@ impl MessageKind {
             Self::Key,
             Self::KeyAccepted,
             Self::Refused,
+            Self::Allocated6,
+            Self::Bound6,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == value)
@@ -194,6 +215,18 @@ struct AllocatedBody {
 }
 const _: () = assert!(size_of::<AllocatedBody>() == 40);
 
+/// [`AllocatedBody`] with an IPv6 relay address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Allocated6Body {
+    request: Nonce,
+    relay_addr: [u8; 16],
+    client_port: [u8; 2],
+    upstream_port: [u8; 2],
+    token: Token,
+}
+const _: () = assert!(size_of::<Allocated6Body>() == 52);
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 struct BoundBody {
@@ -202,6 +235,16 @@ struct BoundBody {
     seen_port: [u8; 2],
 }
 const _: () = assert!(size_of::<BoundBody>() == 22);
+
+/// [`BoundBody`] with an IPv6 endpoint.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Bound6Body {
+    request: Nonce,
+    seen_addr: [u8; 16],
+    seen_port: [u8; 2],
+}
+const _: () = assert!(size_of::<Bound6Body>() == 34);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -314,23 +357,35 @@ fn encode(secret: Option<&Secret>, message: &Message, timestamp: u64, nonce: Non
             client_port,
             upstream_port,
             token,
-        } => {
-            out.extend_from_slice(bytemuck::bytes_of(&AllocatedBody {
+        } => match relay_addr {
+            IpAddr::V4(relay_addr) => out.extend_from_slice(bytemuck::bytes_of(&AllocatedBody {
                 request,
                 relay_addr: relay_addr.octets(),
                 client_port: client_port.to_be_bytes(),
                 upstream_port: upstream_port.to_be_bytes(),
                 token,
-            }));
-        }
+            })),
+            IpAddr::V6(relay_addr) => out.extend_from_slice(bytemuck::bytes_of(&Allocated6Body {
+                request,
+                relay_addr: relay_addr.octets(),
+                client_port: client_port.to_be_bytes(),
+                upstream_port: upstream_port.to_be_bytes(),
+                token,
+            })),
+        },
         Message::Bind { token } => out.extend_from_slice(&token),
-        Message::Bound { request, seen } => {
-            out.extend_from_slice(bytemuck::bytes_of(&BoundBody {
+        Message::Bound { request, seen } => match seen {
+            SocketAddr::V4(seen) => out.extend_from_slice(bytemuck::bytes_of(&BoundBody {
                 request,
                 seen_addr: seen.ip().octets(),
                 seen_port: seen.port().to_be_bytes(),
-            }));
-        }
+            })),
+            SocketAddr::V6(seen) => out.extend_from_slice(bytemuck::bytes_of(&Bound6Body {
+                request,
+                seen_addr: seen.ip().octets(),
+                seen_port: seen.port().to_be_bytes(),
+            })),
+        },
         Message::Key {
             token,
             client_port,
@@ -413,15 +468,34 @@ pub fn open(secret: &Secret, datagram: &[u8]) -> Result<Envelope, OpenError> {
         Some(MessageKind::Allocate) if bytes.is_empty() => Some(Message::Allocate),
         Some(MessageKind::Allocated) => body::<AllocatedBody>(bytes).map(|b| Message::Allocated {
             request: b.request,
-            relay_addr: Ipv4Addr::from(b.relay_addr),
+            relay_addr: Ipv4Addr::from(b.relay_addr).into(),
             client_port: u16::from_be_bytes(b.client_port),
             upstream_port: u16::from_be_bytes(b.upstream_port),
             token: b.token,
         }),
+        Some(MessageKind::Allocated6) => {
+            body::<Allocated6Body>(bytes).map(|b| Message::Allocated {
+                request: b.request,
+                relay_addr: Ipv6Addr::from(b.relay_addr).into(),
+                client_port: u16::from_be_bytes(b.client_port),
+                upstream_port: u16::from_be_bytes(b.upstream_port),
+                token: b.token,
+            })
+        }
         Some(MessageKind::Bind) => body::<Token>(bytes).map(|token| Message::Bind { token }),
         Some(MessageKind::Bound) => body::<BoundBody>(bytes).map(|b| Message::Bound {
             request: b.request,
-            seen: SocketAddrV4::new(Ipv4Addr::from(b.seen_addr), u16::from_be_bytes(b.seen_port)),
+            seen: SocketAddr::new(
+                Ipv4Addr::from(b.seen_addr).into(),
+                u16::from_be_bytes(b.seen_port),
+            ),
+        }),
+        Some(MessageKind::Bound6) => body::<Bound6Body>(bytes).map(|b| Message::Bound {
+            request: b.request,
+            seen: SocketAddr::new(
+                Ipv6Addr::from(b.seen_addr).into(),
+                u16::from_be_bytes(b.seen_port),
+            ),
         }),
         Some(MessageKind::Key) => body::<KeyBody>(bytes).map(|b| Message::Key {
             token: b.token,
@@ -454,7 +528,21 @@ pub struct Authority {
     secret: Secret,
     /// Nonces of accepted requests within the time window.
     seen: RecentSet<Nonce>,
-    per_source: HashMap<Ipv4Addr, TokenBucket>,
+    /// Keyed by [`rate_key`]: one bucket per IPv4 address or IPv6 /64.
+    per_source: HashMap<IpAddr, TokenBucket>,
+}
+
+/// What one rate bucket covers: an IPv4 address, or the /64 an IPv6
+/// address is in (one host gets a whole /64 from SLAAC and may use any
+/// address in it, so a bucket per /128 would limit nothing).
+fn rate_key(from: IpAddr) -> IpAddr {
+    match from {
+        IpAddr::V4(_) => from,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & !((1u128 << 64) - 1))),
+        },
+    }
 }
 
 /// What the authority decided about a datagram.
@@ -484,10 +572,11 @@ impl Authority {
     }
 
     /// Judges one request from `from`, received at `now` (unix seconds; `now_ns` monotonic).
-    pub fn check(&mut self, datagram: &[u8], from: Ipv4Addr, now: u64, now_ns: u64) -> Verdict {
+    pub fn check(&mut self, datagram: &[u8], from: IpAddr, now: u64, now_ns: u64) -> Verdict {
         if !looks_like_punch(datagram) {
             return Verdict::Garbage;
         }
+        let from = rate_key(from);
         if self.per_source.len() >= MAX_TRACKED_SOURCES && !self.per_source.contains_key(&from) {
             self.per_source.clear();
         }
@@ -536,7 +625,7 @@ mod tests {
         let secret = secret(7);
         let message = Message::Allocated {
             request: [0xaa; 16],
-            relay_addr: Ipv4Addr::new(203, 0, 113, 1),
+            relay_addr: Ipv4Addr::new(203, 0, 113, 1).into(),
             client_port: 60001,
             upstream_port: 61002,
             token: [0xbb; 16],
@@ -562,6 +651,60 @@ mod tests {
         );
     }
 
+    /// The IPv6 kinds, byte for byte: the IPv4 layout with 16-byte addresses.
+    #[test]
+    fn ipv6_answers_have_kinds_of_their_own() {
+        let secret = secret(7);
+        let allocated = Message::Allocated {
+            request: [0xaa; 16],
+            relay_addr: "2001:db8::1".parse().unwrap(),
+            client_port: 60001,
+            upstream_port: 61002,
+            token: [0xbb; 16],
+        };
+        let bytes = seal_with(&secret, &allocated, 0x0102_0304_0506_0708, [0xcc; 16]);
+        let mut expected = b"FWDP".to_vec();
+        expected.extend([1, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        expected.extend([0xcc; 16]);
+        expected.extend([0xaa; 16]);
+        expected.extend("2001:db8::1".parse::<Ipv6Addr>().unwrap().octets());
+        expected.extend(60001u16.to_be_bytes());
+        expected.extend(61002u16.to_be_bytes());
+        expected.extend([0xbb; 16]);
+        let mut mac = secret.mac();
+        mac.update(&expected);
+        expected.extend(mac.finalize().into_bytes());
+        assert_eq!(bytes, expected);
+        assert_eq!(bytes.len(), MAX_MESSAGE);
+
+        let bound = Message::Bound {
+            request: [0xaa; 16],
+            seen: "[2001:db8::9]:40000".parse().unwrap(),
+        };
+        let bytes = seal_with(&secret, &bound, 0, [0xcc; 16]);
+        assert_eq!(bytes[5], 9, "Bound6");
+        assert_eq!(bytes.len(), HEADER_LEN + 34 + MAC_LEN);
+        // The IPv4 forms keep their kinds and sizes (older wrappers read them).
+        let bound4 = Message::Bound {
+            request: [0xaa; 16],
+            seen: "198.51.100.9:40000".parse().unwrap(),
+        };
+        let bytes = seal_with(&secret, &bound4, 0, [0xcc; 16]);
+        assert_eq!((bytes[5], bytes.len()), (4, HEADER_LEN + 22 + MAC_LEN));
+        // A body of the other family's size is malformed, not misread.
+        let mut short = seal_with(&secret, &bound4, 0, [0xcc; 16]);
+        short[5] = 9;
+        let tag_at = short.len() - MAC_LEN;
+        short.truncate(tag_at);
+        let mut mac = secret.mac();
+        mac.update(&short);
+        short.extend(mac.finalize().into_bytes());
+        assert_eq!(
+            open(&secret, &short),
+            Err(OpenError::Refuse([0xcc; 16], RefusalReason::Malformed))
+        );
+    }
+
     #[test]
     fn every_message_round_trips() {
         let s = secret(1);
@@ -570,7 +713,14 @@ mod tests {
             Message::Allocate,
             Message::Allocated {
                 request: [1; 16],
-                relay_addr: Ipv4Addr::new(203, 0, 113, 1),
+                relay_addr: Ipv4Addr::new(203, 0, 113, 1).into(),
+                client_port: 60001,
+                upstream_port: 61001,
+                token,
+            },
+            Message::Allocated {
+                request: [1; 16],
+                relay_addr: "2001:db8::1".parse().unwrap(),
                 client_port: 60001,
                 upstream_port: 61001,
                 token,
@@ -579,6 +729,10 @@ mod tests {
             Message::Bound {
                 request: [2; 16],
                 seen: "198.51.100.9:40000".parse().unwrap(),
+            },
+            Message::Bound {
+                request: [2; 16],
+                seen: "[2001:db8:9::9]:40000".parse().unwrap(),
             },
             Message::Key {
                 token,
@@ -602,7 +756,7 @@ mod tests {
     #[test]
     fn authority_refuses_wrong_secret_stale_replay_and_tampering() {
         let mut relay = Authority::new(secret(1));
-        let from = Ipv4Addr::new(198, 51, 100, 9);
+        let from: IpAddr = Ipv4Addr::new(198, 51, 100, 9).into();
         let now = 1_700_000_000;
         let good = seal_with(&secret(1), &Message::Allocate, now, [7; 16]);
         assert!(matches!(
@@ -656,7 +810,7 @@ mod tests {
         let mut accepted = 0;
         for i in 0..50u8 {
             let request = seal_with(&secret(1), &Message::Allocate, now, [i; 16]);
-            match relay.check(&request, Ipv4Addr::new(198, 51, 100, 9), now, 0) {
+            match relay.check(&request, Ipv4Addr::new(198, 51, 100, 9).into(), now, 0) {
                 Verdict::Accept(_) => accepted += 1,
                 Verdict::RateLimited => {}
                 other => panic!("{other:?}"),
@@ -669,7 +823,29 @@ mod tests {
         );
         let other_source = seal_with(&secret(1), &Message::Allocate, now, [200; 16]);
         assert!(matches!(
-            relay.check(&other_source, Ipv4Addr::new(198, 51, 100, 10), now, 0),
+            relay.check(
+                &other_source,
+                Ipv4Addr::new(198, 51, 100, 10).into(),
+                now,
+                0
+            ),
+            Verdict::Accept(_)
+        ));
+        // IPv6: one bucket per /64, whichever address in it a host sends from.
+        let mut accepted = 0;
+        for i in 0..50u8 {
+            let request = seal_with(&secret(1), &Message::Allocate, now, [i + 100; 16]);
+            let from = Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, u16::from(i) + 1);
+            match relay.check(&request, from.into(), now, 0) {
+                Verdict::Accept(_) => accepted += 1,
+                Verdict::RateLimited => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(accepted, REQUESTS_PER_SEC * 2, "the /64 shares one bucket");
+        let next_prefix = seal_with(&secret(1), &Message::Allocate, now, [201; 16]);
+        assert!(matches!(
+            relay.check(&next_prefix, "2001:db8:0:8::1".parse().unwrap(), now, 0),
             Verdict::Accept(_)
         ));
     }

@@ -24,10 +24,11 @@ impl Relay {
         &mut self,
         id: &str,
         port: u16,
-        backend: SocketAddrV4,
+        backend: impl Into<SocketAddr>,
         route: BackendRoute,
         idle_timeout: Duration,
     ) -> anyhow::Result<Arc<RelaySocket>> {
+        let backend = backend.into();
         if let Some(other) = self.sessions.values().find(|s| s.id == id) {
             bail!(
                 "session {id} is already programmed here on port {}",

@@ -2,18 +2,16 @@
 //! the XDP maps and the daemon's sockets.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use forwarder_common::flow::Endpoints;
-use forwarder_common::{BackendKey, ClientKey, Rewrite};
 use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
-use crate::datapath::xdp::{BackendRoute, FlowEntries};
+use crate::datapath::{BackendRoute, FlowAddrs, FlowEntries};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::{RecentSet, TokenBucket};
 use crate::ports::{PortPool, PortRange};
@@ -36,7 +34,7 @@ pub mod tcp;
 /// A flow's identity within its session: the relay address and client
 /// endpoint, and the client-facing port it arrived on (the session's own
 /// or the shared port).
-type FlowEndpoint = (Ipv4Addr, SocketAddrV4, u16);
+type FlowEndpoint = (IpAddr, SocketAddr, u16);
 
 /// Settings that shape every session.
 #[derive(Clone, Debug)]
@@ -54,7 +52,7 @@ pub struct Limits {
 pub struct Session {
     pub id: String,
     pub port: u16,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub route: BackendRoute,
     pub idle_timeout: Duration,
     pub socket: Arc<RelaySocket>,
@@ -71,7 +69,7 @@ pub struct Session {
     /// Client endpoints recently evicted from probation: one that comes
     /// back is a sender that retries (a real mosh-client does; a flood of
     /// spoofed one-shot sources does not), and is the last to be evicted.
-    evicted: RecentSet<(Ipv4Addr, SocketAddrV4)>,
+    evicted: RecentSet<(IpAddr, SocketAddr)>,
     /// Set for a server behind a NAT that came through the punch handshake.
     nat: Option<Box<nat::NatState>>,
     /// Set for a session that carries its mosh key (reachable on the shared port).
@@ -85,7 +83,7 @@ pub struct Session {
 impl Session {
     fn new(
         id: String,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         route: BackendRoute,
         idle_timeout: Duration,
         socket: Arc<RelaySocket>,
@@ -139,8 +137,8 @@ pub struct Flow {
     /// Keyed sessions: the sequence number of the flow's first datagram,
     /// verified with the session key (see `shared::SessionKey`).
     first_seq: Option<u64>,
-    pub client: SocketAddrV4,
-    pub relay_addr: Ipv4Addr,
+    pub client: SocketAddr,
+    pub relay_addr: IpAddr,
     pub upstream_port: u16,
     pub socket: Arc<RelaySocket>,
     entries: FlowEntries,
@@ -161,8 +159,8 @@ impl Flow {
     /// A flow as the daemon starts tracking it: its upstream port is its socket's.
     fn new(
         session_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
         socket: Arc<RelaySocket>,
         entries: FlowEntries,
         slot: u32,
@@ -204,7 +202,7 @@ pub enum ClientVerdict {
     /// Send it upstream through this flow socket to the backend.
     Forward {
         socket: Arc<RelaySocket>,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         new_flow: bool,
     },
     Drop,
@@ -219,7 +217,7 @@ pub struct Relay {
     instance: String,
     limits: Limits,
     interfaces: Vec<String>,
-    relay_addresses: Vec<Ipv4Addr>,
+    relay_addresses: Vec<IpAddr>,
     datapath: Datapath,
     session_ports: PortPool,
     flow_ports: PortPool,
@@ -249,7 +247,7 @@ pub struct RelayParts {
     pub limits: Limits,
     /// The interfaces it serves, and their addresses (the ones clients use).
     pub interfaces: Vec<String>,
-    pub relay_addresses: Vec<Ipv4Addr>,
+    pub relay_addresses: Vec<IpAddr>,
     pub datapath: Datapath,
     pub session_ports: PortRange,
     pub flow_ports: PortRange,
@@ -258,54 +256,25 @@ pub struct RelayParts {
 }
 
 /// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
-/// and backend → relay:Q becomes relay:P → client.
+/// and backend → relay:Q becomes relay:P → client. The client's family and
+/// the backend's may differ (the datapath translates).
 pub fn flow_entries(
-    relay_addr: Ipv4Addr,
+    relay_addr: IpAddr,
     session_port: u16,
-    client: SocketAddrV4,
+    client: SocketAddr,
     route: BackendRoute,
     upstream_port: u16,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     slot: u32,
 ) -> FlowEntries {
-    let client_side = Endpoints {
-        saddr: client.ip().octets(),
-        daddr: relay_addr.octets(),
-        sport: client.port().to_be_bytes(),
-        dport: session_port.to_be_bytes(),
-    };
-    let backend_side = Endpoints {
-        saddr: route.source.octets(),
-        daddr: backend.ip().octets(),
-        sport: upstream_port.to_be_bytes(),
-        dport: backend.port().to_be_bytes(),
-    };
-    let swap = |e: Endpoints| Endpoints {
-        saddr: e.daddr,
-        daddr: e.saddr,
-        sport: e.dport,
-        dport: e.sport,
-    };
-    let client_rewrite = Rewrite::new(client_side, backend_side, slot * 2);
-    let mut backend_rewrite = Rewrite::new(swap(backend_side), swap(client_side), slot * 2 + 1);
-    backend_rewrite.allowed_saddr = backend.ip().octets();
-    backend_rewrite.allowed_sport = backend.port().to_be_bytes();
-    backend_rewrite.allowed_ifindex = route.ifindex;
-    FlowEntries {
-        client_key: ClientKey {
-            relay_addr: relay_addr.octets(),
-            client_addr: client.ip().octets(),
-            relay_port: session_port.to_be_bytes(),
-            client_port: client.port().to_be_bytes(),
-        },
-        client_rewrite,
-        backend_key: BackendKey {
-            relay_addr: route.source.octets(),
-            relay_port: upstream_port.to_be_bytes(),
-            _pad: [0; 2],
-        },
-        backend_rewrite,
-    }
+    FlowEntries::new(&FlowAddrs {
+        client,
+        facing: SocketAddr::new(relay_addr, session_port),
+        upstream: SocketAddr::new(route.source, upstream_port),
+        backend,
+        backend_ifindex: route.ifindex,
+        slot,
+    })
 }
 
 impl Relay {
@@ -412,7 +381,7 @@ impl Relay {
     /// Creates a session owned by root: reserves its client-facing port by binding it.
     pub fn add_session(
         &mut self,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         route: BackendRoute,
         port: Option<u16>,
         idle_timeout: Option<Duration>,
@@ -425,7 +394,7 @@ impl Relay {
     pub fn add_session_for(
         &mut self,
         owner: Owner,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         route: BackendRoute,
         port: Option<u16>,
         idle_timeout: Option<Duration>,
@@ -447,10 +416,20 @@ impl Relay {
                 );
             }
         }
-        if self.relay_addresses.contains(backend.ip()) {
+        // An IPv4 backend written as ::ffff:a.b.c.d is the IPv4 one.
+        let backend = crate::datapath::socket::canonical(backend);
+        if self.relay_addresses.contains(&backend.ip()) {
             bail!(
                 "backend {backend} is one of this relay's own addresses: the relay would forward to itself; \
                  give the mosh server's address"
+            );
+        }
+        if backend.is_ipv4() != route.source.is_ipv4() {
+            bail!(
+                "the route to backend {backend} leaves from {}, an address of the other family: the relay \
+                 reaches a backend in the backend's own family; give the relay an address of that family on \
+                 the backend's side",
+                route.source
             );
         }
         if let Some(existing) = self.sessions.values().find(|s| s.backend == backend) {
@@ -484,7 +463,7 @@ impl Relay {
         let socket = match port {
             Some(port) => {
                 self.session_ports.take(port)?;
-                match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, port) {
+                match RelaySocket::bind_client_facing(port) {
                     Ok(socket) => socket,
                     Err(error) => {
                         self.session_ports.release(port);
@@ -494,15 +473,16 @@ impl Relay {
             }
             None => {
                 let mut bound = None;
-                let port = self.session_ports.allocate(|port| {
-                    match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, port) {
-                        Ok(socket) => {
-                            bound = Some(socket);
-                            true
+                let port =
+                    self.session_ports.allocate(|port| {
+                        match RelaySocket::bind_client_facing(port) {
+                            Ok(socket) => {
+                                bound = Some(socket);
+                                true
+                            }
+                            Err(_) => false,
                         }
-                        Err(_) => false,
-                    }
-                });
+                    });
                 match (port, bound) {
                     (Some(_), Some(socket)) => socket,
                     _ => bail!(
@@ -604,8 +584,8 @@ impl Relay {
     pub fn on_client_packet(
         &mut self,
         session_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
         len: usize,
     ) -> anyhow::Result<ClientVerdict> {
         self.client_packet(session_port, session_port, client, relay_addr, len, None)
@@ -618,8 +598,8 @@ impl Relay {
         &mut self,
         session_port: u16,
         facing_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
         len: usize,
         first_seq: Option<u64>,
     ) -> anyhow::Result<ClientVerdict> {
@@ -648,7 +628,7 @@ impl Relay {
         // Nothing from the backend's side becomes a client: the server's own
         // address (a forged "client" would loop the server to itself) and
         // the relay's own addresses (a datagram the relay would send itself).
-        if *client.ip() == *session.backend.ip() || self.relay_addresses.contains(client.ip()) {
+        if client.ip() == session.backend.ip() || self.relay_addresses.contains(&client.ip()) {
             self.stats.dropped_client_is_backend += 1;
             return Ok(ClientVerdict::Drop);
         }
@@ -758,7 +738,7 @@ impl Relay {
         upstream_port: u16,
         received: &Received,
         len: usize,
-    ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
+    ) -> Option<(Arc<RelaySocket>, SocketAddr, IpAddr)> {
         let now = monotonic_ns();
         let Some(flow) = self.flows.get_mut(&upstream_port) else {
             self.stats.dropped_no_session += 1;
@@ -976,12 +956,8 @@ impl Relay {
             .zip(&activity)
             .enumerate()
             .map(|(index, (flow, activity))| {
-                let to_server = self
-                    .datapath
-                    .flow_counter(flow.entries.client_rewrite.counter_slot);
-                let to_client = self
-                    .datapath
-                    .flow_counter(flow.entries.backend_rewrite.counter_slot);
+                let to_server = self.datapath.flow_counter(flow.entries.counter_slots().0);
+                let to_client = self.datapath.flow_counter(flow.entries.counter_slots().1);
                 FlowInfo {
                     client: flow.client.to_string(),
                     relay_addr: flow.relay_addr.to_string(),
@@ -1007,9 +983,11 @@ impl Relay {
             id: session.id.clone(),
             port,
             backend: session.backend.to_string(),
+            // Link-local addresses are no way in from another network.
             relay_addresses: self
                 .relay_addresses
                 .iter()
+                .filter(|address| !matches!(address, IpAddr::V6(v6) if v6.is_unicast_link_local()))
                 .map(ToString::to_string)
                 .collect(),
             idle_timeout_secs: session.idle_timeout.as_secs(),
@@ -1055,7 +1033,7 @@ impl Relay {
     }
 
     /// The id and backend of the session on `port`, if there is one.
-    pub fn session_backend(&self, port: u16) -> Option<(&str, SocketAddrV4)> {
+    pub fn session_backend(&self, port: u16) -> Option<(&str, SocketAddr)> {
         self.sessions
             .get(&port)
             .map(|session| (session.id.as_str(), session.backend))
@@ -1069,7 +1047,7 @@ impl Relay {
 /// open-file limit is logged at most once a second).
 fn bind_free_port(
     pool: &mut PortPool,
-    address: Ipv4Addr,
+    address: IpAddr,
 ) -> Result<Arc<RelaySocket>, (String, bool)> {
     use crate::datapath::fds;
     if let Err(at_limit) = fds::check_headroom() {
@@ -1115,7 +1093,7 @@ fn bind_free_port(
 fn admit_from_server(
     stats: &mut SlowPathStats,
     received: &Received,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     route: BackendRoute,
 ) -> bool {
     if received.from != backend {
@@ -1150,45 +1128,12 @@ fn flow_activity(datapath: &Datapath, flow: &Flow) -> FlowActivity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use forwarder_common::csum;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
-    /// Applies a rewrite to a header built from `ends` and returns the
-    /// resulting endpoints, checking the checksums match a full recomputation.
-    fn forward(ends: Endpoints, rewrite: &Rewrite) -> Endpoints {
-        let mut ip = [0u8; 20];
-        ip[0] = 0x45;
-        ip[8] = 64;
-        ip[9] = 17;
-        ip[3] = 28;
-        ip[12..16].copy_from_slice(&ends.saddr);
-        ip[16..20].copy_from_slice(&ends.daddr);
-        let c = csum::ipv4_header(&ip).to_ne_bytes();
-        ip[10..12].copy_from_slice(&c);
-        let mut udp = [0u8; 8];
-        udp[0..2].copy_from_slice(&ends.sport);
-        udp[2..4].copy_from_slice(&ends.dport);
-        udp[5] = 8;
-        let c = csum::udp_ipv4(ends.saddr, ends.daddr, &udp).to_ne_bytes();
-        udp[6..8].copy_from_slice(&c);
-        csum::rewrite_ipv4_udp(&mut ip, &mut udp, rewrite);
-        assert_eq!(csum::sum(0, &ip), 0xffff, "IPv4 checksum verifies");
-        let mut check = udp;
-        check[6..8].copy_from_slice(&[0, 0]);
-        assert_eq!(
-            csum::udp_ipv4(
-                ip[12..16].try_into().unwrap(),
-                ip[16..20].try_into().unwrap(),
-                &check
-            )
-            .to_ne_bytes(),
-            [udp[6], udp[7]]
-        );
-        Endpoints {
-            saddr: ip[12..16].try_into().unwrap(),
-            daddr: ip[16..20].try_into().unwrap(),
-            sport: udp[0..2].try_into().unwrap(),
-            dport: udp[2..4].try_into().unwrap(),
-        }
+    const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+        SocketAddr::from((ip, port))
     }
 
     /// A relay on the userspace datapath with sockets on loopback: the
@@ -1206,7 +1151,9 @@ mod tests {
             instance: "unit".into(),
             limits,
             interfaces: Vec::new(),
-            relay_addresses: vec![Ipv4Addr::new(127, 0, 0, 1)],
+            // 2001:db8::1 stands for the relay's own IPv6 address (loopback has
+            // only ::1, which the IPv6 tests use for backends).
+            relay_addresses: vec![LO, "2001:db8::1".parse().unwrap()],
             datapath: Datapath::Userspace {
                 sizes: forwarder_common::config::RuntimeSizes::new(4096, 64).expect("valid sizes"),
             },
@@ -1230,14 +1177,13 @@ mod tests {
     async fn a_spoofed_flood_stays_on_probation_and_a_retrying_client_gets_in() {
         let mut relay = loopback_relay(4);
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: LO,
             ifindex: 0,
         };
-        let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
+        let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
         let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
-        let relay_addr = Ipv4Addr::LOCALHOST;
-        let spoofed =
-            |i: u32| SocketAddrV4::new(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8), 40_000);
+        let relay_addr = LO;
+        let spoofed = |i: u32| v4(Ipv4Addr::new(10, 200, (i >> 8) as u8, i as u8), 40_000);
         for i in 0..1_000 {
             assert!(forwarded(
                 relay
@@ -1259,7 +1205,7 @@ mod tests {
 
         // A real client sends again from its endpoint (mosh retransmits):
         // it outlives the one-shot sources around it.
-        let client: SocketAddrV4 = "192.0.2.7:50000".parse().unwrap();
+        let client: SocketAddr = "192.0.2.7:50000".parse().unwrap();
         relay
             .on_client_packet(info.port, client, relay_addr, 64)
             .unwrap();
@@ -1278,7 +1224,7 @@ mod tests {
         );
 
         // Evicted anyway (a client that sent once) and back: remembered as returning.
-        let once: SocketAddrV4 = "192.0.2.8:50000".parse().unwrap();
+        let once: SocketAddr = "192.0.2.8:50000".parse().unwrap();
         relay
             .on_client_packet(info.port, once, relay_addr, 64)
             .unwrap();
@@ -1316,22 +1262,21 @@ mod tests {
         let mut relay = loopback_relay(1);
         // ifindex 1: loopback, where the route to the backend points.
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: LO,
             ifindex: 1,
         };
-        let backend: SocketAddrV4 = "127.0.0.2:9".parse().unwrap();
+        let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
         let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
-        let first: SocketAddrV4 = "192.0.2.1:50000".parse().unwrap();
-        let ClientVerdict::Forward { socket, .. } = relay
-            .on_client_packet(info.port, first, Ipv4Addr::LOCALHOST, 64)
-            .unwrap()
+        let first: SocketAddr = "192.0.2.1:50000".parse().unwrap();
+        let ClientVerdict::Forward { socket, .. } =
+            relay.on_client_packet(info.port, first, LO, 64).unwrap()
         else {
             panic!("the first flow was refused");
         };
         let from_server = Received {
             len: 64,
             from: backend,
-            to: Ipv4Addr::LOCALHOST,
+            to: LO,
             ifindex: 1,
         };
         assert!(
@@ -1343,7 +1288,7 @@ mod tests {
         // interface, is a forger.
         for forged in [
             Received {
-                to: Ipv4Addr::new(127, 0, 0, 9),
+                to: Ipv4Addr::new(127, 0, 0, 9).into(),
                 ..from_server
             },
             Received {
@@ -1366,11 +1311,9 @@ mod tests {
         assert_eq!(relay.stats.dropped_not_from_server, 1);
 
         // The answered flow fills the limit of one: a second endpoint is refused.
-        let second: SocketAddrV4 = "192.0.2.2:50000".parse().unwrap();
+        let second: SocketAddr = "192.0.2.2:50000".parse().unwrap();
         assert!(!forwarded(
-            relay
-                .on_client_packet(info.port, second, Ipv4Addr::LOCALHOST, 64)
-                .unwrap()
+            relay.on_client_packet(info.port, second, LO, 64).unwrap()
         ));
         assert_eq!(relay.stats.refused_flow_limit, 1);
         let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
@@ -1378,10 +1321,10 @@ mod tests {
         assert!(flows[0].answered);
 
         // Nothing from the backend's address becomes a client.
-        let reflected = SocketAddrV4::new(*backend.ip(), 1234);
+        let reflected = SocketAddr::new(backend.ip(), 1234);
         assert!(!forwarded(
             relay
-                .on_client_packet(info.port, reflected, Ipv4Addr::LOCALHOST, 64)
+                .on_client_packet(info.port, reflected, LO, 64)
                 .unwrap()
         ));
         assert_eq!(relay.stats.dropped_client_is_backend, 1);
@@ -1404,10 +1347,10 @@ mod tests {
             groups: vec!["alice".into()],
         };
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: LO,
             ifindex: 1,
         };
-        let backend = |n: u8| SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
+        let backend = |n: u8| v4(Ipv4Addr::new(127, 0, 0, n), 9);
         let mut ports = Vec::new();
         for n in [2, 3] {
             let (info, _socket) = relay
@@ -1444,17 +1387,16 @@ mod tests {
         // One answered flow on each of alice's sessions: only one may be
         // established under her quota of one flow.
         for (index, &port) in ports.iter().enumerate() {
-            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 50_000 + index as u16);
-            let ClientVerdict::Forward { socket, .. } = relay
-                .on_client_packet(port, client, Ipv4Addr::LOCALHOST, 64)
-                .unwrap()
+            let client = v4(Ipv4Addr::new(192, 0, 2, 1), 50_000 + index as u16);
+            let ClientVerdict::Forward { socket, .. } =
+                relay.on_client_packet(port, client, LO, 64).unwrap()
             else {
                 panic!("alice's first flow on {port} was refused");
             };
             let answer = Received {
                 len: 64,
                 from: backend(2 + index as u8),
-                to: Ipv4Addr::LOCALHOST,
+                to: LO,
                 ifindex: 1,
             };
             assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
@@ -1462,11 +1404,9 @@ mod tests {
         relay.expire(monotonic_ns());
         assert_eq!(relay.stats.flows_promoted, 1, "past alice's flow quota");
         // With her quota spent, a new endpoint is refused on any of her sessions.
-        let late: SocketAddrV4 = "192.0.2.9:50000".parse().unwrap();
+        let late: SocketAddr = "192.0.2.9:50000".parse().unwrap();
         assert!(!forwarded(
-            relay
-                .on_client_packet(ports[0], late, Ipv4Addr::LOCALHOST, 64)
-                .unwrap()
+            relay.on_client_packet(ports[0], late, LO, 64).unwrap()
         ));
         assert_eq!(relay.stats.refused_flow_limit, 1);
         let quota = relay.owner_flow_room(ports[1]).unwrap_err();
@@ -1490,27 +1430,26 @@ mod tests {
             groups: Vec::new(),
         };
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: LO,
             ifindex: 1,
         };
         // Three sessions, one answered flow each: the owner's bucket (1/s,
         // bursts of 2) lets two be established now, whatever the sessions' own.
         for n in 2..5u8 {
-            let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9);
+            let backend = v4(Ipv4Addr::new(127, 0, 0, n), 9);
             let (info, _socket) = relay
                 .add_session_for(bob.clone(), backend, route, None, None)
                 .unwrap();
-            let client = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, n), 50_000);
-            let ClientVerdict::Forward { socket, .. } = relay
-                .on_client_packet(info.port, client, Ipv4Addr::LOCALHOST, 64)
-                .unwrap()
+            let client = v4(Ipv4Addr::new(192, 0, 2, n), 50_000);
+            let ClientVerdict::Forward { socket, .. } =
+                relay.on_client_packet(info.port, client, LO, 64).unwrap()
             else {
                 panic!("bob's flow was refused");
             };
             let answer = Received {
                 len: 64,
                 from: backend,
-                to: Ipv4Addr::LOCALHOST,
+                to: LO,
                 ifindex: 1,
             };
             assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
@@ -1527,23 +1466,23 @@ mod tests {
         let shared_port = 42_099;
         relay.open_shared_port(shared_port).unwrap();
         let route = BackendRoute {
-            source: Ipv4Addr::LOCALHOST,
+            source: LO,
             ifindex: 0,
         };
         // 40 keyed sessions and one without a key.
         let mut keyed = Vec::new();
         for index in 0..40u16 {
-            let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 9_000 + index);
+            let backend = v4(Ipv4Addr::new(127, 0, 0, 2), 9_000 + index);
             let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
             let key = MoshKey::from_bytes(rand::random());
             relay.set_session_key(info.port, key.clone()).unwrap();
             keyed.push((info.port, key));
         }
-        let backend = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 8_999);
+        let backend = v4(Ipv4Addr::new(127, 0, 0, 2), 8_999);
         let (keyless, _socket) = relay.add_session(backend, route, None, None).unwrap();
         let keyless_key = MoshKey::from_bytes(rand::random());
-        let relay_addr = Ipv4Addr::LOCALHOST;
-        let endpoint = |i: u16| SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 40_000 + i);
+        let relay_addr = LO;
+        let endpoint = |i: u16| v4(Ipv4Addr::new(192, 0, 2, 1), 40_000 + i);
         let flows_of =
             |relay: &Relay, port: u16| relay.session_info(port, monotonic_ns()).unwrap().flows;
 
@@ -1675,68 +1614,269 @@ mod tests {
         key.seal(seq, &plaintext)
     }
 
-    #[test]
-    fn flow_entries_relay_both_ways() {
-        let client: SocketAddrV4 = "198.51.100.7:41000".parse().unwrap();
-        let backend: SocketAddrV4 = "10.0.2.2:60001".parse().unwrap();
-        let relay: Ipv4Addr = "203.0.113.1".parse().unwrap();
+    const LO6: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
+
+    /// The addresses the session table built a flow's entries from, read
+    /// back by rebuilding them: what the datapath installs.
+    fn expect_entries(relay: &Relay, upstream_port: u16, addrs: FlowAddrs) {
+        let flow = &relay.flows[&upstream_port];
+        assert_eq!(
+            flow.entries,
+            FlowEntries::new(&FlowAddrs {
+                slot: flow.slot,
+                ..addrs
+            })
+        );
+        assert_eq!(
+            flow.entries.counter_slots(),
+            (flow.slot * 2, flow.slot * 2 + 1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_roaming_from_ipv4_to_ipv6_is_a_new_flow_of_the_same_session() {
+        let mut relay = loopback_relay(4);
         let route = BackendRoute {
-            source: "10.0.2.1".parse().unwrap(),
-            ifindex: 7,
+            source: LO,
+            ifindex: 1,
         };
-        let entries = flow_entries(relay, 60000, client, route, 61000, backend, 3);
+        let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let on_v4: SocketAddr = "192.0.2.7:50000".parse().unwrap();
+        let on_v6: SocketAddr = "[2001:db8:7::7]:50000".parse().unwrap();
+        let mut upstreams = Vec::new();
+        for (client, relay_addr) in [(on_v4, LO), (on_v6, LO6)] {
+            let ClientVerdict::Forward {
+                socket,
+                backend: to,
+                new_flow,
+            } = relay
+                .on_client_packet(info.port, client, relay_addr, 64)
+                .unwrap()
+            else {
+                panic!("{client} was refused");
+            };
+            assert!(new_flow);
+            // Whatever the client's family, upstream is the backend's.
+            assert_eq!(to, backend);
+            expect_entries(
+                &relay,
+                socket.port,
+                FlowAddrs {
+                    client,
+                    facing: SocketAddr::new(relay_addr, info.port),
+                    upstream: SocketAddr::new(LO, socket.port),
+                    backend,
+                    backend_ifindex: 1,
+                    slot: 0,
+                },
+            );
+            upstreams.push(socket.port);
+        }
+        assert_ne!(upstreams[0], upstreams[1], "each flow has its own port Q");
+        let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
+        let clients: Vec<&str> = flows.iter().map(|f| f.client.as_str()).collect();
+        assert!(clients.contains(&"192.0.2.7:50000"), "{clients:?}");
+        assert!(clients.contains(&"[2001:db8:7::7]:50000"), "{clients:?}");
+        assert!(flows.iter().any(|f| f.relay_addr == "::1"));
+        assert_eq!(relay.session_count(), 1);
 
-        let upstream = forward(
-            Endpoints {
-                saddr: client.ip().octets(),
-                daddr: relay.octets(),
-                sport: 41000u16.to_be_bytes(),
-                dport: 60000u16.to_be_bytes(),
-            },
-            &entries.client_rewrite,
-        );
-        assert_eq!(
-            upstream,
-            Endpoints {
-                saddr: [10, 0, 2, 1],
-                daddr: [10, 0, 2, 2],
-                sport: 61000u16.to_be_bytes(),
-                dport: 60001u16.to_be_bytes()
-            }
-        );
-        assert_eq!(entries.backend_key.relay_addr, upstream.saddr);
-        assert_eq!(entries.backend_key.relay_port, upstream.sport);
+        // The server answers the IPv6 flow (it decrypted its datagram): the
+        // reply goes to the IPv6 client from the relay's IPv6 address.
+        let answer = Received {
+            len: 64,
+            from: backend,
+            to: LO,
+            ifindex: 1,
+        };
+        let (_, to, from) = relay.on_server_packet(upstreams[1], &answer, 64).unwrap();
+        assert_eq!((to, from), (on_v6, LO6));
+        let (_, to, from) = relay.on_server_packet(upstreams[0], &answer, 64).unwrap();
+        assert_eq!((to, from), (on_v4, LO));
+    }
 
-        let reply = forward(
-            Endpoints {
-                saddr: upstream.daddr,
-                daddr: upstream.saddr,
-                sport: upstream.dport,
-                dport: upstream.sport,
+    #[tokio::test]
+    async fn an_ipv6_backend_takes_ipv6_flow_ports_and_the_server_rule_in_ipv6() {
+        let mut relay = loopback_relay(1);
+        let route = BackendRoute {
+            source: LO6,
+            ifindex: 1,
+        };
+        let backend: SocketAddr = "[::1]:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        // An IPv4 client reaches the IPv6 server: translated in the datapath.
+        let client: SocketAddr = "192.0.2.1:50000".parse().unwrap();
+        let ClientVerdict::Forward { socket, .. } =
+            relay.on_client_packet(info.port, client, LO, 64).unwrap()
+        else {
+            panic!("the IPv4 client was refused");
+        };
+        expect_entries(
+            &relay,
+            socket.port,
+            FlowAddrs {
+                client,
+                facing: SocketAddr::new(LO, info.port),
+                upstream: SocketAddr::new(LO6, socket.port),
+                backend,
+                backend_ifindex: 1,
+                slot: 0,
             },
-            &entries.backend_rewrite,
         );
-        assert_eq!(
-            reply,
-            Endpoints {
-                saddr: relay.octets(),
-                daddr: client.ip().octets(),
-                sport: 60000u16.to_be_bytes(),
-                dport: 41000u16.to_be_bytes()
-            }
+        let from_server = Received {
+            len: 64,
+            from: backend,
+            to: LO6,
+            ifindex: 1,
+        };
+        // The server's endpoint at the relay's IPv4 address, or at another
+        // IPv6 one, is a forger; so is anybody else at the right address.
+        for forged in [
+            Received {
+                to: LO,
+                ..from_server
+            },
+            Received {
+                to: "2001:db8::1".parse().unwrap(),
+                ..from_server
+            },
+            Received {
+                ifindex: 7,
+                ..from_server
+            },
+        ] {
+            assert!(relay.on_server_packet(socket.port, &forged, 64).is_none());
+        }
+        assert_eq!(relay.stats.dropped_server_wrong_path, 3);
+        let elsewhere = Received {
+            from: "[::1]:10".parse().unwrap(),
+            ..from_server
+        };
+        assert!(
+            relay
+                .on_server_packet(socket.port, &elsewhere, 64)
+                .is_none()
         );
-        assert_eq!(entries.backend_rewrite.allowed_saddr, backend.ip().octets());
-        assert_eq!(
-            entries.backend_rewrite.allowed_sport,
-            60001u16.to_be_bytes()
+        assert_eq!(relay.stats.dropped_not_from_server, 1);
+        let (_, to, from) = relay
+            .on_server_packet(socket.port, &from_server, 64)
+            .unwrap();
+        assert_eq!((to, from), (client, LO));
+
+        // Nothing from the backend's address or the relay's own becomes a
+        // client, in either family.
+        for reflected in ["[::1]:1234", "[2001:db8::1]:1234", "127.0.0.1:1234"] {
+            let reflected: SocketAddr = reflected.parse().unwrap();
+            assert!(!forwarded(
+                relay
+                    .on_client_packet(info.port, reflected, LO6, 64)
+                    .unwrap()
+            ));
+        }
+        assert_eq!(relay.stats.dropped_client_is_backend, 3);
+
+        // The relay's own IPv6 address is no backend; nor is a backend whose
+        // route leaves from the other family.
+        let own = relay.add_session("[2001:db8::1]:9".parse().unwrap(), route, None, None);
+        let Err(own) = own else {
+            panic!("the relay's own address became a backend");
+        };
+        assert!(own.to_string().contains("own addresses"), "{own}");
+        let crossed = relay.add_session(
+            "[::1]:10".parse().unwrap(),
+            BackendRoute {
+                source: LO,
+                ifindex: 1,
+            },
+            None,
+            None,
         );
-        assert_eq!(entries.backend_rewrite.allowed_ifindex, 7);
+        let Err(crossed) = crossed else {
+            panic!("a route of the other family was taken");
+        };
+        assert!(crossed.to_string().contains("other family"), "{crossed}");
+        // One backend, one session: its v4-mapped spelling is the same one.
+        let (v4_backend, _) = relay
+            .add_session(
+                "127.0.0.2:9".parse().unwrap(),
+                BackendRoute {
+                    source: LO,
+                    ifindex: 1,
+                },
+                None,
+                None,
+            )
+            .unwrap();
+        let mapped = relay.add_session(
+            "[::ffff:127.0.0.2]:9".parse().unwrap(),
+            BackendRoute {
+                source: LO,
+                ifindex: 1,
+            },
+            None,
+            None,
+        );
+        let Err(mapped) = mapped else {
+            panic!("a v4-mapped backend got a second session");
+        };
+        assert!(
+            mapped.to_string().contains(&v4_backend.id),
+            "a v4-mapped backend is the IPv4 one: {mapped}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sessions_limits_count_flows_of_both_families() {
+        let mut relay = loopback_relay(1);
+        let route = BackendRoute {
+            source: LO,
+            ifindex: 1,
+        };
+        let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let ClientVerdict::Forward { socket, .. } = relay
+            .on_client_packet(info.port, "[2001:db8:7::7]:50000".parse().unwrap(), LO6, 64)
+            .unwrap()
+        else {
+            panic!("the IPv6 flow was refused");
+        };
+        let answer = Received {
+            len: 64,
+            from: backend,
+            to: LO,
+            ifindex: 1,
+        };
+        assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
+        // The answered IPv6 flow fills the limit of one: an IPv4 endpoint
+        // of the same session is refused, and the other way round.
+        assert!(!forwarded(
+            relay
+                .on_client_packet(info.port, "192.0.2.1:50000".parse().unwrap(), LO, 64)
+                .unwrap()
+        ));
+        assert_eq!(relay.stats.refused_flow_limit, 1);
+
+        // Probation is one set for both families: a flood of IPv6 sources
+        // churns it, an IPv4 client that retries stays.
+        let mut relay = loopback_relay(4);
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let retrying: SocketAddr = "192.0.2.9:50000".parse().unwrap();
+        for _ in 0..2 {
+            relay.on_client_packet(info.port, retrying, LO, 64).unwrap();
+        }
+        for i in 0..200u16 {
+            let spoofed = SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, i)),
+                40_000,
+            );
+            relay.on_client_packet(info.port, spoofed, LO6, 64).unwrap();
+        }
+        let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
+        assert_eq!(flows.len(), DEFAULT_PROBATION_FLOWS);
+        assert!(flows.iter().any(|f| f.client == retrying.to_string()));
         assert_eq!(
-            (
-                entries.client_rewrite.counter_slot,
-                entries.backend_rewrite.counter_slot
-            ),
-            (6, 7)
+            relay.stats.flows_evicted_unanswered,
+            201 - DEFAULT_PROBATION_FLOWS as u64
         );
     }
 }

@@ -33,15 +33,11 @@
 //! a client or server move; the newest sequence numbers are written at
 //! most every [`PROGRESS_WRITE_INTERVAL`].
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use anyhow::{Context, bail};
-use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
-use forwarder_common::{BackendKey, Rewrite};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -49,7 +45,7 @@ use super::{
 };
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
-use crate::datapath::xdp::{BackendRoute, FlowEntries};
+use crate::datapath::{BackendHalfKey, BackendRoute, BackendState, FlowEntries, InstalledHalves};
 use crate::mosh::{self, ClientFollower, MoshKey, Rejected};
 use crate::punch::wire::Token;
 use crate::store::{KeyBinding, NatRecord};
@@ -72,7 +68,7 @@ pub struct NatState {
     pub token: Token,
     /// Where the Allocate request came from: a repeated request from there
     /// (its answer was lost) gets the same session.
-    pub punch_source: SocketAddrV4,
+    pub punch_source: SocketAddr,
     /// The server's endpoint as packets to Q arrive from it (set by Bind).
     bound: bool,
     follower: Option<ClientFollower>,
@@ -96,8 +92,8 @@ pub struct NatState {
 
 /// The client endpoint the server's packets currently go to.
 struct NatClient {
-    client: SocketAddrV4,
-    relay_addr: Ipv4Addr,
+    client: SocketAddr,
+    relay_addr: IpAddr,
     entries: FlowEntries,
     since_ns: u64,
 }
@@ -133,12 +129,12 @@ impl NatState {
 /// The map entries of a punched session's one flow: only the backend half
 /// is installed, and it hands unknown sources to the daemon.
 fn nat_entries(
-    relay_addr: Ipv4Addr,
+    relay_addr: IpAddr,
     session_port: u16,
-    client: SocketAddrV4,
+    client: SocketAddr,
     route: BackendRoute,
     upstream_port: u16,
-    backend: SocketAddrV4,
+    backend: SocketAddr,
     slot: u32,
 ) -> FlowEntries {
     let mut entries = flow_entries(
@@ -150,7 +146,7 @@ fn nat_entries(
         backend,
         slot,
     );
-    entries.backend_rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+    entries.send_unknown_sources_to_daemon();
     entries
 }
 
@@ -170,7 +166,7 @@ impl Relay {
     /// `punch_source`, or returns the one it already has.
     pub fn allocate_nat_session(
         &mut self,
-        punch_source: SocketAddrV4,
+        punch_source: SocketAddr,
         route: BackendRoute,
     ) -> anyhow::Result<Allocation> {
         if let Some(session) = self
@@ -259,7 +255,7 @@ impl Relay {
         &mut self,
         upstream_port: u16,
         token: &Token,
-        seen: SocketAddrV4,
+        seen: SocketAddr,
         route: BackendRoute,
     ) -> Option<u16> {
         let port = self.nat_port_by_upstream(upstream_port)?;
@@ -326,8 +322,8 @@ impl Relay {
     pub fn on_nat_client_packet(
         &mut self,
         session_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
         datagram: &[u8],
     ) -> ClientVerdict {
         let now = monotonic_ns();
@@ -388,8 +384,8 @@ impl Relay {
     fn nat_move(
         &mut self,
         session_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
     ) -> anyhow::Result<()> {
         let session = self
             .sessions
@@ -430,7 +426,7 @@ impl Relay {
         upstream_port: u16,
         received: &Received,
         datagram: &[u8],
-    ) -> Option<(Arc<RelaySocket>, SocketAddrV4, Ipv4Addr)> {
+    ) -> Option<(Arc<RelaySocket>, SocketAddr, IpAddr)> {
         let port = self.nat_port_by_upstream(upstream_port)?;
         let session = self.sessions.get_mut(&port)?;
         let (from, to) = (received.from, received.to);
@@ -516,7 +512,7 @@ impl Relay {
     pub fn nat_keepalives_due(
         &mut self,
         interval: Duration,
-    ) -> Vec<(Arc<RelaySocket>, SocketAddrV4)> {
+    ) -> Vec<(Arc<RelaySocket>, SocketAddr)> {
         let now = monotonic_ns();
         let interval = interval.as_nanos() as u64;
         let mut due = Vec::new();
@@ -580,7 +576,7 @@ impl Relay {
         let current = nat.current.as_ref()?;
         let to_client = self
             .datapath
-            .flow_counter(current.entries.backend_rewrite.counter_slot);
+            .flow_counter(current.entries.counter_slots().1);
         let last = Self::nat_last_active(&self.datapath, nat).max(current.since_ns);
         Some(FlowInfo {
             client: current.client.to_string(),
@@ -604,7 +600,7 @@ impl Relay {
 pub(super) struct RestoredNat {
     pub upstream: Arc<RelaySocket>,
     /// The pinned backend half it adopted or re-installed.
-    pub backend_key: Option<BackendKey>,
+    pub backend_key: Option<BackendHalfKey>,
 }
 
 impl Relay {
@@ -694,7 +690,7 @@ impl Relay {
         &mut self,
         session: &mut Session,
         record: &NatRecord,
-        backend_halves: &HashMap<BackendKey, Rewrite>,
+        installed: &InstalledHalves,
         now: u64,
     ) -> anyhow::Result<RestoredNat> {
         let Some(store) = &self.store else {
@@ -735,11 +731,10 @@ impl Relay {
         };
         self.free_slots.retain(|&free| free != slot);
         let mut backend_key = None;
+        let punch_source = record.punch_source;
         let current = record.client.map(|(client, relay_addr)| {
             let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend, slot);
-            let adopted = backend_halves
-                .get(&entries.backend_key)
-                .is_some_and(|found| super::restore::same_rewrite(&entries.backend_rewrite, found));
+            let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. });
             if !adopted {
                 // Missing (userspace datapath, a detach) or from an older
                 // layout: install what the record says.
@@ -747,7 +742,7 @@ impl Relay {
                     warn!(session = %session.id, error = format!("{error:#}"), "re-installing a restored NAT session's backend half");
                 }
             }
-            backend_key = Some(entries.backend_key);
+            backend_key = Some(entries.backend_key());
             if adopted {
                 info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; pinned backend half adopted");
             } else {
@@ -763,7 +758,7 @@ impl Relay {
             upstream_port: record.upstream_port,
             upstream: upstream.clone(),
             token: record.token,
-            punch_source: record.punch_source,
+            punch_source,
             bound: record.bound,
             follower,
             current,

@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 
 use super::*;
+use crate::datapath::{BackendHalfKey, BackendState, InstalledClient, InstalledHalves};
 
 /// What a start brought back, and the sockets whose readers the daemon starts.
 #[derive(Default)]
@@ -24,25 +25,16 @@ pub struct Restored {
     pub dropped_halves: usize,
 }
 
-pub(super) fn same_rewrite(expected: &Rewrite, found: &Rewrite) -> bool {
-    // The XDP program writes last_seen; everything else is ours.
-    Rewrite {
-        last_seen_ns: 0,
-        ..*found
-    } == *expected
-}
-
 impl Relay {
     /// Rebuilds the table from the stored sessions and the pinned maps.
     /// Call once, before any socket reader runs.
     pub fn restore(&mut self, records: Vec<SessionRecord>) -> Restored {
         let now = monotonic_ns();
         let mut restored = Restored::default();
-        let backend_halves: HashMap<BackendKey, Rewrite> =
-            self.datapath.backend_halves().into_iter().collect();
+        let installed = self.datapath.installed();
         let mut claimed = HashSet::new();
         for record in records {
-            match self.restore_session(&record, &backend_halves, now) {
+            match self.restore_session(&record, &installed, now) {
                 Ok((socket, nat)) => {
                     restored.session_sockets.push(socket);
                     if let Some(nat) = nat {
@@ -71,27 +63,30 @@ impl Relay {
             }
         }
 
-        for (key, rewrite) in self.datapath.client_halves() {
-            match self.restore_flow(&key, &rewrite, &backend_halves, now) {
+        for found in &installed.clients {
+            match self.restore_flow(found, &installed, now) {
                 Ok((backend_key, socket)) => {
                     claimed.insert(backend_key);
                     restored.flow_sockets.push(socket);
                 }
                 Err(why) => {
                     warn!(
-                        client = %SocketAddrV4::new(key.client_addr.into(), u16::from_be_bytes(key.client_port)),
-                        port = u16::from_be_bytes(key.relay_port),
+                        client = %found.client,
+                        port = found.facing.port(),
                         why,
                         "pinned flow removed"
                     );
-                    self.datapath.remove_client_half(&key);
+                    self.datapath.remove_client_half(found);
                     restored.dropped_halves += 1;
                 }
             }
         }
-        for key in backend_halves.keys().filter(|key| !claimed.contains(*key)) {
+        for key in installed
+            .backend_keys()
+            .filter(|key| !claimed.contains(*key))
+        {
             warn!(
-                upstream_port = u16::from_be_bytes(key.relay_port),
+                upstream_port = key.upstream().port(),
                 "pinned backend half without its flow removed"
             );
             self.datapath.remove_backend_half(key);
@@ -103,14 +98,14 @@ impl Relay {
     fn restore_session(
         &mut self,
         record: &SessionRecord,
-        backend_halves: &HashMap<BackendKey, Rewrite>,
+        installed: &InstalledHalves,
         now: u64,
     ) -> anyhow::Result<(Arc<RelaySocket>, Option<nat::RestoredNat>)> {
         if self.sessions.values().any(|s| s.id == record.id) {
             bail!("another stored session has the same id");
         }
         self.session_ports.take(record.port)?;
-        let socket = match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, record.port) {
+        let socket = match RelaySocket::bind_client_facing(record.port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
                 self.session_ports.release(record.port);
@@ -136,7 +131,7 @@ impl Relay {
         session.owner = crate::users::Owner::lookup(record.owner_uid, None);
         session.quota = self.users.quota_for(&session.owner);
         let nat = match &record.nat {
-            Some(nat) => match self.restore_nat(&mut session, nat, backend_halves, now) {
+            Some(nat) => match self.restore_nat(&mut session, nat, installed, now) {
                 Ok(restored) => Some(restored),
                 Err(error) => {
                     socket.close();
@@ -160,23 +155,20 @@ impl Relay {
         Ok((socket, nat))
     }
 
-    /// Adopts one client half found in the pinned map, with its backend half.
+    /// Adopts one client half found in the pinned maps (either family),
+    /// with its backend half.
     fn restore_flow(
         &mut self,
-        key: &ClientKey,
-        rewrite: &Rewrite,
-        backend_halves: &HashMap<BackendKey, Rewrite>,
+        found: &InstalledClient,
+        installed: &InstalledHalves,
         now: u64,
-    ) -> Result<(BackendKey, Arc<RelaySocket>), String> {
-        let facing_port = u16::from_be_bytes(key.relay_port);
+    ) -> Result<(BackendHalfKey, Arc<RelaySocket>), String> {
+        let facing_port = found.facing.port();
         // A flow on the shared port belongs to the keyed session whose
         // backend it forwards to (backends are unique per session).
         let session_port = match &self.shared {
             Some(shared) if shared.port == facing_port => {
-                let backend = SocketAddrV4::new(
-                    rewrite.new_daddr.into(),
-                    u16::from_be_bytes(rewrite.new_dport),
-                );
+                let backend = found.backend;
                 self.sessions
                     .values()
                     .find(|s| s.backend == backend && s.key.is_some())
@@ -189,10 +181,10 @@ impl Relay {
             .sessions
             .get(&session_port)
             .ok_or_else(|| format!("no stored session on port {session_port}"))?;
-        let relay_addr = Ipv4Addr::from(key.relay_addr);
-        let client = SocketAddrV4::new(key.client_addr.into(), u16::from_be_bytes(key.client_port));
-        let upstream_port = u16::from_be_bytes(rewrite.new_sport);
-        let slot = rewrite.counter_slot / 2;
+        let relay_addr = found.facing.ip();
+        let client = found.client;
+        let upstream_port = found.upstream_port;
+        let slot = found.slot;
         if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
             return Err(format!("counter slot {slot} is out of range or used twice"));
         }
@@ -205,14 +197,16 @@ impl Relay {
             session.backend,
             slot,
         );
-        if !same_rewrite(&entries.client_rewrite, rewrite) {
+        if !found.matches(&entries) {
             return Err("the client half does not match its session".into());
         }
-        match backend_halves.get(&entries.backend_key) {
-            Some(found) if same_rewrite(&entries.backend_rewrite, found) => {}
-            Some(_) => return Err("the backend half does not match its session".into()),
-            None => return Err("the backend half is missing".into()),
-        }
+        let answered = match installed.backend_state(&entries) {
+            BackendState::Matches { answered } => answered,
+            BackendState::Differs => {
+                return Err("the backend half does not match its session".into());
+            }
+            BackendState::Missing => return Err("the backend half is missing".into()),
+        };
         self.flow_ports
             .take(upstream_port)
             .map_err(|error| error.to_string())?;
@@ -249,13 +243,11 @@ impl Relay {
         {
             shared.flows.insert((relay_addr, client), session_port);
         }
-        flow.answered = backend_halves
-            .get(&entries.backend_key)
-            .is_some_and(|half| half.last_seen_ns > 0);
+        flow.answered = answered;
         if !flow.answered {
             session.probation.push_back(upstream_port);
         }
         self.flows.insert(upstream_port, flow);
-        Ok((entries.backend_key, socket))
+        Ok((entries.backend_key(), socket))
     }
 }

@@ -32,7 +32,7 @@
 //! the session ([`Relay::store_keyed_progress`]) so a restart keeps it.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -83,7 +83,7 @@ pub struct SharedPort {
     /// Keyed sessions, by their own client-facing port.
     pub(super) ring: KeyRing<u16>,
     /// (relay address, client endpoint) → session port, for flows on the shared port.
-    pub(super) flows: HashMap<(Ipv4Addr, SocketAddrV4), u16>,
+    pub(super) flows: HashMap<(IpAddr, SocketAddr), u16>,
 }
 
 /// The newest sequence number `flow` has carried at least: its verified
@@ -92,7 +92,7 @@ pub struct SharedPort {
 pub(super) fn flow_seq_bound(datapath: &Datapath, flow: &Flow) -> Option<u64> {
     let first = flow.first_seq?;
     let forwarded = datapath
-        .flow_counter(flow.entries.client_rewrite.counter_slot)
+        .flow_counter(flow.entries.counter_slots().0)
         .packets
         + flow.slow_to_server.0;
     Some(first.saturating_add(forwarded.saturating_sub(1)))
@@ -153,7 +153,7 @@ impl Relay {
         if in_pool {
             self.session_ports.take(port)?;
         }
-        let socket = match RelaySocket::bind(Ipv4Addr::UNSPECIFIED, port) {
+        let socket = match RelaySocket::bind_client_facing(port) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
                 if in_pool {
@@ -300,8 +300,8 @@ impl Relay {
     pub fn on_client_datagram(
         &mut self,
         session_port: u16,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
         datagram: &[u8],
     ) -> anyhow::Result<ClientVerdict> {
         let first_seq = match self.sessions.get_mut(&session_port) {
@@ -338,8 +338,8 @@ impl Relay {
     /// creates nothing and is counted.
     pub fn on_shared_packet(
         &mut self,
-        client: SocketAddrV4,
-        relay_addr: Ipv4Addr,
+        client: SocketAddr,
+        relay_addr: IpAddr,
         datagram: &[u8],
     ) -> anyhow::Result<ClientVerdict> {
         let Some(shared) = &self.shared else {

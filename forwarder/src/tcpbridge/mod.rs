@@ -45,13 +45,33 @@ pub struct TcpBridgeOptions {
     pub idle_timeout: Duration,
 }
 
-/// Binds the TCP port on every address.
+/// Binds the TCP port on every address of both families (one dual-stack
+/// socket, as the UDP ports; IPv4 alone on a host without IPv6).
 pub async fn bind(port: u16) -> anyhow::Result<TcpListener> {
-    TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-        .await
-        .with_context(|| {
-            format!("listening on TCP port {port} (--tcp-port): is another program using it?")
-        })
+    let listen = |dual_stack: bool| -> std::io::Result<TcpListener> {
+        use socket2::{Domain, Socket, Type};
+        let (domain, address): (Domain, SocketAddr) = if dual_stack {
+            (Domain::IPV6, (std::net::Ipv6Addr::UNSPECIFIED, port).into())
+        } else {
+            (Domain::IPV4, (Ipv4Addr::UNSPECIFIED, port).into())
+        };
+        let socket = Socket::new(domain, Type::STREAM, None)?;
+        if dual_stack {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(1024)?;
+        socket.set_nonblocking(true)?;
+        TcpListener::from_std(socket.into())
+    };
+    match listen(true) {
+        Err(error) if error.raw_os_error() == Some(libc::EAFNOSUPPORT) => listen(false),
+        other => other,
+    }
+    .with_context(|| {
+        format!("listening on TCP port {port} (--tcp-port): is another program using it?")
+    })
 }
 
 struct Bridge {

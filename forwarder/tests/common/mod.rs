@@ -32,6 +32,8 @@ use forwarder_common::{
     config::RELAY_CONFIG_GLOBAL, flow::Endpoints, reason::ReasonCounter,
 };
 
+pub mod six;
+
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
@@ -65,6 +67,18 @@ pub const NEAR_BACKEND: [u8; 4] = [10, 0, 1, 3];
 pub const UNRESOLVED_BACKEND: [u8; 4] = [10, 0, 2, 9];
 /// No route at all in the namespace (TEST-NET-1).
 pub const UNROUTABLE_BACKEND: [u8; 4] = [192, 0, 2, 1];
+
+// IPv6 addresses of the same topology (see namespace.rs).
+pub const CLIENT6: [u8; 16] = v6(1, 2);
+pub const RELAY_FRONT6: [u8; 16] = v6(1, 1);
+pub const RELAY_BACK6: [u8; 16] = v6(2, 1);
+pub const BACKEND6: [u8; 16] = v6(2, 2);
+pub const NEAR_BACKEND6: [u8; 16] = v6(1, 3);
+
+/// `fd00:NET::HOST`.
+const fn v6(net: u8, host: u8) -> [u8; 16] {
+    [0xfd, 0, 0, net, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, host]
+}
 
 pub const FRONT_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 1];
 pub const BACK_MAC: [u8; 6] = [0x02, 0, 0, 0, 2, 1];
@@ -158,6 +172,29 @@ impl Relay {
         map.set(0, SlowpathBucket::per_second(pps), 0).unwrap();
     }
 
+    /// Inserts `key → value` into the map named `name` (any key and value type).
+    pub fn insert<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, key: K, value: V) {
+        let mut map: HashMap<_, K, V> = HashMap::try_from(
+            self.ebpf
+                .map_mut(name)
+                .unwrap_or_else(|| panic!("{name} map")),
+        )
+        .unwrap();
+        map.insert(key, value, 0).unwrap();
+    }
+
+    /// ORs `bits` into word `index` of the u32 array named `name`.
+    pub fn set_array_word(&mut self, name: &str, index: u32, bits: u32) {
+        let mut map: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(name)
+                .unwrap_or_else(|| panic!("{name} map")),
+        )
+        .unwrap();
+        let old = map.get(&index, 0).unwrap();
+        map.set(index, old | bits, 0).unwrap();
+    }
+
     pub fn client_flow(&self, key: &ClientKey) -> Rewrite {
         let map: HashMap<_, ClientKey, Rewrite> =
             HashMap::try_from(self.ebpf.map("CLIENT_FLOWS").unwrap()).unwrap();
@@ -225,7 +262,8 @@ impl Relay {
         );
         assert_eq!(
             self.reason_count(reason),
-            (packets_before + 1, bytes_before + frame.len() as u64),
+            // Bytes as the frame leaves: a translation changes its size.
+            (packets_before + 1, bytes_before + run.out.len() as u64),
             "expected reason {}, counters: {}",
             reason.name(),
             self.counters()

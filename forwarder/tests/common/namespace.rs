@@ -3,6 +3,8 @@
 //! ```text
 //!   front (10.0.1.1/24, FRONT_MAC) <== veth ==> back (10.0.2.1/24, BACK_MAC)
 //!   neighbours: CLIENT and NEAR_BACKEND on front, BACKEND on back.
+//!   IPv6: front fd00:1::1/64, back fd00:2::1/64, the same neighbours at ::2
+//!   (and NEAR_BACKEND at fd00:1::3), IPv6 forwarding on.
 //! ```
 //!
 //! Each test that forwards builds its own, holding both ends of one veth
@@ -12,14 +14,15 @@
 //! namespace's routes and neighbours. The namespace itself is the testbed's
 //! [`Netns`], the same helper every integration test uses.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result};
 use forwarder_testbed::{Netns, veth_pair};
 
 use super::{
-    BACK_MAC, BACKEND, BACKEND_MAC, CLIENT, CLIENT_MAC, FRONT_MAC, NEAR_BACKEND, NEAR_BACKEND_MAC,
-    RELAY_BACK, RELAY_FRONT, require_root,
+    BACK_MAC, BACKEND, BACKEND_MAC, BACKEND6, CLIENT, CLIENT_MAC, CLIENT6, FRONT_MAC, NEAR_BACKEND,
+    NEAR_BACKEND_MAC, NEAR_BACKEND6, RELAY_BACK, RELAY_BACK6, RELAY_FRONT, RELAY_FRONT6,
+    require_root,
 };
 
 /// The topology above, deleted on drop (also when the test panics).
@@ -76,6 +79,33 @@ fn build(ns: &Netns) -> Result<()> {
     ] {
         ns.add_neigh(Ipv4Addr::from(addr), mac, dev)
             .with_context(|| format!("neighbour {}", Ipv4Addr::from(addr)))?;
+    }
+    // IPv6: no DAD, so the addresses are usable at once; permanent
+    // neighbours, as for IPv4, so no NDP is needed.
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    for (addr, dev) in [(RELAY_FRONT6, "front"), (RELAY_BACK6, "back")] {
+        let addr = format!("{}/64", Ipv6Addr::from(addr));
+        ns.ip(&["-6", "addr", "add", &addr, "dev", dev, "nodad"])?;
+    }
+    for (addr, mac, dev) in [
+        (CLIENT6, CLIENT_MAC, "front"),
+        (NEAR_BACKEND6, NEAR_BACKEND_MAC, "front"),
+        (BACKEND6, BACKEND_MAC, "back"),
+    ] {
+        let mac = mac.map(|b| format!("{b:02x}")).join(":");
+        ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &Ipv6Addr::from(addr).to_string(),
+            "lladdr",
+            &mac,
+            "nud",
+            "permanent",
+            "dev",
+            dev,
+        ])
+        .with_context(|| format!("neighbour {}", Ipv6Addr::from(addr)))?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use etherparse::{Ipv4Header, UdpHeader};
 use forwarder_common::Reason;
 
 use super::namespace::{Namespace, Topology};
+use super::six::{Shape, assert_checksums};
 use super::{
     BACK_MAC, BACKEND, BACKEND_MAC, BACKEND_PORT, CLIENT, CLIENT_MAC, CLIENT_PORT, FLOW_PORT,
     FRONT_MAC, IP, NEAR_BACKEND, NEAR_BACKEND_MAC, RELAY_BACK, RELAY_FRONT, Relay, SESSION_PORT,
@@ -25,6 +26,9 @@ pub struct Maps {
     /// Slow-path buckets: (session port, packets per second), and the global rate.
     pub session_bucket: Option<(u16, u32)>,
     pub global_bucket: Option<u32>,
+    /// Both halves of an IPv6 or translated flow (see `six::Shape`), and
+    /// whether its backend half hands unknown sources to the daemon.
+    pub six: Option<(Shape, bool)>,
 }
 
 /// Which interface a frame arrives on.
@@ -41,6 +45,9 @@ pub enum Output {
     Untouched,
     /// Rewritten like a router: (source MAC, destination MAC), new source, new destination.
     Forwarded(([u8; 6], [u8; 6]), ([u8; 4], u16), ([u8; 4], u16)),
+    /// Exactly this frame, built from scratch by etherparse (IPv6 and
+    /// translated output).
+    Built(fn() -> Vec<u8>),
 }
 
 struct Fixture {
@@ -73,6 +80,7 @@ pub const NEAR_FLOW: Maps = Maps {
     backend_flow: false,
     session_bucket: None,
     global_bucket: None,
+    six: None,
 };
 pub const FAR_FLOW: Maps = Maps {
     client_flow_to: Some(BACKEND),
@@ -104,6 +112,9 @@ impl Relay {
         }
         if let Some(pps) = maps.global_bucket {
             self.set_global_bucket(pps);
+        }
+        if let Some((shape, nat)) = maps.six {
+            shape.install(self, topo, nat);
         }
     }
 }
@@ -163,6 +174,10 @@ impl Table {
                         let want = expected_forward(&fixture.frame, macs, src, dst);
                         assert_eq!(run.out, want, "{}: output bytes", fixture.name);
                         assert_checksums_valid(&run.out);
+                    }
+                    Output::Built(build) => {
+                        assert_eq!(run.out, build(), "{}: output bytes", fixture.name);
+                        assert_checksums(&run.out);
                     }
                 }
             }

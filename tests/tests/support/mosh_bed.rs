@@ -43,11 +43,16 @@ impl Bed {
     /// [`Bed::build`] with more `forwarder run` flags.
     pub fn build_with(allow: &str, relay_args: &[&str]) -> Result<Self> {
         prereq::require()?;
+        Self::build_on(Topology::client_relay_server()?, allow, relay_args)
+    }
+
+    /// [`Bed::build_with`] on a topology built elsewhere (dual stack, say).
+    pub fn build_on(topo: Topology, allow: &str, relay_args: &[&str]) -> Result<Self> {
+        prereq::require()?;
         let group = TestGroup::new()?;
         let user = SshUser::create(&[&group])?;
         let outsider = SshUser::create(&[])?;
         let cli = UserCli::new()?;
-        let topo = Topology::client_relay_server()?;
         // The client reaches the bastion and nothing behind it: no
         // forwarding through the relay namespace at all, only XDP's and
         // the daemon's own sockets.

@@ -1,0 +1,155 @@
+//! The pipelines of IPv6 packets and of IPv4 packets that leave as IPv6:
+//! the same steps as the IPv4 one in main.rs (parse, look up, check, route,
+//! rewrite or translate, forward), each ending in a `Reason`.
+
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use forwarder_common::Reason;
+
+use crate::{
+    flow::{self, Side},
+    flow6, forward,
+    forward::Sent,
+    forward6,
+    maps::FLOW_COUNTERS,
+    parse::{IPV4_LEN, Packet},
+    parse6::{self, IPV6_LEN},
+    rewrite6, slowpath,
+    translate::{self, Carried},
+};
+
+/// A frame that is not IPv4: IPv6 UDP to a relay port, or not ours.
+#[inline(always)]
+pub fn relay6(ctx: &XdpContext) -> Result<Sent, Reason> {
+    let packet = parse6::parse(ctx)?;
+    let dst_port = u16::from_be_bytes(packet.udp().dst);
+    let side = flow::side_of(dst_port)?;
+    parse6::check(&packet)?;
+    let miss_session = match side {
+        Side::Client => Some(dst_port),
+        Side::Backend => None,
+    };
+    let entry = flow6::lookup6(&packet, side)
+        .ok_or_else(|| slowpath::gate(Reason::PassNoFlow, miss_session))?;
+    // SAFETY: a hash map value stays valid for the rest of this program run
+    // (RCU); the daemon only ever replaces whole entries.
+    let rewrite = unsafe { &*entry };
+    let session_port = match side {
+        Side::Client => dst_port,
+        Side::Backend => u16::from_be_bytes(rewrite.new_sport),
+    };
+    let ingress_ifindex = ctx.ingress_ifindex() as u32;
+    let allowed = flow6::from_allowed6(&packet, rewrite);
+    flow6::check_source(side, rewrite, allowed, ingress_ifindex)
+        .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+    let hops = packet.ip().hop_limit;
+    // The stack sends Time Exceeded, like any router.
+    if hops <= 1 {
+        return Err(Reason::PassTtlExpiring);
+    }
+    let out_v4 = rewrite.out_v4();
+    // Translation drops extension headers, which RFC 7915 allows only for
+    // some; none of mosh's carry any, so those few go to the daemon.
+    if out_v4 && packet.ext_len != 0 {
+        return Err(slowpath::gate(
+            Reason::PassIpv6ExtHeaders,
+            Some(session_port),
+        ));
+    }
+    let payload_len = packet.payload_len();
+    let in_len = payload_len.wrapping_add(IPV6_LEN as u16);
+    let out_len = if out_v4 {
+        payload_len.wrapping_add(IPV4_LEN as u16)
+    } else {
+        in_len
+    };
+    let tos = packet.traffic_class();
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
+    let route = match forward::cached_route(state, now, out_len) {
+        Some(route) => route,
+        None => {
+            let route = forward6::route(ctx, rewrite, out_len, tos, ingress_ifindex)
+                .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
+                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+            forward::cache_route(state, &route, now);
+            route
+        }
+    };
+    if out_v4 {
+        let carried = Carried {
+            tos,
+            hops,
+            udp_len: payload_len,
+            udp_check: packet.udp().check,
+        };
+        translate::to_v4(ctx, rewrite, &route, &carried)?;
+    } else {
+        rewrite6::rewrite(&packet, rewrite, &route);
+    }
+    rewrite6::account(in_len, entry, state, now);
+    Ok(forward::send(&route, ingress_ifindex))
+}
+
+/// An IPv4 packet that missed the IPv4 maps: a translated half, or the
+/// daemon's (`miss_session` as for the IPv4 miss).
+#[inline(always)]
+pub fn relay4to6(
+    ctx: &XdpContext,
+    packet: &Packet,
+    side: Side,
+    miss_session: Option<u16>,
+) -> Result<Sent, Reason> {
+    let entry = flow6::lookup4to6(packet, side)
+        .ok_or_else(|| slowpath::gate(Reason::PassNoFlow, miss_session))?;
+    // SAFETY: as in relay6.
+    let rewrite = unsafe { &*entry };
+    let session_port = match side {
+        Side::Client => u16::from_be_bytes(packet.udp().dst),
+        Side::Backend => u16::from_be_bytes(rewrite.new_sport),
+    };
+    let ingress_ifindex = ctx.ingress_ifindex() as u32;
+    let allowed = flow6::from_allowed4(packet, rewrite);
+    flow6::check_source(side, rewrite, allowed, ingress_ifindex)
+        .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+    let ip = packet.ip();
+    let hops = ip.ttl;
+    if hops <= 1 {
+        return Err(Reason::PassTtlExpiring);
+    }
+    let udp_check = packet.udp().check;
+    // IPv6 has no "no checksum": the daemon relays it, its socket computes one.
+    if udp_check == [0, 0] {
+        return Err(slowpath::gate(
+            Reason::PassTranslateNoChecksum,
+            Some(session_port),
+        ));
+    }
+    let in_len = packet.tot_len();
+    // check_lengths held: the UDP length is the IPv4 payload.
+    let udp_len = in_len.wrapping_sub(IPV4_LEN as u16);
+    let out_len = udp_len.wrapping_add(IPV6_LEN as u16);
+    let tos = ip.tos;
+    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
+    let route = match forward::cached_route(state, now, out_len) {
+        Some(route) => route,
+        None => {
+            let route = forward6::route(ctx, rewrite, out_len, tos, ingress_ifindex)
+                .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
+                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+            forward::cache_route(state, &route, now);
+            route
+        }
+    };
+    let carried = Carried {
+        tos,
+        hops,
+        udp_len,
+        udp_check,
+    };
+    translate::to_v6(ctx, rewrite, &route, &carried)?;
+    rewrite6::account(in_len, entry, state, now);
+    Ok(forward::send(&route, ingress_ifindex))
+}
