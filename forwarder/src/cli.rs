@@ -1021,7 +1021,10 @@ fn render_stats(stats: &StatsInfo) -> String {
             relays.join(", ")
         );
         for (port, why) in &cluster.refused {
-            let _ = writeln!(out, "  shared session on port {port} not programmed here: {why}");
+            let _ = writeln!(
+                out,
+                "  shared session on port {port} not programmed here: {why}"
+            );
         }
     }
     let verdicts: Vec<String> = stats

@@ -15,8 +15,8 @@ use forwarder_testbed::cluster::{
     BACKEND_IP, ClusterSecret, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, Pki, RELAY_DOWN_IF,
     RELAY_UP_IF, VIP, mosh_key_bytes, relay_name,
 };
-use forwarder_testbed::users::{TestGroup, TestUser, UserCli};
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
+use forwarder_testbed::users::{TestGroup, TestUser, UserCli};
 use forwarder_testbed::{MoshClient, MoshServer, Relay, SessionInfo, UdpEcho, UdpPinger, prereq};
 use serde_json::Value;
 
@@ -532,7 +532,10 @@ fn refused(out: &forwarder_testbed::cmd::Output, what: &str, needles: &[&str]) {
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(!out.success(), "{what} succeeded: {text}");
     for needle in needles {
-        assert!(text.contains(needle), "{what}: {needle:?} missing in: {text}");
+        assert!(
+            text.contains(needle),
+            "{what}: {needle:?} missing in: {text}"
+        );
     }
 }
 
@@ -580,10 +583,17 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
 
     // Alice's session, added through relay 0, carries real mosh through relay 1.
     let alices = user_session(
-        cli.json(&alice, &relays[0], &["add", "--backend", &backend(&server).to_string()])
-            .unwrap(),
+        cli.json(
+            &alice,
+            &relays[0],
+            &["add", "--backend", &backend(&server).to_string()],
+        )
+        .unwrap(),
     );
-    assert_eq!((alices.owner.uid, alices.owner.name.as_str()), (alice.uid, alice.name.as_str()));
+    assert_eq!(
+        (alices.owner.uid, alices.owner.name.as_str()),
+        (alice.uid, alice.name.as_str())
+    );
     for relay in &relays {
         let programmed = relay
             .wait_until("alice's session programmed", PROGRAMMED, |sessions| {
@@ -602,7 +612,10 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
     // neither show nor remove it, through any relay.
     for relay in &relays {
         let listed = user_sessions(cli.json(&alice, relay, &["list"]).unwrap());
-        assert_eq!(listed.iter().map(|s| &s.id).collect::<Vec<_>>(), [&alices.id]);
+        assert_eq!(
+            listed.iter().map(|s| &s.id).collect::<Vec<_>>(),
+            [&alices.id]
+        );
         assert!(user_sessions(cli.json(&bob, relay, &["list"]).unwrap()).is_empty());
     }
     for (verb, relay) in [("show", &relays[1]), ("remove", &relays[2])] {
@@ -616,7 +629,10 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
 
     // A keyed session of Alice's, added on relay 0: reachable on the shared
     // port of relay 1, which opened its key with the cluster secret.
-    let key_dir = tempfile::Builder::new().prefix("fwd-key-").tempdir().unwrap();
+    let key_dir = tempfile::Builder::new()
+        .prefix("fwd-key-")
+        .tempdir()
+        .unwrap();
     let key_file = key_dir.path().join("mosh.key");
     {
         use std::os::unix::fs::PermissionsExt;
@@ -628,9 +644,17 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
     let key_arg = key_file.to_str().unwrap();
     // Relay 2 has no secret to seal it with: refused, with the fix.
     let out = cli
-        .run(&alice, &relays[2], &["add", "--backend", &keyed_backend, "--key-file", key_arg])
+        .run(
+            &alice,
+            &relays[2],
+            &["add", "--backend", &keyed_backend, "--key-file", key_arg],
+        )
         .unwrap();
-    refused(&out, "a keyed add without the cluster secret", &["--etcd-secret-file"]);
+    refused(
+        &out,
+        "a keyed add without the cluster secret",
+        &["--etcd-secret-file"],
+    );
     let keyed = user_session(
         cli.json(
             &alice,
@@ -641,9 +665,11 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
     );
     assert!(keyed.has_key, "{keyed:?}");
     let on_relay1 = relays[1]
-        .wait_until("the keyed session programmed on relay 1", PROGRAMMED, |sessions| {
-            sessions.iter().find(|s| s.id == keyed.id).cloned()
-        })
+        .wait_until(
+            "the keyed session programmed on relay 1",
+            PROGRAMMED,
+            |sessions| sessions.iter().find(|s| s.id == keyed.id).cloned(),
+        )
         .unwrap();
     assert!(on_relay1.has_key, "{on_relay1:?}");
     assert_eq!(on_relay1.shared_port, Some(SHARED_PORT));
@@ -669,7 +695,10 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
         if let Some(why) = cluster["refused"][keyed.port.to_string()].as_str() {
             break why.to_string();
         }
-        assert!(Instant::now() < deadline, "relay 2 never said why: {cluster}");
+        assert!(
+            Instant::now() < deadline,
+            "relay 2 never said why: {cluster}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     };
     assert!(why.contains("--etcd-secret-file"), "{why}");
@@ -685,30 +714,58 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
         .map(|(_, value)| value.clone())
         .unwrap_or_else(|| panic!("no record of the keyed session: {stored:?}"));
     assert!(record.contains("\"sealed_key\""), "{record}");
-    assert!(record.contains(&format!("\"uid\":{}", alice.uid)), "{record}");
+    assert!(
+        record.contains(&format!("\"uid\":{}", alice.uid)),
+        "{record}"
+    );
     for (_, value) in &stored {
-        assert!(!value.contains(&keyed_server.key), "the key in clear: {value}");
-        assert!(!value.contains(&as_json_bytes), "the key's bytes in clear: {value}");
-        assert!(!value.as_bytes().windows(16).any(|w| w == raw.as_slice()), "{value}");
+        assert!(
+            !value.contains(&keyed_server.key),
+            "the key in clear: {value}"
+        );
+        assert!(
+            !value.contains(&as_json_bytes),
+            "the key's bytes in clear: {value}"
+        );
+        assert!(
+            !value.as_bytes().windows(16).any(|w| w == raw.as_slice()),
+            "{value}"
+        );
     }
 
     // The quota counts her sessions in the whole cluster (two, on relay 0).
     let out = cli
-        .run(&alice, &relays[2], &["add", "--backend", &format!("{BACKEND_IP}:60005")])
+        .run(
+            &alice,
+            &relays[2],
+            &["add", "--backend", &format!("{BACKEND_IP}:60005")],
+        )
         .unwrap();
-    refused(&out, "alice's third session", &["sessions in the cluster", "quota of 2"]);
+    refused(
+        &out,
+        "alice's third session",
+        &["sessions in the cluster", "quota of 2"],
+    );
 
     // Removing a session etcd holds and relay 2 never programmed: the
     // owner check still holds, and then it goes from etcd and every relay.
     let out = cli.run(&bob, &relays[2], &["remove", &keyed.id]).unwrap();
-    refused(&out, "bob's remove of an unprogrammed session", &["belongs to another user"]);
-    let removed = cli.json(&alice, &relays[2], &["remove", &keyed.id]).unwrap();
+    refused(
+        &out,
+        "bob's remove of an unprogrammed session",
+        &["belongs to another user"],
+    );
+    let removed = cli
+        .json(&alice, &relays[2], &["remove", &keyed.id])
+        .unwrap();
     assert_eq!(removed["id"], keyed.id.as_str(), "{removed}");
     for relay in &relays {
         relay
-            .wait_until("the keyed session gone everywhere", PROGRAMMED, |sessions| {
-                (!sessions.iter().any(|s| s.id == keyed.id)).then_some(())
-            })
+            .wait_until(
+                "the keyed session gone everywhere",
+                PROGRAMMED,
+                |sessions| (!sessions.iter().any(|s| s.id == keyed.id)).then_some(()),
+            )
             .unwrap();
     }
     let stored = etcd.get_prefix("/forwarder/sessions/").unwrap();

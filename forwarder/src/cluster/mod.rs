@@ -642,12 +642,8 @@ impl Cluster {
         } else {
             "removed by its owner"
         };
-        let removed = port.and_then(|port| {
-            relay
-                .lock()
-                .expect("relay lock")
-                .remove_session(port, why)
-        });
+        let removed =
+            port.and_then(|port| relay.lock().expect("relay lock").remove_session(port, why));
         // The watch may have removed it here already, as the delete's echo;
         // one never programmed here is described by its record.
         let info = removed

@@ -546,7 +546,10 @@ mod tests {
         assert!(error.contains("--etcd-secret-file differs"), "{error}");
         let (keyless, _d) = cluster_with_secret(None);
         let error = format!("{:#}", keyless.open_key(&record).unwrap_err());
-        assert!(error.contains("start it with --etcd-secret-file"), "{error}");
+        assert!(
+            error.contains("start it with --etcd-secret-file"),
+            "{error}"
+        );
         record.port = 60002;
         assert!(other.open_key(&record).is_err());
         record.sealed_key = None;
