@@ -70,9 +70,20 @@ struct Split {
     since_previous: Duration,
     client_waited: Duration,
     answered_after: Duration,
+    /// Of `answered_after`: from the client's link to mosh-server (the new
+    /// relay's slow path), mosh-server's own time to answer, and back.
+    to_server: Duration,
+    server_took: Duration,
+    to_client: Duration,
 }
 
-fn split(capture: &Capture, killed: Duration, port: u16) -> Result<Split> {
+fn split(
+    capture: &Capture,
+    server_side: &[Capture],
+    killed: Duration,
+    port: u16,
+    server: SocketAddrV4,
+) -> Result<Split> {
     let datagrams = capture.udp_timed()?;
     let to_vip = |d: &forwarder_testbed::capture::UdpDatagram| {
         *d.from.ip() == CLIENT_IP && *d.to.ip() == VIP && d.to.port() == port
@@ -93,10 +104,28 @@ fn split(capture: &Capture, killed: Duration, port: u16) -> Result<Split> {
         .find(|(at, d)| *at >= first && *d.from.ip() == VIP && *d.to.ip() == CLIENT_IP)
         .map(|(at, _)| *at)
         .context("no answer after the client's first datagram")?;
+    let mut at_server = Vec::new();
+    for capture in server_side {
+        at_server.extend(capture.udp_timed()?);
+    }
+    at_server.sort_by_key(|(at, _)| *at);
+    let (reached, relay_end) = at_server
+        .iter()
+        .find(|(at, d)| *at >= first && d.to == server)
+        .map(|(at, d)| (*at, d.from))
+        .context("the client's datagram never reached mosh-server")?;
+    let left = at_server
+        .iter()
+        .find(|(at, d)| *at >= reached && d.from == server && d.to == relay_end)
+        .map(|(at, _)| *at)
+        .context("mosh-server never answered through the new relay")?;
     Ok(Split {
         since_previous: first - previous,
         client_waited: first - killed,
         answered_after: answer - first,
+        to_server: reached.saturating_sub(first),
+        server_took: left - reached,
+        to_client: answer.saturating_sub(left),
     })
 }
 
@@ -129,6 +158,10 @@ fn main() -> Result<()> {
     client.wait_for_screen("tick20", Duration::from_secs(20))?;
 
     let capture = Capture::start(&topo.client, "veth-c", "udp")?;
+    let server_side: Vec<Capture> = (0..RELAYS)
+        .map(|index| Capture::start(&topo.server, &format!("veth-s{index}"), "udp"))
+        .collect::<Result<_>>()?;
+    let server_at = SocketAddrV4::new(BACKEND_IP, server.port);
     let all: Vec<usize> = (0..RELAYS).collect();
     let mut times = Vec::new();
     let mut answers = Vec::new();
@@ -157,15 +190,19 @@ fn main() -> Result<()> {
         let now = holder(&relays, &session.id, Some(dead))?;
         // tcpdump writes each packet at once; give the last one a moment.
         std::thread::sleep(Duration::from_millis(100));
-        let split = split(&capture, killed_at, session.port)?;
+        let split = split(&capture, &server_side, killed_at, session.port, server_at)?;
+        let us = |d: Duration| d.as_micros();
         println!(
             "round {round:>2}: killed relay{dead}, output again after {:>5} ms (now through relay{now}); \
              client's first datagram {:>5} ms after the kill ({:>5} ms after its previous one), \
-             answered {:>3} ms later",
+             answered {:>3} ms later (to mosh-server {} us, mosh-server {} us, back {} us)",
             elapsed.as_millis(),
             split.client_waited.as_millis(),
             split.since_previous.as_millis(),
-            split.answered_after.as_millis()
+            split.answered_after.as_millis(),
+            us(split.to_server),
+            us(split.server_took),
+            us(split.to_client)
         );
         times.push(elapsed);
         answers.push(split.answered_after);
@@ -187,6 +224,7 @@ fn main() -> Result<()> {
         ms(answers[answers.len() - 1])
     );
     drop(capture);
+    drop(server_side);
     drop(client);
     drop(relays);
     drop(etcd);
