@@ -563,6 +563,8 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
         "2",
         "--shared-port",
         shared_port.as_str(),
+        "--metrics",
+        METRICS,
     ];
     // Relays 0 and 1 have the cluster secret; relay 2 was started without it.
     let relays: Vec<Relay> = (0..3)
@@ -703,6 +705,13 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
     };
     assert!(why.contains("--etcd-secret-file"), "{why}");
     assert!(relays[2].session(&keyed.id).unwrap().is_none());
+    let metrics = topo.relays[2].http_get(METRICS, "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("forwarder_cluster_refused_sessions{") && line.ends_with(" 1")
+        ),
+        "{metrics}"
+    );
 
     // The key is in etcd sealed only: neither its text nor its bytes.
     let stored = etcd.get_prefix("/forwarder/sessions/").unwrap();
