@@ -345,6 +345,10 @@ pub struct ClusterInfo {
     pub shared_sessions: u64,
     /// The relays that hold a lease now, this one included, by name.
     pub relays: Vec<RelayPresence>,
+    /// Sessions etcd holds that this relay cannot program, by port, with
+    /// why (e.g. a sealed key it cannot open); retried every second.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refused: BTreeMap<u16, String>,
 }
 
 /// What one live relay publishes under its lease.

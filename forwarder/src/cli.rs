@@ -255,6 +255,10 @@ pub struct ClusterArgs {
     /// The client certificate's private key (PEM).
     #[arg(long)]
     pub etcd_key_file: Option<PathBuf>,
+    /// The cluster secret (at least 32 bytes, mode 0600, the same file on every relay) that keyed
+    /// sessions' mosh keys are sealed under in etcd; without it `add --key-file` is refused.
+    #[arg(long)]
+    pub etcd_secret_file: Option<PathBuf>,
     /// This relay's name in the cluster, as `list` and the metrics show it [default: HOSTNAME-INSTANCE].
     #[arg(long)]
     pub relay_name: Option<String>,
@@ -502,6 +506,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         etcd_ca_file,
         etcd_cert_file,
         etcd_key_file,
+        etcd_secret_file,
         relay_name,
     } = *args.cluster;
     let etcd = if etcd.is_empty() {
@@ -522,6 +527,7 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         ca_file: etcd_ca_file.or(file.etcd_ca_file),
         cert_file: etcd_cert_file.or(file.etcd_cert_file),
         key_file: etcd_key_file.or(file.etcd_key_file),
+        secret_file: etcd_secret_file.or(file.etcd_secret_file),
     });
     let tcp_port = args.tcp_port.or(file.tcp_port);
     if tcp_port == Some(0) {
@@ -1104,6 +1110,12 @@ fn render_stats(stats: &StatsInfo) -> String {
             cluster.shared_sessions,
             relays.join(", ")
         );
+        for (port, why) in &cluster.refused {
+            let _ = writeln!(
+                out,
+                "  shared session on port {port} not programmed here: {why}"
+            );
+        }
     }
     let verdicts: Vec<String> = stats
         .verdicts

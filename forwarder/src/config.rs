@@ -145,6 +145,8 @@ pub struct FileConfig {
     pub etcd_ca_file: Option<PathBuf>,
     pub etcd_cert_file: Option<PathBuf>,
     pub etcd_key_file: Option<PathBuf>,
+    /// The secret keyed sessions' keys are sealed under in etcd.
+    pub etcd_secret_file: Option<PathBuf>,
     /// This relay's name in the cluster (default: HOSTNAME-INSTANCE).
     pub relay_name: Option<String>,
     /// The TCP port for mosh over TCP (none unless set), and its stream limits.

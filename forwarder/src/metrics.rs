@@ -327,6 +327,12 @@ fn render_cluster(registry: &mut Registry, instance: &str, cluster: &forwarder_a
         "Relays holding a lease in etcd, this one included",
         &[(relay(), cluster.relays.len() as i64)],
     );
+    gauge_family(
+        registry,
+        "forwarder_cluster_refused_sessions",
+        "Shared sessions this relay cannot program (`forwarder stats` says why), e.g. a key it cannot open",
+        &[(relay(), cluster.refused.len() as i64)],
+    );
     let holder = |name: &str| {
         let mut labels = relay();
         labels.push(("holder".to_string(), name.to_string()));

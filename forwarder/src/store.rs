@@ -143,6 +143,7 @@ impl std::fmt::Debug for KeySealer {
 const SEAL_SALT: &[u8] = b"forwarder session store";
 const SEAL_INFO: &[u8] = b"mosh session key sealing v1";
 const KEYED_SEAL_INFO: &[u8] = b"keyed session mosh key sealing v1";
+const CLUSTER_SEAL_INFO: &[u8] = b"cluster session mosh key sealing v1";
 
 /// The secret keyed sessions' keys are sealed under, in the state folder.
 pub const KEYED_SECRET_FILE: &str = "keyed-sessions.secret";
@@ -156,6 +157,12 @@ impl KeySealer {
     /// A sealer for keyed sessions' keys, from their own secret.
     pub fn derive_keyed(secret: &[u8]) -> Self {
         Self::derive_for(secret, KEYED_SEAL_INFO)
+    }
+
+    /// A sealer for the keys of sessions shared through etcd, from the
+    /// secret every relay of the cluster is given (`--etcd-secret-file`).
+    pub fn derive_cluster(secret: &[u8]) -> Self {
+        Self::derive_for(secret, CLUSTER_SEAL_INFO)
     }
 
     fn derive_for(secret: &[u8], info: &[u8]) -> Self {

@@ -78,6 +78,16 @@ impl Capture {
 
     /// The UDP datagrams captured so far, in order.
     pub fn udp(&self) -> Result<Vec<UdpDatagram>> {
+        Ok(self
+            .udp_timed()?
+            .into_iter()
+            .map(|(_, datagram)| datagram)
+            .collect())
+    }
+
+    /// The UDP datagrams captured so far, in order, each with when it was
+    /// captured (since the Unix epoch, as tcpdump stamps it).
+    pub fn udp_timed(&self) -> Result<Vec<(Duration, UdpDatagram)>> {
         let file = std::fs::File::open(&self.path)?;
         let mut reader = PcapReader::new(file).context("reading tcpdump's capture")?;
         let mut datagrams = Vec::new();
@@ -93,11 +103,14 @@ impl Capture {
                 continue;
             };
             let header = ip.header();
-            datagrams.push(UdpDatagram {
-                from: SocketAddrV4::new(header.source_addr(), udp.source_port()),
-                to: SocketAddrV4::new(header.destination_addr(), udp.destination_port()),
-                payload: udp.payload().to_vec(),
-            });
+            datagrams.push((
+                packet.timestamp,
+                UdpDatagram {
+                    from: SocketAddrV4::new(header.source_addr(), udp.source_port()),
+                    to: SocketAddrV4::new(header.destination_addr(), udp.destination_port()),
+                    payload: udp.payload().to_vec(),
+                },
+            ));
         }
         Ok(datagrams)
     }

@@ -434,3 +434,51 @@ impl Pki {
         })
     }
 }
+
+/// A cluster secret for `--etcd-secret-file`: 32 random bytes (hex), mode
+/// 0600, in a temporary folder removed on drop.
+#[derive(Debug)]
+pub struct ClusterSecret {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ClusterSecret {
+    pub fn create() -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix("fwd-secret-").tempdir()?;
+        let path = dir.path().join("cluster.secret");
+        let bytes: [u8; 32] = rand::random();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&path, hex + "\n")?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(Self { path, _dir: dir })
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.path.to_str().expect("temporary paths are UTF-8")
+    }
+}
+
+/// A mosh key's 16 bytes, decoded by coreutils' base64 (mosh prints it
+/// unpadded).
+pub fn mosh_key_bytes(key: &str) -> Result<Vec<u8>> {
+    use std::io::Write;
+    let padded = format!("{key}{}", "=".repeat((4 - key.len() % 4) % 4));
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running base64 -d")?;
+    child
+        .stdin
+        .take()
+        .context("base64's stdin")?
+        .write_all(padded.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() || out.stdout.len() != 16 {
+        bail!("{key:?} is not a mosh key (base64 of 16 bytes)");
+    }
+    Ok(out.stdout)
+}

@@ -3,6 +3,8 @@
 //! through every relay with real mosh, a mosh session survives the death of
 //! its relay, and an etcd outage stops nothing that forwards, refuses adds
 //! and removes with a clear error, and is reconciled when etcd returns.
+//! Sessions keep their owner and their (sealed) key across relays:
+//! self-service and the shared port work in a cluster.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Mutex;
@@ -10,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use forwarder_testbed::cluster::{
-    BACKEND_IP, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, Pki, RELAY_DOWN_IF, RELAY_UP_IF, VIP,
-    relay_name,
+    BACKEND_IP, ClusterSecret, ClusterTopology, ETCD_IP, ETCD_PORT, Etcd, Pki, RELAY_DOWN_IF,
+    RELAY_UP_IF, VIP, mosh_key_bytes, relay_name,
 };
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
+use forwarder_testbed::users::{TestGroup, TestUser, UserCli};
 use forwarder_testbed::{MoshClient, MoshServer, Relay, SessionInfo, UdpEcho, UdpPinger, prereq};
 use serde_json::Value;
 
@@ -508,5 +511,274 @@ fn relays_reach_etcd_over_tls_with_client_certificates() {
         })
         .unwrap();
     assert_eq!(etcd.get_prefix("/forwarder/sessions/").unwrap().len(), 1);
+    drop(relays);
+}
+
+/// Outside --ports and --flow-ports, as 443 would be in a real deployment.
+const SHARED_PORT: u16 = 443;
+/// Exit code of a permission refusal (forwarder_api::ExitStatus::PermissionDenied).
+const PERMISSION_DENIED: i32 = 5;
+
+fn user_session(value: Value) -> SessionInfo {
+    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
+}
+
+fn user_sessions(value: Value) -> Vec<SessionInfo> {
+    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
+}
+
+/// A refused CLI call that names every `needle`.
+fn refused(out: &forwarder_testbed::cmd::Output, what: &str, needles: &[&str]) {
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(!out.success(), "{what} succeeded: {text}");
+    for needle in needles {
+        assert!(
+            text.contains(needle),
+            "{what}: {needle:?} missing in: {text}"
+        );
+    }
+}
+
+#[test]
+fn owners_and_sealed_keys_follow_sessions_across_relays() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    prereq::require().unwrap();
+    let group = TestGroup::new().unwrap();
+    let alice = TestUser::new(&[&group]).unwrap();
+    let bob = TestUser::new(&[&group]).unwrap();
+    let cli = UserCli::new().unwrap();
+    let secret = ClusterSecret::create().unwrap();
+    let topo = ClusterTopology::build(3).unwrap();
+    let etcd = Etcd::start(&topo.router, ETCD_IP, ETCD_PORT).unwrap();
+    let shared_port = SHARED_PORT.to_string();
+    let allow = format!("{BACKEND_IP}/32");
+    let common = [
+        "--socket-group",
+        group.name.as_str(),
+        "--user-allow",
+        allow.as_str(),
+        "--user-max-sessions",
+        "2",
+        "--shared-port",
+        shared_port.as_str(),
+        "--metrics",
+        METRICS,
+    ];
+    // Relays 0 and 1 have the cluster secret; relay 2 was started without it.
+    let relays: Vec<Relay> = (0..3)
+        .map(|index| {
+            let mut args = common.to_vec();
+            if index < 2 {
+                args.extend(["--etcd-secret-file", secret.path_str()]);
+            }
+            topo.start_relay(index, &args)
+        })
+        .collect::<Result<_>>()
+        .unwrap();
+    for relay in &relays {
+        wait_etcd_connected(relay, true, Duration::from_secs(20)).unwrap();
+    }
+    let server = MoshServer::start(&topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
+    let keyed_server = MoshServer::start(&topo.server, BACKEND_IP, MOSH_SERVER_PORT + 1).unwrap();
+
+    // Alice's session, added through relay 0, carries real mosh through relay 1.
+    let alices = user_session(
+        cli.json(
+            &alice,
+            &relays[0],
+            &["add", "--backend", &backend(&server).to_string()],
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        (alices.owner.uid, alices.owner.name.as_str()),
+        (alice.uid, alice.name.as_str())
+    );
+    for relay in &relays {
+        let programmed = relay
+            .wait_until("alice's session programmed", PROGRAMMED, |sessions| {
+                sessions.iter().find(|s| s.id == alices.id).cloned()
+            })
+            .unwrap();
+        assert_eq!(programmed.owner, alices.owner, "relay {}", relay.instance());
+    }
+    topo.route_vip_over(&[1]).unwrap();
+    let client = MoshClient::start(&topo.client, VIP, alices.port, &server.key).unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "alice").unwrap();
+    drop(client);
+
+    // On every relay she sees hers and Bob sees nothing of it; Bob may
+    // neither show nor remove it, through any relay.
+    for relay in &relays {
+        let listed = user_sessions(cli.json(&alice, relay, &["list"]).unwrap());
+        assert_eq!(
+            listed.iter().map(|s| &s.id).collect::<Vec<_>>(),
+            [&alices.id]
+        );
+        assert!(user_sessions(cli.json(&bob, relay, &["list"]).unwrap()).is_empty());
+    }
+    for (verb, relay) in [("show", &relays[1]), ("remove", &relays[2])] {
+        let out = cli.run(&bob, relay, &[verb, &alices.id]).unwrap();
+        refused(&out, &format!("bob's {verb}"), &["belongs to another user"]);
+        assert_eq!(out.status.code(), Some(PERMISSION_DENIED), "{verb}");
+    }
+    // Root sees it with its owner.
+    let rooted = relays[2].session(&alices.id).unwrap().unwrap();
+    assert_eq!(rooted.owner.uid, alice.uid);
+
+    // A keyed session of Alice's, added on relay 0: reachable on the shared
+    // port of relay 1, which opened its key with the cluster secret.
+    let key_dir = tempfile::Builder::new()
+        .prefix("fwd-key-")
+        .tempdir()
+        .unwrap();
+    let key_file = key_dir.path().join("mosh.key");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(key_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&key_file, format!("{}\n", keyed_server.key)).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let keyed_backend = backend(&keyed_server).to_string();
+    let key_arg = key_file.to_str().unwrap();
+    // Relay 2 has no secret to seal it with: refused, with the fix.
+    let out = cli
+        .run(
+            &alice,
+            &relays[2],
+            &["add", "--backend", &keyed_backend, "--key-file", key_arg],
+        )
+        .unwrap();
+    refused(
+        &out,
+        "a keyed add without the cluster secret",
+        &["--etcd-secret-file"],
+    );
+    let keyed = user_session(
+        cli.json(
+            &alice,
+            &relays[0],
+            &["add", "--backend", &keyed_backend, "--key-file", key_arg],
+        )
+        .unwrap(),
+    );
+    assert!(keyed.has_key, "{keyed:?}");
+    let on_relay1 = relays[1]
+        .wait_until(
+            "the keyed session programmed on relay 1",
+            PROGRAMMED,
+            |sessions| sessions.iter().find(|s| s.id == keyed.id).cloned(),
+        )
+        .unwrap();
+    assert!(on_relay1.has_key, "{on_relay1:?}");
+    assert_eq!(on_relay1.shared_port, Some(SHARED_PORT));
+    assert_eq!(on_relay1.owner.uid, alice.uid);
+    topo.route_vip_over(&[1]).unwrap();
+    let client = MoshClient::start(&topo.client, VIP, SHARED_PORT, &keyed_server.key).unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "shared").unwrap();
+    let shown = user_session(cli.json(&alice, &relays[1], &["show", &keyed.id]).unwrap());
+    assert!(
+        shown
+            .flows
+            .iter()
+            .any(|f| f.relay_port == Some(SHARED_PORT) && f.packets_to_client > 0),
+        "no answered flow on relay 1's shared port: {shown:?}"
+    );
+    drop(client);
+
+    // Relay 2 cannot open the key: it says why and leaves that session out.
+    let deadline = Instant::now() + PROGRAMMED;
+    let why = loop {
+        let cluster = stats_cluster(&relays[2]).unwrap();
+        if let Some(why) = cluster["refused"][keyed.port.to_string()].as_str() {
+            break why.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay 2 never said why: {cluster}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(why.contains("--etcd-secret-file"), "{why}");
+    assert!(relays[2].session(&keyed.id).unwrap().is_none());
+    let metrics = topo.relays[2].http_get(METRICS, "/metrics").unwrap();
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("forwarder_cluster_refused_sessions{") && line.ends_with(" 1")
+        ),
+        "{metrics}"
+    );
+
+    // The key is in etcd sealed only: neither its text nor its bytes.
+    let stored = etcd.get_prefix("/forwarder/sessions/").unwrap();
+    let raw = mosh_key_bytes(&keyed_server.key).unwrap();
+    let as_json_bytes = raw.iter().map(u8::to_string).collect::<Vec<_>>().join(",");
+    let record = stored
+        .iter()
+        .find(|(key, _)| key.ends_with(&format!("/{}", keyed.port)))
+        .map(|(_, value)| value.clone())
+        .unwrap_or_else(|| panic!("no record of the keyed session: {stored:?}"));
+    assert!(record.contains("\"sealed_key\""), "{record}");
+    assert!(
+        record.contains(&format!("\"uid\":{}", alice.uid)),
+        "{record}"
+    );
+    for (_, value) in &stored {
+        assert!(
+            !value.contains(&keyed_server.key),
+            "the key in clear: {value}"
+        );
+        assert!(
+            !value.contains(&as_json_bytes),
+            "the key's bytes in clear: {value}"
+        );
+        assert!(
+            !value.as_bytes().windows(16).any(|w| w == raw.as_slice()),
+            "{value}"
+        );
+    }
+
+    // The quota counts her sessions in the whole cluster (two, on relay 0).
+    let out = cli
+        .run(
+            &alice,
+            &relays[2],
+            &["add", "--backend", &format!("{BACKEND_IP}:60005")],
+        )
+        .unwrap();
+    refused(
+        &out,
+        "alice's third session",
+        &["sessions in the cluster", "quota of 2"],
+    );
+
+    // Removing a session etcd holds and relay 2 never programmed: the
+    // owner check still holds, and then it goes from etcd and every relay.
+    let out = cli.run(&bob, &relays[2], &["remove", &keyed.id]).unwrap();
+    refused(
+        &out,
+        "bob's remove of an unprogrammed session",
+        &["belongs to another user"],
+    );
+    let removed = cli
+        .json(&alice, &relays[2], &["remove", &keyed.id])
+        .unwrap();
+    assert_eq!(removed["id"], keyed.id.as_str(), "{removed}");
+    for relay in &relays {
+        relay
+            .wait_until(
+                "the keyed session gone everywhere",
+                PROGRAMMED,
+                |sessions| (!sessions.iter().any(|s| s.id == keyed.id)).then_some(()),
+            )
+            .unwrap();
+    }
+    let stored = etcd.get_prefix("/forwarder/sessions/").unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert!(stats_cluster(&relays[2]).unwrap()["refused"].is_null());
     drop(relays);
 }

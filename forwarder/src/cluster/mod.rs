@@ -8,7 +8,9 @@
 //! Keys under the prefix (default `/forwarder/`):
 //!
 //! ```text
-//! sessions/PORT      a SharedSession (JSON); no lease: sessions outlive relays
+//! sessions/PORT      a SharedSession (JSON): port, backend, owner, limits, and a
+//!                    keyed session's mosh key sealed under the cluster secret;
+//!                    no lease: sessions outlive relays
 //! backends/IP:PORT   the port of the session forwarding there (one session per backend)
 //! relays/NAME        a RelayPresence (JSON) under the relay's lease: what it holds
 //! ```
@@ -18,12 +20,22 @@
 //! side changed alone); when etcd answers again it takes a fresh snapshot,
 //! programs what it lacks and drops what etcd no longer has.
 //!
+//! Owners and keys: a session records who added it (uid and name), so
+//! every relay holds it to the same owner (`list`, `show`, `remove` by
+//! owner as on one relay; the owner's session quota is counted over the
+//! shared table). A keyed session's mosh key is sealed (XChaCha20-Poly1305
+//! under a key derived with HKDF-SHA256 from `--etcd-secret-file`, the one
+//! secret every relay of the cluster is given; the session id and port are
+//! the associated data), never written in clear: etcd and its backups give
+//! no key away. A relay without the secret, or with another one, says why
+//! and leaves such a session unprogrammed (`stats` shows it as refused).
+//!
 //! Punched sessions are not shared: `--etcd` with `--punch-port` is refused
 //! (see DESIGN.md, "Several relays through etcd").
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddrV4;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,9 +48,12 @@ use tracing::warn;
 
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp::{self, BackendRoute};
+use crate::mosh::MoshKey;
 use crate::ports::PortRange;
-use crate::sessions::SharedRelay;
-use forwarder_api::{ClusterInfo, RelayPresence, SessionInfo};
+use crate::sessions::{SharedDefinition, SharedRelay};
+use crate::store::{KeyBinding, KeySealer, SealedKey};
+use crate::users::Owner;
+use forwarder_api::{ClusterInfo, OwnerInfo, RelayPresence, SessionInfo};
 
 mod sync;
 
@@ -64,6 +79,9 @@ pub struct ClusterOptions {
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
+    /// The cluster secret keyed sessions' mosh keys are sealed under in
+    /// etcd (`--etcd-secret-file`); without it keyed sessions are refused.
+    pub secret_file: Option<PathBuf>,
 }
 
 impl ClusterOptions {
@@ -115,10 +133,86 @@ impl ClusterOptions {
 pub struct SharedSession {
     pub id: String,
     pub port: u16,
-    pub backend: SocketAddrV4,
+    pub backend: SocketAddr,
     pub idle_timeout_secs: u64,
     /// The relay that handed the port out.
     pub created_by: String,
+    /// Who added it (the caller's uid on that relay's control socket);
+    /// records written before owners were shared are root's.
+    #[serde(default)]
+    pub owner: OwnerInfo,
+    /// A keyed session's mosh key, sealed under the cluster secret and
+    /// bound to the session's id and port ([`binding`]); never in clear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedKey>,
+}
+
+/// What a shared session's sealed key is bound to: its id and port, so a
+/// sealed key copied into another record does not open.
+fn binding(id: &str, port: u16) -> KeyBinding<'_> {
+    KeyBinding {
+        session_id: id,
+        port,
+        upstream_port: 0,
+    }
+}
+
+/// Reads the cluster secret: root's alone (no access for group or
+/// others: it opens every shared session's key), at least 32 bytes;
+/// surrounding whitespace (a trailing newline) is not part of it.
+fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| {
+        format!(
+            "reading the cluster secret {} (--etcd-secret-file)",
+            path.display()
+        )
+    })?;
+    if meta.mode() & 0o077 != 0 {
+        bail!(
+            "the cluster secret {} is open to group or others (mode {:o}); it opens every shared session's \
+             mosh key, so it must be the owner's alone: `chmod 600 {}`",
+            path.display(),
+            meta.mode() & 0o777,
+            path.display()
+        );
+    }
+    let text = std::fs::read(path).with_context(|| {
+        format!(
+            "reading the cluster secret {} (--etcd-secret-file)",
+            path.display()
+        )
+    })?;
+    let secret = text.trim_ascii();
+    if secret.len() < 32 {
+        bail!(
+            "the cluster secret {} is {} bytes; give every relay of the cluster the same file of at least 32 \
+             random bytes, e.g. `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`",
+            path.display(),
+            secret.len()
+        );
+    }
+    Ok(secret.to_vec())
+}
+
+/// What `forwarder add` asks of the cluster.
+pub struct NewShared {
+    pub backend: SocketAddr,
+    pub route: BackendRoute,
+    pub port: Option<u16>,
+    pub idle_timeout: Option<Duration>,
+    /// The caller: the session's owner.
+    pub owner: Owner,
+    pub key: Option<MoshKey>,
+}
+
+/// How a `remove` in the cluster ended.
+pub enum Removal {
+    /// Boxed: a session's report is large beside the other outcomes.
+    Removed(Box<SessionInfo>),
+    NotFound,
+    /// Another user's session: the refusal, said to the caller.
+    Denied(String),
 }
 
 /// What this relay knows of etcd, shared by the sync task and the control
@@ -148,6 +242,8 @@ pub struct Cluster {
     connect: ConnectOptions,
     session_ports: PortRange,
     default_idle_timeout: Duration,
+    /// Seals and opens keyed sessions' keys; None without `--etcd-secret-file`.
+    sealer: Option<Arc<KeySealer>>,
     state: Arc<Mutex<State>>,
 }
 
@@ -161,11 +257,16 @@ impl Cluster {
             bail!("--etcd needs at least one URL, e.g. --etcd http://10.0.0.5:2379");
         }
         let connect = options.connect_options()?;
+        let sealer = match &options.secret_file {
+            Some(path) => Some(Arc::new(KeySealer::derive_cluster(&read_secret(path)?))),
+            None => None,
+        };
         Ok(Self {
             options: Arc::new(options),
             connect,
             session_ports,
             default_idle_timeout,
+            sealer,
             state: Arc::new(Mutex::new(State::default())),
         })
     }
@@ -182,7 +283,7 @@ impl Cluster {
         format!("{}sessions/{port}", self.options.prefix)
     }
 
-    fn backend_key(&self, backend: SocketAddrV4) -> String {
+    fn backend_key(&self, backend: SocketAddr) -> String {
         format!("{}backends/{backend}", self.options.prefix)
     }
 
@@ -200,6 +301,29 @@ impl Cluster {
             etcd_error: state.last_error.clone(),
             shared_sessions: state.sessions.len() as u64,
             relays: state.presence.clone(),
+            refused: state.refused.clone(),
+        }
+    }
+
+    /// The mosh key of a shared session, opened; None for a keyless one.
+    /// Refused with the reason (and the fix) when it does not open here.
+    fn open_key(&self, record: &SharedSession) -> anyhow::Result<Option<MoshKey>> {
+        let Some(sealed) = &record.sealed_key else {
+            return Ok(None);
+        };
+        let Some(sealer) = &self.sealer else {
+            bail!(
+                "it carries a mosh key sealed under the cluster secret, and this relay has none: start it with \
+                 --etcd-secret-file (etcd_secret_file in the config), the same file every relay of the cluster has"
+            );
+        };
+        match sealer.open(sealed, binding(&record.id, record.port)) {
+            Ok(raw) => Ok(Some(MoshKey::from_bytes(raw))),
+            Err(_) => bail!(
+                "its sealed mosh key does not open: this relay's --etcd-secret-file differs from the one of {}, \
+                 which added it (give every relay of the cluster the same file), or the record was altered",
+                record.created_by
+            ),
         }
     }
 
@@ -226,22 +350,69 @@ impl Cluster {
     /// `forwarder add` in a cluster: the port is handed out by an etcd
     /// transaction (it succeeds only if no relay holds that port or that
     /// backend), after this relay has bound it; every other relay programs
-    /// it from its watch.
+    /// it from its watch. The owner's session quota counts its sessions in
+    /// the whole cluster, as this relay last saw etcd (two adds by one user
+    /// at the same instant on two relays can both pass).
     pub async fn add(
         &self,
         relay: &SharedRelay,
         start_reader: &StartReader,
-        backend: SocketAddrV4,
-        route: BackendRoute,
-        port: Option<u16>,
-        idle_timeout: Option<Duration>,
+        request: NewShared,
     ) -> anyhow::Result<SessionInfo> {
+        let NewShared {
+            backend,
+            route,
+            port,
+            idle_timeout,
+            owner,
+            key,
+        } = request;
         let mut client = self.client("add a session")?;
+        if key.is_some() && self.sealer.is_none() {
+            bail!(
+                "this relay shares its sessions through etcd and has no cluster secret to seal the session's \
+                 key with, so a keyed session cannot be shared: start every relay of the cluster with \
+                 --etcd-secret-file FILE (etcd_secret_file in the config; the same file of at least 32 random \
+                 bytes, mode 0600, on every relay), or add the session without --key-file"
+            );
+        }
         let idle_timeout = idle_timeout.unwrap_or(self.default_idle_timeout);
+        let quota = relay
+            .lock()
+            .expect("relay lock")
+            .user_policy()
+            .quota_for(&owner)
+            .max_sessions;
         let candidates: Vec<u16> = {
             let state = self.state();
+            if !owner.is_root() {
+                let sessions = state
+                    .sessions
+                    .values()
+                    .filter(|(s, _)| s.owner.uid == owner.uid)
+                    .count();
+                if !quota.has_room(sessions) {
+                    bail!(
+                        "user {} (uid {}) has {sessions} sessions in the cluster, the quota of {} ({}): remove one \
+                         (`forwarder list`, `forwarder remove ID`), or ask the relays' administrator to raise it \
+                         ([user.{}] max_sessions in the config file of every relay)",
+                        owner.name,
+                        owner.uid,
+                        quota.value,
+                        quota.source,
+                        owner.name
+                    );
+                }
+            }
             if let Some((existing, _)) = state.sessions.values().find(|(s, _)| s.backend == backend)
             {
+                // Another user's session is not the caller's to name or remove.
+                if !owner.is_root() && existing.owner.uid != owner.uid {
+                    bail!(
+                        "another user's session already forwards to {backend} in the cluster: one backend has \
+                         one session; ask that user or the relays' administrator"
+                    );
+                }
                 bail!(
                     "session {} (port {}) already forwards to {backend} in the cluster: use it, or `forwarder remove {}` first",
                     existing.id,
@@ -267,12 +438,20 @@ impl Cluster {
                     break id;
                 }
             };
+            let sealed_key = match (&key, &self.sealer) {
+                (Some(key), Some(sealer)) => {
+                    Some(sealer.seal(&key.bytes(), binding(&id, candidate)))
+                }
+                _ => None,
+            };
             let record = SharedSession {
                 id: id.clone(),
                 port: candidate,
                 backend,
                 idle_timeout_secs: idle_timeout.as_secs(),
                 created_by: self.options.relay_name.clone(),
+                owner: owner.info(),
+                sealed_key,
             };
             if !self.state().pending.insert(candidate) {
                 continue;
@@ -281,13 +460,19 @@ impl Cluster {
                 cluster: self,
                 port: candidate,
             };
-            let socket = match relay.lock().expect("relay lock").add_shared_session(
-                &id,
-                candidate,
+            let definition = SharedDefinition {
+                id: &id,
+                port: candidate,
                 backend,
-                route,
                 idle_timeout,
-            ) {
+                owner: owner.clone(),
+                key: key.clone(),
+            };
+            let socket = match relay
+                .lock()
+                .expect("relay lock")
+                .add_shared_session(definition, route)
+            {
                 Ok(socket) => socket,
                 Err(error) if port.is_some() => return Err(error),
                 Err(error) => {
@@ -382,19 +567,23 @@ impl Cluster {
     }
 
     /// `forwarder remove` in a cluster: gone from etcd first (every relay
-    /// drops it from its watch), then here.
+    /// drops it from its watch), then here. A session etcd holds and this
+    /// relay has not programmed (e.g. a key it cannot open) is removed all
+    /// the same. Root removes any session, anyone else only its own.
     pub async fn remove(
         &self,
         relay: &SharedRelay,
+        caller: &Owner,
         target: &str,
-    ) -> anyhow::Result<Option<SessionInfo>> {
+    ) -> anyhow::Result<Removal> {
         let mut client = self.client("remove a session")?;
-        let (local, before) = {
+        let (local, before, local_owner) = {
             let relay = relay.lock().expect("relay lock");
             let local = relay.find_session(target);
             let before =
                 local.and_then(|port| relay.session_info(port, crate::datapath::monotonic_ns()));
-            (local, before)
+            let owner = local.and_then(|port| relay.owner_of(port).map(|owner| owner.uid));
+            (local, before, owner)
         };
         let shared = {
             let state = self.state();
@@ -406,6 +595,18 @@ impl Cluster {
                 })
                 .cloned()
         };
+        let owner_uid = match (&shared, local_owner) {
+            (Some((record, _)), _) => record.owner.uid,
+            (None, Some(uid)) => uid,
+            (None, None) => return Ok(Removal::NotFound),
+        };
+        if !caller.is_root() && owner_uid != caller.uid {
+            return Ok(Removal::Denied(format!(
+                "session {target} belongs to another user: user {} (uid {}) may remove only its own sessions \
+                 (`forwarder list` shows them); root may remove any",
+                caller.name, caller.uid
+            )));
+        }
         if let Some((record, revision)) = &shared {
             let session_key = self.session_key(record.port);
             let txn = Txn::new()
@@ -420,7 +621,9 @@ impl Cluster {
                 ]);
             match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
                 Ok(Ok(response)) if response.succeeded() => {
-                    self.state().sessions.remove(&record.port);
+                    let mut state = self.state();
+                    state.sessions.remove(&record.port);
+                    state.refused.remove(&record.port);
                 }
                 Ok(Ok(_)) => bail!(
                     "session {} changed in the cluster while it was being removed: see `forwarder list` and try again",
@@ -433,15 +636,39 @@ impl Cluster {
                 ),
             }
         }
-        let port = local.or(shared.map(|(record, _)| record.port));
-        let removed = port.and_then(|port| {
-            relay
-                .lock()
-                .expect("relay lock")
-                .remove_session(port, "removed by operator")
-        });
-        // The watch may have removed it here already, as the delete's echo.
-        Ok(removed.or(before))
+        let port = local.or(shared.as_ref().map(|(record, _)| record.port));
+        let why = if caller.is_root() {
+            "removed by root"
+        } else {
+            "removed by its owner"
+        };
+        let removed =
+            port.and_then(|port| relay.lock().expect("relay lock").remove_session(port, why));
+        // The watch may have removed it here already, as the delete's echo;
+        // one never programmed here is described by its record.
+        let info = removed
+            .or(before)
+            .or_else(|| shared.map(|(record, _)| unprogrammed_info(&record)));
+        Ok(info.map_or(Removal::NotFound, |info| Removal::Removed(Box::new(info))))
+    }
+}
+
+/// What `remove` reports of a session this relay never programmed.
+fn unprogrammed_info(record: &SharedSession) -> SessionInfo {
+    SessionInfo {
+        id: record.id.clone(),
+        port: record.port,
+        backend: record.backend.to_string(),
+        relay_addresses: Vec::new(),
+        idle_timeout_secs: record.idle_timeout_secs,
+        idle_ms: 0,
+        flows: Vec::new(),
+        nat: None,
+        has_key: record.sealed_key.is_some(),
+        shared_port: None,
+        owner: record.owner.clone(),
+        relays: Vec::new(),
+        tcp: None,
     }
 }
 
@@ -458,7 +685,7 @@ impl Drop for Pending<'_> {
 }
 
 /// The route to a backend, looked up off the async threads (it runs `ip`).
-async fn route_to(backend: SocketAddrV4) -> anyhow::Result<BackendRoute> {
-    let ip = *backend.ip();
-    tokio::task::spawn_blocking(move || xdp::route_to(ip.into())).await?
+async fn route_to(backend: SocketAddr) -> anyhow::Result<BackendRoute> {
+    let ip = backend.ip();
+    tokio::task::spawn_blocking(move || xdp::route_to(ip)).await?
 }

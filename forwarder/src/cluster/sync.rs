@@ -306,6 +306,9 @@ impl Cluster {
                 .collect();
             (wanted, state.pending.clone())
         };
+        self.state()
+            .refused
+            .retain(|port, _| wanted.contains_key(port));
         let local = relay.lock().expect("relay lock").list();
         let mut present = HashSet::new();
         for session in &local {
@@ -330,14 +333,21 @@ impl Cluster {
             if present.contains(&record.port) || pending.contains(&record.port) {
                 continue;
             }
-            let programmed = match route_to(record.backend).await {
-                Ok(route) => relay.lock().expect("relay lock").add_shared_session(
-                    &record.id,
-                    record.port,
-                    record.backend,
-                    route,
-                    Duration::from_secs(record.idle_timeout_secs),
-                ),
+            let programmed = match self.definition_of(relay, record).await {
+                Ok((owner, key)) => match route_to(record.backend).await {
+                    Ok(route) => relay.lock().expect("relay lock").add_shared_session(
+                        SharedDefinition {
+                            id: &record.id,
+                            port: record.port,
+                            backend: record.backend,
+                            idle_timeout: Duration::from_secs(record.idle_timeout_secs),
+                            owner,
+                            key,
+                        },
+                        route,
+                    ),
+                    Err(error) => Err(error),
+                },
                 Err(error) => Err(error),
             };
             match programmed {
@@ -357,6 +367,27 @@ impl Cluster {
         }
     }
 
+    /// A shared session's owner as this relay knows the uid (its groups
+    /// resolve its quotas), held to this relay's backend policy too, and
+    /// its key opened.
+    async fn definition_of(
+        &self,
+        relay: &SharedRelay,
+        record: &SharedSession,
+    ) -> anyhow::Result<(Owner, Option<MoshKey>)> {
+        let key = self.open_key(record)?;
+        let owner = owner_of(&record.owner).await;
+        if let Err(refusal) = relay
+            .lock()
+            .expect("relay lock")
+            .user_policy()
+            .check_backend(&owner, record.backend)
+        {
+            bail!("this relay's backend policy refuses its owner: {refusal}");
+        }
+        Ok((owner, key))
+    }
+
     /// Hands the relay what `list` and `stats` show of the cluster (the
     /// daemon calls it once before any task runs: from then on the relay
     /// leaves idle expiry of sessions to the cluster).
@@ -364,6 +395,30 @@ impl Cluster {
         let info = self.info();
         relay.lock().expect("relay lock").set_cluster(info);
     }
+}
+
+/// The owner a shared session names, looked up in this relay's user
+/// database off the async threads (NSS may block). A uid this host does
+/// not know keeps the name it was added under.
+async fn owner_of(owner: &OwnerInfo) -> Owner {
+    if owner.uid == 0 {
+        return Owner::root();
+    }
+    let (uid, name) = (owner.uid, owner.name.clone());
+    let fallback = Owner {
+        uid,
+        name: name.clone(),
+        groups: Vec::new(),
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut found = Owner::lookup(uid, None);
+        if found.name == uid.to_string() {
+            found.name = name;
+        }
+        found
+    })
+    .await
+    .unwrap_or(fallback)
 }
 
 /// The port a `sessions/PORT` key names.
@@ -416,6 +471,11 @@ mod tests {
             backend: "10.0.2.2:60001".parse().unwrap(),
             idle_timeout_secs: 600,
             created_by: "relay-a".into(),
+            owner: OwnerInfo {
+                uid: 1000,
+                name: "alice".into(),
+            },
+            sealed_key: None,
         };
         let value = serde_json::to_vec(&record).unwrap();
         assert_eq!(
@@ -426,6 +486,100 @@ mod tests {
         assert_eq!(parse_session(b"/forwarder/sessions/60001", b"{"), None);
         assert_eq!(parse_session(b"/forwarder/sessions/x", &value), None);
         assert_eq!(port_of(b"/p/sessions/7"), Some(7));
+    }
+
+    fn cluster_with_secret(secret: Option<&str>) -> (Cluster, tempfile::TempDir) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = secret.map(|secret| {
+            let path = dir.path().join("cluster.secret");
+            std::fs::write(&path, secret).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            path
+        });
+        let options = ClusterOptions {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/forwarder/".into(),
+            relay_name: "relay-a".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            secret_file,
+        };
+        let ports = PortRange {
+            lo: 60001,
+            hi: 60010,
+        };
+        let cluster = Cluster::new(options, ports, Duration::from_secs(600)).unwrap();
+        (cluster, dir)
+    }
+
+    #[test]
+    fn keys_are_sealed_in_the_record_and_open_only_with_the_cluster_secret() {
+        let secret = "a cluster secret of at least thirty-two bytes\n";
+        let (cluster, _dir) = cluster_with_secret(Some(secret));
+        let key = MoshKey::from_bytes(*b"0123456789abcdef");
+        let sealer = cluster.sealer.as_ref().unwrap();
+        let mut record = SharedSession {
+            id: "0badcafe".into(),
+            port: 60001,
+            backend: "10.0.2.2:60001".parse().unwrap(),
+            idle_timeout_secs: 600,
+            created_by: "relay-a".into(),
+            owner: OwnerInfo::default(),
+            sealed_key: Some(sealer.seal(&key.bytes(), binding("0badcafe", 60001))),
+        };
+        // Nothing of the key in clear in what etcd stores.
+        let text = String::from_utf8(serde_json::to_vec(&record).unwrap()).unwrap();
+        assert!(!text.contains(&key.to_base64()), "{text}");
+        assert!(!text.contains("0123456789abcdef"), "{text}");
+        let raw: Vec<String> = key.bytes().iter().map(u8::to_string).collect();
+        assert!(!text.contains(&raw.join(",")), "{text}");
+
+        // Another relay given the same secret opens it.
+        let (other, _other_dir) = cluster_with_secret(Some(secret));
+        let opened = other.open_key(&record).unwrap().unwrap();
+        assert_eq!(opened.bytes(), key.bytes());
+        // Another secret, no secret, or the key moved to another port: refused, saying why.
+        let (stranger, _d) = cluster_with_secret(Some("another secret, thirty-two bytes or more"));
+        let error = format!("{:#}", stranger.open_key(&record).unwrap_err());
+        assert!(error.contains("--etcd-secret-file differs"), "{error}");
+        let (keyless, _d) = cluster_with_secret(None);
+        let error = format!("{:#}", keyless.open_key(&record).unwrap_err());
+        assert!(
+            error.contains("start it with --etcd-secret-file"),
+            "{error}"
+        );
+        record.port = 60002;
+        assert!(other.open_key(&record).is_err());
+        record.sealed_key = None;
+        assert!(other.open_key(&record).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_cluster_secret_must_be_private_and_long_enough() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "x".repeat(40)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let error = format!("{:#}", read_secret(&path).unwrap_err());
+        assert!(error.contains("chmod 600"), "{error}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret(&path).unwrap().len(), 40);
+        std::fs::write(&path, "short\n").unwrap();
+        let error = format!("{:#}", read_secret(&path).unwrap_err());
+        assert!(error.contains("at least 32"), "{error}");
+        let error = format!("{:#}", read_secret(&dir.path().join("none")).unwrap_err());
+        assert!(error.contains("--etcd-secret-file"), "{error}");
+    }
+
+    #[test]
+    fn records_without_an_owner_are_roots() {
+        let old = br#"{"id":"0badcafe","port":60001,"backend":"10.0.2.2:60001","idle_timeout_secs":600,"created_by":"relay-a"}"#;
+        let record = parse_session(b"/forwarder/sessions/60001", old).unwrap();
+        assert_eq!(record.owner, OwnerInfo::default());
+        assert_eq!(record.sealed_key, None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, NewShared, Removal};
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp;
 use crate::sessions::SharedRelay;
@@ -188,15 +188,20 @@ async fn dispatch(
                 Reply::Error(reason)
             }
         },
-        // Shared sessions are root's (see `add`): anyone else is refused below.
-        Request::Remove { target } if cluster.is_some() && caller.is_root() => {
+        // Shared sessions: etcd's table decides, also for sessions this
+        // relay has not programmed, with the same owner checks.
+        Request::Remove { target } if cluster.is_some() => {
             let cluster = cluster.expect("checked by the guard");
-            match cluster.remove(relay, &target).await {
-                Ok(Some(info)) => {
+            match cluster.remove(relay, caller, &target).await {
+                Ok(Removal::Removed(info)) => {
                     users::audit_change(caller, "remove", &info);
-                    Reply::Removed(info)
+                    Reply::Removed(*info)
                 }
-                Ok(None) => not_found(&target),
+                Ok(Removal::NotFound) => not_found(&target),
+                Ok(Removal::Denied(reason)) => {
+                    users::audit_refusal(caller, "remove", &target, &reason);
+                    Reply::PermissionDenied(reason)
+                }
                 Err(error) => Reply::Error(format!("{error:#}")),
             }
         }
@@ -321,24 +326,15 @@ async fn add(
     let ip = backend.ip();
     let route = tokio::task::spawn_blocking(move || xdp::route_to(ip)).await??;
     if let Some(cluster) = cluster {
-        // What etcd stores has no owner and no key yet: a shared session is
-        // root's and keyless (docs/DESIGN.md, "Several relays").
-        if !caller.is_root() || key.is_some() {
-            bail!(
-                "this relay shares its sessions through etcd (--etcd), where sessions are root's and carry \
-                 no key yet: ask root to add it without --key-file, or use a relay run without --etcd"
-            );
-        }
-        let SocketAddr::V4(backend) = backend else {
-            bail!(
-                "this relay shares its sessions through etcd (--etcd), whose records hold IPv4 backends only \
-                 yet: give {backend}'s IPv4 address, or use a relay run without --etcd"
-            );
+        let request = NewShared {
+            backend,
+            route,
+            port,
+            idle_timeout: idle_timeout_secs.map(Duration::from_secs),
+            owner: caller.clone(),
+            key,
         };
-        let idle_timeout = idle_timeout_secs.map(Duration::from_secs);
-        let info = cluster
-            .add(relay, start_reader, backend, route, port, idle_timeout)
-            .await?;
+        let info = cluster.add(relay, start_reader, request).await?;
         users::audit_change(caller, "add", &info);
         return Ok(Reply::Session(info));
     }

@@ -6,6 +6,18 @@
 use forwarder_api::{ClusterInfo, SessionHolder};
 
 use super::*;
+use crate::mosh::MoshKey;
+
+/// A session as the cluster defines it, for [`Relay::add_shared_session`].
+pub struct SharedDefinition<'a> {
+    pub id: &'a str,
+    pub port: u16,
+    pub backend: SocketAddr,
+    pub idle_timeout: Duration,
+    pub owner: Owner,
+    /// The mosh key, opened from its sealed form in etcd.
+    pub key: Option<MoshKey>,
+}
 
 impl Relay {
     /// Switches the relay to shared sessions, with what it knows of the
@@ -18,17 +30,23 @@ impl Relay {
         self.cluster.as_ref()
     }
 
-    /// Programs a session the cluster defined: its id and port are etcd's,
-    /// the route to its backend is this relay's own.
+    /// Programs a session the cluster defined: its id, port, owner and key
+    /// are etcd's, the route to its backend is this relay's own. The
+    /// owner's session quota is the cluster's to check (across every
+    /// relay, when the session was added), not this relay's alone.
     pub fn add_shared_session(
         &mut self,
-        id: &str,
-        port: u16,
-        backend: impl Into<SocketAddr>,
+        shared: SharedDefinition<'_>,
         route: BackendRoute,
-        idle_timeout: Duration,
     ) -> anyhow::Result<Arc<RelaySocket>> {
-        let backend = backend.into();
+        let SharedDefinition {
+            id,
+            port,
+            backend,
+            idle_timeout,
+            owner,
+            key,
+        } = shared;
         if let Some(other) = self.sessions.values().find(|s| s.id == id) {
             bail!(
                 "session {id} is already programmed here on port {}",
@@ -36,11 +54,18 @@ impl Relay {
             );
         }
         self.shared_id = Some(id.to_string());
-        let added = self.add_session(backend, route, Some(port), Some(idle_timeout));
+        let added = self.add_session_for(owner, backend, route, Some(port), Some(idle_timeout));
         // Taken on success; a refused add must not pass it to the next one.
         self.shared_id = None;
         let (_, socket) = added?;
         debug_assert_eq!(self.sessions.get(&port).map(|s| s.id.as_str()), Some(id));
+        if let Some(key) = key
+            && let Err(error) = self.set_session_key(port, key)
+        {
+            // A keyed session exists with its key or not at all.
+            self.remove_session(port, "its key could not be set");
+            return Err(error);
+        }
         info!(session = id, port, %backend, "shared session programmed");
         Ok(socket)
     }

@@ -26,6 +26,7 @@ mod restore;
 pub use restore::Restored;
 /// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
 mod clustered;
+pub use clustered::SharedDefinition;
 
 pub mod nat;
 pub mod shared;
@@ -400,7 +401,8 @@ impl Relay {
         idle_timeout: Option<Duration>,
     ) -> anyhow::Result<(SessionInfo, Arc<RelaySocket>)> {
         let quota = self.users.quota_for(&owner);
-        if !owner.is_root() {
+        // A shared session's count was checked across the cluster (cluster::add).
+        if !owner.is_root() && self.shared_id.is_none() {
             let (sessions, _) = self.owner_usage(owner.uid);
             let limit = &quota.max_sessions;
             if !limit.has_room(sessions) {
