@@ -28,6 +28,8 @@ mod restore;
 pub use restore::Restored;
 /// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
 mod clustered;
+/// Many adds in one store transaction (`Request::AddMany`).
+pub mod batch;
 
 pub mod nat;
 pub mod shared;
@@ -241,6 +243,8 @@ pub struct Relay {
     shared_id: Option<String>,
     /// `--tcp-port`, once the daemon listens on it.
     tcp: Option<tcp::TcpOffer>,
+    /// While a batch of adds runs: its lookups by backend and id (batch.rs).
+    batch_index: Option<Box<batch::Index>>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -340,6 +344,7 @@ impl Relay {
             cluster: None,
             shared_id: None,
             tcp: None,
+            batch_index: None,
         }
     }
 
@@ -453,7 +458,7 @@ impl Relay {
                  give the mosh server's address"
             );
         }
-        if let Some(existing) = self.sessions.values().find(|s| s.backend == backend) {
+        if let Some(existing) = self.session_on_backend(backend) {
             // Another user's session is not the caller's to name or remove.
             if !owner.is_root() && existing.owner.uid != owner.uid {
                 bail!(
@@ -525,7 +530,7 @@ impl Relay {
         let id = id.unwrap_or_else(|| {
             loop {
                 let candidate = format!("{:08x}", rand::random::<u32>());
-                if !self.sessions.values().any(|s| s.id == candidate) {
+                if !self.id_taken(&candidate) {
                     break candidate;
                 }
             }
