@@ -227,12 +227,21 @@ fn spawn_in(ns: &Netns, program: &Path, args: &[&str], cpu: Option<usize>) -> Re
         .with_context(|| format!("starting {}", program.display()))
 }
 
+/// Pins every thread of `pid`; tried again when a thread ended while
+/// taskset walked them (the daemon's blocking pool comes and goes).
 fn pin(pid: u32, cpu: usize) -> Result<()> {
-    cmd::sh(
-        "taskset",
-        &["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()],
-    )?;
-    Ok(())
+    let args = ["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()];
+    let mut tries = 0;
+    loop {
+        match cmd::sh("taskset", &args) {
+            Ok(_) => return Ok(()),
+            Err(_) if tries < 3 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// The server's sink: count and drop the load at ingress; answer ping-pongs.
