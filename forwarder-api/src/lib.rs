@@ -65,7 +65,7 @@ pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddrV4> {
 /// Largest request line the daemon reads; anything longer is refused.
 /// One connection may carry many lines (pipelining): each is answered
 /// with one reply line, in order.
-pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "verb", rename_all = "snake_case", deny_unknown_fields)]

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use forwarder_api::{AddResult, MAX_BATCH_SESSIONS, NewSession, Reply, Request};
+use forwarder_api::{AddResult, MAX_BATCH_SESSIONS, MAX_REQUEST_BYTES, NewSession, Reply, Request};
 use serde::Serialize;
 
 use super::client::{Connection, Failure};
@@ -130,13 +130,28 @@ pub fn add_all(
 ) -> anyhow::Result<Vec<LineResult>> {
     let mut connection = Connection::open(instance)?;
     let mut writer = connection.try_clone()?;
-    let mut lines = Vec::with_capacity(sessions.len());
+    let mut lines: Vec<Vec<usize>> = Vec::new();
     let mut chunks = Vec::new();
-    for chunk in sessions.chunks(CHUNK) {
-        lines.push(chunk.iter().map(|(line, _)| *line).collect::<Vec<_>>());
-        chunks.push(Request::AddMany {
-            sessions: chunk.iter().map(|(_, session)| session.clone()).collect(),
-        });
+    let mut current: Vec<NewSession> = Vec::new();
+    let mut numbers = Vec::new();
+    let mut bytes = 0;
+    for (line, session) in sessions {
+        let size = serde_json::to_string(&session)?.len() + 1;
+        // Under the daemon's line limit with room for the envelope.
+        if !current.is_empty() && (current.len() == CHUNK || bytes + size > MAX_REQUEST_BYTES / 2) {
+            chunks.push(Request::AddMany {
+                sessions: std::mem::take(&mut current),
+            });
+            lines.push(std::mem::take(&mut numbers));
+            bytes = 0;
+        }
+        bytes += size;
+        current.push(session);
+        numbers.push(line);
+    }
+    if !current.is_empty() {
+        chunks.push(Request::AddMany { sessions: current });
+        lines.push(numbers);
     }
     std::thread::scope(|scope| {
         let sender = scope.spawn(move || -> anyhow::Result<()> {
@@ -145,7 +160,7 @@ pub fn add_all(
             }
             Ok(())
         });
-        let mut results = Vec::with_capacity(sessions.len());
+        let mut results = Vec::new();
         for numbers in &lines {
             let reply = connection.receive_within(Duration::from_secs(120))?;
             let Reply::AddedMany(outcomes) = reply else {

@@ -143,7 +143,16 @@ async fn handle(
         let (reply, last) = match read {
             Err(_) if answered == 0 => (Reply::Error("no request within 10 s".into()), true),
             Err(_) => return Ok(()),
-            Ok(Ok(0)) => return Ok(()),
+            // A connection closed after its requests; one that sent nothing
+            // at all is told so (an empty request, malformed).
+            Ok(Ok(0)) if answered > 0 => return Ok(()),
+            Ok(Ok(0)) => (
+                Reply::Error(match serde_json::from_str::<Request>(&line) {
+                    Ok(_) => "empty request".into(),
+                    Err(error) => format!("malformed request: {error}"),
+                }),
+                true,
+            ),
             Ok(Err(error)) => (
                 Reply::Error(format!("reading the request: {error}")),
                 true,
