@@ -138,6 +138,8 @@ pub fn parse_backend(text: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Largest request line the daemon reads; anything longer is refused.
+/// One connection may carry many lines (pipelining): each is answered
+/// with one reply line, in order.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -155,6 +157,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key: Option<String>,
     },
+    /// Many adds in one request: one reply ([`Reply::AddedMany`]) with a
+    /// result per item, in order. An item that fails leaves the others be.
+    AddMany {
+        sessions: Vec<NewSession>,
+    },
     Remove {
         /// A session id or its client-facing port.
         target: String,
@@ -167,10 +174,42 @@ pub enum Request {
     Stats {},
 }
 
+/// Most sessions one [`Request::AddMany`] may carry: a batch is one
+/// relay-lock hold and one store transaction, kept short for the other
+/// callers and the slow path.
+pub const MAX_BATCH_SESSIONS: usize = 1000;
+
+/// One session to add, as [`Request::Add`] takes it: an item of
+/// [`Request::AddMany`], and one line of `forwarder add --from-file` in its
+/// JSON form.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NewSession {
+    pub backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_secs: Option<u64>,
+    /// mosh's session key, as in [`Request::Add`]; never shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// The outcome of one item of [`Request::AddMany`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum AddResult {
+    Session(SessionInfo),
+    /// What went wrong with this item and how to fix it.
+    Error(String),
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Session(SessionInfo),
+    /// The results of [`Request::AddMany`], one per item, in order.
+    AddedMany(Vec<AddResult>),
     Sessions(Vec<SessionInfo>),
     Removed(SessionInfo),
     /// Boxed: the report is large, and every other reply small.
@@ -638,6 +677,40 @@ mod tests {
             key: None,
         };
         assert!(!serde_json::to_string(&unkeyed).unwrap().contains("key"));
+    }
+
+    #[test]
+    fn a_batch_of_adds_round_trips_and_its_items_refuse_unknown_fields() {
+        let request = Request::AddMany {
+            sessions: vec![
+                NewSession {
+                    backend: "10.0.0.2:60001".into(),
+                    port: Some(60000),
+                    idle_timeout_secs: Some(60),
+                    key: None,
+                },
+                NewSession {
+                    backend: "10.0.0.3:60001".into(),
+                    port: None,
+                    idle_timeout_secs: None,
+                    key: Some("6xoXFHJqYUQUE2f4Q202jg".into()),
+                },
+            ],
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), request);
+        let typo = r#"{"verb":"add_many","sessions":[{"backend":"10.0.0.2:1","prot":5}]}"#;
+        assert!(serde_json::from_str::<Request>(typo).is_err());
+        let results = vec![
+            AddResult::Error("backend 10.0.0.2 is malformed".into()),
+            AddResult::Error("port 1 is outside the relay's range".into()),
+        ];
+        let reply = serde_json::to_string(&Reply::AddedMany(results.clone())).unwrap();
+        let Reply::AddedMany(back) = serde_json::from_str::<Reply>(&reply).unwrap() else {
+            panic!("not a batch reply: {reply}");
+        };
+        assert_eq!(back, results);
     }
 
     #[test]

@@ -41,8 +41,14 @@ pub enum Verb {
     Add {
         /// The mosh server: IPV4:PORT or [IPV6]:PORT (the port from `MOSH CONNECT <port> <key>`);
         /// a client of either family reaches it, the relay translating between them.
-        #[arg(long)]
-        backend: String,
+        #[arg(long, required_unless_present = "from_file")]
+        backend: Option<String>,
+        /// Add many sessions over one connection: a file (`-`: standard input) of one
+        /// session per line, `BACKEND [port=PORT] [idle_timeout=DURATION]` or a JSON object
+        /// {"backend": ..., "port": ..., "idle_timeout_secs": ..., "key": ...}; each line
+        /// is reported, and the command fails if any line was not added.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["backend", "port", "idle_timeout", "key_file"])]
+        from_file: Option<PathBuf>,
         /// Client-facing port to use (default: the next free one).
         #[arg(long)]
         port: Option<u16>,
@@ -649,12 +655,24 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Verb::Add {
+            from_file: Some(path),
+            json,
+            ..
+        } => {
+            daemon::validate_instance(&instance)?;
+            let sessions = crate::control::batch::parse(&crate::control::batch::read(&path)?)?;
+            let results = crate::control::batch::add_all(&instance, sessions)?;
+            crate::control::batch::report(&results, json)
+        }
+        Verb::Add {
             backend,
             port,
             idle_timeout,
             key_file,
             json,
+            from_file: None,
         } => {
+            let backend = backend.context("--backend IP:PORT is required (or --from-file FILE)")?;
             daemon::validate_instance(&instance)?;
             if idle_timeout.is_some_and(|timeout| timeout.is_zero()) {
                 bail!(

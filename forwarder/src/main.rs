@@ -19,7 +19,9 @@ fn main() -> std::process::ExitCode {
     match cli::main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            if json {
+            if forwarder::control::client::already_reported(&error) && json {
+                // Its own document said what failed, item by item.
+            } else if json {
                 cli::print_json_error(&error);
             } else {
                 eprintln!("error: {}", cli::error_message(&error));

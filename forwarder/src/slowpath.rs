@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use crate::datapath::socket::{Outgoing, Received, RelaySocket};
+use crate::datapath::socket::{CLIENT_FACING_RECEIVE_BUFFER, Outgoing, Received, RelaySocket};
 use crate::sessions::{ClientVerdict, SharedRelay};
 
 /// Reads `socket` until it is closed, sending each datagram where `route`
@@ -35,6 +35,7 @@ fn spawn_reader(
 /// Reads a session's client-facing socket: learns new flows and forwards
 /// their packets upstream.
 pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
+    socket.grow_receive_buffer(CLIENT_FACING_RECEIVE_BUFFER);
     spawn_reader(socket, "session", move |port, received, datagram| {
         let verdict = {
             let mut relay = relay.lock().expect("relay lock");
@@ -51,6 +52,7 @@ pub fn spawn_session_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
 /// Reads the shared port's socket: new client endpoints are matched to
 /// their keyed session, then forwarded like any flow's packets.
 pub fn spawn_shared_reader(relay: SharedRelay, socket: Arc<RelaySocket>) {
+    socket.grow_receive_buffer(CLIENT_FACING_RECEIVE_BUFFER);
     spawn_reader(socket, "shared port", move |port, received, datagram| {
         let verdict = relay.lock().expect("relay lock").on_shared_packet(
             received.from,

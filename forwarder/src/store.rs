@@ -347,6 +347,23 @@ impl Store {
         Ok(())
     }
 
+    /// Stores many sessions in one committed transaction: one disk flush
+    /// for a whole batch of adds; all of them are stored or none.
+    pub fn put_many(&self, records: &[SessionRecord]) -> anyhow::Result<()> {
+        let write = self.db.begin_write()?;
+        {
+            let mut table = write.open_table(SESSIONS)?;
+            for record in records {
+                let bytes = serde_json::to_vec(record)?;
+                table.insert(record.port, bytes.as_slice())?;
+            }
+        }
+        write
+            .commit()
+            .context("committing a batch of sessions to the store")?;
+        Ok(())
+    }
+
     /// Forgets a session durably.
     pub fn delete(&self, port: u16) -> anyhow::Result<()> {
         let write = self.db.begin_write()?;

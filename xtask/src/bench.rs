@@ -98,8 +98,19 @@ pub struct Plan {
     pub admission_reps: usize,
     /// BPF_PROG_TEST_RUN calls per program-cost case (forwarding, refusals, floors).
     pub progcost_calls: usize,
-    /// Relay keys (and `scale`) to run; empty: everything.
+    /// Relay keys (and `scale`, `control`, `cores`, `latency`) to run; empty: everything.
     pub only: Vec<String>,
+    /// Session adds through the control API on one connection, per mode.
+    pub api_adds: usize,
+    /// Sessions per `add_many` request.
+    pub add_batch: usize,
+    /// New flows for the learning rate, and the rate they are offered at.
+    pub learn_flows: usize,
+    pub learn_rate: f64,
+    /// Sender core counts for forwarder against nftables (`--cores`).
+    pub cores: Vec<usize>,
+    /// Flows per sender process in the core-count run.
+    pub flows_per_sender: usize,
 }
 
 impl Plan {
@@ -124,6 +135,12 @@ impl Plan {
             admission_reps: 1_000,
             only: Vec::new(),
             progcost_calls: 400,
+            api_adds: 5_000,
+            add_batch: 500,
+            learn_flows: 10_000,
+            learn_rate: 40_000.0,
+            cores: vec![1, 2, 4, 8, 12],
+            flows_per_sender: 16,
         }
     }
 
@@ -142,6 +159,12 @@ impl Plan {
             admission_reps: 10,
             only: Vec::new(),
             progcost_calls: 5,
+            api_adds: 40,
+            add_batch: 16,
+            learn_flows: 200,
+            learn_rate: 5_000.0,
+            cores: vec![1, 2, 4],
+            flows_per_sender: 4,
         }
     }
 }
@@ -204,12 +227,21 @@ fn spawn_in(ns: &Netns, program: &Path, args: &[&str], cpu: Option<usize>) -> Re
         .with_context(|| format!("starting {}", program.display()))
 }
 
+/// Pins every thread of `pid`; tried again when a thread ended while
+/// taskset walked them (the daemon's blocking pool comes and goes).
 fn pin(pid: u32, cpu: usize) -> Result<()> {
-    cmd::sh(
-        "taskset",
-        &["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()],
-    )?;
-    Ok(())
+    let args = ["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()];
+    let mut tries = 0;
+    loop {
+        match cmd::sh("taskset", &args) {
+            Ok(_) => return Ok(()),
+            Err(_) if tries < 3 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// The server's sink: count and drop the load at ingress; answer ping-pongs.
@@ -607,8 +639,12 @@ pub fn run(plan: &Plan) -> Result<Value> {
     cmd::sh("sysctl", &["-qw", "kernel.bpf_stats_enabled=1"])?;
     let mut results = json!({"plan": format!("{plan:?}"), "throughput": {}, "latency": {}, "xdp_cost": {}, "scale": {}});
     // Pure CPU, no namespace: first, and printed at once.
-    results["admission"] = admission(plan, &bench)?;
-    results["progcost"] = progcost(plan, &bench)?;
+    if plan.runs("admission") {
+        results["admission"] = admission(plan, &bench)?;
+    }
+    if plan.runs("progcost") {
+        results["progcost"] = progcost(plan, &bench)?;
+    }
     let mut table = String::from(
         "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
     );
@@ -679,6 +715,15 @@ pub fn run(plan: &Plan) -> Result<Value> {
     // The relay comparison is printed before the long scale run, so a
     // failure there does not lose it.
     print_report(&results, &table);
+    if plan.runs("control") {
+        results["control"] = control_plane(plan, &bench)?;
+    }
+    if plan.runs("cores") {
+        results["cores"] = cores(plan, &bench)?;
+    }
+    if plan.runs("latency") {
+        results["latency_analysis"] = latency_analysis(plan, &bench)?;
+    }
     if !plan.runs("scale") {
         return Ok(results);
     }
@@ -857,4 +902,379 @@ fn print_report(results: &Value, table: &str) {
         "\n## Kernel memory\n\n```json\n{}\n```",
         serde_json::to_string_pretty(&results["kernel_memory"]).unwrap_or_default()
     );
+}
+
+/// Where `learn-sink` listens on the server (the load port's sink drops at ingress).
+const LEARN_PORT: u16 = 9002;
+
+/// The daemon the control-plane rows run against: every limit out of the
+/// way (the rows measure the daemon, not its limiters), ports for
+/// thousands of sessions.
+fn control_daemon(topo: &Topology) -> Result<Relay> {
+    let args = [
+        "--ports",
+        "20000-39999",
+        "--max-sessions",
+        "20000",
+        "--flow-ports",
+        "40000-64999",
+        "--max-flows",
+        "65536",
+        "--new-flows-per-sec",
+        "1000000",
+        "--max-flows-per-session",
+        "100000",
+        "--probation-flows-per-session",
+        "100000",
+        "--slowpath-pps-per-session",
+        "0",
+        "--slowpath-pps",
+        "0",
+        "--xdp-mode",
+        "native",
+    ];
+    let mut daemon = Relay::start(&topo.relay, &[RELAY_CLIENT_IF, RELAY_SERVER_IF], &args)?;
+    daemon.quiet();
+    pin(daemon.pid(), 1)?;
+    Ok(daemon)
+}
+
+/// Session adds per second (single adds through the CLI, one process
+/// each; single adds pipelined on one API connection; `add_many` batches
+/// on one connection; `add --from-file` in one CLI process), and new flows
+/// learned per second relay-wide, counted where the relay delivers them.
+fn control_plane(plan: &Plan, bench: &Path) -> Result<Value> {
+    let mut out = json!({});
+    let bench_str = bench.to_str().context("path is not UTF-8")?;
+    let server_ip = SERVER_IP.to_string();
+    // A fresh daemon per mode: each starts from an empty table.
+    let modes: [(&str, usize); 2] = [("api_single_pipelined", 0), ("api_batch", plan.add_batch)];
+    for (key, batch) in modes {
+        let topo = Topology::client_relay_server()?;
+        let daemon = control_daemon(&topo)?;
+        let value = run_json(
+            Command::new("taskset").args(["-c", "0"]).arg(bench).args([
+                "adds",
+                "--instance",
+                daemon.instance(),
+                "--count",
+                &plan.api_adds.to_string(),
+                "--batch",
+                &batch.to_string(),
+                "--backend-ip",
+                &server_ip,
+            ]),
+            Duration::from_secs(600),
+        )?;
+        out[key] = value;
+    }
+    {
+        let topo = Topology::client_relay_server()?;
+        let daemon = control_daemon(&topo)?;
+        // One CLI process per add, as an operator's script would (fewer: each costs a process).
+        let cli_adds = plan.adds.min(plan.api_adds);
+        let started = std::time::Instant::now();
+        for index in 0..cli_adds {
+            daemon.add(
+                SocketAddr::V4(SocketAddrV4::new(SERVER_IP, 20_000 + index as u16)),
+                &[],
+            )?;
+        }
+        out["cli_single"] = json!({"added": cli_adds, "adds_per_sec": cli_adds as f64 / started.elapsed().as_secs_f64()});
+        // Every line in one CLI process.
+        let file = std::env::temp_dir().join(format!(
+            "fwd-bench-adds-{}.txt",
+            forwarder_testbed::netns::random_tag()
+        ));
+        let lines: String = (0..plan.api_adds)
+            .map(|index| format!("{SERVER_IP}:{}\n", 30_000 + index))
+            .collect();
+        std::fs::write(&file, lines)?;
+        let started = std::time::Instant::now();
+        let printed = daemon.verb(&[
+            "add",
+            "--from-file",
+            file.to_str().context("temp path is not UTF-8")?,
+            "--json",
+        ]);
+        let seconds = started.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&file);
+        let document: Value = serde_json::from_str(&printed?)?;
+        let added = document["added"].as_u64().unwrap_or(0);
+        out["cli_from_file"] = json!({"added": added, "failed": document["failed"], "seconds": seconds, "adds_per_sec": added as f64 / seconds});
+    }
+    // Flows learned: one session, `learn_flows` new client endpoints.
+    {
+        let topo = Topology::client_relay_server()?;
+        topo.client.ping(&SERVER_IP.to_string())?;
+        let daemon = control_daemon(&topo)?;
+        let session = daemon.add(
+            SocketAddr::V4(SocketAddrV4::new(SERVER_IP, LEARN_PORT)),
+            &[],
+        )?;
+        let mut sink = topo.server.nsenter(bench_str);
+        sink.args([
+            "learn-sink",
+            "--bind",
+            &format!("0.0.0.0:{LEARN_PORT}"),
+            "--expect",
+            &plan.learn_flows.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        let mut sink = sink.spawn().context("starting learn-sink")?;
+        let mut sink_out =
+            std::io::BufReader::new(sink.stdout.take().context("learn-sink has no stdout")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut sink_out, &mut line)?;
+        if !line.contains("listening") {
+            let _ = sink.kill();
+            let _ = sink.wait();
+            bail!("learn-sink did not start: {line:?}");
+        }
+        let mut sender = topo.client.exec("taskset");
+        sender.args(["-c", "0"]).arg(bench).args([
+            "learn",
+            "--dst",
+            &SocketAddrV4::new(RELAY_CLIENT_IP, session.port).to_string(),
+            "--flows",
+            &plan.learn_flows.to_string(),
+            "--rate",
+            &plan.learn_rate.to_string(),
+        ]);
+        let sent = run_json(&mut sender, Duration::from_secs(300));
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut sink_out, &mut rest)?;
+        let _ = sink.wait();
+        let sent = sent?;
+        let counted: Value = serde_json::from_str(rest.lines().last().context("learn-sink printed nothing")?)?;
+        let stats = daemon.stats()?;
+        out["flows_learned"] = json!({
+            "offered": sent, "counted_at_server": counted,
+            "flows_created": stats["slow_path"]["flows_created"],
+        });
+    }
+    println!("\n## Control plane\n");
+    println!("| what | rate /s |\n|---|---|");
+    for (key, what) in [
+        ("cli_single", "session adds, one CLI process each"),
+        ("cli_from_file", "session adds, `add --from-file` (one process)"),
+        ("api_single_pipelined", "session adds, single `add` pipelined on one connection"),
+        ("api_batch", "session adds, `add_many` batches on one connection"),
+    ] {
+        println!(
+            "| {what} | {:.0} |",
+            out[key]["adds_per_sec"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "| new flows learned (counted at the server, {} of {} arrived) | {:.0} |",
+        out["flows_learned"]["counted_at_server"]["received"],
+        plan.learn_flows,
+        out["flows_learned"]["counted_at_server"]["learned_per_sec"]
+            .as_f64()
+            .unwrap_or(0.0)
+    );
+    Ok(out)
+}
+
+/// Received packets per second with the load sent from 1, 2, ... cores
+/// (one loadgen process pinned to each), forwarder's XDP against nftables
+/// on the same path. Counts above this machine's cores are skipped with
+/// the reason, never measured on shared cores.
+fn cores(plan: &Plan, bench: &Path) -> Result<Value> {
+    let available = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut out = json!({"available_cores": available, "points": {}});
+    let mut counts = plan.cores.clone();
+    counts.sort_unstable();
+    counts.dedup();
+    let runnable: Vec<usize> = counts
+        .iter()
+        .copied()
+        .filter(|&count| count >= 1 && count <= available)
+        .collect();
+    for &count in counts.iter().filter(|&&count| count < 1 || count > available) {
+        let reason = format!(
+            "skipped: {count} sender cores asked for, this machine has {available} (available_parallelism)"
+        );
+        println!("cores {count}: {reason}");
+        out["points"][count.to_string()] = json!({"skipped": reason});
+    }
+    let most = runnable.iter().copied().max().unwrap_or(0);
+    for kind in [Kind::XdpNative, Kind::Nftables] {
+        if most == 0 {
+            break;
+        }
+        let s = setup(kind, bench, 1).with_context(|| format!("setting up {}", kind.name()))?;
+        // Every sender's flows opened once, through the relay's slow path.
+        loadgen(&s, bench, most * plan.flows_per_sender, 64, 0.0, true)?;
+        for &count in &runnable {
+            let mut received = Vec::new();
+            for _ in 0..plan.reps {
+                received.push(parallel_load(&s, bench, count, plan)? / 1000.0);
+            }
+            let (mean, sd) = spread(&received);
+            out["points"][count.to_string()][kind.key()] =
+                json!({"received_kpps": received, "mean": mean, "sd": sd});
+        }
+    }
+    println!("\n## Sender cores: forwarder XDP against nftables (received kpps)\n");
+    println!("| sender cores | forwarder XDP native | nftables DNAT+SNAT | ratio |\n|---|---|---|---|");
+    for count in counts {
+        let point = &out["points"][count.to_string()];
+        if let Some(reason) = point["skipped"].as_str() {
+            println!("| {count} | - | - | {reason} |");
+            continue;
+        }
+        let xdp = point["xdp_native"]["mean"].as_f64().unwrap_or(0.0);
+        let nft = point["nftables"]["mean"].as_f64().unwrap_or(0.0);
+        let ratio = if nft > 0.0 { xdp / nft } else { 0.0 };
+        out["points"][count.to_string()]["ratio"] = json!(ratio);
+        println!("| {count} | {xdp:.0} | {nft:.0} | {ratio:.2}x |");
+    }
+    Ok(out)
+}
+
+/// One run of `count` loadgen processes, one pinned to each core 0..count,
+/// each with its own flows: packets per second counted at the server.
+fn parallel_load(s: &Setup, bench: &Path, count: usize, plan: &Plan) -> Result<f64> {
+    let before = sink_count(&s.server)?;
+    let mut children = Vec::new();
+    for core in 0..count {
+        let mut cmd = s.client.exec("taskset");
+        cmd.args(["-c", &core.to_string()]).arg(bench).args([
+            "loadgen",
+            "--dst",
+            &s.path.load.to_string(),
+            "--flows",
+            &plan.flows_per_sender.to_string(),
+            "--size",
+            "64",
+            "--seconds",
+            &plan.seconds.to_string(),
+            "--src-port-base",
+            &(10_000 + core * plan.flows_per_sender).to_string(),
+        ]);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        children.push(cmd.spawn().context("starting a loadgen")?);
+    }
+    let mut longest: f64 = 0.0;
+    for child in children {
+        let output = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        let value: Value = serde_json::from_str(text.lines().last().context("loadgen printed nothing")?)?;
+        longest = longest.max(value["seconds"].as_f64().unwrap_or(plan.seconds));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let after = sink_count(&s.server)?;
+    Ok((after - before) as f64 / longest.max(1e-3))
+}
+
+/// NET_RX and NET_TX softirqs run so far, summed over every CPU.
+fn softirqs() -> Result<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/softirqs")?;
+    let sum = |name: &str| -> u64 {
+        text.lines()
+            .find(|line| line.trim_start().starts_with(name))
+            .map(|line| {
+                line.split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    Ok((sum("NET_RX:"), sum("NET_TX:")))
+}
+
+/// Context switches of the ksoftirqd threads so far: softirq work the
+/// kernel deferred to a thread (which waits for the scheduler).
+fn ksoftirqd_switches() -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let path = entry?.path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if !comm.starts_with("ksoftirqd/") {
+            continue;
+        }
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(value) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += value.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// A ping-pong run with what the kernel did for it: softirqs and
+/// ksoftirqd wake-ups per round trip.
+fn pingpong_traced(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
+    let (rx_before, tx_before) = softirqs()?;
+    let switches_before = ksoftirqd_switches()?;
+    let mut ping = pingpong(s, bench, samples)?;
+    let (rx_after, tx_after) = softirqs()?;
+    let switches_after = ksoftirqd_switches()?;
+    let rtts = ping["samples"].as_f64().unwrap_or(1.0).max(1.0);
+    ping["net_rx_softirqs_per_rtt"] = json!((rx_after - rx_before) as f64 / rtts);
+    ping["net_tx_softirqs_per_rtt"] = json!((tx_after - tx_before) as f64 / rtts);
+    ping["ksoftirqd_switches_per_1000_rtt"] =
+        json!((switches_after - switches_before) as f64 * 1000.0 / rtts);
+    Ok(ping)
+}
+
+/// Native XDP's added latency against generic XDP's, with the kernel's
+/// work per round trip beside each, and native XDP again with threaded
+/// NAPI on the relay's interfaces, in one run.
+fn latency_analysis(plan: &Plan, bench: &Path) -> Result<Value> {
+    let mut out = json!({});
+    let samples = plan.ping_samples;
+    for kind in [Kind::Direct, Kind::XdpNative, Kind::XdpGeneric] {
+        let s = setup(kind, bench, 1).with_context(|| format!("setting up {}", kind.name()))?;
+        out[kind.key()] = pingpong_traced(&s, bench, samples)?;
+        if kind == Kind::XdpNative
+            && let Some(relay_ns) = &s._relay_ns
+        {
+            // Busy polling is not a candidate here: it polls a socket's
+            // NAPI context, and the relay's XDP path has no socket.
+            for dev in [RELAY_CLIENT_IF, RELAY_SERVER_IF] {
+                relay_ns.run(
+                    "sh",
+                    &["-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")],
+                )?;
+            }
+            out["xdp_native_threaded_napi"] = pingpong_traced(&s, bench, samples)?;
+        }
+    }
+    let direct99 = out["direct"]["p99_us"].as_f64().unwrap_or(0.0);
+    let direct50 = out["direct"]["p50_us"].as_f64().unwrap_or(0.0);
+    println!("\n## Latency analysis (ping-pong, one outstanding)\n");
+    println!(
+        "| path | added p50 µs | added p99 µs | NET_RX softirqs per RTT | NET_TX per RTT | ksoftirqd switches per 1000 RTT |\n|---|---|---|---|---|---|"
+    );
+    for key in [
+        "direct",
+        "xdp_native",
+        "xdp_native_threaded_napi",
+        "xdp_generic",
+    ] {
+        let l = &out[key];
+        println!(
+            "| {key} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |",
+            l["p50_us"].as_f64().unwrap_or(0.0) - direct50,
+            l["p99_us"].as_f64().unwrap_or(0.0) - direct99,
+            l["net_rx_softirqs_per_rtt"].as_f64().unwrap_or(0.0),
+            l["net_tx_softirqs_per_rtt"].as_f64().unwrap_or(0.0),
+            l["ksoftirqd_switches_per_1000_rtt"].as_f64().unwrap_or(0.0),
+        );
+    }
+    Ok(out)
 }

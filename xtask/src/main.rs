@@ -37,9 +37,15 @@ enum Task {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Run only these relays (direct, ceiling, xdp_native, xdp_generic, userspace, nftables,
-        /// socat) and, if named, the `scale` run: for an A/B of one change.
+        /// socat) and, if named, the `admission`, `progcost`, `scale`, `control` (adds and flows
+        /// learned per second), `cores` and `latency` (native against generic XDP) runs: for an
+        /// A/B of one change.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Sender core counts for forwarder XDP against nftables (e.g. 1,2,4,8,12); counts
+        /// above this machine's cores are skipped with the reason.
+        #[arg(long, value_delimiter = ',')]
+        cores: Vec<usize>,
     },
     /// Prereq, release build, then every test in the workspace (as CI runs it).
     Test {
@@ -63,7 +69,12 @@ fn main() -> ExitCode {
     let result = match Task::parse() {
         Task::Prereq => prereq::ensure(),
         Task::Demo => demo::run(),
-        Task::Bench { smoke, json, only } => run_bench(smoke, json, &only),
+        Task::Bench {
+            smoke,
+            json,
+            only,
+            cores,
+        } => run_bench(smoke, json, &only, &cores),
         Task::Test { args } => test::run(&args),
         Task::Deb => deb::run().map(drop),
         Task::Modules => modules::run(),
@@ -79,7 +90,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_bench(smoke: bool, json: Option<PathBuf>, only: &[String]) -> Result<()> {
+fn run_bench(smoke: bool, json: Option<PathBuf>, only: &[String], cores: &[usize]) -> Result<()> {
     prereq::ensure()?;
     build_forwarder()?;
     let mut plan = if smoke {
@@ -88,6 +99,9 @@ fn run_bench(smoke: bool, json: Option<PathBuf>, only: &[String]) -> Result<()> 
         bench::Plan::full()
     };
     plan.only = only.to_vec();
+    if !cores.is_empty() {
+        plan.cores = cores.to_vec();
+    }
     let results = bench::run(&plan)?;
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)

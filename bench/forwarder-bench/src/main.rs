@@ -16,6 +16,7 @@ use forwarder_bench_common::CeilingConfig;
 use forwarder_common::flow::{Endpoints, Rewrite};
 use serde_json::json;
 
+mod control;
 mod progcost;
 
 /// The ceiling XDP program, built by build.rs and embedded.
@@ -134,6 +135,42 @@ enum Tool {
         #[arg(long)]
         object: Vec<String>,
     },
+    /// Session adds through the control API on one connection: single
+    /// adds pipelined (`--batch 0`) or `add_many` requests of `--batch` each.
+    Adds {
+        #[arg(long)]
+        instance: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 0)]
+        batch: usize,
+        /// Backends are BACKEND_IP:BASE_PORT, BASE_PORT+1, ...
+        #[arg(long)]
+        backend_ip: Ipv4Addr,
+        #[arg(long, default_value_t = 20_000)]
+        base_port: u16,
+    },
+    /// The first datagram of `--flows` new flows, paced to `--rate` per second.
+    Learn {
+        #[arg(long)]
+        dst: SocketAddrV4,
+        #[arg(long)]
+        flows: usize,
+        #[arg(long, default_value_t = 40_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 20_000)]
+        src_port_base: u16,
+    },
+    /// Counts what `learn` sent where the relay delivers it: the learning rate.
+    LearnSink {
+        #[arg(long)]
+        bind: SocketAddrV4,
+        #[arg(long)]
+        expect: usize,
+        /// Stop after this long without a datagram.
+        #[arg(long, default_value_t = 2_000)]
+        idle_ms: u64,
+    },
     /// Run time and run count of loaded XDP programs named `--name`.
     BpfStats {
         #[arg(long)]
@@ -176,6 +213,24 @@ fn main() -> anyhow::Result<()> {
             &iface, &egress, relay, client, source, to, &dmac, &mode, seconds,
         ),
         Tool::BpfStats { name } => bpf_stats(&name),
+        Tool::Adds {
+            instance,
+            count,
+            batch,
+            backend_ip,
+            base_port,
+        } => control::adds(&instance, count, batch, backend_ip, base_port),
+        Tool::Learn {
+            dst,
+            flows,
+            rate,
+            src_port_base,
+        } => control::learn(dst, flows, rate, src_port_base),
+        Tool::LearnSink {
+            bind,
+            expect,
+            idle_ms,
+        } => control::learn_sink(bind, expect, idle_ms),
         Tool::Progcost { calls, object } => progcost::run(calls, &object),
         Tool::Fill { pins, count } => fill(&pins, count),
         Tool::Admission {

@@ -19,6 +19,17 @@ pub enum Failure {
     DaemonNotRunning,
     #[error("permission denied")]
     PermissionDenied,
+    /// The verb already printed what failed (`add --from-file`, item by
+    /// item): the exit status says it failed, no second report follows.
+    #[error("some items failed")]
+    Reported,
+}
+
+/// Whether `error`'s details were already printed by the verb itself.
+pub fn already_reported(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.downcast_ref::<Failure>() == Some(&Failure::Reported))
 }
 
 impl Failure {
@@ -27,6 +38,7 @@ impl Failure {
             Self::NotFound => forwarder_api::ExitStatus::NotFound,
             Self::DaemonNotRunning => forwarder_api::ExitStatus::DaemonNotRunning,
             Self::PermissionDenied => forwarder_api::ExitStatus::PermissionDenied,
+            Self::Reported => forwarder_api::ExitStatus::Error,
         }
     }
 }
@@ -34,40 +46,99 @@ impl Failure {
 /// Sends one request to the daemon of `instance` and returns its reply;
 /// a daemon-side error becomes an `Err` carrying the daemon's message.
 pub fn call(instance: &str, request: &Request) -> anyhow::Result<Reply> {
-    let path = socket_path(instance);
-    let mut stream = UnixStream::connect(&path).map_err(|error| match error.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::Error::new(Failure::DaemonNotRunning)
-            .context(format!(
-                "no forwarder daemon is running for instance {instance:?} ({} is missing or dead): start it with \
-                 `systemctl start {}` or `forwarder run --iface IF --instance {instance}`",
-                path.display(),
-                super::systemd_unit(instance)
-            )),
-        std::io::ErrorKind::PermissionDenied => {
-            anyhow::Error::new(Failure::PermissionDenied).context(permission_denied(&path))
-        }
-        _ => anyhow::anyhow!("connecting to {}: {error}", path.display()),
-    })?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .with_context(|| format!("sending the request to {}", path.display()))?;
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .with_context(|| format!("reading the daemon's reply on {}", path.display()))?;
-    if reply.is_empty() {
-        bail!("the daemon closed the control connection without answering: see its log");
+    let mut connection = Connection::open(instance)?;
+    connection.send(request)?;
+    connection.receive()
+}
+
+/// One control connection, which may carry many requests: each is
+/// answered by one reply, in order, so a caller may send several before
+/// reading their replies (pipelining).
+pub struct Connection {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+    path: std::path::PathBuf,
+}
+
+impl Connection {
+    /// Connects to the daemon of `instance`, naming what to do when it
+    /// is not running or the socket is not the caller's to use.
+    pub fn open(instance: &str) -> anyhow::Result<Self> {
+        let path = socket_path(instance);
+        let stream = UnixStream::connect(&path).map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::Error::new(Failure::DaemonNotRunning)
+                .context(format!(
+                    "no forwarder daemon is running for instance {instance:?} ({} is missing or dead): start it with \
+                     `systemctl start {}` or `forwarder run --iface IF --instance {instance}`",
+                    path.display(),
+                    super::systemd_unit(instance)
+                )),
+            std::io::ErrorKind::PermissionDenied => {
+                anyhow::Error::new(Failure::PermissionDenied).context(permission_denied(&path))
+            }
+            _ => anyhow::anyhow!("connecting to {}: {error}", path.display()),
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let reader = BufReader::new(
+            stream
+                .try_clone()
+                .with_context(|| format!("duplicating the connection to {}", path.display()))?,
+        );
+        Ok(Self {
+            writer: stream,
+            reader,
+            path,
+        })
     }
-    match serde_json::from_str(&reply).context("the daemon's reply is not valid JSON")? {
-        Reply::Error(message) => bail!("{message}"),
-        Reply::NotFound(message) => Err(anyhow::Error::new(Failure::NotFound).context(message)),
-        Reply::PermissionDenied(message) => {
-            Err(anyhow::Error::new(Failure::PermissionDenied).context(message))
+
+    /// A second handle on the same connection, e.g. for a thread that
+    /// writes requests while this one reads replies.
+    pub fn try_clone(&self) -> anyhow::Result<Self> {
+        let duplicate = |stream: &UnixStream| {
+            stream
+                .try_clone()
+                .with_context(|| format!("duplicating the connection to {}", self.path.display()))
+        };
+        Ok(Self {
+            writer: duplicate(&self.writer)?,
+            reader: BufReader::new(duplicate(self.reader.get_ref())?),
+            path: self.path.clone(),
+        })
+    }
+
+    /// [`Connection::receive`], waiting up to `timeout` (a large batch
+    /// takes the daemon longer than one request).
+    pub fn receive_within(&mut self, timeout: Duration) -> anyhow::Result<Reply> {
+        self.reader.get_ref().set_read_timeout(Some(timeout))?;
+        self.receive()
+    }
+
+    /// Writes one request; its reply comes from [`Connection::receive`].
+    pub fn send(&mut self, request: &Request) -> anyhow::Result<()> {
+        let mut line = serde_json::to_string(request)?;
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .with_context(|| format!("sending the request to {}", self.path.display()))
+    }
+
+    /// Reads the reply to the oldest request not yet answered.
+    pub fn receive(&mut self) -> anyhow::Result<Reply> {
+        let mut reply = String::new();
+        self.reader
+            .read_line(&mut reply)
+            .with_context(|| format!("reading the daemon's reply on {}", self.path.display()))?;
+        if reply.is_empty() {
+            bail!("the daemon closed the control connection without answering: see its log");
         }
-        reply => Ok(reply),
+        match serde_json::from_str(&reply).context("the daemon's reply is not valid JSON")? {
+            Reply::Error(message) => bail!("{message}"),
+            Reply::NotFound(message) => Err(anyhow::Error::new(Failure::NotFound).context(message)),
+            Reply::PermissionDenied(message) => {
+                Err(anyhow::Error::new(Failure::PermissionDenied).context(message))
+            }
+            reply => Ok(reply),
+        }
     }
 }
 

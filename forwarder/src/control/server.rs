@@ -17,9 +17,10 @@ use crate::cluster::{Cluster, NewShared, Removal};
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp;
 use crate::sessions::SharedRelay;
+use crate::sessions::batch::BatchItem;
 use crate::users::{self, Owner};
 use forwarder_api::parse_backend;
-use forwarder_api::{MAX_REQUEST_BYTES, Reply, Request};
+use forwarder_api::{AddResult, MAX_BATCH_SESSIONS, MAX_REQUEST_BYTES, Reply, Request};
 
 /// Starts reading a new session's socket: the daemon's business (it owns
 /// every task), handed to the server so it needs nothing above it.
@@ -115,6 +116,10 @@ pub async fn serve(
     }
 }
 
+/// Serves one connection: one reply line per request line, in order, until
+/// the caller closes it (a pipelining caller writes many requests before
+/// reading the replies). The first request must come within 10 s, and
+/// each later one within 10 s of the previous reply.
 async fn handle(
     stream: UnixStream,
     relay: SharedRelay,
@@ -123,24 +128,59 @@ async fn handle(
 ) -> anyhow::Result<()> {
     let caller = caller(&stream).await?;
     let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1));
-    let mut line = String::new();
-    let reply =
-        match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
-            Err(_) => Reply::Error("no request within 10 s".into()),
-            Ok(Err(error)) => Reply::Error(format!("reading the request: {error}")),
-            Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Reply::Error(format!(
-                "request larger than {MAX_REQUEST_BYTES} bytes refused"
-            )),
-            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(request) => dispatch(request, &caller, &relay, start_reader, cluster).await,
-                Err(error) => Reply::Error(format!("malformed request: {error}")),
-            },
+    let mut reader = BufReader::new(read);
+    let mut answered = 0u64;
+    loop {
+        let mut line = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            (&mut reader)
+                .take(MAX_REQUEST_BYTES as u64 + 1)
+                .read_line(&mut line),
+        )
+        .await;
+        // After a reply, silence or the end of the stream just ends the connection.
+        let (reply, last) = match read {
+            Err(_) if answered == 0 => (Reply::Error("no request within 10 s".into()), true),
+            Err(_) => return Ok(()),
+            // A connection closed after its requests; one that sent nothing
+            // at all is told so (an empty request, malformed).
+            Ok(Ok(0)) if answered > 0 => return Ok(()),
+            Ok(Ok(0)) => (
+                Reply::Error(match serde_json::from_str::<Request>(&line) {
+                    Ok(_) => "empty request".into(),
+                    Err(error) => format!("malformed request: {error}"),
+                }),
+                true,
+            ),
+            Ok(Err(error)) => (
+                Reply::Error(format!("reading the request: {error}")),
+                true,
+            ),
+            // The rest of that line is still unread: nothing after it can be parsed.
+            Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => (
+                Reply::Error(format!(
+                    "request larger than {MAX_REQUEST_BYTES} bytes refused: send fewer sessions per \
+                     add_many (at most {MAX_BATCH_SESSIONS})"
+                )),
+                true,
+            ),
+            Ok(Ok(_)) => (
+                match serde_json::from_str::<Request>(&line) {
+                    Ok(request) => dispatch(request, &caller, &relay, start_reader, cluster).await,
+                    Err(error) => Reply::Error(format!("malformed request: {error}")),
+                },
+                false,
+            ),
         };
-    let mut text = serde_json::to_string(&reply)?;
-    text.push('\n');
-    write.write_all(text.as_bytes()).await?;
-    Ok(())
+        let mut text = serde_json::to_string(&reply)?;
+        text.push('\n');
+        write.write_all(text.as_bytes()).await?;
+        answered += 1;
+        if last {
+            return Ok(());
+        }
+    }
 }
 
 /// Who is on the other end: the uid and gid the kernel recorded when it
@@ -188,6 +228,16 @@ async fn dispatch(
                 Reply::Error(reason)
             }
         },
+        Request::AddMany { sessions } if sessions.len() > MAX_BATCH_SESSIONS => {
+            Reply::Error(format!(
+                "add_many carries {} sessions, more than the {MAX_BATCH_SESSIONS} one request may: split \
+                 them into several requests (on the same connection if you like)",
+                sessions.len()
+            ))
+        }
+        Request::AddMany { sessions } => Reply::AddedMany(
+            add_many(relay, start_reader, caller, cluster, sessions).await,
+        ),
         // Shared sessions: etcd's table decides, also for sessions this
         // relay has not programmed, with the same owner checks.
         Request::Remove { target } if cluster.is_some() => {
@@ -364,4 +414,142 @@ async fn add(
     start_reader(relay.clone(), socket);
     users::audit_change(caller, "add", &info);
     Ok(Reply::Session(info))
+}
+
+/// An `add_many` item checked as `add` checks it, before any lock is taken.
+fn check_item(
+    caller: &Owner,
+    policy: &crate::users::UserPolicy,
+    item: &forwarder_api::NewSession,
+) -> anyhow::Result<(SocketAddr, Option<crate::mosh::MoshKey>)> {
+    let backend = parse_backend(&item.backend)?;
+    let key = item
+        .key
+        .as_deref()
+        .map(crate::mosh::MoshKey::parse)
+        .transpose()?;
+    if item.idle_timeout_secs == Some(0) {
+        bail!(
+            "an idle timeout of 0 would expire the session at once: give a duration such as 7d or 12h"
+        );
+    }
+    if let Err(refusal) = policy.check_backend(caller, backend) {
+        bail!("{refusal}");
+    }
+    Ok((backend, key))
+}
+
+/// `add_many`: every item checked as `add` checks it, one route lookup per
+/// backend address, then the whole batch under one hold of the relay lock
+/// and in one store transaction (`Relay::add_sessions_for`). One result per
+/// item, in order; a failed item is audited as a refused `add`.
+async fn add_many(
+    relay: &SharedRelay,
+    start_reader: &StartReader,
+    caller: &Owner,
+    cluster: Option<&Cluster>,
+    items: Vec<forwarder_api::NewSession>,
+) -> Vec<AddResult> {
+    use std::collections::HashMap;
+    let refuse = |item: &forwarder_api::NewSession, error: &anyhow::Error| {
+        let reason = format!("{error:#}");
+        users::audit_refusal(caller, "add", &item.backend, &reason);
+        AddResult::Error(reason)
+    };
+    // Through etcd each add is a cluster transaction of its own.
+    if cluster.is_some() {
+        let mut results = Vec::with_capacity(items.len());
+        for item in &items {
+            let request = NewSession {
+                backend: &item.backend,
+                port: item.port,
+                idle_timeout_secs: item.idle_timeout_secs,
+                key: item.key.as_deref(),
+            };
+            results.push(
+                match add(relay, start_reader, caller, cluster, request).await {
+                    Ok(Reply::Session(info)) => AddResult::Session(info),
+                    Ok(other) => AddResult::Error(format!(
+                        "unexpected outcome of an add: {other:?}"
+                    )),
+                    Err(error) => refuse(item, &error),
+                },
+            );
+        }
+        return results;
+    }
+    let checked: Vec<anyhow::Result<(SocketAddr, Option<crate::mosh::MoshKey>)>> = {
+        let relay = relay.lock().expect("relay lock");
+        let policy = relay.user_policy();
+        items
+            .iter()
+            .map(|item| check_item(caller, policy, item))
+            .collect()
+    };
+    // Route lookups are netlink round trips: one per address, off the runtime.
+    let mut addresses: Vec<std::net::IpAddr> = checked
+        .iter()
+        .flatten()
+        .map(|(backend, _)| backend.ip())
+        .collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    let routes: HashMap<std::net::IpAddr, Result<xdp::BackendRoute, String>> =
+        match tokio::task::spawn_blocking(move || {
+            addresses
+                .into_iter()
+                .map(|ip| (ip, xdp::route_to(ip).map_err(|e| format!("{e:#}"))))
+                .collect()
+        })
+        .await
+        {
+            Ok(routes) => routes,
+            Err(error) => {
+                let error = anyhow::anyhow!("looking up the routes to the backends: {error}");
+                return items.iter().map(|item| refuse(item, &error)).collect();
+            }
+        };
+    let mut results: Vec<Option<AddResult>> = Vec::with_capacity(items.len());
+    let mut batch = Vec::new();
+    let mut positions = Vec::new();
+    for (index, (item, checked)) in items.iter().zip(checked).enumerate() {
+        let prepared = checked.and_then(|(backend, key)| {
+            match &routes[&backend.ip()] {
+                Ok(route) => Ok(BatchItem {
+                    backend,
+                    route: *route,
+                    port: item.port,
+                    idle_timeout: item.idle_timeout_secs.map(Duration::from_secs),
+                    key,
+                }),
+                Err(error) => Err(anyhow::anyhow!("{error}")),
+            }
+        });
+        match prepared {
+            Ok(prepared) => {
+                batch.push(prepared);
+                positions.push(index);
+                results.push(None);
+            }
+            Err(error) => results.push(Some(refuse(item, &error))),
+        }
+    }
+    let added = relay
+        .lock()
+        .expect("relay lock")
+        .add_sessions_for(caller, batch);
+    for (index, outcome) in positions.into_iter().zip(added) {
+        results[index] = Some(match outcome {
+            Ok((info, socket)) => {
+                start_reader(relay.clone(), socket);
+                users::audit_change(caller, "add", &info);
+                AddResult::Session(info)
+            }
+            Err(error) => refuse(&items[index], &error),
+        });
+    }
+    results
+        .into_iter()
+        .map(|result| result.expect("every item has its result"))
+        .collect()
 }

@@ -54,12 +54,19 @@ fn system_wide() -> AtLimit {
 /// descriptor gets says that every one below it is open: when that number
 /// reaches `limit - reserve`, the budget is spent. Descriptors above it
 /// exist only while the budget was already full (short-lived control and
-/// metrics connections), so this is exact enough and costs one open/close
-/// instead of a walk of /proc/self/fd per new flow.
+/// metrics connections), so this is exact enough and costs one dup/close
+/// instead of a walk of /proc/self/fd per new flow. The probe duplicates
+/// stderr (no path lookup, on the learning path of every flow), or opens
+/// /dev/null where stderr is closed.
 pub fn check_headroom() -> Result<(), AtLimit> {
+    use std::os::fd::{AsFd, OwnedFd};
     let limit = limit();
     let reserve = reserve_for(limit);
-    match std::fs::File::open("/dev/null") {
+    let probe = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .or_else(|_| std::fs::File::open("/dev/null").map(OwnedFd::from));
+    match probe {
         Ok(probe) => {
             let number = std::os::fd::AsRawFd::as_raw_fd(&probe) as u64;
             if number + reserve >= limit {

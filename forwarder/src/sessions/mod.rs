@@ -27,6 +27,8 @@ pub use restore::Restored;
 /// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
 mod clustered;
 pub use clustered::SharedDefinition;
+/// Many adds in one store transaction (`Request::AddMany`).
+pub mod batch;
 
 pub mod nat;
 pub mod shared;
@@ -240,6 +242,8 @@ pub struct Relay {
     shared_id: Option<String>,
     /// `--tcp-port`, once the daemon listens on it.
     tcp: Option<tcp::TcpOffer>,
+    /// While a batch of adds runs: its lookups by backend and id (batch.rs).
+    batch_index: Option<Box<batch::Index>>,
 }
 
 /// What a relay is built from: [`Relay::new`] takes it whole.
@@ -310,6 +314,7 @@ impl Relay {
             cluster: None,
             shared_id: None,
             tcp: None,
+            batch_index: None,
         }
     }
 
@@ -434,7 +439,7 @@ impl Relay {
                 route.source
             );
         }
-        if let Some(existing) = self.sessions.values().find(|s| s.backend == backend) {
+        if let Some(existing) = self.session_on_backend(backend) {
             // Another user's session is not the caller's to name or remove.
             if !owner.is_root() && existing.owner.uid != owner.uid {
                 bail!(
@@ -507,7 +512,7 @@ impl Relay {
         let id = id.unwrap_or_else(|| {
             loop {
                 let candidate = format!("{:08x}", rand::random::<u32>());
-                if !self.sessions.values().any(|s| s.id == candidate) {
+                if !self.id_taken(&candidate) {
                     break candidate;
                 }
             }

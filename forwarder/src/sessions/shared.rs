@@ -117,7 +117,7 @@ pub(super) fn capacity_note(shared: bool) -> &'static str {
 }
 
 /// A keyed session's row: its key sealed, and the sequence bound so far.
-fn keyed_record(
+pub(super) fn keyed_record(
     store: &Store,
     session: &Session,
     key: &MoshKey,
