@@ -207,7 +207,7 @@ mod tests {
                 max_sessions: 64,
             },
             interfaces: Vec::new(),
-            relay_addresses: vec![Ipv4Addr::LOCALHOST],
+            relay_addresses: vec![Ipv4Addr::LOCALHOST.into()],
             datapath: Datapath::Userspace {
                 sizes: forwarder_common::config::RuntimeSizes::new(4096, 64).expect("valid sizes"),
             },
@@ -233,9 +233,9 @@ mod tests {
 
     fn item(n: u8, port: Option<u16>) -> BatchItem {
         BatchItem {
-            backend: SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, n), 9),
+            backend: SocketAddr::from((Ipv4Addr::new(127, 0, 0, n), 9)),
             route: BackendRoute {
-                source: Ipv4Addr::LOCALHOST,
+                source: Ipv4Addr::LOCALHOST.into(),
                 ifindex: 1,
             },
             port,
