@@ -782,3 +782,79 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
     assert!(stats_cluster(&relays[2]).unwrap()["refused"].is_null());
     drop(relays);
 }
+
+#[test]
+fn a_relay_whose_policy_denies_a_users_session_does_not_forward_it_and_says_why() {
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    prereq::require().unwrap();
+    let group = TestGroup::new().unwrap();
+    let alice = TestUser::new(&[&group]).unwrap();
+    let cli = UserCli::new().unwrap();
+    let topo = ClusterTopology::build(2).unwrap();
+    let _etcd = Etcd::start(&topo.router, ETCD_IP, ETCD_PORT).unwrap();
+    // Relay 0 lets users reach every port of the server; relay 1 only 60001.
+    let allows = [format!("{BACKEND_IP}/32"), format!("{BACKEND_IP}/32:60001")];
+    let relays: Vec<Relay> = allows
+        .iter()
+        .enumerate()
+        .map(|(index, allow)| {
+            topo.start_relay(
+                index,
+                &["--socket-group", &group.name, "--user-allow", allow],
+            )
+        })
+        .collect::<Result<_>>()
+        .unwrap();
+    for relay in &relays {
+        wait_etcd_connected(relay, true, Duration::from_secs(20)).unwrap();
+    }
+    let allowed = user_session(
+        cli.json(
+            &alice,
+            &relays[0],
+            &["add", "--backend", &format!("{BACKEND_IP}:60001")],
+        )
+        .unwrap(),
+    );
+    let denied = user_session(
+        cli.json(
+            &alice,
+            &relays[0],
+            &["add", "--backend", &format!("{BACKEND_IP}:60002")],
+        )
+        .unwrap(),
+    );
+    relays[1]
+        .wait_until(
+            "the allowed session programmed on relay 1",
+            PROGRAMMED,
+            |sessions| sessions.iter().any(|s| s.id == allowed.id).then_some(()),
+        )
+        .unwrap();
+    let deadline = Instant::now() + PROGRAMMED;
+    let why = loop {
+        let cluster = stats_cluster(&relays[1]).unwrap();
+        if let Some(why) = cluster["refused"][denied.port.to_string()].as_str() {
+            break why.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay 1 never said why: {cluster}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(why.contains("backend policy"), "{why}");
+    assert!(relays[1].session(&denied.id).unwrap().is_none());
+    // Relay 1 itself refuses that add outright, as a single relay would.
+    let out = cli
+        .run(
+            &alice,
+            &relays[1],
+            &["add", "--backend", &format!("{BACKEND_IP}:60003")],
+        )
+        .unwrap();
+    refused(&out, "an add outside relay 1's policy", &["user_allow"]);
+    drop(relays);
+}

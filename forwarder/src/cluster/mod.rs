@@ -13,6 +13,9 @@
 //!                    no lease: sessions outlive relays
 //! backends/IP:PORT   the port of the session forwarding there (one session per backend)
 //! relays/NAME        a RelayPresence (JSON) under the relay's lease: what it holds
+//! owners/UID         the id of the user's newest session: every add of a non-root
+//!                    user with a session quota rewrites it, so two adds counted
+//!                    against the same sessions cannot both commit
 //! ```
 //!
 //! While etcd does not answer, a relay keeps forwarding every session it
@@ -287,6 +290,10 @@ impl Cluster {
         format!("{}backends/{backend}", self.options.prefix)
     }
 
+    fn owner_key(&self, uid: u32) -> String {
+        format!("{}owners/{uid}", self.options.prefix)
+    }
+
     fn relay_key(&self, name: &str) -> String {
         format!("{}relays/{name}", self.options.prefix)
     }
@@ -351,8 +358,8 @@ impl Cluster {
     /// transaction (it succeeds only if no relay holds that port or that
     /// backend), after this relay has bound it; every other relay programs
     /// it from its watch. The owner's session quota counts its sessions in
-    /// the whole cluster, as this relay last saw etcd (two adds by one user
-    /// at the same instant on two relays can both pass).
+    /// the whole cluster, read from etcd, and the transaction commits only
+    /// if no other add of that owner committed since that read.
     pub async fn add(
         &self,
         relay: &SharedRelay,
@@ -383,27 +390,43 @@ impl Cluster {
             .user_policy()
             .quota_for(&owner)
             .max_sessions;
-        let candidates: Vec<u16> = {
-            let state = self.state();
-            if !owner.is_root() {
-                let sessions = state
-                    .sessions
-                    .values()
-                    .filter(|(s, _)| s.owner.uid == owner.uid)
-                    .count();
-                if !quota.has_room(sessions) {
-                    bail!(
-                        "user {} (uid {}) has {sessions} sessions in the cluster, the quota of {} ({}): remove one \
+        // The owner's sessions as etcd has them now, and the revision the
+        // transaction below requires its owner key not to have moved past.
+        let owner_guard = if owner.is_root() || quota.value == 0 {
+            None
+        } else {
+            let prefix = format!("{}sessions/", self.options.prefix);
+            let snapshot = sync::bounded(
+                "counting the user's sessions in the cluster",
+                client.get(
+                    prefix.as_str(),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+            let revision = snapshot.header().map_or(0, |header| header.revision());
+            let sessions = snapshot
+                .kvs()
+                .iter()
+                .filter_map(|kv| serde_json::from_slice::<SharedSession>(kv.value()).ok())
+                .filter(|s| s.owner.uid == owner.uid)
+                .count();
+            if !quota.has_room(sessions) {
+                bail!(
+                    "user {} (uid {}) has {sessions} sessions in the cluster, the quota of {} ({}): remove one \
                          (`forwarder list`, `forwarder remove ID`), or ask the relays' administrator to raise it \
                          ([user.{}] max_sessions in the config file of every relay)",
-                        owner.name,
-                        owner.uid,
-                        quota.value,
-                        quota.source,
-                        owner.name
-                    );
-                }
+                    owner.name,
+                    owner.uid,
+                    quota.value,
+                    quota.source,
+                    owner.name
+                );
             }
+            Some((self.owner_key(owner.uid), revision))
+        };
+        let candidates: Vec<u16> = {
+            let state = self.state();
             if let Some((existing, _)) = state.sessions.values().find(|(s, _)| s.backend == backend)
             {
                 // Another user's session is not the caller's to name or remove.
@@ -482,16 +505,25 @@ impl Cluster {
             };
             let session_key = self.session_key(candidate);
             let backend_key = self.backend_key(backend);
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(session_key.as_str(), CompareOp::Equal, 0),
-                    Compare::create_revision(backend_key.as_str(), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(session_key.as_str(), serde_json::to_vec(&record)?, None),
-                    TxnOp::put(backend_key.as_str(), candidate.to_string(), None),
-                ])
-                .or_else([TxnOp::get(backend_key.as_str(), None)]);
+            let mut when = vec![
+                Compare::create_revision(session_key.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(backend_key.as_str(), CompareOp::Equal, 0),
+            ];
+            let mut then = vec![
+                TxnOp::put(session_key.as_str(), serde_json::to_vec(&record)?, None),
+                TxnOp::put(backend_key.as_str(), candidate.to_string(), None),
+            ];
+            let mut otherwise = vec![TxnOp::get(backend_key.as_str(), None)];
+            if let Some((owner_key, revision)) = &owner_guard {
+                when.push(Compare::mod_revision(
+                    owner_key.as_str(),
+                    CompareOp::Less,
+                    revision + 1,
+                ));
+                then.push(TxnOp::put(owner_key.as_str(), id.clone(), None));
+                otherwise.push(TxnOp::get(owner_key.as_str(), None));
+            }
+            let txn = Txn::new().when(when).and_then(then).or_else(otherwise);
             let outcome = tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await;
             let undo = |why: &str| {
                 relay
@@ -517,10 +549,25 @@ impl Cluster {
                 }
                 Ok(Ok(response)) => {
                     undo("its port or backend was taken in the cluster");
-                    let backend_taken = response.op_responses().into_iter().any(|op| {
-                        matches!(op, etcd_client::TxnOpResponse::Get(get) if !get.kvs().is_empty())
+                    let responses = response.op_responses();
+                    // The newest revision of the key the index-th `get` read, if it exists.
+                    let read = |index: usize| match responses.get(index) {
+                        Some(etcd_client::TxnOpResponse::Get(get)) => {
+                            get.kvs().first().map(|kv| kv.mod_revision())
+                        }
+                        _ => None,
+                    };
+                    let owner_raced = owner_guard.as_ref().is_some_and(|(_, revision)| {
+                        read(1).is_some_and(|moved| moved > *revision)
                     });
-                    if backend_taken {
+                    if owner_raced {
+                        bail!(
+                            "another session of user {} was added in the cluster at the same moment, so this one \
+                             could not be counted against the quota: try again (`forwarder list` shows your sessions)",
+                            owner.name
+                        );
+                    }
+                    if read(0).is_some() {
                         bail!(
                             "another relay has just added a session forwarding to {backend}: see `forwarder list`"
                         );

@@ -449,7 +449,7 @@ fn parse_session(key: &[u8], value: &[u8]) -> Option<SharedSession> {
 }
 
 /// An etcd request with a deadline: an unreachable etcd is an error, not a hang.
-async fn bounded<T, E: Into<anyhow::Error>>(
+pub(super) async fn bounded<T, E: Into<anyhow::Error>>(
     what: &str,
     request: impl std::future::Future<Output = Result<T, E>>,
 ) -> anyhow::Result<T> {
