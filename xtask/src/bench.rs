@@ -1048,7 +1048,8 @@ fn control_plane(plan: &Plan, bench: &Path) -> Result<Value> {
         std::io::Read::read_to_string(&mut sink_out, &mut rest)?;
         let _ = sink.wait();
         let sent = sent?;
-        let counted: Value = serde_json::from_str(rest.lines().last().context("learn-sink printed nothing")?)?;
+        let counted: Value =
+            serde_json::from_str(rest.lines().last().context("learn-sink printed nothing")?)?;
         let stats = daemon.stats()?;
         out["flows_learned"] = json!({
             "offered": sent, "counted_at_server": counted,
@@ -1059,9 +1060,18 @@ fn control_plane(plan: &Plan, bench: &Path) -> Result<Value> {
     println!("| what | rate /s |\n|---|---|");
     for (key, what) in [
         ("cli_single", "session adds, one CLI process each"),
-        ("cli_from_file", "session adds, `add --from-file` (one process)"),
-        ("api_single_pipelined", "session adds, single `add` pipelined on one connection"),
-        ("api_batch", "session adds, `add_many` batches on one connection"),
+        (
+            "cli_from_file",
+            "session adds, `add --from-file` (one process)",
+        ),
+        (
+            "api_single_pipelined",
+            "session adds, single `add` pipelined on one connection",
+        ),
+        (
+            "api_batch",
+            "session adds, `add_many` batches on one connection",
+        ),
     ] {
         println!(
             "| {what} | {:.0} |",
@@ -1094,7 +1104,10 @@ fn cores(plan: &Plan, bench: &Path) -> Result<Value> {
         .copied()
         .filter(|&count| count >= 1 && count <= available)
         .collect();
-    for &count in counts.iter().filter(|&&count| count < 1 || count > available) {
+    for &count in counts
+        .iter()
+        .filter(|&&count| count < 1 || count > available)
+    {
         let reason = format!(
             "skipped: {count} sender cores asked for, this machine has {available} (available_parallelism)"
         );
@@ -1120,7 +1133,9 @@ fn cores(plan: &Plan, bench: &Path) -> Result<Value> {
         }
     }
     println!("\n## Sender cores: forwarder XDP against nftables (received kpps)\n");
-    println!("| sender cores | forwarder XDP native | nftables DNAT+SNAT | ratio |\n|---|---|---|---|");
+    println!(
+        "| sender cores | forwarder XDP native | nftables DNAT+SNAT | ratio |\n|---|---|---|---|"
+    );
     for count in counts {
         let point = &out["points"][count.to_string()];
         if let Some(reason) = point["skipped"].as_str() {
@@ -1165,7 +1180,8 @@ fn parallel_load(s: &Setup, bench: &Path, count: usize, plan: &Plan) -> Result<f
     for child in children {
         let output = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&output.stdout);
-        let value: Value = serde_json::from_str(text.lines().last().context("loadgen printed nothing")?)?;
+        let value: Value =
+            serde_json::from_str(text.lines().last().context("loadgen printed nothing")?)?;
         longest = longest.max(value["seconds"].as_f64().unwrap_or(plan.seconds));
     }
     std::thread::sleep(Duration::from_millis(100));

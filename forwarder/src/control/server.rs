@@ -153,10 +153,7 @@ async fn handle(
                 }),
                 true,
             ),
-            Ok(Err(error)) => (
-                Reply::Error(format!("reading the request: {error}")),
-                true,
-            ),
+            Ok(Err(error)) => (Reply::Error(format!("reading the request: {error}")), true),
             // The rest of that line is still unread: nothing after it can be parsed.
             Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => (
                 Reply::Error(format!(
@@ -235,9 +232,9 @@ async fn dispatch(
                 sessions.len()
             ))
         }
-        Request::AddMany { sessions } => Reply::AddedMany(
-            add_many(relay, start_reader, caller, cluster, sessions).await,
-        ),
+        Request::AddMany { sessions } => {
+            Reply::AddedMany(add_many(relay, start_reader, caller, cluster, sessions).await)
+        }
         // Shared sessions are root's (see `add`): anyone else is refused below.
         Request::Remove { target } if cluster.is_some() && caller.is_root() => {
             let cluster = cluster.expect("checked by the guard");
@@ -466,10 +463,10 @@ async fn add_many(
             };
             results.push(
                 match add(relay, start_reader, caller, cluster, request).await {
-                    Ok(Reply::Session(info)) => AddResult::Session(info),
-                    Ok(other) => AddResult::Error(format!(
-                        "unexpected outcome of an add: {other:?}"
-                    )),
+                    Ok(Reply::Session(info)) => AddResult::Session(Box::new(info)),
+                    Ok(other) => {
+                        AddResult::Error(format!("unexpected outcome of an add: {other:?}"))
+                    }
                     Err(error) => refuse(item, &error),
                 },
             );
@@ -511,17 +508,15 @@ async fn add_many(
     let mut batch = Vec::new();
     let mut positions = Vec::new();
     for (index, (item, checked)) in items.iter().zip(checked).enumerate() {
-        let prepared = checked.and_then(|(backend, key)| {
-            match &routes[backend.ip()] {
-                Ok(route) => Ok(BatchItem {
-                    backend,
-                    route: *route,
-                    port: item.port,
-                    idle_timeout: item.idle_timeout_secs.map(Duration::from_secs),
-                    key,
-                }),
-                Err(error) => Err(anyhow::anyhow!("{error}")),
-            }
+        let prepared = checked.and_then(|(backend, key)| match &routes[backend.ip()] {
+            Ok(route) => Ok(BatchItem {
+                backend,
+                route: *route,
+                port: item.port,
+                idle_timeout: item.idle_timeout_secs.map(Duration::from_secs),
+                key,
+            }),
+            Err(error) => Err(anyhow::anyhow!("{error}")),
         });
         match prepared {
             Ok(prepared) => {
@@ -541,7 +536,7 @@ async fn add_many(
             Ok((info, socket)) => {
                 start_reader(relay.clone(), socket);
                 users::audit_change(caller, "add", &info);
-                AddResult::Session(info)
+                AddResult::Session(Box::new(info))
             }
             Err(error) => refuse(&items[index], &error),
         });

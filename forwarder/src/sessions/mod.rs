@@ -26,10 +26,10 @@ pub use crate::datapath::monotonic_ns;
 mod report;
 mod restore;
 pub use restore::Restored;
-/// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
-mod clustered;
 /// Many adds in one store transaction (`Request::AddMany`).
 pub mod batch;
+/// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
+mod clustered;
 
 pub mod nat;
 pub mod shared;
