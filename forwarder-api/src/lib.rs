@@ -199,7 +199,8 @@ pub struct NewSession {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum AddResult {
-    Session(SessionInfo),
+    /// Boxed: a session is large, an error small.
+    Session(Box<SessionInfo>),
     /// What went wrong with this item and how to fix it.
     Error(String),
 }

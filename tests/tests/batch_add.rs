@@ -25,10 +25,13 @@ fn sessions_file(dir: &tempfile::TempDir, lines: &[String]) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// One line's outcome: the session added, or the error message.
+type LineOutcome = (u64, Result<Value, String>);
+
 /// The per-line results of `add --from-file --json`, by line number.
-fn results(stdout: &str) -> (Value, Vec<(u64, Result<Value, String>)>) {
-    let document: Value =
-        serde_json::from_str(stdout).unwrap_or_else(|e| panic!("{e}: not one JSON document: {stdout}"));
+fn results(stdout: &str) -> (Value, Vec<LineOutcome>) {
+    let document: Value = serde_json::from_str(stdout)
+        .unwrap_or_else(|e| panic!("{e}: not one JSON document: {stdout}"));
     assert_eq!(document["schema_version"], 1, "{document}");
     let lines = document["results"]
         .as_array()
@@ -86,9 +89,16 @@ fn a_file_of_sessions_is_added_line_by_line_and_survives_a_restart() {
         out.stderr
     );
     let (document, lines) = results(&out.stdout);
-    assert_eq!((document["added"].as_u64(), document["failed"].as_u64()), (Some(3), Some(3)));
+    assert_eq!(
+        (document["added"].as_u64(), document["failed"].as_u64()),
+        (Some(3), Some(3))
+    );
     let numbers: Vec<u64> = lines.iter().map(|(line, _)| *line).collect();
-    assert_eq!(numbers, [2, 3, 4, 5, 6, 7], "one result per session line, in order");
+    assert_eq!(
+        numbers,
+        [2, 3, 4, 5, 6, 7],
+        "one result per session line, in order"
+    );
     let error = |line: u64| -> String {
         lines
             .iter()
@@ -96,10 +106,22 @@ fn a_file_of_sessions_is_added_line_by_line_and_survives_a_restart() {
             .and_then(|(_, result)| result.clone().err())
             .unwrap_or_else(|| panic!("line {line} did not fail: {lines:?}"))
     };
-    assert!(error(4).contains(&format!("already forwards to {}", backend(60_001))), "{}", error(4));
+    assert!(
+        error(4).contains(&format!("already forwards to {}", backend(60_001))),
+        "{}",
+        error(4)
+    );
     assert!(error(4).contains(&existing.id), "{}", error(4));
-    assert!(error(5).contains("outside the relay's range 60000-60999"), "{}", error(5));
-    assert!(error(6).contains("no route to backend 192.0.2.1"), "{}", error(6));
+    assert!(
+        error(5).contains("outside the relay's range 60000-60999"),
+        "{}",
+        error(5)
+    );
+    assert!(
+        error(6).contains("no route to backend 192.0.2.1"),
+        "{}",
+        error(6)
+    );
     let added = |line: u64| -> Value {
         lines
             .iter()
@@ -121,16 +143,31 @@ fn a_file_of_sessions_is_added_line_by_line_and_survives_a_restart() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.contains("line 1: session "), "{}", out.stdout);
     assert!(out.stdout.contains("line 2: not added: "), "{}", out.stdout);
-    assert!(out.stdout.contains("added 1 of 2 sessions"), "{}", out.stdout);
-    assert!(out.stderr.contains("1 of 2 sessions were not added"), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("added 1 of 2 sessions"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stderr.contains("1 of 2 sessions were not added"),
+        "{}",
+        out.stderr
+    );
 
     // A malformed line refuses the whole file before anything is sent.
     let before = relay.state().unwrap();
-    let typo = sessions_file(&dir, &[backend(60_030), format!("{} prot=5", backend(60_031))]);
+    let typo = sessions_file(
+        &dir,
+        &[backend(60_030), format!("{} prot=5", backend(60_031))],
+    );
     let out = relay.try_verb(&["add", "--from-file", &typo]).unwrap();
     assert!(!out.success());
     assert!(out.stderr.contains("line 2"), "{}", out.stderr);
-    assert_eq!(relay.state().unwrap(), before, "nothing of a refused file is added");
+    assert_eq!(
+        relay.state().unwrap(),
+        before,
+        "nothing of a refused file is added"
+    );
 
     // Durable: the restarted daemon has every session the batches added.
     relay.restart().unwrap();
@@ -251,5 +288,11 @@ fn a_users_batch_is_held_to_the_policy_and_the_quota_item_by_item() {
         .iter()
         .map(|s| u64::from(s.owner.uid))
         .collect();
-    assert_eq!(owners.iter().filter(|&&uid| uid == u64::from(bob.uid)).count(), 1);
+    assert_eq!(
+        owners
+            .iter()
+            .filter(|&&uid| uid == u64::from(bob.uid))
+            .count(),
+        1
+    );
 }

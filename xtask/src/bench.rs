@@ -1048,7 +1048,8 @@ fn control_plane(plan: &Plan, bench: &Path) -> Result<Value> {
         std::io::Read::read_to_string(&mut sink_out, &mut rest)?;
         let _ = sink.wait();
         let sent = sent?;
-        let counted: Value = serde_json::from_str(rest.lines().last().context("learn-sink printed nothing")?)?;
+        let counted: Value =
+            serde_json::from_str(rest.lines().last().context("learn-sink printed nothing")?)?;
         let stats = daemon.stats()?;
         out["flows_learned"] = json!({
             "offered": sent, "counted_at_server": counted,
@@ -1059,9 +1060,18 @@ fn control_plane(plan: &Plan, bench: &Path) -> Result<Value> {
     println!("| what | rate /s |\n|---|---|");
     for (key, what) in [
         ("cli_single", "session adds, one CLI process each"),
-        ("cli_from_file", "session adds, `add --from-file` (one process)"),
-        ("api_single_pipelined", "session adds, single `add` pipelined on one connection"),
-        ("api_batch", "session adds, `add_many` batches on one connection"),
+        (
+            "cli_from_file",
+            "session adds, `add --from-file` (one process)",
+        ),
+        (
+            "api_single_pipelined",
+            "session adds, single `add` pipelined on one connection",
+        ),
+        (
+            "api_batch",
+            "session adds, `add_many` batches on one connection",
+        ),
     ] {
         println!(
             "| {what} | {:.0} |",
@@ -1094,7 +1104,10 @@ fn cores(plan: &Plan, bench: &Path) -> Result<Value> {
         .copied()
         .filter(|&count| count >= 1 && count <= available)
         .collect();
-    for &count in counts.iter().filter(|&&count| count < 1 || count > available) {
+    for &count in counts
+        .iter()
+        .filter(|&&count| count < 1 || count > available)
+    {
         let reason = format!(
             "skipped: {count} sender cores asked for, this machine has {available} (available_parallelism)"
         );
@@ -1120,7 +1133,9 @@ fn cores(plan: &Plan, bench: &Path) -> Result<Value> {
         }
     }
     println!("\n## Sender cores: forwarder XDP against nftables (received kpps)\n");
-    println!("| sender cores | forwarder XDP native | nftables DNAT+SNAT | ratio |\n|---|---|---|---|");
+    println!(
+        "| sender cores | forwarder XDP native | nftables DNAT+SNAT | ratio |\n|---|---|---|---|"
+    );
     for count in counts {
         let point = &out["points"][count.to_string()];
         if let Some(reason) = point["skipped"].as_str() {
@@ -1165,7 +1180,8 @@ fn parallel_load(s: &Setup, bench: &Path, count: usize, plan: &Plan) -> Result<f
     for child in children {
         let output = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&output.stdout);
-        let value: Value = serde_json::from_str(text.lines().last().context("loadgen printed nothing")?)?;
+        let value: Value =
+            serde_json::from_str(text.lines().last().context("loadgen printed nothing")?)?;
         longest = longest.max(value["seconds"].as_f64().unwrap_or(plan.seconds));
     }
     std::thread::sleep(Duration::from_millis(100));
@@ -1233,30 +1249,77 @@ fn pingpong_traced(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
 
 /// Native XDP's added latency against generic XDP's, with the kernel's
 /// work per round trip beside each, and native XDP again with threaded
-/// NAPI on the relay's interfaces, in one run.
+/// NAPI on the relay's interfaces, in one run. The paths take turns, round
+/// by round, and each figure is the median over the rounds: a stall of the
+/// shared machine then spoils one round of one path, not the comparison.
 fn latency_analysis(plan: &Plan, bench: &Path) -> Result<Value> {
-    let mut out = json!({});
-    let samples = plan.ping_samples;
-    for kind in [Kind::Direct, Kind::XdpNative, Kind::XdpGeneric] {
-        let s = setup(kind, bench, 1).with_context(|| format!("setting up {}", kind.name()))?;
-        out[kind.key()] = pingpong_traced(&s, bench, samples)?;
-        if kind == Kind::XdpNative
-            && let Some(relay_ns) = &s._relay_ns
-        {
+    const ROUNDS: usize = 5;
+    let samples = (plan.ping_samples / ROUNDS).max(50);
+    let setups: Vec<(Kind, Setup)> = [Kind::Direct, Kind::XdpNative, Kind::XdpGeneric]
+        .into_iter()
+        .map(|kind| {
+            setup(kind, bench, 1)
+                .with_context(|| format!("setting up {}", kind.name()))
+                .map(|s| (kind, s))
+        })
+        .collect::<Result<_>>()?;
+    let threaded = |s: &Setup, on: bool| -> Result<()> {
+        let relay_ns = s._relay_ns.as_ref().context("no relay namespace")?;
+        for dev in [RELAY_CLIENT_IF, RELAY_SERVER_IF] {
+            relay_ns.run(
+                "sh",
+                &[
+                    "-c",
+                    &format!("echo {} > /sys/class/net/{dev}/threaded", u8::from(on)),
+                ],
+            )?;
+        }
+        Ok(())
+    };
+    let mut rounds: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for _ in 0..ROUNDS {
+        for (kind, s) in &setups {
+            rounds
+                .entry(kind.key())
+                .or_default()
+                .push(pingpong_traced(s, bench, samples)?);
             // Busy polling is not a candidate here: it polls a socket's
             // NAPI context, and the relay's XDP path has no socket.
-            for dev in [RELAY_CLIENT_IF, RELAY_SERVER_IF] {
-                relay_ns.run(
-                    "sh",
-                    &["-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")],
-                )?;
+            if *kind == Kind::XdpNative {
+                threaded(s, true)?;
+                let ping = pingpong_traced(s, bench, samples);
+                threaded(s, false)?;
+                rounds
+                    .entry("xdp_native_threaded_napi")
+                    .or_default()
+                    .push(ping?);
             }
-            out["xdp_native_threaded_napi"] = pingpong_traced(&s, bench, samples)?;
         }
+    }
+    let median = |values: &[Value], key: &str| -> f64 {
+        let mut v: Vec<f64> = values.iter().filter_map(|r| r[key].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let mut out = json!({"rounds": ROUNDS, "samples_per_round": samples});
+    for (key, values) in &rounds {
+        let mut summary = json!({"rounds": values});
+        for field in [
+            "p50_us",
+            "p99_us",
+            "net_rx_softirqs_per_rtt",
+            "net_tx_softirqs_per_rtt",
+            "ksoftirqd_switches_per_1000_rtt",
+        ] {
+            summary[field] = json!(median(values, field));
+        }
+        out[*key] = summary;
     }
     let direct99 = out["direct"]["p99_us"].as_f64().unwrap_or(0.0);
     let direct50 = out["direct"]["p50_us"].as_f64().unwrap_or(0.0);
-    println!("\n## Latency analysis (ping-pong, one outstanding)\n");
+    println!(
+        "\n## Latency analysis (ping-pong, one outstanding; medians of {ROUNDS} interleaved rounds)\n"
+    );
     println!(
         "| path | added p50 µs | added p99 µs | NET_RX softirqs per RTT | NET_TX per RTT | ksoftirqd switches per 1000 RTT |\n|---|---|---|---|---|---|"
     );

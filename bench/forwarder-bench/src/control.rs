@@ -140,7 +140,11 @@ pub fn learn_sink(bind: SocketAddrV4, expect: usize, idle_ms: u64) -> anyhow::Re
     use std::os::fd::AsFd;
     let socket = UdpSocket::bind(bind).with_context(|| format!("binding {bind}"))?;
     // Room for a burst while this process is descheduled.
-    nix::sys::socket::setsockopt(&socket.as_fd(), nix::sys::socket::sockopt::RcvBuf, &(8 << 20))?;
+    nix::sys::socket::setsockopt(
+        &socket.as_fd(),
+        nix::sys::socket::sockopt::RcvBuf,
+        &(8 << 20),
+    )?;
     socket.set_read_timeout(Some(Duration::from_millis(idle_ms.max(1))))?;
     println!("{}", json!({"listening": bind.to_string()}));
     let mut buf = [0u8; 2048];

@@ -81,9 +81,10 @@ fn plain(line: &str) -> anyhow::Result<NewSession> {
     for field in fields {
         match field.split_once('=') {
             Some(("port", port)) => {
-                session.port = Some(port.parse().with_context(|| {
-                    format!("port={port} is not a port number (1-65535)")
-                })?);
+                session.port = Some(
+                    port.parse()
+                        .with_context(|| format!("port={port} is not a port number (1-65535)"))?,
+                );
             }
             Some(("idle_timeout", text)) => {
                 let timeout = humantime::parse_duration(text).with_context(|| {
@@ -216,7 +217,11 @@ pub fn report(results: &[LineResult], json: bool) -> anyhow::Result<()> {
                 }
             }
         }
-        println!("added {} of {} sessions", results.len() - failed, results.len());
+        println!(
+            "added {} of {} sessions",
+            results.len() - failed,
+            results.len()
+        );
     }
     if failed > 0 {
         return Err(anyhow::Error::new(Failure::Reported).context(format!(
@@ -245,9 +250,15 @@ mod tests {
         for (bad, says) in [
             ("10.0.0.2:1\n10.0.0.3:1 prot=5\n", "line 2"),
             ("10.0.0.2:1 port=70000\n", "not a port number"),
-            ("{\"backend\": \"10.0.0.2:1\", \"prot\": 5}\n", "line 1: not a session object"),
+            (
+                "{\"backend\": \"10.0.0.2:1\", \"prot\": 5}\n",
+                "line 1: not a session object",
+            ),
             ("10.0.0.2:1 idle_timeout=0s\n", "idle timeout of 0"),
-            ("{\"backend\": \"10.0.0.2:1\", \"key\": \"short\"}\n", "line 1"),
+            (
+                "{\"backend\": \"10.0.0.2:1\", \"key\": \"short\"}\n",
+                "line 1",
+            ),
         ] {
             let error = format!("{:#}", parse(bad).unwrap_err());
             assert!(error.contains(says), "{bad:?}: {error}");

@@ -153,10 +153,7 @@ async fn handle(
                 }),
                 true,
             ),
-            Ok(Err(error)) => (
-                Reply::Error(format!("reading the request: {error}")),
-                true,
-            ),
+            Ok(Err(error)) => (Reply::Error(format!("reading the request: {error}")), true),
             // The rest of that line is still unread: nothing after it can be parsed.
             Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => (
                 Reply::Error(format!(
@@ -468,10 +465,10 @@ async fn add_many(
             };
             results.push(
                 match add(relay, start_reader, caller, cluster, request).await {
-                    Ok(Reply::Session(info)) => AddResult::Session(info),
-                    Ok(other) => AddResult::Error(format!(
-                        "unexpected outcome of an add: {other:?}"
-                    )),
+                    Ok(Reply::Session(info)) => AddResult::Session(Box::new(info)),
+                    Ok(other) => {
+                        AddResult::Error(format!("unexpected outcome of an add: {other:?}"))
+                    }
                     Err(error) => refuse(item, &error),
                 },
             );
@@ -543,7 +540,7 @@ async fn add_many(
             Ok((info, socket)) => {
                 start_reader(relay.clone(), socket);
                 users::audit_change(caller, "add", &info);
-                AddResult::Session(info)
+                AddResult::Session(Box::new(info))
             }
             Err(error) => refuse(&items[index], &error),
         });

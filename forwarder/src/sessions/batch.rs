@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use forwarder_api::SessionInfo;
 
-use super::{Relay, Session};
 use super::shared::keyed_record;
+use super::{Relay, Session};
 use crate::datapath::socket::RelaySocket;
 use crate::datapath::xdp::BackendRoute;
 use crate::mosh::MoshKey;
@@ -271,9 +271,15 @@ mod tests {
             .filter_map(|r| r.as_ref().ok().map(|(info, _)| info))
             .collect();
         assert_eq!(ok.len(), 3, "items 0, 3 and 4 are added");
-        assert_eq!(results[0].as_ref().map(|(info, _)| info.port).ok(), Some(43_010));
+        assert_eq!(
+            results[0].as_ref().map(|(info, _)| info.port).ok(),
+            Some(43_010)
+        );
         let duplicate = why(&results[1]);
-        assert!(duplicate.contains("already forwards to 127.0.0.2:9"), "{duplicate}");
+        assert!(
+            duplicate.contains("already forwards to 127.0.0.2:9"),
+            "{duplicate}"
+        );
         let out_of_range = why(&results[2]);
         assert!(
             out_of_range.contains("outside the relay's range 43000-43099"),
@@ -334,7 +340,11 @@ mod tests {
         let results = relay.add_sessions_for(&bob, vec![item(2, None), item(6, None)]);
         let taken = why(&results[0]);
         assert!(taken.contains("another user's session"), "{taken}");
-        assert!(results[1].as_ref().is_ok_and(|(info, _)| info.owner.name == "bob"));
+        assert!(
+            results[1]
+                .as_ref()
+                .is_ok_and(|(info, _)| info.owner.name == "bob")
+        );
         assert_eq!(relay.session_count(), 3);
     }
 }

@@ -24,11 +24,11 @@ pub use crate::datapath::monotonic_ns;
 mod report;
 mod restore;
 pub use restore::Restored;
+/// Many adds in one store transaction (`Request::AddMany`).
+pub mod batch;
 /// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
 mod clustered;
 pub use clustered::SharedDefinition;
-/// Many adds in one store transaction (`Request::AddMany`).
-pub mod batch;
 
 pub mod nat;
 pub mod shared;
