@@ -232,9 +232,9 @@ async fn dispatch(
                 sessions.len()
             ))
         }
-        Request::AddMany { sessions } => Reply::AddedMany(
-            add_many(relay, start_reader, caller, cluster, sessions).await,
-        ),
+        Request::AddMany { sessions } => {
+            Reply::AddedMany(add_many(relay, start_reader, caller, cluster, sessions).await)
+        }
         // Shared sessions: etcd's table decides, also for sessions this
         // relay has not programmed, with the same owner checks.
         Request::Remove { target } if cluster.is_some() => {
@@ -510,17 +510,15 @@ async fn add_many(
     let mut batch = Vec::new();
     let mut positions = Vec::new();
     for (index, (item, checked)) in items.iter().zip(checked).enumerate() {
-        let prepared = checked.and_then(|(backend, key)| {
-            match &routes[&backend.ip()] {
-                Ok(route) => Ok(BatchItem {
-                    backend,
-                    route: *route,
-                    port: item.port,
-                    idle_timeout: item.idle_timeout_secs.map(Duration::from_secs),
-                    key,
-                }),
-                Err(error) => Err(anyhow::anyhow!("{error}")),
-            }
+        let prepared = checked.and_then(|(backend, key)| match &routes[&backend.ip()] {
+            Ok(route) => Ok(BatchItem {
+                backend,
+                route: *route,
+                port: item.port,
+                idle_timeout: item.idle_timeout_secs.map(Duration::from_secs),
+                key,
+            }),
+            Err(error) => Err(anyhow::anyhow!("{error}")),
         });
         match prepared {
             Ok(prepared) => {
