@@ -14,8 +14,11 @@ use forwarder_testbed::{Relay, SessionInfo, Topology, UdpEcho, UdpPinger, prereq
 
 const PROBE_WAIT: Duration = Duration::from_secs(1);
 
-/// Sessions and their flows' (client, upstream port): what a restart keeps.
-fn shape(sessions: &[SessionInfo]) -> BTreeSet<(String, String, Vec<(String, u16)>)> {
+/// A session's id and backend, and its flows' (client, upstream port).
+type Shape = (String, String, Vec<(String, u16)>);
+
+/// What a restart keeps: sessions and their flows, not counters.
+fn shape(sessions: &[SessionInfo]) -> BTreeSet<Shape> {
     sessions
         .iter()
         .map(|s| {
