@@ -352,3 +352,61 @@ fn forged_ipv6_server_datagrams_never_reach_the_client() {
     );
     roundtrip(&client, "after").unwrap();
 }
+
+/// A server with IPv6 only punches to the relay over IPv6 (`forwarder
+/// mosh-server --relay [v6]:port`: the IPv6 kinds of the handshake, and
+/// mosh-server bound dual-stack), and an IPv4-only client reaches it
+/// through the punched session at the relay's `--public-addr`.
+#[test]
+fn a_server_punches_over_ipv6_and_an_ipv4_client_reaches_it() {
+    prereq::require().unwrap();
+    let topo = Topology::dual_stack(Stack::V4Only, Stack::V6Only).unwrap();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), forwarder_testbed::nat::random_secret()).unwrap();
+    let secret_path = secret.path().to_str().unwrap();
+    let public = RELAY_CLIENT_IP.to_string();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &[
+            "--punch-port",
+            "7000",
+            "--punch-secret-file",
+            secret_path,
+            "--public-addr",
+            &public,
+        ],
+    )
+    .unwrap();
+    let punch = SocketAddr::new(RELAY_SERVER_IP6.into(), 7000).to_string();
+    let (server, wrapped) = MoshServer::start_wrapped(
+        &topo.server,
+        &["--relay", &punch, "--secret-file", secret_path],
+    )
+    .unwrap();
+    assert_eq!(wrapped.ip, RELAY_CLIENT_IP, "MOSH IP is --public-addr");
+    assert!(
+        wrapped
+            .stderr
+            .contains(&format!("sees this host as [{SERVER_IP6}]:")),
+        "the relay saw the server over IPv6: {}",
+        wrapped.stderr
+    );
+    let sessions = relay.sessions().unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let session = sessions[0].clone();
+    assert!(
+        session.backend.starts_with(&format!("[{SERVER_IP6}]:")),
+        "{session:?}"
+    );
+    let nat = session.nat.clone().expect("a punched session says so");
+    assert!(nat.bound && nat.key_received, "{nat:?}");
+    let client = MoshClient::start(&topo.client, wrapped.ip, server.port, &server.key).unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "punched6").unwrap();
+    answered_flow(
+        &relay,
+        &session.id,
+        &format!("{}:", forwarder_testbed::topology::CLIENT_IP),
+    );
+}
