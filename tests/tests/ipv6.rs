@@ -266,6 +266,17 @@ fn forwarder_mosh_keeps_the_session_when_the_laptop_roams_from_ipv4_to_ipv6() {
 /// server's own path, where a forger is the server for any router.
 #[test]
 fn forged_ipv6_server_datagrams_never_reach_the_client() {
+    forged_ipv6_server_datagrams(&[]);
+}
+
+/// The same on the userspace datapath, where the daemon's sockets judge
+/// every datagram from IPV6_PKTINFO instead of XDP.
+#[test]
+fn forged_ipv6_server_datagrams_never_reach_the_client_userspace() {
+    forged_ipv6_server_datagrams(&["--datapath", "userspace"]);
+}
+
+fn forged_ipv6_server_datagrams(relay_args: &[&str]) {
     prereq::require().unwrap();
     let (topo, segment) = client_segment_with_attacker().unwrap();
     topo.add_v6(Stack::V6Only, Stack::V6Only).unwrap();
@@ -274,7 +285,7 @@ fn forged_ipv6_server_datagrams_never_reach_the_client() {
         .attacker
         .add_addr6(attacker_ip6, ATTACKER_IF)
         .unwrap();
-    let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &[]).unwrap();
+    let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), relay_args).unwrap();
     let server = MoshServer::start(&topo.server, SERVER_IP6, MOSH_SERVER_PORT).unwrap();
     let server_endpoint = SocketAddr::new(SERVER_IP6.into(), server.port);
     let session = relay.add(server_endpoint, &[]).unwrap();
