@@ -30,6 +30,10 @@ use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, ClientKey, FlowCounter, Reason, RelayConfig, Rewrite, SlowpathBucket,
 };
+use forwarder_common::{
+    BackendKey6, ClientKey6, Rewrite6,
+    flow6::{Endpoints46, WireAddr, port_bit},
+};
 use serde_json::{Value, json};
 
 const XDP_DROP: u32 = 1;
@@ -70,6 +74,29 @@ const REDIRECT_PAIR: Pair = Pair {
     client: [10, 0, 2, 2],
     server: [10, 0, 2, 3],
 };
+
+/// IPv6 neighbours, like the IPv4 pairs: on the ingress link, and behind the other.
+struct Pair6 {
+    client: [u8; 16],
+    server: [u8; 16],
+}
+
+const fn v6(net: u8, host: u8) -> [u8; 16] {
+    [0xfd, 0, 0, net, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, host]
+}
+
+const TX_PAIR6: Pair6 = Pair6 {
+    client: v6(1, 2),
+    server: v6(1, 3),
+};
+const REDIRECT_PAIR6: Pair6 = Pair6 {
+    client: v6(2, 2),
+    server: v6(2, 3),
+};
+/// Ports of the translated bounce: its IPv4 half must not meet the IPv4
+/// flows' entries at FLOW_PORT.
+const TRANSLATED_SESSION_PORT: u16 = SESSION_PORT + 2;
+const TRANSLATED_FLOW_PORT: u16 = FLOW_PORT + 2;
 
 /// One measured case: a program of a loaded object run on one frame.
 struct Case {
@@ -134,6 +161,63 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                 action,
                 check: Check::Forwarded(slots.0, slots.1),
             });
+        }
+        // IPv6 and translated flows (cost6), where the object has their maps.
+        if relay.ebpf.map(map_names::CLIENT_FLOWS6).is_some() {
+            for (name, pair, action, slots) in [
+                ("forward IPv6, XDP_TX", &TX_PAIR6, XDP_TX, (4, 5)),
+                (
+                    "forward IPv6, redirect",
+                    &REDIRECT_PAIR6,
+                    XDP_REDIRECT,
+                    (6, 7),
+                ),
+            ] {
+                relay.add_bouncing_flows6(pair, slots)?;
+                cases.push(Case {
+                    name: format!("{label}: {name}"),
+                    target,
+                    program: PROGRAM_NAME,
+                    frame: frame6(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64),
+                    repeat: FORWARD_REPEAT,
+                    action,
+                    check: Check::Forwarded(slots.0, slots.1),
+                });
+            }
+            for (name, pair, pair6, action, slots) in [
+                (
+                    "forward translated 6->4->6 (mean of both), XDP_TX",
+                    &TX_PAIR,
+                    &TX_PAIR6,
+                    XDP_TX,
+                    (8, 9),
+                ),
+                (
+                    "forward translated 6->4->6 (mean of both), redirect",
+                    &REDIRECT_PAIR,
+                    &REDIRECT_PAIR6,
+                    XDP_REDIRECT,
+                    (10, 11),
+                ),
+            ] {
+                relay.add_bouncing_translated(pair, pair6, slots)?;
+                cases.push(Case {
+                    name: format!("{label}: {name}"),
+                    target,
+                    program: PROGRAM_NAME,
+                    frame: frame6(
+                        pair6.client,
+                        CLIENT_PORT,
+                        pair6.server,
+                        TRANSLATED_SESSION_PORT,
+                        255,
+                        64,
+                    ),
+                    repeat: FORWARD_REPEAT,
+                    action,
+                    check: Check::Forwarded(slots.0, slots.1),
+                });
+            }
         }
         // Refusals: the frames a flood at relay ports is made of.
         relay.set_session_bucket(SESSION_PORT, 1)?;
@@ -319,6 +403,21 @@ fn private_namespace() -> anyhow::Result<()> {
         }
     }
     std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turning forwarding on")?;
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+        .context("turning IPv6 forwarding on")?;
+    ip("-6 addr add fd00:1::1/64 dev front nodad")?;
+    ip("-6 addr add fd00:2::1/64 dev back nodad")?;
+    for (pair, dev) in [(&TX_PAIR6, "front"), (&REDIRECT_PAIR6, "back")] {
+        for (addr, mac) in [
+            (pair.client, "02:00:00:00:00:02"),
+            (pair.server, "02:00:00:00:00:03"),
+        ] {
+            ip(&format!(
+                "-6 neigh replace {} lladdr {mac} nud permanent dev {dev}",
+                std::net::Ipv6Addr::from(addr)
+            ))?;
+        }
+    }
     Ok(())
 }
 
@@ -353,6 +452,50 @@ fn frame(
     frame.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
     frame.extend_from_slice(&[0, 0]);
     frame.resize(42 + payload, 0x5a);
+    frame
+}
+
+/// An IPv6 UDP frame with a valid checksum (IPv6 makes it mandatory).
+fn frame6(
+    saddr: [u8; 16],
+    sport: u16,
+    daddr: [u8; 16],
+    dport: u16,
+    hop_limit: u8,
+    payload: usize,
+) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(62 + payload);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 1, 1, 0x02, 0, 0, 0, 0, 2, 0x86, 0xdd]);
+    let udp_len = (8 + payload) as u16;
+    frame.extend_from_slice(&forwarder_common::flow6::ip6_header(
+        0, udp_len, hop_limit, saddr, daddr,
+    ));
+    let mut udp = Vec::with_capacity(8 + payload);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&udp_len.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.resize(8 + payload, 0x5a);
+    let csum = forwarder_common::csum::sum;
+    let pseudo = csum(
+        csum(csum(0, &saddr), &daddr),
+        &[
+            0,
+            0,
+            udp_len.to_be_bytes()[0],
+            udp_len.to_be_bytes()[1],
+            0,
+            0,
+            0,
+            17,
+        ],
+    );
+    let check = match !csum(pseudo, &udp) {
+        0 => 0xffff,
+        check => check,
+    };
+    udp[6..8].copy_from_slice(&check.to_ne_bytes());
+    frame.extend_from_slice(&udp);
     frame
 }
 
@@ -448,6 +591,96 @@ impl Relay {
             backend_rewrite,
             0,
         )?;
+        Ok(())
+    }
+
+    /// add_bouncing_flows over IPv6: the same two halves in the IPv6 maps.
+    fn add_bouncing_flows6(&mut self, pair: &Pair6, slots: (u32, u32)) -> anyhow::Result<()> {
+        let ends = |saddr, daddr, sport: u16, dport: u16| Endpoints46 {
+            saddr: WireAddr::V6(saddr),
+            daddr: WireAddr::V6(daddr),
+            sport: sport.to_be_bytes(),
+            dport: dport.to_be_bytes(),
+        };
+        let client_side = ends(pair.client, pair.server, CLIENT_PORT, SESSION_PORT);
+        let backend_side = ends(pair.server, pair.client, SERVER_PORT, FLOW_PORT);
+        let client_rewrite = Rewrite6::new(client_side, backend_side, slots.0);
+        let mut backend_rewrite = Rewrite6::new(backend_side, client_side, slots.1);
+        backend_rewrite.allowed_saddr = pair.server;
+        backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
+        let key = ClientKey6 {
+            relay_addr: pair.server,
+            client_addr: pair.client,
+            relay_port: SESSION_PORT.to_be_bytes(),
+            client_port: CLIENT_PORT.to_be_bytes(),
+        };
+        self.insert(map_names::CLIENT_FLOWS6, key, client_rewrite)?;
+        let key = BackendKey6 {
+            relay_addr: pair.client,
+            relay_port: FLOW_PORT.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        self.insert(map_names::BACKEND_FLOWS6, key, backend_rewrite)
+    }
+
+    /// A translated bounce: an IPv6 client half that leaves as IPv4 towards
+    /// an IPv4-in, IPv6-out backend half, which rewrites back to the first
+    /// packet, so runs alternate 6->4 and 4->6.
+    fn add_bouncing_translated(
+        &mut self,
+        pair: &Pair,
+        pair6: &Pair6,
+        slots: (u32, u32),
+    ) -> anyhow::Result<()> {
+        let client_side = Endpoints46 {
+            saddr: WireAddr::V6(pair6.client),
+            daddr: WireAddr::V6(pair6.server),
+            sport: CLIENT_PORT.to_be_bytes(),
+            dport: TRANSLATED_SESSION_PORT.to_be_bytes(),
+        };
+        let backend_side = Endpoints46 {
+            saddr: WireAddr::V4(pair.server),
+            daddr: WireAddr::V4(pair.client),
+            sport: SERVER_PORT.to_be_bytes(),
+            dport: TRANSLATED_FLOW_PORT.to_be_bytes(),
+        };
+        let client_rewrite = Rewrite6::new(client_side, backend_side, slots.0);
+        let mut backend_rewrite = Rewrite6::new(backend_side, client_side, slots.1);
+        backend_rewrite.allowed_saddr = WireAddr::V4(pair.server).padded();
+        backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
+        let key = ClientKey6 {
+            relay_addr: pair6.server,
+            client_addr: pair6.client,
+            relay_port: TRANSLATED_SESSION_PORT.to_be_bytes(),
+            client_port: CLIENT_PORT.to_be_bytes(),
+        };
+        self.insert(map_names::CLIENT_FLOWS6, key, client_rewrite)?;
+        // The daemon marks the port before it inserts a half keyed by it.
+        let (word, mask) = port_bit(TRANSLATED_FLOW_PORT);
+        let mut ports: Array<_, u32> = Array::try_from(
+            self.ebpf
+                .map_mut(map_names::PORTS_4TO6)
+                .context("PORTS_4TO6")?,
+        )?;
+        let bits = ports.get(&word, 0)?;
+        ports.set(word, bits | mask, 0)?;
+        let key = BackendKey {
+            relay_addr: pair.client,
+            relay_port: TRANSLATED_FLOW_PORT.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        self.insert(map_names::BACKEND_FLOWS_4TO6, key, backend_rewrite)
+    }
+
+    fn insert<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        key: K,
+        value: V,
+    ) -> anyhow::Result<()> {
+        let mut map: HashMap<_, K, V> =
+            HashMap::try_from(self.ebpf.map_mut(name).with_context(|| name.to_string())?)?;
+        map.insert(key, value, 0)?;
         Ok(())
     }
 
