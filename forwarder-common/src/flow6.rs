@@ -244,3 +244,116 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Rewrite6 {}
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::vec::Vec;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The UDP checksum computed from scratch over either pseudo-header.
+    fn full_udp(ends: &Endpoints46, udp: &[u8]) -> u16 {
+        let len = (udp.len() as u16).to_be_bytes();
+        let pseudo = csum::sum(csum::sum(0, ends.saddr.bytes()), ends.daddr.bytes());
+        let pseudo = if ends.saddr.is_v4() {
+            csum::sum(pseudo, &[0, 17, len[0], len[1]])
+        } else {
+            csum::sum(pseudo, &[0, 0, len[0], len[1], 0, 0, 0, 17])
+        };
+        match !csum::sum(pseudo, udp) {
+            0 => 0xffff,
+            c => c,
+        }
+    }
+
+    fn udp(ends: &Endpoints46, payload: &[u8]) -> Vec<u8> {
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&ends.sport);
+        udp.extend_from_slice(&ends.dport);
+        udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        let c = full_udp(ends, &udp).to_ne_bytes();
+        udp[6..8].copy_from_slice(&c);
+        udp
+    }
+
+    fn addr() -> impl Strategy<Value = WireAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(WireAddr::V4),
+            any::<[u8; 16]>().prop_map(WireAddr::V6),
+        ]
+    }
+
+    fn ends() -> impl Strategy<Value = Endpoints46> {
+        (
+            addr(),
+            any::<[u8; 16]>(),
+            any::<[u8; 2]>(),
+            any::<[u8; 2]>(),
+        )
+            .prop_map(|(saddr, other, sport, dport)| {
+                // Both addresses of one side share its family.
+                let daddr = match saddr {
+                    WireAddr::V4(_) => WireAddr::V4([other[0], other[1], other[2], other[3]]),
+                    WireAddr::V6(_) => WireAddr::V6(other),
+                };
+                Endpoints46 {
+                    saddr,
+                    daddr,
+                    sport,
+                    dport,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// Moving a checksum with the entry's delta gives what a full
+        /// recomputation over the new pseudo-header gives, in all four
+        /// family combinations, for any payload.
+        #[test]
+        fn translated_checksum_equals_full_recomputation(
+            from in ends(),
+            to in ends(),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let input = udp(&from, &payload);
+            let want = udp(&to, &payload);
+            let rewrite = Rewrite6::new(from, to, 0);
+            let old = u16::from_ne_bytes([input[6], input[7]]);
+            let got = apply_udp_nonzero(old, rewrite.udp_csum_delta);
+            prop_assert_eq!(got.to_ne_bytes(), [want[6], want[7]]);
+            prop_assert_eq!(rewrite.out_v4(), to.saddr.is_v4());
+        }
+
+        /// The IPv4 header a translation writes verifies, for any TOS,
+        /// length, TTL and addresses.
+        #[test]
+        fn translated_ipv4_header_checksum_verifies(
+            tos in any::<u8>(),
+            len in any::<u16>(),
+            ttl in any::<u8>(),
+            saddr in any::<[u8; 4]>(),
+            daddr in any::<[u8; 4]>(),
+        ) {
+            let mut header = ip4_header(tos, len, ttl, saddr, daddr);
+            let check = ip4_header_checksum(ip4_header_base(saddr, daddr), tos, len, ttl).to_ne_bytes();
+            header[10] = check[0];
+            header[11] = check[1];
+            prop_assert_eq!(csum::sum(0, &header), 0xffff);
+            prop_assert_eq!(check, csum::ipv4_header(&ip4_header(tos, len, ttl, saddr, daddr)).to_ne_bytes());
+        }
+    }
+
+    #[test]
+    fn ipv6_header_carries_traffic_class() {
+        let h = ip6_header(0xba, 20, 63, [1; 16], [2; 16]);
+        assert_eq!(h[0..2], [0x6b, 0xa0]);
+        assert_eq!(h[4..8], [0, 20, 17, 63]);
+    }
+}

@@ -90,6 +90,9 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet6, Reason> {
             IPPROTO_UDP => break,
             // The stack reassembles; the daemon's socket gets the datagram.
             NEXTHDR_FRAGMENT => return Err(Reason::PassFragment),
+            // Hop-by-hop options only ever come first (RFC 8200 4.1); the
+            // stack refuses them anywhere else, and so do we.
+            NEXTHDR_HOP if offset != IPV6_LEN => return Err(Reason::PassIpv6ExtHeaders),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {}
             // ICMPv6, TCP, ESP, unknown headers: not ours.
             _ => return Err(Reason::PassNotUdp),

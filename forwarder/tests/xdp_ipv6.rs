@@ -217,6 +217,13 @@ fn malformed_and_unwalked_ipv6() {
         PassIpv6ExtHeaders,
         Untouched,
     );
+    table.row(
+        "hop-by-hop options after another extension header",
+        with_ext(&with_ext(&good(), HOP_BY_HOP, PADN), DEST_OPTS, PADN),
+        six,
+        PassIpv6ExtHeaders,
+        Untouched,
+    );
     let mut long_udp = good();
     long_udp[54 + 5] += 1;
     table.row(

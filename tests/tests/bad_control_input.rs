@@ -96,7 +96,7 @@ fn control_plane_refuses_bad_input_and_changes_nothing() {
     refused(
         &relay,
         &["add", "--backend", "[::1]:60001"],
-        &["IPv6", "not supported yet"],
+        &["loopback", "forward to itself"],
     );
     refused(
         &relay,

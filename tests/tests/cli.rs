@@ -98,9 +98,10 @@ fn show_exit_codes_and_json_documents() {
             "one of this relay's own addresses",
         ),
         ("127.0.0.1:60001".to_string(), "loopback"),
+        // IPv6 backends are taken; this relay has no IPv6 route to one.
         (
             "[2001:db8::1]:60001".to_string(),
-            "IPv6 backends are not supported yet",
+            "the relay has no route to backend 2001:db8::1",
         ),
         (
             "server.example:60001".to_string(),

@@ -266,6 +266,17 @@ fn forwarder_mosh_keeps_the_session_when_the_laptop_roams_from_ipv4_to_ipv6() {
 /// server's own path, where a forger is the server for any router.
 #[test]
 fn forged_ipv6_server_datagrams_never_reach_the_client() {
+    forged_ipv6_server_datagrams(&[]);
+}
+
+/// The same on the userspace datapath, where the daemon's sockets judge
+/// every datagram from IPV6_PKTINFO instead of XDP.
+#[test]
+fn forged_ipv6_server_datagrams_never_reach_the_client_userspace() {
+    forged_ipv6_server_datagrams(&["--datapath", "userspace"]);
+}
+
+fn forged_ipv6_server_datagrams(relay_args: &[&str]) {
     prereq::require().unwrap();
     let (topo, segment) = client_segment_with_attacker().unwrap();
     topo.add_v6(Stack::V6Only, Stack::V6Only).unwrap();
@@ -274,7 +285,7 @@ fn forged_ipv6_server_datagrams_never_reach_the_client() {
         .attacker
         .add_addr6(attacker_ip6, ATTACKER_IF)
         .unwrap();
-    let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), &[]).unwrap();
+    let relay = Relay::start(&topo.relay, &topo.relay_ifaces(), relay_args).unwrap();
     let server = MoshServer::start(&topo.server, SERVER_IP6, MOSH_SERVER_PORT).unwrap();
     let server_endpoint = SocketAddr::new(SERVER_IP6.into(), server.port);
     let session = relay.add(server_endpoint, &[]).unwrap();
@@ -351,4 +362,62 @@ fn forged_ipv6_server_datagrams_never_reach_the_client() {
         at_client.len()
     );
     roundtrip(&client, "after").unwrap();
+}
+
+/// A server with IPv6 only punches to the relay over IPv6 (`forwarder
+/// mosh-server --relay [v6]:port`: the IPv6 kinds of the handshake, and
+/// mosh-server bound dual-stack), and an IPv4-only client reaches it
+/// through the punched session at the relay's `--public-addr`.
+#[test]
+fn a_server_punches_over_ipv6_and_an_ipv4_client_reaches_it() {
+    prereq::require().unwrap();
+    let topo = Topology::dual_stack(Stack::V4Only, Stack::V6Only).unwrap();
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), forwarder_testbed::nat::random_secret()).unwrap();
+    let secret_path = secret.path().to_str().unwrap();
+    let public = RELAY_CLIENT_IP.to_string();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &[
+            "--punch-port",
+            "7000",
+            "--punch-secret-file",
+            secret_path,
+            "--public-addr",
+            &public,
+        ],
+    )
+    .unwrap();
+    let punch = SocketAddr::new(RELAY_SERVER_IP6.into(), 7000).to_string();
+    let (server, wrapped) = MoshServer::start_wrapped(
+        &topo.server,
+        &["--relay", &punch, "--secret-file", secret_path],
+    )
+    .unwrap();
+    assert_eq!(wrapped.ip, RELAY_CLIENT_IP, "MOSH IP is --public-addr");
+    assert!(
+        wrapped
+            .stderr
+            .contains(&format!("sees this host as [{SERVER_IP6}]:")),
+        "the relay saw the server over IPv6: {}",
+        wrapped.stderr
+    );
+    let sessions = relay.sessions().unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let session = sessions[0].clone();
+    assert!(
+        session.backend.starts_with(&format!("[{SERVER_IP6}]:")),
+        "{session:?}"
+    );
+    let nat = session.nat.clone().expect("a punched session says so");
+    assert!(nat.bound && nat.key_received, "{nat:?}");
+    let client = MoshClient::start(&topo.client, wrapped.ip, server.port, &server.key).unwrap();
+    wait_for_shell(&client).unwrap();
+    roundtrip(&client, "punched6").unwrap();
+    answered_flow(
+        &relay,
+        &session.id,
+        &format!("{}:", forwarder_testbed::topology::CLIENT_IP),
+    );
 }

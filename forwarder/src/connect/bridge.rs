@@ -49,6 +49,10 @@ pub struct BridgePlan {
     pub relay_udp: Vec<SocketAddr>,
     /// The bastion's TCP port, or an ssh forward of it; None: UDP only.
     pub relay_tcp: Option<SocketAddr>,
+    /// The TCP port is the bastion's (not a forward): each dial goes to it
+    /// at the address UDP uses now, then the next, so TCP follows the
+    /// family the laptop still has.
+    pub tcp_follows_udp: bool,
     pub hello: Vec<u8>,
     /// `--tcp`: TCP from the first datagram.
     pub start_on_tcp: bool,
@@ -162,6 +166,8 @@ struct Bridge {
     from_stream: mpsc::Sender<Vec<u8>>,
     link: Option<tokio::task::JoinHandle<()>>,
     last_dial: Option<Instant>,
+    /// Streams dialled: a failed dial's successor tries the next address.
+    dials: usize,
 }
 
 /// What a check of the current way decided.
@@ -262,6 +268,14 @@ impl Bridge {
         let alive = self.link.as_ref().is_some_and(|l| !l.is_finished());
         if !alive && self.last_dial.is_none_or(|at| now - at >= REDIAL_AFTER) {
             self.last_dial = Some(now);
+            let relay_tcp = if self.plan.tcp_follows_udp {
+                let count = self.plan.relay_udp.len();
+                let at = self.plan.relay_udp[(self.current + self.dials) % count];
+                self.dials += 1;
+                SocketAddr::new(at.ip(), relay_tcp.port())
+            } else {
+                relay_tcp
+            };
             self.link = Some(tokio::spawn(stream_link(
                 relay_tcp,
                 self.plan.hello.clone(),
@@ -324,6 +338,7 @@ async fn run(plan: BridgePlan, local: UdpSocket, upstream: UdpSocket) -> anyhow:
         from_stream,
         link: None,
         last_dial: None,
+        dials: 0,
     };
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut local_buf = vec![0u8; 65536];
@@ -464,6 +479,7 @@ mod tests {
         let port = start(BridgePlan {
             relay_udp: vec![silent_v4.local_addr().unwrap(), v6.local_addr().unwrap()],
             relay_tcp: None,
+            tcp_follows_udp: false,
             hello: Vec::new(),
             start_on_tcp: false,
         })
@@ -516,6 +532,7 @@ mod tests {
         let port = start(BridgePlan {
             relay_udp: vec![relay_udp.local_addr().unwrap()],
             relay_tcp: Some(listener.local_addr().unwrap()),
+            tcp_follows_udp: false,
             hello: hello.clone(),
             start_on_tcp: false,
         })

@@ -705,6 +705,7 @@ fn local_bridge(
             .map(|ip| SocketAddr::new(*ip, udp_port))
             .collect(),
         relay_tcp,
+        tcp_follows_udp: args.tcp_connect.is_none(),
         hello,
         start_on_tcp: args.tcp,
     })?;

@@ -19,7 +19,9 @@
 //!   `tx_queue_N_xdp_xmit`, and lost XDP_TX frames count as `xdp_tx_errors`;
 //! - an interface that is down or has no carrier: redirects into it fail;
 //! - IPv4 forwarding disabled on an interface: `bpf_fib_lookup` refuses to
-//!   forward, so every packet goes to the daemon's slow path (`fib_failed`).
+//!   forward, so every packet goes to the daemon's slow path (`fib_failed`);
+//!   likewise IPv6 forwarding on an interface with a global IPv6 address
+//!   (off by default on most hosts, and an IPv4-only relay needs none).
 //!
 //! Links and namespaces come from rtnetlink (`super::netlink`); the GRO flag
 //! and the veth driver's statistics still come from `ethtool`, whose
@@ -181,6 +183,18 @@ impl Checker {
                          route lookup refuses to forward, so every packet arriving on it goes to the daemon's \
                          slow path (reason fib_failed) instead of staying in XDP; enable it with \
                          `sysctl -w net.ipv4.ip_forward=1` (or net.ipv4.conf.{name}.forwarding=1)"
+                    ),
+                ));
+            }
+            if xdp && ipv6_forwarding_disabled(name) {
+                warnings.push(warn(
+                    "ipv6_forwarding_disabled",
+                    format!(
+                        "IPv6 forwarding is off on {name} (net.ipv6.conf.{name}.forwarding=0), which has a \
+                         global IPv6 address: the kernel's IPv6 route lookup refuses to forward, so every \
+                         IPv6 packet arriving on it goes to the daemon's slow path (reason fib_failed); \
+                         enable it with `sysctl -w net.ipv6.conf.all.forwarding=1` (the host then ignores \
+                         router advertisements unless accept_ra=2)"
                     ),
                 ));
             }
@@ -359,6 +373,22 @@ fn forwarding_disabled(name: &str) -> bool {
     read(format!("/proc/sys/net/ipv4/conf/{name}/forwarding")).unwrap_or(false)
 }
 
+fn ipv6_forwarding_disabled(name: &str) -> bool {
+    let off = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{name}/forwarding"))
+        .is_ok_and(|v| v.trim() == "0");
+    off && std::fs::read_to_string("/proc/net/if_inet6")
+        .is_ok_and(|text| has_global_ipv6(&text, name))
+}
+
+/// Whether /proc/net/if_inet6 (address, ifindex, prefix length, scope,
+/// flags, name per line) lists a global-scope address on `name`.
+fn has_global_ipv6(if_inet6: &str, name: &str) -> bool {
+    if_inet6.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() == 6 && fields[3] == "00" && fields[5] == name
+    })
+}
+
 /// A veth's XDP counters, summed over its queues.
 fn veth_counters(name: &str) -> Option<VethCounters> {
     let output = Command::new("ethtool").args(["-S", name]).output().ok()?;
@@ -459,5 +489,14 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["b"]
         );
+    }
+
+    #[test]
+    fn global_ipv6_addresses_are_told_from_link_local_ones() {
+        let text = "fe800000000000000000000000000001 02 40 20 80     eth0\n\
+                    fd000000000000000000000000000001 03 40 00 80     eth1\n";
+        assert!(!has_global_ipv6(text, "eth0"));
+        assert!(has_global_ipv6(text, "eth1"));
+        assert!(!has_global_ipv6(text, "eth2"));
     }
 }

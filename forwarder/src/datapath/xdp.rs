@@ -298,7 +298,21 @@ impl XdpDatapath {
         match half {
             ClientHalf::V4(key, rewrite) => Ok(self.client_flows.insert(key, rewrite, 0)?),
             ClientHalf::V4To6(key, rewrite) => {
-                Ok(self.client_flows_4to6.insert(key, rewrite, 0)?)
+                // The client-facing port's bit, as for the backend half:
+                // without it an IPv4 miss never asks this map (and
+                // remove_client releases it).
+                let new = self.client_flows_4to6.get(key, 0).is_err();
+                if new {
+                    self.use_port_4to6(key.relay_port)?;
+                }
+                self.client_flows_4to6
+                    .insert(key, rewrite, 0)
+                    .map_err(|error| {
+                        if new {
+                            self.release_port_4to6(key.relay_port);
+                        }
+                        error.into()
+                    })
             }
             ClientHalf::V6(key, rewrite) => Ok(self.client_flows6.insert(key, rewrite, 0)?),
         }

@@ -1886,4 +1886,68 @@ mod tests {
             201 - DEFAULT_PROBATION_FLOWS as u64
         );
     }
+
+    #[tokio::test]
+    async fn the_shared_port_admits_an_ipv6_endpoint_by_key_and_a_roam_back_to_ipv4() {
+        use crate::mosh::MoshKey;
+        let mut relay = loopback_relay(4);
+        let shared_port = 42_098;
+        relay.open_shared_port(shared_port).unwrap();
+        let route = BackendRoute {
+            source: LO,
+            ifindex: 0,
+        };
+        let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let key = MoshKey::from_bytes(rand::random());
+        relay.set_session_key(info.port, key.clone()).unwrap();
+
+        let on_v6: SocketAddr = "[2001:db8:7::7]:40000".parse().unwrap();
+        let first = genuine(&key, 10);
+        let ClientVerdict::Forward {
+            socket,
+            new_flow: true,
+            ..
+        } = relay.on_shared_packet(on_v6, LO6, &first).unwrap()
+        else {
+            panic!("the IPv6 endpoint's verified datagram was refused");
+        };
+        expect_entries(
+            &relay,
+            socket.port,
+            FlowAddrs {
+                client: on_v6,
+                facing: SocketAddr::new(LO6, shared_port),
+                upstream: SocketAddr::new(LO, socket.port),
+                backend,
+                backend_ifindex: 0,
+                slot: 0,
+            },
+        );
+        // Its replay from an IPv4 endpoint is refused; the client's next
+        // datagram from IPv4 is a new flow of the same session.
+        let on_v4: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        assert!(!forwarded(
+            relay.on_shared_packet(on_v4, LO, &first).unwrap()
+        ));
+        assert_eq!(relay.stats.shared_replayed, 1);
+        assert!(forwarded(
+            relay
+                .on_shared_packet(on_v4, LO, &genuine(&key, 11))
+                .unwrap()
+        ));
+        let flows = relay.session_info(info.port, monotonic_ns()).unwrap().flows;
+        assert_eq!(flows.len(), 2);
+        assert!(flows.iter().all(|f| f.relay_port == Some(shared_port)));
+        assert_eq!(relay.stats.shared_admitted, 2);
+        // The server's answer to the IPv6 flow leaves the shared port to it.
+        let answer = Received {
+            len: 64,
+            from: backend,
+            to: LO,
+            ifindex: 0,
+        };
+        let (facing, to, from) = relay.on_server_packet(socket.port, &answer, 64).unwrap();
+        assert_eq!((facing.port, to, from), (shared_port, on_v6, LO6));
+    }
 }
