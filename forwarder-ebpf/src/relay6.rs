@@ -63,19 +63,8 @@ pub fn relay6(ctx: &XdpContext) -> Result<Sent, Reason> {
         in_len
     };
     let tos = packet.traffic_class();
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
-    let route = match forward::cached_route(state, now, out_len) {
-        Some(route) => route,
-        None => {
-            let route = forward6::route(ctx, rewrite, out_len, tos, ingress_ifindex)
-                .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
-                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
-            forward::cache_route(state, &route, now);
-            route
-        }
-    };
+    let Routed { route, state, now } =
+        routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
     if out_v4 {
         let carried = Carried {
             tos,
@@ -130,6 +119,38 @@ pub fn relay4to6(
     let udp_len = in_len.wrapping_sub(IPV4_LEN as u16);
     let out_len = udp_len.wrapping_add(IPV6_LEN as u16);
     let tos = ip.tos;
+    let Routed { route, state, now } =
+        routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
+    let carried = Carried {
+        tos,
+        hops,
+        udp_len,
+        udp_check,
+    };
+    translate::to_v6(ctx, rewrite, &route, &carried)?;
+    rewrite6::account(in_len, entry, state, now);
+    Ok(forward::send(&route, ingress_ifindex))
+}
+
+/// Where a packet of either pipeline goes, and the flow direction's per-CPU
+/// state and the time, which the accounting after the rewrite needs too.
+struct Routed {
+    route: forward::Route,
+    state: Option<*mut forwarder_common::FlowCounter>,
+    now: u64,
+}
+
+/// This CPU's cached route for the flow direction, or a fresh lookup (then
+/// cached) of the packet as it will leave (`out_len` bytes, `tos`).
+#[inline(always)]
+fn routed(
+    ctx: &XdpContext,
+    rewrite: &forwarder_common::Rewrite6,
+    out_len: u16,
+    tos: u8,
+    ingress_ifindex: u32,
+    session_port: u16,
+) -> Result<Routed, Reason> {
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
@@ -143,13 +164,5 @@ pub fn relay4to6(
             route
         }
     };
-    let carried = Carried {
-        tos,
-        hops,
-        udp_len,
-        udp_check,
-    };
-    translate::to_v6(ctx, rewrite, &route, &carried)?;
-    rewrite6::account(in_len, entry, state, now);
-    Ok(forward::send(&route, ingress_ifindex))
+    Ok(Routed { route, state, now })
 }

@@ -71,6 +71,22 @@ impl BackendHalfKey {
     }
 }
 
+/// A rewrite with the XDP program's timestamp cleared: what the daemon wrote.
+fn unseen(rewrite: Rewrite) -> Rewrite {
+    Rewrite {
+        last_seen_ns: 0,
+        ..rewrite
+    }
+}
+
+/// [`unseen`] for the IPv6 and translated rewrites.
+fn unseen6(rewrite: Rewrite6) -> Rewrite6 {
+    Rewrite6 {
+        last_seen_ns: 0,
+        ..rewrite
+    }
+}
+
 impl BackendHalf {
     pub(crate) fn key(&self) -> BackendHalfKey {
         match self {
@@ -83,27 +99,9 @@ impl BackendHalf {
     /// The half with the XDP program's timestamp cleared: what the daemon wrote.
     fn ours(&self) -> Self {
         match *self {
-            Self::V4(key, rewrite) => Self::V4(
-                key,
-                Rewrite {
-                    last_seen_ns: 0,
-                    ..rewrite
-                },
-            ),
-            Self::V4To6(key, rewrite) => Self::V4To6(
-                key,
-                Rewrite6 {
-                    last_seen_ns: 0,
-                    ..rewrite
-                },
-            ),
-            Self::V6(key, rewrite) => Self::V6(
-                key,
-                Rewrite6 {
-                    last_seen_ns: 0,
-                    ..rewrite
-                },
-            ),
+            Self::V4(key, rewrite) => Self::V4(key, unseen(rewrite)),
+            Self::V4To6(key, rewrite) => Self::V4To6(key, unseen6(rewrite)),
+            Self::V6(key, rewrite) => Self::V6(key, unseen6(rewrite)),
         }
     }
 
@@ -125,27 +123,9 @@ impl BackendHalf {
 impl ClientHalf {
     fn ours(&self) -> Self {
         match *self {
-            Self::V4(key, rewrite) => Self::V4(
-                key,
-                Rewrite {
-                    last_seen_ns: 0,
-                    ..rewrite
-                },
-            ),
-            Self::V4To6(key, rewrite) => Self::V4To6(
-                key,
-                Rewrite6 {
-                    last_seen_ns: 0,
-                    ..rewrite
-                },
-            ),
-            Self::V6(key, rewrite) => Self::V6(
-                key,
-                Rewrite6 {
-                    last_seen_ns: 0,
-                    ..rewrite
-                },
-            ),
+            Self::V4(key, rewrite) => Self::V4(key, unseen(rewrite)),
+            Self::V4To6(key, rewrite) => Self::V4To6(key, unseen6(rewrite)),
+            Self::V6(key, rewrite) => Self::V6(key, unseen6(rewrite)),
         }
     }
 
