@@ -10,6 +10,16 @@
 //! every run forwards. The TTL falls by one per run, so a call repeats at
 //! most 250 times, starting at 255. Refusal cases leave the frame alone.
 //!
+//! Round-robin cases chain N flows in a ring instead: the backend half of
+//! flow i rewrites onto the client half of flow i+1, so one call visits 125
+//! flows one after the other, and a case's call is as many test runs as it
+//! takes to visit the whole ring (each starting where the last stopped), so
+//! the flow maps and counter slots of N flows compete for the caches. Each
+//! flow is visited again within one round of calls, well within the per-CPU
+//! route cache's second, as on a relay whose N flows are all active; one
+//! round of calls before the measured ones warms them. The process stays
+//! on one CPU, whose per-CPU slots the runs use.
+//!
 //! Runs in a network namespace of its own (`unshare`), gone with the
 //! process: a veth pair with both ends inside, static neighbours, so
 //! `bpf_fib_lookup` finds routes as on a relay.
@@ -20,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use aya::maps::{Array, DevMapHash, HashMap, PerCpuArray};
-use aya::programs::Xdp;
+use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_bench_common::CeilingConfig;
@@ -43,19 +53,29 @@ const XDP_REDIRECT: u32 = 4;
 const RELAY: RelayConfig = RelayConfig {
     session_port_lo: 60_000,
     session_port_hi: 60_099,
-    flow_port_lo: 61_000,
-    flow_port_hi: 61_999,
+    flow_port_lo: 20_000,
+    flow_port_hi: 39_999,
     shared_port: 0,
     _pad: 0,
 };
 const CLIENT_PORT: u16 = 40_000;
 const SESSION_PORT: u16 = 60_001;
-const FLOW_PORT: u16 = 61_001;
+const FLOW_PORT: u16 = 20_001;
 const SERVER_PORT: u16 = 60_002;
 /// Runs per call when the frame is rewritten each run (TTL starts at 255).
 const FORWARD_REPEAT: u32 = 250;
 /// Runs per call when the frame stays as it is.
 const REFUSE_REPEAT: u32 = 10_000;
+
+/// Round-robin rings: (flows, first client port, first flow port). Their
+/// ports do not meet each other's or the fixed cases'.
+const RINGS: [(u16, u16, u16); 2] = [(1_000, 17_000, 37_000), (15_000, 1_024, 21_000)];
+/// Counter slots of the rings start here (the fixed cases use 0..12).
+const RING_SLOTS: u32 = 16;
+/// Flows one call visits: two halves per flow, one half per run.
+const RING_STEP: usize = FORWARD_REPEAT as usize / 2;
+/// Flow map sizes for the rings, both pairs: more than the compiled default.
+const BENCH_MAX_FLOWS: u32 = 65_536;
 
 /// Addresses of one forwarding case: the client and the server, each a
 /// static neighbour on the interface the case's packets leave from.
@@ -103,7 +123,10 @@ struct Case {
     name: String,
     target: usize,
     program: &'static str,
-    frame: Vec<u8>,
+    /// Each call runs every frame once and records their mean: a
+    /// round-robin case's frames start at every 125th flow, so one call
+    /// visits the whole ring.
+    frames: Vec<Vec<u8>>,
     repeat: u32,
     action: u32,
     /// What every run of a forwarder case must end with.
@@ -117,9 +140,10 @@ enum Check {
     None,
     /// Counted under this reason.
     Reason(Reason),
-    /// Forwarded and counted on these two flow slots (forwarded packets
-    /// are counted on their flow, whether or not under a reason too).
-    Forwarded(u32, u32),
+    /// Forwarded and counted on the flow slots `first..first + count`
+    /// (forwarded packets are counted on their flow, whether or not under
+    /// a reason too).
+    Forwarded { first: u32, count: u32 },
 }
 
 /// `objects`: extra forwarder objects (`LABEL=PATH`) measured beside the
@@ -135,6 +159,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
         sources.push((label.to_string(), bytes));
     }
+    stay_on_one_cpu()?;
     private_namespace()?;
     let front = ifindex("front")?;
     let back = ifindex("back")?;
@@ -156,11 +181,56 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                 name: format!("{label}: {name}"),
                 target,
                 program: PROGRAM_NAME,
-                frame: frame(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64),
+                frames: vec![frame(
+                    pair.client,
+                    CLIENT_PORT,
+                    pair.server,
+                    SESSION_PORT,
+                    255,
+                    64,
+                )],
                 repeat: FORWARD_REPEAT,
                 action,
-                check: Check::Forwarded(slots.0, slots.1),
+                check: Check::Forwarded {
+                    first: slots.0,
+                    count: 2,
+                },
             });
+        }
+        // Round robin over many flows, both ways out.
+        let mut first_slot = RING_SLOTS;
+        for (flows, client_port, flow_port) in RINGS {
+            for (way, pair, action) in [
+                ("XDP_TX", &TX_PAIR, XDP_TX),
+                ("redirect", &REDIRECT_PAIR, XDP_REDIRECT),
+            ] {
+                let ring = Ring {
+                    flows,
+                    client_port,
+                    flow_port,
+                    first_slot,
+                };
+                relay.add_ring(pair, &ring)?;
+                first_slot += 2 * u32::from(flows);
+                let starts = (0..usize::from(flows)).step_by(RING_STEP);
+                cases.push(Case {
+                    name: format!("{label}: forward, {way}, {flows} flows round robin"),
+                    target,
+                    program: PROGRAM_NAME,
+                    frames: starts
+                        .map(|start| {
+                            let port = client_port + start as u16;
+                            frame(pair.client, port, pair.server, SESSION_PORT, 255, 64)
+                        })
+                        .collect(),
+                    repeat: FORWARD_REPEAT,
+                    action,
+                    check: Check::Forwarded {
+                        first: ring.first_slot,
+                        count: 2 * u32::from(flows),
+                    },
+                });
+            }
         }
         // IPv6 and translated flows (cost6), where the object has their maps.
         if relay.ebpf.map(map_names::CLIENT_FLOWS6).is_some() {
@@ -178,10 +248,20 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     name: format!("{label}: {name}"),
                     target,
                     program: PROGRAM_NAME,
-                    frame: frame6(pair.client, CLIENT_PORT, pair.server, SESSION_PORT, 255, 64),
+                    frames: vec![frame6(
+                        pair.client,
+                        CLIENT_PORT,
+                        pair.server,
+                        SESSION_PORT,
+                        255,
+                        64,
+                    )],
                     repeat: FORWARD_REPEAT,
                     action,
-                    check: Check::Forwarded(slots.0, slots.1),
+                    check: Check::Forwarded {
+                        first: slots.0,
+                        count: 2,
+                    },
                 });
             }
             for (name, pair, pair6, action, slots) in [
@@ -205,17 +285,20 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     name: format!("{label}: {name}"),
                     target,
                     program: PROGRAM_NAME,
-                    frame: frame6(
+                    frames: vec![frame6(
                         pair6.client,
                         CLIENT_PORT,
                         pair6.server,
                         TRANSLATED_SESSION_PORT,
                         255,
                         64,
-                    ),
+                    )],
                     repeat: FORWARD_REPEAT,
                     action,
-                    check: Check::Forwarded(slots.0, slots.1),
+                    check: Check::Forwarded {
+                        first: slots.0,
+                        count: 2,
+                    },
                 });
             }
         }
@@ -244,7 +327,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                 name: format!("{label}: {name}"),
                 target,
                 program: PROGRAM_NAME,
-                frame,
+                frames: vec![frame],
                 repeat: REFUSE_REPEAT,
                 action: XDP_DROP,
                 check: Check::Reason(reason),
@@ -267,34 +350,43 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
         name: "raw XDP redirect (ceiling)".into(),
         target: bench,
         program: "forwarder_ceiling",
-        frame: ceiling_frame,
+        frames: vec![ceiling_frame],
         repeat: FORWARD_REPEAT,
         action: XDP_REDIRECT,
         check: Check::None,
     });
+    let ceiling = cases.len() - 1;
     let floor = cases.len();
     cases.push(Case {
         name: "bare XDP_DROP (floor for refusals)".into(),
         target: bench,
         program: "forwarder_drop",
-        frame: junk,
+        frames: vec![junk],
         repeat: REFUSE_REPEAT,
         action: XDP_DROP,
         check: Check::None,
     });
 
-    let counted_before = cases
-        .iter()
-        .map(|case| counted(&targets[case.target], case.check))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut samples = vec![Vec::with_capacity(calls); cases.len()];
-    for _ in 0..calls {
-        for (case, samples) in cases.iter().zip(&mut samples) {
-            let program: &Xdp = targets[case.target]
-                .program(case.program)
+    // Every measured program attached natively somewhere: see hold_in_dispatcher.
+    let mut held = Vec::new();
+    for case in &cases {
+        if !held.contains(&(case.target, case.program)) {
+            held.push((case.target, case.program));
+            let program: &mut Xdp = targets[case.target]
+                .program_mut(case.program)
                 .with_context(|| format!("no program {}", case.program))?
                 .try_into()?;
-            let (retval, duration) = test_run(program, &case.frame, front, case.repeat)?;
+            hold_in_dispatcher(program, held.len())?;
+        }
+    }
+    let call = |case: &Case| -> anyhow::Result<f64> {
+        let program: &Xdp = targets[case.target]
+            .program(case.program)
+            .with_context(|| format!("no program {}", case.program))?
+            .try_into()?;
+        let mut total = 0.0;
+        for frame in &case.frames {
+            let (retval, duration) = test_run(program, frame, front, case.repeat)?;
             ensure!(
                 retval == case.action,
                 "{}: the program returned {retval}, expected {}",
@@ -302,30 +394,58 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                 case.action
             );
             // The kernel reports the mean over the repeats, in whole ns.
-            samples.push(duration.as_nanos() as f64);
+            total += duration.as_nanos() as f64;
+        }
+        Ok(total / case.frames.len() as f64)
+    };
+    // Warm-up: every flow's route cache and last-seen time filled.
+    for case in &cases {
+        call(case)?;
+    }
+    let counted_before = cases
+        .iter()
+        .map(|case| counted(&targets[case.target], case.check))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut samples = vec![Vec::with_capacity(calls); cases.len()];
+    for _ in 0..calls {
+        for (case, samples) in cases.iter().zip(&mut samples) {
+            samples.push(call(case)?);
         }
     }
     let mut points = Vec::new();
     for (index, case) in cases.iter().enumerate() {
         let counted = counted(&targets[case.target], case.check)? - counted_before[index];
-        let runs = u64::from(case.repeat) * calls as u64;
+        let runs = u64::from(case.repeat) * (calls * case.frames.len()) as u64;
         // A 1 pps bucket refills a token or so per second of the run.
         ensure!(
             matches!(case.check, Check::None) || counted + runs / 1000 >= runs,
             "{}: {counted} of {runs} runs counted: the case does not measure what it says",
             case.name,
         );
-        let net: Vec<f64> = samples[index]
-            .iter()
-            .zip(&samples[floor])
-            .map(|(case, floor)| case - floor)
-            .collect();
+        // Paired call by call: both ran within the same round of calls.
+        let paired = |other: usize, op: fn(f64, f64) -> f64| -> Vec<f64> {
+            samples[index]
+                .iter()
+                .zip(&samples[other])
+                .map(|(case, other)| op(*case, *other))
+                .collect()
+        };
+        let net = percentiles(paired(floor, |case, floor| case - floor));
+        let to_ceiling = percentiles(paired(ceiling, |case, ceiling| case / ceiling));
+        let to_drop = percentiles(paired(floor, |case, floor| case / floor));
+        let ns = percentiles(samples[index].clone());
+        eprintln!(
+            "{:<72} {:>6} ns  +{:>5} over drop  {:>5.2}x ceiling  {:>5.2}x drop",
+            case.name, ns["p50"], net["p50"], to_ceiling["p50"], to_drop["p50"]
+        );
         points.push(json!({
             "case": case.name,
             "runs_per_call": case.repeat,
             "calls": calls,
-            "ns": percentiles(samples[index].clone()),
-            "ns_over_bare_drop": percentiles(net),
+            "ns": ns,
+            "ns_over_bare_drop": net,
+            "ratio_to_ceiling": to_ceiling,
+            "ratio_to_bare_drop": to_drop,
         }));
     }
     // One line, the last: `cargo xtask bench` reads every subcommand's result so.
@@ -355,18 +475,43 @@ fn counted(ebpf: &Ebpf, check: Check) -> anyhow::Result<u64> {
                 .map(|counter| counter.packets)
                 .sum())
         }
-        Check::Forwarded(first, second) => {
+        Check::Forwarded { first, count } => {
             let map: PerCpuArray<_, FlowCounter> = PerCpuArray::try_from(
                 ebpf.map(map_names::FLOW_COUNTERS)
                     .context("FLOW_COUNTERS")?,
             )?;
             let mut sum = 0;
-            for slot in [first, second] {
+            for slot in first..first + count {
                 sum += map.get(&slot, 0)?.iter().map(|c| c.packets).sum::<u64>();
             }
             Ok(sum)
         }
     }
+}
+
+/// Pins the process to the CPU it runs on: test runs use that CPU's
+/// per-CPU slots (route caches), which a move to another CPU would leave
+/// cold.
+fn stay_on_one_cpu() -> anyhow::Result<()> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    ensure!(
+        cpu >= 0,
+        "sched_getcpu failed: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu is below CPU_SETSIZE (the kernel returned it).
+    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
+    // SAFETY: set is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    ensure!(
+        rc == 0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
 }
 
 /// A fresh network namespace for this process: a veth pair, the relay's
@@ -418,6 +563,31 @@ fn private_namespace() -> anyhow::Result<()> {
             ))?;
         }
     }
+    Ok(())
+}
+
+/// Attaches `program` in native mode to a veth of its own (number `n`),
+/// where no packet ever arrives. A test run of more than one repeat puts
+/// the program into the kernel's XDP dispatcher for its duration unless it
+/// is there already, and that update waits for an RCU grace period (about
+/// 16 ms a call here, against a few µs): held there, calls are cheap, and a
+/// round-robin ring is visited again well within its route caches' second.
+fn hold_in_dispatcher(program: &mut Xdp, n: usize) -> anyhow::Result<()> {
+    let name = format!("hold{n}");
+    let status = Command::new("ip")
+        .args(["link", "add", &name, "type", "veth", "peer", "name"])
+        .arg(format!("holdp{n}"))
+        .status()
+        .context("running ip (install iproute2)")?;
+    ensure!(status.success(), "ip link add {name} failed");
+    let status = Command::new("ip")
+        .args(["link", "set", &name, "up"])
+        .status()
+        .context("running ip")?;
+    ensure!(status.success(), "ip link set {name} up failed");
+    program
+        .attach(&name, XdpMode::Driver)
+        .with_context(|| format!("attaching a measured program natively to {name}"))?;
     Ok(())
 }
 
@@ -506,6 +676,14 @@ fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
         .collect()
 }
 
+/// A round-robin ring's size and where its ports and counter slots start.
+struct Ring {
+    flows: u16,
+    client_port: u16,
+    flow_port: u16,
+    first_slot: u32,
+}
+
 /// forwarder's own program, configured the way the daemon configures it.
 struct Relay {
     ebpf: Ebpf,
@@ -516,6 +694,11 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     // The relay's ports, as the daemon sets them; objects older than the
     // read-only global read them from a one-slot map, filled likewise.
     loader.override_global(forwarder_common::config::RELAY_CONFIG_GLOBAL, &RELAY, false);
+    // Room for the round-robin rings, as `--max-flows` gives the daemon.
+    for name in [map_names::CLIENT_FLOWS, map_names::BACKEND_FLOWS] {
+        loader.map_max_entries(name, BENCH_MAX_FLOWS);
+    }
+    loader.map_max_entries(map_names::FLOW_COUNTERS, 2 * BENCH_MAX_FLOWS);
     let mut ebpf = loader
         .load(object)
         .context("loading forwarder's XDP object")?;
@@ -591,6 +774,46 @@ impl Relay {
             backend_rewrite,
             0,
         )?;
+        Ok(())
+    }
+
+    /// A ring of flows between the pair's client and server: flow i's
+    /// client half (client port `client_port + i`) rewrites to its backend
+    /// half (flow port `flow_port + i`), which rewrites onto the client half
+    /// of flow i+1; the last one's back onto flow 0's.
+    fn add_ring(&mut self, pair: &Pair, ring: &Ring) -> anyhow::Result<()> {
+        let client_side = |i: u16| Endpoints {
+            saddr: pair.client,
+            daddr: pair.server,
+            sport: (ring.client_port + i % ring.flows).to_be_bytes(),
+            dport: SESSION_PORT.to_be_bytes(),
+        };
+        let backend_side = |i: u16| Endpoints {
+            saddr: pair.server,
+            daddr: pair.client,
+            sport: SERVER_PORT.to_be_bytes(),
+            dport: (ring.flow_port + i).to_be_bytes(),
+        };
+        for i in 0..ring.flows {
+            let slot = ring.first_slot + 2 * u32::from(i);
+            let client_rewrite = Rewrite::new(client_side(i), backend_side(i), slot);
+            let mut backend_rewrite = Rewrite::new(backend_side(i), client_side(i + 1), slot + 1);
+            backend_rewrite.allowed_saddr = pair.server;
+            backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
+            let key = ClientKey {
+                relay_addr: pair.server,
+                client_addr: pair.client,
+                relay_port: SESSION_PORT.to_be_bytes(),
+                client_port: client_side(i).sport,
+            };
+            self.insert(map_names::CLIENT_FLOWS, key, client_rewrite)?;
+            let key = BackendKey {
+                relay_addr: pair.client,
+                relay_port: backend_side(i).dport,
+                _pad: [0; 2],
+            };
+            self.insert(map_names::BACKEND_FLOWS, key, backend_rewrite)?;
+        }
         Ok(())
     }
 
