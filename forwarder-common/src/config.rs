@@ -50,7 +50,8 @@ pub mod map_names {
 pub struct RuntimeSizes {
     /// Entries of each flow map (client halves, backend halves).
     pub max_flows: u32,
-    /// Entries of the per-session slow-path bucket map.
+    /// Most sessions (the daemon's limit; the per-session slow-path bucket
+    /// array has a slot per port whatever this is).
     pub max_sessions: u32,
 }
 
@@ -83,7 +84,7 @@ impl RuntimeSizes {
     /// `max_entries` of every map whose size follows the flags; the others
     /// (one-slot arrays, per-reason counters, the devmap) keep the size
     /// they are compiled with.
-    pub const fn map_max_entries(&self) -> [(&'static str, u32); 8] {
+    pub const fn map_max_entries(&self) -> [(&'static str, u32); 7] {
         [
             (map_names::CLIENT_FLOWS, self.max_flows),
             (map_names::BACKEND_FLOWS, self.max_flows),
@@ -94,7 +95,6 @@ impl RuntimeSizes {
             (map_names::CLIENT_FLOWS_4TO6, self.max_flows),
             (map_names::BACKEND_FLOWS_4TO6, self.max_flows),
             (map_names::FLOW_COUNTERS, self.flow_counter_slots()),
-            (map_names::SLOWPATH_SESSION_BUCKETS, self.max_sessions),
         ]
     }
 }
@@ -158,10 +158,12 @@ mod tests {
                 .map_max_entries()
                 .contains(&(map_names::FLOW_COUNTERS, 131_072))
         );
+        // The session buckets are indexed by port: never sized by the flags.
         assert!(
-            sizes
+            !sizes
                 .map_max_entries()
-                .contains(&(map_names::SLOWPATH_SESSION_BUCKETS, 10_000))
+                .iter()
+                .any(|(name, _)| *name == map_names::SLOWPATH_SESSION_BUCKETS)
         );
         assert_eq!(RuntimeSizes::new(0, 1), Err(SizeError::FlowsOutOfRange(0)));
         assert_eq!(

@@ -10,9 +10,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
-/// Compiled capacity of the per-session bucket map; the daemon resizes it
-/// to `--max-sessions` at load time (`config::RuntimeSizes`).
-pub const MAX_SESSIONS: u32 = crate::config::DEFAULT_MAX_SESSIONS;
+/// Slots of the per-session bucket array: one per UDP port, indexed by the
+/// session's client-facing port (the shared port's slot is its own port),
+/// so refusing a miss costs an array load, not a second hash lookup. An
+/// all-zero slot is unlimited: a port without a session limit. Fixed, not
+/// sized by `--max-sessions`: 1.5 MiB whatever the flags.
+pub const SESSION_BUCKET_SLOTS: u32 = 1 << 16;
 
 /// One rate limit. All times are CLOCK_MONOTONIC nanoseconds; the XDP
 /// program reads them tick-granular (`bpf_ktime_get_coarse_ns`, same base).

@@ -15,7 +15,7 @@ use forwarder_common::{
     config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES},
     flow6::PORTS_4TO6_WORDS,
     reason::ReasonCounter,
-    slowpath::MAX_SESSIONS,
+    slowpath::SESSION_BUCKET_SLOTS,
 };
 
 /// Client halves of flows; a plain hash so a live session is never evicted.
@@ -40,10 +40,10 @@ pub static REASON_COUNTERS: PerCpuArray<ReasonCounter> =
 #[map]
 pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
-/// Slow-path rate limit per session, keyed by its client-facing port (host order); written by the daemon with the session.
+/// Slow-path rate limit per session, at its client-facing port (host order); written and cleared by the daemon with the session.
 #[map]
-pub static SLOWPATH_SESSION_BUCKETS: HashMap<u16, SlowpathBucket> =
-    HashMap::with_max_entries(MAX_SESSIONS, 0);
+pub static SLOWPATH_SESSION_BUCKETS: Array<SlowpathBucket> =
+    Array::with_max_entries(SESSION_BUCKET_SLOTS, 0);
 
 /// Relay-wide slow-path rate limit; one slot, all zero (unlimited) until the daemon configures it.
 #[map]

@@ -47,7 +47,7 @@ pub fn gate(reason: Reason, session_port: Option<u16>) -> Reason {
     // SAFETY: reads the coarse monotonic clock; no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(port) = session_port
-        && let Some(bucket) = SLOWPATH_SESSION_BUCKETS.get_ptr_mut(port)
+        && let Some(bucket) = SLOWPATH_SESSION_BUCKETS.get_ptr_mut(u32::from(port))
         && !take(bucket, now)
     {
         return Reason::DropSlowpathSessionLimit;

@@ -908,12 +908,19 @@ impl Relay {
     }
 
     fn set_session_bucket(&mut self, port: u16, pps: u32) -> anyhow::Result<()> {
-        let mut map: HashMap<_, u16, SlowpathBucket> = HashMap::try_from(
-            self.ebpf
-                .map_mut(map_names::SLOWPATH_SESSION_BUCKETS)
-                .context("SLOWPATH_SESSION_BUCKETS")?,
-        )?;
-        map.insert(port, SlowpathBucket::with_burst(pps, 1), 0)?;
+        let bucket = SlowpathBucket::with_burst(pps, 1);
+        let map = self
+            .ebpf
+            .map_mut(map_names::SLOWPATH_SESSION_BUCKETS)
+            .context("SLOWPATH_SESSION_BUCKETS")?;
+        // An array indexed by port now; a hash keyed by port in older objects.
+        if let aya::maps::Map::HashMap(_) = map {
+            let mut map: HashMap<_, u16, SlowpathBucket> = HashMap::try_from(map)?;
+            map.insert(port, bucket, 0)?;
+        } else {
+            let mut map: Array<_, SlowpathBucket> = Array::try_from(map)?;
+            map.set(u32::from(port), bucket, 0)?;
+        }
         Ok(())
     }
 

@@ -166,7 +166,8 @@ impl XdpDatapath {
         let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
         let slowpath = SlowpathBuckets {
-            sessions: HashMap::try_from(take_map(&mut ebpf, "SLOWPATH_SESSION_BUCKETS")?)?,
+            sessions: Array::try_from(take_map(&mut ebpf, "SLOWPATH_SESSION_BUCKETS")?)?,
+            limited: std::collections::BTreeSet::new(),
             global: Array::try_from(take_map(&mut ebpf, "SLOWPATH_GLOBAL_BUCKET")?)?,
             per_session: SlowpathBucket::default(),
         };
@@ -496,7 +497,7 @@ impl XdpDatapath {
             ("EGRESS", None),
             (
                 "SLOWPATH_SESSION_BUCKETS",
-                Some(self.slowpath.sessions.keys().count()),
+                Some(self.slowpath.limited.len()),
             ),
             ("SLOWPATH_GLOBAL_BUCKET", None),
             (map_names::PORTS_4TO6, None),
@@ -540,7 +541,10 @@ impl XdpDatapath {
 
 /// The slow-path rate limits in the kernel (forwarder-ebpf's slowpath.rs).
 struct SlowpathBuckets {
-    sessions: HashMap<MapData, u16, SlowpathBucket>,
+    /// One slot per port (forwarder_common::slowpath::SESSION_BUCKET_SLOTS).
+    sessions: Array<MapData, SlowpathBucket>,
+    /// Ports whose slot this daemon set: what `stats` counts as entries.
+    limited: std::collections::BTreeSet<u16>,
     global: Array<MapData, SlowpathBucket>,
     /// What each new session's bucket starts as.
     per_session: SlowpathBucket,
@@ -552,15 +556,22 @@ impl XdpDatapath {
     /// Buckets an earlier daemon left in the pinned map are dropped: the
     /// sessions restored afterwards get fresh ones with these limits.
     pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
-        let stale: Vec<u16> = self
-            .slowpath
-            .sessions
-            .keys()
-            .filter_map(Result::ok)
+        // One read per port (about 65,000 syscalls, tens of ms, once a start).
+        let stale: Vec<u32> = (0..forwarder_common::slowpath::SESSION_BUCKET_SLOTS)
+            .filter(|port| {
+                self.slowpath
+                    .sessions
+                    .get(port, 0)
+                    .is_ok_and(|bucket| bucket != SlowpathBucket::default())
+            })
             .collect();
         for port in stale {
-            let _ = self.slowpath.sessions.remove(&port);
+            self.slowpath
+                .sessions
+                .set(port, SlowpathBucket::default(), 0)
+                .context("clearing a stale slow-path bucket")?;
         }
+        self.slowpath.limited.clear();
         self.slowpath.per_session = SlowpathBucket::per_second(per_session_pps);
         self.slowpath
             .global
@@ -573,17 +584,26 @@ impl XdpDatapath {
         if self.slowpath.per_session.is_unlimited() {
             return Ok(());
         }
-        self.slowpath.sessions.insert(port, self.slowpath.per_session, 0).with_context(|| {
-            format!(
-                "adding the slow-path bucket of port {port} (the map holds {} sessions: --max-sessions)",
-                self.sizes.max_sessions
-            )
-        })
+        self.slowpath
+            .sessions
+            .set(u32::from(port), self.slowpath.per_session, 0)
+            .with_context(|| format!("writing the slow-path bucket of port {port}"))?;
+        self.slowpath.limited.insert(port);
+        Ok(())
     }
 
     pub fn remove_session_bucket(&mut self, port: u16) {
-        // Absent when the limit is off: nothing to remove then.
-        let _ = self.slowpath.sessions.remove(&port);
+        // Never set when the limit is off: nothing to clear then.
+        if !self.slowpath.limited.remove(&port) {
+            return;
+        }
+        if let Err(error) =
+            self.slowpath
+                .sessions
+                .set(u32::from(port), SlowpathBucket::default(), 0)
+        {
+            warn!(%error, port, "clearing a session's slow-path bucket");
+        }
     }
 }
 
@@ -751,11 +771,10 @@ pub fn layout() -> anyhow::Result<String> {
 }
 
 /// Pinned maps keep the size they were created with; adopting ones of
-/// another size would make `--max-flows` / `--max-sessions` lie, so the
-/// daemon refuses and says how to go on.
+/// another size would make `--max-flows` lie, so the daemon refuses and
+/// says how to go on.
 fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> {
     let mut pinned_flows = None;
-    let mut pinned_sessions = None;
     let mut mismatch = false;
     for (name, wanted) in sizes.map_max_entries() {
         let path = pins.map_path(name);
@@ -774,7 +793,6 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
             | map_names::CLIENT_FLOWS_4TO6
             | map_names::BACKEND_FLOWS_4TO6 => pinned_flows = Some(got),
             map_names::FLOW_COUNTERS => pinned_flows = pinned_flows.or(Some(got / 2)),
-            map_names::SLOWPATH_SESSION_BUCKETS => pinned_sessions = Some(got),
             _ => {}
         }
     }
@@ -787,16 +805,15 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let flows = pinned_flows.map_or_else(|| "?".to_string(), |n| n.to_string());
-    let sessions = pinned_sessions.map_or_else(|| "?".to_string(), |n| n.to_string());
+    // --max-sessions sizes no map (the session buckets have a slot per port).
     Err(super::Misconfigured(format!(
-        "the data plane pinned for instance {instance:?} ({}) was created with --max-flows {flows} \
-         --max-sessions {sessions}, but this run asks for --max-flows {} --max-sessions {}: pinned maps keep \
-         their size. Either start with --max-flows {flows} --max-sessions {sessions} (established flows keep \
-         forwarding), or stop the daemon, run `forwarder detach --instance {instance}` (drops established \
-         flows; sessions stay stored) and start again with the new sizes",
+        "the data plane pinned for instance {instance:?} ({}) was created with --max-flows {flows}, \
+         but this run asks for --max-flows {}: pinned maps keep their size. Either start with \
+         --max-flows {flows} (established flows keep forwarding), or stop the daemon, run \
+         `forwarder detach --instance {instance}` (drops established flows; sessions stay stored) \
+         and start again with the new size",
         pins.dir.display(),
         sizes.max_flows,
-        sizes.max_sessions
     ))
     .into())
 }

@@ -151,13 +151,13 @@ impl Relay {
 
     /// The slow-path bucket of the session on `port`, refilled at `pps`.
     pub fn set_session_bucket(&mut self, port: u16, pps: u32) {
-        let mut map: HashMap<_, u16, SlowpathBucket> = HashMap::try_from(
+        let mut map: Array<_, SlowpathBucket> = Array::try_from(
             self.ebpf
                 .map_mut("SLOWPATH_SESSION_BUCKETS")
                 .expect("SLOWPATH_SESSION_BUCKETS map"),
         )
         .unwrap();
-        map.insert(port, SlowpathBucket::per_second(pps), 0)
+        map.set(u32::from(port), SlowpathBucket::per_second(pps), 0)
             .unwrap();
     }
 
