@@ -40,6 +40,7 @@ pub mod map_names {
     pub const CLIENT_FLOWS_4TO6: &str = "CLIENT_FLOWS_4TO6";
     pub const BACKEND_FLOWS_4TO6: &str = "BACKEND_FLOWS_4TO6";
     pub const PORTS_4TO6: &str = "PORTS_4TO6";
+    pub const CLIENT_SEQS: &str = "CLIENT_SEQS";
 }
 
 /// Every size that depends on the run's flags, derived in one place: the

@@ -73,6 +73,17 @@ const _: () = assert!(core::mem::offset_of!(Rewrite, flags) == 34);
 pub const REWRITE_UNKNOWN_SOURCE_TO_DAEMON: u8 = 1;
 const _: () = assert!(core::mem::align_of::<Rewrite>() == 8);
 
+/// Client half of a punched session only: the program records the nonce of
+/// each client-to-server datagram it forwards in `CLIENT_SEQS` (see
+/// [`crate::clientseq`]), so the daemon, which no longer sees them, still
+/// refuses a move that does not bring a newer one.
+pub const REWRITE_RECORD_CLIENT_SEQ: u8 = 4;
+// `Rewrite6` shares these bits with its own `REWRITE6_OUT_V4`.
+const _: () = assert!(
+    REWRITE_RECORD_CLIENT_SEQ & (REWRITE_UNKNOWN_SOURCE_TO_DAEMON | crate::flow6::REWRITE6_OUT_V4)
+        == 0
+);
+
 /// One side of a rewrite: the addresses and ports of a packet header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoints {

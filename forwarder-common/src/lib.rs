@@ -5,6 +5,7 @@
 //! by a compile-time assert, so a layout change cannot slip through silently.
 #![no_std]
 
+pub mod clientseq;
 pub mod config;
 pub mod csum;
 pub mod flow;

@@ -25,6 +25,7 @@ mod parse6;
 mod relay6;
 mod rewrite;
 mod rewrite6;
+mod seq;
 mod slowpath;
 mod translate;
 
@@ -124,6 +125,10 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
             route
         }
     };
+    // Punched sessions' client halves only: the daemon still judges moves.
+    if let flow::Side::Client = side {
+        seq::record(ctx, rewrite.flags, packet.udp, dst_port);
+    }
     rewrite::rewrite(&packet, rewrite, &route);
     rewrite::account(&packet, entry, state, now);
     Ok(forward::send(&route, ingress_ifindex))

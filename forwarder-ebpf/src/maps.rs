@@ -9,6 +9,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
+use forwarder_common::clientseq::CLIENT_SEQ_SLOTS;
 use forwarder_common::{
     BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite,
     Rewrite6, SlowpathBucket,
@@ -70,3 +71,7 @@ pub static BACKEND_FLOWS_4TO6: HashMap<BackendKey, Rewrite6> =
 /// One bit per UDP port: set while some `_4TO6` half is keyed by it, so an IPv4 miss elsewhere skips those maps.
 #[map]
 pub static PORTS_4TO6: Array<u32> = Array::with_max_entries(PORTS_4TO6_WORDS, 0);
+
+/// Newest client-to-server nonce XDP forwarded per punched session, by client-facing port (clientseq.rs).
+#[map]
+pub static CLIENT_SEQS: Array<u64> = Array::with_max_entries(CLIENT_SEQ_SLOTS, 0);

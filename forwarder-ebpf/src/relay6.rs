@@ -13,7 +13,7 @@ use crate::{
     maps::FLOW_COUNTERS,
     parse::{IPV4_LEN, Packet},
     parse6::{self, IPV6_LEN},
-    rewrite6, slowpath,
+    rewrite6, seq, slowpath,
     translate::{self, Carried},
 };
 
@@ -65,6 +65,10 @@ pub fn relay6(ctx: &XdpContext) -> Result<Sent, Reason> {
     let tos = packet.traffic_class();
     let Routed { route, state, now } =
         routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
+    // Before the rewrite or translation moves the headers.
+    if let Side::Client = side {
+        seq::record(ctx, rewrite.flags, packet.udp, session_port);
+    }
     if out_v4 {
         let carried = Carried {
             tos,
@@ -121,6 +125,10 @@ pub fn relay4to6(
     let tos = ip.tos;
     let Routed { route, state, now } =
         routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
+    // Before the translation moves the headers.
+    if let Side::Client = side {
+        seq::record(ctx, rewrite.flags, packet.udp, session_port);
+    }
     let carried = Carried {
         tos,
         hops,

@@ -162,6 +162,16 @@ impl ClientFollower {
         Ok(nonce)
     }
 
+    /// Counts `recorded` as accepted: the newest client-to-server nonce the
+    /// XDP program forwarded from the current endpoint, which the daemon
+    /// never saw (0: nothing recorded). Raises, never lowers; a nonce with
+    /// the direction bit set is not a client's and changes nothing.
+    pub fn raise(&mut self, recorded: u64) {
+        if recorded != 0 && is_client_to_server(recorded) {
+            self.newest = self.newest.max(Some(recorded));
+        }
+    }
+
     pub fn key_bytes(&self) -> [u8; 16] {
         self.key.bytes()
     }
@@ -484,6 +494,24 @@ mod tests {
             accept_server_move(&key, &genuine, Some(second)),
             Ok(second + 5)
         );
+    }
+
+    #[test]
+    fn what_xdp_recorded_raises_the_follower_and_nothing_lowers_it() {
+        let (key, packets) = capture();
+        let client: Vec<&Vec<u8>> = packets.iter().filter(|(c, _)| *c).map(|(_, p)| p).collect();
+        let mut follower = ClientFollower::new(key);
+        follower.raise(0);
+        assert_eq!(follower.newest(), None, "0 is nothing recorded");
+        assert_eq!(follower.accept(client[1]), Ok(1));
+        // XDP forwarded 2 (the daemon never saw it): its replay is refused.
+        follower.raise(2);
+        assert_eq!(follower.accept(client[2]), Err(Rejected::Replayed));
+        follower.raise(1);
+        assert_eq!(follower.newest(), Some(2), "an older record lowers nothing");
+        follower.raise(DIRECTION_BIT | 9);
+        assert_eq!(follower.newest(), Some(2), "a server nonce is no client's");
+        assert_eq!(follower.accept(client[3]), Ok(3));
     }
 
     #[test]

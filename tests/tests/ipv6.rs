@@ -367,7 +367,8 @@ fn forged_ipv6_server_datagrams(relay_args: &[&str]) {
 /// A server with IPv6 only punches to the relay over IPv6 (`forwarder
 /// mosh-server --relay [v6]:port`: the IPv6 kinds of the handshake, and
 /// mosh-server bound dual-stack), and an IPv4-only client reaches it
-/// through the punched session at the relay's `--public-addr`.
+/// through the punched session at the relay's `--public-addr`, both
+/// directions in XDP.
 #[test]
 fn a_server_punches_over_ipv6_and_an_ipv4_client_reaches_it() {
     prereq::require().unwrap();
@@ -415,9 +416,9 @@ fn a_server_punches_over_ipv6_and_an_ipv4_client_reaches_it() {
     let client = MoshClient::start(&topo.client, wrapped.ip, server.port, &server.key).unwrap();
     wait_for_shell(&client).unwrap();
     roundtrip(&client, "punched6").unwrap();
-    answered_flow(
-        &relay,
-        &session.id,
-        &format!("{}:", forwarder_testbed::topology::CLIENT_IP),
-    );
+    let client_ip = format!("{}:", forwarder_testbed::topology::CLIENT_IP);
+    answered_flow(&relay, &session.id, &client_ip);
+    // The punched session's client half is a translated (IPv4 in, IPv6
+    // out) one: the client's keystrokes stay in XDP too.
+    keystrokes_take_xdp(&relay, &session.id, &client_ip, &client);
 }

@@ -1,9 +1,11 @@
 //! A mosh server behind a NAT (masquerade with random ports, stateful
 //! filtering) reached through the relay with the punch handshake and the
 //! `forwarder mosh-server` wrapper: the session works, survives the NAT's
-//! idle timeout thanks to keepalives, follows a roaming client, and ignores
-//! spoofed and replayed client packets; a replayed punch request and a wrong
-//! secret are refused.
+//! idle timeout thanks to keepalives, carries both directions of its
+//! current client in XDP, follows a roaming client, and ignores spoofed
+//! and replayed client packets (also replays of datagrams only XDP saw,
+//! whose sequence numbers XDP recorded); a replayed punch request and a
+//! wrong secret are refused.
 
 use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Duration;
@@ -32,6 +34,34 @@ fn slow_path(relay: &Relay, counter: &str) -> u64 {
     relay.stats().unwrap()["slow_path"][counter]
         .as_u64()
         .unwrap_or(0)
+}
+
+/// The session's one flow, which must be from `ip`.
+fn current_flow(relay: &Relay, ip: &str) -> FlowInfo {
+    let sessions = relay.sessions().unwrap();
+    flow_from(&sessions[0].flows, ip)
+        .unwrap_or_else(|| panic!("no flow from {ip}: {sessions:?}"))
+        .clone()
+}
+
+/// A round trip whose client-to-server datagrams all go through the
+/// current endpoint's client half in XDP: its counter grows, and the
+/// daemon forwards nothing to the server meanwhile.
+fn roundtrip_in_kernel(relay: &Relay, client: &MoshClient, ip: &str, text: &str) {
+    let daemon_before = slow_path(relay, "forwarded_to_server");
+    let before = current_flow(relay, ip);
+    roundtrip(client, text).unwrap();
+    let after = current_flow(relay, ip);
+    assert!(
+        after.packets_to_server > before.packets_to_server
+            && after.fast_path_packets > before.fast_path_packets,
+        "the client half forwarded nothing: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        slow_path(relay, "forwarded_to_server"),
+        daemon_before,
+        "client datagrams of the current endpoint went through the daemon"
+    );
 }
 
 #[test]
@@ -112,12 +142,49 @@ fn mosh_behind_nat_roams_and_refuses_spoofs_and_replays() {
         )
         .unwrap();
 
-    // Spoofs from another endpoint: junk, and every real client packet so far, replayed.
+    // From here on the client's datagrams reach the server through XDP
+    // alone: the daemon never sees them.
+    let kernel_only = Capture::start(
+        &topo.client,
+        CLIENT_IF,
+        &format!("udp dst port {}", server.port),
+    )
+    .unwrap();
+    roundtrip_in_kernel(&relay, &client, &CLIENT_IP.to_string(), "kernel");
+
+    // Spoofs from another endpoint: first replays of what only XDP
+    // forwarded (refused by the sequence numbers XDP recorded), then junk,
+    // and every real client packet so far, replayed.
     let attacker = topo
         .client
         .udp_bind(SocketAddr::from((CLIENT_IP, 0)))
         .unwrap();
     let relay_port = SocketAddr::from((RELAY_CLIENT_IP, server.port));
+    let unseen = kernel_only.udp().unwrap();
+    assert!(
+        !unseen.is_empty(),
+        "the client's datagrams forwarded in XDP were captured"
+    );
+    let refused_before = slow_path(&relay, "dropped_unverified_client");
+    for packet in &unseen {
+        attacker.send_to(&packet.payload, relay_port).unwrap();
+    }
+    relay
+        .wait_until(
+            "the daemon to refuse every replay of a datagram only XDP forwarded",
+            Duration::from_secs(10),
+            |_| {
+                (slow_path(&relay, "dropped_unverified_client")
+                    >= refused_before + unseen.len() as u64)
+                    .then_some(())
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        current_flow(&relay, &CLIENT_IP.to_string()).client,
+        first.client,
+        "a replay of a datagram XDP forwarded moved the session"
+    );
     let captured = client_packets.udp().unwrap();
     assert!(
         captured.len() >= 3,
@@ -136,9 +203,15 @@ fn mosh_behind_nat_roams_and_refuses_spoofs_and_replays() {
         sessions[0].flows[0].client, first.client,
         "a spoof moved the session"
     );
-    assert!(slow_path(&relay, "dropped_unverified_client") >= captured.len() as u64 + 2);
+    assert!(
+        slow_path(&relay, "dropped_unverified_client")
+            >= refused_before + unseen.len() as u64 + captured.len() as u64 + 2
+    );
     let rejected = sessions[0].nat.as_ref().unwrap().rejected_packets;
-    assert!(rejected >= captured.len() as u64 + 2, "{rejected} rejected");
+    assert!(
+        rejected >= unseen.len() as u64 + captured.len() as u64 + 2,
+        "{rejected} rejected"
+    );
     attacker
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
@@ -164,6 +237,16 @@ fn mosh_behind_nat_roams_and_refuses_spoofs_and_replays() {
         .unwrap();
     assert!(slow_path(&relay, "nat_client_moves") >= 1);
     roundtrip(&client, "again").unwrap();
+    // The old endpoint's client half went with the move, the new one's
+    // carries the client's datagrams.
+    roundtrip_in_kernel(
+        &relay,
+        &client,
+        &CLIENT_ROAM_IP.to_string(),
+        "kernel-roamed",
+    );
+    let flows = relay.sessions().unwrap()[0].flows.clone();
+    assert_eq!(flows.len(), 1, "{flows:?}");
 
     // The wrapper's Allocate, replayed from the server: refused, nothing changes.
     let replayer = topo

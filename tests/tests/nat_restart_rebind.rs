@@ -2,7 +2,7 @@
 //! punch handshake and the `forwarder mosh-server` wrapper) outlives what
 //! nobody repairs by punching again, since the wrapper has exited:
 //! SIGKILL restarts of the relay daemon (the session, its sealed key and
-//! its pinned backend half come back from the store and bpffs), and the NAT
+//! its pinned halves come back from the store and bpffs), and the NAT
 //! giving the server a new external endpoint mid-session (conntrack flush:
 //! the daemon follows the server's first verified datagram from there,
 //! while forged "server" datagrams from other endpoints move nothing and
@@ -119,7 +119,16 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
 
     let mut ready = Vec::new();
     for round in 0..RESTARTS {
+        // What the client sends while no daemon runs goes through the
+        // pinned client half; XDP's record of it outlives the daemon.
+        let while_down = Capture::start(
+            &topo.client,
+            CLIENT_IF,
+            &format!("udp dst port {}", before.1),
+        )
+        .unwrap();
         relay.kill9().unwrap();
+        roundtrip(&client, &format!("down{round}")).unwrap();
         ready.push(relay.restart().unwrap());
         roundtrip(&client, &format!("up{round}")).unwrap();
         let sessions = relay.sessions().unwrap();
@@ -128,6 +137,43 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
             before,
             "the punched session changed across restart {round}"
         );
+        assert_eq!(
+            slow_path(&relay, "forwarded_to_server"),
+            0,
+            "the restarted daemon forwarded client datagrams: the client half was not adopted"
+        );
+        // Replayed from another endpoint, none of them moves the session:
+        // the restored follower starts from what XDP recorded, newer than
+        // the store's (written at most every few seconds).
+        let replays = while_down.udp().unwrap();
+        assert!(
+            !replays.is_empty(),
+            "the client sent nothing while the daemon was down"
+        );
+        let attacker = topo
+            .client
+            .udp_bind(SocketAddr::from((CLIENT_IP, 0)))
+            .unwrap();
+        for packet in &replays {
+            attacker
+                .send_to(
+                    &packet.payload,
+                    SocketAddr::from((RELAY_CLIENT_IP, before.1)),
+                )
+                .unwrap();
+        }
+        relay
+            .wait_until(
+                "the restarted daemon to refuse every replay",
+                Duration::from_secs(10),
+                |_| {
+                    (slow_path(&relay, "dropped_unverified_client") >= replays.len() as u64)
+                        .then_some(())
+                },
+            )
+            .unwrap();
+        roundtrip(&client, &format!("unmoved{round}")).unwrap();
+        let sessions = relay.sessions().unwrap();
         let flow = &sessions[0].flows[0];
         assert!(
             flow.client.starts_with(&format!("{CLIENT_IP}:")),
@@ -140,9 +186,9 @@ fn punched_mosh_session_survives_sigkill_restarts_without_punching_again() {
     }
     let log = relay.log();
     assert_eq!(
-        log.matches("pinned backend half adopted").count(),
+        log.matches("pinned halves adopted").count(),
         RESTARTS,
-        "every restart adopts the pinned backend half:\n{log}"
+        "every restart adopts the pinned halves (both directions):\n{log}"
     );
     assert!(
         !log.contains(&server.key),

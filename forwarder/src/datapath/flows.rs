@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use anyhow::{Context, bail};
-use forwarder_common::flow::{Endpoints, REWRITE_UNKNOWN_SOURCE_TO_DAEMON};
+use forwarder_common::flow::{
+    Endpoints, REWRITE_RECORD_CLIENT_SEQ, REWRITE_UNKNOWN_SOURCE_TO_DAEMON,
+};
 use forwarder_common::flow6::{Endpoints46, WireAddr};
 use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Rewrite, Rewrite6};
 
@@ -299,6 +301,17 @@ impl FlowEntries {
             BackendHalf::V4(_, rewrite) => rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON,
             BackendHalf::V4To6(_, rewrite) | BackendHalf::V6(_, rewrite) => {
                 rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON
+            }
+        }
+    }
+
+    /// Punched (NAT'd) sessions: the client half records the nonce of each
+    /// client-to-server datagram it forwards (forwarder_common::clientseq).
+    pub fn record_client_seqs(&mut self) {
+        match &mut self.client {
+            ClientHalf::V4(_, rewrite) => rewrite.flags |= REWRITE_RECORD_CLIENT_SEQ,
+            ClientHalf::V4To6(_, rewrite) | ClientHalf::V6(_, rewrite) => {
+                rewrite.flags |= REWRITE_RECORD_CLIENT_SEQ
             }
         }
     }

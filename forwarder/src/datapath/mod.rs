@@ -105,7 +105,7 @@ impl Datapath {
         }
     }
 
-    /// NAT sessions: only the server-to-client half goes to the kernel.
+    /// NAT sessions before their first client: only the server-to-client half.
     pub fn install_backend_half(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
         match self {
             Self::Xdp(xdp) => xdp.install_backend_half(entries),
@@ -116,6 +116,29 @@ impl Datapath {
     pub fn uninstall_backend_half(&mut self, entries: &FlowEntries) {
         if let Self::Xdp(xdp) = self {
             xdp.uninstall_backend_half(entries);
+        }
+    }
+
+    pub fn uninstall_client_half(&mut self, entries: &FlowEntries) {
+        if let Self::Xdp(xdp) = self {
+            xdp.uninstall_client_half(entries);
+        }
+    }
+
+    /// Punched sessions: the newest client-to-server nonce XDP forwarded on
+    /// `session_port` (0: none; always 0 in userspace, where the daemon
+    /// sees every datagram).
+    pub fn recorded_client_seq(&self, session_port: u16) -> anyhow::Result<u64> {
+        match self {
+            Self::Xdp(xdp) => xdp.recorded_client_seq(session_port),
+            Self::Userspace { .. } => Ok(0),
+        }
+    }
+
+    pub fn reset_client_seq(&mut self, session_port: u16) -> anyhow::Result<()> {
+        match self {
+            Self::Xdp(xdp) => xdp.reset_client_seq(session_port),
+            Self::Userspace { .. } => Ok(()),
         }
     }
 

@@ -57,6 +57,8 @@ pub struct XdpDatapath {
     ports_4to6_users: std::collections::HashMap<u16, u32>,
     flow_counters: PerCpuArray<MapData, FlowCounter>,
     reason_counters: PerCpuArray<MapData, ReasonCounter>,
+    /// Newest client nonce XDP forwarded per punched session (forwarder_common::clientseq).
+    client_seqs: Array<MapData, u64>,
     slowpath: SlowpathBuckets,
     /// "native", "skb" or a mix, for `stats`.
     pub mode: String,
@@ -165,6 +167,7 @@ impl XdpDatapath {
         let ports_4to6 = Array::try_from(take_map(&mut ebpf, map_names::PORTS_4TO6)?)?;
         let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
+        let client_seqs = Array::try_from(take_map(&mut ebpf, map_names::CLIENT_SEQS)?)?;
         let slowpath = SlowpathBuckets {
             sessions: Array::try_from(take_map(&mut ebpf, "SLOWPATH_SESSION_BUCKETS")?)?,
             limited: std::collections::BTreeSet::new(),
@@ -183,6 +186,7 @@ impl XdpDatapath {
             ports_4to6_users: std::collections::HashMap::new(),
             flow_counters,
             reason_counters,
+            client_seqs,
             slowpath,
             mode,
             sizes,
@@ -372,6 +376,30 @@ impl XdpDatapath {
         }
     }
 
+    /// Removes only the client half: a punched session's client moved, its
+    /// backend half is replaced in place.
+    pub fn uninstall_client_half(&mut self, entries: &FlowEntries) {
+        if let Err(error) = self.remove_client(&entries.client) {
+            warn!(%error, "removing the client half of a NAT session");
+        }
+    }
+
+    /// The newest client-to-server nonce XDP forwarded for the punched
+    /// session on `session_port` (0: none yet).
+    pub fn recorded_client_seq(&self, session_port: u16) -> anyhow::Result<u64> {
+        self.client_seqs
+            .get(&u32::from(session_port), 0)
+            .context("reading the client sequence numbers XDP recorded")
+    }
+
+    /// Forgets what XDP recorded on `session_port`: a new punched session
+    /// there must not inherit an earlier one's numbers.
+    pub fn reset_client_seq(&mut self, session_port: u16) -> anyhow::Result<()> {
+        self.client_seqs
+            .set(u32::from(session_port), 0, 0)
+            .context("resetting the client sequence number XDP records")
+    }
+
     /// Last-seen timestamps the XDP program wrote: (client half, backend half).
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
         let client = match &entries.client {
@@ -501,6 +529,7 @@ impl XdpDatapath {
             ),
             ("SLOWPATH_GLOBAL_BUCKET", None),
             (map_names::PORTS_4TO6, None),
+            (map_names::CLIENT_SEQS, None),
         ];
         counted
             .into_iter()

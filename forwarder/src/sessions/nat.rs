@@ -10,14 +10,37 @@
 //! only if its OCB tag verifies with the session key, it goes client to
 //! server, and its sequence number is newer than any accepted before.
 //!
-//! Server-to-client packets (the bulk of mosh's traffic: screen updates)
-//! stay in XDP: the backend half of the one flow points at the current
-//! client. Client-to-server packets (keystrokes, acks, heartbeats) have no
-//! client half in the maps, so they all reach the daemon, which verifies
-//! each: only that way does it know the newest sequence number the client
-//! sent, so a replay of any packet it captured, sent from elsewhere, cannot
-//! move the session. Unverified packets are dropped: they never reach the
-//! server nor move the server's replies.
+//! Both directions of the current client stay in XDP: the backend half of
+//! the one flow points at the current client (screen updates), and its
+//! client half, keyed by the current client endpoint, rewrites to Q ->
+//! server (keystrokes, acks, heartbeats). Only datagrams from any other
+//! client endpoint reach the daemon, which verifies each with the session
+//! key and moves the session only for one that is newer than every
+//! client-to-server datagram before it. Unverified packets are dropped:
+//! they never reach the server nor move the server's replies.
+//!
+//! The daemon no longer sees the current endpoint's datagrams, so it cannot
+//! know their sequence numbers by itself: the client half carries
+//! `REWRITE_RECORD_CLIENT_SEQ`, and the XDP program raises the session's
+//! slot in `CLIENT_SEQS` (by client-facing port, see forwarder-common's
+//! `clientseq`) to the nonce of each client-to-server datagram it forwards.
+//! Before judging a datagram from a new endpoint, before storing progress
+//! and on restore the daemon raises its follower's newest to that record,
+//! so a replay, sent from elsewhere, of a datagram XDP forwarded cannot move
+//! the session. Every family a punched session can have (IPv4, IPv6 and
+//! either translated) records: all three XDP pipelines call the same hook.
+//!
+//! The trade-off: XDP cannot check the OCB tag, so the record is what the
+//! current endpoint's datagrams *claim*. A forger who can send from the
+//! current client's address and port can raise it (up to 2^63 - 1 with one
+//! datagram), which makes every later move look like a replay: it can
+//! refuse the client's roaming, never take the session (a move still needs
+//! a datagram sealed with the key), and mosh-server drops the forged
+//! datagram itself. Anyone who can spoof the client's endpoint on its path
+//! can already cut the session by other means (drop or flood it), and
+//! keeping every client datagram in the kernel is what the relay is for.
+//! Late (reordered) datagrams of the current endpoint go to the server
+//! through XDP, which sorts them out as before.
 //!
 //! The server's endpoint can move too: when its NAT forgets the mapping
 //! (reboot, conntrack flush) its next datagrams reach Q from a new external
@@ -126,8 +149,8 @@ impl NatState {
     }
 }
 
-/// The map entries of a punched session's one flow: only the backend half
-/// is installed, and it hands unknown sources to the daemon.
+/// The map entries of a punched session's one flow: the backend half hands
+/// unknown sources to the daemon, the client half records sequence numbers.
 fn nat_entries(
     relay_addr: IpAddr,
     session_port: u16,
@@ -147,6 +170,7 @@ fn nat_entries(
         slot,
     );
     entries.send_unknown_sources_to_daemon();
+    entries.record_client_seqs();
     entries
 }
 
@@ -203,6 +227,14 @@ impl Relay {
                 return Err(error);
             }
         };
+        // A port's record outlives the session that used it before.
+        if let Err(error) = self.datapath.reset_client_seq(info.port) {
+            warn!(
+                port = info.port,
+                error = format!("{error:#}"),
+                "a new NAT session may inherit an earlier one's client sequence numbers: its client's moves could be refused until it catches up"
+            );
+        }
         let token: Token = rand::random();
         let now = monotonic_ns();
         let session = self.sessions.get_mut(&info.port).expect("just added");
@@ -271,10 +303,8 @@ impl Relay {
         session.route = route;
         nat.bound = true;
         nat.last_from_server_ns = monotonic_ns();
-        if let Some(current) = nat.current.take() {
+        if let Some((client, relay_addr)) = nat.current.as_ref().map(|c| (c.client, c.relay_addr)) {
             // The NAT mapping changed under a live session: re-point both halves.
-            let (client, relay_addr) = (current.client, current.relay_addr);
-            self.datapath.uninstall_backend_half(&current.entries);
             if let Err(error) = self.nat_move(port, client, relay_addr) {
                 warn!(
                     error = format!("{error:#}"),
@@ -327,6 +357,7 @@ impl Relay {
         datagram: &[u8],
     ) -> ClientVerdict {
         let now = monotonic_ns();
+        let recorded = self.recorded_client_seq(session_port);
         let Some(session) = self.sessions.get_mut(&session_port) else {
             return ClientVerdict::Drop;
         };
@@ -342,6 +373,9 @@ impl Relay {
             .current
             .as_ref()
             .is_some_and(|c| c.client == client && c.relay_addr == relay_addr);
+        // What XDP forwarded from the current endpoint counts as accepted:
+        // a replay of it from here is no newer.
+        follower.raise(recorded);
         let verdict = follower.accept(datagram);
         // From the current client, late (reordered) packets still go to the
         // server, which sorts them out; a new endpoint must bring a newer one.
@@ -363,7 +397,7 @@ impl Relay {
         let upstream = nat.upstream.clone();
         self.stats.forwarded_to_server += 1;
         if !is_current {
-            let had_client = nat.current.take().is_some();
+            let had_client = nat.current.is_some();
             match self.nat_move(session_port, client, relay_addr) {
                 Ok(()) if had_client => self.stats.nat_client_moves += 1,
                 Ok(()) => {}
@@ -380,7 +414,9 @@ impl Relay {
     }
 
     /// Points the session's flow at `client`: the backend half rewritten to
-    /// reach it (replacing the previous client's, which has the same key).
+    /// reach it (replacing the previous client's, which has the same key
+    /// unless the route's source moved) and a client half for it, the
+    /// previous client's removed (its datagrams go to the daemon again).
     fn nat_move(
         &mut self,
         session_port: u16,
@@ -402,7 +438,7 @@ impl Relay {
             nat.slot,
         );
         // The slow path follows `current` even if the maps refuse the entries.
-        nat.current = Some(NatClient {
+        let previous = nat.current.replace(NatClient {
             client,
             relay_addr,
             entries,
@@ -411,9 +447,47 @@ impl Relay {
         nat.slow_to_server = (0, 0);
         nat.slow_to_client = (0, 0);
         info!(session = %session.id, %client, relay = %relay_addr, upstream_port = nat.upstream_port, "NAT session follows its client");
-        let installed = self.datapath.install_backend_half(&entries);
+        if let Some(previous) = previous {
+            if (previous.client, previous.relay_addr) != (client, relay_addr) {
+                self.datapath.uninstall_client_half(&previous.entries);
+            }
+            if previous.entries.backend_key() != entries.backend_key() {
+                self.datapath.uninstall_backend_half(&previous.entries);
+            }
+        }
+        // Backend half first: the client half's datagrams get answers.
+        let installed = self.datapath.install(&entries);
         self.persist_nat(session_port);
         installed
+    }
+
+    /// What XDP recorded for the punched session on `session_port` (0 when
+    /// nothing, or when the map cannot be read: then the daemon judges by
+    /// what it verified itself, the narrower window a restart also has).
+    fn recorded_client_seq(&self, session_port: u16) -> u64 {
+        self.datapath
+            .recorded_client_seq(session_port)
+            .unwrap_or_else(|error| {
+                warn!(
+                    port = session_port,
+                    error = format!("{error:#}"),
+                    "reading what XDP recorded of a NAT session's client"
+                );
+                0
+            })
+    }
+
+    /// Raises the session's follower to what XDP forwarded since.
+    fn sync_client_seq(&mut self, port: u16) {
+        let recorded = self.recorded_client_seq(port);
+        if let Some(follower) = self
+            .sessions
+            .get_mut(&port)
+            .and_then(|s| s.nat.as_deref_mut())
+            .and_then(|n| n.follower.as_mut())
+        {
+            follower.raise(recorded);
+        }
     }
 
     /// A packet reached a NAT session's Q socket that is not a handshake
@@ -551,20 +625,19 @@ impl Relay {
             .collect()
     }
 
-    /// Newest traffic of a NAT session: the client's (all through the
-    /// daemon) and the server's (mostly through XDP).
+    /// Newest traffic of a NAT session, through XDP or the daemon.
     pub(super) fn nat_last_active(datapath: &Datapath, nat: &NatState) -> u64 {
-        let server_seen = nat
+        let (client_seen, server_seen) = nat
             .current
             .as_ref()
-            .map_or(0, |c| datapath.last_seen(&c.entries).1);
-        server_seen.max(nat.last_from_client_ns)
+            .map_or((0, 0), |c| datapath.last_seen(&c.entries));
+        client_seen.max(server_seen).max(nat.last_from_client_ns)
     }
 
     /// Gives back what a removed NAT session held.
     pub(super) fn release_nat(&mut self, nat: NatState) {
         if let Some(current) = &nat.current {
-            self.datapath.uninstall_backend_half(&current.entries);
+            self.datapath.uninstall(&current.entries);
         }
         nat.upstream.close();
         self.flow_ports.release(nat.upstream_port);
@@ -574,20 +647,20 @@ impl Relay {
     /// The current client as a flow, for `list`.
     pub(super) fn nat_flow_info(&self, nat: &NatState, now_ns: u64) -> Option<FlowInfo> {
         let current = nat.current.as_ref()?;
-        let to_client = self
-            .datapath
-            .flow_counter(current.entries.counter_slots().1);
+        let (to_server_slot, to_client_slot) = current.entries.counter_slots();
+        let to_server = self.datapath.flow_counter(to_server_slot);
+        let to_client = self.datapath.flow_counter(to_client_slot);
         let last = Self::nat_last_active(&self.datapath, nat).max(current.since_ns);
         Some(FlowInfo {
             client: current.client.to_string(),
             relay_addr: current.relay_addr.to_string(),
             relay_port: None,
             upstream_port: nat.upstream_port,
-            packets_to_server: nat.slow_to_server.0,
-            bytes_to_server: nat.slow_to_server.1,
+            packets_to_server: to_server.packets + nat.slow_to_server.0,
+            bytes_to_server: to_server.bytes + nat.slow_to_server.1,
             packets_to_client: to_client.packets + nat.slow_to_client.0,
             bytes_to_client: to_client.bytes + nat.slow_to_client.1,
-            fast_path_packets: to_client.packets,
+            fast_path_packets: to_server.packets + to_client.packets,
             slow_path_packets: nat.slow_to_server.0 + nat.slow_to_client.0,
             idle_ms: now_ns.saturating_sub(last) / 1_000_000,
             server_current: true,
@@ -601,6 +674,8 @@ pub(super) struct RestoredNat {
     pub upstream: Arc<RelaySocket>,
     /// The pinned backend half it adopted or re-installed.
     pub backend_key: Option<BackendHalfKey>,
+    /// Its current client's halves, adopted or re-installed: not an orphan.
+    pub client_entries: Option<FlowEntries>,
 }
 
 impl Relay {
@@ -608,6 +683,10 @@ impl Relay {
     /// it did. Failures are logged: the session keeps working, it just might
     /// not survive a restart.
     pub(super) fn persist_nat(&mut self, port: u16) -> bool {
+        if self.store.is_none() {
+            return false;
+        }
+        self.sync_client_seq(port);
         let Some(store) = &self.store else {
             return false;
         };
@@ -665,20 +744,28 @@ impl Relay {
     /// they were last written, at most once per [`PROGRESS_WRITE_INTERVAL`].
     pub fn store_nat_progress(&mut self) {
         let now = monotonic_ns();
-        let due: Vec<u16> = self
+        let waited: Vec<u16> = self
             .sessions
             .values()
             .filter(|s| {
                 nat_of(s).is_some_and(|n| {
-                    n.seqs() != n.stored_seqs
-                        && now.saturating_sub(n.stored_ns)
-                            >= PROGRESS_WRITE_INTERVAL.as_nanos() as u64
+                    now.saturating_sub(n.stored_ns) >= PROGRESS_WRITE_INTERVAL.as_nanos() as u64
                 })
             })
             .map(|s| s.port)
             .collect();
-        for port in due {
-            self.persist_nat(port);
+        // The client's numbers mostly move in XDP now: one map read per
+        // session per interval, only for those whose interval is up.
+        for port in waited {
+            self.sync_client_seq(port);
+            let moved = self
+                .sessions
+                .get(&port)
+                .and_then(nat_of)
+                .is_some_and(|n| n.seqs() != n.stored_seqs);
+            if moved {
+                self.persist_nat(port);
+            }
         }
     }
 
@@ -708,13 +795,18 @@ impl Relay {
             port: session.port,
             upstream_port: record.upstream_port,
         };
-        let follower = match &record.sealed_key {
+        let mut follower = match &record.sealed_key {
             Some(sealed) => Some(ClientFollower::resume(
                 MoshKey::from_bytes(sealer.open(sealed, binding)?),
                 record.newest_client_seq,
             )),
             None => None,
         };
+        // The pinned record kept counting while no daemon ran.
+        let recorded = self.recorded_client_seq(session.port);
+        if let Some(follower) = &mut follower {
+            follower.raise(recorded);
+        }
         let slot = record.slot;
         if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
             bail!("its counter slot {slot} is out of range or used twice");
@@ -731,22 +823,26 @@ impl Relay {
         };
         self.free_slots.retain(|&free| free != slot);
         let mut backend_key = None;
+        let mut client_entries = None;
         let punch_source = record.punch_source;
         let current = record.client.map(|(client, relay_addr)| {
             let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend, slot);
-            let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. });
+            let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. })
+                && installed.clients.iter().any(|found| found.matches(&entries));
             if !adopted {
                 // Missing (userspace datapath, a detach) or from an older
-                // layout: install what the record says.
-                if let Err(error) = self.datapath.install_backend_half(&entries) {
-                    warn!(session = %session.id, error = format!("{error:#}"), "re-installing a restored NAT session's backend half");
+                // daemon, which installed no client half: install what
+                // the record says.
+                if let Err(error) = self.datapath.install(&entries) {
+                    warn!(session = %session.id, error = format!("{error:#}"), "re-installing a restored NAT session's halves");
                 }
             }
             backend_key = Some(entries.backend_key());
+            client_entries = Some(entries);
             if adopted {
-                info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; pinned backend half adopted");
+                info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; pinned halves adopted");
             } else {
-                info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; backend half installed again");
+                info!(session = %session.id, %client, relay = %relay_addr, upstream_port = record.upstream_port, "NAT session's client restored; halves installed again");
             }
             NatClient { client, relay_addr, entries, since_ns: now }
         });
@@ -780,6 +876,7 @@ impl Relay {
         Ok(RestoredNat {
             upstream,
             backend_key,
+            client_entries,
         })
     }
 }

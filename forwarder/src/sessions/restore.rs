@@ -6,8 +6,8 @@
 //!
 //! A punched (NAT'd) session comes back from its stored NAT half: its key
 //! unsealed with the punch secret, its one port Q and counter slot taken
-//! back, and its pinned backend half adopted (re-installed if missing or
-//! different). Without the punch secret such a session is dropped.
+//! back, and its pinned halves adopted (both re-installed if either is
+//! missing or different). Without the punch secret such a session is dropped.
 
 use std::collections::HashSet;
 
@@ -33,6 +33,8 @@ impl Relay {
         let mut restored = Restored::default();
         let installed = self.datapath.installed();
         let mut claimed = HashSet::new();
+        // Punched sessions' client halves: theirs, not ordinary flows.
+        let mut nat_clients = Vec::new();
         for record in records {
             match self.restore_session(&record, &installed, now) {
                 Ok((socket, nat)) => {
@@ -40,6 +42,7 @@ impl Relay {
                     if let Some(nat) = nat {
                         restored.nat_upstream_sockets.push(nat.upstream);
                         claimed.extend(nat.backend_key);
+                        nat_clients.extend(nat.client_entries);
                     }
                 }
                 Err(error) => {
@@ -64,6 +67,9 @@ impl Relay {
         }
 
         for found in &installed.clients {
+            if nat_clients.iter().any(|entries| found.matches(entries)) {
+                continue;
+            }
             match self.restore_flow(found, &installed, now) {
                 Ok((backend_key, socket)) => {
                     claimed.insert(backend_key);

@@ -195,6 +195,13 @@ impl Relay {
         map.set(index, old | bits, 0).unwrap();
     }
 
+    /// Slot `index` of the u64 array named `name`.
+    pub fn array_u64(&self, name: &str, index: u32) -> u64 {
+        let map: Array<_, u64> =
+            Array::try_from(self.ebpf.map(name).unwrap_or_else(|| panic!("{name} map"))).unwrap();
+        map.get(&index, 0).unwrap()
+    }
+
     pub fn client_flow(&self, key: &ClientKey) -> Rewrite {
         let map: HashMap<_, ClientKey, Rewrite> =
             HashMap::try_from(self.ebpf.map("CLIENT_FLOWS").unwrap()).unwrap();

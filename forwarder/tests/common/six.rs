@@ -86,7 +86,21 @@ pub fn install_client_half(
     backend: Ep,
     slot: u32,
 ) {
-    let rewrite = Rewrite6::new(ends(client, facing), ends(upstream, backend), slot);
+    install_client_half_flagged(relay, client, facing, upstream, backend, slot, 0);
+}
+
+/// [`install_client_half`] with `REWRITE_*` bits ORed into the rewrite's flags.
+pub fn install_client_half_flagged(
+    relay: &mut Relay,
+    client: Ep,
+    facing: Ep,
+    upstream: Ep,
+    backend: Ep,
+    slot: u32,
+    flags: u8,
+) {
+    let mut rewrite = Rewrite6::new(ends(client, facing), ends(upstream, backend), slot);
+    rewrite.flags |= flags;
     match (client, facing) {
         (Ep::V6(c, cp), Ep::V6(f, fp)) => relay.insert(
             map_names::CLIENT_FLOWS6,
