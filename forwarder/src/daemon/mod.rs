@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use forwarder_common::RelayConfig;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{info, warn};
 
 use forwarder_common::config::RuntimeSizes;
 
@@ -477,12 +477,46 @@ pub fn detach(
     })
 }
 
+/// Once a second: the flow maps are read in bulk (one walk per map) with
+/// the relay unlocked, so learning and the API go on meanwhile; only the
+/// decisions take the lock.
 async fn expire_forever(relay: SharedRelay) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut bulk_failed = false;
     loop {
         tick.tick().await;
+        let reader = if bulk_failed {
+            None
+        } else {
+            relay.lock().expect("relay lock").flow_maps_reader()
+        };
+        let started = std::time::Instant::now();
+        let seen = match reader {
+            Some(reader) => {
+                let walk = tokio::task::spawn_blocking(move || reader.snapshot(monotonic_ns()));
+                match walk.await {
+                    Ok(Ok(seen)) => Some(seen),
+                    Ok(Err(error)) => {
+                        warn!(%error, "reading the flow maps in bulk (BPF_MAP_LOOKUP_BATCH, Linux 5.6 and later) failed; the expiry tick reads each flow under the relay lock from now on");
+                        bulk_failed = true;
+                        None
+                    }
+                    Err(error) => {
+                        warn!(%error, "the expiry tick's map walk did not finish; reading each flow this tick");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let read = started.elapsed();
         let mut relay = relay.lock().expect("relay lock");
-        relay.expire(monotonic_ns());
+        let locked = std::time::Instant::now();
+        let now_ns = seen
+            .as_ref()
+            .map_or_else(monotonic_ns, |seen| seen.taken_ns());
+        relay.expire_seen(now_ns, seen.as_ref());
         relay.store_keyed_progress(false);
+        relay.note_expiry_tick(read, locked.elapsed());
     }
 }

@@ -11,7 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
-use crate::datapath::{BackendRoute, FlowAddrs, FlowEntries};
+use crate::datapath::{BackendRoute, FlowAddrs, FlowEntries, FlowMapsReader, LastSeenSnapshot};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::{RecentSet, TokenBucket};
 use crate::ports::{PortPool, PortRange};
@@ -642,7 +642,7 @@ impl Relay {
         // Flows on probation that the server has answered may already fill
         // the limit: establish them before judging.
         if session.flows.len() >= self.limits.max_flows_per_session {
-            self.promote_answered(session_port, now);
+            self.promote_answered(session_port, now, None);
         }
         let session = self
             .sessions
@@ -797,14 +797,15 @@ impl Relay {
     }
 
     fn activity(&self, flow: &Flow) -> FlowActivity {
-        flow_activity(&self.datapath, flow)
+        flow_activity(&self.datapath, flow, None)
     }
 
     /// Moves the session's answered flows out of probation, as far as its
     /// flow limit and its new-flow rate allow: only flows the server
     /// answered (mosh-server answers only datagrams that decrypt) take up
     /// the session's limits, so a spoofed flood cannot exhaust them.
-    fn promote_answered(&mut self, session_port: u16, now: u64) {
+    /// `seen`: the expiry tick's snapshot of the maps, else read them now.
+    fn promote_answered(&mut self, session_port: u16, now: u64, seen: Option<&LastSeenSnapshot>) {
         let Some(uid) = self.sessions.get(&session_port).map(|s| s.owner.uid) else {
             return;
         };
@@ -825,7 +826,7 @@ impl Relay {
                 .flows
                 .get_mut(&port)
                 .expect("probation flows are in the flow table");
-            let answered = flow_activity(&self.datapath, flow).last_from_server_ns > 0;
+            let answered = flow_activity(&self.datapath, flow, seen).last_from_server_ns > 0;
             let room = session.flows.len() - session.probation.len()
                 < self.limits.max_flows_per_session
                 && session.quota.max_flows.has_room(owner_flows);
@@ -884,7 +885,7 @@ impl Relay {
             }
         }
         let Some(victim) = one_shot.or(oldest_unanswered) else {
-            self.promote_answered(session_port, now);
+            self.promote_answered(session_port, now, None);
             return;
         };
         let endpoint = {
@@ -898,11 +899,31 @@ impl Relay {
         }
     }
 
-    /// Establishes answered flows, drops idle flows, then idle sessions.
+    /// Establishes answered flows, drops idle flows, then idle sessions,
+    /// reading each flow's map entries now.
     pub fn expire(&mut self, now_ns: u64) {
+        self.expire_seen(now_ns, None);
+    }
+
+    /// Own descriptors of the flow maps, so the expiry tick can read them
+    /// in bulk without this relay locked (None: nothing to read).
+    pub fn flow_maps_reader(&self) -> Option<FlowMapsReader> {
+        self.datapath.flow_maps_reader()
+    }
+
+    /// Records how long the last expiry tick took, for `stats`.
+    pub fn note_expiry_tick(&mut self, read: Duration, locked: Duration) {
+        self.stats.expiry_tick_read_us = read.as_micros() as u64;
+        self.stats.expiry_tick_locked_us = locked.as_micros() as u64;
+    }
+
+    /// [`Self::expire`] with the maps' last-seen times taken from `seen`
+    /// (read in bulk at `now_ns`, outside the lock) for every flow it
+    /// speaks for; flows created since are read from the maps now.
+    pub fn expire_seen(&mut self, now_ns: u64, seen: Option<&LastSeenSnapshot>) {
         let ports: Vec<u16> = self.sessions.keys().copied().collect();
         for port in ports {
-            self.promote_answered(port, now_ns);
+            self.promote_answered(port, now_ns, seen);
         }
         let mut idle_flow_ports = Vec::new();
         let mut idle_sessions = Vec::new();
@@ -910,7 +931,7 @@ impl Relay {
             let ports: Vec<u16> = session.flows.values().copied().collect();
             let activity: Vec<FlowActivity> = ports
                 .iter()
-                .map(|port| flow_activity(&self.datapath, &self.flows[port]))
+                .map(|port| flow_activity(&self.datapath, &self.flows[port], seen))
                 .collect();
             if let Some(newest) = activity.iter().map(|a| a.last_active_ns).max() {
                 session.last_active_ns = session.last_active_ns.max(newest);
@@ -1119,8 +1140,12 @@ fn admit_from_server(
 
 /// A flow's newest activity, from the XDP program's timestamps and the
 /// daemon's own.
-fn flow_activity(datapath: &Datapath, flow: &Flow) -> FlowActivity {
-    let (client_seen, backend_seen) = datapath.last_seen(&flow.entries);
+fn flow_activity(
+    datapath: &Datapath,
+    flow: &Flow,
+    seen: Option<&LastSeenSnapshot>,
+) -> FlowActivity {
+    let (client_seen, backend_seen) = datapath.last_seen_in(seen, &flow.entries, flow.created_ns);
     let from_server = backend_seen.max(flow.last_slow_from_server_ns);
     FlowActivity {
         last_active_ns: flow
