@@ -3,7 +3,6 @@
 //! daemon's CPU with many flows. aya 0.14 has no batch call, so it goes
 //! through the `bpf` syscall with aya-obj's kernel bindings for the layout.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -13,6 +12,10 @@ use bytemuck::Pod;
 use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Rewrite, Rewrite6};
 
 use super::flows::{BackendHalf, ClientHalf, FlowEntries};
+
+/// The keys are ones the daemon installed itself, so hash flooding is no
+/// concern here, and foldhash is several times faster than std's SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Entries asked for per call: large enough that a call per map is the
 /// rule, and that no hash bucket ever holds more (the kernel answers
@@ -97,12 +100,46 @@ pub struct FlowMapsReader {
     pub(super) backend6: OwnedFd,
     pub(super) client_4to6: OwnedFd,
     pub(super) backend_4to6: OwnedFd,
+    /// Which maps some flow has a half in; the others are not walked (a
+    /// walk visits every bucket, and an IPv4-only relay has four empty maps).
+    pub(super) used: MapsUsed,
+}
+
+/// Which of the six flow maps the relay's flows have halves in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapsUsed {
+    pub client: bool,
+    pub backend: bool,
+    pub client6: bool,
+    pub backend6: bool,
+    pub client_4to6: bool,
+    pub backend_4to6: bool,
+}
+
+impl MapsUsed {
+    /// Marks the maps `entries` has its halves in.
+    pub fn add(&mut self, entries: &FlowEntries) {
+        match &entries.client {
+            ClientHalf::V4(..) => self.client = true,
+            ClientHalf::V4To6(..) => self.client_4to6 = true,
+            ClientHalf::V6(..) => self.client6 = true,
+        }
+        match &entries.backend {
+            BackendHalf::V4(..) => self.backend = true,
+            BackendHalf::V4To6(..) => self.backend_4to6 = true,
+            BackendHalf::V6(..) => self.backend6 = true,
+        }
+    }
 }
 
 fn seen<K: Pod + Hash + Eq, V: Pod>(
+    used: bool,
     map: &OwnedFd,
     last_seen: impl Fn(&V) -> u64,
 ) -> io::Result<HashMap<K, u64>> {
+    if !used {
+        return Ok(HashMap::default());
+    }
     Ok(lookup_all::<K, V>(map)?
         .into_iter()
         .map(|(key, value)| (key, last_seen(&value)))
@@ -114,14 +151,23 @@ impl FlowMapsReader {
     /// read before the walk starts: flows created from then on are not
     /// judged by it (see [`LastSeenSnapshot::last_seen`]).
     pub fn snapshot(&self, taken_ns: u64) -> io::Result<LastSeenSnapshot> {
+        let used = self.used;
         Ok(LastSeenSnapshot {
             taken_ns,
-            client: seen::<ClientKey, Rewrite>(&self.client, |r| r.last_seen_ns)?,
-            backend: seen::<BackendKey, Rewrite>(&self.backend, |r| r.last_seen_ns)?,
-            client6: seen::<ClientKey6, Rewrite6>(&self.client6, |r| r.last_seen_ns)?,
-            backend6: seen::<BackendKey6, Rewrite6>(&self.backend6, |r| r.last_seen_ns)?,
-            client_4to6: seen::<ClientKey, Rewrite6>(&self.client_4to6, |r| r.last_seen_ns)?,
-            backend_4to6: seen::<BackendKey, Rewrite6>(&self.backend_4to6, |r| r.last_seen_ns)?,
+            client: seen::<ClientKey, Rewrite>(used.client, &self.client, |r| r.last_seen_ns)?,
+            backend: seen::<BackendKey, Rewrite>(used.backend, &self.backend, |r| r.last_seen_ns)?,
+            client6: seen::<ClientKey6, Rewrite6>(used.client6, &self.client6, |r| r.last_seen_ns)?,
+            backend6: seen::<BackendKey6, Rewrite6>(used.backend6, &self.backend6, |r| {
+                r.last_seen_ns
+            })?,
+            client_4to6: seen::<ClientKey, Rewrite6>(used.client_4to6, &self.client_4to6, |r| {
+                r.last_seen_ns
+            })?,
+            backend_4to6: seen::<BackendKey, Rewrite6>(
+                used.backend_4to6,
+                &self.backend_4to6,
+                |r| r.last_seen_ns,
+            )?,
         })
     }
 }

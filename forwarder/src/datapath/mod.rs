@@ -16,7 +16,7 @@ use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{FlowCounter, REASON_COUNT};
 use tracing::warn;
 
-pub use self::bulk::{FlowMapsReader, LastSeenSnapshot};
+pub use self::bulk::{FlowMapsReader, LastSeenSnapshot, MapsUsed};
 pub use self::flows::{
     BackendHalfKey, BackendRoute, BackendState, FlowAddrs, FlowEntries, InstalledClient,
     InstalledHalves, route_to,
@@ -144,9 +144,9 @@ impl Datapath {
 
     /// Own descriptors of the flow maps, for the expiry tick's bulk read
     /// outside the relay lock; None without XDP (nothing to read).
-    pub fn flow_maps_reader(&self) -> Option<FlowMapsReader> {
+    pub fn flow_maps_reader(&self, used: MapsUsed) -> Option<FlowMapsReader> {
         match self {
-            Self::Xdp(xdp) => match xdp.flow_maps_reader() {
+            Self::Xdp(xdp) => match xdp.flow_maps_reader(used) {
                 Ok(reader) => Some(reader),
                 Err(error) => {
                     warn!(%error, "duplicating the flow maps' descriptors for the expiry tick (it reads each flow instead); raise the open-file limit (LimitNOFILE)");

@@ -17,7 +17,7 @@ use forwarder_common::{
     Rewrite, Rewrite6, SlowpathBucket,
 };
 
-use super::bulk::FlowMapsReader;
+use super::bulk::{FlowMapsReader, MapsUsed};
 use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
 use tracing::{info, warn};
 
@@ -397,7 +397,7 @@ impl XdpDatapath {
 
     /// Descriptors of the flow maps of its own, for reading them in bulk
     /// without this datapath (and the relay lock around it).
-    pub fn flow_maps_reader(&self) -> std::io::Result<FlowMapsReader> {
+    pub fn flow_maps_reader(&self, used: MapsUsed) -> std::io::Result<FlowMapsReader> {
         use aya::maps::IterableMap;
         fn own<K: aya::Pod, V: aya::Pod>(
             map: &impl IterableMap<K, V>,
@@ -411,6 +411,7 @@ impl XdpDatapath {
             backend6: own(&self.backend_flows6)?,
             client_4to6: own(&self.client_flows_4to6)?,
             backend_4to6: own(&self.backend_flows_4to6)?,
+            used,
         })
     }
 

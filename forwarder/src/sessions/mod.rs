@@ -11,7 +11,9 @@ use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
-use crate::datapath::{BackendRoute, FlowAddrs, FlowEntries, FlowMapsReader, LastSeenSnapshot};
+use crate::datapath::{
+    BackendRoute, FlowAddrs, FlowEntries, FlowMapsReader, LastSeenSnapshot, MapsUsed,
+};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::{RecentSet, TokenBucket};
 use crate::ports::{PortPool, PortRange};
@@ -908,7 +910,11 @@ impl Relay {
     /// Own descriptors of the flow maps, so the expiry tick can read them
     /// in bulk without this relay locked (None: nothing to read).
     pub fn flow_maps_reader(&self) -> Option<FlowMapsReader> {
-        self.datapath.flow_maps_reader()
+        let mut used = MapsUsed::default();
+        for flow in self.flows.values() {
+            used.add(&flow.entries);
+        }
+        self.datapath.flow_maps_reader(used)
     }
 
     /// Records how long the last expiry tick took, for `stats`.
