@@ -224,6 +224,28 @@ impl LastSeenSnapshot {
 }
 
 #[cfg(test)]
+impl LastSeenSnapshot {
+    /// A snapshot taken at `taken_ns` holding `flow`'s halves with these times.
+    pub(crate) fn for_test(taken_ns: u64, flow: &FlowEntries, seen: (u64, u64)) -> Self {
+        let mut snapshot = Self {
+            taken_ns,
+            ..Self::default()
+        };
+        match &flow.client {
+            ClientHalf::V4(key, _) => snapshot.client.insert(*key, seen.0),
+            ClientHalf::V4To6(key, _) => snapshot.client_4to6.insert(*key, seen.0),
+            ClientHalf::V6(key, _) => snapshot.client6.insert(*key, seen.0),
+        };
+        match &flow.backend {
+            BackendHalf::V4(key, _) => snapshot.backend.insert(*key, seen.1),
+            BackendHalf::V4To6(key, _) => snapshot.backend_4to6.insert(*key, seen.1),
+            BackendHalf::V6(key, _) => snapshot.backend6.insert(*key, seen.1),
+        };
+        snapshot
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::datapath::flows::FlowAddrs;
@@ -237,25 +259,6 @@ mod tests {
             backend_ifindex: 0,
             slot: 1,
         })
-    }
-
-    /// A snapshot at `taken_ns` holding `flow`'s halves with these times.
-    fn holding(taken_ns: u64, flow: &FlowEntries, seen: (u64, u64)) -> LastSeenSnapshot {
-        let mut snapshot = LastSeenSnapshot {
-            taken_ns,
-            ..LastSeenSnapshot::default()
-        };
-        match &flow.client {
-            ClientHalf::V4(key, _) => snapshot.client.insert(*key, seen.0),
-            ClientHalf::V4To6(key, _) => snapshot.client_4to6.insert(*key, seen.0),
-            ClientHalf::V6(key, _) => snapshot.client6.insert(*key, seen.0),
-        };
-        match &flow.backend {
-            BackendHalf::V4(key, _) => snapshot.backend.insert(*key, seen.1),
-            BackendHalf::V4To6(key, _) => snapshot.backend_4to6.insert(*key, seen.1),
-            BackendHalf::V6(key, _) => snapshot.backend6.insert(*key, seen.1),
-        };
-        snapshot
     }
 
     #[test]
@@ -281,12 +284,12 @@ mod tests {
             ),
         ];
         for flow in &flows {
-            let snapshot = holding(100, flow, (40, 50));
+            let snapshot = LastSeenSnapshot::for_test(100, flow, (40, 50));
             assert_eq!(snapshot.last_seen(flow, 99), Some((40, 50)));
             assert_eq!(snapshot.entries(), 2);
         }
         // Another flow's halves are not this one's: absent reads 0, as a lookup would.
-        let snapshot = holding(100, &flows[0], (40, 50));
+        let snapshot = LastSeenSnapshot::for_test(100, &flows[0], (40, 50));
         assert_eq!(snapshot.last_seen(&flows[1], 99), Some((0, 0)));
     }
 
@@ -298,7 +301,7 @@ mod tests {
             "10.0.2.1:61000",
             "10.0.2.2:60001",
         );
-        let snapshot = holding(100, &flow, (40, 50));
+        let snapshot = LastSeenSnapshot::for_test(100, &flow, (40, 50));
         // It may have the keys of a flow removed meanwhile: not its times.
         assert_eq!(snapshot.last_seen(&flow, 100), None);
         assert_eq!(snapshot.last_seen(&flow, 150), None);

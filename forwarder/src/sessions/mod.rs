@@ -1296,6 +1296,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_tick_decides_from_its_snapshot_for_flows_older_than_it() {
+        let mut relay = loopback_relay(1);
+        let route = BackendRoute {
+            source: LO,
+            ifindex: 1,
+        };
+        let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let client: SocketAddr = "192.0.2.1:50000".parse().unwrap();
+        let ClientVerdict::Forward { socket, .. } =
+            relay.on_client_packet(info.port, client, LO, 64).unwrap()
+        else {
+            panic!("the flow was refused");
+        };
+        let flow = &relay.flows[&socket.port];
+        let (entries, created) = (flow.entries, flow.created_ns);
+        let s = 1_000_000_000;
+        // A snapshot from before the flow existed does not speak for it.
+        let stale = LastSeenSnapshot::for_test(created, &entries, (created, created));
+        relay.expire_seen(created + s, Some(&stale));
+        assert_eq!(relay.stats.flows_promoted, 0);
+        // One taken after: the server's answer in it establishes the flow.
+        let answered = LastSeenSnapshot::for_test(created + s, &entries, (0, created + s / 2));
+        relay.expire_seen(created + s, Some(&answered));
+        assert_eq!(relay.stats.flows_promoted, 1);
+        // Its times decide idleness too: seen 100 s in, the flow is not
+        // idle at 121 s (timeout 120 s), though nothing else saw it since creation.
+        let at = created + 121 * s;
+        let recent = LastSeenSnapshot::for_test(at, &entries, (created + 100 * s, 0));
+        relay.expire_seen(at, Some(&recent));
+        assert_eq!(relay.stats.flows_expired, 0);
+        let quiet = LastSeenSnapshot::for_test(at, &entries, (0, 0));
+        relay.expire_seen(at, Some(&quiet));
+        assert_eq!(relay.stats.flows_expired, 1);
+    }
+
+    #[tokio::test]
     async fn answered_flows_are_established_and_count_against_the_limit() {
         let mut relay = loopback_relay(1);
         // ifindex 1: loopback, where the route to the backend points.
