@@ -542,6 +542,12 @@ pub struct SlowPathStats {
     pub dropped_no_session: u64,
     pub flows_expired: u64,
     pub sessions_expired: u64,
+    /// The last expiry tick: microseconds reading the flow maps in bulk
+    /// (without the relay lock) and then deciding with the lock held.
+    #[serde(default)]
+    pub expiry_tick_read_us: u64,
+    #[serde(default)]
+    pub expiry_tick_locked_us: u64,
     /// NAT sessions: packets from new client endpoints that failed mosh's
     /// rule (tag, direction, newer sequence number) and were dropped.
     #[serde(default)]

@@ -19,6 +19,10 @@ use forwarder_common::{
     slowpath::SESSION_BUCKET_SLOTS,
 };
 
+/// `BPF_F_NO_PREALLOC` (uapi bpf.h): elements allocated on insert, memory
+/// charged for what is installed rather than for `max_entries`.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
 /// Client halves of flows; a plain hash so a live session is never evicted.
 #[map]
 pub static CLIENT_FLOWS: HashMap<ClientKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
@@ -50,23 +54,25 @@ pub static SLOWPATH_SESSION_BUCKETS: Array<SlowpathBucket> =
 #[map]
 pub static SLOWPATH_GLOBAL_BUCKET: Array<SlowpathBucket> = Array::with_max_entries(1, 0);
 
-/// Client halves of flows whose client speaks IPv6 (output either family).
+/// Client halves of flows whose client speaks IPv6 (output either family); allocated per entry, so an IPv4-only relay pays nothing for it.
 #[map]
-pub static CLIENT_FLOWS6: HashMap<ClientKey6, Rewrite6> = HashMap::with_max_entries(MAX_FLOWS, 0);
+pub static CLIENT_FLOWS6: HashMap<ClientKey6, Rewrite6> =
+    HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
 
-/// Backend halves of flows whose backend speaks IPv6 (output either family).
+/// Backend halves of flows whose backend speaks IPv6 (output either family); allocated per entry.
 #[map]
-pub static BACKEND_FLOWS6: HashMap<BackendKey6, Rewrite6> = HashMap::with_max_entries(MAX_FLOWS, 0);
+pub static BACKEND_FLOWS6: HashMap<BackendKey6, Rewrite6> =
+    HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
 
-/// Client halves whose input is IPv4 and output IPv6; looked up only after an IPv4 miss.
+/// Client halves whose input is IPv4 and output IPv6; looked up only after an IPv4 miss; allocated per entry.
 #[map]
 pub static CLIENT_FLOWS_4TO6: HashMap<ClientKey, Rewrite6> =
-    HashMap::with_max_entries(MAX_FLOWS, 0);
+    HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
 
-/// Backend halves whose input is IPv4 and output IPv6; looked up only after an IPv4 miss.
+/// Backend halves whose input is IPv4 and output IPv6; looked up only after an IPv4 miss; allocated per entry.
 #[map]
 pub static BACKEND_FLOWS_4TO6: HashMap<BackendKey, Rewrite6> =
-    HashMap::with_max_entries(MAX_FLOWS, 0);
+    HashMap::with_max_entries(MAX_FLOWS, BPF_F_NO_PREALLOC);
 
 /// One bit per UDP port: set while some `_4TO6` half is keyed by it, so an IPv4 miss elsewhere skips those maps.
 #[map]

@@ -111,6 +111,11 @@ pub struct Plan {
     pub cores: Vec<usize>,
     /// Flows per sender process in the core-count run.
     pub flows_per_sender: usize,
+    /// `--max-flows` of the scale run's daemon (`--max-flows` of the bench).
+    pub max_flows: u32,
+    /// Unanswered flows held while the idle daemon's CPU is measured, and for how long.
+    pub idle_flows: usize,
+    pub idle_seconds: f64,
 }
 
 impl Plan {
@@ -141,6 +146,9 @@ impl Plan {
             learn_rate: 40_000.0,
             cores: vec![1, 2, 4, 8, 12],
             flows_per_sender: 16,
+            max_flows: BENCH_MAX_FLOWS,
+            idle_flows: 16_000,
+            idle_seconds: 30.0,
         }
     }
 
@@ -165,6 +173,9 @@ impl Plan {
             learn_rate: 5_000.0,
             cores: vec![1, 2, 4],
             flows_per_sender: 4,
+            max_flows: BENCH_MAX_FLOWS,
+            idle_flows: 200,
+            idle_seconds: 2.0,
         }
     }
 }
@@ -303,6 +314,12 @@ fn mac_of(ns: &Netns, dev: &str) -> Result<String> {
 }
 
 fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
+    setup_sized(kind, bench, layout, BENCH_MAX_FLOWS)
+}
+
+/// [`setup`] with the daemon's flow capacity (`--max-flows`) given.
+fn setup_sized(kind: Kind, bench: &Path, layout: usize, max_flows: u32) -> Result<Setup> {
+    let max_flows = max_flows.to_string();
     // Userspace relays get the sender's core in layout 1, their own in layout 2.
     let relay_cpu = if layout == 1 { 0 } else { 1 };
     if kind == Kind::Direct {
@@ -355,7 +372,7 @@ fn setup(kind: Kind, bench: &Path, layout: usize) -> Result<Setup> {
                 "--flow-ports",
                 "5000-59999",
                 "--max-flows",
-                "65536",
+                &max_flows,
                 "--new-flows-per-sec",
                 "1000000",
                 "--max-flows-per-session",
@@ -600,8 +617,12 @@ fn spread(values: &[f64]) -> (f64, f64) {
     (mean, variance.sqrt())
 }
 
-fn kernel_memory_per_flow(relay: &Relay) -> Result<Value> {
+/// Kernel memory of every map the daemon holds (memlock from fdinfo: what
+/// the kernel charges, preallocated or not) per flow it can hold, and per
+/// flow installed when `installed` is given.
+fn kernel_memory_per_flow(relay: &Relay, max_flows: u32, installed: Option<u64>) -> Result<Value> {
     let mut maps = BTreeMap::new();
+    let mut shapes = Vec::new();
     let dir = format!("/proc/{}/fdinfo", relay.pid());
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
         let Ok(text) = std::fs::read_to_string(entry?.path()) else {
@@ -614,6 +635,13 @@ fn kernel_memory_per_flow(relay: &Relay) -> Result<Value> {
         if let (Some(id), Some(memlock), Some(max)) =
             (field("map_id:"), field("memlock:"), field("max_entries:"))
         {
+            if !maps.contains_key(&id) {
+                shapes.push(json!({
+                    "map_id": id, "map_type": field("map_type:"), "map_flags": field("map_flags:"),
+                    "key_size": field("key_size:"), "value_size": field("value_size:"),
+                    "max_entries": max, "memlock_bytes": memlock.parse::<u64>().unwrap_or(0),
+                }));
+            }
             maps.insert(
                 id,
                 (
@@ -624,10 +652,13 @@ fn kernel_memory_per_flow(relay: &Relay) -> Result<Value> {
         }
     }
     let total: u64 = maps.values().map(|(m, _)| m).sum();
-    let flows = u64::from(BENCH_MAX_FLOWS);
-    Ok(
-        json!({"maps": maps.len(), "memlock_bytes": total, "max_flows": flows, "bytes_per_flow": total / flows.max(1)}),
-    )
+    let flows = u64::from(max_flows);
+    let mut out = json!({"maps": maps.len(), "memlock_bytes": total, "max_flows": flows, "bytes_per_flow": total / flows.max(1), "per_map": shapes});
+    if let Some(installed) = installed {
+        out["installed_flows"] = json!(installed);
+        out["bytes_per_installed_flow"] = json!(total / installed.max(1));
+    }
+    Ok(out)
 }
 
 /// The flow capacity the bench's daemon runs with (`--max-flows`).
@@ -706,7 +737,7 @@ pub fn run(plan: &Plan) -> Result<Value> {
                 && kind == Kind::XdpNative
                 && let Some(relay) = &s.relay
             {
-                results["kernel_memory"] = kernel_memory_per_flow(relay)?;
+                results["kernel_memory"] = kernel_memory_per_flow(relay, BENCH_MAX_FLOWS, None)?;
             }
             drop(s);
         }
@@ -717,6 +748,9 @@ pub fn run(plan: &Plan) -> Result<Value> {
     print_report(&results, &table);
     if plan.runs("control") {
         results["control"] = control_plane(plan, &bench)?;
+    }
+    if plan.runs("idle") {
+        results["idle"] = idle_tick(plan, &bench)?;
     }
     if plan.runs("cores") {
         results["cores"] = cores(plan, &bench)?;
@@ -739,7 +773,7 @@ pub fn run(plan: &Plan) -> Result<Value> {
 /// control plane adds sessions and learns flows.
 fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
     let mut out = json!({});
-    let s = setup(Kind::XdpNative, bench, 1)?;
+    let s = setup_sized(Kind::XdpNative, bench, 1, plan.max_flows)?;
     let relay = s.relay.as_ref().context("no daemon")?;
     for &flows in &plan.scale_flows {
         let started = std::time::Instant::now();
@@ -788,11 +822,15 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
     let rx = throughput(&s, bench, 1, 64, plan.seconds)?.received_pps;
     let after = bpf_stats(bench, "forwarder")?;
     let runs = (after.1 - before.1).max(1);
+    let installed = used as u64 + 1 + filled["inserted"].as_u64().unwrap_or(0);
+    let one_flow_kpps = out["flows_1"]["received_kpps"].as_f64();
     out["table_full"] = json!({
-        "entries_per_map": used as u64 + 1 + filled["inserted"].as_u64().unwrap_or(0),
-        "max_flows": BENCH_MAX_FLOWS,
+        "entries_per_map": installed,
+        "max_flows": plan.max_flows,
         "ns_per_packet": (after.0 - before.0) as f64 / runs as f64,
         "received_kpps": rx / 1000.0,
+        "kpps_against_one_flow": one_flow_kpps.map(|one| rx / 1000.0 / one.max(1e-9)),
+        "kernel_memory": kernel_memory_per_flow(relay, plan.max_flows, Some(installed))?,
     });
     // Session adds through the CLI (each a process and a control round trip).
     let started = std::time::Instant::now();
@@ -1089,6 +1127,100 @@ fn control_plane(plan: &Plan, bench: &Path) -> Result<Value> {
     Ok(out)
 }
 
+/// User plus system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').context("odd /proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .context("short /proc/PID/stat")?
+            .parse::<u64>()
+            .context("odd /proc/PID/stat field")
+    };
+    Ok(field(11)? + field(12)?)
+}
+
+/// An idle daemon holding many unanswered flows: its CPU over
+/// `idle_seconds` (from /proc/PID/stat) and what `stats` says the expiry
+/// tick took (the bulk read without the lock, the decisions with it).
+fn idle_tick(plan: &Plan, bench: &Path) -> Result<Value> {
+    let topo = Topology::client_relay_server()?;
+    topo.client.ping(&SERVER_IP.to_string())?;
+    let daemon = control_daemon(&topo)?;
+    // Nothing listens there: the flows stay unanswered, on probation.
+    let session = daemon.add(
+        SocketAddr::V4(SocketAddrV4::new(SERVER_IP, LEARN_PORT)),
+        &[],
+    )?;
+    let mut sender = topo.client.exec("taskset");
+    sender.args(["-c", "0"]).arg(bench).args([
+        "learn",
+        "--dst",
+        &SocketAddrV4::new(RELAY_CLIENT_IP, session.port).to_string(),
+        "--flows",
+        &plan.idle_flows.to_string(),
+        "--rate",
+        "10000",
+    ]);
+    run_json(&mut sender, Duration::from_secs(300))?;
+    let flows = daemon.wait_until(
+        "the idle flows to be learned",
+        Duration::from_secs(120),
+        |sessions| {
+            let n: usize = sessions.iter().map(|s| s.flows.len()).sum();
+            (n >= plan.idle_flows * 99 / 100).then_some(n)
+        },
+    )?;
+    let clock_ticks: f64 = cmd::sh("getconf", &["CLK_TCK"])
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100.0);
+    // Nothing asks the daemon anything meanwhile (`stats` itself walks the maps).
+    let before = cpu_ticks(daemon.pid())?;
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(plan.idle_seconds));
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = (cpu_ticks(daemon.pid())? - before) as f64 / clock_ticks / seconds;
+    // Then what the last few ticks took, one `stats` a tick.
+    let mut read_us = Vec::new();
+    let mut locked_us = Vec::new();
+    for _ in 0..5 {
+        let stats = daemon.stats()?;
+        if let (Some(read), Some(locked)) = (
+            stats["slow_path"]["expiry_tick_read_us"].as_u64(),
+            stats["slow_path"]["expiry_tick_locked_us"].as_u64(),
+        ) {
+            read_us.push(read as f64);
+            locked_us.push(locked as f64);
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let held = daemon
+        .sessions()?
+        .iter()
+        .map(|s| s.flows.len())
+        .sum::<usize>();
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let out = json!({
+        "flows_at_start": flows, "flows_at_end": held, "seconds": seconds,
+        "daemon_cpu_fraction": cpu,
+        "tick_read_us_median": median(&mut read_us), "tick_read_us_max": read_us.iter().copied().reduce(f64::max),
+        "tick_locked_us_median": median(&mut locked_us), "tick_locked_us_max": locked_us.iter().copied().reduce(f64::max),
+    });
+    println!(
+        "\n## Idle daemon with {flows} unanswered flows\n\n```json\n{}\n```",
+        serde_json::to_string_pretty(&out).unwrap_or_default()
+    );
+    Ok(out)
+}
+
 /// Received packets per second with the load sent from 1, 2, ... cores
 /// (one loadgen process pinned to each), forwarder's XDP against nftables
 /// on the same path. Counts above this machine's cores are skipped with
@@ -1233,10 +1365,22 @@ fn ksoftirqd_switches() -> Result<u64> {
 
 /// A ping-pong run with what the kernel did for it: softirqs and
 /// ksoftirqd wake-ups per round trip.
+/// Pages the kernel allocated so far, every zone (`pgalloc_*` of /proc/vmstat).
+fn pages_allocated() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/vmstat").context("reading /proc/vmstat")?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("pgalloc_"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum())
+}
+
 fn pingpong_traced(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
     let (rx_before, tx_before) = softirqs()?;
     let switches_before = ksoftirqd_switches()?;
+    let pages_before = pages_allocated()?;
     let mut ping = pingpong(s, bench, samples)?;
+    let pages_after = pages_allocated()?;
     let (rx_after, tx_after) = softirqs()?;
     let switches_after = ksoftirqd_switches()?;
     let rtts = ping["samples"].as_f64().unwrap_or(1.0).max(1.0);
@@ -1244,6 +1388,9 @@ fn pingpong_traced(s: &Setup, bench: &Path, samples: usize) -> Result<Value> {
     ping["net_tx_softirqs_per_rtt"] = json!((tx_after - tx_before) as f64 / rtts);
     ping["ksoftirqd_switches_per_1000_rtt"] =
         json!((switches_after - switches_before) as f64 * 1000.0 / rtts);
+    // Machine-wide: whatever else runs allocates too, so the direct path's
+    // figure is the floor the relays are read against.
+    ping["pages_allocated_per_rtt"] = json!(pages_after.saturating_sub(pages_before) as f64 / rtts);
     Ok(ping)
 }
 
@@ -1310,6 +1457,7 @@ fn latency_analysis(plan: &Plan, bench: &Path) -> Result<Value> {
             "net_rx_softirqs_per_rtt",
             "net_tx_softirqs_per_rtt",
             "ksoftirqd_switches_per_1000_rtt",
+            "pages_allocated_per_rtt",
         ] {
             summary[field] = json!(median(values, field));
         }
@@ -1321,7 +1469,7 @@ fn latency_analysis(plan: &Plan, bench: &Path) -> Result<Value> {
         "\n## Latency analysis (ping-pong, one outstanding; medians of {ROUNDS} interleaved rounds)\n"
     );
     println!(
-        "| path | added p50 µs | added p99 µs | NET_RX softirqs per RTT | NET_TX per RTT | ksoftirqd switches per 1000 RTT |\n|---|---|---|---|---|---|"
+        "| path | added p50 µs | added p99 µs | NET_RX softirqs per RTT | NET_TX per RTT | ksoftirqd switches per 1000 RTT | pages allocated per RTT |\n|---|---|---|---|---|---|---|"
     );
     for key in [
         "direct",
@@ -1331,12 +1479,13 @@ fn latency_analysis(plan: &Plan, bench: &Path) -> Result<Value> {
     ] {
         let l = &out[key];
         println!(
-            "| {key} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} |",
+            "| {key} | {:.1} | {:.1} | {:.2} | {:.2} | {:.1} | {:.2} |",
             l["p50_us"].as_f64().unwrap_or(0.0) - direct50,
             l["p99_us"].as_f64().unwrap_or(0.0) - direct99,
             l["net_rx_softirqs_per_rtt"].as_f64().unwrap_or(0.0),
             l["net_tx_softirqs_per_rtt"].as_f64().unwrap_or(0.0),
             l["ksoftirqd_switches_per_1000_rtt"].as_f64().unwrap_or(0.0),
+            l["pages_allocated_per_rtt"].as_f64().unwrap_or(0.0),
         );
     }
     Ok(out)

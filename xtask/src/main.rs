@@ -38,14 +38,18 @@ enum Task {
         json: Option<PathBuf>,
         /// Run only these relays (direct, ceiling, xdp_native, xdp_generic, userspace, nftables,
         /// socat) and, if named, the `admission`, `progcost`, `scale`, `control` (adds and flows
-        /// learned per second), `cores` and `latency` (native against generic XDP) runs: for an
-        /// A/B of one change.
+        /// learned per second), `idle` (an idle daemon's CPU with many flows), `cores` and
+        /// `latency` (native against generic XDP) runs: for an A/B of one change.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Sender core counts for forwarder XDP against nftables (e.g. 1,2,4,8,12); counts
         /// above this machine's cores are skipped with the reason.
         #[arg(long, value_delimiter = ',')]
         cores: Vec<usize>,
+        /// Flow capacity of the scale run's daemon; its table-full step fills 99 % of it
+        /// (e.g. 1000000 for the million-flow row).
+        #[arg(long)]
+        max_flows: Option<u32>,
     },
     /// Prereq, release build, then every test in the workspace (as CI runs it).
     Test {
@@ -74,7 +78,8 @@ fn main() -> ExitCode {
             json,
             only,
             cores,
-        } => run_bench(smoke, json, &only, &cores),
+            max_flows,
+        } => run_bench(smoke, json, &only, &cores, max_flows),
         Task::Test { args } => test::run(&args),
         Task::Deb => deb::run().map(drop),
         Task::Modules => modules::run(),
@@ -90,7 +95,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_bench(smoke: bool, json: Option<PathBuf>, only: &[String], cores: &[usize]) -> Result<()> {
+fn run_bench(
+    smoke: bool,
+    json: Option<PathBuf>,
+    only: &[String],
+    cores: &[usize],
+    max_flows: Option<u32>,
+) -> Result<()> {
     prereq::ensure()?;
     build_forwarder()?;
     let mut plan = if smoke {
@@ -101,6 +112,10 @@ fn run_bench(smoke: bool, json: Option<PathBuf>, only: &[String], cores: &[usize
     plan.only = only.to_vec();
     if !cores.is_empty() {
         plan.cores = cores.to_vec();
+    }
+    if let Some(max_flows) = max_flows {
+        plan.max_flows = max_flows;
+        plan.fill_flows = max_flows as usize / 100 * 99;
     }
     let results = bench::run(&plan)?;
     if let Some(path) = json {

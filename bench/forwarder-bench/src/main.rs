@@ -570,18 +570,21 @@ fn fill(pins: &std::path::Path, count: u32) -> anyhow::Result<()> {
         HashMap::try_from(Map::HashMap(open("BACKEND_FLOWS")?))?;
     let mut inserted = 0u32;
     for index in 0..count {
-        let [_, a, b, c] = index.to_be_bytes();
+        // 198.18.0.0/15 holds 2^17 clients; the port tells the rest apart
+        // (a million entries and more).
+        let [_, a, b, c] = (index & 0x1_ffff).to_be_bytes();
         let client = [198, 18 | (a & 1), b, c];
+        let port = (1 + (index >> 17) as u16).to_be_bytes();
         let rewrite = Rewrite::new(Endpoints::default(), Endpoints::default(), 0);
         let client_key = ClientKey {
             relay_addr: [198, 19, 255, 254],
             client_addr: client,
             relay_port: 1u16.to_be_bytes(),
-            client_port: 1u16.to_be_bytes(),
+            client_port: port,
         };
         let backend_key = BackendKey {
             relay_addr: client,
-            relay_port: 1u16.to_be_bytes(),
+            relay_port: port,
             _pad: [0; 2],
         };
         // A full map refuses the rest: that is the table-full state wanted.

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use forwarder_common::RelayConfig;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{info, warn};
 
 use forwarder_common::config::RuntimeSizes;
 
@@ -477,12 +477,69 @@ pub fn detach(
     })
 }
 
+/// The expiry tick's period: once a second, stretched so the tick takes at
+/// most a twentieth of one core when the maps are huge (a walk of a million
+/// entries takes hundreds of milliseconds), never beyond 10 s: flows idle
+/// for minutes before they expire, so a few seconds later changes nothing.
+fn tick_period(took: Duration) -> Duration {
+    (took * 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
+}
+
+/// Every [`tick_period`]: the flow maps are read in bulk (one walk per map)
+/// with the relay unlocked, so learning and the API go on meanwhile; only
+/// the decisions take the lock.
 async fn expire_forever(relay: SharedRelay) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut period = Duration::from_secs(1);
+    let mut bulk_failed = false;
     loop {
-        tick.tick().await;
+        tokio::time::sleep(period).await;
+        let reader = if bulk_failed {
+            None
+        } else {
+            relay.lock().expect("relay lock").flow_maps_reader()
+        };
+        let started = std::time::Instant::now();
+        let seen = match reader {
+            Some(reader) => {
+                let walk = tokio::task::spawn_blocking(move || reader.snapshot(monotonic_ns()));
+                match walk.await {
+                    Ok(Ok(seen)) => Some(seen),
+                    Ok(Err(error)) => {
+                        warn!(%error, "reading the flow maps in bulk (BPF_MAP_LOOKUP_BATCH, Linux 5.6 and later) failed; the expiry tick reads each flow under the relay lock from now on");
+                        bulk_failed = true;
+                        None
+                    }
+                    Err(error) => {
+                        warn!(%error, "the expiry tick's map walk did not finish; reading each flow this tick");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        let read = started.elapsed();
         let mut relay = relay.lock().expect("relay lock");
-        relay.expire(monotonic_ns());
+        let locked = std::time::Instant::now();
+        let now_ns = seen
+            .as_ref()
+            .map_or_else(monotonic_ns, |seen| seen.taken_ns());
+        relay.expire_seen(now_ns, seen.as_ref());
         relay.store_keyed_progress(false);
+        let locked = locked.elapsed();
+        relay.note_expiry_tick(read, locked);
+        period = tick_period(read + locked);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tick_stretches_only_for_walks_of_huge_maps() {
+        let ms = Duration::from_millis;
+        assert_eq!(tick_period(ms(25)), Duration::from_secs(1));
+        assert_eq!(tick_period(ms(400)), Duration::from_secs(8));
+        assert_eq!(tick_period(ms(2_000)), Duration::from_secs(10));
     }
 }

@@ -2,6 +2,7 @@
 //! daemon's own UDP sockets. With the userspace datapath the sockets carry
 //! every packet; with XDP they only see first packets and fallbacks.
 
+pub mod bulk;
 pub mod fds;
 pub mod flows;
 pub mod health;
@@ -15,6 +16,7 @@ use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{FlowCounter, REASON_COUNT};
 use tracing::warn;
 
+pub use self::bulk::{FlowMapsReader, LastSeenSnapshot, MapsUsed};
 pub use self::flows::{
     BackendHalfKey, BackendRoute, BackendState, FlowAddrs, FlowEntries, InstalledClient,
     InstalledHalves, route_to,
@@ -147,6 +149,34 @@ impl Datapath {
         match self {
             Self::Xdp(xdp) => xdp.last_seen(entries),
             Self::Userspace { .. } => (0, 0),
+        }
+    }
+
+    /// Last-seen timestamps from `snapshot` where it speaks for the flow
+    /// (created at `created_ns`), else read from the maps now.
+    pub fn last_seen_in(
+        &self,
+        snapshot: Option<&LastSeenSnapshot>,
+        entries: &FlowEntries,
+        created_ns: u64,
+    ) -> (u64, u64) {
+        snapshot
+            .and_then(|snapshot| snapshot.last_seen(entries, created_ns))
+            .unwrap_or_else(|| self.last_seen(entries))
+    }
+
+    /// Own descriptors of the flow maps, for the expiry tick's bulk read
+    /// outside the relay lock; None without XDP (nothing to read).
+    pub fn flow_maps_reader(&self, used: MapsUsed) -> Option<FlowMapsReader> {
+        match self {
+            Self::Xdp(xdp) => match xdp.flow_maps_reader(used) {
+                Ok(reader) => Some(reader),
+                Err(error) => {
+                    warn!(%error, "duplicating the flow maps' descriptors for the expiry tick (it reads each flow instead); raise the open-file limit (LimitNOFILE)");
+                    None
+                }
+            },
+            Self::Userspace { .. } => None,
         }
     }
 

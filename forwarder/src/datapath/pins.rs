@@ -2,7 +2,7 @@
 //! link of an instance is pinned under `/sys/fs/bpf/forwarder/<instance>/<layout>/`.
 //!
 //! The `<layout>` directory name is a fingerprint of the kernel/user contract
-//! (map names, types, key and value sizes, the shared struct sizes and
+//! (map names, types, key and value sizes, creation flags, the shared struct sizes and
 //! [`LAYOUT_VERSION`]). A daemon only adopts pins carrying its own
 //! fingerprint: an upgrade that changed the layout is refused instead of
 //! reading old maps through new types.
@@ -41,6 +41,9 @@ pub struct MapShape<'a> {
     pub map_type: u32,
     pub key_size: u32,
     pub value_size: u32,
+    /// Creation flags (BPF_F_NO_PREALLOC...): a pinned map keeps the ones
+    /// it was made with, so a change needs a new layout, never an adoption.
+    pub map_flags: u32,
 }
 
 /// FNV-1a: a fingerprint that stays the same across Rust releases (std's
@@ -74,6 +77,11 @@ pub fn layout_id(maps: &mut [MapShape<'_>]) -> String {
         hash = fnv1a(hash, map.name.as_bytes());
         for field in [map.map_type, map.key_size, map.value_size] {
             hash = fnv1a(hash, &field.to_le_bytes());
+        }
+        // Only when set: layouts from before flags counted stay as they were.
+        if map.map_flags != 0 {
+            hash = fnv1a(hash, b"flags");
+            hash = fnv1a(hash, &map.map_flags.to_le_bytes());
         }
     }
     format!("layout-{LAYOUT_VERSION}-{hash:016x}")
@@ -235,6 +243,7 @@ mod tests {
             map_type: 1,
             key_size: 12,
             value_size,
+            map_flags: 0,
         }
     }
 
@@ -260,5 +269,15 @@ mod tests {
         assert_ne!(a, layout_id(&mut [shape("A", 48), shape("B", 16)]));
         assert_ne!(a, layout_id(&mut [shape("A", 40), shape("C", 16)]));
         assert!(a.starts_with(&format!("layout-{LAYOUT_VERSION}-")));
+    }
+
+    #[test]
+    fn layout_changes_with_map_flags() {
+        let a = layout_id(&mut [shape("A", 40), shape("B", 16)]);
+        let no_prealloc = MapShape {
+            map_flags: 1,
+            ..shape("A", 40)
+        };
+        assert_ne!(a, layout_id(&mut [no_prealloc, shape("B", 16)]));
     }
 }

@@ -17,6 +17,7 @@ use forwarder_common::{
     Rewrite, Rewrite6, SlowpathBucket,
 };
 
+use super::bulk::{FlowMapsReader, MapsUsed};
 use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
 use tracing::{info, warn};
 
@@ -423,6 +424,26 @@ impl XdpDatapath {
         (client.unwrap_or(0), backend.unwrap_or(0))
     }
 
+    /// Descriptors of the flow maps of its own, for reading them in bulk
+    /// without this datapath (and the relay lock around it).
+    pub fn flow_maps_reader(&self, used: MapsUsed) -> std::io::Result<FlowMapsReader> {
+        use aya::maps::IterableMap;
+        fn own<K: aya::Pod, V: aya::Pod>(
+            map: &impl IterableMap<K, V>,
+        ) -> std::io::Result<std::os::fd::OwnedFd> {
+            map.map().fd().as_fd().try_clone_to_owned()
+        }
+        Ok(FlowMapsReader {
+            client: own(&self.client_flows)?,
+            backend: own(&self.backend_flows)?,
+            client6: own(&self.client_flows6)?,
+            backend6: own(&self.backend_flows6)?,
+            client_4to6: own(&self.client_flows_4to6)?,
+            backend_4to6: own(&self.backend_flows_4to6)?,
+            used,
+        })
+    }
+
     /// A flow direction's counter summed over CPUs.
     pub fn flow_counter(&self, slot: u32) -> FlowCounter {
         self.flow_counters
@@ -759,8 +780,11 @@ fn attach_pinned(
     Ok(mode)
 }
 
+/// A map's name, type, key size, value size and creation flags.
+type Shape = (String, u32, u32, u32, u32);
+
 /// Names and shapes of the maps in the embedded object.
-fn map_shapes() -> anyhow::Result<Vec<(String, u32, u32, u32)>> {
+fn map_shapes() -> anyhow::Result<Vec<Shape>> {
     let object = aya_obj::Object::parse(EBPF_OBJECT)
         .context("parsing the embedded XDP object: rebuild forwarder")?;
     // Sections such as .rodata become maps too: they are the program's own
@@ -775,6 +799,7 @@ fn map_shapes() -> anyhow::Result<Vec<(String, u32, u32, u32)>> {
                 map.map_type(),
                 map.key_size(),
                 map.value_size(),
+                map.map_flags(),
             )
         })
         .collect())
@@ -789,12 +814,15 @@ pub fn layout() -> anyhow::Result<String> {
     let shapes = map_shapes()?;
     let mut shapes: Vec<MapShape<'_>> = shapes
         .iter()
-        .map(|(name, map_type, key_size, value_size)| MapShape {
-            name,
-            map_type: *map_type,
-            key_size: *key_size,
-            value_size: *value_size,
-        })
+        .map(
+            |(name, map_type, key_size, value_size, map_flags)| MapShape {
+                name,
+                map_type: *map_type,
+                key_size: *key_size,
+                value_size: *value_size,
+                map_flags: *map_flags,
+            },
+        )
         .collect();
     Ok(layout_id(&mut shapes))
 }

@@ -11,7 +11,9 @@ use tracing::{debug, info, warn};
 
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
-use crate::datapath::{BackendRoute, FlowAddrs, FlowEntries};
+use crate::datapath::{
+    BackendRoute, FlowAddrs, FlowEntries, FlowMapsReader, LastSeenSnapshot, MapsUsed,
+};
 use crate::expiry::{self, FlowActivity};
 use crate::limits::{RecentSet, TokenBucket};
 use crate::ports::{PortPool, PortRange};
@@ -642,7 +644,7 @@ impl Relay {
         // Flows on probation that the server has answered may already fill
         // the limit: establish them before judging.
         if session.flows.len() >= self.limits.max_flows_per_session {
-            self.promote_answered(session_port, now);
+            self.promote_answered(session_port, now, None);
         }
         let session = self
             .sessions
@@ -797,14 +799,15 @@ impl Relay {
     }
 
     fn activity(&self, flow: &Flow) -> FlowActivity {
-        flow_activity(&self.datapath, flow)
+        flow_activity(&self.datapath, flow, None)
     }
 
     /// Moves the session's answered flows out of probation, as far as its
     /// flow limit and its new-flow rate allow: only flows the server
     /// answered (mosh-server answers only datagrams that decrypt) take up
     /// the session's limits, so a spoofed flood cannot exhaust them.
-    fn promote_answered(&mut self, session_port: u16, now: u64) {
+    /// `seen`: the expiry tick's snapshot of the maps, else read them now.
+    fn promote_answered(&mut self, session_port: u16, now: u64, seen: Option<&LastSeenSnapshot>) {
         let Some(uid) = self.sessions.get(&session_port).map(|s| s.owner.uid) else {
             return;
         };
@@ -825,7 +828,7 @@ impl Relay {
                 .flows
                 .get_mut(&port)
                 .expect("probation flows are in the flow table");
-            let answered = flow_activity(&self.datapath, flow).last_from_server_ns > 0;
+            let answered = flow_activity(&self.datapath, flow, seen).last_from_server_ns > 0;
             let room = session.flows.len() - session.probation.len()
                 < self.limits.max_flows_per_session
                 && session.quota.max_flows.has_room(owner_flows);
@@ -884,7 +887,7 @@ impl Relay {
             }
         }
         let Some(victim) = one_shot.or(oldest_unanswered) else {
-            self.promote_answered(session_port, now);
+            self.promote_answered(session_port, now, None);
             return;
         };
         let endpoint = {
@@ -898,11 +901,35 @@ impl Relay {
         }
     }
 
-    /// Establishes answered flows, drops idle flows, then idle sessions.
+    /// Establishes answered flows, drops idle flows, then idle sessions,
+    /// reading each flow's map entries now.
     pub fn expire(&mut self, now_ns: u64) {
+        self.expire_seen(now_ns, None);
+    }
+
+    /// Own descriptors of the flow maps, so the expiry tick can read them
+    /// in bulk without this relay locked (None: nothing to read).
+    pub fn flow_maps_reader(&self) -> Option<FlowMapsReader> {
+        let mut used = MapsUsed::default();
+        for flow in self.flows.values() {
+            used.add(&flow.entries);
+        }
+        self.datapath.flow_maps_reader(used)
+    }
+
+    /// Records how long the last expiry tick took, for `stats`.
+    pub fn note_expiry_tick(&mut self, read: Duration, locked: Duration) {
+        self.stats.expiry_tick_read_us = read.as_micros() as u64;
+        self.stats.expiry_tick_locked_us = locked.as_micros() as u64;
+    }
+
+    /// [`Self::expire`] with the maps' last-seen times taken from `seen`
+    /// (read in bulk at `now_ns`, outside the lock) for every flow it
+    /// speaks for; flows created since are read from the maps now.
+    pub fn expire_seen(&mut self, now_ns: u64, seen: Option<&LastSeenSnapshot>) {
         let ports: Vec<u16> = self.sessions.keys().copied().collect();
         for port in ports {
-            self.promote_answered(port, now_ns);
+            self.promote_answered(port, now_ns, seen);
         }
         let mut idle_flow_ports = Vec::new();
         let mut idle_sessions = Vec::new();
@@ -910,7 +937,7 @@ impl Relay {
             let ports: Vec<u16> = session.flows.values().copied().collect();
             let activity: Vec<FlowActivity> = ports
                 .iter()
-                .map(|port| flow_activity(&self.datapath, &self.flows[port]))
+                .map(|port| flow_activity(&self.datapath, &self.flows[port], seen))
                 .collect();
             if let Some(newest) = activity.iter().map(|a| a.last_active_ns).max() {
                 session.last_active_ns = session.last_active_ns.max(newest);
@@ -1119,8 +1146,12 @@ fn admit_from_server(
 
 /// A flow's newest activity, from the XDP program's timestamps and the
 /// daemon's own.
-fn flow_activity(datapath: &Datapath, flow: &Flow) -> FlowActivity {
-    let (client_seen, backend_seen) = datapath.last_seen(&flow.entries);
+fn flow_activity(
+    datapath: &Datapath,
+    flow: &Flow,
+    seen: Option<&LastSeenSnapshot>,
+) -> FlowActivity {
+    let (client_seen, backend_seen) = datapath.last_seen_in(seen, &flow.entries, flow.created_ns);
     let from_server = backend_seen.max(flow.last_slow_from_server_ns);
     FlowActivity {
         last_active_ns: flow
@@ -1262,6 +1293,43 @@ mod tests {
             "a returning client was evicted again"
         );
         assert!(relay.flow_count() <= DEFAULT_PROBATION_FLOWS);
+    }
+
+    #[tokio::test]
+    async fn the_tick_decides_from_its_snapshot_for_flows_older_than_it() {
+        let mut relay = loopback_relay(1);
+        let route = BackendRoute {
+            source: LO,
+            ifindex: 1,
+        };
+        let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
+        let client: SocketAddr = "192.0.2.1:50000".parse().unwrap();
+        let ClientVerdict::Forward { socket, .. } =
+            relay.on_client_packet(info.port, client, LO, 64).unwrap()
+        else {
+            panic!("the flow was refused");
+        };
+        let flow = &relay.flows[&socket.port];
+        let (entries, created) = (flow.entries, flow.created_ns);
+        let s = 1_000_000_000;
+        // A snapshot from before the flow existed does not speak for it.
+        let stale = LastSeenSnapshot::for_test(created, &entries, (created, created));
+        relay.expire_seen(created + s, Some(&stale));
+        assert_eq!(relay.stats.flows_promoted, 0);
+        // One taken after: the server's answer in it establishes the flow.
+        let answered = LastSeenSnapshot::for_test(created + s, &entries, (0, created + s / 2));
+        relay.expire_seen(created + s, Some(&answered));
+        assert_eq!(relay.stats.flows_promoted, 1);
+        // Its times decide idleness too: seen 100 s in, the flow is not
+        // idle at 121 s (timeout 120 s), though nothing else saw it since creation.
+        let at = created + 121 * s;
+        let recent = LastSeenSnapshot::for_test(at, &entries, (created + 100 * s, 0));
+        relay.expire_seen(at, Some(&recent));
+        assert_eq!(relay.stats.flows_expired, 0);
+        let quiet = LastSeenSnapshot::for_test(at, &entries, (0, 0));
+        relay.expire_seen(at, Some(&quiet));
+        assert_eq!(relay.stats.flows_expired, 1);
     }
 
     #[tokio::test]
