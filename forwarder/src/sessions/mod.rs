@@ -1293,29 +1293,13 @@ mod tests {
         );
         // The server's endpoint at another relay address, or through another
         // interface, is a forger.
-        for forged in [
-            Received {
-                to: Ipv4Addr::new(127, 0, 0, 9).into(),
-                ..from_server
-            },
-            Received {
-                ifindex: 7,
-                ..from_server
-            },
-        ] {
-            assert!(relay.on_server_packet(socket.port, &forged, 64).is_none());
-        }
-        assert_eq!(relay.stats.dropped_server_wrong_path, 2);
-        let elsewhere = Received {
-            from: "127.0.0.2:10".parse().unwrap(),
-            ..from_server
-        };
-        assert!(
-            relay
-                .on_server_packet(socket.port, &elsewhere, 64)
-                .is_none()
+        server_forgers_are_dropped(
+            &mut relay,
+            socket.port,
+            &from_server,
+            &[Ipv4Addr::new(127, 0, 0, 9).into()],
+            "127.0.0.2:10".parse().unwrap(),
         );
-        assert_eq!(relay.stats.dropped_not_from_server, 1);
 
         // The answered flow fills the limit of one: a second endpoint is refused.
         let second: SocketAddr = "192.0.2.2:50000".parse().unwrap();
@@ -1335,6 +1319,44 @@ mod tests {
                 .unwrap()
         ));
         assert_eq!(relay.stats.dropped_client_is_backend, 1);
+    }
+
+    /// The forger checks of either family on a fresh relay's flow at
+    /// `upstream_port`: `from_server` sent to any of `wrong_addresses` (relay
+    /// addresses the server's route does not use) or through another
+    /// interface is a wrong path, and anybody but the server at the right
+    /// address (`elsewhere`) is not the server; none of them is forwarded.
+    fn server_forgers_are_dropped(
+        relay: &mut Relay,
+        upstream_port: u16,
+        from_server: &Received,
+        wrong_addresses: &[IpAddr],
+        elsewhere: SocketAddr,
+    ) {
+        let forged = wrong_addresses
+            .iter()
+            .map(|&to| Received { to, ..*from_server })
+            .chain([Received {
+                ifindex: 7,
+                ..*from_server
+            }]);
+        for forged in forged {
+            assert!(relay.on_server_packet(upstream_port, &forged, 64).is_none());
+        }
+        assert_eq!(
+            relay.stats.dropped_server_wrong_path,
+            wrong_addresses.len() as u64 + 1
+        );
+        let elsewhere = Received {
+            from: elsewhere,
+            ..*from_server
+        };
+        assert!(
+            relay
+                .on_server_packet(upstream_port, &elsewhere, 64)
+                .is_none()
+        );
+        assert_eq!(relay.stats.dropped_not_from_server, 1);
     }
 
     #[tokio::test]
@@ -1738,33 +1760,13 @@ mod tests {
         };
         // The server's endpoint at the relay's IPv4 address, or at another
         // IPv6 one, is a forger; so is anybody else at the right address.
-        for forged in [
-            Received {
-                to: LO,
-                ..from_server
-            },
-            Received {
-                to: "2001:db8::1".parse().unwrap(),
-                ..from_server
-            },
-            Received {
-                ifindex: 7,
-                ..from_server
-            },
-        ] {
-            assert!(relay.on_server_packet(socket.port, &forged, 64).is_none());
-        }
-        assert_eq!(relay.stats.dropped_server_wrong_path, 3);
-        let elsewhere = Received {
-            from: "[::1]:10".parse().unwrap(),
-            ..from_server
-        };
-        assert!(
-            relay
-                .on_server_packet(socket.port, &elsewhere, 64)
-                .is_none()
+        server_forgers_are_dropped(
+            &mut relay,
+            socket.port,
+            &from_server,
+            &[LO, "2001:db8::1".parse().unwrap()],
+            "[::1]:10".parse().unwrap(),
         );
-        assert_eq!(relay.stats.dropped_not_from_server, 1);
         let (_, to, from) = relay
             .on_server_packet(socket.port, &from_server, 64)
             .unwrap();
