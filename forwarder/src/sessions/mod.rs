@@ -1273,19 +1273,13 @@ mod tests {
             ifindex: 1,
         };
         let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
-        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
         let first: SocketAddr = "192.0.2.1:50000".parse().unwrap();
-        let ClientVerdict::Forward { socket, .. } =
-            relay.on_client_packet(info.port, first, LO, 64).unwrap()
-        else {
-            panic!("the first flow was refused");
-        };
-        let from_server = Received {
-            len: 64,
-            from: backend,
-            to: LO,
-            ifindex: 1,
-        };
+        let OneFlow {
+            info,
+            upstream: socket,
+            from_server,
+            _session_socket,
+        } = one_flow(&mut relay, backend, route, first, LO);
         assert!(
             relay
                 .on_server_packet(socket.port, &from_server, 64)
@@ -1319,6 +1313,47 @@ mod tests {
                 .unwrap()
         ));
         assert_eq!(relay.stats.dropped_client_is_backend, 1);
+    }
+
+    /// A session and its first flow, as [`one_flow`] made them.
+    struct OneFlow {
+        info: SessionInfo,
+        /// The session's socket, held as long as the test holds the flow.
+        _session_socket: Arc<RelaySocket>,
+        /// The flow's own socket, on its upstream port Q.
+        upstream: Arc<RelaySocket>,
+        /// What the server sends the flow: from the backend, to the route's
+        /// source, through the route's interface.
+        from_server: Received,
+    }
+
+    /// A session for `backend` (reached as `route` says) and the flow of a
+    /// first datagram from `client` to the relay's `relay_addr`.
+    fn one_flow(
+        relay: &mut Relay,
+        backend: SocketAddr,
+        route: BackendRoute,
+        client: SocketAddr,
+        relay_addr: IpAddr,
+    ) -> OneFlow {
+        let (info, session_socket) = relay.add_session(backend, route, None, None).unwrap();
+        let ClientVerdict::Forward { socket, .. } = relay
+            .on_client_packet(info.port, client, relay_addr, 64)
+            .unwrap()
+        else {
+            panic!("the first flow, from {client}, was refused");
+        };
+        OneFlow {
+            info,
+            _session_socket: session_socket,
+            upstream: socket,
+            from_server: Received {
+                len: 64,
+                from: backend,
+                to: route.source,
+                ifindex: route.ifindex,
+            },
+        }
     }
 
     /// The forger checks of either family on a fresh relay's flow at
@@ -1732,14 +1767,14 @@ mod tests {
             ifindex: 1,
         };
         let backend: SocketAddr = "[::1]:9".parse().unwrap();
-        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
         // An IPv4 client reaches the IPv6 server: translated in the datapath.
         let client: SocketAddr = "192.0.2.1:50000".parse().unwrap();
-        let ClientVerdict::Forward { socket, .. } =
-            relay.on_client_packet(info.port, client, LO, 64).unwrap()
-        else {
-            panic!("the IPv4 client was refused");
-        };
+        let OneFlow {
+            info,
+            upstream: socket,
+            from_server,
+            _session_socket,
+        } = one_flow(&mut relay, backend, route, client, LO);
         expect_entries(
             &relay,
             socket.port,
@@ -1752,12 +1787,6 @@ mod tests {
                 slot: 0,
             },
         );
-        let from_server = Received {
-            len: 64,
-            from: backend,
-            to: LO6,
-            ifindex: 1,
-        };
         // The server's endpoint at the relay's IPv4 address, or at another
         // IPv6 one, is a forger; so is anybody else at the right address.
         server_forgers_are_dropped(
@@ -1842,19 +1871,18 @@ mod tests {
             ifindex: 1,
         };
         let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
-        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
-        let ClientVerdict::Forward { socket, .. } = relay
-            .on_client_packet(info.port, "[2001:db8:7::7]:50000".parse().unwrap(), LO6, 64)
-            .unwrap()
-        else {
-            panic!("the IPv6 flow was refused");
-        };
-        let answer = Received {
-            len: 64,
-            from: backend,
-            to: LO,
-            ifindex: 1,
-        };
+        let OneFlow {
+            info,
+            upstream: socket,
+            from_server: answer,
+            _session_socket,
+        } = one_flow(
+            &mut relay,
+            backend,
+            route,
+            "[2001:db8:7::7]:50000".parse().unwrap(),
+            LO6,
+        );
         assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
         // The answered IPv6 flow fills the limit of one: an IPv4 endpoint
         // of the same session is refused, and the other way round.
