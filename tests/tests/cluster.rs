@@ -16,7 +16,9 @@ use forwarder_testbed::cluster::{
     RELAY_UP_IF, VIP, mosh_key_bytes, relay_name,
 };
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
-use forwarder_testbed::users::{TestGroup, TestUser, UserCli};
+use forwarder_testbed::users::{
+    PERMISSION_DENIED, TestGroup, TestUser, UserCli, refused, user_session, user_sessions,
+};
 use forwarder_testbed::{
     MoshClient, MoshServer, Relay, Session, SessionInfo, UdpEcho, UdpPinger, prereq,
 };
@@ -537,16 +539,6 @@ fn relays_reach_etcd_over_tls_with_client_certificates() {
 
 /// Outside --ports and --flow-ports, as 443 would be in a real deployment.
 const SHARED_PORT: u16 = 443;
-/// Exit code of a permission refusal (forwarder_api::ExitStatus::PermissionDenied).
-const PERMISSION_DENIED: i32 = 5;
-
-fn user_session(value: Value) -> SessionInfo {
-    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
-}
-
-fn user_sessions(value: Value) -> Vec<SessionInfo> {
-    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
-}
 
 /// Why `relay` says it leaves the cluster's session on `port` out, once it
 /// says so (within [`PROGRAMMED`]).
@@ -563,18 +555,6 @@ fn refusal(relay: &Relay, port: u16) -> String {
             relay.instance()
         );
         std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// A refused CLI call that names every `needle`.
-fn refused(out: &forwarder_testbed::cmd::Output, what: &str, needles: &[&str]) {
-    let text = format!("{}{}", out.stdout, out.stderr);
-    assert!(!out.success(), "{what} succeeded: {text}");
-    for needle in needles {
-        assert!(
-            text.contains(needle),
-            "{what}: {needle:?} missing in: {text}"
-        );
     }
 }
 
