@@ -8,7 +8,8 @@
 //! own link (flood tests): attacker veth-x 10.77.3.2 ── veth-ra 10.77.3.1 relay
 //! ```
 
-use std::net::Ipv4Addr;
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::{Context, Result};
 
@@ -95,34 +96,23 @@ pub struct ForgerSite<'a> {
 pub fn forge_server_datagrams(
     relay: &Netns,
     sites: &[ForgerSite<'_>],
-    server: std::net::SocketAddrV4,
-    targets: &[std::net::SocketAddrV4],
+    server: SocketAddrV4,
+    targets: &[SocketAddrV4],
     rounds: usize,
-    skip: impl Fn(usize, std::net::SocketAddrV4) -> bool,
-) -> Result<std::collections::HashSet<Vec<u8>>> {
-    use rand::Rng as _;
-    let mut rng = rand::rng();
-    let mut sent = std::collections::HashSet::new();
-    for (index, site) in sites.iter().enumerate() {
-        let socket = crate::raw::PacketSocket::open(site.ns, site.ifname)?;
-        let macs = (
-            crate::raw::mac_of(site.ns, site.ifname)?,
-            crate::raw::mac_of(relay, site.relay_if)?,
-        );
-        for &target in targets.iter().filter(|&&t| !skip(index, t)) {
-            for _ in 0..rounds {
-                let mut payload = (0x8000_0000_0000_0000u64 | rng.random::<u64>())
-                    .to_be_bytes()
-                    .to_vec();
-                payload.extend((0..rng.random_range(16..120)).map(|_| rng.random::<u8>()));
-                socket
-                    .send(&crate::raw::udp_frame(macs, server, target, &payload))
-                    .with_context(|| format!("sending a forged datagram to {target}"))?;
-                sent.insert(payload);
-            }
-        }
-    }
-    Ok(sent)
+    skip: impl Fn(usize, SocketAddrV4) -> bool,
+) -> Result<HashSet<Vec<u8>>> {
+    let targets: Vec<SocketAddr> = targets.iter().copied().map(SocketAddr::V4).collect();
+    forge_server_datagrams_any(
+        relay,
+        sites,
+        server.into(),
+        &targets,
+        rounds,
+        |index, target| match target {
+            SocketAddr::V4(target) => skip(index, target),
+            SocketAddr::V6(_) => unreachable!("only IPv4 targets were given"),
+        },
+    )
 }
 
 /// [`forge_server_datagrams`] for endpoints of either family (IPv6 forgers
@@ -131,14 +121,14 @@ pub fn forge_server_datagrams(
 pub fn forge_server_datagrams_any(
     relay: &Netns,
     sites: &[ForgerSite<'_>],
-    server: std::net::SocketAddr,
-    targets: &[std::net::SocketAddr],
+    server: SocketAddr,
+    targets: &[SocketAddr],
     rounds: usize,
-    skip: impl Fn(usize, std::net::SocketAddr) -> bool,
-) -> Result<std::collections::HashSet<Vec<u8>>> {
+    skip: impl Fn(usize, SocketAddr) -> bool,
+) -> Result<HashSet<Vec<u8>>> {
     use rand::Rng as _;
     let mut rng = rand::rng();
-    let mut sent = std::collections::HashSet::new();
+    let mut sent = HashSet::new();
     for (index, site) in sites.iter().enumerate() {
         let socket = crate::raw::PacketSocket::open(site.ns, site.ifname)?;
         let macs = (

@@ -178,22 +178,16 @@ pub struct Datagram {
 
 /// The IPv4/UDP datagrams among `frames` (parsed with etherparse), others skipped.
 pub fn udp_datagrams(frames: &[Vec<u8>]) -> Vec<Datagram> {
-    frames
-        .iter()
-        .filter_map(|frame| {
-            let packet = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
-            let Some(etherparse::NetSlice::Ipv4(ip)) = packet.net else {
-                return None;
-            };
-            let Some(etherparse::TransportSlice::Udp(udp)) = packet.transport else {
-                return None;
-            };
-            let header = ip.header();
-            Some(Datagram {
-                src: std::net::SocketAddrV4::new(header.source_addr(), udp.source_port()),
-                dst: std::net::SocketAddrV4::new(header.destination_addr(), udp.destination_port()),
-                payload: udp.payload().to_vec(),
-            })
+    use std::net::SocketAddr;
+    udp_datagrams_any(frames)
+        .into_iter()
+        .filter_map(|datagram| match (datagram.src, datagram.dst) {
+            (SocketAddr::V4(src), SocketAddr::V4(dst)) => Some(Datagram {
+                src,
+                dst,
+                payload: datagram.payload,
+            }),
+            _ => None,
         })
         .collect()
 }
@@ -222,9 +216,20 @@ pub fn udp_frame(
     dst: std::net::SocketAddrV4,
     payload: &[u8],
 ) -> Vec<u8> {
-    let builder = etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
-        .ipv4(src.ip().octets(), dst.ip().octets(), 64)
-        .udp(src.port(), dst.port());
+    write_frame(
+        etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
+            .ipv4(src.ip().octets(), dst.ip().octets(), 64)
+            .udp(src.port(), dst.port()),
+        payload,
+    )
+}
+
+/// The frame `builder` makes around `payload` (etherparse fills in the
+/// lengths and checksums).
+fn write_frame(
+    builder: etherparse::PacketBuilderStep<etherparse::UdpHeader>,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut frame = Vec::with_capacity(builder.size(payload.len()));
     builder
         .write(&mut frame, payload)
@@ -281,16 +286,12 @@ pub fn udp_frame_any(
     use std::net::SocketAddr;
     match (src, dst) {
         (SocketAddr::V4(src), SocketAddr::V4(dst)) => udp_frame(macs, src, dst, payload),
-        (SocketAddr::V6(src), SocketAddr::V6(dst)) => {
-            let builder = etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
+        (SocketAddr::V6(src), SocketAddr::V6(dst)) => write_frame(
+            etherparse::PacketBuilder::ethernet2(macs.0, macs.1)
                 .ipv6(src.ip().octets(), dst.ip().octets(), 64)
-                .udp(src.port(), dst.port());
-            let mut frame = Vec::with_capacity(builder.size(payload.len()));
-            builder
-                .write(&mut frame, payload)
-                .expect("writing into a Vec cannot fail");
-            frame
-        }
+                .udp(src.port(), dst.port()),
+            payload,
+        ),
         _ => panic!("a frame from {src} to {dst} mixes families"),
     }
 }

@@ -243,3 +243,33 @@ impl UserCli {
         })?)
     }
 }
+
+/// The exit code of a CLI call refused for want of permission.
+pub const PERMISSION_DENIED: i32 = forwarder_api::ExitStatus::PermissionDenied as i32;
+
+/// Asserts that the CLI call `what` failed and that its output names every
+/// `needle`.
+pub fn refused(out: &Output, what: &str, needles: &[&str]) {
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(!out.success(), "{what} succeeded: {text}");
+    for needle in needles {
+        assert!(
+            text.contains(needle),
+            "{what}: {needle:?} missing in: {text}"
+        );
+    }
+}
+
+/// The session a `--json` call (as [`UserCli::json`] returns it) printed.
+pub fn user_session(value: serde_json::Value) -> crate::SessionInfo {
+    parsed(value)
+}
+
+/// The sessions a `--json` `list` (as [`UserCli::json`] returns it) printed.
+pub fn user_sessions(value: serde_json::Value) -> Vec<crate::SessionInfo> {
+    parsed(value)
+}
+
+fn parsed<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
+}

@@ -7,7 +7,7 @@
 //! self-service and the shared port work in a cluster.
 
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -16,8 +16,12 @@ use forwarder_testbed::cluster::{
     RELAY_UP_IF, VIP, mosh_key_bytes, relay_name,
 };
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
-use forwarder_testbed::users::{TestGroup, TestUser, UserCli};
-use forwarder_testbed::{MoshClient, MoshServer, Relay, SessionInfo, UdpEcho, UdpPinger, prereq};
+use forwarder_testbed::users::{
+    PERMISSION_DENIED, TestGroup, TestUser, UserCli, refused, user_session, user_sessions,
+};
+use forwarder_testbed::{
+    MoshClient, MoshServer, Relay, Session, SessionInfo, UdpEcho, UdpPinger, prereq,
+};
 use serde_json::Value;
 
 /// The three tests each run etcd, mosh and up to three daemons: one at a
@@ -35,15 +39,66 @@ struct Cluster {
     topo: ClusterTopology,
 }
 
+/// Holds [`ONE_CLUSTER_AT_A_TIME`] for the rest of a test (a test that
+/// failed while holding it poisons nothing for the next one).
+fn one_cluster_at_a_time() -> MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The etcd of most tests: plain HTTP on the router.
+fn plain_etcd(topo: &ClusterTopology) -> Result<Etcd> {
+    Etcd::start(&topo.router, ETCD_IP, ETCD_PORT)
+}
+
 impl Cluster {
+    /// `relays` relays on a plain etcd, each serving its metrics.
     fn start(relays: usize) -> Result<Self> {
+        Self::start_with(relays, plain_etcd, |topo, index| {
+            topo.start_relay(index, &["--metrics", METRICS])
+        })
+    }
+
+    /// A topology of `relays` relays, the etcd `etcd` starts in it, and
+    /// relay `index` as `relay` starts it.
+    fn start_with(
+        relays: usize,
+        etcd: impl FnOnce(&ClusterTopology) -> Result<Etcd>,
+        relay: impl Fn(&ClusterTopology, usize) -> Result<Relay>,
+    ) -> Result<Self> {
         prereq::require()?;
         let topo = ClusterTopology::build(relays)?;
-        let etcd = Etcd::start(&topo.router, ETCD_IP, ETCD_PORT)?;
+        let etcd = etcd(&topo)?;
         let relays = (0..relays)
-            .map(|index| topo.start_relay(index, &["--metrics", METRICS]))
+            .map(|index| relay(&topo, index))
             .collect::<Result<_>>()?;
         Ok(Self { relays, etcd, topo })
+    }
+
+    /// Waits until every relay says whether etcd answers, as `connected`.
+    fn wait_etcd_connected(&self, connected: bool, timeout: Duration) -> Result<()> {
+        for relay in &self.relays {
+            wait_etcd_connected(relay, connected, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a session for `backend` (with `extra` flags) on relay `on` and
+    /// waits until every relay lists it.
+    fn add_everywhere(&self, on: usize, backend: SocketAddr, extra: &[&str]) -> Result<Session> {
+        let session = self.relays[on].add(backend, extra)?;
+        self.wait_programmed_everywhere(&session.id, session.port)?;
+        Ok(session)
+    }
+
+    /// A mosh-client through the VIP to `port`, with a shell and one
+    /// keystroke echoed ("before") already.
+    fn mosh_client(&self, port: u16, server: &MoshServer) -> Result<MoshClient> {
+        let client = MoshClient::start(&self.topo.client, VIP, port, &server.key)?;
+        wait_for_shell(&client)?;
+        roundtrip(&client, "before")?;
+        Ok(client)
     }
 
     /// Waits until every relay lists the session, on its port.
@@ -115,15 +170,10 @@ fn wait_etcd_connected(relay: &Relay, connected: bool, timeout: Duration) -> Res
 
 #[test]
 fn a_session_added_on_one_relay_works_through_every_relay() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = one_cluster_at_a_time();
     let cluster = Cluster::start(3).unwrap();
     let server = MoshServer::start(&cluster.topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
-    let session = cluster.relays[1].add(backend(&server), &[]).unwrap();
-    cluster
-        .wait_programmed_everywhere(&session.id, session.port)
-        .unwrap();
+    let session = cluster.add_everywhere(1, backend(&server), &[]).unwrap();
 
     // etcd holds the definition once, under its port; the relays publish what they hold.
     let stored = cluster.etcd.get_prefix("/forwarder/sessions/").unwrap();
@@ -243,18 +293,11 @@ fn a_session_added_on_one_relay_works_through_every_relay() {
 
 #[test]
 fn mosh_keeps_working_when_its_relay_is_killed() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = one_cluster_at_a_time();
     let mut cluster = Cluster::start(3).unwrap();
     let server = MoshServer::start(&cluster.topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
-    let session = cluster.relays[0].add(backend(&server), &[]).unwrap();
-    cluster
-        .wait_programmed_everywhere(&session.id, session.port)
-        .unwrap();
-    let client = MoshClient::start(&cluster.topo.client, VIP, session.port, &server.key).unwrap();
-    wait_for_shell(&client).unwrap();
-    roundtrip(&client, "before").unwrap();
+    let session = cluster.add_everywhere(0, backend(&server), &[]).unwrap();
+    let client = cluster.mosh_client(session.port, &server).unwrap();
 
     let relays: Vec<Option<&Relay>> = cluster.relays.iter().map(Some).collect();
     let dead = holder(&relays, &session.id).unwrap();
@@ -292,23 +335,16 @@ fn mosh_keeps_working_when_its_relay_is_killed() {
 
 #[test]
 fn an_etcd_outage_keeps_forwarding_refuses_changes_and_is_reconciled() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = one_cluster_at_a_time();
     let mut cluster = Cluster::start(2).unwrap();
     let server = MoshServer::start(&cluster.topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
-    let session = cluster.relays[0].add(backend(&server), &[]).unwrap();
-    cluster
-        .wait_programmed_everywhere(&session.id, session.port)
-        .unwrap();
-    let client = MoshClient::start(&cluster.topo.client, VIP, session.port, &server.key).unwrap();
-    wait_for_shell(&client).unwrap();
-    roundtrip(&client, "before").unwrap();
+    let session = cluster.add_everywhere(0, backend(&server), &[]).unwrap();
+    let client = cluster.mosh_client(session.port, &server).unwrap();
 
     cluster.etcd.stop().unwrap();
-    for relay in &cluster.relays {
-        wait_etcd_connected(relay, false, Duration::from_secs(20)).unwrap();
-    }
+    cluster
+        .wait_etcd_connected(false, Duration::from_secs(20))
+        .unwrap();
     roundtrip(&client, "during").unwrap();
     let second = MoshServer::start(&cluster.topo.server, BACKEND_IP, MOSH_SERVER_PORT + 1).unwrap();
     let refused = cluster.relays[1]
@@ -333,13 +369,10 @@ fn an_etcd_outage_keeps_forwarding_refuses_changes_and_is_reconciled() {
     roundtrip(&client, "restarted").unwrap();
 
     cluster.etcd.resume().unwrap();
-    for relay in &cluster.relays {
-        wait_etcd_connected(relay, true, Duration::from_secs(30)).unwrap();
-    }
-    let added = cluster.relays[1].add(backend(&second), &[]).unwrap();
     cluster
-        .wait_programmed_everywhere(&added.id, added.port)
+        .wait_etcd_connected(true, Duration::from_secs(30))
         .unwrap();
+    let added = cluster.add_everywhere(1, backend(&second), &[]).unwrap();
     roundtrip(&client, "after").unwrap();
 
     // Nothing lost, nothing twice: both sessions, once each, everywhere.
@@ -368,17 +401,12 @@ fn an_etcd_outage_keeps_forwarding_refuses_changes_and_is_reconciled() {
 
 #[test]
 fn a_shared_session_expires_only_when_idle_on_every_relay() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = one_cluster_at_a_time();
     let cluster = Cluster::start(2).unwrap();
     let echo_at = SocketAddr::V4(SocketAddrV4::new(BACKEND_IP, 7));
     let _echo = UdpEcho::start(&cluster.topo.server, echo_at).unwrap();
-    let session = cluster.relays[0]
-        .add(echo_at, &["--idle-timeout", "6s"])
-        .unwrap();
-    cluster
-        .wait_programmed_everywhere(&session.id, session.port)
+    let session = cluster
+        .add_everywhere(0, echo_at, &["--idle-timeout", "6s"])
         .unwrap();
 
     // Traffic through relay 1 only, for well past the idle timeout: relay 0
@@ -427,9 +455,7 @@ fn a_shared_session_expires_only_when_idle_on_every_relay() {
 
 #[test]
 fn punched_sessions_are_not_shared_and_say_so() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = one_cluster_at_a_time();
     prereq::require().unwrap();
     let ns = forwarder_testbed::Netns::new("relay").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -467,18 +493,15 @@ fn punched_sessions_are_not_shared_and_say_so() {
 
 #[test]
 fn relays_reach_etcd_over_tls_with_client_certificates() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    prereq::require().unwrap();
-    let topo = ClusterTopology::build(2).unwrap();
+    let _one = one_cluster_at_a_time();
     let pki = Pki::create(ETCD_IP).unwrap();
-    let etcd = Etcd::start_tls(&topo.router, ETCD_IP, ETCD_PORT, &pki).unwrap();
     let url = format!("https://{ETCD_IP}:{ETCD_PORT}");
     let files =
         [&pki.ca, &pki.client_cert, &pki.client_key].map(|p| p.to_str().unwrap().to_string());
-    let relays: Vec<Relay> = (0..2)
-        .map(|index| {
+    let cluster = Cluster::start_with(
+        2,
+        |topo| Etcd::start_tls(&topo.router, ETCD_IP, ETCD_PORT, &pki),
+        |topo, index| {
             let name = relay_name(index);
             Relay::start(
                 &topo.relays[index],
@@ -496,12 +519,13 @@ fn relays_reach_etcd_over_tls_with_client_certificates() {
                     &files[2],
                 ],
             )
-        })
-        .collect::<Result<_>>()
+        },
+    )
+    .unwrap();
+    cluster
+        .wait_etcd_connected(true, Duration::from_secs(20))
         .unwrap();
-    for relay in &relays {
-        wait_etcd_connected(relay, true, Duration::from_secs(20)).unwrap();
-    }
+    let (relays, etcd) = (&cluster.relays, &cluster.etcd);
     let session = relays[0]
         .add(SocketAddr::V4(SocketAddrV4::new(BACKEND_IP, 9)), &[])
         .unwrap();
@@ -511,47 +535,38 @@ fn relays_reach_etcd_over_tls_with_client_certificates() {
         })
         .unwrap();
     assert_eq!(etcd.get_prefix("/forwarder/sessions/").unwrap().len(), 1);
-    drop(relays);
 }
 
 /// Outside --ports and --flow-ports, as 443 would be in a real deployment.
 const SHARED_PORT: u16 = 443;
-/// Exit code of a permission refusal (forwarder_api::ExitStatus::PermissionDenied).
-const PERMISSION_DENIED: i32 = 5;
 
-fn user_session(value: Value) -> SessionInfo {
-    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
-}
-
-fn user_sessions(value: Value) -> Vec<SessionInfo> {
-    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
-}
-
-/// A refused CLI call that names every `needle`.
-fn refused(out: &forwarder_testbed::cmd::Output, what: &str, needles: &[&str]) {
-    let text = format!("{}{}", out.stdout, out.stderr);
-    assert!(!out.success(), "{what} succeeded: {text}");
-    for needle in needles {
+/// Why `relay` says it leaves the cluster's session on `port` out, once it
+/// says so (within [`PROGRAMMED`]).
+fn refusal(relay: &Relay, port: u16) -> String {
+    let deadline = Instant::now() + PROGRAMMED;
+    loop {
+        let cluster = stats_cluster(relay).unwrap();
+        if let Some(why) = cluster["refused"][port.to_string()].as_str() {
+            return why.to_string();
+        }
         assert!(
-            text.contains(needle),
-            "{what}: {needle:?} missing in: {text}"
+            Instant::now() < deadline,
+            "relay {} never said why: {cluster}",
+            relay.instance()
         );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
 #[test]
 fn owners_and_sealed_keys_follow_sessions_across_relays() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = one_cluster_at_a_time();
     prereq::require().unwrap();
     let group = TestGroup::new().unwrap();
     let alice = TestUser::new(&[&group]).unwrap();
     let bob = TestUser::new(&[&group]).unwrap();
     let cli = UserCli::new().unwrap();
     let secret = ClusterSecret::create().unwrap();
-    let topo = ClusterTopology::build(3).unwrap();
-    let etcd = Etcd::start(&topo.router, ETCD_IP, ETCD_PORT).unwrap();
     let shared_port = SHARED_PORT.to_string();
     let allow = format!("{BACKEND_IP}/32");
     let common = [
@@ -567,19 +582,18 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
         METRICS,
     ];
     // Relays 0 and 1 have the cluster secret; relay 2 was started without it.
-    let relays: Vec<Relay> = (0..3)
-        .map(|index| {
-            let mut args = common.to_vec();
-            if index < 2 {
-                args.extend(["--etcd-secret-file", secret.path_str()]);
-            }
-            topo.start_relay(index, &args)
-        })
-        .collect::<Result<_>>()
+    let cluster = Cluster::start_with(3, plain_etcd, |topo, index| {
+        let mut args = common.to_vec();
+        if index < 2 {
+            args.extend(["--etcd-secret-file", secret.path_str()]);
+        }
+        topo.start_relay(index, &args)
+    })
+    .unwrap();
+    cluster
+        .wait_etcd_connected(true, Duration::from_secs(20))
         .unwrap();
-    for relay in &relays {
-        wait_etcd_connected(relay, true, Duration::from_secs(20)).unwrap();
-    }
+    let (relays, etcd, topo) = (&cluster.relays, &cluster.etcd, &cluster.topo);
     let server = MoshServer::start(&topo.server, BACKEND_IP, MOSH_SERVER_PORT).unwrap();
     let keyed_server = MoshServer::start(&topo.server, BACKEND_IP, MOSH_SERVER_PORT + 1).unwrap();
 
@@ -596,7 +610,7 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
         (alices.owner.uid, alices.owner.name.as_str()),
         (alice.uid, alice.name.as_str())
     );
-    for relay in &relays {
+    for relay in relays {
         let programmed = relay
             .wait_until("alice's session programmed", PROGRAMMED, |sessions| {
                 sessions.iter().find(|s| s.id == alices.id).cloned()
@@ -612,7 +626,7 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
 
     // On every relay she sees hers and Bob sees nothing of it; Bob may
     // neither show nor remove it, through any relay.
-    for relay in &relays {
+    for relay in relays {
         let listed = user_sessions(cli.json(&alice, relay, &["list"]).unwrap());
         assert_eq!(
             listed.iter().map(|s| &s.id).collect::<Vec<_>>(),
@@ -691,18 +705,7 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
     drop(client);
 
     // Relay 2 cannot open the key: it says why and leaves that session out.
-    let deadline = Instant::now() + PROGRAMMED;
-    let why = loop {
-        let cluster = stats_cluster(&relays[2]).unwrap();
-        if let Some(why) = cluster["refused"][keyed.port.to_string()].as_str() {
-            break why.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay 2 never said why: {cluster}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let why = refusal(&relays[2], keyed.port);
     assert!(why.contains("--etcd-secret-file"), "{why}");
     assert!(relays[2].session(&keyed.id).unwrap().is_none());
     let metrics = topo.relays[2].http_get(METRICS, "/metrics").unwrap();
@@ -768,7 +771,7 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
         .json(&alice, &relays[2], &["remove", &keyed.id])
         .unwrap();
     assert_eq!(removed["id"], keyed.id.as_str(), "{removed}");
-    for relay in &relays {
+    for relay in relays {
         relay
             .wait_until(
                 "the keyed session gone everywhere",
@@ -780,36 +783,33 @@ fn owners_and_sealed_keys_follow_sessions_across_relays() {
     let stored = etcd.get_prefix("/forwarder/sessions/").unwrap();
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert!(stats_cluster(&relays[2]).unwrap()["refused"].is_null());
-    drop(relays);
 }
 
 #[test]
 fn a_relay_whose_policy_denies_a_users_session_does_not_forward_it_and_says_why() {
-    let _one = ONE_CLUSTER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = one_cluster_at_a_time();
     prereq::require().unwrap();
     let group = TestGroup::new().unwrap();
     let alice = TestUser::new(&[&group]).unwrap();
     let cli = UserCli::new().unwrap();
-    let topo = ClusterTopology::build(2).unwrap();
-    let _etcd = Etcd::start(&topo.router, ETCD_IP, ETCD_PORT).unwrap();
     // Relay 0 lets users reach every port of the server; relay 1 only 60001.
     let allows = [format!("{BACKEND_IP}/32"), format!("{BACKEND_IP}/32:60001")];
-    let relays: Vec<Relay> = allows
-        .iter()
-        .enumerate()
-        .map(|(index, allow)| {
-            topo.start_relay(
-                index,
-                &["--socket-group", &group.name, "--user-allow", allow],
-            )
-        })
-        .collect::<Result<_>>()
+    let cluster = Cluster::start_with(2, plain_etcd, |topo, index| {
+        topo.start_relay(
+            index,
+            &[
+                "--socket-group",
+                &group.name,
+                "--user-allow",
+                &allows[index],
+            ],
+        )
+    })
+    .unwrap();
+    cluster
+        .wait_etcd_connected(true, Duration::from_secs(20))
         .unwrap();
-    for relay in &relays {
-        wait_etcd_connected(relay, true, Duration::from_secs(20)).unwrap();
-    }
+    let relays = &cluster.relays;
     let allowed = user_session(
         cli.json(
             &alice,
@@ -833,18 +833,7 @@ fn a_relay_whose_policy_denies_a_users_session_does_not_forward_it_and_says_why(
             |sessions| sessions.iter().any(|s| s.id == allowed.id).then_some(()),
         )
         .unwrap();
-    let deadline = Instant::now() + PROGRAMMED;
-    let why = loop {
-        let cluster = stats_cluster(&relays[1]).unwrap();
-        if let Some(why) = cluster["refused"][denied.port.to_string()].as_str() {
-            break why.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay 1 never said why: {cluster}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    };
+    let why = refusal(&relays[1], denied.port);
     assert!(why.contains("backend policy"), "{why}");
     assert!(relays[1].session(&denied.id).unwrap().is_none());
     // Relay 1 itself refuses that add outright, as a single relay would.
@@ -856,5 +845,4 @@ fn a_relay_whose_policy_denies_a_users_session_does_not_forward_it_and_says_why(
         )
         .unwrap();
     refused(&out, "an add outside relay 1's policy", &["user_allow"]);
-    drop(relays);
 }

@@ -7,35 +7,14 @@
 
 use std::net::{SocketAddr, SocketAddrV4};
 
-use forwarder_testbed::cmd::Output;
 use forwarder_testbed::mosh::{MoshClient, MoshServer};
 use forwarder_testbed::netns::Netns;
 use forwarder_testbed::scenario::{MOSH_SERVER_PORT, roundtrip, wait_for_shell};
 use forwarder_testbed::topology::{RELAY_CLIENT_IP, SERVER_IP};
-use forwarder_testbed::users::{TestGroup, TestUser, UserCli};
-use forwarder_testbed::{Relay, SessionInfo, Topology, forwarder_bin, prereq};
-
-/// Exit code of a permission refusal (forwarder_api::ExitStatus::PermissionDenied).
-const PERMISSION_DENIED: i32 = 5;
-
-fn says(out: &Output, what: &str, needles: &[&str]) {
-    let text = format!("{}{}", out.stdout, out.stderr);
-    assert!(!out.success(), "{what} succeeded: {text}");
-    for needle in needles {
-        assert!(
-            text.contains(needle),
-            "{what}: {needle:?} missing in: {text}"
-        );
-    }
-}
-
-fn session(value: serde_json::Value) -> SessionInfo {
-    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
-}
-
-fn sessions(value: serde_json::Value) -> Vec<SessionInfo> {
-    serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{e}: {value}"))
-}
+use forwarder_testbed::users::{
+    PERMISSION_DENIED, TestGroup, TestUser, UserCli, refused, user_session, user_sessions,
+};
+use forwarder_testbed::{Relay, Topology, forwarder_bin, prereq};
 
 fn backend(port: u16) -> String {
     SocketAddrV4::new(SERVER_IP, port).to_string()
@@ -76,7 +55,7 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
 
     // Alice's session carries a real mosh session.
     let server = MoshServer::start(&topo.server, SERVER_IP, MOSH_SERVER_PORT).unwrap();
-    let alices = session(
+    let alices = user_session(
         cli.json(&alice, &relay, &["add", "--backend", &backend(server.port)])
             .unwrap(),
     );
@@ -89,22 +68,22 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
     wait_for_shell(&client).unwrap();
     roundtrip(&client, "alice").unwrap();
 
-    let bobs = session(
+    let bobs = user_session(
         cli.json(&bob, &relay, &["add", "--backend", &backend(60002)])
             .unwrap(),
     );
     assert_eq!(bobs.owner.uid, bob.uid);
 
     // Each sees and shows only its own.
-    let listed = sessions(cli.json(&alice, &relay, &["list"]).unwrap());
+    let listed = user_sessions(cli.json(&alice, &relay, &["list"]).unwrap());
     assert_eq!(
         listed.iter().map(|s| &s.id).collect::<Vec<_>>(),
         [&alices.id],
         "alice's list: {listed:?}"
     );
-    let listed = sessions(cli.json(&bob, &relay, &["list"]).unwrap());
+    let listed = user_sessions(cli.json(&bob, &relay, &["list"]).unwrap());
     assert_eq!(listed.iter().map(|s| &s.id).collect::<Vec<_>>(), [&bobs.id]);
-    let shown = session(cli.json(&alice, &relay, &["show", &alices.id]).unwrap());
+    let shown = user_session(cli.json(&alice, &relay, &["show", &alices.id]).unwrap());
     assert_eq!(shown.owner, alices.owner);
     assert!(
         shown.flows.iter().any(|f| f.packets_to_client > 0),
@@ -124,7 +103,7 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
     // Another user's session: refused, named as such, and left alone.
     for verb in ["show", "remove"] {
         let out = cli.run(&bob, &relay, &[verb, &alices.id]).unwrap();
-        says(
+        refused(
             &out,
             &format!("bob's `{verb}` of alice's session"),
             &[
@@ -137,7 +116,7 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
     let out = cli
         .run(&alice, &relay, &["remove", &bobs.port.to_string()])
         .unwrap();
-    says(
+    refused(
         &out,
         "alice's remove of bob's session",
         &["belongs to another user"],
@@ -149,7 +128,7 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
     let out = cli
         .run(&alice, &relay, &["add", "--backend", &backend(22)])
         .unwrap();
-    says(
+    refused(
         &out,
         "a backend no rule allows",
         &["no user_allow rule matches"],
@@ -157,20 +136,20 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
     let out = cli
         .run(&alice, &relay, &["add", "--backend", &backend(60009)])
         .unwrap();
-    says(
+    refused(
         &out,
         "a denied backend",
         &[&format!("deny rule {SERVER_IP}/32:60009"), "user_deny"],
     );
     // The quota: a second session fits, a third does not.
-    let second = session(
+    let second = user_session(
         cli.json(&alice, &relay, &["add", "--backend", &backend(60003)])
             .unwrap(),
     );
     let out = cli
         .run(&alice, &relay, &["add", "--backend", &backend(60004)])
         .unwrap();
-    says(
+    refused(
         &out,
         "a session over the quota",
         &["the quota of 2", "user_max_sessions"],
@@ -182,10 +161,10 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
 
     // `stats` is root's; a user outside the group is told which to join.
     let out = cli.run(&alice, &relay, &["stats"]).unwrap();
-    says(&out, "alice's stats", &["root's"]);
+    refused(&out, "alice's stats", &["root's"]);
     assert_eq!(out.status.code(), Some(PERMISSION_DENIED));
     let out = cli.run(&outsider, &relay, &["list"]).unwrap();
-    says(
+    refused(
         &out,
         "a user outside the group",
         &["permission denied", &format!("group {:?}", group.name)],
@@ -223,7 +202,7 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
     let out = cli
         .run(&alice, &relay, &["add", "--backend", &backend(60005)])
         .unwrap();
-    says(&out, "over the quota after a restart", &["the quota of 2"]);
+    refused(&out, "over the quota after a restart", &["the quota of 2"]);
     roundtrip(&client, "after-restart").unwrap();
 
     // Each removes its own; root removes anyone's.
@@ -231,8 +210,8 @@ fn users_drive_their_own_sessions_within_policy_and_quota() {
     cli.json(&alice, &relay, &["remove", &second.port.to_string()])
         .unwrap();
     relay.remove(&bobs.id).unwrap();
-    assert!(sessions(cli.json(&alice, &relay, &["list"]).unwrap()).is_empty());
-    assert!(sessions(cli.json(&bob, &relay, &["list"]).unwrap()).is_empty());
+    assert!(user_sessions(cli.json(&alice, &relay, &["list"]).unwrap()).is_empty());
+    assert!(user_sessions(cli.json(&bob, &relay, &["list"]).unwrap()).is_empty());
     relay.remove(&roots.id).unwrap();
 
     // One audit line per change, naming who (and the refusals).
@@ -305,7 +284,7 @@ fn run_refuses_a_socket_group_that_does_not_exist() {
         forwarder_testbed::cmd::SHORT,
     )
     .unwrap();
-    says(
+    refused(
         &out,
         "run with a missing socket group",
         &[

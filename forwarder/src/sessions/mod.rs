@@ -1341,19 +1341,13 @@ mod tests {
             ifindex: 1,
         };
         let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
-        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
         let first: SocketAddr = "192.0.2.1:50000".parse().unwrap();
-        let ClientVerdict::Forward { socket, .. } =
-            relay.on_client_packet(info.port, first, LO, 64).unwrap()
-        else {
-            panic!("the first flow was refused");
-        };
-        let from_server = Received {
-            len: 64,
-            from: backend,
-            to: LO,
-            ifindex: 1,
-        };
+        let OneFlow {
+            info,
+            upstream: socket,
+            from_server,
+            _session_socket,
+        } = one_flow(&mut relay, backend, route, first, LO);
         assert!(
             relay
                 .on_server_packet(socket.port, &from_server, 64)
@@ -1361,29 +1355,13 @@ mod tests {
         );
         // The server's endpoint at another relay address, or through another
         // interface, is a forger.
-        for forged in [
-            Received {
-                to: Ipv4Addr::new(127, 0, 0, 9).into(),
-                ..from_server
-            },
-            Received {
-                ifindex: 7,
-                ..from_server
-            },
-        ] {
-            assert!(relay.on_server_packet(socket.port, &forged, 64).is_none());
-        }
-        assert_eq!(relay.stats.dropped_server_wrong_path, 2);
-        let elsewhere = Received {
-            from: "127.0.0.2:10".parse().unwrap(),
-            ..from_server
-        };
-        assert!(
-            relay
-                .on_server_packet(socket.port, &elsewhere, 64)
-                .is_none()
+        server_forgers_are_dropped(
+            &mut relay,
+            socket.port,
+            &from_server,
+            &[Ipv4Addr::new(127, 0, 0, 9).into()],
+            "127.0.0.2:10".parse().unwrap(),
         );
-        assert_eq!(relay.stats.dropped_not_from_server, 1);
 
         // The answered flow fills the limit of one: a second endpoint is refused.
         let second: SocketAddr = "192.0.2.2:50000".parse().unwrap();
@@ -1403,6 +1381,85 @@ mod tests {
                 .unwrap()
         ));
         assert_eq!(relay.stats.dropped_client_is_backend, 1);
+    }
+
+    /// A session and its first flow, as [`one_flow`] made them.
+    struct OneFlow {
+        info: SessionInfo,
+        /// The session's socket, held as long as the test holds the flow.
+        _session_socket: Arc<RelaySocket>,
+        /// The flow's own socket, on its upstream port Q.
+        upstream: Arc<RelaySocket>,
+        /// What the server sends the flow: from the backend, to the route's
+        /// source, through the route's interface.
+        from_server: Received,
+    }
+
+    /// A session for `backend` (reached as `route` says) and the flow of a
+    /// first datagram from `client` to the relay's `relay_addr`.
+    fn one_flow(
+        relay: &mut Relay,
+        backend: SocketAddr,
+        route: BackendRoute,
+        client: SocketAddr,
+        relay_addr: IpAddr,
+    ) -> OneFlow {
+        let (info, session_socket) = relay.add_session(backend, route, None, None).unwrap();
+        let ClientVerdict::Forward { socket, .. } = relay
+            .on_client_packet(info.port, client, relay_addr, 64)
+            .unwrap()
+        else {
+            panic!("the first flow, from {client}, was refused");
+        };
+        OneFlow {
+            info,
+            _session_socket: session_socket,
+            upstream: socket,
+            from_server: Received {
+                len: 64,
+                from: backend,
+                to: route.source,
+                ifindex: route.ifindex,
+            },
+        }
+    }
+
+    /// The forger checks of either family on a fresh relay's flow at
+    /// `upstream_port`: `from_server` sent to any of `wrong_addresses` (relay
+    /// addresses the server's route does not use) or through another
+    /// interface is a wrong path, and anybody but the server at the right
+    /// address (`elsewhere`) is not the server; none of them is forwarded.
+    fn server_forgers_are_dropped(
+        relay: &mut Relay,
+        upstream_port: u16,
+        from_server: &Received,
+        wrong_addresses: &[IpAddr],
+        elsewhere: SocketAddr,
+    ) {
+        let forged = wrong_addresses
+            .iter()
+            .map(|&to| Received { to, ..*from_server })
+            .chain([Received {
+                ifindex: 7,
+                ..*from_server
+            }]);
+        for forged in forged {
+            assert!(relay.on_server_packet(upstream_port, &forged, 64).is_none());
+        }
+        assert_eq!(
+            relay.stats.dropped_server_wrong_path,
+            wrong_addresses.len() as u64 + 1
+        );
+        let elsewhere = Received {
+            from: elsewhere,
+            ..*from_server
+        };
+        assert!(
+            relay
+                .on_server_packet(upstream_port, &elsewhere, 64)
+                .is_none()
+        );
+        assert_eq!(relay.stats.dropped_not_from_server, 1);
     }
 
     #[tokio::test]
@@ -1778,14 +1835,14 @@ mod tests {
             ifindex: 1,
         };
         let backend: SocketAddr = "[::1]:9".parse().unwrap();
-        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
         // An IPv4 client reaches the IPv6 server: translated in the datapath.
         let client: SocketAddr = "192.0.2.1:50000".parse().unwrap();
-        let ClientVerdict::Forward { socket, .. } =
-            relay.on_client_packet(info.port, client, LO, 64).unwrap()
-        else {
-            panic!("the IPv4 client was refused");
-        };
+        let OneFlow {
+            info,
+            upstream: socket,
+            from_server,
+            _session_socket,
+        } = one_flow(&mut relay, backend, route, client, LO);
         expect_entries(
             &relay,
             socket.port,
@@ -1798,41 +1855,15 @@ mod tests {
                 slot: 0,
             },
         );
-        let from_server = Received {
-            len: 64,
-            from: backend,
-            to: LO6,
-            ifindex: 1,
-        };
         // The server's endpoint at the relay's IPv4 address, or at another
         // IPv6 one, is a forger; so is anybody else at the right address.
-        for forged in [
-            Received {
-                to: LO,
-                ..from_server
-            },
-            Received {
-                to: "2001:db8::1".parse().unwrap(),
-                ..from_server
-            },
-            Received {
-                ifindex: 7,
-                ..from_server
-            },
-        ] {
-            assert!(relay.on_server_packet(socket.port, &forged, 64).is_none());
-        }
-        assert_eq!(relay.stats.dropped_server_wrong_path, 3);
-        let elsewhere = Received {
-            from: "[::1]:10".parse().unwrap(),
-            ..from_server
-        };
-        assert!(
-            relay
-                .on_server_packet(socket.port, &elsewhere, 64)
-                .is_none()
+        server_forgers_are_dropped(
+            &mut relay,
+            socket.port,
+            &from_server,
+            &[LO, "2001:db8::1".parse().unwrap()],
+            "[::1]:10".parse().unwrap(),
         );
-        assert_eq!(relay.stats.dropped_not_from_server, 1);
         let (_, to, from) = relay
             .on_server_packet(socket.port, &from_server, 64)
             .unwrap();
@@ -1908,19 +1939,18 @@ mod tests {
             ifindex: 1,
         };
         let backend: SocketAddr = "127.0.0.2:9".parse().unwrap();
-        let (info, _socket) = relay.add_session(backend, route, None, None).unwrap();
-        let ClientVerdict::Forward { socket, .. } = relay
-            .on_client_packet(info.port, "[2001:db8:7::7]:50000".parse().unwrap(), LO6, 64)
-            .unwrap()
-        else {
-            panic!("the IPv6 flow was refused");
-        };
-        let answer = Received {
-            len: 64,
-            from: backend,
-            to: LO,
-            ifindex: 1,
-        };
+        let OneFlow {
+            info,
+            upstream: socket,
+            from_server: answer,
+            _session_socket,
+        } = one_flow(
+            &mut relay,
+            backend,
+            route,
+            "[2001:db8:7::7]:50000".parse().unwrap(),
+            LO6,
+        );
         assert!(relay.on_server_packet(socket.port, &answer, 64).is_some());
         // The answered IPv6 flow fills the limit of one: an IPv4 endpoint
         // of the same session is refused, and the other way round.
