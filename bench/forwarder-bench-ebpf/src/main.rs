@@ -1,7 +1,7 @@
 //! The benchmark's ceiling: for UDP to one port, apply one precomputed
 //! rewrite, set fixed MACs and redirect to a fixed interface. No flow
 //! lookup, no route lookup, no counters beyond one: what a relay on this path
-//! costs at the very least. Never loaded by the daemon. Beside it (drop.rs)
+//! costs at the very least; its twin ends with XDP_TX instead. Never loaded by the daemon. Beside it (drop.rs)
 //! the floor for refusing a flood: a bare XDP_DROP.
 #![no_std]
 #![no_main]
@@ -9,7 +9,7 @@
 mod drop;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
     maps::{Array, DevMapHash},
     programs::XdpContext,
@@ -31,13 +31,34 @@ const UDP_LEN: usize = 8;
 
 #[xdp]
 pub fn forwarder_ceiling(ctx: XdpContext) -> u32 {
+    match rewrite(&ctx) {
+        Some(config) => match CEILING_EGRESS.redirect(config.egress_ifindex, u64::from(XDP_DROP)) {
+            Ok(action) | Err(action) => action,
+        },
+        None => XDP_PASS,
+    }
+}
+
+/// The ceiling's twin for packets that leave by the interface they came
+/// in on: the same work, then XDP_TX instead of the devmap redirect, so the
+/// forwarder's XDP_TX case has a like-for-like ceiling.
+#[xdp]
+pub fn forwarder_ceiling_tx(ctx: XdpContext) -> u32 {
+    match rewrite(&ctx) {
+        Some(_) => XDP_TX,
+        None => XDP_PASS,
+    }
+}
+
+/// Checks the frame is UDP to the configured port and applies the rewrite
+/// and MACs; `None` leaves the frame alone.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext) -> Option<&'static CeilingConfig> {
     let data = ctx.data();
     if data + ETH_LEN + IPV4_LEN + UDP_LEN > ctx.data_end() {
-        return XDP_PASS;
+        return None;
     }
-    let Some(config) = CEILING.get(0) else {
-        return XDP_PASS;
-    };
+    let config = CEILING.get(0)?;
     // SAFETY: the bounds check above covers Ethernet, a 20-byte IPv4 header
     // and the UDP header, which do not overlap.
     let (eth, ip, udp) = unsafe {
@@ -48,10 +69,10 @@ pub fn forwarder_ceiling(ctx: XdpContext) -> u32 {
         )
     };
     if eth[12] != 0x08 || eth[13] != 0x00 || ip[0] != 0x45 || ip[9] != 17 {
-        return XDP_PASS;
+        return None;
     }
     if udp[2] != config.port[0] || udp[3] != config.port[1] {
-        return XDP_PASS;
+        return None;
     }
     // Many load flows share this one rewrite: keep each packet's source port
     // (the precomputed checksum delta leaves it out).
@@ -61,9 +82,7 @@ pub fn forwarder_ceiling(ctx: XdpContext) -> u32 {
     udp[1] = sport[1];
     eth[..6].copy_from_slice(&config.dmac);
     eth[6..12].copy_from_slice(&config.smac);
-    match CEILING_EGRESS.redirect(config.egress_ifindex, u64::from(XDP_DROP)) {
-        Ok(action) | Err(action) => action,
-    }
+    Some(config)
 }
 
 #[cfg(not(test))]
