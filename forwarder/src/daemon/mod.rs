@@ -435,6 +435,46 @@ pub struct Detached {
     pub stale_socket_removed: bool,
 }
 
+/// How long `detach` waits for a daemon's reply to one request.
+const ANSWER_WAIT: Duration = Duration::from_secs(2);
+/// How long `detach` waits for a silent holder of the control socket to go.
+const SILENT_HOLDER_WAIT: Duration = Duration::from_secs(6);
+
+/// Who is behind an instance's control socket.
+enum SocketHolder {
+    /// Nobody listens: a killed daemon's leftover file, or no file.
+    Nobody,
+    /// A daemon answered a request.
+    Daemon,
+    /// Something accepts connections but does not answer.
+    Silent,
+}
+
+/// A connection alone does not tell a daemon from a leftover: a child a
+/// killed daemon had forked (a health-check `ethtool` between fork and
+/// exec) holds the listening socket for a moment after the daemon died,
+/// and a connect to it succeeds, unanswered. So a request is sent.
+fn socket_holder(socket: &std::path::Path) -> SocketHolder {
+    use std::io::{BufRead, Write};
+    let Ok(mut stream) = std::os::unix::net::UnixStream::connect(socket) else {
+        return SocketHolder::Nobody;
+    };
+    let mut line = serde_json::to_string(&forwarder_api::Request::Stats {})
+        .expect("a unit request serialises");
+    line.push('\n');
+    if stream.set_read_timeout(Some(ANSWER_WAIT)).is_err()
+        || stream.write_all(line.as_bytes()).is_err()
+    {
+        return SocketHolder::Silent;
+    }
+    let mut reply = String::new();
+    // Any reply line, an error one too, comes from a live daemon.
+    match std::io::BufReader::new(stream).read_line(&mut reply) {
+        Ok(read) if read > 0 => SocketHolder::Daemon,
+        _ => SocketHolder::Silent,
+    }
+}
+
 /// Removes an instance's pinned data plane (the XDP program leaves every
 /// interface; established flows stop) and, with `purge`, its session store.
 /// Refuses while the daemon runs: it would keep answering for a data plane
@@ -446,13 +486,27 @@ pub fn detach(
 ) -> anyhow::Result<Detached> {
     validate_instance(instance)?;
     let socket = forwarder_api::socket_path(instance);
-    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        bail!(
-            "the daemon of instance {instance:?} is running ({} answers): stop it first \
-             (`systemctl stop {}` or SIGTERM), then detach",
-            socket.display(),
-            control::systemd_unit(instance)
-        );
+    let silent_since = Instant::now();
+    loop {
+        match socket_holder(&socket) {
+            SocketHolder::Nobody => break,
+            SocketHolder::Daemon => bail!(
+                "the daemon of instance {instance:?} is running ({} answers): stop it first \
+                 (`systemctl stop {}` or SIGTERM), then detach",
+                socket.display(),
+                control::systemd_unit(instance)
+            ),
+            SocketHolder::Silent if silent_since.elapsed() < SILENT_HOLDER_WAIT => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            SocketHolder::Silent => bail!(
+                "something holds the control socket {} of instance {instance:?} but does not \
+                 answer (a stuck daemon, or a process a dead one started): find it with \
+                 `ss -xlp | grep {}`, stop it, then detach",
+                socket.display(),
+                socket.display()
+            ),
+        }
     }
     // Nobody answers on it (checked above): a killed daemon's leftover.
     let stale_socket_removed = socket.exists()
@@ -541,5 +595,35 @@ mod tests {
         assert_eq!(tick_period(ms(25)), Duration::from_secs(1));
         assert_eq!(tick_period(ms(400)), Duration::from_secs(8));
         assert_eq!(tick_period(ms(2_000)), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn detach_tells_a_daemon_from_a_silent_holder_and_a_leftover() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        assert!(matches!(socket_holder(&socket), SocketHolder::Nobody));
+
+        // A listener nobody accepts on: what a killed daemon's forked child holds.
+        let silent = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        assert!(matches!(socket_holder(&socket), SocketHolder::Silent));
+        drop(silent);
+        // The file is left behind, as by SIGKILL: a leftover.
+        assert!(socket.exists());
+        assert!(matches!(socket_holder(&socket), SocketHolder::Nobody));
+
+        std::fs::remove_file(&socket).unwrap();
+        let daemon = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let answering = std::thread::spawn(move || {
+            let (stream, _) = daemon.accept().unwrap();
+            let mut request = String::new();
+            std::io::BufReader::new(stream.try_clone().unwrap())
+                .read_line(&mut request)
+                .unwrap();
+            (&stream).write_all(b"{\"error\":\"no\"}\n").unwrap();
+            request
+        });
+        assert!(matches!(socket_holder(&socket), SocketHolder::Daemon));
+        assert!(answering.join().unwrap().contains("stats"));
     }
 }
