@@ -373,19 +373,8 @@ fn setup_sized(kind: Kind, bench: &Path, layout: usize, max_flows: u32) -> Resul
                 "5000-59999",
                 "--max-flows",
                 &max_flows,
-                "--new-flows-per-sec",
-                "1000000",
-                "--max-flows-per-session",
-                "100000",
-                // The load is one way: its flows are never answered.
-                "--probation-flows-per-session",
-                "100000",
-                // Measure the daemon's own learning rate, not the flood limiter.
-                "--slowpath-pps-per-session",
-                "0",
-                "--slowpath-pps",
-                "0",
             ];
+            args.extend_from_slice(NO_LEARNING_LIMITS);
             args.extend_from_slice(mode);
             let mut daemon = Relay::start(&relay_ns, &[RELAY_CLIENT_IF, RELAY_SERVER_IF], &args)?;
             daemon.quiet();
@@ -942,6 +931,23 @@ fn print_report(results: &Value, table: &str) {
     );
 }
 
+/// Daemon flags that take every limit on learning flows out of the way, so
+/// a bench measures the daemon itself. The loads are one way (their flows
+/// are never answered, so they stay on probation), and the flood limiter
+/// would otherwise be what is measured.
+const NO_LEARNING_LIMITS: &[&str] = &[
+    "--new-flows-per-sec",
+    "1000000",
+    "--max-flows-per-session",
+    "100000",
+    "--probation-flows-per-session",
+    "100000",
+    "--slowpath-pps-per-session",
+    "0",
+    "--slowpath-pps",
+    "0",
+];
+
 /// Where `learn-sink` listens on the server (the load port's sink drops at ingress).
 const LEARN_PORT: u16 = 9002;
 
@@ -958,19 +964,12 @@ fn control_daemon(topo: &Topology) -> Result<Relay> {
         "40000-64999",
         "--max-flows",
         "65536",
-        "--new-flows-per-sec",
-        "1000000",
-        "--max-flows-per-session",
-        "100000",
-        "--probation-flows-per-session",
-        "100000",
-        "--slowpath-pps-per-session",
-        "0",
-        "--slowpath-pps",
-        "0",
         "--xdp-mode",
         "native",
-    ];
+    ]
+    .into_iter()
+    .chain(NO_LEARNING_LIMITS.iter().copied())
+    .collect::<Vec<_>>();
     let mut daemon = Relay::start(&topo.relay, &[RELAY_CLIENT_IF, RELAY_SERVER_IF], &args)?;
     daemon.quiet();
     pin(daemon.pid(), 1)?;
