@@ -451,8 +451,9 @@ enum SocketHolder {
 }
 
 /// A connection alone does not tell a daemon from a leftover: a child a
-/// killed daemon had forked (a health-check `ethtool` between fork and
-/// exec) holds the listening socket for a moment after the daemon died,
+/// killed daemon had forked (between fork and exec, or one that keeps the
+/// descriptor, as daemons before this one spawned `ethtool` every two
+/// seconds) holds the listening socket for a moment after the daemon died,
 /// and a connect to it succeeds, unanswered. So a request is sent.
 fn socket_holder(socket: &std::path::Path) -> SocketHolder {
     use std::io::{BufRead, Write};

@@ -8,11 +8,11 @@
 //!   lives in another network namespace: the check finds it by the veth's
 //!   IFLA_LINK / IFLA_LINK_NETNSID (rtnetlink) among the named namespaces
 //!   (/run/netns, each asked for the id this namespace gives it) and reads
-//!   its XDP attachment (rtnetlink, from a thread inside that namespace)
-//!   and GRO flag (`ethtool -k`) there, so the warning comes
-//!   before the first lost packet. A peer in a namespace without a name
-//!   cannot be inspected that way; then the veths' own counters (`ethtool
-//!   -S`) show the loss once packets flow: a redirect into a veth whose
+//!   its XDP attachment (rtnetlink) and GRO flag (the ioctl behind
+//!   `ethtool -k`), both from a thread inside that namespace, so the warning
+//!   comes before the first lost packet. A peer in a namespace without a
+//!   name cannot be inspected that way; then the veths' own driver counters
+//!   (what `ethtool -S` prints) show the loss once packets flow: a redirect into a veth whose
 //!   peer has no NAPI fails at enqueue and counts as `rx_queue_N_drops` on
 //!   the ingress veth, a later failure leaves a redirect taken on one veth
 //!   (`rx_queue_N_xdp_redirect`) missing from the other's
@@ -24,12 +24,12 @@
 //!   (off by default on most hosts, and an IPv4-only relay needs none).
 //!
 //! Links and namespaces come from rtnetlink (`super::netlink`); the GRO flag
-//! and the veth driver's statistics still come from `ethtool`, whose
-//! per-driver counter names are the interface operators read anyway, for a
-//! check that runs every few seconds off the packet path.
+//! and the veth driver's statistics from the SIOCETHTOOL ioctl
+//! (`super::ethtool`), so the check spawns no process: it runs every few
+//! seconds for as long as the daemon does. The counter names are the ones
+//! `ethtool -S` prints, which operators read anyway.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 use forwarder_api::Warning;
 
-use super::netlink;
+use super::{ethtool, netlink};
 
 /// How often the conditions are checked.
 const PERIOD: Duration = Duration::from_secs(2);
@@ -311,13 +311,14 @@ struct VethPeer {
 /// or in a named one whose id matches the link's netnsid.
 fn veth_peer(link: &netlink::Link) -> Option<VethPeer> {
     let index = link.peer_index?;
-    let (netns, peer) = match link.peer_netnsid {
+    let (netns, peer, gro) = match link.peer_netnsid {
         None => {
             let peer = netlink::links()
                 .ok()?
                 .into_iter()
                 .find(|l| l.index == index)?;
-            (None, peer)
+            let gro = ethtool::gro_enabled(&peer.name).ok()?;
+            (None, peer, gro)
         }
         Some(id) => {
             let (name, path) = std::fs::read_dir(NETNS_DIR)
@@ -330,28 +331,20 @@ fn veth_peer(link: &netlink::Link) -> Option<VethPeer> {
                     )
                 })
                 .find(|(_, path)| netlink::nsid_of(path).ok().flatten() == Some(id))?;
-            let peer = netlink::in_namespace(&path, netlink::links)
-                .ok()?
-                .into_iter()
-                .find(|l| l.index == index)?;
-            (Some(name), peer)
+            // The GRO ioctl answers for the namespace of its socket, so both
+            // questions are asked from the thread inside the peer's.
+            let (peer, gro) = netlink::in_namespace(&path, move || {
+                let peer = netlink::links()?
+                    .into_iter()
+                    .find(|l| l.index == index)
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?;
+                let gro = ethtool::gro_enabled(&peer.name)?;
+                Ok((peer, gro))
+            })
+            .ok()?;
+            (Some(name), peer, gro)
         }
     };
-    let mut ethtool = match &netns {
-        Some(ns) => {
-            let mut cmd = Command::new("nsenter");
-            cmd.arg(format!("--net={NETNS_DIR}/{ns}")).arg("ethtool");
-            cmd
-        }
-        None => Command::new("ethtool"),
-    };
-    let output = ethtool.args(["-k", &peer.name]).output().ok()?;
-    let features = String::from_utf8_lossy(&output.stdout);
-    let gro = features
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("generic-receive-offload:"))?
-        .trim()
-        .starts_with("on");
     Some(VethPeer {
         name: peer.name,
         netns,
@@ -391,21 +384,15 @@ fn has_global_ipv6(if_inet6: &str, name: &str) -> bool {
 
 /// A veth's XDP counters, summed over its queues.
 fn veth_counters(name: &str) -> Option<VethCounters> {
-    let output = Command::new("ethtool").args(["-S", name]).output().ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    Some(parse_veth_counters(&String::from_utf8_lossy(
-        &output.stdout,
-    )))
+    let stats = ethtool::driver_stats(name).ok()?;
+    Some(sum_veth_counters(
+        stats.iter().map(|(key, value)| (key.as_str(), *value)),
+    ))
 }
 
-fn parse_veth_counters(text: &str) -> VethCounters {
+fn sum_veth_counters<'a>(stats: impl IntoIterator<Item = (&'a str, u64)>) -> VethCounters {
     let mut counters = VethCounters::default();
-    for (key, value) in text.lines().filter_map(|line| line.trim().split_once(':')) {
-        let Ok(value) = value.trim().parse::<u64>() else {
-            continue;
-        };
+    for (key, value) in stats {
         if key.ends_with("xdp_xmit_errors") || key.ends_with("xdp_tx_errors") {
             counters.errors += value;
         } else if key.starts_with("rx_queue_") && key.ends_with("_xdp_redirect") {
@@ -428,12 +415,20 @@ mod tests {
 
     #[test]
     fn sums_the_veth_counters_that_mean_silent_drops() {
-        let text = "NIC statistics:\n     peer_ifindex: 2\n     rx_queue_0_xdp_drops: 7\n     rx_queue_0_xdp_tx_errors: 3\n\
-                    \x20    rx_queue_0_xdp_redirect: 9\n     rx_queue_1_xdp_redirect: 1\n\
-                    \x20    tx_queue_0_xdp_xmit: 100\n     tx_queue_0_xdp_xmit_errors: 40\n     tx_queue_1_xdp_xmit_errors: 2\n";
+        let stats = [
+            ("peer_ifindex", 2),
+            ("rx_queue_0_xdp_drops", 7),
+            ("rx_queue_0_xdp_tx_errors", 3),
+            ("rx_queue_0_xdp_redirect", 9),
+            ("rx_queue_1_xdp_redirect", 1),
+            ("tx_queue_0_xdp_xmit", 100),
+            ("tx_queue_0_xdp_xmit_errors", 40),
+            ("tx_queue_1_xdp_xmit_errors", 2),
+            ("rx_queue_0_drops", 5),
+        ];
         // xdp_drops are the program's own XDP_DROP verdicts, counted by us already.
         assert_eq!(
-            parse_veth_counters(&format!("{text}     rx_queue_0_drops: 5\n")),
+            sum_veth_counters(stats),
             VethCounters {
                 errors: 45,
                 rx_redirect: 10,
