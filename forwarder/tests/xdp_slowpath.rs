@@ -5,13 +5,15 @@
 
 mod common;
 
+use aya::maps::Array;
 use common::namespace::Namespace;
 use common::table::{Maps, NO_FLOWS, Output, Table};
 use common::{
     CLIENT, CLIENT_PORT, PAYLOAD, RELAY_FRONT, Relay, SESSION_PORT, UNRESOLVED_BACKEND, XDP_DROP,
     XDP_PASS, client_packet, udp_frame,
 };
-use forwarder_common::Reason;
+use forwarder::datapath::{bulk::nonzero_slots, xdp::clear_session_buckets};
+use forwarder_common::{Reason, SlowpathBucket};
 
 #[test]
 fn fixture_table() {
@@ -89,4 +91,69 @@ fn spent_bucket_drops_the_next_packet() {
             relay.expect(&other, Some(topo.front), Reason::PassNotRelayPort, XDP_PASS);
         }
     });
+}
+
+/// What a daemon's start does to an adopted bucket map (`limit_slowpath`):
+/// the buckets an earlier daemon left are found by one batch read and
+/// reset, every other slot stays as it was, the program sees the reset at
+/// once, and the bucket each restored session then gets carries the new
+/// limit. The slots sit at both ends of the array and on both sides of a
+/// batch call's 4,096-slot boundary.
+#[test]
+fn a_new_limit_reaches_the_slots_in_use_and_no_other() {
+    const IN_USE: [u16; 6] = [0, 4095, 4096, SESSION_PORT, SESSION_PORT + 1, u16::MAX];
+    let mut relay = Relay::load();
+    for port in IN_USE {
+        relay.set_session_bucket(port, 1);
+    }
+    // The earlier daemon's limit: one miss a second, spent by the first.
+    relay.expect(&client_packet(), None, Reason::PassNoFlow, XDP_PASS);
+    relay.expect(
+        &client_packet(),
+        None,
+        Reason::DropSlowpathSessionLimit,
+        XDP_DROP,
+    );
+    {
+        let mut buckets: Array<_, SlowpathBucket> =
+            Array::try_from(relay.map_mut("SLOWPATH_SESSION_BUCKETS")).unwrap();
+        let in_use: Vec<u32> = IN_USE.iter().copied().map(u32::from).collect();
+        assert_eq!(
+            set_slots(&buckets),
+            in_use,
+            "the fixture, read slot by slot"
+        );
+        assert_eq!(
+            nonzero_slots(&buckets).expect("batch lookup of the bucket array"),
+            Some(in_use),
+            "one batch read finds exactly the slots in use (this kernel has batch lookups for arrays)"
+        );
+        assert_eq!(clear_session_buckets(&mut buckets).unwrap(), IN_USE.len());
+        assert_eq!(
+            set_slots(&buckets),
+            Vec::<u32>::new(),
+            "every slot reset, none written with anything else"
+        );
+        assert_eq!(nonzero_slots(&buckets).unwrap(), Some(Vec::new()));
+    }
+    // Reset means unlimited until the session is restored: the spent bucket is gone.
+    relay.expect(&client_packet(), None, Reason::PassNoFlow, XDP_PASS);
+    // The restored session's bucket under the new limit: two a second,
+    // where the old one refused the second miss.
+    relay.set_session_bucket(SESSION_PORT, 2);
+    relay.expect(&client_packet(), None, Reason::PassNoFlow, XDP_PASS);
+    relay.expect(&client_packet(), None, Reason::PassNoFlow, XDP_PASS);
+    relay.expect(
+        &client_packet(),
+        None,
+        Reason::DropSlowpathSessionLimit,
+        XDP_DROP,
+    );
+}
+
+/// Slots whose bucket is not all zero, one lookup each.
+fn set_slots(buckets: &Array<&mut aya::maps::MapData, SlowpathBucket>) -> Vec<u32> {
+    (0..buckets.len())
+        .filter(|slot| buckets.get(slot, 0).unwrap() != SlowpathBucket::default())
+        .collect()
 }

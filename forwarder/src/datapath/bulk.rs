@@ -245,6 +245,85 @@ impl LastSeenSnapshot {
     }
 }
 
+/// The kernel's own "operation not supported" (524), which leaks to user
+/// space from the bpf syscall for a map type without batch operations;
+/// libc names only EOPNOTSUPP (95).
+const ENOTSUPP: i32 = 524;
+
+/// Indexes of the slots of `array` whose value is not all zero, read with
+/// `BPF_MAP_LOOKUP_BATCH` (a call per 4,096 slots) instead of a lookup per
+/// slot. `None` where the kernel has no batch lookup for arrays (before
+/// 5.6: the command is unknown, EINVAL, or the map type lacks it,
+/// ENOTSUPP): the caller then reads slot by slot.
+pub fn nonzero_slots<T, V>(array: &aya::maps::Array<T, V>) -> io::Result<Option<Vec<u32>>>
+where
+    T: std::borrow::Borrow<aya::maps::MapData>,
+    V: aya::Pod + Pod,
+{
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+
+    let fd = array.map().fd().as_fd().as_raw_fd();
+    let mut slots = Vec::new();
+    let mut keys = vec![0u32; CHUNK];
+    // Array::try_from checked that the map's value size is V's, so each
+    // buffer holds CHUNK of what the kernel writes.
+    let mut values = vec![V::zeroed(); CHUNK];
+    // An array's batch token is the last index read; none before the first call.
+    let mut in_batch = 0u32;
+    let mut out_batch = 0u32;
+    let mut first = true;
+    loop {
+        // SAFETY: all-zero is a valid bpf_attr (a plain C union of integers).
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // Plain integers into the `batch` member; the buffers live until the
+        // syscall returns, each CHUNK elements of the map's key and value size.
+        attr.batch.in_batch = if first {
+            0
+        } else {
+            std::ptr::from_mut(&mut in_batch) as u64
+        };
+        attr.batch.out_batch = std::ptr::from_mut(&mut out_batch) as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = CHUNK as u32;
+        attr.batch.map_fd = fd as u32;
+        // SAFETY: the bpf syscall with a fully initialised attribute of the
+        // size we pass; the kernel writes only into the buffers named above.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
+                std::ptr::from_mut(&mut attr),
+                std::mem::size_of::<bpf_attr>() as libc::c_uint,
+            )
+        };
+        let error = (rc < 0).then(io::Error::last_os_error);
+        if let Some(error) = &error {
+            match error.raw_os_error() {
+                // The end of the array (with the last slots, if any).
+                Some(libc::ENOENT) => {}
+                Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP) if first => return Ok(None),
+                _ => return Err(io::Error::new(error.kind(), error.to_string())),
+            }
+        }
+        // SAFETY: reading back the integer the kernel wrote.
+        let got = unsafe { attr.batch.count } as usize;
+        slots.extend(
+            keys[..got]
+                .iter()
+                .zip(&values[..got])
+                .filter(|(_, value)| bytemuck::bytes_of(*value).iter().any(|byte| *byte != 0))
+                .map(|(key, _)| *key),
+        );
+        if error.is_some() {
+            return Ok(Some(slots));
+        }
+        in_batch = out_batch;
+        first = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ use forwarder_common::{
 
 use super::bulk::{FlowMapsReader, MapsUsed};
 use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::pins::{MapShape, PinDir, layout_id};
 
@@ -606,21 +606,7 @@ impl XdpDatapath {
     /// Buckets an earlier daemon left in the pinned map are dropped: the
     /// sessions restored afterwards get fresh ones with these limits.
     pub fn limit_slowpath(&mut self, per_session_pps: u32, global_pps: u32) -> anyhow::Result<()> {
-        // One read per port (about 65,000 syscalls, tens of ms, once a start).
-        let stale: Vec<u32> = (0..forwarder_common::slowpath::SESSION_BUCKET_SLOTS)
-            .filter(|port| {
-                self.slowpath
-                    .sessions
-                    .get(port, 0)
-                    .is_ok_and(|bucket| bucket != SlowpathBucket::default())
-            })
-            .collect();
-        for port in stale {
-            self.slowpath
-                .sessions
-                .set(port, SlowpathBucket::default(), 0)
-                .context("clearing a stale slow-path bucket")?;
-        }
+        clear_session_buckets(&mut self.slowpath.sessions)?;
         self.slowpath.limited.clear();
         self.slowpath.per_session = SlowpathBucket::per_second(per_session_pps);
         self.slowpath
@@ -655,6 +641,40 @@ impl XdpDatapath {
             warn!(%error, port, "clearing a session's slow-path bucket");
         }
     }
+}
+
+/// Resets every per-session slow-path bucket that is set (an earlier
+/// daemon's sessions, in an adopted pinned map) and returns how many. One
+/// batch read finds them (17 syscalls for the 65,536 slots); a kernel
+/// without batch lookups for arrays gets a read per slot instead, tens of
+/// milliseconds once a start. Public for the XDP tests, which run it on a
+/// loaded program's map.
+pub fn clear_session_buckets<T: std::borrow::BorrowMut<MapData>>(
+    sessions: &mut Array<T, SlowpathBucket>,
+) -> anyhow::Result<usize> {
+    let stale = match super::bulk::nonzero_slots(sessions)
+        .context("reading the slow-path buckets in one batch (BPF_MAP_LOOKUP_BATCH)")?
+    {
+        Some(stale) => stale,
+        None => {
+            debug!(
+                "the kernel has no batch lookup for arrays: reading the slow-path buckets one by one"
+            );
+            (0..sessions.len())
+                .filter(|port| {
+                    sessions
+                        .get(port, 0)
+                        .is_ok_and(|bucket| bucket != SlowpathBucket::default())
+                })
+                .collect()
+        }
+    };
+    for &port in &stale {
+        sessions
+            .set(port, SlowpathBucket::default(), 0)
+            .with_context(|| format!("clearing the stale slow-path bucket of port {port}"))?;
+    }
+    Ok(stale.len())
 }
 
 fn attach(

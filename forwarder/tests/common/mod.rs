@@ -172,6 +172,13 @@ impl Relay {
         map.set(0, SlowpathBucket::per_second(pps), 0).unwrap();
     }
 
+    /// The map named `name`, for the daemon's own functions that take one.
+    pub fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
+        self.ebpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("{name} map"))
+    }
+
     /// Inserts `key → value` into the map named `name` (any key and value type).
     pub fn insert<K: aya::Pod, V: aya::Pod>(&mut self, name: &str, key: K, value: V) {
         let mut map: HashMap<_, K, V> = HashMap::try_from(
