@@ -542,12 +542,25 @@ pub struct SlowPathStats {
     pub dropped_no_session: u64,
     pub flows_expired: u64,
     pub sessions_expired: u64,
-    /// The last expiry tick: microseconds reading the flow maps in bulk
-    /// (without the relay lock) and then deciding with the lock held.
+    /// The last expiry tick: microseconds reading its slice of the flow
+    /// maps in bulk (without the relay lock) and then holding the lock
+    /// (deciding, when the tick completed a pass).
     #[serde(default)]
     pub expiry_tick_read_us: u64,
     #[serde(default)]
     pub expiry_tick_locked_us: u64,
+    /// The last complete pass through the flow maps (a bounded slice of
+    /// them is read each tick, flows are judged when a pass completes):
+    /// the ticks it took, the entries it read, its reading time over all
+    /// slices, and the lock held for its decisions.
+    #[serde(default)]
+    pub expiry_pass_ticks: u64,
+    #[serde(default)]
+    pub expiry_pass_entries: u64,
+    #[serde(default)]
+    pub expiry_pass_read_us: u64,
+    #[serde(default)]
+    pub expiry_pass_locked_us: u64,
     /// NAT sessions: packets from new client endpoints that failed mosh's
     /// rule (tag, direction, newer sequence number) and were dropped.
     #[serde(default)]

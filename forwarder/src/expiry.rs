@@ -45,6 +45,20 @@ pub fn session_idle(last_active_ns: u64, now_ns: u64, idle: Duration) -> bool {
     now_ns.saturating_sub(last_active_ns) >= idle.as_nanos() as u64
 }
 
+/// Entries the expiry tick reads per tick at least: a slice of a few
+/// milliseconds, so the flow maps of an ordinary relay are read whole
+/// every tick and a million entries are spread over seconds.
+pub const SLICE_ENTRIES: usize = 65_536;
+
+/// Entries to read this tick so that a pass over `expected` entries (one
+/// tick every `tick`) takes at most an eighth of `shortest_idle`: flows are
+/// judged when a pass completes, so they go at most that much late.
+pub fn slice_entries(expected: usize, shortest_idle: Duration, tick: Duration) -> usize {
+    let ticks = (shortest_idle / 8).as_nanos() / tick.as_nanos().max(1);
+    let ticks = usize::try_from(ticks).unwrap_or(usize::MAX).max(1);
+    SLICE_ENTRIES.max(expected.div_ceil(ticks))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +114,31 @@ mod tests {
             Some(1)
         );
         assert_eq!(server_current(&[flow(1, 0)]), None);
+    }
+
+    #[test]
+    fn a_pass_takes_at_most_an_eighth_of_the_shortest_timeout() {
+        let tick = Duration::from_secs(1);
+        // An ordinary relay: one slice is the whole pass.
+        assert_eq!(
+            slice_entries(30_000, Duration::from_secs(120), tick),
+            SLICE_ENTRIES
+        );
+        // A million flows (two halves each), 120 s: 15 ticks a pass at most.
+        let slice = slice_entries(2_000_000, Duration::from_secs(120), tick);
+        assert_eq!(slice, 133_334);
+        assert!(2_000_000usize.div_ceil(slice) <= 15);
+        // Ten minutes leave 75 ticks: the floor of a slice decides.
+        assert_eq!(
+            slice_entries(2_000_000, Duration::from_secs(600), tick),
+            SLICE_ENTRIES
+        );
+        // A timeout under eight ticks: the whole pass in one tick.
+        assert_eq!(
+            slice_entries(2_000_000, Duration::from_secs(3), tick),
+            2_000_000
+        );
+        assert_eq!(slice_entries(0, Duration::ZERO, tick), SLICE_ENTRIES);
     }
 
     #[test]

@@ -758,13 +758,82 @@ pub fn run(plan: &Plan) -> Result<Value> {
     Ok(results)
 }
 
+/// The daemon's core in the scale rows: not the sender's (core 0, where
+/// the XDP program runs in layout 1), so what the daemon does with many
+/// flows (the expiry tick's reads) does not take the program's CPU, and
+/// every row has the same placement.
+const SCALE_DAEMON_CPU: usize = 1;
+
+/// What the expiry tick did lately, from `stats`: the last complete pass
+/// through the flow maps (ticks, entries read, reading time over all its
+/// slices, lock held for its decisions) and the last few ticks' slice read
+/// times, one `stats` a tick (`stats` reads the maps' fill itself, so
+/// never during a measured window).
+fn expiry_pass(relay: &Relay, samples: usize) -> Result<Value> {
+    let mut read_us = Vec::new();
+    let mut locked_us = Vec::new();
+    let mut stats = json!({});
+    for sample in 0..samples {
+        if sample > 0 {
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        stats = relay.stats()?;
+        let tick = &stats["slow_path"];
+        if let (Some(read), Some(locked)) = (
+            tick["expiry_tick_read_us"].as_u64(),
+            tick["expiry_tick_locked_us"].as_u64(),
+        ) {
+            read_us.push(read as f64);
+            locked_us.push(locked as f64);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let pass = &stats["slow_path"];
+    Ok(json!({
+        "pass_ticks": pass["expiry_pass_ticks"],
+        "pass_entries": pass["expiry_pass_entries"],
+        "pass_read_ms": pass["expiry_pass_read_us"].as_f64().map(|us| us / 1000.0),
+        "pass_lock_held_us": pass["expiry_pass_locked_us"],
+        "slice_read_ms_median": median(&mut read_us).map(|us| us / 1000.0),
+        "slice_read_ms_max": read_us.iter().copied().reduce(f64::max).map(|us| us / 1000.0),
+        "tick_lock_held_us_median": median(&mut locked_us),
+    }))
+}
+
+/// Waits until the expiry tick has completed a pass that read at least
+/// `entries` entries (the flow maps as they are now, both halves).
+fn wait_for_pass(relay: &Relay, entries: u64, timeout: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let stats = relay.stats()?;
+        let read = stats["slow_path"]["expiry_pass_entries"]
+            .as_u64()
+            .unwrap_or(0);
+        if read >= entries {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the expiry tick completed no pass over {entries} entries in {timeout:?} (the last read {read}): \
+                 is the daemon's tick stuck? See its log"
+            );
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 /// Per-packet XDP cost with more and more established flows, and how fast the
 /// control plane adds sessions and learns flows.
 fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
-    let mut out = json!({});
+    let mut out = json!({"daemon_cpu": SCALE_DAEMON_CPU});
     let s = setup_sized(Kind::XdpNative, bench, 1, plan.max_flows)?;
     let relay = s.relay.as_ref().context("no daemon")?;
     for &flows in &plan.scale_flows {
+        // Every row: threads the daemon started since come along.
+        pin(relay.pid(), SCALE_DAEMON_CPU)?;
         let started = std::time::Instant::now();
         loadgen(&s, bench, flows, 64, 0.0, true)?;
         let learned = relay.wait_until(
@@ -785,6 +854,7 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
             "ns_per_packet": (after.0 - before.0) as f64 / runs as f64,
             "received_kpps": rx / 1000.0,
             "seconds_to_learn": learn_secs,
+            "expiry": expiry_pass(relay, 3)?,
         });
     }
     // The flow table nearly full: synthetic entries fill the pinned maps
@@ -807,11 +877,15 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
         Duration::from_secs(300),
     )?;
     loadgen(&s, bench, 1, 64, 0.0, true)?;
+    let installed = used as u64 + 1 + filled["inserted"].as_u64().unwrap_or(0);
+    // Measured once the tick has read all of them (both halves a flow),
+    // so the window sees its steady slices, not a pass over fewer.
+    wait_for_pass(relay, installed * 2 * 99 / 100, Duration::from_secs(300))?;
+    pin(relay.pid(), SCALE_DAEMON_CPU)?;
     let before = bpf_stats(bench, "forwarder")?;
     let rx = throughput(&s, bench, 1, 64, plan.seconds)?.received_pps;
     let after = bpf_stats(bench, "forwarder")?;
     let runs = (after.1 - before.1).max(1);
-    let installed = used as u64 + 1 + filled["inserted"].as_u64().unwrap_or(0);
     let one_flow_kpps = out["flows_1"]["received_kpps"].as_f64();
     out["table_full"] = json!({
         "entries_per_map": installed,
@@ -819,6 +893,7 @@ fn scale(plan: &Plan, bench: &Path) -> Result<Value> {
         "ns_per_packet": (after.0 - before.0) as f64 / runs as f64,
         "received_kpps": rx / 1000.0,
         "kpps_against_one_flow": one_flow_kpps.map(|one| rx / 1000.0 / one.max(1e-9)),
+        "expiry": expiry_pass(relay, 5)?,
         "kernel_memory": kernel_memory_per_flow(relay, plan.max_flows, Some(installed))?,
     });
     // Session adds through the CLI (each a process and a control round trip).

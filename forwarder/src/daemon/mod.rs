@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use forwarder_common::RelayConfig;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use forwarder_common::config::RuntimeSizes;
 
@@ -20,7 +20,8 @@ use crate::control::{self};
 use crate::datapath::fds;
 use crate::datapath::pins::PinDir;
 use crate::datapath::xdp::{self, ModeChoice, XdpDatapath};
-use crate::datapath::{Datapath, DatapathChoice};
+use crate::datapath::{Datapath, DatapathChoice, FlowMapsPass, Slice};
+use crate::expiry;
 use crate::ports::PortRange;
 use crate::sessions::SharedRelay;
 use crate::sessions::{Limits, Relay, RelayParts, monotonic_ns};
@@ -532,71 +533,100 @@ pub fn detach(
     })
 }
 
-/// The expiry tick's period: once a second, stretched so the tick takes at
-/// most a twentieth of one core when the maps are huge (a walk of a million
-/// entries takes hundreds of milliseconds), never beyond 10 s: flows idle
-/// for minutes before they expire, so a few seconds later changes nothing.
-fn tick_period(took: Duration) -> Duration {
-    (took * 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
-}
+/// The expiry tick's period.
+const TICK: Duration = Duration::from_secs(1);
 
-/// Every [`tick_period`]: the flow maps are read in bulk (one walk per map)
-/// with the relay unlocked, so learning and the API go on meanwhile; only
-/// the decisions take the lock.
+/// Mid-pass failures in a row after which the tick stops reading in bulk.
+const MAX_RESTARTS: u32 = 3;
+
+/// Every [`TICK`]: a slice of the flow maps is read in bulk with the relay
+/// unlocked, resuming the pass the last tick left, so learning and the API
+/// go on meanwhile and a million entries cost no core-second at once
+/// (slice size: [`expiry::slice_entries`]). Flows are judged when a pass
+/// completes, under the lock, from what it read; without bulk reads
+/// (userspace datapath, kernels before 5.6) every tick judges them with a
+/// lookup each.
 async fn expire_forever(relay: SharedRelay) {
-    let mut period = Duration::from_secs(1);
     let mut bulk_failed = false;
+    let mut restarts = 0;
+    let mut pass: Option<FlowMapsPass> = None;
+    // Entries the last complete pass read: the next one's expected size.
+    let mut last_pass_entries = 0;
     loop {
-        tokio::time::sleep(period).await;
-        let reader = if bulk_failed {
-            None
-        } else {
-            relay.lock().expect("relay lock").flow_maps_reader()
+        tokio::time::sleep(TICK).await;
+        // Read before the reader is made: see FlowMapsPass::start.
+        let pass_start_ns = monotonic_ns();
+        let (shortest_idle, flows) = {
+            let relay = relay.lock().expect("relay lock");
+            if pass.is_none() && !bulk_failed {
+                pass = relay
+                    .flow_maps_reader()
+                    .map(|reader| FlowMapsPass::start(reader, pass_start_ns));
+            }
+            (relay.shortest_idle_timeout(), relay.flow_count())
         };
-        let started = std::time::Instant::now();
-        let seen = match reader {
-            Some(reader) => {
-                let walk = tokio::task::spawn_blocking(move || reader.snapshot(monotonic_ns()));
-                match walk.await {
-                    Ok(Ok(seen)) => Some(seen),
-                    Ok(Err(error)) => {
-                        warn!(%error, "reading the flow maps in bulk (BPF_MAP_LOOKUP_BATCH, Linux 5.6 and later) failed; the expiry tick reads each flow under the relay lock from now on");
+        // None: nothing reads in bulk here (userspace datapath, bulk reads
+        // failed, or no descriptors), so each flow is looked up.
+        let in_bulk = pass.is_some();
+        let started = Instant::now();
+        let mut complete = None;
+        if let Some(mut reading) = pass.take() {
+            // Two halves a flow: what the pass will at least find.
+            let expected = last_pass_entries.max(reading.entries()).max(flows * 2);
+            let budget = expiry::slice_entries(expected, shortest_idle, TICK);
+            let slice = tokio::task::spawn_blocking(move || {
+                let slice = reading.read_slice(budget);
+                (reading, slice)
+            });
+            match slice.await {
+                Ok((reading, Ok(Slice::Partial))) => pass = Some(reading),
+                Ok((reading, Ok(Slice::Complete))) => {
+                    restarts = 0;
+                    complete = Some(reading.finish());
+                }
+                Ok((_, Ok(Slice::Restart(error)))) => {
+                    restarts += 1;
+                    if restarts >= MAX_RESTARTS {
+                        warn!(%error, "reading the flow maps in bulk failed in mid-pass {restarts} times in a row; the expiry tick reads each flow under the relay lock from now on");
                         bulk_failed = true;
-                        None
-                    }
-                    Err(error) => {
-                        warn!(%error, "the expiry tick's map walk did not finish; reading each flow this tick");
-                        None
+                    } else {
+                        debug!(%error, "reading the flow maps in bulk failed in mid-pass; starting the pass over");
                     }
                 }
+                Ok((_, Err(error))) => {
+                    warn!(%error, "reading the flow maps in bulk (BPF_MAP_LOOKUP_BATCH, Linux 5.6 and later) failed; the expiry tick reads each flow under the relay lock from now on");
+                    bulk_failed = true;
+                }
+                Err(error) => {
+                    warn!(%error, "the expiry tick's map read did not finish; starting the pass over");
+                }
             }
-            None => None,
-        };
+        }
         let read = started.elapsed();
-        let mut relay = relay.lock().expect("relay lock");
-        let locked = std::time::Instant::now();
-        let now_ns = seen
-            .as_ref()
-            .map_or_else(monotonic_ns, |seen| seen.taken_ns());
-        relay.expire_seen(now_ns, seen.as_ref());
-        relay.store_keyed_progress(false);
+        let mut guard = relay.lock().expect("relay lock");
+        let locked = Instant::now();
+        match &complete {
+            Some((seen, _)) => guard.expire_seen(seen.taken_ns(), Some(seen)),
+            None if !in_bulk || bulk_failed => guard.expire_seen(monotonic_ns(), None),
+            // In mid-pass, or it starts over: judged when one completes.
+            None => {}
+        }
+        guard.store_keyed_progress(false);
         let locked = locked.elapsed();
-        relay.note_expiry_tick(read, locked);
-        period = tick_period(read + locked);
+        guard.note_expiry_tick(read, locked);
+        if let Some((_, totals)) = &complete {
+            guard.note_expiry_pass(*totals, locked);
+            last_pass_entries = totals.entries;
+        }
+        drop(guard);
+        // A million entries' snapshot is freed with the relay unlocked.
+        drop(complete);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_tick_stretches_only_for_walks_of_huge_maps() {
-        let ms = Duration::from_millis;
-        assert_eq!(tick_period(ms(25)), Duration::from_secs(1));
-        assert_eq!(tick_period(ms(400)), Duration::from_secs(8));
-        assert_eq!(tick_period(ms(2_000)), Duration::from_secs(10));
-    }
 
     #[test]
     fn detach_tells_a_daemon_from_a_silent_holder_and_a_leftover() {

@@ -1,7 +1,10 @@
-//! Whole flow maps read in one walk each (`BPF_MAP_LOOKUP_BATCH`), for the
-//! expiry tick: a lookup per flow under the relay lock was most of an idle
-//! daemon's CPU with many flows. aya 0.14 has no batch call, so it goes
-//! through the `bpf` syscall with aya-obj's kernel bindings for the layout.
+//! The flow maps read in bulk (`BPF_MAP_LOOKUP_BATCH`) for the expiry
+//! tick: a lookup per flow under the relay lock was most of an idle
+//! daemon's CPU with many flows. A pass through them is spread over ticks,
+//! a bounded slice each, resumed from the kernel's batch token: a walk of a
+//! million entries at once took the CPU the XDP program needed. aya 0.14
+//! has no batch call, so it goes through the `bpf` syscall with aya-obj's
+//! kernel bindings for the layout.
 
 use std::hash::Hash;
 use std::io;
@@ -22,27 +25,34 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState
 /// ENOSPC then, and the buffer grows).
 const CHUNK: usize = 4096;
 
-/// Every entry of one hash map, in as few syscalls as the kernel allows.
-/// Entries added or removed while it walks may or may not be seen, as with
-/// any walk of a live hash map.
-pub fn lookup_all<K: Pod, V: Pod>(map: &OwnedFd) -> io::Result<Vec<(K, V)>> {
-    let mut out = Vec::new();
-    let mut chunk = CHUNK;
-    let mut keys = vec![K::zeroed(); chunk];
-    let mut values = vec![V::zeroed(); chunk];
-    // The hash map's batch token is a bucket index (u32); 0 before the first call.
-    let mut in_batch = 0u32;
+/// One `BPF_MAP_LOOKUP_BATCH` call's answer: `got` entries in the
+/// buffers, and where the next call resumes (None: the map's end).
+struct Batch {
+    got: usize,
+    next: Option<u32>,
+}
+
+/// One batch call from `from` (None: the map's start) into `keys` and
+/// `values`, as many entries as they hold; grown when one hash bucket
+/// holds more (the kernel answers ENOSPC then).
+fn lookup_batch<K: Pod, V: Pod>(
+    map: &OwnedFd,
+    from: Option<u32>,
+    keys: &mut Vec<K>,
+    values: &mut Vec<V>,
+) -> io::Result<Batch> {
+    // The hash map's batch token is a bucket index (u32).
+    let mut in_batch = from.unwrap_or(0);
     let mut out_batch = 0u32;
-    let mut first = true;
     loop {
+        let chunk = keys.len().min(values.len());
         // SAFETY: all-zero is a valid bpf_attr (a plain C union of integers).
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
         // Plain integers into the `batch` member; the buffers live until the
         // syscall returns, each `chunk` elements of the map's key and value size.
-        attr.batch.in_batch = if first {
-            0
-        } else {
-            std::ptr::from_mut(&mut in_batch) as u64
+        attr.batch.in_batch = match from {
+            None => 0,
+            Some(_) => std::ptr::from_mut(&mut in_batch) as u64,
         };
         attr.batch.out_batch = std::ptr::from_mut(&mut out_batch) as u64;
         attr.batch.keys = keys.as_mut_ptr() as u64;
@@ -64,9 +74,8 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &OwnedFd) -> io::Result<Vec<(K, V)>> {
             && error.raw_os_error() == Some(libc::ENOSPC)
         {
             // One bucket holds more than `chunk` entries: retry it with room.
-            chunk *= 2;
-            keys.resize(chunk, K::zeroed());
-            values.resize(chunk, V::zeroed());
+            keys.resize(chunk.max(1) * 2, K::zeroed());
+            values.resize(chunk.max(1) * 2, V::zeroed());
             continue;
         }
         if let Some(error) = &error
@@ -76,18 +85,32 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &OwnedFd) -> io::Result<Vec<(K, V)>> {
         }
         // SAFETY: reading back the integer the kernel wrote.
         let got = unsafe { attr.batch.count } as usize;
+        // ENOENT: the walk reached the end (with the last entries, if any).
+        let next = error.is_none().then_some(out_batch);
+        return Ok(Batch { got, next });
+    }
+}
+
+/// Every entry of one hash map, in as few syscalls as the kernel allows.
+/// Entries added or removed while it walks may or may not be seen, as with
+/// any walk of a live hash map.
+pub fn lookup_all<K: Pod, V: Pod>(map: &OwnedFd) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    let mut keys = vec![K::zeroed(); CHUNK];
+    let mut values = vec![V::zeroed(); CHUNK];
+    let mut from = None;
+    loop {
+        let batch = lookup_batch(map, from, &mut keys, &mut values)?;
         out.extend(
-            keys[..got]
+            keys[..batch.got]
                 .iter()
                 .copied()
-                .zip(values[..got].iter().copied()),
+                .zip(values[..batch.got].iter().copied()),
         );
-        // ENOENT: the walk reached the end (with the last entries, if any).
-        if error.is_some() {
-            return Ok(out);
+        match batch.next {
+            Some(next) => from = Some(next),
+            None => return Ok(out),
         }
-        in_batch = out_batch;
-        first = false;
     }
 }
 
@@ -132,47 +155,252 @@ impl MapsUsed {
     }
 }
 
-fn seen<K: Pod + Hash + Eq, V: Pod>(
-    used: bool,
+impl MapsUsed {
+    /// Whether map `index` is used, in the order a pass reads them: client,
+    /// backend, client6, backend6, client_4to6, backend_4to6.
+    fn get(self, index: usize) -> bool {
+        [
+            self.client,
+            self.backend,
+            self.client6,
+            self.backend6,
+            self.client_4to6,
+            self.backend_4to6,
+        ]
+        .get(index)
+        .copied()
+        .unwrap_or(false)
+    }
+
+    /// The first used map at `index` or after it.
+    fn next_from(self, index: usize) -> Option<usize> {
+        (index..FLOW_MAPS).find(|&map| self.get(map))
+    }
+}
+
+/// The six flow maps a pass reads, in [`MapsUsed::get`]'s order.
+const FLOW_MAPS: usize = 6;
+
+/// Where a pass through the flow maps stands between ticks: the map it
+/// reads and the kernel's batch token to resume that map from (None: its
+/// start). A hash map's token is a bucket index, so entries removed under
+/// it do not invalidate it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cursor {
+    map: usize,
+    token: Option<u32>,
+}
+
+/// What one batch call on the cursor's map answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// Entries, and more of the map from this token on.
+    More(u32),
+    /// The map's last entries (or none): its end.
+    End,
+    Failed,
+}
+
+/// What the pass does after an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Read(Cursor),
+    /// Every used map read to its end.
+    Complete,
+    /// A call failed in mid-pass: what was collected may have gaps, so the
+    /// pass starts over rather than judge flows from it.
+    Restart,
+    /// The very first call failed: batch reads do not work here at all.
+    Unsupported,
+}
+
+/// Where a pass starts: the first map some flow uses (None: nothing to read).
+fn pass_start(used: MapsUsed) -> Option<Cursor> {
+    used.next_from(0).map(|map| Cursor { map, token: None })
+}
+
+fn step(cursor: Cursor, used: MapsUsed, answer: Answer) -> Step {
+    match answer {
+        Answer::More(token) => Step::Read(Cursor {
+            map: cursor.map,
+            token: Some(token),
+        }),
+        Answer::End => match used.next_from(cursor.map + 1) {
+            Some(map) => Step::Read(Cursor { map, token: None }),
+            None => Step::Complete,
+        },
+        Answer::Failed if pass_start(used) == Some(cursor) => Step::Unsupported,
+        Answer::Failed => Step::Restart,
+    }
+}
+
+/// One batch call into `into` (key: the half's last-seen time), at most
+/// `room` entries unless one bucket holds more.
+fn read_into<K: Pod + Hash + Eq, V: Pod>(
     map: &OwnedFd,
+    from: Option<u32>,
+    room: usize,
+    into: &mut HashMap<K, u64>,
     last_seen: impl Fn(&V) -> u64,
-) -> io::Result<HashMap<K, u64>> {
-    if !used {
-        return Ok(HashMap::default());
-    }
-    Ok(lookup_all::<K, V>(map)?
-        .into_iter()
-        .map(|(key, value)| (key, last_seen(&value)))
-        .collect())
+) -> io::Result<Batch> {
+    let mut keys = vec![K::zeroed(); room];
+    let mut values = vec![V::zeroed(); room];
+    let batch = lookup_batch(map, from, &mut keys, &mut values)?;
+    into.extend(
+        keys[..batch.got]
+            .iter()
+            .copied()
+            .zip(values[..batch.got].iter().map(last_seen)),
+    );
+    Ok(batch)
 }
 
-impl FlowMapsReader {
-    /// Every half's last-seen time, one walk per map. `taken_ns` must be
-    /// read before the walk starts: flows created from then on are not
-    /// judged by it (see [`LastSeenSnapshot::last_seen`]).
-    pub fn snapshot(&self, taken_ns: u64) -> io::Result<LastSeenSnapshot> {
-        let used = self.used;
-        Ok(LastSeenSnapshot {
-            taken_ns,
-            client: seen::<ClientKey, Rewrite>(used.client, &self.client, |r| r.last_seen_ns)?,
-            backend: seen::<BackendKey, Rewrite>(used.backend, &self.backend, |r| r.last_seen_ns)?,
-            client6: seen::<ClientKey6, Rewrite6>(used.client6, &self.client6, |r| r.last_seen_ns)?,
-            backend6: seen::<BackendKey6, Rewrite6>(used.backend6, &self.backend6, |r| {
-                r.last_seen_ns
-            })?,
-            client_4to6: seen::<ClientKey, Rewrite6>(used.client_4to6, &self.client_4to6, |r| {
-                r.last_seen_ns
-            })?,
-            backend_4to6: seen::<BackendKey, Rewrite6>(
-                used.backend_4to6,
-                &self.backend_4to6,
+/// What one tick's slice of a pass came to.
+#[derive(Debug)]
+pub enum Slice {
+    /// The pass goes on next tick.
+    Partial,
+    /// Every used map has been read: [`FlowMapsPass::finish`].
+    Complete,
+    /// A call failed in mid-pass; drop this pass and start a fresh one.
+    Restart(io::Error),
+}
+
+/// What a complete pass took.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassTotals {
+    /// Ticks (slices) it was read in.
+    pub ticks: u32,
+    /// Entries the kernel handed over, every map.
+    pub entries: usize,
+    /// Time spent reading, all slices.
+    pub read: std::time::Duration,
+}
+
+/// A walk through the flow maps spread over ticks, a bounded slice each,
+/// so a million entries do not take a core's second at once. The maps
+/// are read to their ends before any flow is judged from what was seen.
+pub struct FlowMapsPass {
+    /// Descriptors and used maps as they were when the pass began.
+    reader: FlowMapsReader,
+    /// None: complete.
+    cursor: Option<Cursor>,
+    seen: LastSeenSnapshot,
+    totals: PassTotals,
+}
+
+impl FlowMapsPass {
+    /// A pass over `reader`'s maps. `taken_ns` must be read before the
+    /// reader was made: flows created from then on are not judged by this
+    /// pass (see [`LastSeenSnapshot::last_seen`]), and every older flow's
+    /// maps are among the reader's used ones.
+    pub fn start(reader: FlowMapsReader, taken_ns: u64) -> Self {
+        let cursor = pass_start(reader.used);
+        Self {
+            reader,
+            cursor,
+            seen: LastSeenSnapshot {
+                taken_ns,
+                ..LastSeenSnapshot::default()
+            },
+            totals: PassTotals::default(),
+        }
+    }
+
+    /// Entries read so far.
+    pub fn entries(&self) -> usize {
+        self.totals.entries
+    }
+
+    /// Reads on from where the last slice stopped, about `budget` entries
+    /// (whole buckets, so a few more). Err: the pass's first call failed,
+    /// batch reads do not work on this kernel (before 5.6).
+    pub fn read_slice(&mut self, budget: usize) -> io::Result<Slice> {
+        let started = std::time::Instant::now();
+        self.totals.ticks += 1;
+        let mut read = 0;
+        let result = loop {
+            let Some(cursor) = self.cursor else {
+                break Ok(Slice::Complete);
+            };
+            if read >= budget {
+                break Ok(Slice::Partial);
+            }
+            let room = CHUNK.min(budget - read);
+            let (answer, error) = match self.read_batch(cursor, room) {
+                Ok(batch) => {
+                    // At least one per call, so the slice ends whatever the kernel answers.
+                    read += batch.got.max(1);
+                    self.totals.entries += batch.got;
+                    (batch.next.map_or(Answer::End, Answer::More), None)
+                }
+                Err(error) => (Answer::Failed, Some(error)),
+            };
+            let failure = || error.unwrap_or_else(|| io::Error::other("batch read failed"));
+            match step(cursor, self.reader.used, answer) {
+                Step::Read(next) => self.cursor = Some(next),
+                Step::Complete => self.cursor = None,
+                Step::Restart => break Ok(Slice::Restart(failure())),
+                Step::Unsupported => break Err(failure()),
+            }
+        };
+        self.totals.read += started.elapsed();
+        result
+    }
+
+    fn read_batch(&mut self, cursor: Cursor, room: usize) -> io::Result<Batch> {
+        let (reader, seen, from) = (&self.reader, &mut self.seen, cursor.token);
+        match cursor.map {
+            0 => {
+                read_into::<ClientKey, Rewrite>(&reader.client, from, room, &mut seen.client, |r| {
+                    r.last_seen_ns
+                })
+            }
+            1 => read_into::<BackendKey, Rewrite>(
+                &reader.backend,
+                from,
+                room,
+                &mut seen.backend,
                 |r| r.last_seen_ns,
-            )?,
-        })
+            ),
+            2 => read_into::<ClientKey6, Rewrite6>(
+                &reader.client6,
+                from,
+                room,
+                &mut seen.client6,
+                |r| r.last_seen_ns,
+            ),
+            3 => read_into::<BackendKey6, Rewrite6>(
+                &reader.backend6,
+                from,
+                room,
+                &mut seen.backend6,
+                |r| r.last_seen_ns,
+            ),
+            4 => read_into::<ClientKey, Rewrite6>(
+                &reader.client_4to6,
+                from,
+                room,
+                &mut seen.client_4to6,
+                |r| r.last_seen_ns,
+            ),
+            _ => read_into::<BackendKey, Rewrite6>(
+                &reader.backend_4to6,
+                from,
+                room,
+                &mut seen.backend_4to6,
+                |r| r.last_seen_ns,
+            ),
+        }
+    }
+
+    /// What the complete pass saw, and what it took.
+    pub fn finish(self) -> (LastSeenSnapshot, PassTotals) {
+        (self.seen, self.totals)
     }
 }
 
-/// The flow maps' last-seen times at one moment.
+/// The flow maps' last-seen times, as one pass read them.
 #[derive(Debug, Default)]
 pub struct LastSeenSnapshot {
     taken_ns: u64,
@@ -185,7 +413,7 @@ pub struct LastSeenSnapshot {
 }
 
 impl LastSeenSnapshot {
-    /// When the walk started (CLOCK_MONOTONIC ns).
+    /// When the pass started (CLOCK_MONOTONIC ns).
     pub fn taken_ns(&self) -> u64 {
         self.taken_ns
     }
@@ -202,9 +430,11 @@ impl LastSeenSnapshot {
 
     /// (client half, backend half) last-seen times of a flow created at
     /// `created_ns`, or None when the snapshot cannot speak for it: a flow
-    /// created after the walk began may reuse the keys of a flow removed
-    /// meanwhile, whose times are not its own. A half the walk did not find
-    /// reads 0, as a lookup of it would have.
+    /// created after the pass began may reuse the keys of a flow removed
+    /// meanwhile, whose times are not its own; and a half the pass did not
+    /// find may have moved (a NAT client's new key put into a bucket the
+    /// pass had read, the old one taken from a bucket it had not yet), so
+    /// it is looked up, never taken for silence.
     pub fn last_seen(&self, entries: &FlowEntries, created_ns: u64) -> Option<(u64, u64)> {
         if created_ns >= self.taken_ns {
             return None;
@@ -219,7 +449,7 @@ impl LastSeenSnapshot {
             BackendHalf::V4To6(key, _) => self.backend_4to6.get(key),
             BackendHalf::V6(key, _) => self.backend6.get(key),
         };
-        Some((client.copied().unwrap_or(0), backend.copied().unwrap_or(0)))
+        Some((*client?, *backend?))
     }
 }
 
@@ -367,9 +597,86 @@ mod tests {
             assert_eq!(snapshot.last_seen(flow, 99), Some((40, 50)));
             assert_eq!(snapshot.entries(), 2);
         }
-        // Another flow's halves are not this one's: absent reads 0, as a lookup would.
+        // Another flow's halves are not this one's: a half the pass did not
+        // find is looked up, never read as silence.
         let snapshot = LastSeenSnapshot::for_test(100, &flows[0], (40, 50));
-        assert_eq!(snapshot.last_seen(&flows[1], 99), Some((0, 0)));
+        assert_eq!(snapshot.last_seen(&flows[1], 99), None);
+    }
+
+    const ONLY_V4: MapsUsed = MapsUsed {
+        client: true,
+        backend: true,
+        client6: false,
+        backend6: false,
+        client_4to6: false,
+        backend_4to6: false,
+    };
+
+    fn at(map: usize, token: Option<u32>) -> Cursor {
+        Cursor { map, token }
+    }
+
+    #[test]
+    fn a_pass_reads_each_used_map_to_its_end_and_skips_the_rest() {
+        assert_eq!(pass_start(ONLY_V4), Some(at(0, None)));
+        // Resumes the map from the kernel's token, then goes to the next used one.
+        assert_eq!(
+            step(at(0, None), ONLY_V4, Answer::More(512)),
+            Step::Read(at(0, Some(512)))
+        );
+        assert_eq!(
+            step(at(0, Some(512)), ONLY_V4, Answer::End),
+            Step::Read(at(1, None))
+        );
+        assert_eq!(step(at(1, Some(9)), ONLY_V4, Answer::End), Step::Complete);
+        // Translated flows only: the four other maps are never visited.
+        let translated = MapsUsed {
+            client_4to6: true,
+            backend_4to6: true,
+            ..MapsUsed::default()
+        };
+        assert_eq!(pass_start(translated), Some(at(4, None)));
+        assert_eq!(
+            step(at(4, None), translated, Answer::End),
+            Step::Read(at(5, None))
+        );
+        assert_eq!(step(at(5, None), translated, Answer::End), Step::Complete);
+        assert_eq!(pass_start(MapsUsed::default()), None);
+    }
+
+    #[test]
+    fn a_failure_in_mid_pass_restarts_it_and_only_the_first_call_means_unsupported() {
+        assert_eq!(
+            step(at(0, None), ONLY_V4, Answer::Failed),
+            Step::Unsupported
+        );
+        // Past the first call: gaps in what was read, so start over, never judge from it.
+        assert_eq!(
+            step(at(0, Some(512)), ONLY_V4, Answer::Failed),
+            Step::Restart
+        );
+        assert_eq!(step(at(1, None), ONLY_V4, Answer::Failed), Step::Restart);
+    }
+
+    #[test]
+    fn a_pass_over_no_used_map_completes_at_once() {
+        let reader = || -> io::Result<OwnedFd> { Ok(std::fs::File::open("/dev/null")?.into()) };
+        let mut pass = FlowMapsPass::start(
+            FlowMapsReader {
+                client: reader().unwrap(),
+                backend: reader().unwrap(),
+                client6: reader().unwrap(),
+                backend6: reader().unwrap(),
+                client_4to6: reader().unwrap(),
+                backend_4to6: reader().unwrap(),
+                used: MapsUsed::default(),
+            },
+            100,
+        );
+        assert!(matches!(pass.read_slice(10), Ok(Slice::Complete)));
+        let (seen, totals) = pass.finish();
+        assert_eq!((seen.taken_ns(), seen.entries()), (100, 0));
+        assert_eq!((totals.ticks, totals.entries), (1, 0));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{FlowCounter, REASON_COUNT};
 use tracing::warn;
 
-pub use self::bulk::{FlowMapsReader, LastSeenSnapshot, MapsUsed};
+pub use self::bulk::{FlowMapsPass, FlowMapsReader, LastSeenSnapshot, MapsUsed, PassTotals, Slice};
 pub use self::flows::{
     BackendHalfKey, BackendRoute, BackendState, FlowAddrs, FlowEntries, InstalledClient,
     InstalledHalves, route_to,

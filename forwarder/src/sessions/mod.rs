@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
 use crate::datapath::{
-    BackendRoute, FlowAddrs, FlowEntries, FlowMapsReader, LastSeenSnapshot, MapsUsed,
+    BackendRoute, FlowAddrs, FlowEntries, FlowMapsReader, LastSeenSnapshot, MapsUsed, PassTotals,
 };
 use crate::expiry::{self, FlowActivity};
 use crate::limits::{RecentSet, TokenBucket};
@@ -867,7 +867,7 @@ impl Relay {
     /// one datagram, never came back and got no answer (what a spoofed
     /// source looks like), or failing that the oldest unanswered one. Flows
     /// the server answered are established instead (the expiry tick does
-    /// that too, once a second).
+    /// that too, at the end of each pass through the flow maps).
     fn make_probation_room(&mut self, session_port: u16, now: u64) {
         let Some(session) = self.sessions.get(&session_port) else {
             return;
@@ -923,9 +923,33 @@ impl Relay {
         self.stats.expiry_tick_locked_us = locked.as_micros() as u64;
     }
 
+    /// Records the last complete pass through the flow maps, for `stats`:
+    /// its slices, what they read, and the lock held for its decisions.
+    pub fn note_expiry_pass(&mut self, totals: PassTotals, locked: Duration) {
+        self.stats.expiry_pass_ticks = u64::from(totals.ticks);
+        self.stats.expiry_pass_entries = totals.entries as u64;
+        self.stats.expiry_pass_read_us = totals.read.as_micros() as u64;
+        self.stats.expiry_pass_locked_us = locked.as_micros() as u64;
+    }
+
+    /// The shortest idle timeout anything here has (flows, the default for
+    /// sessions, each session's own): what bounds a pass's length.
+    pub fn shortest_idle_timeout(&self) -> Duration {
+        self.sessions
+            .values()
+            .map(|session| session.idle_timeout)
+            .fold(
+                self.limits
+                    .flow_idle_timeout
+                    .min(self.limits.default_session_idle_timeout),
+                Duration::min,
+            )
+    }
+
     /// [`Self::expire`] with the maps' last-seen times taken from `seen`
-    /// (read in bulk at `now_ns`, outside the lock) for every flow it
-    /// speaks for; flows created since are read from the maps now.
+    /// (a pass through the maps begun at `now_ns`, read outside the lock)
+    /// for every flow it speaks for; flows created since, and halves it did
+    /// not find, are read from the maps now.
     pub fn expire_seen(&mut self, now_ns: u64, seen: Option<&LastSeenSnapshot>) {
         let ports: Vec<u16> = self.sessions.keys().copied().collect();
         for port in ports {
