@@ -163,7 +163,7 @@ fn same_interface_is_forwarded_with_xdp_tx() {
     let ns = Namespace::create();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        let key = install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 7);
+        let key = install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT));
         let mut input = client_packet();
         // mosh's ECT(0) must survive the relay.
         poke(&mut input, IP + 1, &[0x02]);
@@ -174,7 +174,9 @@ fn same_interface_is_forwarded_with_xdp_tx() {
         assert_checksums_valid(&run.out);
 
         let tot_len = u64::from(u16::from_be_bytes([input[IP + 2], input[IP + 3]]));
-        assert_eq!(relay.flow_count(7), (1, tot_len));
+        assert_eq!(relay.flow_count(&key), (1, tot_len));
+        // The route the lookup found is cached in the entry itself.
+        assert_eq!(relay.client_flow(&key).next_hop.ifindex, topo.front);
         assert!(
             relay.client_flow(&key).last_seen_ns > 0,
             "last_seen refreshed"
@@ -183,7 +185,7 @@ fn same_interface_is_forwarded_with_xdp_tx() {
         let seen = relay.client_flow(&key).last_seen_ns;
         relay.run(&input, Some(topo.front));
         assert_eq!(relay.client_flow(&key).last_seen_ns, seen);
-        assert_eq!(relay.flow_count(7), (2, 2 * tot_len));
+        assert_eq!(relay.flow_count(&key), (2, 2 * tot_len));
     });
 }
 
@@ -193,7 +195,7 @@ fn egress_not_in_devmap_passes_untouched() {
     let ns = Namespace::create();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
         relay.expect(
             &client_packet(),
             Some(topo.front),
@@ -212,7 +214,7 @@ fn forwarding_disabled_passes_untouched() {
         .unwrap();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 0);
+        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT));
         relay.expect(
             &client_packet(),
             Some(topo.front),
@@ -271,7 +273,7 @@ fn route_cache_forwards_without_a_lookup_for_a_second() {
     ns.enter(|topo| {
         pin_to_current_cpu();
         let mut relay = Relay::load();
-        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 3);
+        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
         relay.add_egress(topo.back);
         let input = client_packet();
         let first = relay.expect(
