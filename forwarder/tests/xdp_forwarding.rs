@@ -1,7 +1,7 @@
 //! Forwarding: the router-like rewrite and its checksums, XDP_TX when the
 //! route leaves by the ingress interface and a redirect otherwise, route
-//! lookup failures handed to the stack, and the per-CPU route cache. Every
-//! case runs inside the namespace of `common/namespace.rs`.
+//! lookup failures handed to the stack, and the route cache in the flow's
+//! entry. Every case runs inside the namespace of `common/namespace.rs`.
 
 mod common;
 
@@ -240,38 +240,14 @@ fn attaches_in_native_and_skb_mode() {
 }
 
 // ---------------------------------------------------------------------------
-// The per-CPU route cache: one `bpf_fib_lookup` per flow direction, CPU and
-// second, and never for a packet larger than the cached route's MTU.
-
-/// Keeps the calling thread on one CPU: the route cache is per CPU, and a
-/// test-run executes on whichever CPU the caller is on.
-fn pin_to_current_cpu() {
-    // SAFETY: sched_getcpu has no preconditions.
-    let cpu = unsafe { libc::sched_getcpu() };
-    assert!(
-        cpu >= 0,
-        "sched_getcpu: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is a valid CPU number below CPU_SETSIZE.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    assert_eq!(
-        rc,
-        0,
-        "sched_setaffinity: {}",
-        std::io::Error::last_os_error()
-    );
-}
+// The route cache in the flow's entry: one `bpf_fib_lookup` per flow
+// direction and second, whichever CPU runs it, and never for a packet
+// larger than the cached route's MTU.
 
 #[test]
 fn route_cache_forwards_without_a_lookup_for_a_second() {
     let ns = Namespace::create();
     ns.enter(|topo| {
-        pin_to_current_cpu();
         let mut relay = Relay::load();
         install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
         relay.add_egress(topo.back);

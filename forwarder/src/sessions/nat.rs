@@ -765,8 +765,8 @@ impl Relay {
     }
 
     /// Rebuilds a stored punched session's NAT half (the session itself is
-    /// built, not yet inserted): unseals its key, takes its port Q and
-    /// counter slot back, and adopts the pinned backend half (or installs
+    /// built, not yet inserted): unseals its key, takes its port Q and a
+    /// flow slot back, and adopts the pinned backend half (or installs
     /// it again if it is missing or differs).
     pub(super) fn restore_nat(
         &mut self,
