@@ -8,15 +8,11 @@ use bytemuck::{Pod, Zeroable};
 /// [`RuntimeSizes`] when it loads the program.
 pub const MAX_FLOWS: u32 = 16_384;
 
-/// Counter slots in the compiled object: every flow owns two, one per direction.
-pub const FLOW_COUNTER_SLOTS: u32 = MAX_FLOWS * 2;
-
 /// Default `--max-sessions`.
 pub const DEFAULT_MAX_SESSIONS: u32 = 4_096;
 
-/// Most flows `--max-flows` may ask for. Two counter slots per flow must fit
-/// a u32 index, and beyond this the per-CPU counter array alone would take
-/// gigabytes of kernel memory on a many-core host.
+/// Most flows `--max-flows` may ask for: over a gigabyte of kernel memory
+/// for the preallocated IPv4 maps alone.
 pub const MAX_FLOWS_LIMIT: u32 = 1 << 22;
 
 /// Most sessions: one client-facing UDP port each.
@@ -30,7 +26,6 @@ pub const MAX_INTERFACES: u32 = 64;
 pub mod map_names {
     pub const CLIENT_FLOWS: &str = "CLIENT_FLOWS";
     pub const BACKEND_FLOWS: &str = "BACKEND_FLOWS";
-    pub const FLOW_COUNTERS: &str = "FLOW_COUNTERS";
     pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
     pub const EGRESS: &str = "EGRESS";
     pub const SLOWPATH_SESSION_BUCKETS: &str = "SLOWPATH_SESSION_BUCKETS";
@@ -77,15 +72,10 @@ impl RuntimeSizes {
         })
     }
 
-    /// Counter slots: two per flow (see `flow_entries`: slot*2 and slot*2+1).
-    pub const fn flow_counter_slots(&self) -> u32 {
-        self.max_flows * 2
-    }
-
     /// `max_entries` of every map whose size follows the flags; the others
     /// (one-slot arrays, per-reason counters, the devmap) keep the size
     /// they are compiled with.
-    pub const fn map_max_entries(&self) -> [(&'static str, u32); 7] {
+    pub const fn map_max_entries(&self) -> [(&'static str, u32); 6] {
         [
             (map_names::CLIENT_FLOWS, self.max_flows),
             (map_names::BACKEND_FLOWS, self.max_flows),
@@ -95,7 +85,6 @@ impl RuntimeSizes {
             (map_names::BACKEND_FLOWS6, self.max_flows),
             (map_names::CLIENT_FLOWS_4TO6, self.max_flows),
             (map_names::BACKEND_FLOWS_4TO6, self.max_flows),
-            (map_names::FLOW_COUNTERS, self.flow_counter_slots()),
         ]
     }
 }
@@ -153,11 +142,10 @@ mod tests {
     #[test]
     fn sizes_follow_the_flags_and_refuse_what_cannot_work() {
         let sizes = RuntimeSizes::new(65_536, 10_000).unwrap();
-        assert_eq!(sizes.flow_counter_slots(), 131_072);
         assert!(
             sizes
                 .map_max_entries()
-                .contains(&(map_names::FLOW_COUNTERS, 131_072))
+                .contains(&(map_names::CLIENT_FLOWS, 65_536))
         );
         // The session buckets are indexed by port: never sized by the flags.
         assert!(
@@ -175,12 +163,6 @@ mod tests {
             RuntimeSizes::new(1, 70_000),
             Err(SizeError::SessionsOutOfRange(70_000))
         );
-        // The largest flow count still has its counter slots in range of a u32.
-        assert!(
-            RuntimeSizes::new(MAX_FLOWS_LIMIT, 1)
-                .unwrap()
-                .flow_counter_slots()
-                < u32::MAX
-        );
+        assert!(RuntimeSizes::new(MAX_FLOWS_LIMIT, 1).is_ok());
     }
 }

@@ -176,7 +176,7 @@ mod tests {
         ) {
             let mut got = packet(from, ttl, &payload, zero_udp_csum);
             let want = packet(to, ttl - 1, &payload, zero_udp_csum);
-            let rewrite = Rewrite::new(from, to, 0);
+            let rewrite = Rewrite::new(from, to);
             let (ip, udp) = got.split_at_mut(20);
             rewrite_ipv4_udp(
                 ip.try_into().unwrap(),

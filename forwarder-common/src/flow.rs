@@ -30,12 +30,17 @@ pub struct BackendKey {
 const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 
 /// What to do with a matching packet: the new addresses and ports, the
-/// checksum deltas that move the old header to the new one, and where to count.
+/// checksum deltas that move the old header to the new one, and the flow
+/// direction's counters and cached route, which the XDP program keeps here
+/// so a packet costs one map lookup (one element, one cache miss at most
+/// when the table outgrows the cache) instead of three.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Rewrite {
-    /// `bpf_ktime_get_ns()` of the last forwarded packet, refreshed by the
-    /// XDP program at most once a second so the cache line stays quiet.
+    /// `bpf_ktime_get_coarse_ns()` of the last forwarded packet, refreshed
+    /// by the XDP program at most once a second so the cache line stays
+    /// quiet. It is also the age of `next_hop`: the program refreshes the
+    /// route exactly when it refreshes this (see [`NextHop`]).
     pub last_seen_ns: u64,
     pub new_saddr: [u8; 4],
     pub new_daddr: [u8; 4],
@@ -59,11 +64,15 @@ pub struct Rewrite {
     /// keeps their meaning (a source mismatch is dropped).
     pub flags: u8,
     pub _pad: u8,
-    /// Slot in the per-CPU flow counter array for this direction.
-    pub counter_slot: u32,
+    /// Written by the XDP program only; the daemon writes zeros.
+    pub next_hop: NextHop,
+    /// Written by the XDP program only; the daemon writes zeros.
+    pub counter: FlowCounter,
 }
-const _: () = assert!(core::mem::size_of::<Rewrite>() == 40);
+const _: () = assert!(core::mem::size_of::<Rewrite>() == 72);
 const _: () = assert!(core::mem::offset_of!(Rewrite, flags) == 34);
+const _: () = assert!(core::mem::offset_of!(Rewrite, next_hop) == 36);
+const _: () = assert!(core::mem::offset_of!(Rewrite, counter) == 56);
 
 /// Backend half of a punched (NAT'd) session only: a datagram from another
 /// source, arriving on the allowed interface, goes to the daemon (rate
@@ -108,7 +117,7 @@ impl Rewrite {
     /// Builds the entry that turns packets addressed like `from` into packets
     /// addressed like `to`, with both checksum deltas precomputed so the XDP
     /// program only adds two words.
-    pub fn new(from: Endpoints, to: Endpoints, counter_slot: u32) -> Self {
+    pub fn new(from: Endpoints, to: Endpoints) -> Self {
         let old_ip = from.ip_words();
         let new_ip = to.ip_words();
         // The TTL shares a word with the protocol; decrementing it by one is
@@ -132,33 +141,74 @@ impl Rewrite {
             udp_csum_delta,
             flags: 0,
             _pad: 0,
-            counter_slot,
+            next_hop: NextHop::default(),
+            counter: FlowCounter::default(),
+        }
+    }
+
+    /// The entry as the daemon wrote it: what the XDP program keeps in it
+    /// (last-seen time, route, counters) cleared.
+    pub fn as_written(&self) -> Self {
+        Self {
+            last_seen_ns: 0,
+            next_hop: NextHop::default(),
+            counter: FlowCounter::default(),
+            ..*self
         }
     }
 }
 
-/// One flow direction's per-CPU state: its counters, and this CPU's cached
-/// route for it. The cache spares the XDP program a `bpf_fib_lookup` per
-/// packet; it is refreshed at most [`NEXT_HOP_TTL_NS`] after it was filled,
-/// so route and neighbour changes take effect within that time. Per CPU, so
-/// no CPU ever reads another's half-written MACs.
+/// One flow direction's packets and bytes since its entry was written.
+///
+/// Plain loads and stores, not atomics (an atomic add costs 7-10 ns a
+/// packet): two CPUs forwarding the same direction at the same instant
+/// may each add to the same old value, and one of the two packets goes
+/// uncounted. A direction is one 4-tuple, which RSS (or RPS) steers to one
+/// receive queue and so one CPU, and a mosh endpoint sends from one thread;
+/// two CPUs meet on one direction only while the steering moves (ethtool
+/// -X, an IRQ moved) or a veth sender migrates mid-send, and then lose a
+/// packet or two of a count that is for display (`list`, metrics), never
+/// for a decision. The per-CPU array this replaces could not lose any, but
+/// cost a second lookup and 48 B per direction and CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowCounter {
     pub packets: u64,
     pub bytes: u64,
-    /// When `bpf_fib_lookup` last filled the cache; 0 = empty.
-    pub next_hop_checked_ns: u64,
-    pub next_hop_ifindex: u32,
-    /// MTU of the egress route: larger packets take the full lookup (and pass).
-    pub next_hop_mtu: u16,
-    pub next_hop_smac: [u8; 6],
-    pub next_hop_dmac: [u8; 6],
-    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowCounter>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowCounter>() == 16);
 
-/// How long a cached route may be used before it is looked up again.
+/// The flow direction's cached route, which spares the XDP program a
+/// `bpf_fib_lookup` per packet. Filled after a successful lookup and used
+/// while the entry's `last_seen_ns` is under [`NEXT_HOP_TTL_NS`] old, so
+/// route and neighbour changes take effect within that time. The program
+/// writes both together after a lookup, so `last_seen_ns` moves exactly as
+/// it did when it had its own once-a-second refresh.
+///
+/// Shared by every CPU that forwards the direction (it was per CPU). A CPU
+/// may read it while another rewrites it: the bytes written are, except
+/// when the route just changed, the ones already there, so a torn read
+/// returns the same route. When it did change, one packet racing the
+/// refresh may leave with parts of the old and the new next hop, which the
+/// old or new link drops like any misaddressed frame; it is one datagram
+/// of a protocol (mosh) that resends, and the same one-CPU-per-direction
+/// steering as for [`FlowCounter`] makes the race itself rare.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    /// Egress interface; 0 (no interface has it) means no route cached.
+    pub ifindex: u32,
+    /// MTU of the egress route: larger packets take the full lookup (and pass).
+    pub mtu: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
+
+/// How long a cached route may be used before it is looked up again. The
+/// same second as the last-seen granularity, which lets one timestamp serve
+/// both.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
 #[cfg(feature = "user")]
@@ -172,4 +222,6 @@ mod pod {
     unsafe impl aya::Pod for super::Rewrite {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowCounter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NextHop {}
 }

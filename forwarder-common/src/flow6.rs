@@ -20,6 +20,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::csum;
+use crate::flow::{FlowCounter, NextHop};
 
 /// Key of an IPv6 flow's client half: a packet from `client` to the relay's
 /// client-facing endpoint `(relay_addr, relay_port)`.
@@ -79,17 +80,23 @@ pub struct Rewrite6 {
     pub udp_csum_delta: u16,
     /// Backend half only: the interface of the route to the backend; 0 any.
     pub allowed_ifindex: u32,
-    /// Slot in the per-CPU flow counter array for this direction.
-    pub counter_slot: u32,
     /// IPv4 output only: the one's-complement sum of the new IPv4 header's
     /// constant words (version, DF, protocol, both addresses); the program
     /// adds TOS, length and TTL.
     pub ip4_csum_base: u16,
     /// `REWRITE_*` bits of [`crate::flow`] and [`REWRITE6_OUT_V4`].
     pub flags: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// As in [`crate::Rewrite`]: written by the XDP program only, aged by
+    /// `last_seen_ns`.
+    pub next_hop: NextHop,
+    pub _pad2: [u8; 4],
+    /// As in [`crate::Rewrite`]: written by the XDP program only.
+    pub counter: FlowCounter,
 }
-const _: () = assert!(core::mem::size_of::<Rewrite6>() == 80);
+const _: () = assert!(core::mem::size_of::<Rewrite6>() == 112);
+const _: () = assert!(core::mem::offset_of!(Rewrite6, next_hop) == 72);
+const _: () = assert!(core::mem::offset_of!(Rewrite6, counter) == 96);
 const _: () = assert!(core::mem::align_of::<Rewrite6>() == 8);
 
 /// An address of either family as wire bytes.
@@ -206,8 +213,8 @@ pub const fn apply_udp_nonzero(checksum: u16, delta: u16) -> u16 {
 
 impl Rewrite6 {
     /// The entry that turns packets addressed like `from` into packets
-    /// addressed like `to` (either may be either family), counted at `slot`.
-    pub fn new(from: Endpoints46, to: Endpoints46, counter_slot: u32) -> Self {
+    /// addressed like `to` (either may be either family).
+    pub fn new(from: Endpoints46, to: Endpoints46) -> Self {
         let (ip4_csum_base, flags) = match (to.saddr, to.daddr) {
             (WireAddr::V4(s), WireAddr::V4(d)) => (ip4_header_base(s, d), REWRITE6_OUT_V4),
             _ => (0, 0),
@@ -222,10 +229,22 @@ impl Rewrite6 {
             allowed_sport: [0; 2],
             udp_csum_delta: udp_delta(&from, &to),
             allowed_ifindex: 0,
-            counter_slot,
             ip4_csum_base,
             flags,
-            _pad: [0; 5],
+            _pad: 0,
+            next_hop: NextHop::default(),
+            _pad2: [0; 4],
+            counter: FlowCounter::default(),
+        }
+    }
+
+    /// As [`crate::Rewrite::as_written`]: the XDP program's fields cleared.
+    pub fn as_written(&self) -> Self {
+        Self {
+            last_seen_ns: 0,
+            next_hop: NextHop::default(),
+            counter: FlowCounter::default(),
+            ..*self
         }
     }
 
@@ -324,7 +343,7 @@ mod tests {
         ) {
             let input = udp(&from, &payload);
             let want = udp(&to, &payload);
-            let rewrite = Rewrite6::new(from, to, 0);
+            let rewrite = Rewrite6::new(from, to);
             let old = u16::from_ne_bytes([input[6], input[7]]);
             let got = apply_udp_nonzero(old, rewrite.udp_csum_delta);
             prop_assert_eq!(got.to_ne_bytes(), [want[6], want[7]]);

@@ -15,7 +15,10 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use forwarder_common::{FlowCounter, Reason, Rewrite, flow::NEXT_HOP_TTL_NS};
+use forwarder_common::{
+    Reason, Rewrite,
+    flow::{NEXT_HOP_TTL_NS, NextHop},
+};
 
 use crate::{maps::EGRESS, parse::Packet};
 
@@ -30,38 +33,36 @@ pub struct Route {
     pub dmac: [u8; 6],
 }
 
-/// This CPU's cached route for the flow direction, if it is fresh and the
-/// packet fits its MTU. A miss costs one `bpf_fib_lookup`, as without a cache.
+/// The flow direction's cached route (in its map entry), if it is fresh and
+/// the packet fits its MTU. A miss costs one `bpf_fib_lookup`, as without a
+/// cache. `last_seen_ns` is the entry's: the time the route was cached.
 #[inline(always)]
-pub fn cached_route(state: Option<*mut FlowCounter>, now: u64, tot_len: u16) -> Option<Route> {
-    // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
-    let state = unsafe { &*state? };
-    if state.next_hop_checked_ns == 0
-        || now.wrapping_sub(state.next_hop_checked_ns) >= NEXT_HOP_TTL_NS
-        || tot_len > state.next_hop_mtu
-    {
+pub fn cached_route(hop: &NextHop, last_seen_ns: u64, now: u64, tot_len: u16) -> Option<Route> {
+    // Another CPU may be rewriting `hop`: NextHop's doc says what that means.
+    if hop.ifindex == 0 || now.wrapping_sub(last_seen_ns) >= NEXT_HOP_TTL_NS || tot_len > hop.mtu {
         return None;
     }
     Some(Route {
-        egress_ifindex: state.next_hop_ifindex,
-        mtu: state.next_hop_mtu,
-        smac: state.next_hop_smac,
-        dmac: state.next_hop_dmac,
+        egress_ifindex: hop.ifindex,
+        mtu: hop.mtu,
+        smac: hop.smac,
+        dmac: hop.dmac,
     })
 }
 
-/// Remembers a route that passed every check, for this CPU and flow direction.
+/// Remembers a route that passed every check in the flow direction's entry,
+/// and stamps the entry: its last-seen time is the route's age, refreshed at
+/// most once a second, so the entry's cache line is written no more often
+/// than when the two were kept apart.
 #[inline(always)]
-pub fn cache_route(state: Option<*mut FlowCounter>, route: &Route, now: u64) {
-    if let Some(state) = state {
-        // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
-        let state = unsafe { &mut *state };
-        state.next_hop_ifindex = route.egress_ifindex;
-        state.next_hop_mtu = route.mtu;
-        state.next_hop_smac = route.smac;
-        state.next_hop_dmac = route.dmac;
-        state.next_hop_checked_ns = now;
-    }
+pub fn cache_route(hop: &mut NextHop, last_seen_ns: &mut u64, route: &Route, now: u64) {
+    hop.ifindex = route.egress_ifindex;
+    hop.mtu = route.mtu;
+    hop.smac = route.smac;
+    hop.dmac = route.dmac;
+    // An aligned u64 stored whole: the daemon's expiry reads it before or
+    // after, never torn.
+    *last_seen_ns = now;
 }
 
 /// An all-zero `bpf_fib_lookup` on the stack (no VLAN, main table, nothing

@@ -37,10 +37,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{Reason, Verdict};
 
-use crate::{
-    forward::Sent,
-    maps::{FLOW_COUNTERS, REASON_COUNTERS},
-};
+use crate::{forward::Sent, maps::REASON_COUNTERS};
 
 #[xdp]
 pub fn forwarder(ctx: XdpContext) -> u32 {
@@ -106,9 +103,13 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     // shares CLOCK_MONOTONIC's base, which the daemon compares against.
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
-    let route = match forward::cached_route(state, now, packet.tot_len()) {
-        Some(route) => route,
+    let (route, looked_up) = match forward::cached_route(
+        &rewrite.next_hop,
+        rewrite.last_seen_ns,
+        now,
+        packet.tot_len(),
+    ) {
+        Some(route) => (route, false),
         None => {
             let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)
                 .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
@@ -121,8 +122,7 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
                     };
                     slowpath::gate(reason, Some(session_port))
                 })?;
-            forward::cache_route(state, &route, now);
-            route
+            (route, true)
         }
     };
     // Punched sessions' client halves only: the daemon still judges moves.
@@ -130,7 +130,8 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
         seq::record(ctx, rewrite.flags, packet.udp, dst_port);
     }
     rewrite::rewrite(&packet, rewrite, &route);
-    rewrite::account(&packet, entry, state, now);
+    // `rewrite` is not used past here: the entry is written through `entry`.
+    rewrite::account(&packet, entry, looked_up.then_some(&route), now);
     Ok(forward::send(&route, ingress_ifindex))
 }
 

@@ -11,11 +11,8 @@ use aya_ebpf::{
 };
 use forwarder_common::clientseq::CLIENT_SEQ_SLOTS;
 use forwarder_common::{
-    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, MAX_FLOWS, REASON_COUNT, Rewrite,
-    Rewrite6, SlowpathBucket,
-    config::{FLOW_COUNTER_SLOTS, MAX_INTERFACES},
-    flow6::PORTS_4TO6_WORDS,
-    reason::ReasonCounter,
+    BackendKey, BackendKey6, ClientKey, ClientKey6, MAX_FLOWS, REASON_COUNT, Rewrite, Rewrite6,
+    SlowpathBucket, config::MAX_INTERFACES, flow6::PORTS_4TO6_WORDS, reason::ReasonCounter,
     slowpath::SESSION_BUCKET_SLOTS,
 };
 
@@ -24,17 +21,13 @@ use forwarder_common::{
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Client halves of flows; a plain hash so a live session is never evicted.
+/// The value also holds the direction's counters and cached route.
 #[map]
 pub static CLIENT_FLOWS: HashMap<ClientKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
 
 /// Backend halves of flows, one per backend-facing port; plain hash for the same reason.
 #[map]
 pub static BACKEND_FLOWS: HashMap<BackendKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
-
-/// Per-direction flow counters, per CPU so forwarding cores never share a cache line.
-#[map]
-pub static FLOW_COUNTERS: PerCpuArray<FlowCounter> =
-    PerCpuArray::with_max_entries(FLOW_COUNTER_SLOTS, 0);
 
 /// Packets and bytes per `Reason`, per CPU: every packet is counted exactly once here.
 #[map]

@@ -10,7 +10,6 @@ use crate::{
     flow6, forward,
     forward::Sent,
     forward6,
-    maps::FLOW_COUNTERS,
     parse::{IPV4_LEN, Packet},
     parse6::{self, IPV6_LEN},
     rewrite6, seq, slowpath,
@@ -63,8 +62,11 @@ pub fn relay6(ctx: &XdpContext) -> Result<Sent, Reason> {
         in_len
     };
     let tos = packet.traffic_class();
-    let Routed { route, state, now } =
-        routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
+    let Routed {
+        route,
+        looked_up,
+        now,
+    } = routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
     // Before the rewrite or translation moves the headers.
     if let Side::Client = side {
         seq::record(ctx, rewrite.flags, packet.udp, session_port);
@@ -80,7 +82,8 @@ pub fn relay6(ctx: &XdpContext) -> Result<Sent, Reason> {
     } else {
         rewrite6::rewrite(&packet, rewrite, &route);
     }
-    rewrite6::account(in_len, entry, state, now);
+    // `rewrite` is not used past here: the entry is written through `entry`.
+    rewrite6::account(in_len, entry, looked_up.then_some(&route), now);
     Ok(forward::send(&route, ingress_ifindex))
 }
 
@@ -123,8 +126,11 @@ pub fn relay4to6(
     let udp_len = in_len.wrapping_sub(IPV4_LEN as u16);
     let out_len = udp_len.wrapping_add(IPV6_LEN as u16);
     let tos = ip.tos;
-    let Routed { route, state, now } =
-        routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
+    let Routed {
+        route,
+        looked_up,
+        now,
+    } = routed(ctx, rewrite, out_len, tos, ingress_ifindex, session_port)?;
     // Before the translation moves the headers.
     if let Side::Client = side {
         seq::record(ctx, rewrite.flags, packet.udp, session_port);
@@ -136,20 +142,22 @@ pub fn relay4to6(
         udp_check,
     };
     translate::to_v6(ctx, rewrite, &route, &carried)?;
-    rewrite6::account(in_len, entry, state, now);
+    // `rewrite` is not used past here: the entry is written through `entry`.
+    rewrite6::account(in_len, entry, looked_up.then_some(&route), now);
     Ok(forward::send(&route, ingress_ifindex))
 }
 
-/// Where a packet of either pipeline goes, and the flow direction's per-CPU
-/// state and the time, which the accounting after the rewrite needs too.
+/// Where a packet of either pipeline goes, whether that took a route lookup
+/// (to be cached in the entry), and the time, which the accounting after
+/// the rewrite needs too.
 struct Routed {
     route: forward::Route,
-    state: Option<*mut forwarder_common::FlowCounter>,
+    looked_up: bool,
     now: u64,
 }
 
-/// This CPU's cached route for the flow direction, or a fresh lookup (then
-/// cached) of the packet as it will leave (`out_len` bytes, `tos`).
+/// The flow direction's cached route, or a fresh lookup of the packet as it
+/// will leave (`out_len` bytes, `tos`), cached by the accounting.
 #[inline(always)]
 fn routed(
     ctx: &XdpContext,
@@ -161,16 +169,21 @@ fn routed(
 ) -> Result<Routed, Reason> {
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let state = FLOW_COUNTERS.get_ptr_mut(rewrite.counter_slot);
-    let route = match forward::cached_route(state, now, out_len) {
-        Some(route) => route,
-        None => {
-            let route = forward6::route(ctx, rewrite, out_len, tos, ingress_ifindex)
-                .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
-                .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
-            forward::cache_route(state, &route, now);
-            route
-        }
-    };
-    Ok(Routed { route, state, now })
+    if let Some(route) =
+        forward::cached_route(&rewrite.next_hop, rewrite.last_seen_ns, now, out_len)
+    {
+        return Ok(Routed {
+            route,
+            looked_up: false,
+            now,
+        });
+    }
+    let route = forward6::route(ctx, rewrite, out_len, tos, ingress_ifindex)
+        .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
+        .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
+    Ok(Routed {
+        route,
+        looked_up: true,
+        now,
+    })
 }

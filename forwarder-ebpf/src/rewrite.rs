@@ -1,16 +1,11 @@
-//! The packet rewrite and the per-flow bookkeeping that follows it.
+//! The packet rewrite and the per-flow counting that follows it.
 
-use forwarder_common::{FlowCounter, Rewrite, csum::rewrite_ipv4_udp};
+use forwarder_common::{Rewrite, csum::rewrite_ipv4_udp};
 
 use crate::{
-    forward::Route,
+    forward::{self, Route},
     parse::{IPV4_LEN, Packet, UDP_LEN},
 };
-
-/// How stale `last_seen_ns` may get: the daemon expires flows after tens of
-/// seconds, and writing at most once a second keeps the entry's cache line
-/// from bouncing between CPUs.
-const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
 /// Rewrites addresses, ports, TTL and both checksums, and the MACs for the next hop.
 #[inline(always)]
@@ -29,21 +24,21 @@ pub fn rewrite(packet: &Packet, rewrite: &Rewrite, route: &Route) {
     eth.src_addr = route.smac;
 }
 
-/// Counts the packet on its flow and refreshes the flow's last-seen time.
+/// Counts the packet on its flow direction (plain adds: see FlowCounter's
+/// doc for what two CPUs at once may lose) and, after a route lookup,
+/// caches the route (`looked_up`) and stamps the entry's last-seen time.
 #[inline(always)]
-pub fn account(packet: &Packet, entry: *mut Rewrite, state: Option<*mut FlowCounter>, now: u64) {
-    if let Some(state) = state {
-        // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
-        let state = unsafe { &mut *state };
-        state.packets = state.packets.wrapping_add(1);
-        state.bytes = state.bytes.wrapping_add(u64::from(packet.tot_len()));
-    }
+pub fn account(packet: &Packet, entry: *mut Rewrite, looked_up: Option<&Route>, now: u64) {
     // SAFETY: `entry` came from a hash map lookup and stays valid for this
-    // run of the program (RCU); fields are plain integers.
-    let last_seen = unsafe { (*entry).last_seen_ns };
-    if now.wrapping_sub(last_seen) >= LAST_SEEN_GRANULARITY_NS {
-        // SAFETY: as above; an aligned u64 store, which a concurrent reader
-        // (the daemon's expiry) sees either before or after, never torn.
-        unsafe { (*entry).last_seen_ns = now };
+    // run of the program (RCU); no other reference to it is live, and its
+    // fields are plain integers.
+    let entry = unsafe { &mut *entry };
+    entry.counter.packets = entry.counter.packets.wrapping_add(1);
+    entry.counter.bytes = entry
+        .counter
+        .bytes
+        .wrapping_add(u64::from(packet.tot_len()));
+    if let Some(route) = looked_up {
+        forward::cache_route(&mut entry.next_hop, &mut entry.last_seen_ns, route, now);
     }
 }

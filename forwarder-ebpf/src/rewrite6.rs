@@ -1,13 +1,13 @@
 //! The in-place rewrite of an IPv6 packet that stays IPv6, and the per-flow
-//! bookkeeping of every IPv6 or translated half.
+//! counting of every IPv6 or translated half.
 
+use forwarder_common::Rewrite6;
 use forwarder_common::flow6::apply_udp_nonzero;
-use forwarder_common::{FlowCounter, Rewrite6};
 
-use crate::{forward::Route, parse6::Packet6};
-
-/// As in rewrite.rs: last-seen is refreshed at most once a second.
-const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+use crate::{
+    forward::{self, Route},
+    parse6::Packet6,
+};
 
 /// Rewrites addresses, ports, hop limit and the UDP checksum (IPv6 has no
 /// header checksum), and the MACs for the next hop. Extension headers, if
@@ -29,21 +29,17 @@ pub fn rewrite(packet: &Packet6, rewrite: &Rewrite6, route: &Route) {
     eth.src_addr = route.smac;
 }
 
-/// Counts `len` bytes on the flow and refreshes its last-seen time.
+/// Counts `len` bytes on the flow direction and caches a looked-up route,
+/// as rewrite::account does.
 #[inline(always)]
-pub fn account(len: u16, entry: *mut Rewrite6, state: Option<*mut FlowCounter>, now: u64) {
-    if let Some(state) = state {
-        // SAFETY: a per-CPU array slot belongs to this CPU alone while we run.
-        let state = unsafe { &mut *state };
-        state.packets = state.packets.wrapping_add(1);
-        state.bytes = state.bytes.wrapping_add(u64::from(len));
-    }
+pub fn account(len: u16, entry: *mut Rewrite6, looked_up: Option<&Route>, now: u64) {
     // SAFETY: `entry` came from a hash map lookup and stays valid for this
     // run of the program (RCU), also after bpf_xdp_adjust_head, which only
-    // invalidates packet pointers.
-    let last_seen = unsafe { (*entry).last_seen_ns };
-    if now.wrapping_sub(last_seen) >= LAST_SEEN_GRANULARITY_NS {
-        // SAFETY: as above; an aligned u64 store, never torn.
-        unsafe { (*entry).last_seen_ns = now };
+    // invalidates packet pointers; no other reference to it is live.
+    let entry = unsafe { &mut *entry };
+    entry.counter.packets = entry.counter.packets.wrapping_add(1);
+    entry.counter.bytes = entry.counter.bytes.wrapping_add(u64::from(len));
+    if let Some(route) = looked_up {
+        forward::cache_route(&mut entry.next_hop, &mut entry.last_seen_ns, route, now);
     }
 }

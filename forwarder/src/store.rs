@@ -75,7 +75,9 @@ pub struct SessionRecord {
 pub struct NatRecord {
     /// The one backend-facing port Q.
     pub upstream_port: u16,
-    /// Counter slot of the backend half (part of the pinned entry).
+    /// The flow slot the session held. Kept for the format's sake: since
+    /// the counters moved into the map entries a slot names nothing there,
+    /// and a restart takes any free one.
     pub slot: u32,
     /// Authenticates Bind and Key for this session.
     pub token: [u8; 16],

@@ -45,7 +45,7 @@ fn ipv4_client_half_records_the_newest_client_nonce() {
     let ns = Namespace::create();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        let key = install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+        let key = install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
         let mut flagged = relay.client_flow(&key);
         flagged.flags |= REWRITE_RECORD_CLIENT_SEQ;
         relay.add_client_flow(key, flagged);
@@ -83,7 +83,7 @@ fn ipv4_client_half_records_the_newest_client_nonce() {
         let to = endpoints((RELAY_BACK, 61_002), (BACKEND, BACKEND_PORT));
         relay.add_client_flow(
             client_key((CLIENT, CLIENT_PORT), (RELAY_FRONT, other_port)),
-            Rewrite::new(from, to, 4),
+            Rewrite::new(from, to),
         );
         relay.expect(
             &udp_frame(
@@ -117,7 +117,6 @@ fn ipv6_and_translated_client_halves_record_too() {
                 facing,
                 upstream,
                 backend,
-                0,
                 REWRITE_RECORD_CLIENT_SEQ,
             );
             relay.add_egress(topo.back);

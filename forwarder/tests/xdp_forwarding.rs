@@ -1,7 +1,7 @@
 //! Forwarding: the router-like rewrite and its checksums, XDP_TX when the
 //! route leaves by the ingress interface and a redirect otherwise, route
-//! lookup failures handed to the stack, and the per-CPU route cache. Every
-//! case runs inside the namespace of `common/namespace.rs`.
+//! lookup failures handed to the stack, and the route cache in the flow's
+//! entry. Every case runs inside the namespace of `common/namespace.rs`.
 
 mod common;
 
@@ -163,7 +163,7 @@ fn same_interface_is_forwarded_with_xdp_tx() {
     let ns = Namespace::create();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        let key = install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 7);
+        let key = install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT));
         let mut input = client_packet();
         // mosh's ECT(0) must survive the relay.
         poke(&mut input, IP + 1, &[0x02]);
@@ -174,7 +174,9 @@ fn same_interface_is_forwarded_with_xdp_tx() {
         assert_checksums_valid(&run.out);
 
         let tot_len = u64::from(u16::from_be_bytes([input[IP + 2], input[IP + 3]]));
-        assert_eq!(relay.flow_count(7), (1, tot_len));
+        assert_eq!(relay.flow_count(&key), (1, tot_len));
+        // The route the lookup found is cached in the entry itself.
+        assert_eq!(relay.client_flow(&key).next_hop.ifindex, topo.front);
         assert!(
             relay.client_flow(&key).last_seen_ns > 0,
             "last_seen refreshed"
@@ -183,7 +185,7 @@ fn same_interface_is_forwarded_with_xdp_tx() {
         let seen = relay.client_flow(&key).last_seen_ns;
         relay.run(&input, Some(topo.front));
         assert_eq!(relay.client_flow(&key).last_seen_ns, seen);
-        assert_eq!(relay.flow_count(7), (2, 2 * tot_len));
+        assert_eq!(relay.flow_count(&key), (2, 2 * tot_len));
     });
 }
 
@@ -193,7 +195,7 @@ fn egress_not_in_devmap_passes_untouched() {
     let ns = Namespace::create();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 0);
+        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
         relay.expect(
             &client_packet(),
             Some(topo.front),
@@ -212,7 +214,7 @@ fn forwarding_disabled_passes_untouched() {
         .unwrap();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 0);
+        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT));
         relay.expect(
             &client_packet(),
             Some(topo.front),
@@ -238,40 +240,16 @@ fn attaches_in_native_and_skb_mode() {
 }
 
 // ---------------------------------------------------------------------------
-// The per-CPU route cache: one `bpf_fib_lookup` per flow direction, CPU and
-// second, and never for a packet larger than the cached route's MTU.
-
-/// Keeps the calling thread on one CPU: the route cache is per CPU, and a
-/// test-run executes on whichever CPU the caller is on.
-fn pin_to_current_cpu() {
-    // SAFETY: sched_getcpu has no preconditions.
-    let cpu = unsafe { libc::sched_getcpu() };
-    assert!(
-        cpu >= 0,
-        "sched_getcpu: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `cpu` is a valid CPU number below CPU_SETSIZE.
-    unsafe { libc::CPU_SET(cpu as usize, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    assert_eq!(
-        rc,
-        0,
-        "sched_setaffinity: {}",
-        std::io::Error::last_os_error()
-    );
-}
+// The route cache in the flow's entry: one `bpf_fib_lookup` per flow
+// direction and second, whichever CPU runs it, and never for a packet
+// larger than the cached route's MTU.
 
 #[test]
 fn route_cache_forwards_without_a_lookup_for_a_second() {
     let ns = Namespace::create();
     ns.enter(|topo| {
-        pin_to_current_cpu();
         let mut relay = Relay::load();
-        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT), 3);
+        install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
         relay.add_egress(topo.back);
         let input = client_packet();
         let first = relay.expect(

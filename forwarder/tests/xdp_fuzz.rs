@@ -314,7 +314,7 @@ fn fuzz_never_aborts_and_forwards_only_well_formed_frames() {
         let to_far = endpoints((RELAY_BACK, FLOW_PORT + 1), (BACKEND, BACKEND_PORT));
         relay.add_client_flow(
             client_key((CLIENT, CLIENT_PORT + 1), (RELAY_FRONT, SESSION_PORT)),
-            Rewrite::new(far, to_far, 2),
+            Rewrite::new(far, to_far),
         );
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -388,7 +388,7 @@ fn many_payloads_keep_valid_checksums() {
     let ns = Namespace::create();
     ns.enter(|topo| {
         let mut relay = Relay::load();
-        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT), 0);
+        install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT));
         for len in 0..64usize {
             let payload: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
             let input = udp_frame((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT), &payload);

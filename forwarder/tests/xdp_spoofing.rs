@@ -90,7 +90,7 @@ fn fixture_table() {
 fn nat_backend_half_hands_unknown_sources_to_the_daemon() {
     let mut relay = Relay::load();
     // Without ctx_in the program sees loopback (ifindex 1) as ingress.
-    let mut rewrite = backend_rewrite(1, 1);
+    let mut rewrite = backend_rewrite(1);
     rewrite.flags = forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
     relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
     relay.set_session_bucket(SESSION_PORT, 2);

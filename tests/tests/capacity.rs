@@ -328,7 +328,19 @@ fn flows_beyond_the_compiled_default_install_and_the_last_forwards_in_xdp() {
         "{client_flows}"
     );
     assert_eq!(client_flows["max_entries"], 65_536, "{client_flows}");
-    assert_eq!(map_entries(&stats, "FLOW_COUNTERS")["max_entries"], 131_072);
+    assert_eq!(
+        map_entries(&stats, "BACKEND_FLOWS")["max_entries"],
+        65_536,
+        "{stats}"
+    );
+    // The flow counters live in the flow maps' values: no per-CPU array
+    // grows with the cores.
+    assert!(
+        stats["capacity"]["maps"]
+            .as_array()
+            .is_some_and(|maps| maps.iter().all(|m| m["name"] != "FLOW_COUNTERS")),
+        "{stats}"
+    );
     // One slot per port, whatever --max-sessions says.
     assert_eq!(
         map_entries(&stats, "SLOWPATH_SESSION_BUCKETS")["max_entries"],

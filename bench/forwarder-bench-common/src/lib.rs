@@ -21,7 +21,7 @@ pub struct CeilingConfig {
     pub egress_ifindex: u32,
     pub _pad_end: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<CeilingConfig>() == 64);
+const _: () = assert!(core::mem::size_of::<CeilingConfig>() == 96);
 
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] plain-old-data without implicit padding (size asserted).

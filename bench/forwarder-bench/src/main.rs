@@ -521,7 +521,7 @@ fn ceiling(
         dport: to.port().to_be_bytes(),
     };
     let config = CeilingConfig {
-        rewrite: Rewrite::new(from, new, 0),
+        rewrite: Rewrite::new(from, new),
         smac: interface_mac(egress)?,
         dmac: parse_mac(dmac)?,
         port: relay.port().to_be_bytes(),
@@ -575,7 +575,7 @@ fn fill(pins: &std::path::Path, count: u32) -> anyhow::Result<()> {
         let [_, a, b, c] = (index & 0x1_ffff).to_be_bytes();
         let client = [198, 18 | (a & 1), b, c];
         let port = (1 + (index >> 17) as u16).to_be_bytes();
-        let rewrite = Rewrite::new(Endpoints::default(), Endpoints::default(), 0);
+        let rewrite = Rewrite::new(Endpoints::default(), Endpoints::default());
         let client_key = ClientKey {
             relay_addr: [198, 19, 255, 254],
             client_addr: client,

@@ -14,11 +14,11 @@
 //! flow i rewrites onto the client half of flow i+1, so one call visits 125
 //! flows one after the other, and a case's call is as many test runs as it
 //! takes to visit the whole ring (each starting where the last stopped), so
-//! the flow maps and counter slots of N flows compete for the caches. Each
-//! flow is visited again within one round of calls, well within the per-CPU
-//! route cache's second, as on a relay whose N flows are all active; one
-//! round of calls before the measured ones warms them. The process stays
-//! on one CPU, whose per-CPU slots the runs use.
+//! the flow map entries of N flows (rewrite, counters and cached route in
+//! one value) compete for the caches. Each flow is visited again within one
+//! round of calls, well within the route cache's second, as on a relay
+//! whose N flows are all active; one round of calls before the measured
+//! ones warms them. The process stays on one CPU.
 //!
 //! Calls of the cases take turns, so each timed call follows another
 //! case's: the same call, untimed, comes first. Without it the first case
@@ -77,8 +77,6 @@ const REFUSE_REPEAT: u32 = 10_000;
 /// Round-robin rings: (flows, first client port, first flow port). Their
 /// ports do not meet each other's or the fixed cases'.
 const RINGS: [(u16, u16, u16); 2] = [(1_000, 17_000, 37_000), (15_000, 1_024, 21_000)];
-/// Counter slots of the rings start here (the fixed cases use 0..12).
-const RING_SLOTS: u32 = 16;
 /// Flows one call visits: two halves per flow, one half per run.
 const RING_STEP: usize = FORWARD_REPEAT as usize / 2;
 /// Flow map sizes for the rings, both pairs: more than the compiled default.
@@ -143,16 +141,24 @@ struct Case {
 }
 
 /// How a case proves each run did what its name says.
-#[derive(Clone, Copy)]
 enum Check {
     /// Not a forwarder object.
     None,
     /// Counted under this reason.
     Reason(Reason),
-    /// Forwarded and counted on the flow slots `first..first + count`
-    /// (forwarded packets are counted on their flow, whether or not under
-    /// a reason too).
-    Forwarded { first: u32, count: u32 },
+    /// Forwarded and counted on these flow halves (forwarded packets are
+    /// counted on their flow, whether or not under a reason too).
+    Forwarded(Vec<Half>),
+}
+
+/// A flow half the bench installed, by the map that holds it.
+#[derive(Clone, Copy)]
+enum Half {
+    Client(ClientKey),
+    Backend(BackendKey),
+    Client6(ClientKey6),
+    Backend6(BackendKey6),
+    Backend4To6(BackendKey),
 }
 
 /// `objects`: extra forwarder objects (`LABEL=PATH`) measured beside the
@@ -181,11 +187,11 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
         relay.add_egress(front)?;
         relay.add_egress(back)?;
         let target = targets.len();
-        for (name, pair, action, slots) in [
-            ("forward, XDP_TX", &TX_PAIR, XDP_TX, (0, 1)),
-            ("forward, redirect", &REDIRECT_PAIR, XDP_REDIRECT, (2, 3)),
+        for (name, pair, action) in [
+            ("forward, XDP_TX", &TX_PAIR, XDP_TX),
+            ("forward, redirect", &REDIRECT_PAIR, XDP_REDIRECT),
         ] {
-            relay.add_bouncing_flows(pair, slots)?;
+            let halves = relay.add_bouncing_flows(pair)?;
             cases.push(Case {
                 name: format!("{label}: {name}"),
                 target,
@@ -201,10 +207,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                 repeat: FORWARD_REPEAT,
                 ingress: front,
                 action,
-                check: Check::Forwarded {
-                    first: slots.0,
-                    count: 2,
-                },
+                check: Check::Forwarded(halves),
             });
         }
         // Round robin over many flows, both ways out, each ring in a load of
@@ -215,7 +218,6 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
         // flow of each lists the newer first, so the older ring's lookups
         // walked past the other ring's element (a cache line) there.
         let mut ring_relays = Vec::new();
-        let mut first_slot = RING_SLOTS;
         for (flows, client_port, flow_port) in RINGS {
             for (way, pair, action) in [
                 ("XDP_TX", &TX_PAIR, XDP_TX),
@@ -229,10 +231,8 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     flows,
                     client_port,
                     flow_port,
-                    first_slot,
                 };
-                rings.add_ring(pair, &ring)?;
-                first_slot += 2 * u32::from(flows);
+                let halves = rings.add_ring(pair, &ring)?;
                 let starts = (0..usize::from(flows)).step_by(RING_STEP);
                 cases.push(Case {
                     name: format!("{label}: forward, {way}, {flows} flows round robin"),
@@ -247,26 +247,18 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     repeat: FORWARD_REPEAT,
                     ingress: front,
                     action,
-                    check: Check::Forwarded {
-                        first: ring.first_slot,
-                        count: 2 * u32::from(flows),
-                    },
+                    check: Check::Forwarded(halves),
                 });
                 ring_relays.push(rings.ebpf);
             }
         }
         // IPv6 and translated flows (cost6), where the object has their maps.
         if relay.ebpf.map(map_names::CLIENT_FLOWS6).is_some() {
-            for (name, pair, action, slots) in [
-                ("forward IPv6, XDP_TX", &TX_PAIR6, XDP_TX, (4, 5)),
-                (
-                    "forward IPv6, redirect",
-                    &REDIRECT_PAIR6,
-                    XDP_REDIRECT,
-                    (6, 7),
-                ),
+            for (name, pair, action) in [
+                ("forward IPv6, XDP_TX", &TX_PAIR6, XDP_TX),
+                ("forward IPv6, redirect", &REDIRECT_PAIR6, XDP_REDIRECT),
             ] {
-                relay.add_bouncing_flows6(pair, slots)?;
+                let halves = relay.add_bouncing_flows6(pair)?;
                 cases.push(Case {
                     name: format!("{label}: {name}"),
                     target,
@@ -282,29 +274,24 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     repeat: FORWARD_REPEAT,
                     ingress: front,
                     action,
-                    check: Check::Forwarded {
-                        first: slots.0,
-                        count: 2,
-                    },
+                    check: Check::Forwarded(halves),
                 });
             }
-            for (name, pair, pair6, action, slots) in [
+            for (name, pair, pair6, action) in [
                 (
                     "forward translated 6->4->6 (mean of both), XDP_TX",
                     &TX_PAIR,
                     &TX_PAIR6,
                     XDP_TX,
-                    (8, 9),
                 ),
                 (
                     "forward translated 6->4->6 (mean of both), redirect",
                     &REDIRECT_PAIR,
                     &REDIRECT_PAIR6,
                     XDP_REDIRECT,
-                    (10, 11),
                 ),
             ] {
-                relay.add_bouncing_translated(pair, pair6, slots)?;
+                let halves = relay.add_bouncing_translated(pair, pair6)?;
                 cases.push(Case {
                     name: format!("{label}: {name}"),
                     target,
@@ -320,10 +307,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     repeat: FORWARD_REPEAT,
                     ingress: front,
                     action,
-                    check: Check::Forwarded {
-                        first: slots.0,
-                        count: 2,
-                    },
+                    check: Check::Forwarded(halves),
                 });
             }
         }
@@ -458,7 +442,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
     }
     let counted_before = cases
         .iter()
-        .map(|case| counted(&targets[case.target], case.check))
+        .map(|case| counted(&targets[case.target], &case.check))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut samples = vec![Vec::with_capacity(calls); cases.len()];
     for _ in 0..calls {
@@ -468,7 +452,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
     }
     let mut points = Vec::new();
     for (index, case) in cases.iter().enumerate() {
-        let counted = counted(&targets[case.target], case.check)? - counted_before[index];
+        let counted = counted(&targets[case.target], &case.check)? - counted_before[index];
         let runs = u64::from(case.repeat) * (calls * case.frames.len()) as u64;
         // A 1 pps bucket refills a token or so per second of the run.
         ensure!(
@@ -530,7 +514,7 @@ fn percentiles(mut values: Vec<f64>) -> Value {
 }
 
 /// Packets a forwarder object counted the way `check` names, summed over CPUs.
-fn counted(ebpf: &Ebpf, check: Check) -> anyhow::Result<u64> {
+fn counted(ebpf: &Ebpf, check: &Check) -> anyhow::Result<u64> {
     match check {
         Check::None => Ok(0),
         Check::Reason(reason) => {
@@ -539,38 +523,41 @@ fn counted(ebpf: &Ebpf, check: Check) -> anyhow::Result<u64> {
                     .context("REASON_COUNTERS")?,
             )?;
             Ok(map
-                .get(&(reason as u32), 0)?
+                .get(&(*reason as u32), 0)?
                 .iter()
                 .map(|counter| counter.packets)
                 .sum())
         }
-        Check::Forwarded { first, count } => {
-            let map = ebpf
-                .map(map_names::FLOW_COUNTERS)
-                .context("FLOW_COUNTERS")?;
-            // Packets come first in every slot layout measured so far: this
-            // tree's FlowCounter, and the 64-byte one of the reverted
-            // step 3 of issue 16 (docs/BENCHMARKS.md), so both can be timed side by side.
-            if let Ok(map) = PerCpuArray::<_, FlowCounter>::try_from(map) {
-                let mut sum = 0;
-                for slot in first..first + count {
-                    sum += map.get(&slot, 0)?.iter().map(|c| c.packets).sum::<u64>();
-                }
-                return Ok(sum);
-            }
-            let map: PerCpuArray<_, [u64; 8]> = PerCpuArray::try_from(map)?;
+        Check::Forwarded(halves) => {
+            let map = |name: &str| ebpf.map(name).with_context(|| name.to_string());
+            let clients: HashMap<_, ClientKey, Rewrite> =
+                HashMap::try_from(map(map_names::CLIENT_FLOWS)?)?;
+            let backends: HashMap<_, BackendKey, Rewrite> =
+                HashMap::try_from(map(map_names::BACKEND_FLOWS)?)?;
+            let clients6: HashMap<_, ClientKey6, Rewrite6> =
+                HashMap::try_from(map(map_names::CLIENT_FLOWS6)?)?;
+            let backends6: HashMap<_, BackendKey6, Rewrite6> =
+                HashMap::try_from(map(map_names::BACKEND_FLOWS6)?)?;
+            let backends_4to6: HashMap<_, BackendKey, Rewrite6> =
+                HashMap::try_from(map(map_names::BACKEND_FLOWS_4TO6)?)?;
             let mut sum = 0;
-            for slot in first..first + count {
-                sum += map.get(&slot, 0)?.iter().map(|c| c[0]).sum::<u64>();
+            for half in halves {
+                let counter: FlowCounter = match half {
+                    Half::Client(key) => clients.get(key, 0)?.counter,
+                    Half::Backend(key) => backends.get(key, 0)?.counter,
+                    Half::Client6(key) => clients6.get(key, 0)?.counter,
+                    Half::Backend6(key) => backends6.get(key, 0)?.counter,
+                    Half::Backend4To6(key) => backends_4to6.get(key, 0)?.counter,
+                };
+                sum += counter.packets;
             }
             Ok(sum)
         }
     }
 }
 
-/// Pins the process to the CPU it runs on: test runs use that CPU's
-/// per-CPU slots (route caches), which a move to another CPU would leave
-/// cold.
+/// Pins the process to the CPU it runs on: a move to another CPU would
+/// leave its caches cold.
 fn stay_on_one_cpu() -> anyhow::Result<()> {
     // SAFETY: sched_getcpu has no preconditions.
     let cpu = unsafe { libc::sched_getcpu() };
@@ -755,12 +742,11 @@ fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
         .collect()
 }
 
-/// A round-robin ring's size and where its ports and counter slots start.
+/// A round-robin ring's size and where its ports start.
 struct Ring {
     flows: u16,
     client_port: u16,
     flow_port: u16,
-    first_slot: u32,
 }
 
 /// forwarder's own program, configured the way the daemon configures it.
@@ -777,7 +763,6 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     for name in [map_names::CLIENT_FLOWS, map_names::BACKEND_FLOWS] {
         loader.map_max_entries(name, BENCH_MAX_FLOWS);
     }
-    loader.map_max_entries(map_names::FLOW_COUNTERS, 2 * BENCH_MAX_FLOWS);
     let mut ebpf = loader
         .load(object)
         .context("loading forwarder's XDP object")?;
@@ -807,7 +792,7 @@ impl Relay {
     /// to `server:SERVER_PORT -> client:FLOW_PORT`, which is the backend
     /// half (server allowed at `server:SERVER_PORT`) rewritten back to the
     /// first packet.
-    fn add_bouncing_flows(&mut self, pair: &Pair, slots: (u32, u32)) -> anyhow::Result<()> {
+    fn add_bouncing_flows(&mut self, pair: &Pair) -> anyhow::Result<Vec<Half>> {
         let client_side = Endpoints {
             saddr: pair.client,
             daddr: pair.server,
@@ -820,47 +805,31 @@ impl Relay {
             sport: SERVER_PORT.to_be_bytes(),
             dport: FLOW_PORT.to_be_bytes(),
         };
-        let client_rewrite = Rewrite::new(client_side, backend_side, slots.0);
-        let mut backend_rewrite = Rewrite::new(backend_side, client_side, slots.1);
+        let client_rewrite = Rewrite::new(client_side, backend_side);
+        let mut backend_rewrite = Rewrite::new(backend_side, client_side);
         backend_rewrite.allowed_saddr = pair.server;
         backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
-        let mut clients: HashMap<_, ClientKey, Rewrite> = HashMap::try_from(
-            self.ebpf
-                .map_mut(map_names::CLIENT_FLOWS)
-                .context("CLIENT_FLOWS")?,
-        )?;
-        clients.insert(
-            ClientKey {
-                relay_addr: pair.server,
-                client_addr: pair.client,
-                relay_port: SESSION_PORT.to_be_bytes(),
-                client_port: CLIENT_PORT.to_be_bytes(),
-            },
-            client_rewrite,
-            0,
-        )?;
-        let mut backends: HashMap<_, BackendKey, Rewrite> = HashMap::try_from(
-            self.ebpf
-                .map_mut(map_names::BACKEND_FLOWS)
-                .context("BACKEND_FLOWS")?,
-        )?;
-        backends.insert(
-            BackendKey {
-                relay_addr: pair.client,
-                relay_port: FLOW_PORT.to_be_bytes(),
-                _pad: [0; 2],
-            },
-            backend_rewrite,
-            0,
-        )?;
-        Ok(())
+        let client = ClientKey {
+            relay_addr: pair.server,
+            client_addr: pair.client,
+            relay_port: SESSION_PORT.to_be_bytes(),
+            client_port: CLIENT_PORT.to_be_bytes(),
+        };
+        self.insert(map_names::CLIENT_FLOWS, client, client_rewrite)?;
+        let backend = BackendKey {
+            relay_addr: pair.client,
+            relay_port: FLOW_PORT.to_be_bytes(),
+            _pad: [0; 2],
+        };
+        self.insert(map_names::BACKEND_FLOWS, backend, backend_rewrite)?;
+        Ok(vec![Half::Client(client), Half::Backend(backend)])
     }
 
     /// A ring of flows between the pair's client and server: flow i's
     /// client half (client port `client_port + i`) rewrites to its backend
     /// half (flow port `flow_port + i`), which rewrites onto the client half
     /// of flow i+1; the last one's back onto flow 0's.
-    fn add_ring(&mut self, pair: &Pair, ring: &Ring) -> anyhow::Result<()> {
+    fn add_ring(&mut self, pair: &Pair, ring: &Ring) -> anyhow::Result<Vec<Half>> {
         let client_side = |i: u16| Endpoints {
             saddr: pair.client,
             daddr: pair.server,
@@ -873,10 +842,10 @@ impl Relay {
             sport: SERVER_PORT.to_be_bytes(),
             dport: (ring.flow_port + i).to_be_bytes(),
         };
+        let mut halves = Vec::with_capacity(2 * usize::from(ring.flows));
         for i in 0..ring.flows {
-            let slot = ring.first_slot + 2 * u32::from(i);
-            let client_rewrite = Rewrite::new(client_side(i), backend_side(i), slot);
-            let mut backend_rewrite = Rewrite::new(backend_side(i), client_side(i + 1), slot + 1);
+            let client_rewrite = Rewrite::new(client_side(i), backend_side(i));
+            let mut backend_rewrite = Rewrite::new(backend_side(i), client_side(i + 1));
             backend_rewrite.allowed_saddr = pair.server;
             backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
             let key = ClientKey {
@@ -886,18 +855,20 @@ impl Relay {
                 client_port: client_side(i).sport,
             };
             self.insert(map_names::CLIENT_FLOWS, key, client_rewrite)?;
+            halves.push(Half::Client(key));
             let key = BackendKey {
                 relay_addr: pair.client,
                 relay_port: backend_side(i).dport,
                 _pad: [0; 2],
             };
             self.insert(map_names::BACKEND_FLOWS, key, backend_rewrite)?;
+            halves.push(Half::Backend(key));
         }
-        Ok(())
+        Ok(halves)
     }
 
     /// add_bouncing_flows over IPv6: the same two halves in the IPv6 maps.
-    fn add_bouncing_flows6(&mut self, pair: &Pair6, slots: (u32, u32)) -> anyhow::Result<()> {
+    fn add_bouncing_flows6(&mut self, pair: &Pair6) -> anyhow::Result<Vec<Half>> {
         let ends = |saddr, daddr, sport: u16, dport: u16| Endpoints46 {
             saddr: WireAddr::V6(saddr),
             daddr: WireAddr::V6(daddr),
@@ -906,34 +877,30 @@ impl Relay {
         };
         let client_side = ends(pair.client, pair.server, CLIENT_PORT, SESSION_PORT);
         let backend_side = ends(pair.server, pair.client, SERVER_PORT, FLOW_PORT);
-        let client_rewrite = Rewrite6::new(client_side, backend_side, slots.0);
-        let mut backend_rewrite = Rewrite6::new(backend_side, client_side, slots.1);
+        let client_rewrite = Rewrite6::new(client_side, backend_side);
+        let mut backend_rewrite = Rewrite6::new(backend_side, client_side);
         backend_rewrite.allowed_saddr = pair.server;
         backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
-        let key = ClientKey6 {
+        let client = ClientKey6 {
             relay_addr: pair.server,
             client_addr: pair.client,
             relay_port: SESSION_PORT.to_be_bytes(),
             client_port: CLIENT_PORT.to_be_bytes(),
         };
-        self.insert(map_names::CLIENT_FLOWS6, key, client_rewrite)?;
-        let key = BackendKey6 {
+        self.insert(map_names::CLIENT_FLOWS6, client, client_rewrite)?;
+        let backend = BackendKey6 {
             relay_addr: pair.client,
             relay_port: FLOW_PORT.to_be_bytes(),
             _pad: [0; 2],
         };
-        self.insert(map_names::BACKEND_FLOWS6, key, backend_rewrite)
+        self.insert(map_names::BACKEND_FLOWS6, backend, backend_rewrite)?;
+        Ok(vec![Half::Client6(client), Half::Backend6(backend)])
     }
 
     /// A translated bounce: an IPv6 client half that leaves as IPv4 towards
     /// an IPv4-in, IPv6-out backend half, which rewrites back to the first
     /// packet, so runs alternate 6->4 and 4->6.
-    fn add_bouncing_translated(
-        &mut self,
-        pair: &Pair,
-        pair6: &Pair6,
-        slots: (u32, u32),
-    ) -> anyhow::Result<()> {
+    fn add_bouncing_translated(&mut self, pair: &Pair, pair6: &Pair6) -> anyhow::Result<Vec<Half>> {
         let client_side = Endpoints46 {
             saddr: WireAddr::V6(pair6.client),
             daddr: WireAddr::V6(pair6.server),
@@ -946,17 +913,17 @@ impl Relay {
             sport: SERVER_PORT.to_be_bytes(),
             dport: TRANSLATED_FLOW_PORT.to_be_bytes(),
         };
-        let client_rewrite = Rewrite6::new(client_side, backend_side, slots.0);
-        let mut backend_rewrite = Rewrite6::new(backend_side, client_side, slots.1);
+        let client_rewrite = Rewrite6::new(client_side, backend_side);
+        let mut backend_rewrite = Rewrite6::new(backend_side, client_side);
         backend_rewrite.allowed_saddr = WireAddr::V4(pair.server).padded();
         backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
-        let key = ClientKey6 {
+        let client = ClientKey6 {
             relay_addr: pair6.server,
             client_addr: pair6.client,
             relay_port: TRANSLATED_SESSION_PORT.to_be_bytes(),
             client_port: CLIENT_PORT.to_be_bytes(),
         };
-        self.insert(map_names::CLIENT_FLOWS6, key, client_rewrite)?;
+        self.insert(map_names::CLIENT_FLOWS6, client, client_rewrite)?;
         // The daemon marks the port before it inserts a half keyed by it.
         let (word, mask) = port_bit(TRANSLATED_FLOW_PORT);
         let mut ports: Array<_, u32> = Array::try_from(
@@ -966,12 +933,13 @@ impl Relay {
         )?;
         let bits = ports.get(&word, 0)?;
         ports.set(word, bits | mask, 0)?;
-        let key = BackendKey {
+        let backend = BackendKey {
             relay_addr: pair.client,
             relay_port: TRANSLATED_FLOW_PORT.to_be_bytes(),
             _pad: [0; 2],
         };
-        self.insert(map_names::BACKEND_FLOWS_4TO6, key, backend_rewrite)
+        self.insert(map_names::BACKEND_FLOWS_4TO6, backend, backend_rewrite)?;
+        Ok(vec![Half::Client6(client), Half::Backend4To6(backend)])
     }
 
     fn insert<K: aya::Pod, V: aya::Pod>(
@@ -1053,7 +1021,7 @@ fn setup_ceiling(ebpf: &mut Ebpf, back: u32) -> anyhow::Result<Vec<u8>> {
         dport: SESSION_PORT.to_be_bytes(),
     };
     let config = CeilingConfig {
-        rewrite: Rewrite::new(same, same, 0),
+        rewrite: Rewrite::new(same, same),
         smac: [0x02, 0, 0, 0, 2, 1],
         dmac: [0x02, 0, 0, 0, 0, 3],
         port: SESSION_PORT.to_be_bytes(),

@@ -566,7 +566,6 @@ mod tests {
             upstream: upstream.parse().unwrap(),
             backend: backend.parse().unwrap(),
             backend_ifindex: 0,
-            slot: 1,
         })
     }
 

@@ -29,8 +29,6 @@ pub struct FlowAddrs {
     pub backend: SocketAddr,
     /// Interface of the route to the backend (0: any).
     pub backend_ifindex: u32,
-    /// Flow slot: counters at slot*2 (to backend) and slot*2+1 (to client).
-    pub slot: u32,
 }
 
 /// A client half: its key, in the map its input family and output family pick.
@@ -73,22 +71,6 @@ impl BackendHalfKey {
     }
 }
 
-/// A rewrite with the XDP program's timestamp cleared: what the daemon wrote.
-fn unseen(rewrite: Rewrite) -> Rewrite {
-    Rewrite {
-        last_seen_ns: 0,
-        ..rewrite
-    }
-}
-
-/// [`unseen`] for the IPv6 and translated rewrites.
-fn unseen6(rewrite: Rewrite6) -> Rewrite6 {
-    Rewrite6 {
-        last_seen_ns: 0,
-        ..rewrite
-    }
-}
-
 impl BackendHalf {
     pub(crate) fn key(&self) -> BackendHalfKey {
         match self {
@@ -98,12 +80,13 @@ impl BackendHalf {
         }
     }
 
-    /// The half with the XDP program's timestamp cleared: what the daemon wrote.
+    /// The half with what the XDP program keeps in it (timestamp, route,
+    /// counters) cleared: what the daemon wrote.
     fn ours(&self) -> Self {
         match *self {
-            Self::V4(key, rewrite) => Self::V4(key, unseen(rewrite)),
-            Self::V4To6(key, rewrite) => Self::V4To6(key, unseen6(rewrite)),
-            Self::V6(key, rewrite) => Self::V6(key, unseen6(rewrite)),
+            Self::V4(key, rewrite) => Self::V4(key, rewrite.as_written()),
+            Self::V4To6(key, rewrite) => Self::V4To6(key, rewrite.as_written()),
+            Self::V6(key, rewrite) => Self::V6(key, rewrite.as_written()),
         }
     }
 
@@ -113,28 +96,14 @@ impl BackendHalf {
             Self::V4To6(_, rewrite) | Self::V6(_, rewrite) => rewrite.last_seen_ns,
         }
     }
-
-    pub(crate) fn counter_slot(&self) -> u32 {
-        match self {
-            Self::V4(_, rewrite) => rewrite.counter_slot,
-            Self::V4To6(_, rewrite) | Self::V6(_, rewrite) => rewrite.counter_slot,
-        }
-    }
 }
 
 impl ClientHalf {
     fn ours(&self) -> Self {
         match *self {
-            Self::V4(key, rewrite) => Self::V4(key, unseen(rewrite)),
-            Self::V4To6(key, rewrite) => Self::V4To6(key, unseen6(rewrite)),
-            Self::V6(key, rewrite) => Self::V6(key, unseen6(rewrite)),
-        }
-    }
-
-    pub(crate) fn counter_slot(&self) -> u32 {
-        match self {
-            Self::V4(_, rewrite) => rewrite.counter_slot,
-            Self::V4To6(_, rewrite) | Self::V6(_, rewrite) => rewrite.counter_slot,
+            Self::V4(key, rewrite) => Self::V4(key, rewrite.as_written()),
+            Self::V4To6(key, rewrite) => Self::V4To6(key, rewrite.as_written()),
+            Self::V6(key, rewrite) => Self::V6(key, rewrite.as_written()),
         }
     }
 }
@@ -186,10 +155,10 @@ enum Made {
     V6(Rewrite6),
 }
 
-fn rewrite(from: &Endpoints46, to: &Endpoints46, slot: u32) -> Made {
+fn rewrite(from: &Endpoints46, to: &Endpoints46) -> Made {
     match (v4(from), v4(to)) {
-        (Some(from), Some(to)) => Made::V4(Rewrite::new(from, to, slot)),
-        _ => Made::V6(Rewrite6::new(*from, *to, slot)),
+        (Some(from), Some(to)) => Made::V4(Rewrite::new(from, to)),
+        _ => Made::V6(Rewrite6::new(*from, *to)),
     }
 }
 
@@ -209,7 +178,7 @@ impl FlowEntries {
         let allowed_port = addrs.backend.port().to_be_bytes();
 
         let client = match (
-            rewrite(&client_side, &backend_side, addrs.slot * 2),
+            rewrite(&client_side, &backend_side),
             client_side.daddr,
             client_side.saddr,
         ) {
@@ -240,14 +209,13 @@ impl FlowEntries {
                     relay_port: client_side.dport,
                     client_port: client_side.sport,
                 },
-                into6(made, &client_side, &backend_side, addrs.slot * 2),
+                into6(made, &client_side, &backend_side),
             ),
         };
 
         let from = swap(backend_side);
         let to = swap(client_side);
-        let slot = addrs.slot * 2 + 1;
-        let backend = match (rewrite(&from, &to, slot), backend_side.saddr) {
+        let backend = match (rewrite(&from, &to), backend_side.saddr) {
             (Made::V4(mut rewrite), WireAddr::V4(relay)) => {
                 rewrite.allowed_saddr = four(allowed);
                 rewrite.allowed_sport = allowed_port;
@@ -262,7 +230,7 @@ impl FlowEntries {
                 )
             }
             (made, relay) => {
-                let mut rewrite = into6(made, &from, &to, slot);
+                let mut rewrite = into6(made, &from, &to);
                 rewrite.allowed_saddr = allowed.padded();
                 rewrite.allowed_sport = allowed_port;
                 rewrite.allowed_ifindex = addrs.backend_ifindex;
@@ -287,11 +255,6 @@ impl FlowEntries {
             }
         };
         FlowEntries { client, backend }
-    }
-
-    /// Counter slots: (to backend, to client).
-    pub fn counter_slots(&self) -> (u32, u32) {
-        (self.client.counter_slot(), self.backend.counter_slot())
     }
 
     /// Punched (NAT'd) sessions: a datagram from another source on the
@@ -333,10 +296,10 @@ fn four(addr: WireAddr) -> [u8; 4] {
 /// The `Rewrite6` of a half that lives in an IPv6 or translated map. Both
 /// sides IPv4 never get here (they take the IPv4 maps), but a side whose two
 /// addresses disagree in family still gets a well-formed entry.
-fn into6(made: Made, from: &Endpoints46, to: &Endpoints46, slot: u32) -> Rewrite6 {
+fn into6(made: Made, from: &Endpoints46, to: &Endpoints46) -> Rewrite6 {
     match made {
         Made::V6(rewrite) => rewrite,
-        Made::V4(_) => Rewrite6::new(*from, *to, slot),
+        Made::V4(_) => Rewrite6::new(*from, *to),
     }
 }
 
@@ -349,8 +312,6 @@ pub struct InstalledClient {
     /// Where the half sends to: the backend and the relay's port Q.
     pub backend: SocketAddr,
     pub upstream_port: u16,
-    /// The flow slot (counter slot / 2).
-    pub slot: u32,
     pub(crate) half: ClientHalf,
 }
 
@@ -374,7 +335,6 @@ impl InstalledClient {
                 client: sock(&key.client_addr, key.client_port, true),
                 backend: sock(&rewrite.new_daddr, rewrite.new_dport, true),
                 upstream_port: u16::from_be_bytes(rewrite.new_sport),
-                slot: rewrite.counter_slot / 2,
                 half,
             },
             ClientHalf::V4To6(key, rewrite) => Self {
@@ -382,7 +342,6 @@ impl InstalledClient {
                 client: sock(&key.client_addr, key.client_port, true),
                 backend: sock(&rewrite.new_daddr, rewrite.new_dport, rewrite.out_v4()),
                 upstream_port: u16::from_be_bytes(rewrite.new_sport),
-                slot: rewrite.counter_slot / 2,
                 half,
             },
             ClientHalf::V6(key, rewrite) => Self {
@@ -390,14 +349,13 @@ impl InstalledClient {
                 client: sock(&key.client_addr, key.client_port, false),
                 backend: sock(&rewrite.new_daddr, rewrite.new_dport, rewrite.out_v4()),
                 upstream_port: u16::from_be_bytes(rewrite.new_sport),
-                slot: rewrite.counter_slot / 2,
                 half,
             },
         }
     }
 
     /// Whether this installed half is exactly the client half of `expected`
-    /// (the XDP program's timestamp aside).
+    /// (what the XDP program keeps in it aside).
     pub fn matches(&self, expected: &FlowEntries) -> bool {
         self.half.ours() == expected.client.ours()
     }
@@ -546,7 +504,6 @@ mod tests {
             upstream: upstream.parse().unwrap(),
             backend: backend.parse().unwrap(),
             backend_ifindex: 7,
-            slot: 3,
         }
     }
 
@@ -560,7 +517,6 @@ mod tests {
         ));
         assert!(matches!(v4.client, ClientHalf::V4(..)));
         assert!(matches!(v4.backend, BackendHalf::V4(..)));
-        assert_eq!(v4.counter_slots(), (6, 7));
 
         let v6 = FlowEntries::new(&addrs(
             "[2001:db8::7]:41000",
@@ -626,9 +582,12 @@ mod tests {
             "10.0.2.1:61000",
             "10.0.2.2:60001",
         ));
+        // What the XDP program writes into a half does not make it differ.
         let mut seen = entries.backend;
         if let BackendHalf::V4To6(_, rewrite) = &mut seen {
             rewrite.last_seen_ns = 5;
+            rewrite.next_hop.ifindex = 3;
+            rewrite.counter.packets = 9;
         }
         let installed = InstalledHalves::new(vec![entries.client], vec![seen]);
         let client = installed.clients[0];
@@ -636,7 +595,7 @@ mod tests {
         assert_eq!(client.client, "[2001:db8::7]:41000".parse().unwrap());
         assert_eq!(client.facing, "[2001:db8::1]:60000".parse().unwrap());
         assert_eq!(client.backend, "10.0.2.2:60001".parse().unwrap());
-        assert_eq!((client.upstream_port, client.slot), (61000, 3));
+        assert_eq!(client.upstream_port, 61000);
         assert_eq!(
             installed.backend_state(&entries),
             BackendState::Matches { answered: true }
@@ -708,9 +667,5 @@ mod tests {
         assert_eq!(backend_rewrite.allowed_saddr, backend.ip().octets());
         assert_eq!(backend_rewrite.allowed_sport, 60001u16.to_be_bytes());
         assert_eq!(backend_rewrite.allowed_ifindex, 7);
-        assert_eq!(
-            (client_rewrite.counter_slot, backend_rewrite.counter_slot),
-            (6, 7)
-        );
     }
 }

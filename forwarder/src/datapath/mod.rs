@@ -181,11 +181,12 @@ impl Datapath {
         }
     }
 
-    /// Packets the XDP program forwarded in one flow direction.
-    pub fn flow_counter(&self, slot: u32) -> FlowCounter {
+    /// Packets the XDP program forwarded in each direction of a flow: (to
+    /// the server, to the client).
+    pub fn flow_counters(&self, entries: &FlowEntries) -> (FlowCounter, FlowCounter) {
         match self {
-            Self::Xdp(xdp) => xdp.flow_counter(slot),
-            Self::Userspace { .. } => FlowCounter::default(),
+            Self::Xdp(xdp) => xdp.flow_counters(entries),
+            Self::Userspace { .. } => Default::default(),
         }
     }
 

@@ -3,11 +3,10 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, bail};
-use aya::maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
-use aya::util::nr_cpus;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
 use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
@@ -56,7 +55,6 @@ pub struct XdpDatapath {
     ports_4to6: Array<MapData, u32>,
     /// How many `_4TO6` halves use each port: its bit is cleared with the last.
     ports_4to6_users: std::collections::HashMap<u16, u32>,
-    flow_counters: PerCpuArray<MapData, FlowCounter>,
     reason_counters: PerCpuArray<MapData, ReasonCounter>,
     /// Newest client nonce XDP forwarded per punched session (forwarder_common::clientseq).
     client_seqs: Array<MapData, u64>,
@@ -166,7 +164,6 @@ impl XdpDatapath {
         let backend_flows_4to6 =
             HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS_4TO6)?)?;
         let ports_4to6 = Array::try_from(take_map(&mut ebpf, map_names::PORTS_4TO6)?)?;
-        let flow_counters = PerCpuArray::try_from(take_map(&mut ebpf, "FLOW_COUNTERS")?)?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
         let client_seqs = Array::try_from(take_map(&mut ebpf, map_names::CLIENT_SEQS)?)?;
         let slowpath = SlowpathBuckets {
@@ -185,7 +182,6 @@ impl XdpDatapath {
             backend_flows_4to6,
             ports_4to6,
             ports_4to6_users: std::collections::HashMap::new(),
-            flow_counters,
             reason_counters,
             client_seqs,
             slowpath,
@@ -263,11 +259,9 @@ impl XdpDatapath {
     /// Installs both halves of a flow, backend half first so a client packet
     /// never finds a rewrite whose return path is missing. Either both are
     /// in the maps afterwards or neither is.
+    /// The halves are written with zero counters: a flow, or a replaced
+    /// half, counts from its install.
     pub fn install(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
-        let (to_backend, to_client) = entries.counter_slots();
-        for slot in [to_backend, to_client] {
-            self.reset_counter(slot)?;
-        }
         self.insert_backend(&entries.backend)
             .context("inserting the backend half of a flow (is the flow map full?)")?;
         if let Err(error) = self.insert_client(&entries.client) {
@@ -366,7 +360,6 @@ impl XdpDatapath {
     /// Installs only the backend half of a flow. NAT sessions use it: the
     /// daemon checks every client packet of theirs itself (sessions/nat.rs).
     pub fn install_backend_half(&mut self, entries: &FlowEntries) -> anyhow::Result<()> {
-        self.reset_counter(entries.backend.counter_slot())?;
         self.insert_backend(&entries.backend)
             .context("inserting the backend half of a NAT session (is the flow map full?)")
     }
@@ -403,25 +396,36 @@ impl XdpDatapath {
 
     /// Last-seen timestamps the XDP program wrote: (client half, backend half).
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
+        let (client, backend) = self.read_halves(entries, |r| r.last_seen_ns, |r| r.last_seen_ns);
+        (client.unwrap_or(0), backend.unwrap_or(0))
+    }
+
+    /// What XDP forwarded since the halves were written: (to the server,
+    /// through the client half; to the client, through the backend half).
+    pub fn flow_counters(&self, entries: &FlowEntries) -> (FlowCounter, FlowCounter) {
+        let (client, backend) = self.read_halves(entries, |r| r.counter, |r| r.counter);
+        (client.unwrap_or_default(), backend.unwrap_or_default())
+    }
+
+    /// One field of each of the flow's installed halves, as the kernel holds
+    /// them (None: that half is not in its map).
+    fn read_halves<T>(
+        &self,
+        entries: &FlowEntries,
+        v4: impl Fn(&Rewrite) -> T,
+        v6: impl Fn(&Rewrite6) -> T,
+    ) -> (Option<T>, Option<T>) {
         let client = match &entries.client {
-            ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
-            ClientHalf::V4To6(key, _) => self
-                .client_flows_4to6
-                .get(key, 0)
-                .map(|r| r.last_seen_ns)
-                .ok(),
-            ClientHalf::V6(key, _) => self.client_flows6.get(key, 0).map(|r| r.last_seen_ns).ok(),
+            ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| v4(&r)).ok(),
+            ClientHalf::V4To6(key, _) => self.client_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
+            ClientHalf::V6(key, _) => self.client_flows6.get(key, 0).map(|r| v6(&r)).ok(),
         };
         let backend = match &entries.backend {
-            BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| r.last_seen_ns).ok(),
-            BackendHalf::V4To6(key, _) => self
-                .backend_flows_4to6
-                .get(key, 0)
-                .map(|r| r.last_seen_ns)
-                .ok(),
-            BackendHalf::V6(key, _) => self.backend_flows6.get(key, 0).map(|r| r.last_seen_ns).ok(),
+            BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| v4(&r)).ok(),
+            BackendHalf::V4To6(key, _) => self.backend_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
+            BackendHalf::V6(key, _) => self.backend_flows6.get(key, 0).map(|r| v6(&r)).ok(),
         };
-        (client.unwrap_or(0), backend.unwrap_or(0))
+        (client, backend)
     }
 
     /// Descriptors of the flow maps of its own, for reading them in bulk
@@ -442,41 +446,6 @@ impl XdpDatapath {
             backend_4to6: own(&self.backend_flows_4to6)?,
             used,
         })
-    }
-
-    /// A flow direction's counter summed over CPUs.
-    pub fn flow_counter(&self, slot: u32) -> FlowCounter {
-        self.flow_counters
-            .get(&slot, 0)
-            .map(|per_cpu| {
-                per_cpu
-                    .iter()
-                    .fold(FlowCounter::default(), |sum, c| FlowCounter {
-                        packets: sum.packets + c.packets,
-                        bytes: sum.bytes + c.bytes,
-                        ..FlowCounter::default()
-                    })
-            })
-            .unwrap_or_default()
-    }
-
-    fn reset_counter(&mut self, slot: u32) -> anyhow::Result<()> {
-        if slot >= self.sizes.flow_counter_slots() {
-            bail!(
-                "flow counter slot {slot} is out of range (the counter map holds {} slots for {} flows): \
-                 this is a bug in the daemon's slot allocation",
-                self.sizes.flow_counter_slots(),
-                self.sizes.max_flows
-            );
-        }
-        let cpus = nr_cpus()
-            .map_err(|(_, error)| error)
-            .context("counting CPUs")?;
-        let zeros = PerCpuValues::try_from(vec![FlowCounter::default(); cpus])?;
-        self.flow_counters
-            .set(slot, zeros, 0)
-            .context("resetting a flow counter")?;
-        Ok(())
     }
 
     /// Every flow half in the maps (what the kernel forwards right now).
@@ -541,7 +510,6 @@ impl XdpDatapath {
                 map_names::BACKEND_FLOWS_4TO6,
                 Some(self.backend_flows_4to6.keys().count()),
             ),
-            ("FLOW_COUNTERS", None),
             ("REASON_COUNTERS", None),
             ("EGRESS", None),
             (
@@ -869,7 +837,6 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
             | map_names::BACKEND_FLOWS6
             | map_names::CLIENT_FLOWS_4TO6
             | map_names::BACKEND_FLOWS_4TO6 => pinned_flows = Some(got),
-            map_names::FLOW_COUNTERS => pinned_flows = pinned_flows.or(Some(got / 2)),
             _ => {}
         }
     }

@@ -272,7 +272,6 @@ pub fn flow_entries(
     route: BackendRoute,
     upstream_port: u16,
     backend: SocketAddr,
-    slot: u32,
 ) -> FlowEntries {
     FlowEntries::new(&FlowAddrs {
         client,
@@ -280,7 +279,6 @@ pub fn flow_entries(
         upstream: SocketAddr::new(route.source, upstream_port),
         backend,
         backend_ifindex: route.ifindex,
-        slot,
     })
 }
 
@@ -699,7 +697,6 @@ impl Relay {
             session.route,
             upstream_port,
             session.backend,
-            slot,
         );
         if let Err(error) = self.datapath.install(&entries) {
             socket.close();
@@ -1014,8 +1011,7 @@ impl Relay {
             .zip(&activity)
             .enumerate()
             .map(|(index, (flow, activity))| {
-                let to_server = self.datapath.flow_counter(flow.entries.counter_slots().0);
-                let to_client = self.datapath.flow_counter(flow.entries.counter_slots().1);
+                let (to_server, to_client) = self.datapath.flow_counters(&flow.entries);
                 FlowInfo {
                     client: flow.client.to_string(),
                     relay_addr: flow.relay_addr.to_string(),
@@ -1776,17 +1772,7 @@ mod tests {
     /// back by rebuilding them: what the datapath installs.
     fn expect_entries(relay: &Relay, upstream_port: u16, addrs: FlowAddrs) {
         let flow = &relay.flows[&upstream_port];
-        assert_eq!(
-            flow.entries,
-            FlowEntries::new(&FlowAddrs {
-                slot: flow.slot,
-                ..addrs
-            })
-        );
-        assert_eq!(
-            flow.entries.counter_slots(),
-            (flow.slot * 2, flow.slot * 2 + 1)
-        );
+        assert_eq!(flow.entries, FlowEntries::new(&addrs));
     }
 
     #[tokio::test]
@@ -1824,7 +1810,6 @@ mod tests {
                     upstream: SocketAddr::new(LO, socket.port),
                     backend,
                     backend_ifindex: 1,
-                    slot: 0,
                 },
             );
             upstreams.push(socket.port);
@@ -1876,7 +1861,6 @@ mod tests {
                 upstream: SocketAddr::new(LO6, socket.port),
                 backend,
                 backend_ifindex: 1,
-                slot: 0,
             },
         );
         // The server's endpoint at the relay's IPv4 address, or at another
@@ -2043,7 +2027,6 @@ mod tests {
                 upstream: SocketAddr::new(LO, socket.port),
                 backend,
                 backend_ifindex: 0,
-                slot: 0,
             },
         );
         // Its replay from an IPv4 endpoint is refused; the client's next

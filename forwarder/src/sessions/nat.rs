@@ -158,7 +158,6 @@ fn nat_entries(
     route: BackendRoute,
     upstream_port: u16,
     backend: SocketAddr,
-    slot: u32,
 ) -> FlowEntries {
     let mut entries = flow_entries(
         relay_addr,
@@ -167,7 +166,6 @@ fn nat_entries(
         route,
         upstream_port,
         backend,
-        slot,
     );
     entries.send_unknown_sources_to_daemon();
     entries.record_client_seqs();
@@ -435,7 +433,6 @@ impl Relay {
             session.route,
             nat.upstream_port,
             session.backend,
-            nat.slot,
         );
         // The slow path follows `current` even if the maps refuse the entries.
         let previous = nat.current.replace(NatClient {
@@ -647,9 +644,7 @@ impl Relay {
     /// The current client as a flow, for `list`.
     pub(super) fn nat_flow_info(&self, nat: &NatState, now_ns: u64) -> Option<FlowInfo> {
         let current = nat.current.as_ref()?;
-        let (to_server_slot, to_client_slot) = current.entries.counter_slots();
-        let to_server = self.datapath.flow_counter(to_server_slot);
-        let to_client = self.datapath.flow_counter(to_client_slot);
+        let (to_server, to_client) = self.datapath.flow_counters(&current.entries);
         let last = Self::nat_last_active(&self.datapath, nat).max(current.since_ns);
         Some(FlowInfo {
             client: current.client.to_string(),
@@ -770,8 +765,8 @@ impl Relay {
     }
 
     /// Rebuilds a stored punched session's NAT half (the session itself is
-    /// built, not yet inserted): unseals its key, takes its port Q and
-    /// counter slot back, and adopts the pinned backend half (or installs
+    /// built, not yet inserted): unseals its key, takes its port Q and a
+    /// flow slot back, and adopts the pinned backend half (or installs
     /// it again if it is missing or differs).
     pub(super) fn restore_nat(
         &mut self,
@@ -807,10 +802,12 @@ impl Relay {
         if let Some(follower) = &mut follower {
             follower.raise(recorded);
         }
-        let slot = record.slot;
-        if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
-            bail!("its counter slot {slot} is out of range or used twice");
-        }
+        // Any free slot: the stored one names nothing in the maps any more
+        // (the counters are in the entries), and a flow restored before this
+        // session may hold it.
+        let Some(&slot) = self.free_slots.front() else {
+            bail!("the relay's flow table is full");
+        };
         self.flow_ports
             .take(record.upstream_port)
             .context("taking its upstream port back")?;
@@ -826,7 +823,7 @@ impl Relay {
         let mut client_entries = None;
         let punch_source = record.punch_source;
         let current = record.client.map(|(client, relay_addr)| {
-            let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend, slot);
+            let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend);
             let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. })
                 && installed.clients.iter().any(|found| found.matches(&entries));
             if !adopted {

@@ -24,7 +24,7 @@ fn capacity(relay: &Relay) -> CapacityInfo {
         .collect();
     let per_flow_maps: u64 = maps
         .iter()
-        .filter(|m| ["CLIENT_FLOWS", "BACKEND_FLOWS", "FLOW_COUNTERS"].contains(&m.name.as_str()))
+        .filter(|m| ["CLIENT_FLOWS", "BACKEND_FLOWS"].contains(&m.name.as_str()))
         .map(|m| m.memlock_bytes)
         .sum();
     CapacityInfo {

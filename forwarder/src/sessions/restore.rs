@@ -5,7 +5,7 @@
 //! or absent. Nothing half-made survives a start.
 //!
 //! A punched (NAT'd) session comes back from its stored NAT half: its key
-//! unsealed with the punch secret, its one port Q and counter slot taken
+//! unsealed with the punch secret, its one port Q and a flow slot taken
 //! back, and its pinned halves adopted (both re-installed if either is
 //! missing or different). Without the punch secret such a session is dropped.
 
@@ -190,10 +190,11 @@ impl Relay {
         let relay_addr = found.facing.ip();
         let client = found.client;
         let upstream_port = found.upstream_port;
-        let slot = found.slot;
-        if slot >= self.datapath.max_flows() || !self.free_slots.contains(&slot) {
-            return Err(format!("counter slot {slot} is out of range or used twice"));
-        }
+        // A slot is a share of the flow table's capacity, no longer named in
+        // the entries (their counters are in them): any free one will do.
+        let Some(&slot) = self.free_slots.front() else {
+            return Err("the relay's flow table is full".into());
+        };
         let entries = flow_entries(
             relay_addr,
             facing_port,
@@ -201,7 +202,6 @@ impl Relay {
             session.route,
             upstream_port,
             session.backend,
-            slot,
         );
         if !found.matches(&entries) {
             return Err("the client half does not match its session".into());

@@ -28,7 +28,7 @@ use aya::{
 use etherparse::{Ipv4Header, PacketBuilder};
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, REASON_COUNT, Reason, RelayConfig, Rewrite, SlowpathBucket,
+    BackendKey, ClientKey, REASON_COUNT, Reason, RelayConfig, Rewrite, SlowpathBucket,
     config::RELAY_CONFIG_GLOBAL, flow::Endpoints, reason::ReasonCounter,
 };
 
@@ -251,13 +251,10 @@ impl Relay {
             .sum()
     }
 
-    pub fn flow_count(&self, slot: u32) -> (u64, u64) {
-        let map: PerCpuArray<_, FlowCounter> =
-            PerCpuArray::try_from(self.ebpf.map("FLOW_COUNTERS").unwrap()).unwrap();
-        map.get(&slot, 0)
-            .unwrap()
-            .iter()
-            .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes))
+    /// Packets and bytes forwarded through the client half `key`.
+    pub fn flow_count(&self, key: &ClientKey) -> (u64, u64) {
+        let counter = self.client_flow(key).counter;
+        (counter.packets, counter.bytes)
     }
 
     /// Runs `frame` and checks it ends with `reason` (counted once, with the
@@ -405,7 +402,7 @@ pub fn backend_key(relay: ([u8; 4], u16)) -> BackendKey {
 }
 
 /// Installs the client half `client → relay:P` rewritten to `relay_back:Q → backend`.
-pub fn install_client_flow(relay: &mut Relay, backend: ([u8; 4], u16), slot: u32) -> ClientKey {
+pub fn install_client_flow(relay: &mut Relay, backend: ([u8; 4], u16)) -> ClientKey {
     let from = endpoints((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
     let to_addr = if backend.0 == NEAR_BACKEND {
         RELAY_FRONT
@@ -414,16 +411,16 @@ pub fn install_client_flow(relay: &mut Relay, backend: ([u8; 4], u16), slot: u32
     };
     let to = endpoints((to_addr, FLOW_PORT), backend);
     let key = client_key((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
-    relay.add_client_flow(key, Rewrite::new(from, to, slot));
+    relay.add_client_flow(key, Rewrite::new(from, to));
     key
 }
 
 /// The backend half `backend → relay_back:Q` rewritten to `relay:P → client`,
 /// accepted only from `backend` (and `allowed_ifindex` if set).
-pub fn backend_rewrite(allowed_ifindex: u32, slot: u32) -> Rewrite {
+pub fn backend_rewrite(allowed_ifindex: u32) -> Rewrite {
     let from = endpoints((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT));
     let to = endpoints((RELAY_FRONT, SESSION_PORT), (CLIENT, CLIENT_PORT));
-    let mut rewrite = Rewrite::new(from, to, slot);
+    let mut rewrite = Rewrite::new(from, to);
     rewrite.allowed_saddr = BACKEND;
     rewrite.allowed_sport = BACKEND_PORT.to_be_bytes();
     rewrite.allowed_ifindex = allowed_ifindex;
@@ -431,10 +428,10 @@ pub fn backend_rewrite(allowed_ifindex: u32, slot: u32) -> Rewrite {
 }
 
 /// Installs [`backend_rewrite`] on `relay_back:Q`.
-pub fn install_backend_flow(relay: &mut Relay, allowed_ifindex: u32, slot: u32) {
+pub fn install_backend_flow(relay: &mut Relay, allowed_ifindex: u32) {
     relay.add_backend_flow(
         backend_key((RELAY_BACK, FLOW_PORT)),
-        backend_rewrite(allowed_ifindex, slot),
+        backend_rewrite(allowed_ifindex),
     );
 }
 

@@ -78,15 +78,8 @@ pub fn frame_with(
 }
 
 /// Which map a half goes to, by its input family and output family.
-pub fn install_client_half(
-    relay: &mut Relay,
-    client: Ep,
-    facing: Ep,
-    upstream: Ep,
-    backend: Ep,
-    slot: u32,
-) {
-    install_client_half_flagged(relay, client, facing, upstream, backend, slot, 0);
+pub fn install_client_half(relay: &mut Relay, client: Ep, facing: Ep, upstream: Ep, backend: Ep) {
+    install_client_half_flagged(relay, client, facing, upstream, backend, 0);
 }
 
 /// [`install_client_half`] with `REWRITE_*` bits ORed into the rewrite's flags.
@@ -96,10 +89,9 @@ pub fn install_client_half_flagged(
     facing: Ep,
     upstream: Ep,
     backend: Ep,
-    slot: u32,
     flags: u8,
 ) {
-    let mut rewrite = Rewrite6::new(ends(client, facing), ends(upstream, backend), slot);
+    let mut rewrite = Rewrite6::new(ends(client, facing), ends(upstream, backend));
     rewrite.flags |= flags;
     match (client, facing) {
         (Ep::V6(c, cp), Ep::V6(f, fp)) => relay.insert(
@@ -137,9 +129,8 @@ pub fn backend_half(
     upstream: Ep,
     backend: Ep,
     allowed_ifindex: u32,
-    slot: u32,
 ) -> Rewrite6 {
-    let mut rewrite = Rewrite6::new(ends(backend, upstream), ends(facing, client), slot);
+    let mut rewrite = Rewrite6::new(ends(backend, upstream), ends(facing, client));
     let (allowed, port) = backend.wire();
     rewrite.allowed_saddr = allowed.padded();
     rewrite.allowed_sport = port;
@@ -210,8 +201,8 @@ impl Shape {
     /// unknown sources go to the daemon.
     pub fn install(self, relay: &mut Relay, topo: Topology, nat: bool) {
         let ((client, facing), (upstream, backend)) = (self.client(), self.backend());
-        install_client_half(relay, client, facing, upstream, backend, 0);
-        let mut half = backend_half(client, facing, upstream, backend, topo.back, 1);
+        install_client_half(relay, client, facing, upstream, backend);
+        let mut half = backend_half(client, facing, upstream, backend, topo.back);
         if nat {
             half.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
         }

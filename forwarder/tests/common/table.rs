@@ -100,10 +100,10 @@ impl Relay {
     /// Installs `maps`; must run inside the namespace (the devmap resolves ifindexes there).
     pub fn install(&mut self, maps: Maps, topo: Topology) {
         if let Some(backend) = maps.client_flow_to {
-            install_client_flow(self, (backend, BACKEND_PORT), 0);
+            install_client_flow(self, (backend, BACKEND_PORT));
         }
         if maps.backend_flow {
-            install_backend_flow(self, topo.back, 1);
+            install_backend_flow(self, topo.back);
         }
         self.add_egress(topo.front);
         self.add_egress(topo.back);
