@@ -653,18 +653,57 @@ fn kernel_memory_per_flow(relay: &Relay, max_flows: u32, installed: Option<u64>)
 /// The flow capacity the bench's daemon runs with (`--max-flows`).
 const BENCH_MAX_FLOWS: u32 = 65_536;
 
+/// The kernel's BPF run-time statistics, on for as long as this lives and
+/// then back to what they were: left on, every BPF program on the host pays
+/// two clock reads per run (a bare XDP_DROP's test run went from about 45
+/// to 72 ns here), the bench's own `BPF_PROG_TEST_RUN` timings included.
+struct BpfStatsOn {
+    before: String,
+}
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStatsOn {
+    fn enable() -> Result<Self> {
+        let before = std::fs::read_to_string(BPF_STATS_SYSCTL)
+            .with_context(|| {
+                format!("reading {BPF_STATS_SYSCTL} (the bench runs as root on Linux 5.1 or later)")
+            })?
+            .trim()
+            .to_string();
+        std::fs::write(BPF_STATS_SYSCTL, "1").with_context(|| {
+            format!("turning BPF run-time statistics on ({BPF_STATS_SYSCTL}); the bench needs root")
+        })?;
+        Ok(Self { before })
+    }
+}
+
+impl Drop for BpfStatsOn {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::write(BPF_STATS_SYSCTL, &self.before) {
+            eprintln!(
+                "xtask: could not turn BPF run-time statistics back to {} ({error}); \
+                 `sysctl -w kernel.bpf_stats_enabled={}` does it",
+                self.before, self.before
+            );
+        }
+    }
+}
+
 pub fn run(plan: &Plan) -> Result<Value> {
     forwarder_testbed::prereq::require()?;
     let bench = bench_bin()?;
-    cmd::sh("sysctl", &["-qw", "kernel.bpf_stats_enabled=1"])?;
     let mut results = json!({"plan": format!("{plan:?}"), "throughput": {}, "latency": {}, "xdp_cost": {}, "scale": {}});
-    // Pure CPU, no namespace: first, and printed at once.
+    // Pure CPU, no namespace: first, and printed at once. Both before the
+    // run-time statistics go on, which would add their clock reads to
+    // progcost's test runs.
     if plan.runs("admission") {
         results["admission"] = admission(plan, &bench)?;
     }
     if plan.runs("progcost") {
         results["progcost"] = progcost(plan, &bench)?;
     }
+    let _stats = BpfStatsOn::enable()?;
     let mut table = String::from(
         "| relay | layout | payload | received kpps (mean ± sd) | sent kpps | core 1 busy | kpps per relay core |\n|---|---|---|---|---|---|---|\n",
     );
