@@ -8,7 +8,7 @@
 
 use std::hash::Hash;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use bytemuck::Pod;
@@ -34,9 +34,12 @@ struct Batch {
 
 /// One batch call from `from` (None: the map's start) into `keys` and
 /// `values`, as many entries as they hold; grown when one hash bucket
-/// holds more (the kernel answers ENOSPC then).
+/// holds more (the kernel answers ENOSPC then). Hash maps and arrays both
+/// resume from a u32 token (a bucket index, the last array index). An
+/// error keeps the kernel's errno, so callers can tell a kernel without
+/// the command from a failure.
 fn lookup_batch<K: Pod, V: Pod>(
-    map: &OwnedFd,
+    map: BorrowedFd<'_>,
     from: Option<u32>,
     keys: &mut Vec<K>,
     values: &mut Vec<V>,
@@ -78,15 +81,15 @@ fn lookup_batch<K: Pod, V: Pod>(
             values.resize(chunk.max(1) * 2, V::zeroed());
             continue;
         }
-        if let Some(error) = &error
+        if let Some(error) = error
             && error.raw_os_error() != Some(libc::ENOENT)
         {
-            return Err(io::Error::new(error.kind(), error.to_string()));
+            return Err(error);
         }
         // SAFETY: reading back the integer the kernel wrote.
         let got = unsafe { attr.batch.count } as usize;
         // ENOENT: the walk reached the end (with the last entries, if any).
-        let next = error.is_none().then_some(out_batch);
+        let next = (rc >= 0).then_some(out_batch);
         return Ok(Batch { got, next });
     }
 }
@@ -100,7 +103,7 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &OwnedFd) -> io::Result<Vec<(K, V)>> {
     let mut values = vec![V::zeroed(); CHUNK];
     let mut from = None;
     loop {
-        let batch = lookup_batch(map, from, &mut keys, &mut values)?;
+        let batch = lookup_batch(map.as_fd(), from, &mut keys, &mut values)?;
         out.extend(
             keys[..batch.got]
                 .iter()
@@ -245,7 +248,7 @@ fn read_into<K: Pod + Hash + Eq, V: Pod>(
 ) -> io::Result<Batch> {
     let mut keys = vec![K::zeroed(); room];
     let mut values = vec![V::zeroed(); room];
-    let batch = lookup_batch(map, from, &mut keys, &mut values)?;
+    let batch = lookup_batch(map.as_fd(), from, &mut keys, &mut values)?;
     into.extend(
         keys[..batch.got]
             .iter()
@@ -491,66 +494,39 @@ where
     V: aya::Pod + Pod,
 {
     use aya::maps::IterableMap as _;
-    use std::os::fd::AsFd as _;
 
-    let fd = array.map().fd().as_fd().as_raw_fd();
+    let fd = array.map().fd().as_fd();
     let mut slots = Vec::new();
     let mut keys = vec![0u32; CHUNK];
     // Array::try_from checked that the map's value size is V's, so each
     // buffer holds CHUNK of what the kernel writes.
     let mut values = vec![V::zeroed(); CHUNK];
-    // An array's batch token is the last index read; none before the first call.
-    let mut in_batch = 0u32;
-    let mut out_batch = 0u32;
-    let mut first = true;
+    let mut from = None;
     loop {
-        // SAFETY: all-zero is a valid bpf_attr (a plain C union of integers).
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        // Plain integers into the `batch` member; the buffers live until the
-        // syscall returns, each CHUNK elements of the map's key and value size.
-        attr.batch.in_batch = if first {
-            0
-        } else {
-            std::ptr::from_mut(&mut in_batch) as u64
-        };
-        attr.batch.out_batch = std::ptr::from_mut(&mut out_batch) as u64;
-        attr.batch.keys = keys.as_mut_ptr() as u64;
-        attr.batch.values = values.as_mut_ptr() as u64;
-        attr.batch.count = CHUNK as u32;
-        attr.batch.map_fd = fd as u32;
-        // SAFETY: the bpf syscall with a fully initialised attribute of the
-        // size we pass; the kernel writes only into the buffers named above.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                std::ptr::from_mut(&mut attr),
-                std::mem::size_of::<bpf_attr>() as libc::c_uint,
-            )
-        };
-        let error = (rc < 0).then(io::Error::last_os_error);
-        if let Some(error) = &error {
-            match error.raw_os_error() {
-                // The end of the array (with the last slots, if any).
-                Some(libc::ENOENT) => {}
-                Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP) if first => return Ok(None),
-                _ => return Err(io::Error::new(error.kind(), error.to_string())),
+        let batch = match lookup_batch(fd, from, &mut keys, &mut values) {
+            Ok(batch) => batch,
+            Err(error)
+                if from.is_none()
+                    && matches!(
+                        error.raw_os_error(),
+                        Some(libc::EINVAL | ENOTSUPP | libc::EOPNOTSUPP)
+                    ) =>
+            {
+                return Ok(None);
             }
-        }
-        // SAFETY: reading back the integer the kernel wrote.
-        let got = unsafe { attr.batch.count } as usize;
+            Err(error) => return Err(error),
+        };
         slots.extend(
-            keys[..got]
+            keys[..batch.got]
                 .iter()
-                .zip(&values[..got])
+                .zip(&values[..batch.got])
                 .filter(|(_, value)| bytemuck::bytes_of(*value).iter().any(|byte| *byte != 0))
                 .map(|(key, _)| *key),
         );
-        if error.is_some() {
-            return Ok(Some(slots));
+        match batch.next {
+            Some(next) => from = Some(next),
+            None => return Ok(Some(slots)),
         }
-        in_batch = out_batch;
-        first = false;
     }
 }
 
