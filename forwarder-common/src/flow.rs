@@ -167,9 +167,12 @@ impl Rewrite {
 /// receive queue and so one CPU, and a mosh endpoint sends from one thread;
 /// two CPUs meet on one direction only while the steering moves (ethtool
 /// -X, an IRQ moved) or a veth sender migrates mid-send, and then lose a
-/// packet or two of a count that is for display (`list`, metrics), never
-/// for a decision. The per-CPU array this replaces could not lose any, but
-/// cost a second lookup and 48 B per direction and CPU.
+/// packet or two of a count that is for display (`list`, metrics) and for
+/// one decision: the shared port's sequence bound (the first verified
+/// sequence number plus the packets forwarded since), which a lost count
+/// only lowers, so it refuses less, never a fresh datagram. The per-CPU
+/// array this replaces could not lose any, but cost a second lookup and
+/// 48 B per direction and CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowCounter {

@@ -75,9 +75,8 @@ pub struct SessionRecord {
 pub struct NatRecord {
     /// The one backend-facing port Q.
     pub upstream_port: u16,
-    /// The flow slot the session held. Kept for the format's sake: since
-    /// the counters moved into the map entries a slot names nothing there,
-    /// and a restart takes any free one.
+    /// Unused, written as 0: the flow slot the session held when counters
+    /// had slots of their own. Kept so records of either version read.
     pub slot: u32,
     /// Authenticates Bind and Key for this session.
     pub token: [u8; 16],

@@ -94,29 +94,6 @@ fn lookup_batch<K: Pod, V: Pod>(
     }
 }
 
-/// Every entry of one hash map, in as few syscalls as the kernel allows.
-/// Entries added or removed while it walks may or may not be seen, as with
-/// any walk of a live hash map.
-pub fn lookup_all<K: Pod, V: Pod>(map: &OwnedFd) -> io::Result<Vec<(K, V)>> {
-    let mut out = Vec::new();
-    let mut keys = vec![K::zeroed(); CHUNK];
-    let mut values = vec![V::zeroed(); CHUNK];
-    let mut from = None;
-    loop {
-        let batch = lookup_batch(map.as_fd(), from, &mut keys, &mut values)?;
-        out.extend(
-            keys[..batch.got]
-                .iter()
-                .copied()
-                .zip(values[..batch.got].iter().copied()),
-        );
-        match batch.next {
-            Some(next) => from = Some(next),
-            None => return Ok(out),
-        }
-    }
-}
-
 /// Descriptors of the six flow maps of its own, so the tick reads them
 /// without holding the relay (and its datapath) locked.
 pub struct FlowMapsReader {

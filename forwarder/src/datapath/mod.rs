@@ -190,6 +190,14 @@ impl Datapath {
         }
     }
 
+    /// What XDP forwarded to the server through the flow's client half.
+    pub fn to_server_counter(&self, entries: &FlowEntries) -> FlowCounter {
+        match self {
+            Self::Xdp(xdp) => xdp.to_server_counter(entries),
+            Self::Userspace { .. } => FlowCounter::default(),
+        }
+    }
+
     /// How many flows the relay may hold (the XDP maps' size).
     pub fn max_flows(&self) -> u32 {
         self.sizes().max_flows

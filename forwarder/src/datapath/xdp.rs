@@ -407,6 +407,13 @@ impl XdpDatapath {
         (client.unwrap_or_default(), backend.unwrap_or_default())
     }
 
+    /// [`Self::flow_counters`]' first half alone: one lookup, for the
+    /// shared port's admission, which needs only what went to the server.
+    pub fn to_server_counter(&self, entries: &FlowEntries) -> FlowCounter {
+        self.read_client(entries, |r| r.counter, |r| r.counter)
+            .unwrap_or_default()
+    }
+
     /// One field of each of the flow's installed halves, as the kernel holds
     /// them (None: that half is not in its map).
     fn read_halves<T>(
@@ -415,17 +422,27 @@ impl XdpDatapath {
         v4: impl Fn(&Rewrite) -> T,
         v6: impl Fn(&Rewrite6) -> T,
     ) -> (Option<T>, Option<T>) {
-        let client = match &entries.client {
-            ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| v4(&r)).ok(),
-            ClientHalf::V4To6(key, _) => self.client_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
-            ClientHalf::V6(key, _) => self.client_flows6.get(key, 0).map(|r| v6(&r)).ok(),
-        };
+        let client = self.read_client(entries, &v4, &v6);
         let backend = match &entries.backend {
             BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| v4(&r)).ok(),
             BackendHalf::V4To6(key, _) => self.backend_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
             BackendHalf::V6(key, _) => self.backend_flows6.get(key, 0).map(|r| v6(&r)).ok(),
         };
         (client, backend)
+    }
+
+    /// [`Self::read_halves`] for the client half only.
+    fn read_client<T>(
+        &self,
+        entries: &FlowEntries,
+        v4: impl Fn(&Rewrite) -> T,
+        v6: impl Fn(&Rewrite6) -> T,
+    ) -> Option<T> {
+        match &entries.client {
+            ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| v4(&r)).ok(),
+            ClientHalf::V4To6(key, _) => self.client_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
+            ClientHalf::V6(key, _) => self.client_flows6.get(key, 0).map(|r| v6(&r)).ok(),
+        }
     }
 
     /// Descriptors of the flow maps of its own, for reading them in bulk

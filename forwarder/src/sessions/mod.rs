@@ -147,7 +147,6 @@ pub struct Flow {
     pub upstream_port: u16,
     pub socket: Arc<RelaySocket>,
     entries: FlowEntries,
-    slot: u32,
     created_ns: u64,
     slow_to_server: (u64, u64),
     slow_to_client: (u64, u64),
@@ -160,6 +159,30 @@ pub struct Flow {
     returning: bool,
 }
 
+/// Room left in the flow maps: each flow, and each punched session's NAT
+/// half, holds one share of `--max-flows` while it lives. Only a count: the
+/// entries carry their own counters, so a share names no slot in any map.
+#[derive(Debug)]
+struct FlowRoom {
+    free: u32,
+}
+
+impl FlowRoom {
+    /// Takes a share; false when the flow maps are full.
+    #[must_use]
+    fn take(&mut self) -> bool {
+        let Some(left) = self.free.checked_sub(1) else {
+            return false;
+        };
+        self.free = left;
+        true
+    }
+
+    fn give_back(&mut self) {
+        self.free += 1;
+    }
+}
+
 impl Flow {
     /// A flow as the daemon starts tracking it: its upstream port is its socket's.
     fn new(
@@ -168,7 +191,6 @@ impl Flow {
         relay_addr: IpAddr,
         socket: Arc<RelaySocket>,
         entries: FlowEntries,
-        slot: u32,
         now: u64,
     ) -> Self {
         Self {
@@ -180,7 +202,6 @@ impl Flow {
             upstream_port: socket.port,
             socket,
             entries,
-            slot,
             created_ns: now,
             slow_to_server: (0, 0),
             slow_to_client: (0, 0),
@@ -226,7 +247,7 @@ pub struct Relay {
     datapath: Datapath,
     session_ports: PortPool,
     flow_ports: PortPool,
-    free_slots: VecDeque<u32>,
+    flow_room: FlowRoom,
     sessions: BTreeMap<u16, Session>,
     flows: HashMap<u16, Flow>,
     stats: SlowPathStats,
@@ -303,7 +324,7 @@ impl Relay {
             datapath,
             session_ports: PortPool::new(session_ports),
             flow_ports: PortPool::new(flow_ports),
-            free_slots: (0..max_flows).collect(),
+            flow_room: FlowRoom { free: max_flows },
             sessions: BTreeMap::new(),
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
@@ -673,15 +694,15 @@ impl Relay {
             warn!(session = %session.id, %client, "new flow refused: the session's answered flows wait for room under its limits");
             return Ok(ClientVerdict::Drop);
         }
-        let Some(slot) = self.free_slots.pop_front() else {
+        if !self.flow_room.take() {
             self.stats.refused_flow_limit += 1;
             warn!(session = %session.id, %client, "new flow refused: the relay's flow table is full");
             return Ok(ClientVerdict::Drop);
-        };
+        }
         let socket = match bind_free_port(&mut self.flow_ports, session.route.source) {
             Ok(socket) => socket,
             Err((refusal, log)) => {
-                self.free_slots.push_front(slot);
+                self.flow_room.give_back();
                 self.stats.refused_flow_limit += 1;
                 if log {
                     warn!(session = %session.id, %client, "new flow refused: {refusal}");
@@ -701,7 +722,7 @@ impl Relay {
         if let Err(error) = self.datapath.install(&entries) {
             socket.close();
             self.flow_ports.release(upstream_port);
-            self.free_slots.push_front(slot);
+            self.flow_room.give_back();
             return Err(error.context("installing a flow"));
         }
         session
@@ -718,7 +739,6 @@ impl Relay {
             relay_addr,
             socket.clone(),
             entries,
-            slot,
             now,
         );
         flow.slow_to_server = (1, len as u64);
@@ -782,7 +802,7 @@ impl Relay {
         self.datapath.uninstall(&flow.entries);
         flow.socket.close();
         self.flow_ports.release(upstream_port);
-        self.free_slots.push_back(flow.slot);
+        self.flow_room.give_back();
         if let Some(session) = self.sessions.get_mut(&flow.session_port) {
             session
                 .flows

@@ -96,7 +96,6 @@ pub struct NatState {
     bound: bool,
     follower: Option<ClientFollower>,
     current: Option<NatClient>,
-    slot: u32,
     created_ns: u64,
     last_from_server_ns: u64,
     last_from_client_ns: u64,
@@ -204,13 +203,13 @@ impl Relay {
                 new_sockets: None,
             });
         }
-        let Some(slot) = self.free_slots.pop_front() else {
+        if !self.flow_room.take() {
             bail!("the relay's flow table is full");
-        };
+        }
         let upstream = match bind_free_port(&mut self.flow_ports, route.source) {
             Ok(upstream) => upstream,
             Err((refusal, _)) => {
-                self.free_slots.push_front(slot);
+                self.flow_room.give_back();
                 bail!("{refusal}");
             }
         };
@@ -221,7 +220,7 @@ impl Relay {
             Err(error) => {
                 upstream.close();
                 self.flow_ports.release(upstream_port);
-                self.free_slots.push_front(slot);
+                self.flow_room.give_back();
                 return Err(error);
             }
         };
@@ -244,7 +243,6 @@ impl Relay {
             bound: false,
             follower: None,
             current: None,
-            slot,
             created_ns: now,
             last_from_server_ns: 0,
             last_from_client_ns: 0,
@@ -638,7 +636,7 @@ impl Relay {
         }
         nat.upstream.close();
         self.flow_ports.release(nat.upstream_port);
-        self.free_slots.push_back(nat.slot);
+        self.flow_room.give_back();
     }
 
     /// The current client as a flow, for `list`.
@@ -706,7 +704,7 @@ impl Relay {
         let seqs = nat.seqs();
         record.nat = Some(NatRecord {
             upstream_port: nat.upstream_port,
-            slot: nat.slot,
+            slot: 0,
             token: nat.token,
             punch_source: nat.punch_source,
             bound: nat.bound,
@@ -766,7 +764,7 @@ impl Relay {
 
     /// Rebuilds a stored punched session's NAT half (the session itself is
     /// built, not yet inserted): unseals its key, takes its port Q and a
-    /// flow slot back, and adopts the pinned backend half (or installs
+    /// share of the flow table back, and adopts the pinned backend half (or installs
     /// it again if it is missing or differs).
     pub(super) fn restore_nat(
         &mut self,
@@ -802,12 +800,11 @@ impl Relay {
         if let Some(follower) = &mut follower {
             follower.raise(recorded);
         }
-        // Any free slot: the stored one names nothing in the maps any more
-        // (the counters are in the entries), and a flow restored before this
-        // session may hold it.
-        let Some(&slot) = self.free_slots.front() else {
+        // The stored slot names nothing in the maps any more (the counters
+        // are in the entries): the session takes a share of the capacity.
+        if self.flow_room.free == 0 {
             bail!("the relay's flow table is full");
-        };
+        }
         self.flow_ports
             .take(record.upstream_port)
             .context("taking its upstream port back")?;
@@ -818,7 +815,8 @@ impl Relay {
                 return Err(error);
             }
         };
-        self.free_slots.retain(|&free| free != slot);
+        // Room was checked above, and nothing since took any.
+        self.flow_room.free -= 1;
         let mut backend_key = None;
         let mut client_entries = None;
         let punch_source = record.punch_source;
@@ -855,7 +853,6 @@ impl Relay {
             bound: record.bound,
             follower,
             current,
-            slot,
             created_ns: now,
             // Keepalives resume one interval from now; the server's
             // traffic in the fast path counts as before.

@@ -5,7 +5,7 @@
 //! or absent. Nothing half-made survives a start.
 //!
 //! A punched (NAT'd) session comes back from its stored NAT half: its key
-//! unsealed with the punch secret, its one port Q and a flow slot taken
+//! unsealed with the punch secret, its one port Q and a share of the flow table taken
 //! back, and its pinned halves adopted (both re-installed if either is
 //! missing or different). Without the punch secret such a session is dropped.
 
@@ -190,11 +190,9 @@ impl Relay {
         let relay_addr = found.facing.ip();
         let client = found.client;
         let upstream_port = found.upstream_port;
-        // A slot is a share of the flow table's capacity, no longer named in
-        // the entries (their counters are in them): any free one will do.
-        let Some(&slot) = self.free_slots.front() else {
+        if self.flow_room.free == 0 {
             return Err("the relay's flow table is full".into());
-        };
+        }
         let entries = flow_entries(
             relay_addr,
             facing_port,
@@ -223,7 +221,8 @@ impl Relay {
                 return Err(format!("{error:#}"));
             }
         };
-        self.free_slots.retain(|&free| free != slot);
+        // Room was checked above, and nothing since took any.
+        self.flow_room.free -= 1;
         let session = self
             .sessions
             .get_mut(&session_port)
@@ -240,7 +239,6 @@ impl Relay {
             relay_addr,
             socket.clone(),
             entries,
-            slot,
             now,
         );
         flow.facing_port = facing_port;

@@ -91,7 +91,7 @@ pub struct SharedPort {
 /// header). None when its first datagram was not verified.
 pub(super) fn flow_seq_bound(datapath: &Datapath, flow: &Flow) -> Option<u64> {
     let first = flow.first_seq?;
-    let forwarded = datapath.flow_counters(&flow.entries).0.packets + flow.slow_to_server.0;
+    let forwarded = datapath.to_server_counter(&flow.entries).packets + flow.slow_to_server.0;
     Some(first.saturating_add(forwarded.saturating_sub(1)))
 }
 
