@@ -28,6 +28,8 @@ pub mod map_names {
     pub const BACKEND_FLOWS: &str = "BACKEND_FLOWS";
     pub const REASON_COUNTERS: &str = "REASON_COUNTERS";
     pub const EGRESS: &str = "EGRESS";
+    pub const EGRESS_IFACES: &str = "EGRESS_IFACES";
+    pub const EGRESS_SLOTS: &str = "EGRESS_SLOTS";
     pub const SLOWPATH_SESSION_BUCKETS: &str = "SLOWPATH_SESSION_BUCKETS";
     pub const SLOWPATH_GLOBAL_BUCKET: &str = "SLOWPATH_GLOBAL_BUCKET";
     pub const CLIENT_FLOWS6: &str = "CLIENT_FLOWS6";

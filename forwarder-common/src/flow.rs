@@ -34,14 +34,25 @@ const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 /// direction's counters and cached route, which the XDP program keeps here
 /// so a packet costs one map lookup (one element, one cache miss at most
 /// when the table outgrows the cache) instead of three.
+///
+/// 48 bytes, so that with the key and the kernel's 48-byte element header
+/// a client half is 112 B and a backend half 104 B: a million flows fit in
+/// about 250 MB. That is why the time is a 32-bit stamp, the packet count
+/// 32 bits, and the route cache names its interface by a one-byte slot of
+/// `EGRESS_IFACES` instead of holding its ifindex, MAC and MTU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Rewrite {
-    /// `bpf_ktime_get_coarse_ns()` of the last forwarded packet, refreshed
-    /// by the XDP program at most once a second so the cache line stays
-    /// quiet. It is also the age of `next_hop`: the program refreshes the
-    /// route exactly when it refreshes this (see [`NextHop`]).
-    pub last_seen_ns: u64,
+    /// [`stamp`] of the last forwarded packet, refreshed by the XDP program
+    /// at most once a second so the cache line stays quiet. It is also the
+    /// age of `next_hop`: the program refreshes the route exactly when it
+    /// refreshes this (see [`NextHop`]). 0: nothing forwarded yet.
+    pub last_seen: u32,
+    /// Packets forwarded through this direction since the entry was
+    /// written, as [`FlowCounter`] says; written by the XDP program only.
+    pub packets: u32,
+    /// Their bytes (IP length); written by the XDP program only.
+    pub bytes: u64,
     pub new_saddr: [u8; 4],
     pub new_daddr: [u8; 4],
     pub new_sport: [u8; 2],
@@ -53,26 +64,25 @@ pub struct Rewrite {
     /// One's-complement delta (native word order) for the IPv4 header
     /// checksum: both addresses and the TTL decrement.
     pub ip_csum_delta: u16,
-    /// Backend half only: the interface the relay's route to the backend
-    /// uses; 0 accepts any. A forged server packet arriving on the
-    /// client-facing side is dropped.
-    pub allowed_ifindex: u32,
     /// One's-complement delta (native word order) for the UDP checksum: the
     /// pseudo-header addresses and both ports.
     pub udp_csum_delta: u16,
     /// `REWRITE_*` bits. Zero in entries written by older daemons, which
     /// keeps their meaning (a source mismatch is dropped).
     pub flags: u8,
-    pub _pad: u8,
+    /// Backend half only: the `EGRESS_IFACES` slot of the interface the
+    /// relay's route to the backend uses, [`IFACE_ANY`] to accept any, or
+    /// [`IFACE_NONE`] when that interface is not one the program is
+    /// attached to (so no backend packet it sees can be genuine). A forged
+    /// server packet arriving on the client-facing side is dropped.
+    pub allowed_iface: u8,
     /// Written by the XDP program only; the daemon writes zeros.
     pub next_hop: NextHop,
-    /// Written by the XDP program only; the daemon writes zeros.
-    pub counter: FlowCounter,
 }
-const _: () = assert!(core::mem::size_of::<Rewrite>() == 72);
-const _: () = assert!(core::mem::offset_of!(Rewrite, flags) == 34);
-const _: () = assert!(core::mem::offset_of!(Rewrite, next_hop) == 36);
-const _: () = assert!(core::mem::offset_of!(Rewrite, counter) == 56);
+const _: () = assert!(core::mem::size_of::<Rewrite>() == 48);
+const _: () = assert!(core::mem::offset_of!(Rewrite, bytes) == 8);
+const _: () = assert!(core::mem::offset_of!(Rewrite, flags) == 38);
+const _: () = assert!(core::mem::offset_of!(Rewrite, next_hop) == 40);
 
 /// Backend half of a punched (NAT'd) session only: a datagram from another
 /// source, arriving on the allowed interface, goes to the daemon (rate
@@ -129,7 +139,9 @@ impl Rewrite {
             csum::delta(&[from.sport, from.dport], &[to.sport, to.dport]),
         );
         Self {
-            last_seen_ns: 0,
+            last_seen: 0,
+            packets: 0,
+            bytes: 0,
             new_saddr: to.saddr,
             new_daddr: to.daddr,
             new_sport: to.sport,
@@ -137,12 +149,10 @@ impl Rewrite {
             allowed_saddr: [0; 4],
             allowed_sport: [0; 2],
             ip_csum_delta,
-            allowed_ifindex: 0,
             udp_csum_delta,
             flags: 0,
-            _pad: 0,
+            allowed_iface: IFACE_ANY,
             next_hop: NextHop::default(),
-            counter: FlowCounter::default(),
         }
     }
 
@@ -150,15 +160,26 @@ impl Rewrite {
     /// (last-seen time, route, counters) cleared.
     pub fn as_written(&self) -> Self {
         Self {
-            last_seen_ns: 0,
+            last_seen: 0,
+            packets: 0,
+            bytes: 0,
             next_hop: NextHop::default(),
-            counter: FlowCounter::default(),
             ..*self
+        }
+    }
+
+    /// What the XDP program counted on this direction.
+    pub const fn counter(&self) -> FlowCounter {
+        FlowCounter {
+            packets: self.packets as u64,
+            bytes: self.bytes,
         }
     }
 }
 
-/// One flow direction's packets and bytes since its entry was written.
+/// One flow direction's packets and bytes since its entry was written, as
+/// the daemon reports them; the entry itself holds them as `packets` and
+/// `bytes` next to its 32-bit time stamp.
 ///
 /// Plain loads and stores, not atomics (an atomic add costs 7-10 ns a
 /// packet): two CPUs forwarding the same direction at the same instant
@@ -173,6 +194,13 @@ impl Rewrite {
 /// only lowers, so it refuses less, never a fresh datagram. The per-CPU
 /// array this replaces could not lose any, but cost a second lookup and
 /// 48 B per direction and CPU.
+///
+/// In the entry the packet count is 32 bits, to keep it at 48 bytes: it
+/// wraps after 4,294,967,296 packets of one direction (a mosh session at
+/// 50 packets a second takes 2.7 years; a flow at a million a second, 72
+/// minutes), and a wrapped count only lowers the shared port's bound as a
+/// lost one does. The bytes, which would wrap within seconds at 10 Gb/s,
+/// stay 64 bits.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowCounter {
@@ -183,36 +211,97 @@ const _: () = assert!(core::mem::size_of::<FlowCounter>() == 16);
 
 /// The flow direction's cached route, which spares the XDP program a
 /// `bpf_fib_lookup` per packet. Filled after a successful lookup and used
-/// while the entry's `last_seen_ns` is under [`NEXT_HOP_TTL_NS`] old, so
-/// route and neighbour changes take effect within that time. The program
-/// writes both together after a lookup, so `last_seen_ns` moves exactly as
-/// it did when it had its own once-a-second refresh.
+/// while the entry's `last_seen` is under [`NEXT_HOP_TTL_STAMPS`] old, so
+/// route and neighbour changes take effect within about a second. The
+/// program writes both together after a lookup, so `last_seen` moves
+/// exactly as it did when it had its own once-a-second refresh.
 ///
-/// Shared by every CPU that forwards the direction (it was per CPU). A CPU
-/// may read it while another rewrites it: the bytes written are, except
-/// when the route just changed, the ones already there, so a torn read
-/// returns the same route. When it did change, one packet racing the
-/// refresh may leave with parts of the old and the new next hop, which the
-/// old or new link drops like any misaddressed frame; it is one datagram
-/// of a protocol (mosh) that resends, and the same one-CPU-per-direction
-/// steering as for [`FlowCounter`] makes the race itself rare.
+/// The egress interface, its MAC and MTU are the same for every flow that
+/// leaves through it, so they live once in `EGRESS_IFACES` (written by the
+/// daemon) and the entry names them by slot; only the next hop's MAC is the
+/// flow's own. The program caches a route only when the lookup agreed with
+/// the slot's MAC and MTU, so a slot the daemon has not refreshed yet after
+/// an MTU or MAC change costs the lookup again, never a wrong frame.
+///
+/// Shared by every CPU that forwards the direction. A CPU may read it while
+/// another rewrites it: the bytes written are, except when the route just
+/// changed, the ones already there, so a torn read returns the same route.
+/// When it did change, one packet racing the refresh may leave with parts
+/// of the old and the new next hop, which the old or new link drops like
+/// any misaddressed frame; it is one datagram of a protocol (mosh) that
+/// resends, and the same one-CPU-per-direction steering as for
+/// [`FlowCounter`] makes the race itself rare.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NextHop {
-    pub smac: [u8; 6],
     pub dmac: [u8; 6],
-    /// Egress interface; 0 (no interface has it) means no route cached.
-    pub ifindex: u32,
-    /// MTU of the egress route: larger packets take the full lookup (and pass).
-    pub mtu: u16,
-    pub _pad: [u8; 2],
+    /// `EGRESS_IFACES` slot of the egress interface; [`IFACE_ANY`] (no
+    /// interface has it) means no route cached.
+    pub iface: u8,
+    pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<NextHop>() == 20);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 8);
 
-/// How long a cached route may be used before it is looked up again. The
-/// same second as the last-seen granularity, which lets one timestamp serve
-/// both.
-pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+/// The time stamp the XDP program keeps per entry: CLOCK_MONOTONIC
+/// nanoseconds shifted right by [`STAMP_SHIFT`] (16.8 ms units), cut to
+/// 32 bits. It wraps every 2.28 years; ages are taken modulo that, which
+/// is exact for any age under half of it.
+pub const STAMP_SHIFT: u32 = 24;
+
+/// The stamp of `ns` (CLOCK_MONOTONIC nanoseconds).
+#[inline(always)]
+pub const fn stamp(ns: u64) -> u32 {
+    (ns >> STAMP_SHIFT) as u32
+}
+
+/// The CLOCK_MONOTONIC nanoseconds a `last_seen` stamp stands for, read at
+/// `now_ns`, to 16.8 ms (the start of its unit); 0 stays 0 (never). A stamp from after `now_ns`
+/// (the program stamped it after the reader took its time) reads as
+/// `now_ns`.
+pub const fn stamp_ns(stamp_value: u32, now_ns: u64) -> u64 {
+    if stamp_value == 0 {
+        return 0;
+    }
+    let age = stamp(now_ns).wrapping_sub(stamp_value);
+    if age > u32::MAX / 2 {
+        return now_ns;
+    }
+    // The start of the stamp's unit: never after the time it stands for.
+    ((now_ns >> STAMP_SHIFT).saturating_sub(age as u64)) << STAMP_SHIFT
+}
+
+/// How long a cached route may be used before it is looked up again, in
+/// stamp units: 60 is 1.007 s, the same second as the last-seen
+/// granularity, which lets one stamp serve both.
+pub const NEXT_HOP_TTL_STAMPS: u32 = 60;
+
+/// `allowed_iface` that accepts a backend packet on any interface, and the
+/// `NextHop::iface` of no cached route: slot 0 is never an interface's.
+pub const IFACE_ANY: u8 = 0;
+
+/// `allowed_iface` of a backend whose route leaves through an interface the
+/// program is not attached to: slot 255 is never an interface's either, so
+/// no packet the program sees matches it.
+pub const IFACE_NONE: u8 = 255;
+
+/// Slots of `EGRESS_IFACES` (and of the `EGRESS` devmap, indexed alike):
+/// every `u8`, so a slot read from an entry needs no bounds check. Slots 1
+/// to 254 hold interfaces; twice [`crate::config::MAX_INTERFACES`] and more,
+/// so a restart can give a new interface a slot nobody's cached route
+/// still names (see the daemon's slot assignment).
+pub const IFACE_SLOTS: u32 = 256;
+
+/// One interface the program is attached to, as every route through it
+/// needs it: its ifindex, MAC and MTU. Written by the daemon; an all-zero
+/// slot is empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct EgressIface {
+    pub ifindex: u32,
+    pub mtu: u16,
+    pub mac: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<EgressIface>() == 12);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -227,4 +316,38 @@ mod pod {
     unsafe impl aya::Pod for super::FlowCounter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NextHop {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::EgressIface {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_stamp_reads_back_to_within_its_unit_and_never_ahead() {
+        let unit = 1 << STAMP_SHIFT;
+        for seen in [unit, 5 * S, 3_600 * S, 40 * 86_400 * S] {
+            let now = seen + 90 * S;
+            let back = stamp_ns(stamp(seen), now);
+            assert!(back <= seen && seen - back < unit, "{seen}: {back}");
+        }
+        assert_eq!(stamp_ns(0, 7 * S), 0, "never forwarded");
+        // Stamped after the reader took its time: now, not 2.28 years ago.
+        assert_eq!(stamp_ns(stamp(10 * S), 9 * S), 9 * S);
+    }
+
+    #[test]
+    fn ages_survive_the_stamp_wrapping() {
+        let wrap = (u32::MAX as u64 + 1) << STAMP_SHIFT;
+        let seen = wrap - 30 * S;
+        let now = wrap + 30 * S;
+        let back = stamp_ns(stamp(seen), now);
+        assert!(now - back >= 60 * S && now - back < 60 * S + (1 << STAMP_SHIFT));
+        // The route cache's age, as the program takes it.
+        assert!(stamp(now).wrapping_sub(stamp(seen)) >= NEXT_HOP_TTL_STAMPS);
+        assert!(stamp(seen + S / 2).wrapping_sub(stamp(seen)) < NEXT_HOP_TTL_STAMPS);
+    }
 }

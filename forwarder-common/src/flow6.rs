@@ -20,7 +20,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::csum;
-use crate::flow::{FlowCounter, NextHop};
+use crate::flow::{FlowCounter, IFACE_ANY, NextHop};
 
 /// Key of an IPv6 flow's client half: a packet from `client` to the relay's
 /// client-facing endpoint `(relay_addr, relay_port)`.
@@ -62,8 +62,12 @@ pub const REWRITE6_OUT_V4: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Rewrite6 {
-    /// As in [`crate::Rewrite`]: refreshed by the XDP program at most once a second.
-    pub last_seen_ns: u64,
+    /// As in [`crate::Rewrite`]: a stamp refreshed by the XDP program at
+    /// most once a second, 0 until then.
+    pub last_seen: u32,
+    /// As in [`crate::Rewrite`]: written by the XDP program only.
+    pub packets: u32,
+    pub bytes: u64,
     /// The output addresses (IPv4 ones in the first 4 bytes, rest zero).
     pub new_saddr: [u8; 16],
     pub new_daddr: [u8; 16],
@@ -78,25 +82,23 @@ pub struct Rewrite6 {
     /// terms of the two pseudo-headers are equal, so a translation moves the
     /// checksum from one pseudo-header to the other with this delta alone.
     pub udp_csum_delta: u16,
-    /// Backend half only: the interface of the route to the backend; 0 any.
-    pub allowed_ifindex: u32,
     /// IPv4 output only: the one's-complement sum of the new IPv4 header's
     /// constant words (version, DF, protocol, both addresses); the program
     /// adds TOS, length and TTL.
     pub ip4_csum_base: u16,
     /// `REWRITE_*` bits of [`crate::flow`] and [`REWRITE6_OUT_V4`].
     pub flags: u8,
-    pub _pad: u8,
+    /// As in [`crate::Rewrite`]: backend half only, the slot of the
+    /// interface of the route to the backend.
+    pub allowed_iface: u8,
     /// As in [`crate::Rewrite`]: written by the XDP program only, aged by
-    /// `last_seen_ns`.
+    /// `last_seen`.
     pub next_hop: NextHop,
-    pub _pad2: [u8; 4],
-    /// As in [`crate::Rewrite`]: written by the XDP program only.
-    pub counter: FlowCounter,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<Rewrite6>() == 112);
-const _: () = assert!(core::mem::offset_of!(Rewrite6, next_hop) == 72);
-const _: () = assert!(core::mem::offset_of!(Rewrite6, counter) == 96);
+const _: () = assert!(core::mem::size_of::<Rewrite6>() == 88);
+const _: () = assert!(core::mem::offset_of!(Rewrite6, bytes) == 8);
+const _: () = assert!(core::mem::offset_of!(Rewrite6, next_hop) == 76);
 const _: () = assert!(core::mem::align_of::<Rewrite6>() == 8);
 
 /// An address of either family as wire bytes.
@@ -220,7 +222,9 @@ impl Rewrite6 {
             _ => (0, 0),
         };
         Self {
-            last_seen_ns: 0,
+            last_seen: 0,
+            packets: 0,
+            bytes: 0,
             new_saddr: to.saddr.padded(),
             new_daddr: to.daddr.padded(),
             allowed_saddr: [0; 16],
@@ -228,23 +232,30 @@ impl Rewrite6 {
             new_dport: to.dport,
             allowed_sport: [0; 2],
             udp_csum_delta: udp_delta(&from, &to),
-            allowed_ifindex: 0,
             ip4_csum_base,
             flags,
-            _pad: 0,
+            allowed_iface: IFACE_ANY,
             next_hop: NextHop::default(),
-            _pad2: [0; 4],
-            counter: FlowCounter::default(),
+            _pad: [0; 4],
         }
     }
 
     /// As [`crate::Rewrite::as_written`]: the XDP program's fields cleared.
     pub fn as_written(&self) -> Self {
         Self {
-            last_seen_ns: 0,
+            last_seen: 0,
+            packets: 0,
+            bytes: 0,
             next_hop: NextHop::default(),
-            counter: FlowCounter::default(),
             ..*self
+        }
+    }
+
+    /// What the XDP program counted on this direction.
+    pub const fn counter(&self) -> FlowCounter {
+        FlowCounter {
+            packets: self.packets as u64,
+            bytes: self.bytes,
         }
     }
 

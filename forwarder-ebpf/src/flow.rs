@@ -4,7 +4,7 @@ use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
 use forwarder_common::{BackendKey, ClientKey, Reason, Rewrite};
 
 use crate::{
-    config,
+    config, forward,
     maps::{BACKEND_FLOWS, CLIENT_FLOWS},
     parse::Packet,
 };
@@ -75,7 +75,7 @@ pub fn check_source(
     ingress_ifindex: u32,
 ) -> Result<(), Reason> {
     if let Side::Backend = side {
-        if rewrite.allowed_ifindex != 0 && rewrite.allowed_ifindex != ingress_ifindex {
+        if !forward::arrived_on(rewrite.allowed_iface, ingress_ifindex) {
             return Err(Reason::DropSpoofedServer);
         }
         if packet.ip().src_addr != rewrite.allowed_saddr

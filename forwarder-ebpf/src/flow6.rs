@@ -7,6 +7,7 @@ use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Reason, R
 
 use crate::{
     flow::Side,
+    forward,
     maps::{BACKEND_FLOWS_4TO6, BACKEND_FLOWS6, CLIENT_FLOWS_4TO6, CLIENT_FLOWS6, PORTS_4TO6},
     parse::Packet,
     parse6::Packet6,
@@ -72,7 +73,7 @@ pub fn check_source(
     ingress_ifindex: u32,
 ) -> Result<(), Reason> {
     if let Side::Backend = side {
-        if rewrite.allowed_ifindex != 0 && rewrite.allowed_ifindex != ingress_ifindex {
+        if !forward::arrived_on(rewrite.allowed_iface, ingress_ifindex) {
             return Err(Reason::DropSpoofedServer);
         }
         if !source_is_allowed {

@@ -17,52 +17,83 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     Reason, Rewrite,
-    flow::{NEXT_HOP_TTL_NS, NextHop},
+    flow::{IFACE_ANY, NEXT_HOP_TTL_STAMPS, NextHop},
 };
 
-use crate::{maps::EGRESS, parse::Packet};
+use crate::{
+    maps::{EGRESS, EGRESS_IFACES, EGRESS_SLOTS},
+    parse::Packet,
+};
 
 const AF_INET: u8 = 2;
 const IPPROTO_UDP: u8 = 17;
 
-/// Where the route lookup says the rewritten packet goes.
-pub struct Route {
+/// What a route lookup found for the rewritten packet.
+pub struct Found {
     pub egress_ifindex: u32,
     pub mtu: u16,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
 }
 
+/// Where the rewritten packet goes: a cached route or an admitted lookup.
+pub struct Route {
+    pub egress_ifindex: u32,
+    /// `EGRESS` slot of the egress interface; `IFACE_ANY` for an interface
+    /// without one (XDP_TX out of an ingress the daemon did not number).
+    pub iface: u8,
+    /// A lookup that may be cached: it agreed with its slot's MAC and MTU.
+    pub cacheable: bool,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
 /// The flow direction's cached route (in its map entry), if it is fresh and
-/// the packet fits its MTU. A miss costs one `bpf_fib_lookup`, as without a
-/// cache. `last_seen_ns` is the entry's: the time the route was cached.
+/// the packet fits its interface's MTU. A miss costs one `bpf_fib_lookup`,
+/// as without a cache. `last_seen` is the entry's stamp: the time the
+/// route was cached; `now` is a stamp too.
 #[inline(always)]
-pub fn cached_route(hop: &NextHop, last_seen_ns: u64, now: u64, tot_len: u16) -> Option<Route> {
+pub fn cached_route(hop: &NextHop, last_seen: u32, now: u32, tot_len: u16) -> Option<Route> {
     // Another CPU may be rewriting `hop`: NextHop's doc says what that means.
-    if hop.ifindex == 0 || now.wrapping_sub(last_seen_ns) >= NEXT_HOP_TTL_NS || tot_len > hop.mtu {
+    if hop.iface == IFACE_ANY || now.wrapping_sub(last_seen) >= NEXT_HOP_TTL_STAMPS {
+        return None;
+    }
+    let iface = EGRESS_IFACES.get(u32::from(hop.iface))?;
+    // An emptied slot (the daemon detached the interface) has ifindex 0.
+    if iface.ifindex == 0 || tot_len > iface.mtu {
         return None;
     }
     Some(Route {
-        egress_ifindex: hop.ifindex,
-        mtu: hop.mtu,
-        smac: hop.smac,
+        egress_ifindex: iface.ifindex,
+        iface: hop.iface,
+        cacheable: false,
+        smac: iface.mac,
         dmac: hop.dmac,
     })
 }
 
-/// Remembers a route that passed every check in the flow direction's entry,
-/// and stamps the entry: its last-seen time is the route's age, refreshed at
-/// most once a second, so the entry's cache line is written no more often
-/// than when the two were kept apart.
+/// Remembers a looked-up route in the flow direction's entry (or that none
+/// is cached, for one that may not be) and stamps the entry: its last-seen
+/// stamp is the route's age, refreshed at most once a second for a cached
+/// route, so the entry's cache line is written no more often than when the
+/// two were kept apart. An uncacheable route looks up every packet but
+/// writes the line only when the stamp moves (every 16.8 ms at most).
 #[inline(always)]
-pub fn cache_route(hop: &mut NextHop, last_seen_ns: &mut u64, route: &Route, now: u64) {
-    hop.ifindex = route.egress_ifindex;
-    hop.mtu = route.mtu;
-    hop.smac = route.smac;
-    hop.dmac = route.dmac;
-    // An aligned u64 stored whole: the daemon's expiry reads it before or
+pub fn cache_route(hop: &mut NextHop, last_seen: &mut u32, route: &Route, now: u32) {
+    let iface = if route.cacheable {
+        route.iface
+    } else {
+        IFACE_ANY
+    };
+    if hop.iface != iface || hop.dmac != route.dmac {
+        hop.dmac = route.dmac;
+        hop.iface = iface;
+    }
+    // An aligned u32 stored whole: the daemon's expiry reads it before or
     // after, never torn.
-    *last_seen_ns = now;
+    if *last_seen != now {
+        *last_seen = now;
+    }
 }
 
 /// An all-zero `bpf_fib_lookup` on the stack (no VLAN, main table, nothing
@@ -96,7 +127,7 @@ pub fn route(
     packet: &Packet,
     rewrite: &Rewrite,
     ingress_ifindex: u32,
-) -> Result<Route, Reason> {
+) -> Result<Found, Reason> {
     let ip = packet.ip();
     let mut slot = FibSlot(MaybeUninit::uninit());
     let params = zeroed_params(&mut slot);
@@ -146,7 +177,7 @@ pub fn route(
         // A code newer than this program: be conservative and let the stack decide.
         _ => return Err(Reason::PassFibFailed),
     }
-    Ok(Route {
+    Ok(Found {
         egress_ifindex: params.ifindex,
         // On success the kernel reports the egress MTU here (same union as tot_len).
         // SAFETY: reading a plain u16 out of a union the helper just wrote.
@@ -157,13 +188,44 @@ pub fn route(
 }
 
 /// A redirect only works to an interface the daemon registered in EGRESS
-/// (it attached XDP there or checked the driver can transmit redirects).
+/// (it attached XDP there or checked the driver can transmit redirects);
+/// the slot it gave the interface is what a cached route names, so the
+/// lookup may be cached only where the slot holds the same MAC and MTU.
 #[inline(always)]
-pub fn check_egress(route: &Route, ingress_ifindex: u32) -> Result<(), Reason> {
-    if route.egress_ifindex != ingress_ifindex && EGRESS.get(route.egress_ifindex).is_none() {
-        return Err(Reason::PassEgressNotAttached);
-    }
-    Ok(())
+pub fn check_egress(found: Found, ingress_ifindex: u32) -> Result<Route, Reason> {
+    let (iface, cacheable) = match EGRESS_SLOTS.get_ptr(found.egress_ifindex) {
+        Some(slot) => {
+            // SAFETY: a hash map value stays valid for this program run (RCU).
+            let slot = unsafe { *slot };
+            let agrees = EGRESS_IFACES.get(u32::from(slot)).is_some_and(|iface| {
+                iface.ifindex == found.egress_ifindex
+                    && iface.mtu == found.mtu
+                    && iface.mac == found.smac
+            });
+            (slot, agrees)
+        }
+        // Back out of the ingress needs no devmap (XDP_TX), only no cache.
+        None if found.egress_ifindex == ingress_ifindex => (IFACE_ANY, false),
+        None => return Err(Reason::PassEgressNotAttached),
+    };
+    Ok(Route {
+        egress_ifindex: found.egress_ifindex,
+        iface,
+        cacheable,
+        smac: found.smac,
+        dmac: found.dmac,
+    })
+}
+
+/// Whether a backend packet arrived on the interface its entry allows:
+/// `IFACE_ANY` accepts any; a slot, only the interface in it; an empty slot
+/// (`IFACE_NONE` is never filled) none.
+#[inline(always)]
+pub fn arrived_on(allowed_iface: u8, ingress_ifindex: u32) -> bool {
+    allowed_iface == IFACE_ANY
+        || EGRESS_IFACES
+            .get(u32::from(allowed_iface))
+            .is_some_and(|iface| iface.ifindex == ingress_ifindex)
 }
 
 /// How a forwarded packet leaves: its reason and the XDP action to return.
@@ -186,7 +248,7 @@ pub fn send(route: &Route, ingress_ifindex: u32) -> Sent {
     // the low flag bits make the helper return XDP_PASS instead of
     // XDP_ABORTED: the rewritten packet is a valid one that the stack
     // routes the same way.
-    let action = match EGRESS.redirect(route.egress_ifindex, u64::from(XDP_PASS)) {
+    let action = match EGRESS.redirect(u32::from(route.iface), u64::from(XDP_PASS)) {
         Ok(action) | Err(action) => action,
     };
     Sent {

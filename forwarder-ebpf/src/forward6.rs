@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{Reason, Rewrite6};
 
-use crate::forward::{FIB_PARAMS_LEN, FibSlot, Route, zeroed_params};
+use crate::forward::{FIB_PARAMS_LEN, FibSlot, Found, zeroed_params};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -33,7 +33,7 @@ pub fn route(
     out_len: u16,
     tos: u8,
     ingress_ifindex: u32,
-) -> Result<Route, Reason> {
+) -> Result<Found, Reason> {
     let mut slot = FibSlot(MaybeUninit::uninit());
     let params = zeroed_params(&mut slot);
     params.l4_protocol = IPPROTO_UDP;
@@ -94,7 +94,7 @@ pub fn route(
         // A code newer than this program: let the stack decide.
         _ => return Err(Reason::PassFibFailed),
     }
-    Ok(Route {
+    Ok(Found {
         egress_ifindex: params.ifindex,
         // SAFETY: reading a plain u16 out of a union the helper just wrote.
         mtu: unsafe { params.__bindgen_anon_1.mtu_result },

@@ -35,7 +35,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use forwarder_common::{Reason, Verdict};
+use forwarder_common::{Reason, Verdict, flow::stamp};
 
 use crate::{forward::Sent, maps::REASON_COUNTERS};
 
@@ -102,29 +102,25 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     // the coarse clock reads a jiffies-updated value instead of the TSC, and
     // shares CLOCK_MONOTONIC's base, which the daemon compares against.
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (route, looked_up) = match forward::cached_route(
-        &rewrite.next_hop,
-        rewrite.last_seen_ns,
-        now,
-        packet.tot_len(),
-    ) {
-        Some(route) => (route, false),
-        None => {
-            let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)
-                .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
-                .map_err(|reason| {
-                    // Both halves of a flow are the session's: a backend half
-                    // rewrites its source to the session port.
-                    let session_port = match side {
-                        flow::Side::Client => dst_port,
-                        flow::Side::Backend => u16::from_be_bytes(rewrite.new_sport),
-                    };
-                    slowpath::gate(reason, Some(session_port))
-                })?;
-            (route, true)
-        }
-    };
+    let now = stamp(unsafe { bpf_ktime_get_coarse_ns() });
+    let (route, looked_up) =
+        match forward::cached_route(&rewrite.next_hop, rewrite.last_seen, now, packet.tot_len()) {
+            Some(route) => (route, false),
+            None => {
+                let route = forward::route(ctx, &packet, rewrite, ingress_ifindex)
+                    .and_then(|found| forward::check_egress(found, ingress_ifindex))
+                    .map_err(|reason| {
+                        // Both halves of a flow are the session's: a backend half
+                        // rewrites its source to the session port.
+                        let session_port = match side {
+                            flow::Side::Client => dst_port,
+                            flow::Side::Backend => u16::from_be_bytes(rewrite.new_sport),
+                        };
+                        slowpath::gate(reason, Some(session_port))
+                    })?;
+                (route, true)
+            }
+        };
     // Punched sessions' client halves only: the daemon still judges moves.
     if let flow::Side::Client = side {
         seq::record(ctx, rewrite.flags, packet.udp, dst_port);

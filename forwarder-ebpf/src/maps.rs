@@ -7,12 +7,16 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, PerCpuArray},
 };
 use forwarder_common::clientseq::CLIENT_SEQ_SLOTS;
 use forwarder_common::{
     BackendKey, BackendKey6, ClientKey, ClientKey6, MAX_FLOWS, REASON_COUNT, Rewrite, Rewrite6,
-    SlowpathBucket, config::MAX_INTERFACES, flow6::PORTS_4TO6_WORDS, reason::ReasonCounter,
+    SlowpathBucket,
+    config::MAX_INTERFACES,
+    flow::{EgressIface, IFACE_SLOTS},
+    flow6::PORTS_4TO6_WORDS,
+    reason::ReasonCounter,
     slowpath::SESSION_BUCKET_SLOTS,
 };
 
@@ -34,9 +38,17 @@ pub static BACKEND_FLOWS: HashMap<BackendKey, Rewrite> = HashMap::with_max_entri
 pub static REASON_COUNTERS: PerCpuArray<ReasonCounter> =
     PerCpuArray::with_max_entries(REASON_COUNT, 0);
 
-/// Interfaces the daemon allows redirects to (ifindex → ifindex); `bpf_redirect_map` needs a devmap.
+/// Interfaces the daemon allows redirects to, by slot (slot → ifindex); `bpf_redirect_map` needs a devmap.
 #[map]
-pub static EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+pub static EGRESS: DevMap = DevMap::with_max_entries(IFACE_SLOTS, 0);
+
+/// The same interfaces' ifindex, MAC and MTU by slot, which cached routes name instead of holding them.
+#[map]
+pub static EGRESS_IFACES: Array<EgressIface> = Array::with_max_entries(IFACE_SLOTS, 0);
+
+/// Slot of each of those interfaces by ifindex, asked only after a route lookup.
+#[map]
+pub static EGRESS_SLOTS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
 /// Slow-path rate limit per session, at its client-facing port (host order); written and cleared by the daemon with the session.
 #[map]

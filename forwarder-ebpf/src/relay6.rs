@@ -3,7 +3,7 @@
 //! rewrite or translate, forward), each ending in a `Reason`.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use forwarder_common::Reason;
+use forwarder_common::{Reason, flow::stamp};
 
 use crate::{
     flow::{self, Side},
@@ -153,7 +153,7 @@ pub fn relay4to6(
 struct Routed {
     route: forward::Route,
     looked_up: bool,
-    now: u64,
+    now: u32,
 }
 
 /// The flow direction's cached route, or a fresh lookup of the packet as it
@@ -168,10 +168,8 @@ fn routed(
     session_port: u16,
 ) -> Result<Routed, Reason> {
     // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if let Some(route) =
-        forward::cached_route(&rewrite.next_hop, rewrite.last_seen_ns, now, out_len)
-    {
+    let now = stamp(unsafe { bpf_ktime_get_coarse_ns() });
+    if let Some(route) = forward::cached_route(&rewrite.next_hop, rewrite.last_seen, now, out_len) {
         return Ok(Routed {
             route,
             looked_up: false,
@@ -179,7 +177,7 @@ fn routed(
         });
     }
     let route = forward6::route(ctx, rewrite, out_len, tos, ingress_ifindex)
-        .and_then(|route| forward::check_egress(&route, ingress_ifindex).map(|()| route))
+        .and_then(|found| forward::check_egress(found, ingress_ifindex))
         .map_err(|reason| slowpath::gate(reason, Some(session_port)))?;
     Ok(Routed {
         route,

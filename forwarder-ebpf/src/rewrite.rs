@@ -28,17 +28,14 @@ pub fn rewrite(packet: &Packet, rewrite: &Rewrite, route: &Route) {
 /// doc for what two CPUs at once may lose) and, after a route lookup,
 /// caches the route (`looked_up`) and stamps the entry's last-seen time.
 #[inline(always)]
-pub fn account(packet: &Packet, entry: *mut Rewrite, looked_up: Option<&Route>, now: u64) {
+pub fn account(packet: &Packet, entry: *mut Rewrite, looked_up: Option<&Route>, now: u32) {
     // SAFETY: `entry` came from a hash map lookup and stays valid for this
     // run of the program (RCU); no other reference to it is live, and its
     // fields are plain integers.
     let entry = unsafe { &mut *entry };
-    entry.counter.packets = entry.counter.packets.wrapping_add(1);
-    entry.counter.bytes = entry
-        .counter
-        .bytes
-        .wrapping_add(u64::from(packet.tot_len()));
+    entry.packets = entry.packets.wrapping_add(1);
+    entry.bytes = entry.bytes.wrapping_add(u64::from(packet.tot_len()));
     if let Some(route) = looked_up {
-        forward::cache_route(&mut entry.next_hop, &mut entry.last_seen_ns, route, now);
+        forward::cache_route(&mut entry.next_hop, &mut entry.last_seen, route, now);
     }
 }

@@ -32,14 +32,14 @@ pub fn rewrite(packet: &Packet6, rewrite: &Rewrite6, route: &Route) {
 /// Counts `len` bytes on the flow direction and caches a looked-up route,
 /// as rewrite::account does.
 #[inline(always)]
-pub fn account(len: u16, entry: *mut Rewrite6, looked_up: Option<&Route>, now: u64) {
+pub fn account(len: u16, entry: *mut Rewrite6, looked_up: Option<&Route>, now: u32) {
     // SAFETY: `entry` came from a hash map lookup and stays valid for this
     // run of the program (RCU), also after bpf_xdp_adjust_head, which only
     // invalidates packet pointers; no other reference to it is live.
     let entry = unsafe { &mut *entry };
-    entry.counter.packets = entry.counter.packets.wrapping_add(1);
-    entry.counter.bytes = entry.counter.bytes.wrapping_add(u64::from(len));
+    entry.packets = entry.packets.wrapping_add(1);
+    entry.bytes = entry.bytes.wrapping_add(u64::from(len));
     if let Some(route) = looked_up {
-        forward::cache_route(&mut entry.next_hop, &mut entry.last_seen_ns, route, now);
+        forward::cache_route(&mut entry.next_hop, &mut entry.last_seen, route, now);
     }
 }

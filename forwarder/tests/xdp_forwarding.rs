@@ -163,6 +163,8 @@ fn same_interface_is_forwarded_with_xdp_tx() {
     let ns = Namespace::create();
     ns.enter(|topo| {
         let mut relay = Relay::load();
+        // The daemon numbers every interface it attaches to, the ingress too.
+        let front = relay.add_egress(topo.front);
         let key = install_client_flow(&mut relay, (NEAR_BACKEND, BACKEND_PORT));
         let mut input = client_packet();
         // mosh's ECT(0) must survive the relay.
@@ -176,15 +178,12 @@ fn same_interface_is_forwarded_with_xdp_tx() {
         let tot_len = u64::from(u16::from_be_bytes([input[IP + 2], input[IP + 3]]));
         assert_eq!(relay.flow_count(&key), (1, tot_len));
         // The route the lookup found is cached in the entry itself.
-        assert_eq!(relay.client_flow(&key).next_hop.ifindex, topo.front);
-        assert!(
-            relay.client_flow(&key).last_seen_ns > 0,
-            "last_seen refreshed"
-        );
+        assert_eq!(relay.client_flow(&key).next_hop.iface, front);
+        assert!(relay.client_flow(&key).last_seen > 0, "last_seen refreshed");
         // A second packet within a second leaves last_seen alone.
-        let seen = relay.client_flow(&key).last_seen_ns;
+        let seen = relay.client_flow(&key).last_seen;
         relay.run(&input, Some(topo.front));
-        assert_eq!(relay.client_flow(&key).last_seen_ns, seen);
+        assert_eq!(relay.client_flow(&key).last_seen, seen);
         assert_eq!(relay.flow_count(&key), (2, 2 * tot_len));
     });
 }
@@ -288,6 +287,73 @@ fn route_cache_forwards_without_a_lookup_for_a_second() {
 
         // A second later the cache has aged out and the lookup runs again.
         std::thread::sleep(std::time::Duration::from_millis(1100));
+        relay.expect(&input, Some(topo.front), Reason::PassFibNoNeigh, XDP_PASS);
+    });
+}
+
+/// The program caches a route only when the lookup agrees with the MAC and
+/// MTU in the egress interface's slot: until the daemon's refresh catches
+/// up with an interface change, each packet takes the lookup (here: MTU).
+#[test]
+fn a_route_that_disagrees_with_its_slot_is_looked_up_every_packet() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        let key = install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
+        let back = relay.add_egress(topo.back);
+        let stale = forwarder_common::flow::EgressIface {
+            ifindex: topo.back,
+            mtu: 1400,
+            mac: [0; 6],
+        };
+        relay.set_iface(back, stale);
+        let input = client_packet();
+        relay.expect(
+            &input,
+            Some(topo.front),
+            Reason::RedirectForwarded,
+            XDP_REDIRECT,
+        );
+        assert_eq!(
+            relay.client_flow(&key).next_hop.iface,
+            forwarder_common::flow::IFACE_ANY,
+            "a route cached against a stale slot"
+        );
+        assert!(
+            relay.client_flow(&key).last_seen > 0,
+            "the flow is still seen"
+        );
+        // No cache: without the neighbour the next packet's lookup fails.
+        let backend = std::net::Ipv4Addr::from(BACKEND).to_string();
+        ns.netns()
+            .ip(&["neigh", "del", &backend, "dev", "back"])
+            .unwrap();
+        relay.expect(&input, Some(topo.front), Reason::PassFibNoNeigh, XDP_PASS);
+    });
+}
+
+/// A slot the daemon empties (its interface detached) ends every route
+/// cached through it at once, not a second later.
+#[test]
+fn an_emptied_slot_ends_the_routes_cached_through_it() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        let key = install_client_flow(&mut relay, (BACKEND, BACKEND_PORT));
+        let back = relay.add_egress(topo.back);
+        let input = client_packet();
+        relay.expect(
+            &input,
+            Some(topo.front),
+            Reason::RedirectForwarded,
+            XDP_REDIRECT,
+        );
+        assert_eq!(relay.client_flow(&key).next_hop.iface, back, "route cached");
+        relay.set_iface(back, forwarder_common::flow::EgressIface::default());
+        let backend = std::net::Ipv4Addr::from(BACKEND).to_string();
+        ns.netns()
+            .ip(&["neigh", "del", &backend, "dev", "back"])
+            .unwrap();
         relay.expect(&input, Some(topo.front), Reason::PassFibNoNeigh, XDP_PASS);
     });
 }

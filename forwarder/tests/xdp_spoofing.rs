@@ -90,7 +90,8 @@ fn fixture_table() {
 fn nat_backend_half_hands_unknown_sources_to_the_daemon() {
     let mut relay = Relay::load();
     // Without ctx_in the program sees loopback (ifindex 1) as ingress.
-    let mut rewrite = backend_rewrite(1);
+    let lo = relay.add_egress(1);
+    let mut rewrite = backend_rewrite(lo);
     rewrite.flags = forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
     relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
     relay.set_session_bucket(SESSION_PORT, 2);
@@ -108,8 +109,12 @@ fn nat_backend_half_hands_unknown_sources_to_the_daemon() {
     // The session's bucket (2 per second) is spent: the rest are dropped.
     relay.expect(&moved, None, Reason::DropSlowpathSessionLimit, XDP_DROP);
 
-    // The same flag on another interface does not open the entry.
-    rewrite.allowed_ifindex = 999;
+    // The same flag on another interface does not open the entry: one the
+    // program is not attached to, or another numbered one.
+    rewrite.allowed_iface = forwarder_common::flow::IFACE_NONE;
+    relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
+    relay.expect(&moved, None, Reason::DropSpoofedServer, XDP_DROP);
+    rewrite.allowed_iface = lo + 1;
     relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
     relay.expect(&moved, None, Reason::DropSpoofedServer, XDP_DROP);
 }

@@ -17,11 +17,12 @@ pub struct CeilingConfig {
     /// UDP destination port (wire bytes) that the ceiling relays.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
-    /// Interface the rewritten packets leave from.
+    /// Interface the rewritten packets leave from, for the record: the
+    /// redirect reads it from `CEILING_EGRESS` slot 0, as the forwarder does.
     pub egress_ifindex: u32,
     pub _pad_end: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<CeilingConfig>() == 96);
+const _: () = assert!(core::mem::size_of::<CeilingConfig>() == 72);
 
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] plain-old-data without implicit padding (size asserted).

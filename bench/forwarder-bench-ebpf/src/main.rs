@@ -11,7 +11,7 @@ mod drop;
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
-    maps::{Array, DevMapHash},
+    maps::{Array, DevMap},
     programs::XdpContext,
 };
 use forwarder_bench_common::CeilingConfig;
@@ -21,9 +21,10 @@ use forwarder_common::csum::rewrite_ipv4_udp;
 #[map]
 static CEILING: Array<CeilingConfig> = Array::with_max_entries(1, 0);
 
-/// The egress interface; `bpf_redirect_map` needs a devmap.
+/// The egress interface in slot 0; `bpf_redirect_map` needs a devmap. An
+/// array one, as the forwarder's `EGRESS` is: the same redirect cost.
 #[map]
-static CEILING_EGRESS: DevMapHash = DevMapHash::with_max_entries(4, 0);
+static CEILING_EGRESS: DevMap = DevMap::with_max_entries(4, 0);
 
 const ETH_LEN: usize = 14;
 const IPV4_LEN: usize = 20;
@@ -32,7 +33,7 @@ const UDP_LEN: usize = 8;
 #[xdp]
 pub fn forwarder_ceiling(ctx: XdpContext) -> u32 {
     match rewrite(&ctx) {
-        Some(config) => match CEILING_EGRESS.redirect(config.egress_ifindex, u64::from(XDP_DROP)) {
+        Some(_) => match CEILING_EGRESS.redirect(0, u64::from(XDP_DROP)) {
             Ok(action) | Err(action) => action,
         },
         None => XDP_PASS,

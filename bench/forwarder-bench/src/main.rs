@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use aya::maps::{Array, DevMapHash};
+use aya::maps::{Array, DevMap};
 use aya::programs::{Xdp, XdpMode};
 use clap::{Parser, Subcommand};
 use forwarder_bench_common::CeilingConfig;
@@ -533,11 +533,11 @@ fn ceiling(
     let mut map: Array<_, CeilingConfig> =
         Array::try_from(ebpf.map_mut("CEILING").context("no CEILING map")?)?;
     map.set(0, config, 0)?;
-    let mut devmap = DevMapHash::try_from(
+    let mut devmap = DevMap::try_from(
         ebpf.map_mut("CEILING_EGRESS")
             .context("no CEILING_EGRESS map")?,
     )?;
-    devmap.insert(egress_ifindex, egress_ifindex, None, 0)?;
+    devmap.set(0, egress_ifindex, None, 0)?;
     let program: &mut Xdp = ebpf
         .program_mut("forwarder_ceiling")
         .context("no forwarder_ceiling program")?

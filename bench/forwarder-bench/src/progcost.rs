@@ -36,9 +36,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use aya::maps::{Array, DevMapHash, HashMap, PerCpuArray};
+use aya::maps::{Array, DevMap, HashMap, PerCpuArray};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
+use forwarder::datapath::egress::EgressTable;
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_bench_common::CeilingConfig;
 use forwarder_common::config::map_names;
@@ -184,8 +185,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
     let junk = frame([10, 0, 1, 9], 1234, [10, 0, 1, 1], SESSION_PORT, 64, 64);
     for (label, bytes) in &sources {
         let mut relay = load_forwarder(bytes).with_context(|| format!("object {label}"))?;
-        relay.add_egress(front)?;
-        relay.add_egress(back)?;
+        relay.number_interfaces(&[front, back])?;
         let target = targets.len();
         for (name, pair, action) in [
             ("forward, XDP_TX", &TX_PAIR, XDP_TX),
@@ -224,8 +224,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                 ("redirect", &REDIRECT_PAIR, XDP_REDIRECT),
             ] {
                 let mut rings = load_forwarder(bytes).with_context(|| format!("object {label}"))?;
-                rings.add_egress(front)?;
-                rings.add_egress(back)?;
+                rings.number_interfaces(&[front, back])?;
                 let ring_target = target + 1 + ring_relays.len();
                 let ring = Ring {
                     flows,
@@ -543,11 +542,11 @@ fn counted(ebpf: &Ebpf, check: &Check) -> anyhow::Result<u64> {
             let mut sum = 0;
             for half in halves {
                 let counter: FlowCounter = match half {
-                    Half::Client(key) => clients.get(key, 0)?.counter,
-                    Half::Backend(key) => backends.get(key, 0)?.counter,
-                    Half::Client6(key) => clients6.get(key, 0)?.counter,
-                    Half::Backend6(key) => backends6.get(key, 0)?.counter,
-                    Half::Backend4To6(key) => backends_4to6.get(key, 0)?.counter,
+                    Half::Client(key) => clients.get(key, 0)?.counter(),
+                    Half::Backend(key) => backends.get(key, 0)?.counter(),
+                    Half::Client6(key) => clients6.get(key, 0)?.counter(),
+                    Half::Backend6(key) => backends6.get(key, 0)?.counter(),
+                    Half::Backend4To6(key) => backends_4to6.get(key, 0)?.counter(),
                 };
                 sum += counter.packets;
             }
@@ -752,6 +751,8 @@ struct Ring {
 /// forwarder's own program, configured the way the daemon configures it.
 struct Relay {
     ebpf: Ebpf,
+    /// The daemon's numbering of the interfaces, holding its maps.
+    egress: Option<EgressTable>,
 }
 
 fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
@@ -777,14 +778,22 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     program
         .load()
         .context("the verifier refused forwarder's program")?;
-    Ok(Relay { ebpf })
+    Ok(Relay { ebpf, egress: None })
 }
 
 impl Relay {
-    fn add_egress(&mut self, ifindex: u32) -> anyhow::Result<()> {
-        let mut map =
-            DevMapHash::try_from(self.ebpf.map_mut(map_names::EGRESS).context("EGRESS")?)?;
-        map.insert(ifindex, ifindex, None, 0)?;
+    /// Numbers the interfaces with the daemon's own code (the devmap, their
+    /// MACs and MTUs, the slot by ifindex), so cached routes behave as in
+    /// the daemon. Once per load.
+    fn number_interfaces(&mut self, ifindexes: &[u32]) -> anyhow::Result<()> {
+        let mut take = |name: &str| self.ebpf.take_map(name).with_context(|| name.to_string());
+        let table = EgressTable::write(
+            DevMap::try_from(take(map_names::EGRESS)?)?,
+            Array::try_from(take(map_names::EGRESS_IFACES)?)?,
+            HashMap::try_from(take(map_names::EGRESS_SLOTS)?)?,
+            ifindexes,
+        )?;
+        self.egress = Some(table);
         Ok(())
     }
 
@@ -1031,9 +1040,8 @@ fn setup_ceiling(ebpf: &mut Ebpf, back: u32) -> anyhow::Result<Vec<u8>> {
     let mut map: Array<_, CeilingConfig> =
         Array::try_from(ebpf.map_mut("CEILING").context("no CEILING map")?)?;
     map.set(0, config, 0)?;
-    let mut egress =
-        DevMapHash::try_from(ebpf.map_mut("CEILING_EGRESS").context("CEILING_EGRESS")?)?;
-    egress.insert(back, back, None, 0)?;
+    let mut egress = DevMap::try_from(ebpf.map_mut("CEILING_EGRESS").context("CEILING_EGRESS")?)?;
+    egress.set(0, back, None, 0)?;
     let program: &mut Xdp = ebpf
         .program_mut("forwarder_ceiling")
         .context("no forwarder_ceiling program")?

@@ -214,6 +214,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         guard.fresh_pins = Some(pins.clone());
     }
     let (mut datapath, adopting) = started_xdp?;
+    let egress_table = datapath.take_egress_table();
     // Before the restore below, which gives every restored session its bucket.
     datapath.limit_slowpath(options.slowpath_pps_per_session, options.slowpath_pps)?;
     let mut store = Store::open(&options.state_dir)?;
@@ -343,6 +344,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         options.interfaces.clone(),
         mode.clone(),
     ));
+    let egress = egress_table.map(|table| tokio::spawn(crate::datapath::egress::watch(table)));
     // Started: from now on the pinned data plane outlives the daemon on purpose.
     guard.armed = false;
 
@@ -361,6 +363,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     expiry.abort();
     health.abort();
+    if let Some(egress) = egress {
+        egress.abort();
+    }
     if let Some(cluster_sync) = cluster_sync {
         cluster_sync.abort();
     }

@@ -12,6 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use bytemuck::Pod;
+use forwarder_common::flow::stamp_ns;
 use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Rewrite, Rewrite6};
 
 use super::flows::{BackendHalf, ClientHalf, FlowEntries};
@@ -330,10 +331,12 @@ impl FlowMapsPass {
 
     fn read_batch(&mut self, cursor: Cursor, room: usize) -> io::Result<Batch> {
         let (reader, seen, from) = (&self.reader, &mut self.seen, cursor.token);
+        // The stamps are 32-bit: read back to nanoseconds against this batch's time.
+        let now = super::monotonic_ns();
         match cursor.map {
             0 => {
                 read_into::<ClientKey, Rewrite>(&reader.client, from, room, &mut seen.client, |r| {
-                    r.last_seen_ns
+                    stamp_ns(r.last_seen, now)
                 })
             }
             1 => read_into::<BackendKey, Rewrite>(
@@ -341,35 +344,35 @@ impl FlowMapsPass {
                 from,
                 room,
                 &mut seen.backend,
-                |r| r.last_seen_ns,
+                |r| stamp_ns(r.last_seen, now),
             ),
             2 => read_into::<ClientKey6, Rewrite6>(
                 &reader.client6,
                 from,
                 room,
                 &mut seen.client6,
-                |r| r.last_seen_ns,
+                |r| stamp_ns(r.last_seen, now),
             ),
             3 => read_into::<BackendKey6, Rewrite6>(
                 &reader.backend6,
                 from,
                 room,
                 &mut seen.backend6,
-                |r| r.last_seen_ns,
+                |r| stamp_ns(r.last_seen, now),
             ),
             4 => read_into::<ClientKey, Rewrite6>(
                 &reader.client_4to6,
                 from,
                 room,
                 &mut seen.client_4to6,
-                |r| r.last_seen_ns,
+                |r| stamp_ns(r.last_seen, now),
             ),
             _ => read_into::<BackendKey, Rewrite6>(
                 &reader.backend_4to6,
                 from,
                 room,
                 &mut seen.backend_4to6,
-                |r| r.last_seen_ns,
+                |r| stamp_ns(r.last_seen, now),
             ),
         }
     }
@@ -518,7 +521,7 @@ mod tests {
             facing: facing.parse().unwrap(),
             upstream: upstream.parse().unwrap(),
             backend: backend.parse().unwrap(),
-            backend_ifindex: 0,
+            backend_iface: forwarder_common::flow::IFACE_ANY,
         })
     }
 

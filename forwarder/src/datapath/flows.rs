@@ -27,8 +27,9 @@ pub struct FlowAddrs {
     /// backend-facing port Q.
     pub upstream: SocketAddr,
     pub backend: SocketAddr,
-    /// Interface of the route to the backend (0: any).
-    pub backend_ifindex: u32,
+    /// Slot of the interface of the route to the backend, as the datapath
+    /// numbers them (`Datapath::egress_iface`; `IFACE_ANY`: any).
+    pub backend_iface: u8,
 }
 
 /// A client half: its key, in the map its input family and output family pick.
@@ -90,10 +91,11 @@ impl BackendHalf {
         }
     }
 
-    fn last_seen_ns(&self) -> u64 {
+    /// Whether the XDP program forwarded anything through the half.
+    fn forwarded(&self) -> bool {
         match self {
-            Self::V4(_, rewrite) => rewrite.last_seen_ns,
-            Self::V4To6(_, rewrite) | Self::V6(_, rewrite) => rewrite.last_seen_ns,
+            Self::V4(_, rewrite) => rewrite.last_seen != 0,
+            Self::V4To6(_, rewrite) | Self::V6(_, rewrite) => rewrite.last_seen != 0,
         }
     }
 }
@@ -219,7 +221,7 @@ impl FlowEntries {
             (Made::V4(mut rewrite), WireAddr::V4(relay)) => {
                 rewrite.allowed_saddr = four(allowed);
                 rewrite.allowed_sport = allowed_port;
-                rewrite.allowed_ifindex = addrs.backend_ifindex;
+                rewrite.allowed_iface = addrs.backend_iface;
                 BackendHalf::V4(
                     BackendKey {
                         relay_addr: relay,
@@ -233,7 +235,7 @@ impl FlowEntries {
                 let mut rewrite = into6(made, &from, &to);
                 rewrite.allowed_saddr = allowed.padded();
                 rewrite.allowed_sport = allowed_port;
-                rewrite.allowed_ifindex = addrs.backend_ifindex;
+                rewrite.allowed_iface = addrs.backend_iface;
                 match relay {
                     WireAddr::V4(relay) => BackendHalf::V4To6(
                         BackendKey {
@@ -396,7 +398,7 @@ impl InstalledHalves {
         match self.backends.get(&expected.backend.key()) {
             None => BackendState::Missing,
             Some(found) if found.ours() == expected.backend.ours() => BackendState::Matches {
-                answered: found.last_seen_ns() > 0,
+                answered: found.forwarded(),
             },
             Some(_) => BackendState::Differs,
         }
@@ -503,7 +505,7 @@ mod tests {
             facing: facing.parse().unwrap(),
             upstream: upstream.parse().unwrap(),
             backend: backend.parse().unwrap(),
-            backend_ifindex: 7,
+            backend_iface: 7,
         }
     }
 
@@ -534,7 +536,7 @@ mod tests {
         };
         assert_eq!(key.relay_port, 61000u16.to_be_bytes());
         assert_eq!(rewrite.allowed_sport, 60001u16.to_be_bytes());
-        assert_eq!(rewrite.allowed_ifindex, 7);
+        assert_eq!(rewrite.allowed_iface, 7);
 
         // An IPv6 client to an IPv4 backend: the client half shrinks to
         // IPv4, the backend half (IPv4 in) grows to IPv6.
@@ -585,9 +587,9 @@ mod tests {
         // What the XDP program writes into a half does not make it differ.
         let mut seen = entries.backend;
         if let BackendHalf::V4To6(_, rewrite) = &mut seen {
-            rewrite.last_seen_ns = 5;
-            rewrite.next_hop.ifindex = 3;
-            rewrite.counter.packets = 9;
+            rewrite.last_seen = 5;
+            rewrite.next_hop.iface = 3;
+            rewrite.packets = 9;
         }
         let installed = InstalledHalves::new(vec![entries.client], vec![seen]);
         let client = installed.clients[0];
@@ -666,6 +668,6 @@ mod tests {
         );
         assert_eq!(backend_rewrite.allowed_saddr, backend.ip().octets());
         assert_eq!(backend_rewrite.allowed_sport, 60001u16.to_be_bytes());
-        assert_eq!(backend_rewrite.allowed_ifindex, 7);
+        assert_eq!(backend_rewrite.allowed_iface, 7);
     }
 }

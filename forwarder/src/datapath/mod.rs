@@ -3,6 +3,7 @@
 //! every packet; with XDP they only see first packets and fallbacks.
 
 pub mod bulk;
+pub mod egress;
 pub mod ethtool;
 pub mod fds;
 pub mod flows;
@@ -142,6 +143,24 @@ impl Datapath {
         match self {
             Self::Xdp(xdp) => xdp.reset_client_seq(session_port),
             Self::Userspace { .. } => Ok(()),
+        }
+    }
+
+    /// The slot a backend half names for the interface its route leaves
+    /// through (`forwarder_common::flow::IFACE_ANY` without XDP, which
+    /// checks nothing).
+    pub fn egress_iface(&self, ifindex: u32) -> u8 {
+        match self {
+            Self::Xdp(xdp) => xdp.egress_iface(ifindex),
+            Self::Userspace { .. } => forwarder_common::flow::IFACE_ANY,
+        }
+    }
+
+    /// The XDP interface numbering's refresher, for the daemon to run.
+    pub fn take_egress_table(&mut self) -> Option<egress::EgressTable> {
+        match self {
+            Self::Xdp(xdp) => xdp.take_egress_table(),
+            Self::Userspace { .. } => None,
         }
     }
 

@@ -49,6 +49,10 @@ pub struct Link {
     /// ... and, when the peer lives in another namespace, that namespace's id
     /// as this one sees it (IFLA_LINK_NETNSID).
     pub peer_netnsid: Option<i32>,
+    /// IFLA_MTU (0 when the kernel sent none).
+    pub mtu: u32,
+    /// IFLA_ADDRESS when it is an Ethernet one.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// How this namespace routes to `destination`, like `ip route get`.
@@ -162,12 +166,16 @@ fn link_from(message: LinkMessage) -> Link {
         xdp_prog: None,
         peer_index: None,
         peer_netnsid: None,
+        mtu: 0,
+        mac: None,
     };
     for attribute in message.attributes {
         match attribute {
             LinkAttribute::IfName(name) => link.name = name,
             LinkAttribute::Link(index) => link.peer_index = Some(index),
             LinkAttribute::LinkNetNsId(id) => link.peer_netnsid = Some(id),
+            LinkAttribute::Mtu(mtu) => link.mtu = mtu,
+            LinkAttribute::Address(address) => link.mac = address.try_into().ok(),
             LinkAttribute::LinkInfo(infos) => {
                 link.veth |= infos
                     .iter()

@@ -3,12 +3,13 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, bail};
-use aya::maps::{Array, DevMapHash, HashMap, MapData, MapInfo, PerCpuArray};
+use aya::maps::{Array, DevMap, HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
+use forwarder_common::flow::stamp_ns;
 use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
@@ -17,6 +18,7 @@ use forwarder_common::{
 };
 
 use super::bulk::{FlowMapsReader, MapsUsed};
+use super::egress::EgressTable;
 use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
 use tracing::{debug, info, warn};
 
@@ -64,6 +66,10 @@ pub struct XdpDatapath {
     /// What the maps were sized to (pinned maps adopted only when they match).
     pub sizes: RuntimeSizes,
     pub pins: PinDir,
+    /// The attached interfaces' slots (ifindex → slot), which backend halves name.
+    egress_slots: std::collections::BTreeMap<u32, u8>,
+    /// The numbering's refresher, until the daemon takes it to run.
+    egress: Option<EgressTable>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
@@ -121,7 +127,6 @@ impl XdpDatapath {
             )
         })?;
 
-        let mut egress: DevMapHash<_> = DevMapHash::try_from(take_map(&mut ebpf, "EGRESS")?)?;
         let mut indices = Vec::new();
         for name in interfaces {
             let index = nix::net::if_::if_nametoindex(name.as_str()).map_err(|_| {
@@ -130,11 +135,14 @@ impl XdpDatapath {
                      (run the daemon in the namespace that owns it, e.g. with nsenter --net=...)"
                 ))
             })?;
-            egress
-                .insert(index, index, None, 0)
-                .with_context(|| format!("adding {name} to the redirect map"))?;
             indices.push(index);
         }
+        let egress = EgressTable::write(
+            DevMap::try_from(take_map(&mut ebpf, map_names::EGRESS)?)?,
+            Array::try_from(take_map(&mut ebpf, map_names::EGRESS_IFACES)?)?,
+            HashMap::try_from(take_map(&mut ebpf, map_names::EGRESS_SLOTS)?)?,
+            &indices,
+        )?;
 
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -188,9 +196,22 @@ impl XdpDatapath {
             mode,
             sizes,
             pins: pins.clone(),
+            egress_slots: egress.slots().clone(),
+            egress: Some(egress),
         };
         datapath.rebuild_ports_4to6()?;
         Ok(datapath)
+    }
+
+    /// The slot a backend half names for the interface `ifindex` (the one
+    /// its route leaves through; 0: any).
+    pub fn egress_iface(&self, ifindex: u32) -> u8 {
+        super::egress::slot_for(&self.egress_slots, ifindex)
+    }
+
+    /// The interface numbering's refresher, for the daemon to run (once).
+    pub fn take_egress_table(&mut self) -> Option<EgressTable> {
+        self.egress.take()
     }
 
     /// Recounts the ports of the `_4TO6` halves (adopted pinned ones
@@ -396,21 +417,26 @@ impl XdpDatapath {
 
     /// Last-seen timestamps the XDP program wrote: (client half, backend half).
     pub fn last_seen(&self, entries: &FlowEntries) -> (u64, u64) {
-        let (client, backend) = self.read_halves(entries, |r| r.last_seen_ns, |r| r.last_seen_ns);
+        let now = super::monotonic_ns();
+        let (client, backend) = self.read_halves(
+            entries,
+            |r| stamp_ns(r.last_seen, now),
+            |r| stamp_ns(r.last_seen, now),
+        );
         (client.unwrap_or(0), backend.unwrap_or(0))
     }
 
     /// What XDP forwarded since the halves were written: (to the server,
     /// through the client half; to the client, through the backend half).
     pub fn flow_counters(&self, entries: &FlowEntries) -> (FlowCounter, FlowCounter) {
-        let (client, backend) = self.read_halves(entries, |r| r.counter, |r| r.counter);
+        let (client, backend) = self.read_halves(entries, Rewrite::counter, Rewrite6::counter);
         (client.unwrap_or_default(), backend.unwrap_or_default())
     }
 
     /// [`Self::flow_counters`]' first half alone: one lookup, for the
     /// shared port's admission, which needs only what went to the server.
     pub fn to_server_counter(&self, entries: &FlowEntries) -> FlowCounter {
-        self.read_client(entries, |r| r.counter, |r| r.counter)
+        self.read_client(entries, Rewrite::counter, Rewrite6::counter)
             .unwrap_or_default()
     }
 
@@ -529,6 +555,8 @@ impl XdpDatapath {
             ),
             ("REASON_COUNTERS", None),
             ("EGRESS", None),
+            (map_names::EGRESS_IFACES, None),
+            (map_names::EGRESS_SLOTS, Some(self.egress_slots.len())),
             (
                 "SLOWPATH_SESSION_BUCKETS",
                 Some(self.slowpath.limited.len()),

@@ -285,8 +285,10 @@ pub struct RelayParts {
 
 /// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
 /// and backend → relay:Q becomes relay:P → client. The client's family and
-/// the backend's may differ (the datapath translates).
+/// the backend's may differ (the datapath translates). `datapath` numbers
+/// the interface the backend's answers must arrive on.
 pub fn flow_entries(
+    datapath: &Datapath,
     relay_addr: IpAddr,
     session_port: u16,
     client: SocketAddr,
@@ -299,7 +301,7 @@ pub fn flow_entries(
         facing: SocketAddr::new(relay_addr, session_port),
         upstream: SocketAddr::new(route.source, upstream_port),
         backend,
-        backend_ifindex: route.ifindex,
+        backend_iface: datapath.egress_iface(route.ifindex),
     })
 }
 
@@ -712,6 +714,7 @@ impl Relay {
         };
         let upstream_port = socket.port;
         let entries = flow_entries(
+            &self.datapath,
             relay_addr,
             facing_port,
             client,
@@ -1829,7 +1832,8 @@ mod tests {
                     facing: SocketAddr::new(relay_addr, info.port),
                     upstream: SocketAddr::new(LO, socket.port),
                     backend,
-                    backend_ifindex: 1,
+                    // The userspace datapath checks no interface.
+                    backend_iface: forwarder_common::flow::IFACE_ANY,
                 },
             );
             upstreams.push(socket.port);
@@ -1880,7 +1884,7 @@ mod tests {
                 facing: SocketAddr::new(LO, info.port),
                 upstream: SocketAddr::new(LO6, socket.port),
                 backend,
-                backend_ifindex: 1,
+                backend_iface: forwarder_common::flow::IFACE_ANY,
             },
         );
         // The server's endpoint at the relay's IPv4 address, or at another
@@ -2046,7 +2050,7 @@ mod tests {
                 facing: SocketAddr::new(LO6, shared_port),
                 upstream: SocketAddr::new(LO, socket.port),
                 backend,
-                backend_ifindex: 0,
+                backend_iface: forwarder_common::flow::IFACE_ANY,
             },
         );
         // Its replay from an IPv4 endpoint is refused; the client's next

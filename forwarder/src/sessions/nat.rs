@@ -151,6 +151,7 @@ impl NatState {
 /// The map entries of a punched session's one flow: the backend half hands
 /// unknown sources to the daemon, the client half records sequence numbers.
 fn nat_entries(
+    datapath: &Datapath,
     relay_addr: IpAddr,
     session_port: u16,
     client: SocketAddr,
@@ -159,6 +160,7 @@ fn nat_entries(
     backend: SocketAddr,
 ) -> FlowEntries {
     let mut entries = flow_entries(
+        datapath,
         relay_addr,
         session_port,
         client,
@@ -425,6 +427,7 @@ impl Relay {
             .expect("caller found it");
         let nat = session.nat.as_deref_mut().expect("caller checked");
         let entries = nat_entries(
+            &self.datapath,
             relay_addr,
             session_port,
             client,
@@ -821,7 +824,7 @@ impl Relay {
         let mut client_entries = None;
         let punch_source = record.punch_source;
         let current = record.client.map(|(client, relay_addr)| {
-            let entries = nat_entries(relay_addr, session.port, client, session.route, record.upstream_port, session.backend);
+            let entries = nat_entries(&self.datapath, relay_addr, session.port, client, session.route, record.upstream_port, session.backend);
             let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. })
                 && installed.clients.iter().any(|found| found.matches(&entries));
             if !adopted {

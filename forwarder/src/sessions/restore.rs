@@ -194,6 +194,7 @@ impl Relay {
             return Err("the relay's flow table is full".into());
         }
         let entries = flow_entries(
+            &self.datapath,
             relay_addr,
             facing_port,
             client,

@@ -22,14 +22,16 @@ pub mod table;
 
 use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, PerCpuArray},
     programs::Xdp,
 };
 use etherparse::{Ipv4Header, PacketBuilder};
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_common::{
     BackendKey, ClientKey, REASON_COUNT, Reason, RelayConfig, Rewrite, SlowpathBucket,
-    config::RELAY_CONFIG_GLOBAL, flow::Endpoints, reason::ReasonCounter,
+    config::{RELAY_CONFIG_GLOBAL, map_names},
+    flow::{EgressIface, Endpoints, IFACE_ANY, IFACE_NONE},
+    reason::ReasonCounter,
 };
 
 pub mod six;
@@ -95,6 +97,8 @@ pub const UDP: usize = 34;
 /// One loaded copy of the program with its own (unpinned) maps.
 pub struct Relay {
     ebpf: Ebpf,
+    /// Interfaces numbered by `add_egress`, slot 1 first.
+    slots: Vec<u32>,
 }
 
 /// What one test run returned.
@@ -110,7 +114,10 @@ impl Relay {
             .override_global(RELAY_CONFIG_GLOBAL, &CONFIG, true)
             .load(EBPF_OBJECT)
             .expect("loading the embedded eBPF object (maps)");
-        let mut relay = Self { ebpf };
+        let mut relay = Self {
+            ebpf,
+            slots: Vec::new(),
+        };
         if let Err(error) = relay.program_mut().load() {
             panic!("the verifier rejected the program: {error:#?}");
         }
@@ -142,11 +149,61 @@ impl Relay {
         map.insert(key, rewrite, 0).unwrap();
     }
 
-    /// Must run in the namespace that owns `ifindex`: the kernel resolves it there.
-    pub fn add_egress(&mut self, ifindex: u32) {
-        let mut map =
-            DevMapHash::try_from(self.ebpf.map_mut("EGRESS").expect("EGRESS map")).unwrap();
-        map.insert(ifindex, ifindex, None, 0).unwrap();
+    /// Numbers `ifindex` as the daemon does (the devmap, its MAC and MTU in
+    /// `EGRESS_IFACES`, its slot in `EGRESS_SLOTS`) and returns its slot;
+    /// again for a numbered one, just its slot. Must run in the namespace
+    /// that owns `ifindex`: the kernel resolves it there.
+    pub fn add_egress(&mut self, ifindex: u32) -> u8 {
+        if let Some(slot) = self.slots.iter().position(|&i| i == ifindex) {
+            return slot as u8 + 1;
+        }
+        let slot = self.slots.len() as u8 + 1;
+        let link = forwarder::datapath::netlink::links()
+            .expect("listing this namespace's interfaces")
+            .into_iter()
+            .find(|link| link.index == ifindex)
+            .unwrap_or_else(|| panic!("no interface {ifindex} in this namespace"));
+        let iface = EgressIface {
+            ifindex,
+            mtu: link.mtu as u16,
+            mac: link.mac.unwrap_or_default(),
+        };
+        self.set_iface(slot, iface);
+        let mut devmap =
+            DevMap::try_from(self.ebpf.map_mut(map_names::EGRESS).expect("EGRESS map")).unwrap();
+        devmap.set(u32::from(slot), ifindex, None, 0).unwrap();
+        let mut slots: HashMap<_, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::EGRESS_SLOTS)
+                .expect("EGRESS_SLOTS map"),
+        )
+        .unwrap();
+        slots.insert(ifindex, slot, 0).unwrap();
+        self.slots.push(ifindex);
+        slot
+    }
+
+    /// Rewrites one `EGRESS_IFACES` slot, as the daemon's refresh does.
+    pub fn set_iface(&mut self, slot: u8, iface: EgressIface) {
+        let mut ifaces: Array<_, EgressIface> = Array::try_from(
+            self.ebpf
+                .map_mut(map_names::EGRESS_IFACES)
+                .expect("EGRESS_IFACES map"),
+        )
+        .unwrap();
+        ifaces.set(u32::from(slot), iface, 0).unwrap();
+    }
+
+    /// What an entry names for `ifindex`, as the daemon computes it:
+    /// `IFACE_ANY` for 0, its slot, or `IFACE_NONE` when not numbered.
+    pub fn iface_slot(&self, ifindex: u32) -> u8 {
+        if ifindex == 0 {
+            return IFACE_ANY;
+        }
+        self.slots
+            .iter()
+            .position(|&i| i == ifindex)
+            .map_or(IFACE_NONE, |slot| slot as u8 + 1)
     }
 
     /// The slow-path bucket of the session on `port`, refilled at `pps`.
@@ -253,7 +310,7 @@ impl Relay {
 
     /// Packets and bytes forwarded through the client half `key`.
     pub fn flow_count(&self, key: &ClientKey) -> (u64, u64) {
-        let counter = self.client_flow(key).counter;
+        let counter = self.client_flow(key).counter();
         (counter.packets, counter.bytes)
     }
 
@@ -416,22 +473,25 @@ pub fn install_client_flow(relay: &mut Relay, backend: ([u8; 4], u16)) -> Client
 }
 
 /// The backend half `backend → relay_back:Q` rewritten to `relay:P → client`,
-/// accepted only from `backend` (and `allowed_ifindex` if set).
-pub fn backend_rewrite(allowed_ifindex: u32) -> Rewrite {
+/// accepted only from `backend`, arriving on the interface in slot
+/// `allowed_iface` (`IFACE_ANY`: anywhere).
+pub fn backend_rewrite(allowed_iface: u8) -> Rewrite {
     let from = endpoints((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT));
     let to = endpoints((RELAY_FRONT, SESSION_PORT), (CLIENT, CLIENT_PORT));
     let mut rewrite = Rewrite::new(from, to);
     rewrite.allowed_saddr = BACKEND;
     rewrite.allowed_sport = BACKEND_PORT.to_be_bytes();
-    rewrite.allowed_ifindex = allowed_ifindex;
+    rewrite.allowed_iface = allowed_iface;
     rewrite
 }
 
-/// Installs [`backend_rewrite`] on `relay_back:Q`.
+/// Installs [`backend_rewrite`] on `relay_back:Q`, accepted on
+/// `allowed_ifindex` (0: any; not numbered: none).
 pub fn install_backend_flow(relay: &mut Relay, allowed_ifindex: u32) {
+    let allowed = relay.iface_slot(allowed_ifindex);
     relay.add_backend_flow(
         backend_key((RELAY_BACK, FLOW_PORT)),
-        backend_rewrite(allowed_ifindex),
+        backend_rewrite(allowed),
     );
 }
 

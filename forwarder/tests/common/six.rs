@@ -122,19 +122,20 @@ pub fn install_client_half_flagged(
 }
 
 /// The backend half `backend → upstream` rewritten to `facing → client`,
-/// accepted from `backend` on `allowed_ifindex` only (0: any).
+/// accepted from `backend` on the interface in slot `allowed_iface` only
+/// (`IFACE_ANY`: any).
 pub fn backend_half(
     client: Ep,
     facing: Ep,
     upstream: Ep,
     backend: Ep,
-    allowed_ifindex: u32,
+    allowed_iface: u8,
 ) -> Rewrite6 {
     let mut rewrite = Rewrite6::new(ends(backend, upstream), ends(facing, client));
     let (allowed, port) = backend.wire();
     rewrite.allowed_saddr = allowed.padded();
     rewrite.allowed_sport = port;
-    rewrite.allowed_ifindex = allowed_ifindex;
+    rewrite.allowed_iface = allowed_iface;
     rewrite
 }
 
@@ -202,7 +203,13 @@ impl Shape {
     pub fn install(self, relay: &mut Relay, topo: Topology, nat: bool) {
         let ((client, facing), (upstream, backend)) = (self.client(), self.backend());
         install_client_half(relay, client, facing, upstream, backend);
-        let mut half = backend_half(client, facing, upstream, backend, topo.back);
+        let mut half = backend_half(
+            client,
+            facing,
+            upstream,
+            backend,
+            relay.iface_slot(topo.back),
+        );
         if nat {
             half.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
         }

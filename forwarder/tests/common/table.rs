@@ -99,14 +99,15 @@ pub const NO_FLOWS: Maps = Maps {
 impl Relay {
     /// Installs `maps`; must run inside the namespace (the devmap resolves ifindexes there).
     pub fn install(&mut self, maps: Maps, topo: Topology) {
+        // First: a backend half names the slot its backend arrives on.
+        self.add_egress(topo.front);
+        self.add_egress(topo.back);
         if let Some(backend) = maps.client_flow_to {
             install_client_flow(self, (backend, BACKEND_PORT));
         }
         if maps.backend_flow {
             install_backend_flow(self, topo.back);
         }
-        self.add_egress(topo.front);
-        self.add_egress(topo.back);
         if let Some((port, pps)) = maps.session_bucket {
             self.set_session_bucket(port, pps);
         }
