@@ -1233,7 +1233,8 @@ mod tests {
             // only ::1, which the IPv6 tests use for backends).
             relay_addresses: vec![LO, "2001:db8::1".parse().unwrap()],
             datapath: Datapath::Userspace {
-                sizes: forwarder_common::config::RuntimeSizes::new(4096, 64).expect("valid sizes"),
+                sizes: forwarder_common::config::RuntimeSizes::new(4096, 4096, 64)
+                    .expect("valid sizes"),
             },
             session_ports: PortRange {
                 lo: 42_000,
