@@ -1165,11 +1165,13 @@ fn render_stats(stats: &StatsInfo) -> String {
     let c = &stats.capacity;
     let _ = writeln!(
         out,
-        "capacity: {} of {} sessions, {} of {} flows ({} per session); kernel memory per flow {} B",
+        "capacity: {} of {} sessions, {} flows of {} IPv4 and {} IPv6/translated ({} per session); \
+         kernel memory per IPv4 flow of capacity {} B",
         stats.sessions,
         c.max_sessions,
         stats.flows,
         c.max_flows,
+        c.max_flows6,
         c.max_flows_per_session,
         c.kernel_bytes_per_flow
     );
