@@ -514,11 +514,16 @@ pub struct Warning {
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct CapacityInfo {
     pub max_sessions: usize,
+    /// Capacity of each IPv4 flow map (`--max-flows`).
     pub max_flows: u32,
+    /// Capacity of each IPv6 and translated flow map (`--max-flows6`);
+    /// 0 from a daemon older than the knob.
+    #[serde(default)]
+    pub max_flows6: u32,
     pub max_flows_per_session: usize,
     pub maps: Vec<MapFill>,
-    /// Kernel memory of the per-flow maps (both halves and the counters)
-    /// divided by the flows they can hold.
+    /// Kernel memory of all six flow maps (IPv4, IPv6 and translated, both
+    /// halves) divided by the IPv4 flows they can hold (`max_flows`).
     pub kernel_bytes_per_flow: u64,
 }
 

@@ -181,6 +181,9 @@ pub struct RunArgs {
     /// Flows the kernel maps hold; pinned maps keep their size, so a restart with another value is refused until `forwarder detach` [default: 16384].
     #[arg(long)]
     pub max_flows: Option<u32>,
+    /// IPv6 and translated flows the kernel maps hold (flows with an IPv6 client or backend); their entries are allocated per flow and only their hash buckets follow this, so the default keeps a large IPv4 relay's IPv6 maps small. Pinned maps keep their size, like --max-flows [default: the smaller of --max-flows and 65536].
+    #[arg(long)]
+    pub max_flows6: Option<u32>,
     /// The daemon's open-file limit (RLIMIT_NOFILE). Every session and every
     /// flow holds a socket; by default the daemon raises its limit as far as
     /// the kernel allows (fs.nr_open). A low value is for tests and for
@@ -389,17 +392,26 @@ fn gateway_options(
     }))
 }
 
-/// The one place `--max-flows` and `--max-sessions` become map sizes.
+/// The one place `--max-flows`, `--max-flows6` and `--max-sessions` become
+/// map sizes. `max_flows6`: as given (flag or file), else derived from
+/// `max_flows`.
 fn runtime_sizes(
     max_flows: u32,
+    max_flows6: Option<u32>,
     max_sessions: usize,
 ) -> anyhow::Result<forwarder_common::config::RuntimeSizes> {
     use forwarder_common::config::{MAX_FLOWS_LIMIT, MAX_SESSIONS_LIMIT, RuntimeSizes, SizeError};
     let sessions = u32::try_from(max_sessions).unwrap_or(u32::MAX);
-    RuntimeSizes::new(max_flows, sessions).map_err(|error| match error {
+    let flows6 = max_flows6.unwrap_or(defaults::max_flows6(max_flows));
+    RuntimeSizes::new(max_flows, flows6, sessions).map_err(|error| match error {
         SizeError::FlowsOutOfRange(n) => {
             anyhow::anyhow!("--max-flows {n} is out of range: give 1 to {MAX_FLOWS_LIMIT}")
         }
+        SizeError::Flows6OutOfRange(n) => anyhow::anyhow!(
+            "--max-flows6 {n} is out of range: give 1 to {MAX_FLOWS_LIMIT} (or leave it out: the smaller of \
+             --max-flows and {})",
+            forwarder_common::config::DEFAULT_MAX_FLOWS6_CAP
+        ),
         SizeError::SessionsOutOfRange(_) => anyhow::anyhow!(
             "--max-sessions {max_sessions} is out of range: give 1 to {MAX_SESSIONS_LIMIT} (one client-facing port each)"
         ),
@@ -473,7 +485,8 @@ pub fn run_options(instance: Option<String>, args: RunArgs) -> anyhow::Result<Ru
         .max_sessions
         .or(file.max_sessions)
         .unwrap_or(defaults::MAX_SESSIONS);
-    let sizes = runtime_sizes(max_flows, max_sessions)?;
+    let max_flows6 = args.max_flows6.or(file.max_flows6);
+    let sizes = runtime_sizes(max_flows, max_flows6, max_sessions)?;
     let shared_port = args.shared_port.or(file.shared_port);
     if shared_port == Some(0) {
         bail!("--shared-port 0 is no port: give the UDP port clients may reach, e.g. 443");
@@ -1152,11 +1165,13 @@ fn render_stats(stats: &StatsInfo) -> String {
     let c = &stats.capacity;
     let _ = writeln!(
         out,
-        "capacity: {} of {} sessions, {} of {} flows ({} per session); kernel memory per flow {} B",
+        "capacity: {} of {} sessions, {} flows of {} IPv4 and {} IPv6/translated ({} per session); \
+         kernel memory per IPv4 flow of capacity {} B",
         stats.sessions,
         c.max_sessions,
         stats.flows,
         c.max_flows,
+        c.max_flows6,
         c.max_flows_per_session,
         c.kernel_bytes_per_flow
     );
@@ -1324,6 +1339,13 @@ mod tests {
         );
         assert_eq!(number("max-sessions"), defaults::MAX_SESSIONS as u64);
         assert_eq!(number("max-flows"), u64::from(defaults::MAX_FLOWS));
+        assert_eq!(
+            shown_default("max-flows6"),
+            format!(
+                "the smaller of --max-flows and {}",
+                forwarder_common::config::DEFAULT_MAX_FLOWS6_CAP
+            )
+        );
         assert_eq!(
             number("slowpath-pps-per-session"),
             u64::from(defaults::SLOWPATH_PPS_PER_SESSION)
@@ -1548,6 +1570,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(bad.contains("not a port"), "{bad}");
+    }
+
+    #[test]
+    fn max_flows6_follows_max_flows_unless_given_and_is_checked_like_it() {
+        let sizes = |argv: &str| {
+            let cli = Cli::try_parse_from(argv.split_whitespace()).unwrap();
+            let Verb::Run(args) = cli.verb else { panic!() };
+            run_options(None, args).map(|options| options.sizes)
+        };
+        let default = sizes("forwarder run --iface a").unwrap();
+        assert_eq!(
+            (default.max_flows, default.max_flows6),
+            (defaults::MAX_FLOWS, defaults::MAX_FLOWS)
+        );
+        let small = sizes("forwarder run --iface a --max-flows 100").unwrap();
+        assert_eq!(
+            small.max_flows6, 100,
+            "a small relay: the same room in both"
+        );
+        let large = sizes("forwarder run --iface a --max-flows 1000000").unwrap();
+        assert_eq!(
+            large.max_flows6, 65_536,
+            "a large relay: IPv6 buckets capped"
+        );
+        // Given, it wins, above --max-flows too (an IPv6-only relay).
+        let six = sizes("forwarder run --iface a --max-flows 100 --max-flows6 200000").unwrap();
+        assert_eq!((six.max_flows, six.max_flows6), (100, 200_000));
+        // And from the file, under the flag.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("forwarder.toml");
+        std::fs::write(&config, "interfaces = [\"eth0\"]\nmax_flows6 = 7\n").unwrap();
+        let path = config.display();
+        assert_eq!(
+            sizes(&format!("forwarder run --config {path}"))
+                .unwrap()
+                .max_flows6,
+            7
+        );
+        assert_eq!(
+            sizes(&format!("forwarder run --config {path} --max-flows6 9"))
+                .unwrap()
+                .max_flows6,
+            9
+        );
+        let zero = sizes("forwarder run --iface a --max-flows6 0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            zero.contains("--max-flows6 0 is out of range: give 1 to"),
+            "{zero}"
+        );
+        let huge = sizes("forwarder run --iface a --max-flows6 99999999")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            huge.contains("--max-flows6 99999999 is out of range"),
+            "{huge}"
+        );
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub mod defaults {
     pub const PROBATION_FLOWS_PER_SESSION: usize = 16;
     pub const MAX_SESSIONS: usize = forwarder_common::config::DEFAULT_MAX_SESSIONS as usize;
     pub const MAX_FLOWS: u32 = forwarder_common::MAX_FLOWS;
+    /// `--max-flows6` unless given, from `--max-flows`: see
+    /// [`forwarder_common::config::DEFAULT_MAX_FLOWS6_CAP`] for why it is capped.
+    pub const fn max_flows6(max_flows: u32) -> u32 {
+        forwarder_common::config::default_max_flows6(max_flows)
+    }
     pub const SLOWPATH_PPS_PER_SESSION: u32 = 1000;
     pub const SLOWPATH_PPS: u32 = 20_000;
     pub const PUNCH_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -97,6 +102,9 @@ pub struct FileConfig {
     pub session_idle_timeout: Option<Duration>,
     pub max_sessions: Option<usize>,
     pub max_flows: Option<u32>,
+    /// Capacity of each IPv6 and translated flow map (default: the smaller
+    /// of max_flows and 65536).
+    pub max_flows6: Option<u32>,
     pub max_flows_per_session: Option<usize>,
     /// The daemon's open-file limit (default: as high as the kernel allows).
     pub max_open_files: Option<u64>,
@@ -190,6 +198,12 @@ mod tests {
         assert_eq!(
             FileConfig::parse("tcp_port = 443").unwrap().tcp_port,
             Some(443)
+        );
+        // Left out, so it follows max_flows unless the operator sets it.
+        assert!(config.max_flows6.is_none());
+        assert_eq!(
+            FileConfig::parse("max_flows6 = 1").unwrap().max_flows6,
+            Some(1)
         );
     }
 

@@ -211,8 +211,14 @@ pub fn render(stats: &StatsInfo) -> String {
     gauge_family(
         &mut registry,
         "forwarder_max_flows",
-        "Flows the kernel maps hold",
+        "IPv4 flows the kernel maps hold",
         &[(instance(), i64::from(c.max_flows))],
+    );
+    gauge_family(
+        &mut registry,
+        "forwarder_max_flows6",
+        "IPv6 and translated flows the kernel maps hold",
+        &[(instance(), i64::from(c.max_flows6))],
     );
     let entries: Vec<_> = c
         .maps

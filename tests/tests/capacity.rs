@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use forwarder_testbed::raw::{PacketSocket, mac_of, udp_frame};
 use forwarder_testbed::topology::{
-    CLIENT_IF, CLIENT_IP, RELAY_CLIENT_IF, RELAY_CLIENT_IP, SERVER_IP,
+    CLIENT_IF, CLIENT_IP, CLIENT_IP6, RELAY_CLIENT_IF, RELAY_CLIENT_IP, RELAY_CLIENT_IP6,
+    SERVER_IP, SERVER_IP6, Stack,
 };
 use forwarder_testbed::{Relay, Topology, UdpEcho, UdpPinger, forwarder_bin, prereq};
 
@@ -87,6 +88,8 @@ fn full_tables_refuse_cleanly_and_established_traffic_goes_on() {
     }
     let stats = relay.stats().unwrap();
     assert_eq!(stats["capacity"]["max_flows"], 2, "{stats}");
+    // Not given: --max-flows6 follows --max-flows (below its cap).
+    assert_eq!(stats["capacity"]["max_flows6"], 2, "{stats}");
     assert_eq!(stats["capacity"]["max_sessions"], 3, "{stats}");
     let client_flows = map_entries(&stats, "CLIENT_FLOWS");
     assert_eq!(
@@ -112,6 +115,110 @@ fn full_tables_refuse_cleanly_and_established_traffic_goes_on() {
     assert!(
         log.contains("session has its maximum of flows"),
         "no clear log line for the per-session limit"
+    );
+}
+
+#[test]
+fn ipv6_and_translated_flows_are_refused_at_max_flows6_while_ipv4_flows_fit() {
+    prereq::require().unwrap();
+    let topo = Topology::dual_stack(Stack::Dual, Stack::Dual).unwrap();
+    let relay = Relay::start(
+        &topo.relay,
+        &topo.relay_ifaces(),
+        &["--max-flows", "3", "--max-flows6", "1"],
+    )
+    .unwrap();
+    let echo4 = UdpEcho::start(&topo.server, v4(SERVER_IP, 7000)).unwrap();
+    let echo6 = UdpEcho::start(&topo.server, (SERVER_IP6, 7001).into()).unwrap();
+    let to4 = relay.add(echo4.addr, &[]).unwrap();
+    let to6 = relay.add(echo6.addr, &[]).unwrap();
+    let v6_client = SocketAddr::from((CLIENT_IP6, 0));
+    let v4_client = v4(CLIENT_IP, 0);
+    let relay6 = |port| SocketAddr::from((RELAY_CLIENT_IP6, port));
+    let relay4 = |port| v4(RELAY_CLIENT_IP, port);
+    let pinger = |client, to| UdpPinger::new(&topo.client, client, to).unwrap();
+
+    // One IPv6 flow fills --max-flows6 1...
+    let mut six = pinger(v6_client, relay6(to6.port));
+    assert!(six.ping_any(10, PROBE_WAIT).unwrap());
+    // ...so a second IPv6 flow is refused, and so are translated ones
+    // (their halves are in the same maps), either way round.
+    for (client, to, what) in [
+        (v6_client, relay6(to6.port), "a second IPv6 flow"),
+        (
+            v4_client,
+            relay4(to6.port),
+            "an IPv4 client of the IPv6 server",
+        ),
+        (
+            v6_client,
+            relay6(to4.port),
+            "an IPv6 client of the IPv4 server",
+        ),
+    ] {
+        assert!(
+            !pinger(client, to).ping_any(3, PROBE_WAIT).unwrap(),
+            "{what} was forwarded beyond --max-flows6"
+        );
+    }
+    // IPv4 flows have their own room: all three of --max-flows fit.
+    let mut fours: Vec<UdpPinger> = (0..3)
+        .map(|_| pinger(v4_client, relay4(to4.port)))
+        .collect();
+    for four in &mut fours {
+        assert!(
+            four.ping_any(10, PROBE_WAIT).unwrap(),
+            "an IPv4 flow was refused while the IPv4 room was free"
+        );
+    }
+    assert!(
+        !pinger(v4_client, relay4(to4.port))
+            .ping_any(3, PROBE_WAIT)
+            .unwrap(),
+        "a flow beyond --max-flows was forwarded"
+    );
+    assert!(
+        six.ping_any(3, PROBE_WAIT).unwrap(),
+        "the established IPv6 flow was disturbed by the full tables"
+    );
+
+    let stats = relay.stats().unwrap();
+    assert_eq!(stats["capacity"]["max_flows"], 3, "{stats}");
+    assert_eq!(stats["capacity"]["max_flows6"], 1, "{stats}");
+    for (map, size) in [
+        ("CLIENT_FLOWS", 3),
+        ("BACKEND_FLOWS", 3),
+        ("CLIENT_FLOWS6", 1),
+        ("BACKEND_FLOWS6", 1),
+        ("CLIENT_FLOWS_4TO6", 1),
+        ("BACKEND_FLOWS_4TO6", 1),
+    ] {
+        assert_eq!(
+            map_entries(&stats, map)["max_entries"],
+            size,
+            "{map}: {stats}"
+        );
+    }
+    assert_eq!(map_entries(&stats, "CLIENT_FLOWS")["entries"], 3, "{stats}");
+    assert_eq!(
+        map_entries(&stats, "CLIENT_FLOWS6")["entries"],
+        1,
+        "{stats}"
+    );
+    assert!(
+        stats["slow_path"]["refused_flow_limit"].as_u64().unwrap() >= 4,
+        "{stats}"
+    );
+    let log = relay.log();
+    assert!(
+        log.contains(
+            "the relay's IPv6 flow table is full (1 IPv6 and translated flows: raise --max-flows6"
+        ),
+        "no clear log line for the full IPv6 flow table"
+    );
+    assert!(
+        log.contains("the relay's flow table is full (3 IPv4 flows: raise --max-flows "),
+        "no clear log line for the full IPv4 flow table"
     );
 }
 
@@ -538,10 +645,12 @@ fn pinned_maps_of_another_size_are_refused_with_the_way_on() {
     let bin = forwarder_bin().unwrap();
     let state_dir = relay.state_dir().to_string_lossy().into_owned();
     // --max-sessions sizes no map any more (the session buckets have a
-    // slot per port): only --max-flows must match the pins.
+    // slot per port): only --max-flows and --max-flows6 (which followed
+    // --max-flows to 1000) must match the pins.
     for sizes in [
         ["--max-flows", "2000", "--max-sessions", "50"],
         ["--max-flows", "500", "--max-sessions", "60"],
+        ["--max-flows", "1000", "--max-flows6", "500"],
     ] {
         let mut start = topo.relay.nsenter(bin.to_str().unwrap());
         start
@@ -561,7 +670,8 @@ fn pinned_maps_of_another_size_are_refused_with_the_way_on() {
         );
         let stderr = &out.stderr;
         assert!(
-            stderr.contains("was created with --max-flows 1000,")
+            stderr.contains("was created with --max-flows 1000, --max-flows6 1000,")
+                && stderr.contains("start with --max-flows 1000 --max-flows6 1000")
                 && stderr.contains(&format!("forwarder detach --instance {}", relay.instance())),
             "unclear: {stderr}"
         );
@@ -576,5 +686,6 @@ fn pinned_maps_of_another_size_are_refused_with_the_way_on() {
     assert!(pinger.ping_any(3, PROBE_WAIT).unwrap());
     let stats = relay.stats().unwrap();
     assert_eq!(stats["capacity"]["max_flows"], 1000, "{stats}");
+    assert_eq!(stats["capacity"]["max_flows6"], 1000, "{stats}");
     assert_eq!(stats["capacity"]["max_sessions"], 50, "{stats}");
 }

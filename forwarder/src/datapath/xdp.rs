@@ -861,10 +861,12 @@ pub fn layout() -> anyhow::Result<String> {
 }
 
 /// Pinned maps keep the size they were created with; adopting ones of
-/// another size would make `--max-flows` lie, so the daemon refuses and
-/// says how to go on.
+/// another size would make `--max-flows` / `--max-flows6` lie, so the daemon
+/// refuses and says how to go on.
 fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> {
-    let mut pinned_flows = None;
+    // What the pins were created with, per knob: the IPv4 maps', and the
+    // IPv6 and translated maps'.
+    let (mut pinned_flows, mut pinned_flows6) = (None, None);
     let mut mismatch = false;
     for (name, wanted) in sizes.map_max_entries() {
         let path = pins.map_path(name);
@@ -876,12 +878,11 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
             .max_entries();
         mismatch |= got != wanted;
         match name {
-            map_names::CLIENT_FLOWS
-            | map_names::BACKEND_FLOWS
-            | map_names::CLIENT_FLOWS6
+            map_names::CLIENT_FLOWS | map_names::BACKEND_FLOWS => pinned_flows = Some(got),
+            map_names::CLIENT_FLOWS6
             | map_names::BACKEND_FLOWS6
             | map_names::CLIENT_FLOWS_4TO6
-            | map_names::BACKEND_FLOWS_4TO6 => pinned_flows = Some(got),
+            | map_names::BACKEND_FLOWS_4TO6 => pinned_flows6 = Some(got),
             _ => {}
         }
     }
@@ -893,16 +894,18 @@ fn check_pinned_sizes(pins: &PinDir, sizes: RuntimeSizes) -> anyhow::Result<()> 
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let flows = pinned_flows.map_or_else(|| "?".to_string(), |n| n.to_string());
+    let shown = |n: Option<u32>| n.map_or_else(|| "?".to_string(), |n| n.to_string());
+    let (flows, flows6) = (shown(pinned_flows), shown(pinned_flows6));
     // --max-sessions sizes no map (the session buckets have a slot per port).
     Err(super::Misconfigured(format!(
         "the data plane pinned for instance {instance:?} ({}) was created with --max-flows {flows}, \
-         but this run asks for --max-flows {}: pinned maps keep their size. Either start with \
-         --max-flows {flows} (established flows keep forwarding), or stop the daemon, run \
-         `forwarder detach --instance {instance}` (drops established flows; sessions stay stored) \
-         and start again with the new size",
+         --max-flows6 {flows6}, but this run asks for --max-flows {}, --max-flows6 {}: pinned maps keep \
+         their size. Either start with --max-flows {flows} --max-flows6 {flows6} (established flows keep \
+         forwarding), or stop the daemon, run `forwarder detach --instance {instance}` (drops established \
+         flows; sessions stay stored) and start again with the new sizes",
         pins.dir.display(),
         sizes.max_flows,
+        sizes.max_flows6,
     ))
     .into())
 }

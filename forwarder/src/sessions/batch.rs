@@ -209,7 +209,8 @@ mod tests {
             interfaces: Vec::new(),
             relay_addresses: vec![Ipv4Addr::LOCALHOST.into()],
             datapath: Datapath::Userspace {
-                sizes: forwarder_common::config::RuntimeSizes::new(4096, 64).expect("valid sizes"),
+                sizes: forwarder_common::config::RuntimeSizes::new(4096, 4096, 64)
+                    .expect("valid sizes"),
             },
             session_ports: PortRange {
                 lo: 43_000,

@@ -25,7 +25,10 @@ pub use crate::datapath::monotonic_ns;
 
 mod report;
 mod restore;
+/// Room for flows in each family of maps (`--max-flows`, `--max-flows6`).
+mod room;
 pub use restore::Restored;
+use room::{FlowFamily, FlowRoom};
 /// Many adds in one store transaction (`Request::AddMany`).
 pub mod batch;
 /// The etcd-shared half: sessions the cluster defines (see `crate::cluster`).
@@ -159,30 +162,6 @@ pub struct Flow {
     returning: bool,
 }
 
-/// Room left in the flow maps: each flow, and each punched session's NAT
-/// half, holds one share of `--max-flows` while it lives. Only a count: the
-/// entries carry their own counters, so a share names no slot in any map.
-#[derive(Debug)]
-struct FlowRoom {
-    free: u32,
-}
-
-impl FlowRoom {
-    /// Takes a share; false when the flow maps are full.
-    #[must_use]
-    fn take(&mut self) -> bool {
-        let Some(left) = self.free.checked_sub(1) else {
-            return false;
-        };
-        self.free = left;
-        true
-    }
-
-    fn give_back(&mut self) {
-        self.free += 1;
-    }
-}
-
 impl Flow {
     /// A flow as the daemon starts tracking it: its upstream port is its socket's.
     fn new(
@@ -283,6 +262,25 @@ pub struct RelayParts {
     pub store: Option<Store>,
 }
 
+/// Which room a flow from `client` would take: the family of the maps its
+/// entries go to (the upstream port picks no map, so none is needed yet).
+fn flow_family(
+    relay_addr: IpAddr,
+    facing_port: u16,
+    client: SocketAddr,
+    route: BackendRoute,
+    backend: SocketAddr,
+) -> FlowFamily {
+    // Nor does the interface: any will do.
+    FlowFamily::of(&FlowEntries::new(&FlowAddrs {
+        client,
+        facing: SocketAddr::new(relay_addr, facing_port),
+        upstream: SocketAddr::new(route.source, 0),
+        backend,
+        backend_iface: forwarder_common::flow::IFACE_ANY,
+    }))
+}
+
 /// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
 /// and backend → relay:Q becomes relay:P → client. The client's family and
 /// the backend's may differ (the datapath translates). `datapath` numbers
@@ -317,7 +315,7 @@ impl Relay {
             flow_ports,
             store,
         } = parts;
-        let max_flows = datapath.max_flows();
+        let flow_room = FlowRoom::new(datapath.sizes());
         Self {
             instance,
             limits,
@@ -326,7 +324,7 @@ impl Relay {
             datapath,
             session_ports: PortPool::new(session_ports),
             flow_ports: PortPool::new(flow_ports),
-            flow_room: FlowRoom { free: max_flows },
+            flow_room,
             sessions: BTreeMap::new(),
             flows: HashMap::new(),
             stats: SlowPathStats::default(),
@@ -696,15 +694,23 @@ impl Relay {
             warn!(session = %session.id, %client, "new flow refused: the session's answered flows wait for room under its limits");
             return Ok(ClientVerdict::Drop);
         }
-        if !self.flow_room.take() {
+        let family = flow_family(
+            relay_addr,
+            facing_port,
+            client,
+            session.route,
+            session.backend,
+        );
+        if !self.flow_room.take(family) {
             self.stats.refused_flow_limit += 1;
-            warn!(session = %session.id, %client, "new flow refused: the relay's flow table is full");
+            let full = self.flow_room.full(family);
+            warn!(session = %session.id, %client, "new flow refused: {full}");
             return Ok(ClientVerdict::Drop);
         }
         let socket = match bind_free_port(&mut self.flow_ports, session.route.source) {
             Ok(socket) => socket,
             Err((refusal, log)) => {
-                self.flow_room.give_back();
+                self.flow_room.give_back(family);
                 self.stats.refused_flow_limit += 1;
                 if log {
                     warn!(session = %session.id, %client, "new flow refused: {refusal}");
@@ -725,7 +731,7 @@ impl Relay {
         if let Err(error) = self.datapath.install(&entries) {
             socket.close();
             self.flow_ports.release(upstream_port);
-            self.flow_room.give_back();
+            self.flow_room.give_back(family);
             return Err(error.context("installing a flow"));
         }
         session
@@ -805,7 +811,7 @@ impl Relay {
         self.datapath.uninstall(&flow.entries);
         flow.socket.close();
         self.flow_ports.release(upstream_port);
-        self.flow_room.give_back();
+        self.flow_room.give_back(FlowFamily::of(&flow.entries));
         if let Some(session) = self.sessions.get_mut(&flow.session_port) {
             session
                 .flows
@@ -1220,6 +1226,16 @@ mod tests {
     /// A relay on the userspace datapath with sockets on loopback: the
     /// session table's admission rules without any XDP.
     fn loopback_relay(max_flows_per_session: usize) -> Relay {
+        loopback_relay_sized(max_flows_per_session, 4096, 4096)
+    }
+
+    /// [`loopback_relay`] with room for `max_flows` IPv4 and `max_flows6`
+    /// IPv6 and translated flows.
+    fn loopback_relay_sized(
+        max_flows_per_session: usize,
+        max_flows: u32,
+        max_flows6: u32,
+    ) -> Relay {
         let limits = Limits {
             flow_idle_timeout: Duration::from_secs(120),
             default_session_idle_timeout: Duration::from_secs(3600),
@@ -1236,7 +1252,8 @@ mod tests {
             // only ::1, which the IPv6 tests use for backends).
             relay_addresses: vec![LO, "2001:db8::1".parse().unwrap()],
             datapath: Datapath::Userspace {
-                sizes: forwarder_common::config::RuntimeSizes::new(4096, 64).expect("valid sizes"),
+                sizes: forwarder_common::config::RuntimeSizes::new(max_flows, max_flows6, 64)
+                    .expect("valid sizes"),
             },
             session_ports: PortRange {
                 lo: 42_000,
@@ -1858,6 +1875,98 @@ mod tests {
         assert_eq!((to, from), (on_v6, LO6));
         let (_, to, from) = relay.on_server_packet(upstreams[0], &answer, 64).unwrap();
         assert_eq!((to, from), (on_v4, LO));
+    }
+
+    #[tokio::test]
+    async fn ipv6_and_translated_flows_have_their_own_room() {
+        // Room for 2 IPv4 flows and 1 IPv6 or translated flow.
+        let mut relay = loopback_relay_sized(8, 2, 1);
+        let v4_route = BackendRoute {
+            source: LO,
+            ifindex: 1,
+        };
+        let v6_route = BackendRoute {
+            source: LO6,
+            ifindex: 1,
+        };
+        let (to_v4, _socket4) = relay
+            .add_session("127.0.0.2:9".parse().unwrap(), v4_route, None, None)
+            .unwrap();
+        let (to_v6, _socket6) = relay
+            .add_session("[::1]:9".parse().unwrap(), v6_route, None, None)
+            .unwrap();
+        let new_flow = |relay: &mut Relay, port, client: &str, relay_addr| match relay
+            .on_client_packet(port, client.parse().unwrap(), relay_addr, 64)
+            .unwrap()
+        {
+            ClientVerdict::Forward { socket, .. } => Some(socket.port),
+            ClientVerdict::Drop => None,
+        };
+        // An IPv6 client of the IPv4 server (translated) takes the IPv6 room...
+        let translated = new_flow(&mut relay, to_v4.port, "[2001:db8:7::7]:50000", LO6)
+            .expect("room for one IPv6 flow");
+        // ...so an IPv4 client of the IPv6 server (translated too) is refused,
+        assert_eq!(
+            new_flow(&mut relay, to_v6.port, "192.0.2.1:50000", LO),
+            None
+        );
+        // and so is an IPv6 client of the IPv6 server,
+        assert_eq!(
+            new_flow(&mut relay, to_v6.port, "[2001:db8:7::8]:50000", LO6),
+            None
+        );
+        assert_eq!(relay.stats.refused_flow_limit, 2);
+        // while IPv4 flows still fit, as many as --max-flows.
+        let first = new_flow(&mut relay, to_v4.port, "192.0.2.1:50000", LO).expect("IPv4 room");
+        new_flow(&mut relay, to_v4.port, "192.0.2.2:50000", LO).expect("IPv4 room");
+        // Then the IPv4 room is full, and the IPv6 room still is.
+        assert_eq!(
+            new_flow(&mut relay, to_v4.port, "192.0.2.3:50000", LO),
+            None
+        );
+        assert_eq!(relay.stats.refused_flow_limit, 3);
+        // A flow that goes gives its own family's room back.
+        relay.remove_flow(first, "test");
+        assert_eq!(
+            new_flow(&mut relay, to_v6.port, "[2001:db8:7::8]:50000", LO6),
+            None,
+            "an IPv4 flow's room is no IPv6 room"
+        );
+        new_flow(&mut relay, to_v4.port, "192.0.2.3:50000", LO).expect("the IPv4 room came back");
+        relay.remove_flow(translated, "test");
+        new_flow(&mut relay, to_v6.port, "192.0.2.1:50000", LO).expect("the IPv6 room came back");
+        assert_eq!(relay.stats.refused_flow_limit, 4);
+    }
+
+    #[test]
+    fn a_flows_family_is_the_family_of_the_maps_it_takes() {
+        let family = |client: &str, facing: &str, upstream: &str, backend: &str| {
+            FlowFamily::of(&FlowEntries::new(&FlowAddrs {
+                client: client.parse().unwrap(),
+                facing: facing.parse().unwrap(),
+                upstream: upstream.parse().unwrap(),
+                backend: backend.parse().unwrap(),
+                backend_iface: forwarder_common::flow::IFACE_ANY,
+            }))
+        };
+        let v4 = ("192.0.2.1:50000", "10.0.0.1:60000");
+        let v6 = ("[2001:db8:7::7]:50000", "[2001:db8::1]:60000");
+        let to_v4 = ("10.0.1.1:61000", "10.0.1.2:60001");
+        let to_v6 = ("[2001:db8:1::1]:61000", "[2001:db8:1::2]:60001");
+        assert_eq!(family(v4.0, v4.1, to_v4.0, to_v4.1), FlowFamily::V4);
+        assert_eq!(family(v6.0, v6.1, to_v6.0, to_v6.1), FlowFamily::V6);
+        assert_eq!(family(v4.0, v4.1, to_v6.0, to_v6.1), FlowFamily::V6);
+        assert_eq!(family(v6.0, v6.1, to_v4.0, to_v4.1), FlowFamily::V6);
+        // A dual-stack socket's view of an IPv4 client is IPv4 on the wire.
+        assert_eq!(
+            family(
+                "[::ffff:192.0.2.1]:50000",
+                "[::ffff:10.0.0.1]:60000",
+                to_v4.0,
+                to_v4.1
+            ),
+            FlowFamily::V4
+        );
     }
 
     #[tokio::test]

@@ -64,7 +64,8 @@ use anyhow::{Context, bail};
 use tracing::{debug, info, warn};
 
 use super::{
-    ClientVerdict, Relay, Session, admit_from_server, bind_free_port, flow_entries, monotonic_ns,
+    ClientVerdict, FlowFamily, Relay, Session, admit_from_server, bind_free_port, flow_entries,
+    monotonic_ns,
 };
 use crate::datapath::Datapath;
 use crate::datapath::socket::{Received, RelaySocket};
@@ -96,6 +97,10 @@ pub struct NatState {
     bound: bool,
     follower: Option<ClientFollower>,
     current: Option<NatClient>,
+    /// The room the session's share of flow capacity is in: its current
+    /// client's flow's family, or its server's before any client (see
+    /// `Relay::nat_move`).
+    family: FlowFamily,
     created_ns: u64,
     last_from_server_ns: u64,
     last_from_client_ns: u64,
@@ -205,13 +210,14 @@ impl Relay {
                 new_sockets: None,
             });
         }
-        if !self.flow_room.take() {
-            bail!("the relay's flow table is full");
+        let family = FlowFamily::of_backend(punch_source);
+        if !self.flow_room.take(family) {
+            bail!("{}", self.flow_room.full(family));
         }
         let upstream = match bind_free_port(&mut self.flow_ports, route.source) {
             Ok(upstream) => upstream,
             Err((refusal, _)) => {
-                self.flow_room.give_back();
+                self.flow_room.give_back(family);
                 bail!("{refusal}");
             }
         };
@@ -222,7 +228,7 @@ impl Relay {
             Err(error) => {
                 upstream.close();
                 self.flow_ports.release(upstream_port);
-                self.flow_room.give_back();
+                self.flow_room.give_back(family);
                 return Err(error);
             }
         };
@@ -245,6 +251,7 @@ impl Relay {
             bound: false,
             follower: None,
             current: None,
+            family,
             created_ns: now,
             last_from_server_ns: 0,
             last_from_client_ns: 0,
@@ -415,6 +422,9 @@ impl Relay {
     /// reach it (replacing the previous client's, which has the same key
     /// unless the route's source moved) and a client half for it, the
     /// previous client's removed (its datagrams go to the daemon again).
+    /// A client of another family moves the session's share of flow room
+    /// to that family's; with no room there the entries are not installed
+    /// and the daemon carries the client (as when the maps refuse them).
     fn nat_move(
         &mut self,
         session_port: u16,
@@ -435,6 +445,16 @@ impl Relay {
             nat.upstream_port,
             session.backend,
         );
+        let family = FlowFamily::of(&entries);
+        let room = if family == nat.family {
+            true
+        } else if self.flow_room.take(family) {
+            self.flow_room.give_back(nat.family);
+            nat.family = family;
+            true
+        } else {
+            false
+        };
         // The slow path follows `current` even if the maps refuse the entries.
         let previous = nat.current.replace(NatClient {
             client,
@@ -452,6 +472,13 @@ impl Relay {
             if previous.entries.backend_key() != entries.backend_key() {
                 self.datapath.uninstall_backend_half(&previous.entries);
             }
+        }
+        if !room {
+            self.persist_nat(session_port);
+            bail!(
+                "{}: the punched session's client {client} goes through the daemon",
+                self.flow_room.full(family)
+            );
         }
         // Backend half first: the client half's datagrams get answers.
         let installed = self.datapath.install(&entries);
@@ -639,7 +666,7 @@ impl Relay {
         }
         nat.upstream.close();
         self.flow_ports.release(nat.upstream_port);
-        self.flow_room.give_back();
+        self.flow_room.give_back(nat.family);
     }
 
     /// The current client as a flow, for `list`.
@@ -804,10 +831,28 @@ impl Relay {
             follower.raise(recorded);
         }
         // The stored slot names nothing in the maps any more (the counters
-        // are in the entries): the session takes a share of the capacity.
-        if self.flow_room.free == 0 {
-            bail!("the relay's flow table is full");
+        // are in the entries): the session takes a share of the capacity,
+        // in its client's family; without room there, in its server's, and
+        // the daemon carries the client (as `nat_move` does).
+        let client_family = record.client.map(|(client, relay_addr)| {
+            FlowFamily::of(&nat_entries(
+                &self.datapath,
+                relay_addr,
+                session.port,
+                client,
+                session.route,
+                record.upstream_port,
+                session.backend,
+            ))
+        });
+        let family = match client_family {
+            Some(family) if self.flow_room.has_room(family) => family,
+            _ => FlowFamily::of_backend(session.backend),
+        };
+        if !self.flow_room.has_room(family) {
+            bail!("{}", self.flow_room.full(family));
         }
+        let in_maps = client_family == Some(family);
         self.flow_ports
             .take(record.upstream_port)
             .context("taking its upstream port back")?;
@@ -818,13 +863,19 @@ impl Relay {
                 return Err(error);
             }
         };
-        // Room was checked above, and nothing since took any.
-        self.flow_room.free -= 1;
+        let taken = self.flow_room.take(family);
+        debug_assert!(taken, "room was checked above, and nothing since took any");
         let mut backend_key = None;
         let mut client_entries = None;
         let punch_source = record.punch_source;
         let current = record.client.map(|(client, relay_addr)| {
             let entries = nat_entries(&self.datapath, relay_addr, session.port, client, session.route, record.upstream_port, session.backend);
+            if !in_maps {
+                // Its halves, if pinned, are not claimed: they go.
+                let full = self.flow_room.full(client_family.unwrap_or(family));
+                warn!(session = %session.id, %client, "NAT session's client restored through the daemon: {full}");
+                return NatClient { client, relay_addr, entries, since_ns: now };
+            }
             let adopted = matches!(installed.backend_state(&entries), BackendState::Matches { .. })
                 && installed.clients.iter().any(|found| found.matches(&entries));
             if !adopted {
@@ -856,6 +907,7 @@ impl Relay {
             bound: record.bound,
             follower,
             current,
+            family,
             created_ns: now,
             // Keepalives resume one interval from now; the server's
             // traffic in the fast path counts as before.

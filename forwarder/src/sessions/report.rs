@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use forwarder_api::{CapacityInfo, DescriptorInfo, MapFill, PacketsBytes, StatsInfo};
+use forwarder_common::config::map_names;
 use forwarder_common::{REASON_COUNT, Reason};
 
 use super::Relay;
@@ -22,16 +23,31 @@ fn capacity(relay: &Relay) -> CapacityInfo {
             memlock_bytes: usage.memlock_bytes,
         })
         .collect();
+    // All six flow maps: the IPv4 ones, and the IPv6 and translated ones
+    // (their bucket arrays, which follow --max-flows6, and the entries they
+    // hold), so what --max-flows6 saves or costs shows here too.
+    let flow_maps = [
+        map_names::CLIENT_FLOWS,
+        map_names::BACKEND_FLOWS,
+        map_names::CLIENT_FLOWS6,
+        map_names::BACKEND_FLOWS6,
+        map_names::CLIENT_FLOWS_4TO6,
+        map_names::BACKEND_FLOWS_4TO6,
+    ];
     let per_flow_maps: u64 = maps
         .iter()
-        .filter(|m| ["CLIENT_FLOWS", "BACKEND_FLOWS"].contains(&m.name.as_str()))
+        .filter(|m| flow_maps.contains(&m.name.as_str()))
         .map(|m| m.memlock_bytes)
         .sum();
+    let sizes = relay.datapath.sizes();
     CapacityInfo {
         max_sessions: relay.limits.max_sessions,
-        max_flows: relay.datapath.max_flows(),
+        max_flows: sizes.max_flows,
+        max_flows6: sizes.max_flows6,
         max_flows_per_session: relay.limits.max_flows_per_session,
-        kernel_bytes_per_flow: per_flow_maps / u64::from(relay.datapath.max_flows().max(1)),
+        // Divided by the IPv4 flows of capacity (--max-flows): the relay's
+        // main room, which the IPv6 maps' fixed cost is spread over.
+        kernel_bytes_per_flow: per_flow_maps / u64::from(sizes.max_flows.max(1)),
         maps,
     }
 }

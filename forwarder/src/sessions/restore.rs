@@ -190,9 +190,6 @@ impl Relay {
         let relay_addr = found.facing.ip();
         let client = found.client;
         let upstream_port = found.upstream_port;
-        if self.flow_room.free == 0 {
-            return Err("the relay's flow table is full".into());
-        }
         let entries = flow_entries(
             &self.datapath,
             relay_addr,
@@ -204,6 +201,11 @@ impl Relay {
         );
         if !found.matches(&entries) {
             return Err("the client half does not match its session".into());
+        }
+        // In the room of the maps it was found in.
+        let family = FlowFamily::of(&entries);
+        if !self.flow_room.has_room(family) {
+            return Err(self.flow_room.full(family));
         }
         let answered = match installed.backend_state(&entries) {
             BackendState::Matches { answered } => answered,
@@ -222,8 +224,8 @@ impl Relay {
                 return Err(format!("{error:#}"));
             }
         };
-        // Room was checked above, and nothing since took any.
-        self.flow_room.free -= 1;
+        let taken = self.flow_room.take(family);
+        debug_assert!(taken, "room was checked above, and nothing since took any");
         let session = self
             .sessions
             .get_mut(&session_port)
