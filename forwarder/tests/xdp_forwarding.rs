@@ -260,10 +260,7 @@ fn route_cache_forwards_without_a_lookup_for_a_second() {
 
         // Without its neighbour a lookup would now say NO_NEIGH: the cached
         // route still forwards, to the same MACs.
-        let backend = std::net::Ipv4Addr::from(BACKEND).to_string();
-        ns.netns()
-            .ip(&["neigh", "del", &backend, "dev", "back"])
-            .unwrap();
+        forget_backend_neighbour(&ns);
         let cached = relay.expect(
             &input,
             Some(topo.front),
@@ -324,10 +321,7 @@ fn a_route_that_disagrees_with_its_slot_is_looked_up_every_packet() {
             "the flow is still seen"
         );
         // No cache: without the neighbour the next packet's lookup fails.
-        let backend = std::net::Ipv4Addr::from(BACKEND).to_string();
-        ns.netns()
-            .ip(&["neigh", "del", &backend, "dev", "back"])
-            .unwrap();
+        forget_backend_neighbour(&ns);
         relay.expect(&input, Some(topo.front), Reason::PassFibNoNeigh, XDP_PASS);
     });
 }
@@ -350,10 +344,16 @@ fn an_emptied_slot_ends_the_routes_cached_through_it() {
         );
         assert_eq!(relay.client_flow(&key).next_hop.iface, back, "route cached");
         relay.set_iface(back, forwarder_common::flow::EgressIface::default());
-        let backend = std::net::Ipv4Addr::from(BACKEND).to_string();
-        ns.netns()
-            .ip(&["neigh", "del", &backend, "dev", "back"])
-            .unwrap();
+        forget_backend_neighbour(&ns);
         relay.expect(&input, Some(topo.front), Reason::PassFibNoNeigh, XDP_PASS);
     });
+}
+
+/// Deletes the backend's neighbour entry: from then on a route lookup says
+/// NO_NEIGH, so a forwarded packet proves it came from the cache.
+fn forget_backend_neighbour(ns: &Namespace) {
+    let backend = std::net::Ipv4Addr::from(BACKEND).to_string();
+    ns.netns()
+        .ip(&["neigh", "del", &backend, "dev", "back"])
+        .unwrap();
 }

@@ -84,8 +84,12 @@ fn describe(links: &[netlink::Link], ifindex: u32) -> anyhow::Result<EgressIface
     })
 }
 
-/// The numbering as written, and the array to refresh it in.
+/// The numbering as written, and the array to refresh it in. It holds all
+/// three maps: they may be taken from the object before its program is
+/// loaded, which needs their descriptors open.
 pub struct EgressTable {
+    _devmap: DevMap<MapData>,
+    _by_ifindex: HashMap<MapData, u32, u8>,
     ifaces: Array<MapData, EgressIface>,
     slots: BTreeMap<u32, u8>,
     written: BTreeMap<u8, EgressIface>,
@@ -142,6 +146,8 @@ impl EgressTable {
         }
         info!(slots = ?slots, "interfaces numbered for the route cache");
         Ok(Self {
+            _devmap: devmap,
+            _by_ifindex: by_ifindex,
             ifaces,
             slots,
             written,
