@@ -262,25 +262,6 @@ pub struct RelayParts {
     pub store: Option<Store>,
 }
 
-/// Which room a flow from `client` would take: the family of the maps its
-/// entries go to (the upstream port picks no map, so none is needed yet).
-fn flow_family(
-    relay_addr: IpAddr,
-    facing_port: u16,
-    client: SocketAddr,
-    route: BackendRoute,
-    backend: SocketAddr,
-) -> FlowFamily {
-    // Nor does the interface: any will do.
-    FlowFamily::of(&FlowEntries::new(&FlowAddrs {
-        client,
-        facing: SocketAddr::new(relay_addr, facing_port),
-        upstream: SocketAddr::new(route.source, 0),
-        backend,
-        backend_iface: forwarder_common::flow::IFACE_ANY,
-    }))
-}
-
 /// The two map entries of a flow: client → relay:P becomes relay:Q → backend,
 /// and backend → relay:Q becomes relay:P → client. The client's family and
 /// the backend's may differ (the datapath translates). `datapath` numbers
@@ -694,13 +675,7 @@ impl Relay {
             warn!(session = %session.id, %client, "new flow refused: the session's answered flows wait for room under its limits");
             return Ok(ClientVerdict::Drop);
         }
-        let family = flow_family(
-            relay_addr,
-            facing_port,
-            client,
-            session.route,
-            session.backend,
-        );
+        let family = FlowFamily::of_ends(client, session.backend);
         if !self.flow_room.take(family) {
             self.stats.refused_flow_limit += 1;
             let full = self.flow_room.full(family);
@@ -1941,13 +1916,17 @@ mod tests {
     #[test]
     fn a_flows_family_is_the_family_of_the_maps_it_takes() {
         let family = |client: &str, facing: &str, upstream: &str, backend: &str| {
-            FlowFamily::of(&FlowEntries::new(&FlowAddrs {
+            let of_maps = FlowFamily::of(&FlowEntries::new(&FlowAddrs {
                 client: client.parse().unwrap(),
                 facing: facing.parse().unwrap(),
                 upstream: upstream.parse().unwrap(),
                 backend: backend.parse().unwrap(),
                 backend_iface: forwarder_common::flow::IFACE_ANY,
-            }))
+            }));
+            // What the room is taken by, before any entry exists.
+            let of_ends = FlowFamily::of_ends(client.parse().unwrap(), backend.parse().unwrap());
+            assert_eq!(of_ends, of_maps, "{client} to {backend}");
+            of_maps
         };
         let v4 = ("192.0.2.1:50000", "10.0.0.1:60000");
         let v6 = ("[2001:db8:7::7]:50000", "[2001:db8::1]:60000");

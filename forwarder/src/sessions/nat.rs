@@ -834,17 +834,9 @@ impl Relay {
         // are in the entries): the session takes a share of the capacity,
         // in its client's family; without room there, in its server's, and
         // the daemon carries the client (as `nat_move` does).
-        let client_family = record.client.map(|(client, relay_addr)| {
-            FlowFamily::of(&nat_entries(
-                &self.datapath,
-                relay_addr,
-                session.port,
-                client,
-                session.route,
-                record.upstream_port,
-                session.backend,
-            ))
-        });
+        let client_family = record
+            .client
+            .map(|(client, _)| FlowFamily::of_ends(client, session.backend));
         let family = match client_family {
             Some(family) if self.flow_room.has_room(family) => family,
             _ => FlowFamily::of_backend(session.backend),

@@ -44,6 +44,16 @@ impl FlowFamily {
             Self::V6
         }
     }
+
+    /// The family a flow between `client` and `backend` will have, before
+    /// its entries are built: IPv4 exactly when both ends are IPv4 on the
+    /// wire, which is what [`FlowFamily::of`] finds in the entries.
+    pub(crate) fn of_ends(client: SocketAddr, backend: SocketAddr) -> Self {
+        match (Self::of_backend(client), Self::of_backend(backend)) {
+            (Self::V4, Self::V4) => Self::V4,
+            _ => Self::V6,
+        }
+    }
 }
 
 /// Room left in the flow maps: each flow, and each punched session's NAT
