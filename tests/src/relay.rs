@@ -101,9 +101,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts the daemon in `ns` on `ifaces` with `--xdp-mode auto` (unless
-    /// `extra_args` names a mode) and a unique instance name, and waits until its
-    /// control socket answers.
+    /// Starts the daemon in `ns` on `ifaces` with `--xdp-mode auto` and
+    /// `--datapath xdp` (unless `extra_args` names them) and a unique instance
+    /// name, and waits until its control socket answers.
     pub fn start(ns: &Netns, ifaces: &[&str], extra_args: &[&str]) -> Result<Self> {
         let bin = forwarder_bin()?;
         let instance = format!("t{}-{}", std::process::id(), random_tag());
@@ -121,6 +121,11 @@ impl Relay {
         }
         if !extra_args.contains(&"--xdp-mode") {
             cmd.args(["--xdp-mode", "auto"]);
+        }
+        // `--datapath auto` would carry every packet through the daemon when
+        // XDP fails to load, and a test of the XDP relay would still pass.
+        if !extra_args.contains(&"--datapath") && !extra_args.contains(&"--config") {
+            cmd.args(["--datapath", "xdp"]);
         }
         cmd.args(extra_args);
         let command: Vec<String> = std::iter::once(cmd.get_program())
