@@ -98,6 +98,9 @@ pub struct Plan {
     pub admission_reps: usize,
     /// BPF_PROG_TEST_RUN calls per program-cost case (forwarding, refusals, floors).
     pub progcost_calls: usize,
+    /// Flow counts of the program-cost round-robin cases: a sweep shows the
+    /// count at which the flows' entries outgrow a cache level.
+    pub progcost_rings: Vec<u16>,
     /// Relay keys (and `scale`, `control`, `cores`, `latency`) to run; empty: everything.
     pub only: Vec<String>,
     /// Session adds through the control API on one connection, per mode.
@@ -140,6 +143,7 @@ impl Plan {
             admission_reps: 1_000,
             only: Vec::new(),
             progcost_calls: 400,
+            progcost_rings: vec![1_000, 2_000, 4_000, 8_000, 15_000],
             api_adds: 5_000,
             add_batch: 500,
             learn_flows: 10_000,
@@ -167,6 +171,7 @@ impl Plan {
             admission_reps: 10,
             only: Vec::new(),
             progcost_calls: 5,
+            progcost_rings: vec![1_000, 15_000],
             api_adds: 40,
             add_batch: 16,
             learn_flows: 200,
@@ -995,8 +1000,14 @@ fn admission(plan: &Plan, bench: &Path) -> Result<Value> {
 /// refusing a flood against a bare XDP_DROP. Runs in its own namespace.
 fn progcost(plan: &Plan, bench: &Path) -> Result<Value> {
     let calls = plan.progcost_calls.to_string();
+    let rings = plan
+        .progcost_rings
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let mut cmd = Command::new(bench);
-    cmd.args(["progcost", "--calls", &calls]);
+    cmd.args(["progcost", "--calls", &calls, "--rings", &rings]);
     let value = run_json(&mut cmd, Duration::from_secs(600))?;
     println!("\n## XDP program cost (BPF_PROG_TEST_RUN, ns per run)\n");
     println!("| case | p50 | p10–p90 | over bare XDP_DROP, p50 |\n|---|---|---|---|");

@@ -134,6 +134,11 @@ enum Tool {
         /// LABEL=PATH (repeatable): before/after in one interleaved run.
         #[arg(long)]
         object: Vec<String>,
+        /// Flow counts of the round-robin cases (comma-separated); a sweep
+        /// such as 1000,2000,4000,8000,15000 shows where the flows' entries
+        /// outgrow a cache level.
+        #[arg(long, value_delimiter = ',', default_values_t = progcost::DEFAULT_RINGS)]
+        rings: Vec<u16>,
     },
     /// Session adds through the control API on one connection: single
     /// adds pipelined (`--batch 0`) or `add_many` requests of `--batch` each.
@@ -231,7 +236,11 @@ fn main() -> anyhow::Result<()> {
             expect,
             idle_ms,
         } => control::learn_sink(bind, expect, idle_ms),
-        Tool::Progcost { calls, object } => progcost::run(calls, &object),
+        Tool::Progcost {
+            calls,
+            object,
+            rings,
+        } => progcost::run(calls, &object, &rings),
         Tool::Fill { pins, count } => fill(&pins, count),
         Tool::Admission {
             sessions,

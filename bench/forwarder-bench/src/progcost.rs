@@ -75,9 +75,15 @@ const FORWARD_REPEAT: u32 = 250;
 /// Runs per call when the frame stays as it is.
 const REFUSE_REPEAT: u32 = 10_000;
 
-/// Round-robin rings: (flows, first client port, first flow port). Their
-/// ports do not meet each other's or the fixed cases'.
-const RINGS: [(u16, u16, u16); 2] = [(1_000, 17_000, 37_000), (15_000, 1_024, 21_000)];
+/// Where every ring's client and flow ports start. Each ring is in a load
+/// of its own, so rings may share ports; client ports stay below the flow
+/// range (20,000-39,999), flow ports inside it.
+const RING_CLIENT_PORT: u16 = 1_024;
+const RING_FLOW_PORT: u16 = 21_000;
+/// The most flows a ring can have within those ports.
+pub const MAX_RING_FLOWS: u16 = 18_000;
+/// The round-robin sizes issue 16 names: 1,000 and 15,000 flows.
+pub const DEFAULT_RINGS: [u16; 2] = [1_000, 15_000];
 /// Flows one call visits: two halves per flow, one half per run.
 const RING_STEP: usize = FORWARD_REPEAT as usize / 2;
 /// Flow map sizes for the rings, both pairs: more than the compiled default.
@@ -165,8 +171,16 @@ enum Half {
 /// `objects`: extra forwarder objects (`LABEL=PATH`) measured beside the
 /// embedded one, interleaved call by call so a busy moment of the host
 /// weighs on every object alike.
-pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
+/// `rings`: the flow counts of the round-robin cases; a sweep of them shows
+/// where the flows' entries outgrow a cache level.
+pub fn run(calls: usize, objects: &[String], rings: &[u16]) -> anyhow::Result<()> {
     ensure!(calls > 0, "--calls must be at least 1");
+    for &flows in rings {
+        ensure!(
+            (2..=MAX_RING_FLOWS).contains(&flows),
+            "--rings {flows}: a ring needs 2 to {MAX_RING_FLOWS} flows (its ports must fit below and inside the flow port range)"
+        );
+    }
     let mut sources = vec![("current".to_string(), EBPF_OBJECT.to_vec())];
     for object in objects {
         let (label, path) = object
@@ -218,20 +232,21 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
         // flow of each lists the newer first, so the older ring's lookups
         // walked past the other ring's element (a cache line) there.
         let mut ring_relays = Vec::new();
-        for (flows, client_port, flow_port) in RINGS {
+        for &flows in rings {
             for (way, pair, action) in [
                 ("XDP_TX", &TX_PAIR, XDP_TX),
                 ("redirect", &REDIRECT_PAIR, XDP_REDIRECT),
             ] {
-                let mut rings = load_forwarder(bytes).with_context(|| format!("object {label}"))?;
-                rings.number_interfaces(&[front, back])?;
+                let mut ring_load =
+                    load_forwarder(bytes).with_context(|| format!("object {label}"))?;
+                ring_load.number_interfaces(&[front, back])?;
                 let ring_target = target + 1 + ring_relays.len();
                 let ring = Ring {
                     flows,
-                    client_port,
-                    flow_port,
+                    client_port: RING_CLIENT_PORT,
+                    flow_port: RING_FLOW_PORT,
                 };
-                let halves = rings.add_ring(pair, &ring)?;
+                let halves = ring_load.add_ring(pair, &ring)?;
                 let starts = (0..usize::from(flows)).step_by(RING_STEP);
                 cases.push(Case {
                     name: format!("{label}: forward, {way}, {flows} flows round robin"),
@@ -239,7 +254,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     program: PROGRAM_NAME,
                     frames: starts
                         .map(|start| {
-                            let port = client_port + start as u16;
+                            let port = RING_CLIENT_PORT + start as u16;
                             frame(pair.client, port, pair.server, SESSION_PORT, 255, 64)
                         })
                         .collect(),
@@ -248,7 +263,7 @@ pub fn run(calls: usize, objects: &[String]) -> anyhow::Result<()> {
                     action,
                     check: Check::Forwarded(halves),
                 });
-                ring_relays.push(rings.ebpf);
+                ring_relays.push(ring_load.ebpf);
             }
         }
         // IPv6 and translated flows (cost6), where the object has their maps.
