@@ -33,13 +33,15 @@ const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 /// checksum deltas that move the old header to the new one, and the flow
 /// direction's counters and cached route, which the XDP program keeps here
 /// so a packet costs one map lookup (one element, one cache miss at most
-/// when the table outgrows the cache) instead of three.
+/// when the table outgrows the cache) instead of three. A client half's
+/// whole value; a backend half's starts with one ([`BackendRewrite`]).
 ///
-/// 48 bytes, so that with the key and the kernel's 48-byte element header
-/// a client half is 112 B and a backend half 104 B: a million flows fit in
-/// about 250 MB. That is why the time is a 32-bit stamp, the packet count
-/// 32 bits, and the route cache names its interface by a one-byte slot of
-/// `EGRESS_IFACES` instead of holding its ifindex, MAC and MTU.
+/// 40 bytes, so that with the key and the kernel's 48-byte element header
+/// a client half is 104 B, and a backend half (8 B more, who may use it)
+/// 104 B too: a million flows fit in about 245 MB. That is why the time is
+/// a 32-bit stamp, the packet count 32 bits, and the route cache names its
+/// interface by a one-byte slot of `EGRESS_IFACES` instead of holding its
+/// ifindex, MAC and MTU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Rewrite {
@@ -57,32 +59,52 @@ pub struct Rewrite {
     pub new_daddr: [u8; 4],
     pub new_sport: [u8; 2],
     pub new_dport: [u8; 2],
-    /// Backend half only: the one source allowed to use this entry (the
-    /// backend). Anything else claiming to be the server is dropped.
-    pub allowed_saddr: [u8; 4],
-    pub allowed_sport: [u8; 2],
     /// One's-complement delta (native word order) for the IPv4 header
     /// checksum: both addresses and the TTL decrement.
     pub ip_csum_delta: u16,
     /// One's-complement delta (native word order) for the UDP checksum: the
     /// pseudo-header addresses and both ports.
     pub udp_csum_delta: u16,
+    /// Written by the XDP program only; the daemon writes zeros.
+    pub next_hop: NextHop,
     /// `REWRITE_*` bits. Zero in entries written by older daemons, which
     /// keeps their meaning (a source mismatch is dropped).
     pub flags: u8,
-    /// Backend half only: the `EGRESS_IFACES` slot of the interface the
-    /// relay's route to the backend uses, [`IFACE_ANY`] to accept any, or
-    /// [`IFACE_NONE`] when that interface is not one the program is
-    /// attached to (so no backend packet it sees can be genuine). A forged
-    /// server packet arriving on the client-facing side is dropped.
-    pub allowed_iface: u8,
-    /// Written by the XDP program only; the daemon writes zeros.
-    pub next_hop: NextHop,
 }
-const _: () = assert!(core::mem::size_of::<Rewrite>() == 48);
+const _: () = assert!(core::mem::size_of::<Rewrite>() == 40);
 const _: () = assert!(core::mem::offset_of!(Rewrite, bytes) == 8);
-const _: () = assert!(core::mem::offset_of!(Rewrite, flags) == 38);
-const _: () = assert!(core::mem::offset_of!(Rewrite, next_hop) == 40);
+const _: () = assert!(core::mem::offset_of!(Rewrite, next_hop) == 32);
+const _: () = assert!(core::mem::offset_of!(Rewrite, flags) == 39);
+const _: () = assert!(core::mem::align_of::<Rewrite>() == 8);
+
+/// A backend half's value: the rewrite, then the one source and interface
+/// allowed to use it (the backend, where the route to it points); anything
+/// else claiming to be the server is dropped. A client half needs neither,
+/// which is why it is a plain [`Rewrite`], 8 bytes less per flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BackendRewrite {
+    pub rewrite: Rewrite,
+    pub allowed: AllowedSource,
+}
+const _: () = assert!(core::mem::size_of::<BackendRewrite>() == 48);
+const _: () = assert!(core::mem::offset_of!(BackendRewrite, rewrite) == 0);
+
+/// Who may use a backend half.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct AllowedSource {
+    pub saddr: [u8; 4],
+    pub sport: [u8; 2],
+    /// The `EGRESS_IFACES` slot of the interface the relay's route to the
+    /// backend uses, [`IFACE_ANY`] to accept any, or [`IFACE_NONE`] when
+    /// that interface is not one the program is attached to (so no backend
+    /// packet it sees can be genuine). A forged server packet arriving on
+    /// the client-facing side is dropped.
+    pub iface: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<AllowedSource>() == 8);
 
 /// Backend half of a punched (NAT'd) session only: a datagram from another
 /// source, arriving on the allowed interface, goes to the daemon (rate
@@ -90,7 +112,6 @@ const _: () = assert!(core::mem::offset_of!(Rewrite, next_hop) == 40);
 /// server's NAT may have given it a new external endpoint; the daemon moves
 /// the session there only if the datagram verifies with the session key.
 pub const REWRITE_UNKNOWN_SOURCE_TO_DAEMON: u8 = 1;
-const _: () = assert!(core::mem::align_of::<Rewrite>() == 8);
 
 /// Client half of a punched session only: the program records the nonce of
 /// each client-to-server datagram it forwards in `CLIENT_SEQS` (see
@@ -146,13 +167,10 @@ impl Rewrite {
             new_daddr: to.daddr,
             new_sport: to.sport,
             new_dport: to.dport,
-            allowed_saddr: [0; 4],
-            allowed_sport: [0; 2],
             ip_csum_delta,
             udp_csum_delta,
-            flags: 0,
-            allowed_iface: IFACE_ANY,
             next_hop: NextHop::default(),
+            flags: 0,
         }
     }
 
@@ -173,6 +191,30 @@ impl Rewrite {
         FlowCounter {
             packets: self.packets as u64,
             bytes: self.bytes,
+        }
+    }
+}
+
+impl BackendRewrite {
+    /// `rewrite`, for packets from `saddr:sport` only, arriving on the
+    /// interface in `EGRESS_IFACES` slot `iface` ([`IFACE_ANY`]: any).
+    pub const fn new(rewrite: Rewrite, saddr: [u8; 4], sport: [u8; 2], iface: u8) -> Self {
+        Self {
+            rewrite,
+            allowed: AllowedSource {
+                saddr,
+                sport,
+                iface,
+                _pad: 0,
+            },
+        }
+    }
+
+    /// [`Rewrite::as_written`], the allowed source kept.
+    pub fn as_written(&self) -> Self {
+        Self {
+            rewrite: self.rewrite.as_written(),
+            ..*self
         }
     }
 }
@@ -238,9 +280,8 @@ pub struct NextHop {
     /// `EGRESS_IFACES` slot of the egress interface; [`IFACE_ANY`] (no
     /// interface has it) means no route cached.
     pub iface: u8,
-    pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<NextHop>() == 8);
+const _: () = assert!(core::mem::size_of::<NextHop>() == 7);
 
 /// The time stamp the XDP program keeps per entry: CLOCK_MONOTONIC
 /// nanoseconds shifted right by [`STAMP_SHIFT`] (16.8 ms units), cut to
@@ -312,6 +353,8 @@ mod pod {
     unsafe impl aya::Pod for super::BackendKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Rewrite {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendRewrite {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowCounter {}
     // SAFETY: as above.

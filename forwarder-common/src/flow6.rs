@@ -94,7 +94,7 @@ pub struct Rewrite6 {
     /// As in [`crate::Rewrite`]: written by the XDP program only, aged by
     /// `last_seen`.
     pub next_hop: NextHop,
-    pub _pad: [u8; 4],
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(core::mem::size_of::<Rewrite6>() == 88);
 const _: () = assert!(core::mem::offset_of!(Rewrite6, bytes) == 8);
@@ -236,7 +236,7 @@ impl Rewrite6 {
             flags,
             allowed_iface: IFACE_ANY,
             next_hop: NextHop::default(),
-            _pad: [0; 4],
+            _pad: [0; 5],
         }
     }
 

@@ -14,7 +14,7 @@ pub mod reason;
 pub mod slowpath;
 
 pub use config::{MAX_FLOWS, RelayConfig};
-pub use flow::{BackendKey, ClientKey, FlowCounter, Rewrite};
+pub use flow::{AllowedSource, BackendKey, BackendRewrite, ClientKey, FlowCounter, Rewrite};
 pub use flow6::{BackendKey6, ClientKey6, Rewrite6};
 pub use reason::{REASON_COUNT, Reason, Verdict};
 pub use slowpath::SlowpathBucket;

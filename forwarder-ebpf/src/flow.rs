@@ -1,7 +1,7 @@
 //! Flow lookup and the anti-spoofing check: which rewrite, if any, applies.
 
 use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
-use forwarder_common::{BackendKey, ClientKey, Reason, Rewrite};
+use forwarder_common::{AllowedSource, BackendKey, ClientKey, Reason, Rewrite};
 
 use crate::{
     config, forward,
@@ -37,23 +37,44 @@ pub fn side_of(port: u16) -> Result<Side, Reason> {
     }
 }
 
+/// A flow half that matched a packet: the rewrite, and for a backend half
+/// who may use it (a client half's value is the rewrite alone).
+pub struct Matched {
+    pub entry: *mut Rewrite,
+    pub allowed: Option<*const AllowedSource>,
+}
+
 /// Finds the flow entry for the packet; a miss goes to the daemon's socket,
 /// which decides whether this is a new flow.
 #[inline(always)]
-pub fn lookup(packet: &Packet, side: Side) -> Result<*mut Rewrite, Reason> {
+pub fn lookup(packet: &Packet, side: Side) -> Result<Matched, Reason> {
     let (ip, udp) = (packet.ip(), packet.udp());
     match side {
-        Side::Client => CLIENT_FLOWS.get_ptr_mut(ClientKey {
-            relay_addr: ip.dst_addr,
-            client_addr: ip.src_addr,
-            relay_port: udp.dst,
-            client_port: udp.src,
-        }),
-        Side::Backend => BACKEND_FLOWS.get_ptr_mut(BackendKey {
-            relay_addr: ip.dst_addr,
-            relay_port: udp.dst,
-            _pad: [0; 2],
-        }),
+        Side::Client => CLIENT_FLOWS
+            .get_ptr_mut(ClientKey {
+                relay_addr: ip.dst_addr,
+                client_addr: ip.src_addr,
+                relay_port: udp.dst,
+                client_port: udp.src,
+            })
+            .map(|entry| Matched {
+                entry,
+                allowed: None,
+            }),
+        Side::Backend => BACKEND_FLOWS
+            .get_ptr_mut(BackendKey {
+                relay_addr: ip.dst_addr,
+                relay_port: udp.dst,
+                _pad: [0; 2],
+            })
+            // SAFETY: a hash map value pointer, valid for this program run
+            // (RCU); only field addresses are taken, nothing is read.
+            .map(|value| unsafe {
+                Matched {
+                    entry: &raw mut (*value).rewrite,
+                    allowed: Some(&raw const (*value).allowed),
+                }
+            }),
     }
     .ok_or(Reason::PassNoFlow)
 }
@@ -70,22 +91,24 @@ pub fn lookup(packet: &Packet, side: Side) -> Result<*mut Rewrite, Reason> {
 #[inline(always)]
 pub fn check_source(
     packet: &Packet,
-    side: Side,
+    matched: &Matched,
     rewrite: &Rewrite,
     ingress_ifindex: u32,
 ) -> Result<(), Reason> {
-    if let Side::Backend = side {
-        if !forward::arrived_on(rewrite.allowed_iface, ingress_ifindex) {
-            return Err(Reason::DropSpoofedServer);
+    let Some(allowed) = matched.allowed else {
+        return Ok(());
+    };
+    // SAFETY: it points into the same map value as `matched.entry`, valid for
+    // this program run; the daemon only ever replaces whole entries.
+    let allowed = unsafe { &*allowed };
+    if !forward::arrived_on(allowed.iface, ingress_ifindex) {
+        return Err(Reason::DropSpoofedServer);
+    }
+    if packet.ip().src_addr != allowed.saddr || packet.udp().src != allowed.sport {
+        if rewrite.flags & REWRITE_UNKNOWN_SOURCE_TO_DAEMON != 0 {
+            return Err(Reason::PassNatRebindCandidate);
         }
-        if packet.ip().src_addr != rewrite.allowed_saddr
-            || packet.udp().src != rewrite.allowed_sport
-        {
-            if rewrite.flags & REWRITE_UNKNOWN_SOURCE_TO_DAEMON != 0 {
-                return Err(Reason::PassNatRebindCandidate);
-            }
-            return Err(Reason::DropSpoofedServer);
-        }
+        return Err(Reason::DropSpoofedServer);
     }
     Ok(())
 }

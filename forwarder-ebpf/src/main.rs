@@ -78,13 +78,14 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     // A miss may be a translated half (IPv4 in, IPv6 out), which only a
     // port in the PORTS_4TO6 bitmap can have: IPv4 flows never ask, and a
     // miss elsewhere pays one array load.
-    let entry = match flow::lookup(&packet, side) {
-        Ok(entry) => entry,
+    let matched = match flow::lookup(&packet, side) {
+        Ok(matched) => matched,
         Err(_) if flow6::may_translate(dst_port) => {
             return relay6::relay4to6(ctx, &packet, side, miss_session);
         }
         Err(reason) => return Err(slowpath::gate(reason, miss_session)),
     };
+    let entry = matched.entry;
     // SAFETY: a hash map value stays valid for the rest of this program run
     // (RCU); the daemon only ever replaces whole entries.
     let rewrite = unsafe { &*entry };
@@ -92,7 +93,7 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
     // A rebind candidate spends the session's slow-path tokens like a miss:
     // a flood of them at Q cannot starve the daemon or other sessions. The
     // backend half rewrites its source to the session port.
-    flow::check_source(&packet, side, rewrite, ingress_ifindex)
+    flow::check_source(&packet, &matched, rewrite, ingress_ifindex)
         .map_err(|reason| slowpath::gate(reason, Some(u16::from_be_bytes(rewrite.new_sport))))?;
     // The stack decrements and sends Time Exceeded, like any router.
     if packet.ip().ttl <= 1 {

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use forwarder_common::clientseq::CLIENT_SEQ_SLOTS;
 use forwarder_common::{
-    BackendKey, BackendKey6, ClientKey, ClientKey6, MAX_FLOWS, REASON_COUNT, Rewrite, Rewrite6,
-    SlowpathBucket,
+    BackendKey, BackendKey6, BackendRewrite, ClientKey, ClientKey6, MAX_FLOWS, REASON_COUNT,
+    Rewrite, Rewrite6, SlowpathBucket,
     config::MAX_INTERFACES,
     flow::{EgressIface, IFACE_SLOTS},
     flow6::PORTS_4TO6_WORDS,
@@ -29,9 +29,11 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 #[map]
 pub static CLIENT_FLOWS: HashMap<ClientKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
 
-/// Backend halves of flows, one per backend-facing port; plain hash for the same reason.
+/// Backend halves of flows, one per backend-facing port; plain hash for the
+/// same reason. The value is the rewrite and who may use it.
 #[map]
-pub static BACKEND_FLOWS: HashMap<BackendKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
+pub static BACKEND_FLOWS: HashMap<BackendKey, BackendRewrite> =
+    HashMap::with_max_entries(MAX_FLOWS, 0);
 
 /// Packets and bytes per `Reason`, per CPU: every packet is counted exactly once here.
 #[map]

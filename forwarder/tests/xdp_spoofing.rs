@@ -92,7 +92,7 @@ fn nat_backend_half_hands_unknown_sources_to_the_daemon() {
     // Without ctx_in the program sees loopback (ifindex 1) as ingress.
     let lo = relay.add_egress(1);
     let mut rewrite = backend_rewrite(lo);
-    rewrite.flags = forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+    rewrite.rewrite.flags = forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
     relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
     relay.set_session_bucket(SESSION_PORT, 2);
     let moved = udp_frame(
@@ -111,10 +111,10 @@ fn nat_backend_half_hands_unknown_sources_to_the_daemon() {
 
     // The same flag on another interface does not open the entry: one the
     // program is not attached to, or another numbered one.
-    rewrite.allowed_iface = forwarder_common::flow::IFACE_NONE;
+    rewrite.allowed.iface = forwarder_common::flow::IFACE_NONE;
     relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
     relay.expect(&moved, None, Reason::DropSpoofedServer, XDP_DROP);
-    rewrite.allowed_iface = lo + 1;
+    rewrite.allowed.iface = lo + 1;
     relay.add_backend_flow(backend_key((RELAY_BACK, FLOW_PORT)), rewrite);
     relay.expect(&moved, None, Reason::DropSpoofedServer, XDP_DROP);
 }

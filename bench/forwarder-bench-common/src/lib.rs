@@ -22,7 +22,7 @@ pub struct CeilingConfig {
     pub egress_ifindex: u32,
     pub _pad_end: [u8; 4],
 }
-const _: () = assert!(core::mem::size_of::<CeilingConfig>() == 72);
+const _: () = assert!(core::mem::size_of::<CeilingConfig>() == 64);
 
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] plain-old-data without implicit padding (size asserted).

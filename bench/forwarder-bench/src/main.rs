@@ -13,7 +13,8 @@ use aya::maps::{Array, DevMap};
 use aya::programs::{Xdp, XdpMode};
 use clap::{Parser, Subcommand};
 use forwarder_bench_common::CeilingConfig;
-use forwarder_common::flow::{Endpoints, Rewrite};
+use forwarder_common::BackendRewrite;
+use forwarder_common::flow::{Endpoints, IFACE_ANY, Rewrite};
 use serde_json::json;
 
 mod control;
@@ -588,7 +589,7 @@ fn fill(pins: &std::path::Path, count: u32) -> anyhow::Result<()> {
     };
     let mut clients: HashMap<_, ClientKey, Rewrite> =
         HashMap::try_from(Map::HashMap(open("CLIENT_FLOWS")?))?;
-    let mut backends: HashMap<_, BackendKey, Rewrite> =
+    let mut backends: HashMap<_, BackendKey, BackendRewrite> =
         HashMap::try_from(Map::HashMap(open("BACKEND_FLOWS")?))?;
     let mut inserted = 0u32;
     for index in 0..count {
@@ -611,7 +612,13 @@ fn fill(pins: &std::path::Path, count: u32) -> anyhow::Result<()> {
         };
         // A full map refuses the rest: that is the table-full state wanted.
         if clients.insert(client_key, rewrite, 0).is_err()
-            || backends.insert(backend_key, rewrite, 0).is_err()
+            || backends
+                .insert(
+                    backend_key,
+                    BackendRewrite::new(rewrite, [0; 4], [0; 2], IFACE_ANY),
+                    0,
+                )
+                .is_err()
         {
             break;
         }

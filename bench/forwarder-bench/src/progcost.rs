@@ -43,10 +43,11 @@ use forwarder::datapath::egress::EgressTable;
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_bench_common::CeilingConfig;
 use forwarder_common::config::map_names;
-use forwarder_common::flow::Endpoints;
+use forwarder_common::flow::{Endpoints, IFACE_ANY};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
-    BackendKey, ClientKey, FlowCounter, Reason, RelayConfig, Rewrite, SlowpathBucket,
+    BackendKey, BackendRewrite, ClientKey, FlowCounter, Reason, RelayConfig, Rewrite,
+    SlowpathBucket,
 };
 use forwarder_common::{
     BackendKey6, ClientKey6, Rewrite6,
@@ -546,7 +547,7 @@ fn counted(ebpf: &Ebpf, check: &Check) -> anyhow::Result<u64> {
             let map = |name: &str| ebpf.map(name).with_context(|| name.to_string());
             let clients: HashMap<_, ClientKey, Rewrite> =
                 HashMap::try_from(map(map_names::CLIENT_FLOWS)?)?;
-            let backends: HashMap<_, BackendKey, Rewrite> =
+            let backends: HashMap<_, BackendKey, BackendRewrite> =
                 HashMap::try_from(map(map_names::BACKEND_FLOWS)?)?;
             let clients6: HashMap<_, ClientKey6, Rewrite6> =
                 HashMap::try_from(map(map_names::CLIENT_FLOWS6)?)?;
@@ -558,7 +559,7 @@ fn counted(ebpf: &Ebpf, check: &Check) -> anyhow::Result<u64> {
             for half in halves {
                 let counter: FlowCounter = match half {
                     Half::Client(key) => clients.get(key, 0)?.counter(),
-                    Half::Backend(key) => backends.get(key, 0)?.counter(),
+                    Half::Backend(key) => backends.get(key, 0)?.rewrite.counter(),
                     Half::Client6(key) => clients6.get(key, 0)?.counter(),
                     Half::Backend6(key) => backends6.get(key, 0)?.counter(),
                     Half::Backend4To6(key) => backends_4to6.get(key, 0)?.counter(),
@@ -830,9 +831,12 @@ impl Relay {
             dport: FLOW_PORT.to_be_bytes(),
         };
         let client_rewrite = Rewrite::new(client_side, backend_side);
-        let mut backend_rewrite = Rewrite::new(backend_side, client_side);
-        backend_rewrite.allowed_saddr = pair.server;
-        backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
+        let backend_rewrite = BackendRewrite::new(
+            Rewrite::new(backend_side, client_side),
+            pair.server,
+            SERVER_PORT.to_be_bytes(),
+            IFACE_ANY,
+        );
         let client = ClientKey {
             relay_addr: pair.server,
             client_addr: pair.client,
@@ -869,9 +873,12 @@ impl Relay {
         let mut halves = Vec::with_capacity(2 * usize::from(ring.flows));
         for i in 0..ring.flows {
             let client_rewrite = Rewrite::new(client_side(i), backend_side(i));
-            let mut backend_rewrite = Rewrite::new(backend_side(i), client_side(i + 1));
-            backend_rewrite.allowed_saddr = pair.server;
-            backend_rewrite.allowed_sport = SERVER_PORT.to_be_bytes();
+            let backend_rewrite = BackendRewrite::new(
+                Rewrite::new(backend_side(i), client_side(i + 1)),
+                pair.server,
+                SERVER_PORT.to_be_bytes(),
+                IFACE_ANY,
+            );
             let key = ClientKey {
                 relay_addr: pair.server,
                 client_addr: pair.client,

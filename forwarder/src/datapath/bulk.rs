@@ -13,7 +13,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use bytemuck::Pod;
 use forwarder_common::flow::stamp_ns;
-use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Rewrite, Rewrite6};
+use forwarder_common::{
+    BackendKey, BackendKey6, BackendRewrite, ClientKey, ClientKey6, Rewrite, Rewrite6,
+};
 
 use super::flows::{BackendHalf, ClientHalf, FlowEntries};
 
@@ -339,12 +341,12 @@ impl FlowMapsPass {
                     stamp_ns(r.last_seen, now)
                 })
             }
-            1 => read_into::<BackendKey, Rewrite>(
+            1 => read_into::<BackendKey, BackendRewrite>(
                 &reader.backend,
                 from,
                 room,
                 &mut seen.backend,
-                |r| stamp_ns(r.last_seen, now),
+                |r| stamp_ns(r.rewrite.last_seen, now),
             ),
             2 => read_into::<ClientKey6, Rewrite6>(
                 &reader.client6,

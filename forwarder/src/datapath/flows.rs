@@ -12,7 +12,9 @@ use forwarder_common::flow::{
     Endpoints, REWRITE_RECORD_CLIENT_SEQ, REWRITE_UNKNOWN_SOURCE_TO_DAEMON,
 };
 use forwarder_common::flow6::{Endpoints46, WireAddr};
-use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Rewrite, Rewrite6};
+use forwarder_common::{
+    BackendKey, BackendKey6, BackendRewrite, ClientKey, ClientKey6, Rewrite, Rewrite6,
+};
 
 /// What a flow's two map entries are built from. `client` and `facing` share a
 /// family, `upstream` and `backend` share one; when the two differ the flow
@@ -43,7 +45,7 @@ pub(crate) enum ClientHalf {
 /// A backend half, likewise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BackendHalf {
-    V4(BackendKey, Rewrite),
+    V4(BackendKey, BackendRewrite),
     V4To6(BackendKey, Rewrite6),
     V6(BackendKey6, Rewrite6),
 }
@@ -94,7 +96,7 @@ impl BackendHalf {
     /// Whether the XDP program forwarded anything through the half.
     fn forwarded(&self) -> bool {
         match self {
-            Self::V4(_, rewrite) => rewrite.last_seen != 0,
+            Self::V4(_, backend) => backend.rewrite.last_seen != 0,
             Self::V4To6(_, rewrite) | Self::V6(_, rewrite) => rewrite.last_seen != 0,
         }
     }
@@ -218,19 +220,14 @@ impl FlowEntries {
         let from = swap(backend_side);
         let to = swap(client_side);
         let backend = match (rewrite(&from, &to), backend_side.saddr) {
-            (Made::V4(mut rewrite), WireAddr::V4(relay)) => {
-                rewrite.allowed_saddr = four(allowed);
-                rewrite.allowed_sport = allowed_port;
-                rewrite.allowed_iface = addrs.backend_iface;
-                BackendHalf::V4(
-                    BackendKey {
-                        relay_addr: relay,
-                        relay_port: backend_side.sport,
-                        _pad: [0; 2],
-                    },
-                    rewrite,
-                )
-            }
+            (Made::V4(rewrite), WireAddr::V4(relay)) => BackendHalf::V4(
+                BackendKey {
+                    relay_addr: relay,
+                    relay_port: backend_side.sport,
+                    _pad: [0; 2],
+                },
+                BackendRewrite::new(rewrite, four(allowed), allowed_port, addrs.backend_iface),
+            ),
             (made, relay) => {
                 let mut rewrite = into6(made, &from, &to);
                 rewrite.allowed_saddr = allowed.padded();
@@ -263,7 +260,9 @@ impl FlowEntries {
     /// backend half goes to the daemon instead of being dropped.
     pub fn send_unknown_sources_to_daemon(&mut self) {
         match &mut self.backend {
-            BackendHalf::V4(_, rewrite) => rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON,
+            BackendHalf::V4(_, backend) => {
+                backend.rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON
+            }
             BackendHalf::V4To6(_, rewrite) | BackendHalf::V6(_, rewrite) => {
                 rewrite.flags |= REWRITE_UNKNOWN_SOURCE_TO_DAEMON
             }
@@ -655,7 +654,7 @@ mod tests {
                 sport: upstream.dport,
                 dport: upstream.sport,
             },
-            &backend_rewrite,
+            &backend_rewrite.rewrite,
         );
         assert_eq!(
             reply,
@@ -666,8 +665,8 @@ mod tests {
                 dport: 41000u16.to_be_bytes()
             }
         );
-        assert_eq!(backend_rewrite.allowed_saddr, backend.ip().octets());
-        assert_eq!(backend_rewrite.allowed_sport, 60001u16.to_be_bytes());
-        assert_eq!(backend_rewrite.allowed_iface, 7);
+        assert_eq!(backend_rewrite.allowed.saddr, backend.ip().octets());
+        assert_eq!(backend_rewrite.allowed.sport, 60001u16.to_be_bytes());
+        assert_eq!(backend_rewrite.allowed.iface, 7);
     }
 }

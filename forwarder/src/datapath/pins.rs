@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
-    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
-    Rewrite, Rewrite6,
+    BackendKey, BackendKey6, BackendRewrite, ClientKey, ClientKey6, FlowCounter, REASON_COUNT,
+    RelayConfig, Rewrite, Rewrite6,
 };
 
 /// Bump whenever the meaning of a map's bytes changes without its size changing.
@@ -62,6 +62,7 @@ pub fn layout_id(maps: &mut [MapShape<'_>]) -> String {
         size_of::<ClientKey>(),
         size_of::<BackendKey>(),
         size_of::<Rewrite>(),
+        size_of::<BackendRewrite>(),
         size_of::<FlowCounter>(),
         size_of::<ReasonCounter>(),
         size_of::<RelayConfig>(),

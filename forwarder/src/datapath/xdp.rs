@@ -13,8 +13,8 @@ use forwarder_common::flow::stamp_ns;
 use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
-    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
-    Rewrite, Rewrite6, SlowpathBucket,
+    BackendKey, BackendKey6, BackendRewrite, ClientKey, ClientKey6, FlowCounter, REASON_COUNT,
+    RelayConfig, Rewrite, Rewrite6, SlowpathBucket,
 };
 
 use super::bulk::{FlowMapsReader, MapsUsed};
@@ -48,7 +48,7 @@ pub struct XdpDatapath {
     /// Owns the program and its links; kept alive for as long as we forward.
     _ebpf: Ebpf,
     client_flows: HashMap<MapData, ClientKey, Rewrite>,
-    backend_flows: HashMap<MapData, BackendKey, Rewrite>,
+    backend_flows: HashMap<MapData, BackendKey, BackendRewrite>,
     client_flows6: HashMap<MapData, ClientKey6, Rewrite6>,
     backend_flows6: HashMap<MapData, BackendKey6, Rewrite6>,
     client_flows_4to6: HashMap<MapData, ClientKey, Rewrite6>,
@@ -450,7 +450,7 @@ impl XdpDatapath {
     ) -> (Option<T>, Option<T>) {
         let client = self.read_client(entries, &v4, &v6);
         let backend = match &entries.backend {
-            BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| v4(&r)).ok(),
+            BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| v4(&r.rewrite)).ok(),
             BackendHalf::V4To6(key, _) => self.backend_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
             BackendHalf::V6(key, _) => self.backend_flows6.get(key, 0).map(|r| v6(&r)).ok(),
         };

@@ -28,7 +28,8 @@ use aya::{
 use etherparse::{Ipv4Header, PacketBuilder};
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_common::{
-    BackendKey, ClientKey, REASON_COUNT, Reason, RelayConfig, Rewrite, SlowpathBucket,
+    BackendKey, BackendRewrite, ClientKey, REASON_COUNT, Reason, RelayConfig, Rewrite,
+    SlowpathBucket,
     config::{RELAY_CONFIG_GLOBAL, map_names},
     flow::{EgressIface, Endpoints, IFACE_ANY, IFACE_NONE},
     reason::ReasonCounter,
@@ -139,8 +140,8 @@ impl Relay {
         map.insert(key, rewrite, 0).unwrap();
     }
 
-    pub fn add_backend_flow(&mut self, key: BackendKey, rewrite: Rewrite) {
-        let mut map: HashMap<_, BackendKey, Rewrite> = HashMap::try_from(
+    pub fn add_backend_flow(&mut self, key: BackendKey, rewrite: BackendRewrite) {
+        let mut map: HashMap<_, BackendKey, BackendRewrite> = HashMap::try_from(
             self.ebpf
                 .map_mut("BACKEND_FLOWS")
                 .expect("BACKEND_FLOWS map"),
@@ -475,14 +476,15 @@ pub fn install_client_flow(relay: &mut Relay, backend: ([u8; 4], u16)) -> Client
 /// The backend half `backend → relay_back:Q` rewritten to `relay:P → client`,
 /// accepted only from `backend`, arriving on the interface in slot
 /// `allowed_iface` (`IFACE_ANY`: anywhere).
-pub fn backend_rewrite(allowed_iface: u8) -> Rewrite {
+pub fn backend_rewrite(allowed_iface: u8) -> BackendRewrite {
     let from = endpoints((BACKEND, BACKEND_PORT), (RELAY_BACK, FLOW_PORT));
     let to = endpoints((RELAY_FRONT, SESSION_PORT), (CLIENT, CLIENT_PORT));
-    let mut rewrite = Rewrite::new(from, to);
-    rewrite.allowed_saddr = BACKEND;
-    rewrite.allowed_sport = BACKEND_PORT.to_be_bytes();
-    rewrite.allowed_iface = allowed_iface;
-    rewrite
+    BackendRewrite::new(
+        Rewrite::new(from, to),
+        BACKEND,
+        BACKEND_PORT.to_be_bytes(),
+        allowed_iface,
+    )
 }
 
 /// Installs [`backend_rewrite`] on `relay_back:Q`, accepted on
