@@ -38,7 +38,7 @@ const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
 ///
 /// 40 bytes, so that with the key and the kernel's 48-byte element header
 /// a client half is 104 B, and a backend half (8 B more, who may use it)
-/// 104 B too: a million flows fit in about 245 MB. That is why the time is
+/// 104 B too: a million flows take about 248 MB. That is why the time is
 /// a 32-bit stamp, the packet count 32 bits, and the route cache names its
 /// interface by a one-byte slot of `EGRESS_IFACES` instead of holding its
 /// ifindex, MAC and MTU.
