@@ -28,9 +28,11 @@ fn main() -> anyhow::Result<()> {
     // AYA_BUILD_SKIP (host-only checks such as clippy) builds no object; an
     // empty one lets the crate compile and the daemon refuses to start.
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let object = out_dir.join("forwarder");
-    if !object.exists() {
-        std::fs::write(&object, [])?;
+    for name in ["forwarder", "clock-probe"] {
+        let object = out_dir.join(name);
+        if !object.exists() {
+            std::fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

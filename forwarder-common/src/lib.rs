@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod clientseq;
+pub mod clock;
 pub mod config;
 pub mod csum;
 pub mod flow;

@@ -18,7 +18,7 @@ use bytemuck::{Pod, Zeroable};
 pub const SESSION_BUCKET_SLOTS: u32 = 1 << 16;
 
 /// One rate limit. All times are CLOCK_MONOTONIC nanoseconds; the XDP
-/// program reads them tick-granular (`bpf_ktime_get_coarse_ns`, same base).
+/// program reads them tick-granular (its jiffies clock, same base: clock.rs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct SlowpathBucket {

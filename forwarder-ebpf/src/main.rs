@@ -14,6 +14,7 @@
     reason = "core_intrinsics is the only way to an atomic add on bpfel"
 )]
 
+mod clock;
 mod config;
 mod flow;
 mod flow6;
@@ -31,7 +32,6 @@ mod translate;
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::bpf_ktime_get_coarse_ns,
     macros::xdp,
     programs::XdpContext,
 };
@@ -100,10 +100,9 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
         return Err(Reason::PassTtlExpiring);
     }
     // Timestamps only need second granularity (last-seen, route cache age):
-    // the coarse clock reads a jiffies-updated value instead of the TSC, and
-    // shares CLOCK_MONOTONIC's base, which the daemon compares against.
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = stamp(unsafe { bpf_ktime_get_coarse_ns() });
+    // a tick-granular clock with CLOCK_MONOTONIC's base, which the daemon
+    // compares against.
+    let now = stamp(clock::now_ns());
     let (route, looked_up) =
         match forward::cached_route(&rewrite.next_hop, rewrite.last_seen, now, packet.tot_len()) {
             Some(route) => (route, false),

@@ -2,10 +2,11 @@
 //! the same steps as the IPv4 one in main.rs (parse, look up, check, route,
 //! rewrite or translate, forward), each ending in a `Reason`.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use forwarder_common::{Reason, flow::stamp};
 
 use crate::{
+    clock,
     flow::{self, Side},
     flow6, forward,
     forward::Sent,
@@ -167,8 +168,7 @@ fn routed(
     ingress_ifindex: u32,
     session_port: u16,
 ) -> Result<Routed, Reason> {
-    // SAFETY: bpf_ktime_get_coarse_ns has no preconditions.
-    let now = stamp(unsafe { bpf_ktime_get_coarse_ns() });
+    let now = stamp(clock::now_ns());
     if let Some(route) = forward::cached_route(&rewrite.next_hop, rewrite.last_seen, now, out_len) {
         return Ok(Routed {
             route,

@@ -16,7 +16,6 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use forwarder_common::{Reason, SlowpathBucket};
 
 use crate::maps::{SLOWPATH_GLOBAL_BUCKET, SLOWPATH_SESSION_BUCKETS};
@@ -38,14 +37,12 @@ pub fn gate(reason: Reason, session_port: Option<u16>) -> Reason {
         | Reason::PassNoHeadroom => {}
         _ => return reason,
     }
-    // The coarse clock (CLOCK_MONOTONIC_COARSE: same base, tick-granular)
-    // costs a plain load where the precise one reads the clock source, the
-    // largest single cost of refusing a flood (docs/BENCHMARKS.md). A rate
-    // in packets per second needs no finer time: within one tick the
-    // burst still bounds admissions, and the tick's time is caught up at
-    // the next one.
-    // SAFETY: reads the coarse monotonic clock; no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    // A tick-granular clock (clock.rs) costs a load where the precise one
+    // reads the clock source, the largest single cost of refusing a flood
+    // (docs/BENCHMARKS.md). A rate in packets per second needs no finer
+    // time: within one tick the burst still bounds admissions, and the
+    // tick's time is caught up at the next one.
+    let now = crate::clock::now_ns();
     if let Some(port) = session_port
         && let Some(bucket) = SLOWPATH_SESSION_BUCKETS.get_ptr_mut(u32::from(port))
         && !take(bucket, now)

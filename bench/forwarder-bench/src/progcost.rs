@@ -42,6 +42,7 @@ use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
 use forwarder::datapath::egress::EgressTable;
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_bench_common::CeilingConfig;
+use forwarder_common::clock::{JIFFIES_CLOCK_GLOBAL, JiffiesClock};
 use forwarder_common::config::map_names;
 use forwarder_common::flow::{Endpoints, IFACE_ANY};
 use forwarder_common::reason::ReasonCounter;
@@ -776,6 +777,11 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     // The relay's ports, as the daemon sets them; objects older than the
     // read-only global read them from a one-slot map, filled likewise.
     loader.override_global(forwarder_common::config::RELAY_CONFIG_GLOBAL, &RELAY, false);
+    // The daemon's clock, measured once; objects older than it read the
+    // coarse clock.
+    static CLOCK: std::sync::OnceLock<JiffiesClock> = std::sync::OnceLock::new();
+    let clock = CLOCK.get_or_init(forwarder::datapath::clock::program_clock);
+    loader.override_global(JIFFIES_CLOCK_GLOBAL, clock, false);
     // Room for the round-robin rings, as `--max-flows` gives the daemon.
     for name in [map_names::CLIENT_FLOWS, map_names::BACKEND_FLOWS] {
         loader.map_max_entries(name, BENCH_MAX_FLOWS);

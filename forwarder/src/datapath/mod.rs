@@ -3,6 +3,7 @@
 //! every packet; with XDP they only see first packets and fallbacks.
 
 pub mod bulk;
+pub mod clock;
 pub mod egress;
 pub mod ethtool;
 pub mod fds;

@@ -8,6 +8,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
+use forwarder_common::clock::JIFFIES_CLOCK_GLOBAL;
 use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
 use forwarder_common::flow::stamp_ns;
 use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
@@ -107,9 +108,11 @@ impl XdpDatapath {
         // an adopted data plane exactly as it was.
         check_pinned_sizes(pins, sizes)?;
         check_interfaces_free(interfaces, pins)?;
+        let clock = super::clock::program_clock();
         let mut loader = EbpfLoader::new();
-        // Read-only: the kernel freezes it, the verifier treats it as constants.
+        // Read-only: the kernel freezes them, the verifier treats them as constants.
         loader.override_global(RELAY_CONFIG_GLOBAL, &config, true);
+        loader.override_global(JIFFIES_CLOCK_GLOBAL, &clock, true);
         for name in &names {
             loader.map_pin_path(name, pins.map_path(name));
         }

@@ -30,6 +30,7 @@ use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_common::{
     BackendKey, BackendRewrite, ClientKey, REASON_COUNT, Reason, RelayConfig, Rewrite,
     SlowpathBucket,
+    clock::{JIFFIES_CLOCK_GLOBAL, JiffiesClock},
     config::{RELAY_CONFIG_GLOBAL, map_names},
     flow::{EgressIface, Endpoints, IFACE_ANY, IFACE_NONE},
     reason::ReasonCounter,
@@ -95,6 +96,14 @@ pub const PAYLOAD: &[u8] = b"\x80\x00\x00\x00\x00\x00\x00\x01mosh datagram paylo
 pub const IP: usize = 14;
 pub const UDP: usize = 34;
 
+/// The daemon's measurement of the kernel tick, taken once per test binary.
+fn program_clock() -> &'static JiffiesClock {
+    static CLOCK: std::sync::OnceLock<JiffiesClock> = std::sync::OnceLock::new();
+    CLOCK.get_or_init(|| {
+        forwarder::datapath::clock::measure().expect("measuring the kernel tick for the XDP clock")
+    })
+}
+
 /// One loaded copy of the program with its own (unpinned) maps.
 pub struct Relay {
     ebpf: Ebpf,
@@ -113,6 +122,8 @@ impl Relay {
         require_root();
         let ebpf = EbpfLoader::new()
             .override_global(RELAY_CONFIG_GLOBAL, &CONFIG, true)
+            // The daemon's clock, so the tests run the program as it does.
+            .override_global(JIFFIES_CLOCK_GLOBAL, program_clock(), true)
             .load(EBPF_OBJECT)
             .expect("loading the embedded eBPF object (maps)");
         let mut relay = Self {
