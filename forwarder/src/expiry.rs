@@ -1,6 +1,6 @@
 //! Which flows and sessions have gone idle. Pure decisions over timestamps
-//! (CLOCK_MONOTONIC nanoseconds, the clock `bpf_ktime_get_ns` reads), so they
-//! are unit-tested without a kernel.
+//! (CLOCK_MONOTONIC nanoseconds, which the XDP program's clock reads too:
+//! datapath::clock), so they are unit-tested without a kernel.
 
 use std::time::Duration;
 

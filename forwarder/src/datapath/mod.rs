@@ -26,8 +26,9 @@ pub use self::flows::{
 };
 use self::xdp::{MapUsage, XdpDatapath};
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns` reads, so
-/// timestamps from the XDP program and from the daemon compare directly.
+/// CLOCK_MONOTONIC in nanoseconds: what the XDP program's clock reads (to
+/// the tick, datapath::clock), so timestamps from the XDP program and from
+/// the daemon compare directly.
 pub fn monotonic_ns() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available on Linux");
