@@ -24,17 +24,19 @@ pub const JIFFIES_CLOCK_GLOBAL: &str = "JIFFIES_CLOCK";
 /// measured tick is snapped to one of these, so the clock does not drift.
 pub const KERNEL_HZ_CHOICES: [u64; 12] = [24, 32, 48, 64, 100, 128, 250, 256, 300, 512, 1000, 1024];
 
-/// The widest window the offset's edge may be timed within: the offset is
-/// that far from exact at most, against 16.8 ms stamps.
-pub const MAX_EDGE_WINDOW_NS: u64 = 1_000_000;
+/// The widest window an edge may be timed within to count: a sampling
+/// step the scheduler interrupted says little about when the tick came.
+pub const MAX_EDGE_WINDOW_NS: u64 = 200_000;
 
-/// How far from exact the measured tick may be, in thousandths, before it
-/// is snapped: a quarter of the 2.4 % between the closest HZ choices (250
-/// and 256, 1000 and 1024), so the snap cannot pick a neighbour.
-const MAX_TICK_ERROR_PERMILLE: u64 = 5;
+/// The least time between the first and the last edge that agree with a
+/// tick. A neighbouring HZ choice is 2.4 % away at the closest (250 and
+/// 256, 1000 and 1024): over 20 ms its times drift 480 µs from the edges,
+/// more than twice the widest window, so no wrong choice agrees with
+/// edges that far apart.
+pub const MIN_EDGE_SPAN_NS: u64 = 20_000_000;
 
-/// How far the measured tick may be from a choice's, in thousandths.
-const SNAP_TOLERANCE_PERMILLE: u64 = 2 * MAX_TICK_ERROR_PERMILLE;
+/// The fewest edges that must agree with a tick.
+pub const MIN_AGREEING_EDGES: usize = 3;
 
 /// `jiffies * tick_ns + offset_ns` (wrapping) is CLOCK_MONOTONIC at the
 /// start of the current tick. All zero: not measured, and the program reads
@@ -91,39 +93,69 @@ impl JiffiesClock {
             .wrapping_add(self.offset_ns)
     }
 
-    /// The clock from edges seen in order, once they pin it down. The
-    /// tick comes from the narrowest edge of the first half and the
-    /// narrowest of the second, once their windows leave it within
-    /// [`MAX_TICK_ERROR_PERMILLE`], snapped to a [`KERNEL_HZ_CHOICES`]
-    /// tick; the narrowest edge gives the offset. Wide windows (a sampling
-    /// step the scheduler interrupted) only ask for more span. `None` while
-    /// the edges do not pin it (too few, too close, or a tick no kernel
-    /// has: then the caller keeps the coarse clock).
+    /// The clock from edges seen in order, once they pin it down, or
+    /// `None` while they do not (too few, too close, or agreeing with no
+    /// kernel's tick, or with two: the caller then keeps the coarse clock).
+    ///
+    /// The kernel never moves jiffies early, only late (a tick the host
+    /// delayed), so for the true tick every edge's window ends at or after
+    /// `jiffies * tick + offset`, and the punctual edges' windows contain
+    /// it. For each [`KERNEL_HZ_CHOICES`] tick the edges give an upper
+    /// bound on the offset (the least of their windows' ends less
+    /// `jiffies * tick`); the edges whose windows reach down to it agree
+    /// with that tick. A tick is taken when at least
+    /// [`MIN_AGREEING_EDGES`] edges spanning [`MIN_EDGE_SPAN_NS`] agree with
+    /// it and with no other choice; the offset is the middle of what those
+    /// edges leave open. A late edge only drops out of the agreement.
     pub fn calibrate(edges: &[JiffiesEdge]) -> Option<Self> {
-        let narrowest =
-            |edges: &[JiffiesEdge]| edges.iter().min_by_key(|edge| edge.window_ns()).copied();
-        let (early, late) = edges.split_at(edges.len() / 2);
-        let (first, last) = (narrowest(early)?, narrowest(late)?);
-        let span_ns = last.midpoint_ns().checked_sub(first.midpoint_ns())?;
-        let ticks = last.jiffies.checked_sub(first.jiffies)?;
-        let uncertainty_ns = first.window_ns() / 2 + last.window_ns() / 2;
-        if ticks == 0
-            || uncertainty_ns.saturating_mul(1000) > span_ns.saturating_mul(MAX_TICK_ERROR_PERMILLE)
-        {
-            return None;
+        let narrow = || {
+            edges
+                .iter()
+                .filter(|edge| edge.window_ns() <= MAX_EDGE_WINDOW_NS)
+        };
+        let reference = narrow().next()?;
+        let mut found = None;
+        for hz in KERNEL_HZ_CHOICES {
+            let tick_ns = (1_000_000_000 + hz / 2) / hz;
+            // Offsets relative to the reference edge's, which keeps them
+            // small and signed whatever the jiffies' absolute value.
+            let base = reference
+                .latest_ns
+                .wrapping_sub(reference.jiffies.wrapping_mul(tick_ns));
+            let relative = |at_ns: u64, jiffies: u64| {
+                at_ns
+                    .wrapping_sub(jiffies.wrapping_mul(tick_ns))
+                    .wrapping_sub(base) as i64
+            };
+            let Some(upper) = narrow()
+                .map(|edge| relative(edge.latest_ns, edge.jiffies))
+                .min()
+            else {
+                continue;
+            };
+            let agreeing =
+                || narrow().filter(|edge| relative(edge.earliest_ns, edge.jiffies) <= upper);
+            let (Some(first), Some(last)) = (agreeing().next(), agreeing().next_back()) else {
+                continue;
+            };
+            let span_ns = last.midpoint_ns().saturating_sub(first.midpoint_ns());
+            if agreeing().count() < MIN_AGREEING_EDGES || span_ns < MIN_EDGE_SPAN_NS {
+                continue;
+            }
+            if found.is_some() {
+                return None;
+            }
+            let lower = agreeing()
+                .map(|edge| relative(edge.earliest_ns, edge.jiffies))
+                .max()
+                .unwrap_or(upper);
+            let offset_relative = lower + (upper - lower) / 2;
+            found = Some(Self {
+                tick_ns,
+                offset_ns: base.wrapping_add(offset_relative as u64),
+            });
         }
-        let measured_ns = span_ns / ticks;
-        let tick_ns = KERNEL_HZ_CHOICES
-            .iter()
-            .map(|&hz| (1_000_000_000 + hz / 2) / hz)
-            .find(|&tick| measured_ns.abs_diff(tick) * 1000 <= tick * SNAP_TOLERANCE_PERMILLE)?;
-        let best = narrowest(edges).filter(|edge| edge.window_ns() <= MAX_EDGE_WINDOW_NS)?;
-        Some(Self {
-            tick_ns,
-            offset_ns: best
-                .midpoint_ns()
-                .wrapping_sub(best.jiffies.wrapping_mul(tick_ns)),
-        })
+        found
     }
 }
 
@@ -162,7 +194,7 @@ mod tests {
     fn every_kernel_hz_is_found_exactly() {
         for hz in KERNEL_HZ_CHOICES {
             let tick = (1_000_000_000 + hz / 2) / hz;
-            let count = 4;
+            let count = (MIN_EDGE_SPAN_NS / tick + 2).max(MIN_AGREEING_EDGES as u64);
             // jiffies start 300 s before wrapping, as INITIAL_JIFFIES does.
             let base = 0u64.wrapping_sub(300 * hz);
             let clock = JiffiesClock::calibrate(&edges(hz, base, 5_000, count, 1, 4_000))
@@ -181,18 +213,40 @@ mod tests {
     #[test]
     fn too_little_evidence_gives_no_clock() {
         assert_eq!(JiffiesClock::calibrate(&[]), None);
-        // One edge: no tick.
+        // Two edges: too few.
         assert_eq!(
-            JiffiesClock::calibrate(&edges(250, 7, 10, 1, 1, 1_000)),
+            JiffiesClock::calibrate(&edges(250, 7, 10, 2, 5, 1_000)),
             None
         );
-        // Windows too wide for the span between them: 40 µs over 4 ms is 1 %.
+        // Three edges 8 ms apart: too close.
         assert_eq!(
-            JiffiesClock::calibrate(&edges(250, 7, 10, 2, 1, 40_000)),
+            JiffiesClock::calibrate(&edges(250, 7, 10, 3, 1, 1_000)),
             None
         );
-        // The same windows over 40 ms pin it.
-        assert!(JiffiesClock::calibrate(&edges(250, 7, 10, 11, 1, 40_000)).is_some());
+        // Every step interrupted.
+        assert_eq!(
+            JiffiesClock::calibrate(&edges(250, 7, 10, 20, 1, 300_000)),
+            None
+        );
+        // Seven edges over 24 ms pin it.
+        let clock = JiffiesClock::calibrate(&edges(250, 7, 10, 7, 1, 40_000));
+        assert_eq!(clock.map(|clock| clock.tick_ns), Some(4_000_000));
+    }
+
+    #[test]
+    fn late_ticks_skew_neither_the_tick_nor_the_offset() {
+        // HZ 250, the first edge 450 µs late: taken as it came, over the
+        // 24 ms to the last edge it would make the tick 1.9 % short, within
+        // 1 % of HZ 256's; two more are late by 1 and 3 ms.
+        let mut seen = edges(250, 1_000, 10, 7, 1, 20_000);
+        for (index, late) in [(0, 450_000), (3, 1_000_000), (5, 3_000_000)] {
+            seen[index].earliest_ns += late;
+            seen[index].latest_ns += late;
+        }
+        let clock = JiffiesClock::calibrate(&seen).expect("a clock from the punctual edges");
+        assert_eq!(clock.tick_ns, 4_000_000);
+        // Truth: jiffy 1,000 + 10 began at 40 ms.
+        assert!(clock.now_ns(1_010).abs_diff(40_000_000) <= 20_000);
     }
 
     #[test]

@@ -19,27 +19,36 @@ fn measured_clock_reads_as_the_monotonic_time_of_the_tick() {
         clock.tick_ns
     );
     let probe = JiffiesProbe::load().expect("loading the clock probe");
-    // Within 1 ms of the measured edge (MAX_EDGE_WINDOW_NS), a jiffy's
-    // time is the start of the tick its read fell in.
+    // Jiffies never run ahead of CLOCK_MONOTONIC, and lag it by a tick
+    // when the tick is on time: the converted time may exceed the read's
+    // end only by the offset's error (half an edge window at most), and
+    // the closest of the reads lies within one tick of it. Ticks the host
+    // delays (this VM's vCPUs are preempted) only lag more, so the lag is
+    // asserted for the best read, not for every one.
     let slack = 1_000_000;
+    let mut least_lag = u64::MAX;
     for _ in 0..50 {
         let read = probe.read().expect("reading jiffies");
         let at = clock.now_ns(read.jiffies);
         assert!(
-            at <= read.after_ns + slack && at + clock.tick_ns + slack >= read.before_ns,
-            "jiffies {} read as {at} ns, outside its tick ({}..{} ns monotonic)",
+            at <= read.after_ns + slack,
+            "jiffies {} read as {at} ns, after the read ended ({} ns monotonic)",
             read.jiffies,
-            read.before_ns,
             read.after_ns
         );
+        least_lag = least_lag.min(read.before_ns.saturating_sub(at));
         std::thread::sleep(std::time::Duration::from_millis(3));
     }
-    // A second measurement finds the same clock (the same tick; the offset
-    // to within both edges' windows).
+    assert!(
+        least_lag <= clock.tick_ns + slack,
+        "every read lagged CLOCK_MONOTONIC by more than a tick: {least_lag} ns at best"
+    );
+    // A second measurement finds the same clock: the same tick, the offset
+    // to within both edges' windows.
     let again = measure().expect("measuring the kernel tick again");
     assert_eq!(again.tick_ns, clock.tick_ns);
     assert!(
-        (again.offset_ns.wrapping_sub(clock.offset_ns) as i64).unsigned_abs() <= 2 * slack,
+        (again.offset_ns.wrapping_sub(clock.offset_ns) as i64).unsigned_abs() <= slack,
         "offsets {} and {} differ",
         clock.offset_ns,
         again.offset_ns
