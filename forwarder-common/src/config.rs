@@ -57,6 +57,8 @@ pub mod map_names {
     pub const BACKEND_FLOWS_4TO6: &str = "BACKEND_FLOWS_4TO6";
     pub const PORTS_4TO6: &str = "PORTS_4TO6";
     pub const CLIENT_SEQS: &str = "CLIENT_SEQS";
+    pub const CLIENT_PORT_SLOTS: &str = "CLIENT_PORT_SLOTS";
+    pub const BACKEND_PORT_SLOTS: &str = "BACKEND_PORT_SLOTS";
 }
 
 /// Every size that depends on the run's flags, derived in one place: the

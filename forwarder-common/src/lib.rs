@@ -11,6 +11,7 @@ pub mod config;
 pub mod csum;
 pub mod flow;
 pub mod flow6;
+pub mod portslot;
 pub mod reason;
 pub mod slowpath;
 

@@ -1,11 +1,12 @@
 //! Flow lookup and the anti-spoofing check: which rewrite, if any, applies.
 
 use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+use forwarder_common::portslot::{BackendSlot, ClientSlot, backend_slot_base, client_slot_base};
 use forwarder_common::{AllowedSource, BackendKey, ClientKey, Reason, Rewrite};
 
 use crate::{
     config, forward,
-    maps::{BACKEND_FLOWS, CLIENT_FLOWS},
+    maps::{BACKEND_FLOWS, BACKEND_PORT_SLOTS, CLIENT_FLOWS, CLIENT_PORT_SLOTS},
     parse::Packet,
 };
 
@@ -44,39 +45,87 @@ pub struct Matched {
     pub allowed: Option<*const AllowedSource>,
 }
 
-/// Finds the flow entry for the packet; a miss goes to the daemon's socket,
-/// which decides whether this is a new flow.
+/// Finds the flow entry for the packet: its port's slots first, then the
+/// hash map (halves that share a port); a miss goes to the daemon's
+/// socket, which decides whether this is a new flow.
 #[inline(always)]
 pub fn lookup(packet: &Packet, side: Side) -> Result<Matched, Reason> {
     let (ip, udp) = (packet.ip(), packet.udp());
+    let port = u16::from_be_bytes(udp.dst);
     match side {
-        Side::Client => CLIENT_FLOWS
-            .get_ptr_mut(ClientKey {
+        Side::Client => {
+            let key = ClientKey {
                 relay_addr: ip.dst_addr,
                 client_addr: ip.src_addr,
                 relay_port: udp.dst,
                 client_port: udp.src,
-            })
-            .map(|entry| Matched {
-                entry,
-                allowed: None,
-            }),
-        Side::Backend => BACKEND_FLOWS
-            .get_ptr_mut(BackendKey {
+            };
+            client_slot(key, port)
+                .or_else(|| CLIENT_FLOWS.get_ptr_mut(key))
+                .map(|entry| Matched {
+                    entry,
+                    allowed: None,
+                })
+        }
+        Side::Backend => {
+            let key = BackendKey {
                 relay_addr: ip.dst_addr,
                 relay_port: udp.dst,
                 _pad: [0; 2],
-            })
-            // SAFETY: a hash map value pointer, valid for this program run
-            // (RCU); only field addresses are taken, nothing is read.
-            .map(|value| unsafe {
-                Matched {
-                    entry: &raw mut (*value).rewrite,
-                    allowed: Some(&raw const (*value).allowed),
-                }
-            }),
+            };
+            backend_slot(key, port)
+                .or_else(|| BACKEND_FLOWS.get_ptr_mut(key))
+                // SAFETY: a map value pointer, valid for this program run
+                // (an array's always, a hash map's under RCU); only field
+                // addresses are taken, nothing is read.
+                .map(|value| unsafe {
+                    Matched {
+                        entry: &raw mut (*value).rewrite,
+                        allowed: Some(&raw const (*value).allowed),
+                    }
+                })
+        }
     }
     .ok_or(Reason::PassNoFlow)
+}
+
+/// The client half in one of the session port's two slots whose key is the
+/// packet's. A dead slot's relay port is 0, which no packet here has.
+#[inline(always)]
+fn client_slot(key: ClientKey, port: u16) -> Option<*mut Rewrite> {
+    let base = client_slot_base(&config::relay(), port)?;
+    let words = ClientSlot::key_words(key);
+    for index in [base, base + 1] {
+        // An index past the array's end (an array pinned for a narrower
+        // range) finds nothing, and the hash map answers.
+        let slot = CLIENT_PORT_SLOTS.get_ptr_mut(index)?;
+        // SAFETY: an array value pointer, valid for the program's run; the
+        // daemon writes a slot only while it is dead (portslot.rs).
+        let held = unsafe { (*slot).key };
+        if (held[0] ^ words[0]) | (held[1] ^ words[1]) | (held[2] ^ words[2]) == 0 {
+            // SAFETY: as above; only the field's address is taken.
+            return Some(unsafe { &raw mut (*slot).rewrite });
+        }
+    }
+    None
+}
+
+/// The backend half in one of the backend-facing port's two slots whose
+/// key is the packet's.
+#[inline(always)]
+fn backend_slot(key: BackendKey, port: u16) -> Option<*mut forwarder_common::BackendRewrite> {
+    let base = backend_slot_base(&config::relay(), port)?;
+    let words = BackendSlot::key_words(key);
+    for index in [base, base + 1] {
+        let slot = BACKEND_PORT_SLOTS.get_ptr_mut(index)?;
+        // SAFETY: as in `client_slot`.
+        let held = unsafe { (*slot).key };
+        if (held[0] ^ words[0]) | (held[1] ^ words[1]) == 0 {
+            // SAFETY: as above; only the field's address is taken.
+            return Some(unsafe { &raw mut (*slot).value });
+        }
+    }
+    None
 }
 
 /// Only the flow's backend, arriving where the route to it points, may use a

@@ -86,8 +86,9 @@ fn relay(ctx: &XdpContext) -> Result<Sent, Reason> {
         Err(reason) => return Err(slowpath::gate(reason, miss_session)),
     };
     let entry = matched.entry;
-    // SAFETY: a hash map value stays valid for the rest of this program run
-    // (RCU); the daemon only ever replaces whole entries.
+    // SAFETY: a map value (an array slot; a hash map's under RCU) stays
+    // valid for the rest of this program run; the daemon only ever
+    // replaces whole entries (a slot by another slot, portslot.rs).
     let rewrite = unsafe { &*entry };
     let ingress_ifindex = ctx.ingress_ifindex() as u32;
     // A rebind candidate spends the session's slow-path tokens like a miss:

@@ -16,6 +16,7 @@ use forwarder_common::{
     config::MAX_INTERFACES,
     flow::{EgressIface, IFACE_SLOTS},
     flow6::PORTS_4TO6_WORDS,
+    portslot::{BackendSlot, ClientSlot, SLOTS_PER_PORT},
     reason::ReasonCounter,
     slowpath::SESSION_BUCKET_SLOTS,
 };
@@ -28,6 +29,14 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 /// The value also holds the direction's counters and cached route.
 #[map]
 pub static CLIENT_FLOWS: HashMap<ClientKey, Rewrite> = HashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Client halves alone on their session port, two slots per port (portslot.rs); asked before `CLIENT_FLOWS`.
+#[map]
+pub static CLIENT_PORT_SLOTS: Array<ClientSlot> = Array::with_max_entries(SLOTS_PER_PORT, 0);
+
+/// Backend halves alone on their backend-facing port, two slots per port; asked before `BACKEND_FLOWS`.
+#[map]
+pub static BACKEND_PORT_SLOTS: Array<BackendSlot> = Array::with_max_entries(SLOTS_PER_PORT, 0);
 
 /// Backend halves of flows, one per backend-facing port; plain hash for the
 /// same reason. The value is the rewrite and who may use it.

@@ -116,7 +116,9 @@ fn unit_command_line_with_example_config_serves_sessions_and_metrics() {
     for expected in [
         format!("forwarder_sessions{{{label}}} 1"),
         format!("forwarder_flows{{{label}}} 1"),
-        format!("forwarder_map_entries{{{label},map=\"CLIENT_FLOWS\"}} 1"),
+        // The session's client half, alone on its port, is in the port's slot.
+        format!("forwarder_map_entries{{{label},map=\"CLIENT_PORT_SLOTS\"}} 1"),
+        format!("forwarder_map_entries{{{label},map=\"CLIENT_FLOWS\"}} 0"),
         format!("forwarder_handshakes_total{{{label},outcome=\"accepted\"}} 0"),
         "forwarder_xdp_reason_packets_total".to_string(),
         "forwarder_map_memory_bytes".to_string(),

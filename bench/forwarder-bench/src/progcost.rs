@@ -36,15 +36,20 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use aya::maps::{Array, DevMap, HashMap, PerCpuArray};
+use aya::maps::{Array, DevMap, HashMap, Map, MapData, PerCpuArray};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
 use forwarder::datapath::egress::EgressTable;
+use forwarder::datapath::slots::SlotTable;
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_bench_common::CeilingConfig;
 use forwarder_common::clock::{JIFFIES_CLOCK_GLOBAL, JiffiesClock};
 use forwarder_common::config::map_names;
 use forwarder_common::flow::{Endpoints, IFACE_ANY};
+use forwarder_common::portslot::{
+    BackendSlot, ClientSlot, backend_slot_base, backend_slot_entries, client_slot_base,
+    client_slot_entries,
+};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, BackendRewrite, ClientKey, FlowCounter, Reason, RelayConfig, Rewrite,
@@ -60,8 +65,10 @@ const XDP_DROP: u32 = 1;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
+/// The session range holds a port per ring flow (from
+/// [`RING_SESSION_PORT`]), as the daemon gives each session its own.
 const RELAY: RelayConfig = RelayConfig {
-    session_port_lo: 60_000,
+    session_port_lo: 42_000,
     session_port_hi: 60_099,
     flow_port_lo: 20_000,
     flow_port_hi: 39_999,
@@ -82,6 +89,8 @@ const REFUSE_REPEAT: u32 = 10_000;
 /// range (20,000-39,999), flow ports inside it.
 const RING_CLIENT_PORT: u16 = 1_024;
 const RING_FLOW_PORT: u16 = 21_000;
+/// Flow i's client half is at session port `RING_SESSION_PORT + i`.
+const RING_SESSION_PORT: u16 = 42_000;
 /// The most flows a ring can have within those ports.
 pub const MAX_RING_FLOWS: u16 = 18_000;
 /// The round-robin sizes issue 16 names: 1,000 and 15,000 flows.
@@ -96,17 +105,25 @@ const BENCH_MAX_FLOWS: u32 = 65_536;
 struct Pair {
     client: [u8; 4],
     server: [u8; 4],
+    /// The one-flow case's session and backend-facing ports: a port of its
+    /// own each, so each half is alone on its port, as on a relay.
+    session_port: u16,
+    flow_port: u16,
 }
 
 /// Both neighbours on the ingress interface: every packet leaves by XDP_TX.
 const TX_PAIR: Pair = Pair {
     client: [10, 0, 1, 2],
     server: [10, 0, 1, 3],
+    session_port: SESSION_PORT,
+    flow_port: FLOW_PORT,
 };
 /// Both neighbours behind the other interface: every packet is redirected.
 const REDIRECT_PAIR: Pair = Pair {
     client: [10, 0, 2, 2],
     server: [10, 0, 2, 3],
+    session_port: SESSION_PORT + 4,
+    flow_port: FLOW_PORT + 4,
 };
 
 /// IPv6 neighbours, like the IPv4 pairs: on the ingress link, and behind the other.
@@ -216,7 +233,7 @@ pub fn run(calls: usize, objects: &[String], rings: &[u16]) -> anyhow::Result<()
                     pair.client,
                     CLIENT_PORT,
                     pair.server,
-                    SESSION_PORT,
+                    pair.session_port,
                     255,
                     64,
                 )],
@@ -247,6 +264,7 @@ pub fn run(calls: usize, objects: &[String], rings: &[u16]) -> anyhow::Result<()
                     flows,
                     client_port: RING_CLIENT_PORT,
                     flow_port: RING_FLOW_PORT,
+                    session_port: RING_SESSION_PORT,
                 };
                 let halves = ring_load.add_ring(pair, &ring)?;
                 let starts = (0..usize::from(flows)).step_by(RING_STEP);
@@ -257,7 +275,8 @@ pub fn run(calls: usize, objects: &[String], rings: &[u16]) -> anyhow::Result<()
                     frames: starts
                         .map(|start| {
                             let port = RING_CLIENT_PORT + start as u16;
-                            frame(pair.client, port, pair.server, SESSION_PORT, 255, 64)
+                            let session_port = ring.session_port_of(start as u16);
+                            frame(pair.client, port, pair.server, session_port, 255, 64)
                         })
                         .collect(),
                     repeat: FORWARD_REPEAT,
@@ -545,6 +564,7 @@ fn counted(ebpf: &Ebpf, check: &Check) -> anyhow::Result<u64> {
                 .sum())
         }
         Check::Forwarded(halves) => {
+            let v4 = V4Tables::open(ebpf)?;
             let map = |name: &str| ebpf.map(name).with_context(|| name.to_string());
             let clients: HashMap<_, ClientKey, Rewrite> =
                 HashMap::try_from(map(map_names::CLIENT_FLOWS)?)?;
@@ -559,8 +579,14 @@ fn counted(ebpf: &Ebpf, check: &Check) -> anyhow::Result<u64> {
             let mut sum = 0;
             for half in halves {
                 let counter: FlowCounter = match half {
-                    Half::Client(key) => clients.get(key, 0)?.counter(),
-                    Half::Backend(key) => backends.get(key, 0)?.rewrite.counter(),
+                    Half::Client(key) => match &v4 {
+                        Some(tables) => tables.client.get(key)?.counter(),
+                        None => clients.get(key, 0)?.counter(),
+                    },
+                    Half::Backend(key) => match &v4 {
+                        Some(tables) => tables.backend.get(key)?.rewrite.counter(),
+                        None => backends.get(key, 0)?.rewrite.counter(),
+                    },
                     Half::Client6(key) => clients6.get(key, 0)?.counter(),
                     Half::Backend6(key) => backends6.get(key, 0)?.counter(),
                     Half::Backend4To6(key) => backends_4to6.get(key, 0)?.counter(),
@@ -763,6 +789,22 @@ struct Ring {
     flows: u16,
     client_port: u16,
     flow_port: u16,
+    session_port: u16,
+}
+
+impl Ring {
+    /// Flow i's place among the ring's ports: i times a prime stride,
+    /// modulo the flows, which visits every place once.
+    fn scatter(&self, i: u16) -> u16 {
+        let flows = u32::from(self.flows);
+        // Both primes: one of them is coprime with any ring size.
+        let stride = if flows % 7_919 == 0 { 7_907 } else { 7_919 };
+        (u32::from(i) * stride % flows) as u16
+    }
+
+    fn session_port_of(&self, i: u16) -> u16 {
+        self.session_port + self.scatter(i)
+    }
 }
 
 /// forwarder's own program, configured the way the daemon configures it.
@@ -770,6 +812,55 @@ struct Relay {
     ebpf: Ebpf,
     /// The daemon's numbering of the interfaces, holding its maps.
     egress: Option<EgressTable>,
+    /// The IPv4 halves placed as the daemon places them (port slots, then
+    /// the hash maps); None for an object from before the port slots.
+    v4: Option<V4Tables>,
+}
+
+/// Both sides' slot tables over an object's own maps.
+struct V4Tables {
+    client: SlotTable<ClientSlot>,
+    backend: SlotTable<BackendSlot>,
+}
+
+impl V4Tables {
+    /// Opens the object's slot arrays and IPv4 hash maps a second time (the
+    /// object keeps its own descriptors, which the cases' checks read).
+    fn open(ebpf: &Ebpf) -> anyhow::Result<Option<Self>> {
+        let reopen = |name: &str| -> anyhow::Result<Option<Map>> {
+            let Some(map) = ebpf.map(name) else {
+                return Ok(None);
+            };
+            let (Map::Array(data) | Map::HashMap(data)) = map else {
+                anyhow::bail!("{name} is neither an array nor a hash map");
+            };
+            let again = MapData::from_id(data.info()?.id())?;
+            Ok(Some(match map {
+                Map::Array(_) => Map::Array(again),
+                _ => Map::HashMap(again),
+            }))
+        };
+        let Some(client_slots) = reopen(map_names::CLIENT_PORT_SLOTS)? else {
+            return Ok(None);
+        };
+        let backend_slots = reopen(map_names::BACKEND_PORT_SLOTS)?.context("BACKEND_PORT_SLOTS")?;
+        let client_flows = reopen(map_names::CLIENT_FLOWS)?.context("CLIENT_FLOWS")?;
+        let backend_flows = reopen(map_names::BACKEND_FLOWS)?.context("BACKEND_FLOWS")?;
+        Ok(Some(Self {
+            client: SlotTable::adopt(
+                Array::try_from(client_slots)?,
+                HashMap::try_from(client_flows)?,
+                client_slot_base,
+                RELAY,
+            )?,
+            backend: SlotTable::adopt(
+                Array::try_from(backend_slots)?,
+                HashMap::try_from(backend_flows)?,
+                backend_slot_base,
+                RELAY,
+            )?,
+        }))
+    }
 }
 
 fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
@@ -786,6 +877,9 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     for name in [map_names::CLIENT_FLOWS, map_names::BACKEND_FLOWS] {
         loader.map_max_entries(name, BENCH_MAX_FLOWS);
     }
+    // The slot arrays as the daemon sizes them (older objects have none).
+    loader.map_max_entries(map_names::CLIENT_PORT_SLOTS, client_slot_entries(&RELAY));
+    loader.map_max_entries(map_names::BACKEND_PORT_SLOTS, backend_slot_entries(&RELAY));
     let mut ebpf = loader
         .load(object)
         .context("loading forwarder's XDP object")?;
@@ -800,7 +894,12 @@ fn load_forwarder(object: &[u8]) -> anyhow::Result<Relay> {
     program
         .load()
         .context("the verifier refused forwarder's program")?;
-    Ok(Relay { ebpf, egress: None })
+    let v4 = V4Tables::open(&ebpf)?;
+    Ok(Relay {
+        ebpf,
+        egress: None,
+        v4,
+    })
 }
 
 impl Relay {
@@ -828,13 +927,13 @@ impl Relay {
             saddr: pair.client,
             daddr: pair.server,
             sport: CLIENT_PORT.to_be_bytes(),
-            dport: SESSION_PORT.to_be_bytes(),
+            dport: pair.session_port.to_be_bytes(),
         };
         let backend_side = Endpoints {
             saddr: pair.server,
             daddr: pair.client,
             sport: SERVER_PORT.to_be_bytes(),
-            dport: FLOW_PORT.to_be_bytes(),
+            dport: pair.flow_port.to_be_bytes(),
         };
         let client_rewrite = Rewrite::new(client_side, backend_side);
         let backend_rewrite = BackendRewrite::new(
@@ -846,35 +945,39 @@ impl Relay {
         let client = ClientKey {
             relay_addr: pair.server,
             client_addr: pair.client,
-            relay_port: SESSION_PORT.to_be_bytes(),
+            relay_port: pair.session_port.to_be_bytes(),
             client_port: CLIENT_PORT.to_be_bytes(),
         };
-        self.insert(map_names::CLIENT_FLOWS, client, client_rewrite)?;
+        self.insert_client(client, client_rewrite)?;
         let backend = BackendKey {
             relay_addr: pair.client,
-            relay_port: FLOW_PORT.to_be_bytes(),
+            relay_port: pair.flow_port.to_be_bytes(),
             _pad: [0; 2],
         };
-        self.insert(map_names::BACKEND_FLOWS, backend, backend_rewrite)?;
+        self.insert_backend(backend, backend_rewrite)?;
         Ok(vec![Half::Client(client), Half::Backend(backend)])
     }
 
     /// A ring of flows between the pair's client and server: flow i's
-    /// client half (client port `client_port + i`) rewrites to its backend
-    /// half (flow port `flow_port + i`), which rewrites onto the client half
-    /// of flow i+1; the last one's back onto flow 0's.
+    /// client half (client port `client_port + i`, session port
+    /// `session_port + ring.scatter(i)`) rewrites to its backend half (flow
+    /// port `flow_port + ring.scatter(i)`), which rewrites onto the client
+    /// half of flow i+1; the last one's back onto flow 0's. The scattered
+    /// ports make consecutive packets read slots far apart, as a relay's
+    /// sessions send in no port order, instead of walking the slot arrays
+    /// in order, which the cache's prefetcher would serve.
     fn add_ring(&mut self, pair: &Pair, ring: &Ring) -> anyhow::Result<Vec<Half>> {
         let client_side = |i: u16| Endpoints {
             saddr: pair.client,
             daddr: pair.server,
             sport: (ring.client_port + i % ring.flows).to_be_bytes(),
-            dport: SESSION_PORT.to_be_bytes(),
+            dport: ring.session_port_of(i % ring.flows).to_be_bytes(),
         };
         let backend_side = |i: u16| Endpoints {
             saddr: pair.server,
             daddr: pair.client,
             sport: SERVER_PORT.to_be_bytes(),
-            dport: (ring.flow_port + i).to_be_bytes(),
+            dport: (ring.flow_port + ring.scatter(i)).to_be_bytes(),
         };
         let mut halves = Vec::with_capacity(2 * usize::from(ring.flows));
         for i in 0..ring.flows {
@@ -888,17 +991,17 @@ impl Relay {
             let key = ClientKey {
                 relay_addr: pair.server,
                 client_addr: pair.client,
-                relay_port: SESSION_PORT.to_be_bytes(),
+                relay_port: client_side(i).dport,
                 client_port: client_side(i).sport,
             };
-            self.insert(map_names::CLIENT_FLOWS, key, client_rewrite)?;
+            self.insert_client(key, client_rewrite)?;
             halves.push(Half::Client(key));
             let key = BackendKey {
                 relay_addr: pair.client,
                 relay_port: backend_side(i).dport,
                 _pad: [0; 2],
             };
-            self.insert(map_names::BACKEND_FLOWS, key, backend_rewrite)?;
+            self.insert_backend(key, backend_rewrite)?;
             halves.push(Half::Backend(key));
         }
         Ok(halves)
@@ -977,6 +1080,22 @@ impl Relay {
         };
         self.insert(map_names::BACKEND_FLOWS_4TO6, backend, backend_rewrite)?;
         Ok(vec![Half::Client6(client), Half::Backend4To6(backend)])
+    }
+
+    /// An IPv4 client half, where the daemon would put it.
+    fn insert_client(&mut self, key: ClientKey, rewrite: Rewrite) -> anyhow::Result<()> {
+        match &mut self.v4 {
+            Some(tables) => Ok(tables.client.insert(key, rewrite)?),
+            None => self.insert(map_names::CLIENT_FLOWS, key, rewrite),
+        }
+    }
+
+    /// An IPv4 backend half, where the daemon would put it.
+    fn insert_backend(&mut self, key: BackendKey, value: BackendRewrite) -> anyhow::Result<()> {
+        match &mut self.v4 {
+            Some(tables) => Ok(tables.backend.insert(key, value)?),
+            None => self.insert(map_names::BACKEND_FLOWS, key, value),
+        }
     }
 
     fn insert<K: aya::Pod, V: aya::Pod>(

@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use bytemuck::Pod;
 use forwarder_common::flow::stamp_ns;
+use forwarder_common::portslot::{BackendSlot, ClientSlot, PortSlot};
 use forwarder_common::{
     BackendKey, BackendKey6, BackendRewrite, ClientKey, ClientKey6, Rewrite, Rewrite6,
 };
@@ -97,11 +98,15 @@ fn lookup_batch<K: Pod, V: Pod>(
     }
 }
 
-/// Descriptors of the six flow maps of its own, so the tick reads them
-/// without holding the relay (and its datapath) locked.
+/// Descriptors of the six flow maps and the two slot arrays of its own,
+/// so the tick reads them without holding the relay (and its datapath)
+/// locked.
 pub struct FlowMapsReader {
     pub(super) client: OwnedFd,
     pub(super) backend: OwnedFd,
+    /// The IPv4 halves' port slots, read when `client` / `backend` are.
+    pub(super) client_slots: OwnedFd,
+    pub(super) backend_slots: OwnedFd,
     pub(super) client6: OwnedFd,
     pub(super) backend6: OwnedFd,
     pub(super) client_4to6: OwnedFd,
@@ -140,7 +145,8 @@ impl MapsUsed {
 
 impl MapsUsed {
     /// Whether map `index` is used, in the order a pass reads them: client,
-    /// backend, client6, backend6, client_4to6, backend_4to6.
+    /// backend, client6, backend6, client_4to6, backend_4to6, then the
+    /// client and backend slots (the IPv4 halves not in the hash maps).
     fn get(self, index: usize) -> bool {
         [
             self.client,
@@ -149,6 +155,8 @@ impl MapsUsed {
             self.backend6,
             self.client_4to6,
             self.backend_4to6,
+            self.client,
+            self.backend,
         ]
         .get(index)
         .copied()
@@ -161,8 +169,9 @@ impl MapsUsed {
     }
 }
 
-/// The six flow maps a pass reads, in [`MapsUsed::get`]'s order.
-const FLOW_MAPS: usize = 6;
+/// The six flow maps and two slot arrays a pass reads, in
+/// [`MapsUsed::get`]'s order.
+const FLOW_MAPS: usize = 8;
 
 /// Where a pass through the flow maps stands between ticks: the map it
 /// reads and the kernel's batch token to resume that map from (None: its
@@ -234,6 +243,29 @@ fn read_into<K: Pod + Hash + Eq, V: Pod>(
             .iter()
             .copied()
             .zip(values[..batch.got].iter().map(last_seen)),
+    );
+    Ok(batch)
+}
+
+/// [`read_into`] for a slot array: the live slots' halves, by their keys.
+fn read_slots_into<S: PortSlot>(
+    array: &OwnedFd,
+    from: Option<u32>,
+    room: usize,
+    into: &mut HashMap<S::Key, u64>,
+    last_seen: impl Fn(&S::Value) -> u64,
+) -> io::Result<Batch>
+where
+    S::Key: Hash + Eq,
+{
+    let mut indexes = vec![0u32; room];
+    let mut slots = vec![S::zeroed(); room];
+    let batch = lookup_batch(array.as_fd(), from, &mut indexes, &mut slots)?;
+    into.extend(
+        slots[..batch.got]
+            .iter()
+            .filter(|slot| slot.is_live())
+            .map(|slot| (slot.key(), last_seen(&slot.value()))),
     );
     Ok(batch)
 }
@@ -369,12 +401,26 @@ impl FlowMapsPass {
                 &mut seen.client_4to6,
                 |r| stamp_ns(r.last_seen, now),
             ),
-            _ => read_into::<BackendKey, Rewrite6>(
+            5 => read_into::<BackendKey, Rewrite6>(
                 &reader.backend_4to6,
                 from,
                 room,
                 &mut seen.backend_4to6,
                 |r| stamp_ns(r.last_seen, now),
+            ),
+            6 => read_slots_into::<ClientSlot>(
+                &reader.client_slots,
+                from,
+                room,
+                &mut seen.client,
+                |r| stamp_ns(r.last_seen, now),
+            ),
+            _ => read_slots_into::<BackendSlot>(
+                &reader.backend_slots,
+                from,
+                room,
+                &mut seen.backend,
+                |r| stamp_ns(r.rewrite.last_seen, now),
             ),
         }
     }
@@ -585,7 +631,16 @@ mod tests {
             step(at(0, Some(512)), ONLY_V4, Answer::End),
             Step::Read(at(1, None))
         );
-        assert_eq!(step(at(1, Some(9)), ONLY_V4, Answer::End), Step::Complete);
+        // The IPv4 halves' slot arrays come last, after the other maps.
+        assert_eq!(
+            step(at(1, Some(9)), ONLY_V4, Answer::End),
+            Step::Read(at(6, None))
+        );
+        assert_eq!(
+            step(at(6, Some(4)), ONLY_V4, Answer::End),
+            Step::Read(at(7, None))
+        );
+        assert_eq!(step(at(7, None), ONLY_V4, Answer::End), Step::Complete);
         // Translated flows only: the four other maps are never visited.
         let translated = MapsUsed {
             client_4to6: true,
@@ -626,6 +681,8 @@ mod tests {
                 backend6: reader().unwrap(),
                 client_4to6: reader().unwrap(),
                 backend_4to6: reader().unwrap(),
+                client_slots: reader().unwrap(),
+                backend_slots: reader().unwrap(),
                 used: MapsUsed::default(),
             },
             100,

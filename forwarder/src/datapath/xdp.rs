@@ -14,13 +14,18 @@ use forwarder_common::flow::stamp_ns;
 use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
-    BackendKey, BackendKey6, BackendRewrite, ClientKey, ClientKey6, FlowCounter, REASON_COUNT,
-    RelayConfig, Rewrite, Rewrite6, SlowpathBucket,
+    BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
+    Rewrite, Rewrite6, SlowpathBucket,
 };
 
 use super::bulk::{FlowMapsReader, MapsUsed};
 use super::egress::EgressTable;
 use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
+use super::slots::SlotTable;
+use forwarder_common::portslot::{
+    BackendSlot, ClientSlot, backend_slot_base, backend_slot_entries, client_slot_base,
+    client_slot_entries,
+};
 use tracing::{debug, info, warn};
 
 use super::pins::{MapShape, PinDir, layout_id};
@@ -48,8 +53,9 @@ pub enum ModeChoice {
 pub struct XdpDatapath {
     /// Owns the program and its links; kept alive for as long as we forward.
     _ebpf: Ebpf,
-    client_flows: HashMap<MapData, ClientKey, Rewrite>,
-    backend_flows: HashMap<MapData, BackendKey, BackendRewrite>,
+    /// IPv4 halves: each in a slot of its relay port, or in the hash map.
+    client_flows: SlotTable<ClientSlot>,
+    backend_flows: SlotTable<BackendSlot>,
     client_flows6: HashMap<MapData, ClientKey6, Rewrite6>,
     backend_flows6: HashMap<MapData, BackendKey6, Rewrite6>,
     client_flows_4to6: HashMap<MapData, ClientKey, Rewrite6>,
@@ -116,7 +122,12 @@ impl XdpDatapath {
         for name in &names {
             loader.map_pin_path(name, pins.map_path(name));
         }
-        for (name, max_entries) in sizes.map_max_entries() {
+        // The slot arrays follow the port ranges (a slot pair per port).
+        let slot_entries = [
+            (map_names::CLIENT_PORT_SLOTS, client_slot_entries(&config)),
+            (map_names::BACKEND_PORT_SLOTS, backend_slot_entries(&config)),
+        ];
+        for (name, max_entries) in sizes.map_max_entries().into_iter().chain(slot_entries) {
             if !names.iter().any(|n| n == name) {
                 bail!("the embedded XDP object has no map {name}: rebuild forwarder");
             }
@@ -166,8 +177,20 @@ impl XdpDatapath {
         // checked above; a mismatch here means someone swapped pins meanwhile.
         check_pinned_sizes(pins, sizes)?;
 
-        let client_flows = HashMap::try_from(take_map(&mut ebpf, "CLIENT_FLOWS")?)?;
-        let backend_flows = HashMap::try_from(take_map(&mut ebpf, "BACKEND_FLOWS")?)?;
+        let client_flows = SlotTable::adopt(
+            Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORT_SLOTS)?)?,
+            HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS)?)?,
+            client_slot_base,
+            config,
+        )
+        .context("reading the client halves' port slots")?;
+        let backend_flows = SlotTable::adopt(
+            Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORT_SLOTS)?)?,
+            HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS)?)?,
+            backend_slot_base,
+            config,
+        )
+        .context("reading the backend halves' port slots")?;
         let client_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS6)?)?;
         let backend_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS6)?)?;
         let client_flows_4to6 =
@@ -298,7 +321,7 @@ impl XdpDatapath {
 
     fn insert_backend(&mut self, half: &BackendHalf) -> anyhow::Result<()> {
         match half {
-            BackendHalf::V4(key, rewrite) => Ok(self.backend_flows.insert(key, rewrite, 0)?),
+            BackendHalf::V4(key, rewrite) => Ok(self.backend_flows.insert(*key, *rewrite)?),
             BackendHalf::V4To6(key, rewrite) => {
                 // A replaced entry keeps its count.
                 let new = self.backend_flows_4to6.get(key, 0).is_err();
@@ -320,7 +343,7 @@ impl XdpDatapath {
 
     fn insert_client(&mut self, half: &ClientHalf) -> anyhow::Result<()> {
         match half {
-            ClientHalf::V4(key, rewrite) => Ok(self.client_flows.insert(key, rewrite, 0)?),
+            ClientHalf::V4(key, rewrite) => Ok(self.client_flows.insert(*key, *rewrite)?),
             ClientHalf::V4To6(key, rewrite) => {
                 // The client-facing port's bit, as for the backend half:
                 // without it an IPv4 miss never asks this map (and
@@ -453,7 +476,7 @@ impl XdpDatapath {
     ) -> (Option<T>, Option<T>) {
         let client = self.read_client(entries, &v4, &v6);
         let backend = match &entries.backend {
-            BackendHalf::V4(key, _) => self.backend_flows.get(key, 0).map(|r| v4(&r.rewrite)).ok(),
+            BackendHalf::V4(key, _) => self.backend_flows.get(key).map(|r| v4(&r.rewrite)).ok(),
             BackendHalf::V4To6(key, _) => self.backend_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
             BackendHalf::V6(key, _) => self.backend_flows6.get(key, 0).map(|r| v6(&r)).ok(),
         };
@@ -468,7 +491,7 @@ impl XdpDatapath {
         v6: impl Fn(&Rewrite6) -> T,
     ) -> Option<T> {
         match &entries.client {
-            ClientHalf::V4(key, _) => self.client_flows.get(key, 0).map(|r| v4(&r)).ok(),
+            ClientHalf::V4(key, _) => self.client_flows.get(key).map(|r| v4(&r)).ok(),
             ClientHalf::V4To6(key, _) => self.client_flows_4to6.get(key, 0).map(|r| v6(&r)).ok(),
             ClientHalf::V6(key, _) => self.client_flows6.get(key, 0).map(|r| v6(&r)).ok(),
         }
@@ -484,8 +507,10 @@ impl XdpDatapath {
             map.map().fd().as_fd().try_clone_to_owned()
         }
         Ok(FlowMapsReader {
-            client: own(&self.client_flows)?,
-            backend: own(&self.backend_flows)?,
+            client: own(self.client_flows.hash())?,
+            backend: own(self.backend_flows.hash())?,
+            client_slots: own(self.client_flows.slots())?,
+            backend_slots: own(self.backend_flows.slots())?,
             client6: own(&self.client_flows6)?,
             backend6: own(&self.backend_flows6)?,
             client_4to6: own(&self.client_flows_4to6)?,
@@ -496,7 +521,7 @@ impl XdpDatapath {
 
     /// Every flow half in the maps (what the kernel forwards right now).
     pub fn installed(&self) -> InstalledHalves {
-        let clients = (self.client_flows.iter().filter_map(Result::ok))
+        let clients = (self.client_flows.iter())
             .map(|(key, rewrite)| ClientHalf::V4(key, rewrite))
             .chain(
                 (self.client_flows6.iter().filter_map(Result::ok))
@@ -507,7 +532,7 @@ impl XdpDatapath {
                     .map(|(key, rewrite)| ClientHalf::V4To6(key, rewrite)),
             )
             .collect();
-        let backends = (self.backend_flows.iter().filter_map(Result::ok))
+        let backends = (self.backend_flows.iter())
             .map(|(key, rewrite)| BackendHalf::V4(key, rewrite))
             .chain(
                 (self.backend_flows6.iter().filter_map(Result::ok))
@@ -538,8 +563,16 @@ impl XdpDatapath {
     /// Entries and kernel memory of the pinned maps, for `stats`.
     pub fn map_usage(&self) -> Vec<MapUsage> {
         let counted = [
-            ("CLIENT_FLOWS", Some(self.client_flows.keys().count())),
-            ("BACKEND_FLOWS", Some(self.backend_flows.keys().count())),
+            ("CLIENT_FLOWS", Some(self.client_flows.counts().1)),
+            ("BACKEND_FLOWS", Some(self.backend_flows.counts().1)),
+            (
+                map_names::CLIENT_PORT_SLOTS,
+                Some(self.client_flows.counts().0),
+            ),
+            (
+                map_names::BACKEND_PORT_SLOTS,
+                Some(self.backend_flows.counts().0),
+            ),
             (
                 map_names::CLIENT_FLOWS6,
                 Some(self.client_flows6.keys().count()),

@@ -23,12 +23,15 @@ fn capacity(relay: &Relay) -> CapacityInfo {
             memlock_bytes: usage.memlock_bytes,
         })
         .collect();
-    // All six flow maps: the IPv4 ones, and the IPv6 and translated ones
-    // (their bucket arrays, which follow --max-flows6, and the entries they
-    // hold), so what --max-flows6 saves or costs shows here too.
+    // All six flow maps and the port slots: the IPv4 ones, and the IPv6
+    // and translated ones (their bucket arrays, which follow --max-flows6,
+    // and the entries they hold), so what --max-flows6 saves or costs shows
+    // here too; the slots follow the port ranges.
     let flow_maps = [
         map_names::CLIENT_FLOWS,
         map_names::BACKEND_FLOWS,
+        map_names::CLIENT_PORT_SLOTS,
+        map_names::BACKEND_PORT_SLOTS,
         map_names::CLIENT_FLOWS6,
         map_names::BACKEND_FLOWS6,
         map_names::CLIENT_FLOWS_4TO6,

@@ -26,6 +26,7 @@ use aya::{
     programs::Xdp,
 };
 use etherparse::{Ipv4Header, PacketBuilder};
+use forwarder::datapath::slots::SlotTable;
 use forwarder::datapath::xdp::{EBPF_OBJECT, PROGRAM_NAME};
 use forwarder_common::{
     BackendKey, BackendRewrite, ClientKey, REASON_COUNT, Reason, RelayConfig, Rewrite,
@@ -33,6 +34,10 @@ use forwarder_common::{
     clock::{JIFFIES_CLOCK_GLOBAL, JiffiesClock},
     config::{RELAY_CONFIG_GLOBAL, map_names},
     flow::{EgressIface, Endpoints, IFACE_ANY, IFACE_NONE},
+    portslot::{
+        BackendSlot, ClientSlot, backend_slot_base, backend_slot_entries, client_slot_base,
+        client_slot_entries,
+    },
     reason::ReasonCounter,
 };
 
@@ -109,6 +114,11 @@ pub struct Relay {
     ebpf: Ebpf,
     /// Interfaces numbered by `add_egress`, slot 1 first.
     slots: Vec<u32>,
+    /// The IPv4 flow halves, placed in port slots or hash maps by the
+    /// daemon's own code, so the tests forward through the tables the
+    /// daemon fills.
+    client: SlotTable<ClientSlot>,
+    backend: SlotTable<BackendSlot>,
 }
 
 /// What one test run returned.
@@ -120,20 +130,43 @@ pub struct Run {
 impl Relay {
     pub fn load() -> Self {
         require_root();
-        let ebpf = EbpfLoader::new()
+        let mut ebpf = EbpfLoader::new()
             .override_global(RELAY_CONFIG_GLOBAL, &CONFIG, true)
             // The daemon's clock, so the tests run the program as it does.
             .override_global(JIFFIES_CLOCK_GLOBAL, program_clock(), true)
+            .map_max_entries(map_names::CLIENT_PORT_SLOTS, client_slot_entries(&CONFIG))
+            .map_max_entries(map_names::BACKEND_PORT_SLOTS, backend_slot_entries(&CONFIG))
             .load(EBPF_OBJECT)
             .expect("loading the embedded eBPF object (maps)");
-        let mut relay = Self {
-            ebpf,
-            slots: Vec::new(),
-        };
-        if let Err(error) = relay.program_mut().load() {
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .expect("program missing from the object")
+            .try_into()
+            .expect("program is not XDP");
+        if let Err(error) = program.load() {
             panic!("the verifier rejected the program: {error:#?}");
         }
-        relay
+        let mut take = |name: &str| ebpf.take_map(name).unwrap_or_else(|| panic!("{name} map"));
+        let client = SlotTable::adopt(
+            Array::try_from(take(map_names::CLIENT_PORT_SLOTS)).unwrap(),
+            HashMap::try_from(take(map_names::CLIENT_FLOWS)).unwrap(),
+            client_slot_base,
+            CONFIG,
+        )
+        .unwrap();
+        let backend = SlotTable::adopt(
+            Array::try_from(take(map_names::BACKEND_PORT_SLOTS)).unwrap(),
+            HashMap::try_from(take(map_names::BACKEND_FLOWS)).unwrap(),
+            backend_slot_base,
+            CONFIG,
+        )
+        .unwrap();
+        Self {
+            ebpf,
+            slots: Vec::new(),
+            client,
+            backend,
+        }
     }
 
     pub fn program_mut(&mut self) -> &mut Xdp {
@@ -144,21 +177,23 @@ impl Relay {
             .expect("program is not XDP")
     }
 
+    /// Installs (or replaces) a client half where the daemon would.
     pub fn add_client_flow(&mut self, key: ClientKey, rewrite: Rewrite) {
-        let mut map: HashMap<_, ClientKey, Rewrite> =
-            HashMap::try_from(self.ebpf.map_mut("CLIENT_FLOWS").expect("CLIENT_FLOWS map"))
-                .unwrap();
-        map.insert(key, rewrite, 0).unwrap();
+        self.client.insert(key, rewrite).unwrap();
     }
 
+    /// Installs (or replaces) a backend half where the daemon would.
     pub fn add_backend_flow(&mut self, key: BackendKey, rewrite: BackendRewrite) {
-        let mut map: HashMap<_, BackendKey, BackendRewrite> = HashMap::try_from(
-            self.ebpf
-                .map_mut("BACKEND_FLOWS")
-                .expect("BACKEND_FLOWS map"),
-        )
-        .unwrap();
-        map.insert(key, rewrite, 0).unwrap();
+        self.backend.insert(key, rewrite).unwrap();
+    }
+
+    pub fn remove_client_flow(&mut self, key: &ClientKey) {
+        self.client.remove(key).unwrap();
+    }
+
+    /// (halves in port slots, halves in the hash map) of each side.
+    pub fn flow_placement(&self) -> ((usize, usize), (usize, usize)) {
+        (self.client.counts(), self.backend.counts())
     }
 
     /// Numbers `ifindex` as the daemon does (the devmap, its MAC and MTU in
@@ -279,9 +314,11 @@ impl Relay {
     }
 
     pub fn client_flow(&self, key: &ClientKey) -> Rewrite {
-        let map: HashMap<_, ClientKey, Rewrite> =
-            HashMap::try_from(self.ebpf.map("CLIENT_FLOWS").unwrap()).unwrap();
-        map.get(key, 0).unwrap()
+        self.client.get(key).unwrap()
+    }
+
+    pub fn backend_flow(&self, key: &BackendKey) -> BackendRewrite {
+        self.backend.get(key).unwrap()
     }
 
     /// Runs the program once; `ingress` sets `xdp_md.ingress_ifindex`.

@@ -1,0 +1,164 @@
+//! The port slots (forwarder-common's `portslot`): where the daemon's own
+//! placement code puts IPv4 flow halves, and that the program forwards each
+//! from wherever it is, old halves stop and new ones start at once, and a
+//! half replaced faster than a slot may be rewritten stays forwardable.
+
+mod common;
+
+use common::namespace::Namespace;
+use common::{
+    BACKEND, BACKEND_PORT, CLIENT, CLIENT_PORT, FLOW_PORT, NEAR_BACKEND, RELAY_BACK, RELAY_FRONT,
+    Relay, SESSION_PORT, SHARED_PORT, UDP, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, client_key,
+    endpoints, udp_frame,
+};
+use forwarder::datapath::slots::GRACE;
+use forwarder_common::{ClientKey, Reason, Rewrite};
+
+const PAYLOAD: &[u8] = b"\x80\x00\x00\x00\x00\x00\x00\x07slot";
+
+/// Client `CLIENT:client_port` at relay port `port`, rewritten towards the
+/// near backend's `backend_port`; the frame it sends.
+fn client_half(relay: &mut Relay, client_port: u16, port: u16, backend_port: u16) -> ClientKey {
+    let from = endpoints((CLIENT, client_port), (RELAY_FRONT, port));
+    let to = endpoints((RELAY_FRONT, FLOW_PORT), (NEAR_BACKEND, backend_port));
+    let key = client_key((CLIENT, client_port), (RELAY_FRONT, port));
+    relay.add_client_flow(key, Rewrite::new(from, to));
+    key
+}
+
+fn frame(client_port: u16, port: u16) -> Vec<u8> {
+    udp_frame((CLIENT, client_port), (RELAY_FRONT, port), PAYLOAD)
+}
+
+/// Forwards one frame back out of `front` and returns its new UDP
+/// destination port.
+fn forwarded_to(relay: &Relay, frame: &[u8], front: u32) -> u16 {
+    let run = relay.expect(frame, Some(front), Reason::TxForwarded, XDP_TX);
+    u16::from_be_bytes([run.out[UDP + 2], run.out[UDP + 3]])
+}
+
+#[test]
+fn a_half_alone_on_its_port_is_forwarded_from_a_slot() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        let key = client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_001);
+        assert_eq!(relay.flow_placement().0, (1, 0), "in its port's slot");
+        let input = frame(CLIENT_PORT, SESSION_PORT);
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_001);
+        assert_eq!(relay.flow_count(&key).0, 1, "counted in the slot");
+        // Another client at the port has no half: the daemon decides.
+        relay.expect(
+            &frame(CLIENT_PORT + 9, SESSION_PORT),
+            Some(topo.front),
+            Reason::PassNoFlow,
+            XDP_PASS,
+        );
+    });
+}
+
+#[test]
+fn halves_that_share_a_port_beyond_its_slots_are_forwarded_from_the_hash_map() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        let keys: Vec<ClientKey> = (0..3)
+            .map(|n| client_half(&mut relay, CLIENT_PORT + n, SESSION_PORT, 7_000 + n))
+            .collect();
+        assert_eq!(relay.flow_placement().0, (2, 1), "two slots, then the hash");
+        for (n, key) in (0..3).zip(&keys) {
+            let input = frame(CLIENT_PORT + n, SESSION_PORT);
+            assert_eq!(forwarded_to(&relay, &input, topo.front), 7_000 + n);
+            assert_eq!(relay.flow_count(key).0, 1);
+        }
+        // The shared port has no slots: every half there is in the hash.
+        client_half(&mut relay, CLIENT_PORT, SHARED_PORT, 7_100);
+        assert_eq!(relay.flow_placement().0, (2, 2));
+        let input = frame(CLIENT_PORT, SHARED_PORT);
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_100);
+    });
+}
+
+#[test]
+fn a_roamed_client_is_forwarded_at_once_and_its_old_endpoint_no_more() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        let old = client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_001);
+        let old_frame = frame(CLIENT_PORT, SESSION_PORT);
+        forwarded_to(&relay, &old_frame, topo.front);
+        // As the daemon moves a session: the old half out, the new one in.
+        relay.remove_client_flow(&old);
+        relay.expect(&old_frame, Some(topo.front), Reason::PassNoFlow, XDP_PASS);
+        client_half(&mut relay, CLIENT_PORT + 1, SESSION_PORT, 7_001);
+        // The old slot is not rewritten this soon: the other one is used.
+        assert_eq!(relay.flow_placement().0, (1, 0));
+        forwarded_to(&relay, &frame(CLIENT_PORT + 1, SESSION_PORT), topo.front);
+        relay.expect(&old_frame, Some(topo.front), Reason::PassNoFlow, XDP_PASS);
+    });
+}
+
+#[test]
+fn a_half_replaced_within_the_grace_period_is_forwarded_from_the_hash_map_then_a_slot() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        let input = frame(CLIENT_PORT, SESSION_PORT);
+        client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_001);
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_001);
+        // Replaced: written to the other slot, the first retired.
+        client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_002);
+        assert_eq!(relay.flow_placement().0, (1, 0));
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_002);
+        // Again at once: the retired slot is still in its grace period, so
+        // the half goes to the hash map and its slot is retired.
+        client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_003);
+        assert_eq!(relay.flow_placement().0, (0, 1));
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_003);
+        // Later, a replacement moves it back into a slot.
+        std::thread::sleep(GRACE + std::time::Duration::from_millis(20));
+        client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_004);
+        assert_eq!(relay.flow_placement().0, (1, 0));
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_004);
+    });
+}
+
+#[test]
+fn a_backend_half_in_a_slot_is_forwarded_and_checks_its_source() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        relay.add_egress(topo.back);
+        common::install_backend_flow(&mut relay, topo.back);
+        assert_eq!(relay.flow_placement().1, (1, 0), "in its port's slot");
+        relay.expect(
+            &common::backend_packet(),
+            Some(topo.back),
+            Reason::RedirectForwarded,
+            XDP_REDIRECT,
+        );
+        // Who may use the half is read from the slot too.
+        let forged = udp_frame(
+            (BACKEND, BACKEND_PORT + 1),
+            (RELAY_BACK, FLOW_PORT),
+            PAYLOAD,
+        );
+        relay.expect(
+            &forged,
+            Some(topo.back),
+            Reason::DropSpoofedServer,
+            XDP_DROP,
+        );
+        relay.expect(
+            &common::backend_packet(),
+            Some(topo.front),
+            Reason::DropSpoofedServer,
+            XDP_DROP,
+        );
+    });
+}
