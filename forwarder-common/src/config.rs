@@ -59,6 +59,8 @@ pub mod map_names {
     pub const CLIENT_SEQS: &str = "CLIENT_SEQS";
     pub const CLIENT_PORT_SLOTS: &str = "CLIENT_PORT_SLOTS";
     pub const BACKEND_PORT_SLOTS: &str = "BACKEND_PORT_SLOTS";
+    pub const CLIENT_PORTS_HASHED: &str = "CLIENT_PORTS_HASHED";
+    pub const BACKEND_PORTS_HASHED: &str = "BACKEND_PORTS_HASHED";
 }
 
 /// Every size that depends on the run's flags, derived in one place: the

@@ -1,12 +1,17 @@
 //! Flow lookup and the anti-spoofing check: which rewrite, if any, applies.
 
+use aya_ebpf::maps::Array;
 use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
+use forwarder_common::flow6::port_bit;
 use forwarder_common::portslot::{BackendSlot, ClientSlot, backend_slot_base, client_slot_base};
-use forwarder_common::{AllowedSource, BackendKey, ClientKey, Reason, Rewrite};
+use forwarder_common::{AllowedSource, BackendKey, BackendRewrite, ClientKey, Reason, Rewrite};
 
 use crate::{
     config, forward,
-    maps::{BACKEND_FLOWS, BACKEND_PORT_SLOTS, CLIENT_FLOWS, CLIENT_PORT_SLOTS},
+    maps::{
+        BACKEND_FLOWS, BACKEND_PORT_SLOTS, BACKEND_PORTS_HASHED, CLIENT_FLOWS, CLIENT_PORT_SLOTS,
+        CLIENT_PORTS_HASHED,
+    },
     parse::Packet,
 };
 
@@ -46,8 +51,9 @@ pub struct Matched {
 }
 
 /// Finds the flow entry for the packet: its port's slots first, then the
-/// hash map (halves that share a port); a miss goes to the daemon's
-/// socket, which decides whether this is a new flow.
+/// hash map where the port's halves may be (a port without slots, or one
+/// with halves beyond its slots); a miss goes to the daemon's socket,
+/// which decides whether this is a new flow.
 #[inline(always)]
 pub fn lookup(packet: &Packet, side: Side) -> Result<Matched, Reason> {
     let (ip, udp) = (packet.ip(), packet.udp());
@@ -60,12 +66,15 @@ pub fn lookup(packet: &Packet, side: Side) -> Result<Matched, Reason> {
                 relay_port: udp.dst,
                 client_port: udp.src,
             };
-            client_slot(key, port)
-                .or_else(|| CLIENT_FLOWS.get_ptr_mut(key))
-                .map(|entry| Matched {
-                    entry,
-                    allowed: None,
-                })
+            match client_slot(key, port) {
+                InSlots::Found(entry) => Some(entry),
+                InSlots::NotHashed => None,
+                InSlots::AskHash => CLIENT_FLOWS.get_ptr_mut(key),
+            }
+            .map(|entry| Matched {
+                entry,
+                allowed: None,
+            })
         }
         Side::Backend => {
             let key = BackendKey {
@@ -73,59 +82,94 @@ pub fn lookup(packet: &Packet, side: Side) -> Result<Matched, Reason> {
                 relay_port: udp.dst,
                 _pad: [0; 2],
             };
-            backend_slot(key, port)
-                .or_else(|| BACKEND_FLOWS.get_ptr_mut(key))
-                // SAFETY: a map value pointer, valid for this program run
-                // (an array's always, a hash map's under RCU); only field
-                // addresses are taken, nothing is read.
-                .map(|value| unsafe {
-                    Matched {
-                        entry: &raw mut (*value).rewrite,
-                        allowed: Some(&raw const (*value).allowed),
-                    }
-                })
+            match backend_slot(key, port) {
+                InSlots::Found(value) => Some(value),
+                InSlots::NotHashed => None,
+                InSlots::AskHash => BACKEND_FLOWS.get_ptr_mut(key),
+            }
+            // SAFETY: a map value pointer, valid for this program run
+            // (an array's always, a hash map's under RCU); only field
+            // addresses are taken, nothing is read.
+            .map(|value| unsafe {
+                Matched {
+                    entry: &raw mut (*value).rewrite,
+                    allowed: Some(&raw const (*value).allowed),
+                }
+            })
         }
     }
     .ok_or(Reason::PassNoFlow)
 }
 
+/// What a port's slots say about a packet's key.
+enum InSlots<T> {
+    Found(*mut T),
+    /// Not in the slots, and the hash map holds no half of this port.
+    NotHashed,
+    /// The hash map may hold it: a port without slots, or with halves there.
+    AskHash,
+}
+
+/// Whether the port's bit is set in a `*_PORTS_HASHED` bitmap.
+#[inline(always)]
+fn hashed(bits: &Array<u32>, port: u16) -> bool {
+    let (word, mask) = port_bit(port);
+    bits.get(word).is_some_and(|bits| bits & mask != 0)
+}
+
 /// The client half in one of the session port's two slots whose key is the
 /// packet's. A dead slot's relay port is 0, which no packet here has.
 #[inline(always)]
-fn client_slot(key: ClientKey, port: u16) -> Option<*mut Rewrite> {
-    let base = client_slot_base(&config::relay(), port)?;
+fn client_slot(key: ClientKey, port: u16) -> InSlots<Rewrite> {
+    let Some(base) = client_slot_base(&config::relay(), port) else {
+        return InSlots::AskHash;
+    };
     let words = ClientSlot::key_words(key);
     for index in [base, base + 1] {
         // An index past the array's end (an array pinned for a narrower
         // range) finds nothing, and the hash map answers.
-        let slot = CLIENT_PORT_SLOTS.get_ptr_mut(index)?;
+        let Some(slot) = CLIENT_PORT_SLOTS.get_ptr_mut(index) else {
+            return InSlots::AskHash;
+        };
         // SAFETY: an array value pointer, valid for the program's run; the
         // daemon writes a slot only while it is dead (portslot.rs).
         let held = unsafe { (*slot).key };
         if (held[0] ^ words[0]) | (held[1] ^ words[1]) | (held[2] ^ words[2]) == 0 {
             // SAFETY: as above; only the field's address is taken.
-            return Some(unsafe { &raw mut (*slot).rewrite });
+            return InSlots::Found(unsafe { &raw mut (*slot).rewrite });
         }
     }
-    None
+    if hashed(&CLIENT_PORTS_HASHED, port) {
+        InSlots::AskHash
+    } else {
+        InSlots::NotHashed
+    }
 }
 
 /// The backend half in one of the backend-facing port's two slots whose
 /// key is the packet's.
 #[inline(always)]
-fn backend_slot(key: BackendKey, port: u16) -> Option<*mut forwarder_common::BackendRewrite> {
-    let base = backend_slot_base(&config::relay(), port)?;
+fn backend_slot(key: BackendKey, port: u16) -> InSlots<BackendRewrite> {
+    let Some(base) = backend_slot_base(&config::relay(), port) else {
+        return InSlots::AskHash;
+    };
     let words = BackendSlot::key_words(key);
     for index in [base, base + 1] {
-        let slot = BACKEND_PORT_SLOTS.get_ptr_mut(index)?;
+        let Some(slot) = BACKEND_PORT_SLOTS.get_ptr_mut(index) else {
+            return InSlots::AskHash;
+        };
         // SAFETY: as in `client_slot`.
         let held = unsafe { (*slot).key };
         if (held[0] ^ words[0]) | (held[1] ^ words[1]) == 0 {
             // SAFETY: as above; only the field's address is taken.
-            return Some(unsafe { &raw mut (*slot).value });
+            return InSlots::Found(unsafe { &raw mut (*slot).value });
         }
     }
-    None
+    if hashed(&BACKEND_PORTS_HASHED, port) {
+        InSlots::AskHash
+    } else {
+        InSlots::NotHashed
+    }
 }
 
 /// Only the flow's backend, arriving where the route to it points, may use a

@@ -38,6 +38,14 @@ pub static CLIENT_PORT_SLOTS: Array<ClientSlot> = Array::with_max_entries(SLOTS_
 #[map]
 pub static BACKEND_PORT_SLOTS: Array<BackendSlot> = Array::with_max_entries(SLOTS_PER_PORT, 0);
 
+/// One bit per session port whose slots have a client half in `CLIENT_FLOWS` besides; a slot miss elsewhere skips the hash map.
+#[map]
+pub static CLIENT_PORTS_HASHED: Array<u32> = Array::with_max_entries(PORTS_4TO6_WORDS, 0);
+
+/// One bit per backend-facing port whose slots have a backend half in `BACKEND_FLOWS` besides.
+#[map]
+pub static BACKEND_PORTS_HASHED: Array<u32> = Array::with_max_entries(PORTS_4TO6_WORDS, 0);
+
 /// Backend halves of flows, one per backend-facing port; plain hash for the
 /// same reason. The value is the rewrite and who may use it.
 #[map]

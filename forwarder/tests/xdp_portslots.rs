@@ -68,14 +68,28 @@ fn halves_that_share_a_port_beyond_its_slots_are_forwarded_from_the_hash_map() {
             .map(|n| client_half(&mut relay, CLIENT_PORT + n, SESSION_PORT, 7_000 + n))
             .collect();
         assert_eq!(relay.flow_placement().0, (2, 1), "two slots, then the hash");
+        assert!(relay.client_port_hashed(SESSION_PORT));
+        assert!(!relay.client_port_hashed(SESSION_PORT + 1));
         for (n, key) in (0..3).zip(&keys) {
             let input = frame(CLIENT_PORT + n, SESSION_PORT);
             assert_eq!(forwarded_to(&relay, &input, topo.front), 7_000 + n);
             assert_eq!(relay.flow_count(key).0, 1);
         }
+        // The last hash-map half of the port gone, a slot miss there no
+        // longer asks the hash map, and the slots' halves go on.
+        relay.remove_client_flow(&keys[2]);
+        assert!(!relay.client_port_hashed(SESSION_PORT));
+        relay.expect(
+            &frame(CLIENT_PORT + 2, SESSION_PORT),
+            Some(topo.front),
+            Reason::PassNoFlow,
+            XDP_PASS,
+        );
+        let input = frame(CLIENT_PORT + 1, SESSION_PORT);
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_001);
         // The shared port has no slots: every half there is in the hash.
         client_half(&mut relay, CLIENT_PORT, SHARED_PORT, 7_100);
-        assert_eq!(relay.flow_placement().0, (2, 2));
+        assert_eq!(relay.flow_placement().0, (2, 1));
         let input = frame(CLIENT_PORT, SHARED_PORT);
         assert_eq!(forwarded_to(&relay, &input, topo.front), 7_100);
     });
@@ -118,11 +132,13 @@ fn a_half_replaced_within_the_grace_period_is_forwarded_from_the_hash_map_then_a
         // the half goes to the hash map and its slot is retired.
         client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_003);
         assert_eq!(relay.flow_placement().0, (0, 1));
+        assert!(relay.client_port_hashed(SESSION_PORT));
         assert_eq!(forwarded_to(&relay, &input, topo.front), 7_003);
         // Later, a replacement moves it back into a slot.
         std::thread::sleep(GRACE + std::time::Duration::from_millis(20));
         client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_004);
         assert_eq!(relay.flow_placement().0, (1, 0));
+        assert!(!relay.client_port_hashed(SESSION_PORT));
         assert_eq!(forwarded_to(&relay, &input, topo.front), 7_004);
     });
 }

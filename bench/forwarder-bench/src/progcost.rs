@@ -846,16 +846,21 @@ impl V4Tables {
         let backend_slots = reopen(map_names::BACKEND_PORT_SLOTS)?.context("BACKEND_PORT_SLOTS")?;
         let client_flows = reopen(map_names::CLIENT_FLOWS)?.context("CLIENT_FLOWS")?;
         let backend_flows = reopen(map_names::BACKEND_FLOWS)?.context("BACKEND_FLOWS")?;
+        let client_bits = reopen(map_names::CLIENT_PORTS_HASHED)?.context("CLIENT_PORTS_HASHED")?;
+        let backend_bits =
+            reopen(map_names::BACKEND_PORTS_HASHED)?.context("BACKEND_PORTS_HASHED")?;
         Ok(Some(Self {
             client: SlotTable::adopt(
                 Array::try_from(client_slots)?,
                 HashMap::try_from(client_flows)?,
+                Array::try_from(client_bits)?,
                 client_slot_base,
                 RELAY,
             )?,
             backend: SlotTable::adopt(
                 Array::try_from(backend_slots)?,
                 HashMap::try_from(backend_flows)?,
+                Array::try_from(backend_bits)?,
                 backend_slot_base,
                 RELAY,
             )?,
@@ -965,7 +970,8 @@ impl Relay {
     /// half of flow i+1; the last one's back onto flow 0's. The scattered
     /// ports make consecutive packets read slots far apart, as a relay's
     /// sessions send in no port order, instead of walking the slot arrays
-    /// in order, which the cache's prefetcher would serve.
+    /// in order, which the cache's prefetcher would serve; likewise the
+    /// install order for the hash maps' elements.
     fn add_ring(&mut self, pair: &Pair, ring: &Ring) -> anyhow::Result<Vec<Half>> {
         let client_side = |i: u16| Endpoints {
             saddr: pair.client,
@@ -980,7 +986,11 @@ impl Relay {
             dport: (ring.flow_port + ring.scatter(i)).to_be_bytes(),
         };
         let mut halves = Vec::with_capacity(2 * usize::from(ring.flows));
-        for i in 0..ring.flows {
+        // Installed in another order than the ring visits them: a hash
+        // map's preallocated elements are handed out in insertion order,
+        // and a ring installed in its own order would walk them in memory
+        // order, which no relay's traffic does.
+        for i in (0..ring.flows).map(|j| ring.scatter(j)) {
             let client_rewrite = Rewrite::new(client_side(i), backend_side(i));
             let backend_rewrite = BackendRewrite::new(
                 Rewrite::new(backend_side(i), client_side(i + 1)),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use forwarder_common::RelayConfig;
+use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::portslot::PortSlot;
 
 /// How long a dead slot stays unwritten.
@@ -30,6 +31,13 @@ where
 {
     slots: Array<MapData, S>,
     hash: HashMap<MapData, S::Key, S::Value>,
+    /// One bit per port with slots whose halves are in the hash map too
+    /// (`*_PORTS_HASHED`): the program asks the hash map after a slot miss
+    /// only there. Set before the first such half is inserted, cleared
+    /// after the last is removed.
+    bits: Array<MapData, u32>,
+    /// How many of each such port's halves are in the hash map.
+    hashed: std::collections::HashMap<u16, u32>,
     /// The port's first slot, from the relay's port ranges.
     base_of: fn(&RelayConfig, u16) -> Option<u32>,
     config: RelayConfig,
@@ -56,6 +64,7 @@ where
     pub fn adopt(
         slots: Array<MapData, S>,
         hash: HashMap<MapData, S::Key, S::Value>,
+        bits: Array<MapData, u32>,
         base_of: fn(&RelayConfig, u16) -> Option<u32>,
         config: RelayConfig,
     ) -> anyhow::Result<Self> {
@@ -73,12 +82,15 @@ where
         let mut table = Self {
             slots,
             hash,
+            bits,
+            hashed: std::collections::HashMap::new(),
             base_of,
             config,
             len,
             live: BTreeSet::new(),
             died: std::collections::HashMap::new(),
         };
+        table.rebuild_bits()?;
         let now = Instant::now();
         for index in written {
             let slot = table.slots.get(&index, 0)?;
@@ -93,11 +105,84 @@ where
             {
                 table.live.insert(index);
             } else {
-                table.hash.insert(key, slot.value(), 0)?;
+                table.hash_put(key, slot.value())?;
                 table.retire(index, &slot, now)?;
             }
         }
         Ok(table)
+    }
+
+    /// Recounts the hash map's halves on ports with slots and rewrites the
+    /// whole bitmap to match.
+    fn rebuild_bits(&mut self) -> anyhow::Result<()> {
+        let mut hashed = std::collections::HashMap::<u16, u32>::new();
+        for key in self.hash.keys().filter_map(Result::ok) {
+            if self.indices(&key).is_some() {
+                *hashed.entry(Self::port(&key)).or_default() += 1;
+            }
+        }
+        let mut words = vec![0u32; PORTS_4TO6_WORDS as usize];
+        for port in hashed.keys() {
+            let (word, mask) = port_bit(*port);
+            words[word as usize] |= mask;
+        }
+        for (index, bits) in words.into_iter().enumerate() {
+            self.bits.set(index as u32, bits, 0)?;
+        }
+        self.hashed = hashed;
+        Ok(())
+    }
+
+    fn port(key: &S::Key) -> u16 {
+        u16::from_be_bytes(S::relay_port(key))
+    }
+
+    /// Counts one more hash-map half on `port`, setting its bit first.
+    fn mark(&mut self, port: u16) -> Result<(), MapError> {
+        let count = self.hashed.entry(port).or_default();
+        if *count == 0 {
+            let (word, mask) = port_bit(port);
+            let bits = self.bits.get(&word, 0)?;
+            self.bits.set(word, bits | mask, 0)?;
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Counts one hash-map half fewer on `port`, clearing its bit with the last.
+    fn unmark(&mut self, port: u16) -> Result<(), MapError> {
+        let Some(count) = self.hashed.get_mut(&port) else {
+            return Ok(());
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.hashed.remove(&port);
+            let (word, mask) = port_bit(port);
+            let bits = self.bits.get(&word, 0)?;
+            self.bits.set(word, bits & !mask, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Puts a half of a port with slots into the hash map (new or replaced).
+    fn hash_put(&mut self, key: S::Key, value: S::Value) -> Result<(), MapError> {
+        if self.hash.get(&key, 0).is_ok() {
+            return self.hash.insert(key, value, 0);
+        }
+        let port = Self::port(&key);
+        self.mark(port)?;
+        self.hash.insert(key, value, 0).inspect_err(|_| {
+            let _ = self.unmark(port);
+        })
+    }
+
+    /// Takes a half out of the hash map.
+    fn hash_take(&mut self, key: &S::Key) -> Result<(), MapError> {
+        self.hash.remove(key)?;
+        if self.indices(key).is_some() {
+            self.unmark(Self::port(key))?;
+        }
+        Ok(())
     }
 
     /// The key's port's two slots, if it has them.
@@ -160,22 +245,21 @@ where
             // program finds the old half until it is retired.
             match self.free(pair, now) {
                 Some(other) => self.publish(other, key, value)?,
-                None => self.hash.insert(key, value, 0)?,
+                None => self.hash_put(key, value)?,
             }
             return self.retire(index, &held, now);
         }
-        let in_hash = self.hash.get(&key, 0).is_ok();
         match self.free(pair, now) {
             Some(index) => {
                 // The slot is found first, so the hash map's copy, if any,
                 // is out of use once it is live.
                 self.publish(index, key, value)?;
-                if in_hash {
-                    self.hash.remove(&key)?;
+                match self.hash_take(&key) {
+                    Err(error) if not_found(&error) => Ok(()),
+                    other => other,
                 }
-                Ok(())
             }
-            None => self.hash.insert(key, value, 0),
+            None => self.hash_put(key, value),
         }
     }
 
@@ -188,7 +272,7 @@ where
             }
             None => false,
         };
-        match self.hash.remove(key) {
+        match self.hash_take(key) {
             Err(error) if in_slot && not_found(&error) => Ok(()),
             other => other,
         }
@@ -209,6 +293,12 @@ where
             slot.is_live().then(|| (slot.key(), slot.value()))
         });
         slots.chain(self.hash.iter().filter_map(Result::ok))
+    }
+
+    /// Whether the kernel's bitmap sends a slot miss on `port` to the hash map.
+    pub fn port_hashed(&self, port: u16) -> Result<bool, MapError> {
+        let (word, mask) = port_bit(port);
+        Ok(self.bits.get(&word, 0)? & mask != 0)
     }
 
     /// Halves in slots and in the hash map.

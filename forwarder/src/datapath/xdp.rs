@@ -180,6 +180,7 @@ impl XdpDatapath {
         let client_flows = SlotTable::adopt(
             Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORT_SLOTS)?)?,
             HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS)?)?,
+            Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORTS_HASHED)?)?,
             client_slot_base,
             config,
         )
@@ -187,6 +188,7 @@ impl XdpDatapath {
         let backend_flows = SlotTable::adopt(
             Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORT_SLOTS)?)?,
             HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS)?)?,
+            Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORTS_HASHED)?)?,
             backend_slot_base,
             config,
         )
@@ -599,6 +601,8 @@ impl XdpDatapath {
             ),
             ("SLOWPATH_GLOBAL_BUCKET", None),
             (map_names::PORTS_4TO6, None),
+            (map_names::CLIENT_PORTS_HASHED, None),
+            (map_names::BACKEND_PORTS_HASHED, None),
             (map_names::CLIENT_SEQS, None),
         ];
         counted

@@ -150,6 +150,7 @@ impl Relay {
         let client = SlotTable::adopt(
             Array::try_from(take(map_names::CLIENT_PORT_SLOTS)).unwrap(),
             HashMap::try_from(take(map_names::CLIENT_FLOWS)).unwrap(),
+            Array::try_from(take(map_names::CLIENT_PORTS_HASHED)).unwrap(),
             client_slot_base,
             CONFIG,
         )
@@ -157,6 +158,7 @@ impl Relay {
         let backend = SlotTable::adopt(
             Array::try_from(take(map_names::BACKEND_PORT_SLOTS)).unwrap(),
             HashMap::try_from(take(map_names::BACKEND_FLOWS)).unwrap(),
+            Array::try_from(take(map_names::BACKEND_PORTS_HASHED)).unwrap(),
             backend_slot_base,
             CONFIG,
         )
@@ -189,6 +191,11 @@ impl Relay {
 
     pub fn remove_client_flow(&mut self, key: &ClientKey) {
         self.client.remove(key).unwrap();
+    }
+
+    /// Whether a client slot miss on `port` asks the hash map.
+    pub fn client_port_hashed(&self, port: u16) -> bool {
+        self.client.port_hashed(port).unwrap()
     }
 
     /// (halves in port slots, halves in the hash map) of each side.
