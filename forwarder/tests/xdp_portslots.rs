@@ -12,6 +12,7 @@ use common::{
     endpoints, udp_frame,
 };
 use forwarder::datapath::slots::GRACE;
+use forwarder_common::portslot::{ClientSlot, PortSlot as _};
 use forwarder_common::{ClientKey, Reason, Rewrite};
 
 const PAYLOAD: &[u8] = b"\x80\x00\x00\x00\x00\x00\x00\x07slot";
@@ -175,6 +176,51 @@ fn a_backend_half_in_a_slot_is_forwarded_and_checks_its_source() {
             Some(topo.front),
             Reason::DropSpoofedServer,
             XDP_DROP,
+        );
+    });
+}
+
+#[test]
+fn a_restarted_daemon_adopts_the_slots_and_drops_a_half_finished_replacement() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        let input = frame(CLIENT_PORT, SESSION_PORT);
+        let key = client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_001);
+        // A replacement the earlier daemon published in the second slot
+        // but never retired the first of, then a restart.
+        let from = endpoints((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
+        let to = endpoints((RELAY_FRONT, FLOW_PORT), (NEAR_BACKEND, 7_002));
+        let base = forwarder_common::portslot::client_slot_base(&common::CONFIG, SESSION_PORT);
+        relay.write_client_slot(
+            base.unwrap() + 1,
+            ClientSlot::new(key, Rewrite::new(from, to)),
+        );
+        // A half in the hash map at another port, which keeps its bit.
+        let other = SESSION_PORT + 1;
+        client_half(&mut relay, CLIENT_PORT, other, 7_010);
+        client_half(&mut relay, CLIENT_PORT + 1, other, 7_011);
+        client_half(&mut relay, CLIENT_PORT + 2, other, 7_012);
+        relay.readopt();
+        assert_eq!(relay.flow_placement().0, (3, 1));
+        assert!(relay.client_port_hashed(other));
+        // The program read the first slot all along, and still does.
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_001);
+        assert_eq!(
+            forwarded_to(&relay, &frame(CLIENT_PORT + 2, other), topo.front),
+            7_012
+        );
+        // Removed, the half is gone from both slots.
+        relay.remove_client_flow(&key);
+        relay.expect(&input, Some(topo.front), Reason::PassNoFlow, XDP_PASS);
+        // The adopted dead slots are not rewritten at once: a new half
+        // there goes to the hash map.
+        client_half(&mut relay, CLIENT_PORT + 5, SESSION_PORT, 7_020);
+        assert_eq!(relay.flow_placement().0, (2, 2));
+        assert_eq!(
+            forwarded_to(&relay, &frame(CLIENT_PORT + 5, SESSION_PORT), topo.front),
+            7_020
         );
     });
 }

@@ -99,10 +99,21 @@ where
                 continue;
             }
             let key = slot.key();
-            if table
-                .indices(&key)
-                .is_some_and(|pair| pair.contains(&index))
-            {
+            let pair = table.indices(&key).filter(|pair| pair.contains(&index));
+            // Both slots of a pair live under one key: the earlier daemon
+            // stopped between a replacement's publish and its retire. The
+            // program reads the first; the second goes, as it would have.
+            let twin = pair.is_some_and(|[first, _]| {
+                index != first
+                    && table.live.contains(&first)
+                    && table
+                        .slots
+                        .get(&first, 0)
+                        .is_ok_and(|held| held.key() == key)
+            });
+            if twin {
+                table.retire(index, &slot, now)?;
+            } else if pair.is_some() {
                 table.live.insert(index);
             } else {
                 table.hash_put(key, slot.value())?;
@@ -309,6 +320,11 @@ where
     /// The hash map, for readers that walk it by descriptor.
     pub fn hash(&self) -> &HashMap<MapData, S::Key, S::Value> {
         &self.hash
+    }
+
+    /// The port bitmap, likewise.
+    pub fn bits(&self) -> &Array<MapData, u32> {
+        &self.bits
     }
 
     /// The slot array, likewise.

@@ -193,6 +193,32 @@ impl Relay {
         self.client.remove(key).unwrap();
     }
 
+    /// What a restarted daemon does with the maps it adopts: new tables
+    /// over the same kernel maps, with nothing of the old tables' memory.
+    pub fn readopt(&mut self) {
+        fn reopen(map: &aya::maps::MapData) -> aya::maps::MapData {
+            aya::maps::MapData::from_id(map.info().unwrap().id()).unwrap()
+        }
+        use aya::maps::{IterableMap as _, Map};
+        let client = SlotTable::adopt(
+            Array::try_from(Map::Array(reopen(self.client.slots().map()))).unwrap(),
+            HashMap::try_from(Map::HashMap(reopen(self.client.hash().map()))).unwrap(),
+            Array::try_from(Map::Array(reopen(self.client.bits().map()))).unwrap(),
+            client_slot_base,
+            CONFIG,
+        )
+        .unwrap();
+        self.client = client;
+    }
+
+    /// Writes client slot `index` as it is, bypassing the daemon's placement.
+    pub fn write_client_slot(&mut self, index: u32, slot: ClientSlot) {
+        use aya::maps::{IterableMap as _, Map};
+        let data = aya::maps::MapData::from_id(self.client.slots().map().info().unwrap().id());
+        let mut array: Array<_, ClientSlot> = Array::try_from(Map::Array(data.unwrap())).unwrap();
+        array.set(index, slot, 0).unwrap();
+    }
+
     /// Whether a client slot miss on `port` asks the hash map.
     pub fn client_port_hashed(&self, port: u16) -> bool {
         self.client.port_hashed(port).unwrap()
