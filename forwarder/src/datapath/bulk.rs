@@ -104,9 +104,13 @@ fn lookup_batch<K: Pod, V: Pod>(
 pub struct FlowMapsReader {
     pub(super) client: OwnedFd,
     pub(super) backend: OwnedFd,
-    /// The IPv4 halves' port slots, read when `client` / `backend` are.
+    /// The IPv4 halves' port slots, read when `client` / `backend` are:
+    /// only around the slots live when the reader was made (ascending), so
+    /// a relay with a few flows does not copy the whole arrays each pass.
     pub(super) client_slots: OwnedFd,
     pub(super) backend_slots: OwnedFd,
+    pub(super) client_live: Vec<u32>,
+    pub(super) backend_live: Vec<u32>,
     pub(super) client6: OwnedFd,
     pub(super) backend6: OwnedFd,
     pub(super) client_4to6: OwnedFd,
@@ -248,8 +252,11 @@ fn read_into<K: Pod + Hash + Eq, V: Pod>(
 }
 
 /// [`read_into`] for a slot array: the live slots' halves, by their keys.
+/// An array's batch token is the last index read; each call starts at the
+/// next slot of `live` and reads the run of slots around live ones (gaps of
+/// at most [`SLOT_GAP`] dead slots), so the pass skips the dead stretches.
 fn read_slots_into<S: PortSlot>(
-    array: &OwnedFd,
+    (array, live): (&OwnedFd, &[u32]),
     from: Option<u32>,
     room: usize,
     into: &mut HashMap<S::Key, u64>,
@@ -258,16 +265,55 @@ fn read_slots_into<S: PortSlot>(
 where
     S::Key: Hash + Eq,
 {
-    let mut indexes = vec![0u32; room];
-    let mut slots = vec![S::zeroed(); room];
-    let batch = lookup_batch(array.as_fd(), from, &mut indexes, &mut slots)?;
+    let next = from.map_or(0, |last| last + 1);
+    let Some(run) = slot_run(live, next, room) else {
+        return Ok(Batch { got: 0, next: None });
+    };
+    let mut indexes = vec![0u32; run.len];
+    let mut slots = vec![S::zeroed(); run.len];
+    // The kernel starts after the token: the slot before the run's first.
+    let token = run.first.checked_sub(1);
+    let batch = lookup_batch(array.as_fd(), token, &mut indexes, &mut slots)?;
     into.extend(
         slots[..batch.got]
             .iter()
             .filter(|slot| slot.is_live())
             .map(|slot| (slot.key(), last_seen(&slot.value()))),
     );
-    Ok(batch)
+    let last = run.first + batch.got.saturating_sub(1) as u32;
+    let more = batch.got > 0 && live.last().is_some_and(|&end| end > last);
+    Ok(Batch {
+        got: batch.got,
+        next: more.then_some(last),
+    })
+}
+
+/// Dead slots read through rather than skipped: a batch call costs more
+/// than copying this many slots.
+const SLOT_GAP: u32 = 64;
+
+/// The slots one call reads: from the first live slot at or after `next`,
+/// on while the live ones are at most [`SLOT_GAP`] apart, `room` at most.
+#[derive(Debug, PartialEq, Eq)]
+struct SlotRun {
+    first: u32,
+    len: usize,
+}
+
+fn slot_run(live: &[u32], next: u32, room: usize) -> Option<SlotRun> {
+    let start = live.partition_point(|&index| index < next);
+    let first = *live.get(start)?;
+    let mut end = first;
+    for &index in &live[start + 1..] {
+        if index - end > SLOT_GAP || (index - first) as usize >= room.max(1) {
+            break;
+        }
+        end = index;
+    }
+    Some(SlotRun {
+        first,
+        len: (end - first + 1) as usize,
+    })
 }
 
 /// What one tick's slice of a pass came to.
@@ -409,14 +455,14 @@ impl FlowMapsPass {
                 |r| stamp_ns(r.last_seen, now),
             ),
             6 => read_slots_into::<ClientSlot>(
-                &reader.client_slots,
+                (&reader.client_slots, &reader.client_live),
                 from,
                 room,
                 &mut seen.client,
                 |r| stamp_ns(r.last_seen, now),
             ),
             _ => read_slots_into::<BackendSlot>(
-                &reader.backend_slots,
+                (&reader.backend_slots, &reader.backend_live),
                 from,
                 room,
                 &mut seen.backend,
@@ -671,6 +717,31 @@ mod tests {
     }
 
     #[test]
+    fn slot_reads_cover_the_live_slots_and_skip_long_dead_stretches() {
+        let live = [3, 5, 60, 500, 501, 9_000];
+        assert_eq!(
+            slot_run(&live, 0, 4096),
+            Some(SlotRun { first: 3, len: 58 })
+        );
+        // Resumed after the run's last slot: the next run starts at 500.
+        assert_eq!(
+            slot_run(&live, 61, 4096),
+            Some(SlotRun { first: 500, len: 2 })
+        );
+        assert_eq!(
+            slot_run(&live, 502, 4096),
+            Some(SlotRun {
+                first: 9_000,
+                len: 1
+            })
+        );
+        assert_eq!(slot_run(&live, 9_001, 4096), None);
+        // A run never exceeds the room.
+        assert_eq!(slot_run(&live, 0, 3), Some(SlotRun { first: 3, len: 3 }));
+        assert_eq!(slot_run(&[], 0, 4096), None);
+    }
+
+    #[test]
     fn a_pass_over_no_used_map_completes_at_once() {
         let reader = || -> io::Result<OwnedFd> { Ok(std::fs::File::open("/dev/null")?.into()) };
         let mut pass = FlowMapsPass::start(
@@ -683,6 +754,8 @@ mod tests {
                 backend_4to6: reader().unwrap(),
                 client_slots: reader().unwrap(),
                 backend_slots: reader().unwrap(),
+                client_live: Vec::new(),
+                backend_live: Vec::new(),
                 used: MapsUsed::default(),
             },
             100,

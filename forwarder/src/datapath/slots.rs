@@ -312,6 +312,11 @@ where
         Ok(self.bits.get(&word, 0)? & mask != 0)
     }
 
+    /// The live slots' indexes, ascending.
+    pub fn live_slots(&self) -> Vec<u32> {
+        self.live.iter().copied().collect()
+    }
+
     /// Halves in slots and in the hash map.
     pub fn counts(&self) -> (usize, usize) {
         (self.live.len(), self.hash.keys().count())

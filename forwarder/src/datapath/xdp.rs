@@ -513,6 +513,8 @@ impl XdpDatapath {
             backend: own(self.backend_flows.hash())?,
             client_slots: own(self.client_flows.slots())?,
             backend_slots: own(self.backend_flows.slots())?,
+            client_live: self.client_flows.live_slots(),
+            backend_live: self.backend_flows.live_slots(),
             client6: own(&self.client_flows6)?,
             backend6: own(&self.backend_flows6)?,
             client_4to6: own(&self.client_flows_4to6)?,
