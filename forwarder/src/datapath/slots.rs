@@ -57,7 +57,8 @@ where
     S::Key: aya::Pod,
     S::Value: aya::Pod,
 {
-    /// Takes over both maps. Slots an earlier daemon left are adopted: live
+    /// Takes over the slots, the hash map and the port bitmap (recounted
+    /// from the hash map). Slots an earlier daemon left are adopted: live
     /// ones stay where they are, unless these ranges put their port's
     /// slots elsewhere (then the half moves to the hash map), and dead
     /// ones count as having just died.
