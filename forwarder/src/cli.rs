@@ -1175,6 +1175,8 @@ fn render_stats(stats: &StatsInfo) -> String {
         c.max_flows_per_session,
         c.kernel_bytes_per_flow
     );
+    // One column for every name, the longest (the session buckets) included.
+    let width = c.maps.iter().map(|map| map.name.len()).max().unwrap_or(0);
     for map in &c.maps {
         let fill = map.entries.map_or_else(
             || "array".to_string(),
@@ -1182,7 +1184,7 @@ fn render_stats(stats: &StatsInfo) -> String {
         );
         let _ = writeln!(
             out,
-            "  map {:<16} {:>14}  {} B kernel memory",
+            "  map {:<width$} {:>14}  {} B kernel memory",
             map.name, fill, map.memlock_bytes
         );
     }
