@@ -224,3 +224,56 @@ fn a_restarted_daemon_adopts_the_slots_and_drops_a_half_finished_replacement() {
         );
     });
 }
+
+/// The daemon replaces a half (slot to slot, slot to hash map and back, at
+/// every pace around the grace period) while another CPU forwards its
+/// packets: every packet comes out whole, rewritten by the old half or the
+/// new one, never by a mix of them, and none finds no half.
+#[test]
+fn halves_replaced_while_packets_flow_are_never_read_half_written() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        let key = client_half(&mut relay, CLIENT_PORT, SESSION_PORT, 7_000);
+        let input = frame(CLIENT_PORT, SESSION_PORT);
+        let mut writer_table = relay.client_table();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let from = endpoints((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
+        let rewrites: Vec<Rewrite> = (0..4)
+            .map(|n| {
+                // Other addresses too, so a mix of two would show in the
+                // checksums as well as the ports.
+                let to = endpoints((RELAY_FRONT, FLOW_PORT + n), (NEAR_BACKEND, 7_000 + n));
+                Rewrite::new(from, to)
+            })
+            .collect();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Paces below, at and above the grace period, a bounded number.
+                for round in 0..40u64 {
+                    let rewrite = rewrites[(round % 4) as usize];
+                    writer_table.insert(key, rewrite).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(round % 5 * 40));
+                }
+                done.store(true, std::sync::atomic::Ordering::Release);
+            });
+            let mut runs = 0u32;
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::Acquire) && runs < 2_000_000 {
+                let run = relay.run(&input, Some(topo.front));
+                assert_eq!(run.retval, XDP_TX, "run {runs}: no half found");
+                let sport = u16::from_be_bytes([run.out[UDP], run.out[UDP + 1]]);
+                let dport = u16::from_be_bytes([run.out[UDP + 2], run.out[UDP + 3]]);
+                assert!(
+                    (7_000..7_004).contains(&dport) && sport - FLOW_PORT == dport - 7_000,
+                    "run {runs}: ports {sport} -> {dport} mix two halves"
+                );
+                common::table::assert_checksums_valid(&run.out);
+                seen.insert(dport);
+                runs += 1;
+            }
+            assert!(seen.len() >= 2, "the packets saw one half only: {seen:?}");
+        });
+    });
+}

@@ -196,19 +196,24 @@ impl Relay {
     /// What a restarted daemon does with the maps it adopts: new tables
     /// over the same kernel maps, with nothing of the old tables' memory.
     pub fn readopt(&mut self) {
+        self.client = self.client_table();
+    }
+
+    /// A client table of its own over the same kernel maps, for a thread
+    /// that writes halves while this one runs the program.
+    pub fn client_table(&self) -> SlotTable<ClientSlot> {
         fn reopen(map: &aya::maps::MapData) -> aya::maps::MapData {
             aya::maps::MapData::from_id(map.info().unwrap().id()).unwrap()
         }
         use aya::maps::{IterableMap as _, Map};
-        let client = SlotTable::adopt(
+        SlotTable::adopt(
             Array::try_from(Map::Array(reopen(self.client.slots().map()))).unwrap(),
             HashMap::try_from(Map::HashMap(reopen(self.client.hash().map()))).unwrap(),
             Array::try_from(Map::Array(reopen(self.client.bits().map()))).unwrap(),
             client_slot_base,
             CONFIG,
         )
-        .unwrap();
-        self.client = client;
+        .unwrap()
     }
 
     /// Writes client slot `index` as it is, bypassing the daemon's placement.
