@@ -2,7 +2,6 @@
 
 use aya_ebpf::maps::Array;
 use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
-use forwarder_common::flow6::port_bit;
 use forwarder_common::portslot::{BackendSlot, ClientSlot, backend_slot_base, client_slot_base};
 use forwarder_common::{AllowedSource, BackendKey, BackendRewrite, ClientKey, Reason, Rewrite};
 
@@ -10,7 +9,7 @@ use crate::{
     config, forward,
     maps::{
         BACKEND_FLOWS, BACKEND_PORT_SLOTS, BACKEND_PORTS_HASHED, CLIENT_FLOWS, CLIENT_PORT_SLOTS,
-        CLIENT_PORTS_HASHED,
+        CLIENT_PORTS_HASHED, port_bit_set,
     },
     parse::Packet,
 };
@@ -110,62 +109,72 @@ enum InSlots<T> {
     AskHash,
 }
 
-/// Whether the port's bit is set in a `*_PORTS_HASHED` bitmap.
-#[inline(always)]
-fn hashed(bits: &Array<u32>, port: u16) -> bool {
-    let (word, mask) = port_bit(port);
-    bits.get(word).is_some_and(|bits| bits & mask != 0)
-}
-
 /// The client half in one of the session port's two slots whose key is the
-/// packet's. A dead slot's relay port is 0, which no packet here has.
+/// packet's.
 #[inline(always)]
 fn client_slot(key: ClientKey, port: u16) -> InSlots<Rewrite> {
-    let Some(base) = client_slot_base(&config::relay(), port) else {
-        return InSlots::AskHash;
-    };
+    let base = client_slot_base(&config::relay(), port);
     let words = ClientSlot::key_words(key);
-    for index in [base, base + 1] {
-        // An index past the array's end (an array pinned for a narrower
-        // range) finds nothing, and the hash map answers.
-        let Some(slot) = CLIENT_PORT_SLOTS.get_ptr_mut(index) else {
-            return InSlots::AskHash;
-        };
-        // SAFETY: an array value pointer, valid for the program's run; the
-        // daemon writes a slot only while it is dead (portslot.rs).
-        let held = unsafe { (*slot).key };
-        if (held[0] ^ words[0]) | (held[1] ^ words[1]) | (held[2] ^ words[2]) == 0 {
-            // SAFETY: as above; only the field's address is taken.
-            return InSlots::Found(unsafe { &raw mut (*slot).rewrite });
-        }
-    }
-    if hashed(&CLIENT_PORTS_HASHED, port) {
-        InSlots::AskHash
-    } else {
-        InSlots::NotHashed
-    }
+    // SAFETY: `slot` is an array value pointer (see `in_slots`); only
+    // addresses are taken and the key copied.
+    in_slots(
+        &CLIENT_PORT_SLOTS,
+        &CLIENT_PORTS_HASHED,
+        base,
+        port,
+        words,
+        |slot| unsafe { ((*slot).key, &raw mut (*slot).rewrite) },
+    )
 }
 
 /// The backend half in one of the backend-facing port's two slots whose
 /// key is the packet's.
 #[inline(always)]
 fn backend_slot(key: BackendKey, port: u16) -> InSlots<BackendRewrite> {
-    let Some(base) = backend_slot_base(&config::relay(), port) else {
+    let base = backend_slot_base(&config::relay(), port);
+    let words = BackendSlot::key_words(key);
+    // SAFETY: as in `client_slot`.
+    in_slots(
+        &BACKEND_PORT_SLOTS,
+        &BACKEND_PORTS_HASHED,
+        base,
+        port,
+        words,
+        |slot| unsafe { ((*slot).key, &raw mut (*slot).value) },
+    )
+}
+
+/// Compares `words` with the key of each of the two slots from `base` (None:
+/// the port has none) and says where the half is. A dead slot's relay port
+/// is 0, which no packet here has. `open` reads a slot's key words and
+/// takes its value's address.
+#[inline(always)]
+fn in_slots<S, T, const N: usize>(
+    slots: &Array<S>,
+    hashed: &Array<u32>,
+    base: Option<u32>,
+    port: u16,
+    words: [u32; N],
+    open: impl Fn(*mut S) -> ([u32; N], *mut T),
+) -> InSlots<T> {
+    let Some(base) = base else {
         return InSlots::AskHash;
     };
-    let words = BackendSlot::key_words(key);
     for index in [base, base + 1] {
-        let Some(slot) = BACKEND_PORT_SLOTS.get_ptr_mut(index) else {
+        // An index past the array's end (an array pinned for a narrower
+        // range) finds nothing, and the hash map answers. The pointer is
+        // valid for the program's run; the daemon writes a slot only while
+        // it is dead (portslot.rs).
+        let Some(slot) = slots.get_ptr_mut(index) else {
             return InSlots::AskHash;
         };
-        // SAFETY: as in `client_slot`.
-        let held = unsafe { (*slot).key };
-        if (held[0] ^ words[0]) | (held[1] ^ words[1]) == 0 {
-            // SAFETY: as above; only the field's address is taken.
-            return InSlots::Found(unsafe { &raw mut (*slot).value });
+        let (held, value) = open(slot);
+        let differ = (0..N).fold(0, |differ, word| differ | (held[word] ^ words[word]));
+        if differ == 0 {
+            return InSlots::Found(value);
         }
     }
-    if hashed(&BACKEND_PORTS_HASHED, port) {
+    if port_bit_set(hashed, port) {
         InSlots::AskHash
     } else {
         InSlots::NotHashed

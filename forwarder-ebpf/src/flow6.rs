@@ -2,7 +2,6 @@
 //! (the IPv4 ones are in flow.rs, untouched).
 
 use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
-use forwarder_common::flow6::port_bit;
 use forwarder_common::{BackendKey, BackendKey6, ClientKey, ClientKey6, Reason, Rewrite6};
 
 use crate::{
@@ -37,8 +36,7 @@ pub fn lookup6(packet: &Packet6, side: Side) -> Option<*mut Rewrite6> {
 /// below is a hash.
 #[inline(always)]
 pub fn may_translate(port: u16) -> bool {
-    let (word, mask) = port_bit(port);
-    PORTS_4TO6.get(word).is_some_and(|bits| bits & mask != 0)
+    crate::maps::port_bit_set(&PORTS_4TO6, port)
 }
 
 /// The entry for an IPv4 packet that leaves as IPv6; asked only after the

@@ -105,3 +105,11 @@ pub static PORTS_4TO6: Array<u32> = Array::with_max_entries(PORTS_4TO6_WORDS, 0)
 /// Newest client-to-server nonce XDP forwarded per punched session, by client-facing port (clientseq.rs).
 #[map]
 pub static CLIENT_SEQS: Array<u64> = Array::with_max_entries(CLIENT_SEQ_SLOTS, 0);
+
+/// Whether `port`'s bit (host order) is set in a port bitmap (`PORTS_4TO6`,
+/// `*_PORTS_HASHED`): an array load the verifier inlines.
+#[inline(always)]
+pub fn port_bit_set(bits: &Array<u32>, port: u16) -> bool {
+    let (word, mask) = forwarder_common::flow6::port_bit(port);
+    bits.get(word).is_some_and(|bits| bits & mask != 0)
+}

@@ -11,6 +11,7 @@ pub mod flows;
 pub mod health;
 pub mod netlink;
 pub mod pins;
+pub mod portbits;
 pub mod slots;
 pub mod socket;
 pub mod xdp;

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
 use forwarder_common::RelayConfig;
-use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::portslot::PortSlot;
+
+use super::portbits::PortBits;
 
 /// How long a dead slot stays unwritten.
 pub const GRACE: Duration = Duration::from_millis(100);
@@ -33,11 +34,9 @@ where
     hash: HashMap<MapData, S::Key, S::Value>,
     /// One bit per port with slots whose halves are in the hash map too
     /// (`*_PORTS_HASHED`): the program asks the hash map after a slot miss
-    /// only there. Set before the first such half is inserted, cleared
-    /// after the last is removed.
-    bits: Array<MapData, u32>,
-    /// How many of each such port's halves are in the hash map.
-    hashed: std::collections::HashMap<u16, u32>,
+    /// only there. Its counts also tell the daemon which ports' halves
+    /// may be in the hash map, which spares a syscall per install.
+    hashed: PortBits,
     /// The port's first slot, from the relay's port ranges.
     base_of: fn(&RelayConfig, u16) -> Option<u32>,
     config: RelayConfig,
@@ -80,18 +79,24 @@ where
                 })
                 .collect(),
         };
+        let in_range = |key: &S::Key| {
+            let base = base_of(&config, Self::port(key));
+            base.is_some_and(|base| base + 1 < len)
+        };
+        let hashed_ports: Vec<u16> = (hash.keys().filter_map(Result::ok))
+            .filter(in_range)
+            .map(|key| Self::port(&key))
+            .collect();
         let mut table = Self {
             slots,
             hash,
-            bits,
-            hashed: std::collections::HashMap::new(),
+            hashed: PortBits::rebuild(bits, hashed_ports)?,
             base_of,
             config,
             len,
             live: BTreeSet::new(),
             died: std::collections::HashMap::new(),
         };
-        table.rebuild_bits()?;
         let now = Instant::now();
         for index in written {
             let slot = table.slots.get(&index, 0)?;
@@ -124,83 +129,43 @@ where
         Ok(table)
     }
 
-    /// Recounts the hash map's halves on ports with slots and rewrites the
-    /// whole bitmap to match.
-    fn rebuild_bits(&mut self) -> anyhow::Result<()> {
-        let mut hashed = std::collections::HashMap::<u16, u32>::new();
-        for key in self.hash.keys().filter_map(Result::ok) {
-            if self.indices(&key).is_some() {
-                *hashed.entry(Self::port(&key)).or_default() += 1;
-            }
-        }
-        let mut words = vec![0u32; PORTS_4TO6_WORDS as usize];
-        for port in hashed.keys() {
-            let (word, mask) = port_bit(*port);
-            words[word as usize] |= mask;
-        }
-        for (index, bits) in words.into_iter().enumerate() {
-            self.bits.set(index as u32, bits, 0)?;
-        }
-        self.hashed = hashed;
-        Ok(())
-    }
-
     fn port(key: &S::Key) -> u16 {
         u16::from_be_bytes(S::relay_port(key))
     }
 
-    /// Counts one more hash-map half on `port`, setting its bit first.
-    fn mark(&mut self, port: u16) -> Result<(), MapError> {
-        let count = self.hashed.entry(port).or_default();
-        if *count == 0 {
-            let (word, mask) = port_bit(port);
-            let bits = self.bits.get(&word, 0)?;
-            self.bits.set(word, bits | mask, 0)?;
-        }
-        *count += 1;
-        Ok(())
-    }
-
-    /// Counts one hash-map half fewer on `port`, clearing its bit with the last.
-    fn unmark(&mut self, port: u16) -> Result<(), MapError> {
-        let Some(count) = self.hashed.get_mut(&port) else {
-            return Ok(());
-        };
-        *count -= 1;
-        if *count == 0 {
-            self.hashed.remove(&port);
-            let (word, mask) = port_bit(port);
-            let bits = self.bits.get(&word, 0)?;
-            self.bits.set(word, bits & !mask, 0)?;
-        }
-        Ok(())
+    /// Whether the hash map may hold `key`: always for a port without
+    /// slots; for one with slots, only while its bit is counted.
+    fn may_be_hashed(&self, key: &S::Key) -> bool {
+        self.indices(key).is_none() || self.hashed.counts(Self::port(key))
     }
 
     /// Puts a half of a port with slots into the hash map (new or replaced).
     fn hash_put(&mut self, key: S::Key, value: S::Value) -> Result<(), MapError> {
-        if self.hash.get(&key, 0).is_ok() {
+        if self.may_be_hashed(&key) && self.hash.get(&key, 0).is_ok() {
             return self.hash.insert(key, value, 0);
         }
         let port = Self::port(&key);
-        self.mark(port)?;
+        self.hashed.add(port)?;
         self.hash.insert(key, value, 0).inspect_err(|_| {
-            let _ = self.unmark(port);
+            let _ = self.hashed.release(port);
         })
     }
 
-    /// Takes a half out of the hash map.
+    /// Takes a half out of the hash map (ENOENT where it is not there).
     fn hash_take(&mut self, key: &S::Key) -> Result<(), MapError> {
+        if !self.may_be_hashed(key) {
+            return Err(MapError::KeyNotFound);
+        }
         self.hash.remove(key)?;
         if self.indices(key).is_some() {
-            self.unmark(Self::port(key))?;
+            self.hashed.release(Self::port(key))?;
         }
         Ok(())
     }
 
     /// The key's port's two slots, if it has them.
     fn indices(&self, key: &S::Key) -> Option<[u32; 2]> {
-        let port = u16::from_be_bytes(S::relay_port(key));
-        let base = (self.base_of)(&self.config, port)?;
+        let base = (self.base_of)(&self.config, Self::port(key))?;
         (base + 1 < self.len).then_some([base, base + 1])
     }
 
@@ -294,7 +259,8 @@ where
     pub fn get(&self, key: &S::Key) -> Result<S::Value, MapError> {
         match self.find(key) {
             Some((_, slot)) => Ok(slot.value()),
-            None => self.hash.get(key, 0),
+            None if self.may_be_hashed(key) => self.hash.get(key, 0),
+            None => Err(MapError::KeyNotFound),
         }
     }
 
@@ -309,8 +275,7 @@ where
 
     /// Whether the kernel's bitmap sends a slot miss on `port` to the hash map.
     pub fn port_hashed(&self, port: u16) -> Result<bool, MapError> {
-        let (word, mask) = port_bit(port);
-        Ok(self.bits.get(&word, 0)? & mask != 0)
+        self.hashed.is_set(port)
     }
 
     /// The live slots' indexes, ascending.
@@ -330,7 +295,7 @@ where
 
     /// The port bitmap, likewise.
     pub fn bits(&self) -> &Array<MapData, u32> {
-        &self.bits
+        self.hashed.map()
     }
 
     /// The slot array, likewise.

@@ -11,7 +11,6 @@ use aya::{Ebpf, EbpfLoader};
 use forwarder_common::clock::JIFFIES_CLOCK_GLOBAL;
 use forwarder_common::config::{MAX_INTERFACES, RELAY_CONFIG_GLOBAL, RuntimeSizes, map_names};
 use forwarder_common::flow::stamp_ns;
-use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
     BackendKey, BackendKey6, ClientKey, ClientKey6, FlowCounter, REASON_COUNT, RelayConfig,
@@ -21,6 +20,7 @@ use forwarder_common::{
 use super::bulk::{FlowMapsReader, MapsUsed};
 use super::egress::EgressTable;
 use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, InstalledHalves};
+use super::portbits::PortBits;
 use super::slots::SlotTable;
 use forwarder_common::portslot::{
     BackendSlot, ClientSlot, backend_slot_base, backend_slot_entries, client_slot_base,
@@ -61,9 +61,7 @@ pub struct XdpDatapath {
     client_flows_4to6: HashMap<MapData, ClientKey, Rewrite6>,
     backend_flows_4to6: HashMap<MapData, BackendKey, Rewrite6>,
     /// One bit per port some `_4TO6` half is keyed by (see forwarder-common's flow6).
-    ports_4to6: Array<MapData, u32>,
-    /// How many `_4TO6` halves use each port: its bit is cleared with the last.
-    ports_4to6_users: std::collections::HashMap<u16, u32>,
+    ports_4to6: PortBits,
     reason_counters: PerCpuArray<MapData, ReasonCounter>,
     /// Newest client nonce XDP forwarded per punched session (forwarder_common::clientseq).
     client_seqs: Array<MapData, u64>,
@@ -199,7 +197,19 @@ impl XdpDatapath {
             HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS_4TO6)?)?;
         let backend_flows_4to6 =
             HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS_4TO6)?)?;
-        let ports_4to6 = Array::try_from(take_map(&mut ebpf, map_names::PORTS_4TO6)?)?;
+        // Recounted from the `_4TO6` halves, adopted pinned ones included.
+        let translated_ports = (client_flows_4to6.keys().filter_map(Result::ok))
+            .map(|k: ClientKey| k.relay_port)
+            .chain(
+                (backend_flows_4to6.keys().filter_map(Result::ok))
+                    .map(|k: BackendKey| k.relay_port),
+            )
+            .map(u16::from_be_bytes);
+        let ports_4to6 = PortBits::rebuild(
+            Array::try_from(take_map(&mut ebpf, map_names::PORTS_4TO6)?)?,
+            translated_ports,
+        )
+        .context("writing the translated-port bitmap")?;
         let reason_counters = PerCpuArray::try_from(take_map(&mut ebpf, "REASON_COUNTERS")?)?;
         let client_seqs = Array::try_from(take_map(&mut ebpf, map_names::CLIENT_SEQS)?)?;
         let slowpath = SlowpathBuckets {
@@ -208,7 +218,7 @@ impl XdpDatapath {
             global: Array::try_from(take_map(&mut ebpf, "SLOWPATH_GLOBAL_BUCKET")?)?,
             per_session: SlowpathBucket::default(),
         };
-        let mut datapath = Self {
+        let datapath = Self {
             _ebpf: ebpf,
             client_flows,
             backend_flows,
@@ -217,7 +227,6 @@ impl XdpDatapath {
             client_flows_4to6,
             backend_flows_4to6,
             ports_4to6,
-            ports_4to6_users: std::collections::HashMap::new(),
             reason_counters,
             client_seqs,
             slowpath,
@@ -227,7 +236,6 @@ impl XdpDatapath {
             egress_slots: egress.slots().clone(),
             egress: Some(egress),
         };
-        datapath.rebuild_ports_4to6()?;
         Ok(datapath)
     }
 
@@ -242,66 +250,17 @@ impl XdpDatapath {
         self.egress.take()
     }
 
-    /// Recounts the ports of the `_4TO6` halves (adopted pinned ones
-    /// included) and rewrites the whole bitmap to match.
-    fn rebuild_ports_4to6(&mut self) -> anyhow::Result<()> {
-        let mut users = std::collections::HashMap::<u16, u32>::new();
-        let client_ports = self
-            .client_flows_4to6
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| k.relay_port);
-        let backend_ports = self
-            .backend_flows_4to6
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| k.relay_port);
-        for port in client_ports.chain(backend_ports) {
-            *users.entry(u16::from_be_bytes(port)).or_default() += 1;
-        }
-        let mut words = vec![0u32; PORTS_4TO6_WORDS as usize];
-        for port in users.keys() {
-            let (word, mask) = port_bit(*port);
-            words[word as usize] |= mask;
-        }
-        for (index, bits) in words.into_iter().enumerate() {
-            self.ports_4to6
-                .set(index as u32, bits, 0)
-                .context("writing the translated-port bitmap")?;
-        }
-        self.ports_4to6_users = users;
-        Ok(())
-    }
-
     /// Counts one more `_4TO6` half on `port` (wire order), setting its bit first.
     fn use_port_4to6(&mut self, port: [u8; 2]) -> anyhow::Result<()> {
-        let port = u16::from_be_bytes(port);
-        let users = self.ports_4to6_users.entry(port).or_default();
-        if *users == 0 {
-            let (word, mask) = port_bit(port);
-            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
-            self.ports_4to6
-                .set(word, bits | mask, 0)
-                .context("marking a translated port")?;
-        }
-        *users += 1;
-        Ok(())
+        self.ports_4to6
+            .add(u16::from_be_bytes(port))
+            .context("marking a translated port")
     }
 
     /// Counts one `_4TO6` half fewer on `port`, clearing its bit with the last.
     fn release_port_4to6(&mut self, port: [u8; 2]) {
-        let port = u16::from_be_bytes(port);
-        let Some(users) = self.ports_4to6_users.get_mut(&port) else {
-            return;
-        };
-        *users -= 1;
-        if *users == 0 {
-            self.ports_4to6_users.remove(&port);
-            let (word, mask) = port_bit(port);
-            let bits = self.ports_4to6.get(&word, 0).unwrap_or(0);
-            if let Err(error) = self.ports_4to6.set(word, bits & !mask, 0) {
-                warn!(%error, "clearing a translated port");
-            }
+        if let Err(error) = self.ports_4to6.release(u16::from_be_bytes(port)) {
+            warn!(%error, "clearing a translated port");
         }
     }
 
