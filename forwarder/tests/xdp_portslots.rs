@@ -76,6 +76,22 @@ fn halves_that_share_a_port_beyond_its_slots_are_forwarded_from_the_hash_map() {
             assert_eq!(forwarded_to(&relay, &input, topo.front), 7_000 + n);
             assert_eq!(relay.flow_count(key).0, 1);
         }
+        // A fourth half joins the third in the hash map, and the third is
+        // replaced there: the port counts two hash-map halves, not three.
+        let fourth = client_half(&mut relay, CLIENT_PORT + 3, SESSION_PORT, 7_003);
+        client_half(&mut relay, CLIENT_PORT + 2, SESSION_PORT, 7_202);
+        assert_eq!(relay.flow_placement().0, (2, 2));
+        let input = frame(CLIENT_PORT + 2, SESSION_PORT);
+        assert_eq!(
+            forwarded_to(&relay, &input, topo.front),
+            7_202,
+            "the replacement"
+        );
+        relay.remove_client_flow(&fourth);
+        assert!(
+            relay.client_port_hashed(SESSION_PORT),
+            "the third is still hashed"
+        );
         // The last hash-map half of the port gone, a slot miss there no
         // longer asks the hash map, and the slots' halves go on.
         relay.remove_client_flow(&keys[2]);

@@ -11,7 +11,7 @@
 //! reading it. Like the hash map's own element reuse, that last rule is
 //! about timing, not a lock: an XDP run lasts microseconds.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, MapData, MapError};
@@ -43,8 +43,9 @@ where
     /// Slots the array has (pinned by an earlier run, it may be sized for
     /// other ranges: ports past its end have none).
     len: u32,
-    /// Live slots; the program never changes which are.
-    live: BTreeSet<u32>,
+    /// Live slots and their keys; the program never changes either, so
+    /// finding a half (or that a port's slots hold others) needs no syscall.
+    live: BTreeMap<u32, S::Key>,
     /// When each slot written since this daemon started (or found dead in
     /// an adopted array) last died.
     died: std::collections::HashMap<u32, Instant>,
@@ -94,7 +95,7 @@ where
             base_of,
             config,
             len,
-            live: BTreeSet::new(),
+            live: BTreeMap::new(),
             died: std::collections::HashMap::new(),
         };
         let now = Instant::now();
@@ -109,18 +110,12 @@ where
             // Both slots of a pair live under one key: the earlier daemon
             // stopped between a replacement's publish and its retire. The
             // program reads the first; the second goes, as it would have.
-            let twin = pair.is_some_and(|[first, _]| {
-                index != first
-                    && table.live.contains(&first)
-                    && table
-                        .slots
-                        .get(&first, 0)
-                        .is_ok_and(|held| held.key() == key)
-            });
+            let twin = pair
+                .is_some_and(|[first, _]| index != first && table.live.get(&first) == Some(&key));
             if twin {
                 table.retire(index, &slot, now)?;
             } else if pair.is_some() {
-                table.live.insert(index);
+                table.live.insert(index, key);
             } else {
                 table.hash_put(key, slot.value())?;
                 table.retire(index, &slot, now)?;
@@ -141,10 +136,16 @@ where
 
     /// Puts a half of a port with slots into the hash map (new or replaced).
     fn hash_put(&mut self, key: S::Key, value: S::Value) -> Result<(), MapError> {
-        if self.may_be_hashed(&key) && self.hash.get(&key, 0).is_ok() {
-            return self.hash.insert(key, value, 0);
-        }
         let port = Self::port(&key);
+        if self.may_be_hashed(&key) {
+            // The port's bit is already set: one syscall says whether the
+            // half is new (and so counted) or replaces one.
+            match self.hash.insert(key, value, BPF_NOEXIST) {
+                Ok(()) => return self.hashed.add(port),
+                Err(error) if already_exists(&error) => return self.hash.insert(key, value, 0),
+                Err(error) => return Err(error),
+            }
+        }
         self.hashed.add(port)?;
         self.hash.insert(key, value, 0).inspect_err(|_| {
             let _ = self.hashed.release(port);
@@ -171,19 +172,16 @@ where
 
     /// The live slot holding `key`, the first one as the program finds it.
     fn find(&self, key: &S::Key) -> Option<(u32, S)> {
-        self.indices(key)?.into_iter().find_map(|index| {
-            if !self.live.contains(&index) {
-                return None;
-            }
-            let slot = self.slots.get(&index, 0).ok()?;
-            (slot.key() == *key).then_some((index, slot))
-        })
+        let index =
+            (self.indices(key)?.into_iter()).find(|index| self.live.get(index) == Some(key))?;
+        let slot = self.slots.get(&index, 0).ok()?;
+        Some((index, slot))
     }
 
     /// A dead slot of the pair that has been dead long enough to write.
     fn free(&self, pair: [u32; 2], now: Instant) -> Option<u32> {
         pair.into_iter().find(|index| {
-            !self.live.contains(index)
+            !self.live.contains_key(index)
                 && self
                     .died
                     .get(index)
@@ -196,7 +194,7 @@ where
         let slot = S::new(key, value);
         self.slots.set(index, slot.retired(), 0)?;
         self.slots.set(index, slot, 0)?;
-        self.live.insert(index);
+        self.live.insert(index, key);
         self.died.remove(&index);
         Ok(())
     }
@@ -266,7 +264,7 @@ where
 
     /// Every installed half: the live slots, then the hash map.
     pub fn iter(&self) -> impl Iterator<Item = (S::Key, S::Value)> + '_ {
-        let slots = self.live.iter().filter_map(|index| {
+        let slots = self.live.keys().filter_map(|index| {
             let slot = self.slots.get(index, 0).ok()?;
             slot.is_live().then(|| (slot.key(), slot.value()))
         });
@@ -280,7 +278,7 @@ where
 
     /// The live slots' indexes, ascending.
     pub fn live_slots(&self) -> Vec<u32> {
-        self.live.iter().copied().collect()
+        self.live.keys().copied().collect()
     }
 
     /// Halves in slots and in the hash map.
@@ -302,6 +300,16 @@ where
     pub fn slots(&self) -> &Array<MapData, S> {
         &self.slots
     }
+}
+
+/// `BPF_NOEXIST` (uapi bpf.h): an update that fails with EEXIST rather
+/// than replace an element.
+const BPF_NOEXIST: u64 = 1;
+
+/// The hash map's answer to a `BPF_NOEXIST` insert of a key it holds.
+fn already_exists(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(error)
+        if error.io_error.kind() == std::io::ErrorKind::AlreadyExists)
 }
 
 /// The hash map's answer for a key it does not hold (a delete says ENOENT).
