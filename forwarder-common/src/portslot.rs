@@ -158,25 +158,34 @@ impl PortSlot for BackendSlot {
     }
 }
 
-/// Index of the first of a session port's client slots (host order);
-/// None for a port without slots (the shared port, port 0).
+/// Indexes of a session port's two client slots (host order), in the
+/// order the program asks them; None for a port without slots (the
+/// shared port, port 0).
 #[inline(always)]
-pub fn client_slot_base(config: &RelayConfig, port: u16) -> Option<u32> {
-    slot_base(config.session_port_lo, config.session_port_hi, port)
+pub fn client_slot_pair(config: &RelayConfig, port: u16) -> Option<[u32; 2]> {
+    slot_pair(config.session_port_lo, config.session_port_hi, port)
 }
 
-/// Index of the first of a backend-facing port's slots (host order).
+/// Indexes of a backend-facing port's two slots (host order).
 #[inline(always)]
-pub fn backend_slot_base(config: &RelayConfig, port: u16) -> Option<u32> {
-    slot_base(config.flow_port_lo, config.flow_port_hi, port)
+pub fn backend_slot_pair(config: &RelayConfig, port: u16) -> Option<[u32; 2]> {
+    slot_pair(config.flow_port_lo, config.flow_port_hi, port)
 }
 
+/// The array holds every port's first slot, then every port's second: the
+/// halves in first slots (nearly all of them) sit in adjacent lines, one
+/// line each. Side by side (a port's two slots in one 128-byte pair), each
+/// live half dragged its port's dead second slot into the cache with it
+/// and a ring of flows outgrew the L2 at half as many (docs/BENCHMARKS.md,
+/// step 12).
 #[inline(always)]
-fn slot_base(lo: u16, hi: u16, port: u16) -> Option<u32> {
+fn slot_pair(lo: u16, hi: u16, port: u16) -> Option<[u32; 2]> {
     if port == 0 || port < lo || port > hi {
         return None;
     }
-    Some(u32::from(port - lo) * SLOTS_PER_PORT)
+    let ports = u32::from(hi - lo) + 1;
+    let first = u32::from(port - lo);
+    Some([first, first + ports])
 }
 
 /// `max_entries` of `CLIENT_PORT_SLOTS` for this configuration.
@@ -222,16 +231,16 @@ mod tests {
     #[test]
     fn ports_index_their_own_slots_and_others_none() {
         let config = config();
-        assert_eq!(client_slot_base(&config, 60_000), Some(0));
-        assert_eq!(client_slot_base(&config, 60_009), Some(18));
+        assert_eq!(client_slot_pair(&config, 60_000), Some([0, 10]));
+        assert_eq!(client_slot_pair(&config, 60_009), Some([9, 19]));
         assert_eq!(client_slot_entries(&config), 20);
         // The shared port's many flows live in the hash map.
-        assert_eq!(client_slot_base(&config, 60_999), None);
-        assert_eq!(client_slot_base(&config, 61_000), None);
-        assert_eq!(backend_slot_base(&config, 61_999), Some(1_998));
+        assert_eq!(client_slot_pair(&config, 60_999), None);
+        assert_eq!(client_slot_pair(&config, 61_000), None);
+        assert_eq!(backend_slot_pair(&config, 61_999), Some([999, 1_999]));
         assert_eq!(backend_slot_entries(&config), 2_000);
         let zero = RelayConfig::default();
-        assert_eq!(client_slot_base(&zero, 0), None);
+        assert_eq!(client_slot_pair(&zero, 0), None);
         assert_eq!(client_slot_entries(&zero), SLOTS_PER_PORT);
     }
 

@@ -2,7 +2,7 @@
 
 use aya_ebpf::maps::Array;
 use forwarder_common::flow::REWRITE_UNKNOWN_SOURCE_TO_DAEMON;
-use forwarder_common::portslot::{BackendSlot, ClientSlot, backend_slot_base, client_slot_base};
+use forwarder_common::portslot::{BackendSlot, ClientSlot, backend_slot_pair, client_slot_pair};
 use forwarder_common::{AllowedSource, BackendKey, BackendRewrite, ClientKey, Reason, Rewrite};
 
 use crate::{
@@ -113,14 +113,14 @@ enum InSlots<T> {
 /// packet's.
 #[inline(always)]
 fn client_slot(key: ClientKey, port: u16) -> InSlots<Rewrite> {
-    let base = client_slot_base(&config::relay(), port);
+    let pair = client_slot_pair(&config::relay(), port);
     let words = ClientSlot::key_words(key);
     // SAFETY: `slot` is an array value pointer (see `in_slots`); only
     // addresses are taken and the key copied.
     in_slots(
         &CLIENT_PORT_SLOTS,
         &CLIENT_PORTS_HASHED,
-        base,
+        pair,
         port,
         words,
         |slot| unsafe { ((*slot).key, &raw mut (*slot).rewrite) },
@@ -131,36 +131,36 @@ fn client_slot(key: ClientKey, port: u16) -> InSlots<Rewrite> {
 /// key is the packet's.
 #[inline(always)]
 fn backend_slot(key: BackendKey, port: u16) -> InSlots<BackendRewrite> {
-    let base = backend_slot_base(&config::relay(), port);
+    let pair = backend_slot_pair(&config::relay(), port);
     let words = BackendSlot::key_words(key);
     // SAFETY: as in `client_slot`.
     in_slots(
         &BACKEND_PORT_SLOTS,
         &BACKEND_PORTS_HASHED,
-        base,
+        pair,
         port,
         words,
         |slot| unsafe { ((*slot).key, &raw mut (*slot).value) },
     )
 }
 
-/// Compares `words` with the key of each of the two slots from `base` (None:
-/// the port has none) and says where the half is. A dead slot's relay port
+/// Compares `words` with the key of each of the port's two slots (`pair`,
+/// None: the port has none) and says where the half is. A dead slot's relay port
 /// is 0, which no packet here has. `open` reads a slot's key words and
 /// takes its value's address.
 #[inline(always)]
 fn in_slots<S, T, const N: usize>(
     slots: &Array<S>,
     hashed: &Array<u32>,
-    base: Option<u32>,
+    pair: Option<[u32; 2]>,
     port: u16,
     words: [u32; N],
     open: impl Fn(*mut S) -> ([u32; N], *mut T),
 ) -> InSlots<T> {
-    let Some(base) = base else {
+    let Some(pair) = pair else {
         return InSlots::AskHash;
     };
-    for index in [base, base + 1] {
+    for index in pair {
         // An index past the array's end (an array pinned for a narrower
         // range) finds nothing, and the hash map answers. The pointer is
         // valid for the program's run; the daemon writes a slot only while

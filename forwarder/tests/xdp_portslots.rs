@@ -208,9 +208,9 @@ fn a_restarted_daemon_adopts_the_slots_and_drops_a_half_finished_replacement() {
         // but never retired the first of, then a restart.
         let from = endpoints((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT));
         let to = endpoints((RELAY_FRONT, FLOW_PORT), (NEAR_BACKEND, 7_002));
-        let base = forwarder_common::portslot::client_slot_base(&common::CONFIG, SESSION_PORT);
+        let pair = forwarder_common::portslot::client_slot_pair(&common::CONFIG, SESSION_PORT);
         relay.write_client_slot(
-            base.unwrap() + 1,
+            pair.unwrap()[1],
             ClientSlot::new(key, Rewrite::new(from, to)),
         );
         // A half in the hash map at another port, which keeps its bit.

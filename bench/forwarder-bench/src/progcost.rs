@@ -47,8 +47,8 @@ use forwarder_common::clock::{JIFFIES_CLOCK_GLOBAL, JiffiesClock};
 use forwarder_common::config::map_names;
 use forwarder_common::flow::{Endpoints, IFACE_ANY};
 use forwarder_common::portslot::{
-    BackendSlot, ClientSlot, backend_slot_base, backend_slot_entries, client_slot_base,
-    client_slot_entries,
+    BackendSlot, ClientSlot, backend_slot_entries, backend_slot_pair, client_slot_entries,
+    client_slot_pair,
 };
 use forwarder_common::reason::ReasonCounter;
 use forwarder_common::{
@@ -260,12 +260,7 @@ pub fn run(calls: usize, objects: &[String], rings: &[u16]) -> anyhow::Result<()
                     load_forwarder(bytes).with_context(|| format!("object {label}"))?;
                 ring_load.number_interfaces(&[front, back])?;
                 let ring_target = target + 1 + ring_relays.len();
-                let ring = Ring {
-                    flows,
-                    client_port: RING_CLIENT_PORT,
-                    flow_port: RING_FLOW_PORT,
-                    session_port: RING_SESSION_PORT,
-                };
+                let ring = Ring::new(flows);
                 let halves = ring_load.add_ring(pair, &ring)?;
                 let starts = (0..usize::from(flows)).step_by(RING_STEP);
                 cases.push(Case {
@@ -790,16 +785,35 @@ struct Ring {
     client_port: u16,
     flow_port: u16,
     session_port: u16,
+    /// Each flow's place among the ring's ports, a permutation of 0..flows.
+    places: Vec<u16>,
 }
 
+/// The rings' shuffle seed: every run and every object places alike.
+const RING_SEED: u64 = 0x5eed_f10e;
+
 impl Ring {
-    /// Flow i's place among the ring's ports: i times a prime stride,
-    /// modulo the flows, which visits every place once.
+    /// A ring whose flows sit at shuffled places. Shuffled rather than a
+    /// stride (i × p mod n): a stride is a constant step between the slots
+    /// consecutive packets read, which a prefetcher can follow, and how
+    /// well it does depends on the step, so some ring sizes came out
+    /// cheaper than smaller ones (step 12 in docs/BENCHMARKS.md).
+    fn new(flows: u16) -> Self {
+        use rand::{SeedableRng as _, seq::SliceRandom as _};
+        let mut places: Vec<u16> = (0..flows).collect();
+        places.shuffle(&mut rand::rngs::StdRng::seed_from_u64(RING_SEED));
+        Self {
+            flows,
+            client_port: RING_CLIENT_PORT,
+            flow_port: RING_FLOW_PORT,
+            session_port: RING_SESSION_PORT,
+            places,
+        }
+    }
+
+    /// Flow i's place among the ring's ports.
     fn scatter(&self, i: u16) -> u16 {
-        let flows = u32::from(self.flows);
-        // Both primes: one of them is coprime with any ring size.
-        let stride = if flows % 7_919 == 0 { 7_907 } else { 7_919 };
-        (u32::from(i) * stride % flows) as u16
+        self.places[usize::from(i)]
     }
 
     fn session_port_of(&self, i: u16) -> u16 {
@@ -854,14 +868,14 @@ impl V4Tables {
                 Array::try_from(client_slots)?,
                 HashMap::try_from(client_flows)?,
                 Array::try_from(client_bits)?,
-                client_slot_base,
+                client_slot_pair,
                 RELAY,
             )?,
             backend: SlotTable::adopt(
                 Array::try_from(backend_slots)?,
                 HashMap::try_from(backend_flows)?,
                 Array::try_from(backend_bits)?,
-                backend_slot_base,
+                backend_slot_pair,
                 RELAY,
             )?,
         }))
@@ -967,11 +981,11 @@ impl Relay {
     /// client half (client port `client_port + i`, session port
     /// `session_port + ring.scatter(i)`) rewrites to its backend half (flow
     /// port `flow_port + ring.scatter(i)`), which rewrites onto the client
-    /// half of flow i+1; the last one's back onto flow 0's. The scattered
-    /// ports make consecutive packets read slots far apart, as a relay's
-    /// sessions send in no port order, instead of walking the slot arrays
-    /// in order, which the cache's prefetcher would serve; likewise the
-    /// install order for the hash maps' elements.
+    /// half of flow i+1; the last one's back onto flow 0's. The shuffled
+    /// ports make consecutive packets read slots at no pattern in memory,
+    /// as a relay's sessions send in no port order, instead of walking the
+    /// slot arrays in an order the cache's prefetcher would serve; likewise
+    /// the install order for the hash maps' elements.
     fn add_ring(&mut self, pair: &Pair, ring: &Ring) -> anyhow::Result<Vec<Half>> {
         let client_side = |i: u16| Endpoints {
             saddr: pair.client,

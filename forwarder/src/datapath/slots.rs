@@ -37,8 +37,8 @@ where
     /// only there. Its counts also tell the daemon which ports' halves
     /// may be in the hash map, which spares a syscall per install.
     hashed: PortBits,
-    /// The port's first slot, from the relay's port ranges.
-    base_of: fn(&RelayConfig, u16) -> Option<u32>,
+    /// The port's two slots, from the relay's port ranges.
+    pair_of: fn(&RelayConfig, u16) -> Option<[u32; 2]>,
     config: RelayConfig,
     /// Slots the array has (pinned by an earlier run, it may be sized for
     /// other ranges: ports past its end have none).
@@ -66,7 +66,7 @@ where
         slots: Array<MapData, S>,
         hash: HashMap<MapData, S::Key, S::Value>,
         bits: Array<MapData, u32>,
-        base_of: fn(&RelayConfig, u16) -> Option<u32>,
+        pair_of: fn(&RelayConfig, u16) -> Option<[u32; 2]>,
         config: RelayConfig,
     ) -> anyhow::Result<Self> {
         let len = slots.len();
@@ -81,8 +81,7 @@ where
                 .collect(),
         };
         let in_range = |key: &S::Key| {
-            let base = base_of(&config, Self::port(key));
-            base.is_some_and(|base| base + 1 < len)
+            pair_of(&config, Self::port(key)).is_some_and(|[_, second]| second < len)
         };
         let hashed_ports: Vec<u16> = (hash.keys().filter_map(Result::ok))
             .filter(in_range)
@@ -92,7 +91,7 @@ where
             slots,
             hash,
             hashed: PortBits::rebuild(bits, hashed_ports)?,
-            base_of,
+            pair_of,
             config,
             len,
             live: BTreeMap::new(),
@@ -166,8 +165,7 @@ where
 
     /// The key's port's two slots, if it has them.
     fn indices(&self, key: &S::Key) -> Option<[u32; 2]> {
-        let base = (self.base_of)(&self.config, Self::port(key))?;
-        (base + 1 < self.len).then_some([base, base + 1])
+        (self.pair_of)(&self.config, Self::port(key)).filter(|[_, second]| *second < self.len)
     }
 
     /// The live slot holding `key`, the first one as the program finds it.

@@ -23,8 +23,8 @@ use super::flows::{BackendHalf, BackendHalfKey, ClientHalf, InstalledClient, Ins
 use super::portbits::PortBits;
 use super::slots::SlotTable;
 use forwarder_common::portslot::{
-    BackendSlot, ClientSlot, backend_slot_base, backend_slot_entries, client_slot_base,
-    client_slot_entries,
+    BackendSlot, ClientSlot, backend_slot_entries, backend_slot_pair, client_slot_entries,
+    client_slot_pair,
 };
 use tracing::{debug, info, warn};
 
@@ -179,7 +179,7 @@ impl XdpDatapath {
             Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORT_SLOTS)?)?,
             HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS)?)?,
             Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORTS_HASHED)?)?,
-            client_slot_base,
+            client_slot_pair,
             config,
         )
         .context("reading the client halves' port slots")?;
@@ -187,7 +187,7 @@ impl XdpDatapath {
             Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORT_SLOTS)?)?,
             HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS)?)?,
             Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORTS_HASHED)?)?,
-            backend_slot_base,
+            backend_slot_pair,
             config,
         )
         .context("reading the backend halves' port slots")?;

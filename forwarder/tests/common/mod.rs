@@ -35,8 +35,8 @@ use forwarder_common::{
     config::{RELAY_CONFIG_GLOBAL, map_names},
     flow::{EgressIface, Endpoints, IFACE_ANY, IFACE_NONE},
     portslot::{
-        BackendSlot, ClientSlot, backend_slot_base, backend_slot_entries, client_slot_base,
-        client_slot_entries,
+        BackendSlot, ClientSlot, backend_slot_entries, backend_slot_pair, client_slot_entries,
+        client_slot_pair,
     },
     reason::ReasonCounter,
 };
@@ -151,7 +151,7 @@ impl Relay {
             Array::try_from(take(map_names::CLIENT_PORT_SLOTS)).unwrap(),
             HashMap::try_from(take(map_names::CLIENT_FLOWS)).unwrap(),
             Array::try_from(take(map_names::CLIENT_PORTS_HASHED)).unwrap(),
-            client_slot_base,
+            client_slot_pair,
             CONFIG,
         )
         .unwrap();
@@ -159,7 +159,7 @@ impl Relay {
             Array::try_from(take(map_names::BACKEND_PORT_SLOTS)).unwrap(),
             HashMap::try_from(take(map_names::BACKEND_FLOWS)).unwrap(),
             Array::try_from(take(map_names::BACKEND_PORTS_HASHED)).unwrap(),
-            backend_slot_base,
+            backend_slot_pair,
             CONFIG,
         )
         .unwrap();
@@ -210,7 +210,7 @@ impl Relay {
             Array::try_from(Map::Array(reopen(self.client.slots().map()))).unwrap(),
             HashMap::try_from(Map::HashMap(reopen(self.client.hash().map()))).unwrap(),
             Array::try_from(Map::Array(reopen(self.client.bits().map()))).unwrap(),
-            client_slot_base,
+            client_slot_pair,
             CONFIG,
         )
         .unwrap()
