@@ -246,6 +246,34 @@ fn a_restarted_daemon_adopts_the_slots_and_drops_a_half_finished_replacement() {
 /// packets: every packet comes out whole, rewritten by the old half or the
 /// new one, never by a mix of them, and none finds no half.
 #[test]
+fn a_half_left_where_its_port_has_no_slot_moves_to_the_hash_map_when_adopted() {
+    let ns = Namespace::create();
+    ns.enter(|topo| {
+        let mut relay = Relay::load();
+        relay.add_egress(topo.front);
+        // Where the side-by-side layout (before the slots were striped)
+        // kept this port's second slot: no slot of the port now.
+        let offset = u32::from(SESSION_PORT + 3 - common::CONFIG.session_port_lo);
+        let old_index = 2 * offset + 1;
+        let pair = forwarder_common::portslot::client_slot_pair(&common::CONFIG, SESSION_PORT + 3);
+        assert!(!pair.unwrap().contains(&old_index));
+        let from = endpoints((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT + 3));
+        let to = endpoints((RELAY_FRONT, FLOW_PORT), (NEAR_BACKEND, 7_030));
+        let key = client_key((CLIENT, CLIENT_PORT), (RELAY_FRONT, SESSION_PORT + 3));
+        relay.write_client_slot(old_index, ClientSlot::new(key, Rewrite::new(from, to)));
+        relay.readopt();
+        assert_eq!(relay.flow_placement().0, (0, 1), "in the hash map");
+        assert!(relay.client_port_hashed(SESSION_PORT + 3));
+        let input = frame(CLIENT_PORT, SESSION_PORT + 3);
+        assert_eq!(forwarded_to(&relay, &input, topo.front), 7_030);
+        // The old slot is dead: removed, the half is gone.
+        relay.remove_client_flow(&key);
+        relay.expect(&input, Some(topo.front), Reason::PassNoFlow, XDP_PASS);
+        assert!(!relay.client_port_hashed(SESSION_PORT + 3));
+    });
+}
+
+#[test]
 fn halves_replaced_while_packets_flow_are_never_read_half_written() {
     let ns = Namespace::create();
     ns.enter(|topo| {

@@ -156,6 +156,27 @@ impl XdpDatapath {
             &indices,
         )?;
 
+        // The pinned slots are adopted before this program replaces the
+        // one running: a live half that these ranges or this slot layout
+        // put elsewhere goes to the hash map and its port's bit before its
+        // old slot dies, so the old program finds it there, and so does
+        // this one from its first packet.
+        let client_flows = SlotTable::adopt(
+            Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORT_SLOTS)?)?,
+            HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS)?)?,
+            Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORTS_HASHED)?)?,
+            client_slot_pair,
+            config,
+        )
+        .context("reading the client halves' port slots")?;
+        let backend_flows = SlotTable::adopt(
+            Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORT_SLOTS)?)?,
+            HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS)?)?,
+            Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORTS_HASHED)?)?,
+            backend_slot_pair,
+            config,
+        )
+        .context("reading the backend halves' port slots")?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .context("the embedded XDP object has no program `forwarder`: rebuild forwarder")?
@@ -175,22 +196,6 @@ impl XdpDatapath {
         // checked above; a mismatch here means someone swapped pins meanwhile.
         check_pinned_sizes(pins, sizes)?;
 
-        let client_flows = SlotTable::adopt(
-            Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORT_SLOTS)?)?,
-            HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS)?)?,
-            Array::try_from(take_map(&mut ebpf, map_names::CLIENT_PORTS_HASHED)?)?,
-            client_slot_pair,
-            config,
-        )
-        .context("reading the client halves' port slots")?;
-        let backend_flows = SlotTable::adopt(
-            Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORT_SLOTS)?)?,
-            HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS)?)?,
-            Array::try_from(take_map(&mut ebpf, map_names::BACKEND_PORTS_HASHED)?)?,
-            backend_slot_pair,
-            config,
-        )
-        .context("reading the backend halves' port slots")?;
         let client_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::CLIENT_FLOWS6)?)?;
         let backend_flows6 = HashMap::try_from(take_map(&mut ebpf, map_names::BACKEND_FLOWS6)?)?;
         let client_flows_4to6 =
