@@ -137,8 +137,9 @@ where
     fn hash_put(&mut self, key: S::Key, value: S::Value) -> Result<(), MapError> {
         let port = Self::port(&key);
         if self.may_be_hashed(&key) {
-            // The port's bit is already set: one syscall says whether the
-            // half is new (and so counted) or replaces one.
+            // A port already counted (its bit set) or one without slots
+            // (no bit read): one syscall says whether the half is new, and
+            // so counted, or replaces one.
             match self.hash.insert(key, value, BPF_NOEXIST) {
                 Ok(()) => return self.hashed.add(port),
                 Err(error) if already_exists(&error) => return self.hash.insert(key, value, 0),
