@@ -5,7 +5,8 @@
 //! pays for a lookup, so a bit is set before the port's first entry is
 //! written and cleared after its last one is gone.
 
-use aya::maps::{Array, MapData, MapError};
+use aya::Pod;
+use aya::maps::{Array, HashMap, MapData, MapError};
 use forwarder_common::flow6::{PORTS_4TO6_WORDS, port_bit};
 
 /// One bitmap and how many entries hold each of its bits.
@@ -64,6 +65,31 @@ impl PortBits {
         Ok(())
     }
 
+    /// Inserts `key` into `map` as an entry on `port`, or replaces it
+    /// there: a new entry is counted (its port's bit set first), a
+    /// replaced one is not. At a port already counted one `BPF_NOEXIST`
+    /// insert says which it is, so neither asks the map beforehand.
+    pub fn put<K: Pod, V: Pod>(
+        &mut self,
+        map: &mut HashMap<MapData, K, V>,
+        port: u16,
+        key: K,
+        value: V,
+    ) -> Result<(), MapError> {
+        if self.counts(port) {
+            return match map.insert(key, value, BPF_NOEXIST) {
+                // No syscall: the bit is set.
+                Ok(()) => self.add(port),
+                Err(error) if already_exists(&error) => map.insert(key, value, 0),
+                Err(error) => Err(error),
+            };
+        }
+        self.add(port)?;
+        map.insert(key, value, 0).inspect_err(|_| {
+            let _ = self.release(port);
+        })
+    }
+
     /// Whether some entry holds `port` (as counted here, without asking the kernel).
     pub fn counts(&self, port: u16) -> bool {
         self.users.contains_key(&port)
@@ -79,4 +105,14 @@ impl PortBits {
     pub fn map(&self) -> &Array<MapData, u32> {
         &self.bits
     }
+}
+
+/// `BPF_NOEXIST` (uapi bpf.h): an update that fails with EEXIST rather
+/// than replace an element.
+const BPF_NOEXIST: u64 = 1;
+
+/// The hash map's answer to a `BPF_NOEXIST` insert of a key it holds.
+fn already_exists(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(error)
+        if error.io_error.kind() == std::io::ErrorKind::AlreadyExists)
 }

@@ -135,21 +135,8 @@ where
 
     /// Puts a half of a port with slots into the hash map (new or replaced).
     fn hash_put(&mut self, key: S::Key, value: S::Value) -> Result<(), MapError> {
-        let port = Self::port(&key);
-        if self.may_be_hashed(&key) {
-            // A port already counted (its bit set) or one without slots
-            // (no bit read): one syscall says whether the half is new, and
-            // so counted, or replaces one.
-            match self.hash.insert(key, value, BPF_NOEXIST) {
-                Ok(()) => return self.hashed.add(port),
-                Err(error) if already_exists(&error) => return self.hash.insert(key, value, 0),
-                Err(error) => return Err(error),
-            }
-        }
-        self.hashed.add(port)?;
-        self.hash.insert(key, value, 0).inspect_err(|_| {
-            let _ = self.hashed.release(port);
-        })
+        self.hashed
+            .put(&mut self.hash, Self::port(&key), key, value)
     }
 
     /// Takes a half out of the hash map (ENOENT where it is not there).
@@ -299,16 +286,6 @@ where
     pub fn slots(&self) -> &Array<MapData, S> {
         &self.slots
     }
-}
-
-/// `BPF_NOEXIST` (uapi bpf.h): an update that fails with EEXIST rather
-/// than replace an element.
-const BPF_NOEXIST: u64 = 1;
-
-/// The hash map's answer to a `BPF_NOEXIST` insert of a key it holds.
-fn already_exists(error: &MapError) -> bool {
-    matches!(error, MapError::SyscallError(error)
-        if error.io_error.kind() == std::io::ErrorKind::AlreadyExists)
 }
 
 /// The hash map's answer for a key it does not hold (a delete says ENOENT).

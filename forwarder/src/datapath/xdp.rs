@@ -255,13 +255,6 @@ impl XdpDatapath {
         self.egress.take()
     }
 
-    /// Counts one more `_4TO6` half on `port` (wire order), setting its bit first.
-    fn use_port_4to6(&mut self, port: [u8; 2]) -> anyhow::Result<()> {
-        self.ports_4to6
-            .add(u16::from_be_bytes(port))
-            .context("marking a translated port")
-    }
-
     /// Counts one `_4TO6` half fewer on `port`, clearing its bit with the last.
     fn release_port_4to6(&mut self, port: [u8; 2]) {
         if let Err(error) = self.ports_4to6.release(u16::from_be_bytes(port)) {
@@ -288,21 +281,12 @@ impl XdpDatapath {
     fn insert_backend(&mut self, half: &BackendHalf) -> anyhow::Result<()> {
         match half {
             BackendHalf::V4(key, rewrite) => Ok(self.backend_flows.insert(*key, *rewrite)?),
-            BackendHalf::V4To6(key, rewrite) => {
-                // A replaced entry keeps its count.
-                let new = self.backend_flows_4to6.get(key, 0).is_err();
-                if new {
-                    self.use_port_4to6(key.relay_port)?;
-                }
-                self.backend_flows_4to6
-                    .insert(key, rewrite, 0)
-                    .map_err(|error| {
-                        if new {
-                            self.release_port_4to6(key.relay_port);
-                        }
-                        error.into()
-                    })
-            }
+            BackendHalf::V4To6(key, rewrite) => Ok(self.ports_4to6.put(
+                &mut self.backend_flows_4to6,
+                u16::from_be_bytes(key.relay_port),
+                *key,
+                *rewrite,
+            )?),
             BackendHalf::V6(key, rewrite) => Ok(self.backend_flows6.insert(key, rewrite, 0)?),
         }
     }
@@ -310,23 +294,15 @@ impl XdpDatapath {
     fn insert_client(&mut self, half: &ClientHalf) -> anyhow::Result<()> {
         match half {
             ClientHalf::V4(key, rewrite) => Ok(self.client_flows.insert(*key, *rewrite)?),
-            ClientHalf::V4To6(key, rewrite) => {
-                // The client-facing port's bit, as for the backend half:
-                // without it an IPv4 miss never asks this map (and
-                // remove_client releases it).
-                let new = self.client_flows_4to6.get(key, 0).is_err();
-                if new {
-                    self.use_port_4to6(key.relay_port)?;
-                }
-                self.client_flows_4to6
-                    .insert(key, rewrite, 0)
-                    .map_err(|error| {
-                        if new {
-                            self.release_port_4to6(key.relay_port);
-                        }
-                        error.into()
-                    })
-            }
+            // The client-facing port's bit, as for the backend half:
+            // without it an IPv4 miss never asks this map (and
+            // remove_client releases it).
+            ClientHalf::V4To6(key, rewrite) => Ok(self.ports_4to6.put(
+                &mut self.client_flows_4to6,
+                u16::from_be_bytes(key.relay_port),
+                *key,
+                *rewrite,
+            )?),
             ClientHalf::V6(key, rewrite) => Ok(self.client_flows6.insert(key, rewrite, 0)?),
         }
     }
